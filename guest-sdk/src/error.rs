@@ -17,27 +17,78 @@ use std::fmt;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The kind `?` and [`Error::new`] give: "the handler failed".
+///
+/// ```
+/// assert_eq!(bridge_guest::Error::new("x").kind(), bridge_guest::KIND_FAILED);
+/// ```
 pub const KIND_FAILED: &str = "failed";
 /// The kind for input that does not match what the handler expects (exit code 2).
+///
+/// ```
+/// assert_eq!(bridge_guest::Error::bad_input("x").kind(), bridge_guest::KIND_BAD_INPUT);
+/// ```
 pub const KIND_BAD_INPUT: &str = "bad_input";
 /// The kind for a path that exists in no directory granted to the handler, or that the
 /// grant does not permit (e.g. writing to a read-only grant).
+///
+/// ```
+/// use std::io::{Error, ErrorKind};
+/// let err = bridge_guest::fs::error("/x", "read", Error::from(ErrorKind::PermissionDenied));
+/// assert_eq!(err.kind(), bridge_guest::KIND_NOT_GRANTED);
+/// ```
 pub const KIND_NOT_GRANTED: &str = "not_granted";
 /// The kind for a path inside a granted directory that does not exist.
+///
+/// ```no_run
+/// let err = bridge_guest::fs::read("/data/missing.txt").unwrap_err();
+/// assert_eq!(err.kind(), bridge_guest::KIND_NOT_FOUND); // when /data is granted
+/// ```
 pub const KIND_NOT_FOUND: &str = "not_found";
 /// The kind for other I/O failures on a path (not a directory, invalid UTF-8, …).
+///
+/// ```
+/// use std::io::{Error, ErrorKind};
+/// let err = bridge_guest::fs::error("/data/a", "read", Error::from(ErrorKind::InvalidData));
+/// assert_eq!(err.kind(), bridge_guest::KIND_IO);
+/// ```
 pub const KIND_IO: &str = "io";
 /// The kind reported when the handler panics (exit code [`PANIC_EXIT_CODE`]).
+///
+/// ```
+/// // What the SDK writes when a handler panics with "oops":
+/// let err = bridge_guest::Error::with_kind(bridge_guest::KIND_PANIC, "handler panicked: oops")
+///     .with_exit_code(bridge_guest::PANIC_EXIT_CODE);
+/// assert_eq!(err.exit_code(), 101);
+/// ```
 pub const KIND_PANIC: &str = "panic";
 
 /// Exit code for a failed handler (any kind but `bad_input`).
+///
+/// ```
+/// assert_eq!(bridge_guest::Error::new("x").exit_code(), bridge_guest::FAILED_EXIT_CODE);
+/// ```
 pub const FAILED_EXIT_CODE: i32 = 1;
 /// Exit code for input the handler cannot accept (kind `bad_input`).
+///
+/// ```
+/// let err = bridge_guest::Error::bad_input("x");
+/// assert_eq!(err.exit_code(), bridge_guest::BAD_INPUT_EXIT_CODE);
+/// ```
 pub const BAD_INPUT_EXIT_CODE: i32 = 2;
 /// Exit code the SDK uses when the handler panics, like a native Rust program.
+///
+/// ```
+/// assert_eq!(bridge_guest::PANIC_EXIT_CODE, 101);
+/// ```
 pub const PANIC_EXIT_CODE: i32 = 101;
 /// The largest exit code a WASI preview 1 module may use: `proc_exit` with 126 or more is
 /// not a valid exit status and hosts (wasmtime) turn it into a trap.
+///
+/// ```
+/// use bridge_guest::{Error, MAX_EXIT_CODE};
+/// assert_eq!(Error::new("x").with_exit_code(MAX_EXIT_CODE).exit_code(), 125);
+/// assert_eq!(Error::new("x").with_exit_code(MAX_EXIT_CODE + 1).exit_code(), 1);
+/// ```
 pub const MAX_EXIT_CODE: i32 = 125;
 
 /// A handler error: a machine-readable `kind`, a human `message`, and the exit code the

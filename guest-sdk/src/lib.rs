@@ -53,7 +53,7 @@
 //! # Helpers
 //!
 //! - logging to stderr: [`info!`], [`warn!`], [`error!`], [`debug!`] (module [`log`]);
-//! - the command line: [`args`], [`command_name`]; the granted environment: [`env`];
+//! - the command line: [`args`], [`command_name`]; the granted environment: [`env()`];
 //! - files in granted directories, with clear `not_granted` / `not_found` errors: [`fs`].
 //!
 //! Only write the result to stdout (the SDK does it): log to stderr.
