@@ -1,1 +1,167 @@
-fn main() {}
+//! `bridge-daemon`: the bridge agent's command line. Thin glue over the `bridge_host` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use bridge_host::call::{self, CallRequest, UsageError};
+use bridge_host::limits::LimitRequest;
+
+/// The bridge agent: runs signed WASI command handlers for a management platform.
+#[derive(Parser)]
+#[command(name = "bridge-daemon", version, about, long_about = None)]
+struct Cli {
+    /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one handler module once and print its result as one JSON object.
+    ///
+    /// Exit status: 0 when the handler's status is `ok`, 1 for any other status, 2 for a usage
+    /// or I/O error (one line on stderr).
+    Call(CallArgs),
+}
+
+#[derive(Args)]
+struct CallArgs {
+    /// The handler: a WASI preview-1 command module (.wasm).
+    module: PathBuf,
+
+    /// The task input: JSON text, or @FILE to read it from a file. Default: null.
+    #[arg(long, value_name = "JSON|@FILE")]
+    input: Option<String>,
+
+    /// An argument passed to the handler (argv[1..]); repeatable.
+    #[arg(long = "arg", value_name = "ARG")]
+    args: Vec<String>,
+
+    /// The command name the handler sees as argv[0]. Default: the module's file stem.
+    #[arg(long)]
+    name: Option<String>,
+
+    /// Grant an environment variable: NAME=VALUE, or NAME to pass this process's value; repeatable.
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<String>,
+
+    /// Grant a directory: HOST:GUEST (read-only), HOST:GUEST:ro or HOST:GUEST:rw; repeatable.
+    #[arg(long = "dir", value_name = "HOST:GUEST[:rw]")]
+    dirs: Vec<String>,
+
+    /// Fuel to allow (about one unit per wasm instruction). Clamped to the local maximum.
+    #[arg(long)]
+    fuel: Option<u64>,
+
+    /// Linear memory to allow, in MiB. Clamped to the local maximum.
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+
+    /// Wall-clock timeout in milliseconds. Clamped to the local maximum.
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
+
+    /// Bytes of stdout and of stderr to keep (the rest is counted). Clamped to the local maximum.
+    #[arg(long, value_name = "BYTES")]
+    output_bytes: Option<u64>,
+
+    /// Agent config file (TOML): limits, cache directory, trust policy.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Directory for compiled-module artifacts. Default: $XDG_CACHE_HOME/bridge-daemon or
+    /// ~/.cache/bridge-daemon.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+
+    /// Do not use the disk cache (compile in memory every time).
+    #[arg(long)]
+    no_cache: bool,
+
+    /// Development only: run a module without checking its signature (logged as a warning).
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bridge-daemon: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Call(args) => runtime.block_on(run_call(args)),
+    }
+}
+
+async fn run_call(a: CallArgs) -> ExitCode {
+    let req = CallRequest {
+        module: a.module,
+        input: a.input,
+        args: a.args,
+        name: a.name,
+        env: a.env,
+        dirs: a.dirs,
+        limits: LimitRequest {
+            fuel: a.fuel,
+            memory_bytes: a.memory_mib.map(|m| m.saturating_mul(1 << 20)),
+            timeout_ms: a.timeout_ms,
+            output_bytes: a.output_bytes,
+        },
+        config: a.config,
+        cache_dir: a.cache_dir,
+        no_cache: a.no_cache,
+        allow_unsigned: a.allow_unsigned,
+    };
+    match call::call(&req).await {
+        Ok(result) => {
+            match serde_json::to_string(&result) {
+                Ok(json) => println!("{json}"),
+                Err(e) => {
+                    eprintln!("bridge-daemon: cannot encode the result: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            if result.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            match e.downcast_ref::<UsageError>() {
+                Some(u) => eprintln!("bridge-daemon: {u}"),
+                None => eprintln!("bridge-daemon: {e:#}"),
+            }
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! `bridge-daemon call`: run one handler module once and produce its [`RunResult`].
+//!
+//! This is the handler author's loop (build, call, read the JSON) and the integration tests'
+//! entry point into the real sandbox. The daemon runs tasks through the same [`Sandbox`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::AgentConfig;
+use crate::limits::LimitRequest;
+use crate::outcome::{RunResult, Status};
+use crate::sandbox::{DirGrant, RunSpec, Sandbox, SandboxConfig};
+
+/// A usage or I/O problem: the command could not even try (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// What `call` was asked to do, already parsed from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct CallRequest {
+    /// The module file.
+    pub module: PathBuf,
+    /// `--input`: JSON text, or `@FILE`.
+    pub input: Option<String>,
+    /// `--arg`: argv\[1..\].
+    pub args: Vec<String>,
+    /// `--name`: argv\[0\]; defaults to the module's file stem.
+    pub name: Option<String>,
+    /// `--env NAME[=VALUE]`.
+    pub env: Vec<String>,
+    /// `--dir HOST:GUEST[:ro|:rw]`.
+    pub dirs: Vec<String>,
+    /// Requested limits.
+    pub limits: LimitRequest,
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--cache-dir DIR`.
+    pub cache_dir: Option<PathBuf>,
+    /// `--no-cache`: no disk cache at all.
+    pub no_cache: bool,
+    /// `--allow-unsigned`.
+    pub allow_unsigned: bool,
+}
+
+/// Parses `--input`: inline JSON or `@FILE`; absent means `null`. Invalid JSON is a usage error.
+pub fn read_input(input: Option<&str>) -> Result<Vec<u8>> {
+    let bytes = match input {
+        None => return Ok(b"null".to_vec()),
+        Some(s) => match s.strip_prefix('@') {
+            Some(path) => std::fs::read(path)
+                .map_err(|e| usage(format!("cannot read input file {path}: {e}")))?,
+            None => s.as_bytes().to_vec(),
+        },
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| usage(format!("--input is not valid JSON: {e}")))?;
+    Ok(bytes)
+}
+
+/// Parses `--dir HOST:GUEST[:ro|:rw]` and checks the host directory exists.
+pub fn parse_dir(spec: &str) -> Result<DirGrant> {
+    let mut parts: Vec<&str> = spec.split(':').collect();
+    let writable = match parts.last() {
+        Some(&"rw") if parts.len() == 3 => true,
+        Some(&"ro") if parts.len() == 3 => false,
+        _ if parts.len() == 2 => false,
+        _ => {
+            return Err(usage(format!(
+                "--dir {spec:?}: expected HOST:GUEST, HOST:GUEST:ro or HOST:GUEST:rw"
+            )))
+        }
+    };
+    parts.truncate(2);
+    let (host, guest) = (PathBuf::from(parts[0]), parts[1].to_string());
+    if !guest.starts_with('/') || guest.split('/').any(|c| c == "..") {
+        return Err(usage(format!(
+            "--dir {spec:?}: the guest path must be absolute, without `..`"
+        )));
+    }
+    if !host.is_dir() {
+        return Err(usage(format!(
+            "--dir {spec:?}: {} is not a directory",
+            host.display()
+        )));
+    }
+    Ok(DirGrant {
+        host,
+        guest,
+        writable,
+    })
+}
+
+/// Parses `--env NAME=VALUE`, or `--env NAME` taking the value from this process's environment.
+pub fn parse_env(spec: &str) -> Result<(String, String)> {
+    let (name, value) = match spec.split_once('=') {
+        Some((n, v)) => (n.to_string(), v.to_string()),
+        None => {
+            let v = std::env::var(spec)
+                .map_err(|_| usage(format!("--env {spec}: not set in the environment")))?;
+            (spec.to_string(), v)
+        }
+    };
+    if name.is_empty() || name.contains('\0') {
+        return Err(usage(format!("--env {spec:?}: invalid variable name")));
+    }
+    Ok((name, value))
+}
+
+/// The sandbox settings for `call`: the config file's, with the disk cache chosen by flags.
+pub fn sandbox_config(req: &CallRequest) -> Result<SandboxConfig> {
+    let mut config = match &req.config {
+        Some(path) => AgentConfig::load(path).map_err(|e| usage(format!("{e:#}")))?,
+        None => AgentConfig::default(),
+    }
+    .sandbox_config()?;
+    // `call` runs one module: a small pool is enough and keeps start-up quick.
+    config.max_concurrent_runs = 1;
+    if req.no_cache {
+        config.cache_dir = None;
+    } else if let Some(dir) = &req.cache_dir {
+        config.cache_dir = Some(dir.clone());
+    } else if config.cache_dir.is_none() {
+        config.cache_dir = default_cache_dir();
+    }
+    Ok(config)
+}
+
+/// `$XDG_CACHE_HOME/bridge-daemon`, else `$HOME/.cache/bridge-daemon`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| Path::new(&h).join(".cache"))
+        })?;
+    Some(base.join("bridge-daemon"))
+}
+
+/// Reads a module file, refusing one larger than `max` bytes before reading it.
+pub fn read_module(path: &Path, max: u64) -> Result<std::result::Result<Vec<u8>, RunResult>> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| usage(format!("cannot read module {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        bail!(usage(format!("{} is not a file", path.display())));
+    }
+    if meta.len() > max {
+        return Ok(Err(RunResult::refused(
+            Status::InvalidModule,
+            format!(
+                "the module is {} bytes; the agent accepts modules up to {max} bytes",
+                meta.len()
+            ),
+        )));
+    }
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading module {}", path.display()))?;
+    Ok(Ok(bytes))
+}
+
+/// Runs `req` to completion. `Err` is a usage/I-O problem; any module outcome is `Ok`.
+pub async fn call(req: &CallRequest) -> Result<RunResult> {
+    let input = read_input(req.input.as_deref())?;
+    let dirs = req
+        .dirs
+        .iter()
+        .map(|d| parse_dir(d))
+        .collect::<Result<Vec<_>>>()?;
+    let env = req
+        .env
+        .iter()
+        .map(|e| parse_env(e))
+        .collect::<Result<Vec<_>>>()?;
+    let config = sandbox_config(req)?;
+    let bytes = match read_module(&req.module, config.max_module_bytes)? {
+        Ok(b) => b,
+        Err(refused) => return Ok(refused),
+    };
+    if req.allow_unsigned {
+        tracing::warn!(module = %req.module.display(), "running an UNSIGNED module (--allow-unsigned): development only");
+    }
+    let sandbox = Sandbox::new(config)?;
+    let handler = match sandbox.load(&bytes) {
+        Ok(h) => h,
+        Err(refused) => return Ok(*refused),
+    };
+    let name = req.name.clone().unwrap_or_else(|| {
+        req.module
+            .file_stem()
+            .map(|s| s.to_string_lossy().trim_end_matches(".signed").to_string())
+            .unwrap_or_else(|| "handler".into())
+    });
+    let spec = RunSpec {
+        input,
+        args: std::iter::once(name)
+            .chain(req.args.iter().cloned())
+            .collect(),
+        env,
+        dirs,
+        limits: req.limits,
+        ceiling: None,
+    };
+    sandbox.run(&handler, spec).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_must_be_json() {
+        assert_eq!(read_input(None).unwrap(), b"null");
+        assert_eq!(read_input(Some("{\"a\":1}")).unwrap(), b"{\"a\":1}");
+        let err = read_input(Some("{nope")).unwrap_err();
+        assert!(err.downcast_ref::<UsageError>().is_some());
+        assert!(read_input(Some("@/definitely/not/here.json")).is_err());
+    }
+
+    #[test]
+    fn dir_specs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = tmp.path().display().to_string();
+        let g = parse_dir(&format!("{host}:/data")).unwrap();
+        assert!(!g.writable);
+        assert_eq!(g.guest, "/data");
+        assert!(parse_dir(&format!("{host}:/data:rw")).unwrap().writable);
+        assert!(parse_dir(&format!("{host}:data")).is_err());
+        assert!(parse_dir(&format!("{host}:/a/../b")).is_err());
+        assert!(parse_dir(&format!("{host}:/data:xx")).is_err());
+        assert!(parse_dir("/definitely/not/here:/data").is_err());
+    }
+
+    #[test]
+    fn env_specs() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("BRIDGE_TEST_SURELY_UNSET_VAR").is_err());
+    }
+}

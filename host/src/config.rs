@@ -1,0 +1,194 @@
+//! The agent's configuration file (TOML): one typed struct, defaults and validation in one place.
+//!
+//! Unknown keys are an error (every table is `deny_unknown_fields`), so a typo is reported
+//! instead of silently ignored. See `docs/configuration.md` for every key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::limits::{LimitPolicy, Limits};
+use crate::sandbox::SandboxConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `[sandbox]`: how handlers run.
+    #[serde(default)]
+    pub sandbox: SandboxSection,
+}
+
+/// `[sandbox]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSection {
+    /// Runs executing at once.
+    pub max_concurrent_runs: u32,
+    /// Largest module accepted, in bytes.
+    pub max_module_bytes: u64,
+    /// Compiled modules kept in memory.
+    pub memory_cache_entries: usize,
+    /// Directory for precompiled artifacts (omit to disable the disk cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Elements a wasm table may hold.
+    pub table_elements: u32,
+    /// Native stack wasm may use, in bytes.
+    pub max_wasm_stack: usize,
+    /// `[sandbox.defaults]`: limits for runs that ask for nothing.
+    pub defaults: LimitsSection,
+    /// `[sandbox.maximums]`: ceilings; larger requests are clamped.
+    pub maximums: LimitsSection,
+}
+
+/// A table of the four per-run limits; keys left out keep the built-in value.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Fuel units.
+    pub fuel: Option<u64>,
+    /// Linear memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// Wall-clock timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Captured bytes per output stream.
+    pub output_bytes: Option<u64>,
+}
+
+impl LimitsSection {
+    fn over(self, base: Limits) -> Limits {
+        Limits {
+            fuel: self.fuel.unwrap_or(base.fuel),
+            memory_bytes: self
+                .memory_mib
+                .map_or(base.memory_bytes, |m| m.saturating_mul(1 << 20)),
+            timeout_ms: self.timeout_ms.unwrap_or(base.timeout_ms),
+            output_bytes: self.output_bytes.unwrap_or(base.output_bytes),
+        }
+    }
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        let d = SandboxConfig::default();
+        SandboxSection {
+            max_concurrent_runs: d.max_concurrent_runs,
+            max_module_bytes: d.max_module_bytes,
+            memory_cache_entries: d.memory_cache_entries,
+            cache_dir: None,
+            table_elements: d.table_elements,
+            max_wasm_stack: d.max_wasm_stack,
+            defaults: LimitsSection::default(),
+            maximums: LimitsSection::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<AgentConfig> {
+        let config: AgentConfig = toml::from_str(text)?;
+        config.sandbox_config().map(|_| config)
+    }
+
+    /// The sandbox settings this config describes, validated.
+    pub fn sandbox_config(&self) -> Result<SandboxConfig> {
+        let s = &self.sandbox;
+        let limits = LimitPolicy {
+            defaults: s.defaults.over(Limits::DEFAULTS),
+            maximums: s.maximums.over(Limits::MAXIMUMS),
+        };
+        // A lowered maximum also lowers a default that would now exceed it.
+        let limits = LimitPolicy {
+            defaults: Limits {
+                fuel: limits.defaults.fuel.min(limits.maximums.fuel),
+                memory_bytes: limits
+                    .defaults
+                    .memory_bytes
+                    .min(limits.maximums.memory_bytes),
+                timeout_ms: limits.defaults.timeout_ms.min(limits.maximums.timeout_ms),
+                output_bytes: limits
+                    .defaults
+                    .output_bytes
+                    .min(limits.maximums.output_bytes),
+            },
+            ..limits
+        };
+        limits.validate().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            s.max_concurrent_runs >= 1,
+            "sandbox.max_concurrent_runs must be at least 1"
+        );
+        anyhow::ensure!(
+            s.max_module_bytes >= 8,
+            "sandbox.max_module_bytes is too small"
+        );
+        anyhow::ensure!(
+            (64 << 10..=64 << 20).contains(&s.max_wasm_stack),
+            "sandbox.max_wasm_stack must be between 64 KiB and 64 MiB"
+        );
+        Ok(SandboxConfig {
+            limits,
+            max_concurrent_runs: s.max_concurrent_runs,
+            max_module_bytes: s.max_module_bytes,
+            memory_cache_entries: s.memory_cache_entries,
+            cache_dir: s.cache_dir.clone(),
+            table_elements: s.table_elements,
+            max_wasm_stack: s.max_wasm_stack,
+            fuel_metering: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = AgentConfig::parse("").unwrap();
+        let s = c.sandbox_config().unwrap();
+        assert_eq!(s.limits, LimitPolicy::default());
+        assert_eq!(s.max_concurrent_runs, 32);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = AgentConfig::parse("[sandbox]\nmax_concurent_runs = 3\n").unwrap_err();
+        assert!(format!("{err:#}").contains("max_concurent_runs"), "{err:#}");
+        assert!(AgentConfig::parse("[sandbox.defaults]\nfuell = 1\n").is_err());
+        assert!(AgentConfig::parse("[sandboxx]\n").is_err());
+    }
+
+    #[test]
+    fn limits_override_and_lower_defaults() {
+        let c = AgentConfig::parse(
+            "[sandbox.maximums]\nmemory_mib = 32\ntimeout_ms = 2000\n[sandbox.defaults]\nfuel = 5000\n",
+        )
+        .unwrap();
+        let s = c.sandbox_config().unwrap();
+        assert_eq!(s.limits.maximums.memory_bytes, 32 << 20);
+        assert_eq!(
+            s.limits.defaults.memory_bytes,
+            32 << 20,
+            "default lowered to the maximum"
+        );
+        assert_eq!(s.limits.defaults.timeout_ms, 2000);
+        assert_eq!(s.limits.defaults.fuel, 5000);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        assert!(AgentConfig::parse("[sandbox]\nmax_concurrent_runs = 0\n").is_err());
+        assert!(AgentConfig::parse("[sandbox.maximums]\nfuel = 0\n").is_err());
+        assert!(AgentConfig::parse("[sandbox]\nmax_wasm_stack = 10\n").is_err());
+    }
+}

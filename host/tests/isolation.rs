@@ -1,0 +1,93 @@
+//! In-process: a runaway handler never blocks other tasks or the agent's own timers, even on a
+//! single-threaded runtime, because every store yields to tokio at each epoch tick.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bridge_host::limits::LimitRequest;
+use bridge_host::sandbox::{RunSpec, Sandbox, SandboxConfig};
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_handler_does_not_block_the_runtime() {
+    let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
+    let spin = sandbox
+        .load(&std::fs::read(common::wasm("spin")).unwrap())
+        .map_err(|r| r.error)
+        .unwrap();
+    let hello = sandbox
+        .load(&std::fs::read(common::wasm("hello")).unwrap())
+        .map_err(|r| r.error)
+        .unwrap();
+
+    let spin_spec = RunSpec {
+        args: vec!["spin".into()],
+        limits: LimitRequest {
+            fuel: Some(50_000_000_000),
+            timeout_ms: Some(1500),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let runaway = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move { sandbox.run(&spin, spin_spec).await.unwrap() })
+    };
+    // A "heartbeat" on the same thread keeps ticking while the guest spins.
+    let mut ticks = 0;
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    while started.elapsed() < Duration::from_millis(500) {
+        interval.tick().await;
+        ticks += 1;
+    }
+    assert!(
+        ticks >= 8,
+        "the heartbeat ticked only {ticks} times in 500 ms"
+    );
+
+    // Another handler runs to completion while the runaway is still going.
+    let spec = RunSpec {
+        input: br#"{"name":"neighbour"}"#.to_vec(),
+        args: vec!["hello".into()],
+        ..Default::default()
+    };
+    let quick = sandbox.run(&hello, spec).await.unwrap();
+    assert_eq!(quick.status.as_str(), "ok");
+    assert_eq!(quick.output["greeting"], "Hello, neighbour!");
+    assert!(
+        !runaway.is_finished(),
+        "the runaway should still be running"
+    );
+
+    let r = runaway.await.unwrap();
+    assert_eq!(r.status.as_str(), "timeout");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_runs_at_once_share_the_pool() {
+    let mut config = SandboxConfig::default();
+    config.max_concurrent_runs = 4;
+    let sandbox = Sandbox::new(config).unwrap();
+    let hello = sandbox
+        .load(&std::fs::read(common::wasm("hello")).unwrap())
+        .map_err(|r| r.error)
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (sandbox, hello) = (sandbox.clone(), hello.clone());
+        tasks.push(tokio::spawn(async move {
+            let spec = RunSpec {
+                input: format!(r#"{{"name":"n{i}"}}"#).into_bytes(),
+                args: vec!["hello".into()],
+                ..Default::default()
+            };
+            sandbox.run(&hello, spec).await.unwrap()
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert_eq!(r.output["greeting"], format!("Hello, n{i}!"));
+    }
+}
