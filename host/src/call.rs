@@ -11,6 +11,8 @@ use crate::config::AgentConfig;
 use crate::limits::LimitRequest;
 use crate::outcome::{RunResult, Status};
 use crate::sandbox::{DirGrant, RunSpec, Sandbox, SandboxConfig};
+use crate::trust::{grant, Trust};
+use bridge_signing::{PublicKey, TrustPolicy, TrustedKey};
 
 /// A usage or I/O problem: the command could not even try (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,10 @@ pub struct CallRequest {
     pub no_cache: bool,
     /// `--allow-unsigned`.
     pub allow_unsigned: bool,
+    /// `--trusted-key PUB|@FILE`: keys trusted for this call, on top of the config's.
+    pub trusted_keys: Vec<String>,
+    /// `--signature FILE`: a detached signature.
+    pub signature: Option<PathBuf>,
 }
 
 /// Parses `--input`: inline JSON or `@FILE`; absent means `null`. Invalid JSON is a usage error.
@@ -112,13 +118,31 @@ pub fn parse_env(spec: &str) -> Result<(String, String)> {
     Ok((name, value))
 }
 
-/// The sandbox settings for `call`: the config file's, with the disk cache chosen by flags.
-pub fn sandbox_config(req: &CallRequest) -> Result<SandboxConfig> {
-    let mut config = match &req.config {
-        Some(path) => AgentConfig::load(path).map_err(|e| usage(format!("{e:#}")))?,
-        None => AgentConfig::default(),
+/// Reads a public key: `ed25519:…` text, or `@FILE` / a path to a file holding it.
+pub fn parse_public_key(spec: &str) -> Result<PublicKey> {
+    let text = if spec.starts_with("ed25519:") {
+        spec.to_string()
+    } else {
+        let path = spec.strip_prefix('@').unwrap_or(spec);
+        std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("--trusted-key {spec}: cannot read {path}: {e}")))?
+    };
+    text.trim()
+        .parse()
+        .map_err(|e| usage(format!("--trusted-key {spec}: {e}")))
+}
+
+/// The agent config for `call` (`--config`, or all defaults).
+fn agent_config(req: &CallRequest) -> Result<AgentConfig> {
+    match &req.config {
+        Some(path) => AgentConfig::load(path).map_err(|e| usage(format!("{e:#}"))),
+        None => Ok(AgentConfig::default()),
     }
-    .sandbox_config()?;
+}
+
+/// The sandbox settings for `call`: the config file's, with the disk cache chosen by flags.
+pub fn sandbox_config(req: &CallRequest, agent: &AgentConfig) -> Result<SandboxConfig> {
+    let mut config = agent.sandbox_config()?;
     // `call` runs one module: a small pool is enough and keeps start-up quick.
     config.max_concurrent_runs = 1;
     if req.no_cache {
@@ -129,6 +153,23 @@ pub fn sandbox_config(req: &CallRequest) -> Result<SandboxConfig> {
         config.cache_dir = default_cache_dir();
     }
     Ok(config)
+}
+
+/// The trust policy for `call`: the config's keys plus `--trusted-key`s; the override as allowed.
+pub fn trust(req: &CallRequest, agent: &AgentConfig) -> Result<Trust> {
+    let mut policy: TrustPolicy = agent.trust.policy()?;
+    for spec in &req.trusted_keys {
+        let key = parse_public_key(spec)?;
+        if policy.find(&key.key_id()).is_none() {
+            policy = policy.trust(TrustedKey::new(key))?;
+        }
+    }
+    if req.allow_unsigned && !agent.trust.allow_unsigned_override {
+        return Err(usage(
+            "--allow-unsigned is forbidden by the config ([trust] allow_unsigned_override = false)",
+        ));
+    }
+    Ok(Trust::new(policy, req.allow_unsigned))
 }
 
 /// `$XDG_CACHE_HOME/bridge-daemon`, else `$HOME/.cache/bridge-daemon`.
@@ -178,36 +219,56 @@ pub async fn call(req: &CallRequest) -> Result<RunResult> {
         .iter()
         .map(|e| parse_env(e))
         .collect::<Result<Vec<_>>>()?;
-    let config = sandbox_config(req)?;
+    let agent = agent_config(req)?;
+    let config = sandbox_config(req, &agent)?;
+    let trust = trust(req, &agent)?;
+    let detached = match &req.signature {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| usage(format!("cannot read signature {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let bytes = match read_module(&req.module, config.max_module_bytes)? {
         Ok(b) => b,
         Err(refused) => return Ok(refused),
     };
-    if req.allow_unsigned {
-        tracing::warn!(module = %req.module.display(), "running an UNSIGNED module (--allow-unsigned): development only");
-    }
+    let defaults = config.limits.defaults;
     let sandbox = Sandbox::new(config)?;
-    let handler = match sandbox.load(&bytes) {
-        Ok(h) => h,
+    let prepared = match trust.prepare(&sandbox, &bytes, detached.as_deref()) {
+        Ok(p) => p,
         Err(refused) => return Ok(*refused),
     };
-    let name = req.name.clone().unwrap_or_else(|| {
-        req.module
-            .file_stem()
-            .map(|s| s.to_string_lossy().trim_end_matches(".signed").to_string())
-            .unwrap_or_else(|| "handler".into())
-    });
+    let verified = prepared.verified.as_deref();
+    let name = req
+        .name
+        .clone()
+        .or_else(|| verified.map(|v| v.claims.name.clone()))
+        .unwrap_or_else(|| {
+            req.module
+                .file_stem()
+                .map(|s| s.to_string_lossy().trim_end_matches(".signed").to_string())
+                .unwrap_or_else(|| "handler".into())
+        });
+    let granted = grant(verified, req.limits, &defaults, env, dirs);
+    for denied in &granted.denied {
+        tracing::warn!(handler = %name, "not granted (the handler's signed claims do not declare it): {denied}");
+    }
     let spec = RunSpec {
         input,
         args: std::iter::once(name)
             .chain(req.args.iter().cloned())
             .collect(),
-        env,
-        dirs,
-        limits: req.limits,
-        ceiling: None,
+        env: granted.env,
+        dirs: granted.dirs,
+        limits: granted.request,
+        ceiling: granted.ceiling,
     };
-    sandbox.run(&handler, spec).await
+    let mut result = sandbox.run(&prepared.handler, spec).await?;
+    if let Some(limits) = result.limits.as_mut() {
+        limits.clamped.extend(granted.denied);
+    }
+    Ok(result)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::limits::{LimitPolicy, Limits};
 use crate::sandbox::SandboxConfig;
+use crate::trust::TrustSection;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -18,6 +19,9 @@ pub struct AgentConfig {
     /// `[sandbox]`: how handlers run.
     #[serde(default)]
     pub sandbox: SandboxSection,
+    /// `[trust]`: which publishers' modules may run.
+    #[serde(default)]
+    pub trust: TrustSection,
 }
 
 /// `[sandbox]`.
@@ -96,7 +100,9 @@ impl AgentConfig {
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<AgentConfig> {
         let config: AgentConfig = toml::from_str(text)?;
-        config.sandbox_config().map(|_| config)
+        config.sandbox_config()?;
+        config.trust.policy()?;
+        Ok(config)
     }
 
     /// The sandbox settings this config describes, validated.
@@ -183,6 +189,15 @@ mod tests {
         );
         assert_eq!(s.limits.defaults.timeout_ms, 2000);
         assert_eq!(s.limits.defaults.fuel, 5000);
+    }
+
+    #[test]
+    fn the_trust_table_is_checked() {
+        let c = AgentConfig::parse("[trust]\nallow_unsigned_override = false\n").unwrap();
+        assert!(!c.trust.allow_unsigned_override);
+        assert!(c.trust.policy().unwrap().keys().is_empty());
+        assert!(AgentConfig::parse("[trust]\nkeys = [{ key = \"ed25519:nope\" }]\n").is_err());
+        assert!(AgentConfig::parse("[trust]\nrevoked = [\"zz\"]\n").is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`limits`]: per-run limits: defaults, local maximums, and how a task's request is clamped.
 //! - [`sandbox`]: the wasmtime engine, the compiled-module caches (memory LRU + verified disk
 //!   artifacts), and one run of a handler in a fresh store.
+//! - [`trust`]: signature verification and the trust policy, enforced before compiling; the
+//!   signed claims bound the run's limits, environment and directories.
 //! - [`outcome`]: how a run ended ([`outcome::Status`]) and the JSON result the platform sees.
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //!
@@ -19,3 +21,4 @@ pub mod config;
 pub mod limits;
 pub mod outcome;
 pub mod sandbox;
+pub mod trust;

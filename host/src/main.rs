@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Run one handler module once and print its result as one JSON object.
     ///
+    /// The module's signature is verified first (against --trusted-key and the config's
+    /// [trust] keys); a refused module is a `rejected` result with a `reason`.
+    ///
     /// Exit status: 0 when the handler's status is `ok`, 1 for any other status, 2 for a usage
     /// or I/O error (one line on stderr).
     Call(CallArgs),
@@ -83,7 +86,18 @@ struct CallArgs {
     #[arg(long)]
     no_cache: bool,
 
-    /// Development only: run a module without checking its signature (logged as a warning).
+    /// A publisher key to trust for this call (`ed25519:…`, or @FILE / a path to a .pub file);
+    /// repeatable. Added to the keys in --config.
+    #[arg(long = "trusted-key", value_name = "PUB|@FILE")]
+    trusted_keys: Vec<String>,
+
+    /// A detached signature file (MODULE.wasm.sig) to verify instead of an embedded one.
+    #[arg(long, value_name = "FILE")]
+    signature: Option<PathBuf>,
+
+    /// Development only: run a module that carries no signature (logged as a warning). A
+    /// signed module is still verified. Refused when the config sets
+    /// `[trust] allow_unsigned_override = false`.
     #[arg(long)]
     allow_unsigned: bool,
 }
@@ -140,6 +154,8 @@ async fn run_call(a: CallArgs) -> ExitCode {
         cache_dir: a.cache_dir,
         no_cache: a.no_cache,
         allow_unsigned: a.allow_unsigned,
+        trusted_keys: a.trusted_keys,
+        signature: a.signature,
     };
     match call::call(&req).await {
         Ok(result) => {
