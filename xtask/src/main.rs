@@ -107,6 +107,14 @@ pub fn build_examples() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Runs a command, echoing it first as `$ name args…` (paths shortened for reading).
+fn step(cmd: &mut Command, shown: &str) -> Result<std::process::Output> {
+    println!("\n$ {shown}");
+    let out = cmd.output().with_context(|| format!("running {shown}"))?;
+    Ok(out)
+}
+
+/// The demo: a publisher key, signed handlers, verification, runs in the sandbox, a refusal.
 fn demo(_rest: &[String]) -> Result<()> {
     let wasm = build_examples()?;
     let mut build = cargo();
@@ -115,12 +123,15 @@ fn demo(_rest: &[String]) -> Result<()> {
         "--quiet",
         "-p",
         "bridge-host",
-        "--bin",
-        "bridge-daemon",
+        "-p",
+        "bridge-platform",
+        "--bins",
     ]);
     run(build)?;
-    let daemon = root().join("target/debug/bridge-daemon");
+    let bin = root().join("target/debug");
+    let (daemon, ctl) = (bin.join("bridge-daemon"), bin.join("bridgectl"));
     let work = std::env::temp_dir().join(format!("bridge-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("logs"))?;
     std::fs::write(
         work.join("logs/app.log"),
@@ -130,7 +141,54 @@ fn demo(_rest: &[String]) -> Result<()> {
          2026-11-25T06:00:04 ERROR upstream 10.0.0.9 timed out after 3001 ms\n\
          2026-11-25T06:00:05 INFO request served\n",
     )?;
-    let steps: Vec<(&str, Vec<String>)> = vec![
+    let key = work.join("publisher.key");
+    let pubkey = work.join("publisher.key.pub");
+    let out = step(
+        Command::new(&ctl).arg("keygen").arg("--out").arg(&key),
+        "bridgectl keygen --out publisher.key",
+    )?;
+    ensure_ok(&out, "keygen")?;
+    println!("{}", serde_pretty(&String::from_utf8_lossy(&out.stdout)));
+
+    // Sign each handler, declaring the directory it needs.
+    let handlers: [(&str, &[&str]); 4] = [
+        ("hello", &[]),
+        ("wat-hello", &[]),
+        ("checksum", &["--dir", "/data"]),
+        ("logscan", &["--dir", "/logs"]),
+    ];
+    for (name, caps) in handlers {
+        let signed = work.join(format!("{name}.signed.wasm"));
+        let mut cmd = Command::new(&ctl);
+        cmd.arg("sign")
+            .arg(wasm.join(format!("{name}.wasm")))
+            .arg("--key")
+            .arg(&key);
+        cmd.args(["--name", name, "--version", "1.0.0"])
+            .args(caps)
+            .arg("-o")
+            .arg(&signed);
+        let shown = format!(
+            "bridgectl sign {name}.wasm --key publisher.key --name {name} --version 1.0.0 {}",
+            caps.join(" ")
+        );
+        ensure_ok(&step(&mut cmd, shown.trim_end())?, "sign")?;
+    }
+    let mut verify = Command::new(&ctl);
+    verify
+        .arg("verify")
+        .arg(work.join("hello.signed.wasm"))
+        .arg("--trusted-key")
+        .arg(format!("@{}", pubkey.display()));
+    let out = step(
+        &mut verify,
+        "bridgectl verify hello.signed.wasm --trusted-key @publisher.key.pub",
+    )?;
+    ensure_ok(&out, "verify")?;
+    println!("{}", serde_pretty(&String::from_utf8_lossy(&out.stdout)));
+
+    let logs = work.join("logs");
+    let runs: [(&str, Vec<String>); 4] = [
         (
             "hello",
             vec!["--input".into(), r#"{"name":"bridge"}"#.into()],
@@ -143,7 +201,7 @@ fn demo(_rest: &[String]) -> Result<()> {
             "checksum",
             vec![
                 "--dir".into(),
-                format!("{}:/data", work.join("logs").display()),
+                format!("{}:/data", logs.display()),
                 "--input".into(),
                 r#"{"dir":"/data"}"#.into(),
             ],
@@ -152,35 +210,77 @@ fn demo(_rest: &[String]) -> Result<()> {
             "logscan",
             vec![
                 "--dir".into(),
-                format!("{}:/logs", work.join("logs").display()),
+                format!("{}:/logs", logs.display()),
                 "--input".into(),
                 r#"{"path":"/logs/app.log","top":3}"#.into(),
             ],
         ),
     ];
-    for (name, args) in steps {
-        let module = wasm.join(format!("{name}.wasm"));
-        println!("\n$ bridge-daemon call {name}.wasm {}", args.join(" "));
+    for (name, args) in runs {
         let mut cmd = Command::new(&daemon);
         cmd.arg("call")
-            .arg(&module)
-            .arg("--allow-unsigned")
-            .args(&args);
-        cmd.arg("--cache-dir").arg(work.join("cache"));
-        let out = cmd
-            .output()
-            .with_context(|| format!("running {}", daemon.display()))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let pretty = serde_pretty(&text);
-        println!("{pretty}");
-        if !out.status.success() {
-            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-            bail!("the {name} handler did not succeed ({})", out.status);
-        }
+            .arg(work.join(format!("{name}.signed.wasm")))
+            .arg("--trusted-key")
+            .arg(&pubkey);
+        cmd.args(&args).arg("--cache-dir").arg(work.join("cache"));
+        let shown = format!(
+            "bridge-daemon call {name}.signed.wasm --trusted-key publisher.key.pub {}",
+            args.join(" ")
+        );
+        let out = step(&mut cmd, &shown)?;
+        println!("{}", summary(&String::from_utf8_lossy(&out.stdout)));
+        ensure_ok(&out, name)?;
+    }
+
+    // A tampered module is refused before anything of it is compiled.
+    let mut tampered = std::fs::read(work.join("hello.signed.wasm"))?;
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 0x01;
+    std::fs::write(work.join("tampered.wasm"), tampered)?;
+    let mut cmd = Command::new(&daemon);
+    cmd.arg("call")
+        .arg(work.join("tampered.wasm"))
+        .arg("--trusted-key")
+        .arg(&pubkey)
+        .arg("--no-cache");
+    let out = step(
+        &mut cmd,
+        "bridge-daemon call tampered.wasm --trusted-key publisher.key.pub   # one bit flipped",
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{}", summary(&text));
+    if !text.contains("\"bad_signature\"") {
+        bail!("the tampered module was not refused as bad_signature");
     }
     let _ = std::fs::remove_dir_all(&work);
-    println!("\ndemo finished: every handler ran in the sandbox and returned status ok");
+    println!("\ndemo finished: 4 signed handlers ran in the sandbox (status ok), the tampered one was rejected");
     Ok(())
+}
+
+fn ensure_ok(out: &std::process::Output, what: &str) -> Result<()> {
+    if !out.status.success() {
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bail!("{what} failed ({})", out.status);
+    }
+    Ok(())
+}
+
+/// The fields of a run result a reader of the demo cares about (the full JSON has more).
+fn summary(line: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) else {
+        return line.trim().to_string();
+    };
+    let mut keep = serde_json::Map::new();
+    for key in ["status", "reason", "error", "output", "fuel_consumed", "duration_ms"] {
+        if let Some(value) = v.get(key).filter(|x| !x.is_null()) {
+            keep.insert(key.to_string(), value.clone());
+        }
+    }
+    serde_json::to_string_pretty(&keep).unwrap_or_default()
 }
 
 /// The result JSON, pretty-printed (or as it came, if it is not JSON).

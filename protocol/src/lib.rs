@@ -1,0 +1,35 @@
+//! # bridge-protocol: what the agent and its platform say to each other
+//!
+//! One WebSocket over TLS, opened by the agent. Text frames carry one JSON message each, tagged
+//! by `type`; binary frames carry module bytes, and only when the agent asked for them
+//! (`need_module`). The full specification, with an example of every message, is
+//! `docs/protocol.md`; its examples are checked against these types by this crate's tests.
+//!
+//! - [`AgentMessage`] / [`PlatformMessage`]: the two directions.
+//! - [`codec::decode`]: size, depth and type checks before serde, each failure an [`ErrorCode`].
+//! - [`RunResult`] and the limit types: the result of a run, as `bridge-daemon call` prints it.
+
+pub mod codec;
+pub mod identity;
+pub mod limits;
+pub mod messages;
+pub mod result;
+
+pub use limits::{AppliedLimits, LimitRequest, Limits};
+pub use messages::{AgentMessage, ErrorBody, ErrorCode, HostFacts, PlatformMessage, RunRequest, StatusReport};
+pub use result::{RunResult, Status, Truncation};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest text frame either end accepts, in bytes.
+pub const MAX_TEXT_BYTES: usize = 1 << 20;
+
+/// The largest binary frame (a module upload) either end accepts, in bytes.
+pub const MAX_BINARY_BYTES: usize = 32 << 20;
+
+/// The deepest nesting of JSON arrays and objects accepted in a message.
+pub const MAX_DEPTH: usize = 64;
+
+/// The WebSocket path agents connect to.
+pub const AGENT_PATH: &str = "/agent";

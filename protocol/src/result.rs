@@ -1,0 +1,126 @@
+//! The result of one handler run, as the agent reports it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::AppliedLimits;
+
+/// Every way a handler run can end. Serialized in `snake_case` (`"fuel_exhausted"`…).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The handler exited 0.
+    Ok,
+    /// The handler exited with a non-zero code (its own error).
+    Error,
+    /// The handler used all the fuel it was given.
+    FuelExhausted,
+    /// The handler tried to grow linear memory (or a table) past its limit.
+    MemoryLimit,
+    /// The wall-clock deadline passed.
+    Timeout,
+    /// The wasm call stack overflowed.
+    StackOverflow,
+    /// Any other wasm trap (unreachable, out-of-bounds access, a Rust panic…).
+    Trap,
+    /// The module was not run: not wasm, failed validation, imports something the agent does not
+    /// provide, or exports no `_start`.
+    InvalidModule,
+    /// The module was refused by the trust policy before anything of it was compiled.
+    Rejected,
+}
+
+impl Status {
+    /// The `snake_case` name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+            Status::FuelExhausted => "fuel_exhausted",
+            Status::MemoryLimit => "memory_limit",
+            Status::Timeout => "timeout",
+            Status::StackOverflow => "stack_overflow",
+            Status::Trap => "trap",
+            Status::InvalidModule => "invalid_module",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which captured streams lost bytes to the output cap, and how many bytes each produced in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncation {
+    /// stdout produced more than the cap.
+    pub stdout: bool,
+    /// stderr produced more than the cap.
+    pub stderr: bool,
+    /// Everything the handler wrote to stdout, kept or not.
+    pub stdout_total_bytes: u64,
+    /// Everything the handler wrote to stderr, kept or not.
+    pub stderr_total_bytes: u64,
+}
+
+/// The result of one handler run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// How the run ended.
+    pub status: Status,
+    /// The handler's exit code, when it exited (`ok` and `error`); `null` otherwise.
+    pub exit_code: Option<i32>,
+    /// The handler's stdout parsed as JSON, or `null` when it is empty, truncated or not JSON.
+    pub output: serde_json::Value,
+    /// What was kept of stdout (lossy UTF-8).
+    pub stdout: String,
+    /// What was kept of stderr (lossy UTF-8).
+    pub stderr: String,
+    /// Whether output was cut, with the total byte counts.
+    pub truncated: Truncation,
+    /// Fuel the run consumed (`null` when the module never started).
+    pub fuel_consumed: Option<u64>,
+    /// Peak linear memory the run reached, in bytes.
+    pub memory_peak_bytes: u64,
+    /// Wall-clock time from instantiation to the end of the run, in milliseconds.
+    pub duration_ms: f64,
+    /// The limits in force (`null` when the module was refused before limits were resolved).
+    pub limits: Option<AppliedLimits>,
+    /// A human-readable reason when `status` is not `ok`.
+    pub error: Option<String>,
+    /// With `status: rejected`, the machine-readable refusal reason (`unsigned`, `bad_signature`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// SHA-256 (hex) of the module bytes that were run or refused, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_sha256: Option<String>,
+}
+
+impl RunResult {
+    /// A result for a module that never ran (`invalid_module`, `rejected`): no output, no fuel.
+    pub fn refused(status: Status, error: impl Into<String>) -> RunResult {
+        RunResult {
+            status,
+            exit_code: None,
+            output: serde_json::Value::Null,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: Truncation::default(),
+            fuel_consumed: None,
+            memory_peak_bytes: 0,
+            duration_ms: 0.0,
+            limits: None,
+            error: Some(error.into()),
+            reason: None,
+            module_sha256: None,
+        }
+    }
+
+    /// Whether the run succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+}
+
