@@ -22,6 +22,129 @@ pub struct AgentConfig {
     /// `[trust]`: which publishers' modules may run.
     #[serde(default)]
     pub trust: TrustSection,
+    /// `[agent]`: where the agent keeps its state.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// `[platform]`: how the agent reaches its platform.
+    #[serde(default)]
+    pub platform: PlatformSection,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// The state directory: identity, module store, compiled-module cache.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `[platform]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformSection {
+    /// `wss://host:port/agent`.
+    pub server: Option<String>,
+    /// The one-time enrollment token (prefer `token_file`: config files get copied around).
+    pub token: Option<String>,
+    /// A file holding the enrollment token.
+    pub token_file: Option<PathBuf>,
+    /// Accepted SHA-256 fingerprints of the platform's TLS key.
+    pub server_pins: Vec<String>,
+    /// CA certificates (PEM) to validate the platform's certificate chain.
+    pub ca_file: Option<PathBuf>,
+    /// Development only: allow `ws://`.
+    pub dev_allow_plaintext: bool,
+    /// WebSocket ping interval, seconds.
+    pub heartbeat_secs: u64,
+    /// No frame from the platform for this long means the link is dead; default 2 × heartbeat + 10.
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// First reconnect wait cap, milliseconds.
+    pub reconnect_base_ms: u64,
+    /// Longest reconnect wait, seconds.
+    pub reconnect_max_secs: u64,
+    /// A connection up this long resets the backoff, seconds.
+    pub healthy_after_secs: u64,
+    /// Status report interval, seconds.
+    pub status_secs: u64,
+}
+
+impl Default for PlatformSection {
+    fn default() -> Self {
+        PlatformSection {
+            server: None,
+            token: None,
+            token_file: None,
+            server_pins: Vec::new(),
+            ca_file: None,
+            dev_allow_plaintext: false,
+            heartbeat_secs: 30,
+            heartbeat_timeout_secs: None,
+            reconnect_base_ms: 1000,
+            reconnect_max_secs: 60,
+            healthy_after_secs: 30,
+            status_secs: 60,
+        }
+    }
+}
+
+impl PlatformSection {
+    /// The link settings, validated. `server` must be set by now (config or flag).
+    pub fn link_config(&self) -> Result<crate::link::LinkConfig> {
+        use std::time::Duration;
+        let server = self.server.clone().ok_or_else(|| {
+            anyhow::anyhow!("no platform address: set [platform] server or pass --server")
+        })?;
+        crate::link::endpoint(&server, self.dev_allow_plaintext)?;
+        anyhow::ensure!(
+            self.heartbeat_secs >= 1,
+            "platform.heartbeat_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.reconnect_max_secs >= 1,
+            "platform.reconnect_max_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.status_secs >= 1,
+            "platform.status_secs must be at least 1"
+        );
+        let timeout = self
+            .heartbeat_timeout_secs
+            .unwrap_or(2 * self.heartbeat_secs + 10);
+        anyhow::ensure!(
+            timeout > self.heartbeat_secs,
+            "platform.heartbeat_timeout_secs must be longer than heartbeat_secs"
+        );
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        }
+        .filter(|t| !t.is_empty());
+        let pins = self
+            .server_pins
+            .iter()
+            .map(|p| bridge_protocol::identity::parse_pin(p).map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()?;
+        let mut link = crate::link::LinkConfig::new(server);
+        link.token = token;
+        link.trust = crate::link::ServerTrust {
+            pins,
+            ca_file: self.ca_file.clone(),
+        };
+        link.allow_plaintext = self.dev_allow_plaintext;
+        link.heartbeat = Duration::from_secs(self.heartbeat_secs);
+        link.heartbeat_timeout = Duration::from_secs(timeout);
+        link.reconnect_base = Duration::from_millis(self.reconnect_base_ms.max(1));
+        link.reconnect_max = Duration::from_secs(self.reconnect_max_secs);
+        link.healthy_after = Duration::from_secs(self.healthy_after_secs);
+        link.status_interval = Duration::from_secs(self.status_secs);
+        Ok(link)
+    }
 }
 
 /// `[sandbox]`.
@@ -198,6 +321,28 @@ mod tests {
         assert!(c.trust.policy().unwrap().keys().is_empty());
         assert!(AgentConfig::parse("[trust]\nkeys = [{ key = \"ed25519:nope\" }]\n").is_err());
         assert!(AgentConfig::parse("[trust]\nrevoked = [\"zz\"]\n").is_err());
+    }
+
+    #[test]
+    fn the_platform_table_is_checked() {
+        let c = AgentConfig::parse(
+            "[platform]\nserver = \"wss://p.example/agent\"\nserver_pins = [\"sha256:ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB\"]\nheartbeat_secs = 5\n",
+        )
+        .unwrap();
+        let link = c.platform.link_config().unwrap();
+        assert_eq!(link.heartbeat.as_secs(), 5);
+        assert_eq!(link.heartbeat_timeout.as_secs(), 20);
+        assert_eq!(link.trust.pins, vec!["ab".repeat(32)]);
+        let plain = AgentConfig::parse("[platform]\nserver = \"ws://p.example/agent\"\n").unwrap();
+        assert!(
+            plain.platform.link_config().is_err(),
+            "ws:// without the development flag"
+        );
+        assert!(AgentConfig::parse("[platform]\nserver_pin = []\n").is_err());
+        let bad_pin =
+            AgentConfig::parse("[platform]\nserver = \"wss://x/agent\"\nserver_pins = [\"abc\"]\n")
+                .unwrap();
+        assert!(bad_pin.platform.link_config().is_err());
     }
 
     #[test]

@@ -12,13 +12,24 @@
 //! - [`trust`]: signature verification and the trust policy, enforced before compiling; the
 //!   signed claims bound the run's limits, environment and directories.
 //! - [`outcome`]: how a run ended ([`outcome::Status`]) and the JSON result the platform sees.
+//! - [`identity`]: the agent's key and self-signed certificate; the agent id is the key's
+//!   fingerprint.
+//! - [`link`]: the platform connection: TLS both ways, enrollment, heartbeat, reconnect.
+//! - [`agent`]: what the agent does with the platform's requests (module store, runs, status).
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
+//!
+//! - [`daemon`]: `bridge-daemon run`, the service that ties it all together.
 //!
 //! The binary (`bridge-daemon`, `src/main.rs`) is thin glue over these modules.
 
+pub mod agent;
 pub mod call;
 pub mod config;
+pub mod daemon;
+pub mod facts;
+pub mod identity;
 pub mod limits;
+pub mod link;
 pub mod outcome;
 pub mod sandbox;
 pub mod trust;

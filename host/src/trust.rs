@@ -155,6 +155,31 @@ impl Trust {
         Ok(Prepared { handler, verified })
     }
 
+    /// A module verified and compiled before, found by hash alone: a warm run reads no bytes
+    /// and verifies nothing again (only the expiry is rechecked).
+    pub fn cached(
+        &self,
+        sandbox: &Sandbox,
+        sha256: &[u8; 32],
+        detached: Option<&[u8]>,
+    ) -> Option<Prepared> {
+        let key = cache_key(sha256, detached);
+        let verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()?;
+        if verified.claims.not_after.is_some_and(|na| now_unix() > na) {
+            return None; // the full path reports `expired`
+        }
+        let handler = sandbox.cached(sha256)?;
+        Some(Prepared {
+            handler,
+            verified: Some(verified),
+        })
+    }
+
     fn check(
         &self,
         module: &[u8],
@@ -217,6 +242,18 @@ impl Trust {
                 Err(rejected(r.reason, r.message))
             }
         }
+    }
+}
+
+/// The verify-once cache key: the module's hash, combined with the detached signature's.
+fn cache_key(sha256: &[u8; 32], detached: Option<&[u8]>) -> [u8; 32] {
+    match detached {
+        None => *sha256,
+        Some(sig) => Sha256::new()
+            .chain_update(sha256)
+            .chain_update(Sha256::digest(sig))
+            .finalize()
+            .into(),
     }
 }
 

@@ -71,7 +71,11 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
         return Err(fail(
             None,
             ErrorCode::Oversize,
-            format!("a text message of {} bytes exceeds the limit of {} bytes", text.len(), crate::MAX_TEXT_BYTES),
+            format!(
+                "a text message of {} bytes exceeds the limit of {} bytes",
+                text.len(),
+                crate::MAX_TEXT_BYTES
+            ),
         ));
     }
     let depth = json_depth(text);
@@ -79,24 +83,40 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
         return Err(fail(
             None,
             ErrorCode::TooDeep,
-            format!("the message nests {depth} levels deep; the limit is {}", crate::MAX_DEPTH),
+            format!(
+                "the message nests {depth} levels deep; the limit is {}",
+                crate::MAX_DEPTH
+            ),
         ));
     }
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
     let id = value.get("id").and_then(|v| v.as_str()).map(str::to_string);
     let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
-        return Err(fail(id, ErrorCode::Malformed, "the message has no string `type` field".into()));
+        return Err(fail(
+            id,
+            ErrorCode::Malformed,
+            "the message has no string `type` field".into(),
+        ));
     };
     if !types.contains(&kind) {
         return Err(fail(
             id,
             ErrorCode::UnknownType,
-            format!("unknown message type {kind:?}; this end understands {}", types.join(", ")),
+            format!(
+                "unknown message type {kind:?}; this end understands {}",
+                types.join(", ")
+            ),
         ));
     }
     let kind = kind.to_string();
-    serde_json::from_value(value).map_err(|e| fail(id, ErrorCode::Malformed, format!("bad `{kind}` message: {e}")))
+    serde_json::from_value(value).map_err(|e| {
+        fail(
+            id,
+            ErrorCode::Malformed,
+            format!("bad `{kind}` message: {e}"),
+        )
+    })
 }
 
 /// Encodes a message as one text frame.

@@ -16,7 +16,9 @@ pub mod messages;
 pub mod result;
 
 pub use limits::{AppliedLimits, LimitRequest, Limits};
-pub use messages::{AgentMessage, ErrorBody, ErrorCode, HostFacts, PlatformMessage, RunRequest, StatusReport};
+pub use messages::{
+    AgentMessage, ErrorBody, ErrorCode, HostFacts, PlatformMessage, RunRequest, StatusReport,
+};
 pub use result::{RunResult, Status, Truncation};
 
 /// The protocol version this crate speaks.

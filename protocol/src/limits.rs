@@ -62,4 +62,3 @@ pub struct AppliedLimits {
     /// clamped below the request, by the local maximum or by the handler's signed capabilities.
     pub clamped: Vec<String>,
 }
-

@@ -169,7 +169,8 @@ pub enum PlatformMessage {
 
 impl AgentMessage {
     /// The `type` tags of every agent message.
-    pub const TYPES: &'static [&'static str] = &["hello", "status", "need_module", "result", "error"];
+    pub const TYPES: &'static [&'static str] =
+        &["hello", "status", "need_module", "result", "error"];
 }
 
 impl PlatformMessage {

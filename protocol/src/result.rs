@@ -123,4 +123,3 @@ impl RunResult {
         self.status == Status::Ok
     }
 }
-

@@ -312,6 +312,11 @@ impl Sandbox {
         self.inner.modules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The compiled handler for a module hash, if it is in the in-memory cache.
+    pub fn cached(&self, sha256: &[u8; 32]) -> Option<Arc<Handler>> {
+        self.lock_modules().get(sha256).cloned()
+    }
+
     /// Returns the compiled handler for `bytes`: from memory, from the disk cache, or compiled
     /// now. CPU-heavy on a miss (tens of milliseconds); call from a blocking context.
     ///

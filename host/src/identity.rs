@@ -1,0 +1,241 @@
+//! The agent's identity: its key pair and self-signed certificate, in the state directory.
+//!
+//! The **key** is the identity. It is created once (ECDSA P-256, by rcgen), stored as
+//! `<state>/identity/agent.key` (PKCS#8 PEM, mode 0600, in a 0700 directory), and never replaced
+//! by the agent: a damaged or unreadable key is an error that says so, because a new key would
+//! be a new agent id and the platform would no longer recognise this host.
+//!
+//! The **agent id** is the SHA-256 of the key's SubjectPublicKeyInfo, in hex
+//! ([`bridge_protocol::identity::spki_fingerprint`]): the same value the platform computes from
+//! the TLS client certificate, stable across restarts, upgrades and reinstalls that keep the
+//! state directory.
+//!
+//! The **certificate** is derived data: self-signed, valid for [`CERT_VALIDITY_DAYS`], stored as
+//! `agent.crt` with its expiry (unix seconds) in `agent.crt.expiry`. It is re-issued with the
+//! same key whenever it is missing, unreadable, or within [`RENEW_BEFORE_DAYS`] of expiry, so
+//! renewal never changes the agent id.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::{Duration, OffsetDateTime};
+
+/// How long a freshly issued agent certificate is valid.
+pub const CERT_VALIDITY_DAYS: i64 = 365;
+/// Re-issue the certificate when it expires within this many days.
+pub const RENEW_BEFORE_DAYS: i64 = 30;
+
+/// The agent's key, certificate and id.
+pub struct Identity {
+    /// hex SHA-256 of the public key (SubjectPublicKeyInfo DER).
+    pub agent_id: String,
+    /// The certificate, DER.
+    pub cert_der: CertificateDer<'static>,
+    /// When the certificate expires (unix seconds).
+    pub cert_not_after: i64,
+    key_pkcs8: Vec<u8>,
+    /// Whether loading this identity created the key (first start).
+    pub created: bool,
+    /// Whether loading this identity re-issued the certificate.
+    pub renewed: bool,
+}
+
+impl Identity {
+    /// The private key, for the TLS client configuration.
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
+    }
+
+    /// Whether the certificate should be re-issued now.
+    pub fn needs_renewal(&self) -> bool {
+        OffsetDateTime::now_utc().unix_timestamp() + RENEW_BEFORE_DAYS * 86_400
+            >= self.cert_not_after
+    }
+}
+
+/// Where the identity files live under a state directory.
+pub fn identity_dir(state: &Path) -> PathBuf {
+    state.join("identity")
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("identity files live in a directory");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Loads the identity in `state`, creating the key on first start and (re-)issuing the
+/// certificate when needed.
+pub fn load_or_create(state: &Path) -> Result<Identity> {
+    let dir = identity_dir(state);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating the identity directory {}", dir.display()))?;
+    let key_path = dir.join("agent.key");
+    let (key, created) = match fs::read_to_string(&key_path) {
+        Ok(pem) => {
+            let key = KeyPair::from_pem(&pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "the agent key {} is damaged ({e}); refusing to replace it, because a new key is a new \
+                     agent id. Restore the file from a backup, or delete the state directory to enroll as a new agent",
+                    key_path.display()
+                )
+            })?;
+            (key, false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .context("generating the agent key")?;
+            // create_new: never overwrite a key another process just wrote.
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)
+                .with_context(|| format!("creating the agent key {}", key_path.display()))?;
+            f.write_all(key.serialize_pem().as_bytes())?;
+            f.sync_all()?;
+            (key, true)
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "reading the agent key {} (is the state directory readable?)",
+                    key_path.display()
+                )
+            })
+        }
+    };
+    let agent_id = bridge_protocol::identity::spki_fingerprint(&key.subject_public_key_info());
+
+    let cert_path = dir.join("agent.crt");
+    let expiry_path = dir.join("agent.crt.expiry");
+    let existing = read_cert(&cert_path, &expiry_path);
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let (cert_der, not_after, renewed) = match existing {
+        Some((der, not_after)) if now + RENEW_BEFORE_DAYS * 86_400 < not_after => {
+            (der, not_after, false)
+        }
+        _ => {
+            let (der, pem, not_after) = issue_cert(&key, &agent_id)?;
+            write_private(&cert_path, pem.as_bytes())?;
+            write_private(&expiry_path, format!("{not_after}\n").as_bytes())?;
+            if !created {
+                tracing::info!(agent_id = %agent_id, "re-issued the agent certificate (same key, same agent id)");
+            }
+            (der, not_after, !created)
+        }
+    };
+    Ok(Identity {
+        agent_id,
+        cert_der,
+        cert_not_after: not_after,
+        key_pkcs8: key.serialize_der(),
+        created,
+        renewed,
+    })
+}
+
+/// Reads the certificate and its recorded expiry; `None` if either is missing or unreadable.
+fn read_cert(cert_path: &Path, expiry_path: &Path) -> Option<(CertificateDer<'static>, i64)> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = fs::read(cert_path).ok()?;
+    let der = CertificateDer::from_pem_slice(&pem).ok()?;
+    let not_after = fs::read_to_string(expiry_path).ok()?.trim().parse().ok()?;
+    Some((der, not_after))
+}
+
+fn issue_cert(key: &KeyPair, agent_id: &str) -> Result<(CertificateDer<'static>, String, i64)> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("bridge-agent {}", &agent_id[..16]),
+    );
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(CERT_VALIDITY_DAYS);
+    let cert = params
+        .self_signed(key)
+        .context("issuing the agent certificate")?;
+    let not_after = params.not_after.unix_timestamp();
+    Ok((cert.der().clone(), cert.pem(), not_after))
+}
+
+/// Reads the agent id of an existing identity without creating anything.
+pub fn agent_id(state: &Path) -> Result<String> {
+    let key_path = identity_dir(state).join("agent.key");
+    if !key_path.exists() {
+        bail!(
+            "no agent identity in {} yet (it is created on first `bridge-daemon run`)",
+            state.display()
+        );
+    }
+    Ok(load_or_create(state)?.agent_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_is_stable_and_renewal_keeps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = load_or_create(tmp.path()).unwrap();
+        assert!(first.created && !first.renewed);
+        assert_eq!(first.agent_id.len(), 64);
+        let mode = fs::metadata(identity_dir(tmp.path()).join("agent.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let again = load_or_create(tmp.path()).unwrap();
+        assert_eq!(again.agent_id, first.agent_id);
+        assert!(!again.created && !again.renewed);
+        assert_eq!(again.cert_der, first.cert_der);
+
+        // A certificate close to expiry is re-issued with the same key.
+        let soon = OffsetDateTime::now_utc().unix_timestamp() + 86_400;
+        fs::write(
+            identity_dir(tmp.path()).join("agent.crt.expiry"),
+            soon.to_string(),
+        )
+        .unwrap();
+        let renewed = load_or_create(tmp.path()).unwrap();
+        assert!(renewed.renewed);
+        assert_eq!(renewed.agent_id, first.agent_id);
+        assert_ne!(renewed.cert_der, first.cert_der);
+        assert!(!renewed.needs_renewal());
+    }
+
+    #[test]
+    fn a_damaged_key_is_an_error_not_a_new_identity() {
+        let tmp = tempfile::tempdir().unwrap();
+        load_or_create(tmp.path()).unwrap();
+        let key_path = identity_dir(tmp.path()).join("agent.key");
+        fs::write(
+            &key_path,
+            "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = load_or_create(tmp.path()).err().unwrap().to_string();
+        assert!(err.contains("damaged"), "{err}");
+        assert!(
+            fs::read_to_string(&key_path).unwrap().contains("garbage"),
+            "the damaged key was replaced"
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! One connection's life: the version handshake, then frames both ways until the link dies.
+//!
+//! - The agent speaks first (`hello` with the versions it knows) and waits for `welcome`.
+//! - It sends a `status` at once and then every `status_interval`, and a WebSocket ping every
+//!   `heartbeat`.
+//! - Any frame from the platform proves the link alive; none within `heartbeat_timeout` ends the
+//!   session as dead, which catches partitions TCP never reports.
+//! - Each text frame is decoded with limits ([`bridge_protocol::codec::decode`]); a bad one is
+//!   answered with an `error` message and the session goes on.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bridge_protocol::codec::{decode, encode};
+use bridge_protocol::{AgentMessage, ErrorBody, ErrorCode, PlatformMessage, PROTOCOL_VERSION};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::{LinkConfig, Socket};
+use crate::agent::Agent;
+
+/// How long the platform has to answer `hello`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The platform closed the connection.
+    Closed(String),
+    /// No frame arrived within the heartbeat timeout.
+    Dead(Duration),
+    /// A transport error.
+    Error(String),
+    /// The version handshake failed.
+    Handshake(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Shutdown => write!(f, "shutting down"),
+            End::Closed(why) => write!(f, "the platform closed the connection ({why})"),
+            End::Dead(t) => write!(
+                f,
+                "no frame from the platform for {} s: the link is dead",
+                t.as_secs()
+            ),
+            End::Error(e) => write!(f, "connection error: {e}"),
+            End::Handshake(e) => write!(f, "handshake failed: {e}"),
+        }
+    }
+}
+
+/// Messages waiting to go to the platform; what a dead session could not send is kept for the
+/// next one.
+pub struct Outbox {
+    rx: mpsc::Receiver<AgentMessage>,
+    unsent: VecDeque<String>,
+}
+
+impl Outbox {
+    /// Wraps the agent's outbox receiver.
+    pub fn new(rx: mpsc::Receiver<AgentMessage>) -> Outbox {
+        Outbox {
+            rx,
+            unsent: VecDeque::new(),
+        }
+    }
+}
+
+async fn send_text(ws: &mut Socket, text: String) -> Result<(), String> {
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `hello` and waits for `welcome`.
+async fn handshake(ws: &mut Socket, agent: &Agent) -> Result<(), End> {
+    let hello = AgentMessage::Hello {
+        versions: vec![PROTOCOL_VERSION],
+        agent_id: agent.agent_id().to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    send_text(ws, encode(&hello)).await.map_err(End::Error)?;
+    let deadline = Instant::now() + WELCOME_TIMEOUT;
+    loop {
+        let frame = tokio::select! {
+            f = ws.next() => f,
+            _ = sleep_until(deadline) => return Err(End::Handshake("no welcome within 10 s".into())),
+        };
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                match decode::<PlatformMessage>(&text, PlatformMessage::TYPES) {
+                    Ok(PlatformMessage::Welcome {
+                        version,
+                        agent_id,
+                        enrolled,
+                    }) => {
+                        if version != PROTOCOL_VERSION {
+                            return Err(End::Handshake(format!(
+                                "the platform chose protocol version {version}"
+                            )));
+                        }
+                        if agent_id != agent.agent_id() {
+                            tracing::warn!(platform_says = %agent_id, "the platform derived another agent id");
+                        }
+                        if enrolled {
+                            tracing::info!(agent_id = %agent_id, "enrolled with the platform");
+                        }
+                        return Ok(());
+                    }
+                    Ok(PlatformMessage::Error(e)) => {
+                        return Err(End::Handshake(format!(
+                            "{}: {}",
+                            e.code.as_str(),
+                            e.message
+                        )));
+                    }
+                    Ok(other) => tracing::warn!("ignoring {other:?} before welcome"),
+                    Err(e) => tracing::warn!("bad message before welcome: {e}"),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return Err(End::Closed(format!("{frame:?}"))),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(End::Error(e.to_string())),
+            None => return Err(End::Closed("end of stream".into())),
+        }
+    }
+}
+
+/// Runs one session until the link dies or the agent shuts down.
+pub async fn run(
+    mut ws: Socket,
+    config: &LinkConfig,
+    agent: &Arc<Agent>,
+    outbox: &mut Outbox,
+    shutdown: &CancellationToken,
+) -> End {
+    if let Err(end) = handshake(&mut ws, agent).await {
+        return end;
+    }
+    let mut last_rx = Instant::now();
+    let mut ping = tokio::time::interval(config.heartbeat);
+    ping.tick().await;
+    let mut status = tokio::time::interval(config.status_interval);
+    let mut ping_seq: u64 = 0;
+
+    // Whatever an earlier session could not send goes first.
+    while let Some(text) = outbox.unsent.pop_front() {
+        if let Err(e) = send_text(&mut ws, text.clone()).await {
+            outbox.unsent.push_front(text);
+            return End::Error(e);
+        }
+    }
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = ws.close(None).await;
+                return End::Shutdown;
+            }
+            _ = sleep_until(last_rx + config.heartbeat_timeout) => {
+                return End::Dead(config.heartbeat_timeout);
+            }
+            _ = ping.tick() => {
+                ping_seq += 1;
+                if let Err(e) = ws.send(Message::Ping(ping_seq.to_be_bytes().to_vec().into())).await {
+                    return End::Error(e.to_string());
+                }
+            }
+            _ = status.tick() => {
+                let report = AgentMessage::Status(agent.status_report());
+                if let Err(e) = send_text(&mut ws, encode(&report)).await {
+                    return End::Error(e);
+                }
+            }
+            msg = outbox.rx.recv() => {
+                let Some(msg) = msg else { return End::Shutdown };
+                let text = encode(&msg);
+                if let Err(e) = send_text(&mut ws, text.clone()).await {
+                    outbox.unsent.push_back(text);
+                    return End::Error(e);
+                }
+            }
+            frame = ws.next() => {
+                last_rx = Instant::now();
+                let reply = match frame {
+                    Some(Ok(Message::Text(text))) => match decode::<PlatformMessage>(&text, PlatformMessage::TYPES) {
+                        Ok(PlatformMessage::Run(req)) => {
+                            agent.start_run(req);
+                            None
+                        }
+                        Ok(PlatformMessage::Error(e)) => {
+                            tracing::warn!(code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
+                            None
+                        }
+                        Ok(PlatformMessage::Welcome { .. }) => Some(ErrorBody {
+                            id: None,
+                            code: ErrorCode::Unexpected,
+                            message: "welcome after the handshake".into(),
+                        }),
+                        Err(e) => {
+                            tracing::warn!("refusing a message from the platform: {e}");
+                            Some(e.body())
+                        }
+                    },
+                    Some(Ok(Message::Binary(bytes))) => agent.module_arrived(bytes.to_vec()).err(),
+                    Some(Ok(Message::Close(frame))) => return End::Closed(format!("{frame:?}")),
+                    Some(Ok(_)) => None, // ping (answered by tungstenite), pong, raw frame
+                    Some(Err(e)) => return End::Error(e.to_string()),
+                    None => return End::Closed("end of stream".into()),
+                };
+                if let Some(body) = reply {
+                    if let Err(e) = send_text(&mut ws, encode(&AgentMessage::Error(body))).await {
+                        return End::Error(e);
+                    }
+                }
+            }
+        }
+    }
+}
