@@ -21,7 +21,7 @@ fn wasm_dir() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
-    root.join("target/wasm/wasm32-wasip1/release")
+    root.join("target/wasm/wasm32-wasip1/handler")
 }
 
 fn read(name: &str) -> Vec<u8> {
@@ -129,7 +129,11 @@ mod floor {
             let start = instance
                 .get_typed_func::<(), ()>(&mut store, "_start")
                 .unwrap();
-            start.call_async(&mut store, ()).await.unwrap();
+            if let Err(e) = start.call_async(&mut store, ()).await {
+                // A WASI command may end with exit(0); that is success.
+                let code = e.downcast_ref::<wasmtime_wasi::I32Exit>().map(|x| x.0);
+                assert_eq!(code, Some(0), "{e:?}");
+            }
         }
     }
 }
@@ -238,6 +242,60 @@ fn main() {
             assert!(r.is_ok(), "{:?}", r.error);
         })
         .await;
+        // Signature verification: its cost against a cold run, and on the warm path.
+        let key = bridge_signing::KeyPair::generate().unwrap();
+        let claims = bridge_signing::Claims::new("hello", "1.0.0", 1_700_000_000);
+        let signed = bridge_signing::sign(&hello, &key, &claims).unwrap().module;
+        let policy = bridge_signing::TrustPolicy::new()
+            .trust(bridge_signing::TrustedKey::new(key.public_key()))
+            .unwrap();
+        let now = 1_700_000_100;
+        let verify = time_async(scale(2000), || async {
+            bridge_signing::verify(&signed, None, &policy, now).unwrap();
+        })
+        .await;
+        let trust = bridge_host::trust::Trust::new(policy.clone(), false);
+        let cold_signed = time_async(scale(100), || async {
+            sandbox.clear_memory_cache();
+            let fresh = bridge_host::trust::Trust::new(policy.clone(), false);
+            let p = fresh
+                .prepare(&sandbox, &signed, None)
+                .map_err(|r| r.error)
+                .unwrap();
+            assert!(sandbox.run(&p.handler, hello_spec()).await.unwrap().is_ok());
+        })
+        .await;
+        trust
+            .prepare(&sandbox, &signed, None)
+            .map_err(|r| r.error)
+            .unwrap();
+        let sha: [u8; 32] =
+            sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &signed))
+                .into();
+        let warm_signed = time_async(scale(5000), || async {
+            let p = trust
+                .cached(&sandbox, &sha, None)
+                .expect("verified and compiled before");
+            assert!(sandbox.run(&p.handler, hello_spec()).await.unwrap().is_ok());
+        })
+        .await;
+        println!();
+        println!("signed hello:");
+        report(
+            "verify signature (parse, SHA-256, Ed25519, policy)",
+            &verify,
+        );
+        report("cold run: verify + compile + run", &cold_signed);
+        report("warm run: verified-cache lookup + run", &warm_signed);
+        println!(
+            "verification / cold unsigned run (b) = {:.2}%   (target: under 5%)",
+            verify.median.as_secs_f64() / b.median.as_secs_f64() * 100.0
+        );
+        println!(
+            "warm signed (a') / warm unsigned (a) = {:.2}x   (target: no added cost)",
+            warm_signed.median.as_secs_f64() / a.median.as_secs_f64()
+        );
+
         println!();
         println!("burn ({iterations} iterations, compute-bound):");
         report("(d) fuel metering + epochs (the product)", &fuel_stats);

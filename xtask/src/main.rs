@@ -1,7 +1,7 @@
 //! `cargo xtask <task>`: the project's own tasks, in Rust so they run wherever cargo does.
 //!
 //! - `build-examples`: builds every wasm handler (examples and test fixtures) for wasm32-wasip1
-//!   into `target/wasm/wasm32-wasip1/release/`, installing the target with rustup if missing.
+//!   into `target/wasm/wasm32-wasip1/handler/`, installing the target with rustup if missing.
 //! - `demo` (also `cargo demo`): the end-to-end demo from the README.
 //! - `test`: the whole test suite (what CI runs after fmt and clippy).
 //! - `bench`: the benchmarks, printing medians.
@@ -30,7 +30,7 @@ fn main() -> Result<()> {
             println!(
                 "cargo xtask <task>\n\n\
                  tasks:\n  \
-                 build-examples  build the wasm handlers into target/wasm/{WASM_TARGET}/release\n  \
+                 build-examples  build the wasm handlers into target/wasm/{WASM_TARGET}/handler\n  \
                  demo            run the end-to-end demo (same as `cargo demo`)\n  \
                  test            run the whole test suite\n  \
                  bench           run the benchmarks and print medians"
@@ -88,7 +88,8 @@ pub fn build_examples() -> Result<PathBuf> {
     cmd.args([
         "build",
         "--quiet",
-        "--release",
+        "--profile",
+        "handler",
         "--target",
         WASM_TARGET,
         "--target-dir",
@@ -98,7 +99,7 @@ pub fn build_examples() -> Result<PathBuf> {
         cmd.args(["-p", p]);
     }
     run(cmd)?;
-    let out = root().join("target/wasm").join(WASM_TARGET).join("release");
+    let out = root().join("target/wasm").join(WASM_TARGET).join("handler");
     // The non-Rust example: WebAssembly text, assembled here.
     let wat_src = root().join("examples/wat-hello/hello.wat");
     let wasm =
@@ -275,7 +276,14 @@ fn summary(line: &str) -> String {
         return line.trim().to_string();
     };
     let mut keep = serde_json::Map::new();
-    for key in ["status", "reason", "error", "output", "fuel_consumed", "duration_ms"] {
+    for key in [
+        "status",
+        "reason",
+        "error",
+        "output",
+        "fuel_consumed",
+        "duration_ms",
+    ] {
         if let Some(value) = v.get(key).filter(|x| !x.is_null()) {
             keep.insert(key.to_string(), value.clone());
         }

@@ -1,6 +1,8 @@
 //! Shared helpers for the host's integration tests: real wasm modules, the real binary.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod platform;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -24,12 +26,12 @@ pub fn wasm_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(root())
-            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--target-dir", "target/wasm"])
+            .args(["build", "--quiet", "--profile", "handler", "--target", "wasm32-wasip1", "--target-dir", "target/wasm"])
             .args(["-p", "hello", "-p", "checksum", "-p", "logscan", "-p", "hostile"])
             .status()
             .expect("running cargo to build the wasm fixtures");
         assert!(status.success(), "building the wasm fixtures failed (is the wasm32-wasip1 target installed? `cargo xtask test` installs it)");
-        let dir = root().join("target/wasm/wasm32-wasip1/release");
+        let dir = root().join("target/wasm/wasm32-wasip1/handler");
         let wat = wat::parse_file(root().join("examples/wat-hello/hello.wat")).expect("assembling hello.wat");
         std::fs::write(dir.join("wat-hello.wasm"), wat).unwrap();
         dir

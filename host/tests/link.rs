@@ -1,0 +1,367 @@
+//! The platform link over real TLS on 127.0.0.1: a real `bridgectl serve`, real `bridge-daemon
+//! run` agents, signed modules compiled from `examples/`. Every test ends by itself.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::platform::{agent_id, Agent, Platform, Publisher};
+use serde_json::json;
+
+const CONNECT: Duration = Duration::from_secs(30);
+
+fn hello_ok(platform: &Platform, id: &str, publisher: &Publisher, name: &str) {
+    let r = platform.run(id, &publisher.signed("hello"), json!({"name": name}), None);
+    assert_eq!(r["ok"], true, "{r}\nplatform log:\n{}", platform.log.text());
+    assert_eq!(r["result"]["status"], "ok", "{r}");
+    assert_eq!(r["result"]["output"]["greeting"], format!("Hello, {name}!"));
+}
+
+#[test]
+fn enrollment_then_reconnect_without_token_keeps_the_agent_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let publisher = Publisher::new();
+    let state = tmp.path().join("agent");
+    let token = platform.token();
+
+    let mut agent = Agent::start(
+        &state,
+        &Agent::args_for(&platform, Some(&token), Some(&publisher.public())),
+    );
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    agent.log.wait_for("enrolled with the platform", CONNECT);
+    hello_ok(&platform, &id, &publisher, "first");
+    let status = platform
+        .agents()
+        .into_iter()
+        .find(|a| a["id"] == id)
+        .unwrap()["status"]
+        .clone();
+    assert_eq!(status["agent_id"], id, "status report: {status}");
+    assert!(!status["host"]["hostname"].as_str().unwrap().is_empty());
+    assert!(
+        agent.terminate().success(),
+        "SIGTERM should stop the agent cleanly"
+    );
+
+    // Restarted without a token: the enrolled key is enough, and the id is the same.
+    let agent = Agent::start(
+        &state,
+        &Agent::args_for(&platform, None, Some(&publisher.public())),
+    );
+    assert_eq!(agent.id(), id, "the agent id changed across a restart");
+    platform.wait_connected(&id, CONNECT);
+    hello_ok(&platform, &id, &publisher, "again");
+}
+
+#[test]
+fn wrong_missing_and_reused_tokens_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let cases = [
+        (Some("not-a-real-token"), "token_invalid"),
+        (None, "token_missing"),
+    ];
+    for (i, (token, reason)) in cases.into_iter().enumerate() {
+        let agent = Agent::start(
+            &tmp.path().join(format!("a{i}")),
+            &Agent::args_for(&platform, token, None),
+        );
+        agent.log.wait_for(reason, CONNECT);
+        assert!(!platform.connected(&agent.id()));
+    }
+    // The real token enrolls one agent; a second key presenting it is refused.
+    let token = platform.token();
+    let first = Agent::start(
+        &tmp.path().join("first"),
+        &Agent::args_for(&platform, Some(&token), None),
+    );
+    platform.wait_connected(&first.id(), CONNECT);
+    let second = Agent::start(
+        &tmp.path().join("second"),
+        &Agent::args_for(&platform, Some(&token), None),
+    );
+    second.log.wait_for("token_used", CONNECT);
+    assert!(!platform.connected(&second.id()));
+    assert!(platform.connected(&first.id()));
+}
+
+#[test]
+fn a_pin_mismatch_is_refused_logged_and_backed_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let wrong = "ab".repeat(32);
+    let args = vec![
+        "--server".to_string(),
+        platform.url(),
+        "--server-pin".into(),
+        wrong.clone(),
+        "--token".into(),
+        platform.token(),
+        "--reconnect-max-secs".into(),
+        "1".into(),
+    ];
+    let agent = Agent::start(&tmp.path().join("agent"), &args);
+    agent.log.wait_for("server pin mismatch", CONNECT);
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.log.text();
+    assert!(
+        log.contains(&platform.pin()),
+        "the presented fingerprint is logged: {log}"
+    );
+    assert!(
+        log.contains(&wrong),
+        "the expected fingerprint is logged: {log}"
+    );
+    let attempts = agent.log.count("server pin mismatch: not connecting");
+    assert!(
+        (2..=40).contains(&attempts),
+        "{attempts} attempts in ~3 s: not backing off?\n{log}"
+    );
+    assert!(
+        platform.agents().is_empty(),
+        "nothing may enroll through a refused server"
+    );
+}
+
+#[test]
+fn a_ca_file_is_enough_to_trust_the_platform() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let ca = platform.info["ca_file"].as_str().unwrap().to_string();
+    let args = vec![
+        "--server".into(),
+        platform.url(),
+        "--ca-file".into(),
+        ca,
+        "--token".into(),
+        platform.token(),
+    ];
+    let agent = Agent::start(&tmp.path().join("agent"), &args);
+    platform.wait_connected(&agent.id(), CONNECT);
+
+    // Without a pin or a CA, the self-signed platform is not trusted by the system roots.
+    let args = vec![
+        "--server".into(),
+        platform.url(),
+        "--token".into(),
+        platform.token(),
+    ];
+    let stranger = Agent::start(&tmp.path().join("stranger"), &args);
+    stranger.log.wait_for("cannot reach the platform", CONNECT);
+    assert!(!platform.connected(&stranger.id()));
+}
+
+#[test]
+fn plaintext_is_refused_unless_the_development_flag_allows_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+    let mut agent = Agent::start(&tmp.path().join("a"), &["--server".into(), url.clone()]);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).code(), Some(2));
+    assert!(
+        agent.log.text().contains("refusing plaintext ws://"),
+        "{}",
+        agent.log.text()
+    );
+
+    let _agent = Agent::start(
+        &tmp.path().join("b"),
+        &["--server".into(), url, "--dev-allow-plaintext".into()],
+    );
+    listener.set_nonblocking(false).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("GET /agent"),
+        "a plaintext upgrade request"
+    );
+}
+
+#[test]
+fn the_agent_comes_back_after_the_platform_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pstate = tmp.path().join("platform");
+    let mut platform = Platform::start(&pstate, "127.0.0.1:0");
+    let addr = platform.listen_addr();
+    let publisher = Publisher::new();
+    let mut args = Agent::args_for(
+        &platform,
+        Some(&platform.token()),
+        Some(&publisher.public()),
+    );
+    args.extend(["--reconnect-max-secs".into(), "1".into()]);
+    let agent = Agent::start(&tmp.path().join("agent"), &args);
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+
+    platform.kill();
+    agent.log.wait_for("link lost", CONNECT);
+    std::thread::sleep(Duration::from_secs(4)); // several failed attempts with a 1 s ceiling
+    let restarted_at = Instant::now();
+    let platform = Platform::start(&pstate, &addr);
+    assert_eq!(platform.listen_addr(), addr);
+    platform.wait_connected(&id, CONNECT);
+    let back_after = restarted_at.elapsed();
+    assert!(
+        back_after < Duration::from_secs(5),
+        "back after {back_after:?}, the ceiling is 1 s"
+    );
+    hello_ok(&platform, &id, &publisher, "after restart");
+
+    // The waits between attempts respect the ceiling and are jittered.
+    let delays: Vec<u64> = agent
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains("reconnecting after a pause"))
+        .filter_map(|l| {
+            l.split("delay_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(delays.len() >= 3, "{delays:?}");
+    assert!(
+        delays.iter().all(|d| *d <= 1000),
+        "a wait exceeded the 1 s ceiling: {delays:?}"
+    );
+    let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+    assert!(distinct.len() >= 2, "no jitter: {delays:?}");
+}
+
+/// A TCP proxy that can freeze: stop forwarding without closing anything (a silent partition).
+struct Proxy {
+    addr: String,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, conn),
+                ] {
+                    let frozen = f.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            while frozen.load(Ordering::SeqCst) {
+                                // Hold the data and the sockets: nothing is closed, nothing passes.
+                                std::thread::sleep(Duration::from_millis(50));
+                                if Arc::strong_count(&frozen) == 1 {
+                                    return;
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy { addr, frozen }
+    }
+}
+
+#[test]
+fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let proxy = Proxy::start(platform.listen_addr());
+    let publisher = Publisher::new();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[platform]\nheartbeat_secs = 1\nheartbeat_timeout_secs = 3\nreconnect_max_secs = 1\n",
+    )
+    .unwrap();
+    let args = vec![
+        "--config".to_string(),
+        config.display().to_string(),
+        "--server".into(),
+        format!("wss://{}/agent", proxy.addr),
+        "--server-pin".into(),
+        platform.pin(),
+        "--token".into(),
+        platform.token(),
+        "--trusted-key".into(),
+        publisher.public(),
+    ];
+    let agent = Agent::start(&tmp.path().join("agent"), &args);
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+
+    proxy.frozen.store(true, Ordering::SeqCst);
+    let frozen_at = Instant::now();
+    agent.log.wait_for(
+        "no frame from the platform for 3 s",
+        Duration::from_secs(15),
+    );
+    let detected = frozen_at.elapsed();
+    assert!(
+        detected < Duration::from_secs(8),
+        "detected after {detected:?}; the timeout is 3 s"
+    );
+
+    proxy.frozen.store(false, Ordering::SeqCst);
+    // The old, frozen connection is abandoned; a new one goes through and works.
+    let start = Instant::now();
+    loop {
+        let r = platform.run(
+            &id,
+            &publisher.signed("hello"),
+            json!({"name": "healed"}),
+            None,
+        );
+        if r["ok"] == true {
+            assert_eq!(r["result"]["output"]["greeting"], "Hello, healed!");
+            break;
+        }
+        assert!(
+            start.elapsed() < CONNECT,
+            "never recovered: {r}\n{}",
+            agent.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_identity_command_prints_the_id_the_platform_sees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &Agent::args_for(&platform, Some(&platform.token()), None),
+    );
+    let id = agent_id(&agent.state);
+    assert_eq!(id.len(), 64);
+    platform.wait_connected(&id, CONNECT);
+}
