@@ -30,7 +30,7 @@
 //! `"top_errors_approximate": true`).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 
 use bridge_guest::{ensure, fs, handler, info, Result};
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ fn logscan(input: Input) -> Result<Output> {
     let mut reader = BufReader::with_capacity(64 * 1024, file);
     let mut line = Vec::new();
     while next_line(&mut reader, &mut line).map_err(|err| fs::error(&input.path, "read", err))? {
-        scan.line(&String::from_utf8_lossy(&line));
+        scan.line(&line);
     }
     info!(
         "scanned {} lines of {}: {} errors, {} distinct",
@@ -134,31 +134,27 @@ fn logscan(input: Input) -> Result<Output> {
 }
 
 /// Reads the next line into `buf` (without its `\n` or `\r\n`), keeping at most
-/// [`MAX_LINE`] bytes of it. Returns false at end of file.
+/// [`MAX_LINE`] bytes of it and skipping the rest. Returns false at end of file.
 fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<bool> {
     buf.clear();
-    let mut read_any = false;
-    loop {
-        let chunk = reader.fill_buf()?;
-        if chunk.is_empty() {
-            break;
-        }
-        read_any = true;
-        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (chunk.len(), false),
-        };
-        let room = MAX_LINE.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..take.min(room)]);
-        reader.consume(if done { take + 1 } else { take });
-        if done {
-            break;
-        }
+    // `read_until` finds the newline with a fast `memchr`; `take` bounds the line.
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(false);
     }
-    if buf.last() == Some(&b'\r') {
+    if buf.last() == Some(&b'\n') {
         buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    } else if buf.len() > MAX_LINE {
+        buf.truncate(MAX_LINE);
+        reader.skip_until(b'\n')?;
     }
-    Ok(read_any)
+    Ok(true)
 }
 
 struct Scan {
@@ -185,13 +181,13 @@ impl Scan {
         }
     }
 
-    fn line(&mut self, line: &str) {
+    fn line(&mut self, line: &[u8]) {
         if let Some(since) = &self.since {
-            if let Some(stamp) = timestamp(line) {
+            if let Some((stamp, len)) = timestamp(line) {
                 // Compare at the precision of `since`: "2024-05-01T12:00:59" is in
-                // "since 2024-05-01T12:00".
-                let prefix = stamp.get(..since.len()).unwrap_or(&stamp);
-                self.in_range = prefix >= since.as_str();
+                // "since 2024-05-01T12:00"; a shorter stamp sorts before a longer `since`.
+                let prefix = &stamp[..len.min(since.len())];
+                self.in_range = prefix >= since.as_bytes();
             }
             if !self.in_range {
                 self.skipped += 1;
@@ -202,7 +198,11 @@ impl Scan {
         match classify(line) {
             Some((Level::Error, rest)) => {
                 self.by_level.error += 1;
-                let message = normalize(if rest.trim().is_empty() { line } else { rest });
+                let message = normalize(if rest.trim_ascii().is_empty() {
+                    line
+                } else {
+                    rest
+                });
                 if let Some(count) = self.errors.get_mut(&message) {
                     *count += 1;
                 } else if self.errors.len() < MAX_DISTINCT_ERRORS {
@@ -232,48 +232,63 @@ impl Scan {
     }
 }
 
-/// The level of a line (its first level word) and the text after that word.
-fn classify(line: &str) -> Option<(Level, &str)> {
-    let mut start = None;
-    for (i, c) in line.char_indices().chain([(line.len(), ' ')]) {
-        let in_word = c.is_alphanumeric() || c == '_';
-        match (start, in_word) {
-            (None, true) => start = Some(i),
-            (Some(s), false) => {
-                if let Some(level) = level_word(&line[s..i]) {
-                    return Some((level, &line[i..]));
-                }
-                start = None;
-            }
-            _ => {}
-        }
+/// Which bytes belong to words: ASCII letters and digits, `_`, and every non-ASCII byte.
+static WORD_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+        i += 1;
     }
-    None
+    table
+};
+
+/// The level of a line (its first level word) and the text after that word. Words are runs
+/// of ASCII letters, digits, `_` and non-ASCII bytes; the line is never decoded.
+fn classify(line: &[u8]) -> Option<(Level, &[u8])> {
+    let mut rest = line;
+    loop {
+        let start = rest.iter().position(|&b| WORD_BYTE[usize::from(b)])?;
+        rest = &rest[start..];
+        let len = rest
+            .iter()
+            .position(|&b| !WORD_BYTE[usize::from(b)])
+            .unwrap_or(rest.len());
+        let (word, after) = rest.split_at(len);
+        if let Some(level) = level_word(word) {
+            return Some((level, after));
+        }
+        rest = after;
+    }
 }
 
-fn level_word(word: &str) -> Option<Level> {
-    if word.len() > 7 {
-        return None;
-    }
-    let w = word.to_ascii_lowercase();
-    match w.as_str() {
-        "error" | "err" => Some(Level::Error),
-        "warn" | "warning" => Some(Level::Warn),
-        "info" => Some(Level::Info),
-        "debug" => Some(Level::Debug),
+fn level_word(word: &[u8]) -> Option<Level> {
+    let is = |name: &[u8]| word.eq_ignore_ascii_case(name);
+    match word.len() {
+        3 if is(b"err") => Some(Level::Error),
+        5 if is(b"error") => Some(Level::Error),
+        4 if is(b"warn") => Some(Level::Warn),
+        7 if is(b"warning") => Some(Level::Warn),
+        4 if is(b"info") => Some(Level::Info),
+        5 if is(b"debug") => Some(Level::Debug),
         _ => None,
     }
 }
 
 /// An error message for counting: leading separators dropped, digit runs → `#`,
-/// whitespace runs → one space, at most [`MAX_MESSAGE`] bytes.
-fn normalize(text: &str) -> String {
-    let text = text.trim_start_matches(|c: char| {
-        c.is_whitespace() || matches!(c, ':' | ']' | ')' | '>' | '-' | '|' | '=')
-    });
+/// whitespace runs → one space, invalid UTF-8 replaced, at most [`MAX_MESSAGE`] bytes.
+fn normalize(text: &[u8]) -> String {
+    let skip = text
+        .iter()
+        .take_while(|&&b| {
+            b.is_ascii_whitespace() || matches!(b, b':' | b']' | b')' | b'>' | b'-' | b'|' | b'=')
+        })
+        .count();
+    let text = String::from_utf8_lossy(text[skip..].trim_ascii_end());
     let mut out = String::with_capacity(text.len().min(MAX_MESSAGE));
     let mut last = None;
-    for c in text.trim_end().chars() {
+    for c in text.chars() {
         let c = if c.is_ascii_digit() {
             '#'
         } else if c.is_whitespace() {
@@ -294,30 +309,30 @@ fn normalize(text: &str) -> String {
 }
 
 /// The ISO 8601 date-time a line starts with (after an optional `[`), as
-/// `YYYY-MM-DDTHH:MM:SS…` (a space separator becomes `T`), if any.
-fn timestamp(line: &str) -> Option<String> {
-    let line = line.strip_prefix('[').unwrap_or(line);
-    let head: String = line
-        .chars()
-        .take(19)
-        .enumerate()
-        .map(|(i, c)| if i == 10 && c == ' ' { 'T' } else { c })
-        .collect();
+/// `YYYY-MM-DDTHH:MM:SS` (a space separator becomes `T`), `YYYY-MM-DDTHH:MM` or
+/// `YYYY-MM-DD`: the bytes and how many of them are the stamp.
+fn timestamp(line: &[u8]) -> Option<([u8; 19], usize)> {
+    let line = line.strip_prefix(b"[").unwrap_or(line);
+    let mut head = [0u8; 19];
+    let n = line.len().min(head.len());
+    head[..n].copy_from_slice(&line[..n]);
+    if n > 10 && head[10] == b' ' {
+        head[10] = b'T';
+    }
     // Longest form first: date and time with seconds, without, then the date alone.
     [19, 16, 10]
         .into_iter()
-        .filter_map(|len| head.get(..len))
-        .find(|candidate| is_stamp(candidate))
-        .map(str::to_owned)
+        .find(|&len| len <= n && is_stamp(&head[..len]))
+        .map(|len| (head, len))
 }
 
 /// Whether `s` is `YYYY-MM-DD`, optionally followed by `THH:MM` and optionally `:SS`.
-fn is_stamp(s: &str) -> bool {
-    let pattern = "dddd-dd-ddTdd:dd:dd";
+fn is_stamp(s: &[u8]) -> bool {
+    let pattern = b"dddd-dd-ddTdd:dd:dd";
     if !matches!(s.len(), 10 | 16 | 19) {
         return false;
     }
-    s.bytes().zip(pattern.bytes()).all(|(c, p)| match p {
+    s.iter().zip(pattern).all(|(&c, &p)| match p {
         b'd' => c.is_ascii_digit(),
         _ => c == p,
     })
@@ -332,7 +347,7 @@ fn normalize_since(since: &str) -> Result<String> {
         .map(|(i, c)| if i == 10 && c == ' ' { 'T' } else { c })
         .collect();
     ensure!(
-        is_stamp(&normalized),
+        is_stamp(normalized.as_bytes()),
         kind = "bad_input",
         "`since` must look like 2024-05-01, 2024-05-01T12:00 or 2024-05-01 12:00:30, got {since:?}"
     );
@@ -345,7 +360,7 @@ mod tests {
 
     #[test]
     fn levels_are_whole_words_case_insensitive_first_wins() {
-        let level = |l: &str| classify(l).map(|(level, _)| level);
+        let level = |l: &str| classify(l.as_bytes()).map(|(level, _)| level);
         assert_eq!(level("2024-05-01 ERROR disk full"), Some(Level::Error));
         assert_eq!(level("[err] x"), Some(Level::Error));
         assert_eq!(level("level=Warning msg=slow"), Some(Level::Warn));
@@ -362,8 +377,12 @@ mod tests {
     #[test]
     fn error_messages_are_normalized() {
         let msg = |l: &str| {
-            let (_, rest) = classify(l).unwrap();
-            normalize(if rest.trim().is_empty() { l } else { rest })
+            let (_, rest) = classify(l.as_bytes()).unwrap();
+            normalize(if rest.trim_ascii().is_empty() {
+                l.as_bytes()
+            } else {
+                rest
+            })
         };
         assert_eq!(
             msg("2024-05-01T10:00:00Z app[123]: ERROR: timeout after 30s   (attempt 2)"),
@@ -374,7 +393,8 @@ mod tests {
             "connection to #.#.#.# refused"
         );
         assert_eq!(msg("12:00 error"), "#:# error");
-        assert_eq!(normalize(&"é".repeat(300)).len(), MAX_MESSAGE);
+        assert_eq!(normalize("é".repeat(300).as_bytes()).len(), MAX_MESSAGE);
+        assert_eq!(normalize(b"bad \xff byte"), "bad \u{fffd} byte");
     }
 
     #[test]
@@ -390,7 +410,7 @@ mod tests {
             "ERROR b",
             "ERROR a",
         ] {
-            scan.line(line);
+            scan.line(line.as_bytes());
         }
         assert_eq!(scan.lines, 8);
         assert_eq!(
@@ -429,18 +449,14 @@ mod tests {
             "    at new frame",
             "[2024-05-02T00:00:00] INFO later",
         ] {
-            scan.line(line);
+            scan.line(line.as_bytes());
         }
         assert_eq!((scan.lines, scan.skipped), (3, 2));
-        assert_eq!(
-            timestamp("2024-05-01 ERROR x").as_deref(),
-            Some("2024-05-01")
-        );
-        assert_eq!(
-            timestamp("2024-05-01 12:00 x").as_deref(),
-            Some("2024-05-01T12:00")
-        );
-        assert_eq!(timestamp("May  1 12:00:00 host x"), None);
+        let stamp = |l: &str| timestamp(l.as_bytes()).map(|(b, n)| b[..n].to_vec());
+        assert_eq!(stamp("2024-05-01 ERROR x").unwrap(), b"2024-05-01");
+        assert_eq!(stamp("2024-05-01 12:00 x").unwrap(), b"2024-05-01T12:00");
+        assert_eq!(stamp("2024-05-01").unwrap(), b"2024-05-01");
+        assert_eq!(stamp("May  1 12:00:00 host x"), None);
         assert_eq!(scan.by_level.error, 1);
         assert!(normalize_since("yesterday").is_err());
         assert_eq!(normalize_since("2024-05-01").unwrap(), "2024-05-01");
