@@ -135,16 +135,7 @@ impl Trust {
         module: &[u8],
         detached: Option<&[u8]>,
     ) -> Result<Prepared, Box<RunResult>> {
-        let max = sandbox.config().max_module_bytes;
-        if module.len() as u64 > max {
-            return Err(Box::new(RunResult::refused(
-                Status::InvalidModule,
-                format!(
-                    "the module is {} bytes; the agent accepts modules up to {max} bytes",
-                    module.len()
-                ),
-            )));
-        }
+        sandbox.precheck(module)?;
         let sha256: [u8; 32] = Sha256::digest(module).into();
         let tag = |mut r: Box<RunResult>| {
             r.module_sha256 = Some(hex::encode(sha256));

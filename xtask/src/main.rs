@@ -115,147 +115,139 @@ fn step(cmd: &mut Command, shown: &str) -> Result<std::process::Output> {
     Ok(out)
 }
 
-/// The demo: a publisher key, signed handlers, verification, runs in the sandbox, a refusal.
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+struct Service {
+    name: &'static str,
+    child: std::process::Child,
+}
+
+impl Service {
+    fn stop(&mut self) -> Result<()> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait()? {
+                println!("{} stopped ({status})", self.name);
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.child.kill()?;
+        bail!("{} did not stop on SIGTERM within 10 s", self.name)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The demo: a development platform and an agent on 127.0.0.1, a publisher key, signed handlers
+/// pushed over the link and run in the sandbox, and a tampered module refused.
 fn demo(_rest: &[String]) -> Result<()> {
+    use std::io::BufRead;
     let wasm = build_examples()?;
     let mut build = cargo();
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "bridge-host",
-        "-p",
-        "bridge-platform",
-        "--bins",
-    ]);
+    build.args(["build", "--quiet", "-p", "bridge-host", "-p", "bridge-platform", "--bins"]);
     run(build)?;
     let bin = root().join("target/debug");
     let (daemon, ctl) = (bin.join("bridge-daemon"), bin.join("bridgectl"));
     let work = std::env::temp_dir().join(format!("bridge-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("logs"))?;
-    std::fs::write(
-        work.join("logs/app.log"),
-        "2026-11-25T06:00:01 INFO service started\n\
-         2026-11-25T06:00:02 WARN disk 81% full\n\
-         2026-11-25T06:00:03 ERROR upstream 10.0.0.7 timed out after 3000 ms\n\
-         2026-11-25T06:00:04 ERROR upstream 10.0.0.9 timed out after 3001 ms\n\
-         2026-11-25T06:00:05 INFO request served\n",
-    )?;
+    std::fs::create_dir_all(&work)?;
+
+    // 1. A publisher key, and signed handlers.
     let key = work.join("publisher.key");
     let pubkey = work.join("publisher.key.pub");
-    let out = step(
-        Command::new(&ctl).arg("keygen").arg("--out").arg(&key),
-        "bridgectl keygen --out publisher.key",
-    )?;
+    let out = step(Command::new(&ctl).arg("keygen").arg("--out").arg(&key), "bridgectl keygen --out publisher.key")?;
     ensure_ok(&out, "keygen")?;
     println!("{}", serde_pretty(&String::from_utf8_lossy(&out.stdout)));
-
-    // Sign each handler, declaring the directory it needs.
-    let handlers: [(&str, &[&str]); 4] = [
-        ("hello", &[]),
-        ("wat-hello", &[]),
-        ("checksum", &["--dir", "/data"]),
-        ("logscan", &["--dir", "/logs"]),
-    ];
-    for (name, caps) in handlers {
+    for name in ["hello", "wat-hello"] {
         let signed = work.join(format!("{name}.signed.wasm"));
         let mut cmd = Command::new(&ctl);
-        cmd.arg("sign")
-            .arg(wasm.join(format!("{name}.wasm")))
-            .arg("--key")
-            .arg(&key);
-        cmd.args(["--name", name, "--version", "1.0.0"])
-            .args(caps)
-            .arg("-o")
-            .arg(&signed);
-        let shown = format!(
-            "bridgectl sign {name}.wasm --key publisher.key --name {name} --version 1.0.0 {}",
-            caps.join(" ")
-        );
-        ensure_ok(&step(&mut cmd, shown.trim_end())?, "sign")?;
+        cmd.arg("sign").arg(wasm.join(format!("{name}.wasm"))).arg("--key").arg(&key);
+        cmd.args(["--name", name, "--version", "1.0.0", "-o"]).arg(&signed);
+        let shown = format!("bridgectl sign {name}.wasm --key publisher.key --name {name} --version 1.0.0 -o {name}.signed.wasm");
+        ensure_ok(&step(&mut cmd, &shown)?, "sign")?;
     }
     let mut verify = Command::new(&ctl);
-    verify
-        .arg("verify")
-        .arg(work.join("hello.signed.wasm"))
-        .arg("--trusted-key")
-        .arg(format!("@{}", pubkey.display()));
-    let out = step(
-        &mut verify,
-        "bridgectl verify hello.signed.wasm --trusted-key @publisher.key.pub",
-    )?;
+    verify.arg("verify").arg(work.join("hello.signed.wasm")).arg("--trusted-key").arg(format!("@{}", pubkey.display()));
+    let out = step(&mut verify, "bridgectl verify hello.signed.wasm --trusted-key @publisher.key.pub")?;
     ensure_ok(&out, "verify")?;
-    println!("{}", serde_pretty(&String::from_utf8_lossy(&out.stdout)));
 
-    let logs = work.join("logs");
-    let runs: [(&str, Vec<String>); 4] = [
-        (
-            "hello",
-            vec!["--input".into(), r#"{"name":"bridge"}"#.into()],
-        ),
-        (
-            "wat-hello",
-            vec!["--input".into(), r#"{"from":"a WAT module"}"#.into()],
-        ),
-        (
-            "checksum",
-            vec![
-                "--dir".into(),
-                format!("{}:/data", logs.display()),
-                "--input".into(),
-                r#"{"dir":"/data"}"#.into(),
-            ],
-        ),
-        (
-            "logscan",
-            vec![
-                "--dir".into(),
-                format!("{}:/logs", logs.display()),
-                "--input".into(),
-                r#"{"path":"/logs/app.log","top":3}"#.into(),
-            ],
-        ),
+    // 2. The development platform.
+    println!("\n$ bridgectl serve --listen 127.0.0.1:0 --state platform/");
+    let mut serve = Command::new(&ctl);
+    serve.args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--state"]).arg(work.join("platform"));
+    serve.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    let mut platform = Service { name: "platform", child: serve.spawn().context("starting bridgectl serve")? };
+    let mut first = String::new();
+    std::io::BufReader::new(platform.child.stdout.take().expect("piped")).read_line(&mut first)?;
+    let info: serde_json::Value = serde_json::from_str(first.trim()).context("reading serve's first line")?;
+    println!("{}", serde_json::to_string_pretty(&info)?);
+    let field = |k: &str| info[k].as_str().map(str::to_string).with_context(|| format!("serve printed no {k}"));
+    let (url, pin, token, control) = (field("url")?, field("server_pin")?, field("token")?, field("control")?);
+
+    // 3. The agent, enrolling with the token and trusting the publisher.
+    println!("\n$ bridge-daemon run --server {url} --server-pin {pin} --token {token} --state agent/ --trusted-key publisher.key.pub");
+    let mut agent_cmd = Command::new(&daemon);
+    agent_cmd.args(["run", "--server", &url, "--server-pin", &pin, "--token", &token, "--state"]).arg(work.join("agent"));
+    agent_cmd.arg("--trusted-key").arg(&pubkey).stdout(std::process::Stdio::null());
+    agent_cmd.stderr(std::fs::File::create(work.join("agent.log"))?);
+    let mut agent = Service { name: "agent", child: agent_cmd.spawn().context("starting bridge-daemon run")? };
+    let id = wait_for_agent(&ctl, &control)?;
+    println!("agent {id} connected and enrolled");
+
+    // 4. Tasks pushed over the link.
+    let runs = [
+        ("hello.signed.wasm", r#"{"name":"bridge"}"#),
+        ("wat-hello.signed.wasm", r#"{"from":"a WAT module"}"#),
+        ("hello.signed.wasm", r#"{"name":"again (warm: cached, verified once)"}"#),
     ];
-    for (name, args) in runs {
-        let mut cmd = Command::new(&daemon);
-        cmd.arg("call")
-            .arg(work.join(format!("{name}.signed.wasm")))
-            .arg("--trusted-key")
-            .arg(&pubkey);
-        cmd.args(&args).arg("--cache-dir").arg(work.join("cache"));
-        let shown = format!(
-            "bridge-daemon call {name}.signed.wasm --trusted-key publisher.key.pub {}",
-            args.join(" ")
-        );
-        let out = step(&mut cmd, &shown)?;
+    for (module, input) in runs {
+        let mut cmd = Command::new(&ctl);
+        cmd.args(["--control", &control, "run", "--agent", &id, "--module"]).arg(work.join(module));
+        cmd.args(["--input", input]);
+        let out = step(&mut cmd, &format!("bridgectl --control {control} run --agent {} --module {module} --input '{input}'", &id[..12]))?;
         println!("{}", summary(&String::from_utf8_lossy(&out.stdout)));
-        ensure_ok(&out, name)?;
+        ensure_ok(&out, module)?;
     }
 
-    // A tampered module is refused before anything of it is compiled.
+    // 5. A tampered module is refused by the agent before anything of it is compiled.
     let mut tampered = std::fs::read(work.join("hello.signed.wasm"))?;
     let mid = tampered.len() / 2;
     tampered[mid] ^= 0x01;
     std::fs::write(work.join("tampered.wasm"), tampered)?;
-    let mut cmd = Command::new(&daemon);
-    cmd.arg("call")
-        .arg(work.join("tampered.wasm"))
-        .arg("--trusted-key")
-        .arg(&pubkey)
-        .arg("--no-cache");
-    let out = step(
-        &mut cmd,
-        "bridge-daemon call tampered.wasm --trusted-key publisher.key.pub   # one bit flipped",
-    )?;
+    let mut cmd = Command::new(&ctl);
+    cmd.args(["--control", &control, "run", "--agent", &id, "--module"]).arg(work.join("tampered.wasm"));
+    let out = step(&mut cmd, &format!("bridgectl --control {control} run --agent {} --module tampered.wasm   # one bit flipped", &id[..12]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{}", summary(&text));
     if !text.contains("\"bad_signature\"") {
         bail!("the tampered module was not refused as bad_signature");
     }
+
+    println!();
+    agent.stop()?;
+    platform.stop()?;
     let _ = std::fs::remove_dir_all(&work);
-    println!("\ndemo finished: 4 signed handlers ran in the sandbox (status ok), the tampered one was rejected");
+    println!("\ndemo finished: platform and agent over mutual TLS, signed handlers ran, the tampered one was rejected");
     Ok(())
+}
+
+/// Polls `bridgectl agents` until one agent is connected; returns its id.
+fn wait_for_agent(ctl: &Path, control: &str) -> Result<String> {
+    for _ in 0..300 {
+        let out = Command::new(ctl).args(["--control", control, "agents"]).output()?;
+        if let Ok(agents) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            if let Some(a) = agents.as_array().and_then(|a| a.iter().find(|a| a["connected"] == true)) {
+                return a["id"].as_str().map(str::to_string).context("agent without id");
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("the agent did not connect within 30 s")
 }
 
 fn ensure_ok(out: &std::process::Output, what: &str) -> Result<()> {
@@ -300,6 +292,8 @@ fn serde_pretty(line: &str) -> String {
 
 fn test(rest: &[String]) -> Result<()> {
     build_examples()?;
+    // One invocation builds everything first, `bridgectl` included (the platform's own tests
+    // need it), before any test runs; the host's link tests then drive it.
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(rest);
     run(cmd)
@@ -307,6 +301,10 @@ fn test(rest: &[String]) -> Result<()> {
 
 fn bench(rest: &[String]) -> Result<()> {
     build_examples()?;
+    // The link benchmark drives release builds of both binaries.
+    let mut bins = cargo();
+    bins.args(["build", "--quiet", "--release", "-p", "bridge-host", "-p", "bridge-platform", "--bins"]);
+    run(bins)?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "bridge-host"]).args(rest);
     run(cmd)

@@ -322,6 +322,17 @@ impl Sandbox {
     ///
     /// Errors are `invalid_module` results ready to return to the caller.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<Handler>, Box<RunResult>> {
+        self.precheck(bytes)?;
+        let sha256: [u8; 32] = Sha256::digest(bytes).into();
+        self.load_hashed(bytes, sha256).map_err(|mut r| {
+            r.module_sha256 = Some(hex::encode(sha256));
+            r
+        })
+    }
+
+    /// The cheap checks done before anything else looks at a module's bytes: not empty, not
+    /// larger than `max_module_bytes`, the wasm magic and a core-module version.
+    pub fn precheck(&self, bytes: &[u8]) -> Result<(), Box<RunResult>> {
         let invalid = |msg: String| Box::new(RunResult::refused(Status::InvalidModule, msg));
         let max = self.inner.config.max_module_bytes;
         if bytes.is_empty() {
@@ -333,11 +344,7 @@ impl Sandbox {
                 bytes.len()
             )));
         }
-        let sha256: [u8; 32] = Sha256::digest(bytes).into();
-        self.load_hashed(bytes, sha256).map_err(|mut r| {
-            r.module_sha256 = Some(hex::encode(sha256));
-            r
-        })
+        check_header(bytes).map_err(invalid)
     }
 
     /// [`load`](Self::load) for bytes whose SHA-256 the caller already computed (and verified).
