@@ -377,7 +377,7 @@ fn bad_modules_are_invalid_module_with_a_clear_reason() {
         (write("empty.wasm", b""), "empty"),
         (
             write("truncated.wasm", &hello[..hello.len() / 2]),
-            "compile",
+            "past the end",
         ),
         (write("text.wasm", b"(module)"), "magic"),
         (
