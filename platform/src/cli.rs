@@ -4,16 +4,26 @@ use clap::{Parser, Subcommand};
 
 use crate::cmd;
 
-/// bridgectl: keys, signing and verification for bridge handler modules.
+/// bridgectl: keys, signing and verification for bridge handler modules, and a development
+/// platform server.
 ///
 /// Handlers are WASI preview-1 wasm modules. An agent runs one only if it is signed by a key
 /// in its trust policy; the signature (Ed25519, over the module's SHA-256 and the signed
 /// claims) lives in a `bridge.signature` custom section or in a detached `.sig` file.
-/// Every command prints one JSON object on stdout. Exit status: 0 success, 1 `verify` found
-/// the module invalid, 2 usage or I/O error (one line on stderr).
+///
+/// `serve` runs a development platform that agents connect to; `agents`, `run` and `token`
+/// talk to a running `serve` through its control interface (--control ADDR or
+/// BRIDGE_CONTROL).
+///
+/// Commands print JSON on stdout (`token` prints the bare token). Exit status: 0 success,
+/// 1 `verify` found the module invalid or `run` got a result whose status is not "ok", 2 usage,
+/// I/O or connection error (one line on stderr).
 #[derive(Debug, Parser)]
 #[command(name = "bridgectl", version, about, long_about)]
 pub struct Cli {
+    /// The control interface of a running `bridgectl serve` (for agents, run, token).
+    #[arg(long, value_name = "ADDR", env = "BRIDGE_CONTROL")]
+    pub control: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -30,6 +40,14 @@ pub enum Command {
     Verify(cmd::verify::VerifyArgs),
     /// Show a module's signature and claims without verifying or trusting anything.
     Inspect(cmd::inspect::InspectArgs),
+    /// Run the development platform server that agents connect to.
+    Serve(cmd::serve::ServeArgs),
+    /// List the agents of a running server (needs --control).
+    Agents(cmd::agents::AgentsArgs),
+    /// Run a module on a connected agent and print its result (needs --control).
+    Run(cmd::run::RunArgs),
+    /// Issue a new enrollment token from a running server (needs --control).
+    Token(cmd::token::TokenArgs),
 }
 
 #[cfg(test)]

@@ -1,28 +1,41 @@
-//! The platform / developer side of bridge: the `bridgectl` command-line tool.
+//! The platform / developer side of bridge: the `bridgectl` command-line tool and the
+//! development platform server ([`serve`]).
 //!
 //! Each subcommand is a module of [`cmd`] with its clap arguments and a `run` function;
 //! [`cli::Cli`] ties them together and [`run`] maps the outcome to an exit status:
 //!
-//! * 0: success (for `verify`: the module is valid);
-//! * 1: `verify` found the module invalid (the verdict is printed as JSON on stdout);
-//! * 2: usage or I/O error, one line on stderr (`bridgectl: error: ...`).
+//! * 0: success (for `verify`: the module is valid; for `run`: the result's status is `ok`);
+//! * 1: `verify` found the module invalid (the verdict is printed as JSON on stdout), or `run`
+//!   got a result whose status is not `ok` (the result is printed);
+//! * 2: usage, I/O or connection error, one line on stderr (`bridgectl: error: ...`).
 
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod cmd;
 pub mod files;
+pub mod serve;
 pub mod timearg;
 
 use std::process::ExitCode;
 
 /// Runs a parsed command line, printing any error as one line on stderr.
 pub fn run(cli: cli::Cli) -> ExitCode {
+    let control = cli.control;
+    let control = || {
+        control.ok_or_else(|| {
+            anyhow::anyhow!("no control address: give --control ADDR (before the subcommand) or set BRIDGE_CONTROL")
+        })
+    };
     let result = match cli.command {
         cli::Command::Keygen(args) => cmd::keygen::run(args),
         cli::Command::Sign(args) => cmd::sign::run(args),
         cli::Command::Verify(args) => cmd::verify::run(args),
         cli::Command::Inspect(args) => cmd::inspect::run(args),
+        cli::Command::Serve(args) => cmd::serve::run(args),
+        cli::Command::Agents(args) => control().and_then(|c| cmd::agents::run(&c, args)),
+        cli::Command::Run(args) => control().and_then(|c| cmd::run::run(&c, args)),
+        cli::Command::Token(args) => control().and_then(|c| cmd::token::run(&c, args)),
     };
     match result {
         Ok(code) => code,

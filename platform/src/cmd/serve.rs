@@ -1,0 +1,104 @@
+//! `bridgectl serve`: run the development platform server.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::serve::{control::check_loopback, ServeOptions, Server};
+
+/// Run the development platform server.
+///
+/// Agents connect to wss://LISTEN/agent with mutual TLS; new agents enroll with a one-time
+/// token. On first start, the state directory receives the server key (server.key, 0600) and
+/// a self-signed certificate (server.crt); later starts reuse them, so the server pin does not
+/// change. Enrolled agents (agents.json) and token hashes (tokens.json) are kept there too.
+///
+/// Each start issues a fresh enrollment token. The first line on stdout is one JSON object:
+/// {"url", "server_pin", "token", "control", "ca_file"}; logs go to stderr (filter with
+/// RUST_LOG, default info). Runs until SIGINT or SIGTERM, then closes every connection and
+/// exits 0. The control interface (newline-delimited JSON, see `bridgectl agents`, `run`,
+/// `token`) binds loopback only.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address agents connect to, IP:PORT (port 0 picks a free port).
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: SocketAddr,
+    /// The state directory (created if missing, mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub state: PathBuf,
+    /// Address of the control interface, a loopback IP:PORT (port 0 picks a free port).
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:0")]
+    pub control: SocketAddr,
+    /// An extra DNS name or IP address for the server certificate; repeatable (localhost,
+    /// 127.0.0.1 and ::1 are always included).
+    #[arg(long = "hostname", value_name = "NAME")]
+    pub hostnames: Vec<String>,
+    /// Lifetime of the enrollment tokens issued, in seconds; 0 means they never expire.
+    #[arg(long, value_name = "N", default_value_t = 86_400)]
+    pub token_ttl_secs: u64,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Runs `serve`.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    check_loopback(&args.control)?;
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args))?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    // Handlers first: a signal that arrives right after the first line must not kill us.
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let server = Server::bind(ServeOptions {
+        listen: args.listen,
+        control: args.control,
+        state_dir: args.state,
+        hostnames: args.hostnames,
+        token_ttl_secs: (args.token_ttl_secs > 0).then_some(args.token_ttl_secs),
+    })
+    .await?;
+    let info = server.info().clone();
+    {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &info).expect("the start info serializes");
+        out.write_all(b"\n")
+            .and_then(|()| out.flush())
+            .context("cannot write to stdout")?;
+    }
+    eprintln!(
+        "bridgectl: agents connect with:\n  bridge-daemon run --server {} --token {} --server-pin {} --state AGENT_STATE_DIR\n\
+         bridgectl: control: bridgectl --control {} agents",
+        info.url, info.token, info.server_pin, info.control
+    );
+    tracing::info!(url = %info.url, control = %info.control, pin = %info.server_pin, "serving");
+    server
+        .run(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        })
+        .await
+}

@@ -1,0 +1,192 @@
+//! The development platform server: what `bridgectl serve` runs.
+//!
+//! A reference implementation of the platform side of `docs/protocol.md`, for the integration
+//! tests, the demo and platform developers. It accepts agents on one TLS listener (WebSocket at
+//! [`bridge_protocol::AGENT_PATH`], mutual TLS) and is driven through a loopback control
+//! interface ([`control`]).
+//!
+//! * [`tls`]: the server identity (key, certificate, pin) and client-certificate verification.
+//! * [`registry`]: enrolled agents and enrollment tokens, persisted in the state directory.
+//! * [`hub`]: live connections, statuses, the module store and the runs waiting for results.
+//! * [`session`]: one agent connection.
+//! * [`control`]: the control interface and its client.
+//!
+//! Guarantees: [`Server::bind`] binds both listeners and issues a fresh enrollment token before
+//! it returns, so the [`StartInfo`] it reports is immediately usable; [`Server::run`] serves
+//! until its shutdown future completes, then stops accepting, closes every agent connection
+//! (WebSocket close 1001), fails the runs still waiting and returns within a few seconds.
+
+pub mod control;
+pub mod hub;
+pub mod registry;
+pub mod session;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use self::hub::Hub;
+use self::registry::Registry;
+use self::tls::ServerIdentity;
+
+/// How the server is set up.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where agents connect (port 0: ephemeral).
+    pub listen: SocketAddr,
+    /// Where the control interface listens; must be loopback (port 0: ephemeral).
+    pub control: SocketAddr,
+    /// The state directory (created if missing).
+    pub state_dir: PathBuf,
+    /// Extra names for the server certificate.
+    pub hostnames: Vec<String>,
+    /// Lifetime of enrollment tokens (`None`: no expiry).
+    pub token_ttl_secs: Option<u64>,
+}
+
+/// What `bridgectl serve` prints as its first line.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StartInfo {
+    /// The URL agents connect to, e.g. `wss://127.0.0.1:8443/agent`.
+    pub url: String,
+    /// The server pin (64 hex).
+    pub server_pin: String,
+    /// An enrollment token issued at this start.
+    pub token: String,
+    /// The control interface's address, e.g. `127.0.0.1:7000`.
+    pub control: String,
+    /// Absolute path of the server certificate.
+    pub ca_file: String,
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    info: StartInfo,
+    listener: TcpListener,
+    control: TcpListener,
+    acceptor: TlsAcceptor,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Prepares the state directory and identity, binds both listeners and issues a token.
+    pub async fn bind(options: ServeOptions) -> Result<Server> {
+        control::check_loopback(&options.control)?;
+        tls::ensure_state_dir(&options.state_dir)?;
+        let identity = ServerIdentity::load_or_create(&options.state_dir, &options.hostnames)?;
+        let config = identity.server_config()?;
+        let registry = Registry::open(&options.state_dir)?;
+        let hub = Arc::new(Hub::new(registry, options.token_ttl_secs));
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", options.listen))?;
+        let control = TcpListener::bind(options.control)
+            .await
+            .with_context(|| format!("cannot listen on {} (control)", options.control))?;
+        let token = hub.issue_token()?;
+        let bound = listener.local_addr()?;
+        let host = if bound.ip().is_unspecified() {
+            // Not a connectable address: name the host by its first --hostname, or loopback.
+            options
+                .hostnames
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "127.0.0.1".into())
+        } else {
+            match bound.ip() {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            }
+        };
+        let info = StartInfo {
+            url: format!(
+                "wss://{host}:{}{}",
+                bound.port(),
+                bridge_protocol::AGENT_PATH
+            ),
+            server_pin: identity.pin.clone(),
+            token,
+            control: control.local_addr()?.to_string(),
+            ca_file: identity.cert_path.display().to_string(),
+        };
+        Ok(Server {
+            info,
+            listener,
+            control,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            hub,
+        })
+    }
+
+    /// Where the server listens, its pin and its first token.
+    pub fn info(&self) -> &StartInfo {
+        &self.info
+    }
+
+    /// Serves agents and the control interface until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let control = tokio::spawn(control::serve(
+            self.control,
+            self.hub.clone(),
+            stopped.clone(),
+        ));
+        let mut sessions = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        sessions.spawn(session::handle(
+                            tcp,
+                            peer,
+                            self.acceptor.clone(),
+                            self.hub.clone(),
+                            stopped.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
+        }
+        tracing::info!("shutting down");
+        drop(self.listener);
+        let _ = stop.send(true);
+        self.hub.fail_all("the platform is shutting down");
+        let drained = tokio::time::timeout(Duration::from_secs(3), async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("some agent connections did not close in time");
+            sessions.abort_all();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), control).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
