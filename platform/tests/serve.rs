@@ -1,0 +1,1058 @@
+//! Runs the real `bridgectl serve` and talks to it as an agent would: TLS with a self-signed
+//! client certificate, the server pinned by the printed pin, WebSocket at /agent.
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bridge_protocol::identity::spki_fingerprint;
+use bridge_protocol::{MAX_DEPTH, MAX_TEXT_BYTES};
+use futures_util::{SinkExt as _, StreamExt as _};
+use rcgen::PublicKeyData as _;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::{json, Value};
+use sha2::Digest as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+const STEP: Duration = Duration::from_secs(10);
+const BIN: &str = env!("CARGO_BIN_EXE_bridgectl");
+
+type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Runs `f` with an overall deadline.
+async fn within<F: std::future::Future>(secs: u64, f: F) -> F::Output {
+    timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("the test took too long")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server process
+
+struct Serve {
+    child: Child,
+    info: Value,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(state: &Path, extra: &[&str]) -> Serve {
+        let log = state.with_extension(format!("log{}", rand_suffix()));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(state)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let info: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no first line ({line:?}); stderr:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Serve { child, info, log }
+    }
+
+    fn url(&self) -> &str {
+        self.info["url"].as_str().unwrap()
+    }
+    fn pin(&self) -> &str {
+        self.info["server_pin"].as_str().unwrap()
+    }
+    fn token(&self) -> &str {
+        self.info["token"].as_str().unwrap()
+    }
+    fn control(&self) -> &str {
+        self.info["control"].as_str().unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most 10 s).
+    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = std::time::Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "serve did not exit after SIGTERM; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One control request, answered within 10 s.
+    async fn control_request(&self, request: &str) -> Value {
+        let stream = timeout(STEP, TcpStream::connect(self.control()))
+            .await
+            .unwrap()
+            .unwrap();
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(read);
+        timeout(STEP, reader.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    async fn agents(&self) -> Vec<Value> {
+        let response = self.control_request(r#"{"cmd":"agents"}"#).await;
+        assert_eq!(response["ok"], true, "{response}");
+        response["agents"].as_array().unwrap().clone()
+    }
+
+    async fn agent(&self, id: &str) -> Value {
+        self.agents()
+            .await
+            .into_iter()
+            .find(|a| a["id"] == id)
+            .unwrap_or_else(|| panic!("agent {id} is not listed"))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test agent
+
+/// A client key with its self-signed certificate.
+struct Identity {
+    cert: CertificateDer<'static>,
+    key: rcgen::KeyPair,
+    id: String,
+}
+
+impl Identity {
+    fn new() -> Identity {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["agent".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let id = spki_fingerprint(&key.subject_public_key_info());
+        Identity {
+            cert: cert.der().clone(),
+            key,
+            id,
+        }
+    }
+}
+
+/// Accepts exactly the server whose key has the given pin.
+#[derive(Debug)]
+struct Pinned {
+    pin: String,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if spki_fingerprint(cert.subject_public_key_info().as_ref()) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `url` (path replaced by `path` if given) as `who`, with `token` if given.
+async fn connect_path(
+    serve: &Serve,
+    who: &Identity,
+    token: Option<&str>,
+    path: &str,
+) -> Result<Ws, WsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Pinned {
+        pin: serve.pin().to_string(),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            vec![who.cert.clone()],
+            PrivateKeyDer::try_from(who.key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let authority = serve
+        .url()
+        .strip_prefix("wss://")
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let tcp = timeout(STEP, TcpStream::connect(&authority))
+        .await
+        .unwrap()
+        .unwrap();
+    let tls = timeout(
+        STEP,
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut request = format!("wss://{authority}{path}")
+        .into_client_request()
+        .unwrap();
+    if let Some(t) = token {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, _) = timeout(
+        STEP,
+        tokio_tungstenite::client_async_with_config(request, tls, Some(config)),
+    )
+    .await
+    .unwrap()?;
+    Ok(ws)
+}
+
+async fn connect(serve: &Serve, who: &Identity, token: Option<&str>) -> Result<Ws, WsError> {
+    connect_path(serve, who, token, "/agent").await
+}
+
+/// Expects the upgrade to be refused with `status` and the refusal header `reason`.
+#[track_caller]
+fn assert_refused(result: Result<Ws, WsError>, status: u16, reason: Option<&str>) {
+    match result {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status().as_u16(), status);
+            let header = response
+                .headers()
+                .get("X-Bridge-Refusal")
+                .map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(header.as_deref(), reason);
+        }
+        Err(e) => panic!("expected HTTP {status}, got {e}"),
+        Ok(_) => panic!("expected HTTP {status}, the upgrade was accepted"),
+    }
+}
+
+async fn send(ws: &mut Ws, value: Value) {
+    timeout(STEP, ws.send(Message::Text(value.to_string().into())))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// The next frame that is not a ping or pong.
+async fn next_frame(ws: &mut Ws) -> Message {
+    loop {
+        let message = timeout(STEP, ws.next())
+            .await
+            .expect("nothing received within 10 s")
+            .expect("the connection ended")
+            .expect("read failed");
+        match message {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    match next_frame(ws).await {
+        Message::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// Waits for the server's close frame; returns its code.
+async fn expect_close(ws: &mut Ws) -> u16 {
+    match next_frame(ws).await {
+        Message::Close(Some(frame)) => u16::from(frame.code),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+async fn hello(ws: &mut Ws, who: &Identity) -> Value {
+    send(
+        ws,
+        json!({"type": "hello", "versions": [1], "agent_id": who.id, "agent_version": "0.1.0-test"}),
+    )
+    .await;
+    recv(ws).await
+}
+
+/// Connects, says hello and checks the welcome; returns the connection and `enrolled`.
+async fn session(serve: &Serve, who: &Identity, token: Option<&str>) -> (Ws, bool) {
+    let mut ws = connect(serve, who, token).await.expect("upgrade refused");
+    let welcome = hello(&mut ws, who).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["version"], 1);
+    assert_eq!(welcome["agent_id"], who.id.as_str());
+    let enrolled = welcome["enrolled"].as_bool().unwrap();
+    (ws, enrolled)
+}
+
+fn status(who: &Identity, hostname: &str) -> Value {
+    json!({
+        "type": "status",
+        "agent_id": who.id,
+        "agent_version": "0.1.0-test",
+        "host": {"hostname": hostname, "os": "linux", "arch": "x86_64", "uptime_secs": 1000, "load": [0.5, 0.25, 0.125]},
+        "running": [],
+        "agent_uptime_secs": 5
+    })
+}
+
+fn run_result(status: &str, exit_code: i32) -> Value {
+    json!({
+        "status": status,
+        "exit_code": exit_code,
+        "output": {"greeting": "Hello, Ada!"},
+        "stdout": "{\"greeting\":\"Hello, Ada!\"}\n",
+        "stderr": "",
+        "truncated": {"stdout": false, "stderr": false, "stdout_total_bytes": 27, "stderr_total_bytes": 0},
+        "fuel_consumed": 5669,
+        "memory_peak_bytes": 1114112,
+        "duration_ms": 0.41,
+        "limits": {"fuel": 1000000000, "memory_bytes": 67108864, "timeout_ms": 10000, "output_bytes": 1048576, "clamped": []},
+        "error": if status == "ok" { Value::Null } else { json!("the handler failed") },
+        "module_sha256": "ab".repeat(32)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_line_names_url_pin_token_control_and_ca_file() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let serve = Serve::start(&state, &[]);
+        let info = serve.info.as_object().unwrap();
+        let mut keys: Vec<&str> = info.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["ca_file", "control", "server_pin", "token", "url"]);
+        let url = serve.url();
+        assert!(
+            url.starts_with("wss://127.0.0.1:") && url.ends_with("/agent"),
+            "{url}"
+        );
+        assert!(!url.contains(":0/"), "the actual port: {url}");
+        let pin = serve.pin();
+        assert_eq!(pin.len(), 64);
+        assert!(pin
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(serve.token().len(), 43);
+        assert!(serve.control().starts_with("127.0.0.1:"));
+        assert!(!serve.control().ends_with(":0"));
+        let ca = PathBuf::from(info["ca_file"].as_str().unwrap());
+        assert!(ca.is_absolute());
+        assert_eq!(ca, state.canonicalize().unwrap().join("server.crt"));
+        assert!(std::fs::read_to_string(&ca)
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"));
+        let mode = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode(&state.join("server.key")), 0o600);
+        assert_eq!(mode(&state.join("tokens.json")), 0o600);
+        let hint = serve.stderr();
+        assert!(
+            hint.contains(&format!(
+                "bridge-daemon run --server {url} --token {} --server-pin {pin} --state",
+                serve.token()
+            )),
+            "{hint}"
+        );
+        // The pin is the certificate's key fingerprint.
+        let der = CertificateDer::from_pem_file(&ca).unwrap();
+        let cert = webpki::EndEntityCert::try_from(&der).unwrap();
+        assert_eq!(
+            spki_fingerprint(cert.subject_public_key_info().as_ref()),
+            pin
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_enrolls_once_and_the_key_reconnects_without_it() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+
+        let (mut ws, enrolled) = session(&serve, &agent, Some(serve.token())).await;
+        assert!(enrolled, "the first connection with a token enrolls");
+        ws.close(None).await.unwrap();
+
+        let (mut ws, enrolled) = session(&serve, &agent, None).await;
+        assert!(!enrolled, "a known key needs no token");
+        // Presenting the (now used) token again is harmless for the agent it enrolled.
+        let (ws2, enrolled) = session(&serve, &agent, Some(serve.token())).await;
+        assert!(!enrolled);
+        // ...and the second connection replaced the first.
+        assert_eq!(expect_close(&mut ws).await, 4000);
+        drop(ws2);
+
+        let listed = serve.agent(&agent.id).await;
+        assert!(listed["enrolled_at"].as_str().unwrap().ends_with('Z'));
+        let agents: Value = serde_json::from_str(
+            std::fs::read_to_string(dir.path().join("state/agents.json"))
+                .unwrap()
+                .as_str(),
+        )
+        .unwrap();
+        assert_eq!(agents["agents"][0]["id"], agent.id.as_str());
+        let tokens = std::fs::read_to_string(dir.path().join("state/tokens.json")).unwrap();
+        assert!(!tokens.contains(serve.token()), "only hashes are stored");
+        assert!(tokens.contains(&agent.id), "the token records who used it");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_agents_without_a_good_token_are_refused_with_401() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let (first, second) = (Identity::new(), Identity::new());
+        assert_refused(
+            connect(&serve, &first, None).await,
+            401,
+            Some("token_missing"),
+        );
+        assert_refused(
+            connect(
+                &serve,
+                &first,
+                Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            )
+            .await,
+            401,
+            Some("token_invalid"),
+        );
+        let (_ws, enrolled) = session(&serve, &first, Some(serve.token())).await;
+        assert!(enrolled);
+        // The token is spent: another key cannot use it.
+        assert_refused(
+            connect(&serve, &second, Some(serve.token())).await,
+            401,
+            Some("token_used"),
+        );
+        assert_refused(
+            connect(&serve, &second, None).await,
+            401,
+            Some("token_missing"),
+        );
+        // A fresh token from the control interface works for the second key, once.
+        let response = serve.control_request(r#"{"cmd":"token"}"#).await;
+        assert_eq!(response["ok"], true);
+        let token = response["token"].as_str().unwrap().to_string();
+        let (_ws2, enrolled) = session(&serve, &second, Some(&token)).await;
+        assert!(enrolled);
+        assert_refused(
+            connect(&serve, &Identity::new(), Some(&token)).await,
+            401,
+            Some("token_used"),
+        );
+        // Only /agent upgrades.
+        assert_refused(
+            connect_path(&serve, &first, None, "/other").await,
+            404,
+            None,
+        );
+        assert_eq!(serve.agents().await.len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_tokens_are_refused() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &["--token-ttl-secs", "1"]);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_refused(
+            connect(&serve, &Identity::new(), Some(serve.token())).await,
+            401,
+            Some("token_expired"),
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_without_a_common_version_gets_an_error_and_a_close() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let mut ws = connect(&serve, &agent, Some(serve.token())).await.unwrap();
+        // Anything before hello is answered with an error; the connection waits for hello.
+        send(&mut ws, status(&agent, "early")).await;
+        let reply = recv(&mut ws).await;
+        assert_eq!(reply["type"], "error");
+        assert_eq!(reply["code"], "unexpected");
+        send(
+            &mut ws,
+            json!({"type": "hello", "versions": [2, 99], "agent_id": agent.id, "agent_version": "9"}),
+        )
+        .await;
+        let reply = recv(&mut ws).await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], "unsupported_version");
+        assert_eq!(expect_close(&mut ws).await, 1008);
+        assert_eq!(serve.agent(&agent.id).await["connected"], false);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_frames_get_errors_and_the_connection_survives() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+
+        let oversize = format!(r#"{{"type":"status","pad":"{}"}}"#, "x".repeat(MAX_TEXT_BYTES));
+        let too_deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let cases: Vec<(String, &str)> = vec![
+            ("this is not json".into(), "malformed"),
+            (r#"{"no_type": 1}"#.into(), "malformed"),
+            (r#"{"type":"status","agent_id":"x"}"#.into(), "malformed"),
+            (r#"{"type":"launch_missiles","id":"m-1"}"#.into(), "unknown_type"),
+            (oversize, "oversize"),
+            (too_deep, "too_deep"),
+            (
+                json!({"type": "hello", "versions": [1], "agent_id": agent.id, "agent_version": "x"}).to_string(),
+                "unexpected",
+            ),
+        ];
+        for (text, code) in cases {
+            timeout(STEP, ws.send(Message::Text(text.into())))
+                .await
+                .unwrap()
+                .unwrap();
+            let reply = recv(&mut ws).await;
+            assert_eq!(reply["type"], "error", "{reply}");
+            assert_eq!(reply["code"], code, "{reply}");
+            assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        // The id of an unknown message is echoed.
+        send(&mut ws, json!({"type": "nope", "id": "m-7"})).await;
+        assert_eq!(recv(&mut ws).await["id"], "m-7");
+        // Binary frames are not expected from agents.
+        timeout(STEP, ws.send(Message::Binary(vec![1, 2, 3].into())))
+            .await
+            .unwrap()
+            .unwrap();
+        let reply = recv(&mut ws).await;
+        assert_eq!(reply["code"], "binary_not_expected");
+        // A module nobody uploaded.
+        send(&mut ws, json!({"type": "need_module", "id": "run-x", "sha256": "00".repeat(32)})).await;
+        let reply = recv(&mut ws).await;
+        assert_eq!(reply["code"], "unexpected");
+        assert_eq!(reply["id"], "run-x");
+        // Pings are answered.
+        timeout(STEP, ws.send(Message::Ping(b"hb".to_vec().into())))
+            .await
+            .unwrap()
+            .unwrap();
+        let pong = timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(pong, Message::Pong(b"hb".to_vec().into()));
+
+        // Still alive: a status goes through and is listed.
+        send(&mut ws, status(&agent, "survivor")).await;
+        let mut listed = Value::Null;
+        for _ in 0..100 {
+            listed = serve.agent(&agent.id).await;
+            if !listed["status"].is_null() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(listed["connected"], true);
+        assert_eq!(listed["status"]["host"]["hostname"], "survivor");
+        assert_eq!(listed["status"]["agent_id"], agent.id.as_str());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_lists_connection_state_and_status() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        assert!(serve.agents().await.is_empty());
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        send(&mut ws, status(&agent, "box-1")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // Through the real client, with the address from the environment.
+        let out = tokio::process::Command::new(BIN)
+            .arg("agents")
+            .env("BRIDGE_CONTROL", serve.control())
+            .output();
+        let out = timeout(STEP, out).await.unwrap().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let listed = listed.as_array().unwrap();
+        assert_eq!(listed.len(), 1);
+        let a = &listed[0];
+        assert_eq!(a["id"], agent.id.as_str());
+        assert_eq!(a["connected"], true);
+        assert_eq!(a["status"]["host"]["hostname"], "box-1");
+        for field in ["enrolled_at", "last_seen"] {
+            assert!(a[field].as_str().unwrap().ends_with('Z'), "{a}");
+        }
+
+        ws.close(None).await.unwrap();
+        for _ in 0..100 {
+            if serve.agent(&agent.id).await["connected"] == false {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let a = serve.agent(&agent.id).await;
+        assert_eq!(a["connected"], false);
+        assert_eq!(
+            a["status"]["host"]["hostname"], "box-1",
+            "the latest status is kept"
+        );
+
+        // Control errors.
+        let r = serve.control_request("not json").await;
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("bad request"));
+        let r = serve.control_request(r#"{"cmd":"reboot"}"#).await;
+        assert_eq!(r["ok"], false);
+        // Without a control address the clients fail with status 2.
+        let out = Command::new(BIN)
+            .arg("agents")
+            .env_remove("BRIDGE_CONTROL")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--control"));
+    })
+    .await;
+}
+
+/// Plays the agent's side of one run: receives `run`, asks for the module, checks the bytes,
+/// answers `result` with `status`. Returns the `run` message.
+async fn serve_one_run(ws: &mut Ws, module: &[u8], status: &str, exit_code: i32) -> Value {
+    let run = recv(ws).await;
+    assert_eq!(run["type"], "run", "{run}");
+    let sha = hex::encode(sha2::Sha256::digest(module));
+    assert_eq!(run["module_sha256"], sha.as_str());
+    send(
+        ws,
+        json!({"type": "need_module", "id": run["id"], "sha256": sha}),
+    )
+    .await;
+    match next_frame(ws).await {
+        Message::Binary(bytes) => assert_eq!(&bytes[..], module, "the exact module bytes"),
+        other => panic!("expected the module as a binary frame, got {other:?}"),
+    }
+    send(
+        ws,
+        json!({"type": "result", "id": run["id"], "task_id": run["task_id"], "result": run_result(status, exit_code)}),
+    )
+    .await;
+    run
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let module: Vec<u8> = b"\0asm\x01\0\0\0"
+            .iter()
+            .copied()
+            .chain((0..100_000u32).map(|i| (i % 251) as u8))
+            .collect();
+        let module_path = dir.path().join("hello.wasm");
+        std::fs::write(&module_path, &module).unwrap();
+        let sig_path = dir.path().join("hello.wasm.sig");
+        std::fs::write(&sig_path, b"\x01signature-envelope").unwrap();
+        let input_path = dir.path().join("input.json");
+        std::fs::write(&input_path, r#"{"name":"Ada"}"#).unwrap();
+
+        // status ok => exit 0, the result printed.
+        let child = tokio::process::Command::new(BIN)
+            .args([
+                "--control",
+                serve.control(),
+                "run",
+                "--agent",
+                &agent.id,
+                "--module",
+            ])
+            .arg(&module_path)
+            .arg(format!("--input=@{}", input_path.display()))
+            .args([
+                "--arg=--loud",
+                "--arg",
+                "x y",
+                "--task-id",
+                "task-42",
+                "--fuel",
+                "5000",
+            ])
+            .arg("--signature")
+            .arg(&sig_path)
+            .output();
+        let child = tokio::spawn(child);
+        let run = serve_one_run(&mut ws, &module, "ok", 0).await;
+        assert_eq!(run["task_id"], "task-42");
+        assert_eq!(run["input"], json!({"name": "Ada"}));
+        assert_eq!(run["args"], json!(["--loud", "x y"]));
+        assert_eq!(run["limits"], json!({"fuel": 5000}));
+        assert_eq!(
+            run["signature"],
+            base64::engine::general_purpose::STANDARD.encode(b"\x01signature-envelope")
+        );
+        let out = timeout(STEP, child).await.unwrap().unwrap().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.lines().count(), 1);
+        let printed: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(printed, run_result("ok", 0));
+
+        // Another status => exit 1, still printed. The agent already has the module now but
+        // may ask again; the default task id is a fresh UUID.
+        let child = tokio::spawn(
+            tokio::process::Command::new(BIN)
+                .args([
+                    "--control",
+                    serve.control(),
+                    "run",
+                    "--agent",
+                    &agent.id,
+                    "--module",
+                ])
+                .arg(&module_path)
+                .output(),
+        );
+        let run = serve_one_run(&mut ws, &module, "error", 3).await;
+        assert_eq!(run["task_id"].as_str().unwrap().len(), 36);
+        assert!(run["input"].is_null());
+        let out = timeout(STEP, child).await.unwrap().unwrap().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(printed["status"], "error");
+        assert_eq!(printed["exit_code"], 3);
+
+        // No result: exit 2 with one line on stderr.
+        let out = Command::new(BIN)
+            .args([
+                "--control",
+                serve.control(),
+                "run",
+                "--agent",
+                &"0".repeat(64),
+                "--module",
+            ])
+            .arg(&module_path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("unknown agent"), "{err}");
+        assert_eq!(err.lines().count(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_end_on_timeout_on_agent_errors_and_when_the_connection_is_lost() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let module = base64::engine::general_purpose::STANDARD.encode(b"\0asm\x01\0\0\0");
+        let run = |timeout_ms: u64| {
+            json!({"cmd": "run", "agent": agent.id, "module": module, "timeout_ms": timeout_ms}).to_string()
+        };
+
+        // Enrolled but not connected.
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        ws.close(None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = serve.control_request(&run(5000)).await;
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("not connected"), "{r}");
+
+        // Timeout.
+        let (mut ws, _) = session(&serve, &agent, None).await;
+        let r = serve.control_request(&run(300)).await;
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("timeout"), "{r}");
+        assert_eq!(recv(&mut ws).await["type"], "run");
+
+        // The agent refuses the run with an error naming it.
+        let waiting = tokio::spawn({
+            let request = run(10_000);
+            let control = serve.control().to_string();
+            async move {
+                let stream = TcpStream::connect(control).await.unwrap();
+                let (read, mut write) = stream.into_split();
+                write.write_all(format!("{request}\n").as_bytes()).await.unwrap();
+                let mut line = String::new();
+                tokio::io::BufReader::new(read).read_line(&mut line).await.unwrap();
+                serde_json::from_str::<Value>(&line).unwrap()
+            }
+        });
+        let run_msg = recv(&mut ws).await;
+        send(
+            &mut ws,
+            json!({"type": "error", "id": run_msg["id"], "code": "module_mismatch", "message": "bytes do not match"}),
+        )
+        .await;
+        let r = timeout(STEP, waiting).await.unwrap().unwrap();
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("module_mismatch"), "{r}");
+
+        // The connection goes away while the run waits.
+        let waiting = tokio::spawn({
+            let request = run(10_000);
+            let control = serve.control().to_string();
+            async move {
+                let stream = TcpStream::connect(control).await.unwrap();
+                let (read, mut write) = stream.into_split();
+                write.write_all(format!("{request}\n").as_bytes()).await.unwrap();
+                let mut line = String::new();
+                tokio::io::BufReader::new(read).read_line(&mut line).await.unwrap();
+                serde_json::from_str::<Value>(&line).unwrap()
+            }
+        });
+        assert_eq!(recv(&mut ws).await["type"], "run");
+        drop(ws);
+        let r = timeout(STEP, waiting).await.unwrap().unwrap();
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("connection"), "{r}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_keeps_the_pin_and_the_enrolled_agents() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let agent = Identity::new();
+        let mut serve = Serve::start(&state, &[]);
+        let pin = serve.pin().to_string();
+        let first_token = serve.token().to_string();
+        let (ws, enrolled) = session(&serve, &agent, Some(serve.token())).await;
+        assert!(enrolled);
+        drop(ws);
+        let (status, _) = serve.terminate();
+        assert_eq!(status.code(), Some(0));
+        drop(serve);
+
+        let serve = Serve::start(&state, &[]);
+        assert_eq!(serve.pin(), pin, "same key, same pin");
+        assert_ne!(serve.token(), first_token, "a fresh token at each start");
+        let listed = serve.agent(&agent.id).await;
+        assert_eq!(listed["connected"], false);
+        assert!(listed["status"].is_null());
+        let (_ws, enrolled) = session(&serve, &agent, None).await;
+        assert!(!enrolled, "still enrolled after the restart");
+        assert_eq!(serve.agent(&agent.id).await["connected"], true);
+        // The old token stays spent.
+        assert_refused(
+            connect(&serve, &Identity::new(), Some(&first_token)).await,
+            401,
+            Some("token_used"),
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_connections_and_exits_0_promptly() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        // A control connection that stays open must not hold the shutdown up either.
+        let _idle_control = TcpStream::connect(serve.control()).await.unwrap();
+        let closer = tokio::spawn(async move { expect_close(&mut ws).await });
+        let (status, took) = tokio::task::block_in_place(|| serve.terminate());
+        assert_eq!(status.code(), Some(0), "{}", serve.stderr());
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        assert_eq!(timeout(STEP, closer).await.unwrap().unwrap(), 1001);
+    })
+    .await;
+}
+
+#[test]
+fn the_control_interface_binds_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    for addr in ["0.0.0.0:0", "192.0.2.1:7000"] {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                addr,
+                "--state",
+            ])
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("loopback"), "{err}");
+    }
+    assert!(!dir.path().join("state").exists(), "nothing created");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_without_hello_is_closed_after_10_s() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let mut ws = connect(&serve, &agent, Some(serve.token())).await.unwrap();
+        let started = std::time::Instant::now();
+        let frame = timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("closed within 20 s")
+            .unwrap()
+            .unwrap();
+        match frame {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1008),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+            "{took:?}"
+        );
+        // Enrolled by the upgrade, but never connected as a session.
+        assert_eq!(serve.agent(&agent.id).await["connected"], false);
+    })
+    .await;
+}
