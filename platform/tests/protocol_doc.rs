@@ -1,0 +1,111 @@
+//! Every example message in `docs/protocol.md` decodes into the wire types, and every message
+//! type has at least one example.
+//!
+//! An example is a fenced block whose info string is `json agent:<type>` or
+//! `json platform:<type>`; its content is one message.
+
+use std::collections::BTreeMap;
+
+use bridge_protocol::codec::decode;
+use bridge_protocol::{AgentMessage, PlatformMessage};
+
+/// (line number, direction, type tag, content) of each tagged block.
+fn examples(doc: &str) -> Vec<(usize, String, String, String)> {
+    let mut found = Vec::new();
+    let mut lines = doc.lines().enumerate();
+    while let Some((n, line)) = lines.next() {
+        let Some(info) = line.trim_start().strip_prefix("```") else {
+            continue;
+        };
+        let info = info.trim();
+        let tagged = info
+            .strip_prefix("json ")
+            .and_then(|rest| rest.trim().split_once(':'));
+        let mut body = String::new();
+        let mut closed = false;
+        for (_, l) in lines.by_ref() {
+            if l.trim_start().starts_with("```") {
+                closed = true;
+                break;
+            }
+            body.push_str(l);
+            body.push('\n');
+        }
+        assert!(closed, "line {}: unterminated code block", n + 1);
+        if let Some((direction, kind)) = tagged {
+            found.push((n + 1, direction.to_string(), kind.to_string(), body));
+        } else {
+            assert!(
+                !info.contains("agent:") && !info.contains("platform:"),
+                "line {}: malformed example tag {info:?} (use `json agent:<type>` or `json platform:<type>`)",
+                n + 1
+            );
+        }
+    }
+    found
+}
+
+/// The `type` of a decoded message, as it serializes.
+fn type_of<M: serde::Serialize>(message: &M) -> String {
+    serde_json::to_value(message).unwrap()["type"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn every_example_decodes_and_every_type_has_one() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
+    let doc = std::fs::read_to_string(path).expect("docs/protocol.md exists");
+    let found = examples(&doc);
+    let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (line, direction, kind, body) in &found {
+        let text = body.trim();
+        let decoded = match direction.as_str() {
+            "agent" => decode::<AgentMessage>(text, AgentMessage::TYPES).map(|m| type_of(&m)),
+            "platform" => {
+                decode::<PlatformMessage>(text, PlatformMessage::TYPES).map(|m| type_of(&m))
+            }
+            other => {
+                failures.push(format!("line {line}: unknown direction {other:?}"));
+                continue;
+            }
+        };
+        match decoded {
+            Ok(t) if &t == kind => {
+                *seen.entry((direction.clone(), kind.clone())).or_default() += 1;
+            }
+            Ok(t) => failures.push(format!(
+                "line {line}: tagged {direction}:{kind} but decodes as {t}"
+            )),
+            Err(e) => failures.push(format!(
+                "line {line}: {direction}:{kind} does not decode: {e}"
+            )),
+        }
+    }
+    for (direction, types) in [
+        ("agent", AgentMessage::TYPES),
+        ("platform", PlatformMessage::TYPES),
+    ] {
+        for kind in types {
+            if !seen.contains_key(&(direction.to_string(), kind.to_string())) {
+                failures.push(format!("no example of {direction}:{kind}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "docs/protocol.md:\n{}",
+        failures.join("\n")
+    );
+    assert!(found.len() >= AgentMessage::TYPES.len() + PlatformMessage::TYPES.len());
+}
+
+#[test]
+fn a_wrong_example_is_caught() {
+    let doc = "```json agent:status\n{\"type\":\"status\",\"extra\":1}\n```\n```json\n{}\n```\n";
+    let found = examples(doc);
+    assert_eq!(found.len(), 1);
+    assert!(decode::<AgentMessage>(found[0].3.trim(), AgentMessage::TYPES).is_err());
+}
