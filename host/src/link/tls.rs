@@ -198,7 +198,14 @@ pub fn pin_mismatch<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'
                 return Some(m);
             }
         }
-        cur = e.source();
+        // tokio-rustls reports TLS errors as io::Error, whose `source()` skips the wrapped error.
+        cur = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
 }
