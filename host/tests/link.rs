@@ -365,3 +365,63 @@ fn the_identity_command_prints_the_id_the_platform_sees() {
     assert_eq!(id.len(), 64);
     platform.wait_connected(&id, CONNECT);
 }
+
+#[test]
+fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_survives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let publisher = Publisher::new();
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &Agent::args_for(
+            &platform,
+            Some(&platform.token()),
+            Some(&publisher.public()),
+        ),
+    );
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    let deep = format!(
+        "{{\"type\":\"run\",\"id\":\"d1\",\"x\":{}1{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let oversize = format!(
+        "{{\"type\":\"run\",\"id\":\"o1\",\"pad\":\"{}\"}}",
+        "x".repeat(2 << 20)
+    );
+    let cases = [
+        ("this is not json".to_string(), "malformed", None),
+        (
+            r#"{"type":"launch_missiles","id":"u1"}"#.to_string(),
+            "unknown_type",
+            Some("u1"),
+        ),
+        (
+            r#"{"type":"run","id":"r1","task_id":"t"}"#.to_string(),
+            "malformed",
+            Some("r1"),
+        ),
+        (r#"{"no_type":true}"#.to_string(), "malformed", None),
+        (deep, "too_deep", None),
+        (oversize, "oversize", None),
+    ];
+    for (text, code, reply_id) in cases {
+        let r =
+            platform.control(json!({"cmd": "send", "agent": id, "text": text, "wait_ms": 10000}));
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["reply"]["code"], code, "reply to {:.60}: {r}", text);
+        assert!(!r["reply"]["message"].as_str().unwrap().is_empty());
+        if let Some(rid) = reply_id {
+            assert_eq!(r["reply"]["id"], rid, "the reply is correlated by id");
+        }
+    }
+    // The same connection still runs tasks.
+    hello_ok(&platform, &id, &publisher, "still here");
+    assert_eq!(
+        agent.log.count("link lost"),
+        0,
+        "the connection must survive: {}",
+        agent.log.text()
+    );
+}

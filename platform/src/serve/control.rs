@@ -10,7 +10,8 @@
 //! | --- | --- |
 //! | `{"cmd":"agents"}` | `{"ok":true,"agents":[{"id","connected","enrolled_at","last_seen","status"}]}` |
 //! | `{"cmd":"token"}` | `{"ok":true,"token":"…"}` (a new enrollment token) |
-//! | `{"cmd":"run","agent","module"(base64),"input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"timeout_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult}}` |
+//! | `{"cmd":"run","agent","module"(base64) or "module_sha256","input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"timeout_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…}` (send → result, measured here) |
+//! | `{"cmd":"send","agent","text","wait_ms"?}` | `{"ok":true,"reply":{ErrorBody}\|null}`: a raw frame to the agent, and its `error` answer (testing aid) |
 //!
 //! The listener only binds loopback addresses ([`check_loopback`]): the interface has no
 //! authentication.
@@ -47,6 +48,17 @@ pub enum ControlRequest {
     Token,
     /// Run a module on an agent and wait for the result.
     Run(Box<RunCommand>),
+    /// Development and test aid: send one raw text frame to an agent and report the `error` it
+    /// answers with, if any (within `wait_ms`, default 2000).
+    Send {
+        /// The agent id.
+        agent: String,
+        /// The frame's text, sent as is.
+        text: String,
+        /// How long to wait for the agent's error reply.
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
 }
 
 /// The fields of a `run` request.
@@ -55,8 +67,13 @@ pub enum ControlRequest {
 pub struct RunCommand {
     /// The agent id.
     pub agent: String,
-    /// The module's bytes, base64 (standard alphabet, padded).
-    pub module: String,
+    /// The module's bytes, base64 (standard alphabet, padded). Optional when `module_sha256`
+    /// names a module sent before.
+    #[serde(default)]
+    pub module: Option<String>,
+    /// SHA-256 (hex) of a module the platform already stores.
+    #[serde(default)]
+    pub module_sha256: Option<String>,
     /// The task input (default `null`).
     #[serde(default)]
     pub input: Value,
@@ -174,9 +191,12 @@ async fn respond(hub: &Hub, line: &[u8]) -> Value {
         ControlRequest::Run(run) => {
             let run = *run;
             let b64 = &base64::engine::general_purpose::STANDARD;
-            let module = match b64.decode(run.module.as_bytes()) {
-                Ok(m) => m,
-                Err(e) => return failure(format!("bad request: `module` is not base64: {e}")),
+            let module = match run.module.as_deref().map(|m| b64.decode(m.as_bytes())) {
+                None => None,
+                Some(Ok(m)) => Some(m),
+                Some(Err(e)) => {
+                    return failure(format!("bad request: `module` is not base64: {e}"))
+                }
             };
             if let Some(sig) = &run.signature {
                 if let Err(e) = b64.decode(sig.as_bytes()) {
@@ -186,6 +206,7 @@ async fn respond(hub: &Hub, line: &[u8]) -> Value {
             let order = RunOrder {
                 agent: run.agent,
                 module,
+                module_sha256: run.module_sha256,
                 input: run.input,
                 args: run.args,
                 task_id: run.task_id,
@@ -194,9 +215,23 @@ async fn respond(hub: &Hub, line: &[u8]) -> Value {
                 timeout: Duration::from_millis(run.timeout_ms.unwrap_or(DEFAULT_RUN_TIMEOUT_MS)),
             };
             match hub.run(order).await {
-                Ok(outcome) => {
-                    json!({"ok": true, "task_id": outcome.task_id, "result": outcome.result})
-                }
+                Ok(outcome) => json!({
+                    "ok": true,
+                    "task_id": outcome.task_id,
+                    "result": outcome.result,
+                    "round_trip_us": outcome.round_trip.as_secs_f64() * 1e6,
+                }),
+                Err(e) => failure(e),
+            }
+        }
+        ControlRequest::Send {
+            agent,
+            text,
+            wait_ms,
+        } => {
+            let wait = Duration::from_millis(wait_ms.unwrap_or(2000));
+            match hub.send_raw(&agent, text, wait).await {
+                Ok(reply) => json!({"ok": true, "reply": reply}),
                 Err(e) => failure(e),
             }
         }

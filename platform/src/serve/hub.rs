@@ -101,8 +101,10 @@ struct Pending {
 pub struct RunOrder {
     /// The agent id.
     pub agent: String,
-    /// The module's bytes.
-    pub module: Vec<u8>,
+    /// The module's bytes; `None` to run a module the platform already stores, by `module_sha256`.
+    pub module: Option<Vec<u8>>,
+    /// The SHA-256 (hex) of a stored module, when `module` is `None`.
+    pub module_sha256: Option<String>,
     /// The task input.
     pub input: serde_json::Value,
     /// argv\[1..\].
@@ -124,6 +126,8 @@ pub struct RunOutcome {
     pub task_id: String,
     /// The agent's result.
     pub result: RunResult,
+    /// From handing the `run` frame to the connection to receiving the `result`.
+    pub round_trip: Duration,
 }
 
 /// One agent as listed by the control interface.
@@ -152,6 +156,7 @@ pub struct Hub {
     statuses: Mutex<HashMap<String, StatusReport>>,
     modules: Mutex<HashMap<String, Bytes>>,
     pending: Mutex<HashMap<String, Pending>>,
+    error_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<bridge_protocol::ErrorBody>>>>,
     next_conn: AtomicU64,
 }
 
@@ -197,6 +202,7 @@ impl Hub {
             statuses: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            error_waiters: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -344,17 +350,32 @@ impl Hub {
 
     /// Sends a run to the agent's live connection and waits for its result.
     pub async fn run(&self, order: RunOrder) -> Result<RunOutcome, RunError> {
-        if order.module.len() > bridge_protocol::MAX_BINARY_BYTES {
-            return Err(RunError::BadRequest(format!(
-                "the module is {} bytes; the limit is {}",
-                order.module.len(),
-                bridge_protocol::MAX_BINARY_BYTES
-            )));
+        if let Some(module) = &order.module {
+            if module.len() > bridge_protocol::MAX_BINARY_BYTES {
+                return Err(RunError::BadRequest(format!(
+                    "the module is {} bytes; the limit is {}",
+                    module.len(),
+                    bridge_protocol::MAX_BINARY_BYTES
+                )));
+            }
         }
         if !self.registry.is_enrolled(&order.agent) {
             return Err(RunError::UnknownAgent(order.agent));
         }
-        let module_sha256 = self.store_module(order.module);
+        let module_sha256 = match (order.module, order.module_sha256) {
+            (Some(bytes), _) => self.store_module(bytes),
+            (None, Some(sha)) if self.module(&sha).is_some() => sha,
+            (None, Some(sha)) => {
+                return Err(RunError::BadRequest(format!(
+                    "no stored module {sha}: send its bytes in `module` once"
+                )))
+            }
+            (None, None) => {
+                return Err(RunError::BadRequest(
+                    "give `module` (base64) or `module_sha256`".into(),
+                ))
+            }
+        };
         let task_id = order.task_id.unwrap_or_else(random_uuid);
         let id = format!("run-{}", random_hex(8));
         let (outbox, conn_id) = {
@@ -385,6 +406,7 @@ impl Hub {
         });
         tracing::info!(agent_id = %order.agent, task_id = %task_id, run_id = %id, "sending run");
         let timeout_ms = u64::try_from(order.timeout.as_millis()).unwrap_or(u64::MAX);
+        let sent = std::time::Instant::now();
         let outcome = tokio::time::timeout(order.timeout, async {
             if outbox.send(Outbound::Text(encode(&message))).await.is_err() {
                 return Err(RunError::ConnectionLost("the connection closed".into()));
@@ -394,8 +416,54 @@ impl Hub {
         })
         .await
         .unwrap_or(Err(RunError::Timeout(timeout_ms)));
+        let round_trip = sent.elapsed();
         lock(&self.pending).remove(&id);
-        outcome.map(|result| RunOutcome { task_id, result })
+        outcome.map(|result| RunOutcome {
+            task_id,
+            result,
+            round_trip,
+        })
+    }
+
+    /// Development and test aid: sends `text` as one raw text frame to the agent's live
+    /// connection and waits up to `wait` for the next `error` the agent reports that does not
+    /// end a run (its answer to a malformed or unknown message). `Ok(None)`: no error came.
+    pub async fn send_raw(
+        &self,
+        agent: &str,
+        text: String,
+        wait: Duration,
+    ) -> Result<Option<bridge_protocol::ErrorBody>, RunError> {
+        let outbox = {
+            let conns = lock(&self.conns);
+            let conn = conns
+                .get(agent)
+                .ok_or_else(|| RunError::NotConnected(agent.to_string()))?;
+            conn.outbox.clone()
+        };
+        let (tx, rx) = oneshot::channel();
+        lock(&self.error_waiters)
+            .entry(agent.to_string())
+            .or_default()
+            .push(tx);
+        if outbox.send(Outbound::Text(text)).await.is_err() {
+            return Err(RunError::ConnectionLost("the connection closed".into()));
+        }
+        Ok(tokio::time::timeout(wait, rx)
+            .await
+            .ok()
+            .and_then(Result::ok))
+    }
+
+    /// Hands an agent's `error` (one that ended no run) to whoever waits in [`Hub::send_raw`];
+    /// returns whether anyone did.
+    pub fn deliver_error(&self, agent: &str, body: &bridge_protocol::ErrorBody) -> bool {
+        let waiters = lock(&self.error_waiters).remove(agent).unwrap_or_default();
+        let mut delivered = false;
+        for w in waiters {
+            delivered |= w.send(body.clone()).is_ok();
+        }
+        delivered
     }
 
     /// Fails every pending run (at shutdown).

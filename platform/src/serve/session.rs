@@ -424,6 +424,7 @@ async fn on_text(
                 .is_some_and(|id| hub.refuse(conn_id, id, why.clone()));
             if !ended_a_run {
                 tracing::warn!(agent_id, id = ?body.id, "the agent reported an error: {why}");
+                hub.deliver_error(agent_id, &body);
             }
             Ok(())
         }
