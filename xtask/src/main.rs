@@ -123,7 +123,10 @@ struct Service {
 
 impl Service {
     fn stop(&mut self) -> Result<()> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         for _ in 0..100 {
             if let Some(status) = self.child.try_wait()? {
                 println!("{} stopped ({status})", self.name);
@@ -149,7 +152,15 @@ fn demo(_rest: &[String]) -> Result<()> {
     use std::io::BufRead;
     let wasm = build_examples()?;
     let mut build = cargo();
-    build.args(["build", "--quiet", "-p", "bridge-host", "-p", "bridge-platform", "--bins"]);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "bridge-host",
+        "-p",
+        "bridge-platform",
+        "--bins",
+    ]);
     run(build)?;
     let bin = root().join("target/debug");
     let (daemon, ctl) = (bin.join("bridge-daemon"), bin.join("bridgectl"));
@@ -160,42 +171,98 @@ fn demo(_rest: &[String]) -> Result<()> {
     // 1. A publisher key, and signed handlers.
     let key = work.join("publisher.key");
     let pubkey = work.join("publisher.key.pub");
-    let out = step(Command::new(&ctl).arg("keygen").arg("--out").arg(&key), "bridgectl keygen --out publisher.key")?;
+    let out = step(
+        Command::new(&ctl).arg("keygen").arg("--out").arg(&key),
+        "bridgectl keygen --out publisher.key",
+    )?;
     ensure_ok(&out, "keygen")?;
     println!("{}", serde_pretty(&String::from_utf8_lossy(&out.stdout)));
     for name in ["hello", "wat-hello"] {
         let signed = work.join(format!("{name}.signed.wasm"));
         let mut cmd = Command::new(&ctl);
-        cmd.arg("sign").arg(wasm.join(format!("{name}.wasm"))).arg("--key").arg(&key);
-        cmd.args(["--name", name, "--version", "1.0.0", "-o"]).arg(&signed);
+        cmd.arg("sign")
+            .arg(wasm.join(format!("{name}.wasm")))
+            .arg("--key")
+            .arg(&key);
+        cmd.args(["--name", name, "--version", "1.0.0", "-o"])
+            .arg(&signed);
         let shown = format!("bridgectl sign {name}.wasm --key publisher.key --name {name} --version 1.0.0 -o {name}.signed.wasm");
         ensure_ok(&step(&mut cmd, &shown)?, "sign")?;
     }
     let mut verify = Command::new(&ctl);
-    verify.arg("verify").arg(work.join("hello.signed.wasm")).arg("--trusted-key").arg(format!("@{}", pubkey.display()));
-    let out = step(&mut verify, "bridgectl verify hello.signed.wasm --trusted-key @publisher.key.pub")?;
+    verify
+        .arg("verify")
+        .arg(work.join("hello.signed.wasm"))
+        .arg("--trusted-key")
+        .arg(format!("@{}", pubkey.display()));
+    let out = step(
+        &mut verify,
+        "bridgectl verify hello.signed.wasm --trusted-key @publisher.key.pub",
+    )?;
     ensure_ok(&out, "verify")?;
 
     // 2. The development platform.
     println!("\n$ bridgectl serve --listen 127.0.0.1:0 --state platform/");
     let mut serve = Command::new(&ctl);
-    serve.args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--state"]).arg(work.join("platform"));
-    serve.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-    let mut platform = Service { name: "platform", child: serve.spawn().context("starting bridgectl serve")? };
+    serve
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--state",
+        ])
+        .arg(work.join("platform"));
+    serve
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut platform = Service {
+        name: "platform",
+        child: serve.spawn().context("starting bridgectl serve")?,
+    };
     let mut first = String::new();
     std::io::BufReader::new(platform.child.stdout.take().expect("piped")).read_line(&mut first)?;
-    let info: serde_json::Value = serde_json::from_str(first.trim()).context("reading serve's first line")?;
+    let info: serde_json::Value =
+        serde_json::from_str(first.trim()).context("reading serve's first line")?;
     println!("{}", serde_json::to_string_pretty(&info)?);
-    let field = |k: &str| info[k].as_str().map(str::to_string).with_context(|| format!("serve printed no {k}"));
-    let (url, pin, token, control) = (field("url")?, field("server_pin")?, field("token")?, field("control")?);
+    let field = |k: &str| {
+        info[k]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("serve printed no {k}"))
+    };
+    let (url, pin, token, control) = (
+        field("url")?,
+        field("server_pin")?,
+        field("token")?,
+        field("control")?,
+    );
 
     // 3. The agent, enrolling with the token and trusting the publisher.
     println!("\n$ bridge-daemon run --server {url} --server-pin {pin} --token {token} --state agent/ --trusted-key publisher.key.pub");
     let mut agent_cmd = Command::new(&daemon);
-    agent_cmd.args(["run", "--server", &url, "--server-pin", &pin, "--token", &token, "--state"]).arg(work.join("agent"));
-    agent_cmd.arg("--trusted-key").arg(&pubkey).stdout(std::process::Stdio::null());
+    agent_cmd
+        .args([
+            "run",
+            "--server",
+            &url,
+            "--server-pin",
+            &pin,
+            "--token",
+            &token,
+            "--state",
+        ])
+        .arg(work.join("agent"));
+    agent_cmd
+        .arg("--trusted-key")
+        .arg(&pubkey)
+        .stdout(std::process::Stdio::null());
     agent_cmd.stderr(std::fs::File::create(work.join("agent.log"))?);
-    let mut agent = Service { name: "agent", child: agent_cmd.spawn().context("starting bridge-daemon run")? };
+    let mut agent = Service {
+        name: "agent",
+        child: agent_cmd.spawn().context("starting bridge-daemon run")?,
+    };
     let id = wait_for_agent(&ctl, &control)?;
     println!("agent {id} connected and enrolled");
 
@@ -203,13 +270,23 @@ fn demo(_rest: &[String]) -> Result<()> {
     let runs = [
         ("hello.signed.wasm", r#"{"name":"bridge"}"#),
         ("wat-hello.signed.wasm", r#"{"from":"a WAT module"}"#),
-        ("hello.signed.wasm", r#"{"name":"again (warm: cached, verified once)"}"#),
+        (
+            "hello.signed.wasm",
+            r#"{"name":"again (warm: cached, verified once)"}"#,
+        ),
     ];
     for (module, input) in runs {
         let mut cmd = Command::new(&ctl);
-        cmd.args(["--control", &control, "run", "--agent", &id, "--module"]).arg(work.join(module));
+        cmd.args(["--control", &control, "run", "--agent", &id, "--module"])
+            .arg(work.join(module));
         cmd.args(["--input", input]);
-        let out = step(&mut cmd, &format!("bridgectl --control {control} run --agent {} --module {module} --input '{input}'", &id[..12]))?;
+        let out = step(
+            &mut cmd,
+            &format!(
+                "bridgectl --control {control} run --agent {} --module {module} --input '{input}'",
+                &id[..12]
+            ),
+        )?;
         println!("{}", summary(&String::from_utf8_lossy(&out.stdout)));
         ensure_ok(&out, module)?;
     }
@@ -220,7 +297,8 @@ fn demo(_rest: &[String]) -> Result<()> {
     tampered[mid] ^= 0x01;
     std::fs::write(work.join("tampered.wasm"), tampered)?;
     let mut cmd = Command::new(&ctl);
-    cmd.args(["--control", &control, "run", "--agent", &id, "--module"]).arg(work.join("tampered.wasm"));
+    cmd.args(["--control", &control, "run", "--agent", &id, "--module"])
+        .arg(work.join("tampered.wasm"));
     let out = step(&mut cmd, &format!("bridgectl --control {control} run --agent {} --module tampered.wasm   # one bit flipped", &id[..12]))?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{}", summary(&text));
@@ -239,10 +317,18 @@ fn demo(_rest: &[String]) -> Result<()> {
 /// Polls `bridgectl agents` until one agent is connected; returns its id.
 fn wait_for_agent(ctl: &Path, control: &str) -> Result<String> {
     for _ in 0..300 {
-        let out = Command::new(ctl).args(["--control", control, "agents"]).output()?;
+        let out = Command::new(ctl)
+            .args(["--control", control, "agents"])
+            .output()?;
         if let Ok(agents) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            if let Some(a) = agents.as_array().and_then(|a| a.iter().find(|a| a["connected"] == true)) {
-                return a["id"].as_str().map(str::to_string).context("agent without id");
+            if let Some(a) = agents
+                .as_array()
+                .and_then(|a| a.iter().find(|a| a["connected"] == true))
+            {
+                return a["id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .context("agent without id");
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -303,7 +389,16 @@ fn bench(rest: &[String]) -> Result<()> {
     build_examples()?;
     // The link benchmark drives release builds of both binaries.
     let mut bins = cargo();
-    bins.args(["build", "--quiet", "--release", "-p", "bridge-host", "-p", "bridge-platform", "--bins"]);
+    bins.args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "bridge-host",
+        "-p",
+        "bridge-platform",
+        "--bins",
+    ]);
     run(bins)?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "bridge-host"]).args(rest);
