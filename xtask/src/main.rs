@@ -26,6 +26,7 @@ fn main() -> Result<()> {
         "demo" => demo(rest),
         "test" => test(rest),
         "bench" => bench(rest),
+        "sign-examples" => sign_examples(rest),
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask <task>\n\n\
@@ -33,7 +34,8 @@ fn main() -> Result<()> {
                  build-examples  build the wasm handlers into target/wasm/{WASM_TARGET}/handler\n  \
                  demo            run the end-to-end demo (same as `cargo demo`)\n  \
                  test            run the whole test suite\n  \
-                 bench           run the benchmarks and print medians"
+                 bench           run the benchmarks and print medians\n  \
+                 sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs"
             );
             Ok(())
         }
@@ -334,6 +336,60 @@ fn wait_for_agent(ctl: &Path, control: &str) -> Result<String> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     bail!("the agent did not connect within 30 s")
+}
+
+/// The examples and the capabilities each declares in its signature.
+const EXAMPLES: [(&str, &[&str]); 4] = [
+    ("hello", &[]),
+    ("wat-hello", &[]),
+    ("checksum", &["--dir", "/data"]),
+    ("logscan", &["--dir", "/logs"]),
+];
+
+/// `cargo xtask sign-examples --key KEY [--out DIR]`: builds the examples and signs each one
+/// (`DIR/<name>.signed.wasm`, default `target/wasm/signed`) with `bridgectl sign`.
+fn sign_examples(rest: &[String]) -> Result<()> {
+    let mut key = None;
+    let mut out = root().join("target/wasm/signed");
+    let mut args = rest.iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--key" => key = args.next().map(PathBuf::from),
+            "--out" => out = args.next().map(PathBuf::from).context("--out needs a directory")?,
+            other => bail!("unknown argument {other:?}; usage: cargo xtask sign-examples --key KEY [--out DIR]"),
+        }
+    }
+    let key = key.context("usage: cargo xtask sign-examples --key KEY [--out DIR] (make a key with `bridgectl keygen --out KEY`)")?;
+    let wasm = build_examples()?;
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "bridge-platform",
+        "--bin",
+        "bridgectl",
+    ]);
+    run(build)?;
+    std::fs::create_dir_all(&out)?;
+    for (name, caps) in EXAMPLES {
+        let signed = out.join(format!("{name}.signed.wasm"));
+        let mut cmd = Command::new(root().join("target/debug/bridgectl"));
+        cmd.arg("sign")
+            .arg(wasm.join(format!("{name}.wasm")))
+            .arg("--key")
+            .arg(&key);
+        cmd.args(["--name", name, "--version", env!("CARGO_PKG_VERSION")])
+            .args(caps)
+            .arg("-o")
+            .arg(&signed);
+        let status = cmd.status().context("running bridgectl sign")?;
+        if !status.success() {
+            bail!("signing {name} failed ({status})");
+        }
+        println!("{}", signed.display());
+    }
+    Ok(())
 }
 
 fn ensure_ok(out: &std::process::Output, what: &str) -> Result<()> {
