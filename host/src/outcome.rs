@@ -21,6 +21,7 @@ mod tests {
             Status::Trap,
             Status::InvalidModule,
             Status::Rejected,
+            Status::Cancelled,
         ] {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }

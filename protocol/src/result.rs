@@ -27,6 +27,8 @@ pub enum Status {
     InvalidModule,
     /// The module was refused by the trust policy before anything of it was compiled.
     Rejected,
+    /// The run was cancelled before it finished (a shell command's tree was killed).
+    Cancelled,
 }
 
 impl Status {
@@ -42,6 +44,7 @@ impl Status {
             Status::Trap => "trap",
             Status::InvalidModule => "invalid_module",
             Status::Rejected => "rejected",
+            Status::Cancelled => "cancelled",
         }
     }
 }
