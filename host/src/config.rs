@@ -28,6 +28,36 @@ pub struct AgentConfig {
     /// `[platform]`: how the agent reaches its platform.
     #[serde(default)]
     pub platform: PlatformSection,
+    /// `[shell]`: the allowlisted shell commands (the fallback for what no handler does).
+    #[serde(default)]
+    pub shell: ShellSection,
+}
+
+/// `[shell]`: the shell fallback's allowlist.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellSection {
+    /// The allowlisted commands; none means the fallback is off.
+    #[serde(default)]
+    pub rules: Vec<crate::shell::ShellRule>,
+    /// A delegated cgroup v2 directory the agent may create one child cgroup per run in; without
+    /// it a run's tree is bounded by its process group alone.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl ShellSection {
+    /// The rules, validated (names unique, paths absolute, patterns compile, limits in range).
+    pub fn allowlist(&self) -> Result<crate::shell::Allowlist> {
+        if let Some(root) = &self.cgroup_root {
+            anyhow::ensure!(
+                root.is_absolute(),
+                "shell.cgroup_root {} must be an absolute path",
+                root.display()
+            );
+        }
+        crate::shell::Allowlist::new(self.rules.iter().cloned()).map_err(anyhow::Error::msg)
+    }
 }
 
 /// `[agent]`.
@@ -225,6 +255,7 @@ impl AgentConfig {
         let config: AgentConfig = toml::from_str(text)?;
         config.sandbox_config()?;
         config.trust.policy()?;
+        config.shell.allowlist()?;
         Ok(config)
     }
 
@@ -343,6 +374,77 @@ mod tests {
             AgentConfig::parse("[platform]\nserver = \"wss://x/agent\"\nserver_pins = [\"abc\"]\n")
                 .unwrap();
         assert!(bad_pin.platform.link_config().is_err());
+    }
+
+    #[test]
+    fn the_shell_table_is_checked() {
+        let c = AgentConfig::parse(
+            r#"
+[shell]
+cgroup_root = "/sys/fs/cgroup/bridge"
+rules = [
+  { name = "disk-usage", program = "/usr/bin/du", args = ["-sh"], extra_args = { max = 1, patterns = ["/var/log(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*"] }, timeout_ms = 10000, output_bytes = 65536, cwd = "/", env = { LANG = "C" }, user = "nobody", group = "nogroup" },
+  { name = "uptime", program = "/usr/bin/uptime" },
+]
+"#,
+        )
+        .unwrap();
+        let list = c.shell.allowlist().unwrap();
+        assert_eq!(list.names(), ["disk-usage", "uptime"]);
+        let du = list.get("disk-usage").unwrap();
+        assert_eq!(du.args, ["-sh"]);
+        assert_eq!(du.extra_args.max, 1);
+        assert_eq!(du.env["LANG"], "C");
+        assert_eq!(du.user.as_deref(), Some("nobody"));
+        let up = list.get("uptime").unwrap();
+        assert_eq!(up.timeout_ms, 10_000);
+        assert_eq!(up.output_bytes, 1 << 20);
+        assert_eq!(up.cwd, Path::new("/"));
+        assert!(up.env.is_empty() && up.args.is_empty() && up.extra_args.max == 0);
+        assert!(AgentConfig::parse("")
+            .unwrap()
+            .shell
+            .allowlist()
+            .unwrap()
+            .is_empty());
+
+        let rule = |body: &str| AgentConfig::parse(&format!("[[shell.rules]]\n{body}\n"));
+        assert!(rule("name = \"x\"\nprogram = \"/bin/true\"").is_ok());
+        for (bad, says) in [
+            ("name = \"x\"\nprogram = \"/bin/true\"\nshell = true", "unknown field"),
+            ("name = \"x\"\nprogram = \"true\"", "absolute"),
+            ("name = \"X y\"\nprogram = \"/bin/true\"", "name"),
+            ("name = \"x\"\nprogram = \"/bin/true\"\nextra_args = { max = 1, patterns = [\"(\"] }", "invalid pattern"),
+            ("name = \"x\"\nprogram = \"/bin/true\"\nextra_args = { max = 2 }", "pattern"),
+            ("name = \"x\"\nprogram = \"/bin/true\"\nextra_args = { max = 1, pattern = [\"a\"] }", "unknown field"),
+            ("name = \"x\"\nprogram = \"/bin/true\"\ntimeout_ms = 0", "timeout_ms"),
+            ("name = \"x\"\nprogram = \"/bin/true\"\noutput_bytes = 1000000000", "output_bytes"),
+            ("name = \"x\"\nprogram = \"/bin/true\"\ncwd = \"tmp\"", "cwd"),
+        ] {
+            let err = format!("{:#}", rule(bad).unwrap_err());
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let twice = "[[shell.rules]]\nname = \"x\"\nprogram = \"/bin/true\"\n[[shell.rules]]\nname = \"x\"\nprogram = \"/bin/false\"\n";
+        assert!(format!("{:#}", AgentConfig::parse(twice).unwrap_err()).contains("twice"));
+        assert!(AgentConfig::parse("[shell]\ncgroup_root = \"rel\"\n").is_err());
+        assert!(AgentConfig::parse("[shell]\nrule = []\n").is_err());
+    }
+
+    #[test]
+    fn the_documented_shell_example_parses() {
+        let doc = include_str!("../../docs/configuration.md");
+        let start = doc.find("```toml\n[shell]").expect("the [shell] example") + 8;
+        let example = &doc[start..start + doc[start..].find("```").unwrap()];
+        let c = AgentConfig::parse(example).unwrap();
+        let list = c.shell.allowlist().unwrap();
+        assert_eq!(list.names(), ["disk-usage", "service-status", "uptime"]);
+        let du = list.get("disk-usage").unwrap();
+        let ok = |rule, arg: &str| crate::shell::check_args(rule, &[arg.to_string()]).is_ok();
+        assert!(ok(du, "/var/log/nginx"));
+        assert!(!ok(du, "/var/log/../../etc/shadow"));
+        let status = list.get("service-status").unwrap();
+        assert!(ok(status, "ssh.service"));
+        assert!(!ok(status, "--help"));
     }
 
     #[test]

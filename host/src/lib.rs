@@ -17,6 +17,8 @@
 //! - [`link`]: the platform connection: TLS both ways, enrollment, heartbeat, reconnect.
 //! - [`agent`]: what the agent does with the platform's requests (module store, runs, status).
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
+//! - [`shell`]: the shell fallback: allowlisted commands run directly (no shell), in their own
+//!   process group (and cgroup), with checked arguments, a timeout and capped output.
 //!
 //! - [`daemon`]: `bridge-daemon run`, the service that ties it all together.
 //!
@@ -32,4 +34,5 @@ pub mod limits;
 pub mod link;
 pub mod outcome;
 pub mod sandbox;
+pub mod shell;
 pub mod trust;
