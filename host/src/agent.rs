@@ -153,7 +153,7 @@ impl Agent {
             Some(p) => p,
             None => match self.prepare(req, sha, detached).await {
                 Ok(p) => p,
-                Err(r) => return r,
+                Err(r) => return *r,
             },
         };
         let defaults = self.sandbox.config().limits.defaults;
@@ -187,22 +187,18 @@ impl Agent {
         req: &RunRequest,
         sha: [u8; 32],
         detached: Option<Vec<u8>>,
-    ) -> Result<Prepared, RunResult> {
-        let bytes = self.module_bytes(req, &sha).await?;
+    ) -> Result<Prepared, Box<RunResult>> {
+        let bytes = self.module_bytes(req, &sha).await.map_err(Box::new)?;
         let (trust, sandbox) = (self.trust.clone(), self.sandbox.clone());
-        tokio::task::spawn_blocking(move || {
-            trust
-                .prepare(&sandbox, &bytes, detached.as_deref())
-                .map_err(|r| *r)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(refused(
-                Status::Trap,
-                None,
-                format!("module preparation failed: {e}"),
-            ))
-        })
+        tokio::task::spawn_blocking(move || trust.prepare(&sandbox, &bytes, detached.as_deref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Box::new(refused(
+                    Status::Trap,
+                    None,
+                    format!("module preparation failed: {e}"),
+                )))
+            })
     }
 
     fn store_path(&self, sha_hex: &str) -> PathBuf {

@@ -67,9 +67,11 @@ async fn a_spinning_handler_does_not_block_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_runs_at_once_share_the_pool() {
-    let mut config = SandboxConfig::default();
-    config.max_concurrent_runs = 4;
-    let sandbox = Sandbox::new(config).unwrap();
+    let sandbox = Sandbox::new(SandboxConfig {
+        max_concurrent_runs: 4,
+        ..Default::default()
+    })
+    .unwrap();
     let hello = sandbox
         .load(&std::fs::read(common::wasm("hello")).unwrap())
         .map_err(|r| r.error)

@@ -373,11 +373,13 @@ fn signed_claims_bound_limits_env_and_directories() {
     // Directories: declared read-only stays read-only; undeclared ones are not granted.
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("a.txt"), "abc").unwrap();
-    let mut caps = Capabilities::default();
-    caps.dirs = Some(vec![DirGrant {
-        path: "/data".into(),
-        write: false,
-    }]);
+    let caps = Capabilities {
+        dirs: Some(vec![DirGrant {
+            path: "/data".into(),
+            write: false,
+        }]),
+        ..Default::default()
+    };
     let mut checksum = claims("checksum");
     checksum.capabilities = caps;
     let (path, _) = f.signed("checksum", &checksum, "checksum");

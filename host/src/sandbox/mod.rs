@@ -220,7 +220,10 @@ pub fn engine_config(config: &SandboxConfig) -> Config {
         .max_wasm_stack(config.max_wasm_stack)
         // The fiber a run executes on also hosts WASI calls; give them room beyond wasm's share.
         .async_stack_size(config.max_wasm_stack + (1 << 20))
-        .cranelift_opt_level(OptLevel::Speed);
+        .cranelift_opt_level(OptLevel::Speed)
+        // Handlers are small and compile off the async threads already; compiling on one thread
+        // spares the agent a rayon pool whose malloc arenas keep megabytes resident afterwards.
+        .parallel_compilation(false);
     let slots = config.max_concurrent_runs.max(1);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_core_instances(slots)
@@ -373,6 +376,9 @@ impl Sandbox {
                     ))
                 })?;
                 tracing::debug!(sha256 = %hex::encode(sha256), ms = started.elapsed().as_secs_f64() * 1e3, "compiled module");
+                // Compiling frees a lot of small allocations; hand them back to the OS so an idle
+                // agent stays small. SAFETY: malloc_trim only releases free heap memory.
+                unsafe { libc::malloc_trim(0) };
                 (module, CodeSource::Compiled)
             }
         };

@@ -82,7 +82,7 @@ impl Called {
 pub fn call(module: &Path, args: &[&str]) -> Called {
     let mut cmd = daemon();
     cmd.arg("call").arg(module).args(args);
-    if !args.iter().any(|a| *a == "--cache-dir") {
+    if !args.contains(&"--cache-dir") {
         cmd.arg("--no-cache");
     }
     output(cmd.output().expect("running bridge-daemon"))
