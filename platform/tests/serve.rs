@@ -431,7 +431,17 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
         let info = serve.info.as_object().unwrap();
         let mut keys: Vec<&str> = info.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["ca_file", "control", "server_pin", "token", "url"]);
+        assert_eq!(
+            keys,
+            [
+                "ca_file",
+                "control",
+                "install_command",
+                "server_pin",
+                "token",
+                "url"
+            ]
+        );
         let url = serve.url();
         assert!(
             url.starts_with("wss://127.0.0.1:") && url.ends_with("/agent"),

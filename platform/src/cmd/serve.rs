@@ -15,13 +15,14 @@ use crate::serve::{control::check_loopback, ServeOptions, Server};
 /// Run the development platform server.
 ///
 /// Agents connect to wss://LISTEN/agent with mutual TLS; new agents enroll with a one-time
-/// token. On first start, the state directory receives the server key (server.key, 0600) and
+/// token. On the same port, clients without a certificate get https://LISTEN/install.sh and
+/// the agent binaries with their checksums (/downloads/bridge-daemon-linux-ARCH[.sha256|.sig]). On first start, the state directory receives the server key (server.key, 0600) and
 /// a self-signed certificate (server.crt); later starts reuse them, so the server pin does not
 /// change. Enrolled agents (agents.json) and token hashes (tokens.json) are kept there too.
 ///
 /// Each start issues a fresh enrollment token. The first line on stdout is one JSON object:
-/// {"url", "server_pin", "token", "control", "ca_file"}; logs go to stderr (filter with
-/// RUST_LOG, default info). Runs until SIGINT or SIGTERM, then closes every connection and
+/// {"url", "server_pin", "token", "control", "ca_file", "install_command", "release_key"?};
+/// logs go to stderr (filter with RUST_LOG, default info). Runs until SIGINT or SIGTERM, then closes every connection and
 /// exits 0. The control interface (newline-delimited JSON, see `bridgectl agents`, `run`,
 /// `token`) binds loopback only.
 #[derive(Debug, Args)]
@@ -42,6 +43,15 @@ pub struct ServeArgs {
     /// Lifetime of the enrollment tokens issued, in seconds; 0 means they never expire.
     #[arg(long, value_name = "N", default_value_t = 86_400)]
     pub token_ttl_secs: u64,
+    /// An agent binary to serve to installers at /downloads/bridge-daemon-linux-ARCH, as PATH
+    /// (for this machine's architecture) or ARCH=PATH (ARCH as `uname -m` prints it);
+    /// repeatable. Default: the bridge-daemon next to this executable, if any.
+    #[arg(long = "agent-binary", value_name = "[ARCH=]PATH")]
+    pub agent_binaries: Vec<String>,
+    /// A release key (a `bridgectl keygen` private key): every served binary gets an Ed25519
+    /// signature at .sig, and the install command carries the public key.
+    #[arg(long, value_name = "FILE")]
+    pub release_key: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -77,6 +87,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         state_dir: args.state,
         hostnames: args.hostnames,
         token_ttl_secs: (args.token_ttl_secs > 0).then_some(args.token_ttl_secs),
+        agent_binaries: args
+            .agent_binaries
+            .iter()
+            .map(|s| crate::serve::downloads::parse_agent_binary(s))
+            .collect::<Result<_>>()?,
+        release_key: args.release_key,
     })
     .await?;
     let info = server.info().clone();
@@ -89,8 +105,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     eprintln!(
         "bridgectl: agents connect with:\n  bridge-daemon run --server {} --token {} --server-pin {} --state AGENT_STATE_DIR\n\
-         bridgectl: control: bridgectl --control {} agents",
-        info.url, info.token, info.server_pin, info.control
+         bridgectl: control: bridgectl --control {} agents\n\
+         bridgectl: install an agent on a Linux machine (one line; see installers/README.md):\n{}",
+        info.url, info.token, info.server_pin, info.control, info.install_command
     );
     tracing::info!(url = %info.url, control = %info.control, pin = %info.server_pin, "serving");
     server

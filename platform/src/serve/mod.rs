@@ -3,13 +3,15 @@
 //! A reference implementation of the platform side of `docs/protocol.md`, for the integration
 //! tests, the demo and platform developers. It accepts agents on one TLS listener (WebSocket at
 //! [`bridge_protocol::AGENT_PATH`], mutual TLS) and is driven through a loopback control
-//! interface ([`control`]).
+//! interface ([`control`]). On the same port, clients without a certificate (an installer's
+//! curl or wget) are served `install.sh` and the agent binaries ([`downloads`]).
 //!
 //! * [`tls`]: the server identity (key, certificate, pin) and client-certificate verification.
 //! * [`registry`]: enrolled agents and enrollment tokens, persisted in the state directory.
 //! * [`hub`]: live connections, statuses, the module store and the runs waiting for results.
 //! * [`session`]: one agent connection.
 //! * [`control`]: the control interface and its client.
+//! * [`downloads`]: the installer, the agent binaries, their checksums and signatures.
 //!
 //! Guarantees: [`Server::bind`] binds both listeners and issues a fresh enrollment token before
 //! it returns, so the [`StartInfo`] it reports is immediately usable; [`Server::run`] serves
@@ -17,6 +19,7 @@
 //! (WebSocket close 1001), fails the runs still waiting and returns within a few seconds.
 
 pub mod control;
+pub mod downloads;
 pub mod hub;
 pub mod registry;
 pub mod session;
@@ -35,6 +38,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use self::downloads::Downloads;
 use self::hub::Hub;
 use self::registry::Registry;
 use self::tls::ServerIdentity;
@@ -52,6 +56,11 @@ pub struct ServeOptions {
     pub hostnames: Vec<String>,
     /// Lifetime of enrollment tokens (`None`: no expiry).
     pub token_ttl_secs: Option<u64>,
+    /// Agent binaries to serve, `(arch, path)`; empty: the `bridge-daemon` next to this
+    /// executable, if there is one, for this machine's architecture.
+    pub agent_binaries: Vec<(String, PathBuf)>,
+    /// A `bridgectl keygen` private key that signs the served agent binaries.
+    pub release_key: Option<PathBuf>,
 }
 
 /// What `bridgectl serve` prints as its first line.
@@ -67,6 +76,12 @@ pub struct StartInfo {
     pub control: String,
     /// Absolute path of the server certificate.
     pub ca_file: String,
+    /// The one-line command that installs an agent from this platform (see
+    /// [`downloads::install_command`]).
+    pub install_command: String,
+    /// The release key the served binaries are signed with (`ed25519:…`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_key: Option<String>,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -76,6 +91,7 @@ pub struct Server {
     control: TcpListener,
     acceptor: TlsAcceptor,
     hub: Arc<Hub>,
+    downloads: Arc<Downloads>,
 }
 
 impl std::fmt::Debug for Server {
@@ -95,6 +111,19 @@ impl Server {
         let config = identity.server_config()?;
         let registry = Registry::open(&options.state_dir)?;
         let hub = Arc::new(Hub::new(registry, options.token_ttl_secs));
+        let binaries = if options.agent_binaries.is_empty() {
+            downloads::default_agent_binary()
+                .map(|p| vec![(std::env::consts::ARCH.to_string(), p)])
+                .unwrap_or_default()
+        } else {
+            options.agent_binaries.clone()
+        };
+        if binaries.is_empty() {
+            tracing::warn!(
+                "no agent binary to serve (none next to this executable; use --agent-binary)"
+            );
+        }
+        let downloads = Arc::new(Downloads::new(binaries, options.release_key.as_deref())?);
         let listener = TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
@@ -116,6 +145,10 @@ impl Server {
                 std::net::IpAddr::V6(ip) => format!("[{ip}]"),
             }
         };
+        let base_url = format!("https://{host}:{}", bound.port());
+        let release_key = downloads.release_public_key();
+        let install_command =
+            downloads::install_command(&base_url, &identity.pin, &token, release_key.as_deref())?;
         let info = StartInfo {
             url: format!(
                 "wss://{host}:{}{}",
@@ -126,6 +159,8 @@ impl Server {
             token,
             control: control.local_addr()?.to_string(),
             ca_file: identity.cert_path.display().to_string(),
+            install_command,
+            release_key,
         };
         Ok(Server {
             info,
@@ -133,6 +168,7 @@ impl Server {
             control,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             hub,
+            downloads,
         })
     }
 
@@ -157,11 +193,12 @@ impl Server {
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let _ = tcp.set_nodelay(true);
-                        sessions.spawn(session::handle(
+                        sessions.spawn(connection(
                             tcp,
                             peer,
                             self.acceptor.clone(),
                             self.hub.clone(),
+                            self.downloads.clone(),
                             stopped.clone(),
                         ));
                     }
@@ -188,5 +225,38 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(3), control).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// One accepted connection: the TLS handshake, then an agent session when the client presented
+/// a certificate, or one download request when it did not.
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    hub: Arc<Hub>,
+    downloads: Arc<Downloads>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(session::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "connection ended: TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "connection ended: TLS handshake timed out");
+            return;
+        }
+    };
+    let has_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|certs| !certs.is_empty());
+    if has_cert {
+        session::handle_tls(tls, peer, hub, shutdown).await;
+    } else {
+        downloads.serve(tls, peer).await;
     }
 }

@@ -112,12 +112,34 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     hub: Arc<Hub>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let tls = timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| anyhow!("TLS handshake timed out"))?
         .context("TLS handshake failed")?;
+    serve_tls(tls, peer, hub, shutdown).await
+}
+
+/// Serves one connection whose TLS handshake is done (the caller checked that it carries a
+/// client certificate) until it ends; never fails (problems are logged).
+pub async fn handle_tls(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    shutdown: watch::Receiver<bool>,
+) {
+    if let Err(e) = serve_tls(tls, peer, hub, shutdown).await {
+        tracing::info!(%peer, "connection ended: {e:#}");
+    }
+}
+
+async fn serve_tls(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
     let cert = tls
         .get_ref()
         .1

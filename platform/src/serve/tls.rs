@@ -7,9 +7,11 @@
 //!   SubjectPublicKeyInfo, see [`bridge_protocol::identity`]) never changes for a state
 //!   directory. The self-signed certificate `server.crt` is re-issued (same key, same pin) only
 //!   when it is missing, does not match the key, or does not cover a requested host name.
-//! * Every TLS connection must present a client certificate ([`AgentCertVerifier`]); the
-//!   handshake proves the client holds the certificate's private key. No chain or CA is
-//!   checked: the **agent id** is the fingerprint of the certificate's public key
+//! * Every TLS connection is asked for a client certificate ([`AgentCertVerifier`]); one that
+//!   presents it proves at the handshake that it holds the certificate's private key. The
+//!   certificate is optional at the TLS layer so that installers (curl, wget) can fetch the
+//!   downloads on the same port; a connection without one never reaches the agent WebSocket
+//!   (see [`super::downloads`]). No chain or CA is checked: the **agent id** is the fingerprint of the certificate's public key
 //!   ([`agent_id_of`]), and whether that id is allowed in is the registry's decision.
 //! * Only the ring crypto provider is used; TLS 1.2 and 1.3.
 
@@ -128,7 +130,7 @@ impl ServerIdentity {
         })
     }
 
-    /// A rustls server configuration presenting this identity and requiring agent certificates.
+    /// A rustls server configuration presenting this identity and asking for agent certificates.
     pub fn server_config(&self) -> Result<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(AgentCertVerifier::new(&provider));
@@ -202,7 +204,7 @@ pub fn ensure_state_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Requires a client certificate and accepts any that parses, without a chain.
+/// Asks for a client certificate and accepts any that parses, without a chain.
 ///
 /// rustls still checks the handshake signature (through [`Self::verify_tls12_signature`] /
 /// [`Self::verify_tls13_signature`]), which proves the client holds the certificate's key;
@@ -227,7 +229,8 @@ impl ClientCertVerifier for AgentCertVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        // Optional here; the agent endpoint refuses connections without one (`serve::downloads`).
+        false
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
