@@ -20,7 +20,7 @@ use bridge_protocol::{
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sandbox::{RunSpec, Sandbox};
+use crate::sandbox::Sandbox;
 use crate::trust::{grant, Prepared, Trust};
 
 /// How many messages may wait for the platform before producers wait.
@@ -159,18 +159,9 @@ impl Agent {
         let defaults = self.sandbox.config().limits.defaults;
         let verified = prepared.verified.as_deref();
         let name = verified.map_or_else(|| "handler".to_string(), |v| v.claims.name.clone());
-        let granted = grant(verified, req.limits, &defaults, Vec::new(), Vec::new());
         let input = serde_json::to_vec(&req.input).unwrap_or_else(|_| b"null".to_vec());
-        let spec = RunSpec {
-            input,
-            args: std::iter::once(name)
-                .chain(req.args.iter().cloned())
-                .collect(),
-            env: granted.env,
-            dirs: granted.dirs,
-            limits: granted.request,
-            ceiling: granted.ceiling,
-        };
+        let (spec, _denied) = grant(verified, req.limits, &defaults, Vec::new(), Vec::new())
+            .into_spec(input, name, &req.args);
         match self.sandbox.run(&prepared.handler, spec).await {
             Ok(r) => r,
             Err(e) => refused(

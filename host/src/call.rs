@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use crate::config::AgentConfig;
 use crate::limits::LimitRequest;
 use crate::outcome::{RunResult, Status};
-use crate::sandbox::{DirGrant, RunSpec, Sandbox, SandboxConfig};
+use crate::sandbox::{DirGrant, Sandbox, SandboxConfig};
 use crate::trust::{grant, Trust};
 use bridge_signing::{PublicKey, TrustPolicy, TrustedKey};
 
@@ -254,19 +254,10 @@ pub async fn call(req: &CallRequest) -> Result<RunResult> {
     for denied in &granted.denied {
         tracing::warn!(handler = %name, "not granted (the handler's signed claims do not declare it): {denied}");
     }
-    let spec = RunSpec {
-        input,
-        args: std::iter::once(name)
-            .chain(req.args.iter().cloned())
-            .collect(),
-        env: granted.env,
-        dirs: granted.dirs,
-        limits: granted.request,
-        ceiling: granted.ceiling,
-    };
+    let (spec, denied) = granted.into_spec(input, name, &req.args);
     let mut result = sandbox.run(&prepared.handler, spec).await?;
     if let Some(limits) = result.limits.as_mut() {
-        limits.clamped.extend(granted.denied);
+        limits.clamped.extend(denied);
     }
     Ok(result)
 }

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::limits::{LimitRequest, Limits};
 use crate::outcome::{RunResult, Status};
-use crate::sandbox::{DirGrant, Handler, Sandbox};
+use crate::sandbox::{DirGrant, Handler, RunSpec, Sandbox};
 
 /// The config file's `[trust]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -178,14 +178,7 @@ impl Trust {
         detached: Option<&[u8]>,
     ) -> Result<Option<Arc<Verified>>, Box<RunResult>> {
         let now = now_unix();
-        let key: [u8; 32] = match detached {
-            None => *sha256,
-            Some(sig) => Sha256::new()
-                .chain_update(sha256)
-                .chain_update(Sha256::digest(sig))
-                .finalize()
-                .into(),
-        };
+        let key = cache_key(sha256, detached);
         let cached = self
             .verified
             .lock()
@@ -261,6 +254,27 @@ pub struct Granted {
     pub dirs: Vec<DirGrant>,
     /// What was asked for but not granted: `env:NAME`, `dir:/path`, `dir:/path:write`.
     pub denied: Vec<String>,
+}
+
+impl Granted {
+    /// The run's spec: argv is `name` followed by `args`. Also returns what was denied, for the
+    /// result's `limits.clamped`.
+    pub fn into_spec(
+        self,
+        input: Vec<u8>,
+        name: String,
+        args: &[String],
+    ) -> (RunSpec, Vec<String>) {
+        let spec = RunSpec {
+            input,
+            args: std::iter::once(name).chain(args.iter().cloned()).collect(),
+            env: self.env,
+            dirs: self.dirs,
+            limits: self.request,
+            ceiling: self.ceiling,
+        };
+        (spec, self.denied)
+    }
 }
 
 /// Applies a verified handler's claims to a task's request (unsigned: passes it through).
