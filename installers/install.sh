@@ -4,6 +4,7 @@
 # POSIX sh (dash, bash, busybox ash). Everything it downloads is checked before anything is
 # installed; a re-run with the same settings changes nothing; see installers/README.md.
 set -eu
+umask 022
 
 PROG=install.sh
 SERVICE=bridge-daemon.service
@@ -223,7 +224,9 @@ fi
 OWNER=
 resolve_owner() {
     if [ "$SVC_USER" = root ]; then
-        OWNER=0:0
+        OWNER=
+        # Staging as an ordinary user (--root): files stay the caller's.
+        [ "$(id -u)" != 0 ] || OWNER=0:0
     elif [ -n "$ROOT" ]; then
         OWNER=
         if [ -f "$ROOT/etc/passwd" ]; then
@@ -234,6 +237,15 @@ resolve_owner() {
         if id "$SVC_USER" >/dev/null 2>&1; then
             OWNER=$(id -u "$SVC_USER"):$(id -g "$SVC_USER")
         fi
+    fi
+}
+
+# make_dir PATH: creates a system directory (PREFIX/bin, the unit directory) if missing; an
+# existing one is left as it is.
+make_dir() {
+    if [ ! -d "$1" ]; then
+        CHANGES=$((CHANGES + 1))
+        act mkdir -p "$1"
     fi
 }
 
@@ -756,7 +768,7 @@ else
     ETC_MODE=0750
 fi
 [ -n "$ROOT" ] && [ "$DRY_RUN" = 0 ] && [ ! -d "$ROOT" ] && mkdir -p "$ROOT"
-ensure_dir "$R$(dirname "$BIN_PATH")" 0755 ""
+make_dir "$R$(dirname "$BIN_PATH")"
 put_file "$WORK/$NAME" "$R$BIN_PATH" 0755 "${OWNER:+0:0}"
 [ "$CHANGES" = "$before" ] || BIN_CHANGED=1
 
@@ -783,7 +795,7 @@ CONF_CHANGED=0
 UNIT_CHANGED=0
 if [ -n "$ROOT" ] || has_systemd; then
     before=$CHANGES
-    ensure_dir "$R$(dirname "$UNIT_PATH")" 0755 ""
+    make_dir "$R$(dirname "$UNIT_PATH")"
     put_file "$UNIT_TMP" "$R$UNIT_PATH" 0644 "${OWNER:+0:0}"
     [ "$CHANGES" = "$before" ] || UNIT_CHANGED=1
 fi
