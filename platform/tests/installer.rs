@@ -1,0 +1,888 @@
+//! The installer (`installers/install.sh`) run for real, with dash, against the real
+//! `bridgectl serve` on 127.0.0.1, into `--root` staging directories: first install,
+//! idempotent re-run, new settings, the installed agent enrolling and running a task, upgrade
+//! (identity kept), uninstall, purge; checksum and signature mismatches, a wrong pin and an
+//! unreachable platform (nothing installed); `systemd-analyze verify` of the installed unit.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+const BRIDGECTL: &str = env!("CARGO_BIN_EXE_bridgectl");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../installers/install.sh");
+const ARCH: &str = std::env::consts::ARCH;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The agent binary: `bridge-daemon` next to `bridgectl` (built by `cargo test --workspace`),
+/// built here when missing.
+fn daemon_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(BRIDGECTL).parent().unwrap();
+        let bin = dir.join("bridge-daemon");
+        if !bin.is_file() {
+            let target_dir = dir.parent().unwrap();
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "bridge-host", "--bin", "bridge-daemon"])
+                .env("CARGO_TARGET_DIR", target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "cannot build bridge-daemon");
+        }
+        assert!(bin.is_file(), "no bridge-daemon at {}", bin.display());
+        bin
+    })
+}
+
+fn shell() -> &'static str {
+    if Path::new("/bin/dash").exists() || Path::new("/usr/bin/dash").exists() {
+        "dash"
+    } else {
+        "sh"
+    }
+}
+
+/// Runs the installer with `args`; `stdin` is its standard input.
+fn install(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(shell())
+        .arg(SCRIPT)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(120));
+    eprintln!(
+        "$ install.sh {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the installer did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: Output) -> String {
+    let t = text(&out);
+    assert!(out.status.success(), "the installer failed: {t}");
+    t
+}
+
+/// Every path under `root` with its mode, owner, size, modification time and content hash.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut map = BTreeMap::new();
+    if !root.exists() {
+        return map;
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = fs::symlink_metadata(&p).unwrap();
+        let mut entry = format!(
+            "{:o} {}:{} {} {}",
+            meta.mode(),
+            meta.uid(),
+            meta.gid(),
+            meta.len(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000
+        );
+        if meta.is_dir() {
+            for e in fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else if meta.is_file() {
+            entry.push(' ');
+            entry.push_str(&hex::encode(Sha256::digest(fs::read(&p).unwrap())));
+        }
+        map.insert(p.strip_prefix(root).unwrap().to_path_buf(), entry);
+    }
+    map
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// A `bridgectl serve` process, killed when dropped.
+struct Serve {
+    child: Child,
+    info: Value,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(state: &Path, extra: &[&str]) -> Serve {
+        let log = state.with_extension(format!("log{}", std::process::id()));
+        let mut child = Command::new(BRIDGECTL)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(state)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Ok(info) = serde_json::from_str::<Value>(&line) else {
+            let _ = child.kill();
+            panic!(
+                "no first line ({line:?}); stderr:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Serve { child, info, log }
+    }
+
+    fn get(&self, key: &str) -> String {
+        self.info[key].as_str().unwrap().to_string()
+    }
+
+    /// `https://127.0.0.1:PORT`
+    fn base_url(&self) -> String {
+        self.get("url")
+            .replace("wss://", "https://")
+            .trim_end_matches("/agent")
+            .to_string()
+    }
+
+    fn control(&self, request: Value) -> Value {
+        bridge_platform::serve::control::request(
+            &self.get("control"),
+            &request,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A minimal WASI command: exports `_start` (doing nothing) and `memory`.
+const MINIMAL_WASM: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+    0x03, 0x02, 0x01, 0x00, // function 0: type 0
+    0x05, 0x03, 0x01, 0x00, 0x01, // memory: min 1 page
+    0x07, 0x13, 0x02, // exports: 2
+    0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // "_start": func 0
+    0x06, b'm', b'e', b'm', b'o', b'r', b'y', 0x02, 0x00, // "memory": memory 0
+    0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b, // code: empty body
+];
+
+fn publisher() -> &'static bridge_signing::KeyPair {
+    static KEY: OnceLock<bridge_signing::KeyPair> = OnceLock::new();
+    KEY.get_or_init(|| bridge_signing::KeyPair::from_seed(&[7; 32]))
+}
+
+/// Copies the agent binary to `dir/name`, with `extra` bytes appended (a different release
+/// that still runs: an ELF file ignores trailing bytes).
+fn release(dir: &Path, name: &str, extra: &[u8]) -> PathBuf {
+    let mut bytes = fs::read(daemon_binary()).unwrap();
+    bytes.extend_from_slice(extra);
+    let path = dir.join(name);
+    fs::write(&path, bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// `systemd-analyze verify` of the staged unit, with ExecStart pointing at the staged binary
+/// (the unit names the target system's path). Skipped, with a note, without systemd-analyze.
+fn verify_unit(root: &Path, work: &Path) {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("NOTE: systemd-analyze is not installed: the unit was not verified");
+        return;
+    }
+    let unit = fs::read_to_string(root.join("etc/systemd/system/bridge-daemon.service")).unwrap();
+    let staged = unit.replace(
+        "ExecStart=/usr/local/bin/bridge-daemon",
+        &format!(
+            "ExecStart={}",
+            root.join("usr/local/bin/bridge-daemon").display()
+        ),
+    );
+    assert_ne!(staged, unit);
+    let dir = work.join("verify");
+    fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("bridge-daemon.service");
+    fs::write(&copy, staged).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole life of an installation
+
+#[test]
+fn install_rerun_update_run_upgrade_uninstall_purge() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let root = w.join("root");
+    let root_s = root.to_str().unwrap();
+    let v1 = release(w, "v1", b"");
+    let v2 = release(w, "v2", b"\n# release 2\n");
+    let state = w.join("platform");
+    let serve = Serve::start(&state, &["--agent-binary", v1.to_str().unwrap()]);
+    let url = serve.base_url();
+    let pin = serve.get("server_pin");
+    let token = serve.get("token");
+    let trusted = publisher().public_key().to_string();
+    let token_file = w.join("token.txt");
+    fs::write(&token_file, format!("{token}\n")).unwrap();
+    let token_file_s = token_file.to_str().unwrap();
+
+    // The printed command is the flow an operator copies.
+    let command = serve.get("install_command");
+    assert!(command.starts_with(" curl -fsS --pinnedpubkey 'sha256//"));
+    assert!(command.contains(&format!("{url}/install.sh")));
+    assert!(command.contains(&format!("--server-pin {pin}")));
+    assert!(command.contains("--token-stdin"));
+    let printed = Instant::now();
+    while !serve.stderr().contains(command.trim()) && printed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        serve.stderr().contains(command.trim()),
+        "{}",
+        serve.stderr()
+    );
+
+    // A dry run changes nothing.
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--root",
+            root_s,
+            "--url",
+            &url,
+            "--server-pin",
+            &pin,
+            "--trusted-key",
+            &trusted,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |a: &[String], stdin: &str| {
+        install(&a.iter().map(String::as_str).collect::<Vec<_>>(), stdin)
+    };
+    let out = ok(run(
+        &args(&["--token-stdin", "--dry-run"]),
+        &format!("{token}\n"),
+    ));
+    assert!(out.contains("would install"), "{out}");
+    assert!(out.contains("dry run: nothing was changed"), "{out}");
+    assert!(snapshot(&root).is_empty(), "a dry run created files");
+
+    // First install, the token from standard input (the printed command's way).
+    let out = ok(run(&args(&["--token-stdin"]), &format!("{token}\n")));
+    assert!(out.contains("sha256 "), "{out}");
+    assert!(out.contains("not run (--root): systemctl"), "{out}");
+    let bin = root.join("usr/local/bin/bridge-daemon");
+    let conf = root.join("etc/bridge/agent.toml");
+    let token_path = root.join("etc/bridge/token");
+    let unit_path = root.join("etc/systemd/system/bridge-daemon.service");
+    assert_eq!(fs::read(&bin).unwrap(), fs::read(&v1).unwrap());
+    assert_eq!(mode(&bin), 0o755);
+    assert_eq!(mode(&conf), 0o600);
+    assert_eq!(mode(&token_path), 0o600);
+    assert_eq!(mode(&root.join("etc/bridge")), 0o750);
+    assert_eq!(mode(&root.join("var/lib/bridge")), 0o700);
+    assert_eq!(fs::read_to_string(&token_path).unwrap().trim(), token);
+    let config = fs::read_to_string(&conf).unwrap();
+    let server = serve.get("url");
+    for want in [
+        "state_dir = \"/var/lib/bridge\"".to_string(),
+        format!("server = \"{server}\""),
+        "token_file = \"/etc/bridge/token\"".into(),
+        format!("server_pins = [\"{pin}\"]"),
+        format!("{{ key = \"{trusted}\" }}"),
+        "allow_unsigned_override = false".into(),
+    ] {
+        assert!(config.contains(&want), "config lacks {want}:\n{config}");
+    }
+    let unit = fs::read_to_string(&unit_path).unwrap();
+    assert!(!config.contains(&token) && !unit.contains(&token));
+    for want in [
+        "ExecStart=/usr/local/bin/bridge-daemon run --config /etc/bridge/agent.toml",
+        "User=bridge",
+        "Restart=always",
+        "RestartSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/bridge",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "CapabilityBoundingSet=\n",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(unit.contains(want), "unit lacks {want}:\n{unit}");
+    }
+    verify_unit(&root, w);
+
+    // The same settings again: nothing changes, not even a modification time.
+    let before = snapshot(&root);
+    let out = ok(run(&args(&["--token-file", token_file_s]), ""));
+    assert!(out.contains("nothing to change"), "{out}");
+    assert_eq!(snapshot(&root), before);
+
+    // New settings: a dry run shows them and changes nothing; the real run applies them.
+    let next_pin = "ab".repeat(32);
+    let mut more = args(&["--token-file", token_file_s, "--dry-run"]);
+    more.extend(["--server-pin".to_string(), next_pin.clone()]);
+    let out = ok(run(&more, ""));
+    assert!(
+        out.contains("would install") && out.contains("agent.toml"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&root), before);
+    more.retain(|a| a != "--dry-run");
+    let out = ok(run(&more, ""));
+    assert!(!out.contains("nothing to change"), "{out}");
+    let config = fs::read_to_string(&conf).unwrap();
+    assert!(
+        config.contains(&format!("server_pins = [\"{pin}\", \"{next_pin}\"]")),
+        "{config}"
+    );
+    assert!(root.join("etc/bridge/agent.toml.old").exists());
+    assert_eq!(fs::read(&bin).unwrap(), fs::read(&v1).unwrap());
+    let out = ok(run(&more, ""));
+    assert!(out.contains("nothing to change"), "{out}");
+
+    // The installed binary, with the installed config (its two root-relative paths given as
+    // flags), enrolls with the token and runs a signed task.
+    let agent_id = run_installed_agent(&serve, &root);
+    let state_before = snapshot(&root.join("var/lib/bridge"));
+    assert!(state_before.keys().any(|p| p.starts_with("identity")));
+    drop(serve);
+
+    // Upgrade: the platform (same state, same pin) now serves another build.
+    let serve = Serve::start(&state, &["--agent-binary", v2.to_str().unwrap()]);
+    assert_eq!(serve.get("server_pin"), pin);
+    let mut upgrade = args(&["--token-file", token_file_s]);
+    upgrade.extend(["--server-pin".to_string(), next_pin.clone()]);
+    let upgrade: Vec<String> = upgrade
+        .into_iter()
+        .map(|a| a.replace(&url, &serve.base_url()))
+        .collect();
+    let out = ok(run(&upgrade, ""));
+    assert!(
+        out.contains("installing") && out.contains("bin/bridge-daemon"),
+        "{out}"
+    );
+    assert_eq!(fs::read(&bin).unwrap(), fs::read(&v2).unwrap());
+    assert_eq!(snapshot(&root.join("var/lib/bridge")), state_before);
+    let id = Command::new(&bin)
+        .args(["identity", "--state"])
+        .arg(root.join("var/lib/bridge"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&id.stdout).trim(), agent_id);
+    assert!(!root.join("usr/local/bin").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+
+    // Uninstall: the service and the binary go; config and state stay.
+    let out = ok(install(&["--root", root_s, "--uninstall"], ""));
+    assert!(
+        out.contains("not run (--root): systemctl disable --now"),
+        "{out}"
+    );
+    assert!(!bin.exists() && !unit_path.exists());
+    assert!(conf.exists() && token_path.exists());
+    assert_eq!(snapshot(&root.join("var/lib/bridge")), state_before);
+    let out = ok(install(&["--root", root_s, "--uninstall"], ""));
+    assert!(out.contains("nothing to remove"), "{out}");
+
+    // Purge: nothing left behind.
+    let before = snapshot(&root);
+    let out = ok(install(
+        &["--root", root_s, "--uninstall", "--purge", "--dry-run"],
+        "",
+    ));
+    assert!(out.contains("would run: rm -rf"), "{out}");
+    assert_eq!(snapshot(&root), before);
+    ok(install(&["--root", root_s, "--uninstall", "--purge"], ""));
+    let left: Vec<_> = fs::read_dir(&root).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Starts the staged agent, waits until it is enrolled and connected, runs a signed task on it
+/// and stops it; returns its agent id.
+fn run_installed_agent(serve: &Serve, root: &Path) -> String {
+    let child = Command::new(root.join("usr/local/bin/bridge-daemon"))
+        .args(["run", "--config"])
+        .arg(root.join("etc/bridge/agent.toml"))
+        .arg("--state")
+        .arg(root.join("var/lib/bridge"))
+        .arg("--token-file")
+        .arg(root.join("etc/bridge/token"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _agent = Killed(child);
+    let started = Instant::now();
+    let id = loop {
+        let agents = serve.control(json!({"cmd": "agents"}));
+        let connected = agents["agents"].as_array().and_then(|list| {
+            list.iter()
+                .find(|a| a["connected"] == true)
+                .map(|a| a["id"].as_str().unwrap().to_string())
+        });
+        if let Some(id) = connected {
+            break id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the installed agent did not connect: {agents}\n{}",
+            serve.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(serve.stderr().contains("enrolled a new agent"));
+    let claims = bridge_signing::Claims::new("hello", "1.0.0", 1_700_000_000);
+    let signed = bridge_signing::sign(MINIMAL_WASM, publisher(), &claims).unwrap();
+    let module = base64::engine::general_purpose::STANDARD.encode(&signed.module);
+    let answer =
+        serve.control(json!({"cmd": "run", "agent": id, "module": module, "timeout_ms": 30000}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["result"]["status"], "ok", "{answer}");
+    // An unsigned module is refused: the installed trust policy is in force.
+    let unsigned = base64::engine::general_purpose::STANDARD.encode(MINIMAL_WASM);
+    let answer =
+        serve.control(json!({"cmd": "run", "agent": id, "module": unsigned, "timeout_ms": 30000}));
+    assert_eq!(answer["result"]["status"], "rejected", "{answer}");
+    id
+}
+
+// ---------------------------------------------------------------------------------------------
+// Release signatures, root mode, and what the platform serves
+
+#[test]
+fn release_signatures_are_checked_and_run_as_root_says_so() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let key = bridge_signing::KeyPair::from_seed(&[9; 32]);
+    let key_file = w.join("release.key");
+    fs::write(&key_file, key.to_pem()).unwrap();
+    fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let v1 = release(w, "v1", b"");
+    let serve = Serve::start(
+        &w.join("platform"),
+        &[
+            "--agent-binary",
+            v1.to_str().unwrap(),
+            "--release-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    let public = key.public_key().to_string();
+    assert_eq!(serve.get("release_key"), public);
+    assert!(serve
+        .get("install_command")
+        .contains(&format!("--release-key {public}")));
+    let url = serve.base_url();
+    let pin = serve.get("server_pin");
+
+    // A wrong release key: refused, nothing installed.
+    let root = w.join("wrong");
+    let other = bridge_signing::KeyPair::from_seed(&[10; 32])
+        .public_key()
+        .to_string();
+    let out = install(
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--url",
+            &url,
+            "--server-pin",
+            &pin,
+            "--release-key",
+            &other,
+        ],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("release signature"), "{}", text(&out));
+    assert!(snapshot(&root).is_empty());
+
+    // The right one, as ed25519:… and as a PEM file; and --run-as-root.
+    let root = w.join("root");
+    let out = ok(install(
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--url",
+            &url,
+            "--server-pin",
+            &pin,
+            "--release-key",
+            &public,
+            "--run-as-root",
+            "--token",
+            "abc",
+        ],
+        "",
+    ));
+    assert!(out.contains("release signature verified"), "{out}");
+    assert!(
+        out.contains("--run-as-root: the agent runs as root"),
+        "{out}"
+    );
+    assert!(out.contains("--token is visible"), "{out}");
+    let unit = fs::read_to_string(root.join("etc/systemd/system/bridge-daemon.service")).unwrap();
+    assert!(!unit.contains("\nUser="), "{unit}");
+    assert!(unit.contains("NoNewPrivileges=yes"), "{unit}");
+    assert_eq!(mode(&root.join("etc/bridge")), 0o700);
+    verify_unit(&root, w);
+    let pem = w.join("release.pub.pem");
+    let mut der = hex::decode("302a300506032b6570032100").unwrap();
+    der.extend_from_slice(key.public_key().as_bytes());
+    fs::write(
+        &pem,
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        ),
+    )
+    .unwrap();
+    let out = ok(install(
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--url",
+            &url,
+            "--server-pin",
+            &pin,
+            "--release-key",
+            pem.to_str().unwrap(),
+            "--run-as-root",
+        ],
+        "",
+    ));
+    assert!(out.contains("nothing to change"), "{out}");
+
+    // What the platform serves to a client without a certificate.
+    let get = |path: &str| -> (String, Vec<u8>) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-k",
+                "--path-as-is",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(format!("{url}{path}"))
+            .output()
+            .unwrap();
+        let mut body = out.stdout;
+        let split = body.iter().rposition(|b| *b == b'\n').unwrap();
+        let code = String::from_utf8_lossy(&body[split + 1..]).to_string();
+        body.truncate(split);
+        (code, body)
+    };
+    let (code, script) = get("/install.sh");
+    assert_eq!(code, "200");
+    assert_eq!(script, fs::read(SCRIPT).unwrap());
+    let (code, sum) = get(&format!("/downloads/bridge-daemon-linux-{ARCH}.sha256"));
+    assert_eq!(code, "200");
+    let want = format!(
+        "{}  bridge-daemon-linux-{ARCH}\n",
+        hex::encode(Sha256::digest(fs::read(&v1).unwrap()))
+    );
+    assert_eq!(String::from_utf8_lossy(&sum), want);
+    let version = env!("CARGO_PKG_VERSION");
+    let (code, _) = get(&format!(
+        "/downloads/{version}/bridge-daemon-linux-{ARCH}.sha256"
+    ));
+    assert_eq!(code, "200");
+    let (code, sig) = get(&format!("/downloads/bridge-daemon-linux-{ARCH}.sig"));
+    assert_eq!(code, "200");
+    let sig: [u8; 64] = sig.try_into().unwrap();
+    assert!(key.public_key().verify(&fs::read(&v1).unwrap(), &sig));
+    assert_eq!(get("/agent").0, "401");
+    assert_eq!(get("/downloads/bridge-daemon-linux-sparc").0, "404");
+    assert_eq!(get("/downloads/../server.key").0, "404");
+    assert_eq!(get("/").0, "404");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures: nothing installed, nothing changed, a clear message
+
+/// A tiny HTTPS server with a self-signed certificate serving fixed bodies, to publish a wrong
+/// checksum.
+struct FakePlatform {
+    url: String,
+    pin: String,
+    files: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+}
+
+impl FakePlatform {
+    fn start() -> FakePlatform {
+        use rcgen::PublicKeyData as _;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let pin = hex::encode(Sha256::digest(key.subject_public_key_info()));
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let files: Arc<Mutex<BTreeMap<String, Vec<u8>>>> = Arc::default();
+        let served = files.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    match tls.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let body = served.lock().unwrap().get(&path).cloned();
+                let (status, body) = match body {
+                    Some(b) => ("200 OK", b),
+                    None => ("404 Not Found", b"not found\n".to_vec()),
+                };
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(&body);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        FakePlatform { url, pin, files }
+    }
+
+    fn publish(&self, binary: &[u8], sha256: &str) {
+        let name = format!("bridge-daemon-linux-{ARCH}");
+        let mut files = self.files.lock().unwrap();
+        files.insert(format!("/downloads/{name}"), binary.to_vec());
+        files.insert(
+            format!("/downloads/{name}.sha256"),
+            format!("{sha256}  {name}\n").into_bytes(),
+        );
+    }
+}
+
+#[test]
+fn a_checksum_mismatch_or_a_wrong_pin_changes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let root = w.join("root");
+    let root_s = root.to_str().unwrap();
+    let fake = FakePlatform::start();
+    let v1 = fs::read(release(w, "v1", b"")).unwrap();
+    let v2 = fs::read(release(w, "v2", b"2")).unwrap();
+    let install_from = |pin: &str| {
+        install(
+            &[
+                "--root",
+                root_s,
+                "--url",
+                &fake.url,
+                "--server-pin",
+                pin,
+                "--token-stdin",
+            ],
+            "tok\n",
+        )
+    };
+
+    // A wrong checksum on a first install: nothing at all.
+    fake.publish(&v1, &"0".repeat(64));
+    let out = install_from(&fake.pin);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("checksum mismatch"), "{}", text(&out));
+    assert!(snapshot(&root).is_empty());
+
+    // A good install, then an upgrade whose checksum does not match: the old one stays.
+    fake.publish(&v1, &hex::encode(Sha256::digest(&v1)));
+    ok(install_from(&fake.pin));
+    let before = snapshot(&root);
+    fake.publish(&v2, &hex::encode(Sha256::digest(&v1)));
+    let out = install_from(&fake.pin);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("checksum mismatch"), "{}", text(&out));
+    assert_eq!(snapshot(&root), before);
+
+    // A platform whose key is not the pinned one.
+    fake.publish(&v2, &hex::encode(Sha256::digest(&v2)));
+    let out = install_from(&"cd".repeat(32));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("does not match --server-pin"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(snapshot(&root), before);
+}
+
+#[test]
+fn an_unreachable_platform_is_a_clear_error() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let out = install(
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--url",
+            &format!("https://127.0.0.1:{port}"),
+            "--server-pin",
+            &"ab".repeat(32),
+            "--token-stdin",
+        ],
+        "tok\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("the platform is unreachable"), "{t}");
+    assert!(!root.exists());
+
+    // Usage errors are exit status 2, before anything happens.
+    let out = install(
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--url",
+            "http://127.0.0.1:1",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("never use plain http"));
+    let out = install(&["--bogus"], "");
+    assert_eq!(out.status.code(), Some(2));
+    let out = install(&["--help"], "");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--uninstall"));
+    assert!(!root.exists());
+}
