@@ -33,13 +33,21 @@ fn daemon_binary() -> &'static Path {
         let bin = dir.join("bridge-daemon");
         if !bin.is_file() {
             let target_dir = dir.parent().unwrap();
-            let status = Command::new(env!("CARGO"))
+            let child = Command::new(env!("CARGO"))
                 .args(["build", "-p", "bridge-host", "--bin", "bridge-daemon"])
                 .env("CARGO_TARGET_DIR", target_dir)
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
                 .expect("cargo runs");
-            assert!(status.success(), "cannot build bridge-daemon");
+            let out = wait_output(child, Duration::from_secs(30 * 60));
+            assert!(
+                out.status.success(),
+                "cannot build bridge-daemon (cargo build -p bridge-host): {}",
+                text(&out)
+            );
         }
         assert!(bin.is_file(), "no bridge-daemon at {}", bin.display());
         bin
@@ -100,7 +108,7 @@ fn wait_output(mut child: Child, limit: Duration) -> Output {
         }
         if started.elapsed() > limit {
             let _ = child.kill();
-            panic!("the installer did not finish within {limit:?}");
+            panic!("process {} did not finish within {limit:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
