@@ -6,9 +6,10 @@
 //! binary frame whose SHA-256 is the one asked for. Every `run` produces exactly one `result`
 //! in the outbox, whatever happens (refusal, missing module, any ending of the handler).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,11 @@ pub struct Agent {
     outbox: mpsc::Sender<AgentMessage>,
     outbox_rx: Mutex<Option<mpsc::Receiver<AgentMessage>>>,
     waiting: Mutex<Waiters>,
-    running: Mutex<BTreeSet<String>>,
+    /// Task ids in progress, with how many runs of each (a task id can arrive twice).
+    running: Mutex<BTreeMap<String, usize>>,
+    /// Runs accepted and not finished (queued or executing); bounded by `max_pending`.
+    pending: AtomicUsize,
+    max_pending: usize,
     started: Instant,
 }
 
@@ -67,6 +72,7 @@ impl Agent {
             .create(&modules_dir)
             .with_context(|| format!("creating the module store {}", modules_dir.display()))?;
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let max_pending = 4 * sandbox.config().max_concurrent_runs as usize;
         Ok(Arc::new(Agent {
             agent_id,
             sandbox,
@@ -76,7 +82,9 @@ impl Agent {
             outbox: tx,
             outbox_rx: Mutex::new(Some(rx)),
             waiting: Mutex::new(HashMap::new()),
-            running: Mutex::new(BTreeSet::new()),
+            running: Mutex::new(BTreeMap::new()),
+            pending: AtomicUsize::new(0),
+            max_pending,
             started: Instant::now(),
         }))
     }
@@ -97,26 +105,59 @@ impl Agent {
             agent_id: self.agent_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             host: crate::facts::collect(),
-            running: lock(&self.running).iter().cloned().collect(),
+            running: lock(&self.running).keys().cloned().collect(),
             agent_uptime_secs: self.started.elapsed().as_secs(),
         }
     }
 
-    /// Starts a `run` in the background; its `result` goes to the outbox.
+    /// Starts a `run` in the background; its `result` goes to the outbox. Beyond `max_pending`
+    /// runs in progress the run is refused at once (`rejected`, reason `busy`): a platform cannot
+    /// make the agent hold an unbounded number of requests.
     pub fn start_run(self: &Arc<Self>, req: RunRequest) {
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(task_id = %req.task_id, "refusing a run: {} already in progress", self.max_pending);
+            let result = refused(
+                Status::Rejected,
+                Some("busy"),
+                format!(
+                    "the agent already has {} runs in progress",
+                    self.max_pending
+                ),
+            );
+            let msg = AgentMessage::Result {
+                id: req.id,
+                task_id: req.task_id,
+                result,
+            };
+            if self.outbox.try_send(msg).is_err() {
+                tracing::warn!("the outbox is full; the busy refusal was dropped");
+            }
+            return;
+        }
         let this = self.clone();
-        lock(&self.running).insert(req.task_id.clone());
+        *lock(&self.running).entry(req.task_id.clone()).or_insert(0) += 1;
         tokio::spawn(async move {
             tracing::info!(task_id = %req.task_id, module = %req.module_sha256, "task started");
-            let result = this.execute(&req).await;
+            let mut result = this.execute(&req).await;
             tracing::info!(task_id = %req.task_id, status = %result.status, "task finished");
-            lock(&this.running).remove(&req.task_id);
+            {
+                let mut running = lock(&this.running);
+                if let Some(n) = running.get_mut(&req.task_id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        running.remove(&req.task_id);
+                    }
+                }
+            }
+            fit_to_frame(&mut result, &req.id, &req.task_id);
             let msg = AgentMessage::Result {
                 id: req.id,
                 task_id: req.task_id,
                 result,
             };
             let _ = this.outbox.send(msg).await;
+            this.pending.fetch_sub(1, Ordering::SeqCst);
         });
     }
 
@@ -244,6 +285,17 @@ impl Agent {
 
     /// A binary frame arrived: module bytes, valid only if some run asked for that hash.
     pub fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), ErrorBody> {
+        let max = self.sandbox.config().max_module_bytes;
+        if bytes.len() as u64 > max {
+            return Err(ErrorBody {
+                id: None,
+                code: ErrorCode::Oversize,
+                message: format!(
+                    "a module of {} bytes exceeds the agent's limit of {max} bytes",
+                    bytes.len()
+                ),
+            });
+        }
         let sha_hex = hex::encode(Sha256::digest(&bytes));
         let Some(waiters) = lock(&self.waiting).remove(&sha_hex) else {
             let asked = lock(&self.waiting).keys().cloned().collect::<Vec<_>>();
@@ -270,5 +322,106 @@ impl Agent {
             let _ = w.send(bytes.clone());
         }
         Ok(())
+    }
+}
+
+/// Makes a result fit in one text frame: the platform refuses frames over
+/// [`bridge_protocol::MAX_TEXT_BYTES`] or nested deeper than [`bridge_protocol::MAX_DEPTH`], and
+/// a result it refuses is a result lost. First `output` goes (it repeats stdout, parsed), then
+/// stdout and stderr are cut (marked truncated; their total byte counts stay exact).
+pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
+    use bridge_protocol::codec::{encode, json_depth};
+    let size = |r: &RunResult| {
+        let msg = AgentMessage::Result {
+            id: id.to_string(),
+            task_id: task_id.to_string(),
+            result: r.clone(),
+        };
+        let text = encode(&msg);
+        (text.len(), json_depth(&text))
+    };
+    let (len, depth) = size(result);
+    if len <= bridge_protocol::MAX_TEXT_BYTES && depth <= bridge_protocol::MAX_DEPTH {
+        return;
+    }
+    if !result.output.is_null() {
+        result.output = serde_json::Value::Null;
+        let note = "the output was too large or too deep for one message; it is in `stdout`";
+        result.error = Some(match result.error.take() {
+            Some(e) => format!("{e}; {note}"),
+            None => note.to_string(),
+        });
+    }
+    // Escaping can grow text up to 6×; halve the streams until the frame fits.
+    while size(result).0 > bridge_protocol::MAX_TEXT_BYTES {
+        for (text, flag) in [
+            (&mut result.stdout, &mut result.truncated.stdout),
+            (&mut result.stderr, &mut result.truncated.stderr),
+        ] {
+            if text.len() > 1024 {
+                let mut cut = text.len() / 2;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                *flag = true;
+            }
+        }
+        if result.stdout.len() <= 1024 && result.stderr.len() <= 1024 {
+            // Only the error text can still be large; cut it too.
+            if let Some(e) = result.error.as_mut() {
+                let mut cut = e.len().min(4096);
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.truncate(cut);
+            }
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_results_are_cut_to_fit_one_frame() {
+        let mut r = RunResult::refused(Status::Ok, "x");
+        r.error = None;
+        r.stdout = "\u{1}".repeat(900_000); // escapes to ~5.4 MB of JSON
+        r.stderr = "é".repeat(400_000);
+        r.output = serde_json::json!({"big": "y".repeat(600_000)});
+        fit_to_frame(&mut r, "run-1", "task-1");
+        let msg = AgentMessage::Result {
+            id: "run-1".into(),
+            task_id: "task-1".into(),
+            result: r.clone(),
+        };
+        let text = bridge_protocol::codec::encode(&msg);
+        assert!(
+            text.len() <= bridge_protocol::MAX_TEXT_BYTES,
+            "{}",
+            text.len()
+        );
+        assert!(r.output.is_null());
+        assert!(r.truncated.stdout && r.truncated.stderr);
+        assert!(r.error.unwrap().contains("too large"));
+    }
+
+    #[test]
+    fn too_deep_output_is_dropped_and_small_results_are_untouched() {
+        let mut deep = RunResult::refused(Status::Ok, "x");
+        deep.error = None;
+        let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+        deep.output = serde_json::from_str(&nested).unwrap();
+        fit_to_frame(&mut deep, "i", "t");
+        assert!(deep.output.is_null());
+
+        let mut small = RunResult::refused(Status::Ok, "x");
+        small.output = serde_json::json!({"a": 1});
+        let before = small.clone();
+        fit_to_frame(&mut small, "i", "t");
+        assert_eq!(small, before);
     }
 }

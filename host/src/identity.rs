@@ -123,7 +123,7 @@ pub fn load_or_create(state: &Path) -> Result<Identity> {
 
     let cert_path = dir.join("agent.crt");
     let expiry_path = dir.join("agent.crt.expiry");
-    let existing = read_cert(&cert_path, &expiry_path);
+    let existing = read_cert(&cert_path, &expiry_path, &agent_id);
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let (cert_der, not_after, renewed) = match existing {
         Some((der, not_after)) if now + RENEW_BEFORE_DAYS * 86_400 < not_after => {
@@ -150,10 +150,24 @@ pub fn load_or_create(state: &Path) -> Result<Identity> {
 }
 
 /// Reads the certificate and its recorded expiry; `None` if either is missing or unreadable.
-fn read_cert(cert_path: &Path, expiry_path: &Path) -> Option<(CertificateDer<'static>, i64)> {
+/// Reads the certificate and its recorded expiry; `None` if either is missing or unreadable, or
+/// if the certificate is not for this key (a key restored from a backup, or replaced): such a
+/// certificate would make every TLS handshake fail, so it is re-issued instead.
+fn read_cert(
+    cert_path: &Path,
+    expiry_path: &Path,
+    agent_id: &str,
+) -> Option<(CertificateDer<'static>, i64)> {
     use rustls::pki_types::pem::PemObject;
     let pem = fs::read(cert_path).ok()?;
     let der = CertificateDer::from_pem_slice(&pem).ok()?;
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    let cert_id =
+        bridge_protocol::identity::spki_fingerprint(cert.subject_public_key_info().as_ref());
+    if cert_id != agent_id {
+        tracing::warn!(agent_id = %agent_id, "the agent certificate is for another key; re-issuing it");
+        return None;
+    }
     let not_after = fs::read_to_string(expiry_path).ok()?.trim().parse().ok()?;
     Some((der, not_after))
 }
@@ -219,6 +233,31 @@ mod tests {
         assert_eq!(renewed.agent_id, first.agent_id);
         assert_ne!(renewed.cert_der, first.cert_der);
         assert!(!renewed.needs_renewal());
+    }
+
+    #[test]
+    fn a_certificate_for_another_key_is_reissued() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = load_or_create(a.path()).unwrap();
+        load_or_create(b.path()).unwrap();
+        // b's key with a's (still valid) certificate, as after restoring a key from a backup.
+        for f in ["agent.crt", "agent.crt.expiry"] {
+            fs::copy(
+                identity_dir(a.path()).join(f),
+                identity_dir(b.path()).join(f),
+            )
+            .unwrap();
+        }
+        let b_again = load_or_create(b.path()).unwrap();
+        assert!(
+            b_again.renewed,
+            "the mismatched certificate must be re-issued"
+        );
+        assert_ne!(b_again.cert_der, first.cert_der);
+        let cert = webpki::EndEntityCert::try_from(&b_again.cert_der).unwrap();
+        let id =
+            bridge_protocol::identity::spki_fingerprint(cert.subject_public_key_info().as_ref());
+        assert_eq!(id, b_again.agent_id);
     }
 
     #[test]

@@ -425,3 +425,35 @@ fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_surviv
         agent.log.text()
     );
 }
+
+#[test]
+fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let publisher = Publisher::new();
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &Agent::args_for(
+            &platform,
+            Some(&platform.token()),
+            Some(&publisher.public()),
+        ),
+    );
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    // 3 MB of stdout: the run keeps 1 MiB (the default cap), the message keeps what fits in one
+    // frame; the totals stay exact and the result is not lost.
+    let r = platform.run(
+        &id,
+        &publisher.signed("flood"),
+        json!({"bytes": 3_000_000}),
+        None,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let result = &r["result"];
+    assert_eq!(result["status"], "ok");
+    assert_eq!(result["truncated"]["stdout"], true);
+    assert_eq!(result["truncated"]["stdout_total_bytes"], 3_000_000);
+    let kept = result["stdout"].as_str().unwrap().len();
+    assert!(kept > 100_000 && kept < (1 << 20), "{kept}");
+}

@@ -233,9 +233,22 @@ pub async fn run(
     tracing::info!(agent_id = %identity.agent_id, server = %config.server, "starting the platform link");
     while !shutdown.is_cancelled() {
         if identity.needs_renewal() {
-            identity = identity::load_or_create(&state)?;
-            if endpoint.tls {
-                tls = Some(tls::client_config(&config.trust, &identity)?);
+            // A failed renewal (disk full, CA file briefly unreadable) must not end the link:
+            // keep the current certificate, which is still valid, and try again next time.
+            let renewed = identity::load_or_create(&state).and_then(|id| {
+                let config = if endpoint.tls {
+                    Some(tls::client_config(&config.trust, &id)?)
+                } else {
+                    None
+                };
+                Ok((id, config))
+            });
+            match renewed {
+                Ok((id, config)) => {
+                    identity = id;
+                    tls = config;
+                }
+                Err(e) => tracing::warn!("could not renew the agent certificate: {e:#}"),
             }
         }
         let attempt = tokio::select! {

@@ -74,10 +74,23 @@ impl Outbox {
     }
 }
 
+/// How long one frame may take to send. A send that blocks longer means the platform stopped
+/// reading (or the network stopped moving): the same verdict as a missed heartbeat. Without this
+/// bound, a send stuck on a full socket buffer would keep the loop from noticing anything.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn send_frame(ws: &mut Socket, frame: Message) -> Result<(), String> {
+    match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "a send did not complete within {} s",
+            SEND_TIMEOUT.as_secs()
+        )),
+    }
+}
+
 async fn send_text(ws: &mut Socket, text: String) -> Result<(), String> {
-    ws.send(Message::Text(text.into()))
-        .await
-        .map_err(|e| e.to_string())
+    send_frame(ws, Message::Text(text.into())).await
 }
 
 /// Sends `hello` and waits for `welcome`.
@@ -162,7 +175,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = ws.close(None).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(None)).await;
                 return End::Shutdown;
             }
             _ = sleep_until(last_rx + config.heartbeat_timeout) => {
@@ -170,7 +183,7 @@ pub async fn run(
             }
             _ = ping.tick() => {
                 ping_seq += 1;
-                if let Err(e) = ws.send(Message::Ping(ping_seq.to_be_bytes().to_vec().into())).await {
+                if let Err(e) = send_frame(&mut ws, Message::Ping(ping_seq.to_be_bytes().to_vec().into())).await {
                     return End::Error(e.to_string());
                 }
             }

@@ -18,7 +18,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -199,13 +199,27 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
     let mut key = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    // Write it whole under a temporary name, then link it into place without clobbering: a
+    // concurrent agent that won the race has written its key, which we then read instead.
+    let dir = path.parent().expect("the key lives in the cache directory");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating module cache key {}", path.display()))?;
-    f.write_all(&key)?;
-    f.sync_all()?;
-    Ok(key)
+    tmp.write_all(&key)?;
+    tmp.as_file().sync_all()?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => Ok(key),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = fs::read(path)
+                .with_context(|| format!("reading module cache key {}", path.display()))?;
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                anyhow::anyhow!(
+                    "the module cache key {} has the wrong length",
+                    path.display()
+                )
+            })
+        }
+        Err(e) => {
+            Err(e.error).with_context(|| format!("creating module cache key {}", path.display()))
+        }
+    }
 }
