@@ -1,9 +1,10 @@
 //! The agent proper: what it does with the platform's requests, independent of the transport.
 //!
 //! A `run` names a module by SHA-256. The agent runs it from its caches when it can (a warm run
-//! reads no bytes and verifies nothing again), from its module store (`<state>/modules`) when it
-//! has the bytes, and otherwise asks the platform for them (`need_module`) and waits for one
-//! binary frame whose SHA-256 is the one asked for. Every `run` produces exactly one `result`
+//! reads no bytes and verifies nothing again), from its module store (`<state>/modules`, which
+//! holds only modules that passed the trust policy) when it has the bytes, and otherwise asks the
+//! platform for them (`need_module`) and waits for one binary frame whose SHA-256 is the one
+//! asked for. Every `run` produces exactly one `result`
 //! in the outbox, whatever happens (refusal, missing module, any ending of the handler).
 
 use std::collections::{BTreeMap, HashMap};
@@ -222,8 +223,22 @@ impl Agent {
     ) -> Result<Prepared, Box<RunResult>> {
         let bytes = self.module_bytes(req, &sha).await.map_err(Box::new)?;
         let (trust, sandbox) = (self.trust.clone(), self.sandbox.clone());
-        tokio::task::spawn_blocking(move || trust.prepare(&sandbox, &bytes, detached.as_deref()))
-            .await
+        let store = self.store_path(&hex::encode(sha));
+        let dir = self.modules_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let prepared = trust.prepare(&sandbox, &bytes, detached.as_deref())?;
+            // Only modules that passed the trust policy and compiled are kept on disk.
+            if !store.exists() {
+                let stored = tempfile::NamedTempFile::new_in(&dir)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).map(|_| f))
+                    .and_then(|f| f.persist(&store).map_err(|e| e.error));
+                if let Err(e) = stored {
+                    tracing::warn!(error = %e, "could not store the module; it will be fetched again next time");
+                }
+            }
+            Ok(prepared)
+        })
+        .await
             .unwrap_or_else(|e| {
                 Err(Box::new(refused(
                     Status::Trap,
@@ -310,13 +325,6 @@ impl Agent {
                 message: format!("received {} bytes hashing to {sha_hex}, which no run asked for (waiting for {asked:?})", bytes.len()),
             });
         };
-        let path = self.store_path(&sha_hex);
-        let stored = tempfile::NamedTempFile::new_in(&self.modules_dir)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).map(|_| f))
-            .and_then(|f| f.persist(&path).map_err(|e| e.error));
-        if let Err(e) = stored {
-            tracing::warn!(module = %sha_hex, error = %e, "could not store the module; it will be fetched again next time");
-        }
         let bytes = Arc::new(bytes);
         for w in waiters {
             let _ = w.send(bytes.clone());

@@ -457,3 +457,34 @@ fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
     let kept = result["stdout"].as_str().unwrap().len();
     assert!(kept > 100_000 && kept < (1 << 20), "{kept}");
 }
+
+#[test]
+fn only_modules_that_pass_the_trust_policy_are_kept_in_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let publisher = Publisher::new();
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &Agent::args_for(
+            &platform,
+            Some(&platform.token()),
+            Some(&publisher.public()),
+        ),
+    );
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    let stored = || {
+        std::fs::read_dir(agent.state.join("modules"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+
+    let unsigned = std::fs::read(common::wasm("hello")).unwrap();
+    let r = platform.run(&id, &unsigned, json!({}), None);
+    assert_eq!(r["result"]["status"], "rejected", "{r}");
+    assert_eq!(r["result"]["reason"], "unsigned");
+    assert_eq!(stored(), 0, "a refused module was kept on disk");
+
+    hello_ok(&platform, &id, &publisher, "kept");
+    assert_eq!(stored(), 1);
+}

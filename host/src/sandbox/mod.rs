@@ -171,6 +171,9 @@ struct Inner {
     linker: Linker<RunState>,
     provided: HashSet<(String, String)>,
     modules: Mutex<LruCache<[u8; 32], Arc<Handler>>>,
+    /// Held while a module is loaded from disk or compiled: one compile at a time (a compile
+    /// already uses a core), and a second request for the same module waits and finds it done.
+    loading: Mutex<()>,
     disk: Option<DiskCache>,
     slots: Semaphore,
     config: SandboxConfig,
@@ -284,6 +287,7 @@ impl Sandbox {
                 linker,
                 provided,
                 modules: Mutex::new(LruCache::new(entries)),
+                loading: Mutex::new(()),
                 disk,
                 config,
                 _ticker: ticker,
@@ -361,6 +365,10 @@ impl Sandbox {
         }
         let invalid = |msg: String| Box::new(RunResult::refused(Status::InvalidModule, msg));
         check_header(bytes).map_err(invalid)?;
+        let _loading = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = self.lock_modules().get(&sha256) {
+            return Ok(h.clone()); // loaded by whoever held the lock before us
+        }
         let engine = &self.inner.engine;
         let (module, source) = match self.inner.disk.as_ref().map(|d| d.load(engine, &sha256)) {
             Some(Lookup::Hit(m)) => {
