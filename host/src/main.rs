@@ -54,7 +54,8 @@ struct RunArgs {
 
     /// One-time enrollment token (first connection only). Prefer --token-file: arguments are
     /// visible to other users in the process list.
-    #[arg(long, value_name = "TOKEN")]
+    // Tokens are base64url and may start with '-'.
+    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
     token: Option<String>,
 
     /// A file holding the enrollment token.
@@ -109,11 +110,11 @@ struct CallArgs {
     module: PathBuf,
 
     /// The task input: JSON text, or @FILE to read it from a file. Default: null.
-    #[arg(long, value_name = "JSON|@FILE")]
+    #[arg(long, value_name = "JSON|@FILE", allow_hyphen_values = true)]
     input: Option<String>,
 
     /// An argument passed to the handler (argv[1..]); repeatable.
-    #[arg(long = "arg", value_name = "ARG")]
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     args: Vec<String>,
 
     /// The command name the handler sees as argv[0]. Default: the module's file stem.

@@ -14,6 +14,22 @@ use serde_json::json;
 
 const CONNECT: Duration = Duration::from_secs(30);
 
+/// A platform and one enrolled agent trusting a fresh publisher, connected.
+fn connected_agent() -> (tempfile::TempDir, Platform, Publisher, Agent, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let publisher = Publisher::new();
+    let args = Agent::args_for(
+        &platform,
+        Some(&platform.token()),
+        Some(&publisher.public()),
+    );
+    let agent = Agent::start(&tmp.path().join("agent"), &args);
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    (tmp, platform, publisher, agent, id)
+}
+
 fn hello_ok(platform: &Platform, id: &str, publisher: &Publisher, name: &str) {
     let r = platform.run(id, &publisher.signed("hello"), json!({"name": name}), None);
     assert_eq!(r["ok"], true, "{r}\nplatform log:\n{}", platform.log.text());
@@ -368,19 +384,7 @@ fn the_identity_command_prints_the_id_the_platform_sees() {
 
 #[test]
 fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_survives() {
-    let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-    let publisher = Publisher::new();
-    let agent = Agent::start(
-        &tmp.path().join("agent"),
-        &Agent::args_for(
-            &platform,
-            Some(&platform.token()),
-            Some(&publisher.public()),
-        ),
-    );
-    let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
+    let (_tmp, platform, publisher, agent, id) = connected_agent();
     let deep = format!(
         "{{\"type\":\"run\",\"id\":\"d1\",\"x\":{}1{}}}",
         "[".repeat(200),
@@ -428,19 +432,7 @@ fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_surviv
 
 #[test]
 fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
-    let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-    let publisher = Publisher::new();
-    let agent = Agent::start(
-        &tmp.path().join("agent"),
-        &Agent::args_for(
-            &platform,
-            Some(&platform.token()),
-            Some(&publisher.public()),
-        ),
-    );
-    let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
+    let (_tmp, platform, publisher, _agent, id) = connected_agent();
     // 3 MB of stdout: the run keeps 1 MiB (the default cap), the message keeps what fits in one
     // frame; the totals stay exact and the result is not lost.
     let r = platform.run(
@@ -460,19 +452,7 @@ fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
 
 #[test]
 fn only_modules_that_pass_the_trust_policy_are_kept_in_the_store() {
-    let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-    let publisher = Publisher::new();
-    let agent = Agent::start(
-        &tmp.path().join("agent"),
-        &Agent::args_for(
-            &platform,
-            Some(&platform.token()),
-            Some(&publisher.public()),
-        ),
-    );
-    let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
+    let (_tmp, platform, publisher, agent, id) = connected_agent();
     let stored = || {
         std::fs::read_dir(agent.state.join("modules"))
             .map(|d| d.count())
@@ -487,4 +467,25 @@ fn only_modules_that_pass_the_trust_policy_are_kept_in_the_store() {
 
     hello_ok(&platform, &id, &publisher, "kept");
     assert_eq!(stored(), 1);
+}
+
+#[test]
+fn a_token_that_starts_with_a_dash_is_accepted() {
+    // Tokens are base64url: one in 32 starts with '-'. Ask the platform until it issues one.
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let token = (0..2000)
+        .map(|_| {
+            platform.control(json!({"cmd": "token"}))["token"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .find(|t| t.starts_with('-'))
+        .expect("no token starting with '-' in 2000 tries");
+    let agent = Agent::start(
+        &tmp.path().join("agent"),
+        &Agent::args_for(&platform, Some(&token), None),
+    );
+    platform.wait_connected(&agent.id(), CONNECT);
 }

@@ -483,3 +483,18 @@ fn examples_do_real_work_on_granted_directories() {
     assert_eq!(out["by_level"]["warn"], 1);
     assert_eq!(out["top_errors"][0]["count"], 2, "{out}");
 }
+
+#[test]
+fn values_that_start_with_a_dash_are_values() {
+    // `-1` is valid JSON, `-v` a plausible handler argument: neither is a flag of ours.
+    let c = call(
+        &wasm("envargs"),
+        &[UNSIGNED, "--input", "-1", "--arg", "-v", "--arg", "--x"],
+    );
+    assert_eq!(c.status(), "ok", "{}", c.stderr);
+    assert_eq!(c.result["output"]["stdin"], "-1");
+    assert_eq!(
+        c.result["output"]["args"],
+        serde_json::json!(["envargs", "-v", "--x"])
+    );
+}

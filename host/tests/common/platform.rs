@@ -287,9 +287,28 @@ impl Agent {
         a
     }
 
-    /// The agent id in its state directory (`bridge-daemon identity`).
+    /// The agent id in its state directory (`bridge-daemon identity`), waiting for the agent
+    /// to create it; a failure shows the agent's own log.
     pub fn id(&self) -> String {
-        agent_id(&self.state)
+        let start = Instant::now();
+        loop {
+            let out = super::daemon()
+                .arg("identity")
+                .arg("--state")
+                .arg(&self.state)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return String::from_utf8(out.stdout).unwrap().trim().to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no identity: {}; agent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Whether the process has exited (and with what).

@@ -29,10 +29,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE.wasm")]
     pub module: PathBuf,
     /// The task input: JSON text, or @FILE to read it from a file. Default: null.
-    #[arg(long, value_name = "JSON|@FILE")]
+    #[arg(long, value_name = "JSON|@FILE", allow_hyphen_values = true)]
     pub input: Option<String>,
     /// An argument passed to the handler (argv[1..]); repeatable.
-    #[arg(long = "arg", value_name = "ARG")]
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     pub args: Vec<String>,
     /// The task id to use. Default: a fresh UUID.
     #[arg(long, value_name = "ID")]
