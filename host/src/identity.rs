@@ -188,16 +188,25 @@ fn issue_cert(key: &KeyPair, agent_id: &str) -> Result<(CertificateDer<'static>,
     Ok((cert.der().clone(), cert.pem(), not_after))
 }
 
-/// Reads the agent id of an existing identity without creating anything.
+/// Reads the agent id of an existing identity without creating or re-issuing anything: only
+/// the key is read.
 pub fn agent_id(state: &Path) -> Result<String> {
     let key_path = identity_dir(state).join("agent.key");
-    if !key_path.exists() {
-        bail!(
+    let pem = match fs::read_to_string(&key_path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "no agent identity in {} yet (it is created on first `bridge-daemon run`)",
             state.display()
-        );
-    }
-    Ok(load_or_create(state)?.agent_id)
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the agent key {}", key_path.display()))
+        }
+    };
+    let key = KeyPair::from_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("the agent key {} is damaged ({e})", key_path.display()))?;
+    Ok(bridge_protocol::identity::spki_fingerprint(
+        &key.subject_public_key_info(),
+    ))
 }
 
 #[cfg(test)]
@@ -218,6 +227,7 @@ mod tests {
 
         let again = load_or_create(tmp.path()).unwrap();
         assert_eq!(again.agent_id, first.agent_id);
+        assert_eq!(agent_id(tmp.path()).unwrap(), first.agent_id);
         assert!(!again.created && !again.renewed);
         assert_eq!(again.cert_der, first.cert_der);
 

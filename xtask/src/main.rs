@@ -179,17 +179,13 @@ fn demo(_rest: &[String]) -> Result<()> {
     )?;
     ensure_ok(&out, "keygen")?;
     println!("{}", serde_pretty(&String::from_utf8_lossy(&out.stdout)));
-    for name in ["hello", "wat-hello"] {
-        let signed = work.join(format!("{name}.signed.wasm"));
-        let mut cmd = Command::new(&ctl);
-        cmd.arg("sign")
-            .arg(wasm.join(format!("{name}.wasm")))
-            .arg("--key")
-            .arg(&key);
-        cmd.args(["--name", name, "--version", "1.0.0", "-o"])
-            .arg(&signed);
-        let shown = format!("bridgectl sign {name}.wasm --key publisher.key --name {name} --version 1.0.0 -o {name}.signed.wasm");
-        ensure_ok(&step(&mut cmd, &shown)?, "sign")?;
+    for (name, caps) in &EXAMPLES[..2] {
+        let shown = format!(
+            "bridgectl sign {name}.wasm --key publisher.key --name {name} -o {name}.signed.wasm {}",
+            caps.join(" ")
+        );
+        println!("\n$ {}", shown.trim_end());
+        sign_example(&ctl, &wasm, &key, name, caps, &work)?;
     }
     let mut verify = Command::new(&ctl);
     verify
@@ -373,23 +369,44 @@ fn sign_examples(rest: &[String]) -> Result<()> {
     run(build)?;
     std::fs::create_dir_all(&out)?;
     for (name, caps) in EXAMPLES {
-        let signed = out.join(format!("{name}.signed.wasm"));
-        let mut cmd = Command::new(root().join("target/debug/bridgectl"));
-        cmd.arg("sign")
-            .arg(wasm.join(format!("{name}.wasm")))
-            .arg("--key")
-            .arg(&key);
-        cmd.args(["--name", name, "--version", env!("CARGO_PKG_VERSION")])
-            .args(caps)
-            .arg("-o")
-            .arg(&signed);
-        let status = cmd.status().context("running bridgectl sign")?;
-        if !status.success() {
-            bail!("signing {name} failed ({status})");
-        }
+        let signed = sign_example(
+            &root().join("target/debug/bridgectl"),
+            &wasm,
+            &key,
+            name,
+            caps,
+            &out,
+        )?;
         println!("{}", signed.display());
     }
     Ok(())
+}
+
+/// `bridgectl sign` for one example, declaring `caps`; writes `OUT/<name>.signed.wasm`.
+fn sign_example(
+    ctl: &Path,
+    wasm: &Path,
+    key: &Path,
+    name: &str,
+    caps: &[&str],
+    out: &Path,
+) -> Result<PathBuf> {
+    let signed = out.join(format!("{name}.signed.wasm"));
+    let mut cmd = Command::new(ctl);
+    cmd.arg("sign")
+        .arg(wasm.join(format!("{name}.wasm")))
+        .arg("--key")
+        .arg(key);
+    cmd.args(["--name", name, "--version", env!("CARGO_PKG_VERSION")])
+        .args(caps);
+    cmd.arg("-o")
+        .arg(&signed)
+        .stdout(std::process::Stdio::null());
+    let status = cmd.status().context("running bridgectl sign")?;
+    if !status.success() {
+        bail!("signing {name} failed ({status})");
+    }
+    Ok(signed)
 }
 
 fn ensure_ok(out: &std::process::Output, what: &str) -> Result<()> {
