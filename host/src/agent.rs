@@ -1,13 +1,40 @@
 //! The agent proper: what it does with the platform's requests, independent of the transport.
 //!
-//! A `run` names a module by SHA-256. The agent runs it from its caches when it can (a warm run
+//! ## A task's life
+//!
+//! 1. **Received.** A `run` is checked (a task id, exactly one of `command` / `module_sha256`,
+//!    a readable `not_after`); a bad one is answered with an `error`.
+//! 2. **Deduplicated.** A task id the agent has seen is never run again: a finished task is
+//!    answered with its stored result, an unfinished one with `accepted` and its state.
+//! 3. **Refused or accepted.** Beyond `max_concurrent_tasks + queue_capacity` tasks in progress
+//!    the task is `rejected: busy`; an expired one `rejected: expired`; a command that resolves
+//!    to nothing `rejected: unknown_command`; a full disk `rejected: storage_full`. These
+//!    refusals are not recorded, so the platform may send the same task id again later.
+//!    Otherwise the task is recorded in the [`Journal`] (durably) and only then answered with
+//!    `accepted`.
+//! 4. **Queued**, until one of `max_concurrent_tasks` slots is free. `cancel` removes it.
+//! 5. **Running**, recorded durably before anything executes. A `command` resolves to the
+//!    installed handler of that name, else to the shell rule of that name; a `module_sha256`
+//!    runs that module. `cancel` interrupts a WASM handler at its next epoch tick or kills a
+//!    shell command's process tree. With `stream`, output goes out as `chunk`s meanwhile.
+//! 6. **Finished.** The result is stored in the journal (durably), then sent; it stays in the
+//!    durable outbox until the platform's `ack`, and is sent again after every reconnect.
+//!
+//! When the agent starts, tasks recorded as queued run; tasks recorded as running are finished
+//! as `interrupted` (or run again when the task said `idempotent`), exactly once, because
+//! that ending is itself recorded.
+//!
+//! ## Modules
+//!
+//! A module is named by SHA-256. The agent runs it from its caches when it can (a warm run
 //! reads no bytes and verifies nothing again), from its module store (`<state>/modules`, which
-//! holds only modules that passed the trust policy) when it has the bytes, and otherwise asks the
-//! platform for them (`need_module`) and waits for one binary frame whose SHA-256 is the one
-//! asked for. Every `run` produces exactly one `result`
-//! in the outbox, whatever happens (refusal, missing module, any ending of the handler).
+//! holds only modules that passed the trust policy) when it has the bytes, and otherwise asks
+//! the platform for them (`need_module`) and waits for one binary frame whose SHA-256 is the one
+//! asked for. Installed handlers (a signed module bound to a command name, which its signed
+//! claims must carry) are kept in the journal; their modules stay in the store and their
+//! compiled code in the disk cache, so they survive restarts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,32 +44,101 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use bridge_protocol::{
-    AgentMessage, ErrorBody, ErrorCode, RunRequest, RunResult, Status, StatusReport,
+    AgentMessage, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, RunRequest, RunResult, Status,
+    StatusReport, TaskState,
 };
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
 
+use crate::journal::{
+    Accept, HandlerRecord, Journal, JournalConfig, JournalError, Recovery, TaskPhase, TaskRecord,
+};
 use crate::sandbox::Sandbox;
+use crate::shell::{Allowlist, ShellRule};
+use crate::stream::StreamTap;
 use crate::trust::{grant, Prepared, Trust};
 
 /// How many messages may wait for the platform before producers wait.
-const OUTBOX_CAPACITY: usize = 1024;
+const OUTBOX_CAPACITY: usize = 4096;
+
+/// The longest task id accepted.
+pub const MAX_TASK_ID_BYTES: usize = 256;
 
 type Waiters = HashMap<String, Vec<oneshot::Sender<Arc<Vec<u8>>>>>;
 
-/// The agent: sandbox, trust policy, module store, and the outbox to the platform.
+/// How the agent runs tasks (the config's `[agent]` and `[shell]` sections, resolved).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Tasks running at once.
+    pub max_concurrent_tasks: usize,
+    /// Tasks waiting for a slot; beyond it, `busy`.
+    pub queue_capacity: usize,
+    /// The shell fallback's rules.
+    pub shell: Allowlist,
+    /// A delegated cgroup v2 directory for shell runs.
+    pub cgroup_root: Option<PathBuf>,
+    /// The journal's settings; `path` is set from the state directory.
+    pub journal: JournalConfig,
+}
+
+impl AgentOptions {
+    /// Defaults (32 running, 256 queued, no shell rules) with the journal in `state`.
+    pub fn new(state: &std::path::Path) -> AgentOptions {
+        AgentOptions {
+            max_concurrent_tasks: 32,
+            queue_capacity: 256,
+            shell: Allowlist::default(),
+            cgroup_root: None,
+            journal: JournalConfig::new(state.join("journal.redb")),
+        }
+    }
+
+    /// From a config file's sections.
+    pub fn from_config(
+        config: &crate::config::AgentConfig,
+        state: &std::path::Path,
+    ) -> Result<AgentOptions> {
+        let a = &config.agent;
+        let mut journal = JournalConfig::new(state.join("journal.redb"));
+        journal.retention = Duration::from_secs(a.journal_retention_hours.saturating_mul(3600));
+        journal.max_records = a.journal_max_records;
+        journal.min_free_bytes = a.min_free_mib.saturating_mul(1 << 20);
+        journal.max_bytes = a.journal_max_mib.saturating_mul(1 << 20);
+        Ok(AgentOptions {
+            max_concurrent_tasks: a.max_concurrent_tasks as usize,
+            queue_capacity: a.queue_capacity as usize,
+            shell: config.shell.allowlist()?,
+            cgroup_root: config.shell.cgroup_root.clone(),
+            journal,
+        })
+    }
+}
+
+/// A task accepted and not finished.
+struct Live {
+    cancel: CancellationToken,
+    running: bool,
+}
+
+/// The agent: sandbox, trust policy, journal, module store, and the outbox to the platform.
 pub struct Agent {
     agent_id: String,
     sandbox: Sandbox,
     trust: Arc<Trust>,
+    journal: Journal,
+    shell: Allowlist,
+    cgroup_root: Option<PathBuf>,
     modules_dir: PathBuf,
     module_wait: Duration,
     outbox: mpsc::Sender<AgentMessage>,
     outbox_rx: Mutex<Option<mpsc::Receiver<AgentMessage>>>,
     waiting: Mutex<Waiters>,
-    /// Task ids in progress, with how many runs of each (a task id can arrive twice).
-    running: Mutex<BTreeMap<String, usize>>,
-    /// Runs accepted and not finished (queued or executing); bounded by `max_pending`.
+    /// Tasks accepted and not finished, by task id.
+    live: Mutex<HashMap<String, Live>>,
+    /// Execution slots (`max_concurrent_tasks`).
+    slots: Arc<Semaphore>,
+    /// Tasks accepted and not finished, plus those being accepted; bounded by `max_pending`.
     pending: AtomicUsize,
     max_pending: usize,
     started: Instant,
@@ -58,41 +154,139 @@ fn refused(status: Status, reason: Option<&str>, message: String) -> RunResult {
     r
 }
 
+fn rejected(reason: &str, message: String) -> RunResult {
+    refused(Status::Rejected, Some(reason), message)
+}
+
+/// The current time in RFC 3339 (UTC, seconds).
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::now_utc());
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Checks a `run` before anything else; the message explains what is wrong.
+fn check_request(req: &RunRequest) -> Result<Option<time::OffsetDateTime>, String> {
+    if req.task_id.is_empty() || req.task_id.len() > MAX_TASK_ID_BYTES {
+        return Err(format!(
+            "task_id must be 1 to {MAX_TASK_ID_BYTES} bytes (got {})",
+            req.task_id.len()
+        ));
+    }
+    if req.task_id.chars().any(char::is_control) {
+        return Err("task_id contains control characters".into());
+    }
+    match (&req.command, &req.module_sha256) {
+        (Some(_), Some(_)) => {
+            return Err("give either `command` or `module_sha256`, not both".into())
+        }
+        (None, None) => return Err("give `command` or `module_sha256`".into()),
+        _ => {}
+    }
+    req.not_after
+        .as_deref()
+        .map(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| format!("not_after {t:?} is not an RFC 3339 time: {e}"))
+        })
+        .transpose()
+}
+
+fn expired(not_after: Option<time::OffsetDateTime>) -> Option<RunResult> {
+    let t = not_after?;
+    (time::OffsetDateTime::now_utc() > t).then(|| {
+        rejected(
+            "expired",
+            format!(
+                "the task's not_after ({}) passed before it could start; it was not run",
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            ),
+        )
+    })
+}
+
+fn handler_info(h: HandlerRecord) -> HandlerInfo {
+    HandlerInfo {
+        name: h.name,
+        module_sha256: h.module_sha256,
+        installed_at: h.installed_at,
+        key: h.key,
+    }
+}
+
+fn refusal(id: &str, code: ErrorCode, message: String) -> AgentMessage {
+    AgentMessage::Error(ErrorBody {
+        id: Some(id.to_string()),
+        code,
+        message,
+    })
+}
+
+/// Where a command resolves.
+enum Target {
+    Module {
+        sha256: String,
+        signature: Option<String>,
+    },
+    Shell(ShellRule),
+}
+
 impl Agent {
-    /// An agent with its module store under `state/modules`.
+    /// An agent with its module store under `state/modules` and its journal per `options`.
+    /// Returns what the journal found unfinished; pass it to [`Agent::recover`] once a tokio
+    /// runtime runs.
     pub fn new(
         agent_id: String,
         sandbox: Sandbox,
         trust: Trust,
         state: &std::path::Path,
-    ) -> Result<Arc<Agent>> {
+        options: AgentOptions,
+    ) -> Result<(Arc<Agent>, Recovery)> {
         let modules_dir = state.join("modules");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&modules_dir)
             .with_context(|| format!("creating the module store {}", modules_dir.display()))?;
+        let (journal, recovery) = Journal::open(options.journal.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
         let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
-        let max_pending = 4 * sandbox.config().max_concurrent_runs as usize;
-        Ok(Arc::new(Agent {
-            agent_id,
-            sandbox,
-            trust: Arc::new(trust),
-            modules_dir,
-            module_wait: Duration::from_secs(60),
-            outbox: tx,
-            outbox_rx: Mutex::new(Some(rx)),
-            waiting: Mutex::new(HashMap::new()),
-            running: Mutex::new(BTreeMap::new()),
-            pending: AtomicUsize::new(0),
-            max_pending,
-            started: Instant::now(),
-        }))
+        let slots = options.max_concurrent_tasks.max(1);
+        Ok((
+            Arc::new(Agent {
+                agent_id,
+                sandbox,
+                trust: Arc::new(trust),
+                journal,
+                shell: options.shell,
+                cgroup_root: options.cgroup_root,
+                modules_dir,
+                module_wait: Duration::from_secs(60),
+                outbox: tx,
+                outbox_rx: Mutex::new(Some(rx)),
+                waiting: Mutex::new(HashMap::new()),
+                live: Mutex::new(HashMap::new()),
+                slots: Arc::new(Semaphore::new(slots)),
+                pending: AtomicUsize::new(0),
+                max_pending: slots + options.queue_capacity,
+                started: Instant::now(),
+            }),
+            recovery,
+        ))
     }
 
     /// The agent id.
     pub fn agent_id(&self) -> &str {
         &self.agent_id
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     /// The receiving end of the outbox (taken once, by the link).
@@ -102,71 +296,415 @@ impl Agent {
 
     /// The status report sent to the platform.
     pub fn status_report(&self) -> StatusReport {
+        let mut running: Vec<String> = lock(&self.live)
+            .iter()
+            .filter(|(_, l)| l.running)
+            .map(|(id, _)| id.clone())
+            .collect();
+        running.sort();
         StatusReport {
             agent_id: self.agent_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             host: crate::facts::collect(),
-            running: lock(&self.running).keys().cloned().collect(),
+            running,
             agent_uptime_secs: self.started.elapsed().as_secs(),
         }
     }
 
-    /// Starts a `run` in the background; its `result` goes to the outbox. Beyond `max_pending`
-    /// runs in progress the run is refused at once (`rejected`, reason `busy`): a platform cannot
-    /// make the agent hold an unbounded number of requests.
+    /// Results waiting for the platform's `ack`, oldest first (sent at every connection).
+    pub fn unacked_results(&self) -> Vec<AgentMessage> {
+        self.journal
+            .unacked()
+            .into_iter()
+            .filter_map(|r| {
+                Some(AgentMessage::Result {
+                    id: r.request.id,
+                    task_id: r.request.task_id,
+                    result: r.result?,
+                })
+            })
+            .collect()
+    }
+
+    /// The platform stored these results.
+    pub fn ack(&self, task_ids: &[String]) {
+        self.journal.ack(task_ids);
+    }
+
+    async fn send(&self, msg: AgentMessage) {
+        let _ = self.outbox.send(msg).await;
+    }
+
+    /// Picks up what the journal found unfinished at start: queued tasks run; tasks that were
+    /// running end as `interrupted` (or run again if they said `idempotent`).
+    pub async fn recover(self: &Arc<Self>, recovery: Recovery) {
+        for record in recovery.running {
+            let req = record.request;
+            if req.idempotent {
+                tracing::warn!(task_id = %req.task_id, "the agent stopped while this idempotent task ran; running it again");
+                self.spawn_task(req, true);
+                continue;
+            }
+            tracing::warn!(task_id = %req.task_id, "the agent stopped while this task ran; reporting it as interrupted");
+            let mut result = RunResult::refused(
+                Status::Interrupted,
+                "the agent stopped (killed, crashed or the host rebooted) while this task ran; \
+                 it was not run again (a task may declare itself idempotent to be re-run)",
+            );
+            result.module_sha256 = req.module_sha256.clone();
+            self.finish(&req, result).await;
+        }
+        for record in recovery.queued {
+            tracing::info!(task_id = %record.request.task_id, "resuming a task queued before the agent stopped");
+            self.spawn_task(record.request, true);
+        }
+    }
+
+    /// Handles a `run` in the background: dedup, refusal or durable acceptance, then the run.
     pub fn start_run(self: &Arc<Self>, req: RunRequest) {
+        let this = self.clone();
+        tokio::spawn(async move { this.receive(req).await });
+    }
+
+    async fn receive(self: Arc<Self>, req: RunRequest) {
+        let not_after = match check_request(&req) {
+            Ok(t) => t,
+            Err(message) => {
+                tracing::warn!(id = %req.id, "refusing a run: {message}");
+                return self
+                    .send(refusal(&req.id, ErrorCode::Malformed, message))
+                    .await;
+            }
+        };
+        if self.answer_seen(&req).await {
+            return;
+        }
         if self.pending.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(task_id = %req.task_id, "refusing a run: {} already in progress", self.max_pending);
-            let result = refused(
-                Status::Rejected,
-                Some("busy"),
+            tracing::warn!(task_id = %req.task_id, "refusing a task: {} already in progress", self.max_pending);
+            let result = rejected(
+                "busy",
                 format!(
-                    "the agent already has {} runs in progress",
+                    "the agent already has {} tasks running or queued; try again later",
                     self.max_pending
                 ),
             );
-            let msg = AgentMessage::Result {
-                id: req.id,
-                task_id: req.task_id,
-                result,
-            };
-            if self.outbox.try_send(msg).is_err() {
-                tracing::warn!("the outbox is full; the busy refusal was dropped");
-            }
-            return;
+            return self.reply_unrecorded(&req, result).await;
         }
+        let refusal = match expired(not_after) {
+            Some(r) => Some(r),
+            None => self.unresolvable(&req),
+        };
+        if let Some(result) = refusal {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return self.reply_unrecorded(&req, result).await;
+        }
+        // A free slot now: the task is recorded as running in the same commit that accepts it.
+        let slot = self.slots.clone().try_acquire_owned().ok();
+        let accepted = match &slot {
+            Some(_) => self.journal.accept_running(&req).await,
+            None => self.journal.accept(&req).await,
+        };
+        match accepted {
+            Ok(Accept::New) => {}
+            Ok(Accept::Seen(record)) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                return self.answer_record(&req, record).await;
+            }
+            Err(e) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                let reason = match e {
+                    JournalError::StorageFull(_) => "storage_full",
+                    JournalError::Io(_) => "storage_error",
+                };
+                tracing::error!(task_id = %req.task_id, "refusing a task: {e}");
+                let result = rejected(reason, format!("the task could not be recorded: {e}"));
+                return self.reply_unrecorded(&req, result).await;
+            }
+        }
+        let cancel = CancellationToken::new();
+        lock(&self.live).insert(
+            req.task_id.clone(),
+            Live {
+                cancel: cancel.clone(),
+                running: slot.is_some(),
+            },
+        );
+        tracing::info!(task_id = %req.task_id, "task accepted");
+        self.send(AgentMessage::Accepted {
+            id: req.id.clone(),
+            task_id: req.task_id.clone(),
+            state: if slot.is_some() {
+                TaskState::Running
+            } else {
+                TaskState::Queued
+            },
+        })
+        .await;
+        self.clone().run_task(req, cancel, not_after, slot).await;
+    }
+
+    /// Runs a task taken from the journal (at start), outside of `receive`.
+    fn spawn_task(self: &Arc<Self>, req: RunRequest, recovered: bool) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        lock(&self.live).insert(
+            req.task_id.clone(),
+            Live {
+                cancel: cancel.clone(),
+                running: false,
+            },
+        );
+        let not_after = check_request(&req).ok().flatten();
+        debug_assert!(recovered);
         let this = self.clone();
-        *lock(&self.running).entry(req.task_id.clone()).or_insert(0) += 1;
-        tokio::spawn(async move {
-            tracing::info!(task_id = %req.task_id, module = %req.module_sha256, "task started");
-            let mut result = this.execute(&req).await;
-            tracing::info!(task_id = %req.task_id, status = %result.status, "task finished");
-            {
-                let mut running = lock(&this.running);
-                if let Some(n) = running.get_mut(&req.task_id) {
-                    *n -= 1;
-                    if *n == 0 {
-                        running.remove(&req.task_id);
+        tokio::spawn(async move { this.run_task(req, cancel, not_after, None).await });
+    }
+
+    /// A repeated task id: answers from memory or the journal. Returns whether it answered.
+    async fn answer_seen(&self, req: &RunRequest) -> bool {
+        let live = lock(&self.live).get(&req.task_id).map(|l| l.running);
+        if let Some(running) = live {
+            let state = if running {
+                TaskState::Running
+            } else {
+                TaskState::Queued
+            };
+            self.send(AgentMessage::Accepted {
+                id: req.id.clone(),
+                task_id: req.task_id.clone(),
+                state,
+            })
+            .await;
+            return true;
+        }
+        match self.journal.get(&req.task_id) {
+            Some(record) => {
+                self.answer_record(req, record).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn answer_record(&self, req: &RunRequest, record: TaskRecord) {
+        tracing::info!(task_id = %req.task_id, phase = ?record.phase, "task id seen before: not running it again");
+        let msg = match (record.phase, record.result) {
+            (TaskPhase::Done, Some(result)) => AgentMessage::Result {
+                id: req.id.clone(),
+                task_id: req.task_id.clone(),
+                result,
+            },
+            (phase, _) => AgentMessage::Accepted {
+                id: req.id.clone(),
+                task_id: req.task_id.clone(),
+                state: match phase {
+                    TaskPhase::Queued => TaskState::Queued,
+                    TaskPhase::Running => TaskState::Running,
+                    TaskPhase::Done => TaskState::Finished,
+                },
+            },
+        };
+        self.send(msg).await;
+    }
+
+    /// A refusal that is not recorded: the same task id may be sent again later.
+    async fn reply_unrecorded(&self, req: &RunRequest, result: RunResult) {
+        tracing::info!(task_id = %req.task_id, reason = ?result.reason, "task refused");
+        self.send(AgentMessage::Result {
+            id: req.id.clone(),
+            task_id: req.task_id.clone(),
+            result,
+        })
+        .await;
+    }
+
+    /// `rejected: unknown_command` when a command names neither a handler nor a shell rule.
+    fn unresolvable(&self, req: &RunRequest) -> Option<RunResult> {
+        let name = req.command.as_deref()?;
+        match self.resolve(name) {
+            Some(_) => None,
+            None => Some(self.unknown_command(name)),
+        }
+    }
+
+    fn unknown_command(&self, name: &str) -> RunResult {
+        rejected(
+            "unknown_command",
+            format!(
+                "no handler is installed as {name:?} and no shell rule has that name; nothing was run"
+            ),
+        )
+    }
+
+    /// Resolution order: installed handler, then shell rule.
+    fn resolve(&self, name: &str) -> Option<Target> {
+        if let Some(h) = self.journal.handler(name) {
+            return Some(Target::Module {
+                sha256: h.module_sha256,
+                signature: h.signature,
+            });
+        }
+        self.shell.get(name).cloned().map(Target::Shell)
+    }
+
+    /// Waits for a slot (unless it holds one already: then the task was recorded as running
+    /// when it was accepted), checks the expiry, records the start, runs, records the result.
+    async fn run_task(
+        self: Arc<Self>,
+        req: RunRequest,
+        cancel: CancellationToken,
+        not_after: Option<time::OffsetDateTime>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let recorded_running = slot.is_some();
+        let slot = match slot {
+            Some(permit) => Some(permit),
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => None,
+                permit = self.slots.clone().acquire_owned() => permit.ok(),
+            },
+        };
+        let result = match slot {
+            None => {
+                let mut r =
+                    RunResult::refused(Status::Cancelled, "cancelled while queued; it never ran");
+                r.module_sha256 = req.module_sha256.clone();
+                Some(r)
+            }
+            Some(_) if recorded_running => None, // checked on receipt, an instant ago
+            Some(_) => expired(not_after),
+        };
+        let started = match (&result, recorded_running) {
+            (Some(_), _) => Ok(()),
+            (None, true) => Ok(()),
+            (None, false) => self.journal.start(&req.task_id).await,
+        };
+        let result = match result {
+            Some(r) => r,
+            None => match started {
+                Err(e) => {
+                    tracing::error!(task_id = %req.task_id, "could not record the task's start: {e}");
+                    rejected(
+                        "storage_error",
+                        format!("the task's start could not be recorded, so it was not run: {e}"),
+                    )
+                }
+                Ok(()) => {
+                    if let Some(l) = lock(&self.live).get_mut(&req.task_id) {
+                        l.running = true;
+                    }
+                    tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started");
+                    let tap = req.stream.then(|| {
+                        let tap = StreamTap::new(&req.task_id, self.outbox.clone());
+                        tokio::spawn(tap.clone().flusher());
+                        tap
+                    });
+                    let r = self.execute(&req, cancel, tap.clone()).await;
+                    if let Some(tap) = tap {
+                        tap.finish();
+                    }
+                    r
+                }
+            },
+        };
+        drop(slot);
+        self.finish(&req, result).await;
+        lock(&self.live).remove(&req.task_id);
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Records the result durably, then sends it.
+    async fn finish(&self, req: &RunRequest, mut result: RunResult) {
+        fit_to_frame(&mut result, &req.id, &req.task_id);
+        tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
+        if let Err(e) = self.journal.finish(&req.task_id, &result).await {
+            // Sent anyway: the platform may still get it, but a restart now could lose it.
+            tracing::error!(task_id = %req.task_id, "could not record the task's result: {e}");
+        }
+        self.send(AgentMessage::Result {
+            id: req.id.clone(),
+            task_id: req.task_id.clone(),
+            result,
+        })
+        .await;
+    }
+
+    async fn execute(
+        &self,
+        req: &RunRequest,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
+        let target = match (&req.command, &req.module_sha256) {
+            (Some(name), _) => match self.resolve(name) {
+                Some(t) => t,
+                None => return self.unknown_command(name),
+            },
+            (None, Some(sha)) => Target::Module {
+                sha256: sha.clone(),
+                signature: req.signature.clone(),
+            },
+            (None, None) => unreachable!("checked on receipt"),
+        };
+        match target {
+            Target::Shell(rule) => self.run_shell(rule, req, cancel, tap).await,
+            Target::Module { sha256, signature } => {
+                let run = self.run_module(req, &sha256, signature.as_deref(), cancel.clone(), tap);
+                tokio::select! {
+                    r = run => r,
+                    _ = cancel.cancelled() => {
+                        let mut r = RunResult::refused(Status::Cancelled, "cancelled before the handler started");
+                        r.module_sha256 = Some(sha256);
+                        r
                     }
                 }
             }
-            fit_to_frame(&mut result, &req.id, &req.task_id);
-            let msg = AgentMessage::Result {
-                id: req.id,
-                task_id: req.task_id,
-                result,
-            };
-            let _ = this.outbox.send(msg).await;
-            this.pending.fetch_sub(1, Ordering::SeqCst);
-        });
+        }
     }
 
-    async fn execute(&self, req: &RunRequest) -> RunResult {
-        let sha = match hex::decode(&req.module_sha256)
-            .ok()
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-        {
+    async fn run_shell(
+        &self,
+        mut rule: ShellRule,
+        req: &RunRequest,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
+        // A task may ask for less time or output than the rule allows, never more.
+        let mut clamped = Vec::new();
+        if let Some(t) = req.limits.timeout_ms {
+            if t < rule.timeout_ms {
+                rule.timeout_ms = t.max(1);
+            } else if t > rule.timeout_ms {
+                clamped.push("timeout_ms".to_string());
+            }
+        }
+        if let Some(o) = req.limits.output_bytes {
+            if o < rule.output_bytes {
+                rule.output_bytes = o;
+            } else if o > rule.output_bytes {
+                clamped.push("output_bytes".to_string());
+            }
+        }
+        let mut result =
+            crate::shell::run_streamed(&rule, &req.args, cancel, self.cgroup_root.as_deref(), tap)
+                .await;
+        if let Some(l) = result.limits.as_mut() {
+            l.clamped.extend(clamped);
+        }
+        result
+    }
+
+    async fn run_module(
+        &self,
+        req: &RunRequest,
+        sha_hex: &str,
+        signature: Option<&str>,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
+        let sha = match parse_sha(sha_hex) {
             Some(sha) => sha,
             None => {
                 return refused(
@@ -176,24 +714,13 @@ impl Agent {
                 )
             }
         };
-        let detached = match req
-            .signature
-            .as_deref()
-            .map(|s| base64::engine::general_purpose::STANDARD.decode(s))
-        {
-            None => None,
-            Some(Ok(bytes)) => Some(bytes),
-            Some(Err(e)) => {
-                return refused(
-                    Status::Rejected,
-                    Some("malformed_signature"),
-                    format!("the detached signature is not base64: {e}"),
-                )
-            }
+        let detached = match decode_signature(signature) {
+            Ok(d) => d,
+            Err(r) => return *r,
         };
         let prepared = match self.trust.cached(&self.sandbox, &sha, detached.as_deref()) {
             Some(p) => p,
-            None => match self.prepare(req, sha, detached).await {
+            None => match self.prepare(&req.id, sha, detached).await {
                 Ok(p) => p,
                 Err(r) => return *r,
             },
@@ -202,8 +729,10 @@ impl Agent {
         let verified = prepared.verified.as_deref();
         let name = verified.map_or_else(|| "handler".to_string(), |v| v.claims.name.clone());
         let input = serde_json::to_vec(&req.input).unwrap_or_else(|_| b"null".to_vec());
-        let (spec, _denied) = grant(verified, req.limits, &defaults, Vec::new(), Vec::new())
+        let (mut spec, _denied) = grant(verified, req.limits, &defaults, Vec::new(), Vec::new())
             .into_spec(input, name, &req.args);
+        spec.cancel = Some(cancel);
+        spec.tap = tap;
         match self.sandbox.run(&prepared.handler, spec).await {
             Ok(r) => r,
             Err(e) => refused(
@@ -214,14 +743,18 @@ impl Agent {
         }
     }
 
-    /// Gets the module's bytes, checks and compiles them (off the async threads).
+    /// Gets the module's bytes, checks and compiles them (off the async threads), and keeps
+    /// them in the store when they passed.
     async fn prepare(
         &self,
-        req: &RunRequest,
+        request_id: &str,
         sha: [u8; 32],
         detached: Option<Vec<u8>>,
     ) -> Result<Prepared, Box<RunResult>> {
-        let bytes = self.module_bytes(req, &sha).await.map_err(Box::new)?;
+        let bytes = self
+            .module_bytes(request_id, &sha)
+            .await
+            .map_err(Box::new)?;
         let (trust, sandbox) = (self.trust.clone(), self.sandbox.clone());
         let store = self.store_path(&hex::encode(sha));
         let dir = self.modules_dir.clone();
@@ -239,13 +772,13 @@ impl Agent {
             Ok(prepared)
         })
         .await
-            .unwrap_or_else(|e| {
-                Err(Box::new(refused(
-                    Status::Trap,
-                    None,
-                    format!("module preparation failed: {e}"),
-                )))
-            })
+        .unwrap_or_else(|e| {
+            Err(Box::new(refused(
+                Status::Trap,
+                None,
+                format!("module preparation failed: {e}"),
+            )))
+        })
     }
 
     fn store_path(&self, sha_hex: &str) -> PathBuf {
@@ -255,7 +788,7 @@ impl Agent {
     /// The module's bytes from the store, or from the platform (`need_module`).
     async fn module_bytes(
         &self,
-        req: &RunRequest,
+        request_id: &str,
         sha: &[u8; 32],
     ) -> Result<Arc<Vec<u8>>, RunResult> {
         let sha_hex = hex::encode(sha);
@@ -272,10 +805,10 @@ impl Agent {
             .or_default()
             .push(tx);
         let ask = AgentMessage::NeedModule {
-            id: req.id.clone(),
+            id: request_id.to_string(),
             sha256: sha_hex.clone(),
         };
-        let _ = self.outbox.send(ask).await;
+        self.send(ask).await;
         match tokio::time::timeout(self.module_wait, rx).await {
             Ok(Ok(bytes)) => Ok(bytes),
             _ => {
@@ -286,9 +819,8 @@ impl Agent {
                         waiting.remove(&sha_hex);
                     }
                 }
-                Err(refused(
-                    Status::Rejected,
-                    Some("module_unavailable"),
+                Err(rejected(
+                    "module_unavailable",
                     format!(
                         "the platform did not send module {sha_hex} within {} s",
                         self.module_wait.as_secs()
@@ -331,6 +863,172 @@ impl Agent {
         }
         Ok(())
     }
+
+    /// `cancel`: removes a queued task or stops a running one; answers `cancel_reply`.
+    pub fn cancel(self: &Arc<Self>, id: String, task_id: String) {
+        let outcome = match lock(&self.live).get(&task_id) {
+            Some(live) => {
+                live.cancel.cancel();
+                if live.running {
+                    CancelOutcome::Cancelling
+                } else {
+                    CancelOutcome::Dequeued
+                }
+            }
+            None => match self.journal.get(&task_id) {
+                Some(_) => CancelOutcome::Finished,
+                None => CancelOutcome::Unknown,
+            },
+        };
+        tracing::info!(task_id = %task_id, outcome = ?outcome, "cancel requested");
+        let msg = AgentMessage::CancelReply {
+            id,
+            task_id,
+            outcome,
+        };
+        let this = self.clone();
+        tokio::spawn(async move { this.send(msg).await });
+    }
+
+    fn handler_list(&self) -> Vec<HandlerInfo> {
+        self.journal
+            .handlers()
+            .into_iter()
+            .map(handler_info)
+            .collect()
+    }
+
+    /// `list_handlers`.
+    pub fn list_handlers(self: &Arc<Self>, id: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let handlers = this.handler_list();
+            this.send(AgentMessage::Handlers { id, handlers }).await;
+        });
+    }
+
+    /// `remove_handler`.
+    pub fn remove_handler(self: &Arc<Self>, id: String, name: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let msg = match this.journal.remove_handler(&name).await {
+                Ok(true) => {
+                    tracing::info!(name = %name, "handler removed");
+                    AgentMessage::Handlers {
+                        id,
+                        handlers: this.handler_list(),
+                    }
+                }
+                Ok(false) => refusal(
+                    &id,
+                    ErrorCode::NotFound,
+                    format!("no handler is installed as {name:?}"),
+                ),
+                Err(e) => refusal(&id, ErrorCode::Refused, format!("storage_error: {e}")),
+            };
+            this.send(msg).await;
+        });
+    }
+
+    /// `install_handler`: fetch, verify, compile and store the module, check that its signed
+    /// claims name the command, record it.
+    pub fn install_handler(
+        self: &Arc<Self>,
+        id: String,
+        name: String,
+        module_sha256: String,
+        signature: Option<String>,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let msg = match this
+                .install(&id, &name, &module_sha256, signature.clone())
+                .await
+            {
+                Ok(()) => AgentMessage::Handlers {
+                    id,
+                    handlers: this.handler_list(),
+                },
+                Err(message) => {
+                    tracing::warn!(name = %name, module = %module_sha256, "refusing to install a handler: {message}");
+                    refusal(&id, ErrorCode::Refused, message)
+                }
+            };
+            this.send(msg).await;
+        });
+    }
+
+    async fn install(
+        &self,
+        id: &str,
+        name: &str,
+        sha_hex: &str,
+        signature: Option<String>,
+    ) -> Result<(), String> {
+        if !crate::shell::rules::valid_name(name) {
+            return Err(format!(
+                "bad_name: {name:?} is not a valid command name (letters, digits, '-', '_', '.', at most 64)"
+            ));
+        }
+        let sha = parse_sha(sha_hex)
+            .ok_or_else(|| "bad_module: module_sha256 is not 64 hex characters".to_string())?;
+        let detached = decode_signature(signature.as_deref()).map_err(|r| describe(&r))?;
+        let prepared = match self.trust.cached(&self.sandbox, &sha, detached.as_deref()) {
+            Some(p) => p,
+            None => self
+                .prepare(id, sha, detached)
+                .await
+                .map_err(|r| describe(&r))?,
+        };
+        let Some(verified) = prepared.verified.as_deref() else {
+            return Err(
+                "unsigned: an installed handler must be signed, with claims naming its command"
+                    .into(),
+            );
+        };
+        if verified.claims.name != name {
+            return Err(format!(
+                "name_mismatch: the module is signed for {:?}, not {name:?}",
+                verified.claims.name
+            ));
+        }
+        let record = HandlerRecord {
+            name: name.to_string(),
+            module_sha256: hex::encode(sha),
+            signature,
+            installed_at: now_rfc3339(),
+            key: Some(verified.key_id.to_string()),
+        };
+        self.journal
+            .put_handler(record)
+            .await
+            .map_err(|e| format!("storage_error: {e}"))?;
+        tracing::info!(name = %name, module = %sha_hex, key = %verified.key_id, "handler installed");
+        Ok(())
+    }
+}
+
+fn parse_sha(hex_text: &str) -> Option<[u8; 32]> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+}
+
+fn decode_signature(signature: Option<&str>) -> Result<Option<Vec<u8>>, Box<RunResult>> {
+    match signature.map(|s| base64::engine::general_purpose::STANDARD.decode(s)) {
+        None => Ok(None),
+        Some(Ok(bytes)) => Ok(Some(bytes)),
+        Some(Err(e)) => Err(Box::new(rejected(
+            "malformed_signature",
+            format!("the detached signature is not base64: {e}"),
+        ))),
+    }
+}
+
+/// "reason: message" for a refused module.
+fn describe(r: &RunResult) -> String {
+    let reason = r.reason.clone().unwrap_or_else(|| r.status.to_string());
+    format!("{reason}: {}", r.error.as_deref().unwrap_or("refused"))
 }
 
 /// Makes a result fit in one text frame: the platform refuses frames over

@@ -61,11 +61,65 @@ impl ShellSection {
 }
 
 /// `[agent]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
-    /// The state directory: identity, module store, compiled-module cache.
+    /// The state directory: identity, journal, module store, compiled-module cache.
     pub state_dir: Option<PathBuf>,
+    /// Tasks running at once (WASM handlers and shell commands together).
+    pub max_concurrent_tasks: u32,
+    /// Tasks accepted and waiting for a slot; beyond it a task is refused as `busy`.
+    pub queue_capacity: u32,
+    /// Finished, acknowledged tasks are remembered (for deduplication) this many hours.
+    pub journal_retention_hours: u64,
+    /// At most this many finished, acknowledged tasks are remembered.
+    pub journal_max_records: usize,
+    /// New tasks are refused (`storage_full`) when the state directory's filesystem has less
+    /// free space than this, in MiB.
+    pub min_free_mib: u64,
+    /// New tasks are refused (`storage_full`) when the journal grows beyond this, in MiB.
+    pub journal_max_mib: u64,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            state_dir: None,
+            max_concurrent_tasks: 32,
+            queue_capacity: 256,
+            journal_retention_hours: 7 * 24,
+            journal_max_records: 20_000,
+            min_free_mib: 64,
+            journal_max_mib: 256,
+        }
+    }
+}
+
+impl AgentSection {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            (1..=4096).contains(&self.max_concurrent_tasks),
+            "agent.max_concurrent_tasks must be between 1 and 4096"
+        );
+        anyhow::ensure!(
+            self.queue_capacity <= 1_000_000,
+            "agent.queue_capacity must be at most 1000000"
+        );
+        anyhow::ensure!(
+            self.journal_retention_hours >= 1,
+            "agent.journal_retention_hours must be at least 1"
+        );
+        anyhow::ensure!(
+            self.journal_max_records >= 1000,
+            "agent.journal_max_records must be at least 1000"
+        );
+        anyhow::ensure!(
+            self.journal_max_mib >= 1,
+            "agent.journal_max_mib must be at least 1"
+        );
+        Ok(())
+    }
 }
 
 /// `[platform]`.
@@ -256,6 +310,7 @@ impl AgentConfig {
         config.sandbox_config()?;
         config.trust.policy()?;
         config.shell.allowlist()?;
+        config.agent.validate()?;
         Ok(config)
     }
 

@@ -99,7 +99,17 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         ..Default::default()
     };
     let trust: Trust = crate::call::trust(&call_like, &config)?;
-    let agent = Agent::new(identity.agent_id.clone(), sandbox, trust, &state)?;
+    let options = crate::agent::AgentOptions::from_config(&config, &state)?;
+    let (agent, recovery) = Agent::new(identity.agent_id.clone(), sandbox, trust, &state, options)?;
+    let (records, unacked) = agent.journal().counts();
+    tracing::info!(
+        records,
+        unacked,
+        queued = recovery.queued.len(),
+        interrupted = recovery.running.len(),
+        "journal opened"
+    );
+    agent.recover(recovery).await;
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();

@@ -16,6 +16,8 @@
 //!   fingerprint.
 //! - [`link`]: the platform connection: TLS both ways, enrollment, heartbeat, reconnect.
 //! - [`agent`]: what the agent does with the platform's requests (module store, runs, status).
+//! - [`journal`]: the durable task journal (redb, group commit): tasks, results until acked,
+//!   installed handlers.
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //! - [`shell`]: the shell fallback: allowlisted commands run directly (no shell), in their own
 //!   process group (and cgroup), with checked arguments, a timeout and capped output.
@@ -26,13 +28,16 @@
 
 pub mod agent;
 pub mod call;
+pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod facts;
 pub mod identity;
+pub mod journal;
 pub mod limits;
 pub mod link;
 pub mod outcome;
 pub mod sandbox;
 pub mod shell;
+pub mod stream;
 pub mod trust;

@@ -272,6 +272,7 @@ impl Granted {
             dirs: self.dirs,
             limits: self.request,
             ceiling: self.ceiling,
+            ..RunSpec::default()
         };
         (spec, self.denied)
     }

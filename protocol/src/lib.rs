@@ -17,7 +17,8 @@ pub mod result;
 
 pub use limits::{AppliedLimits, LimitRequest, Limits};
 pub use messages::{
-    AgentMessage, ErrorBody, ErrorCode, HostFacts, PlatformMessage, RunRequest, StatusReport,
+    AgentMessage, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, HostFacts, PlatformMessage,
+    RunRequest, StatusReport, StreamName, TaskState,
 };
 pub use result::{RunResult, Status, Truncation};
 

@@ -25,6 +25,11 @@ pub enum ErrorCode {
     ModuleMismatch,
     /// A binary frame (this end only accepts binary frames for module uploads).
     BinaryNotExpected,
+    /// A request the agent understood and refuses (e.g. installing a handler whose signature
+    /// does not name the command); the message starts with the machine-readable reason.
+    Refused,
+    /// The request names something this end does not have (e.g. removing an unknown handler).
+    NotFound,
 }
 
 impl ErrorCode {
@@ -39,6 +44,8 @@ impl ErrorCode {
             ErrorCode::Unexpected => "unexpected",
             ErrorCode::ModuleMismatch => "module_mismatch",
             ErrorCode::BinaryNotExpected => "binary_not_expected",
+            ErrorCode::Refused => "refused",
+            ErrorCode::NotFound => "not_found",
         }
     }
 }
@@ -88,29 +95,108 @@ pub struct StatusReport {
     pub agent_uptime_secs: u64,
 }
 
-/// A request to run a signed module.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A task: run a named command, or a signed module by its hash.
+///
+/// Exactly one of `command` and `module_sha256` is given. A `command` resolves to the handler
+/// installed under that name, else to the agent's allowlisted shell rule of that name, else
+/// the task is `rejected` with reason `unknown_command`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
-    /// Correlates the reply (`result`, `error`, `need_module`).
+    /// Correlates the replies (`accepted`, `result`, `error`, `need_module`).
     pub id: String,
-    /// The platform's task id (reported back in the result).
+    /// The platform's task id. The agent runs a task id at most once: a `run` repeating a task
+    /// id it has seen is answered from its journal (the stored result, or the current state).
     pub task_id: String,
-    /// SHA-256 (hex) of the module bytes. The agent runs what it has under that hash, or
-    /// answers `need_module` and waits for a binary frame holding exactly those bytes.
-    pub module_sha256: String,
+    /// The command to run (an installed handler or a shell rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// SHA-256 (hex) of a module to run directly. The agent runs what it has under that hash,
+    /// or answers `need_module` and waits for a binary frame holding exactly those bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_sha256: Option<String>,
     /// A detached signature (base64 of the envelope), when the module has no embedded one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
-    /// The task input: any JSON value, given to the handler on stdin.
+    /// The task input: any JSON value, given to a handler on stdin (shell commands get
+    /// `/dev/null`).
     #[serde(default)]
     pub input: serde_json::Value,
-    /// argv\[1..\] for the handler.
+    /// argv\[1..\] for the handler, or the extra arguments for a shell rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     /// Requested limits (clamped by the agent).
     #[serde(default)]
     pub limits: LimitRequest,
+    /// RFC 3339 time after which the task must not start (`rejected`, reason `expired`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// The task may run again after the agent died while running it (instead of ending as
+    /// `interrupted`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub idempotent: bool,
+    /// Send stdout/stderr as `chunk` messages while the task runs.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+}
+
+/// Where a task is, as the agent reports it in `accepted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Recorded, waiting for a free slot.
+    Queued,
+    /// Running now.
+    Running,
+    /// Finished: the result is in the agent's outbox (or was acknowledged).
+    Finished,
+}
+
+/// Which output stream a `chunk` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamName {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What a `cancel` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// The task was running and is being stopped; its `result` (`cancelled`) follows.
+    Cancelling,
+    /// The task was queued and was removed; its `result` (`cancelled`) follows.
+    Dequeued,
+    /// The task had already finished; nothing changes.
+    Finished,
+    /// The agent has no record of this task id.
+    Unknown,
+}
+
+/// One installed handler, as `handlers` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerInfo {
+    /// The command name.
+    pub name: String,
+    /// SHA-256 (hex) of the module.
+    pub module_sha256: String,
+    /// When it was installed (RFC 3339, UTC).
+    pub installed_at: String,
+    /// The id of the key that signed the module (32 hex characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// Messages the agent sends.
@@ -135,7 +221,52 @@ pub enum AgentMessage {
         /// The module wanted.
         sha256: String,
     },
-    /// The outcome of a `run`.
+    /// The task is recorded in the agent's journal (sent only after the record is durable) and
+    /// will produce exactly one `result`. Also the answer to a repeated task id that has not
+    /// finished yet.
+    Accepted {
+        /// The `run` message this answers.
+        id: String,
+        /// The platform's task id.
+        task_id: String,
+        /// Where the task is.
+        state: TaskState,
+    },
+    /// Output of a running task that asked for `stream`: in order per task (`seq` from 0),
+    /// all before its `result`. `data` is UTF-8 (invalid bytes replaced).
+    Chunk {
+        /// The platform's task id.
+        task_id: String,
+        /// 0, 1, 2… per task, across both streams.
+        seq: u64,
+        /// stdout or stderr.
+        stream: StreamName,
+        /// The bytes, as text.
+        data: String,
+        /// Bytes not streamed since the previous chunk (rate or size bound); they are still in
+        /// the final result's head/tail capture when they fit there.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped_bytes: u64,
+    },
+    /// The answer to `cancel`.
+    CancelReply {
+        /// The `cancel` message this answers.
+        id: String,
+        /// The task id.
+        task_id: String,
+        /// What the agent found.
+        outcome: CancelOutcome,
+    },
+    /// The installed handlers: the answer to `install_handler`, `remove_handler` and
+    /// `list_handlers` (the list after the change).
+    Handlers {
+        /// The message this answers.
+        id: String,
+        /// Every installed handler, by name.
+        handlers: Vec<HandlerInfo>,
+    },
+    /// The outcome of a `run`. Kept in the agent's durable outbox and sent again after every
+    /// reconnect until the platform acknowledges it (`ack`).
     Result {
         /// The `run` message this answers.
         id: String,
@@ -161,19 +292,73 @@ pub enum PlatformMessage {
         /// Whether this connection enrolled the agent (first contact with a token).
         enrolled: bool,
     },
-    /// Run a module.
+    /// Run a task.
     Run(RunRequest),
+    /// Stop a task: remove it from the queue, or stop it running.
+    Cancel {
+        /// Correlates the `cancel_reply`.
+        id: String,
+        /// The task to stop.
+        task_id: String,
+    },
+    /// "I have stored these results": the agent drops them from its outbox.
+    Ack {
+        /// Task ids whose `result` the platform has stored.
+        task_ids: Vec<String>,
+    },
+    /// Install (or replace) a named handler: a signed module whose claims name the command.
+    InstallHandler {
+        /// Correlates the reply (`handlers` or `error`; `need_module` first if the agent lacks the bytes).
+        id: String,
+        /// The command name.
+        name: String,
+        /// SHA-256 (hex) of the module.
+        module_sha256: String,
+        /// A detached signature (base64), when the module has no embedded one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+    },
+    /// Remove a named handler.
+    RemoveHandler {
+        /// Correlates the reply.
+        id: String,
+        /// The command name.
+        name: String,
+    },
+    /// List the installed handlers.
+    ListHandlers {
+        /// Correlates the reply.
+        id: String,
+    },
     /// Something the platform could not accept.
     Error(ErrorBody),
 }
 
 impl AgentMessage {
     /// The `type` tags of every agent message.
-    pub const TYPES: &'static [&'static str] =
-        &["hello", "status", "need_module", "result", "error"];
+    pub const TYPES: &'static [&'static str] = &[
+        "hello",
+        "status",
+        "need_module",
+        "accepted",
+        "chunk",
+        "cancel_reply",
+        "handlers",
+        "result",
+        "error",
+    ];
 }
 
 impl PlatformMessage {
     /// The `type` tags of every platform message.
-    pub const TYPES: &'static [&'static str] = &["welcome", "run", "error"];
+    pub const TYPES: &'static [&'static str] = &[
+        "welcome",
+        "run",
+        "cancel",
+        "ack",
+        "install_handler",
+        "remove_handler",
+        "list_handlers",
+        "error",
+    ];
 }

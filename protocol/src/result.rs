@@ -27,8 +27,11 @@ pub enum Status {
     InvalidModule,
     /// The module was refused by the trust policy before anything of it was compiled.
     Rejected,
-    /// The run was cancelled before it finished (a shell command's tree was killed).
+    /// The run was cancelled before it finished (a WASM handler interrupted, a shell command's
+    /// tree killed) or while it was queued.
     Cancelled,
+    /// The agent stopped (killed, host rebooted) while the task ran; it was not run again.
+    Interrupted,
 }
 
 impl Status {
@@ -45,6 +48,7 @@ impl Status {
             Status::InvalidModule => "invalid_module",
             Status::Rejected => "rejected",
             Status::Cancelled => "cancelled",
+            Status::Interrupted => "interrupted",
         }
     }
 }

@@ -61,7 +61,8 @@ impl std::fmt::Display for End {
 /// next one.
 pub struct Outbox {
     rx: mpsc::Receiver<AgentMessage>,
-    unsent: VecDeque<String>,
+    /// Encoded messages, each flagged when it is a `result` (those are also in the journal).
+    unsent: VecDeque<(bool, String)>,
 }
 
 impl Outbox {
@@ -72,6 +73,10 @@ impl Outbox {
             unsent: VecDeque::new(),
         }
     }
+}
+
+fn entry(msg: &AgentMessage) -> (bool, String) {
+    (matches!(msg, AgentMessage::Result { .. }), encode(msg))
 }
 
 /// How long one frame may take to send. A send that blocks longer means the platform stopped
@@ -164,10 +169,25 @@ pub async fn run(
     let mut status = tokio::time::interval(config.status_interval);
     let mut ping_seq: u64 = 0;
 
-    // Whatever an earlier session could not send goes first.
-    while let Some(text) = outbox.unsent.pop_front() {
+    // Whatever an earlier session could not send goes first, then what queued up while the
+    // link was down (chunks before their results), then every result the platform has not
+    // acknowledged yet (the durable outbox: some may be sent twice; the platform keeps the
+    // first and acknowledges each).
+    let queued = outbox.rx.len();
+    for _ in 0..queued {
+        match outbox.rx.try_recv() {
+            Ok(msg) => outbox.unsent.push_back(entry(&msg)),
+            Err(_) => break,
+        }
+    }
+    // Results come from the journal, once each, whatever earlier sessions left behind.
+    outbox.unsent.retain(|(is_result, _)| !is_result);
+    outbox
+        .unsent
+        .extend(agent.unacked_results().iter().map(entry));
+    while let Some((is_result, text)) = outbox.unsent.pop_front() {
         if let Err(e) = send_text(&mut ws, text.clone()).await {
-            outbox.unsent.push_front(text);
+            outbox.unsent.push_front((is_result, text));
             return End::Error(e);
         }
     }
@@ -195,9 +215,9 @@ pub async fn run(
             }
             msg = outbox.rx.recv() => {
                 let Some(msg) = msg else { return End::Shutdown };
-                let text = encode(&msg);
+                let (is_result, text) = entry(&msg);
                 if let Err(e) = send_text(&mut ws, text.clone()).await {
-                    outbox.unsent.push_back(text);
+                    outbox.unsent.push_back((is_result, text));
                     return End::Error(e);
                 }
             }
@@ -207,6 +227,26 @@ pub async fn run(
                     Some(Ok(Message::Text(text))) => match decode::<PlatformMessage>(&text, PlatformMessage::TYPES) {
                         Ok(PlatformMessage::Run(req)) => {
                             agent.start_run(req);
+                            None
+                        }
+                        Ok(PlatformMessage::Ack { task_ids }) => {
+                            agent.ack(&task_ids);
+                            None
+                        }
+                        Ok(PlatformMessage::Cancel { id, task_id }) => {
+                            agent.cancel(id, task_id);
+                            None
+                        }
+                        Ok(PlatformMessage::InstallHandler { id, name, module_sha256, signature }) => {
+                            agent.install_handler(id, name, module_sha256, signature);
+                            None
+                        }
+                        Ok(PlatformMessage::RemoveHandler { id, name }) => {
+                            agent.remove_handler(id, name);
+                            None
+                        }
+                        Ok(PlatformMessage::ListHandlers { id }) => {
+                            agent.list_handlers(id);
                             None
                         }
                         Ok(PlatformMessage::Error(e)) => {

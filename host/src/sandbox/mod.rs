@@ -17,7 +17,8 @@
 //!   tears down the guest's fiber → `timeout`. Handlers blocked in a host call (sleeping) are
 //!   covered by the same timer.
 //! - **stack**: `Config::max_wasm_stack` → `stack_overflow`.
-//! - **output**: [`output::CappedPipe`] keeps the first `output_bytes` of each stream.
+//! - **output**: [`output::CappedPipe`] keeps the first and last `output_bytes / 2` of each
+//!   stream, counts all of it, and streams it to a [`StreamTap`] when the task asked.
 //!
 //! Guarantees: a module is compiled only from bytes that passed size and magic checks; a module
 //! whose imports the agent does not provide, or that exports no `_start`, is `invalid_module`
@@ -49,9 +50,12 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::limits::{LimitPolicy, LimitRequest, Limits};
 use crate::outcome::{RunResult, Status, Truncation};
+use crate::stream::StreamTap;
+use bridge_protocol::StreamName;
 use cache::{DiskCache, Lookup};
 use limiter::{LimitExceeded, RunLimiter};
 use output::CappedPipe;
+use tokio_util::sync::CancellationToken;
 
 /// How often the epoch ticker runs: the granularity of timeouts and of yielding to tokio.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -121,6 +125,10 @@ pub struct RunSpec {
     pub limits: LimitRequest,
     /// An upper bound from the handler's signed capabilities, if any.
     pub ceiling: Option<LimitRequest>,
+    /// Cancelling it stops the run (`cancelled`) at the next epoch tick.
+    pub cancel: Option<CancellationToken>,
+    /// Streams stdout and stderr while the run goes on.
+    pub tap: Option<StreamTap>,
 }
 
 /// A compiled handler, ready to instantiate cheaply.
@@ -452,7 +460,8 @@ impl Sandbox {
         let applied = config.limits.apply(&spec.limits, spec.ceiling.as_ref());
         let limits = applied.limits;
         let cap = usize::try_from(limits.output_bytes).unwrap_or(usize::MAX);
-        let (stdout, stderr) = (CappedPipe::new(cap), CappedPipe::new(cap));
+        let stdout = CappedPipe::streamed(cap, spec.tap.clone(), StreamName::Stdout);
+        let stderr = CappedPipe::streamed(cap, spec.tap.clone(), StreamName::Stderr);
 
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdin(MemoryInputPipe::new(spec.input))
@@ -495,7 +504,11 @@ impl Sandbox {
                 let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                 start.call_async(&mut store, ()).await
             };
-            tokio::time::timeout(Duration::from_millis(limits.timeout_ms), run).await
+            let cancel = spec.cancel.clone().unwrap_or_default();
+            tokio::select! {
+                r = tokio::time::timeout(Duration::from_millis(limits.timeout_ms), run) => Some(r),
+                _ = cancel.cancelled() => None,
+            }
         };
         let duration = started.elapsed();
 
@@ -510,27 +523,33 @@ impl Sandbox {
         let memory_peak = store.data().limiter.memory_peak as u64;
         drop(store);
 
-        let (status, exit_code, error) = classify(ended, &limits);
-        let (out, out_total) = stdout.snapshot();
-        let (err, err_total) = stderr.snapshot();
+        let (status, exit_code, error) = match ended {
+            Some(ended) => classify(ended, &limits),
+            None => (
+                Status::Cancelled,
+                None,
+                Some("cancelled while running; the handler was stopped".to_string()),
+            ),
+        };
+        let (out, err) = (stdout.snapshot(), stderr.snapshot());
         let truncated = Truncation {
-            stdout: out_total > out.len() as u64,
-            stderr: err_total > err.len() as u64,
-            stdout_total_bytes: out_total,
-            stderr_total_bytes: err_total,
+            stdout: out.truncated(),
+            stderr: err.truncated(),
+            stdout_total_bytes: out.total(),
+            stderr_total_bytes: err.total(),
         };
         let output = if truncated.stdout {
             serde_json::Value::Null
         } else {
-            parse_output(&out)
+            parse_output(&out.bytes())
         };
-        let stderr_text = String::from_utf8_lossy(&err).into_owned();
+        let stderr_text = err.render();
         let error = error.map(|e| explain(status, e, &output, &stderr_text));
         Ok(RunResult {
             status,
             exit_code,
             output,
-            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stdout: out.render(),
             stderr: stderr_text,
             truncated,
             fuel_consumed,

@@ -35,7 +35,6 @@
 //! and `limits` carries the rule's `timeout_ms` and `output_bytes` (fuel and memory 0: not
 //! limited). `duration_ms` runs from spawn to the child's exit (or to the kill).
 
-pub mod capture;
 pub mod exec;
 pub mod rules;
 
@@ -45,9 +44,11 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::capture::HeadTail;
 use crate::limits::{AppliedLimits, Limits};
 use crate::outcome::{RunResult, Status, Truncation};
-pub use capture::HeadTail;
+use crate::stream::StreamTap;
+use bridge_protocol::StreamName;
 pub use rules::{check_args, Allowlist, ArgRefusal, ExtraArgs, ShellRule};
 
 /// After the direct child exits, how long the pipes may take to reach end-of-file before the
@@ -91,6 +92,17 @@ pub async fn run(
     cancel: CancellationToken,
     cgroup_root: Option<&Path>,
 ) -> RunResult {
+    run_streamed(rule, args, cancel, cgroup_root, None).await
+}
+
+/// [`run`], streaming stdout and stderr to `tap` while the command runs.
+pub async fn run_streamed(
+    rule: &ShellRule,
+    args: &[String],
+    cancel: CancellationToken,
+    cgroup_root: Option<&Path>,
+    tap: Option<StreamTap>,
+) -> RunResult {
     let name = &rule.name;
     if let Err(e) = rule.validate() {
         return refused(rule, "invalid_rule", e);
@@ -118,7 +130,7 @@ pub async fn run(
         r.limits = Some(applied(rule));
         return r;
     }
-    execute(rule, args, id, cancel, cgroup_root).await
+    execute(rule, args, id, cancel, cgroup_root, tap).await
 }
 
 /// Kills the tree and stops the readers if the run is abandoned half-way (its future dropped).
@@ -163,6 +175,7 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
     cap: usize,
     stop: CancellationToken,
     eof: CancellationToken,
+    tap: Option<(StreamTap, StreamName)>,
 ) -> HeadTail {
     let mut capture = HeadTail::new(cap);
     let Some(mut pipe) = pipe else {
@@ -179,7 +192,12 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
                     eof.cancel();
                     break;
                 }
-                Ok(n) => capture.push(&buf[..n]),
+                Ok(n) => {
+                    if let Some((tap, stream)) = &tap {
+                        tap.push(*stream, &buf[..n]);
+                    }
+                    capture.push(&buf[..n]);
+                }
             },
         }
     }
@@ -192,6 +210,7 @@ async fn execute(
     id: exec::Identity,
     cancel: CancellationToken,
     cgroup_root: Option<&Path>,
+    tap: Option<StreamTap>,
 ) -> RunResult {
     let name = &rule.name;
     let mut cgroup = cgroup_root.and_then(|root| match exec::TaskCgroup::create(root) {
@@ -261,12 +280,14 @@ async fn execute(
         cap,
         stop.clone(),
         out_eof.clone(),
+        tap.clone().map(|t| (t, StreamName::Stdout)),
     ));
     let err_task = tokio::spawn(read_capped(
         child.stderr.take(),
         cap,
         stop.clone(),
         err_eof.clone(),
+        tap.map(|t| (t, StreamName::Stderr)),
     ));
 
     let mut exited = tokio::task::spawn_blocking(move || exec::wait_exit_keep_zombie(pid));

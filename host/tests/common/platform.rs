@@ -344,6 +344,12 @@ impl Agent {
             .status();
         self.wait_exit(Duration::from_secs(20))
     }
+
+    /// SIGKILL (no chance to clean up), then wait.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Agent {
@@ -396,7 +402,12 @@ impl Publisher {
 
     /// The example (or fixture) `name`, signed with claims for that name.
     pub fn signed(&self, name: &str) -> Vec<u8> {
-        let module = std::fs::read(super::wasm(name)).unwrap();
+        self.signed_as(name, name)
+    }
+
+    /// The example (or fixture) `module`, signed with claims naming it `name`.
+    pub fn signed_as(&self, module: &str, name: &str) -> Vec<u8> {
+        let module = std::fs::read(super::wasm(module)).unwrap();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

@@ -1,0 +1,1827 @@
+//! The agent's durable task journal: "nothing is lost".
+//!
+//! A task the agent accepted gets exactly one result back to the platform, across disconnects
+//! and agent restarts (including `SIGKILL` and power loss). The journal is what makes that true:
+//!
+//! - **Accept before acknowledging.** [`Journal::accept`] records the task (phase
+//!   [`TaskPhase::Queued`]) and returns only once the record is committed and fsynced; only
+//!   then does the agent answer `accepted`. A task id already recorded is answered
+//!   [`Accept::Seen`] with the stored record, and nothing is written: the journal is also the
+//!   agent's dedup memory (for as long as records are retained, see below).
+//! - **Start before executing.** [`Journal::start`] durably marks the task
+//!   [`TaskPhase::Running`] before anything of it executes, so that after a crash the agent
+//!   knows the task may have had effects.
+//! - **Durable outbox.** [`Journal::finish`] durably stores the result ([`TaskPhase::Done`],
+//!   not acknowledged) before it is sent. [`Journal::unacked`] lists every such result, in
+//!   accept order, to be sent again after each reconnect, until the platform's `ack`
+//!   ([`Journal::ack`]). The first result of a task wins; a second `finish` changes nothing.
+//! - **Installed handlers** are kept here too ([`Journal::put_handler`]…), so they survive
+//!   restarts.
+//!
+//! ## Recovery
+//!
+//! [`Journal::open`] returns a [`Recovery`]: the tasks recorded as `Queued` (accepted, never
+//! started: they are to be run) and those recorded as `Running` (the agent stopped while they
+//! ran: the agent reports them `interrupted`, or runs them again when they are idempotent).
+//! Finished results that were not acknowledged need no recovery: they are in
+//! [`Journal::unacked`].
+//!
+//! ## Storage and group commit
+//!
+//! The journal is one [redb] file (`<state>/journal.redb`, mode 0600 in a 0700 directory).
+//! Values are JSON: table `tasks` maps a task id to its [`TaskRecord`], table `task_index` maps
+//! it to a small summary (accept sequence number, phase, acked, finish time) that is loaded in
+//! memory at open, and `handlers` maps a command name to its [`HandlerRecord`]. A file that does
+//! not open (not a redb file, failed integrity check, held by another process) is an error: it
+//! is never replaced.
+//!
+//! Every commit is durable (redb's `Immediate` durability: the data is fsynced before the commit
+//! returns), and one fsync per write could not sustain thousands of tasks a second with three
+//! writes each. So all writes go through one thread, `bridge-journal`, which practices **group
+//! commit**: it waits for one operation, takes every operation already waiting (up to
+//! [`MAX_BATCH`]), applies them all in one write transaction, commits once, and only then
+//! answers each caller. A caller waits for at most about one commit; under load the cost of a
+//! commit is shared by every task in the batch. If the commit fails, every operation in the
+//! batch gets the error; an operation that fails on its own (an unknown task id) fails alone.
+//! After an I/O failure redb refuses all further work on the open database, so the writer
+//! closes and reopens it (redb repairs it), and discards records of tasks whose acceptance was
+//! never confirmed to a caller.
+//!
+//! Reads ([`Journal::get`], [`Journal::unacked`], [`Journal::handlers`]) use redb read
+//! transactions, concurrently with the writer, plus an in-memory index of every record's
+//! summary (which also answers [`Journal::counts`] and the fast path of a repeated task id).
+//! Acknowledgements are applied to that index at once and written in the next batch, without
+//! anyone waiting for them: an acknowledgement lost in a crash only means a result is sent
+//! once more, which the platform ignores.
+//!
+//! The last [`Journal`] clone to be dropped stops the writer thread after it has written every
+//! operation already sent (acknowledgements included), and closes the database.
+//!
+//! ## Retention and limits
+//!
+//! Finished and acknowledged records are pruned when older than [`JournalConfig::retention`]
+//! and, beyond [`JournalConfig::max_records`] of them, oldest first; queued, running and
+//! unacknowledged records are never pruned. Pruning runs at open, every [`PRUNE_EVERY`]
+//! accepted tasks, and on demand ([`Journal::prune`]). A pruned task id is forgotten: the same
+//! id would be accepted again as new.
+//!
+//! [`Journal::accept`] refuses new tasks with [`JournalError::StorageFull`] when the
+//! filesystem holding the journal has less than [`JournalConfig::min_free_bytes`] available, or
+//! when the file is larger than [`JournalConfig::max_bytes`] even after pruning and compacting.
+//! Those checks happen before anything is written, so that records already kept (results not
+//! yet acknowledged above all) are never put at risk; a write that still fails for lack of space
+//! is reported as `StorageFull` too. Starting, finishing and acknowledging recorded tasks is
+//! never refused by these checks.
+//!
+//! [redb]: https://docs.rs/redb
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bridge_protocol::RunRequest;
+use redb::{
+    Database, ReadableDatabase, ReadableTable, Table, TableDefinition, TableError, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::outcome::RunResult;
+
+/// The most operations the writer applies in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// The writer prunes after this many accepted tasks (and at open).
+pub const PRUNE_EVERY: usize = 1000;
+
+/// While the file is over [`JournalConfig::max_bytes`], how long a verdict (after pruning and
+/// compacting) stands before the writer tries again.
+const SIZE_RECHECK: Duration = Duration::from_secs(5);
+
+/// The file format version, stored in table `meta`.
+const SCHEMA_VERSION: u64 = 1;
+
+/// redb's page cache; the journal is read little (records are mostly written once).
+const CACHE_BYTES: usize = 32 << 20;
+
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
+const HANDLERS: TableDefinition<&str, &[u8]> = TableDefinition::new("handlers");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Where the journal lives and how much it may keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalConfig {
+    /// The redb file, e.g. `<state>/journal.redb`.
+    pub path: PathBuf,
+    /// Finished and acknowledged records older than this are pruned (default 7 days).
+    pub retention: Duration,
+    /// Beyond this many finished and acknowledged records, the oldest are pruned (default
+    /// 100 000).
+    pub max_records: usize,
+    /// [`Journal::accept`] refuses new tasks when the filesystem holding `path` has less space
+    /// available (to unprivileged users) than this (default 64 MiB).
+    pub min_free_bytes: u64,
+    /// [`Journal::accept`] refuses new tasks when the file is larger than this even after
+    /// pruning and compacting (default 256 MiB).
+    pub max_bytes: u64,
+}
+
+impl JournalConfig {
+    /// The defaults (7 days, 100 000 records, 64 MiB free, 256 MiB file) for a journal at
+    /// `path`.
+    pub fn new(path: PathBuf) -> JournalConfig {
+        JournalConfig {
+            path,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_records: 20_000,
+            min_free_bytes: 64 << 20,
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Where a recorded task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskPhase {
+    /// Accepted, not started.
+    Queued,
+    /// Started: it may have had effects.
+    Running,
+    /// Finished: the result is stored.
+    Done,
+}
+
+/// Everything the journal keeps about one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The full request (its `id`, the `run` message id, is what the result answers).
+    pub request: RunRequest,
+    /// Where the task is.
+    pub phase: TaskPhase,
+    /// The result, once [`TaskPhase::Done`].
+    pub result: Option<RunResult>,
+    /// The platform acknowledged the result.
+    pub acked: bool,
+    /// When the task was accepted (unix milliseconds).
+    pub accepted_at_ms: u64,
+    /// When the result was stored (unix milliseconds).
+    pub finished_at_ms: Option<u64>,
+}
+
+/// An installed handler: a signed module bound to a command name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlerRecord {
+    /// The command name.
+    pub name: String,
+    /// SHA-256 (hex) of the module.
+    pub module_sha256: String,
+    /// The detached signature (base64), when the module has no embedded one.
+    pub signature: Option<String>,
+    /// When it was installed (RFC 3339, UTC).
+    pub installed_at: String,
+    /// The signing key's fingerprint, when known.
+    pub key: Option<String>,
+}
+
+/// What [`Journal::accept`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per task; unboxed for callers' ease
+pub enum Accept {
+    /// The task is now recorded (durably), in phase [`TaskPhase::Queued`].
+    New,
+    /// The task id was already recorded: here is its record. Nothing was written.
+    Seen(TaskRecord),
+}
+
+/// Why the journal could not do something.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    /// Not enough space: the filesystem is (nearly) full or the journal reached its size limit.
+    #[error("storage full: {0}")]
+    StorageFull(String),
+    /// Any other failure (redb, I/O, an unknown task id…), with its message.
+    #[error("journal: {0}")]
+    Io(String),
+}
+
+/// What [`Journal::open`] found unfinished, each list in accept order.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Recorded as queued: accepted and never started. To be run.
+    pub queued: Vec<TaskRecord>,
+    /// Recorded as running: the agent stopped while the task ran.
+    pub running: Vec<TaskRecord>,
+}
+
+/// The journal: a cheap handle (clones share one database and one writer thread).
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+/// The index entry of a task (table `task_index`, and the in-memory mirror).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    /// Accept order.
+    seq: u64,
+    phase: TaskPhase,
+    acked: bool,
+    finished_at_ms: Option<u64>,
+}
+
+impl Meta {
+    fn of(seq: u64, record: &TaskRecord) -> Meta {
+        Meta {
+            seq,
+            phase: record.phase,
+            acked: record.acked,
+            finished_at_ms: record.finished_at_ms,
+        }
+    }
+
+    fn in_outbox(&self) -> bool {
+        self.phase == TaskPhase::Done && !self.acked
+    }
+}
+
+/// The summary of every committed record (plus acknowledgements not yet written).
+#[derive(Default)]
+struct Mirror {
+    tasks: HashMap<Arc<str>, Meta>,
+    /// Done and not acknowledged, by accept order.
+    outbox: BTreeMap<u64, Arc<str>>,
+}
+
+impl Mirror {
+    fn set(&mut self, id: Arc<str>, meta: Meta) {
+        if let Some(old) = self.tasks.insert(id.clone(), meta) {
+            self.outbox.remove(&old.seq);
+        }
+        if meta.in_outbox() {
+            self.outbox.insert(meta.seq, id);
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.tasks.remove(id) {
+            self.outbox.remove(&old.seq);
+        }
+    }
+}
+
+/// What a committed batch changes in the mirror, in order.
+enum Change {
+    Set(Arc<str>, Meta),
+    Remove(Arc<str>),
+}
+
+struct Shared {
+    config: JournalConfig,
+    /// `None` only while the writer reopens the database after an I/O failure (or if that
+    /// failed). Readers hold the read lock for the whole of their read transaction, so that
+    /// the writer, holding the write lock, knows none is alive (compaction, reopening).
+    db: RwLock<Option<Database>>,
+    mirror: Mutex<Mirror>,
+    commits: AtomicU64,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Op>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued, then return.
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the journal writer thread panicked");
+            }
+        }
+    }
+}
+
+type Res<T> = Result<T, JournalError>;
+
+enum Op {
+    Accept {
+        request: Box<RunRequest>,
+        running: bool,
+        reply: oneshot::Sender<Res<Accept>>,
+    },
+    Start {
+        task_id: String,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    Finish {
+        task_id: String,
+        result: Box<RunResult>,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    Ack {
+        task_ids: Vec<String>,
+    },
+    PutHandler {
+        handler: HandlerRecord,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    RemoveHandler {
+        name: String,
+        reply: oneshot::Sender<Res<bool>>,
+    },
+    Prune {
+        reply: mpsc::Sender<Res<usize>>,
+    },
+}
+
+/// An operation's reply channel with the answer it gets if its batch commits.
+enum Answer {
+    Accept(oneshot::Sender<Res<Accept>>, Box<Res<Accept>>),
+    Unit(oneshot::Sender<Res<()>>, Res<()>),
+    Bool(oneshot::Sender<Res<bool>>, Res<bool>),
+    Count(mpsc::Sender<Res<usize>>, Res<usize>),
+    Nothing,
+}
+
+impl Answer {
+    /// The answer of an operation that was not applied (its batch failed first).
+    fn unapplied(op: Op) -> Answer {
+        fn e<T>() -> Res<T> {
+            Err(JournalError::Io("the batch was abandoned".into()))
+        }
+        match op {
+            Op::Accept { reply, .. } => Answer::Accept(reply, Box::new(e())),
+            Op::Start { reply, .. } | Op::Finish { reply, .. } | Op::PutHandler { reply, .. } => {
+                Answer::Unit(reply, e())
+            }
+            Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
+            Op::Prune { reply } => Answer::Count(reply, e()),
+            Op::Ack { .. } => Answer::Nothing,
+        }
+    }
+
+    /// Sends the answer, or `failure` (the batch's) instead.
+    fn send(self, failure: Option<&JournalError>) {
+        fn pick<T>(r: Res<T>, failure: Option<&JournalError>) -> Res<T> {
+            match failure {
+                Some(e) => Err(e.clone()),
+                None => r,
+            }
+        }
+        // A caller that stopped waiting is no one's concern.
+        match self {
+            Answer::Accept(tx, r) => {
+                let _ = tx.send(pick(*r, failure));
+            }
+            Answer::Unit(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Bool(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Count(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Nothing => {}
+        }
+    }
+}
+
+/// How an operation inside a transaction failed: alone (`Logic`), or taking the whole
+/// transaction with it (`Storage`).
+enum Fail {
+    Logic(JournalError),
+    Storage(redb::Error),
+}
+
+macro_rules! storage_fail {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Fail {
+            fn from(e: $t) -> Fail {
+                Fail::Storage(e.into())
+            }
+        }
+    )*};
+}
+storage_fail!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError
+);
+
+/// Splits an operation's outcome into its answer and the transaction's failure, if any.
+fn split<T>(r: Result<T, Fail>) -> (Res<T>, Option<redb::Error>) {
+    match r {
+        Ok(v) => (Ok(v), None),
+        Err(Fail::Logic(e)) => (Err(e), None),
+        Err(Fail::Storage(e)) => (Err(JournalError::Io(e.to_string())), Some(e)),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether an I/O error means "no space" (ENOSPC, EDQUOT, EFBIG).
+fn io_is_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+        )
+}
+
+/// A redb error as a [`JournalError`], and whether the database must be reopened (redb fails
+/// every later operation after an I/O error).
+fn classify(e: redb::Error) -> (JournalError, bool) {
+    match e {
+        redb::Error::Io(io) => {
+            let msg = io.to_string();
+            if io_is_full(&io) {
+                (JournalError::StorageFull(msg), true)
+            } else {
+                (JournalError::Io(msg), true)
+            }
+        }
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+            (JournalError::Io(e.to_string()), true)
+        }
+        other => (JournalError::Io(other.to_string()), false),
+    }
+}
+
+fn db_error(e: impl Into<redb::Error>) -> JournalError {
+    classify(e.into()).0
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, key: &str, bytes: &[u8]) -> Res<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| JournalError::Io(format!("the stored {what} {key:?} does not decode: {e}")))
+}
+
+fn encode<T: Serialize>(what: &str, key: &str, value: &T) -> Res<Vec<u8>> {
+    serde_json::to_vec(value)
+        .map_err(|e| JournalError::Io(format!("the {what} {key:?} does not encode: {e}")))
+}
+
+/// Bytes available to unprivileged users on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `statvfs` is plain old data (all-zero is a valid value), `c` is a valid
+    // NUL-terminated string and `st` a valid out pointer for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(avail.saturating_mul(frsize))
+}
+
+/// The journal file's tables, open in a write transaction.
+struct Tables<'t> {
+    tasks: Table<'t, &'static str, &'static [u8]>,
+    index: Table<'t, &'static str, &'static [u8]>,
+    handlers: Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, TableError> {
+        Ok(Tables {
+            tasks: txn.open_table(TASKS)?,
+            index: txn.open_table(INDEX)?,
+            handlers: txn.open_table(HANDLERS)?,
+        })
+    }
+
+    fn load(&self, id: &str) -> Result<Option<(TaskRecord, Meta)>, Fail> {
+        let record = match self.tasks.get(id)? {
+            Some(v) => decode::<TaskRecord>("task", id, v.value()).map_err(Fail::Logic)?,
+            None => return Ok(None),
+        };
+        let meta = match self.index.get(id)? {
+            Some(v) => decode::<Meta>("index entry", id, v.value()).map_err(Fail::Logic)?,
+            None => {
+                return Err(Fail::Logic(JournalError::Io(format!(
+                    "task {id:?} has no index entry"
+                ))))
+            }
+        };
+        Ok(Some((record, meta)))
+    }
+
+    fn store(&mut self, id: &str, record: &TaskRecord, meta: &Meta) -> Result<(), Fail> {
+        let r = encode("task", id, record).map_err(Fail::Logic)?;
+        let m = encode("index entry", id, meta).map_err(Fail::Logic)?;
+        self.tasks.insert(id, r.as_slice())?;
+        self.index.insert(id, m.as_slice())?;
+        Ok(())
+    }
+}
+
+/// The database, opened (or created in an empty file) with an integrity check. Never replaces
+/// a file it cannot open.
+fn open_db(path: &Path) -> Res<Database> {
+    let opened = std::panic::catch_unwind(|| {
+        Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .set_check_integrity_on_open(true)
+            .create(path)
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(JournalError::Io(format!(
+            "cannot open the journal {}: {e} (the file is left as it is; move it aside to start \
+             with an empty journal, losing its records)",
+            path.display()
+        ))),
+        Err(_) => Err(JournalError::Io(format!(
+            "cannot open the journal {}: redb panicked reading it (corrupt file?); the file is \
+             left as it is",
+            path.display()
+        ))),
+    }
+}
+
+/// Creates the tables if needed and checks the schema version.
+fn init_schema(db: &Database, path: &Path) -> Res<()> {
+    let txn = db.begin_write().map_err(db_error)?;
+    {
+        let mut meta = txn.open_table(META).map_err(db_error)?;
+        let version = meta.get("schema").map_err(db_error)?.map(|v| v.value());
+        match version {
+            None => {
+                meta.insert("schema", SCHEMA_VERSION).map_err(db_error)?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(JournalError::Io(format!(
+                    "the journal {} has format version {v}; this agent reads version \
+                     {SCHEMA_VERSION}",
+                    path.display()
+                )))
+            }
+        }
+        Tables::open(&txn).map_err(db_error)?;
+    }
+    txn.commit().map_err(db_error)
+}
+
+/// The index of every record, and the next sequence number.
+fn load_index(db: &Database) -> Res<(Mirror, u64)> {
+    let txn = db.begin_read().map_err(db_error)?;
+    let index = txn.open_table(INDEX).map_err(db_error)?;
+    let mut mirror = Mirror::default();
+    let mut next_seq = 0;
+    for entry in index.iter().map_err(db_error)? {
+        let (k, v) = entry.map_err(db_error)?;
+        let id = k.value();
+        let meta: Meta = decode("index entry", id, v.value())?;
+        next_seq = next_seq.max(meta.seq + 1);
+        mirror.set(Arc::from(id), meta);
+    }
+    Ok((mirror, next_seq))
+}
+
+/// The full records of the unfinished tasks, in accept order.
+fn load_recovery(db: &Database, mirror: &Mirror) -> Res<Recovery> {
+    let mut unfinished: Vec<(u64, &Arc<str>)> = mirror
+        .tasks
+        .iter()
+        .filter(|(_, m)| m.phase != TaskPhase::Done)
+        .map(|(id, m)| (m.seq, id))
+        .collect();
+    unfinished.sort_unstable();
+    let txn = db.begin_read().map_err(db_error)?;
+    let tasks = txn.open_table(TASKS).map_err(db_error)?;
+    let mut recovery = Recovery::default();
+    for (_, id) in unfinished {
+        let Some(v) = tasks.get(&**id).map_err(db_error)? else {
+            return Err(JournalError::Io(format!(
+                "task {id:?} is indexed but has no record"
+            )));
+        };
+        let record: TaskRecord = decode("task", id, v.value())?;
+        match record.phase {
+            TaskPhase::Queued => recovery.queued.push(record),
+            TaskPhase::Running => recovery.running.push(record),
+            TaskPhase::Done => {}
+        }
+    }
+    Ok(recovery)
+}
+
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    next_seq: u64,
+    accepts_since_prune: usize,
+    /// While the file is over `max_bytes`: when it was last checked, and the verdict.
+    size_verdict: Option<(Instant, Result<(), String>)>,
+    needs_reopen: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        // `recv` fails only once every sender is gone and the queue is empty.
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.process(ops);
+        }
+    }
+
+    /// Applies `ops` in one transaction, commits, answers.
+    fn process(&mut self, ops: Vec<Op>) {
+        if self.needs_reopen {
+            if let Err(e) = self.reopen() {
+                tracing::error!("reopening the journal after an I/O failure: {e}");
+                for op in ops {
+                    Answer::unapplied(op).send(Some(&e));
+                }
+                return;
+            }
+        }
+        let space = if ops.iter().any(|op| matches!(op, Op::Accept { .. })) {
+            self.check_space()
+        } else {
+            Ok(())
+        };
+        let now = now_ms();
+        let shared = self.shared.clone();
+        let guard = read_lock(&shared.db);
+        let Some(db) = guard.as_ref() else {
+            let e = JournalError::Io("the journal database is closed after an I/O failure".into());
+            self.needs_reopen = true;
+            for op in ops {
+                Answer::unapplied(op).send(Some(&e));
+            }
+            return;
+        };
+        let txn = match db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                let (e, fatal) = classify(e.into());
+                self.needs_reopen |= fatal;
+                for op in ops {
+                    Answer::unapplied(op).send(Some(&e));
+                }
+                return;
+            }
+        };
+        let mut answers = Vec::with_capacity(ops.len());
+        let mut changes = Vec::new();
+        let mut failure: Option<redb::Error> = None;
+        let mut ops = ops.into_iter();
+        match Tables::open(&txn) {
+            Ok(mut t) => {
+                for op in ops.by_ref() {
+                    let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
+                    answers.push(answer);
+                    if storage.is_some() {
+                        failure = storage;
+                        break;
+                    }
+                }
+                if failure.is_none() && self.accepts_since_prune >= PRUNE_EVERY {
+                    match self.prune_in(&mut t, now, &mut changes) {
+                        Ok(_) => self.accepts_since_prune = 0,
+                        Err(Fail::Storage(e)) => failure = Some(e),
+                        Err(Fail::Logic(e)) => tracing::warn!("pruning the journal: {e}"),
+                    }
+                }
+            }
+            Err(e) => failure = Some(e.into()),
+        }
+        answers.extend(ops.map(Answer::unapplied));
+        let outcome = match failure {
+            Some(e) => {
+                let _ = txn.abort();
+                Err(e)
+            }
+            None => txn.commit().map_err(redb::Error::from),
+        };
+        drop(guard);
+        match outcome {
+            Ok(()) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.apply_changes(changes);
+                for answer in answers {
+                    answer.send(None);
+                }
+            }
+            Err(e) => {
+                let (e, fatal) = classify(e);
+                tracing::error!("a journal write failed: {e}");
+                self.needs_reopen |= fatal;
+                for answer in answers {
+                    answer.send(Some(&e));
+                }
+            }
+        }
+    }
+
+    fn apply_changes(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut mirror = lock(&self.shared.mirror);
+        for change in changes {
+            match change {
+                Change::Set(id, meta) => mirror.set(id, meta),
+                Change::Remove(id) => mirror.remove(&id),
+            }
+        }
+    }
+
+    /// Applies one operation; returns its answer, and the storage error that fails the whole
+    /// transaction, if any.
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: Op,
+        now: u64,
+        space: &Result<(), String>,
+        changes: &mut Vec<Change>,
+    ) -> (Answer, Option<redb::Error>) {
+        match op {
+            Op::Accept {
+                request,
+                running,
+                reply,
+            } => {
+                let (r, e) = split(self.accept_in(t, &request, running, now, space, changes));
+                (Answer::Accept(reply, Box::new(r)), e)
+            }
+            Op::Start { task_id, reply } => {
+                let (r, e) = split(start_in(t, &task_id, changes));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::Finish {
+                task_id,
+                result,
+                reply,
+            } => {
+                let (r, e) = split(finish_in(t, &task_id, *result, now, changes));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::Ack { task_ids } => {
+                let (r, e) = split(ack_in(t, &task_ids, changes));
+                if let Err(err) = r {
+                    tracing::warn!("recording acknowledgements: {err}");
+                }
+                (Answer::Nothing, e)
+            }
+            Op::PutHandler { handler, reply } => {
+                let r = encode("handler", &handler.name, &handler)
+                    .map_err(Fail::Logic)
+                    .and_then(|bytes| {
+                        t.handlers.insert(handler.name.as_str(), bytes.as_slice())?;
+                        Ok(())
+                    });
+                let (r, e) = split(r);
+                (Answer::Unit(reply, r), e)
+            }
+            Op::RemoveHandler { name, reply } => {
+                let r = t
+                    .handlers
+                    .remove(name.as_str())
+                    .map(|old| old.is_some())
+                    .map_err(Fail::from);
+                let (r, e) = split(r);
+                (Answer::Bool(reply, r), e)
+            }
+            Op::Prune { reply } => {
+                let (r, e) = split(self.prune_in(t, now, changes));
+                (Answer::Count(reply, r), e)
+            }
+        }
+    }
+
+    fn accept_in(
+        &mut self,
+        t: &mut Tables<'_>,
+        request: &RunRequest,
+        running: bool,
+        now: u64,
+        space: &Result<(), String>,
+        changes: &mut Vec<Change>,
+    ) -> Result<Accept, Fail> {
+        let id = request.task_id.as_str();
+        // Authoritative: sees this batch's writes too.
+        if let Some((record, _)) = t.load(id)? {
+            return Ok(Accept::Seen(record));
+        }
+        if let Err(why) = space {
+            return Err(Fail::Logic(JournalError::StorageFull(why.clone())));
+        }
+        let record = TaskRecord {
+            request: request.clone(),
+            phase: if running {
+                TaskPhase::Running
+            } else {
+                TaskPhase::Queued
+            },
+            result: None,
+            acked: false,
+            accepted_at_ms: now,
+            finished_at_ms: None,
+        };
+        let meta = Meta::of(self.next_seq, &record);
+        t.store(id, &record, &meta)?;
+        self.next_seq += 1;
+        self.accepts_since_prune += 1;
+        changes.push(Change::Set(Arc::from(id), meta));
+        Ok(Accept::New)
+    }
+
+    /// Removes finished and acknowledged records per the retention settings.
+    fn prune_in(
+        &self,
+        t: &mut Tables<'_>,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<usize, Fail> {
+        let config = &self.shared.config;
+        let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
+        // The mirror may lag this batch's own writes; it never shows a record as finished and
+        // acknowledged that is not (on disk, or about to be in this very transaction).
+        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(&self.shared.mirror)
+            .tasks
+            .iter()
+            .filter(|(_, m)| m.phase == TaskPhase::Done && m.acked)
+            .map(|(id, m)| (m.seq, id.clone(), m.finished_at_ms.unwrap_or(0)))
+            .collect();
+        finished.sort_unstable_by_key(|f| f.0);
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for (_, id, finished_at) in finished {
+            if now.saturating_sub(finished_at) >= retention_ms {
+                doomed.push(id);
+            } else {
+                kept.push(id);
+            }
+        }
+        if kept.len() > config.max_records {
+            let excess = kept.len() - config.max_records;
+            doomed.extend(kept.drain(..excess));
+        }
+        for id in &doomed {
+            t.tasks.remove(&**id)?;
+            t.index.remove(&**id)?;
+        }
+        let n = doomed.len();
+        changes.extend(doomed.into_iter().map(Change::Remove));
+        Ok(n)
+    }
+
+    /// Prunes in a transaction of its own.
+    fn prune_now(&mut self) -> Res<usize> {
+        let shared = self.shared.clone();
+        let guard = read_lock(&shared.db);
+        let db = guard
+            .as_ref()
+            .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+        let txn = db.begin_write().map_err(db_error)?;
+        let mut changes = Vec::new();
+        let n = {
+            let mut t = Tables::open(&txn).map_err(db_error)?;
+            match self.prune_in(&mut t, now_ms(), &mut changes) {
+                Ok(n) => n,
+                Err(Fail::Logic(e)) => return Err(e),
+                Err(Fail::Storage(e)) => return Err(db_error(e)),
+            }
+        };
+        if n == 0 {
+            let _ = txn.abort();
+            return Ok(0);
+        }
+        txn.commit().map_err(db_error)?;
+        drop(guard);
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.apply_changes(changes);
+        self.accepts_since_prune = 0;
+        Ok(n)
+    }
+
+    /// Whether new tasks may be recorded: enough free space, and a file within its limit
+    /// (pruning and compacting it first when it is not).
+    fn check_space(&mut self) -> Result<(), String> {
+        let config = &self.shared.config;
+        match free_bytes(&config.path) {
+            Ok(free) if free < config.min_free_bytes => {
+                return Err(format!(
+                    "{free} bytes available on the filesystem holding {}, below the minimum of {}",
+                    config.path.display(),
+                    config.min_free_bytes
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "measuring the free space for {}: {e}",
+                config.path.display()
+            ),
+        }
+        let len = file_len(&config.path);
+        if len <= config.max_bytes {
+            self.size_verdict = None;
+            return Ok(());
+        }
+        if let Some((at, verdict)) = &self.size_verdict {
+            if at.elapsed() < SIZE_RECHECK {
+                return verdict.clone();
+            }
+        }
+        let verdict = self.shrink();
+        self.size_verdict = Some((Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    /// Prunes and compacts the file; whether it is now within `max_bytes`.
+    fn shrink(&mut self) -> Result<(), String> {
+        if let Err(e) = self.prune_now() {
+            tracing::warn!("pruning the journal: {e}");
+        }
+        {
+            // No read transaction is alive while this is held (readers hold the read lock).
+            let mut guard = write_lock(&self.shared.db);
+            if let Some(db) = guard.as_mut() {
+                for _ in 0..8 {
+                    match db.compact() {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!("compacting the journal: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let config = &self.shared.config;
+        let len = file_len(&config.path);
+        if len <= config.max_bytes {
+            Ok(())
+        } else {
+            Err(format!(
+                "the journal {} is {len} bytes after pruning, above its limit of {} bytes",
+                config.path.display(),
+                config.max_bytes
+            ))
+        }
+    }
+
+    /// Closes the database after an I/O failure, opens it again (redb repairs it), and
+    /// reconciles the file with what callers were told: records of accepts whose commit
+    /// reported an error are removed, acknowledgements lost with a batch are written again.
+    fn reopen(&mut self) -> Res<()> {
+        let shared = self.shared.clone();
+        let mut guard = write_lock(&shared.db);
+        if let Some(old) = guard.take() {
+            drop(old);
+        }
+        let db = open_db(&shared.config.path)?;
+        let known: HashMap<Arc<str>, Meta> = lock(&shared.mirror).tasks.clone();
+        let reconciled = (|| -> Result<(), Fail> {
+            let txn = db.begin_write()?;
+            {
+                let mut t = Tables::open(&txn)?;
+                let mut on_disk = Vec::new();
+                for entry in t.index.iter()? {
+                    let (k, v) = entry?;
+                    let id = k.value().to_string();
+                    let meta: Meta = decode("index entry", &id, v.value()).map_err(Fail::Logic)?;
+                    on_disk.push((id, meta));
+                }
+                for (id, meta) in on_disk {
+                    match known.get(id.as_str()) {
+                        None => {
+                            tracing::warn!(task_id = %id, "dropping a task whose acceptance failed");
+                            t.tasks.remove(id.as_str())?;
+                            t.index.remove(id.as_str())?;
+                        }
+                        Some(k) if k.acked && !meta.acked && meta.phase == TaskPhase::Done => {
+                            ack_in(&mut t, std::slice::from_ref(&id), &mut Vec::new())?;
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        let result = match reconciled {
+            Ok(()) => match load_index(&db) {
+                Ok((mirror, next_seq)) => {
+                    *lock(&shared.mirror) = mirror;
+                    self.next_seq = self.next_seq.max(next_seq);
+                    self.needs_reopen = false;
+                    tracing::info!("the journal was reopened after an I/O failure");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Err(Fail::Logic(e)) => Err(e),
+            Err(Fail::Storage(e)) => Err(db_error(e)),
+        };
+        *guard = Some(db);
+        result
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
+    let Some((mut record, mut meta)) = t.load(id)? else {
+        return Err(Fail::Logic(JournalError::Io(format!(
+            "cannot start task {id:?}: it is not recorded"
+        ))));
+    };
+    if record.phase != TaskPhase::Queued {
+        // Running already (a recovered task run again), or Done: nothing to change.
+        return Ok(());
+    }
+    record.phase = TaskPhase::Running;
+    meta.phase = TaskPhase::Running;
+    t.store(id, &record, &meta)?;
+    changes.push(Change::Set(Arc::from(id), meta));
+    Ok(())
+}
+
+fn finish_in(
+    t: &mut Tables<'_>,
+    id: &str,
+    result: RunResult,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<(), Fail> {
+    let Some((mut record, meta)) = t.load(id)? else {
+        return Err(Fail::Logic(JournalError::Io(format!(
+            "cannot store the result of task {id:?}: it is not recorded"
+        ))));
+    };
+    if record.phase == TaskPhase::Done {
+        // The first result wins.
+        return Ok(());
+    }
+    record.phase = TaskPhase::Done;
+    record.result = Some(result);
+    record.acked = false;
+    record.finished_at_ms = Some(now);
+    let meta = Meta::of(meta.seq, &record);
+    t.store(id, &record, &meta)?;
+    changes.push(Change::Set(Arc::from(id), meta));
+    Ok(())
+}
+
+fn ack_in(t: &mut Tables<'_>, ids: &[String], changes: &mut Vec<Change>) -> Result<(), Fail> {
+    for id in ids {
+        let Some((mut record, meta)) = t.load(id)? else {
+            continue;
+        };
+        if record.phase != TaskPhase::Done || record.acked {
+            continue;
+        }
+        record.acked = true;
+        let meta = Meta::of(meta.seq, &record);
+        t.store(id, &record, &meta)?;
+        changes.push(Change::Set(Arc::from(id.as_str()), meta));
+    }
+    Ok(())
+}
+
+/// Creates the directory (0700) and the file (0600) if they do not exist; tightens the file's
+/// mode if it is wider.
+fn prepare_path(path: &Path) -> Res<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| JournalError::Io(format!("creating {}: {e}", dir.display())))?;
+    }
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| JournalError::Io(format!("reading {}: {e}", path.display())))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| JournalError::Io(format!("restricting {} to 0600: {e}", path.display())),
+                )?;
+            }
+            Ok(())
+        }
+        Err(e) if io_is_full(&e) => Err(JournalError::StorageFull(format!(
+            "creating {}: {e}",
+            path.display()
+        ))),
+        Err(e) => Err(JournalError::Io(format!(
+            "creating {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+impl Journal {
+    /// Opens the journal at `config.path` (creating it, and its directory, when absent), loads
+    /// its index, prunes, and starts the writer thread. Returns the unfinished tasks found.
+    ///
+    /// A file that is not a valid journal (corrupt, not a redb file, a newer format, locked by
+    /// another process) is an error; it is never replaced.
+    pub fn open(config: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
+        prepare_path(&config.path)?;
+        let db = open_db(&config.path)?;
+        init_schema(&db, &config.path)?;
+        let (mirror, next_seq) = load_index(&db)?;
+        let shared = Arc::new(Shared {
+            config,
+            db: RwLock::new(Some(db)),
+            mirror: Mutex::new(mirror),
+            commits: AtomicU64::new(0),
+        });
+        let mut writer = Writer {
+            shared: shared.clone(),
+            next_seq,
+            accepts_since_prune: 0,
+            size_verdict: None,
+            needs_reopen: false,
+        };
+        match writer.prune_now() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("pruned {n} old task records from the journal"),
+            Err(e) => tracing::warn!("pruning the journal: {e}"),
+        }
+        let recovery = {
+            let guard = read_lock(&shared.db);
+            let db = guard.as_ref().expect("the database was just opened");
+            load_recovery(db, &lock(&shared.mirror))?
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("bridge-journal".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| JournalError::Io(format!("starting the journal writer thread: {e}")))?;
+        let journal = Journal {
+            inner: Arc::new(Inner {
+                shared,
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        };
+        Ok((journal, recovery))
+    }
+
+    fn send(&self, op: Op) -> Res<()> {
+        let tx = self.inner.tx.as_ref().ok_or_else(stopped)?;
+        tx.send(op).map_err(|_| stopped())
+    }
+
+    async fn call<T>(&self, op: Op, rx: oneshot::Receiver<Res<T>>) -> Res<T> {
+        self.send(op)?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Durably records a new task, in phase [`TaskPhase::Queued`]: the record is committed
+    /// (fsynced) before this returns [`Accept::New`]. A task id already recorded returns
+    /// [`Accept::Seen`] with its record, and writes nothing.
+    ///
+    /// Refuses with [`JournalError::StorageFull`] when the filesystem has less than
+    /// [`JournalConfig::min_free_bytes`] available, when the file exceeds
+    /// [`JournalConfig::max_bytes`] even after pruning, or when the write fails for lack of
+    /// space. Refusing never touches the records already kept.
+    pub async fn accept(&self, request: &RunRequest) -> Result<Accept, JournalError> {
+        self.accept_as(request, false).await
+    }
+
+    /// [`Journal::accept`] for a task that starts at once (a slot is free): recorded directly in
+    /// [`TaskPhase::Running`], in the same commit, so it needs no [`Journal::start`].
+    pub async fn accept_running(&self, request: &RunRequest) -> Result<Accept, JournalError> {
+        self.accept_as(request, true).await
+    }
+
+    async fn accept_as(&self, request: &RunRequest, running: bool) -> Result<Accept, JournalError> {
+        // Fast path: a known id needs no writer (and must not write). An unreadable record
+        // falls through to the writer, which decides from the file itself.
+        if let Some(record) = self.get(&request.task_id) {
+            return Ok(Accept::Seen(record));
+        }
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Accept {
+            request: Box::new(request.clone()),
+            running,
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Durably marks a task [`TaskPhase::Running`] (committed before this returns); called
+    /// right before it executes. A task already running (recovered, run again) or done is left
+    /// as it is. An unknown task id is an error.
+    pub async fn start(&self, task_id: &str) -> Result<(), JournalError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Start {
+            task_id: task_id.to_string(),
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Durably stores a task's result ([`TaskPhase::Done`], not acknowledged), committed before
+    /// this returns. A task already done keeps its first result (and this returns `Ok`). An
+    /// unknown task id is an error.
+    pub async fn finish(&self, task_id: &str, result: &RunResult) -> Result<(), JournalError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Finish {
+            task_id: task_id.to_string(),
+            result: Box::new(result.clone()),
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Marks results acknowledged by the platform. Takes effect at once for
+    /// [`Journal::unacked`], [`Journal::get`] and [`Journal::counts`]; written with the next
+    /// batch, without waiting (a lost acknowledgement only means a result is sent again).
+    /// Unknown task ids, and tasks without a result yet, are ignored.
+    pub fn ack(&self, task_ids: &[String]) {
+        let mut acked = Vec::new();
+        {
+            let mut guard = lock(&self.inner.shared.mirror);
+            let mirror = &mut *guard;
+            for id in task_ids {
+                if let Some(meta) = mirror.tasks.get_mut(id.as_str()) {
+                    if meta.in_outbox() {
+                        meta.acked = true;
+                        mirror.outbox.remove(&meta.seq);
+                        acked.push(id.clone());
+                    }
+                }
+            }
+        }
+        if !acked.is_empty() {
+            if let Err(e) = self.send(Op::Ack { task_ids: acked }) {
+                tracing::warn!("recording acknowledgements: {e}");
+            }
+        }
+    }
+
+    /// Every finished and unacknowledged record, in accept order: the results to send again
+    /// after a reconnect.
+    pub fn unacked(&self) -> Vec<TaskRecord> {
+        let ids: Vec<Arc<str>> = lock(&self.inner.shared.mirror)
+            .outbox
+            .values()
+            .cloned()
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        self.read_tasks(&ids)
+            .into_iter()
+            .flatten()
+            .filter(|r| r.phase == TaskPhase::Done && !r.acked)
+            .collect()
+    }
+
+    /// One task's record.
+    pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
+        let acked = lock(&self.inner.shared.mirror).tasks.get(task_id)?.acked;
+        let mut record = self
+            .read_tasks(&[Arc::from(task_id)])
+            .into_iter()
+            .next()
+            .flatten()?;
+        // An acknowledgement not written yet.
+        record.acked |= acked;
+        Some(record)
+    }
+
+    /// The records of `ids`, read in one transaction (`None` for a missing or unreadable one).
+    fn read_tasks(&self, ids: &[Arc<str>]) -> Vec<Option<TaskRecord>> {
+        let read = || -> Res<Vec<Option<TaskRecord>>> {
+            let guard = read_lock(&self.inner.shared.db);
+            let db = guard
+                .as_ref()
+                .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+            let txn = db.begin_read().map_err(db_error)?;
+            let tasks = txn.open_table(TASKS).map_err(db_error)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let record = match tasks.get(&**id).map_err(db_error)? {
+                    Some(v) => match decode::<TaskRecord>("task", id, v.value()) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                out.push(record);
+            }
+            Ok(out)
+        };
+        match read() {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!("reading the journal: {e}");
+                vec![None; ids.len()]
+            }
+        }
+    }
+
+    /// Records (or replaces) an installed handler; committed before this returns.
+    pub async fn put_handler(&self, h: HandlerRecord) -> Result<(), JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::PutHandler { handler: h, reply }, rx).await
+    }
+
+    /// Removes an installed handler; committed before this returns. `false` if there was none
+    /// of that name.
+    pub async fn remove_handler(&self, name: &str) -> Result<bool, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::RemoveHandler {
+            name: name.to_string(),
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Every installed handler, sorted by name.
+    pub fn handlers(&self) -> Vec<HandlerRecord> {
+        let read = || -> Res<Vec<HandlerRecord>> {
+            let guard = read_lock(&self.inner.shared.db);
+            let db = guard
+                .as_ref()
+                .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(HANDLERS).map_err(db_error)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(db_error)? {
+                let (k, v) = entry.map_err(db_error)?;
+                match decode::<HandlerRecord>("handler", k.value(), v.value()) {
+                    Ok(h) => out.push(h),
+                    Err(e) => tracing::error!("{e}"),
+                }
+            }
+            Ok(out)
+        };
+        let mut handlers = read().unwrap_or_else(|e| {
+            tracing::error!("reading the installed handlers: {e}");
+            Vec::new()
+        });
+        handlers.sort_by(|a, b| a.name.cmp(&b.name));
+        handlers
+    }
+
+    /// One installed handler.
+    pub fn handler(&self, name: &str) -> Option<HandlerRecord> {
+        let read = || -> Res<Option<HandlerRecord>> {
+            let guard = read_lock(&self.inner.shared.db);
+            let db = guard
+                .as_ref()
+                .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(HANDLERS).map_err(db_error)?;
+            let found = table.get(name).map_err(db_error)?;
+            found
+                .map(|v| decode::<HandlerRecord>("handler", name, v.value()))
+                .transpose()
+        };
+        read().unwrap_or_else(|e| {
+            tracing::error!("reading the installed handler {name:?}: {e}");
+            None
+        })
+    }
+
+    /// Prunes finished and acknowledged records older than [`JournalConfig::retention`] and,
+    /// oldest first, beyond [`JournalConfig::max_records`]; never a queued, running or
+    /// unacknowledged one. Returns how many were removed. The writer also prunes on its own
+    /// (at open and every [`PRUNE_EVERY`] accepted tasks).
+    ///
+    /// Blocks the calling thread until the writer has committed (about one commit).
+    pub fn prune(&self) -> Result<usize, JournalError> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Op::Prune { reply })?;
+        rx.recv().map_err(|_| stopped())?
+    }
+
+    /// `(records, unacknowledged results)`, for logs and status.
+    pub fn counts(&self) -> (usize, usize) {
+        let mirror = lock(&self.inner.shared.mirror);
+        (mirror.tasks.len(), mirror.outbox.len())
+    }
+
+    /// How many write transactions the writer has committed since [`Journal::open`] (each
+    /// one fsync): with group commit, far fewer than the writes asked for under load.
+    pub fn commits(&self) -> u64 {
+        self.inner.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// The configuration the journal was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.inner.shared.config
+    }
+}
+
+fn stopped() -> JournalError {
+    JournalError::Io("the journal writer has stopped".into())
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (records, unacked) = self.counts();
+        f.debug_struct("Journal")
+            .field("path", &self.inner.shared.config.path)
+            .field("records", &records)
+            .field("unacked", &unacked)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Status;
+
+    fn request(task_id: &str) -> RunRequest {
+        RunRequest {
+            id: format!("msg-{task_id}"),
+            task_id: task_id.to_string(),
+            command: Some("hello".into()),
+            input: serde_json::json!({"n": 1}),
+            ..Default::default()
+        }
+    }
+
+    fn result(text: &str) -> RunResult {
+        let mut r = RunResult::refused(Status::Ok, text);
+        r.exit_code = Some(0);
+        r.stdout = text.to_string();
+        r
+    }
+
+    fn config(dir: &Path) -> JournalConfig {
+        JournalConfig::new(dir.join("state").join("journal.redb"))
+    }
+
+    fn open(config: &JournalConfig) -> (Journal, Recovery) {
+        Journal::open(config.clone()).expect("open the journal")
+    }
+
+    #[tokio::test]
+    async fn accept_dedups_and_everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, recovery) = open(&cfg);
+        assert!(recovery.queued.is_empty() && recovery.running.is_empty());
+
+        for id in ["queued", "running", "done", "acked"] {
+            assert_eq!(j.accept(&request(id)).await.unwrap(), Accept::New);
+        }
+        // A second accept of the same id: the first record, unchanged, and nothing written.
+        let commits = j.commits();
+        let mut again = request("queued");
+        again.id = "another-message".into();
+        again.input = serde_json::json!("different");
+        match j.accept(&again).await.unwrap() {
+            Accept::Seen(record) => {
+                assert_eq!(record.request, request("queued"));
+                assert_eq!(record.phase, TaskPhase::Queued);
+                assert!(record.result.is_none());
+            }
+            Accept::New => panic!("a known task id was accepted again"),
+        }
+        assert_eq!(j.commits(), commits, "a known task id must not write");
+        assert_eq!(j.get("queued").unwrap().request, request("queued"));
+
+        j.start("running").await.unwrap();
+        for id in ["done", "acked"] {
+            j.start(id).await.unwrap();
+            j.finish(id, &result(id)).await.unwrap();
+        }
+        j.ack(&[
+            "acked".to_string(),
+            "unknown".to_string(),
+            "queued".to_string(),
+        ]);
+        assert_eq!(j.counts(), (4, 1));
+        assert!(j.start("unknown").await.is_err());
+        assert!(j.finish("unknown", &result("x")).await.is_err());
+        drop(j);
+
+        let (j, recovery) = open(&cfg);
+        let ids = |v: &[TaskRecord]| {
+            v.iter()
+                .map(|r| r.request.task_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&recovery.queued), ["queued"]);
+        assert_eq!(ids(&recovery.running), ["running"]);
+        assert_eq!(recovery.running[0].phase, TaskPhase::Running);
+        let unacked = j.unacked();
+        assert_eq!(ids(&unacked), ["done"]);
+        assert_eq!(unacked[0].result, Some(result("done")));
+        assert!(!unacked[0].acked);
+        assert!(unacked[0].finished_at_ms.is_some());
+        let acked = j.get("acked").unwrap();
+        assert!(acked.acked);
+        assert_eq!(acked.phase, TaskPhase::Done);
+        assert_eq!(j.get("queued").unwrap().phase, TaskPhase::Queued);
+        assert!(j.get("unknown").is_none());
+        assert_eq!(j.counts(), (4, 1));
+        // Still deduplicated after the restart.
+        assert!(matches!(
+            j.accept(&request("done")).await.unwrap(),
+            Accept::Seen(r) if r.result == Some(result("done"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_first_result_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept(&request("t")).await.unwrap();
+        j.start("t").await.unwrap();
+        j.finish("t", &result("first")).await.unwrap();
+        j.finish("t", &result("second")).await.unwrap();
+        // A late start does not move it back either.
+        j.start("t").await.unwrap();
+        let record = j.get("t").unwrap();
+        assert_eq!(record.result, Some(result("first")));
+        assert_eq!(record.phase, TaskPhase::Done);
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert_eq!(j.get("t").unwrap().result, Some(result("first")));
+    }
+
+    #[tokio::test]
+    async fn acks_empty_the_outbox_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let ids: Vec<String> = (0..5).map(|i| format!("t{i}")).collect();
+        for id in &ids {
+            j.accept(&request(id)).await.unwrap();
+            j.finish(id, &result(id)).await.unwrap();
+        }
+        let order: Vec<String> = j.unacked().into_iter().map(|r| r.request.task_id).collect();
+        assert_eq!(order, ids, "unacked() is in accept order");
+        j.ack(&ids);
+        assert!(j.unacked().is_empty());
+        assert_eq!(j.counts(), (5, 0));
+        assert!(j.get("t0").unwrap().acked);
+        // Dropped right away: the pending acknowledgement is written before the writer stops.
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert!(j.unacked().is_empty());
+        assert_eq!(j.counts(), (5, 0));
+    }
+
+    #[tokio::test]
+    async fn handlers_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let handler = |name: &str| HandlerRecord {
+            name: name.to_string(),
+            module_sha256: "ab".repeat(32),
+            signature: Some("c2ln".into()),
+            installed_at: "2024-01-01T00:00:00Z".into(),
+            key: Some("sha256:00".into()),
+        };
+        j.put_handler(handler("zeta")).await.unwrap();
+        j.put_handler(handler("alpha")).await.unwrap();
+        j.put_handler(handler("mid")).await.unwrap();
+        let mut replaced = handler("mid");
+        replaced.module_sha256 = "cd".repeat(32);
+        j.put_handler(replaced.clone()).await.unwrap();
+        let names = |j: &Journal| j.handlers().into_iter().map(|h| h.name).collect::<Vec<_>>();
+        assert_eq!(names(&j), ["alpha", "mid", "zeta"]);
+        assert_eq!(j.handler("mid"), Some(replaced.clone()));
+        assert!(j.remove_handler("zeta").await.unwrap());
+        assert!(!j.remove_handler("zeta").await.unwrap());
+        assert!(j.handler("zeta").is_none());
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert_eq!(names(&j), ["alpha", "mid"]);
+        assert_eq!(j.handler("mid"), Some(replaced));
+        assert_eq!(j.handler("alpha"), Some(handler("alpha")));
+    }
+
+    /// Records in every state: q (queued), r (running), u0..u2 (done, unacked), a0..a4 (done,
+    /// acked, oldest first).
+    async fn populate(j: &Journal) {
+        j.accept(&request("q")).await.unwrap();
+        j.accept(&request("r")).await.unwrap();
+        j.start("r").await.unwrap();
+        for i in 0..3 {
+            let id = format!("u{i}");
+            j.accept(&request(&id)).await.unwrap();
+            j.finish(&id, &result(&id)).await.unwrap();
+        }
+        for i in 0..5 {
+            let id = format!("a{i}");
+            j.accept(&request(&id)).await.unwrap();
+            j.finish(&id, &result(&id)).await.unwrap();
+            j.ack(&[id]);
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_removes_only_finished_acked_records_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.retention = Duration::ZERO;
+        let (j, _) = open(&cfg);
+        populate(&j).await;
+        assert_eq!(j.counts(), (10, 3));
+        assert_eq!(j.prune().unwrap(), 5);
+        assert_eq!(j.counts(), (5, 3));
+        for id in ["q", "r", "u0", "u1", "u2"] {
+            assert!(j.get(id).is_some(), "{id} was pruned");
+        }
+        assert!(j.get("a0").is_none());
+        assert_eq!(j.prune().unwrap(), 0);
+        // A pruned id is forgotten.
+        assert_eq!(j.accept(&request("a0")).await.unwrap(), Accept::New);
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        assert_eq!(j.counts(), (6, 3));
+        assert_eq!(recovery.queued.len(), 2);
+        assert_eq!(recovery.running.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_at_most_max_records_finished_acked_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_records = 2;
+        let (j, _) = open(&cfg);
+        populate(&j).await;
+        assert_eq!(j.prune().unwrap(), 3);
+        let mut left: Vec<String> = ["q", "r", "u0", "u1", "u2", "a0", "a1", "a2", "a3", "a4"]
+            .into_iter()
+            .filter(|id| j.get(id).is_some())
+            .map(String::from)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a3", "a4", "q", "r", "u0", "u1", "u2"]);
+        assert_eq!(j.unacked().len(), 3);
+        drop(j);
+        // Open prunes too: with a generous limit, nothing more goes.
+        let (j, _) = open(&cfg);
+        assert_eq!(j.counts(), (7, 3));
+    }
+
+    /// Opens a journal holding a finished result and a queued task, reopens it with `tweak`
+    /// (a configuration that leaves no room) and checks what is refused and what is not.
+    async fn storage_full_case(tweak: fn(&mut JournalConfig)) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept(&request("kept")).await.unwrap();
+        j.finish("kept", &result("kept")).await.unwrap();
+        j.accept(&request("queued")).await.unwrap();
+        drop(j);
+
+        let mut full = cfg.clone();
+        tweak(&mut full);
+        let (j, recovery) = open(&full);
+        assert_eq!(recovery.queued.len(), 1);
+        match j.accept(&request("new")).await {
+            Err(JournalError::StorageFull(msg)) => assert!(!msg.is_empty()),
+            other => panic!("expected StorageFull, got {other:?}"),
+        }
+        // Known ids are still answered, and recorded tasks still progress.
+        assert!(matches!(
+            j.accept(&request("kept")).await.unwrap(),
+            Accept::Seen(_)
+        ));
+        j.start("queued").await.unwrap();
+        j.finish("queued", &result("queued")).await.unwrap();
+        assert!(j.get("new").is_none());
+        assert_eq!(j.unacked().len(), 2);
+        assert_eq!(j.get("kept").unwrap().result, Some(result("kept")));
+        drop(j);
+
+        // Back to normal limits: nothing was lost, and the refused id can come again.
+        let (j, _) = open(&cfg);
+        assert_eq!(j.counts(), (2, 2));
+        assert_eq!(j.get("kept").unwrap().result, Some(result("kept")));
+        assert_eq!(j.get("queued").unwrap().result, Some(result("queued")));
+        assert_eq!(j.accept(&request("new")).await.unwrap(), Accept::New);
+    }
+
+    #[tokio::test]
+    async fn storage_full_when_the_filesystem_is_nearly_full() {
+        storage_full_case(|c| c.min_free_bytes = u64::MAX / 2).await;
+    }
+
+    #[tokio::test]
+    async fn storage_full_when_the_file_is_over_its_limit() {
+        storage_full_case(|c| c.max_bytes = 1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_accepts_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let before = j.commits();
+        let mut tasks = Vec::new();
+        for worker in 0..100 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..20 {
+                    let id = format!("w{worker}-{i}");
+                    assert_eq!(j.accept(&request(&id)).await.unwrap(), Accept::New);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let commits = j.commits() - before;
+        assert_eq!(j.counts(), (2000, 0));
+        assert!(commits < 2000, "{commits} commits for 2000 accepts");
+        drop(j);
+        let (_, recovery) = open(&cfg);
+        assert_eq!(recovery.queued.len(), 2000);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_and_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
+        let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + 13) as u8).collect();
+        std::fs::write(&cfg.path, &garbage).unwrap();
+        let err = Journal::open(cfg.clone()).map(|_| ()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cannot open the journal"), "{msg}");
+        assert!(msg.contains(&cfg.path.display().to_string()), "{msg}");
+        assert_eq!(std::fs::read(&cfg.path).unwrap(), garbage);
+    }
+
+    #[test]
+    fn the_journal_is_shareable() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<Journal>();
+    }
+
+    #[test]
+    fn the_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        drop(j);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cfg.path), 0o600);
+        assert_eq!(mode(cfg.path.parent().unwrap()), 0o700);
+    }
+}
