@@ -4,9 +4,10 @@
 //! Each subcommand is a module of [`cmd`] with its clap arguments and a `run` function;
 //! [`cli::Cli`] ties them together and [`run`] maps the outcome to an exit status:
 //!
-//! * 0: success (for `verify`: the module is valid; for `run`: the result's status is `ok`);
+//! * 0: success (for `verify`: the module is valid; for `run` and `result`: the result's
+//!   status is `ok`);
 //! * 1: `verify` found the module invalid (the verdict is printed as JSON on stdout), or `run`
-//!   got a result whose status is not `ok` (the result is printed);
+//!   or `result` got a result whose status is not `ok` (the result is printed);
 //! * 2: usage, I/O or connection error, one line on stderr (`bridgectl: error: ...`).
 
 #![warn(missing_docs)]
@@ -35,6 +36,15 @@ pub fn run(cli: cli::Cli) -> ExitCode {
         cli::Command::Serve(args) => cmd::serve::run(args),
         cli::Command::Agents(args) => control().and_then(|c| cmd::agents::run(&c, args)),
         cli::Command::Run(args) => control().and_then(|c| cmd::run::run(&c, args)),
+        cli::Command::Result(args) => control().and_then(|c| cmd::result::run(&c, args)),
+        cli::Command::Cancel(args) => control().and_then(|c| cmd::cancel::run(&c, args)),
+        cli::Command::InstallHandler(args) => {
+            control().and_then(|c| cmd::handlers::install(&c, args))
+        }
+        cli::Command::Handlers(args) => control().and_then(|c| cmd::handlers::list(&c, args)),
+        cli::Command::RemoveHandler(args) => {
+            control().and_then(|c| cmd::handlers::remove(&c, args))
+        }
         cli::Command::Token(args) => control().and_then(|c| cmd::token::run(&c, args)),
     };
     match result {

@@ -560,9 +560,102 @@ fn help_for_every_command() {
         &["sign", "--help"],
         &["verify", "--help"],
         &["inspect", "--help"],
+        &["serve", "--help"],
+        &["agents", "--help"],
+        &["token", "--help"],
+        &["run", "--help"],
+        &["result", "--help"],
+        &["cancel", "--help"],
+        &["install-handler", "--help"],
+        &["handlers", "--help"],
+        &["remove-handler", "--help"],
     ] {
         let out = env.run(cmd);
         assert!(out.status.success(), "{cmd:?}");
         assert!(!out.stdout.is_empty());
     }
+    let help = String::from_utf8(env.run(&["run", "--help"]).stdout).unwrap();
+    for flag in [
+        "--module",
+        "--command",
+        "--timeout-ms",
+        "--wait-ms",
+        "--not-after",
+        "--idempotent",
+        "--stream",
+    ] {
+        assert!(help.contains(flag), "run --help lacks {flag}");
+    }
+    assert!(!help.contains("--handler-timeout-ms"));
+}
+
+#[test]
+fn run_takes_exactly_one_of_module_and_command() {
+    let env = Env::new();
+    // Usage errors come before any connection: the control address is never contacted.
+    let control = ["--control", "127.0.0.1:9"];
+    for (args, expected) in [
+        (&["run", "--agent", "a"][..], "--module"),
+        (
+            &[
+                "run",
+                "--agent",
+                "a",
+                "--module",
+                "hello.wasm",
+                "--command",
+                "c",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "run",
+                "--agent",
+                "a",
+                "--command",
+                "c",
+                "--signature",
+                "x.sig",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "run",
+                "--agent",
+                "a",
+                "--command",
+                "c",
+                "--not-after",
+                "soon",
+            ],
+            "--not-after",
+        ),
+        (
+            &[
+                "run",
+                "--agent",
+                "a",
+                "--command",
+                "c",
+                "--handler-timeout-ms",
+                "5",
+            ],
+            "--handler-timeout-ms",
+        ),
+        (&["result"], "--task-id"),
+        (&["cancel", "--agent", "a"], "--task-id"),
+        (&["install-handler", "--agent", "a", "hello.wasm"], "--name"),
+        (&["remove-handler", "--agent", "a"], "--name"),
+        (&["handlers"], "--agent"),
+    ] {
+        let all: Vec<&str> = control.iter().chain(args).copied().collect();
+        let (_, stderr) = env.run_code(&all, 2);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // A well-formed command reaches the connection step (nothing listens on port 9).
+    let all = [&control[..], &["run", "--agent", "a", "--command", "c"]].concat();
+    let (_, stderr) = env.run_code(&all, 2);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
 }

@@ -552,13 +552,13 @@ fn run_installed_agent(serve: &Serve, root: &Path) -> String {
     let signed = bridge_signing::sign(MINIMAL_WASM, publisher(), &claims).unwrap();
     let module = base64::engine::general_purpose::STANDARD.encode(&signed.module);
     let answer =
-        serve.control(json!({"cmd": "run", "agent": id, "module": module, "timeout_ms": 30000}));
+        serve.control(json!({"cmd": "run", "agent": id, "module": module, "wait_ms": 30000}));
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["result"]["status"], "ok", "{answer}");
     // An unsigned module is refused: the installed trust policy is in force.
     let unsigned = base64::engine::general_purpose::STANDARD.encode(MINIMAL_WASM);
     let answer =
-        serve.control(json!({"cmd": "run", "agent": id, "module": unsigned, "timeout_ms": 30000}));
+        serve.control(json!({"cmd": "run", "agent": id, "module": unsigned, "wait_ms": 30000}));
     assert_eq!(answer["result"]["status"], "rejected", "{answer}");
     id
 }

@@ -109,3 +109,144 @@ fn a_wrong_example_is_caught() {
     assert_eq!(found.len(), 1);
     assert!(decode::<AgentMessage>(found[0].3.trim(), AgentMessage::TYPES).is_err());
 }
+
+/// Every wire name of `values` appears as the first cell of a table row of the document
+/// (`| \`name\` |`, alone or in a list such as `| \`a\`, \`b\` |`).
+fn missing_rows<T: serde::Serialize>(doc: &str, values: &[T]) -> Vec<String> {
+    let firsts: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| "))
+        .filter_map(|l| l.split(" |").next())
+        .collect();
+    values
+        .iter()
+        .map(|v| {
+            serde_json::to_value(v)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .filter(|name| {
+            let quoted = format!("`{name}`");
+            !firsts
+                .iter()
+                .any(|cell| cell.split(", ").any(|c| c == quoted))
+        })
+        .collect()
+}
+
+#[test]
+fn every_error_code_status_outcome_and_state_is_documented() {
+    use bridge_protocol::{CancelOutcome, ErrorCode, Status, TaskState};
+    // Exhaustive matches: a new variant fails to compile here until it is listed (and then
+    // documented).
+    fn _codes(c: ErrorCode) {
+        match c {
+            ErrorCode::Malformed
+            | ErrorCode::UnknownType
+            | ErrorCode::Oversize
+            | ErrorCode::TooDeep
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::Unexpected
+            | ErrorCode::ModuleMismatch
+            | ErrorCode::BinaryNotExpected
+            | ErrorCode::Refused
+            | ErrorCode::NotFound => {}
+        }
+    }
+    fn _statuses(s: Status) {
+        match s {
+            Status::Ok
+            | Status::Error
+            | Status::FuelExhausted
+            | Status::MemoryLimit
+            | Status::Timeout
+            | Status::StackOverflow
+            | Status::Trap
+            | Status::InvalidModule
+            | Status::Rejected
+            | Status::Cancelled
+            | Status::Interrupted => {}
+        }
+    }
+    fn _outcomes(o: CancelOutcome) {
+        match o {
+            CancelOutcome::Cancelling
+            | CancelOutcome::Dequeued
+            | CancelOutcome::Finished
+            | CancelOutcome::Unknown => {}
+        }
+    }
+    fn _states(s: TaskState) {
+        match s {
+            TaskState::Queued | TaskState::Running | TaskState::Finished => {}
+        }
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
+    let doc = std::fs::read_to_string(path).expect("docs/protocol.md exists");
+    let mut missing = Vec::new();
+    missing.extend(missing_rows(
+        &doc,
+        &[
+            ErrorCode::Malformed,
+            ErrorCode::UnknownType,
+            ErrorCode::Oversize,
+            ErrorCode::TooDeep,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::Unexpected,
+            ErrorCode::ModuleMismatch,
+            ErrorCode::BinaryNotExpected,
+            ErrorCode::Refused,
+            ErrorCode::NotFound,
+        ],
+    ));
+    missing.extend(missing_rows(
+        &doc,
+        &[
+            Status::Ok,
+            Status::Error,
+            Status::FuelExhausted,
+            Status::MemoryLimit,
+            Status::Timeout,
+            Status::StackOverflow,
+            Status::Trap,
+            Status::InvalidModule,
+            Status::Rejected,
+            Status::Cancelled,
+            Status::Interrupted,
+        ],
+    ));
+    missing.extend(missing_rows(
+        &doc,
+        &[
+            CancelOutcome::Cancelling,
+            CancelOutcome::Dequeued,
+            CancelOutcome::Finished,
+            CancelOutcome::Unknown,
+        ],
+    ));
+    // The task states are documented in a sentence, not a table.
+    for state in [TaskState::Queued, TaskState::Running, TaskState::Finished] {
+        let name = serde_json::to_value(state).unwrap();
+        let quoted = format!("`{}`", name.as_str().unwrap());
+        if !doc.contains(&quoted) {
+            missing.push(quoted);
+        }
+    }
+    // The rejection reasons the agent adds to the trust policy's.
+    missing.extend(missing_rows(
+        &doc,
+        &[
+            "module_unavailable",
+            "unknown_command",
+            "expired",
+            "busy",
+            "storage_full",
+        ],
+    ));
+    assert!(
+        missing.is_empty(),
+        "docs/protocol.md has no table row for {missing:?}"
+    );
+}

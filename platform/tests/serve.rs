@@ -1,423 +1,26 @@
 //! Runs the real `bridgectl serve` and talks to it as an agent would: TLS with a self-signed
 //! client certificate, the server pinned by the printed pin, WebSocket at /agent.
+//! (Tasks across reconnections, stored results, streaming, cancel and handlers: `tasks.rs`.)
 
-use std::fs::File;
-use std::io::{BufRead as _, BufReader};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
 use bridge_protocol::identity::spki_fingerprint;
 use bridge_protocol::{MAX_DEPTH, MAX_TEXT_BYTES};
 use futures_util::{SinkExt as _, StreamExt as _};
-use rcgen::PublicKeyData as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use sha2::Digest as _;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 
-const STEP: Duration = Duration::from_secs(10);
-const BIN: &str = env!("CARGO_BIN_EXE_bridgectl");
-
-type Ws = WebSocketStream<TlsStream<TcpStream>>;
-
-/// Runs `f` with an overall deadline.
-async fn within<F: std::future::Future>(secs: u64, f: F) -> F::Output {
-    timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("the test took too long")
-}
-
-// ---------------------------------------------------------------------------------------------
-// The server process
-
-struct Serve {
-    child: Child,
-    info: Value,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(state: &Path, extra: &[&str]) -> Serve {
-        let log = state.with_extension(format!("log{}", rand_suffix()));
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(state)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let info: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "no first line ({line:?}); stderr:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
-        Serve { child, info, log }
-    }
-
-    fn url(&self) -> &str {
-        self.info["url"].as_str().unwrap()
-    }
-    fn pin(&self) -> &str {
-        self.info["server_pin"].as_str().unwrap()
-    }
-    fn token(&self) -> &str {
-        self.info["token"].as_str().unwrap()
-    }
-    fn control(&self) -> &str {
-        self.info["control"].as_str().unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the exit status (at most 10 s).
-    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
-        let started = std::time::Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "serve did not exit after SIGTERM; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// One control request, answered within 10 s.
-    async fn control_request(&self, request: &str) -> Value {
-        let stream = timeout(STEP, TcpStream::connect(self.control()))
-            .await
-            .unwrap()
-            .unwrap();
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .unwrap();
-        let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(read);
-        timeout(STEP, reader.read_line(&mut line))
-            .await
-            .unwrap()
-            .unwrap();
-        serde_json::from_str(&line).unwrap()
-    }
-
-    async fn agents(&self) -> Vec<Value> {
-        let response = self.control_request(r#"{"cmd":"agents"}"#).await;
-        assert_eq!(response["ok"], true, "{response}");
-        response["agents"].as_array().unwrap().clone()
-    }
-
-    async fn agent(&self, id: &str) -> Value {
-        self.agents()
-            .await
-            .into_iter()
-            .find(|a| a["id"] == id)
-            .unwrap_or_else(|| panic!("agent {id} is not listed"))
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// The test agent
-
-/// A client key with its self-signed certificate.
-struct Identity {
-    cert: CertificateDer<'static>,
-    key: rcgen::KeyPair,
-    id: String,
-}
-
-impl Identity {
-    fn new() -> Identity {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["agent".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let id = spki_fingerprint(&key.subject_public_key_info());
-        Identity {
-            cert: cert.der().clone(),
-            key,
-            id,
-        }
-    }
-}
-
-/// Accepts exactly the server whose key has the given pin.
-#[derive(Debug)]
-struct Pinned {
-    pin: String,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
-        if spki_fingerprint(cert.subject_public_key_info().as_ref()) == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// Connects to `url` (path replaced by `path` if given) as `who`, with `token` if given.
-async fn connect_path(
-    serve: &Serve,
-    who: &Identity,
-    token: Option<&str>,
-    path: &str,
-) -> Result<Ws, WsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(Pinned {
-        pin: serve.pin().to_string(),
-        algorithms: provider.signature_verification_algorithms,
-    });
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(
-            vec![who.cert.clone()],
-            PrivateKeyDer::try_from(who.key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-    let authority = serve
-        .url()
-        .strip_prefix("wss://")
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let tcp = timeout(STEP, TcpStream::connect(&authority))
-        .await
-        .unwrap()
-        .unwrap();
-    let tls = timeout(
-        STEP,
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let mut request = format!("wss://{authority}{path}")
-        .into_client_request()
-        .unwrap();
-    if let Some(t) = token {
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20));
-    let (ws, _) = timeout(
-        STEP,
-        tokio_tungstenite::client_async_with_config(request, tls, Some(config)),
-    )
-    .await
-    .unwrap()?;
-    Ok(ws)
-}
-
-async fn connect(serve: &Serve, who: &Identity, token: Option<&str>) -> Result<Ws, WsError> {
-    connect_path(serve, who, token, "/agent").await
-}
-
-/// Expects the upgrade to be refused with `status` and the refusal header `reason`.
-#[track_caller]
-fn assert_refused(result: Result<Ws, WsError>, status: u16, reason: Option<&str>) {
-    match result {
-        Err(WsError::Http(response)) => {
-            assert_eq!(response.status().as_u16(), status);
-            let header = response
-                .headers()
-                .get("X-Bridge-Refusal")
-                .map(|v| v.to_str().unwrap().to_string());
-            assert_eq!(header.as_deref(), reason);
-        }
-        Err(e) => panic!("expected HTTP {status}, got {e}"),
-        Ok(_) => panic!("expected HTTP {status}, the upgrade was accepted"),
-    }
-}
-
-async fn send(ws: &mut Ws, value: Value) {
-    timeout(STEP, ws.send(Message::Text(value.to_string().into())))
-        .await
-        .unwrap()
-        .unwrap();
-}
-
-/// The next frame that is not a ping or pong.
-async fn next_frame(ws: &mut Ws) -> Message {
-    loop {
-        let message = timeout(STEP, ws.next())
-            .await
-            .expect("nothing received within 10 s")
-            .expect("the connection ended")
-            .expect("read failed");
-        match message {
-            Message::Ping(_) | Message::Pong(_) => continue,
-            m => return m,
-        }
-    }
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    match next_frame(ws).await {
-        Message::Text(t) => serde_json::from_str(&t).unwrap(),
-        other => panic!("expected a text frame, got {other:?}"),
-    }
-}
-
-/// Waits for the server's close frame; returns its code.
-async fn expect_close(ws: &mut Ws) -> u16 {
-    match next_frame(ws).await {
-        Message::Close(Some(frame)) => u16::from(frame.code),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-}
-
-async fn hello(ws: &mut Ws, who: &Identity) -> Value {
-    send(
-        ws,
-        json!({"type": "hello", "versions": [1], "agent_id": who.id, "agent_version": "0.1.0-test"}),
-    )
-    .await;
-    recv(ws).await
-}
-
-/// Connects, says hello and checks the welcome; returns the connection and `enrolled`.
-async fn session(serve: &Serve, who: &Identity, token: Option<&str>) -> (Ws, bool) {
-    let mut ws = connect(serve, who, token).await.expect("upgrade refused");
-    let welcome = hello(&mut ws, who).await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    assert_eq!(welcome["version"], 1);
-    assert_eq!(welcome["agent_id"], who.id.as_str());
-    let enrolled = welcome["enrolled"].as_bool().unwrap();
-    (ws, enrolled)
-}
-
-fn status(who: &Identity, hostname: &str) -> Value {
-    json!({
-        "type": "status",
-        "agent_id": who.id,
-        "agent_version": "0.1.0-test",
-        "host": {"hostname": hostname, "os": "linux", "arch": "x86_64", "uptime_secs": 1000, "load": [0.5, 0.25, 0.125]},
-        "running": [],
-        "agent_uptime_secs": 5
-    })
-}
-
-fn run_result(status: &str, exit_code: i32) -> Value {
-    json!({
-        "status": status,
-        "exit_code": exit_code,
-        "output": {"greeting": "Hello, Ada!"},
-        "stdout": "{\"greeting\":\"Hello, Ada!\"}\n",
-        "stderr": "",
-        "truncated": {"stdout": false, "stderr": false, "stdout_total_bytes": 27, "stderr_total_bytes": 0},
-        "fuel_consumed": 5669,
-        "memory_peak_bytes": 1114112,
-        "duration_ms": 0.41,
-        "limits": {"fuel": 1000000000, "memory_bytes": 67108864, "timeout_ms": 10000, "output_bytes": 1048576, "clamped": []},
-        "error": if status == "ok" { Value::Null } else { json!("the handler failed") },
-        "module_sha256": "ab".repeat(32)
-    })
-}
+use common::*;
 
 // ---------------------------------------------------------------------------------------------
 // The tests
@@ -758,7 +361,7 @@ async fn agents_lists_connection_state_and_status() {
 }
 
 /// Plays the agent's side of one run: receives `run`, asks for the module, checks the bytes,
-/// answers `result` with `status`. Returns the `run` message.
+/// answers `result` with `status` and expects its `ack`. Returns the `run` message.
 async fn serve_one_run(ws: &mut Ws, module: &[u8], status: &str, exit_code: i32) -> Value {
     let run = recv(ws).await;
     assert_eq!(run["type"], "run", "{run}");
@@ -778,6 +381,7 @@ async fn serve_one_run(ws: &mut Ws, module: &[u8], status: &str, exit_code: i32)
         json!({"type": "result", "id": run["id"], "task_id": run["task_id"], "result": run_result(status, exit_code)}),
     )
     .await;
+    expect_ack(ws, run["task_id"].as_str().unwrap()).await;
     run
 }
 
@@ -892,12 +496,13 @@ async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn runs_end_on_timeout_on_agent_errors_and_when_the_connection_is_lost() {
+async fn runs_end_on_timeout_and_on_agent_errors() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
         let serve = Serve::start(&dir.path().join("state"), &[]);
         let agent = Identity::new();
         let module = base64::engine::general_purpose::STANDARD.encode(b"\0asm\x01\0\0\0");
+        // `timeout_ms` is the older name of `wait_ms`; callers still use it.
         let run = |timeout_ms: u64| {
             json!({"cmd": "run", "agent": agent.id, "module": module, "timeout_ms": timeout_ms}).to_string()
         };
@@ -918,46 +523,18 @@ async fn runs_end_on_timeout_on_agent_errors_and_when_the_connection_is_lost() {
         assert_eq!(recv(&mut ws).await["type"], "run");
 
         // The agent refuses the run with an error naming it.
-        let waiting = tokio::spawn({
-            let request = run(10_000);
-            let control = serve.control().to_string();
-            async move {
-                let stream = TcpStream::connect(control).await.unwrap();
-                let (read, mut write) = stream.into_split();
-                write.write_all(format!("{request}\n").as_bytes()).await.unwrap();
-                let mut line = String::new();
-                tokio::io::BufReader::new(read).read_line(&mut line).await.unwrap();
-                serde_json::from_str::<Value>(&line).unwrap()
-            }
-        });
+        let waiting = control_in_background(&serve, serde_json::from_str(&run(10_000)).unwrap());
         let run_msg = recv(&mut ws).await;
         send(
             &mut ws,
             json!({"type": "error", "id": run_msg["id"], "code": "module_mismatch", "message": "bytes do not match"}),
         )
         .await;
-        let r = timeout(STEP, waiting).await.unwrap().unwrap();
+        let r = response_of(waiting).await;
         assert_eq!(r["ok"], false);
         assert!(r["error"].as_str().unwrap().contains("module_mismatch"), "{r}");
 
-        // The connection goes away while the run waits.
-        let waiting = tokio::spawn({
-            let request = run(10_000);
-            let control = serve.control().to_string();
-            async move {
-                let stream = TcpStream::connect(control).await.unwrap();
-                let (read, mut write) = stream.into_split();
-                write.write_all(format!("{request}\n").as_bytes()).await.unwrap();
-                let mut line = String::new();
-                tokio::io::BufReader::new(read).read_line(&mut line).await.unwrap();
-                serde_json::from_str::<Value>(&line).unwrap()
-            }
-        });
-        assert_eq!(recv(&mut ws).await["type"], "run");
-        drop(ws);
-        let r = timeout(STEP, waiting).await.unwrap().unwrap();
-        assert_eq!(r["ok"], false);
-        assert!(r["error"].as_str().unwrap().contains("connection"), "{r}");
+        // (A connection that goes away does not end a run: see tasks.rs.)
     })
     .await;
 }

@@ -1,8 +1,11 @@
-//! One module per subcommand: its clap arguments and its `run` function.
+//! One module per subcommand (or family of subcommands): clap arguments and `run` functions.
 
 pub mod agents;
+pub mod cancel;
+pub mod handlers;
 pub mod inspect;
 pub mod keygen;
+pub mod result;
 pub mod run;
 pub mod serve;
 pub mod sign;

@@ -22,9 +22,11 @@ use crate::serve::{control::check_loopback, ServeOptions, Server};
 ///
 /// Each start issues a fresh enrollment token. The first line on stdout is one JSON object:
 /// {"url", "server_pin", "token", "control", "ca_file", "install_command", "release_key"?};
-/// logs go to stderr (filter with RUST_LOG, default info). Runs until SIGINT or SIGTERM, then closes every connection and
-/// exits 0. The control interface (newline-delimited JSON, see `bridgectl agents`, `run`,
-/// `token`) binds loopback only.
+/// logs go to stderr (filter with RUST_LOG, default info). Runs until SIGINT or SIGTERM, then
+/// closes every connection and exits 0. The control interface (newline-delimited JSON, see
+/// `bridgectl agents`, `token`, `run`, `result`, `cancel`, `install-handler`, `handlers`,
+/// `remove-handler`) binds loopback only. Task results are stored in the state directory
+/// (results.jsonl, append-only) and survive restarts.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address agents connect to, IP:PORT (port 0 picks a free port).
@@ -96,6 +98,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     })
     .await?;
     let info = server.info().clone();
+    // The hint goes to stderr before the first line goes to stdout, so that whoever read the
+    // first line also finds the hint.
+    eprintln!(
+        "bridgectl: agents connect with:\n  bridge-daemon run --server {} --token {} --server-pin {} --state AGENT_STATE_DIR\n\
+         bridgectl: control: bridgectl --control {} agents\n\
+         bridgectl: install an agent on a Linux machine (one line; see installers/README.md):\n{}",
+        info.url, info.token, info.server_pin, info.control, info.install_command
+    );
     {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &info).expect("the start info serializes");
@@ -103,12 +113,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .and_then(|()| out.flush())
             .context("cannot write to stdout")?;
     }
-    eprintln!(
-        "bridgectl: agents connect with:\n  bridge-daemon run --server {} --token {} --server-pin {} --state AGENT_STATE_DIR\n\
-         bridgectl: control: bridgectl --control {} agents\n\
-         bridgectl: install an agent on a Linux machine (one line; see installers/README.md):\n{}",
-        info.url, info.token, info.server_pin, info.control, info.install_command
-    );
     tracing::info!(url = %info.url, control = %info.control, pin = %info.server_pin, "serving");
     server
         .run(async move {

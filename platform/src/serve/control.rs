@@ -5,13 +5,25 @@
 //! tasks in parallel). Every response has `"ok": true` plus the command's fields, or
 //! `"ok": false, "error": "…"`. A bad line (not JSON, unknown `cmd`, missing field) gets an
 //! error response and the connection goes on. Lines are limited to [`MAX_LINE_BYTES`].
+//! A `run` with `"stream": true` is the one request answered with more than one line: zero or
+//! more event lines (`{"event":"chunk",…}`, no `ok` field) come before its response.
 //!
 //! | request | response |
 //! | --- | --- |
 //! | `{"cmd":"agents"}` | `{"ok":true,"agents":[{"id","connected","enrolled_at","last_seen","status"}]}` |
 //! | `{"cmd":"token"}` | `{"ok":true,"token":"…"}` (a new enrollment token) |
-//! | `{"cmd":"run","agent","module"(base64) or "module_sha256","input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"timeout_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…}` (send → result, measured here) |
+//! | `{"cmd":"run","agent", one of "module"(base64) / "module_sha256" / "command", "input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"not_after"?(RFC 3339),"idempotent"?,"stream"?,"wait_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…}` (send → result, measured here); with `stream`, preceded by `{"event":"chunk","task_id","seq","stream","data","dropped_bytes"}` lines |
+//! | `{"cmd":"result","task_id","wait_ms"?}` | `{"ok":true,"task_id","agent","result":{RunResult},"received_at","deliveries"}`: the stored result (waiting up to `wait_ms`, default 0, for it) |
+//! | `{"cmd":"cancel","agent","task_id","wait_ms"?}` | `{"ok":true,"task_id","outcome":"cancelling"\|"dequeued"\|"finished"\|"unknown"}` |
+//! | `{"cmd":"install_handler","agent","name", "module"(base64) or "module_sha256","signature"?(base64),"wait_ms"?}` | `{"ok":true,"handlers":[{"name","module_sha256","installed_at","key"?}]}` (the list after the change) |
+//! | `{"cmd":"remove_handler","agent","name","wait_ms"?}` | `{"ok":true,"handlers":[…]}` |
+//! | `{"cmd":"handlers","agent","wait_ms"?}` | `{"ok":true,"handlers":[…]}` |
 //! | `{"cmd":"send","agent","text","wait_ms"?}` | `{"ok":true,"reply":{ErrorBody}\|null}`: a raw frame to the agent, and its `error` answer (testing aid) |
+//!
+//! `run` waits `wait_ms` (default [`DEFAULT_RUN_WAIT_MS`]; `timeout_ms` is an older name of the
+//! same field) for the result, across reconnections of the agent; the other requests to an agent
+//! wait [`DEFAULT_REQUEST_WAIT_MS`] for its reply (a module upload included) and fail if the
+//! connection ends first.
 //!
 //! The listener only binds loopback addresses ([`check_loopback`]): the interface has no
 //! authentication.
@@ -24,19 +36,25 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use base64::Engine as _;
 use bridge_protocol::LimitRequest;
+use bridge_signing::timefmt::{format_rfc3339, parse_rfc3339};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::hub::{Hub, RunOrder};
+use super::hub::{ChunkEvent, Hub, RunOrder};
 
 /// The longest request line accepted (a 32 MiB module is about 43 MiB of base64).
 pub const MAX_LINE_BYTES: u64 = 64 << 20;
-/// How long a `run` waits for its result unless `timeout_ms` says otherwise.
-pub const DEFAULT_RUN_TIMEOUT_MS: u64 = 60_000;
+/// How long a `run` waits for its result unless `wait_ms` says otherwise.
+pub const DEFAULT_RUN_WAIT_MS: u64 = 60_000;
+/// How long the other requests to an agent wait for its reply unless `wait_ms` says otherwise.
+pub const DEFAULT_REQUEST_WAIT_MS: u64 = 30_000;
+/// How long `send` waits for the agent's error unless `wait_ms` says otherwise.
+pub const DEFAULT_SEND_WAIT_MS: u64 = 2_000;
 
 /// A control request.
 #[derive(Debug, Deserialize)]
@@ -46,10 +64,48 @@ pub enum ControlRequest {
     Agents,
     /// Issue a new enrollment token.
     Token,
-    /// Run a module on an agent and wait for the result.
+    /// Run a task on an agent and wait for the result.
     Run(Box<RunCommand>),
+    /// The stored result of a task.
+    Result {
+        /// The task id.
+        task_id: String,
+        /// How long to wait for a result that is not stored yet (default 0: do not wait).
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Ask an agent to cancel a task.
+    Cancel {
+        /// The agent id.
+        agent: String,
+        /// The task id.
+        task_id: String,
+        /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Install (or replace) a named handler on an agent.
+    InstallHandler(Box<InstallCommand>),
+    /// Remove a named handler from an agent.
+    RemoveHandler {
+        /// The agent id.
+        agent: String,
+        /// The handler's name.
+        name: String,
+        /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// List an agent's installed handlers.
+    Handlers {
+        /// The agent id.
+        agent: String,
+        /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
     /// Development and test aid: send one raw text frame to an agent and report the `error` it
-    /// answers with, if any (within `wait_ms`, default 2000).
+    /// answers with, if any (within `wait_ms`, default [`DEFAULT_SEND_WAIT_MS`]).
     Send {
         /// The agent id.
         agent: String,
@@ -67,13 +123,16 @@ pub enum ControlRequest {
 pub struct RunCommand {
     /// The agent id.
     pub agent: String,
-    /// The module's bytes, base64 (standard alphabet, padded). Optional when `module_sha256`
-    /// names a module sent before.
+    /// The module's bytes, base64 (standard alphabet, padded). Exactly one of `module`,
+    /// `module_sha256` and `command` is given.
     #[serde(default)]
     pub module: Option<String>,
     /// SHA-256 (hex) of a module the platform already stores.
     #[serde(default)]
     pub module_sha256: Option<String>,
+    /// A command: a handler installed on the agent, or one of its shell rules.
+    #[serde(default)]
+    pub command: Option<String>,
     /// The task input (default `null`).
     #[serde(default)]
     pub input: Value,
@@ -83,15 +142,46 @@ pub struct RunCommand {
     /// The task id (default: a fresh UUID).
     #[serde(default)]
     pub task_id: Option<String>,
-    /// Requested limits.
+    /// Requested limits (`limits.timeout_ms` is the task's time limit).
     #[serde(default)]
     pub limits: LimitRequest,
+    /// A detached signature envelope, base64 (with a module only).
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// RFC 3339 time after which the task must not start; sent to the agent in UTC.
+    #[serde(default)]
+    pub not_after: Option<String>,
+    /// The task may run again if the agent dies while running it.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// Stream the task's output as event lines before the response.
+    #[serde(default)]
+    pub stream: bool,
+    /// How long to wait for the result (default [`DEFAULT_RUN_WAIT_MS`]).
+    #[serde(default, alias = "timeout_ms")]
+    pub wait_ms: Option<u64>,
+}
+
+/// The fields of an `install_handler` request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallCommand {
+    /// The agent id.
+    pub agent: String,
+    /// The command name the handler answers to.
+    pub name: String,
+    /// The module's bytes, base64; or `module_sha256`.
+    #[serde(default)]
+    pub module: Option<String>,
+    /// SHA-256 (hex) of a module the platform already stores.
+    #[serde(default)]
+    pub module_sha256: Option<String>,
     /// A detached signature envelope, base64.
     #[serde(default)]
     pub signature: Option<String>,
-    /// How long to wait for the result (default [`DEFAULT_RUN_TIMEOUT_MS`]).
+    /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
     #[serde(default)]
-    pub timeout_ms: Option<u64>,
+    pub wait_ms: Option<u64>,
 }
 
 /// Fails unless `addr` is a loopback address.
@@ -153,7 +243,7 @@ async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Recei
             continue;
         }
         let response = tokio::select! {
-            r = respond(&hub, &line) => r,
+            r = respond(&hub, &line, &mut write) => r,
             _ = shutdown.changed() => json!({"ok": false, "error": "the platform is shutting down"}),
         };
         if write_line(&mut write, &response).await.is_err() {
@@ -162,10 +252,7 @@ async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Recei
     }
 }
 
-async fn write_line(
-    write: &mut tokio::net::tcp::OwnedWriteHalf,
-    value: &Value,
-) -> std::io::Result<()> {
+async fn write_line(write: &mut OwnedWriteHalf, value: &Value) -> std::io::Result<()> {
     let mut text = serde_json::to_vec(value).expect("responses serialize");
     text.push(b'\n');
     write.write_all(&text).await?;
@@ -176,8 +263,19 @@ fn failure(error: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": error.to_string()})
 }
 
-/// Answers one request line.
-async fn respond(hub: &Hub, line: &[u8]) -> Value {
+fn decode_b64(field: &str, text: Option<&str>) -> Result<Option<Vec<u8>>, Value> {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    text.map(|t| b64.decode(t.as_bytes()))
+        .transpose()
+        .map_err(|e| failure(format!("bad request: `{field}` is not base64: {e}")))
+}
+
+fn wait(wait_ms: Option<u64>, default_ms: u64) -> Duration {
+    Duration::from_millis(wait_ms.unwrap_or(default_ms))
+}
+
+/// Answers one request line; a streaming `run` writes its event lines to `write` first.
+async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Value {
     let request: ControlRequest = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => return failure(format!("bad request: {e}")),
@@ -188,48 +286,71 @@ async fn respond(hub: &Hub, line: &[u8]) -> Value {
             Ok(token) => json!({"ok": true, "token": token}),
             Err(e) => failure(format!("{e:#}")),
         },
-        ControlRequest::Run(run) => {
-            let run = *run;
-            let b64 = &base64::engine::general_purpose::STANDARD;
-            let module = match run.module.as_deref().map(|m| b64.decode(m.as_bytes())) {
-                None => None,
-                Some(Ok(m)) => Some(m),
-                Some(Err(e)) => {
-                    return failure(format!("bad request: `module` is not base64: {e}"))
+        ControlRequest::Run(run) => match run_order(*run) {
+            Ok(order) => run_task(hub, order, write).await,
+            Err(response) => response,
+        },
+        ControlRequest::Result { task_id, wait_ms } => {
+            match hub.wait_result(&task_id, wait(wait_ms, 0)).await {
+                Ok(stored) => {
+                    let mut response = json!(stored);
+                    response["ok"] = json!(true);
+                    response
                 }
-            };
-            if let Some(sig) = &run.signature {
-                if let Err(e) = b64.decode(sig.as_bytes()) {
-                    return failure(format!("bad request: `signature` is not base64: {e}"));
-                }
-            }
-            let order = RunOrder {
-                agent: run.agent,
-                module,
-                module_sha256: run.module_sha256,
-                input: run.input,
-                args: run.args,
-                task_id: run.task_id,
-                limits: run.limits,
-                signature: run.signature,
-                timeout: Duration::from_millis(run.timeout_ms.unwrap_or(DEFAULT_RUN_TIMEOUT_MS)),
-            };
-            match hub.run(order).await {
-                Ok(outcome) => json!({
-                    "ok": true,
-                    "task_id": outcome.task_id,
-                    "result": outcome.result,
-                    "round_trip_us": outcome.round_trip.as_secs_f64() * 1e6,
-                }),
                 Err(e) => failure(e),
             }
+        }
+        ControlRequest::Cancel {
+            agent,
+            task_id,
+            wait_ms,
+        } => {
+            let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
+            match hub.cancel(&agent, task_id.clone(), wait).await {
+                Ok(outcome) => json!({"ok": true, "task_id": task_id, "outcome": outcome}),
+                Err(e) => failure(e),
+            }
+        }
+        ControlRequest::InstallHandler(install) => {
+            let install = *install;
+            let module = match decode_b64("module", install.module.as_deref()) {
+                Ok(m) => m,
+                Err(response) => return response,
+            };
+            if let Err(response) = decode_b64("signature", install.signature.as_deref()) {
+                return response;
+            }
+            let wait = wait(install.wait_ms, DEFAULT_REQUEST_WAIT_MS);
+            let installed = hub
+                .install_handler(
+                    &install.agent,
+                    install.name,
+                    module,
+                    install.module_sha256,
+                    install.signature,
+                    wait,
+                )
+                .await;
+            handlers_response(installed)
+        }
+        ControlRequest::RemoveHandler {
+            agent,
+            name,
+            wait_ms,
+        } => {
+            let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
+            handlers_response(hub.remove_handler(&agent, name, wait).await)
+        }
+        ControlRequest::Handlers { agent, wait_ms } => {
+            let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
+            handlers_response(hub.handlers(&agent, wait).await)
         }
         ControlRequest::Send {
             agent,
             text,
             wait_ms,
         } => {
-            let wait = Duration::from_millis(wait_ms.unwrap_or(2000));
+            let wait = wait(wait_ms, DEFAULT_SEND_WAIT_MS);
             match hub.send_raw(&agent, text, wait).await {
                 Ok(reply) => json!({"ok": true, "reply": reply}),
                 Err(e) => failure(e),
@@ -238,10 +359,115 @@ async fn respond(hub: &Hub, line: &[u8]) -> Value {
     }
 }
 
+fn handlers_response(
+    handlers: Result<Vec<bridge_protocol::HandlerInfo>, super::hub::HubError>,
+) -> Value {
+    match handlers {
+        Ok(handlers) => json!({"ok": true, "handlers": handlers}),
+        Err(e) => failure(e),
+    }
+}
+
+/// Checks a `run` request and turns it into an order; `Err` is the response to give.
+fn run_order(run: RunCommand) -> Result<RunOrder, Value> {
+    let given = [
+        run.module.is_some(),
+        run.module_sha256.is_some(),
+        run.command.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(failure(
+            "bad request: give exactly one of `module` (base64), `module_sha256` and `command`",
+        ));
+    }
+    let module = decode_b64("module", run.module.as_deref())?;
+    decode_b64("signature", run.signature.as_deref())?;
+    let not_after = match run.not_after.as_deref().map(parse_rfc3339) {
+        None => None,
+        Some(Ok(unix)) => Some(format_rfc3339(unix)),
+        Some(Err(e)) => return Err(failure(format!("bad request: `not_after`: {e}"))),
+    };
+    Ok(RunOrder {
+        agent: run.agent,
+        module,
+        module_sha256: run.module_sha256,
+        command: run.command,
+        input: run.input,
+        args: run.args,
+        task_id: run.task_id,
+        limits: run.limits,
+        signature: run.signature,
+        not_after,
+        idempotent: run.idempotent,
+        stream: run.stream,
+        wait: wait(run.wait_ms, DEFAULT_RUN_WAIT_MS),
+    })
+}
+
+/// The event line of one chunk.
+fn chunk_line(chunk: &ChunkEvent) -> Value {
+    json!({
+        "event": "chunk",
+        "task_id": chunk.task_id,
+        "seq": chunk.seq,
+        "stream": chunk.stream,
+        "data": chunk.data,
+        "dropped_bytes": chunk.dropped_bytes,
+    })
+}
+
+/// Runs a task; with `order.stream`, writes each chunk as an event line while waiting.
+async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Value {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let chunks = order.stream.then_some(tx);
+    let run = hub.run(order, chunks);
+    tokio::pin!(run);
+    // Once the client is gone, stop writing events but still wait for the result (it is
+    // stored either way).
+    let mut writable = true;
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            Some(chunk) = rx.recv() => {
+                if writable && write_line(write, &chunk_line(&chunk)).await.is_err() {
+                    writable = false;
+                }
+            }
+            outcome = &mut run => break outcome,
+        }
+    };
+    // Chunks are forwarded before the result that ends the run: drain what is left.
+    while let Ok(chunk) = rx.try_recv() {
+        if writable && write_line(write, &chunk_line(&chunk)).await.is_err() {
+            writable = false;
+        }
+    }
+    match outcome {
+        Ok(outcome) => json!({
+            "ok": true,
+            "task_id": outcome.task_id,
+            "result": outcome.result,
+            "round_trip_us": outcome.round_trip.as_secs_f64() * 1e6,
+        }),
+        Err(e) => failure(e),
+    }
+}
+
 /// Sends one request to the control interface at `addr` and returns the response, waiting at
 /// most `wait` for it. A response with `"ok": false` is returned as an error holding its
 /// `error` text.
 pub fn request(addr: &str, request: &Value, wait: Duration) -> Result<Value> {
+    request_with_events(addr, request, wait, |_| {})
+}
+
+/// Like [`request`], handing each event line that comes before the response (a streaming
+/// `run`'s chunks) to `on_event`; `wait` bounds the wait for each line.
+pub fn request_with_events(
+    addr: &str,
+    request: &Value,
+    wait: Duration,
+    mut on_event: impl FnMut(&Value),
+) -> Result<Value> {
     let target = addr
         .to_socket_addrs()
         .with_context(|| format!("bad control address {addr:?}"))?
@@ -255,21 +481,28 @@ pub fn request(addr: &str, request: &Value, wait: Duration) -> Result<Value> {
     (&stream)
         .write_all(&text)
         .with_context(|| format!("cannot send to {addr}"))?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .with_context(|| format!("no response from {addr}"))?;
-    if line.trim().is_empty() {
-        bail!("the control interface at {addr} closed the connection without answering");
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .with_context(|| format!("no response from {addr}"))?;
+        if line.trim().is_empty() {
+            bail!("the control interface at {addr} closed the connection without answering");
+        }
+        let response: Value = serde_json::from_str(&line).with_context(|| {
+            format!("the control interface at {addr} answered something else than JSON")
+        })?;
+        if response.get("event").is_some() && response.get("ok").is_none() {
+            on_event(&response);
+            continue;
+        }
+        if response["ok"] != Value::Bool(true) {
+            let error = response["error"].as_str().unwrap_or("unknown error");
+            bail!("{error}");
+        }
+        return Ok(response);
     }
-    let response: Value = serde_json::from_str(&line).with_context(|| {
-        format!("the control interface at {addr} answered something else than JSON")
-    })?;
-    if response["ok"] != Value::Bool(true) {
-        let error = response["error"].as_str().unwrap_or("unknown error");
-        bail!("{error}");
-    }
-    Ok(response)
 }
 
 #[cfg(test)]
@@ -288,7 +521,11 @@ mod tests {
             panic!()
         };
         assert_eq!(run.limits.fuel, Some(5));
-        assert_eq!(run.timeout_ms, Some(7));
+        assert_eq!(
+            run.wait_ms,
+            Some(7),
+            "timeout_ms is the older name of wait_ms"
+        );
         assert!(run.input.is_null());
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"nope"}"#).is_err());
         assert!(check_loopback(&"127.0.0.1:1".parse().unwrap()).is_ok());

@@ -1,28 +1,42 @@
-//! The server's shared, in-memory state: live connections, latest statuses, the module store
-//! and the runs waiting for a result.
+//! The server's shared, in-memory state: live connections, latest statuses, the module store,
+//! the stored results and everyone waiting for something from an agent.
 //!
 //! Guarantees:
 //!
 //! * At most one live connection per agent id: registering a new one kicks the old one, and an
 //!   ending connection never unregisters its successor.
-//! * Every pending run ends exactly once: with the agent's `result`, with the agent's `error`
-//!   naming the run, when its connection goes away, or when the waiter gives up (timeout).
+//! * Tasks are keyed by task id, not by connection. A `run` waits for its task's result across
+//!   reconnections of the agent: losing the connection does not end it; its result, its
+//!   `error`, its wait timeout or the server's shutdown does.
+//! * A `run` the agent has not acknowledged yet (neither `accepted` nor `result`) is sent again,
+//!   unchanged, on the agent's next connection (the agent runs a task id at most once, so this
+//!   is safe). Such runs are kept in memory only: a platform restart forgets them.
+//! * Every result the agent delivers is stored ([`ResultStore`], first wins) before it is
+//!   acknowledged, and whoever waits for that task id gets the stored result.
+//! * Other requests to an agent (`cancel`, the handler commands) belong to the connection they
+//!   were sent on: they end with the agent's reply (matched by message id), its `error`, the
+//!   connection's end, or their timeout.
 //! * The module store maps SHA-256 (lowercase hex) to exact bytes; it only grows (this is a
 //!   development server).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bridge_protocol::codec::encode;
-use bridge_protocol::{LimitRequest, PlatformMessage, RunRequest, RunResult, StatusReport};
+use bridge_protocol::{
+    CancelOutcome, ErrorBody, HandlerInfo, LimitRequest, PlatformMessage, RunRequest, RunResult,
+    StatusReport, StreamName, TaskState,
+};
 use ring::rand::{SecureRandom as _, SystemRandom};
+use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::Bytes;
 
 use super::registry::{AgentRecord, Registry};
+use super::results::{ResultStore, StoredResult};
 
 /// How many outgoing messages may queue for one connection.
 const OUTBOX: usize = 64;
@@ -51,49 +65,132 @@ pub struct Registration {
     pub outbox: mpsc::Receiver<Outbound>,
     /// Notified when a newer connection of the same agent replaces this one.
     pub kicked: Arc<Notify>,
+    /// The `run` messages the agent has not acknowledged (sent on an earlier connection, or
+    /// while it was away), in dispatch order: to send right after `welcome`, before anything
+    /// from `outbox`.
+    pub resend: Vec<String>,
 }
 
-/// Why a run did not produce a result.
+/// Why a request to an agent produced no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunError {
+pub enum HubError {
     /// No enrolled agent has this id.
     UnknownAgent(String),
     /// The agent is enrolled but not connected.
     NotConnected(String),
-    /// The connection closed (or was replaced) before the result came.
+    /// The connection closed (or was replaced) before the reply came (requests other than
+    /// `run`, which wait across reconnections).
     ConnectionLost(String),
-    /// The agent answered the run with an `error` message.
+    /// The agent answered with an `error` message (`code: message`).
     Refused(String),
-    /// No result within the time given.
+    /// No result within the time given (milliseconds).
     Timeout(u64),
+    /// No reply within the time given (milliseconds).
+    NoReply(u64),
+    /// No stored result for this task id (within the time given, in milliseconds).
+    NoResult(String, u64),
     /// The request itself was unusable.
     BadRequest(String),
+    /// The agent answered with a reply of another kind than the request calls for.
+    Unexpected(String),
+    /// The server is stopping.
+    ShuttingDown,
 }
 
-impl std::fmt::Display for RunError {
+impl std::fmt::Display for HubError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RunError::UnknownAgent(a) => write!(f, "unknown agent {a}"),
-            RunError::NotConnected(a) => write!(f, "agent {a} is not connected"),
-            RunError::ConnectionLost(why) => {
+            HubError::UnknownAgent(a) => write!(f, "unknown agent {a}"),
+            HubError::NotConnected(a) => write!(f, "agent {a} is not connected"),
+            HubError::ConnectionLost(why) => {
                 write!(f, "the agent's connection was lost while waiting: {why}")
             }
-            RunError::Refused(why) => write!(f, "the agent refused the run: {why}"),
-            RunError::Timeout(ms) => write!(f, "timeout: no result within {ms} ms"),
-            RunError::BadRequest(why) => write!(f, "bad request: {why}"),
+            HubError::Refused(why) => write!(f, "the agent refused: {why}"),
+            HubError::Timeout(ms) => write!(f, "timeout: no result within {ms} ms"),
+            HubError::NoReply(ms) => write!(f, "timeout: no reply within {ms} ms"),
+            HubError::NoResult(task, 0) => write!(f, "no result for task {task}"),
+            HubError::NoResult(task, ms) => {
+                write!(f, "no result for task {task} (waited {ms} ms)")
+            }
+            HubError::BadRequest(why) => write!(f, "bad request: {why}"),
+            HubError::Unexpected(reply) => write!(f, "the agent answered unexpectedly: {reply}"),
+            HubError::ShuttingDown => f.write_str("the platform is shutting down"),
         }
     }
 }
 
-impl std::error::Error for RunError {}
+impl std::error::Error for HubError {}
 
-/// A run waiting for its result.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Where one streaming waiter (by its key) receives a task's chunks.
+type ChunkSink = (u64, mpsc::UnboundedSender<ChunkEvent>);
+
+/// What a task's waiter receives.
+type TaskReply = Result<StoredResult, HubError>;
+
+/// Someone waiting for a task's result.
 #[derive(Debug)]
-struct Pending {
+struct TaskWaiter {
+    /// Unique per waiter, to remove it when it gives up.
+    key: u64,
+    /// The `run` message it dispatched, if any: an agent `error` naming it ends this waiter.
+    run_id: Option<String>,
+    reply: oneshot::Sender<TaskReply>,
+}
+
+/// A `run` sent to an agent and not finished with.
+#[derive(Debug)]
+struct Dispatched {
+    /// Dispatch order, to resend in the same order.
+    seq: u64,
+    agent_id: String,
+    task_id: String,
+    /// The encoded `run` message, resent as is.
+    text: String,
+    /// The agent sent `accepted` for the task: no resend needed.
+    accepted: bool,
+    /// The control request that dispatched it still waits (for error correlation).
+    waiting: bool,
+}
+
+/// A reply to a request other than `run`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The answer to `cancel`.
+    Cancel {
+        /// The task id.
+        task_id: String,
+        /// What the agent found.
+        outcome: CancelOutcome,
+    },
+    /// The installed handlers (the answer to the handler commands).
+    Handlers(Vec<HandlerInfo>),
+}
+
+/// A request other than `run` waiting for the agent's reply.
+#[derive(Debug)]
+struct PendingRequest {
     agent_id: String,
     conn_id: u64,
-    task_id: String,
-    reply: oneshot::Sender<Result<RunResult, RunError>>,
+    reply: oneshot::Sender<Result<Reply, HubError>>,
+}
+
+/// One `chunk` of a task's output, as forwarded to whoever streams the task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChunkEvent {
+    /// The task id.
+    pub task_id: String,
+    /// 0, 1, 2… per task, across both streams.
+    pub seq: u64,
+    /// stdout or stderr.
+    pub stream: StreamName,
+    /// The text.
+    pub data: String,
+    /// Bytes the agent did not stream since the previous chunk.
+    pub dropped_bytes: u64,
 }
 
 /// What the control interface asks to run.
@@ -101,10 +198,13 @@ struct Pending {
 pub struct RunOrder {
     /// The agent id.
     pub agent: String,
-    /// The module's bytes; `None` to run a module the platform already stores, by `module_sha256`.
+    /// The module's bytes; `None` to run a module the platform already stores, by
+    /// `module_sha256`, or a `command`.
     pub module: Option<Vec<u8>>,
-    /// The SHA-256 (hex) of a stored module, when `module` is `None`.
+    /// The SHA-256 (hex) of a stored module.
     pub module_sha256: Option<String>,
+    /// A command name (an installed handler or a shell rule), instead of a module.
+    pub command: Option<String>,
     /// The task input.
     pub input: serde_json::Value,
     /// argv\[1..\].
@@ -115,8 +215,14 @@ pub struct RunOrder {
     pub limits: LimitRequest,
     /// Detached signature, base64.
     pub signature: Option<String>,
+    /// RFC 3339 time after which the task must not start.
+    pub not_after: Option<String>,
+    /// The task may run again after an agent crash.
+    pub idempotent: bool,
+    /// Ask the agent to stream the output (`chunk` messages).
+    pub stream: bool,
     /// How long to wait for the result.
-    pub timeout: Duration,
+    pub wait: Duration,
 }
 
 /// A finished run.
@@ -124,7 +230,7 @@ pub struct RunOrder {
 pub struct RunOutcome {
     /// The task id used.
     pub task_id: String,
-    /// The agent's result.
+    /// The agent's result (the stored one: the first received for this task id).
     pub result: RunResult,
     /// From handing the `run` frame to the connection to receiving the `result`.
     pub round_trip: Duration,
@@ -150,14 +256,24 @@ pub struct AgentView {
 pub struct Hub {
     /// Enrolled agents and tokens.
     pub registry: Registry,
+    /// Results by task id.
+    pub results: ResultStore,
     /// Lifetime of enrollment tokens issued by this server (`None`: no expiry).
     pub token_ttl_secs: Option<u64>,
     conns: Mutex<HashMap<String, Conn>>,
     statuses: Mutex<HashMap<String, StatusReport>>,
     modules: Mutex<HashMap<String, Bytes>>,
-    pending: Mutex<HashMap<String, Pending>>,
-    error_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<bridge_protocol::ErrorBody>>>>,
+    /// By task id.
+    waiters: Mutex<HashMap<String, Vec<TaskWaiter>>>,
+    /// By `run` message id.
+    dispatched: Mutex<HashMap<String, Dispatched>>,
+    /// By task id: who streams its output.
+    streams: Mutex<HashMap<String, Vec<ChunkSink>>>,
+    /// By message id.
+    requests: Mutex<HashMap<String, PendingRequest>>,
+    error_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<ErrorBody>>>>,
     next_conn: AtomicU64,
+    next_key: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,19 +308,38 @@ pub fn random_uuid() -> String {
     )
 }
 
+/// Removes a key from a multimap entry, dropping the entry when it is empty.
+fn remove_keyed<T>(map: &mut HashMap<String, Vec<T>>, id: &str, keep: impl FnMut(&T) -> bool) {
+    if let Some(list) = map.get_mut(id) {
+        list.retain(keep);
+        if list.is_empty() {
+            map.remove(id);
+        }
+    }
+}
+
 impl Hub {
-    /// A hub over `registry`.
-    pub fn new(registry: Registry, token_ttl_secs: Option<u64>) -> Hub {
+    /// A hub over `registry` and `results`.
+    pub fn new(registry: Registry, results: ResultStore, token_ttl_secs: Option<u64>) -> Hub {
         Hub {
             registry,
+            results,
             token_ttl_secs,
             conns: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            dispatched: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
             error_waiters: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            next_key: AtomicU64::new(1),
         }
+    }
+
+    fn key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Issues an enrollment token with the server's lifetime.
@@ -217,14 +352,21 @@ impl Hub {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(OUTBOX);
         let kick = Arc::new(Notify::new());
-        let old = lock(&self.conns).insert(
-            agent_id.to_string(),
-            Conn {
-                conn_id,
-                outbox: tx,
-                kick: kick.clone(),
-            },
-        );
+        let (old, resend) = {
+            // Under the connections lock, which `run` also holds from choosing a connection to
+            // recording its dispatch: a run is either in this snapshot (and goes out right
+            // after `welcome`) or sent on this connection's outbox, never both.
+            let mut conns = lock(&self.conns);
+            let old = conns.insert(
+                agent_id.to_string(),
+                Conn {
+                    conn_id,
+                    outbox: tx,
+                    kick: kick.clone(),
+                },
+            );
+            (old, self.unacknowledged_runs(agent_id))
+        };
         if let Some(old) = old {
             tracing::info!(
                 agent_id,
@@ -233,19 +375,18 @@ impl Hub {
                 "replacing the agent's previous connection"
             );
             old.kick.notify_one();
-            self.fail_pending(old.conn_id, || {
-                RunError::ConnectionLost("replaced by a newer connection".into())
-            });
+            self.fail_requests(old.conn_id, "replaced by a newer connection");
         }
         Registration {
             conn_id,
             outbox: rx,
             kicked: kick,
+            resend,
         }
     }
 
     /// Unregisters connection `conn_id` of `agent_id` (if it is still the current one) and fails
-    /// its pending runs with `why`.
+    /// the requests (not the runs) waiting on it with `why`.
     pub fn unregister(&self, agent_id: &str, conn_id: u64, why: &str) {
         {
             let mut conns = lock(&self.conns);
@@ -253,22 +394,24 @@ impl Hub {
                 conns.remove(agent_id);
             }
         }
-        self.fail_pending(conn_id, || RunError::ConnectionLost(why.to_string()));
+        self.fail_requests(conn_id, why);
     }
 
-    fn fail_pending(&self, conn_id: u64, error: impl Fn() -> RunError) {
-        let failed: Vec<Pending> = {
-            let mut pending = lock(&self.pending);
-            let ids: Vec<String> = pending
+    fn fail_requests(&self, conn_id: u64, why: &str) {
+        let failed: Vec<(String, PendingRequest)> = {
+            let mut requests = lock(&self.requests);
+            let ids: Vec<String> = requests
                 .iter()
-                .filter(|(_, p)| p.conn_id == conn_id)
+                .filter(|(_, r)| r.conn_id == conn_id)
                 .map(|(id, _)| id.clone())
                 .collect();
-            ids.iter().filter_map(|id| pending.remove(id)).collect()
+            ids.into_iter()
+                .filter_map(|id| requests.remove(&id).map(|r| (id, r)))
+                .collect()
         };
-        for p in failed {
-            tracing::warn!(agent_id = %p.agent_id, task_id = %p.task_id, "run failed: {}", error());
-            let _ = p.reply.send(Err(error()));
+        for (id, r) in failed {
+            tracing::warn!(agent_id = %r.agent_id, request = %id, "request failed: the connection ended: {why}");
+            let _ = r.reply.send(Err(HubError::ConnectionLost(why.to_string())));
         }
     }
 
@@ -315,130 +458,479 @@ impl Hub {
             .collect()
     }
 
-    /// Completes the run whose `run` message had id `id` (called for the agent's `result`).
-    /// Returns false if no such run is waiting on this connection.
-    pub fn complete(&self, conn_id: u64, id: &str, task_id: &str, result: RunResult) -> bool {
-        let Some(p) = self.take_pending(conn_id, id) else {
-            return false;
-        };
-        if p.task_id != task_id {
-            tracing::warn!(agent_id = %p.agent_id, task_id = %p.task_id, reported = task_id, "the result names another task id");
+    // -----------------------------------------------------------------------------------------
+    // What the agent sends (called by the session)
+
+    /// Stores a `result` the agent sent (first wins), ends the task's dispatch and hands the
+    /// stored result to everyone waiting for the task. Returns whether the result is stored
+    /// durably, i.e. whether the session must acknowledge it.
+    pub fn on_result(&self, agent_id: &str, id: &str, task_id: &str, result: RunResult) -> bool {
+        let status = result.status;
+        let recorded = self.results.record(agent_id, task_id, result);
+        {
+            let mut dispatched = lock(&self.dispatched);
+            if let Some(d) = dispatched.get(id) {
+                if d.task_id != task_id {
+                    tracing::warn!(agent_id, run_id = id, task_id = %d.task_id, reported = task_id, "the result names another task id than its run");
+                }
+            }
+            dispatched.retain(|_, d| !(d.agent_id == agent_id && d.task_id == task_id));
         }
-        tracing::info!(agent_id = %p.agent_id, task_id = %p.task_id, status = %result.status, "run finished");
-        let _ = p.reply.send(Ok(result));
-        true
+        let waiters = lock(&self.waiters).remove(task_id).unwrap_or_default();
+        if recorded.first {
+            tracing::info!(agent_id, task_id, %status, waiters = waiters.len(), "result stored");
+        } else {
+            tracing::info!(
+                agent_id,
+                task_id,
+                deliveries = recorded.stored.deliveries,
+                waiters = waiters.len(),
+                "result delivered again (the first is kept)"
+            );
+        }
+        for w in waiters {
+            let _ = w.reply.send(Ok(recorded.stored.clone()));
+        }
+        recorded.durable
     }
 
-    /// Ends the run whose `run` message had id `id` with the agent's `error`. Returns false if
-    /// no such run is waiting on this connection.
-    pub fn refuse(&self, conn_id: u64, id: &str, why: String) -> bool {
-        let Some(p) = self.take_pending(conn_id, id) else {
+    /// Notes the agent's `accepted`: the task is recorded on the agent, so its `run` needs no
+    /// resending. With `finished` and a result stored here, the waiters get that result (the
+    /// agent may have dropped it from its outbox after our `ack`).
+    pub fn on_accepted(&self, agent_id: &str, id: &str, task_id: &str, state: TaskState) {
+        tracing::info!(agent_id, run_id = id, task_id, state = ?state, "task accepted");
+        lock(&self.dispatched).retain(|_, d| {
+            if d.agent_id == agent_id && d.task_id == task_id {
+                d.accepted = true;
+                d.waiting
+            } else {
+                true
+            }
+        });
+        if state == TaskState::Finished {
+            if let Some(stored) = self.results.get(task_id) {
+                let waiters = lock(&self.waiters).remove(task_id).unwrap_or_default();
+                for w in waiters {
+                    let _ = w.reply.send(Ok(stored.clone()));
+                }
+            }
+        }
+    }
+
+    /// Forwards a `chunk` to whoever streams its task; returns how many received it.
+    pub fn on_chunk(&self, chunk: ChunkEvent) -> usize {
+        let mut streams = lock(&self.streams);
+        let Some(list) = streams.get_mut(&chunk.task_id) else {
+            return 0;
+        };
+        list.retain(|(_, tx)| tx.send(chunk.clone()).is_ok());
+        let n = list.len();
+        if n == 0 {
+            streams.remove(&chunk.task_id);
+        }
+        n
+    }
+
+    /// Hands a reply (`cancel_reply`, `handlers`) to the request with message id `id` sent to
+    /// `agent_id`; returns false if no such request waits.
+    pub fn on_reply(&self, agent_id: &str, id: &str, reply: Reply) -> bool {
+        let Some(r) = self.take_request(agent_id, id) else {
             return false;
         };
-        tracing::warn!(agent_id = %p.agent_id, task_id = %p.task_id, "the agent refused the run: {why}");
-        let _ = p.reply.send(Err(RunError::Refused(why)));
+        let _ = r.reply.send(Ok(reply));
         true
     }
 
-    fn take_pending(&self, conn_id: u64, id: &str) -> Option<Pending> {
-        let mut pending = lock(&self.pending);
-        match pending.get(id) {
-            Some(p) if p.conn_id == conn_id => pending.remove(id),
+    fn take_request(&self, agent_id: &str, id: &str) -> Option<PendingRequest> {
+        let mut requests = lock(&self.requests);
+        match requests.get(id) {
+            Some(r) if r.agent_id == agent_id => requests.remove(id),
             _ => None,
         }
     }
 
-    /// Sends a run to the agent's live connection and waits for its result.
-    pub async fn run(&self, order: RunOrder) -> Result<RunOutcome, RunError> {
-        if let Some(module) = &order.module {
-            if module.len() > bridge_protocol::MAX_BINARY_BYTES {
-                return Err(RunError::BadRequest(format!(
-                    "the module is {} bytes; the limit is {}",
-                    module.len(),
-                    bridge_protocol::MAX_BINARY_BYTES
-                )));
+    /// Ends the run or request whose message had id `id` with the agent's `error`. Returns
+    /// false if `id` names nothing sent to this agent.
+    pub fn on_error(&self, agent_id: &str, id: &str, why: String) -> bool {
+        if let Some(r) = self.take_request(agent_id, id) {
+            tracing::warn!(
+                agent_id,
+                request = id,
+                "the agent refused the request: {why}"
+            );
+            let _ = r.reply.send(Err(HubError::Refused(why)));
+            return true;
+        }
+        let run = {
+            let mut dispatched = lock(&self.dispatched);
+            match dispatched.get(id) {
+                Some(d) if d.agent_id == agent_id => dispatched.remove(id),
+                _ => None,
             }
+        };
+        let Some(run) = run else {
+            return false;
+        };
+        tracing::warn!(agent_id, run_id = id, task_id = %run.task_id, "the agent refused the run: {why}");
+        let ended: Vec<TaskWaiter> = {
+            let mut waiters = lock(&self.waiters);
+            let mut ended = Vec::new();
+            if let Some(list) = waiters.get_mut(&run.task_id) {
+                let (mine, others): (Vec<_>, Vec<_>) = list
+                    .drain(..)
+                    .partition(|w| w.run_id.as_deref() == Some(id));
+                *list = others;
+                ended = mine;
+                if list.is_empty() {
+                    waiters.remove(&run.task_id);
+                }
+            }
+            ended
+        };
+        for w in ended {
+            let _ = w.reply.send(Err(HubError::Refused(why.clone())));
         }
-        if !self.registry.is_enrolled(&order.agent) {
-            return Err(RunError::UnknownAgent(order.agent));
+        true
+    }
+
+    /// The `run` messages sent to `agent_id` that it has not acknowledged (neither `accepted`
+    /// nor `result`), in the order they were first sent.
+    fn unacknowledged_runs(&self, agent_id: &str) -> Vec<String> {
+        let dispatched = lock(&self.dispatched);
+        let mut runs: Vec<&Dispatched> = dispatched
+            .values()
+            .filter(|d| d.agent_id == agent_id && !d.accepted)
+            .collect();
+        runs.sort_by_key(|d| d.seq);
+        runs.into_iter().map(|d| d.text.clone()).collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // What the control interface asks
+
+    fn outbox_of(&self, agent: &str) -> Result<(mpsc::Sender<Outbound>, u64), HubError> {
+        if !self.registry.is_enrolled(agent) {
+            return Err(HubError::UnknownAgent(agent.to_string()));
         }
-        let module_sha256 = match (order.module, order.module_sha256) {
-            (Some(bytes), _) => self.store_module(bytes),
-            (None, Some(sha)) if self.module(&sha).is_some() => sha,
-            (None, Some(sha)) => {
-                return Err(RunError::BadRequest(format!(
-                    "no stored module {sha}: send its bytes in `module` once"
+        let conns = lock(&self.conns);
+        let conn = conns
+            .get(agent)
+            .ok_or_else(|| HubError::NotConnected(agent.to_string()))?;
+        Ok((conn.outbox.clone(), conn.conn_id))
+    }
+
+    /// Stores `module` if given, else checks that `module_sha256` names a stored module; returns
+    /// the module's SHA-256.
+    fn resolve_module(
+        &self,
+        module: Option<Vec<u8>>,
+        module_sha256: Option<String>,
+    ) -> Result<String, HubError> {
+        match (module, module_sha256) {
+            (Some(bytes), _) if bytes.len() > bridge_protocol::MAX_BINARY_BYTES => {
+                Err(HubError::BadRequest(format!(
+                    "the module is {} bytes; the limit is {}",
+                    bytes.len(),
+                    bridge_protocol::MAX_BINARY_BYTES
                 )))
             }
-            (None, None) => {
-                return Err(RunError::BadRequest(
-                    "give `module` (base64) or `module_sha256`".into(),
+            (Some(bytes), _) => Ok(self.store_module(bytes)),
+            (None, Some(sha)) if self.module(&sha).is_some() => Ok(sha.to_ascii_lowercase()),
+            (None, Some(sha)) => Err(HubError::BadRequest(format!(
+                "no stored module {sha}: send its bytes in `module` once"
+            ))),
+            (None, None) => Err(HubError::BadRequest(
+                "give `module` (base64) or `module_sha256`".into(),
+            )),
+        }
+    }
+
+    fn add_waiter(
+        &self,
+        task_id: &str,
+        key: u64,
+        run_id: Option<String>,
+    ) -> oneshot::Receiver<TaskReply> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters)
+            .entry(task_id.to_string())
+            .or_default()
+            .push(TaskWaiter {
+                key,
+                run_id,
+                reply: tx,
+            });
+        rx
+    }
+
+    fn remove_waiter(&self, task_id: &str, key: u64) {
+        remove_keyed(&mut lock(&self.waiters), task_id, |w| w.key != key);
+    }
+
+    /// Sends a run to the agent and waits for its result, across reconnections, up to
+    /// `order.wait`. With `chunks`, the task's `chunk` messages are forwarded there as they
+    /// arrive, all before this returns.
+    pub async fn run(
+        &self,
+        order: RunOrder,
+        chunks: Option<mpsc::UnboundedSender<ChunkEvent>>,
+    ) -> Result<RunOutcome, HubError> {
+        if !self.registry.is_enrolled(&order.agent) {
+            return Err(HubError::UnknownAgent(order.agent));
+        }
+        let (command, module_sha256) = match order.command {
+            Some(_) if order.module.is_some() || order.module_sha256.is_some() => {
+                return Err(HubError::BadRequest(
+                    "give one of `module`, `module_sha256` and `command`".into(),
                 ))
             }
+            Some(c) if c.is_empty() => {
+                return Err(HubError::BadRequest("`command` is empty".into()))
+            }
+            Some(_) if order.signature.is_some() => {
+                return Err(HubError::BadRequest(
+                    "a `signature` goes with a module, not with a `command`".into(),
+                ))
+            }
+            Some(c) => (Some(c), None),
+            None => (
+                None,
+                Some(self.resolve_module(order.module, order.module_sha256)?),
+            ),
         };
         let task_id = order.task_id.unwrap_or_else(random_uuid);
         let id = format!("run-{}", random_hex(8));
-        let (outbox, conn_id) = {
-            let conns = lock(&self.conns);
-            let conn = conns
-                .get(&order.agent)
-                .ok_or_else(|| RunError::NotConnected(order.agent.clone()))?;
-            (conn.outbox.clone(), conn.conn_id)
-        };
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(
-            id.clone(),
-            Pending {
-                agent_id: order.agent.clone(),
-                conn_id,
-                task_id: task_id.clone(),
-                reply: tx,
-            },
-        );
         let message = PlatformMessage::Run(RunRequest {
             id: id.clone(),
             task_id: task_id.clone(),
+            command,
             module_sha256,
             signature: order.signature,
             input: order.input,
             args: order.args,
             limits: order.limits,
+            not_after: order.not_after,
+            idempotent: order.idempotent,
+            stream: order.stream,
         });
-        tracing::info!(agent_id = %order.agent, task_id = %task_id, run_id = %id, "sending run");
-        let timeout_ms = u64::try_from(order.timeout.as_millis()).unwrap_or(u64::MAX);
-        let sent = std::time::Instant::now();
-        let outcome = tokio::time::timeout(order.timeout, async {
-            if outbox.send(Outbound::Text(encode(&message))).await.is_err() {
-                return Err(RunError::ConnectionLost("the connection closed".into()));
+        let text = encode(&message);
+        let key = self.key();
+        let rx = self.add_waiter(&task_id, key, Some(id.clone()));
+        if let Some(tx) = chunks {
+            lock(&self.streams)
+                .entry(task_id.clone())
+                .or_default()
+                .push((key, tx));
+        }
+        let outbox = {
+            // See `register`: choosing the connection and recording the dispatch are one step.
+            let conns = lock(&self.conns);
+            match conns.get(&order.agent) {
+                Some(conn) => {
+                    lock(&self.dispatched).insert(
+                        id.clone(),
+                        Dispatched {
+                            seq: key,
+                            agent_id: order.agent.clone(),
+                            task_id: task_id.clone(),
+                            text: text.clone(),
+                            accepted: false,
+                            waiting: true,
+                        },
+                    );
+                    Ok(conn.outbox.clone())
+                }
+                None => Err(HubError::NotConnected(order.agent.clone())),
             }
-            rx.await
-                .unwrap_or_else(|_| Err(RunError::ConnectionLost("the server is stopping".into())))
+        };
+        let outbox = match outbox {
+            Ok(o) => o,
+            Err(e) => {
+                self.remove_waiter(&task_id, key);
+                remove_keyed(&mut lock(&self.streams), &task_id, |(k, _)| *k != key);
+                return Err(e);
+            }
+        };
+        tracing::info!(agent_id = %order.agent, task_id = %task_id, run_id = %id, "sending run");
+        let sent = Instant::now();
+        let outcome = tokio::time::timeout(order.wait, async {
+            if outbox.send(Outbound::Text(text)).await.is_err() {
+                tracing::info!(agent_id = %order.agent, task_id = %task_id, "the connection closed before the run was sent; it is sent when the agent reconnects");
+            }
+            rx.await.unwrap_or(Err(HubError::ShuttingDown))
         })
         .await
-        .unwrap_or(Err(RunError::Timeout(timeout_ms)));
+        .unwrap_or(Err(HubError::Timeout(millis(order.wait))));
         let round_trip = sent.elapsed();
-        lock(&self.pending).remove(&id);
-        outcome.map(|result| RunOutcome {
+        self.remove_waiter(&task_id, key);
+        remove_keyed(&mut lock(&self.streams), &task_id, |(k, _)| *k != key);
+        {
+            // An accepted run needs no resend; once nobody waits for it, forget it.
+            let mut dispatched = lock(&self.dispatched);
+            if let Some(d) = dispatched.get_mut(&id) {
+                d.waiting = false;
+                if d.accepted {
+                    dispatched.remove(&id);
+                }
+            }
+        }
+        if let Err(e) = &outcome {
+            tracing::warn!(agent_id = %order.agent, task_id = %task_id, "run ended without a result: {e}");
+        }
+        outcome.map(|stored| RunOutcome {
             task_id,
-            result,
+            result: stored.result,
             round_trip,
         })
     }
 
+    /// The stored result of `task_id`, waiting up to `wait` for one to arrive.
+    pub async fn wait_result(
+        &self,
+        task_id: &str,
+        wait: Duration,
+    ) -> Result<StoredResult, HubError> {
+        if let Some(stored) = self.results.get(task_id) {
+            return Ok(stored);
+        }
+        if wait.is_zero() {
+            return Err(HubError::NoResult(task_id.to_string(), 0));
+        }
+        let key = self.key();
+        let rx = self.add_waiter(task_id, key, None);
+        // A result stored between the first look and the waiter's registration.
+        if let Some(stored) = self.results.get(task_id) {
+            self.remove_waiter(task_id, key);
+            return Ok(stored);
+        }
+        let outcome = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(HubError::ShuttingDown),
+            Err(_) => Err(HubError::NoResult(task_id.to_string(), millis(wait))),
+        };
+        self.remove_waiter(task_id, key);
+        outcome
+    }
+
+    /// Sends the message `make(id)` (with a fresh message id starting with `prefix`) to the
+    /// agent's live connection and waits up to `wait` for the reply carrying that id.
+    async fn request(
+        &self,
+        agent: &str,
+        prefix: &str,
+        make: impl FnOnce(String) -> PlatformMessage,
+        wait: Duration,
+    ) -> Result<Reply, HubError> {
+        let (outbox, conn_id) = self.outbox_of(agent)?;
+        let id = format!("{prefix}-{}", random_hex(8));
+        let (tx, rx) = oneshot::channel();
+        lock(&self.requests).insert(
+            id.clone(),
+            PendingRequest {
+                agent_id: agent.to_string(),
+                conn_id,
+                reply: tx,
+            },
+        );
+        let text = encode(&make(id.clone()));
+        tracing::info!(agent_id = agent, request = %id, "sending request");
+        let outcome = tokio::time::timeout(wait, async {
+            if outbox.send(Outbound::Text(text)).await.is_err() {
+                return Err(HubError::ConnectionLost("the connection closed".into()));
+            }
+            rx.await.unwrap_or(Err(HubError::ShuttingDown))
+        })
+        .await
+        .unwrap_or(Err(HubError::NoReply(millis(wait))));
+        lock(&self.requests).remove(&id);
+        outcome
+    }
+
+    fn expect_handlers(reply: Reply) -> Result<Vec<HandlerInfo>, HubError> {
+        match reply {
+            Reply::Handlers(h) => Ok(h),
+            other => Err(HubError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Installs (or replaces) handler `name` on the agent: the module is `module`'s bytes (stored
+    /// here to answer the agent's `need_module`) or a module stored before, by `module_sha256`.
+    /// Returns the agent's handler list after the change.
+    pub async fn install_handler(
+        &self,
+        agent: &str,
+        name: String,
+        module: Option<Vec<u8>>,
+        module_sha256: Option<String>,
+        signature: Option<String>,
+        wait: Duration,
+    ) -> Result<Vec<HandlerInfo>, HubError> {
+        if name.is_empty() {
+            return Err(HubError::BadRequest("`name` is empty".into()));
+        }
+        if !self.registry.is_enrolled(agent) {
+            return Err(HubError::UnknownAgent(agent.to_string()));
+        }
+        let module_sha256 = self.resolve_module(module, module_sha256)?;
+        let make = |id| PlatformMessage::InstallHandler {
+            id,
+            name,
+            module_sha256,
+            signature,
+        };
+        Self::expect_handlers(self.request(agent, "install", make, wait).await?)
+    }
+
+    /// Removes handler `name` from the agent; returns the list after the change.
+    pub async fn remove_handler(
+        &self,
+        agent: &str,
+        name: String,
+        wait: Duration,
+    ) -> Result<Vec<HandlerInfo>, HubError> {
+        let make = |id| PlatformMessage::RemoveHandler { id, name };
+        Self::expect_handlers(self.request(agent, "remove", make, wait).await?)
+    }
+
+    /// The agent's installed handlers.
+    pub async fn handlers(
+        &self,
+        agent: &str,
+        wait: Duration,
+    ) -> Result<Vec<HandlerInfo>, HubError> {
+        let make = |id| PlatformMessage::ListHandlers { id };
+        Self::expect_handlers(self.request(agent, "handlers", make, wait).await?)
+    }
+
+    /// Asks the agent to cancel `task_id`; returns what it found.
+    pub async fn cancel(
+        &self,
+        agent: &str,
+        task_id: String,
+        wait: Duration,
+    ) -> Result<CancelOutcome, HubError> {
+        let make = |id| PlatformMessage::Cancel { id, task_id };
+        match self.request(agent, "cancel", make, wait).await? {
+            Reply::Cancel { outcome, .. } => Ok(outcome),
+            other => Err(HubError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Development and test aid: sends `text` as one raw text frame to the agent's live
     /// connection and waits up to `wait` for the next `error` the agent reports that does not
-    /// end a run (its answer to a malformed or unknown message). `Ok(None)`: no error came.
+    /// end a run or request (its answer to a malformed or unknown message). `Ok(None)`: no
+    /// error came.
     pub async fn send_raw(
         &self,
         agent: &str,
         text: String,
         wait: Duration,
-    ) -> Result<Option<bridge_protocol::ErrorBody>, RunError> {
+    ) -> Result<Option<ErrorBody>, HubError> {
         let outbox = {
             let conns = lock(&self.conns);
             let conn = conns
                 .get(agent)
-                .ok_or_else(|| RunError::NotConnected(agent.to_string()))?;
+                .ok_or_else(|| HubError::NotConnected(agent.to_string()))?;
             conn.outbox.clone()
         };
         let (tx, rx) = oneshot::channel();
@@ -447,7 +939,7 @@ impl Hub {
             .or_default()
             .push(tx);
         if outbox.send(Outbound::Text(text)).await.is_err() {
-            return Err(RunError::ConnectionLost("the connection closed".into()));
+            return Err(HubError::ConnectionLost("the connection closed".into()));
         }
         Ok(tokio::time::timeout(wait, rx)
             .await
@@ -457,7 +949,7 @@ impl Hub {
 
     /// Hands an agent's `error` (one that ended no run) to whoever waits in [`Hub::send_raw`];
     /// returns whether anyone did.
-    pub fn deliver_error(&self, agent: &str, body: &bridge_protocol::ErrorBody) -> bool {
+    pub fn deliver_error(&self, agent: &str, body: &ErrorBody) -> bool {
         let waiters = lock(&self.error_waiters).remove(agent).unwrap_or_default();
         let mut delivered = false;
         for w in waiters {
@@ -466,11 +958,18 @@ impl Hub {
         delivered
     }
 
-    /// Fails every pending run (at shutdown).
-    pub fn fail_all(&self, why: &str) {
-        let all: Vec<Pending> = lock(&self.pending).drain().map(|(_, p)| p).collect();
-        for p in all {
-            let _ = p.reply.send(Err(RunError::ConnectionLost(why.to_string())));
+    /// Ends everything still waiting (at shutdown).
+    pub fn fail_all(&self) {
+        let waiters: Vec<TaskWaiter> = lock(&self.waiters)
+            .drain()
+            .flat_map(|(_, list)| list)
+            .collect();
+        for w in waiters {
+            let _ = w.reply.send(Err(HubError::ShuttingDown));
+        }
+        let requests: Vec<PendingRequest> = lock(&self.requests).drain().map(|(_, r)| r).collect();
+        for r in requests {
+            let _ = r.reply.send(Err(HubError::ShuttingDown));
         }
     }
 

@@ -8,7 +8,9 @@
 //!
 //! * [`tls`]: the server identity (key, certificate, pin) and client-certificate verification.
 //! * [`registry`]: enrolled agents and enrollment tokens, persisted in the state directory.
-//! * [`hub`]: live connections, statuses, the module store and the runs waiting for results.
+//! * [`hub`]: live connections, statuses, the module store, and everyone waiting for a task's
+//!   result or an agent's reply; runs not yet acknowledged by the agent, resent on reconnect.
+//! * [`results`]: task results by task id, persisted in the state directory.
 //! * [`session`]: one agent connection.
 //! * [`control`]: the control interface and its client.
 //! * [`downloads`]: the installer, the agent binaries, their checksums and signatures.
@@ -22,6 +24,7 @@ pub mod control;
 pub mod downloads;
 pub mod hub;
 pub mod registry;
+pub mod results;
 pub mod session;
 pub mod tls;
 
@@ -41,6 +44,7 @@ use tokio_rustls::TlsAcceptor;
 use self::downloads::Downloads;
 use self::hub::Hub;
 use self::registry::Registry;
+use self::results::ResultStore;
 use self::tls::ServerIdentity;
 
 /// How the server is set up.
@@ -110,7 +114,8 @@ impl Server {
         let identity = ServerIdentity::load_or_create(&options.state_dir, &options.hostnames)?;
         let config = identity.server_config()?;
         let registry = Registry::open(&options.state_dir)?;
-        let hub = Arc::new(Hub::new(registry, options.token_ttl_secs));
+        let results = ResultStore::open(&options.state_dir)?;
+        let hub = Arc::new(Hub::new(registry, results, options.token_ttl_secs));
         let binaries = if options.agent_binaries.is_empty() {
             downloads::default_agent_binary()
                 .map(|p| vec![(std::env::consts::ARCH.to_string(), p)])
@@ -213,7 +218,7 @@ impl Server {
         tracing::info!("shutting down");
         drop(self.listener);
         let _ = stop.send(true);
-        self.hub.fail_all("the platform is shutting down");
+        self.hub.fail_all();
         let drained = tokio::time::timeout(Duration::from_secs(3), async {
             while sessions.join_next().await.is_some() {}
         })

@@ -8,6 +8,8 @@
 //! * No message but `hello` is processed before `welcome`; a connection without a usable
 //!   `hello` within [`HELLO_TIMEOUT`] is closed.
 //! * A frame that fails to decode is answered with an `error` and the connection goes on.
+//! * Right after `welcome`, the runs the agent has not acknowledged yet are sent again.
+//! * Every `result` is stored before it is acknowledged (`ack`), once per delivery.
 //! * The connection is closed when the agent was silent for [`IDLE_TIMEOUT`], when a newer
 //!   connection of the same agent replaces it, and when the server shuts down.
 
@@ -35,7 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::hub::{Hub, Outbound};
+use super::hub::{ChunkEvent, Hub, Outbound, Reply};
 use super::registry::{Admission, AdmitError};
 use super::tls::agent_id_of;
 
@@ -254,7 +256,8 @@ async fn serve_tls(
         agent_id: agent_id.clone(),
         enrolled,
     };
-    let ended = match send(&mut sink, &welcome).await {
+    let resend = std::mem::take(&mut reg.resend);
+    let ended = match send_welcome(&agent_id, &mut sink, &welcome, resend).await {
         Ok(()) => {
             session_loop(
                 &hub,
@@ -271,6 +274,30 @@ async fn serve_tls(
     hub.unregister(&agent_id, reg.conn_id, &ended);
     hub.registry.touch(&agent_id, true);
     tracing::info!(agent_id = %agent_id, conn = reg.conn_id, "agent disconnected: {ended}");
+    Ok(())
+}
+
+/// Sends `welcome`, then the runs the agent has not acknowledged yet (sent on an earlier
+/// connection, or while it was reconnecting): the agent deduplicates by task id.
+async fn send_welcome(
+    agent_id: &str,
+    sink: &mut Sink,
+    welcome: &PlatformMessage,
+    resend: Vec<String>,
+) -> Result<()> {
+    send(sink, welcome).await?;
+    if !resend.is_empty() {
+        tracing::info!(
+            agent_id,
+            runs = resend.len(),
+            "resending runs not acknowledged yet"
+        );
+    }
+    for text in resend {
+        sink.send(Message::Text(text.into()))
+            .await
+            .context("write failed")?;
+    }
     Ok(())
 }
 
@@ -335,7 +362,7 @@ async fn session_loop(
                 last_heard = Instant::now();
                 hub.seen(agent_id);
                 let outcome = match message {
-                    Message::Text(text) => on_text(hub, agent_id, reg.conn_id, sink, &text).await,
+                    Message::Text(text) => on_text(hub, agent_id, sink, &text).await,
                     Message::Binary(_) => send(sink, &binary_not_expected()).await,
                     Message::Close(frame) => {
                         return match frame {
@@ -375,13 +402,7 @@ async fn session_loop(
 }
 
 /// Handles one text frame after `welcome`.
-async fn on_text(
-    hub: &Hub,
-    agent_id: &str,
-    conn_id: u64,
-    sink: &mut Sink,
-    text: &str,
-) -> Result<()> {
+async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Result<()> {
     let message = match decode::<AgentMessage>(text, AgentMessage::TYPES) {
         Ok(m) => m,
         Err(e) => {
@@ -428,23 +449,67 @@ async fn on_text(
                 send(sink, &PlatformMessage::Error(body)).await
             }
         },
+        AgentMessage::Accepted { id, task_id, state } => {
+            hub.on_accepted(agent_id, &id, &task_id, state);
+            Ok(())
+        }
+        AgentMessage::Chunk {
+            task_id,
+            seq,
+            stream,
+            data,
+            dropped_bytes,
+        } => {
+            let chunk = ChunkEvent {
+                task_id,
+                seq,
+                stream,
+                data,
+                dropped_bytes,
+            };
+            if hub.on_chunk(chunk) == 0 {
+                tracing::debug!(agent_id, "chunk for a task nobody streams (ignored)");
+            }
+            Ok(())
+        }
+        AgentMessage::CancelReply {
+            id,
+            task_id,
+            outcome,
+        } => {
+            if !hub.on_reply(agent_id, &id, Reply::Cancel { task_id, outcome }) {
+                tracing::warn!(agent_id, request = %id, "cancel_reply for no waiting request (ignored)");
+            }
+            Ok(())
+        }
+        AgentMessage::Handlers { id, handlers } => {
+            if !hub.on_reply(agent_id, &id, Reply::Handlers(handlers)) {
+                tracing::warn!(agent_id, request = %id, "handlers for no waiting request (ignored)");
+            }
+            Ok(())
+        }
         AgentMessage::Result {
             id,
             task_id,
             result,
         } => {
-            if !hub.complete(conn_id, &id, &task_id, result) {
-                tracing::warn!(agent_id, run_id = %id, task_id = %task_id, "result for no waiting run (ignored)");
+            // Store first, then acknowledge: the agent forgets what we acknowledge.
+            if hub.on_result(agent_id, &id, &task_id, result) {
+                let ack = PlatformMessage::Ack {
+                    task_ids: vec![task_id],
+                };
+                send(sink, &ack).await
+            } else {
+                Ok(())
             }
-            Ok(())
         }
         AgentMessage::Error(body) => {
             let why = format!("{}: {}", body.code.as_str(), body.message);
-            let ended_a_run = body
+            let ended = body
                 .id
                 .as_deref()
-                .is_some_and(|id| hub.refuse(conn_id, id, why.clone()));
-            if !ended_a_run {
+                .is_some_and(|id| hub.on_error(agent_id, id, why.clone()));
+            if !ended {
                 tracing::warn!(agent_id, id = ?body.id, "the agent reported an error: {why}");
                 hub.deliver_error(agent_id, &body);
             }

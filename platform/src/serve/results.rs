@@ -1,0 +1,239 @@
+//! Task results, stored by task id in the state directory so they survive a restart.
+//!
+//! Guarantees:
+//!
+//! * The first result received for a task id is the one kept ("first wins"); a later delivery
+//!   of the same task id (the agent resends its outbox until it is acknowledged, and answers a
+//!   repeated `run` from its journal) only counts one more `deliveries`.
+//! * A result is written to the log (`results.jsonl` in the state directory, mode 0600) before
+//!   [`ResultStore::record`] reports it stored, so the `ack` the platform sends afterwards never
+//!   names a result a platform crash could lose. (The log is not `fsync`ed: a power loss of the
+//!   platform's host may lose the last results; the agent's journal is the durable side.)
+//! * The log is append-only, one JSON object per line: `{"stored": {...}}` for a first delivery,
+//!   `{"delivered": "<task id>"}` for each repeat. It is read back whole when the server starts;
+//!   a damaged line (a crash mid-write) is skipped with a warning.
+//!
+//! Not guaranteed: results are never deleted (this is a development server).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{Context as _, Result};
+use bridge_protocol::RunResult;
+use bridge_signing::timefmt::format_rfc3339;
+use serde::{Deserialize, Serialize};
+
+use crate::timearg::now_unix;
+
+/// The log, inside the state directory, that holds every stored result.
+pub const RESULTS_LOG: &str = "results.jsonl";
+
+/// One stored result, as persisted and as the control interface's `result` command returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredResult {
+    /// The platform's task id.
+    pub task_id: String,
+    /// The agent that sent it.
+    pub agent: String,
+    /// The first result received for this task id.
+    pub result: RunResult,
+    /// When that first result was received (RFC 3339, UTC).
+    pub received_at: String,
+    /// How many times the agent sent a result for this task id (1 = once, no resend).
+    pub deliveries: u64,
+}
+
+/// One line of the log (built to be written at once, so the size difference is harmless).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum LogLine {
+    /// A first delivery.
+    Stored(StoredResult),
+    /// One more delivery of a stored task id.
+    Delivered(String),
+}
+
+/// What [`ResultStore::record`] did.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The stored result (the first one received, with the updated delivery count).
+    pub stored: StoredResult,
+    /// Whether this delivery was the first for the task id.
+    pub first: bool,
+    /// Whether the stored record is on disk. False only when writing the first delivery
+    /// failed: the result must then not be acknowledged, so the agent sends it again.
+    pub durable: bool,
+}
+
+/// Results by task id: every one in memory, written through to the log.
+#[derive(Debug)]
+pub struct ResultStore {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    log: File,
+    results: HashMap<String, StoredResult>,
+}
+
+/// Mode of the log file.
+const FILE_MODE: u32 = 0o600;
+
+impl ResultStore {
+    /// Opens (creating if needed, mode 0600) `state_dir/results.jsonl` and reads it.
+    pub fn open(state_dir: &Path) -> Result<ResultStore> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let path = state_dir.join(RESULTS_LOG);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(FILE_MODE)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut results: HashMap<String, StoredResult> = HashMap::new();
+        let reader = std::io::BufReader::new(
+            File::open(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<LogLine>(&line) {
+                Ok(LogLine::Stored(s)) => {
+                    results.entry(s.task_id.clone()).or_insert(s);
+                }
+                Ok(LogLine::Delivered(task_id)) => {
+                    if let Some(s) = results.get_mut(&task_id) {
+                        s.deliveries += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{} line {}: skipped, not a result record: {e}",
+                        path.display(),
+                        n + 1
+                    )
+                }
+            }
+        }
+        Ok(ResultStore {
+            path,
+            inner: Mutex::new(Inner { log, results }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored result of `task_id`, if any.
+    pub fn get(&self, task_id: &str) -> Option<StoredResult> {
+        self.lock().results.get(task_id).cloned()
+    }
+
+    /// Records one delivery of `result` for `task_id` from `agent`: stores it if it is the first,
+    /// else counts the delivery. The record is written to the log before this returns.
+    pub fn record(&self, agent: &str, task_id: &str, result: RunResult) -> Recorded {
+        let mut inner = self.lock();
+        if let Some(stored) = inner.results.get_mut(task_id) {
+            stored.deliveries += 1;
+            let stored = stored.clone();
+            if stored.agent != agent {
+                tracing::warn!(task_id, stored_from = %stored.agent, agent, "a result for a task id another agent already reported (the first is kept)");
+            }
+            if let Err(e) = append(&mut inner.log, &LogLine::Delivered(task_id.to_string())) {
+                // The result itself is on disk; only the count is not.
+                tracing::error!(task_id, "cannot record the delivery count: {e:#}");
+            }
+            return Recorded {
+                stored,
+                first: false,
+                durable: true,
+            };
+        }
+        let stored = StoredResult {
+            task_id: task_id.to_string(),
+            agent: agent.to_string(),
+            result,
+            received_at: format_rfc3339(now_unix()),
+            deliveries: 1,
+        };
+        match append(&mut inner.log, &LogLine::Stored(stored.clone())) {
+            Ok(()) => {
+                inner.results.insert(task_id.to_string(), stored.clone());
+                Recorded {
+                    stored,
+                    first: true,
+                    durable: true,
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    task_id,
+                    "cannot store the result (it will not be acknowledged): {e:#}"
+                );
+                Recorded {
+                    stored,
+                    first: true,
+                    durable: false,
+                }
+            }
+        }
+    }
+}
+
+/// Appends one line with a single `write` (O_APPEND), so lines never interleave.
+fn append(log: &mut File, line: &LogLine) -> Result<()> {
+    let mut text = serde_json::to_vec(line).expect("log lines serialize");
+    text.push(b'\n');
+    log.write_all(&text).context("appending to the results log")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_protocol::Status;
+
+    #[test]
+    fn first_wins_counts_deliveries_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::open(dir.path()).unwrap();
+        assert!(store.get("t/../1").is_none());
+        let first = store.record("a", "t/../1", RunResult::refused(Status::Rejected, "one"));
+        assert!(first.first && first.durable);
+        assert_eq!(first.stored.deliveries, 1);
+        let again = store.record("a", "t/../1", RunResult::refused(Status::Trap, "two"));
+        assert!(!again.first);
+        assert_eq!(again.stored.deliveries, 2);
+        assert_eq!(again.stored.result.status, Status::Rejected, "first wins");
+
+        let path = store.path();
+        assert_eq!(path, dir.path().join(RESULTS_LOG));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let reopened = ResultStore::open(dir.path()).unwrap();
+        let stored = reopened.get("t/../1").unwrap();
+        assert_eq!(stored.deliveries, 2);
+        assert_eq!(stored.agent, "a");
+        assert_eq!(stored.result.error.as_deref(), Some("one"));
+        assert!(stored.received_at.ends_with('Z'));
+    }
+}

@@ -1,0 +1,627 @@
+//! The task life cycle against the real `bridgectl serve`, with a scripted agent: results stored
+//! by task id and acknowledged, runs that wait across reconnections and are resent until the
+//! agent accepts them, streamed output, and the requests matched by message id (`cancel`, the
+//! handler commands).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use sha2::Digest as _;
+use tokio_tungstenite::tungstenite::Message;
+
+use common::*;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Waits until the server lists the agent as disconnected.
+async fn until_disconnected(serve: &Serve, id: &str) {
+    for _ in 0..200 {
+        if serve.agent(id).await["connected"] == false {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server still lists agent {id} as connected");
+}
+
+/// Returns once the server has processed everything sent on `ws` so far: sends a `status`
+/// with a fresh host name (messages are processed in order) and waits until it is listed.
+async fn processed(serve: &Serve, ws: &mut Ws, agent: &Identity) {
+    let marker = format!("sync-{}", rand_suffix());
+    send(ws, status(agent, &marker)).await;
+    for _ in 0..400 {
+        if serve.agent(&agent.id).await["status"]["host"]["hostname"] == marker.as_str() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server did not process the agent's messages within 10 s");
+}
+
+fn result_message(run: &Value, result: Value) -> Value {
+    json!({"type": "result", "id": run["id"], "task_id": run["task_id"], "result": result})
+}
+
+fn accepted(run: &Value, state: &str) -> Value {
+    json!({"type": "accepted", "id": run["id"], "task_id": run["task_id"], "state": state})
+}
+
+fn stdout_json(out: &std::process::Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|_| {
+        panic!(
+            "stdout is not one JSON value: {text:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut serve = Serve::start(&state, &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+
+        // A command task, with every new field.
+        let waiting = control_in_background(
+            &serve,
+            json!({
+                "cmd": "run", "agent": agent.id, "command": "uptime", "args": ["-p"],
+                "task_id": "task-1", "not_after": "2999-01-01T01:00:00+01:00",
+                "idempotent": true, "limits": {"timeout_ms": 5000}
+            }),
+        );
+        let run = recv(&mut ws).await;
+        assert_eq!(run["type"], "run", "{run}");
+        assert_eq!(run["command"], "uptime");
+        assert!(run.get("module_sha256").is_none(), "{run}");
+        assert_eq!(run["task_id"], "task-1");
+        assert_eq!(run["args"], json!(["-p"]));
+        assert_eq!(run["not_after"], "2999-01-01T00:00:00Z", "sent in UTC");
+        assert_eq!(run["idempotent"], true);
+        assert!(run.get("stream").is_none(), "{run}");
+        assert_eq!(run["limits"], json!({"timeout_ms": 5000}));
+        send(&mut ws, accepted(&run, "running")).await;
+        send(&mut ws, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-1").await;
+        let response = response_of(waiting).await;
+        assert_eq!(response["ok"], true, "{response}");
+        assert_eq!(response["task_id"], "task-1");
+        assert_eq!(response["result"], run_result("ok", 0));
+
+        // Delivered again (the agent resends its outbox after a reconnect, e.g. when the ack
+        // was lost): acknowledged again, stored once, the first one wins.
+        send(&mut ws, result_message(&run, run_result("error", 1))).await;
+        expect_ack(&mut ws, "task-1").await;
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-1"}"#)
+            .await;
+        assert_eq!(stored["ok"], true, "{stored}");
+        assert_eq!(stored["task_id"], "task-1");
+        assert_eq!(stored["agent"], agent.id.as_str());
+        assert_eq!(stored["result"], run_result("ok", 0));
+        assert_eq!(stored["deliveries"], 2);
+        assert!(stored["received_at"].as_str().unwrap().ends_with('Z'));
+        // On disk: the append-only log, private, one line per delivery.
+        let log = state.join("results.jsonl");
+        assert_eq!(mode(&log), 0o600);
+        let lines: Vec<Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["stored"]["task_id"], "task-1");
+        assert_eq!(lines[0]["stored"]["deliveries"], 1);
+        assert_eq!(lines[1]["delivered"], "task-1");
+
+        // A repeated run of the task id still goes to the agent, which answers from its journal
+        // (here: finished, result already acknowledged): the stored result is the answer.
+        let waiting = control_in_background(
+            &serve,
+            json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "task-1"}),
+        );
+        let again = recv(&mut ws).await;
+        assert_eq!(again["type"], "run");
+        assert_eq!(again["task_id"], "task-1");
+        assert_ne!(again["id"], run["id"], "a new message id");
+        send(&mut ws, accepted(&again, "finished")).await;
+        let response = response_of(waiting).await;
+        assert_eq!(response["result"], run_result("ok", 0), "{response}");
+
+        // `result` waits for a result not stored yet; an agent crash shows as `interrupted`.
+        let late = control_in_background(
+            &serve,
+            json!({"cmd": "result", "task_id": "task-late", "wait_ms": 8000}),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut interrupted = run_result("interrupted", 0);
+        interrupted["exit_code"] = Value::Null;
+        interrupted["output"] = Value::Null;
+        let old_run = json!({"id": "run-0123456789abcdef", "task_id": "task-late"});
+        send(&mut ws, result_message(&old_run, interrupted.clone())).await;
+        expect_ack(&mut ws, "task-late").await;
+        let response = response_of(late).await;
+        assert_eq!(response["ok"], true, "{response}");
+        assert_eq!(response["result"], interrupted);
+        assert_eq!(response["deliveries"], 1);
+
+        // From the command line: exit 0 for ok, 1 for another status, 2 for no result.
+        let out = output_of(bridgectl(&serve, &["result", "--task-id", "task-1"])).await;
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout_json(&out), run_result("ok", 0));
+        let out = output_of(bridgectl(&serve, &["result", "--task-id", "task-late"])).await;
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(stdout_json(&out)["status"], "interrupted");
+        let out = output_of(bridgectl(
+            &serve,
+            &["result", "--task-id", "nope", "--wait-ms", "200"],
+        ))
+        .await;
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no result for task nope"), "{err}");
+        assert_eq!(err.lines().count(), 1);
+
+        // After a restart on the same state directory.
+        drop(ws);
+        let (status, _) = serve.terminate();
+        assert_eq!(status.code(), Some(0));
+        drop(serve);
+        let serve = Serve::start(&state, &[]);
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-1"}"#)
+            .await;
+        assert_eq!(stored["result"], run_result("ok", 0), "{stored}");
+        assert_eq!(stored["deliveries"], 2);
+        let out = output_of(bridgectl(&serve, &["result", "--task-id", "task-1"])).await;
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout_json(&out), run_result("ok", 0));
+        // The agent comes back and resends what it has not seen acknowledged.
+        let (mut ws, _) = session(&serve, &agent, None).await;
+        send(&mut ws, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-1").await;
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-1"}"#)
+            .await;
+        assert_eq!(stored["deliveries"], 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_waits_across_reconnections_and_is_resent_until_accepted() {
+    within(120, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let run_request = |task: &str| {
+            json!({"cmd": "run", "agent": agent.id, "command": "slow", "task_id": task, "wait_ms": 30000})
+        };
+
+        // Two runs dispatched; the connection drops before the agent accepts either.
+        let first = control_in_background(&serve, run_request("task-a"));
+        let run_a = recv(&mut ws).await;
+        let second = control_in_background(&serve, run_request("task-b"));
+        let run_b = recv(&mut ws).await;
+        assert_eq!(run_a["task_id"], "task-a");
+        assert_eq!(run_b["task_id"], "task-b");
+        drop(ws);
+        until_disconnected(&serve, &agent.id).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!first.is_finished(), "a lost connection does not end a run");
+        assert!(!second.is_finished());
+
+        // The next connection gets both again, unchanged, in order, right after welcome.
+        let (mut ws, _) = session(&serve, &agent, None).await;
+        assert_eq!(recv(&mut ws).await, run_a);
+        assert_eq!(recv(&mut ws).await, run_b);
+        // task-a is accepted on this connection, task-b is not.
+        send(&mut ws, accepted(&run_a, "queued")).await;
+        processed(&serve, &mut ws, &agent).await;
+        drop(ws);
+        until_disconnected(&serve, &agent.id).await;
+
+        // Only the unaccepted one is resent.
+        let (mut ws, _) = session(&serve, &agent, None).await;
+        assert_eq!(recv(&mut ws).await, run_b);
+        send(&mut ws, accepted(&run_b, "running")).await;
+        expect_silence(&mut ws, Duration::from_millis(500)).await;
+
+        // The results arrive on this connection (task-a's from the agent's outbox, answering
+        // the run sent on an earlier connection) and end both waits.
+        send(&mut ws, result_message(&run_a, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-a").await;
+        send(&mut ws, result_message(&run_b, run_result("error", 2))).await;
+        expect_ack(&mut ws, "task-b").await;
+        let a = response_of(first).await;
+        assert_eq!(a["ok"], true, "{a}");
+        assert_eq!(a["task_id"], "task-a");
+        assert_eq!(a["result"], run_result("ok", 0));
+        let b = response_of(second).await;
+        assert_eq!(b["result"]["status"], "error", "{b}");
+
+        // Finished runs are not resent.
+        drop(ws);
+        until_disconnected(&serve, &agent.id).await;
+        let (mut ws, _) = session(&serve, &agent, None).await;
+        expect_silence(&mut ws, Duration::from_millis(500)).await;
+
+        // The wait still ends at its timeout when no result comes.
+        let r = serve
+            .control_request(
+                &json!({"cmd": "run", "agent": agent.id, "command": "slow", "wait_ms": 300})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("timeout"), "{r}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_are_forwarded_in_order_before_the_response() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+
+        // Through the control interface.
+        let waiting = control_in_background(
+            &serve,
+            json!({"cmd": "run", "agent": agent.id, "command": "tail", "task_id": "task-s", "stream": true}),
+        );
+        let run = recv(&mut ws).await;
+        assert_eq!(run["stream"], true, "{run}");
+        send(&mut ws, accepted(&run, "running")).await;
+        for seq in 0..5u64 {
+            let stream = if seq % 2 == 0 { "stdout" } else { "stderr" };
+            let mut chunk = json!({"type": "chunk", "task_id": "task-s", "seq": seq, "stream": stream, "data": format!("line {seq}\n")});
+            if seq == 3 {
+                chunk["dropped_bytes"] = json!(4096);
+            }
+            send(&mut ws, chunk).await;
+        }
+        // Nobody streams this one: ignored.
+        send(
+            &mut ws,
+            json!({"type": "chunk", "task_id": "task-other", "seq": 0, "stream": "stdout", "data": "x"}),
+        )
+        .await;
+        send(&mut ws, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-s").await;
+        let lines = timeout_lines(waiting).await;
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        for (seq, event) in lines[..5].iter().enumerate() {
+            let expected = json!({
+                "event": "chunk",
+                "task_id": "task-s",
+                "seq": seq,
+                "stream": if seq % 2 == 0 { "stdout" } else { "stderr" },
+                "data": format!("line {seq}\n"),
+                "dropped_bytes": if seq == 3 { 4096 } else { 0 },
+            });
+            assert_eq!(event, &expected);
+        }
+        assert_eq!(lines[5]["ok"], true);
+        assert_eq!(lines[5]["result"], run_result("ok", 0));
+
+        // A run that did not ask to stream gets no event lines, whatever the agent sends.
+        let waiting = control_in_background(
+            &serve,
+            json!({"cmd": "run", "agent": agent.id, "command": "tail", "task_id": "task-q"}),
+        );
+        let run = recv(&mut ws).await;
+        assert!(run.get("stream").is_none());
+        send(
+            &mut ws,
+            json!({"type": "chunk", "task_id": "task-q", "seq": 0, "stream": "stdout", "data": "x"}),
+        )
+        .await;
+        send(&mut ws, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-q").await;
+        let lines = timeout_lines(waiting).await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+
+        // From the command line: one JSON line per chunk, then the result.
+        let child = bridgectl(
+            &serve,
+            &["run", "--agent", &agent.id, "--command", "tail", "--stream", "--task-id", "task-c"],
+        );
+        let run = recv(&mut ws).await;
+        assert_eq!(run["stream"], true);
+        for seq in 0..2u64 {
+            send(
+                &mut ws,
+                json!({"type": "chunk", "task_id": "task-c", "seq": seq, "stream": "stdout", "data": format!("{seq}")}),
+            )
+            .await;
+        }
+        send(&mut ws, result_message(&run, run_result("error", 3))).await;
+        expect_ack(&mut ws, "task-c").await;
+        let out = output_of(child).await;
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let printed: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(printed.len(), 3, "{stdout}");
+        assert_eq!(printed[0]["event"], "chunk");
+        assert_eq!(printed[0]["data"], "0");
+        assert_eq!(printed[1]["seq"], 1);
+        assert_eq!(printed[2], run_result("error", 3));
+    })
+    .await;
+}
+
+/// Every line of a background control request, within 10 s.
+async fn timeout_lines(handle: tokio::task::JoinHandle<Vec<Value>>) -> Vec<Value> {
+    tokio::time::timeout(STEP, handle)
+        .await
+        .expect("no control response within 10 s")
+        .unwrap()
+}
+
+fn handler(name: &str, sha: &str) -> Value {
+    json!({"name": name, "module_sha256": sha, "installed_at": "2025-11-25T05:53:20Z", "key": "sha256:8f2c0a7e"})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_and_handler_requests_are_matched_by_message_id() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+
+        // Two requests at once, answered in the other order; a reply with an unknown id is
+        // ignored.
+        let cancel = control_in_background(
+            &serve,
+            json!({"cmd": "cancel", "agent": agent.id, "task_id": "task-9"}),
+        );
+        let cancel_msg = recv(&mut ws).await;
+        assert_eq!(cancel_msg["type"], "cancel", "{cancel_msg}");
+        assert_eq!(cancel_msg["task_id"], "task-9");
+        let list = control_in_background(&serve, json!({"cmd": "handlers", "agent": agent.id}));
+        let list_msg = recv(&mut ws).await;
+        assert_eq!(list_msg["type"], "list_handlers", "{list_msg}");
+        assert_ne!(list_msg["id"], cancel_msg["id"]);
+        send(
+            &mut ws,
+            json!({"type": "cancel_reply", "id": "cancel-0000000000000000", "task_id": "task-9", "outcome": "unknown"}),
+        )
+        .await;
+        let listed = json!([handler("hello", &"ab".repeat(32))]);
+        send(
+            &mut ws,
+            json!({"type": "handlers", "id": list_msg["id"], "handlers": listed}),
+        )
+        .await;
+        send(
+            &mut ws,
+            json!({"type": "cancel_reply", "id": cancel_msg["id"], "task_id": "task-9", "outcome": "cancelling"}),
+        )
+        .await;
+        let r = response_of(list).await;
+        assert_eq!(r, json!({"ok": true, "handlers": listed}));
+        let r = response_of(cancel).await;
+        assert_eq!(
+            r,
+            json!({"ok": true, "task_id": "task-9", "outcome": "cancelling"})
+        );
+
+        // install-handler: the agent asks for the module bytes first, as for a run.
+        let module: Vec<u8> = b"\0asm\x01\0\0\0handler".to_vec();
+        let sha = sha256_hex(&module);
+        let module_path = dir.path().join("hello.wasm");
+        std::fs::write(&module_path, &module).unwrap();
+        let sig_path = dir.path().join("hello.wasm.sig");
+        std::fs::write(&sig_path, b"\x01envelope").unwrap();
+        let child = bridgectl(
+            &serve,
+            &[
+                "install-handler",
+                "--agent",
+                &agent.id,
+                "--name",
+                "hello",
+                module_path.to_str().unwrap(),
+                "--signature",
+                sig_path.to_str().unwrap(),
+            ],
+        );
+        let install = recv(&mut ws).await;
+        assert_eq!(install["type"], "install_handler", "{install}");
+        assert_eq!(install["name"], "hello");
+        assert_eq!(install["module_sha256"], sha.as_str());
+        assert_eq!(
+            install["signature"],
+            base64::engine::general_purpose::STANDARD.encode(b"\x01envelope")
+        );
+        send(
+            &mut ws,
+            json!({"type": "need_module", "id": install["id"], "sha256": sha}),
+        )
+        .await;
+        match next_frame(&mut ws).await {
+            Message::Binary(bytes) => assert_eq!(&bytes[..], &module[..]),
+            other => panic!("expected the module bytes, got {other:?}"),
+        }
+        let listed = json!([handler("hello", &sha)]);
+        send(
+            &mut ws,
+            json!({"type": "handlers", "id": install["id"], "handlers": listed}),
+        )
+        .await;
+        let out = output_of(child).await;
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout_json(&out), listed);
+
+        // A refusal carries the agent's reason (the module is stored now: by hash).
+        let refused = control_in_background(
+            &serve,
+            json!({"cmd": "install_handler", "agent": agent.id, "name": "other", "module_sha256": sha}),
+        );
+        let install = recv(&mut ws).await;
+        assert_eq!(install["name"], "other");
+        assert!(install.get("signature").is_none());
+        send(
+            &mut ws,
+            json!({"type": "error", "id": install["id"], "code": "refused", "message": "out_of_scope: the signature names hello, not other"}),
+        )
+        .await;
+        let r = response_of(refused).await;
+        assert_eq!(r["ok"], false);
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains("refused") && error.contains("out_of_scope"), "{error}");
+
+        // remove-handler and handlers from the command line; not_found is exit 2.
+        let child = bridgectl(
+            &serve,
+            &["remove-handler", "--agent", &agent.id, "--name", "nope"],
+        );
+        let remove = recv(&mut ws).await;
+        assert_eq!(remove["type"], "remove_handler");
+        assert_eq!(remove["name"], "nope");
+        send(
+            &mut ws,
+            json!({"type": "error", "id": remove["id"], "code": "not_found", "message": "no handler named nope"}),
+        )
+        .await;
+        let out = output_of(child).await;
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not_found: no handler named nope"), "{err}");
+        let child = bridgectl(
+            &serve,
+            &["remove-handler", "--agent", &agent.id, "--name", "hello"],
+        );
+        let remove = recv(&mut ws).await;
+        send(
+            &mut ws,
+            json!({"type": "handlers", "id": remove["id"], "handlers": []}),
+        )
+        .await;
+        let out = output_of(child).await;
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout_json(&out), json!([]));
+        let child = bridgectl(&serve, &["handlers", "--agent", &agent.id]);
+        let list = recv(&mut ws).await;
+        assert_eq!(list["type"], "list_handlers");
+        send(
+            &mut ws,
+            json!({"type": "handlers", "id": list["id"], "handlers": []}),
+        )
+        .await;
+        assert_eq!(stdout_json(&output_of(child).await), json!([]));
+
+        // cancel from the command line.
+        let child = bridgectl(
+            &serve,
+            &["cancel", "--agent", &agent.id, "--task-id", "task-x"],
+        );
+        let cancel = recv(&mut ws).await;
+        send(
+            &mut ws,
+            json!({"type": "cancel_reply", "id": cancel["id"], "task_id": "task-x", "outcome": "unknown"}),
+        )
+        .await;
+        let out = output_of(child).await;
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            stdout_json(&out),
+            json!({"task_id": "task-x", "outcome": "unknown"})
+        );
+
+        // Requests belong to their connection: a lost connection ends them.
+        let list = control_in_background(&serve, json!({"cmd": "handlers", "agent": agent.id}));
+        assert_eq!(recv(&mut ws).await["type"], "list_handlers");
+        drop(ws);
+        let r = response_of(list).await;
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains("connection"), "{r}");
+        until_disconnected(&serve, &agent.id).await;
+        let r = serve
+            .control_request(
+                &json!({"cmd": "cancel", "agent": agent.id, "task_id": "t"}).to_string(),
+            )
+            .await;
+        assert!(r["error"].as_str().unwrap().contains("not connected"), "{r}");
+        let r = serve
+            .control_request(&json!({"cmd": "handlers", "agent": "0".repeat(64)}).to_string())
+            .await;
+        assert!(r["error"].as_str().unwrap().contains("unknown agent"), "{r}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_run_and_install_requests_are_refused_before_reaching_the_agent() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let module = base64::engine::general_purpose::STANDARD.encode(b"\0asm\x01\0\0\0");
+        for (request, expected) in [
+            (
+                json!({"cmd": "run", "agent": agent.id}),
+                "exactly one of",
+            ),
+            (
+                json!({"cmd": "run", "agent": agent.id, "module": module, "command": "x"}),
+                "exactly one of",
+            ),
+            (
+                json!({"cmd": "run", "agent": agent.id, "command": "x", "signature": "AA=="}),
+                "signature",
+            ),
+            (
+                json!({"cmd": "run", "agent": agent.id, "command": "x", "not_after": "tomorrow"}),
+                "not_after",
+            ),
+            (
+                json!({"cmd": "run", "agent": agent.id, "module_sha256": "ab".repeat(32)}),
+                "no stored module",
+            ),
+            (
+                json!({"cmd": "install_handler", "agent": agent.id, "name": "x", "module_sha256": "cd".repeat(32)}),
+                "no stored module",
+            ),
+            (
+                json!({"cmd": "install_handler", "agent": agent.id, "name": "x", "module": "!"}),
+                "not base64",
+            ),
+            (
+                json!({"cmd": "result", "task_id": "never"}),
+                "no result for task never",
+            ),
+        ] {
+            let r = serve.control_request(&request.to_string()).await;
+            assert_eq!(r["ok"], false, "{request}: {r}");
+            let error = r["error"].as_str().unwrap();
+            assert!(error.contains(expected), "{request}: {error}");
+        }
+        expect_silence(&mut ws, Duration::from_millis(300)).await;
+    })
+    .await;
+}
