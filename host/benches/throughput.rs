@@ -1,0 +1,235 @@
+//! The throughput benchmark: `cargo xtask bench` (or `cargo bench -p bridge-host --bench
+//! throughput` after `cargo build --release -p bridge-host -p bridge-platform` and
+//! `cargo xtask build-examples`).
+//!
+//! Starts a real `bridgectl serve` and a real `bridge-daemon run` (release builds) on 127.0.0.1,
+//! the agent with its durable journal (the real configuration: every task is recorded before
+//! `accepted`, its start before it runs, its result before it is sent, and acknowledged by the
+//! platform), and measures tasks per second end to end: platform control request → `run` over
+//! loopback TLS → journal → execution → journal → `result` → platform → response. Clients keep
+//! `BRIDGE_BENCH_CONCURRENCY` tasks in flight (default 32), each on its own control connection.
+//!
+//! Two commands, measured in alternating rounds so both see the same machine:
+//! - `hello`: the installed, signed `hello` handler (warm: compiled once, then cached);
+//! - `true`: the shell fallback running `/bin/true` (a process spawned per task).
+//!
+//! Prints each round and the median per command, and the ratio.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    let p = root().join("target/release").join(name);
+    assert!(p.exists(), "{} missing: run `cargo build --release -p bridge-host -p bridge-platform` (cargo xtask bench does)", p.display());
+    p
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(state: &Path) -> (Proc, Value) {
+    let mut child = Command::new(release_bin("bridgectl"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--state",
+        ])
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Proc(child), serde_json::from_str(line.trim()).unwrap())
+}
+
+/// A control connection carrying one request after another.
+struct Control {
+    write: TcpStream,
+    read: BufReader<TcpStream>,
+}
+
+impl Control {
+    fn connect(info: &Value) -> Control {
+        let conn = TcpStream::connect(info["control"].as_str().unwrap()).unwrap();
+        conn.set_nodelay(true).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Control {
+            write: conn.try_clone().unwrap(),
+            read: BufReader::new(conn),
+        }
+    }
+
+    fn request(&mut self, req: &Value) -> Value {
+        let mut text = req.to_string();
+        text.push('\n');
+        self.write.write_all(text.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.read.read_line(&mut line).unwrap();
+        serde_json::from_str(line.trim()).unwrap()
+    }
+}
+
+/// Runs `command` from `concurrency` connections for `secs`; returns tasks per second.
+fn measure(info: &Value, id: &str, command: &str, concurrency: usize, secs: f64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (info, id, command) = (info.clone(), id.to_string(), command.to_string());
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut control = Control::connect(&info);
+                let req = json!({"cmd": "run", "agent": id, "command": command, "input": {"name": "bench"}});
+                while !stop.load(Ordering::Relaxed) {
+                    let r = control.request(&req);
+                    assert_eq!(r["result"]["status"], "ok", "{r}");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Warm up the connections, then count over the window.
+    std::thread::sleep(Duration::from_millis(300));
+    let (n0, t0) = (done.load(Ordering::SeqCst), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (n1, t1) = (done.load(Ordering::SeqCst), Instant::now());
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    (n1 - n0) as f64 / (t1 - t0).as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::var_os("BRIDGE_BENCH_QUICK").is_some();
+    let concurrency: usize = std::env::var("BRIDGE_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let (rounds, secs) = if quick { (3, 2.0) } else { (5, 5.0) };
+    let tmp = tempfile::tempdir().unwrap();
+    let (_platform, info) = serve(&tmp.path().join("platform"));
+
+    let key = bridge_signing::KeyPair::generate().unwrap();
+    let module = std::fs::read(root().join("target/wasm/wasm32-wasip1/handler/hello.wasm"))
+        .expect("cargo xtask build-examples first");
+    let claims = bridge_signing::Claims::new("hello", "1.0.0", 1_700_000_000);
+    let signed = bridge_signing::sign(&module, &key, &claims).unwrap().module;
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nmax_concurrent_tasks = {concurrency}\nqueue_capacity = {}\n\n[[shell.rules]]\nname = \"true\"\nprogram = \"/bin/true\"\n",
+            concurrency * 4
+        ),
+    )
+    .unwrap();
+    let state = tmp.path().join("agent");
+    let _agent = Proc(
+        Command::new(release_bin("bridge-daemon"))
+            .args([
+                "run",
+                "--server",
+                info["url"].as_str().unwrap(),
+                "--server-pin",
+                info["server_pin"].as_str().unwrap(),
+                "--token",
+                info["token"].as_str().unwrap(),
+                "--trusted-key",
+            ])
+            .arg(key.public_key().to_string())
+            .arg("--config")
+            .arg(&config)
+            .arg("--state")
+            .arg(&state)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut control = Control::connect(&info);
+    let start = Instant::now();
+    let id = loop {
+        let agents = control.request(&json!({"cmd": "agents"}));
+        if let Some(a) = agents["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["connected"] == true))
+        {
+            break a["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent did not connect"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&signed);
+    let installed = control
+        .request(&json!({"cmd": "install_handler", "agent": id, "name": "hello", "module": b64}));
+    assert_eq!(installed["ok"], true, "{installed}");
+    for command in ["hello", "true"] {
+        let r = control.request(&json!({"cmd": "run", "agent": id, "command": command}));
+        assert_eq!(r["result"]["status"], "ok", "{r}");
+    }
+
+    println!(
+        "bridge throughput benchmark ({} mode): {concurrency} tasks in flight, journal on, {rounds} rounds of {secs} s each",
+        if quick { "quick" } else { "full" }
+    );
+    let (mut wasm, mut shell) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let w = measure(&info, &id, "hello", concurrency, secs);
+        let s = measure(&info, &id, "true", concurrency, secs);
+        println!("round {round}: hello handler {w:.0} tasks/s   shell /bin/true {s:.0} tasks/s");
+        wasm.push(w);
+        shell.push(s);
+    }
+    let (w, s) = (median(wasm), median(shell));
+    println!();
+    println!(
+        "median: hello handler {w:.0} tasks/s (target: at least 2000)   shell /bin/true {s:.0} tasks/s   ratio {:.1}x (target: at least 5x)",
+        w / s
+    );
+    if let Ok(bytes) = std::fs::metadata(state.join("journal.redb")).map(|m| m.len()) {
+        println!(
+            "journal size after the run: {:.1} MiB",
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+}

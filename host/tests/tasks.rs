@@ -1,0 +1,612 @@
+//! The command framework end to end: a real `bridgectl serve`, real `bridge-daemon run` agents
+//! over TLS on 127.0.0.1, signed modules compiled from `examples/` and the test fixtures, and
+//! real shell commands. Executions are counted with marker files written by the commands
+//! themselves. Every test ends by itself.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::platform::{Agent, Platform, Publisher};
+use serde_json::{json, Value};
+
+const CONNECT: Duration = Duration::from_secs(30);
+
+/// One control request on its own connection (usable from any thread).
+fn control(addr: &str, request: &Value) -> Value {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    writeln!(conn, "{request}").unwrap();
+    let mut line = String::new();
+    if let Err(e) = BufReader::new(conn).read_line(&mut line) {
+        // The platform went away (a test killed it).
+        return json!({"ok": false, "error": e.to_string()});
+    }
+    if line.is_empty() {
+        return json!({"ok": false, "error": "connection closed"});
+    }
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad response ({e}): {line:?}"))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A platform, a publisher, and an agent with `config` (TOML) trusting the publisher.
+struct Setup {
+    tmp: tempfile::TempDir,
+    platform: Platform,
+    publisher: Publisher,
+    agent: Agent,
+    id: String,
+    args: Vec<String>,
+}
+
+impl Setup {
+    fn new(config: &str) -> Setup {
+        Setup::with_extra(config, &[])
+    }
+
+    fn with_extra(config: &str, extra: &[&str]) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+        let publisher = Publisher::new();
+        let config_path = tmp.path().join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut args = Agent::args_for(
+            &platform,
+            Some(&platform.token()),
+            Some(&publisher.public()),
+        );
+        args.extend(["--config".into(), config_path.display().to_string()]);
+        args.extend(["--reconnect-max-secs".into(), "1".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let agent = Agent::start(&tmp.path().join("agent"), &args);
+        let id = agent.id();
+        platform.wait_connected(&id, CONNECT);
+        Setup {
+            tmp,
+            platform,
+            publisher,
+            agent,
+            id,
+            args,
+        }
+    }
+
+    fn addr(&self) -> String {
+        self.platform.info["control"].as_str().unwrap().to_string()
+    }
+
+    fn control(&self, request: Value) -> Value {
+        control(&self.addr(), &request)
+    }
+
+    fn install(&self, name: &str, module: &[u8]) -> Value {
+        self.control(json!({"cmd": "install_handler", "agent": self.id, "name": name, "module": b64(module)}))
+    }
+
+    fn run_command(&self, command: &str, extra: Value) -> Value {
+        let mut req =
+            json!({"cmd": "run", "agent": self.id, "command": command, "timeout_ms": 60000});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        self.control(req)
+    }
+
+    /// Restarts the agent (SIGKILL when `kill`, else SIGTERM) with the same state and flags.
+    fn restart_agent(&mut self, kill: bool) {
+        if kill {
+            self.agent.kill();
+        } else {
+            self.agent.terminate();
+        }
+        // The token was used at enrollment; the agent now proves itself by its key.
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--token") {
+            args.drain(i..i + 2);
+        }
+        self.agent = Agent::start(&self.tmp.path().join("agent"), &args);
+        self.platform.wait_connected(&self.id, CONNECT);
+    }
+}
+
+/// Lines in a marker file: how many times a command ran.
+fn runs(marker: &Path) -> usize {
+    std::fs::read_to_string(marker)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A shell rule `mark` that appends a line to `marker`, sleeps `$1` seconds, prints `done`.
+fn mark_rule(marker: &Path) -> String {
+    format!(
+        r#"
+[[shell.rules]]
+name = "mark"
+program = "/bin/sh"
+args = ["-c", "echo ran >> '{}'; sleep \"$1\"; echo done", "mark"]
+extra_args = {{ max = 1, patterns = ['[0-9]+(\.[0-9]+)?'] }}
+timeout_ms = 30000
+"#,
+        marker.display()
+    )
+}
+
+fn status(r: &Value) -> &str {
+    r["result"]["status"].as_str().unwrap_or("")
+}
+
+#[test]
+fn commands_resolve_to_the_handler_then_the_shell_rule_then_unknown_command() {
+    let config = r#"
+[[shell.rules]]
+name = "hello"
+program = "/bin/echo"
+args = ["from the shell"]
+"#;
+    let s = Setup::new(config);
+
+    // No handler yet: the shell rule of that name runs.
+    let r = s.run_command("hello", json!({}));
+    assert_eq!(status(&r), "ok", "{r}");
+    assert_eq!(r["result"]["stdout"], "from the shell\n");
+
+    // Installed handler first.
+    let installed = s.install("hello", &s.publisher.signed("hello"));
+    assert_eq!(installed["ok"], true, "{installed}");
+    assert_eq!(installed["handlers"][0]["name"], "hello");
+    let r = s.run_command("hello", json!({"input": {"name": "bridge"}}));
+    assert_eq!(status(&r), "ok", "{r}");
+    assert_eq!(r["result"]["output"]["greeting"], "Hello, bridge!");
+
+    // The list, then removal: back to the shell rule.
+    let listed = s.control(json!({"cmd": "handlers", "agent": s.id}));
+    assert_eq!(listed["handlers"].as_array().unwrap().len(), 1, "{listed}");
+    let removed = s.control(json!({"cmd": "remove_handler", "agent": s.id, "name": "hello"}));
+    assert_eq!(removed["ok"], true, "{removed}");
+    assert_eq!(removed["handlers"], json!([]));
+    let r = s.run_command("hello", json!({}));
+    assert_eq!(r["result"]["stdout"], "from the shell\n", "{r}");
+
+    // Neither: refused, nothing run.
+    let r = s.run_command("nothing-here", json!({}));
+    assert_eq!(status(&r), "rejected", "{r}");
+    assert_eq!(r["result"]["reason"], "unknown_command");
+
+    // A module signed for another name cannot be installed under this one; an unsigned one
+    // not at all.
+    let r = s.install("checksum", &s.publisher.signed("hello"));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("name_mismatch"),
+        "{r}"
+    );
+    let unsigned = std::fs::read(common::wasm("hello")).unwrap();
+    let r = s.install("hello", &unsigned);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("unsigned"), "{r}");
+    let r = s.control(json!({"cmd": "remove_handler", "agent": s.id, "name": "hello"}));
+    assert_eq!(r["ok"], false, "{r}");
+}
+
+#[test]
+fn installed_handlers_survive_an_agent_restart() {
+    let mut s = Setup::new("");
+    let r = s.install("hello", &s.publisher.signed("hello"));
+    assert_eq!(r["ok"], true, "{r}");
+    s.restart_agent(false);
+    let listed = s.control(json!({"cmd": "handlers", "agent": s.id}));
+    assert_eq!(listed["handlers"][0]["name"], "hello", "{listed}");
+    let r = s.run_command("hello", json!({"input": {"name": "again"}}));
+    assert_eq!(r["result"]["output"]["greeting"], "Hello, again!", "{r}");
+    // The module came from the agent's store, not from the platform.
+    assert_eq!(s.agent.log.count("need_module"), 0);
+}
+
+#[test]
+fn expired_tasks_are_rejected_and_never_run() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let s = Setup::new(&mark_rule(&marker));
+    let r = s.run_command(
+        "mark",
+        json!({"args": ["0"], "not_after": "2020-01-01T00:00:00Z"}),
+    );
+    assert_eq!(status(&r), "rejected", "{r}");
+    assert_eq!(r["result"]["reason"], "expired");
+    assert_eq!(runs(&marker), 0);
+    // A future expiry runs.
+    let r = s.run_command(
+        "mark",
+        json!({"args": ["0"], "not_after": "2999-01-01T00:00:00Z"}),
+    );
+    assert_eq!(status(&r), "ok", "{r}");
+    assert_eq!(runs(&marker), 1);
+}
+
+#[test]
+fn a_full_queue_refuses_with_busy_and_cancel_works_queued_and_running() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let config = format!(
+        "[agent]\nmax_concurrent_tasks = 1\nqueue_capacity = 1\n{}",
+        mark_rule(&marker)
+    );
+    let s = Setup::new(&config);
+    let addr = s.addr();
+    let sleepy = s.publisher.signed("sleepy");
+    // Task 1: a WASM handler sleeping in a host call; task 2: a shell command, queued behind it.
+    let run1 = {
+        let (addr, id) = (addr.clone(), s.id.clone());
+        let module = b64(&sleepy);
+        std::thread::spawn(move || {
+            control(
+                &addr,
+                &json!({"cmd": "run", "agent": id, "module": module, "input": {"ms": 60000},
+                        "task_id": "t-wasm", "timeout_ms": 60000}),
+            )
+        })
+    };
+    wait_until("the WASM task to run", CONNECT, || {
+        s.agent.log.text().contains("task started") && s.agent.log.text().contains("t-wasm")
+    });
+    let run2 = {
+        let (addr, id) = (addr.clone(), s.id.clone());
+        std::thread::spawn(move || {
+            control(
+                &addr,
+                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["30"],
+                        "task_id": "t-shell", "timeout_ms": 60000}),
+            )
+        })
+    };
+    wait_until("the shell task to be queued", CONNECT, || {
+        s.agent.log.count("task accepted") >= 2
+    });
+    // Task 3: one running + one queued is the bound.
+    let r = s.run_command("mark", json!({"args": ["0"], "task_id": "t-third"}));
+    assert_eq!(status(&r), "rejected", "{r}");
+    assert_eq!(r["result"]["reason"], "busy");
+
+    // Cancel the queued shell task: removed, never ran.
+    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell"}));
+    assert_eq!(c["outcome"], "dequeued", "{c}");
+    let r2 = run2.join().unwrap();
+    assert_eq!(status(&r2), "cancelled", "{r2}");
+    assert_eq!(runs(&marker), 0);
+
+    // Cancel the running WASM task: interrupted long before its 60 s.
+    let started = Instant::now();
+    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm"}));
+    assert_eq!(c["outcome"], "cancelling", "{c}");
+    let r1 = run1.join().unwrap();
+    assert_eq!(status(&r1), "cancelled", "{r1}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Cancel a running shell command: its tree is killed.
+    let run4 = {
+        let (addr, id) = (addr.clone(), s.id.clone());
+        std::thread::spawn(move || {
+            control(
+                &addr,
+                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["30"],
+                        "task_id": "t-shell-2", "timeout_ms": 60000}),
+            )
+        })
+    };
+    wait_until("the shell command to run", CONNECT, || runs(&marker) == 1);
+    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell-2"}));
+    assert_eq!(c["outcome"], "cancelling", "{c}");
+    let r4 = run4.join().unwrap();
+    assert_eq!(status(&r4), "cancelled", "{r4}");
+    assert!(r4["result"]["duration_ms"].as_f64().unwrap() < 10_000.0);
+
+    // Finished and unknown tasks.
+    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm"}));
+    assert_eq!(c["outcome"], "finished", "{c}");
+    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "never-sent"}));
+    assert_eq!(c["outcome"], "unknown", "{c}");
+}
+
+#[test]
+fn a_task_id_runs_once_on_one_connection_after_reconnect_and_after_an_agent_restart() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let mut s = Setup::new(&mark_rule(&marker));
+
+    // Twice in a row on one connection: the same result, one execution.
+    let first = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
+    assert_eq!(status(&first), "ok", "{first}");
+    let second = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
+    assert_eq!(second["result"], first["result"]);
+    assert_eq!(runs(&marker), 1);
+
+    // The same run frame twice at once, raw: still one execution.
+    let frame = json!({"type": "run", "id": "raw-1", "task_id": "raw-twice", "command": "mark", "args": ["0"]}).to_string();
+    for _ in 0..2 {
+        let r = s.control(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let r = s.control(json!({"cmd": "result", "task_id": "raw-twice", "wait_ms": 20000}));
+    assert_eq!(status(&r), "ok", "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(runs(&marker), 2);
+
+    // After a reconnect (the platform restarted on the same port and state).
+    let pstate = s.platform.state.clone();
+    let listen = s.platform.listen_addr();
+    s.platform.kill();
+    s.platform = Platform::start(&pstate, &listen);
+    s.platform.wait_connected(&s.id, CONNECT);
+    let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
+    assert_eq!(again["result"], first["result"], "{again}");
+    assert_eq!(runs(&marker), 2);
+
+    // After an agent restart.
+    s.restart_agent(false);
+    let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
+    assert_eq!(again["result"], first["result"], "{again}");
+    assert_eq!(runs(&marker), 2);
+}
+
+#[test]
+fn a_result_produced_while_the_platform_is_down_arrives_after_it_restarts() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let mut s = Setup::new(&mark_rule(&marker));
+    let addr = s.addr();
+    let id = s.id.clone();
+    let waiting = std::thread::spawn(move || {
+        control(
+            &addr,
+            &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "across"}),
+        )
+    });
+    wait_until("the command to run", CONNECT, || runs(&marker) == 1);
+    let pstate = s.platform.state.clone();
+    let listen = s.platform.listen_addr();
+    s.platform.kill();
+    let lost = waiting.join().unwrap();
+    assert_eq!(lost["ok"], false, "{lost}");
+    s.agent.log.wait_for("task finished", CONNECT);
+    s.platform = Platform::start(&pstate, &listen);
+    let r = s.control(json!({"cmd": "result", "task_id": "across", "wait_ms": 30000}));
+    assert_eq!(r["ok"], true, "{r}\n{}", s.agent.log.text());
+    assert_eq!(status(&r), "ok", "{r}");
+    assert_eq!(r["result"]["stdout"], "done\n");
+    assert_eq!(runs(&marker), 1);
+}
+
+/// A TCP proxy whose connections can be cut (both sides closed at once).
+struct Cutter {
+    addr: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cutter {
+    fn start(upstream: String) -> Cutter {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                flag.store(false, Ordering::SeqCst);
+                let watch = (
+                    conn.try_clone().unwrap(),
+                    up.try_clone().unwrap(),
+                    flag.clone(),
+                );
+                std::thread::spawn(move || {
+                    while !watch.2.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let _ = watch.0.shutdown(std::net::Shutdown::Both);
+                    let _ = watch.1.shutdown(std::net::Shutdown::Both);
+                });
+                for (mut from, mut to) in [
+                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, conn),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Cutter { addr, cut }
+    }
+}
+
+#[test]
+fn a_connection_cut_mid_task_still_gives_exactly_one_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let cutter = Cutter::start(platform.listen_addr());
+    let marker = tmp.path().join("ran");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, mark_rule(&marker)).unwrap();
+    let mut args = Agent::args_for(&platform, Some(&platform.token()), None);
+    args[1] = format!("wss://{}/agent", cutter.addr);
+    args.extend([
+        "--config".into(),
+        config.display().to_string(),
+        "--reconnect-max-secs".into(),
+        "1".into(),
+    ]);
+    let agent = Agent::start(&tmp.path().join("agent"), &args);
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    let addr = platform.info["control"].as_str().unwrap().to_string();
+    let waiting = {
+        let (addr, id) = (addr.clone(), id.clone());
+        std::thread::spawn(move || {
+            control(
+                &addr,
+                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "cut"}),
+            )
+        })
+    };
+    wait_until("the command to run", CONNECT, || runs(&marker) == 1);
+    cutter.cut.store(true, Ordering::SeqCst);
+    agent.log.wait_for("link lost", CONNECT);
+    // The waiting run gets its result over the next connection.
+    let r = waiting.join().unwrap();
+    assert_eq!(r["ok"], true, "{r}\nagent:\n{}", agent.log.text());
+    assert_eq!(status(&r), "ok", "{r}");
+    let stored = control(&addr, &json!({"cmd": "result", "task_id": "cut"}));
+    assert_eq!(stored["result"], r["result"]);
+    assert_eq!(runs(&marker), 1);
+}
+
+#[test]
+fn an_agent_killed_mid_task_reports_it_interrupted_once_and_does_not_rerun_it() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let mut s = Setup::new(&mark_rule(&marker));
+    for (task, idempotent) in [("killed", false), ("killed-idempotent", true)] {
+        let addr = s.addr();
+        let id = s.id.clone();
+        let before = runs(&marker);
+        let waiting = std::thread::spawn(move || {
+            control(
+                &addr,
+                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["3"],
+                        "task_id": task, "idempotent": idempotent, "timeout_ms": 60000}),
+            )
+        });
+        wait_until("the command to run", CONNECT, || {
+            runs(&marker) == before + 1
+        });
+        s.restart_agent(true);
+        let r = waiting.join().unwrap();
+        assert_eq!(r["ok"], true, "{r}\nagent:\n{}", s.agent.log.text());
+        let stored = s.control(json!({"cmd": "result", "task_id": task, "wait_ms": 30000}));
+        if idempotent {
+            assert_eq!(status(&r), "ok", "{r}");
+            assert_eq!(runs(&marker), before + 2, "an idempotent task runs again");
+        } else {
+            assert_eq!(status(&r), "interrupted", "{r}");
+            assert_eq!(runs(&marker), before + 1, "not run again");
+        }
+        assert_eq!(stored["result"], r["result"]);
+    }
+    // Another restart: nothing is reported or run again.
+    let after = runs(&marker);
+    s.restart_agent(false);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(runs(&marker), after);
+    assert_eq!(s.agent.log.count("reporting it as interrupted"), 0);
+}
+
+/// Reads a streaming `run`'s response lines: chunk events, then the final response.
+fn run_streaming(addr: &str, request: &Value) -> (Vec<Value>, Value) {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    writeln!(conn, "{request}").unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut events = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "connection closed"
+        );
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        if v.get("event").is_some() {
+            events.push(v);
+        } else {
+            return (events, v);
+        }
+    }
+}
+
+#[test]
+fn streamed_chunks_arrive_in_order_before_the_result() {
+    let config = r#"
+[[shell.rules]]
+name = "count"
+program = "/bin/sh"
+args = ["-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; echo oops >&2"]
+"#;
+    let s = Setup::new(config);
+    // A WASM handler printing a line every 100 ms.
+    let (events, done) = run_streaming(
+        &s.addr(),
+        &json!({"cmd": "run", "agent": s.id, "module": b64(&s.publisher.signed("ticker")),
+                "input": {"lines": 8, "ms": 100}, "stream": true}),
+    );
+    assert_eq!(done["result"]["status"], "ok", "{done}");
+    assert!(events.len() >= 2, "output came in one piece: {events:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    let stdout: String = events
+        .iter()
+        .filter(|e| e["stream"] == "stdout")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(stdout, done["result"]["stdout"].as_str().unwrap());
+    assert!(stdout.starts_with("tick 0\ntick 1\n"), "{stdout}");
+
+    // A shell command, stdout and stderr.
+    let (events, done) = run_streaming(
+        &s.addr(),
+        &json!({"cmd": "run", "agent": s.id, "command": "count", "stream": true}),
+    );
+    assert_eq!(done["result"]["status"], "ok", "{done}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    assert!(events.len() >= 3, "{events:?}");
+    let stdout: String = events
+        .iter()
+        .filter(|e| e["stream"] == "stdout")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(stdout, "line 1\nline 2\nline 3\nline 4\nline 5\n");
+    assert!(events
+        .iter()
+        .any(|e| e["stream"] == "stderr" && e["data"] == "oops\n"));
+}
+
+#[test]
+fn a_full_disk_refuses_new_tasks_with_storage_full() {
+    // More free space required than any disk has: every new task is refused, nothing runs.
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let config = format!("[agent]\nmin_free_mib = 1000000000\n{}", mark_rule(&marker));
+    let s = Setup::new(&config);
+    let r = s.run_command("mark", json!({"args": ["0"]}));
+    assert_eq!(status(&r), "rejected", "{r}");
+    assert_eq!(r["result"]["reason"], "storage_full");
+    assert_eq!(runs(&marker), 0);
+}
