@@ -615,20 +615,27 @@ impl Agent {
         self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Records the result durably, then sends it.
+    /// Records the result durably and sends it, at the same time.
+    ///
+    /// Sending does not wait for the commit: the result is in the journal's write queue before
+    /// it is in the outbox (so the platform's `ack` is always applied after it), and if the agent
+    /// dies between the two, the restarted agent finds the task running and reports it
+    /// `interrupted`. The platform keeps the first result it receives for a task id, so it keeps
+    /// the real one if it got it; if it did not, `interrupted` is the truth. Either way one
+    /// result, and the round trip does not pay for a second commit.
     async fn finish(&self, req: &RunRequest, mut result: RunResult) {
         fit_to_frame(&mut result, &req.id, &req.task_id);
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
-        if let Err(e) = self.journal.finish(&req.task_id, &result).await {
-            // Sent anyway: the platform may still get it, but a restart now could lose it.
-            tracing::error!(task_id = %req.task_id, "could not record the task's result: {e}");
-        }
-        self.send(AgentMessage::Result {
+        let msg = AgentMessage::Result {
             id: req.id.clone(),
             task_id: req.task_id.clone(),
-            result,
-        })
-        .await;
+            result: result.clone(),
+        };
+        let record = self.journal.finish(&req.task_id, &result);
+        let (recorded, ()) = tokio::join!(record, self.send(msg));
+        if let Err(e) = recorded {
+            tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted): {e}");
+        }
     }
 
     async fn execute(

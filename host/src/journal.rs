@@ -109,7 +109,7 @@ const SIZE_RECHECK: Duration = Duration::from_secs(5);
 const SCHEMA_VERSION: u64 = 1;
 
 /// redb's page cache; the journal is read little (records are mostly written once).
-const CACHE_BYTES: usize = 32 << 20;
+const CACHE_BYTES: usize = 4 << 20;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
@@ -693,8 +693,17 @@ impl Writer {
             }
             return;
         };
+        // Acknowledgements alone need not reach the disk at once: one lost in a crash only makes
+        // the agent send that result again, which the platform expects. They become durable
+        // with the next durable commit.
+        let acks_only = ops.iter().all(|op| matches!(op, Op::Ack { .. }));
         let txn = match db.begin_write() {
-            Ok(txn) => txn,
+            Ok(mut txn) => {
+                if acks_only {
+                    let _ = txn.set_durability(redb::Durability::None);
+                }
+                txn
+            }
             Err(e) => {
                 let (e, fatal) = classify(e.into());
                 self.needs_reopen |= fatal;
