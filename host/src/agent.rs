@@ -17,8 +17,9 @@
 //!    installed handler of that name, else to the shell rule of that name; a `module_sha256`
 //!    runs that module. `cancel` interrupts a WASM handler at its next epoch tick or kills a
 //!    shell command's process tree. With `stream`, output goes out as `chunk`s meanwhile.
-//! 6. **Finished.** The result is stored in the journal (durably), then sent; it stays in the
-//!    durable outbox until the platform's `ack`, and is sent again after every reconnect.
+//! 6. **Finished.** The result is stored in the journal (durably) and sent (for a task that
+//!    ran, without waiting for the commit: see `Agent::finish`); it stays in the durable
+//!    outbox until the platform's `ack`, and is sent again after every reconnect.
 //!
 //! When the agent starts, tasks recorded as queued run; tasks recorded as running are finished
 //! as `interrupted` (or run again when the task said `idempotent`), exactly once, because
@@ -61,6 +62,9 @@ use crate::trust::{grant, Prepared, Trust};
 
 /// How many messages may wait for the platform before producers wait.
 const OUTBOX_CAPACITY: usize = 4096;
+
+/// Handler installations in progress at once; more are refused (`busy`).
+const MAX_INSTALLS: usize = 4;
 
 /// The longest task id accepted.
 pub const MAX_TASK_ID_BYTES: usize = 256;
@@ -121,6 +125,33 @@ struct Live {
     running: bool,
 }
 
+/// The tasks accepted and not finished, and cancels that arrived for a recorded task before it
+/// was registered here.
+#[derive(Default)]
+struct LiveTasks {
+    tasks: HashMap<String, Live>,
+    early_cancels: std::collections::HashSet<String>,
+}
+
+impl LiveTasks {
+    /// Registers a task; returns its cancellation token, already cancelled if a cancel came
+    /// first.
+    fn register(&mut self, task_id: &str, running: bool) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        if self.early_cancels.remove(task_id) {
+            cancel.cancel();
+        }
+        self.tasks.insert(
+            task_id.to_string(),
+            Live {
+                cancel: cancel.clone(),
+                running,
+            },
+        );
+        cancel
+    }
+}
+
 /// The agent: sandbox, trust policy, journal, module store, and the outbox to the platform.
 pub struct Agent {
     agent_id: String,
@@ -135,9 +166,11 @@ pub struct Agent {
     outbox_rx: Mutex<Option<mpsc::Receiver<AgentMessage>>>,
     waiting: Mutex<Waiters>,
     /// Tasks accepted and not finished, by task id.
-    live: Mutex<HashMap<String, Live>>,
+    live: Mutex<LiveTasks>,
     /// Execution slots (`max_concurrent_tasks`).
     slots: Arc<Semaphore>,
+    /// Handler installations in progress (each may wait a minute for module bytes).
+    installs: Arc<Semaphore>,
     /// Tasks accepted and not finished, plus those being accepted; bounded by `max_pending`.
     pending: AtomicUsize,
     max_pending: usize,
@@ -269,8 +302,9 @@ impl Agent {
                 outbox: tx,
                 outbox_rx: Mutex::new(Some(rx)),
                 waiting: Mutex::new(HashMap::new()),
-                live: Mutex::new(HashMap::new()),
+                live: Mutex::new(LiveTasks::default()),
                 slots: Arc::new(Semaphore::new(slots)),
+                installs: Arc::new(Semaphore::new(MAX_INSTALLS)),
                 pending: AtomicUsize::new(0),
                 max_pending: slots + options.queue_capacity,
                 started: Instant::now(),
@@ -297,6 +331,7 @@ impl Agent {
     /// The status report sent to the platform.
     pub fn status_report(&self) -> StatusReport {
         let mut running: Vec<String> = lock(&self.live)
+            .tasks
             .iter()
             .filter(|(_, l)| l.running)
             .map(|(id, _)| id.clone())
@@ -335,6 +370,14 @@ impl Agent {
         let _ = self.outbox.send(msg).await;
     }
 
+    /// Queues a message without waiting (an answer to a bad frame); dropped, with a warning,
+    /// when the outbox is full.
+    pub fn report(&self, msg: AgentMessage) {
+        if self.outbox.try_send(msg).is_err() {
+            tracing::warn!("the outbox is full; an error reply to the platform was dropped");
+        }
+    }
+
     /// Picks up what the journal found unfinished at start: queued tasks run; tasks that were
     /// running end as `interrupted` (or run again if they said `idempotent`).
     pub async fn recover(self: &Arc<Self>, recovery: Recovery) {
@@ -342,7 +385,8 @@ impl Agent {
             let req = record.request;
             if req.idempotent {
                 tracing::warn!(task_id = %req.task_id, "the agent stopped while this idempotent task ran; running it again");
-                self.spawn_task(req, true);
+                // It started before its expiry; running it again is finishing it.
+                self.spawn_task(req, false);
                 continue;
             }
             tracing::warn!(task_id = %req.task_id, "the agent stopped while this task ran; reporting it as interrupted");
@@ -352,7 +396,7 @@ impl Agent {
                  it was not run again (a task may declare itself idempotent to be re-run)",
             );
             result.module_sha256 = req.module_sha256.clone();
-            self.finish(&req, result).await;
+            self.finish(&req, result, false).await;
         }
         for record in recovery.queued {
             tracing::info!(task_id = %record.request.task_id, "resuming a task queued before the agent stopped");
@@ -422,14 +466,7 @@ impl Agent {
                 return self.reply_unrecorded(&req, result).await;
             }
         }
-        let cancel = CancellationToken::new();
-        lock(&self.live).insert(
-            req.task_id.clone(),
-            Live {
-                cancel: cancel.clone(),
-                running: slot.is_some(),
-            },
-        );
+        let cancel = lock(&self.live).register(&req.task_id, slot.is_some());
         tracing::info!(task_id = %req.task_id, "task accepted");
         self.send(AgentMessage::Accepted {
             id: req.id.clone(),
@@ -444,26 +481,19 @@ impl Agent {
         self.clone().run_task(req, cancel, not_after, slot).await;
     }
 
-    /// Runs a task taken from the journal (at start), outside of `receive`.
-    fn spawn_task(self: &Arc<Self>, req: RunRequest, recovered: bool) {
+    /// Runs a task taken from the journal (at start), outside of `receive`; `check_expiry`
+    /// is false for a task that had started already.
+    fn spawn_task(self: &Arc<Self>, req: RunRequest, check_expiry: bool) {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        let cancel = CancellationToken::new();
-        lock(&self.live).insert(
-            req.task_id.clone(),
-            Live {
-                cancel: cancel.clone(),
-                running: false,
-            },
-        );
-        let not_after = check_request(&req).ok().flatten();
-        debug_assert!(recovered);
+        let cancel = lock(&self.live).register(&req.task_id, false);
+        let not_after = check_request(&req).ok().flatten().filter(|_| check_expiry);
         let this = self.clone();
         tokio::spawn(async move { this.run_task(req, cancel, not_after, None).await });
     }
 
     /// A repeated task id: answers from memory or the journal. Returns whether it answered.
     async fn answer_seen(&self, req: &RunRequest) -> bool {
-        let live = lock(&self.live).get(&req.task_id).map(|l| l.running);
+        let live = lock(&self.live).tasks.get(&req.task_id).map(|l| l.running);
         if let Some(running) = live {
             let state = if running {
                 TaskState::Running
@@ -581,6 +611,7 @@ impl Agent {
             (None, true) => Ok(()),
             (None, false) => self.journal.start(&req.task_id).await,
         };
+        let mut ran = false;
         let result = match result {
             Some(r) => r,
             None => match started {
@@ -592,7 +623,8 @@ impl Agent {
                     )
                 }
                 Ok(()) => {
-                    if let Some(l) = lock(&self.live).get_mut(&req.task_id) {
+                    ran = true;
+                    if let Some(l) = lock(&self.live).tasks.get_mut(&req.task_id) {
                         l.running = true;
                     }
                     tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started");
@@ -610,20 +642,22 @@ impl Agent {
             },
         };
         drop(slot);
-        self.finish(&req, result).await;
-        lock(&self.live).remove(&req.task_id);
+        self.finish(&req, result, ran).await;
+        lock(&self.live).tasks.remove(&req.task_id);
         self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Records the result durably and sends it, at the same time.
+    /// Records the result durably and sends it.
     ///
-    /// Sending does not wait for the commit: the result is in the journal's write queue before
-    /// it is in the outbox (so the platform's `ack` is always applied after it), and if the agent
-    /// dies between the two, the restarted agent finds the task running and reports it
-    /// `interrupted`. The platform keeps the first result it receives for a task id, so it keeps
-    /// the real one if it got it; if it did not, `interrupted` is the truth. Either way one
-    /// result, and the round trip does not pay for a second commit.
-    async fn finish(&self, req: &RunRequest, mut result: RunResult) {
+    /// For a task recorded as running (`ran`), sending does not wait for the commit: the result
+    /// is in the journal's write queue before it is in the outbox (so the platform's `ack` is
+    /// applied after it), and if the agent dies between the two, the restarted agent finds the
+    /// task running and reports it `interrupted`. The platform keeps the first result it
+    /// receives for a task id, so it keeps the real one if it got it; if it did not,
+    /// `interrupted` is the truth. Either way one result, and the round trip does not pay for a
+    /// second commit. A task that never ran (cancelled or expired while queued) is still
+    /// recorded as queued, and a restart would run it: its result is sent only once committed.
+    async fn finish(&self, req: &RunRequest, mut result: RunResult, ran: bool) {
         fit_to_frame(&mut result, &req.id, &req.task_id);
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
         let msg = AgentMessage::Result {
@@ -632,9 +666,16 @@ impl Agent {
             result: result.clone(),
         };
         let record = self.journal.finish(&req.task_id, &result);
-        let (recorded, ()) = tokio::join!(record, self.send(msg));
+        let recorded = if ran {
+            let (recorded, ()) = tokio::join!(record, self.send(msg));
+            recorded
+        } else {
+            let recorded = record.await;
+            self.send(msg).await;
+            recorded
+        };
         if let Err(e) = recorded {
-            tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted): {e}");
+            tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted or run it if it never started): {e}");
         }
     }
 
@@ -660,6 +701,7 @@ impl Agent {
             Target::Module { sha256, signature } => {
                 let run = self.run_module(req, &sha256, signature.as_deref(), cancel.clone(), tap);
                 tokio::select! {
+                    biased;
                     r = run => r,
                     _ = cancel.cancelled() => {
                         let mut r = RunResult::refused(Status::Cancelled, "cancelled before the handler started");
@@ -873,19 +915,33 @@ impl Agent {
 
     /// `cancel`: removes a queued task or stops a running one; answers `cancel_reply`.
     pub fn cancel(self: &Arc<Self>, id: String, task_id: String) {
-        let outcome = match lock(&self.live).get(&task_id) {
-            Some(live) => {
-                live.cancel.cancel();
-                if live.running {
-                    CancelOutcome::Cancelling
-                } else {
-                    CancelOutcome::Dequeued
+        let outcome = {
+            // Under the `live` lock: `receive` registers a task under it too, so a cancel that
+            // arrives between the accept commit and that registration is not lost.
+            let mut live = lock(&self.live);
+            match live.tasks.get(&task_id) {
+                Some(l) => {
+                    l.cancel.cancel();
+                    if l.running {
+                        CancelOutcome::Cancelling
+                    } else {
+                        CancelOutcome::Dequeued
+                    }
                 }
+                None => match self.journal.get(&task_id).map(|r| r.phase) {
+                    Some(TaskPhase::Done) => CancelOutcome::Finished,
+                    Some(phase) => {
+                        // Recorded and about to be registered (or to start again at recovery).
+                        live.early_cancels.insert(task_id.clone());
+                        if phase == TaskPhase::Running {
+                            CancelOutcome::Cancelling
+                        } else {
+                            CancelOutcome::Dequeued
+                        }
+                    }
+                    None => CancelOutcome::Unknown,
+                },
             }
-            None => match self.journal.get(&task_id) {
-                Some(_) => CancelOutcome::Finished,
-                None => CancelOutcome::Unknown,
-            },
         };
         tracing::info!(task_id = %task_id, outcome = ?outcome, "cancel requested");
         let msg = AgentMessage::CancelReply {
@@ -946,8 +1002,19 @@ impl Agent {
         module_sha256: String,
         signature: Option<String>,
     ) {
+        let Ok(permit) = self.installs.clone().try_acquire_owned() else {
+            let msg = refusal(
+                &id,
+                ErrorCode::Refused,
+                format!("busy: {MAX_INSTALLS} handler installations are already in progress"),
+            );
+            let this = self.clone();
+            tokio::spawn(async move { this.send(msg).await });
+            return;
+        };
         let this = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let msg = match this
                 .install(&id, &name, &module_sha256, signature.clone())
                 .await

@@ -100,6 +100,13 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
     };
     let trust: Trust = crate::call::trust(&call_like, &config)?;
     let options = crate::agent::AgentOptions::from_config(&config, &state)?;
+    if options.max_concurrent_tasks > sandbox.config().max_concurrent_runs as usize {
+        tracing::warn!(
+            max_concurrent_tasks = options.max_concurrent_tasks,
+            max_concurrent_runs = sandbox.config().max_concurrent_runs,
+            "agent.max_concurrent_tasks exceeds sandbox.max_concurrent_runs: WASM tasks beyond it wait for a sandbox slot while recorded as running"
+        );
+    }
     let (agent, recovery) = Agent::new(identity.agent_id.clone(), sandbox, trust, &state, options)?;
     let (records, unacked) = agent.journal().counts();
     tracing::info!(
@@ -109,7 +116,9 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         interrupted = recovery.running.len(),
         "journal opened"
     );
-    agent.recover(recovery).await;
+    // In the background: results it produces wait in the outbox for the link.
+    let recovering = agent.clone();
+    tokio::spawn(async move { recovering.recover(recovery).await });
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();

@@ -12,7 +12,8 @@
 //!   [`TaskPhase::Running`] before anything of it executes, so that after a crash the agent
 //!   knows the task may have had effects.
 //! - **Durable outbox.** [`Journal::finish`] durably stores the result ([`TaskPhase::Done`],
-//!   not acknowledged) before it is sent. [`Journal::unacked`] lists every such result, in
+//!   not acknowledged); the agent sends it meanwhile (see `Agent::finish` for why a result sent
+//!   before its commit completes is still reported exactly once). [`Journal::unacked`] lists every such result, in
 //!   accept order, to be sent again after each reconnect, until the platform's `ack`
 //!   ([`Journal::ack`]). The first result of a task wins; a second `finish` changes nothing.
 //! - **Installed handlers** are kept here too ([`Journal::put_handler`]…), so they survive
@@ -36,7 +37,9 @@
 //! is never replaced.
 //!
 //! Every commit is durable (redb's `Immediate` durability: the data is fsynced before the commit
-//! returns), and one fsync per write could not sustain thousands of tasks a second with three
+//! returns), except a batch holding only acknowledgements (committed without fsync, durable with
+//! the next commit or at close: one lost in a crash only means that result is sent again), and
+//! one fsync per write could not sustain thousands of tasks a second with three
 //! writes each. So all writes go through one thread, `bridge-journal`, which practices **group
 //! commit**: it waits for one operation, takes every operation already waiting (up to
 //! [`MAX_BATCH`]), applies them all in one write transaction, commits once, and only then
@@ -124,7 +127,7 @@ pub struct JournalConfig {
     /// Finished and acknowledged records older than this are pruned (default 7 days).
     pub retention: Duration,
     /// Beyond this many finished and acknowledged records, the oldest are pruned (default
-    /// 100 000).
+    /// 20 000).
     pub max_records: usize,
     /// [`Journal::accept`] refuses new tasks when the filesystem holding `path` has less space
     /// available (to unprivileged users) than this (default 64 MiB).
@@ -135,7 +138,7 @@ pub struct JournalConfig {
 }
 
 impl JournalConfig {
-    /// The defaults (7 days, 100 000 records, 64 MiB free, 256 MiB file) for a journal at
+    /// The defaults (7 days, 20 000 records, 64 MiB free, 256 MiB file) for a journal at
     /// `path`.
     pub fn new(path: PathBuf) -> JournalConfig {
         JournalConfig {
@@ -663,6 +666,18 @@ impl Writer {
                 }
             }
             self.process(ops);
+        }
+        // Acknowledgements committed without fsync become durable with the next durable
+        // commit: make one before the database closes.
+        let guard = read_lock(&self.shared.db);
+        if let Some(db) = guard.as_ref() {
+            let committed = db
+                .begin_write()
+                .map_err(redb::Error::from)
+                .and_then(|t| t.commit().map_err(redb::Error::from));
+            if let Err(e) = committed {
+                tracing::warn!("the journal's last commit failed: {e}");
+            }
         }
     }
 
@@ -1296,7 +1311,7 @@ impl Journal {
     /// batch, without waiting (a lost acknowledgement only means a result is sent again).
     /// Unknown task ids, and tasks without a result yet, are ignored.
     pub fn ack(&self, task_ids: &[String]) {
-        let mut acked = Vec::new();
+        let mut forward = Vec::new();
         {
             let mut guard = lock(&self.inner.shared.mirror);
             let mirror = &mut *guard;
@@ -1305,13 +1320,18 @@ impl Journal {
                     if meta.in_outbox() {
                         meta.acked = true;
                         mirror.outbox.remove(&meta.seq);
-                        acked.push(id.clone());
+                        forward.push(id.clone());
+                    } else if meta.phase != TaskPhase::Done {
+                        // The result was sent while its commit is still queued: the writer
+                        // applies this after it (operations are applied in order), and
+                        // `ack_in` checks the record itself.
+                        forward.push(id.clone());
                     }
                 }
             }
         }
-        if !acked.is_empty() {
-            if let Err(e) = self.send(Op::Ack { task_ids: acked }) {
+        if !forward.is_empty() {
+            if let Err(e) = self.send(Op::Ack { task_ids: forward }) {
                 tracing::warn!("recording acknowledgements: {e}");
             }
         }

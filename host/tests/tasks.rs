@@ -303,7 +303,7 @@ fn a_full_queue_refuses_with_busy_and_cancel_works_queued_and_running() {
     assert_eq!(status(&r1), "cancelled", "{r1}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    // Cancel a running shell command: its tree is killed.
+    // Cancel a running shell command (its tree is killed) and a WASM task queued behind it.
     let run4 = {
         let (addr, id) = (addr.clone(), s.id.clone());
         std::thread::spawn(move || {
@@ -315,6 +315,24 @@ fn a_full_queue_refuses_with_busy_and_cancel_works_queued_and_running() {
         })
     };
     wait_until("the shell command to run", CONNECT, || runs(&marker) == 1);
+    let run5 = {
+        let (addr, id) = (addr.clone(), s.id.clone());
+        let module = b64(&sleepy);
+        std::thread::spawn(move || {
+            control(
+                &addr,
+                &json!({"cmd": "run", "agent": id, "module": module, "input": {"ms": 1},
+                        "task_id": "t-wasm-queued", "timeout_ms": 60000}),
+            )
+        })
+    };
+    wait_until("the WASM task to be queued", CONNECT, || {
+        s.agent.log.count("task accepted") >= 4
+    });
+    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm-queued"}));
+    assert_eq!(c["outcome"], "dequeued", "{c}");
+    let r5 = run5.join().unwrap();
+    assert_eq!(status(&r5), "cancelled", "{r5}");
     let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell-2"}));
     assert_eq!(c["outcome"], "cancelling", "{c}");
     let r4 = run4.join().unwrap();
@@ -609,4 +627,75 @@ fn a_full_disk_refuses_new_tasks_with_storage_full() {
     assert_eq!(status(&r), "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "storage_full");
     assert_eq!(runs(&marker), 0);
+}
+
+#[test]
+fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() {
+    // 3000 finished, unacknowledged results of 4 KiB each waiting in the agent's journal (as
+    // after a long outage): the agent sends them all at once when it connects, while the
+    // platform acknowledges them; neither end may stop reading while it writes.
+    const N: usize = 3000;
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("agent");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use bridge_host::journal::{Journal, JournalConfig};
+        let (journal, _) = Journal::open(JournalConfig::new(state.join("journal.redb"))).unwrap();
+        for i in 0..N {
+            let req = bridge_protocol::RunRequest {
+                id: format!("run-{i}"),
+                task_id: format!("backlog-{i}"),
+                command: Some("x".into()),
+                ..Default::default()
+            };
+            journal.accept_running(&req).await.unwrap();
+            let mut result = bridge_protocol::RunResult::refused(bridge_protocol::Status::Ok, "");
+            result.error = None;
+            result.stdout = format!("{i:05}{}", "y".repeat(4096));
+            journal.finish(&req.task_id, &result).await.unwrap();
+        }
+    });
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let agent = Agent::start(
+        &state,
+        &Agent::args_for(&platform, Some(&platform.token()), None),
+    );
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    let addr = platform.info["control"].as_str().unwrap().to_string();
+    let last = control(
+        &addr,
+        &json!({"cmd": "result", "task_id": format!("backlog-{}", N - 1), "wait_ms": 60000}),
+    );
+    assert_eq!(last["ok"], true, "{last}\nagent:\n{}", agent.log.text());
+    for i in [0, N / 2, N - 1] {
+        let r = control(
+            &addr,
+            &json!({"cmd": "result", "task_id": format!("backlog-{i}")}),
+        );
+        assert!(
+            r["result"]["stdout"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{i:05}")),
+            "{r}"
+        );
+    }
+    // Every result acknowledged: a restarted agent has nothing left to send.
+    let mut agent = agent;
+    agent.terminate();
+    let agent = Agent::start(&state, &Agent::args_for(&platform, None, None));
+    platform.wait_connected(&id, CONNECT);
+    agent.log.wait_for("journal opened", CONNECT);
+    let opened = agent
+        .log
+        .text()
+        .lines()
+        .find(|l| l.contains("journal opened"))
+        .unwrap()
+        .to_string();
+    assert!(opened.contains("unacked=0"), "{opened}");
 }

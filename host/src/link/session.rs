@@ -8,7 +8,8 @@
 //! - Each text frame is decoded with limits ([`bridge_protocol::codec::decode`]); a bad one is
 //!   answered with an `error` message and the session goes on.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,8 +62,8 @@ impl std::fmt::Display for End {
 /// next one.
 pub struct Outbox {
     rx: mpsc::Receiver<AgentMessage>,
-    /// Encoded messages, each flagged when it is a `result` (those are also in the journal).
-    unsent: VecDeque<(bool, String)>,
+    /// Encoded messages, with the task id of each `result` (those are also in the journal).
+    unsent: VecDeque<(Option<String>, String)>,
 }
 
 impl Outbox {
@@ -75,8 +76,13 @@ impl Outbox {
     }
 }
 
-fn entry(msg: &AgentMessage) -> (bool, String) {
-    (matches!(msg, AgentMessage::Result { .. }), encode(msg))
+/// A message ready to send: its text, and the task id when it is a `result`.
+fn entry(msg: &AgentMessage) -> (Option<String>, String) {
+    let result_of = match msg {
+        AgentMessage::Result { task_id, .. } => Some(task_id.clone()),
+        _ => None,
+    };
+    (result_of, encode(msg))
 }
 
 /// How long one frame may take to send. A send that blocks longer means the platform stopped
@@ -84,7 +90,10 @@ fn entry(msg: &AgentMessage) -> (bool, String) {
 /// bound, a send stuck on a full socket buffer would keep the loop from noticing anything.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn send_frame(ws: &mut Socket, frame: Message) -> Result<(), String> {
+async fn send_frame<S>(ws: &mut S, frame: Message) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
     match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
@@ -94,7 +103,10 @@ async fn send_frame(ws: &mut Socket, frame: Message) -> Result<(), String> {
     }
 }
 
-async fn send_text(ws: &mut Socket, text: String) -> Result<(), String> {
+async fn send_text<S>(ws: &mut S, text: String) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
     send_frame(ws, Message::Text(text.into())).await
 }
 
@@ -153,6 +165,11 @@ async fn handshake(ws: &mut Socket, agent: &Agent) -> Result<(), End> {
 }
 
 /// Runs one session until the link dies or the agent shuts down.
+///
+/// Reading and writing are independent: a reader task hands every frame to the agent as it
+/// arrives (none of the agent's handlers block), while this task writes. So a long backlog of
+/// results sent at connection start never stops the agent from reading the platform's `ack`s:
+/// neither end can fill the other's buffers while both wait to write.
 pub async fn run(
     mut ws: Socket,
     config: &LinkConfig,
@@ -163,7 +180,7 @@ pub async fn run(
     if let Err(end) = handshake(&mut ws, agent).await {
         return end;
     }
-    let mut last_rx = Instant::now();
+    let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
     ping.tick().await;
     let mut status = tokio::time::interval(config.status_interval);
@@ -171,8 +188,8 @@ pub async fn run(
 
     // Whatever an earlier session could not send goes first, then what queued up while the
     // link was down (chunks before their results), then every result the platform has not
-    // acknowledged yet (the durable outbox: some may be sent twice; the platform keeps the
-    // first and acknowledges each).
+    // acknowledged yet (the durable outbox). A result is sent once per session: the journal's
+    // copy replaces a queued one; a queued one whose commit is still in flight is kept.
     let queued = outbox.rx.len();
     for _ in 0..queued {
         match outbox.rx.try_recv() {
@@ -180,101 +197,165 @@ pub async fn run(
             Err(_) => break,
         }
     }
-    // Results come from the journal, once each, whatever earlier sessions left behind.
-    outbox.unsent.retain(|(is_result, _)| !is_result);
-    outbox
-        .unsent
-        .extend(agent.unacked_results().iter().map(entry));
-    while let Some((is_result, text)) = outbox.unsent.pop_front() {
-        if let Err(e) = send_text(&mut ws, text.clone()).await {
-            outbox.unsent.push_front((is_result, text));
-            return End::Error(e);
-        }
-    }
+    let unacked = agent.unacked_results();
+    let in_journal: HashSet<String> = unacked
+        .iter()
+        .filter_map(|m| match m {
+            AgentMessage::Result { task_id, .. } => Some(task_id.clone()),
+            _ => None,
+        })
+        .collect();
+    outbox.unsent.retain(|(result_of, _)| {
+        result_of
+            .as_ref()
+            .is_none_or(|task_id| !in_journal.contains(task_id))
+    });
+    outbox.unsent.extend(unacked.iter().map(entry));
 
-    loop {
+    let (mut sink, stream) = ws.split();
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
+    let reader = AbortOnDrop(tokio::spawn(read_loop(
+        stream,
+        agent.clone(),
+        started,
+        last_rx.clone(),
+        ended_tx,
+    )));
+
+    let end = loop {
+        let deadline = started
+            + Duration::from_millis(last_rx.load(Ordering::Relaxed))
+            + config.heartbeat_timeout;
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(None)).await;
-                return End::Shutdown;
+                let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+                break End::Shutdown;
             }
-            _ = sleep_until(last_rx + config.heartbeat_timeout) => {
-                return End::Dead(config.heartbeat_timeout);
+            end = &mut ended => {
+                break end.unwrap_or_else(|_| End::Error("the reader stopped".into()));
+            }
+            _ = sleep_until(deadline) => {
+                let silent = started.elapsed()
+                    .saturating_sub(Duration::from_millis(last_rx.load(Ordering::Relaxed)));
+                if silent >= config.heartbeat_timeout {
+                    break End::Dead(config.heartbeat_timeout);
+                }
             }
             _ = ping.tick() => {
                 ping_seq += 1;
-                if let Err(e) = send_frame(&mut ws, Message::Ping(ping_seq.to_be_bytes().to_vec().into())).await {
-                    return End::Error(e.to_string());
+                let frame = Message::Ping(ping_seq.to_be_bytes().to_vec().into());
+                if let Err(e) = send_frame(&mut sink, frame).await {
+                    break End::Error(e);
                 }
             }
             _ = status.tick() => {
                 let report = AgentMessage::Status(agent.status_report());
-                if let Err(e) = send_text(&mut ws, encode(&report)).await {
-                    return End::Error(e);
+                if let Err(e) = send_text(&mut sink, encode(&report)).await {
+                    break End::Error(e);
                 }
             }
-            msg = outbox.rx.recv() => {
-                let Some(msg) = msg else { return End::Shutdown };
-                let (is_result, text) = entry(&msg);
-                if let Err(e) = send_text(&mut ws, text.clone()).await {
-                    outbox.unsent.push_back((is_result, text));
-                    return End::Error(e);
+            _ = std::future::ready(()), if !outbox.unsent.is_empty() => {
+                let (result_of, text) = outbox.unsent.pop_front().expect("not empty");
+                if let Err(e) = send_text(&mut sink, text.clone()).await {
+                    outbox.unsent.push_front((result_of, text));
+                    break End::Error(e);
                 }
             }
-            frame = ws.next() => {
-                last_rx = Instant::now();
-                let reply = match frame {
-                    Some(Ok(Message::Text(text))) => match decode::<PlatformMessage>(&text, PlatformMessage::TYPES) {
-                        Ok(PlatformMessage::Run(req)) => {
-                            agent.start_run(req);
-                            None
-                        }
-                        Ok(PlatformMessage::Ack { task_ids }) => {
-                            agent.ack(&task_ids);
-                            None
-                        }
-                        Ok(PlatformMessage::Cancel { id, task_id }) => {
-                            agent.cancel(id, task_id);
-                            None
-                        }
-                        Ok(PlatformMessage::InstallHandler { id, name, module_sha256, signature }) => {
-                            agent.install_handler(id, name, module_sha256, signature);
-                            None
-                        }
-                        Ok(PlatformMessage::RemoveHandler { id, name }) => {
-                            agent.remove_handler(id, name);
-                            None
-                        }
-                        Ok(PlatformMessage::ListHandlers { id }) => {
-                            agent.list_handlers(id);
-                            None
-                        }
-                        Ok(PlatformMessage::Error(e)) => {
-                            tracing::warn!(code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
-                            None
-                        }
-                        Ok(PlatformMessage::Welcome { .. }) => Some(ErrorBody {
-                            id: None,
-                            code: ErrorCode::Unexpected,
-                            message: "welcome after the handshake".into(),
-                        }),
-                        Err(e) => {
-                            tracing::warn!("refusing a message from the platform: {e}");
-                            Some(e.body())
-                        }
-                    },
-                    Some(Ok(Message::Binary(bytes))) => agent.module_arrived(bytes.to_vec()).err(),
-                    Some(Ok(Message::Close(frame))) => return End::Closed(format!("{frame:?}")),
-                    Some(Ok(_)) => None, // ping (answered by tungstenite), pong, raw frame
-                    Some(Err(e)) => return End::Error(e.to_string()),
-                    None => return End::Closed("end of stream".into()),
-                };
-                if let Some(body) = reply {
-                    if let Err(e) = send_text(&mut ws, encode(&AgentMessage::Error(body))).await {
-                        return End::Error(e);
-                    }
+            msg = outbox.rx.recv(), if outbox.unsent.is_empty() => {
+                let Some(msg) = msg else { break End::Shutdown };
+                let (result_of, text) = entry(&msg);
+                if let Err(e) = send_text(&mut sink, text.clone()).await {
+                    outbox.unsent.push_back((result_of, text));
+                    break End::Error(e);
                 }
             }
         }
+    };
+    drop(reader);
+    end
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// Reads frames until the link ends, handing each to the agent; reports how it ended.
+async fn read_loop(
+    mut stream: futures_util::stream::SplitStream<Socket>,
+    agent: Arc<Agent>,
+    started: Instant,
+    last_rx: Arc<AtomicU64>,
+    ended: tokio::sync::oneshot::Sender<End>,
+) {
+    let end = loop {
+        let frame = stream.next().await;
+        last_rx.store(
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let reply = match frame {
+            Some(Ok(Message::Text(text))) => {
+                match decode::<PlatformMessage>(&text, PlatformMessage::TYPES) {
+                    Ok(PlatformMessage::Run(req)) => {
+                        agent.start_run(req);
+                        None
+                    }
+                    Ok(PlatformMessage::Ack { task_ids }) => {
+                        agent.ack(&task_ids);
+                        None
+                    }
+                    Ok(PlatformMessage::Cancel { id, task_id }) => {
+                        agent.cancel(id, task_id);
+                        None
+                    }
+                    Ok(PlatformMessage::InstallHandler {
+                        id,
+                        name,
+                        module_sha256,
+                        signature,
+                    }) => {
+                        agent.install_handler(id, name, module_sha256, signature);
+                        None
+                    }
+                    Ok(PlatformMessage::RemoveHandler { id, name }) => {
+                        agent.remove_handler(id, name);
+                        None
+                    }
+                    Ok(PlatformMessage::ListHandlers { id }) => {
+                        agent.list_handlers(id);
+                        None
+                    }
+                    Ok(PlatformMessage::Error(e)) => {
+                        tracing::warn!(code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
+                        None
+                    }
+                    Ok(PlatformMessage::Welcome { .. }) => Some(ErrorBody {
+                        id: None,
+                        code: ErrorCode::Unexpected,
+                        message: "welcome after the handshake".into(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!("refusing a message from the platform: {e}");
+                        Some(e.body())
+                    }
+                }
+            }
+            Some(Ok(Message::Binary(bytes))) => agent.module_arrived(bytes.to_vec()).err(),
+            Some(Ok(Message::Close(frame))) => break End::Closed(format!("{frame:?}")),
+            Some(Ok(_)) => None, // ping (answered by tungstenite), pong, raw frame
+            Some(Err(e)) => break End::Error(e.to_string()),
+            None => break End::Closed("end of stream".into()),
+        };
+        if let Some(body) = reply {
+            agent.report(AgentMessage::Error(body));
+        }
+    };
+    let _ = ended.send(end);
 }

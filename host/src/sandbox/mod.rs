@@ -11,7 +11,8 @@
 //! - **memory / tables**: a per-store [`limiter::RunLimiter`]; growth past the limit traps with
 //!   [`limiter::LimitExceeded`] → `memory_limit`. The pooling allocator's slot size is the agent's
 //!   local maximum, so no request can exceed it.
-//! - **wall clock**: one ticker thread bumps the engine's epoch every [`EPOCH_TICK`]; each store
+//! - **wall clock**: one ticker thread bumps the engine's epoch every [`EPOCH_TICK`] while any
+//!   run is in progress (an idle agent has no such wake-ups); each store
 //!   yields to tokio at every tick, so a runaway handler never holds a worker thread, and the run
 //!   is a future raced against a tokio timer. When the timer wins the future is dropped, which
 //!   tears down the guest's fiber → `timeout`. Handlers blocked in a host call (sleeping) are
@@ -185,38 +186,77 @@ struct Inner {
     disk: Option<DiskCache>,
     slots: Semaphore,
     config: SandboxConfig,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
-/// One thread for the whole agent that advances the engine's epoch; stops when dropped.
+/// One thread for the whole agent that advances the engine's epoch while runs are in
+/// progress, and sleeps (no wake-ups at all) while none is; stops when dropped.
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerState>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct TickerState {
+    /// Runs in progress.
+    active: Mutex<usize>,
+    wake: std::sync::Condvar,
+    stop: AtomicBool,
+}
+
+/// Counts a run as active for the ticker while it lives.
+struct Ticking<'a>(&'a TickerState);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        *self.0.active.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+    }
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> Result<EpochTicker> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(TickerState {
+            active: Mutex::new(0),
+            wake: std::sync::Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let state = shared.clone();
         let thread = std::thread::Builder::new()
             .name("bridge-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+            .spawn(move || loop {
+                {
+                    let mut active = state.active.lock().unwrap_or_else(|e| e.into_inner());
+                    while *active == 0 && !state.stop.load(Ordering::Relaxed) {
+                        active = state.wake.wait(active).unwrap_or_else(|e| e.into_inner());
+                    }
                 }
+                if state.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
             })
             .context("starting the epoch ticker thread")?;
         Ok(EpochTicker {
-            stop,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    /// Marks a run active until the guard drops; wakes the ticker if it slept.
+    fn active(&self) -> Ticking<'_> {
+        let mut active = self.shared.active.lock().unwrap_or_else(|e| e.into_inner());
+        *active += 1;
+        if *active == 1 {
+            self.shared.wake.notify_one();
+        }
+        Ticking(&self.shared)
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -298,7 +338,7 @@ impl Sandbox {
                 loading: Mutex::new(()),
                 disk,
                 config,
-                _ticker: ticker,
+                ticker,
             }),
         })
     }
@@ -496,6 +536,7 @@ impl Sandbox {
         }
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
+        let _ticking = self.inner.ticker.active();
 
         let started = Instant::now();
         let ended = {
