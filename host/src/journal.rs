@@ -108,6 +108,9 @@ pub const PRUNE_EVERY: usize = 1000;
 /// compacting) stands before the writer tries again.
 const SIZE_RECHECK: Duration = Duration::from_secs(5);
 
+/// How long a free-space measurement stands.
+const SPACE_RECHECK: Duration = Duration::from_millis(250);
+
 /// The file format version, stored in table `meta`.
 const SCHEMA_VERSION: u64 = 1;
 
@@ -651,6 +654,8 @@ struct Writer {
     accepts_since_prune: usize,
     /// While the file is over `max_bytes`: when it was last checked, and the verdict.
     size_verdict: Option<(Instant, Result<(), String>)>,
+    /// The last free-space and size verdict, reused for [`SPACE_RECHECK`].
+    space_verdict: Option<(Instant, Result<(), String>)>,
     needs_reopen: bool,
 }
 
@@ -966,6 +971,19 @@ impl Writer {
     /// Whether new tasks may be recorded: enough free space, and a file within its limit
     /// (pruning and compacting it first when it is not).
     fn check_space(&mut self) -> Result<(), String> {
+        // Measuring costs two system calls per batch; a verdict holds briefly (a disk that
+        // fills meanwhile fails the write itself, which is reported as storage full too).
+        if let Some((at, verdict)) = &self.space_verdict {
+            if at.elapsed() < SPACE_RECHECK {
+                return verdict.clone();
+            }
+        }
+        let verdict = self.measure_space();
+        self.space_verdict = Some((Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    fn measure_space(&mut self) -> Result<(), String> {
         let config = &self.shared.config;
         match free_bytes(&config.path) {
             Ok(free) if free < config.min_free_bytes => {
@@ -1211,6 +1229,7 @@ impl Journal {
             next_seq,
             accepts_since_prune: 0,
             size_verdict: None,
+            space_verdict: None,
             needs_reopen: false,
         };
         match writer.prune_now() {

@@ -370,7 +370,25 @@ fn a_task_id_runs_once_on_one_connection_after_reconnect_and_after_an_agent_rest
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(runs(&marker), 2);
 
-    // After a reconnect (the platform restarted on the same port and state).
+    // After a reconnect (the platform restarted on the same port and state) and after an
+    // agent restart. The platform answers a stored task id itself; the raw frame reaches the
+    // agent, which answers from its journal: one more delivery of the same result, no run.
+    let resend = |s: &Setup, n: usize| {
+        let frame = json!({"type": "run", "id": format!("raw-again-{n}"), "task_id": "once",
+                           "command": "mark", "args": ["0"]})
+        .to_string();
+        let before = s.control(json!({"cmd": "result", "task_id": "once"}))["deliveries"]
+            .as_u64()
+            .unwrap();
+        let r = s.control(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
+        assert_eq!(r["ok"], true, "{r}");
+        wait_until("the agent's answer from its journal", CONNECT, || {
+            s.control(json!({"cmd": "result", "task_id": "once"}))["deliveries"]
+                .as_u64()
+                .unwrap()
+                > before
+        });
+    };
     let pstate = s.platform.state.clone();
     let listen = s.platform.listen_addr();
     s.platform.kill();
@@ -378,10 +396,11 @@ fn a_task_id_runs_once_on_one_connection_after_reconnect_and_after_an_agent_rest
     s.platform.wait_connected(&s.id, CONNECT);
     let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(again["result"], first["result"], "{again}");
+    resend(&s, 1);
     assert_eq!(runs(&marker), 2);
 
-    // After an agent restart.
     s.restart_agent(false);
+    resend(&s, 2);
     let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(again["result"], first["result"], "{again}");
     assert_eq!(runs(&marker), 2);

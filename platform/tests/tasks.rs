@@ -102,6 +102,7 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         assert_eq!(response["ok"], true, "{response}");
         assert_eq!(response["task_id"], "task-1");
         assert_eq!(response["result"], run_result("ok", 0));
+        assert_eq!(response["stored"], false, "the agent ran it");
 
         // Delivered again (the agent resends its outbox after a reconnect, e.g. when the ack
         // was lost): acknowledged again, stored once, the first one wins.
@@ -128,19 +129,39 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         assert_eq!(lines[0]["stored"]["deliveries"], 1);
         assert_eq!(lines[1]["delivered"], "task-1");
 
-        // A repeated run of the task id still goes to the agent, which answers from its journal
-        // (here: finished, result already acknowledged): the stored result is the answer.
-        let waiting = control_in_background(
+        // A repeated run of the task id is answered with the stored result at once: nothing
+        // reaches the agent (which may have forgotten the task id by now), nothing runs twice.
+        let response = serve
+            .control_request(
+                &json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "task-1"})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(response["ok"], true, "{response}");
+        assert_eq!(response["stored"], true, "{response}");
+        assert_eq!(response["task_id"], "task-1");
+        assert_eq!(response["result"], run_result("ok", 0));
+        let out = output_of(bridgectl(
             &serve,
-            json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "task-1"}),
+            &[
+                "run",
+                "--agent",
+                &agent.id,
+                "--command",
+                "uptime",
+                "--task-id",
+                "task-1",
+            ],
+        ))
+        .await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let again = recv(&mut ws).await;
-        assert_eq!(again["type"], "run");
-        assert_eq!(again["task_id"], "task-1");
-        assert_ne!(again["id"], run["id"], "a new message id");
-        send(&mut ws, accepted(&again, "finished")).await;
-        let response = response_of(waiting).await;
-        assert_eq!(response["result"], run_result("ok", 0), "{response}");
+        assert_eq!(stdout_json(&out), run_result("ok", 0));
+        expect_silence(&mut ws, Duration::from_millis(300)).await;
 
         // `result` waits for a result not stored yet; an agent crash shows as `interrupted`.
         let late = control_in_background(
@@ -622,6 +643,247 @@ async fn bad_run_and_install_requests_are_refused_before_reaching_the_agent() {
             assert!(error.contains(expected), "{request}: {error}");
         }
         expect_silence(&mut ws, Duration::from_millis(300)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_results_is_acknowledged_while_the_agent_is_not_reading() {
+    // At connection start an agent may send thousands of results from its outbox back to back
+    // before it reads anything. The platform must keep reading them (its acknowledgements wait,
+    // coalesced, until the agent reads), or both sides end up blocked writing.
+    within(120, async {
+        const RESULTS: usize = 5000;
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        // A small receive buffer: the platform's acknowledgements fill it quickly.
+        let mut ws = connect_with(&serve, &agent, Some(serve.token()), "/agent", Some(4096))
+            .await
+            .expect("upgrade refused");
+        assert_eq!(hello(&mut ws, &agent).await["type"], "welcome");
+        // Long acknowledgements: task ids of 256 bytes, most of them a character JSON escapes
+        // as `\u0001`, so 5000 acks (~7.5 MiB) exceed what the kernel buffers between the two
+        // ends (by default at most 4 MiB of send buffer on the platform's side).
+        let task_id = |i: usize| format!("flood-{i:05}-{}", "\u{1}".repeat(244));
+        let started = std::time::Instant::now();
+        for i in 0..RESULTS {
+            let run = json!({"id": format!("run-{i:016x}"), "task_id": task_id(i)});
+            let mut result = run_result("ok", 0);
+            result["stdout"] = json!("y".repeat(4096));
+            let frame = Message::Text(result_message(&run, result).to_string().into());
+            tokio::time::timeout(STEP, futures_util::SinkExt::send(&mut ws, frame))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("result {i}: the platform stopped reading (it waits to write its acks)")
+                })
+                .unwrap();
+        }
+        let mut acked = std::collections::HashSet::new();
+        let mut frames = 0;
+        while acked.len() < RESULTS {
+            let ack = recv(&mut ws).await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+            frames += 1;
+            for id in ack["task_ids"].as_array().unwrap() {
+                let id = id.as_str().unwrap().to_string();
+                assert!(id.starts_with("flood-"), "{id}");
+                acked.insert(id);
+            }
+        }
+        eprintln!(
+            "{RESULTS} results acknowledged in {frames} ack frames within {:?}",
+            started.elapsed()
+        );
+        expect_silence(&mut ws, Duration::from_millis(300)).await;
+        for i in [0, RESULTS / 2, RESULTS - 1] {
+            let stored = serve
+                .control_request(&json!({"cmd": "result", "task_id": task_id(i)}).to_string())
+                .await;
+            assert_eq!(stored["ok"], true, "{stored}");
+            assert_eq!(stored["deliveries"], 1);
+        }
+        // The connection still works both ways.
+        processed(&serve, &mut ws, &agent).await;
+        let waiting = control_in_background(
+            &serve,
+            json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "after-flood"}),
+        );
+        let run = recv(&mut ws).await;
+        assert_eq!(run["task_id"], "after-flood");
+        send(&mut ws, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "after-flood").await;
+        assert_eq!(response_of(waiting).await["ok"], true);
+    })
+    .await;
+}
+
+/// A `rejected` result with `reason`, as the agent sends for a task it refused.
+fn refusal(reason: &str) -> Value {
+    json!({
+        "status": "rejected", "exit_code": null, "output": null, "stdout": "", "stderr": "",
+        "truncated": {"stdout": false, "stderr": false, "stdout_total_bytes": 0, "stderr_total_bytes": 0},
+        "fuel_consumed": null, "memory_peak_bytes": 0, "duration_ms": 0.0, "limits": null,
+        "error": format!("refused: {reason}"), "reason": reason
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_result() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let run_request =
+            json!({"cmd": "run", "agent": agent.id, "command": "slow", "task_id": "task-r"});
+
+        // The agent is busy: the run ends with the refusal, which is acknowledged…
+        let waiting = control_in_background(&serve, run_request.clone());
+        let first = recv(&mut ws).await;
+        assert_eq!(first["task_id"], "task-r");
+        send(&mut ws, result_message(&first, refusal("busy"))).await;
+        expect_ack(&mut ws, "task-r").await;
+        let response = response_of(waiting).await;
+        assert_eq!(response["ok"], true, "{response}");
+        assert_eq!(response["result"], refusal("busy"));
+        assert_eq!(response["stored"], false);
+        // …but not stored as the task's result: the task id is free.
+        let r = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-r"}"#)
+            .await;
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("no result for task task-r"),
+            "{r}"
+        );
+
+        // Retried with the same task id: sent to the agent again, and this time it runs.
+        let waiting = control_in_background(&serve, run_request.clone());
+        let second = recv(&mut ws).await;
+        assert_eq!(second["task_id"], "task-r");
+        assert_ne!(second["id"], first["id"]);
+        send(&mut ws, accepted(&second, "running")).await;
+        send(&mut ws, result_message(&second, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-r").await;
+        let response = response_of(waiting).await;
+        assert_eq!(response["result"], run_result("ok", 0), "{response}");
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-r"}"#)
+            .await;
+        assert_eq!(stored["result"], run_result("ok", 0), "{stored}");
+        assert_eq!(stored["deliveries"], 1);
+
+        // A refusal arriving late (the agent's answer to the first run) changes nothing.
+        send(&mut ws, result_message(&first, refusal("busy"))).await;
+        expect_ack(&mut ws, "task-r").await;
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-r"}"#)
+            .await;
+        assert_eq!(stored["result"], run_result("ok", 0), "{stored}");
+        assert_eq!(stored["deliveries"], 1);
+
+        // Every refusal the agent does not record is treated so; one it records (the trust
+        // policy's) is the task's result.
+        for reason in [
+            "storage_full",
+            "storage_error",
+            "unknown_command",
+            "expired",
+            "unsigned",
+        ] {
+            let task = format!("task-{reason}");
+            let waiting = control_in_background(
+                &serve,
+                json!({"cmd": "run", "agent": agent.id, "command": "x", "task_id": task}),
+            );
+            let run = recv(&mut ws).await;
+            send(&mut ws, result_message(&run, refusal(reason))).await;
+            expect_ack(&mut ws, &task).await;
+            let response = response_of(waiting).await;
+            assert_eq!(response["result"], refusal(reason), "{response}");
+            let r = serve
+                .control_request(&json!({"cmd": "result", "task_id": task}).to_string())
+                .await;
+            assert_eq!(r["ok"], reason == "unsigned", "{reason}: {r}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn task_ids_are_global_a_result_stays_with_the_agent_that_delivered_it() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let a = Identity::new();
+        let b = Identity::new();
+        let (mut ws_a, _) = session(&serve, &a, Some(serve.token())).await;
+        let token = serve.control_request(r#"{"cmd":"token"}"#).await;
+        let (mut ws_b, _) = session(&serve, &b, token["token"].as_str()).await;
+
+        let waiting = control_in_background(
+            &serve,
+            json!({"cmd": "run", "agent": a.id, "command": "uptime", "task_id": "task-g"}),
+        );
+        let run = recv(&mut ws_a).await;
+        send(&mut ws_a, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws_a, "task-g").await;
+        assert_eq!(response_of(waiting).await["ok"], true);
+
+        // B delivers a result for the same task id: acknowledged (B's outbox drains), neither
+        // stored nor counted.
+        let other = json!({"id": "run-00000000000000b0", "task_id": "task-g"});
+        send(&mut ws_b, result_message(&other, run_result("error", 7))).await;
+        expect_ack(&mut ws_b, "task-g").await;
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-g"}"#)
+            .await;
+        assert_eq!(stored["agent"], a.id.as_str(), "{stored}");
+        assert_eq!(stored["result"], run_result("ok", 0));
+        assert_eq!(stored["deliveries"], 1);
+        assert!(
+            serve.stderr().contains("another agent"),
+            "a warning is logged"
+        );
+
+        // Running the task id on B is refused; on A, the stored result is the answer.
+        let r = serve
+            .control_request(
+                &json!({"cmd": "run", "agent": b.id, "command": "uptime", "task_id": "task-g"})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(r["ok"], false, "{r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains("task-g") && error.contains(&a.id), "{error}");
+        let r = serve
+            .control_request(
+                &json!({"cmd": "run", "agent": a.id, "command": "uptime", "task_id": "task-g"})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(r["stored"], true, "{r}");
+        assert_eq!(r["result"], run_result("ok", 0));
+        expect_silence(&mut ws_a, Duration::from_millis(300)).await;
+        expect_silence(&mut ws_b, Duration::from_millis(300)).await;
+
+        // After a restart too (the log holds A's result only).
+        drop((ws_a, ws_b));
+        let mut serve = serve;
+        let (status, _) = serve.terminate();
+        assert_eq!(status.code(), Some(0));
+        let state = dir.path().join("state");
+        drop(serve);
+        let serve = Serve::start(&state, &[]);
+        let stored = serve
+            .control_request(r#"{"cmd":"result","task_id":"task-g"}"#)
+            .await;
+        assert_eq!(stored["agent"], a.id.as_str(), "{stored}");
+        assert_eq!(stored["deliveries"], 1);
     })
     .await;
 }

@@ -460,7 +460,7 @@ fn test(rest: &[String]) -> Result<()> {
 
 fn bench(rest: &[String]) -> Result<()> {
     build_examples()?;
-    // The link benchmark drives release builds of both binaries.
+    // The link and throughput benchmarks drive release builds of both binaries.
     let mut bins = cargo();
     bins.args([
         "build",

@@ -32,7 +32,9 @@ pub const CLIENT_MARGIN: Duration = Duration::from_secs(10);
 ///
 /// The wait survives reconnections: if the agent's connection drops, the server sends the task
 /// again when the agent is back (the agent runs a task id at most once) and the result still
-/// comes here. Running an existing --task-id again prints that task's result again.
+/// comes here. Running an existing --task-id again prints that task's result again: the server
+/// answers from its store without sending anything to the agent, so nothing runs twice (a task
+/// id whose result came from another agent is refused: task ids are global).
 ///
 /// Exit status: 0 if the result's status is "ok", 1 for any other status, 2 if there is no
 /// result (usage error, server unreachable, agent unknown or not connected, no result within

@@ -6,13 +6,17 @@
 //! `"ok": false, "error": "…"`. A bad line (not JSON, unknown `cmd`, missing field) gets an
 //! error response and the connection goes on. Lines are limited to [`MAX_LINE_BYTES`].
 //! A `run` with `"stream": true` is the one request answered with more than one line: zero or
-//! more event lines (`{"event":"chunk",…}`, no `ok` field) come before its response.
+//! more event lines (`{"event":"chunk",…}`, no `ok` field) come before its response. At most
+//! [`CHUNK_QUEUE`] chunks wait for a client that reads slowly; beyond that chunks are dropped
+//! (the next event line counts their bytes in `dropped_bytes`; its `seq` skips). Every line is
+//! written within [`WRITE_TIMEOUT`], or the connection is closed (a client that stopped reading
+//! does not hold a request forever).
 //!
 //! | request | response |
 //! | --- | --- |
 //! | `{"cmd":"agents"}` | `{"ok":true,"agents":[{"id","connected","enrolled_at","last_seen","status"}]}` |
 //! | `{"cmd":"token"}` | `{"ok":true,"token":"…"}` (a new enrollment token) |
-//! | `{"cmd":"run","agent", one of "module"(base64) / "module_sha256" / "command", "input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"not_after"?(RFC 3339),"idempotent"?,"stream"?,"wait_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…}` (send → result, measured here); with `stream`, preceded by `{"event":"chunk","task_id","seq","stream","data","dropped_bytes"}` lines |
+//! | `{"cmd":"run","agent", one of "module"(base64) / "module_sha256" / "command", "input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"not_after"?(RFC 3339),"idempotent"?,"stream"?,"wait_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…,"stored":false}` (send → result, measured here; `"stored":true` and no round trip: the task id's result was already stored, from this agent, and nothing was sent to it; a task id with another agent's result is refused); with `stream`, preceded by `{"event":"chunk","task_id","seq","stream","data","dropped_bytes"}` lines |
 //! | `{"cmd":"result","task_id","wait_ms"?}` | `{"ok":true,"task_id","agent","result":{RunResult},"received_at","deliveries"}`: the stored result (waiting up to `wait_ms`, default 0, for it) |
 //! | `{"cmd":"cancel","agent","task_id","wait_ms"?}` | `{"ok":true,"task_id","outcome":"cancelling"\|"dequeued"\|"finished"\|"unknown"}` |
 //! | `{"cmd":"install_handler","agent","name", "module"(base64) or "module_sha256","signature"?(base64),"wait_ms"?}` | `{"ok":true,"handlers":[{"name","module_sha256","installed_at","key"?}]}` (the list after the change) |
@@ -55,6 +59,10 @@ pub const DEFAULT_RUN_WAIT_MS: u64 = 60_000;
 pub const DEFAULT_REQUEST_WAIT_MS: u64 = 30_000;
 /// How long `send` waits for the agent's error unless `wait_ms` says otherwise.
 pub const DEFAULT_SEND_WAIT_MS: u64 = 2_000;
+/// How many chunks of a streaming `run` may wait for the client.
+pub const CHUNK_QUEUE: usize = 256;
+/// How long writing one line to a client may take before the connection is closed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A control request.
 #[derive(Debug, Deserialize)]
@@ -252,11 +260,21 @@ async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Recei
     }
 }
 
+/// Writes one line, within [`WRITE_TIMEOUT`].
 async fn write_line(write: &mut OwnedWriteHalf, value: &Value) -> std::io::Result<()> {
     let mut text = serde_json::to_vec(value).expect("responses serialize");
     text.push(b'\n');
-    write.write_all(&text).await?;
-    write.flush().await
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        write.write_all(&text).await?;
+        write.flush().await
+    })
+    .await
+    .map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the control client read nothing for 30 s",
+        )
+    })?
 }
 
 fn failure(error: impl std::fmt::Display) -> Value {
@@ -416,9 +434,10 @@ fn chunk_line(chunk: &ChunkEvent) -> Value {
     })
 }
 
-/// Runs a task; with `order.stream`, writes each chunk as an event line while waiting.
+/// Runs a task; with `order.stream`, writes each chunk as an event line while waiting (at most
+/// [`CHUNK_QUEUE`] wait; more are dropped, see the module documentation).
 async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Value {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(CHUNK_QUEUE);
     let chunks = order.stream.then_some(tx);
     let run = hub.run(order, chunks);
     tokio::pin!(run);
@@ -448,6 +467,7 @@ async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Val
             "task_id": outcome.task_id,
             "result": outcome.result,
             "round_trip_us": outcome.round_trip.as_secs_f64() * 1e6,
+            "stored": outcome.stored,
         }),
         Err(e) => failure(e),
     }

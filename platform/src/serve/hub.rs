@@ -12,7 +12,19 @@
 //!   unchanged, on the agent's next connection (the agent runs a task id at most once, so this
 //!   is safe). Such runs are kept in memory only: a platform restart forgets them.
 //! * Every result the agent delivers is stored ([`ResultStore`], first wins) before it is
-//!   acknowledged, and whoever waits for that task id gets the stored result.
+//!   acknowledged, and whoever waits for that task id gets the stored result. Task ids are
+//!   global: a result for a task id whose result another agent delivered is acknowledged but
+//!   neither stored nor counted.
+//! * A refusal the agent does not record ([`is_unrecorded_refusal`]: `busy`, `storage_full`…;
+//!   nothing ran) ends the run it answers, is acknowledged, and is not stored: the same task id
+//!   may be sent again, and its real result is stored then.
+//! * A `run` naming a task id whose result is stored (from the same agent) is answered with the
+//!   stored result at once, without sending anything to the agent: a retried run never
+//!   executes twice, even after the agent forgot the task id. One whose result came from
+//!   another agent is refused.
+//! * Streaming waiters get a task's chunks through a bounded queue: a waiter that does not keep
+//!   up loses chunks (the next chunk it gets counts their bytes in `dropped_bytes`), the
+//!   connection's reader never waits for it.
 //! * Other requests to an agent (`cancel`, the handler commands) belong to the connection they
 //!   were sent on: they end with the agent's reply (matched by message id), its `error`, the
 //!   connection's end, or their timeout.
@@ -36,7 +48,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::Bytes;
 
 use super::registry::{AgentRecord, Registry};
-use super::results::{ResultStore, StoredResult};
+use super::results::{is_unrecorded_refusal, Recorded, ResultStore, StoredResult};
 
 /// How many outgoing messages may queue for one connection.
 const OUTBOX: usize = 64;
@@ -89,6 +101,8 @@ pub enum HubError {
     NoReply(u64),
     /// No stored result for this task id (within the time given, in milliseconds).
     NoResult(String, u64),
+    /// The task id (first field) already has a result, from another agent (second field).
+    TaskIdTaken(String, String),
     /// The request itself was unusable.
     BadRequest(String),
     /// The agent answered with a reply of another kind than the request calls for.
@@ -112,6 +126,11 @@ impl std::fmt::Display for HubError {
             HubError::NoResult(task, ms) => {
                 write!(f, "no result for task {task} (waited {ms} ms)")
             }
+            HubError::TaskIdTaken(task, agent) => write!(
+                f,
+                "task id {task} already has a result, from agent {agent}: task ids are global on \
+                 this platform, use another one"
+            ),
             HubError::BadRequest(why) => write!(f, "bad request: {why}"),
             HubError::Unexpected(reply) => write!(f, "the agent answered unexpectedly: {reply}"),
             HubError::ShuttingDown => f.write_str("the platform is shutting down"),
@@ -126,19 +145,51 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Where one streaming waiter (by its key) receives a task's chunks.
-type ChunkSink = (u64, mpsc::UnboundedSender<ChunkEvent>);
+#[derive(Debug)]
+struct ChunkSink {
+    key: u64,
+    tx: mpsc::Sender<ChunkEvent>,
+    /// Bytes of the chunks dropped (the queue was full) since the last one delivered, added to
+    /// the next one's `dropped_bytes`.
+    dropped_bytes: u64,
+    /// Chunks dropped in all.
+    dropped_chunks: u64,
+}
+
+/// Someone waiting in [`Hub::send_raw`] (by its key) for an agent's error.
+type ErrorWaiter = (u64, oneshot::Sender<ErrorBody>);
+
+/// What ends a task's waiter, when it is not an error.
+#[derive(Debug)]
+enum Delivery {
+    /// The task's stored result.
+    Stored(StoredResult),
+    /// A refusal the agent did not record (nothing ran), answering the waiter's own `run`.
+    Refused(RunResult),
+}
 
 /// What a task's waiter receives.
-type TaskReply = Result<StoredResult, HubError>;
+type TaskReply = Result<Delivery, HubError>;
 
 /// Someone waiting for a task's result.
 #[derive(Debug)]
 struct TaskWaiter {
     /// Unique per waiter, to remove it when it gives up.
     key: u64,
-    /// The `run` message it dispatched, if any: an agent `error` naming it ends this waiter.
+    /// The `run` message it dispatched, if any: an agent `error` naming it ends this waiter,
+    /// and so does a refusal answering it.
     run_id: Option<String>,
+    /// The agent its `run` went to, if any: only that agent's result ends it (`None`: any
+    /// agent's).
+    agent: Option<String>,
     reply: oneshot::Sender<TaskReply>,
+}
+
+impl TaskWaiter {
+    /// Whether a result from `agent` is an answer for this waiter.
+    fn waits_for(&self, agent: &str) -> bool {
+        self.agent.as_deref().is_none_or(|a| a == agent)
+    }
 }
 
 /// A `run` sent to an agent and not finished with.
@@ -230,10 +281,14 @@ pub struct RunOrder {
 pub struct RunOutcome {
     /// The task id used.
     pub task_id: String,
-    /// The agent's result (the stored one: the first received for this task id).
+    /// The agent's result (the stored one: the first received for this task id), or a refusal
+    /// the agent did not record (the task id may be run again).
     pub result: RunResult,
-    /// From handing the `run` frame to the connection to receiving the `result`.
+    /// From handing the `run` frame to the connection to receiving the `result` (zero when
+    /// `stored`).
     pub round_trip: Duration,
+    /// The result was already stored: nothing was sent to the agent.
+    pub stored: bool,
 }
 
 /// One agent as listed by the control interface.
@@ -271,7 +326,8 @@ pub struct Hub {
     streams: Mutex<HashMap<String, Vec<ChunkSink>>>,
     /// By message id.
     requests: Mutex<HashMap<String, PendingRequest>>,
-    error_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<ErrorBody>>>>,
+    /// By agent id, keyed: who waits in [`Hub::send_raw`].
+    error_waiters: Mutex<HashMap<String, Vec<ErrorWaiter>>>,
     next_conn: AtomicU64,
     next_key: AtomicU64,
 }
@@ -461,13 +517,34 @@ impl Hub {
     // -----------------------------------------------------------------------------------------
     // What the agent sends (called by the session)
 
+    /// Removes and returns the waiters of `task_id` that `pick` selects.
+    fn take_waiters(&self, task_id: &str, pick: impl Fn(&TaskWaiter) -> bool) -> Vec<TaskWaiter> {
+        let mut waiters = lock(&self.waiters);
+        let Some(list) = waiters.get_mut(task_id) else {
+            return Vec::new();
+        };
+        let (taken, kept): (Vec<_>, Vec<_>) = list.drain(..).partition(|w| pick(w));
+        *list = kept;
+        if list.is_empty() {
+            waiters.remove(task_id);
+        }
+        taken
+    }
+
     /// Stores a `result` the agent sent (first wins), ends the task's dispatch and hands the
-    /// stored result to everyone waiting for the task. Returns whether the result is stored
-    /// durably, i.e. whether the session must acknowledge it.
+    /// stored result to everyone waiting for the task. A refusal the agent did not record is not
+    /// stored: it only ends the run it answers. A result for a task id another agent's result is
+    /// stored for is dropped. Returns whether the session must acknowledge the result (false
+    /// only when storing it failed).
     pub fn on_result(&self, agent_id: &str, id: &str, task_id: &str, result: RunResult) -> bool {
+        if is_unrecorded_refusal(&result) {
+            self.on_refusal(agent_id, id, task_id, result);
+            return true;
+        }
         let status = result.status;
         let recorded = self.results.record(agent_id, task_id, result);
         {
+            // The agent has the task: its runs of this task id need no resending.
             let mut dispatched = lock(&self.dispatched);
             if let Some(d) = dispatched.get(id) {
                 if d.task_id != task_id {
@@ -476,27 +553,90 @@ impl Hub {
             }
             dispatched.retain(|_, d| !(d.agent_id == agent_id && d.task_id == task_id));
         }
-        let waiters = lock(&self.waiters).remove(task_id).unwrap_or_default();
-        if recorded.first {
-            tracing::info!(agent_id, task_id, %status, waiters = waiters.len(), "result stored");
-        } else {
-            tracing::info!(
+        let stored = match &recorded {
+            Recorded::Foreign(stored) => {
+                tracing::warn!(
+                    agent_id,
+                    task_id,
+                    stored_from = %stored.agent,
+                    %status,
+                    "a result for a task id whose result another agent delivered: acknowledged, not stored (task ids are global; the first is kept)"
+                );
+                let ended = self.take_waiters(task_id, |w| w.agent.as_deref() == Some(agent_id));
+                for w in ended {
+                    let _ = w.reply.send(Err(HubError::TaskIdTaken(
+                        task_id.to_string(),
+                        stored.agent.clone(),
+                    )));
+                }
+                return true;
+            }
+            Recorded::First { stored, .. } => {
+                tracing::info!(agent_id, task_id, %status, "result stored");
+                stored
+            }
+            Recorded::Again(stored) => {
+                tracing::info!(
+                    agent_id,
+                    task_id,
+                    deliveries = stored.deliveries,
+                    "result delivered again (the first is kept)"
+                );
+                stored
+            }
+        };
+        let waiters = self.take_waiters(task_id, |w| w.waits_for(agent_id));
+        if !waiters.is_empty() {
+            tracing::debug!(
                 agent_id,
                 task_id,
-                deliveries = recorded.stored.deliveries,
                 waiters = waiters.len(),
-                "result delivered again (the first is kept)"
+                "result handed over"
             );
         }
         for w in waiters {
-            let _ = w.reply.send(Ok(recorded.stored.clone()));
+            let _ = w.reply.send(Ok(Delivery::Stored(stored.clone())));
         }
-        recorded.durable
+        recorded.durable()
+    }
+
+    /// A refusal the agent did not record (nothing ran): ends the run `id` (no resending) and
+    /// hands the refusal to whoever waits for that run; the task id stays free.
+    fn on_refusal(&self, agent_id: &str, id: &str, task_id: &str, result: RunResult) {
+        let run = {
+            let mut dispatched = lock(&self.dispatched);
+            match dispatched.get(id) {
+                Some(d) if d.agent_id == agent_id => dispatched.remove(id),
+                _ => None,
+            }
+        };
+        if let Some(run) = &run {
+            if run.task_id != task_id {
+                tracing::warn!(agent_id, run_id = id, task_id = %run.task_id, reported = task_id, "the refusal names another task id than its run");
+            }
+        }
+        tracing::info!(
+            agent_id,
+            task_id,
+            run_id = id,
+            reason = result.reason.as_deref().unwrap_or_default(),
+            "task refused; the agent did not record it, so neither does the platform (the task id may be sent again)"
+        );
+        // Should the task id have a result from this agent after all, that is the answer.
+        let stored = self.results.get(task_id).filter(|s| s.agent == agent_id);
+        let waiters = self.take_waiters(task_id, |w| w.run_id.as_deref() == Some(id));
+        for w in waiters {
+            let reply = match &stored {
+                Some(s) => Delivery::Stored(s.clone()),
+                None => Delivery::Refused(result.clone()),
+            };
+            let _ = w.reply.send(Ok(reply));
+        }
     }
 
     /// Notes the agent's `accepted`: the task is recorded on the agent, so its `run` needs no
-    /// resending. With `finished` and a result stored here, the waiters get that result (the
-    /// agent may have dropped it from its outbox after our `ack`).
+    /// resending. With `finished` and a result from this agent stored here, the waiters get that
+    /// result (the agent may have dropped it from its outbox after our `ack`).
     pub fn on_accepted(&self, agent_id: &str, id: &str, task_id: &str, state: TaskState) {
         tracing::info!(agent_id, run_id = id, task_id, state = ?state, "task accepted");
         lock(&self.dispatched).retain(|_, d| {
@@ -508,27 +648,64 @@ impl Hub {
             }
         });
         if state == TaskState::Finished {
-            if let Some(stored) = self.results.get(task_id) {
-                let waiters = lock(&self.waiters).remove(task_id).unwrap_or_default();
-                for w in waiters {
-                    let _ = w.reply.send(Ok(stored.clone()));
+            if let Some(stored) = self.results.get(task_id).filter(|s| s.agent == agent_id) {
+                for w in self.take_waiters(task_id, |w| w.waits_for(agent_id)) {
+                    let _ = w.reply.send(Ok(Delivery::Stored(stored.clone())));
                 }
             }
         }
     }
 
-    /// Forwards a `chunk` to whoever streams its task; returns how many received it.
+    /// Forwards a `chunk` to whoever streams its task, never waiting: a streaming waiter whose
+    /// queue is full loses the chunk (its bytes are added to the `dropped_bytes` of the next
+    /// chunk it gets). Returns how many stream the task.
     pub fn on_chunk(&self, chunk: ChunkEvent) -> usize {
         let mut streams = lock(&self.streams);
         let Some(list) = streams.get_mut(&chunk.task_id) else {
             return 0;
         };
-        list.retain(|(_, tx)| tx.send(chunk.clone()).is_ok());
+        list.retain_mut(|sink| {
+            let mut event = chunk.clone();
+            event.dropped_bytes = event.dropped_bytes.saturating_add(sink.dropped_bytes);
+            match sink.tx.try_send(event) {
+                Ok(()) => {
+                    sink.dropped_bytes = 0;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if sink.dropped_chunks == 0 {
+                        tracing::warn!(task_id = %chunk.task_id, "a streaming client does not keep up: dropping chunks");
+                    }
+                    sink.dropped_chunks += 1;
+                    sink.dropped_bytes = sink
+                        .dropped_bytes
+                        .saturating_add(chunk.data.len() as u64)
+                        .saturating_add(chunk.dropped_bytes);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
         let n = list.len();
         if n == 0 {
             streams.remove(&chunk.task_id);
         }
         n
+    }
+
+    /// Removes the streaming waiter `key` of `task_id`.
+    fn remove_stream(&self, task_id: &str, key: u64) {
+        let mut streams = lock(&self.streams);
+        if let Some(list) = streams.get(task_id) {
+            for sink in list.iter().filter(|s| s.key == key && s.dropped_chunks > 0) {
+                tracing::warn!(
+                    task_id,
+                    chunks = sink.dropped_chunks,
+                    "chunks dropped for a streaming client that did not keep up"
+                );
+            }
+        }
+        remove_keyed(&mut streams, task_id, |s| s.key != key);
     }
 
     /// Hands a reply (`cancel_reply`, `handlers`) to the request with message id `id` sent to
@@ -649,18 +826,43 @@ impl Hub {
         &self,
         task_id: &str,
         key: u64,
-        run_id: Option<String>,
+        run: Option<(String, String)>,
     ) -> oneshot::Receiver<TaskReply> {
         let (tx, rx) = oneshot::channel();
+        let (run_id, agent) = run.unzip();
         lock(&self.waiters)
             .entry(task_id.to_string())
             .or_default()
             .push(TaskWaiter {
                 key,
                 run_id,
+                agent,
                 reply: tx,
             });
         rx
+    }
+
+    /// The answer to a `run` of `task_id` on `agent` when the task id has a stored result:
+    /// that result if `agent` delivered it, an error if another agent did.
+    fn answer_stored(&self, agent: &str, task_id: &str) -> Result<Option<RunOutcome>, HubError> {
+        let Some(stored) = self.results.get(task_id) else {
+            return Ok(None);
+        };
+        if stored.agent != agent {
+            tracing::warn!(agent_id = agent, task_id, stored_from = %stored.agent, "run refused: the task id has a result from another agent");
+            return Err(HubError::TaskIdTaken(task_id.to_string(), stored.agent));
+        }
+        tracing::info!(
+            agent_id = agent,
+            task_id,
+            "run answered with the stored result (not sent to the agent)"
+        );
+        Ok(Some(RunOutcome {
+            task_id: task_id.to_string(),
+            result: stored.result,
+            round_trip: Duration::ZERO,
+            stored: true,
+        }))
     }
 
     fn remove_waiter(&self, task_id: &str, key: u64) {
@@ -669,11 +871,12 @@ impl Hub {
 
     /// Sends a run to the agent and waits for its result, across reconnections, up to
     /// `order.wait`. With `chunks`, the task's `chunk` messages are forwarded there as they
-    /// arrive, all before this returns.
+    /// arrive (those that fit: see [`Hub::on_chunk`]), all before this returns. A task id
+    /// whose result is stored is answered from the store (see the module documentation).
     pub async fn run(
         &self,
         order: RunOrder,
-        chunks: Option<mpsc::UnboundedSender<ChunkEvent>>,
+        chunks: Option<mpsc::Sender<ChunkEvent>>,
     ) -> Result<RunOutcome, HubError> {
         if !self.registry.is_enrolled(&order.agent) {
             return Err(HubError::UnknownAgent(order.agent));
@@ -698,6 +901,11 @@ impl Hub {
                 Some(self.resolve_module(order.module, order.module_sha256)?),
             ),
         };
+        if let Some(task_id) = &order.task_id {
+            if let Some(outcome) = self.answer_stored(&order.agent, task_id)? {
+                return Ok(outcome);
+            }
+        }
         let task_id = order.task_id.unwrap_or_else(random_uuid);
         let id = format!("run-{}", random_hex(8));
         let message = PlatformMessage::Run(RunRequest {
@@ -715,12 +923,28 @@ impl Hub {
         });
         let text = encode(&message);
         let key = self.key();
-        let rx = self.add_waiter(&task_id, key, Some(id.clone()));
+        let rx = self.add_waiter(&task_id, key, Some((id.clone(), order.agent.clone())));
+        // A result stored between the first look and the waiter's registration: answer with it
+        // rather than dispatch (a result stored after this look reaches the waiter).
+        let answer = self.answer_stored(&order.agent, &task_id);
+        if !matches!(answer, Ok(None)) {
+            self.remove_waiter(&task_id, key);
+        }
+        match answer {
+            Ok(None) => {}
+            Ok(Some(outcome)) => return Ok(outcome),
+            Err(e) => return Err(e),
+        }
         if let Some(tx) = chunks {
             lock(&self.streams)
                 .entry(task_id.clone())
                 .or_default()
-                .push((key, tx));
+                .push(ChunkSink {
+                    key,
+                    tx,
+                    dropped_bytes: 0,
+                    dropped_chunks: 0,
+                });
         }
         let outbox = {
             // See `register`: choosing the connection and recording the dispatch are one step.
@@ -747,7 +971,7 @@ impl Hub {
             Ok(o) => o,
             Err(e) => {
                 self.remove_waiter(&task_id, key);
-                remove_keyed(&mut lock(&self.streams), &task_id, |(k, _)| *k != key);
+                self.remove_stream(&task_id, key);
                 return Err(e);
             }
         };
@@ -763,7 +987,7 @@ impl Hub {
         .unwrap_or(Err(HubError::Timeout(millis(order.wait))));
         let round_trip = sent.elapsed();
         self.remove_waiter(&task_id, key);
-        remove_keyed(&mut lock(&self.streams), &task_id, |(k, _)| *k != key);
+        self.remove_stream(&task_id, key);
         {
             // An accepted run needs no resend; once nobody waits for it, forget it.
             let mut dispatched = lock(&self.dispatched);
@@ -777,10 +1001,14 @@ impl Hub {
         if let Err(e) = &outcome {
             tracing::warn!(agent_id = %order.agent, task_id = %task_id, "run ended without a result: {e}");
         }
-        outcome.map(|stored| RunOutcome {
+        outcome.map(|delivery| RunOutcome {
             task_id,
-            result: stored.result,
+            result: match delivery {
+                Delivery::Stored(stored) => stored.result,
+                Delivery::Refused(result) => result,
+            },
             round_trip,
+            stored: false,
         })
     }
 
@@ -804,7 +1032,10 @@ impl Hub {
             return Ok(stored);
         }
         let outcome = match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(reply)) => reply,
+            Ok(Ok(Ok(Delivery::Stored(stored)))) => Ok(stored),
+            // Refusals go to the run they answer only, never here.
+            Ok(Ok(Ok(Delivery::Refused(_)))) => Err(HubError::NoResult(task_id.to_string(), 0)),
+            Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(HubError::ShuttingDown),
             Err(_) => Err(HubError::NoResult(task_id.to_string(), millis(wait))),
         };
@@ -934,17 +1165,22 @@ impl Hub {
             conn.outbox.clone()
         };
         let (tx, rx) = oneshot::channel();
+        let key = self.key();
         lock(&self.error_waiters)
             .entry(agent.to_string())
             .or_default()
-            .push(tx);
-        if outbox.send(Outbound::Text(text)).await.is_err() {
-            return Err(HubError::ConnectionLost("the connection closed".into()));
-        }
-        Ok(tokio::time::timeout(wait, rx)
-            .await
-            .ok()
-            .and_then(Result::ok))
+            .push((key, tx));
+        let outcome = if outbox.send(Outbound::Text(text)).await.is_err() {
+            Err(HubError::ConnectionLost("the connection closed".into()))
+        } else {
+            Ok(tokio::time::timeout(wait, rx)
+                .await
+                .ok()
+                .and_then(Result::ok))
+        };
+        // No error came (or the frame was not sent): stop waiting for one.
+        remove_keyed(&mut lock(&self.error_waiters), agent, |(k, _)| *k != key);
+        outcome
     }
 
     /// Hands an agent's `error` (one that ended no run) to whoever waits in [`Hub::send_raw`];
@@ -952,7 +1188,7 @@ impl Hub {
     pub fn deliver_error(&self, agent: &str, body: &ErrorBody) -> bool {
         let waiters = lock(&self.error_waiters).remove(agent).unwrap_or_default();
         let mut delivered = false;
-        for w in waiters {
+        for (_, w) in waiters {
             delivered |= w.send(body.clone()).is_ok();
         }
         delivered
@@ -976,5 +1212,106 @@ impl Hub {
     /// Records activity from `agent_id` (in memory).
     pub fn seen(&self, agent_id: &str) {
         self.registry.touch(agent_id, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(dir: &std::path::Path) -> Hub {
+        Hub::new(
+            Registry::open(dir).unwrap(),
+            ResultStore::open(dir).unwrap(),
+            None,
+        )
+    }
+
+    fn chunk(seq: u64, data: &str) -> ChunkEvent {
+        ChunkEvent {
+            task_id: "t".into(),
+            seq,
+            stream: StreamName::Stdout,
+            data: data.into(),
+            dropped_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_slow_streaming_client_loses_chunks_with_a_count_and_never_blocks_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let (tx, mut rx) = mpsc::channel(2);
+        lock(&hub.streams)
+            .entry("t".into())
+            .or_default()
+            .push(ChunkSink {
+                key: 1,
+                tx,
+                dropped_bytes: 0,
+                dropped_chunks: 0,
+            });
+        for seq in 0..5 {
+            assert_eq!(hub.on_chunk(chunk(seq, "abcd")), 1);
+        }
+        assert_eq!(rx.try_recv().unwrap().seq, 0);
+        assert_eq!(rx.try_recv().unwrap().seq, 1);
+        assert!(rx.try_recv().is_err());
+        // The next chunk delivered counts the bytes of the three dropped.
+        let mut next = chunk(5, "ef");
+        next.dropped_bytes = 10;
+        hub.on_chunk(next);
+        let got = rx.try_recv().unwrap();
+        assert_eq!((got.seq, got.dropped_bytes), (5, 10 + 3 * 4));
+        hub.on_chunk(chunk(6, "g"));
+        assert_eq!(rx.try_recv().unwrap().dropped_bytes, 0);
+        hub.remove_stream("t", 1);
+        assert!(lock(&hub.streams).is_empty());
+        // A client gone: its sink goes.
+        let (tx, rx) = mpsc::channel(2);
+        lock(&hub.streams)
+            .entry("t".into())
+            .or_default()
+            .push(ChunkSink {
+                key: 2,
+                tx,
+                dropped_bytes: 0,
+                dropped_chunks: 0,
+            });
+        drop(rx);
+        assert_eq!(hub.on_chunk(chunk(0, "x")), 0);
+        assert!(lock(&hub.streams).is_empty());
+    }
+
+    #[tokio::test]
+    async fn send_raw_forgets_its_waiter_when_no_error_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub(dir.path());
+        let mut reg = hub.register("agent-a");
+        for _ in 0..3 {
+            let reply = hub
+                .send_raw("agent-a", "{}".into(), Duration::from_millis(10))
+                .await
+                .unwrap();
+            assert!(reply.is_none());
+            assert!(reg.outbox.try_recv().is_ok());
+        }
+        assert!(lock(&hub.error_waiters).is_empty());
+        // An error that comes is handed over.
+        let body = ErrorBody {
+            id: None,
+            code: bridge_protocol::ErrorCode::Malformed,
+            message: "no".into(),
+        };
+        let (reply, delivered) = tokio::join!(
+            hub.send_raw("agent-a", "{".into(), Duration::from_secs(5)),
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                hub.deliver_error("agent-a", &body)
+            }
+        );
+        assert!(delivered);
+        assert_eq!(reply.unwrap(), Some(body));
+        assert!(lock(&hub.error_waiters).is_empty());
     }
 }

@@ -3,8 +3,13 @@
 //! Guarantees:
 //!
 //! * The first result received for a task id is the one kept ("first wins"); a later delivery
-//!   of the same task id (the agent resends its outbox until it is acknowledged, and answers a
-//!   repeated `run` from its journal) only counts one more `deliveries`.
+//!   of the same task id by the same agent (the agent resends its outbox until it is
+//!   acknowledged, and answers a repeated `run` from its journal) only counts one more
+//!   `deliveries`. A result for the task id from another agent is not recorded at all.
+//! * A refusal the agent does not record ([`is_unrecorded_refusal`]: `rejected` with reason
+//!   `busy`, `storage_full`, `storage_error`, `unknown_command` or `expired`; nothing ran) is not
+//!   a task's result: the same task id may be sent again and run then. Such results are not
+//!   stored (the caller checks; [`ResultStore::open`] skips any an older version logged).
 //! * A result is written to the log (`results.jsonl` in the state directory, mode 0600) before
 //!   [`ResultStore::record`] reports it stored, so the `ack` the platform sends afterwards never
 //!   names a result a platform crash could lose. (The log is not `fsync`ed: a power loss of the
@@ -22,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context as _, Result};
-use bridge_protocol::RunResult;
+use bridge_protocol::{RunResult, Status};
 use bridge_signing::timefmt::format_rfc3339;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +35,26 @@ use crate::timearg::now_unix;
 
 /// The log, inside the state directory, that holds every stored result.
 pub const RESULTS_LOG: &str = "results.jsonl";
+
+/// The `reason`s of the `rejected` results the agent does not record: nothing ran, and the same
+/// task id may be sent again later and run then (see `docs/protocol.md`).
+pub const UNRECORDED_REFUSALS: &[&str] = &[
+    "busy",
+    "storage_full",
+    "storage_error",
+    "unknown_command",
+    "expired",
+];
+
+/// Whether `result` is a refusal the agent does not record ([`UNRECORDED_REFUSALS`]): it is
+/// handed to whoever waits for that run, but it is not the task's result.
+pub fn is_unrecorded_refusal(result: &RunResult) -> bool {
+    result.status == Status::Rejected
+        && result
+            .reason
+            .as_deref()
+            .is_some_and(|r| UNRECORDED_REFUSALS.contains(&r))
+}
 
 /// One stored result, as persisted and as the control interface's `result` command returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,14 +85,40 @@ enum LogLine {
 
 /// What [`ResultStore::record`] did.
 #[derive(Debug, Clone)]
-pub struct Recorded {
+pub enum Recorded {
+    /// The first delivery for the task id: stored.
+    First {
+        /// The stored result.
+        stored: StoredResult,
+        /// Whether it is on disk. False only when writing it failed: the result must then not
+        /// be acknowledged, so the agent sends it again.
+        durable: bool,
+    },
+    /// One more delivery by the agent whose result is stored: counted.
+    Again(StoredResult),
+    /// A result from another agent than the one whose result is stored for this task id:
+    /// neither stored nor counted.
+    Foreign(StoredResult),
+}
+
+impl Recorded {
     /// The stored result (the first one received, with the updated delivery count).
-    pub stored: StoredResult,
-    /// Whether this delivery was the first for the task id.
-    pub first: bool,
-    /// Whether the stored record is on disk. False only when writing the first delivery
-    /// failed: the result must then not be acknowledged, so the agent sends it again.
-    pub durable: bool,
+    pub fn stored(&self) -> &StoredResult {
+        match self {
+            Recorded::First { stored, .. }
+            | Recorded::Again(stored)
+            | Recorded::Foreign(stored) => stored,
+        }
+    }
+
+    /// Whether what was received is safely recorded (or needs no recording), i.e. may be
+    /// acknowledged.
+    pub fn durable(&self) -> bool {
+        match self {
+            Recorded::First { durable, .. } => *durable,
+            Recorded::Again(_) | Recorded::Foreign(_) => true,
+        }
+    }
 }
 
 /// Results by task id: every one in memory, written through to the log.
@@ -110,6 +161,14 @@ impl ResultStore {
                 continue;
             }
             match serde_json::from_str::<LogLine>(&line) {
+                Ok(LogLine::Stored(s)) if is_unrecorded_refusal(&s.result) => {
+                    tracing::debug!(
+                        task_id = %s.task_id,
+                        "{} line {}: skipped, a refusal the agent does not record",
+                        path.display(),
+                        n + 1
+                    );
+                }
                 Ok(LogLine::Stored(s)) => {
                     results.entry(s.task_id.clone()).or_insert(s);
                 }
@@ -148,24 +207,22 @@ impl ResultStore {
     }
 
     /// Records one delivery of `result` for `task_id` from `agent`: stores it if it is the first,
-    /// else counts the delivery. The record is written to the log before this returns.
+    /// else counts the delivery if `agent` is the one whose result is stored, else ignores it.
+    /// The record is written to the log before this returns. The caller keeps the refusals the
+    /// agent does not record ([`is_unrecorded_refusal`]) out of here.
     pub fn record(&self, agent: &str, task_id: &str, result: RunResult) -> Recorded {
         let mut inner = self.lock();
         if let Some(stored) = inner.results.get_mut(task_id) {
+            if stored.agent != agent {
+                return Recorded::Foreign(stored.clone());
+            }
             stored.deliveries += 1;
             let stored = stored.clone();
-            if stored.agent != agent {
-                tracing::warn!(task_id, stored_from = %stored.agent, agent, "a result for a task id another agent already reported (the first is kept)");
-            }
             if let Err(e) = append(&mut inner.log, &LogLine::Delivered(task_id.to_string())) {
                 // The result itself is on disk; only the count is not.
                 tracing::error!(task_id, "cannot record the delivery count: {e:#}");
             }
-            return Recorded {
-                stored,
-                first: false,
-                durable: true,
-            };
+            return Recorded::Again(stored);
         }
         let stored = StoredResult {
             task_id: task_id.to_string(),
@@ -177,9 +234,8 @@ impl ResultStore {
         match append(&mut inner.log, &LogLine::Stored(stored.clone())) {
             Ok(()) => {
                 inner.results.insert(task_id.to_string(), stored.clone());
-                Recorded {
+                Recorded::First {
                     stored,
-                    first: true,
                     durable: true,
                 }
             }
@@ -188,9 +244,8 @@ impl ResultStore {
                     task_id,
                     "cannot store the result (it will not be acknowledged): {e:#}"
                 );
-                Recorded {
+                Recorded::First {
                     stored,
-                    first: true,
                     durable: false,
                 }
             }
@@ -216,12 +271,17 @@ mod tests {
         let store = ResultStore::open(dir.path()).unwrap();
         assert!(store.get("t/../1").is_none());
         let first = store.record("a", "t/../1", RunResult::refused(Status::Rejected, "one"));
-        assert!(first.first && first.durable);
-        assert_eq!(first.stored.deliveries, 1);
+        assert!(matches!(first, Recorded::First { durable: true, .. }));
+        assert_eq!(first.stored().deliveries, 1);
         let again = store.record("a", "t/../1", RunResult::refused(Status::Trap, "two"));
-        assert!(!again.first);
-        assert_eq!(again.stored.deliveries, 2);
-        assert_eq!(again.stored.result.status, Status::Rejected, "first wins");
+        assert!(matches!(again, Recorded::Again(_)));
+        assert_eq!(again.stored().deliveries, 2);
+        assert_eq!(again.stored().result.status, Status::Rejected, "first wins");
+        // Another agent's result for the task id: neither kept nor counted.
+        let foreign = store.record("b", "t/../1", RunResult::refused(Status::Trap, "three"));
+        assert!(matches!(foreign, Recorded::Foreign(_)) && foreign.durable());
+        assert_eq!(foreign.stored().agent, "a");
+        assert_eq!(store.get("t/../1").unwrap().deliveries, 2);
 
         let path = store.path();
         assert_eq!(path, dir.path().join(RESULTS_LOG));
@@ -235,5 +295,28 @@ mod tests {
         assert_eq!(stored.agent, "a");
         assert_eq!(stored.result.error.as_deref(), Some("one"));
         assert!(stored.received_at.ends_with('Z'));
+    }
+
+    #[test]
+    fn unrecorded_refusals_are_recognised_and_skipped_when_read_back() {
+        let mut busy = RunResult::refused(Status::Rejected, "busy");
+        busy.reason = Some("busy".into());
+        assert!(is_unrecorded_refusal(&busy));
+        let mut unsigned = RunResult::refused(Status::Rejected, "unsigned");
+        unsigned.reason = Some("unsigned".into());
+        assert!(!is_unrecorded_refusal(&unsigned));
+        let mut cancelled = RunResult::refused(Status::Cancelled, "busy");
+        cancelled.reason = Some("busy".into());
+        assert!(!is_unrecorded_refusal(&cancelled));
+
+        // An older version stored such refusals as results: they are not read back.
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::open(dir.path()).unwrap();
+        store.record("a", "t1", busy);
+        store.record("a", "t2", unsigned);
+        drop(store);
+        let reopened = ResultStore::open(dir.path()).unwrap();
+        assert!(reopened.get("t1").is_none());
+        assert!(reopened.get("t2").is_some());
     }
 }

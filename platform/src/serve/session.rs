@@ -9,12 +9,21 @@
 //!   `hello` within [`HELLO_TIMEOUT`] is closed.
 //! * A frame that fails to decode is answered with an `error` and the connection goes on.
 //! * Right after `welcome`, the runs the agent has not acknowledged yet are sent again.
-//! * Every `result` is stored before it is acknowledged (`ack`), once per delivery.
+//! * Every `result` is stored before it is acknowledged (`ack`).
+//! * Reading never waits for writing. After `welcome` the connection has one reader and one
+//!   writer: the reader hands what it must send to the writer without waiting (acks are
+//!   coalesced: a set of task ids the writer drains into `ack {task_ids: […]}` frames, so an
+//!   agent that sends thousands of results before it reads anything costs memory bounded by
+//!   the number of distinct task ids, and both sides never end up blocked writing). Replies to
+//!   the agent's own messages (errors, module uploads) wait in a bounded queue.
+//! * A write that takes longer than [`SEND_TIMEOUT`] (an agent that stopped reading) closes
+//!   the connection.
 //! * The connection is closed when the agent was silent for [`IDLE_TIMEOUT`], when a newer
 //!   connection of the same agent replaces it, and when the server shuts down.
 
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
@@ -26,7 +35,7 @@ use bridge_protocol::{
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -37,7 +46,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::hub::{ChunkEvent, Hub, Outbound, Reply};
+use super::hub::{ChunkEvent, Hub, Outbound, Registration, Reply};
 use super::registry::{Admission, AdmitError};
 use super::tls::agent_id_of;
 
@@ -57,6 +66,18 @@ pub const REFUSAL_HEADER: &str = "X-Bridge-Refusal";
 pub const CLOSE_REPLACED: u16 = 4000;
 /// Close code sent to a connection that was silent for [`IDLE_TIMEOUT`].
 pub const CLOSE_IDLE: u16 = 4001;
+/// How long one write to the agent may take; an agent that does not read for this long is
+/// disconnected.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this many task ids in one `ack` frame…
+const ACK_BATCH: usize = 1000;
+/// …and at most this many bytes of task ids (even escaped, an `ack` stays far below
+/// [`bridge_protocol::MAX_TEXT_BYTES`]).
+const ACK_BATCH_BYTES: usize = 128 * 1024;
+/// How many replies to the agent's messages (errors, module uploads) may wait for the writer.
+/// Beyond that, errors are dropped, and a module request closes the connection (the agent
+/// asks without reading the answers).
+const REPLY_QUEUE: usize = 1024;
 
 type Ws = WebSocketStream<TlsStream<TcpStream>>;
 type Sink = SplitSink<Ws, Message>;
@@ -256,8 +277,7 @@ async fn serve_tls(
         agent_id: agent_id.clone(),
         enrolled,
     };
-    let resend = std::mem::take(&mut reg.resend);
-    let ended = match send_welcome(&agent_id, &mut sink, &welcome, resend).await {
+    let ended = match send(&mut sink, &welcome).await {
         Ok(()) => {
             session_loop(
                 &hub,
@@ -274,30 +294,6 @@ async fn serve_tls(
     hub.unregister(&agent_id, reg.conn_id, &ended);
     hub.registry.touch(&agent_id, true);
     tracing::info!(agent_id = %agent_id, conn = reg.conn_id, "agent disconnected: {ended}");
-    Ok(())
-}
-
-/// Sends `welcome`, then the runs the agent has not acknowledged yet (sent on an earlier
-/// connection, or while it was reconnecting): the agent deduplicates by task id.
-async fn send_welcome(
-    agent_id: &str,
-    sink: &mut Sink,
-    welcome: &PlatformMessage,
-    resend: Vec<String>,
-) -> Result<()> {
-    send(sink, welcome).await?;
-    if !resend.is_empty() {
-        tracing::info!(
-            agent_id,
-            runs = resend.len(),
-            "resending runs not acknowledged yet"
-        );
-    }
-    for text in resend {
-        sink.send(Message::Text(text.into()))
-            .await
-            .context("write failed")?;
-    }
     Ok(())
 }
 
@@ -341,68 +337,285 @@ fn binary_not_expected() -> PlatformMessage {
     })
 }
 
-/// Runs the session after `welcome`; returns why it ended.
-async fn session_loop(
+/// What the reader hands to the writer, never waiting for it.
+#[derive(Debug, Default)]
+struct Outgoing {
+    inner: Mutex<Pending>,
+    /// Notified when something is added.
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Task ids to acknowledge, in the order received, each once…
+    acks: VecDeque<String>,
+    /// …which this set ensures.
+    acked: HashSet<String>,
+    /// Replies to the agent's messages, in order (binary frames answer `need_module`s in
+    /// the order they were asked).
+    replies: VecDeque<Message>,
+    /// Errors dropped because `replies` was full.
+    dropped_errors: u64,
+}
+
+impl Outgoing {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an acknowledgement of `task_id` (merged with one already waiting).
+    fn ack(&self, task_id: String) {
+        let mut pending = self.lock();
+        if pending.acked.insert(task_id.clone()) {
+            pending.acks.push_back(task_id);
+            drop(pending);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queues a reply; false if the queue is full.
+    fn reply(&self, message: Message) -> bool {
+        let mut pending = self.lock();
+        if pending.replies.len() >= REPLY_QUEUE {
+            return false;
+        }
+        pending.replies.push_back(message);
+        drop(pending);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Queues an `error` for the agent; dropped (and counted) if the queue is full.
+    fn error(&self, agent_id: &str, message: &PlatformMessage) {
+        if !self.reply(Message::Text(encode(message).into())) {
+            let mut pending = self.lock();
+            pending.dropped_errors += 1;
+            if pending.dropped_errors == 1 {
+                tracing::warn!(
+                    agent_id,
+                    "the agent does not read its error replies: dropping them"
+                );
+            }
+        }
+    }
+
+    fn next_reply(&self) -> Option<Message> {
+        self.lock().replies.pop_front()
+    }
+
+    /// The next `ack` frame to send: up to [`ACK_BATCH`] task ids.
+    fn next_ack(&self) -> Option<Message> {
+        let mut pending = self.lock();
+        let mut task_ids = Vec::new();
+        let mut bytes = 0;
+        while task_ids.len() < ACK_BATCH {
+            let Some(next) = pending.acks.front() else {
+                break;
+            };
+            if !task_ids.is_empty() && bytes + next.len() > ACK_BATCH_BYTES {
+                break;
+            }
+            let id = pending.acks.pop_front().expect("checked above");
+            pending.acked.remove(&id);
+            bytes += id.len();
+            task_ids.push(id);
+        }
+        (!task_ids.is_empty())
+            .then(|| Message::Text(encode(&PlatformMessage::Ack { task_ids }).into()))
+    }
+}
+
+/// Why the writer stopped.
+enum WriterEnd {
+    /// The hub dropped the connection's outbox: a newer connection replaced this one.
+    Replaced,
+    /// A write failed or timed out.
+    Failed(String),
+}
+
+/// Writes one frame, within [`SEND_TIMEOUT`].
+async fn write(sink: &mut Sink, message: Message) -> Result<(), WriterEnd> {
+    match timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(WriterEnd::Failed(format!("write failed: {e}"))),
+        Err(_) => Err(WriterEnd::Failed(format!(
+            "write timed out: the agent read nothing for {SEND_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// The connection's writer: first the runs to resend, then, taking turns, the replies to the
+/// agent's messages, the coalesced acks and the hub's outbox. Returns only when it must stop.
+async fn write_loop(
+    agent_id: &str,
+    sink: &mut Sink,
+    outbox: &mut mpsc::Receiver<Outbound>,
+    out: &Outgoing,
+    resend: Vec<String>,
+) -> WriterEnd {
+    if !resend.is_empty() {
+        tracing::info!(
+            agent_id,
+            runs = resend.len(),
+            "resending runs not acknowledged yet"
+        );
+    }
+    for text in resend {
+        if let Err(end) = write(sink, Message::Text(text.into())).await {
+            return end;
+        }
+    }
+    loop {
+        let mut wrote = false;
+        if let Some(reply) = out.next_reply() {
+            if let Err(end) = write(sink, reply).await {
+                return end;
+            }
+            wrote = true;
+        }
+        if let Some(ack) = out.next_ack() {
+            if let Err(end) = write(sink, ack).await {
+                return end;
+            }
+            wrote = true;
+        }
+        match outbox.try_recv() {
+            Ok(Outbound::Text(text)) => {
+                if let Err(end) = write(sink, Message::Text(text.into())).await {
+                    return end;
+                }
+                wrote = true;
+            }
+            Err(mpsc::error::TryRecvError::Empty) => {}
+            Err(mpsc::error::TryRecvError::Disconnected) => return WriterEnd::Replaced,
+        }
+        if wrote {
+            continue;
+        }
+        tokio::select! {
+            () = out.wake.notified() => {}
+            message = outbox.recv() => match message {
+                Some(Outbound::Text(text)) => {
+                    if let Err(end) = write(sink, Message::Text(text.into())).await {
+                        return end;
+                    }
+                }
+                None => return WriterEnd::Replaced,
+            },
+        }
+    }
+}
+
+/// How the session ends: why, and the close frame to send (none when the connection is gone
+/// or unusable).
+type Ending = (String, Option<(CloseCode, &'static str)>);
+
+/// The connection's reader: handles every message the agent sends, handing what must be sent
+/// to the writer without waiting. Returns when the session must end.
+async fn read_loop(
     hub: &Hub,
     agent_id: &str,
-    reg: &mut super::hub::Registration,
-    sink: &mut Sink,
     stream: &mut Stream,
+    out: &Outgoing,
+    kicked: &Notify,
     shutdown: &mut watch::Receiver<bool>,
-) -> String {
+) -> Ending {
     let mut last_heard = Instant::now();
     loop {
         tokio::select! {
             message = stream.next() => {
                 let message = match message {
-                    None => return "the connection closed".into(),
-                    Some(Err(e)) => return format!("read failed: {e}"),
+                    None => return ("the connection closed".into(), None),
+                    Some(Err(e)) => return (format!("read failed: {e}"), None),
                     Some(Ok(m)) => m,
                 };
                 last_heard = Instant::now();
                 hub.seen(agent_id);
                 let outcome = match message {
-                    Message::Text(text) => on_text(hub, agent_id, sink, &text).await,
-                    Message::Binary(_) => send(sink, &binary_not_expected()).await,
+                    Message::Text(text) => on_text(hub, agent_id, out, &text),
+                    Message::Binary(_) => {
+                        out.error(agent_id, &binary_not_expected());
+                        Ok(())
+                    }
                     Message::Close(frame) => {
-                        return match frame {
+                        let why = match frame {
                             Some(f) => format!("closed by the agent ({}: {})", u16::from(f.code), f.reason),
                             None => "closed by the agent".into(),
                         };
+                        return (why, None);
                     }
                     _ => Ok(()),
                 };
                 if let Err(e) = outcome {
-                    return format!("{e:#}");
+                    return (format!("{e:#}"), Some((CloseCode::Policy, "the agent does not read its replies")));
                 }
             }
-            out = reg.outbox.recv() => {
-                let Some(Outbound::Text(text)) = out else {
-                    close(sink, stream, CloseCode::from(CLOSE_REPLACED), "replaced by a newer connection").await;
-                    return "replaced by a newer connection".into();
-                };
-                if let Err(e) = sink.send(Message::Text(text.into())).await {
-                    return format!("write failed: {e}");
-                }
-            }
-            () = reg.kicked.notified() => {
-                close(sink, stream, CloseCode::from(CLOSE_REPLACED), "replaced by a newer connection").await;
-                return "replaced by a newer connection".into();
+            () = kicked.notified() => {
+                return ("replaced by a newer connection".into(), Some((CloseCode::from(CLOSE_REPLACED), "replaced by a newer connection")));
             }
             _ = shutdown.changed() => {
-                close(sink, stream, CloseCode::Away, "the platform is shutting down").await;
-                return "the platform is shutting down".into();
+                return ("the platform is shutting down".into(), Some((CloseCode::Away, "the platform is shutting down")));
             }
             () = sleep_until(last_heard + IDLE_TIMEOUT) => {
-                close(sink, stream, CloseCode::from(CLOSE_IDLE), "nothing received for 90 s").await;
-                return format!("silent for {IDLE_TIMEOUT:?}");
+                return (format!("silent for {IDLE_TIMEOUT:?}"), Some((CloseCode::from(CLOSE_IDLE), "nothing received for 90 s")));
             }
         }
     }
 }
 
-/// Handles one text frame after `welcome`.
-async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Result<()> {
+/// Runs the session after `welcome` (the reader and the writer side by side); returns why it
+/// ended.
+async fn session_loop(
+    hub: &Hub,
+    agent_id: &str,
+    reg: &mut Registration,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    shutdown: &mut watch::Receiver<bool>,
+) -> String {
+    let out = Outgoing::default();
+    let resend = std::mem::take(&mut reg.resend);
+    let (why, close_with) = {
+        let writer = write_loop(agent_id, sink, &mut reg.outbox, &out, resend);
+        let reader = read_loop(hub, agent_id, stream, &out, &reg.kicked, shutdown);
+        tokio::select! {
+            ended = reader => ended,
+            ended = writer => match ended {
+                WriterEnd::Replaced => (
+                    "replaced by a newer connection".to_string(),
+                    Some((CloseCode::from(CLOSE_REPLACED), "replaced by a newer connection")),
+                ),
+                WriterEnd::Failed(why) => (why, None),
+            },
+        }
+    };
+    if let Some((code, reason)) = close_with {
+        // Acknowledge what is stored before saying goodbye (briefly: the agent resends the
+        // rest on its next connection anyway).
+        let _ = timeout(Duration::from_secs(1), async {
+            while let Some(ack) = out.next_ack() {
+                if sink.send(ack).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        close(sink, stream, code, reason).await;
+    }
+    let dropped = out.lock().dropped_errors;
+    if dropped > 0 {
+        tracing::warn!(
+            agent_id,
+            dropped,
+            "error replies dropped: the agent did not read them"
+        );
+    }
+    why
+}
+
+/// Handles one text frame after `welcome`, never waiting: what must be sent goes to `out`. An
+/// error ends the connection.
+fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str) -> Result<()> {
     let message = match decode::<AgentMessage>(text, AgentMessage::TYPES) {
         Ok(m) => m,
         Err(e) => {
@@ -412,7 +625,8 @@ async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Resu
                 "undecodable message: {}",
                 e.message
             );
-            return send(sink, &PlatformMessage::Error(e.body())).await;
+            out.error(agent_id, &PlatformMessage::Error(e.body()));
+            return Ok(());
         }
     };
     match message {
@@ -422,7 +636,8 @@ async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Resu
                 code: ErrorCode::Unexpected,
                 message: "`hello` was already received on this connection".into(),
             };
-            send(sink, &PlatformMessage::Error(body)).await
+            out.error(agent_id, &PlatformMessage::Error(body));
+            Ok(())
         }
         AgentMessage::Status(status) => {
             if status.agent_id != agent_id {
@@ -435,9 +650,13 @@ async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Resu
         AgentMessage::NeedModule { id, sha256 } => match hub.module(&sha256) {
             Some(bytes) => {
                 tracing::info!(agent_id, run_id = %id, sha256 = %sha256, bytes = bytes.len(), "sending module");
-                sink.send(Message::Binary(bytes))
-                    .await
-                    .context("cannot send the module")
+                if out.reply(Message::Binary(bytes)) {
+                    Ok(())
+                } else {
+                    Err(anyhow!(
+                        "the agent asked for more than {REPLY_QUEUE} modules without reading them"
+                    ))
+                }
             }
             None => {
                 tracing::warn!(agent_id, run_id = %id, sha256 = %sha256, "agent asked for an unknown module");
@@ -446,7 +665,14 @@ async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Resu
                     code: ErrorCode::Unexpected,
                     message: format!("the platform has no module with SHA-256 {sha256}"),
                 };
-                send(sink, &PlatformMessage::Error(body)).await
+                // An error, but one the agent waits for: it must not be dropped.
+                if out.reply(Message::Text(encode(&PlatformMessage::Error(body)).into())) {
+                    Ok(())
+                } else {
+                    Err(anyhow!(
+                        "the agent asked for more than {REPLY_QUEUE} modules without reading the answers"
+                    ))
+                }
             }
         },
         AgentMessage::Accepted { id, task_id, state } => {
@@ -493,15 +719,12 @@ async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Resu
             task_id,
             result,
         } => {
-            // Store first, then acknowledge: the agent forgets what we acknowledge.
+            // Store first, then acknowledge: the agent forgets what we acknowledge. The ack is
+            // queued for the writer (merged with others), never waited for here.
             if hub.on_result(agent_id, &id, &task_id, result) {
-                let ack = PlatformMessage::Ack {
-                    task_ids: vec![task_id],
-                };
-                send(sink, &ack).await
-            } else {
-                Ok(())
+                out.ack(task_id);
             }
+            Ok(())
         }
         AgentMessage::Error(body) => {
             let why = format!("{}: {}", body.code.as_str(), body.message);
@@ -518,10 +741,15 @@ async fn on_text(hub: &Hub, agent_id: &str, sink: &mut Sink, text: &str) -> Resu
     }
 }
 
+/// Sends one message directly (before the session's writer runs), within [`SEND_TIMEOUT`].
 async fn send(sink: &mut Sink, message: &PlatformMessage) -> Result<()> {
-    sink.send(Message::Text(encode(message).into()))
-        .await
-        .context("write failed")
+    timeout(
+        SEND_TIMEOUT,
+        sink.send(Message::Text(encode(message).into())),
+    )
+    .await
+    .map_err(|_| anyhow!("write timed out after {SEND_TIMEOUT:?}"))?
+    .context("write failed")
 }
 
 /// Sends a close frame and waits (briefly) for the agent to close too.
@@ -530,7 +758,12 @@ async fn close(sink: &mut Sink, stream: &mut Stream, code: CloseCode, reason: &s
         code,
         reason: reason.to_string().into(),
     };
-    if sink.send(Message::Close(Some(frame))).await.is_err() {
+    let sent = timeout(
+        Duration::from_secs(1),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
         return;
     }
     let _ = timeout(Duration::from_secs(1), async {

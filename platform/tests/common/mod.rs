@@ -258,6 +258,18 @@ pub async fn connect_path(
     token: Option<&str>,
     path: &str,
 ) -> Result<Ws, WsError> {
+    connect_with(serve, who, token, path, None).await
+}
+
+/// Like [`connect_path`], with the socket's receive buffer set to `recv_buffer` bytes if given
+/// (a small one makes a peer that does not read fill it quickly).
+pub async fn connect_with(
+    serve: &Serve,
+    who: &Identity,
+    token: Option<&str>,
+    path: &str,
+    recv_buffer: Option<u32>,
+) -> Result<Ws, WsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(Pinned {
         pin: serve.pin().to_string(),
@@ -281,7 +293,17 @@ pub async fn connect_path(
         .next()
         .unwrap()
         .to_string();
-    let tcp = timeout(STEP, TcpStream::connect(&authority))
+    let address: std::net::SocketAddr = authority.parse().unwrap();
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let tcp = timeout(STEP, socket.connect(address))
         .await
         .unwrap()
         .unwrap();
