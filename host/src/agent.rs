@@ -807,6 +807,7 @@ impl Agent {
         let (trust, sandbox) = (self.trust.clone(), self.sandbox.clone());
         let store = self.store_path(&hex::encode(sha));
         let dir = self.modules_dir.clone();
+        let journal = self.journal.clone();
         tokio::task::spawn_blocking(move || {
             let prepared = trust.prepare(&sandbox, &bytes, detached.as_deref())?;
             // Only modules that passed the trust policy and compiled are kept on disk.
@@ -814,8 +815,18 @@ impl Agent {
                 let stored = tempfile::NamedTempFile::new_in(&dir)
                     .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).map(|_| f))
                     .and_then(|f| f.persist(&store).map_err(|e| e.error));
-                if let Err(e) = stored {
-                    tracing::warn!(error = %e, "could not store the module; it will be fetched again next time");
+                match stored {
+                    Ok(_) => {
+                        let installed: std::collections::HashSet<String> = journal
+                            .handlers()
+                            .into_iter()
+                            .map(|h| format!("{}.wasm", h.module_sha256))
+                            .collect();
+                        prune_store(&dir, MODULE_STORE_BYTES, &installed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not store the module; it will be fetched again next time")
+                    }
                 }
             }
             Ok(prepared)
@@ -1082,6 +1093,54 @@ impl Agent {
     }
 }
 
+/// The module store's size bound: beyond it, the least recently stored modules that no
+/// installed handler uses are removed (the platform sends them again if a task needs them).
+const MODULE_STORE_BYTES: u64 = 256 << 20;
+
+/// Removes the oldest `*.wasm` files of `dir` not named in `keep` until the total is at most
+/// `limit` bytes. Returns how many were removed.
+fn prune_store(
+    dir: &std::path::Path,
+    limit: u64,
+    keep: &std::collections::HashSet<String>,
+) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf, bool)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".wasm") {
+                return None;
+            }
+            let meta = e.metadata().ok()?;
+            let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            Some((mtime, meta.len(), e.path(), keep.contains(&name)))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    if total <= limit {
+        return 0;
+    }
+    files.sort_by_key(|f| f.0);
+    let mut removed = 0;
+    for (_, len, path, kept) in files {
+        if total <= limit {
+            break;
+        }
+        if kept {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total = total.saturating_sub(len);
+            removed += 1;
+            tracing::info!(module = %path.display(), "module store over its bound: removed the oldest unused module");
+        }
+    }
+    removed
+}
+
 fn parse_sha(hex_text: &str) -> Option<[u8; 32]> {
     hex::decode(hex_text)
         .ok()
@@ -1187,6 +1246,36 @@ mod tests {
         assert!(r.output.is_null());
         assert!(r.truncated.stdout && r.truncated.stderr);
         assert!(r.error.unwrap().contains("too large"));
+    }
+
+    #[test]
+    fn the_module_store_drops_the_oldest_unused_modules_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, secs: u64| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0u8; 100]).unwrap();
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        write("a.wasm", 1); // oldest, but installed
+        write("b.wasm", 2);
+        write("c.wasm", 3);
+        write("d.wasm", 4);
+        std::fs::write(dir.path().join("notes.txt"), vec![0u8; 1000]).unwrap();
+        let keep = ["a.wasm".to_string()].into_iter().collect();
+        assert_eq!(prune_store(dir.path(), 250, &keep), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a.wasm", "d.wasm", "notes.txt"]);
+        assert_eq!(prune_store(dir.path(), 250, &keep), 0);
     }
 
     #[test]
