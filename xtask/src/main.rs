@@ -238,7 +238,8 @@ fn demo(_rest: &[String]) -> Result<()> {
     );
 
     // 3. The agent, enrolling with the token and trusting the publisher.
-    println!("\n$ bridge-daemon run --server {url} --server-pin {pin} --token {token} --state agent/ --trusted-key publisher.key.pub");
+    println!("\n$ bridge-daemon run --server {url} --server-pin {pin} --token {token} --state agent/ --trusted-key publisher.key.pub --config agent.toml");
+    println!("  (agent.toml allowlists one shell command: kernel = /bin/uname -sr)");
     let mut agent_cmd = Command::new(&daemon);
     agent_cmd
         .args([
@@ -252,9 +253,16 @@ fn demo(_rest: &[String]) -> Result<()> {
             "--state",
         ])
         .arg(work.join("agent"));
+    // One allowlisted shell command, the fallback for what no handler does.
+    std::fs::write(
+        work.join("agent.toml"),
+        "[[shell.rules]]\nname = \"kernel\"\nprogram = \"/bin/uname\"\nargs = [\"-sr\"]\n",
+    )?;
     agent_cmd
         .arg("--trusted-key")
         .arg(&pubkey)
+        .arg("--config")
+        .arg(work.join("agent.toml"))
         .stdout(std::process::Stdio::null());
     agent_cmd.stderr(std::fs::File::create(work.join("agent.log"))?);
     let mut agent = Service {
@@ -289,7 +297,85 @@ fn demo(_rest: &[String]) -> Result<()> {
         ensure_ok(&out, module)?;
     }
 
-    // 5. A tampered module is refused by the agent before anything of it is compiled.
+    // 5. Commands: an installed handler, the shell fallback, a repeated task id, an unknown
+    //    command.
+    let short = &id[..12];
+    let mut cmd = Command::new(&ctl);
+    cmd.args([
+        "--control",
+        &control,
+        "install-handler",
+        "--agent",
+        &id,
+        "--name",
+        "hello",
+    ])
+    .arg(work.join("hello.signed.wasm"));
+    let out = step(
+        &mut cmd,
+        &format!("bridgectl --control {control} install-handler --agent {short} --name hello hello.signed.wasm"),
+    )?;
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    ensure_ok(&out, "install-handler")?;
+    let commands: [(&str, &[&str], bool); 4] = [
+        (
+            "hello",
+            &["--input", r#"{"name":"a command"}"#, "--task-id", "demo-1"],
+            true,
+        ),
+        (
+            "hello",
+            &["--input", r#"{"name":"a command"}"#, "--task-id", "demo-1"],
+            true,
+        ),
+        ("kernel", &[], true),
+        ("nothing-here", &[], false),
+    ];
+    for (i, (command, extra, ok)) in commands.into_iter().enumerate() {
+        let mut cmd = Command::new(&ctl);
+        cmd.args([
+            "--control",
+            &control,
+            "run",
+            "--agent",
+            &id,
+            "--command",
+            command,
+        ])
+        .args(extra);
+        let shown_extra: Vec<String> = extra
+            .iter()
+            .map(|a| {
+                if a.starts_with('{') {
+                    format!("'{a}'")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let note = match i {
+            1 => "   # the same task id: the stored result, not a second run",
+            2 => "   # no handler of that name: the allowlisted shell rule",
+            3 => "   # neither: refused",
+            _ => "",
+        };
+        let out = step(
+            &mut cmd,
+            &format!(
+                "bridgectl --control {control} run --agent {short} --command {command} {}{note}",
+                shown_extra.join(" ")
+            ),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("{}", summary(&text));
+        if ok {
+            ensure_ok(&out, command)?;
+        } else if !text.contains("\"unknown_command\"") {
+            bail!("an unknown command was not refused as unknown_command");
+        }
+    }
+
+    // 6. A tampered module is refused by the agent before anything of it is compiled.
     let mut tampered = std::fs::read(work.join("hello.signed.wasm"))?;
     let mid = tampered.len() / 2;
     tampered[mid] ^= 0x01;
@@ -308,7 +394,7 @@ fn demo(_rest: &[String]) -> Result<()> {
     agent.stop()?;
     platform.stop()?;
     let _ = std::fs::remove_dir_all(&work);
-    println!("\ndemo finished: platform and agent over mutual TLS, signed handlers ran, the tampered one was rejected");
+    println!("\ndemo finished: platform and agent over mutual TLS, signed handlers ran, an installed handler and a shell rule ran as commands, a repeated task id was not run twice, the tampered module was rejected");
     Ok(())
 }
 
@@ -437,6 +523,12 @@ fn summary(line: &str) -> String {
     ] {
         if let Some(value) = v.get(key).filter(|x| !x.is_null()) {
             keep.insert(key.to_string(), value.clone());
+        }
+    }
+    // Output that is not JSON (a shell command's): show the text.
+    if v.get("output").is_some_and(|o| o.is_null()) {
+        if let Some(text) = v["stdout"].as_str().filter(|t| !t.is_empty()) {
+            keep.insert("stdout".into(), text.into());
         }
     }
     serde_json::to_string_pretty(&keep).unwrap_or_default()
