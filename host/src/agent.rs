@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,9 @@ use crate::trust::{grant, Prepared, Trust};
 
 /// How many messages may wait for the platform before producers wait.
 const OUTBOX_CAPACITY: usize = 4096;
+
+/// How long the agent stays idle before it trims its heap.
+const TRIM_AFTER: Duration = Duration::from_secs(2);
 
 /// Handler installations in progress at once; more are refused (`busy`).
 const MAX_INSTALLS: usize = 4;
@@ -175,6 +178,8 @@ pub struct Agent {
     pending: AtomicUsize,
     max_pending: usize,
     started: Instant,
+    /// Counts the times the agent went idle (a trim waits for it to stay idle).
+    idle_since: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -308,6 +313,7 @@ impl Agent {
                 pending: AtomicUsize::new(0),
                 max_pending: slots + options.queue_capacity,
                 started: Instant::now(),
+                idle_since: AtomicU64::new(0),
             }),
             recovery,
         ))
@@ -644,7 +650,28 @@ impl Agent {
         drop(slot);
         self.finish(&req, result, ran).await;
         lock(&self.live).tasks.remove(&req.task_id);
-        self.pending.fetch_sub(1, Ordering::SeqCst);
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.went_idle();
+        }
+    }
+
+    /// The last task finished: once the agent has stayed idle for [`TRIM_AFTER`], give the
+    /// allocator's free memory back to the system, so an idle agent holds what it uses, not
+    /// what its busiest moment needed.
+    fn went_idle(self: &Arc<Self>) {
+        let idle = self.idle_since.fetch_add(1, Ordering::SeqCst) + 1;
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TRIM_AFTER).await;
+            if this.idle_since.load(Ordering::SeqCst) == idle
+                && this.pending.load(Ordering::SeqCst) == 0
+            {
+                tokio::task::spawn_blocking(|| {
+                    // SAFETY: malloc_trim only returns free heap memory to the system.
+                    unsafe { libc::malloc_trim(0) };
+                });
+            }
+        });
     }
 
     /// Records the result durably and sends it.
