@@ -15,12 +15,16 @@
 //! - [`identity`]: the agent's key and self-signed certificate; the agent id is the key's
 //!   fingerprint.
 //! - [`link`]: the platform connection: TLS both ways, enrollment, heartbeat, reconnect.
-//! - [`agent`]: what the agent does with the platform's requests (module store, runs, status).
+//! - [`agent`]: what the agent does with the platform's requests: the task life cycle (dedup,
+//!   refusals, queue, cancel, resolution of commands to handlers or shell rules), the module
+//!   store, installed handlers, status.
 //! - [`journal`]: the durable task journal (redb, group commit): tasks, results until acked,
 //!   installed handlers.
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //! - [`shell`]: the shell fallback: allowlisted commands run directly (no shell), in their own
 //!   process group (and cgroup), with checked arguments, a timeout and capped output.
+//! - [`capture`]: bounded head-and-tail output capture, shared by handlers and shell commands.
+//! - [`stream`]: a running task's output sent as ordered, bounded `chunk` messages.
 //!
 //! - [`daemon`]: `bridge-daemon run`, the service that ties it all together.
 //!
