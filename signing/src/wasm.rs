@@ -38,6 +38,116 @@ impl InvalidModule {
     }
 }
 
+/// One top-level section of a module, as the walker framed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Section<'a> {
+    /// The section id byte (not interpreted, except that 0 is a custom section).
+    pub(crate) id: u8,
+    /// The whole section: id byte through end of contents.
+    pub(crate) range: Range<usize>,
+    /// The contents: the `size` bytes after the size LEB128.
+    pub(crate) contents: Range<usize>,
+    /// For a custom section: its name and where its data (the contents after the name) is.
+    pub(crate) custom: Option<(&'a str, Range<usize>)>,
+}
+
+/// The walker over a module's top-level sections: yields each section in order, or an error
+/// where the framing breaks (after which it yields nothing more).
+#[derive(Debug, Clone)]
+pub(crate) struct Sections<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+impl<'a> Sections<'a> {
+    /// Checks the header and starts walking after it.
+    pub(crate) fn new(bytes: &'a [u8]) -> Result<Self, InvalidModule> {
+        if bytes.len() < 8 || bytes[0..4] != WASM_HEADER[0..4] {
+            return Err(InvalidModule::new(0, "missing the \\0asm magic number"));
+        }
+        if bytes[4..8] != WASM_HEADER[4..8] {
+            return Err(InvalidModule::new(
+                4,
+                format!(
+                    "unsupported wasm version {:02x?} (only core modules, version 1, are accepted)",
+                    &bytes[4..8]
+                ),
+            ));
+        }
+        Ok(Sections {
+            bytes,
+            pos: 8,
+            failed: false,
+        })
+    }
+
+    fn section_at(&self, start: usize) -> Result<Section<'a>, InvalidModule> {
+        let bytes = self.bytes;
+        let mut pos = start;
+        let id = bytes[pos];
+        pos += 1;
+        let size = read_u32_leb(bytes, &mut pos)
+            .map_err(|r| InvalidModule::new(pos, format!("section size: {r}")))?;
+        let contents_start = pos;
+        let end = contents_start
+            .checked_add(size as usize)
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| {
+                InvalidModule::new(
+                    start,
+                    format!(
+                        "section (id {id}) of {size} bytes runs past the end of the module ({} bytes)",
+                        bytes.len()
+                    ),
+                )
+            })?;
+        let mut custom = None;
+        if id == 0 {
+            let contents = &bytes[contents_start..end];
+            let mut p = 0;
+            let name_len = read_u32_leb(contents, &mut p).map_err(|r| {
+                InvalidModule::new(contents_start + p, format!("custom section name: {r}"))
+            })? as usize;
+            let name_end = p
+                .checked_add(name_len)
+                .filter(|&e| e <= contents.len())
+                .ok_or_else(|| {
+                    InvalidModule::new(
+                        contents_start,
+                        "custom section name runs past the end of its section",
+                    )
+                })?;
+            let name = std::str::from_utf8(&contents[p..name_end]).map_err(|_| {
+                InvalidModule::new(contents_start + p, "custom section name is not UTF-8")
+            })?;
+            custom = Some((name, contents_start + name_end..end));
+        }
+        Ok(Section {
+            id,
+            range: start..end,
+            contents: contents_start..end,
+            custom,
+        })
+    }
+}
+
+impl<'a> Iterator for Sections<'a> {
+    type Item = Result<Section<'a>, InvalidModule>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.bytes.len() {
+            return None;
+        }
+        let section = self.section_at(self.pos);
+        match &section {
+            Ok(s) => self.pos = s.range.end,
+            Err(_) => self.failed = true,
+        }
+        Some(section)
+    }
+}
+
 /// The result of walking a module: where its signature sections are.
 #[derive(Debug)]
 pub(crate) struct ModuleLayout<'a> {
@@ -51,64 +161,14 @@ pub(crate) struct ModuleLayout<'a> {
 impl<'a> ModuleLayout<'a> {
     /// Walks `bytes`' top-level sections.
     pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, InvalidModule> {
-        if bytes.len() < 8 || bytes[0..4] != WASM_HEADER[0..4] {
-            return Err(InvalidModule::new(0, "missing the \\0asm magic number"));
-        }
-        if bytes[4..8] != WASM_HEADER[4..8] {
-            return Err(InvalidModule::new(
-                4,
-                format!(
-                    "unsupported wasm version {:02x?} (only core modules, version 1, are accepted)",
-                    &bytes[4..8]
-                ),
-            ));
-        }
         let mut signature_sections = Vec::new();
         let mut signature_payloads = Vec::new();
-        let mut pos = 8;
-        while pos < bytes.len() {
-            let start = pos;
-            let id = bytes[pos];
-            pos += 1;
-            let size = read_u32_leb(bytes, &mut pos)
-                .map_err(|r| InvalidModule::new(pos, format!("section size: {r}")))?;
-            let contents_start = pos;
-            let end = contents_start
-                .checked_add(size as usize)
-                .filter(|&end| end <= bytes.len())
-                .ok_or_else(|| {
-                    InvalidModule::new(
-                        start,
-                        format!(
-                            "section (id {id}) of {size} bytes runs past the end of the module ({} bytes)",
-                            bytes.len()
-                        ),
-                    )
-                })?;
-            if id == 0 {
-                let contents = &bytes[contents_start..end];
-                let mut p = 0;
-                let name_len = read_u32_leb(contents, &mut p).map_err(|r| {
-                    InvalidModule::new(contents_start + p, format!("custom section name: {r}"))
-                })? as usize;
-                let name_end = p
-                    .checked_add(name_len)
-                    .filter(|&e| e <= contents.len())
-                    .ok_or_else(|| {
-                        InvalidModule::new(
-                            contents_start,
-                            "custom section name runs past the end of its section",
-                        )
-                    })?;
-                let name = std::str::from_utf8(&contents[p..name_end]).map_err(|_| {
-                    InvalidModule::new(contents_start + p, "custom section name is not UTF-8")
-                })?;
-                if name == SIGNATURE_SECTION_NAME {
-                    signature_sections.push(start..end);
-                    signature_payloads.push(contents_start + name_end..end);
-                }
+        for section in Sections::new(bytes)? {
+            let section = section?;
+            if let Some((SIGNATURE_SECTION_NAME, payload)) = section.custom {
+                signature_sections.push(section.range);
+                signature_payloads.push(payload);
             }
-            pos = end;
         }
         Ok(ModuleLayout {
             bytes,
@@ -226,6 +286,9 @@ pub fn strip_signatures(module: &[u8]) -> Result<Cow<'_, [u8]>, InvalidModule> {
 pub fn check_structure(module: &[u8]) -> Result<(), InvalidModule> {
     ModuleLayout::parse(module).map(|_| ())
 }
+
+#[cfg(test)]
+mod framing_tests;
 
 #[cfg(test)]
 mod tests {
