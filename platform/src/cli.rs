@@ -31,32 +31,22 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Each subcommand's help is the doc comment of its args struct (a doc comment here would
+// replace it, and `bridgectl CMD --help` would show only one line).
+#[allow(missing_docs)]
 pub enum Command {
-    /// Generate an Ed25519 signing key pair (private key file 0600, public key file beside it).
     Keygen(cmd::keygen::KeygenArgs),
-    /// Sign a wasm module: embed the signature (default) or write a detached .sig file.
     Sign(cmd::sign::SignArgs),
-    /// Verify a module's signature against trusted keys, as an agent would.
     Verify(cmd::verify::VerifyArgs),
-    /// Show a module's signature and claims without verifying or trusting anything.
     Inspect(cmd::inspect::InspectArgs),
-    /// Run the development platform server that agents connect to.
     Serve(cmd::serve::ServeArgs),
-    /// List the agents of a running server (needs --control).
     Agents(cmd::agents::AgentsArgs),
-    /// Run a module or a command on a connected agent and print its result (needs --control).
     Run(cmd::run::RunArgs),
-    /// Print the result the server stored for a task (needs --control).
     Result(cmd::result::ResultArgs),
-    /// Cancel a task on a connected agent (needs --control).
     Cancel(cmd::cancel::CancelArgs),
-    /// Install a named handler on a connected agent (needs --control).
     InstallHandler(cmd::handlers::InstallHandlerArgs),
-    /// List the handlers installed on a connected agent (needs --control).
     Handlers(cmd::handlers::HandlersArgs),
-    /// Remove a named handler from a connected agent (needs --control).
     RemoveHandler(cmd::handlers::RemoveHandlerArgs),
-    /// Issue a new enrollment token from a running server (needs --control).
     Token(cmd::token::TokenArgs),
 }
 
