@@ -354,8 +354,18 @@ impl Agent {
 
     /// Results waiting for the platform's `ack`, oldest first (sent at every connection).
     pub fn unacked_results(&self) -> Vec<AgentMessage> {
+        self.results_of(&self.journal.unacked_ids())
+    }
+
+    /// The task ids of [`Agent::unacked_results`], in order.
+    pub fn unacked_ids(&self) -> Vec<String> {
+        self.journal.unacked_ids()
+    }
+
+    /// The `result` messages of those of `task_ids` still waiting for an `ack`.
+    pub fn results_of(&self, task_ids: &[String]) -> Vec<AgentMessage> {
         self.journal
-            .unacked()
+            .unacked_of(task_ids)
             .into_iter()
             .filter_map(|r| {
                 Some(AgentMessage::Result {

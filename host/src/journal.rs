@@ -1359,17 +1359,36 @@ impl Journal {
     /// Every finished and unacknowledged record, in accept order: the results to send again
     /// after a reconnect.
     pub fn unacked(&self) -> Vec<TaskRecord> {
-        let ids: Vec<Arc<str>> = lock(&self.inner.shared.mirror)
+        let ids = self.unacked_ids();
+        self.unacked_of(&ids)
+    }
+
+    /// The task ids of [`Journal::unacked`], in the same order, without reading the records
+    /// (a backlog can then be read a few at a time).
+    pub fn unacked_ids(&self) -> Vec<String> {
+        lock(&self.inner.shared.mirror)
             .outbox
             .values()
-            .cloned()
-            .collect();
+            .map(|id| id.to_string())
+            .collect()
+    }
+
+    /// The records of `ids` that are still finished and unacknowledged, in order.
+    pub fn unacked_of(&self, ids: &[String]) -> Vec<TaskRecord> {
         if ids.is_empty() {
             return Vec::new();
         }
+        let ids: Vec<Arc<str>> = ids.iter().map(|id| Arc::from(id.as_str())).collect();
+        let acked: Vec<bool> = {
+            let mirror = lock(&self.inner.shared.mirror);
+            ids.iter()
+                .map(|id| mirror.tasks.get(&**id).is_some_and(|m| m.acked))
+                .collect()
+        };
         self.read_tasks(&ids)
             .into_iter()
-            .flatten()
+            .zip(acked)
+            .filter_map(|(r, acked)| r.filter(|_| !acked))
             .filter(|r| r.phase == TaskPhase::Done && !r.acked)
             .collect()
     }

@@ -62,8 +62,8 @@ impl std::fmt::Display for End {
 /// next one.
 pub struct Outbox {
     rx: mpsc::Receiver<AgentMessage>,
-    /// Encoded messages, with the task id of each `result` (those are also in the journal).
-    unsent: VecDeque<(Option<String>, String)>,
+    /// Messages taken from the channel and not sent yet (encoded when sent).
+    unsent: VecDeque<AgentMessage>,
 }
 
 impl Outbox {
@@ -76,14 +76,16 @@ impl Outbox {
     }
 }
 
-/// A message ready to send: its text, and the task id when it is a `result`.
-fn entry(msg: &AgentMessage) -> (Option<String>, String) {
-    let result_of = match msg {
-        AgentMessage::Result { task_id, .. } => Some(task_id.clone()),
+/// The task id of a `result`.
+fn result_of(msg: &AgentMessage) -> Option<&str> {
+    match msg {
+        AgentMessage::Result { task_id, .. } => Some(task_id),
         _ => None,
-    };
-    (result_of, encode(msg))
+    }
 }
+
+/// Results read from the journal at a time while a backlog is sent.
+const BACKLOG_BATCH: usize = 64;
 
 /// How long one frame may take to send. A send that blocks longer means the platform stopped
 /// reading (or the network stopped moving): the same verdict as a missed heartbeat. Without this
@@ -193,24 +195,18 @@ pub async fn run(
     let queued = outbox.rx.len();
     for _ in 0..queued {
         match outbox.rx.try_recv() {
-            Ok(msg) => outbox.unsent.push_back(entry(&msg)),
+            Ok(msg) => outbox.unsent.push_back(msg),
             Err(_) => break,
         }
     }
-    let unacked = agent.unacked_results();
-    let in_journal: HashSet<String> = unacked
-        .iter()
-        .filter_map(|m| match m {
-            AgentMessage::Result { task_id, .. } => Some(task_id.clone()),
-            _ => None,
-        })
-        .collect();
-    outbox.unsent.retain(|(result_of, _)| {
-        result_of
-            .as_ref()
-            .is_none_or(|task_id| !in_journal.contains(task_id))
-    });
-    outbox.unsent.extend(unacked.iter().map(entry));
+    // The durable outbox is read a batch at a time as it is sent, so a long backlog costs
+    // memory for one batch, not for all of it.
+    let mut backlog: VecDeque<String> = agent.unacked_ids().into();
+    let in_journal: HashSet<&str> = backlog.iter().map(String::as_str).collect();
+    outbox
+        .unsent
+        .retain(|m| result_of(m).is_none_or(|task_id| !in_journal.contains(task_id)));
+    drop(in_journal);
 
     let (mut sink, stream) = ws.split();
     let last_rx = Arc::new(AtomicU64::new(0));
@@ -256,18 +252,23 @@ pub async fn run(
                     break End::Error(e);
                 }
             }
-            _ = std::future::ready(()), if !outbox.unsent.is_empty() => {
-                let (result_of, text) = outbox.unsent.pop_front().expect("not empty");
-                if let Err(e) = send_text(&mut sink, text.clone()).await {
-                    outbox.unsent.push_front((result_of, text));
+            _ = std::future::ready(()), if !outbox.unsent.is_empty() || !backlog.is_empty() => {
+                if outbox.unsent.is_empty() {
+                    let n = backlog.len().min(BACKLOG_BATCH);
+                    let ids: Vec<String> = backlog.drain(..n).collect();
+                    outbox.unsent.extend(agent.results_of(&ids));
+                    continue;
+                }
+                let msg = outbox.unsent.pop_front().expect("not empty");
+                if let Err(e) = send_text(&mut sink, encode(&msg)).await {
+                    outbox.unsent.push_front(msg);
                     break End::Error(e);
                 }
             }
-            msg = outbox.rx.recv(), if outbox.unsent.is_empty() => {
+            msg = outbox.rx.recv(), if outbox.unsent.is_empty() && backlog.is_empty() => {
                 let Some(msg) = msg else { break End::Shutdown };
-                let (result_of, text) = entry(&msg);
-                if let Err(e) = send_text(&mut sink, text.clone()).await {
-                    outbox.unsent.push_back((result_of, text));
+                if let Err(e) = send_text(&mut sink, encode(&msg)).await {
+                    outbox.unsent.push_back(msg);
                     break End::Error(e);
                 }
             }
