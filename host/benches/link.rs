@@ -14,25 +14,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn release_bin(name: &str) -> PathBuf {
-    let p = root().join("target/release").join(name);
-    assert!(p.exists(), "{} missing: run `cargo build --release -p bridge-host -p bridge-platform` (cargo xtask bench does)", p.display());
-    p
-}
+use support::{release_bin, serve, signed_hello, Proc};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -41,38 +30,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(state: &Path, listen: &str) -> (Proc, Value) {
-    let mut child = Command::new(release_bin("bridgectl"))
-        .args([
-            "serve",
-            "--listen",
-            listen,
-            "--control",
-            "127.0.0.1:0",
-            "--state",
-        ])
-        .arg(state)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (Proc(child), serde_json::from_str(line.trim()).unwrap())
 }
 
 fn control(info: &Value, req: Value) -> Value {
@@ -97,11 +54,7 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let (platform, info) = serve(&tmp.path().join("platform"), "127.0.0.1:0");
 
-    let key = bridge_signing::KeyPair::generate().unwrap();
-    let module = std::fs::read(root().join("target/wasm/wasm32-wasip1/handler/hello.wasm"))
-        .expect("cargo xtask build-examples first");
-    let claims = bridge_signing::Claims::new("hello", "1.0.0", 1_700_000_000);
-    let signed = bridge_signing::sign(&module, &key, &claims).unwrap().module;
+    let (key, signed) = signed_hello();
     let state = tmp.path().join("agent");
     let agent = Proc(
         Command::new(release_bin("bridge-daemon"))
