@@ -352,12 +352,8 @@ impl Agent {
         }
     }
 
-    /// Results waiting for the platform's `ack`, oldest first (sent at every connection).
-    pub fn unacked_results(&self) -> Vec<AgentMessage> {
-        self.results_of(&self.journal.unacked_ids())
-    }
-
-    /// The task ids of [`Agent::unacked_results`], in order.
+    /// The task ids of the results waiting for the platform's `ack`, oldest first (sent at
+    /// every connection, a batch at a time, with [`Agent::results_of`]).
     pub fn unacked_ids(&self) -> Vec<String> {
         self.journal.unacked_ids()
     }

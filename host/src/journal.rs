@@ -111,6 +111,17 @@ const SIZE_RECHECK: Duration = Duration::from_secs(5);
 /// How long a free-space measurement stands.
 const SPACE_RECHECK: Duration = Duration::from_millis(250);
 
+/// A verdict taken less than `ttl` ago, to reuse instead of measuring again.
+fn held(
+    verdict: &Option<(Instant, Result<(), String>)>,
+    ttl: Duration,
+) -> Option<Result<(), String>> {
+    verdict
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < ttl)
+        .map(|(_, v)| v.clone())
+}
+
 /// The file format version, stored in table `meta`.
 const SCHEMA_VERSION: u64 = 1;
 
@@ -973,10 +984,8 @@ impl Writer {
     fn check_space(&mut self) -> Result<(), String> {
         // Measuring costs two system calls per batch; a verdict holds briefly (a disk that
         // fills meanwhile fails the write itself, which is reported as storage full too).
-        if let Some((at, verdict)) = &self.space_verdict {
-            if at.elapsed() < SPACE_RECHECK {
-                return verdict.clone();
-            }
+        if let Some(verdict) = held(&self.space_verdict, SPACE_RECHECK) {
+            return verdict;
         }
         let verdict = self.measure_space();
         self.space_verdict = Some((Instant::now(), verdict.clone()));
@@ -1004,10 +1013,8 @@ impl Writer {
             self.size_verdict = None;
             return Ok(());
         }
-        if let Some((at, verdict)) = &self.size_verdict {
-            if at.elapsed() < SIZE_RECHECK {
-                return verdict.clone();
-            }
+        if let Some(verdict) = held(&self.size_verdict, SIZE_RECHECK) {
+            return verdict;
         }
         let verdict = self.shrink();
         self.size_verdict = Some((Instant::now(), verdict.clone()));
