@@ -63,8 +63,12 @@ use crate::trust::{grant, Prepared, Trust};
 /// How many messages may wait for the platform before producers wait.
 const OUTBOX_CAPACITY: usize = 4096;
 
-/// How long the agent stays idle before it trims its heap.
+/// How long the agent stays idle before it gives memory back ([`crate::memory::trim`]).
 const TRIM_AFTER: Duration = Duration::from_secs(2);
+
+/// While idle, how often the agent gives memory back again (heartbeats, status reports and
+/// reconnect attempts touch a little code each time).
+const TRIM_EVERY: Duration = Duration::from_secs(60);
 
 /// Handler installations in progress at once; more are refused (`busy`).
 const MAX_INSTALLS: usize = 4;
@@ -180,6 +184,12 @@ pub struct Agent {
     started: Instant,
     /// Counts the times the agent went idle (a trim waits for it to stay idle).
     idle_since: AtomicU64,
+    /// When the last task ended, in milliseconds since `started`.
+    last_task_ms: AtomicU64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -314,6 +324,7 @@ impl Agent {
                 max_pending: slots + options.queue_capacity,
                 started: Instant::now(),
                 idle_since: AtomicU64::new(0),
+                last_task_ms: AtomicU64::new(0),
             }),
             recovery,
         ))
@@ -661,34 +672,80 @@ impl Agent {
         }
     }
 
-    /// The last task finished: once the agent has stayed idle for [`TRIM_AFTER`], give the
-    /// allocator's free memory back to the system, so an idle agent holds what it uses, not
-    /// what its busiest moment needed.
+    /// The last task finished: once the agent has stayed idle for [`TRIM_AFTER`], give memory
+    /// back ([`crate::memory::trim`]), so an idle agent holds what it uses, not what its
+    /// busiest moment needed.
     fn went_idle(self: &Arc<Self>) {
+        self.last_task_ms
+            .store(millis(self.started.elapsed()), Ordering::SeqCst);
         let idle = self.idle_since.fetch_add(1, Ordering::SeqCst) + 1;
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(TRIM_AFTER).await;
-            if this.idle_since.load(Ordering::SeqCst) == idle
-                && this.pending.load(Ordering::SeqCst) == 0
-            {
-                tokio::task::spawn_blocking(|| {
-                    // SAFETY: malloc_trim only returns free heap memory to the system.
-                    unsafe { libc::malloc_trim(0) };
-                });
+            if this.idle_since.load(Ordering::SeqCst) == idle {
+                this.trim_if_idle("idle after tasks").await;
             }
         });
     }
 
-    /// Records the result durably and sends it.
+    /// Gives memory back shortly after start (once connecting is done) and then every
+    /// [`TRIM_EVERY`] while no task runs: what heartbeats, status reports and reconnect
+    /// attempts touch is released again, so an idle agent's memory stays flat. Runs until the
+    /// runtime stops.
+    pub fn keep_trimmed(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TRIM_AFTER).await;
+            loop {
+                this.trim_if_idle("idle").await;
+                tokio::time::sleep(TRIM_EVERY).await;
+            }
+        });
+    }
+
+    /// The link failed and waits to reconnect: give back what the attempt touched (connecting,
+    /// TLS, logging), so an agent cut off from its platform for hours stays as small as an idle
+    /// connected one, whatever the backoff.
+    pub fn trim_while_waiting(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move { this.trim_if_idle("waiting to reconnect").await });
+    }
+
+    /// Trims memory unless a task is in progress or ended less than [`TRIM_AFTER`] ago (its
+    /// code will likely be needed again soon).
+    async fn trim_if_idle(&self, why: &'static str) {
+        let since_task =
+            millis(self.started.elapsed()).saturating_sub(self.last_task_ms.load(Ordering::SeqCst));
+        if self.pending.load(Ordering::SeqCst) != 0
+            || (self.idle_since.load(Ordering::SeqCst) > 0 && since_task < millis(TRIM_AFTER))
+        {
+            return;
+        }
+        let before = crate::memory::resident_kib();
+        let Ok(trimmed) = tokio::task::spawn_blocking(crate::memory::trim).await else {
+            return;
+        };
+        tracing::debug!(
+            why,
+            before_kib = before,
+            after_kib = crate::memory::resident_kib(),
+            code_kib = trimmed.kib,
+            mappings = trimmed.mappings,
+            "memory trimmed"
+        );
+    }
+
+    /// Records the result and sends it.
     ///
-    /// For a task recorded as running (`ran`), sending does not wait for the commit: the result
-    /// is in the journal's write queue before it is in the outbox (so the platform's `ack` is
-    /// applied after it), and if the agent dies between the two, the restarted agent finds the
-    /// task running and reports it `interrupted`. The platform keeps the first result it
-    /// receives for a task id, so it keeps the real one if it got it; if it did not,
-    /// `interrupted` is the truth. Either way one result, and the round trip does not pay for a
-    /// second commit. A task that never ran (cancelled or expired while queued) is still
+    /// For a task recorded as running (`ran`), sending does not wait for the commit, and the
+    /// commit does not wait for the disk (it is made durable by the next durable commit, at
+    /// most [`crate::journal::FLUSH_AFTER`] later): the result is in the journal's write queue
+    /// before it is in the outbox (so the platform's `ack` is applied after it), and if the
+    /// agent dies before it is on disk, the restarted agent finds the task running and reports
+    /// it `interrupted`. The platform keeps the first result it receives for a task id, so it
+    /// keeps the real one if it got it; if it did not, `interrupted` is the truth. Either way
+    /// one result, and neither the round trip nor the next task's accept waits for a second
+    /// fsync. A task that never ran (cancelled or expired while queued) is still
     /// recorded as queued, and a restart would run it: its result is sent only once committed.
     async fn finish(&self, req: &RunRequest, mut result: RunResult, ran: bool) {
         fit_to_frame(&mut result, &req.id, &req.task_id);
@@ -698,12 +755,12 @@ impl Agent {
             task_id: req.task_id.clone(),
             result: result.clone(),
         };
-        let record = self.journal.finish(&req.task_id, &result);
         let recorded = if ran {
+            let record = self.journal.finish_lazily(&req.task_id, &result);
             let (recorded, ()) = tokio::join!(record, self.send(msg));
             recorded
         } else {
-            let recorded = record.await;
+            let recorded = self.journal.finish(&req.task_id, &result).await;
             self.send(msg).await;
             recorded
         };

@@ -119,6 +119,7 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
     // In the background: results it produces wait in the outbox for the link.
     let recovering = agent.clone();
     tokio::spawn(async move { recovering.recover(recovery).await });
+    agent.keep_trimmed();
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();

@@ -25,6 +25,7 @@
 //!   process group (and cgroup), with checked arguments, a timeout and capped output.
 //! - [`capture`]: bounded head-and-tail output capture, shared by handlers and shell commands.
 //! - [`stream`]: a running task's output sent as ordered, bounded `chunk` messages.
+//! - [`memory`]: memory given back while idle (free heap, clean code pages).
 //!
 //! - [`daemon`]: `bridge-daemon run`, the service that ties it all together.
 //!
@@ -40,6 +41,7 @@ pub mod identity;
 pub mod journal;
 pub mod limits;
 pub mod link;
+pub mod memory;
 pub mod outcome;
 pub mod sandbox;
 pub mod shell;

@@ -291,6 +291,7 @@ pub async fn run(
             delay_ms = delay.as_millis() as u64,
             "reconnecting after a pause"
         );
+        agent.trim_while_waiting();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => break,

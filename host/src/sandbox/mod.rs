@@ -291,6 +291,31 @@ pub fn engine_config(config: &SandboxConfig) -> Config {
     c
 }
 
+/// The configuration of the short-lived engine that compiles a module: the run engine's
+/// settings (so its artifacts load into the run engine), without the instance pool, which it
+/// never uses.
+fn compiler_config(config: &SandboxConfig) -> Config {
+    let mut c = engine_config(config);
+    c.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    c
+}
+
+/// Compiles `bytes` into a module of `engine`.
+///
+/// Cranelift keeps its compilation contexts (register allocator and IR buffers, over a
+/// megabyte after a 100 KB module) cached in the engine that compiled, for good. So the
+/// compile happens on an engine made for it and dropped afterwards, and the run engine loads
+/// the artifact: an idle agent does not carry the memory of its last compile.
+fn compile(engine: &Engine, config: &SandboxConfig, bytes: &[u8]) -> wasmtime::Result<Module> {
+    let compiler = Engine::new(&compiler_config(config))?;
+    let artifact = compiler.precompile_module(bytes)?;
+    drop(compiler);
+    // SAFETY: `artifact` was produced a moment ago, in this process, by `precompile_module` of
+    // an engine with the run engine's compilation settings; it never left memory. That is the
+    // precondition `deserialize` documents (and it checks the settings match).
+    unsafe { Module::deserialize(engine, &artifact) }
+}
+
 impl Sandbox {
     /// Creates the engine, the WASI linker, the caches and the epoch ticker.
     pub fn new(config: SandboxConfig) -> Result<Sandbox> {
@@ -425,7 +450,7 @@ impl Sandbox {
             }
             _ => {
                 let started = Instant::now();
-                let module = Module::new(engine, bytes).map_err(|e| {
+                let module = compile(engine, &self.inner.config, bytes).map_err(|e| {
                     invalid(format!(
                         "the module failed to compile: {}",
                         root_message(&e)
