@@ -111,6 +111,10 @@ const SIZE_RECHECK: Duration = Duration::from_secs(5);
 /// How long a free-space measurement stands.
 const SPACE_RECHECK: Duration = Duration::from_millis(250);
 
+/// How long writes committed without fsync (acknowledgements, results of tasks that ran) wait
+/// for the next durable commit before the writer makes one of its own.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
+
 /// A verdict taken less than `ttl` ago, to reuse instead of measuring again.
 fn held(
     verdict: &Option<(Instant, Result<(), String>)>,
@@ -126,7 +130,7 @@ fn held(
 const SCHEMA_VERSION: u64 = 1;
 
 /// redb's page cache; the journal is read little (records are mostly written once).
-const CACHE_BYTES: usize = 4 << 20;
+const CACHE_BYTES: usize = 1 << 20;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
@@ -344,6 +348,8 @@ enum Op {
     Finish {
         task_id: String,
         result: Box<RunResult>,
+        /// Commit with fsync before answering (otherwise with the next durable commit).
+        durable: bool,
         reply: oneshot::Sender<Res<()>>,
     },
     Ack {
@@ -668,12 +674,29 @@ struct Writer {
     /// The last free-space and size verdict, reused for [`SPACE_RECHECK`].
     space_verdict: Option<(Instant, Result<(), String>)>,
     needs_reopen: bool,
+    /// A commit made without fsync waits for a durable one.
+    unflushed: bool,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
-        // `recv` fails only once every sender is gone and the queue is empty.
-        while let Ok(first) = rx.recv() {
+        loop {
+            // `recv` fails only once every sender is gone and the queue is empty.
+            let first = if self.unflushed {
+                match rx.recv_timeout(FLUSH_AFTER) {
+                    Ok(op) => op,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.flush();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                }
+            };
             let mut ops = vec![first];
             while ops.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -683,16 +706,25 @@ impl Writer {
             }
             self.process(ops);
         }
-        // Acknowledgements committed without fsync become durable with the next durable
-        // commit: make one before the database closes.
+        // Writes committed without fsync become durable with the next durable commit: make one
+        // before the database closes.
+        self.flush();
+    }
+
+    /// An empty durable commit: what earlier commits without fsync wrote reaches the disk.
+    fn flush(&mut self) {
         let guard = read_lock(&self.shared.db);
         if let Some(db) = guard.as_ref() {
             let committed = db
                 .begin_write()
                 .map_err(redb::Error::from)
                 .and_then(|t| t.commit().map_err(redb::Error::from));
-            if let Err(e) = committed {
-                tracing::warn!("the journal's last commit failed: {e}");
+            match committed {
+                Ok(()) => {
+                    self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                    self.unflushed = false;
+                }
+                Err(e) => tracing::warn!("the journal's flush commit failed: {e}"),
             }
         }
     }
@@ -724,13 +756,19 @@ impl Writer {
             }
             return;
         };
-        // Acknowledgements alone need not reach the disk at once: one lost in a crash only makes
-        // the agent send that result again, which the platform expects. They become durable
-        // with the next durable commit.
-        let acks_only = ops.iter().all(|op| matches!(op, Op::Ack { .. }));
+        // Some writes need not reach the disk at once; they become durable with the next
+        // durable commit, at most [`FLUSH_AFTER`] later:
+        // - an acknowledgement lost in a crash only makes the agent send that result again,
+        //   which the platform expects;
+        // - a result lost in a crash leaves its task recorded as running, which the restarted
+        //   agent reports `interrupted`; the result itself was sent as it was written, and the
+        //   platform keeps the first result it gets for a task.
+        let lazy = ops
+            .iter()
+            .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }));
         let txn = match db.begin_write() {
             Ok(mut txn) => {
-                if acks_only {
+                if lazy {
                     let _ = txn.set_durability(redb::Durability::None);
                 }
                 txn
@@ -780,6 +818,7 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.unflushed = lazy;
                 self.apply_changes(changes);
                 for answer in answers {
                     answer.send(None);
@@ -836,6 +875,7 @@ impl Writer {
                 task_id,
                 result,
                 reply,
+                ..
             } => {
                 let (r, e) = split(finish_in(t, &task_id, *result, now, changes));
                 (Answer::Unit(reply, r), e)
@@ -1238,6 +1278,7 @@ impl Journal {
             size_verdict: None,
             space_verdict: None,
             needs_reopen: false,
+            unflushed: false,
         };
         match writer.prune_now() {
             Ok(0) => {}
@@ -1323,10 +1364,32 @@ impl Journal {
     /// this returns. A task already done keeps its first result (and this returns `Ok`). An
     /// unknown task id is an error.
     pub async fn finish(&self, task_id: &str, result: &RunResult) -> Result<(), JournalError> {
+        self.finish_as(task_id, result, true).await
+    }
+
+    /// Stores a task's result like [`Journal::finish`], but commits it without fsync: it reaches
+    /// the disk with the next durable commit, at most [`FLUSH_AFTER`] later. Visible to readers
+    /// at once. For a task recorded as running: if the agent dies before the flush, the task is
+    /// found running and reported `interrupted`, so the loss is one of detail, not of a result.
+    pub async fn finish_lazily(
+        &self,
+        task_id: &str,
+        result: &RunResult,
+    ) -> Result<(), JournalError> {
+        self.finish_as(task_id, result, false).await
+    }
+
+    async fn finish_as(
+        &self,
+        task_id: &str,
+        result: &RunResult,
+        durable: bool,
+    ) -> Result<(), JournalError> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Finish {
             task_id: task_id.to_string(),
             result: Box::new(result.clone()),
+            durable,
             reply,
         };
         self.call(op, rx).await
@@ -1652,6 +1715,37 @@ mod tests {
             j.accept(&request("done")).await.unwrap(),
             Accept::Seen(r) if r.result == Some(result("done"))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_lazy_result_is_visible_at_once_and_flushed_soon_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept_running(&request("t")).await.unwrap();
+        let before = j.commits();
+        j.finish_lazily("t", &result("done")).await.unwrap();
+        // Committed (without fsync): readers see it at once.
+        assert_eq!(j.commits(), before + 1);
+        assert_eq!(j.get("t").unwrap().result, Some(result("done")));
+        assert_eq!(j.get("t").unwrap().phase, TaskPhase::Done);
+        // With nothing else to write, the writer makes a durable commit of its own.
+        let deadline = std::time::Instant::now() + FLUSH_AFTER * 20;
+        while j.commits() < before + 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no flush within {:?}",
+                FLUSH_AFTER * 20
+            );
+            tokio::time::sleep(FLUSH_AFTER / 4).await;
+        }
+        // And no more: an idle writer does not commit again.
+        tokio::time::sleep(FLUSH_AFTER * 3).await;
+        assert_eq!(j.commits(), before + 2);
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        assert_eq!(j.get("t").unwrap().result, Some(result("done")));
+        assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
     }
 
     #[tokio::test]
