@@ -13,7 +13,8 @@
 //! - `hello`: the installed, signed `hello` handler (warm: compiled once, then cached);
 //! - `true`: the shell fallback running `/bin/true` (a process spawned per task).
 //!
-//! Prints each round and the median per command, and the ratio.
+//! Prints each round and the median per command, and the ratio. `BRIDGE_BENCH_ONLY=hello` (or
+//! `true`) measures one of the two alone, e.g. to profile it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -166,9 +167,20 @@ fn main() {
         if quick { "quick" } else { "full" }
     );
     let (mut wasm, mut shell) = (Vec::new(), Vec::new());
+    // `BRIDGE_BENCH_ONLY=hello` (or `true`) measures one command alone, e.g. under a profiler.
+    let only = std::env::var("BRIDGE_BENCH_ONLY").ok();
+    let wanted = |c: &str| only.as_deref().is_none_or(|o| o == c);
     for round in 1..=rounds {
-        let w = measure(&info, &id, "hello", concurrency, secs);
-        let s = measure(&info, &id, "true", concurrency, secs);
+        let w = if wanted("hello") {
+            measure(&info, &id, "hello", concurrency, secs)
+        } else {
+            0.0
+        };
+        let s = if wanted("true") {
+            measure(&info, &id, "true", concurrency, secs)
+        } else {
+            0.0
+        };
         println!("round {round}: hello handler {w:.0} tasks/s   shell /bin/true {s:.0} tasks/s");
         wasm.push(w);
         shell.push(s);
