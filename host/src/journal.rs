@@ -674,8 +674,10 @@ struct Writer {
     /// The last free-space and size verdict, reused for [`SPACE_RECHECK`].
     space_verdict: Option<(Instant, Result<(), String>)>,
     needs_reopen: bool,
-    /// A commit made without fsync waits for a durable one.
+    /// A commit made without fsync (or held acknowledgements) waits for a durable one.
     unflushed: bool,
+    /// Acknowledgements received alone, applied with the next transaction.
+    held_acks: Vec<String>,
 }
 
 impl Writer {
@@ -686,7 +688,12 @@ impl Writer {
                 match rx.recv_timeout(FLUSH_AFTER) {
                     Ok(op) => op,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.flush();
+                        if self.held_acks.is_empty() {
+                            self.flush();
+                        } else {
+                            // A durable commit of the held acknowledgements is the flush.
+                            self.process(Vec::new(), true);
+                        }
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -704,11 +711,26 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.process(ops);
+            // Acknowledgements alone wait for the next batch (or the flush): a transaction of
+            // their own would copy the same B-tree pages the next task's transaction copies again.
+            if ops.iter().all(|op| matches!(op, Op::Ack { .. })) {
+                for op in ops {
+                    if let Op::Ack { task_ids } = op {
+                        self.held_acks.extend(task_ids);
+                    }
+                }
+                self.unflushed = true;
+                continue;
+            }
+            self.process(ops, false);
         }
         // Writes committed without fsync become durable with the next durable commit: make one
         // before the database closes.
-        self.flush();
+        if self.held_acks.is_empty() {
+            self.flush();
+        } else {
+            self.process(Vec::new(), true);
+        }
     }
 
     /// An empty durable commit: what earlier commits without fsync wrote reaches the disk.
@@ -729,8 +751,13 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` in one transaction, commits, answers.
-    fn process(&mut self, ops: Vec<Op>) {
+    /// Applies the held acknowledgements and `ops` in one transaction, commits (with fsync if
+    /// `durable` or if an operation needs it), answers.
+    fn process(&mut self, mut ops: Vec<Op>, durable: bool) {
+        if !self.held_acks.is_empty() {
+            let task_ids = std::mem::take(&mut self.held_acks);
+            ops.insert(0, Op::Ack { task_ids });
+        }
         if self.needs_reopen {
             if let Err(e) = self.reopen() {
                 tracing::error!("reopening the journal after an I/O failure: {e}");
@@ -763,9 +790,10 @@ impl Writer {
         // - a result lost in a crash leaves its task recorded as running, which the restarted
         //   agent reports `interrupted`; the result itself was sent as it was written, and the
         //   platform keeps the first result it gets for a task.
-        let lazy = ops
-            .iter()
-            .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }));
+        let lazy = !durable
+            && ops
+                .iter()
+                .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }));
         let txn = match db.begin_write() {
             Ok(mut txn) => {
                 if lazy {
@@ -1279,6 +1307,7 @@ impl Journal {
             space_verdict: None,
             needs_reopen: false,
             unflushed: false,
+            held_acks: Vec::new(),
         };
         match writer.prune_now() {
             Ok(0) => {}

@@ -208,7 +208,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Call(args) => runtime.block_on(run_call(args)),
-        Command::Run(args) => runtime.block_on(run_agent(args)),
+        // On a worker thread, not the main thread `block_on` parks: the link's session is woken
+        // by tasks on the workers for every message, and a wake that crosses to a parked
+        // non-worker thread costs a futex round trip each time.
+        Command::Run(args) => runtime.block_on(async {
+            match tokio::spawn(run_agent(args)).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("bridge-daemon: the agent stopped abnormally: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }),
         Command::Identity(args) => match bridge_host::identity::agent_id(&args.state) {
             Ok(id) => {
                 println!("{id}");

@@ -489,3 +489,42 @@ fn a_token_that_starts_with_a_dash_is_accepted() {
     );
     platform.wait_connected(&agent.id(), CONNECT);
 }
+
+/// `RssFile` (resident file-backed pages, mostly code) of a process, in KiB.
+fn rss_file_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An idle agent gives back what its work needed: a couple of seconds after its last task it
+/// unmaps the clean code pages the tasks touched (and trims its heap), so its resident code
+/// shrinks to what idling uses; the next task maps what it needs again and runs as before.
+#[test]
+fn an_idle_agent_gives_its_code_pages_back_and_still_runs_tasks() {
+    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    for i in 0..10 {
+        hello_ok(&platform, &id, &publisher, &format!("busy {i}"));
+    }
+    let busy = rss_file_kib(agent.pid());
+    assert!(busy > 0, "no RssFile for the agent");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let idle = loop {
+        let now = rss_file_kib(agent.pid());
+        if now * 2 < busy {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resident code stayed at {now} KiB (busy: {busy} KiB) for 20 s\nagent log:\n{}",
+            agent.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("agent RssFile: busy {busy} KiB, idle {idle} KiB");
+    hello_ok(&platform, &id, &publisher, "after the trim");
+    hello_ok(&platform, &id, &publisher, "again");
+}
