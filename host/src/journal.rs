@@ -736,6 +736,10 @@ impl Writer {
     /// An empty durable commit: what earlier commits without fsync wrote reaches the disk.
     fn flush(&mut self) {
         let guard = read_lock(&self.shared.db);
+        if guard.is_none() {
+            // Closed after an I/O failure: nothing left to flush; the next batch reopens it.
+            self.unflushed = false;
+        }
         if let Some(db) = guard.as_ref() {
             let committed = db
                 .begin_write()

@@ -192,8 +192,8 @@ fn init_logging(verbose: u8, service: bool) {
 }
 
 fn main() -> ExitCode {
-    // Before any thread starts: see `bridge_host::memory::one_arena`.
-    bridge_host::memory::one_arena();
+    // Before any thread starts: see `bridge_host::memory::limit_arenas`.
+    bridge_host::memory::limit_arenas();
     let cli = Cli::parse();
     init_logging(cli.verbose, matches!(cli.command, Command::Run(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
