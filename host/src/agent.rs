@@ -468,6 +468,11 @@ impl Agent {
         }
         // A free slot now: the task is recorded as running in the same commit that accepts it.
         let slot = self.slots.clone().try_acquire_owned().ok();
+        if slot.is_some() {
+            if let Some(target) = self.runnable_early(&req) {
+                return self.run_while_accepting(req, target, slot).await;
+            }
+        }
         let accepted = match &slot {
             Some(_) => self.journal.accept_running(&req).await,
             None => self.journal.accept(&req).await,
@@ -480,13 +485,7 @@ impl Agent {
             }
             Err(e) => {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
-                let reason = match e {
-                    JournalError::StorageFull(_) => "storage_full",
-                    JournalError::Io(_) => "storage_error",
-                };
-                tracing::error!(task_id = %req.task_id, "refusing a task: {e}");
-                let result = rejected(reason, format!("the task could not be recorded: {e}"));
-                return self.reply_unrecorded(&req, result).await;
+                return self.refuse_unrecorded(&req, e).await;
             }
         }
         let cancel = lock(&self.live).register(&req.task_id, slot.is_some());
@@ -502,6 +501,17 @@ impl Agent {
         })
         .await;
         self.clone().run_task(req, cancel, not_after, slot).await;
+    }
+
+    /// The journal could not record the task: `storage_full` or `storage_error`, nothing ran.
+    async fn refuse_unrecorded(&self, req: &RunRequest, e: JournalError) {
+        let reason = match e {
+            JournalError::StorageFull(_) => "storage_full",
+            JournalError::Io(_) => "storage_error",
+        };
+        tracing::error!(task_id = %req.task_id, "refusing a task: {e}");
+        let result = rejected(reason, format!("the task could not be recorded: {e}"));
+        self.reply_unrecorded(req, result).await
     }
 
     /// Runs a task taken from the journal (at start), outside of `receive`; `check_expiry`
@@ -665,11 +675,112 @@ impl Agent {
             },
         };
         drop(slot);
-        self.finish(&req, result, ran).await;
+        self.complete(&req, result, ran).await;
+    }
+
+    /// The end of an accepted task: its result recorded and sent, the task forgotten.
+    async fn complete(self: &Arc<Self>, req: &RunRequest, result: RunResult, ran: bool) {
+        self.finish(req, result, ran).await;
         lock(&self.live).tasks.remove(&req.task_id);
         if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.went_idle();
         }
+    }
+
+    /// The handler a task resolves to, if it may run while its acceptance is being recorded:
+    /// a WASM handler already verified and compiled (no module to fetch), for a task that does
+    /// not stream. A handler run by the agent gets no directories and no environment (see
+    /// [`Agent::run_module`]): its only effect is its result, and that is not sent before the
+    /// acceptance is on disk. If the agent dies first, nothing of the run was seen by anyone,
+    /// and the platform, which got no `accepted`, sends the task again: it runs as if for the
+    /// first time. Shell commands, module fetches and streamed output are effects: those wait.
+    fn runnable_early(&self, req: &RunRequest) -> Option<Target> {
+        if req.stream {
+            return None;
+        }
+        let target = match (&req.command, &req.module_sha256) {
+            (Some(name), _) => self.resolve(name)?,
+            (None, Some(sha)) => Target::Module {
+                sha256: sha.clone(),
+                signature: req.signature.clone(),
+            },
+            (None, None) => return None,
+        };
+        let Target::Module { sha256, signature } = &target else {
+            return None;
+        };
+        let sha = parse_sha(sha256)?;
+        let detached = decode_signature(signature.as_deref()).ok()?;
+        self.trust
+            .cached(&self.sandbox, &sha, detached.as_deref())
+            .map(|_| target)
+    }
+
+    /// [`Agent::runnable_early`]'s tasks: the handler runs while the journal records the task
+    /// as accepted and running; once that is durable, `accepted` is sent (unless the run is
+    /// over by then: its result alone says the task was accepted), then the result.
+    /// A task the journal refuses (seen before, storage full) is answered as `receive` would,
+    /// and its run is stopped and discarded.
+    async fn run_while_accepting(
+        self: Arc<Self>,
+        req: RunRequest,
+        target: Target,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let stop = CancellationToken::new();
+        let run = self.execute_target(&req, target, stop.clone(), None);
+        tokio::pin!(run);
+        let accept = self.journal.accept_running(&req);
+        tokio::pin!(accept);
+        let mut early = None;
+        let accepted = loop {
+            tokio::select! {
+                biased;
+                a = &mut accept => break a,
+                r = &mut run, if early.is_none() => early = Some(r),
+            }
+        };
+        let refusal = match accepted {
+            Ok(Accept::New) => None,
+            Ok(Accept::Seen(record)) => Some(Err(record)),
+            Err(e) => Some(Ok(e)),
+        };
+        if let Some(refusal) = refusal {
+            stop.cancel();
+            if early.is_none() {
+                let _ = (&mut run).await;
+            }
+            drop(slot);
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return match refusal {
+                Err(record) => self.answer_record(&req, record).await,
+                Ok(e) => self.refuse_unrecorded(&req, e).await,
+            };
+        }
+        let cancel = lock(&self.live).register(&req.task_id, true);
+        tracing::info!(task_id = %req.task_id, "task accepted");
+        tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started (while its acceptance was recorded)");
+        // A run already over needs no `accepted`: its result, sent next, says as much.
+        if early.is_none() {
+            self.send(AgentMessage::Accepted {
+                id: req.id.clone(),
+                task_id: req.task_id.clone(),
+                state: TaskState::Running,
+            })
+            .await;
+        }
+        let result = match early {
+            Some(r) => r,
+            None => tokio::select! {
+                r = &mut run => r,
+                _ = cancel.cancelled() => {
+                    stop.cancel();
+                    (&mut run).await
+                }
+            },
+        };
+        drop(slot);
+        self.complete(&req, result, true).await;
     }
 
     /// The last task finished: once the agent has stayed idle for [`TRIM_AFTER`], give memory
@@ -786,6 +897,16 @@ impl Agent {
             },
             (None, None) => unreachable!("checked on receipt"),
         };
+        self.execute_target(req, target, cancel, tap).await
+    }
+
+    async fn execute_target(
+        &self,
+        req: &RunRequest,
+        target: Target,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
         match target {
             Target::Shell(rule) => self.run_shell(rule, req, cancel, tap).await,
             Target::Module { sha256, signature } => {

@@ -649,6 +649,47 @@ fn a_full_disk_refuses_new_tasks_with_storage_full() {
 }
 
 #[test]
+fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothing_of_it() {
+    // A warm handler (installed, so compiled and verified) starts while the journal records
+    // the task; its result goes out only once the task is on disk.
+    let s = Setup::new("");
+    let installed = s.install("hello", &s.publisher.signed("hello"));
+    assert_eq!(installed["ok"], true, "{installed}");
+    let r = s.run_command("hello", json!({"input": {"name": "early"}}));
+    assert_eq!(status(&r), "ok", "{r}");
+    assert_eq!(r["result"]["output"]["greeting"], "Hello, early!");
+    assert_eq!(
+        s.agent
+            .log
+            .count("task started (while its acceptance was recorded)"),
+        1,
+        "{}",
+        s.agent.log.text()
+    );
+
+    // The journal refuses the task (storage full): the run that started meanwhile is thrown
+    // away; the platform gets the refusal only, and stores no result for the task id.
+    let full = Setup::new("[agent]\nmin_free_mib = 1000000000\n");
+    let installed = full.install("hello", &full.publisher.signed("hello"));
+    assert_eq!(installed["ok"], true, "{installed}");
+    let r = full.run_command(
+        "hello",
+        json!({"input": {"name": "never"}, "task_id": "refused-early"}),
+    );
+    assert_eq!(status(&r), "rejected", "{r}");
+    assert_eq!(r["result"]["reason"], "storage_full", "{r}");
+    assert!(!r.to_string().contains("Hello, never!"), "{r}");
+    let stored = full.control(json!({"cmd": "result", "task_id": "refused-early"}));
+    assert_ne!(stored["ok"], true, "{stored}");
+    assert_eq!(
+        full.agent.log.count("task started"),
+        0,
+        "{}",
+        full.agent.log.text()
+    );
+}
+
+#[test]
 fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() {
     // 3000 finished, unacknowledged results of 4 KiB each waiting in the agent's journal (as
     // after a long outage): the agent sends them all at once when it connects, while the

@@ -12,7 +12,8 @@
 //!   [`limiter::LimitExceeded`] → `memory_limit`. The pooling allocator's slot size is the agent's
 //!   local maximum, so no request can exceed it.
 //! - **wall clock**: one ticker thread bumps the engine's epoch every [`EPOCH_TICK`] while any
-//!   run is in progress (an idle agent has no such wake-ups); each store
+//!   run is in progress, and for 100 ms after the last one (an idle agent has no such
+//!   wake-ups); each store
 //!   yields to tokio at every tick, so a runaway handler never holds a worker thread, and the run
 //!   is a future raced against a tokio timer. When the timer wins the future is dropped, which
 //!   tears down the guest's fiber → `timeout`. Handlers blocked in a host call (sleeping) are
@@ -190,17 +191,35 @@ struct Inner {
 }
 
 /// One thread for the whole agent that advances the engine's epoch while runs are in
-/// progress, and sleeps (no wake-ups at all) while none is; stops when dropped.
+/// progress, and sleeps (no wake-ups at all) once none has been for [`TICKER_GRACE`]; stops
+/// when dropped. Staying awake for the grace period spares a stream of short runs a thread
+/// wake-up each (a futex round trip and often an inter-processor interrupt per run).
 struct EpochTicker {
     shared: Arc<TickerState>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// How long the ticker keeps ticking after the last run ended before it sleeps.
+const TICKER_GRACE: Duration = Duration::from_millis(100);
+
 struct TickerState {
-    /// Runs in progress.
-    active: Mutex<usize>,
+    counts: Mutex<TickerCounts>,
     wake: std::sync::Condvar,
     stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct TickerCounts {
+    /// Runs in progress.
+    active: usize,
+    /// The ticker waits on `wake` (a run starting must notify it).
+    sleeping: bool,
+}
+
+impl TickerState {
+    fn counts(&self) -> std::sync::MutexGuard<'_, TickerCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Counts a run as active for the ticker while it lives.
@@ -208,32 +227,46 @@ struct Ticking<'a>(&'a TickerState);
 
 impl Drop for Ticking<'_> {
     fn drop(&mut self) {
-        *self.0.active.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.counts().active -= 1;
     }
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> Result<EpochTicker> {
         let shared = Arc::new(TickerState {
-            active: Mutex::new(0),
+            counts: Mutex::new(TickerCounts::default()),
             wake: std::sync::Condvar::new(),
             stop: AtomicBool::new(false),
         });
         let state = shared.clone();
+        let grace_ticks = (TICKER_GRACE.as_millis() / EPOCH_TICK.as_millis()).max(1);
         let thread = std::thread::Builder::new()
             .name("bridge-epoch".into())
-            .spawn(move || loop {
-                {
-                    let mut active = state.active.lock().unwrap_or_else(|e| e.into_inner());
-                    while *active == 0 && !state.stop.load(Ordering::Relaxed) {
-                        active = state.wake.wait(active).unwrap_or_else(|e| e.into_inner());
+            .spawn(move || {
+                let mut idle_ticks = 0;
+                loop {
+                    {
+                        let mut counts = state.counts();
+                        if counts.active == 0 {
+                            idle_ticks += 1;
+                        } else {
+                            idle_ticks = 0;
+                        }
+                        if idle_ticks >= grace_ticks {
+                            counts.sleeping = true;
+                            while counts.active == 0 && !state.stop.load(Ordering::Relaxed) {
+                                counts = state.wake.wait(counts).unwrap_or_else(|e| e.into_inner());
+                            }
+                            counts.sleeping = false;
+                            idle_ticks = 0;
+                        }
                     }
+                    if state.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
                 }
-                if state.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(EPOCH_TICK);
-                engine.increment_epoch();
             })
             .context("starting the epoch ticker thread")?;
         Ok(EpochTicker {
@@ -242,11 +275,11 @@ impl EpochTicker {
         })
     }
 
-    /// Marks a run active until the guard drops; wakes the ticker if it slept.
+    /// Marks a run active until the guard drops; wakes the ticker if it sleeps.
     fn active(&self) -> Ticking<'_> {
-        let mut active = self.shared.active.lock().unwrap_or_else(|e| e.into_inner());
-        *active += 1;
-        if *active == 1 {
+        let mut counts = self.shared.counts();
+        counts.active += 1;
+        if counts.sleeping {
             self.shared.wake.notify_one();
         }
         Ticking(&self.shared)
@@ -255,8 +288,12 @@ impl EpochTicker {
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.wake.notify_one();
+        {
+            // Under the lock, so the ticker cannot miss it between its check and its wait.
+            let _counts = self.shared.counts();
+            self.shared.stop.store(true, Ordering::Relaxed);
+            self.shared.wake.notify_one();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
