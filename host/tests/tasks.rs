@@ -658,14 +658,10 @@ fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothi
     let r = s.run_command("hello", json!({"input": {"name": "early"}}));
     assert_eq!(status(&r), "ok", "{r}");
     assert_eq!(r["result"]["output"]["greeting"], "Hello, early!");
-    assert_eq!(
-        s.agent
-            .log
-            .count("task started (while its acceptance was recorded)"),
-        1,
-        "{}",
-        s.agent.log.text()
-    );
+    // (The agent's log is read asynchronously: wait for the line, then count.)
+    let early = "task started (while its acceptance was recorded)";
+    s.agent.log.wait_for(early, Duration::from_secs(20));
+    assert_eq!(s.agent.log.count(early), 1, "{}", s.agent.log.text());
 
     // The journal refuses the task (storage full): the run that started meanwhile is thrown
     // away; the platform gets the refusal only, and stores no result for the task id.
@@ -681,6 +677,9 @@ fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothi
     assert!(!r.to_string().contains("Hello, never!"), "{r}");
     let stored = full.control(json!({"cmd": "result", "task_id": "refused-early"}));
     assert_ne!(stored["ok"], true, "{stored}");
+    full.agent
+        .log
+        .wait_for("refusing a task", Duration::from_secs(20));
     assert_eq!(
         full.agent.log.count("task started"),
         0,
