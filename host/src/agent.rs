@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -182,14 +182,8 @@ pub struct Agent {
     pending: AtomicUsize,
     max_pending: usize,
     started: Instant,
-    /// Counts the times the agent went idle (a trim waits for it to stay idle).
-    idle_since: AtomicU64,
-    /// When the last task ended, in milliseconds since `started`.
-    last_task_ms: AtomicU64,
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    /// When the last task ended (none yet: `None`); a trim waits until it is [`TRIM_AFTER`] ago.
+    last_task: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -323,8 +317,7 @@ impl Agent {
                 pending: AtomicUsize::new(0),
                 max_pending: slots + options.queue_capacity,
                 started: Instant::now(),
-                idle_since: AtomicU64::new(0),
-                last_task_ms: AtomicU64::new(0),
+                last_task: Mutex::new(None),
             }),
             recovery,
         ))
@@ -698,14 +691,7 @@ impl Agent {
         if req.stream {
             return None;
         }
-        let target = match (&req.command, &req.module_sha256) {
-            (Some(name), _) => self.resolve(name)?,
-            (None, Some(sha)) => Target::Module {
-                sha256: sha.clone(),
-                signature: req.signature.clone(),
-            },
-            (None, None) => return None,
-        };
+        let target = self.target_of(req)?;
         let Target::Module { sha256, signature } = &target else {
             return None;
         };
@@ -787,15 +773,12 @@ impl Agent {
     /// back ([`crate::memory::trim`]), so an idle agent holds what it uses, not what its
     /// busiest moment needed.
     fn went_idle(self: &Arc<Self>) {
-        self.last_task_ms
-            .store(millis(self.started.elapsed()), Ordering::SeqCst);
-        let idle = self.idle_since.fetch_add(1, Ordering::SeqCst) + 1;
+        *lock(&self.last_task) = Some(Instant::now());
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(TRIM_AFTER).await;
-            if this.idle_since.load(Ordering::SeqCst) == idle {
-                this.trim_if_idle("idle after tasks").await;
-            }
+            // A task that ended meanwhile makes this a no-op; its own timer trims later.
+            this.trim_if_idle("idle after tasks").await;
         });
     }
 
@@ -825,11 +808,8 @@ impl Agent {
     /// Trims memory unless a task is in progress or ended less than [`TRIM_AFTER`] ago (its
     /// code will likely be needed again soon).
     async fn trim_if_idle(&self, why: &'static str) {
-        let since_task =
-            millis(self.started.elapsed()).saturating_sub(self.last_task_ms.load(Ordering::SeqCst));
-        if self.pending.load(Ordering::SeqCst) != 0
-            || (self.idle_since.load(Ordering::SeqCst) > 0 && since_task < millis(TRIM_AFTER))
-        {
+        let recent = lock(&self.last_task).is_some_and(|t| t.elapsed() < TRIM_AFTER);
+        if recent || self.pending.load(Ordering::SeqCst) != 0 {
             return;
         }
         let before = crate::memory::resident_kib();
@@ -886,18 +866,27 @@ impl Agent {
         cancel: CancellationToken,
         tap: Option<StreamTap>,
     ) -> RunResult {
-        let target = match (&req.command, &req.module_sha256) {
-            (Some(name), _) => match self.resolve(name) {
-                Some(t) => t,
-                None => return self.unknown_command(name),
+        let target = match self.target_of(req) {
+            Some(t) => t,
+            None => match &req.command {
+                Some(name) => return self.unknown_command(name),
+                None => unreachable!("checked on receipt: a command or a module"),
             },
-            (None, Some(sha)) => Target::Module {
-                sha256: sha.clone(),
-                signature: req.signature.clone(),
-            },
-            (None, None) => unreachable!("checked on receipt"),
         };
         self.execute_target(req, target, cancel, tap).await
+    }
+
+    /// What a task runs: its command resolved ([`Agent::resolve`]), or the module it names.
+    /// `None` for a command that resolves to nothing.
+    fn target_of(&self, req: &RunRequest) -> Option<Target> {
+        match (&req.command, &req.module_sha256) {
+            (Some(name), _) => self.resolve(name),
+            (None, Some(sha)) => Some(Target::Module {
+                sha256: sha.clone(),
+                signature: req.signature.clone(),
+            }),
+            (None, None) => None,
+        }
     }
 
     async fn execute_target(

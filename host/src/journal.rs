@@ -688,12 +688,7 @@ impl Writer {
                 match rx.recv_timeout(FLUSH_AFTER) {
                     Ok(op) => op,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if self.held_acks.is_empty() {
-                            self.flush();
-                        } else {
-                            // A durable commit of the held acknowledgements is the flush.
-                            self.process(Vec::new(), true);
-                        }
+                        self.flush();
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -726,32 +721,31 @@ impl Writer {
         }
         // Writes committed without fsync become durable with the next durable commit: make one
         // before the database closes.
-        if self.held_acks.is_empty() {
-            self.flush();
-        } else {
-            self.process(Vec::new(), true);
-        }
+        self.flush();
     }
 
-    /// An empty durable commit: what earlier commits without fsync wrote reaches the disk.
+    /// A durable commit of the held acknowledgements, or an empty one: what earlier commits
+    /// without fsync wrote reaches the disk.
     fn flush(&mut self) {
+        if !self.held_acks.is_empty() {
+            return self.process(Vec::new(), true);
+        }
         let guard = read_lock(&self.shared.db);
-        if guard.is_none() {
+        let Some(db) = guard.as_ref() else {
             // Closed after an I/O failure: nothing left to flush; the next batch reopens it.
             self.unflushed = false;
-        }
-        if let Some(db) = guard.as_ref() {
-            let committed = db
-                .begin_write()
-                .map_err(redb::Error::from)
-                .and_then(|t| t.commit().map_err(redb::Error::from));
-            match committed {
-                Ok(()) => {
-                    self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                    self.unflushed = false;
-                }
-                Err(e) => tracing::warn!("the journal's flush commit failed: {e}"),
+            return;
+        };
+        let committed = db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .and_then(|t| t.commit().map_err(redb::Error::from));
+        match committed {
+            Ok(()) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.unflushed = false;
             }
+            Err(e) => tracing::warn!("the journal's flush commit failed: {e}"),
         }
     }
 
