@@ -30,10 +30,16 @@
 //! ## Storage and group commit
 //!
 //! The journal is one [redb] file (`<state>/journal.redb`, mode 0600 in a 0700 directory).
-//! Values are JSON: table `tasks` maps a task id to its [`TaskRecord`], table `task_index` maps
-//! it to a small summary (accept sequence number, phase, acked, finish time) that is loaded in
-//! memory at open, and `handlers` maps a command name to its [`HandlerRecord`]. A file that does
-//! not open (not a redb file, failed integrity check, held by another process) is an error: it
+//! Values are JSON. Tasks are keyed by their accept sequence number, so that the tasks in
+//! flight, which are the ones written, share the last pages of each B-tree (task ids come from
+//! the platform and are random: keyed by id, every write landed on a different page, to be read
+//! and written back on its own). Table `records` maps the number to the task's [`TaskRecord`],
+//! written when the task is accepted and when it finishes; table `entries` maps it to a small
+//! entry (task id, phase, acked, finish time), which is all a start or an acknowledgement
+//! writes, and which is loaded in memory at open (so lookups by task id need no read). Table
+//! `handlers` maps a command name to its [`HandlerRecord`]. A file of format version 1 (tables
+//! keyed by task id) is migrated at open, in one transaction. A file that does not open (not a
+//! redb file, failed integrity check, held by another process, a newer format) is an error: it
 //! is never replaced.
 //!
 //! Every commit is durable (redb's `Immediate` durability: the data is fsynced before the commit
@@ -78,6 +84,7 @@
 //!
 //! [redb]: https://docs.rs/redb
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::{DirBuilder, OpenOptions};
@@ -126,14 +133,19 @@ fn held(
         .map(|(_, v)| v.clone())
 }
 
-/// The file format version, stored in table `meta`.
-const SCHEMA_VERSION: u64 = 1;
+/// The file format version, stored in table `meta`. Version 1 keyed the task tables by task
+/// id; a file in that format is migrated at open (see [`migrate_v1`]).
+const SCHEMA_VERSION: u64 = 2;
 
 /// redb's page cache; the journal is read little (records are mostly written once).
 const CACHE_BYTES: usize = 1 << 20;
 
-const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
+/// Accept sequence number → the task's [`TaskRecord`]. Written when the task is accepted and
+/// when it finishes; its `phase` and `acked` may lag its entry's, which are authoritative.
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Accept sequence number → [`Entry`]: the task id and where the task is. Loaded in memory at
+/// open.
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const HANDLERS: TableDefinition<&str, &[u8]> = TableDefinition::new("handlers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -170,7 +182,7 @@ impl JournalConfig {
 }
 
 /// Where a recorded task is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskPhase {
     /// Accepted, not started.
@@ -249,7 +261,18 @@ pub struct Journal {
     inner: Arc<Inner>,
 }
 
-/// The index entry of a task (table `task_index`, and the in-memory mirror).
+/// The tables of format version 1, keyed by task id (random, from the platform: every write
+/// landed on a different B-tree page). Read only to migrate.
+mod v1 {
+    use redb::TableDefinition;
+
+    /// Task id → [`super::TaskRecord`].
+    pub const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+    /// Task id → [`super::Meta`].
+    pub const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
+}
+
+/// Where a task is: its entry in table `entries` (keyed by `seq`), and in the in-memory mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Meta {
     /// Accept order.
@@ -271,6 +294,42 @@ impl Meta {
 
     fn in_outbox(&self) -> bool {
         self.phase == TaskPhase::Done && !self.acked
+    }
+
+    /// Brings a record read from table `records` up to date: starts and acknowledgements
+    /// are written to the entry alone. Both only move forward, so the later of the two wins.
+    fn overlay(&self, record: &mut TaskRecord) {
+        record.phase = record.phase.max(self.phase);
+        record.acked |= self.acked;
+    }
+}
+
+/// A value of table `entries`: a [`Meta`] without its `seq` (the key), with the task id.
+#[derive(Serialize, Deserialize)]
+struct Entry<'a> {
+    id: Cow<'a, str>,
+    phase: TaskPhase,
+    acked: bool,
+    finished_at_ms: Option<u64>,
+}
+
+impl<'a> Entry<'a> {
+    fn of(id: &'a str, meta: &Meta) -> Entry<'a> {
+        Entry {
+            id: Cow::Borrowed(id),
+            phase: meta.phase,
+            acked: meta.acked,
+            finished_at_ms: meta.finished_at_ms,
+        }
+    }
+
+    fn meta(&self, seq: u64) -> Meta {
+        Meta {
+            seq,
+            phase: self.phase,
+            acked: self.acked,
+            finished_at_ms: self.finished_at_ms,
+        }
     }
 }
 
@@ -533,41 +592,83 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
 
 /// The journal file's tables, open in a write transaction.
 struct Tables<'t> {
-    tasks: Table<'t, &'static str, &'static [u8]>,
-    index: Table<'t, &'static str, &'static [u8]>,
+    records: Table<'t, u64, &'static [u8]>,
+    entries: Table<'t, u64, &'static [u8]>,
     handlers: Table<'t, &'static str, &'static [u8]>,
+    /// The sequence numbers of tasks committed before this transaction.
+    mirror: &'t Mutex<Mirror>,
+    /// The sequence numbers of tasks accepted in this transaction.
+    fresh: HashMap<Arc<str>, u64>,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, TableError> {
+    fn open(
+        txn: &'t WriteTransaction,
+        mirror: &'t Mutex<Mirror>,
+    ) -> Result<Tables<'t>, TableError> {
         Ok(Tables {
-            tasks: txn.open_table(TASKS)?,
-            index: txn.open_table(INDEX)?,
+            records: txn.open_table(RECORDS)?,
+            entries: txn.open_table(ENTRIES)?,
             handlers: txn.open_table(HANDLERS)?,
+            mirror,
+            fresh: HashMap::new(),
         })
     }
 
+    /// A task's entry, this transaction's writes included (`None`: not recorded, or removed).
+    fn entry(&self, id: &str) -> Result<Option<Meta>, Fail> {
+        let seq = match self.fresh.get(id) {
+            Some(&seq) => seq,
+            None => match lock(self.mirror).tasks.get(id) {
+                Some(m) => m.seq,
+                None => return Ok(None),
+            },
+        };
+        let Some(v) = self.entries.get(seq)? else {
+            return Ok(None);
+        };
+        let entry: Entry = decode("index entry", id, v.value()).map_err(Fail::Logic)?;
+        if entry.id != id {
+            return Err(Fail::Logic(JournalError::Io(format!(
+                "index entry {seq} is task {:?}, not {id:?}",
+                entry.id
+            ))));
+        }
+        Ok(Some(entry.meta(seq)))
+    }
+
+    /// A task's record and entry, this transaction's writes included.
     fn load(&self, id: &str) -> Result<Option<(TaskRecord, Meta)>, Fail> {
-        let record = match self.tasks.get(id)? {
-            Some(v) => decode::<TaskRecord>("task", id, v.value()).map_err(Fail::Logic)?,
-            None => return Ok(None),
+        let Some(meta) = self.entry(id)? else {
+            return Ok(None);
         };
-        let meta = match self.index.get(id)? {
-            Some(v) => decode::<Meta>("index entry", id, v.value()).map_err(Fail::Logic)?,
-            None => {
-                return Err(Fail::Logic(JournalError::Io(format!(
-                    "task {id:?} has no index entry"
-                ))))
-            }
+        let Some(v) = self.records.get(meta.seq)? else {
+            return Err(Fail::Logic(JournalError::Io(format!(
+                "task {id:?} has an index entry but no record"
+            ))));
         };
+        let mut record: TaskRecord = decode("task", id, v.value()).map_err(Fail::Logic)?;
+        meta.overlay(&mut record);
         Ok(Some((record, meta)))
     }
 
+    /// Writes a task's record and its entry.
     fn store(&mut self, id: &str, record: &TaskRecord, meta: &Meta) -> Result<(), Fail> {
         let r = encode("task", id, record).map_err(Fail::Logic)?;
-        let m = encode("index entry", id, meta).map_err(Fail::Logic)?;
-        self.tasks.insert(id, r.as_slice())?;
-        self.index.insert(id, m.as_slice())?;
+        self.records.insert(meta.seq, r.as_slice())?;
+        self.store_entry(id, meta)
+    }
+
+    /// Writes a task's entry alone (a start, an acknowledgement).
+    fn store_entry(&mut self, id: &str, meta: &Meta) -> Result<(), Fail> {
+        let e = encode("index entry", id, &Entry::of(id, meta)).map_err(Fail::Logic)?;
+        self.entries.insert(meta.seq, e.as_slice())?;
+        Ok(())
+    }
+
+    fn remove(&mut self, seq: u64) -> Result<(), Fail> {
+        self.records.remove(seq)?;
+        self.entries.remove(seq)?;
         Ok(())
     }
 }
@@ -596,65 +697,117 @@ fn open_db(path: &Path) -> Res<Database> {
     }
 }
 
-/// Creates the tables if needed and checks the schema version.
+/// Creates the tables if needed and checks the schema version; migrates a version 1 file.
 fn init_schema(db: &Database, path: &Path) -> Res<()> {
     let txn = db.begin_write().map_err(db_error)?;
+    let mut migrated = None;
     {
         let mut meta = txn.open_table(META).map_err(db_error)?;
         let version = meta.get("schema").map_err(db_error)?.map(|v| v.value());
         match version {
-            None => {
-                meta.insert("schema", SCHEMA_VERSION).map_err(db_error)?;
+            None => {}
+            Some(1) => {
+                migrated = Some(migrate_v1(&txn).map_err(|e| match e {
+                    Fail::Logic(e) => e,
+                    Fail::Storage(e) => db_error(e),
+                })?)
             }
             Some(SCHEMA_VERSION) => {}
             Some(v) => {
                 return Err(JournalError::Io(format!(
-                    "the journal {} has format version {v}; this agent reads version \
+                    "the journal {} has format version {v}; this agent reads versions 1 and \
                      {SCHEMA_VERSION}",
                     path.display()
                 )))
             }
         }
-        Tables::open(&txn).map_err(db_error)?;
+        if version != Some(SCHEMA_VERSION) {
+            meta.insert("schema", SCHEMA_VERSION).map_err(db_error)?;
+        }
+        Tables::open(&txn, &Mutex::default()).map_err(db_error)?;
     }
-    txn.commit().map_err(db_error)
+    txn.commit().map_err(db_error)?;
+    if let Some(n) = migrated {
+        tracing::info!(
+            "migrated the journal {} from format version 1 to {SCHEMA_VERSION} ({n} task records)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Moves every task of a version 1 file (tables keyed by task id) into the tables keyed by
+/// accept sequence number, in the caller's transaction, and drops the old tables. Returns how
+/// many tasks moved.
+fn migrate_v1(txn: &WriteTransaction) -> Result<usize, Fail> {
+    let mut moved = 0;
+    {
+        let tasks = txn.open_table(v1::TASKS)?;
+        let index = txn.open_table(v1::INDEX)?;
+        let mut records = txn.open_table(RECORDS)?;
+        let mut entries = txn.open_table(ENTRIES)?;
+        for item in index.iter()? {
+            let (k, v) = item?;
+            let id = k.value();
+            let meta: Meta = decode("index entry", id, v.value()).map_err(Fail::Logic)?;
+            let Some(record) = tasks.get(id)? else {
+                return Err(Fail::Logic(JournalError::Io(format!(
+                    "migrating the journal: task {id:?} is indexed but has no record"
+                ))));
+            };
+            if entries.get(meta.seq)?.is_some() {
+                return Err(Fail::Logic(JournalError::Io(format!(
+                    "migrating the journal: two tasks have sequence number {}",
+                    meta.seq
+                ))));
+            }
+            let entry = encode("index entry", id, &Entry::of(id, &meta)).map_err(Fail::Logic)?;
+            records.insert(meta.seq, record.value())?;
+            entries.insert(meta.seq, entry.as_slice())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(v1::TASKS)?;
+    txn.delete_table(v1::INDEX)?;
+    Ok(moved)
 }
 
 /// The index of every record, and the next sequence number.
 fn load_index(db: &Database) -> Res<(Mirror, u64)> {
     let txn = db.begin_read().map_err(db_error)?;
-    let index = txn.open_table(INDEX).map_err(db_error)?;
+    let entries = txn.open_table(ENTRIES).map_err(db_error)?;
     let mut mirror = Mirror::default();
     let mut next_seq = 0;
-    for entry in index.iter().map_err(db_error)? {
-        let (k, v) = entry.map_err(db_error)?;
-        let id = k.value();
-        let meta: Meta = decode("index entry", id, v.value())?;
-        next_seq = next_seq.max(meta.seq + 1);
-        mirror.set(Arc::from(id), meta);
+    for item in entries.iter().map_err(db_error)? {
+        let (k, v) = item.map_err(db_error)?;
+        let seq = k.value();
+        let entry: Entry = decode("index entry", &seq.to_string(), v.value())?;
+        next_seq = seq + 1;
+        mirror.set(Arc::from(entry.id.as_ref()), entry.meta(seq));
     }
     Ok((mirror, next_seq))
 }
 
 /// The full records of the unfinished tasks, in accept order.
 fn load_recovery(db: &Database, mirror: &Mirror) -> Res<Recovery> {
-    let mut unfinished: Vec<(u64, &Arc<str>)> = mirror
+    let mut unfinished: Vec<(&Meta, &Arc<str>)> = mirror
         .tasks
         .iter()
         .filter(|(_, m)| m.phase != TaskPhase::Done)
-        .map(|(id, m)| (m.seq, id))
+        .map(|(id, m)| (m, id))
         .collect();
-    unfinished.sort_unstable();
+    unfinished.sort_unstable_by_key(|(m, _)| m.seq);
     let txn = db.begin_read().map_err(db_error)?;
-    let tasks = txn.open_table(TASKS).map_err(db_error)?;
+    let records = txn.open_table(RECORDS).map_err(db_error)?;
     let mut recovery = Recovery::default();
-    for (_, id) in unfinished {
-        let Some(v) = tasks.get(&**id).map_err(db_error)? else {
+    for (meta, id) in unfinished {
+        let Some(v) = records.get(meta.seq).map_err(db_error)? else {
             return Err(JournalError::Io(format!(
                 "task {id:?} is indexed but has no record"
             )));
         };
-        let record: TaskRecord = decode("task", id, v.value())?;
+        let mut record: TaskRecord = decode("task", id, v.value())?;
+        meta.overlay(&mut record);
         match record.phase {
             TaskPhase::Queued => recovery.queued.push(record),
             TaskPhase::Running => recovery.running.push(record),
@@ -812,7 +965,7 @@ impl Writer {
         let mut changes = Vec::new();
         let mut failure: Option<redb::Error> = None;
         let mut ops = ops.into_iter();
-        match Tables::open(&txn) {
+        match Tables::open(&txn, &shared.mirror) {
             Ok(mut t) => {
                 for op in ops.by_ref() {
                     let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
@@ -972,7 +1125,9 @@ impl Writer {
         t.store(id, &record, &meta)?;
         self.next_seq += 1;
         self.accepts_since_prune += 1;
-        changes.push(Change::Set(Arc::from(id), meta));
+        let id: Arc<str> = Arc::from(id);
+        t.fresh.insert(id.clone(), meta.seq);
+        changes.push(Change::Set(id, meta));
         Ok(Accept::New)
     }
 
@@ -987,7 +1142,7 @@ impl Writer {
         let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
         // The mirror may lag this batch's own writes; it never shows a record as finished and
         // acknowledged that is not (on disk, or about to be in this very transaction).
-        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(&self.shared.mirror)
+        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(t.mirror)
             .tasks
             .iter()
             .filter(|(_, m)| m.phase == TaskPhase::Done && m.acked)
@@ -996,23 +1151,22 @@ impl Writer {
         finished.sort_unstable_by_key(|f| f.0);
         let mut doomed = Vec::new();
         let mut kept = Vec::new();
-        for (_, id, finished_at) in finished {
+        for (seq, id, finished_at) in finished {
             if now.saturating_sub(finished_at) >= retention_ms {
-                doomed.push(id);
+                doomed.push((seq, id));
             } else {
-                kept.push(id);
+                kept.push((seq, id));
             }
         }
         if kept.len() > config.max_records {
             let excess = kept.len() - config.max_records;
             doomed.extend(kept.drain(..excess));
         }
-        for id in &doomed {
-            t.tasks.remove(&**id)?;
-            t.index.remove(&**id)?;
+        for (seq, _) in &doomed {
+            t.remove(*seq)?;
         }
         let n = doomed.len();
-        changes.extend(doomed.into_iter().map(Change::Remove));
+        changes.extend(doomed.into_iter().map(|(_, id)| Change::Remove(id)));
         Ok(n)
     }
 
@@ -1026,7 +1180,7 @@ impl Writer {
         let txn = db.begin_write().map_err(db_error)?;
         let mut changes = Vec::new();
         let n = {
-            let mut t = Tables::open(&txn).map_err(db_error)?;
+            let mut t = Tables::open(&txn, &shared.mirror).map_err(db_error)?;
             match self.prune_in(&mut t, now_ms(), &mut changes) {
                 Ok(n) => n,
                 Err(Fail::Logic(e)) => return Err(e),
@@ -1135,20 +1289,27 @@ impl Writer {
         let reconciled = (|| -> Result<(), Fail> {
             let txn = db.begin_write()?;
             {
-                let mut t = Tables::open(&txn)?;
+                let mut t = Tables::open(&txn, &shared.mirror)?;
                 let mut on_disk = Vec::new();
-                for entry in t.index.iter()? {
-                    let (k, v) = entry?;
-                    let id = k.value().to_string();
-                    let meta: Meta = decode("index entry", &id, v.value()).map_err(Fail::Logic)?;
-                    on_disk.push((id, meta));
+                for item in t.entries.iter()? {
+                    let (k, v) = item?;
+                    let seq = k.value();
+                    let entry: Entry =
+                        decode("index entry", &seq.to_string(), v.value()).map_err(Fail::Logic)?;
+                    let meta = entry.meta(seq);
+                    on_disk.push((entry.id.into_owned(), meta));
                 }
                 for (id, meta) in on_disk {
                     match known.get(id.as_str()) {
+                        Some(k) if k.seq != meta.seq => {
+                            return Err(Fail::Logic(JournalError::Io(format!(
+                                "task {id:?} is recorded as {} in the file and {} in memory",
+                                meta.seq, k.seq
+                            ))));
+                        }
                         None => {
                             tracing::warn!(task_id = %id, "dropping a task whose acceptance failed");
-                            t.tasks.remove(id.as_str())?;
-                            t.index.remove(id.as_str())?;
+                            t.remove(meta.seq)?;
                         }
                         Some(k) if k.acked && !meta.acked && meta.phase == TaskPhase::Done => {
                             ack_in(&mut t, std::slice::from_ref(&id), &mut Vec::new())?;
@@ -1184,18 +1345,17 @@ fn file_len(path: &Path) -> u64 {
 }
 
 fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
-    let Some((mut record, mut meta)) = t.load(id)? else {
+    let Some(mut meta) = t.entry(id)? else {
         return Err(Fail::Logic(JournalError::Io(format!(
             "cannot start task {id:?}: it is not recorded"
         ))));
     };
-    if record.phase != TaskPhase::Queued {
+    if meta.phase != TaskPhase::Queued {
         // Running already (a recovered task run again), or Done: nothing to change.
         return Ok(());
     }
-    record.phase = TaskPhase::Running;
     meta.phase = TaskPhase::Running;
-    t.store(id, &record, &meta)?;
+    t.store_entry(id, &meta)?;
     changes.push(Change::Set(Arc::from(id), meta));
     Ok(())
 }
@@ -1228,15 +1388,14 @@ fn finish_in(
 
 fn ack_in(t: &mut Tables<'_>, ids: &[String], changes: &mut Vec<Change>) -> Result<(), Fail> {
     for id in ids {
-        let Some((mut record, meta)) = t.load(id)? else {
+        let Some(mut meta) = t.entry(id)? else {
             continue;
         };
-        if record.phase != TaskPhase::Done || record.acked {
+        if !meta.in_outbox() {
             continue;
         }
-        record.acked = true;
-        let meta = Meta::of(meta.seq, &record);
-        t.store(id, &record, &meta)?;
+        meta.acked = true;
+        t.store_entry(id, &meta)?;
         changes.push(Change::Set(Arc::from(id.as_str()), meta));
     }
     Ok(())
@@ -1475,48 +1634,51 @@ impl Journal {
         if ids.is_empty() {
             return Vec::new();
         }
-        let ids: Vec<Arc<str>> = ids.iter().map(|id| Arc::from(id.as_str())).collect();
-        let acked: Vec<bool> = {
+        let wanted: Vec<(Arc<str>, Meta)> = {
             let mirror = lock(&self.inner.shared.mirror);
             ids.iter()
-                .map(|id| mirror.tasks.get(&**id).is_some_and(|m| m.acked))
+                .filter_map(|id| mirror.tasks.get_key_value(id.as_str()))
+                .filter(|(_, m)| m.in_outbox())
+                .map(|(id, m)| (id.clone(), *m))
                 .collect()
         };
-        self.read_tasks(&ids)
+        self.read_tasks(&wanted)
             .into_iter()
-            .zip(acked)
-            .filter_map(|(r, acked)| r.filter(|_| !acked))
+            .flatten()
             .filter(|r| r.phase == TaskPhase::Done && !r.acked)
             .collect()
     }
 
     /// One task's record.
     pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
-        let acked = lock(&self.inner.shared.mirror).tasks.get(task_id)?.acked;
-        let mut record = self
-            .read_tasks(&[Arc::from(task_id)])
-            .into_iter()
-            .next()
-            .flatten()?;
-        // An acknowledgement not written yet.
-        record.acked |= acked;
-        Some(record)
+        let wanted = {
+            let mirror = lock(&self.inner.shared.mirror);
+            let (id, meta) = mirror.tasks.get_key_value(task_id)?;
+            [(id.clone(), *meta)]
+        };
+        self.read_tasks(&wanted).into_iter().next().flatten()
     }
 
-    /// The records of `ids`, read in one transaction (`None` for a missing or unreadable one).
-    fn read_tasks(&self, ids: &[Arc<str>]) -> Vec<Option<TaskRecord>> {
+    /// The records of `wanted`, read in one transaction and brought up to date with their
+    /// entries (`None` for a missing or unreadable one).
+    fn read_tasks(&self, wanted: &[(Arc<str>, Meta)]) -> Vec<Option<TaskRecord>> {
         let read = || -> Res<Vec<Option<TaskRecord>>> {
             let guard = read_lock(&self.inner.shared.db);
             let db = guard
                 .as_ref()
                 .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
             let txn = db.begin_read().map_err(db_error)?;
-            let tasks = txn.open_table(TASKS).map_err(db_error)?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                let record = match tasks.get(&**id).map_err(db_error)? {
+            let records = txn.open_table(RECORDS).map_err(db_error)?;
+            let mut out = Vec::with_capacity(wanted.len());
+            for (id, meta) in wanted {
+                let record = match records.get(meta.seq).map_err(db_error)? {
                     Some(v) => match decode::<TaskRecord>("task", id, v.value()) {
-                        Ok(r) => Some(r),
+                        // The mirror may lag a commit for a moment, never lead to another task.
+                        Ok(mut r) if r.request.task_id == **id => {
+                            meta.overlay(&mut r);
+                            Some(r)
+                        }
+                        Ok(_) => None,
                         Err(e) => {
                             tracing::error!("{e}");
                             None
@@ -1532,7 +1694,7 @@ impl Journal {
             Ok(records) => records,
             Err(e) => {
                 tracing::error!("reading the journal: {e}");
-                vec![None; ids.len()]
+                vec![None; wanted.len()]
             }
         }
     }
@@ -2001,6 +2163,119 @@ mod tests {
         assert!(msg.contains("cannot open the journal"), "{msg}");
         assert!(msg.contains(&cfg.path.display().to_string()), "{msg}");
         assert_eq!(std::fs::read(&cfg.path).unwrap(), garbage);
+    }
+
+    /// Writes a journal in format version 1 (tables keyed by task id), as agents before
+    /// version 2 did: `(task id, seq, phase, acked, has a result)`.
+    fn write_v1(path: &Path, tasks: &[(&str, u64, TaskPhase, bool)]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META).unwrap().insert("schema", 1).unwrap();
+            let mut records = txn.open_table(v1::TASKS).unwrap();
+            let mut index = txn.open_table(v1::INDEX).unwrap();
+            for &(id, seq, phase, acked) in tasks {
+                let record = TaskRecord {
+                    request: request(id),
+                    phase,
+                    result: (phase == TaskPhase::Done).then(|| result(id)),
+                    acked,
+                    // Recent: pruning at open must keep them.
+                    accepted_at_ms: now_ms() - 1000 + seq,
+                    finished_at_ms: (phase == TaskPhase::Done).then(|| now_ms() - 500 + seq),
+                };
+                let meta = Meta::of(seq, &record);
+                let r = serde_json::to_vec(&record).unwrap();
+                let m = serde_json::to_vec(&meta).unwrap();
+                records.insert(id, r.as_slice()).unwrap();
+                index.insert(id, m.as_slice()).unwrap();
+            }
+            txn.open_table(HANDLERS).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_1_journal_is_migrated_with_every_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        // Ids in an order unlike their sequence numbers, as random ids are.
+        write_v1(
+            &cfg.path,
+            &[
+                ("zz-acked", 0, TaskPhase::Done, true),
+                ("aa-unacked", 1, TaskPhase::Done, false),
+                ("mm-running", 2, TaskPhase::Running, false),
+                ("bb-queued", 3, TaskPhase::Queued, false),
+                ("yy-unacked", 4, TaskPhase::Done, false),
+            ],
+        );
+        let (j, recovery) = open(&cfg);
+        let ids = |v: &[TaskRecord]| {
+            v.iter()
+                .map(|r| r.request.task_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&recovery.queued), ["bb-queued"]);
+        assert_eq!(ids(&recovery.running), ["mm-running"]);
+        assert_eq!(ids(&j.unacked()), ["aa-unacked", "yy-unacked"]);
+        let acked = j.get("zz-acked").unwrap();
+        assert!(acked.acked && acked.phase == TaskPhase::Done);
+        assert_eq!(acked.result, Some(result("zz-acked")));
+        assert!(acked.accepted_at_ms > now_ms() - 60_000);
+        assert_eq!(j.counts(), (5, 2));
+        // Still deduplicated; a new task comes after every migrated one.
+        assert!(matches!(
+            j.accept(&request("aa-unacked")).await.unwrap(),
+            Accept::Seen(r) if r.result == Some(result("aa-unacked"))
+        ));
+        j.accept(&request("new")).await.unwrap();
+        j.start("new").await.unwrap();
+        j.finish("new", &result("new")).await.unwrap();
+        j.ack(&["aa-unacked".to_string()]);
+        drop(j);
+
+        let (j, _) = open(&cfg);
+        assert_eq!(ids(&j.unacked()), ["yy-unacked", "new"]);
+        assert_eq!(j.counts(), (6, 2));
+        drop(j);
+        // The old tables are gone and the format is recorded.
+        let db = Database::open(&cfg.path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let version = txn
+            .open_table(META)
+            .unwrap()
+            .get("schema")
+            .unwrap()
+            .unwrap();
+        assert_eq!(version.value(), SCHEMA_VERSION);
+        assert!(txn.open_table(v1::TASKS).is_err());
+        assert!(txn.open_table(v1::INDEX).is_err());
+    }
+
+    #[test]
+    fn a_journal_of_a_newer_format_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
+        {
+            let db = Database::create(&cfg.path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("schema", 99).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Journal::open(cfg.clone()).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("format version 99"), "{err}");
+        let db = Database::open(&cfg.path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let version = txn
+            .open_table(META)
+            .unwrap()
+            .get("schema")
+            .unwrap()
+            .unwrap();
+        assert_eq!(version.value(), 99);
     }
 
     #[test]

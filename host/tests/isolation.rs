@@ -93,3 +93,51 @@ async fn many_runs_at_once_share_the_pool() {
         assert_eq!(r.output["greeting"], format!("Hello, n{i}!"));
     }
 }
+
+/// Slots of the instance pool are reused; a run must still start from the module's initial
+/// state, whatever the run before it in that slot wrote (its statics, its data segment, memory
+/// it grew), including when the reset restores only the pages a run dirtied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_sees_nothing_a_previous_run_left_in_its_slot() {
+    let sandbox = Sandbox::new(SandboxConfig {
+        max_concurrent_runs: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let residue = sandbox
+        .load(&std::fs::read(common::wasm("residue")).unwrap())
+        .map_err(|r| r.error)
+        .unwrap();
+    let hello = sandbox
+        .load(&std::fs::read(common::wasm("hello")).unwrap())
+        .map_err(|r| r.error)
+        .unwrap();
+    let clean = serde_json::json!({"bss": 0, "data": "initial-contents", "grown": 0});
+    for round in 0..4 {
+        // Two slots, so these runs land on slots earlier runs used; another module in between.
+        let runs: Vec<_> = (0..3)
+            .map(|_| {
+                let (sandbox, residue) = (sandbox.clone(), residue.clone());
+                tokio::spawn(async move {
+                    let spec = RunSpec {
+                        args: vec!["residue".into()],
+                        ..Default::default()
+                    };
+                    sandbox.run(&residue, spec).await.unwrap()
+                })
+            })
+            .collect();
+        for run in runs {
+            let r = run.await.unwrap();
+            assert_eq!(r.status.as_str(), "ok", "round {round}: {:?}", r.error);
+            assert_eq!(r.output, clean, "round {round}: residue of an earlier run");
+        }
+        let spec = RunSpec {
+            input: br#"{"name":"between"}"#.to_vec(),
+            args: vec!["hello".into()],
+            ..Default::default()
+        };
+        let r = sandbox.run(&hello, spec).await.unwrap();
+        assert_eq!(r.output["greeting"], "Hello, between!");
+    }
+}
