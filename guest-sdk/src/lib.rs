@@ -123,11 +123,13 @@ pub use serde;
 /// ```
 pub use serde_json;
 
-/// Runs a handler under the bridge ABI and exits; `#[handler]` generates the call.
+/// Runs a handler under the bridge ABI; `#[handler]` generates the call.
 ///
 /// Reads all of stdin, deserializes it into `I` (empty or all-whitespace stdin counts as
 /// `null`; if `I` does not accept `null`, `{}` is tried), calls `handler`, writes the output or the error JSON (see [`invoke`]) to stdout
-/// and exits with its code. A panic in `handler` is reported as an error of kind `panic`
+/// and returns (exit status 0) on success, or exits with the error's code. (Returning from
+/// `main` ends a WASI command without `proc_exit`, which hosts implement as a trap: a
+/// successful run costs the host less.) A panic in `handler` is reported as an error of kind `panic`
 /// with exit code 101 (and the panic message on stderr).
 ///
 /// ```no_run
@@ -136,7 +138,7 @@ pub use serde_json;
 /// }
 /// ```
 #[allow(clippy::needless_doctest_main)] // the example shows the `main` #[handler] writes
-pub fn run<I, O, F>(handler: F) -> !
+pub fn run<I, O, F>(handler: F)
 where
     I: DeserializeOwned,
     O: Serialize,
@@ -157,7 +159,9 @@ where
         std::process::exit(FAILED_EXIT_CODE);
     }
     drop(stdout);
-    std::process::exit(outcome.exit_code)
+    if outcome.exit_code != 0 {
+        std::process::exit(outcome.exit_code)
+    }
 }
 
 /// What a handler run produces: the bytes for stdout and the exit code.
