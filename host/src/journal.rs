@@ -56,9 +56,11 @@
 //! closes and reopens it (redb repairs it), and discards records of tasks whose acceptance was
 //! never confirmed to a caller.
 //!
-//! Reads ([`Journal::get`], [`Journal::unacked`], [`Journal::handlers`]) use redb read
-//! transactions, concurrently with the writer, plus an in-memory index of every record's
-//! summary (which also answers [`Journal::counts`] and the fast path of a repeated task id).
+//! Reads of records ([`Journal::get`], [`Journal::unacked`]) use redb read transactions,
+//! concurrently with the writer, plus an in-memory index of every record's summary (which also
+//! answers [`Journal::counts`] and the fast path of a repeated task id). The installed handlers
+//! are kept in memory as well ([`Journal::handler`] is asked for every task naming a command),
+//! updated when a commit that changes them succeeds.
 //! Acknowledgements are applied to that index at once and written in the next batch, without
 //! anyone waiting for them: an acknowledgement lost in a crash only means a result is sent
 //! once more, which the platform ignores.
@@ -333,12 +335,14 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// The summary of every committed record (plus acknowledgements not yet written).
+/// The summary of every committed record (plus acknowledgements not yet written), and the
+/// installed handlers (looked up for every task that names a command).
 #[derive(Default)]
 struct Mirror {
     tasks: HashMap<Arc<str>, Meta>,
     /// Done and not acknowledged, by accept order.
     outbox: BTreeMap<u64, Arc<str>>,
+    handlers: BTreeMap<String, HandlerRecord>,
 }
 
 impl Mirror {
@@ -362,6 +366,8 @@ impl Mirror {
 enum Change {
     Set(Arc<str>, Meta),
     Remove(Arc<str>),
+    PutHandler(HandlerRecord),
+    RemoveHandler(String),
 }
 
 struct Shared {
@@ -772,11 +778,26 @@ fn migrate_v1(txn: &WriteTransaction) -> Result<usize, Fail> {
     Ok(moved)
 }
 
-/// The index of every record, and the next sequence number.
+/// The index of every record and the installed handlers, and the next sequence number.
 fn load_index(db: &Database) -> Res<(Mirror, u64)> {
     let txn = db.begin_read().map_err(db_error)?;
-    let entries = txn.open_table(ENTRIES).map_err(db_error)?;
     let mut mirror = Mirror::default();
+    for item in txn
+        .open_table(HANDLERS)
+        .map_err(db_error)?
+        .iter()
+        .map_err(db_error)?
+    {
+        let (k, v) = item.map_err(db_error)?;
+        match decode::<HandlerRecord>("handler", k.value(), v.value()) {
+            Ok(h) => {
+                mirror.handlers.insert(h.name.clone(), h);
+            }
+            // Left in the file, unusable: the platform sees it missing and can install it again.
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+    let entries = txn.open_table(ENTRIES).map_err(db_error)?;
     let mut next_seq = 0;
     for item in entries.iter().map_err(db_error)? {
         let (k, v) = item.map_err(db_error)?;
@@ -1023,6 +1044,12 @@ impl Writer {
             match change {
                 Change::Set(id, meta) => mirror.set(id, meta),
                 Change::Remove(id) => mirror.remove(&id),
+                Change::PutHandler(h) => {
+                    mirror.handlers.insert(h.name.clone(), h);
+                }
+                Change::RemoveHandler(name) => {
+                    mirror.handlers.remove(&name);
+                }
             }
         }
     }
@@ -1073,6 +1100,9 @@ impl Writer {
                         t.handlers.insert(handler.name.as_str(), bytes.as_slice())?;
                         Ok(())
                     });
+                if r.is_ok() {
+                    changes.push(Change::PutHandler(handler));
+                }
                 let (r, e) = split(r);
                 (Answer::Unit(reply, r), e)
             }
@@ -1082,6 +1112,9 @@ impl Writer {
                     .remove(name.as_str())
                     .map(|old| old.is_some())
                     .map_err(Fail::from);
+                if r.is_ok() {
+                    changes.push(Change::RemoveHandler(name));
+                }
                 let (r, e) = split(r);
                 (Answer::Bool(reply, r), e)
             }
@@ -1714,49 +1747,16 @@ impl Journal {
 
     /// Every installed handler, sorted by name.
     pub fn handlers(&self) -> Vec<HandlerRecord> {
-        let read = || -> Res<Vec<HandlerRecord>> {
-            let guard = read_lock(&self.inner.shared.db);
-            let db = guard
-                .as_ref()
-                .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
-            let txn = db.begin_read().map_err(db_error)?;
-            let table = txn.open_table(HANDLERS).map_err(db_error)?;
-            let mut out = Vec::new();
-            for entry in table.iter().map_err(db_error)? {
-                let (k, v) = entry.map_err(db_error)?;
-                match decode::<HandlerRecord>("handler", k.value(), v.value()) {
-                    Ok(h) => out.push(h),
-                    Err(e) => tracing::error!("{e}"),
-                }
-            }
-            Ok(out)
-        };
-        let mut handlers = read().unwrap_or_else(|e| {
-            tracing::error!("reading the installed handlers: {e}");
-            Vec::new()
-        });
-        handlers.sort_by(|a, b| a.name.cmp(&b.name));
-        handlers
+        lock(&self.inner.shared.mirror)
+            .handlers
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// One installed handler.
     pub fn handler(&self, name: &str) -> Option<HandlerRecord> {
-        let read = || -> Res<Option<HandlerRecord>> {
-            let guard = read_lock(&self.inner.shared.db);
-            let db = guard
-                .as_ref()
-                .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
-            let txn = db.begin_read().map_err(db_error)?;
-            let table = txn.open_table(HANDLERS).map_err(db_error)?;
-            let found = table.get(name).map_err(db_error)?;
-            found
-                .map(|v| decode::<HandlerRecord>("handler", name, v.value()))
-                .transpose()
-        };
-        read().unwrap_or_else(|e| {
-            tracing::error!("reading the installed handler {name:?}: {e}");
-            None
-        })
+        lock(&self.inner.shared.mirror).handlers.get(name).cloned()
     }
 
     /// Prunes finished and acknowledged records older than [`JournalConfig::retention`] and,
