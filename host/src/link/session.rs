@@ -112,6 +112,30 @@ where
     send_frame(ws, Message::Text(text.into())).await
 }
 
+/// The most messages of the outbox written with one flush.
+const SEND_BATCH: usize = 64;
+
+/// Sends `messages` as one write where they fit (one TLS flush, one system call, instead of
+/// one per message), within [`SEND_TIMEOUT`] as a whole.
+async fn send_batch<S>(ws: &mut S, messages: &[AgentMessage]) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let send = async {
+        for msg in messages {
+            ws.feed(Message::Text(encode(msg).into())).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "a send did not complete within {} s",
+            SEND_TIMEOUT.as_secs()
+        )),
+    }
+}
+
 /// Sends `hello` and waits for `welcome`.
 async fn handshake(ws: &mut Socket, agent: &Agent) -> Result<(), End> {
     let hello = AgentMessage::Hello {
@@ -267,8 +291,17 @@ pub async fn run(
             }
             msg = outbox.rx.recv(), if outbox.unsent.is_empty() && backlog.is_empty() => {
                 let Some(msg) = msg else { break End::Shutdown };
-                if let Err(e) = send_text(&mut sink, encode(&msg)).await {
-                    outbox.unsent.push_back(msg);
+                // Whatever else is queued already goes out with it.
+                let mut batch = vec![msg];
+                while batch.len() < SEND_BATCH {
+                    match outbox.rx.try_recv() {
+                        Ok(msg) => batch.push(msg),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = send_batch(&mut sink, &batch).await {
+                    // Some may have gone out: the platform ignores a result it has.
+                    outbox.unsent.extend(batch);
                     break End::Error(e);
                 }
             }

@@ -425,6 +425,9 @@ impl Outgoing {
     }
 }
 
+/// The most rounds of frames the writer queues before it flushes them, when more keep coming.
+const FLUSH_EVERY: usize = 32;
+
 /// Why the writer stopped.
 enum WriterEnd {
     /// The hub dropped the connection's outbox: a newer connection replaced this one.
@@ -433,9 +436,21 @@ enum WriterEnd {
     Failed(String),
 }
 
-/// Writes one frame, within [`SEND_TIMEOUT`].
+/// Queues one frame for writing (written once enough is buffered, or by [`flush`]), within
+/// [`SEND_TIMEOUT`].
 async fn write(sink: &mut Sink, message: Message) -> Result<(), WriterEnd> {
-    match timeout(SEND_TIMEOUT, sink.send(message)).await {
+    within_send_timeout(sink.feed(message)).await
+}
+
+/// Writes out every queued frame, within [`SEND_TIMEOUT`].
+async fn flush(sink: &mut Sink) -> Result<(), WriterEnd> {
+    within_send_timeout(sink.flush()).await
+}
+
+async fn within_send_timeout(
+    io: impl std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+) -> Result<(), WriterEnd> {
+    match timeout(SEND_TIMEOUT, io).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(WriterEnd::Failed(format!("write failed: {e}"))),
         Err(_) => Err(WriterEnd::Failed(format!(
@@ -445,7 +460,8 @@ async fn write(sink: &mut Sink, message: Message) -> Result<(), WriterEnd> {
 }
 
 /// The connection's writer: first the runs to resend, then, taking turns, the replies to the
-/// agent's messages, the coalesced acks and the hub's outbox. Returns only when it must stop.
+/// agent's messages, the coalesced acks and the hub's outbox. Frames are flushed when nothing
+/// more is waiting, so a burst goes out in one write. Returns only when it must stop.
 async fn write_loop(
     agent_id: &str,
     sink: &mut Sink,
@@ -460,10 +476,12 @@ async fn write_loop(
             "resending runs not acknowledged yet"
         );
     }
+    let mut unflushed = 0;
     for text in resend {
         if let Err(end) = write(sink, Message::Text(text.into())).await {
             return end;
         }
+        unflushed += 1;
     }
     loop {
         let mut wrote = false;
@@ -490,6 +508,19 @@ async fn write_loop(
             Err(mpsc::error::TryRecvError::Disconnected) => return WriterEnd::Replaced,
         }
         if wrote {
+            unflushed += 1;
+            // A steady stream still goes out in bounded bursts.
+            if unflushed < FLUSH_EVERY {
+                continue;
+            }
+        }
+        if unflushed > 0 {
+            if let Err(end) = flush(sink).await {
+                return end;
+            }
+            unflushed = 0;
+        }
+        if wrote {
             continue;
         }
         tokio::select! {
@@ -499,6 +530,7 @@ async fn write_loop(
                     if let Err(end) = write(sink, Message::Text(text.into())).await {
                         return end;
                     }
+                    unflushed += 1;
                 }
                 None => return WriterEnd::Replaced,
             },
