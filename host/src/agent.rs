@@ -1369,16 +1369,7 @@ fn describe(r: &RunResult) -> String {
 /// a result it refuses is a result lost. First `output` goes (it repeats stdout, parsed), then
 /// stdout and stderr are cut (marked truncated; their total byte counts stay exact).
 pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
-    use bridge_protocol::codec::{encode, json_depth};
-    let size = |r: &RunResult| {
-        let msg = AgentMessage::Result {
-            id: id.to_string(),
-            task_id: task_id.to_string(),
-            result: r.clone(),
-        };
-        let text = encode(&msg);
-        (text.len(), json_depth(&text))
-    };
+    let size = |r: &RunResult| measure_result(r, id, task_id);
     let (len, depth) = size(result);
     if len <= bridge_protocol::MAX_TEXT_BYTES && depth <= bridge_protocol::MAX_DEPTH {
         return;
@@ -1418,6 +1409,31 @@ pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
             break;
         }
     }
+}
+
+/// The length and nesting depth of the `result` message carrying `result`, as
+/// `encode(&AgentMessage::Result { .. })` would write it, without copying the result or
+/// keeping the text.
+fn measure_result(result: &RunResult, id: &str, task_id: &str) -> (usize, usize) {
+    /// `AgentMessage::Result`, borrowed: the same JSON.
+    #[derive(serde::Serialize)]
+    #[serde(tag = "type", rename = "result")]
+    struct View<'a> {
+        id: &'a str,
+        task_id: &'a str,
+        result: &'a RunResult,
+    }
+    let mut m = bridge_protocol::codec::Measure::default();
+    serde_json::to_writer(
+        &mut m,
+        &View {
+            id,
+            task_id,
+            result,
+        },
+    )
+    .expect("results always serialize");
+    (m.len(), m.max_depth())
 }
 
 #[cfg(test)]
@@ -1476,6 +1492,26 @@ mod tests {
         left.sort();
         assert_eq!(left, ["a.wasm", "d.wasm", "notes.txt"]);
         assert_eq!(prune_store(dir.path(), 250, &keep), 0);
+    }
+
+    #[test]
+    fn a_result_is_measured_as_its_message_encodes() {
+        use bridge_protocol::codec::{encode, json_depth};
+        let mut r = RunResult::refused(Status::Error, "quote \" backslash \\ ] } done");
+        r.stdout = "line\n\u{1}[[{\"é\"".into();
+        r.output = serde_json::json!({"a": [1, {"b": "]]]"}], "c": null});
+        for (id, task_id) in [("run-1", "task-1"), ("\"odd\" [id]", "t\\")] {
+            let text = encode(&AgentMessage::Result {
+                id: id.into(),
+                task_id: task_id.into(),
+                result: r.clone(),
+            });
+            assert_eq!(
+                measure_result(&r, id, task_id),
+                (text.len(), json_depth(&text)),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -40,28 +40,73 @@ impl std::error::Error for DecodeError {}
 
 /// The deepest nesting of arrays and objects in `text`, counting only brackets outside strings.
 pub fn json_depth(text: &str) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for b in text.bytes() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
+    let mut measure = Measure::default();
+    measure.feed(text.as_bytes());
+    measure.max_depth()
+}
+
+/// Measures JSON as it is written: its length and its deepest nesting (as [`json_depth`]
+/// counts it), without keeping it. `serde_json::to_writer(&mut measure, &value)` tells how
+/// large `encode(&value)` would be.
+#[derive(Debug, Default)]
+pub struct Measure {
+    len: usize,
+    depth: usize,
+    max: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Measure {
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The deepest nesting seen so far.
+    pub fn max_depth(&self) -> usize {
+        self.max
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        self.len += bytes.len();
+        for &b in bytes {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    self.max = self.max.max(self.depth);
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
                 _ => {}
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
         }
     }
-    max
+}
+
+impl std::io::Write for Measure {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decodes one text frame into `M`, whose known `type` tags are `types`.
@@ -88,6 +133,12 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
                 crate::MAX_DEPTH
             ),
         ));
+    }
+    // The common case, a well-formed message of a known type, in one pass. Anything else
+    // takes the path below, which accepts exactly what this does and more (a duplicate key,
+    // last one wins), and says precisely what is wrong.
+    if let Ok(message) = serde_json::from_str::<M>(text) {
+        return Ok(message);
     }
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
@@ -122,4 +173,60 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
 /// Encodes a message as one text frame.
 pub fn encode<M: serde::Serialize>(message: &M) -> String {
     serde_json::to_string(message).expect("protocol messages always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::PlatformMessage;
+
+    fn decode_platform(text: &str) -> Result<PlatformMessage, DecodeError> {
+        decode::<PlatformMessage>(text, PlatformMessage::TYPES)
+    }
+
+    #[test]
+    fn a_good_message_decodes_and_a_bad_one_says_what_is_wrong() {
+        let ack = PlatformMessage::Ack {
+            task_ids: vec!["t1".into()],
+        };
+        assert_eq!(decode_platform(&encode(&ack)).unwrap(), ack);
+        // A repeated key: the last one wins, as JSON parsers commonly do.
+        assert_eq!(
+            decode_platform(r#"{"type":"ack","task_ids":["x"],"task_ids":["t1"]}"#).unwrap(),
+            ack
+        );
+
+        let e = decode_platform(r#"{"type":"launch","id":"m1"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::UnknownType, Some("m1"))
+        );
+        assert!(e.message.contains("\"launch\""), "{e}");
+        let e = decode_platform(r#"{"id":"m2"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::Malformed, Some("m2"))
+        );
+        assert!(e.message.contains("no string `type`"), "{e}");
+        let e = decode_platform(r#"{"type":"ack","id":"m3","task_ids":"t1"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::Malformed, Some("m3"))
+        );
+        assert!(e.message.contains("bad `ack` message"), "{e}");
+        let e = decode_platform(r#"{"type":"ack","#).unwrap_err();
+        assert_eq!((e.code, e.id.as_deref()), (ErrorCode::Malformed, None));
+        assert!(e.message.starts_with("not JSON"), "{e}");
+        let deep = format!(
+            "{}{}",
+            "[".repeat(crate::MAX_DEPTH + 1),
+            "]".repeat(crate::MAX_DEPTH + 1)
+        );
+        assert_eq!(decode_platform(&deep).unwrap_err().code, ErrorCode::TooDeep);
+        let big = format!(
+            r#"{{"type":"ack","task_ids":["{}"]}}"#,
+            "x".repeat(crate::MAX_TEXT_BYTES)
+        );
+        assert_eq!(decode_platform(&big).unwrap_err().code, ErrorCode::Oversize);
+    }
 }
