@@ -42,15 +42,18 @@
 //! redb file, failed integrity check, held by another process, a newer format) is an error: it
 //! is never replaced.
 //!
-//! Every commit is durable (redb's `Immediate` durability: the data is fsynced before the commit
-//! returns), except a batch holding only acknowledgements (committed without fsync, durable with
-//! the next commit or at close: one lost in a crash only means that result is sent again), and
-//! one fsync per write could not sustain thousands of tasks a second with three
+//! Commits are durable (redb's `Immediate` durability: the data is fsynced before the commit
+//! returns), and one fsync per write could not sustain thousands of tasks a second with three
 //! writes each. So all writes go through one thread, `bridge-journal`, which practices **group
 //! commit**: it waits for one operation, takes every operation already waiting (up to
 //! [`MAX_BATCH`]), applies them all in one write transaction, commits once, and only then
 //! answers each caller. A caller waits for at most about one commit; under load the cost of a
-//! commit is shared by every task in the batch. If the commit fails, every operation in the
+//! commit is shared by every task in the batch. Two kinds of write need no fsync of their own:
+//! acknowledgements (one lost in a crash only means that result is sent again) and results of
+//! tasks that ran ([`Journal::finish_lazily`]). A batch of nothing else is held, at most
+//! [`HOLD`], for the next batch, which commits anyway (under load, the next acceptance): a
+//! transaction of its own would copy the same B-tree pages again. Held too long, it is
+//! committed without fsync, and a durable commit follows within [`FLUSH_AFTER`] (or at close). If the commit fails, every operation in the
 //! batch gets the error; an operation that fails on its own (an unknown task id) fails alone.
 //! After an I/O failure redb refuses all further work on the open database, so the writer
 //! closes and reopens it (redb repairs it), and discards records of tasks whose acceptance was
@@ -838,6 +841,10 @@ fn load_recovery(db: &Database, mirror: &Mirror) -> Res<Recovery> {
     Ok(recovery)
 }
 
+/// How long writes that need no fsync (acknowledgements, results of tasks that ran) may wait
+/// for a batch that commits anyway before they are committed on their own.
+pub const HOLD: Duration = Duration::from_millis(2);
+
 /// The writer thread's state.
 struct Writer {
     shared: Arc<Shared>,
@@ -851,18 +858,28 @@ struct Writer {
     /// A commit made without fsync (or held acknowledgements) waits for a durable one.
     unflushed: bool,
     /// Acknowledgements received alone, applied with the next transaction.
-    held_acks: Vec<String>,
+    held: Vec<Op>,
+    /// When the oldest held write arrived.
+    held_since: Option<Instant>,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
             // `recv` fails only once every sender is gone and the queue is empty.
-            let first = if self.unflushed {
-                match rx.recv_timeout(FLUSH_AFTER) {
+            let wait = match self.held_since {
+                Some(since) => Some(HOLD.saturating_sub(since.elapsed())),
+                None => self.unflushed.then_some(FLUSH_AFTER),
+            };
+            let first = if let Some(wait) = wait {
+                match rx.recv_timeout(wait) {
                     Ok(op) => op,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.flush();
+                        if self.held_since.is_some() {
+                            self.process(Vec::new(), false);
+                        } else {
+                            self.flush();
+                        }
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -880,15 +897,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // Acknowledgements alone wait for the next batch (or the flush): a transaction of
-            // their own would copy the same B-tree pages the next task's transaction copies again.
-            if ops.iter().all(|op| matches!(op, Op::Ack { .. })) {
-                for op in ops {
-                    if let Op::Ack { task_ids } = op {
-                        self.held_acks.extend(task_ids);
-                    }
-                }
-                self.unflushed = true;
+            // Writes that need no fsync, alone, wait for the next batch, at most [`HOLD`]: a
+            // transaction of their own would copy the same B-tree pages the next task's
+            // transaction copies again.
+            if ops
+                .iter()
+                .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }))
+            {
+                self.held.extend(ops);
+                self.held_since.get_or_insert_with(Instant::now);
                 continue;
             }
             self.process(ops, false);
@@ -901,7 +918,7 @@ impl Writer {
     /// A durable commit of the held acknowledgements, or an empty one: what earlier commits
     /// without fsync wrote reaches the disk.
     fn flush(&mut self) {
-        if !self.held_acks.is_empty() {
+        if !self.held.is_empty() {
             return self.process(Vec::new(), true);
         }
         let guard = read_lock(&self.shared.db);
@@ -926,9 +943,11 @@ impl Writer {
     /// Applies the held acknowledgements and `ops` in one transaction, commits (with fsync if
     /// `durable` or if an operation needs it), answers.
     fn process(&mut self, mut ops: Vec<Op>, durable: bool) {
-        if !self.held_acks.is_empty() {
-            let task_ids = std::mem::take(&mut self.held_acks);
-            ops.insert(0, Op::Ack { task_ids });
+        if !self.held.is_empty() {
+            self.held_since = None;
+            let mut held = std::mem::take(&mut self.held);
+            held.append(&mut ops);
+            ops = held;
         }
         if self.needs_reopen {
             if let Err(e) = self.reopen() {
@@ -1493,7 +1512,8 @@ impl Journal {
             space_verdict: None,
             needs_reopen: false,
             unflushed: false,
-            held_acks: Vec::new(),
+            held: Vec::new(),
+            held_since: None,
         };
         match writer.prune_now() {
             Ok(0) => {}
@@ -1582,10 +1602,12 @@ impl Journal {
         self.finish_as(task_id, result, true).await
     }
 
-    /// Stores a task's result like [`Journal::finish`], but commits it without fsync: it reaches
-    /// the disk with the next durable commit, at most [`FLUSH_AFTER`] later. Visible to readers
-    /// at once. For a task recorded as running: if the agent dies before the flush, the task is
-    /// found running and reported `interrupted`, so the loss is one of detail, not of a result.
+    /// Stores a task's result like [`Journal::finish`], but without fsync: it is written with
+    /// the next batch that commits anyway (a new task's acceptance, usually), or on its own
+    /// after at most [`HOLD`], and reaches the disk with the next durable commit, at most
+    /// [`FLUSH_AFTER`] after that. Visible to readers once this returns. For a task recorded as
+    /// running: if the agent dies before the flush, the task is found running and reported
+    /// `interrupted`, so the loss is one of detail, not of a result.
     pub async fn finish_lazily(
         &self,
         task_id: &str,
@@ -1910,7 +1932,7 @@ mod tests {
         j.accept_running(&request("t")).await.unwrap();
         let before = j.commits();
         j.finish_lazily("t", &result("done")).await.unwrap();
-        // Committed (without fsync): readers see it at once.
+        // Committed (without fsync, after waiting `HOLD` for company): readers see it at once.
         assert_eq!(j.commits(), before + 1);
         assert_eq!(j.get("t").unwrap().result, Some(result("done")));
         assert_eq!(j.get("t").unwrap().phase, TaskPhase::Done);
@@ -1931,6 +1953,35 @@ mod tests {
         let (j, recovery) = open(&cfg);
         assert_eq!(j.get("t").unwrap().result, Some(result("done")));
         assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
+    }
+
+    #[tokio::test]
+    async fn a_lazy_result_rides_the_next_acceptance_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept_running(&request("a")).await.unwrap();
+        let before = j.commits();
+        let (ra, rb, qb) = (result("a"), result("b"), request("b"));
+        let (finished, accepted) = tokio::join!(j.finish_lazily("a", &ra), j.accept_running(&qb));
+        finished.unwrap();
+        assert_eq!(accepted.unwrap(), Accept::New);
+        assert_eq!(j.commits(), before + 1, "one commit for both");
+        assert_eq!(j.get("a").unwrap().phase, TaskPhase::Done);
+        // That commit was durable: no flush follows.
+        tokio::time::sleep(FLUSH_AFTER * 3).await;
+        assert_eq!(j.commits(), before + 1);
+        // An acknowledgement sent after the result is applied after it, even while both wait.
+        let (finished, ()) = tokio::join!(j.finish_lazily("b", &rb), async {
+            j.ack(&["b".to_string()])
+        });
+        finished.unwrap();
+        assert!(j.get("b").unwrap().acked);
+        assert_eq!(j.counts(), (2, 1));
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert!(j.get("b").unwrap().acked);
+        assert_eq!(j.unacked_ids(), ["a"]);
     }
 
     #[tokio::test]
