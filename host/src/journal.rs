@@ -33,10 +33,11 @@
 //! Values are JSON. Tasks are keyed by their accept sequence number, so that the tasks in
 //! flight, which are the ones written, share the last pages of each B-tree (task ids come from
 //! the platform and are random: keyed by id, every write landed on a different page, to be read
-//! and written back on its own). Table `records` maps the number to the task's [`TaskRecord`],
-//! written when the task is accepted and when it finishes; table `entries` maps it to a small
-//! entry (task id, phase, acked, finish time), which is all a start or an acknowledgement
-//! writes, and which is loaded in memory at open (so lookups by task id need no read). Table
+//! and written back on its own). Table `records` maps the number to the task's [`TaskRecord`]
+//! as accepted, `results` to its result once it finishes, and `entries` to a small entry (task
+//! id, phase, acked, finish time), which is all a start or an acknowledgement writes, and which
+//! is loaded in memory at open (so lookups by task id need no read). No write copies what an
+//! earlier one wrote: a finish does not rewrite the request. Table
 //! `handlers` maps a command name to its [`HandlerRecord`]. A file of format version 1 (tables
 //! keyed by task id) is migrated at open, in one transaction. A file that does not open (not a
 //! redb file, failed integrity check, held by another process, a newer format) is an error: it
@@ -145,9 +146,12 @@ const SCHEMA_VERSION: u64 = 2;
 /// redb's page cache; the journal is read little (records are mostly written once).
 const CACHE_BYTES: usize = 1 << 20;
 
-/// Accept sequence number → the task's [`TaskRecord`]. Written when the task is accepted and
-/// when it finishes; its `phase` and `acked` may lag its entry's, which are authoritative.
+/// Accept sequence number → the task's [`TaskRecord`], as accepted (no result). Its `phase`
+/// and `acked` may lag its entry's, which are authoritative. (A record migrated from version 1
+/// may hold its result.)
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Accept sequence number → [`Finished`]: the task's result, written when it finishes.
+const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("results");
 /// Accept sequence number → [`Entry`]: the task id and where the task is. Loaded in memory at
 /// open.
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
@@ -307,6 +311,32 @@ impl Meta {
         record.phase = record.phase.max(self.phase);
         record.acked |= self.acked;
     }
+}
+
+/// A value of table `results`.
+#[derive(Serialize, Deserialize)]
+struct Finished<R> {
+    finished_at_ms: u64,
+    result: R,
+}
+
+/// A task as stored: its record, its result if it has one in table `results`, brought up to
+/// date with its entry.
+fn assemble(
+    id: &str,
+    meta: &Meta,
+    record: &[u8],
+    finished: Option<&[u8]>,
+) -> Result<TaskRecord, JournalError> {
+    let mut r: TaskRecord = decode("task", id, record)?;
+    if let Some(bytes) = finished {
+        let f: Finished<RunResult> = decode("result", id, bytes)?;
+        r.result = Some(f.result);
+        r.finished_at_ms = Some(f.finished_at_ms);
+        r.phase = TaskPhase::Done;
+    }
+    meta.overlay(&mut r);
+    Ok(r)
 }
 
 /// A value of table `entries`: a [`Meta`] without its `seq` (the key), with the task id.
@@ -602,6 +632,7 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
 /// The journal file's tables, open in a write transaction.
 struct Tables<'t> {
     records: Table<'t, u64, &'static [u8]>,
+    results: Table<'t, u64, &'static [u8]>,
     entries: Table<'t, u64, &'static [u8]>,
     handlers: Table<'t, &'static str, &'static [u8]>,
     /// The sequence numbers of tasks committed before this transaction.
@@ -617,6 +648,7 @@ impl<'t> Tables<'t> {
     ) -> Result<Tables<'t>, TableError> {
         Ok(Tables {
             records: txn.open_table(RECORDS)?,
+            results: txn.open_table(RESULTS)?,
             entries: txn.open_table(ENTRIES)?,
             handlers: txn.open_table(HANDLERS)?,
             mirror,
@@ -656,15 +688,27 @@ impl<'t> Tables<'t> {
                 "task {id:?} has an index entry but no record"
             ))));
         };
-        let mut record: TaskRecord = decode("task", id, v.value()).map_err(Fail::Logic)?;
-        meta.overlay(&mut record);
+        let finished = self.results.get(meta.seq)?;
+        let record = assemble(id, &meta, v.value(), finished.as_ref().map(|f| f.value()))
+            .map_err(Fail::Logic)?;
         Ok(Some((record, meta)))
     }
 
-    /// Writes a task's record and its entry.
+    /// Writes a task's record (as accepted) and its entry.
     fn store(&mut self, id: &str, record: &TaskRecord, meta: &Meta) -> Result<(), Fail> {
         let r = encode("task", id, record).map_err(Fail::Logic)?;
         self.records.insert(meta.seq, r.as_slice())?;
+        self.store_entry(id, meta)
+    }
+
+    /// Writes a task's result and its entry, marked done.
+    fn store_result(&mut self, id: &str, result: &RunResult, meta: &Meta) -> Result<(), Fail> {
+        let finished = Finished {
+            finished_at_ms: meta.finished_at_ms.unwrap_or_default(),
+            result,
+        };
+        let f = encode("result", id, &finished).map_err(Fail::Logic)?;
+        self.results.insert(meta.seq, f.as_slice())?;
         self.store_entry(id, meta)
     }
 
@@ -677,6 +721,7 @@ impl<'t> Tables<'t> {
 
     fn remove(&mut self, seq: u64) -> Result<(), Fail> {
         self.records.remove(seq)?;
+        self.results.remove(seq)?;
         self.entries.remove(seq)?;
         Ok(())
     }
@@ -1415,21 +1460,22 @@ fn finish_in(
     now: u64,
     changes: &mut Vec<Change>,
 ) -> Result<(), Fail> {
-    let Some((mut record, meta)) = t.load(id)? else {
+    let Some(meta) = t.entry(id)? else {
         return Err(Fail::Logic(JournalError::Io(format!(
             "cannot store the result of task {id:?}: it is not recorded"
         ))));
     };
-    if record.phase == TaskPhase::Done {
+    if meta.phase == TaskPhase::Done {
         // The first result wins.
         return Ok(());
     }
-    record.phase = TaskPhase::Done;
-    record.result = Some(result);
-    record.acked = false;
-    record.finished_at_ms = Some(now);
-    let meta = Meta::of(meta.seq, &record);
-    t.store(id, &record, &meta)?;
+    let meta = Meta {
+        phase: TaskPhase::Done,
+        acked: false,
+        finished_at_ms: Some(now),
+        ..meta
+    };
+    t.store_result(id, &result, &meta)?;
     changes.push(Change::Set(Arc::from(id), meta));
     Ok(())
 }
@@ -1720,15 +1766,22 @@ impl Journal {
                 .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
             let txn = db.begin_read().map_err(db_error)?;
             let records = txn.open_table(RECORDS).map_err(db_error)?;
+            let results = txn.open_table(RESULTS).map_err(db_error)?;
             let mut out = Vec::with_capacity(wanted.len());
             for (id, meta) in wanted {
                 let record = match records.get(meta.seq).map_err(db_error)? {
-                    Some(v) => match decode::<TaskRecord>("task", id, v.value()) {
+                    Some(v) => match assemble(
+                        id,
+                        meta,
+                        v.value(),
+                        results
+                            .get(meta.seq)
+                            .map_err(db_error)?
+                            .as_ref()
+                            .map(|f| f.value()),
+                    ) {
                         // The mirror may lag a commit for a moment, never lead to another task.
-                        Ok(mut r) if r.request.task_id == **id => {
-                            meta.overlay(&mut r);
-                            Some(r)
-                        }
+                        Ok(r) if r.request.task_id == **id => Some(r),
                         Ok(_) => None,
                         Err(e) => {
                             tracing::error!("{e}");
