@@ -3,11 +3,12 @@
 //! `cargo xtask build-examples`).
 //!
 //! Starts a real `bridgectl serve` and a real `bridge-daemon run` (release builds) on 127.0.0.1,
-//! the agent with its durable journal (the real configuration: every task is recorded before
-//! `accepted`, its start before it runs, its result before it is sent, and acknowledged by the
+//! the agent with its durable journal (the real configuration: every task is on disk before
+//! anything of it is reported, its result is recorded as it is sent, and acknowledged by the
 //! platform), and measures tasks per second end to end: platform control request → `run` over
 //! loopback TLS → journal → execution → journal → `result` → platform → response. Clients keep
-//! `BRIDGE_BENCH_CONCURRENCY` tasks in flight (default 32), each on its own control connection.
+//! `BRIDGE_BENCH_CONCURRENCY` tasks in flight (default 32), each on its own control connection,
+//! all driven from one thread.
 //!
 //! Two commands, measured in alternating rounds so both see the same machine:
 //! - `hello`: the installed, signed `hello` handler (warm: compiled once, then cached);
@@ -17,11 +18,13 @@
 //! `true`) measures one of the two alone, e.g. to profile it.
 
 use std::io::{BufRead, BufReader, Write};
+
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 mod support;
 
@@ -50,50 +53,69 @@ impl Control {
     fn request(&mut self, req: &Value) -> Value {
         let mut text = req.to_string();
         text.push('\n');
-        self.send(&text)
-    }
-
-    /// Sends one request line (with its newline) and returns the response.
-    fn send(&mut self, line: &str) -> Value {
-        self.write.write_all(line.as_bytes()).unwrap();
-        let mut response = String::new();
-        self.read.read_line(&mut response).unwrap();
-        serde_json::from_str(response.trim()).unwrap()
+        self.write.write_all(text.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.read.read_line(&mut line).unwrap();
+        serde_json::from_str(line.trim()).unwrap()
     }
 }
 
 /// Runs `command` from `concurrency` connections for `secs`; returns tasks per second.
+///
+/// The clients share one thread (an async runtime): the load generator runs on the same two
+/// cores as the agent and the platform, and a thread per connection would spend a context
+/// switch per response that the system under test could have used.
 fn measure(info: &Value, id: &str, command: &str, concurrency: usize, secs: f64) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (info, id, command) = (info.clone(), id.to_string(), command.to_string());
-            let (stop, done) = (stop.clone(), done.clone());
-            std::thread::spawn(move || {
-                let mut control = Control::connect(&info);
-                // The same request every time: encoded once, so the client spends its time
-                // waiting rather than on the CPU the agent and the platform share with it.
-                let req = json!({"cmd": "run", "agent": id, "command": command, "input": {"name": "bench"}});
-                let line = format!("{req}\n");
-                while !stop.load(Ordering::Relaxed) {
-                    let r = control.send(&line);
-                    assert_eq!(r["result"]["status"], "ok", "{r}");
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = info["control"].as_str().unwrap().to_string();
+    // The same request every time, encoded once.
+    let req = json!({"cmd": "run", "agent": id, "command": command, "input": {"name": "bench"}});
+    let line: Arc<str> = format!("{req}\n").into();
+    runtime.block_on(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let clients: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (addr, line) = (addr.clone(), line.clone());
+                let (stop, done) = (stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                    conn.set_nodelay(true).unwrap();
+                    let (read, mut write) = conn.into_split();
+                    let mut read = tokio::io::BufReader::new(read);
+                    let mut response = String::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        write.write_all(line.as_bytes()).await.unwrap();
+                        response.clear();
+                        let n = tokio::time::timeout(
+                            Duration::from_secs(60),
+                            read.read_line(&mut response),
+                        )
+                        .await
+                        .expect("no response within 60 s")
+                        .unwrap();
+                        assert!(n > 0, "the platform closed the control connection");
+                        let r: Value = serde_json::from_str(response.trim()).unwrap();
+                        assert_eq!(r["result"]["status"], "ok", "{r}");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
             })
-        })
-        .collect();
-    // Warm up the connections, then count over the window.
-    std::thread::sleep(Duration::from_millis(300));
-    let (n0, t0) = (done.load(Ordering::SeqCst), Instant::now());
-    std::thread::sleep(Duration::from_secs_f64(secs));
-    let (n1, t1) = (done.load(Ordering::SeqCst), Instant::now());
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().unwrap();
-    }
-    (n1 - n0) as f64 / (t1 - t0).as_secs_f64()
+            .collect();
+        // Warm up the connections, then count over the window.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (n0, t0) = (done.load(Ordering::SeqCst), Instant::now());
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let (n1, t1) = (done.load(Ordering::SeqCst), Instant::now());
+        stop.store(true, Ordering::SeqCst);
+        for client in clients {
+            client.await.unwrap();
+        }
+        (n1 - n0) as f64 / (t1 - t0).as_secs_f64()
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
