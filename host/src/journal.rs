@@ -1909,6 +1909,20 @@ mod tests {
         Journal::open(config.clone()).expect("open the journal")
     }
 
+    /// The format version recorded in the journal file at `path`.
+    fn format_version(path: &Path) -> u64 {
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let version = meta.get("schema").unwrap().unwrap().value();
+        version
+    }
+
+    /// The task ids of `records`, in order.
+    fn ids(records: &[TaskRecord]) -> Vec<String> {
+        records.iter().map(|r| r.request.task_id.clone()).collect()
+    }
+
     #[tokio::test]
     async fn accept_dedups_and_everything_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1951,11 +1965,6 @@ mod tests {
         drop(j);
 
         let (j, recovery) = open(&cfg);
-        let ids = |v: &[TaskRecord]| {
-            v.iter()
-                .map(|r| r.request.task_id.clone())
-                .collect::<Vec<_>>()
-        };
         assert_eq!(ids(&recovery.queued), ["queued"]);
         assert_eq!(ids(&recovery.running), ["running"]);
         assert_eq!(recovery.running[0].phase, TaskPhase::Running);
@@ -2312,11 +2321,6 @@ mod tests {
             ],
         );
         let (j, recovery) = open(&cfg);
-        let ids = |v: &[TaskRecord]| {
-            v.iter()
-                .map(|r| r.request.task_id.clone())
-                .collect::<Vec<_>>()
-        };
         assert_eq!(ids(&recovery.queued), ["bb-queued"]);
         assert_eq!(ids(&recovery.running), ["mm-running"]);
         // In accept order, not id order.
@@ -2342,15 +2346,9 @@ mod tests {
         assert_eq!(j.counts(), (6, 2));
         drop(j);
         // The old tables are gone and the format is recorded.
+        assert_eq!(format_version(&cfg.path), SCHEMA_VERSION);
         let db = Database::open(&cfg.path).unwrap();
         let txn = db.begin_read().unwrap();
-        let version = txn
-            .open_table(META)
-            .unwrap()
-            .get("schema")
-            .unwrap()
-            .unwrap();
-        assert_eq!(version.value(), SCHEMA_VERSION);
         assert!(txn.open_table(v1::TASKS).is_err());
         assert!(txn.open_table(v1::INDEX).is_err());
     }
@@ -2368,15 +2366,7 @@ mod tests {
         }
         let err = Journal::open(cfg.clone()).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("format version 99"), "{err}");
-        let db = Database::open(&cfg.path).unwrap();
-        let txn = db.begin_read().unwrap();
-        let version = txn
-            .open_table(META)
-            .unwrap()
-            .get("schema")
-            .unwrap()
-            .unwrap();
-        assert_eq!(version.value(), 99);
+        assert_eq!(format_version(&cfg.path), 99);
     }
 
     #[test]

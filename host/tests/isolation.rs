@@ -8,17 +8,28 @@ use std::time::{Duration, Instant};
 use bridge_host::limits::LimitRequest;
 use bridge_host::sandbox::{RunSpec, Sandbox, SandboxConfig};
 
+/// A sandbox of `slots` concurrent runs (the default when `None`).
+fn sandbox(slots: Option<u32>) -> Sandbox {
+    let mut config = SandboxConfig::default();
+    if let Some(n) = slots {
+        config.max_concurrent_runs = n;
+    }
+    Sandbox::new(config).unwrap()
+}
+
+/// One of the built modules (`common::wasm`), loaded into `sandbox`.
+fn load(sandbox: &Sandbox, name: &str) -> std::sync::Arc<bridge_host::sandbox::Handler> {
+    sandbox
+        .load(&std::fs::read(common::wasm(name)).unwrap())
+        .map_err(|r| r.error)
+        .unwrap()
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_spinning_handler_does_not_block_the_runtime() {
-    let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
-    let spin = sandbox
-        .load(&std::fs::read(common::wasm("spin")).unwrap())
-        .map_err(|r| r.error)
-        .unwrap();
-    let hello = sandbox
-        .load(&std::fs::read(common::wasm("hello")).unwrap())
-        .map_err(|r| r.error)
-        .unwrap();
+    let sandbox = sandbox(None);
+    let spin = load(&sandbox, "spin");
+    let hello = load(&sandbox, "hello");
 
     let spin_spec = RunSpec {
         args: vec!["spin".into()],
@@ -67,15 +78,8 @@ async fn a_spinning_handler_does_not_block_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_runs_at_once_share_the_pool() {
-    let sandbox = Sandbox::new(SandboxConfig {
-        max_concurrent_runs: 4,
-        ..Default::default()
-    })
-    .unwrap();
-    let hello = sandbox
-        .load(&std::fs::read(common::wasm("hello")).unwrap())
-        .map_err(|r| r.error)
-        .unwrap();
+    let sandbox = sandbox(Some(4));
+    let hello = load(&sandbox, "hello");
     let mut tasks = Vec::new();
     for i in 0..32 {
         let (sandbox, hello) = (sandbox.clone(), hello.clone());
@@ -99,19 +103,9 @@ async fn many_runs_at_once_share_the_pool() {
 /// it grew), including when the reset restores only the pages a run dirtied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_sees_nothing_a_previous_run_left_in_its_slot() {
-    let sandbox = Sandbox::new(SandboxConfig {
-        max_concurrent_runs: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let residue = sandbox
-        .load(&std::fs::read(common::wasm("residue")).unwrap())
-        .map_err(|r| r.error)
-        .unwrap();
-    let hello = sandbox
-        .load(&std::fs::read(common::wasm("hello")).unwrap())
-        .map_err(|r| r.error)
-        .unwrap();
+    let sandbox = sandbox(Some(2));
+    let residue = load(&sandbox, "residue");
+    let hello = load(&sandbox, "hello");
     let clean = serde_json::json!({"bss": 0, "data": "initial-contents", "grown": 0});
     for round in 0..4 {
         // Two slots, so these runs land on slots earlier runs used; another module in between.
