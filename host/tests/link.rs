@@ -333,6 +333,9 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
     let agent = Agent::start(&tmp.path().join("agent"), &args);
     let id = agent.id();
     platform.wait_connected(&id, CONNECT);
+    // The platform counts the agent connected before its `welcome` has crossed the proxy:
+    // freeze only once the agent has it, or the freeze swallows the handshake instead.
+    agent.log.wait_for("session open", CONNECT);
 
     proxy.frozen.store(true, Ordering::SeqCst);
     let frozen_at = Instant::now();

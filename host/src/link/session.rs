@@ -206,6 +206,7 @@ pub async fn run(
     if let Err(end) = handshake(&mut ws, agent).await {
         return end;
     }
+    tracing::info!("the platform welcomed the agent: session open");
     let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
     ping.tick().await;
