@@ -423,7 +423,10 @@ impl Agent {
     /// Handles a `run` in the background: dedup, refusal or durable acceptance, then the run.
     pub fn start_run(self: &Arc<Self>, req: RunRequest) {
         let this = self.clone();
-        tokio::spawn(async move { this.receive(req).await });
+        // Boxed: the task's state machine is large (the run, the journal and the send are
+        // all inlined in it), and the runtime moves a task's future several times on its way
+        // in and out; a box moves as a pointer.
+        tokio::spawn(Box::pin(this.receive(req)));
     }
 
     async fn receive(self: Arc<Self>, req: RunRequest) {
@@ -514,7 +517,7 @@ impl Agent {
         let cancel = lock(&self.live).register(&req.task_id, false);
         let not_after = check_request(&req).ok().flatten().filter(|_| check_expiry);
         let this = self.clone();
-        tokio::spawn(async move { this.run_task(req, cancel, not_after, None).await });
+        tokio::spawn(Box::pin(this.run_task(req, cancel, not_after, None)));
     }
 
     /// A repeated task id: answers from memory or the journal. Returns whether it answered.
