@@ -53,7 +53,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::{
-    Accept, HandlerRecord, Journal, JournalConfig, JournalError, Recovery, TaskPhase, TaskRecord,
+    Accept, EarlyResult, HandlerRecord, Journal, JournalConfig, JournalError, Recovery, TaskPhase,
+    TaskRecord,
 };
 use crate::sandbox::Sandbox;
 use crate::shell::{Allowlist, ShellRule};
@@ -708,6 +709,10 @@ impl Agent {
     /// [`Agent::runnable_early`]'s tasks: the handler runs while the journal records the task
     /// as accepted and running; once that is durable, `accepted` is sent (unless the run is
     /// over by then: its result alone says the task was accepted), then the result.
+    /// A run that ends before the journal writer gets to the acceptance offers its result,
+    /// which is then written in the same commit ([`Journal::accept_running_with`]): one
+    /// durable write for the whole task, and no `finish` to record afterwards (the usual case
+    /// under load, when the acceptance waits for the commit before it).
     /// A task the journal refuses (seen before, storage full) is answered as `receive` would,
     /// and its run is stopped and discarded.
     async fn run_while_accepting(
@@ -719,14 +724,22 @@ impl Agent {
         let stop = CancellationToken::new();
         let run = self.execute_target(&req, target, stop.clone(), None);
         tokio::pin!(run);
-        let accept = self.journal.accept_running(&req);
+        let offered = EarlyResult::default();
+        let accept = self.journal.accept_running_with(&req, offered.clone());
         tokio::pin!(accept);
+        // The run is over (its result offered to the journal, or kept here if it came late).
+        let mut over = false;
         let mut early = None;
         let accepted = loop {
             tokio::select! {
                 biased;
                 a = &mut accept => break a,
-                r = &mut run, if early.is_none() => early = Some(r),
+                r = &mut run, if !over => {
+                    over = true;
+                    let mut r = r;
+                    fit_to_frame(&mut r, &req.id, &req.task_id);
+                    early = offered.offer(r);
+                }
             }
         };
         let refusal = match accepted {
@@ -736,7 +749,7 @@ impl Agent {
         };
         if let Some(refusal) = refusal {
             stop.cancel();
-            if early.is_none() {
+            if !over {
                 let _ = (&mut run).await;
             }
             drop(slot);
@@ -746,11 +759,25 @@ impl Agent {
                 Ok(e) => self.refuse_unrecorded(&req, e).await,
             };
         }
-        let cancel = lock(&self.live).register(&req.task_id, true);
         tracing::info!(task_id = %req.task_id, "task accepted");
         tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started (while its acceptance was recorded)");
+        match offered.take() {
+            Some((result, true)) => {
+                // Recorded with the acceptance: the journal shows the task done (a cancel now
+                // answers `finished`), so it is never registered as live.
+                drop(slot);
+                self.announce(&req, result).await;
+                if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    self.went_idle();
+                }
+                return;
+            }
+            Some((result, false)) => early = Some(result),
+            None => {}
+        }
+        let cancel = lock(&self.live).register(&req.task_id, true);
         // A run already over needs no `accepted`: its result, sent next, says as much.
-        if early.is_none() {
+        if !over {
             self.send(AgentMessage::Accepted {
                 id: req.id.clone(),
                 task_id: req.task_id.clone(),
@@ -861,6 +888,17 @@ impl Agent {
         if let Err(e) = recorded {
             tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted or run it if it never started): {e}");
         }
+    }
+
+    /// Sends the result of a task whose result is recorded already (with its acceptance).
+    async fn announce(&self, req: &RunRequest, result: RunResult) {
+        tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished (recorded with its acceptance)");
+        self.send(AgentMessage::Result {
+            id: req.id.clone(),
+            task_id: req.task_id.clone(),
+            result,
+        })
+        .await;
     }
 
     async fn execute(

@@ -244,6 +244,43 @@ pub enum Accept {
     Seen(TaskRecord),
 }
 
+/// The result of a task that runs while its acceptance is being written (see
+/// [`Journal::accept_running_with`]): offered by the run if it ends first, looked at once by
+/// the writer when it records the acceptance.
+#[derive(Clone, Default)]
+pub struct EarlyResult(Arc<Mutex<Early>>);
+
+#[derive(Default)]
+struct Early {
+    result: Option<RunResult>,
+    /// The writer recorded the acceptance: an offer now comes too late.
+    looked: bool,
+    /// The writer wrote `result` with the acceptance.
+    written: bool,
+}
+
+impl EarlyResult {
+    /// Offers the finished run's result, to be written with the acceptance. Gives it back
+    /// (`Some`) if the writer already recorded the acceptance without it: it is then stored
+    /// as usual.
+    pub fn offer(&self, result: RunResult) -> Option<RunResult> {
+        let mut slot = lock(&self.0);
+        if slot.looked {
+            return Some(result);
+        }
+        slot.result = Some(result);
+        None
+    }
+
+    /// Once the acceptance is committed ([`Accept::New`]): the offered result, if any, and
+    /// whether it was written with the acceptance.
+    pub fn take(&self) -> Option<(RunResult, bool)> {
+        let mut slot = lock(&self.0);
+        let written = slot.written;
+        slot.result.take().map(|r| (r, written))
+    }
+}
+
 /// Why the journal could not do something.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
@@ -437,6 +474,8 @@ enum Op {
     Accept {
         request: Box<RunRequest>,
         running: bool,
+        /// Where the task's result may be by the time the acceptance is written.
+        early: Option<EarlyResult>,
         reply: oneshot::Sender<Res<Accept>>,
     },
     Start {
@@ -699,6 +738,20 @@ impl<'t> Tables<'t> {
         let r = encode("task", id, record).map_err(Fail::Logic)?;
         self.records.insert(meta.seq, r.as_slice())?;
         self.store_entry(id, meta)
+    }
+
+    /// Writes a task's record (as accepted), its result and its entry, marked done: a task
+    /// accepted and finished in one transaction.
+    fn store_finished(
+        &mut self,
+        id: &str,
+        record: &TaskRecord,
+        result: &RunResult,
+        meta: &Meta,
+    ) -> Result<(), Fail> {
+        let r = encode("task", id, record).map_err(Fail::Logic)?;
+        self.records.insert(meta.seq, r.as_slice())?;
+        self.store_result(id, result, meta)
     }
 
     /// Writes a task's result and its entry, marked done.
@@ -1132,9 +1185,18 @@ impl Writer {
             Op::Accept {
                 request,
                 running,
+                early,
                 reply,
             } => {
-                let (r, e) = split(self.accept_in(t, &request, running, now, space, changes));
+                let (r, e) = split(self.accept_in(
+                    t,
+                    &request,
+                    running,
+                    early.as_ref(),
+                    now,
+                    space,
+                    changes,
+                ));
                 (Answer::Accept(reply, Box::new(r)), e)
             }
             Op::Start { task_id, reply } => {
@@ -1189,11 +1251,13 @@ impl Writer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn accept_in(
         &mut self,
         t: &mut Tables<'_>,
         request: &RunRequest,
         running: bool,
+        early: Option<&EarlyResult>,
         now: u64,
         space: &Result<(), String>,
         changes: &mut Vec<Change>,
@@ -1218,8 +1282,23 @@ impl Writer {
             accepted_at_ms: now,
             finished_at_ms: None,
         };
-        let meta = Meta::of(self.next_seq, &record);
-        t.store(id, &record, &meta)?;
+        let mut meta = Meta::of(self.next_seq, &record);
+        match early.map(|e| lock(&e.0)) {
+            Some(mut slot) => {
+                // Looked at once: a result offered later goes the usual way (`finish`).
+                slot.looked = true;
+                match &slot.result {
+                    Some(result) => {
+                        meta.phase = TaskPhase::Done;
+                        meta.finished_at_ms = Some(now);
+                        t.store_finished(id, &record, result, &meta)?;
+                        slot.written = true;
+                    }
+                    None => t.store(id, &record, &meta)?,
+                }
+            }
+            None => t.store(id, &record, &meta)?,
+        }
         self.next_seq += 1;
         self.accepts_since_prune += 1;
         let id: Arc<str> = Arc::from(id);
@@ -1605,16 +1684,34 @@ impl Journal {
     /// [`JournalConfig::max_bytes`] even after pruning, or when the write fails for lack of
     /// space. Refusing never touches the records already kept.
     pub async fn accept(&self, request: &RunRequest) -> Result<Accept, JournalError> {
-        self.accept_as(request, false).await
+        self.accept_as(request, false, None).await
     }
 
     /// [`Journal::accept`] for a task that starts at once (a slot is free): recorded directly in
     /// [`TaskPhase::Running`], in the same commit, so it needs no [`Journal::start`].
     pub async fn accept_running(&self, request: &RunRequest) -> Result<Accept, JournalError> {
-        self.accept_as(request, true).await
+        self.accept_as(request, true, None).await
     }
 
-    async fn accept_as(&self, request: &RunRequest, running: bool) -> Result<Accept, JournalError> {
+    /// [`Journal::accept_running`] for a task that runs while its acceptance is being written:
+    /// if its result was [offered](EarlyResult::offer) by the time the writer gets to the
+    /// acceptance, the result is written in the same commit (durably, with the acceptance),
+    /// and [`EarlyResult::take`] hands it back once this returns [`Accept::New`]; the task
+    /// needs no [`Journal::finish`] then.
+    pub async fn accept_running_with(
+        &self,
+        request: &RunRequest,
+        early: EarlyResult,
+    ) -> Result<Accept, JournalError> {
+        self.accept_as(request, true, Some(early)).await
+    }
+
+    async fn accept_as(
+        &self,
+        request: &RunRequest,
+        running: bool,
+        early: Option<EarlyResult>,
+    ) -> Result<Accept, JournalError> {
         // Fast path: a known id needs no writer (and must not write). An unreadable record
         // falls through to the writer, which decides from the file itself.
         if let Some(record) = self.get(&request.task_id) {
@@ -1624,6 +1721,7 @@ impl Journal {
         let op = Op::Accept {
             request: Box::new(request.clone()),
             running,
+            early,
             reply,
         };
         self.call(op, rx).await
@@ -2015,6 +2113,57 @@ mod tests {
         let (j, recovery) = open(&cfg);
         assert_eq!(j.get("t").unwrap().result, Some(result("done")));
         assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
+    }
+
+    #[tokio::test]
+    async fn a_result_offered_before_the_acceptance_is_written_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let before = j.commits();
+        let early = EarlyResult::default();
+        assert!(early.offer(result("early")).is_none(), "offered in time");
+        let accepted = j.accept_running_with(&request("t"), early.clone()).await;
+        assert_eq!(accepted.unwrap(), Accept::New);
+        // One commit for the acceptance and the result, and the result handed back to send.
+        assert_eq!(j.commits(), before + 1);
+        assert_eq!(early.take(), Some((result("early"), true)));
+        let record = j.get("t").unwrap();
+        assert_eq!(record.phase, TaskPhase::Done);
+        assert_eq!(record.result, Some(result("early")));
+        assert!(record.finished_at_ms.is_some());
+        // In the outbox until the platform acknowledges it, and durable: it survives a reopen
+        // as a finished task (not one to report interrupted).
+        assert_eq!(ids(&j.unacked()), ["t"]);
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        assert_eq!(j.get("t").unwrap().result, Some(result("early")));
+        assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
+        assert_eq!(ids(&j.unacked()), ["t"]);
+        // A second delivery of the task is answered from the record, and nothing is written.
+        let again = EarlyResult::default();
+        assert!(again.offer(result("second run")).is_none());
+        match j.accept_running_with(&request("t"), again.clone()).await {
+            Ok(Accept::Seen(r)) => assert_eq!(r.result, Some(result("early"))),
+            other => panic!("expected Seen, got {other:?}"),
+        }
+        assert_eq!(again.take(), Some((result("second run"), false)));
+    }
+
+    #[tokio::test]
+    async fn a_result_offered_after_the_acceptance_is_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let early = EarlyResult::default();
+        let accepted = j.accept_running_with(&request("t"), early.clone()).await;
+        assert_eq!(accepted.unwrap(), Accept::New);
+        assert_eq!(j.get("t").unwrap().phase, TaskPhase::Running);
+        // Too late to ride the acceptance: given back, to be stored with `finish`.
+        assert_eq!(early.offer(result("late")), Some(result("late")));
+        assert_eq!(early.take(), None);
+        j.finish_lazily("t", &result("late")).await.unwrap();
+        assert_eq!(j.get("t").unwrap().result, Some(result("late")));
     }
 
     #[tokio::test]

@@ -689,6 +689,96 @@ fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothi
 }
 
 #[test]
+fn a_burst_of_warm_tasks_records_results_with_their_acceptance_durably_and_once() {
+    // Many tasks at once: while the journal commits the first acceptances, the others' runs
+    // end, and their results are written with their acceptance (one commit per task, no
+    // separate result write). Each task still gets exactly one result, and those results are
+    // durable at once: an agent killed right after reports none of those tasks interrupted
+    // (a result written later, without fsync, may be: the platform keeps the first), and
+    // runs no task again.
+    const BURST: usize = 48;
+    let mut s = Setup::new("[agent]\nmax_concurrent_tasks = 64\n");
+    let installed = s.install("hello", &s.publisher.signed("hello"));
+    assert_eq!(installed["ok"], true, "{installed}");
+    let together = "task finished (recorded with its acceptance)";
+    let mut ids = Vec::new();
+    // Which tasks' runs end before their acceptance is written depends on timing; a few
+    // bursts make at least one such task certain in practice.
+    for round in 0..5 {
+        let threads: Vec<_> = (0..BURST)
+            .map(|i| {
+                let (addr, id) = (s.addr(), s.id.clone());
+                let task = format!("burst-{round}-{i}");
+                std::thread::spawn(move || {
+                    let r = control(
+                        &addr,
+                        &json!({"cmd": "run", "agent": id, "command": "hello",
+                                "input": {"name": task}, "task_id": task, "timeout_ms": 60000}),
+                    );
+                    (task, r)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (task, r) = t.join().unwrap();
+            assert_eq!(status(&r), "ok", "{r}");
+            assert_eq!(r["result"]["output"]["greeting"], format!("Hello, {task}!"));
+            ids.push(task);
+        }
+        if s.agent.log.count(together) > 0 {
+            break;
+        }
+    }
+    assert!(
+        s.agent.log.count(together) > 0,
+        "no result was recorded with its acceptance:\n{}",
+        s.agent.log.text()
+    );
+    // The tasks whose result was recorded with their acceptance.
+    let durable: Vec<String> = s
+        .agent
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains(together))
+        .map(task_of)
+        .collect();
+    let ran = s.agent.log.count("task started");
+    assert_eq!(ran, ids.len(), "one run per task");
+    s.restart_agent(true);
+    for task in &ids {
+        let stored = s.control(json!({"cmd": "result", "task_id": task}));
+        assert_eq!(status(&stored), "ok", "{stored}");
+        let again = s.run_command(
+            "hello",
+            json!({"input": {"name": "again"}, "task_id": task}),
+        );
+        assert_eq!(again["result"], stored["result"], "{again}");
+    }
+    assert_eq!(s.agent.log.count("task started"), 0, "nothing ran again");
+    for line in s.agent.log.text().lines() {
+        if line.contains("reporting it as interrupted") {
+            let task = task_of(line);
+            assert!(
+                !durable.contains(&task),
+                "{task} was recorded with its acceptance, yet reported interrupted"
+            );
+        }
+    }
+}
+
+/// The `task_id` field of an agent log line.
+fn task_of(line: &str) -> String {
+    let field = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("task_id="))
+        .unwrap_or_else(|| panic!("no task_id in {line:?}"));
+    field
+        .trim_matches(|c: char| c == '"' || c == ':')
+        .to_string()
+}
+
+#[test]
 fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() {
     // 3000 finished, unacknowledged results of 4 KiB each waiting in the agent's journal (as
     // after a long outage): the agent sends them all at once when it connects, while the
