@@ -92,17 +92,24 @@ const BACKLOG_BATCH: usize = 64;
 /// bound, a send stuck on a full socket buffer would keep the loop from noticing anything.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn send_frame<S>(ws: &mut S, frame: Message) -> Result<(), String>
-where
-    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    match tokio::time::timeout(SEND_TIMEOUT, ws.send(frame)).await {
+/// Runs a send (write and flush) within [`SEND_TIMEOUT`]; a timeout is an error like any other.
+async fn within_send_timeout(
+    send: impl std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(SEND_TIMEOUT, send).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
             "a send did not complete within {} s",
             SEND_TIMEOUT.as_secs()
         )),
     }
+}
+
+async fn send_frame<S>(ws: &mut S, frame: Message) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    within_send_timeout(ws.send(frame)).await
 }
 
 async fn send_text<S>(ws: &mut S, text: String) -> Result<(), String>
@@ -121,19 +128,13 @@ async fn send_batch<S>(ws: &mut S, messages: &[AgentMessage]) -> Result<(), Stri
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    let send = async {
+    within_send_timeout(async {
         for msg in messages {
             ws.feed(Message::Text(encode(msg).into())).await?;
         }
         ws.flush().await
-    };
-    match tokio::time::timeout(SEND_TIMEOUT, send).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "a send did not complete within {} s",
-            SEND_TIMEOUT.as_secs()
-        )),
-    }
+    })
+    .await
 }
 
 /// Sends `hello` and waits for `welcome`.

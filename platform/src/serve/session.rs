@@ -509,12 +509,9 @@ async fn write_loop(
         }
         if wrote {
             unflushed += 1;
-            // A steady stream still goes out in bounded bursts.
-            if unflushed < FLUSH_EVERY {
-                continue;
-            }
         }
-        if unflushed > 0 {
+        // Flush once nothing more waits; a steady stream still goes out in bounded bursts.
+        if unflushed > 0 && (!wrote || unflushed >= FLUSH_EVERY) {
             if let Err(end) = flush(sink).await {
                 return end;
             }
