@@ -18,11 +18,15 @@
 //!   `{"delivered": "<task id>"}` for each repeat. It is read back whole when the server starts;
 //!   a damaged line (a crash mid-write) is skipped with a warning.
 //!
-//! Not guaranteed: results are never deleted (this is a development server).
+//! Not guaranteed: results are never deleted (this is a development server). Memory holds an
+//! index (task id → agent, delivery count, where its line is in the log), not the results:
+//! a result is read back from the log when asked for, so a server that stored millions of
+//! them holds tens of bytes per result, not the results themselves.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead as _, Write as _};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -121,7 +125,7 @@ impl Recorded {
     }
 }
 
-/// Results by task id: every one in memory, written through to the log.
+/// Results by task id, in the log; an index of them in memory.
 #[derive(Debug)]
 pub struct ResultStore {
     path: PathBuf,
@@ -131,7 +135,55 @@ pub struct ResultStore {
 #[derive(Debug)]
 struct Inner {
     log: File,
-    results: HashMap<String, StoredResult>,
+    /// The log's length: where the next line goes.
+    end: u64,
+    /// The log ends in the middle of a line (a crash, or a failed write): the next line starts
+    /// with a newline.
+    cut: bool,
+    index: HashMap<String, Indexed>,
+}
+
+impl Inner {
+    /// Appends one line with a single `write` (O_APPEND), so lines never interleave; returns
+    /// where it starts and its length without the newline.
+    fn append(&mut self, line: &LogLine) -> Result<(u64, usize)> {
+        let mut text = Vec::with_capacity(512);
+        let lead = u64::from(self.cut);
+        if self.cut {
+            text.push(b'\n');
+        }
+        serde_json::to_writer(&mut text, line).expect("log lines serialize");
+        text.push(b'\n');
+        match self.log.write_all(&text) {
+            Ok(()) => {
+                let offset = self.end + lead;
+                self.end += text.len() as u64;
+                self.cut = false;
+                Ok((offset, text.len() - 1 - lead as usize))
+            }
+            Err(e) => {
+                // Part of the line may have been written: learn where the log ends now, and
+                // keep the next line off whatever was left.
+                if let Ok(meta) = self.log.metadata() {
+                    if meta.len() != self.end {
+                        self.end = meta.len();
+                        self.cut = true;
+                    }
+                }
+                Err(anyhow::Error::new(e).context("appending to the results log"))
+            }
+        }
+    }
+}
+
+/// What memory keeps of a stored result.
+#[derive(Debug)]
+struct Indexed {
+    agent: String,
+    deliveries: u64,
+    /// Where its `stored` line is in the log (without the newline).
+    offset: u64,
+    len: usize,
 }
 
 /// Mode of the log file.
@@ -151,16 +203,29 @@ impl ResultStore {
             .mode(FILE_MODE)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut results: HashMap<String, StoredResult> = HashMap::new();
-        let reader = std::io::BufReader::new(
+        let mut index: HashMap<String, Indexed> = HashMap::new();
+        let mut reader = std::io::BufReader::new(
             File::open(&path).with_context(|| format!("cannot read {}", path.display()))?,
         );
-        for (n, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-            if line.trim().is_empty() {
+        let mut offset = 0u64;
+        let mut line = String::new();
+        let mut ends_clean = true;
+        for n in 0.. {
+            line.clear();
+            let read = reader
+                .read_line(&mut line)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            let at = offset;
+            offset += read as u64;
+            ends_clean = line.ends_with('\n');
+            let text = line.strip_suffix('\n').unwrap_or(&line);
+            if text.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<LogLine>(&line) {
+            match serde_json::from_str::<LogLine>(text) {
                 Ok(LogLine::Stored(s)) if is_unrecorded_refusal(&s.result) => {
                     tracing::debug!(
                         task_id = %s.task_id,
@@ -170,10 +235,15 @@ impl ResultStore {
                     );
                 }
                 Ok(LogLine::Stored(s)) => {
-                    results.entry(s.task_id.clone()).or_insert(s);
+                    index.entry(s.task_id).or_insert(Indexed {
+                        agent: s.agent,
+                        deliveries: s.deliveries,
+                        offset: at,
+                        len: text.len(),
+                    });
                 }
                 Ok(LogLine::Delivered(task_id)) => {
-                    if let Some(s) = results.get_mut(&task_id) {
+                    if let Some(s) = index.get_mut(&task_id) {
                         s.deliveries += 1;
                     }
                 }
@@ -188,7 +258,14 @@ impl ResultStore {
         }
         Ok(ResultStore {
             path,
-            inner: Mutex::new(Inner { log, results }),
+            inner: Mutex::new(Inner {
+                log,
+                end: offset,
+                // A last line cut short by a crash ends without a newline: the next one must
+                // not be glued to it.
+                cut: !ends_clean,
+                index,
+            }),
         })
     }
 
@@ -201,9 +278,20 @@ impl ResultStore {
         &self.path
     }
 
-    /// The stored result of `task_id`, if any.
+    /// The stored result of `task_id`, if any (read back from the log).
     pub fn get(&self, task_id: &str) -> Option<StoredResult> {
-        self.lock().results.get(task_id).cloned()
+        let inner = self.lock();
+        let entry = inner.index.get(task_id)?;
+        match read_stored(&inner.log, entry) {
+            Ok(mut stored) => {
+                stored.deliveries = entry.deliveries;
+                Some(stored)
+            }
+            Err(e) => {
+                tracing::error!(task_id, "cannot read the stored result back: {e:#}");
+                None
+            }
+        }
     }
 
     /// Records one delivery of `result` for `task_id` from `agent`: stores it if it is the first,
@@ -212,13 +300,34 @@ impl ResultStore {
     /// agent does not record ([`is_unrecorded_refusal`]) out of here.
     pub fn record(&self, agent: &str, task_id: &str, result: RunResult) -> Recorded {
         let mut inner = self.lock();
-        if let Some(stored) = inner.results.get_mut(task_id) {
-            if stored.agent != agent {
-                return Recorded::Foreign(stored.clone());
+        let inner = &mut *inner;
+        if let Some(entry) = inner.index.get_mut(task_id) {
+            let foreign = entry.agent != agent;
+            if !foreign {
+                entry.deliveries += 1;
             }
-            stored.deliveries += 1;
-            let stored = stored.clone();
-            if let Err(e) = append(&mut inner.log, &LogLine::Delivered(task_id.to_string())) {
+            let stored = match read_stored(&inner.log, entry) {
+                Ok(mut s) => {
+                    s.deliveries = entry.deliveries;
+                    s
+                }
+                Err(e) => {
+                    // (Only if the log was damaged under us.) The agent resends the result it
+                    // keeps, the first one: answer with what it sent.
+                    tracing::error!(task_id, "cannot read the stored result back, answering with the one just received: {e:#}");
+                    StoredResult {
+                        task_id: task_id.to_string(),
+                        agent: entry.agent.clone(),
+                        result,
+                        received_at: format_rfc3339(now_unix()),
+                        deliveries: entry.deliveries,
+                    }
+                }
+            };
+            if foreign {
+                return Recorded::Foreign(stored);
+            }
+            if let Err(e) = inner.append(&LogLine::Delivered(task_id.to_string())) {
                 // The result itself is on disk; only the count is not.
                 tracing::error!(task_id, "cannot record the delivery count: {e:#}");
             }
@@ -231,9 +340,22 @@ impl ResultStore {
             received_at: format_rfc3339(now_unix()),
             deliveries: 1,
         };
-        match append(&mut inner.log, &LogLine::Stored(stored.clone())) {
-            Ok(()) => {
-                inner.results.insert(task_id.to_string(), stored.clone());
+        let line = LogLine::Stored(stored);
+        let appended = inner.append(&line);
+        let LogLine::Stored(stored) = line else {
+            unreachable!("built just above")
+        };
+        match appended {
+            Ok((offset, len)) => {
+                inner.index.insert(
+                    task_id.to_string(),
+                    Indexed {
+                        agent: agent.to_string(),
+                        deliveries: 1,
+                        offset,
+                        len,
+                    },
+                );
                 Recorded::First {
                     stored,
                     durable: true,
@@ -253,11 +375,15 @@ impl ResultStore {
     }
 }
 
-/// Appends one line with a single `write` (O_APPEND), so lines never interleave.
-fn append(log: &mut File, line: &LogLine) -> Result<()> {
-    let mut text = serde_json::to_vec(line).expect("log lines serialize");
-    text.push(b'\n');
-    log.write_all(&text).context("appending to the results log")
+/// Reads a stored result's line back from the log.
+fn read_stored(log: &File, entry: &Indexed) -> Result<StoredResult> {
+    let mut text = vec![0u8; entry.len];
+    log.read_exact_at(&mut text, entry.offset)
+        .context("reading the results log")?;
+    match serde_json::from_slice(&text).context("a stored result in the results log")? {
+        LogLine::Stored(stored) => Ok(stored),
+        LogLine::Delivered(_) => anyhow::bail!("the results log changed under the index"),
+    }
 }
 
 #[cfg(test)]
@@ -295,6 +421,57 @@ mod tests {
         assert_eq!(stored.agent, "a");
         assert_eq!(stored.result.error.as_deref(), Some("one"));
         assert!(stored.received_at.ends_with('Z'));
+    }
+
+    #[test]
+    fn results_are_read_back_from_the_log_and_a_line_cut_short_costs_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::open(dir.path()).unwrap();
+        for i in 0..50 {
+            let mut r = RunResult::refused(Status::Ok, format!("result {i}"));
+            r.stdout = "x".repeat(i * 37);
+            store.record("a", &format!("t{i}"), r);
+        }
+        store.record("a", "t7", RunResult::refused(Status::Trap, "again"));
+        for i in 0..50 {
+            let stored = store.get(&format!("t{i}")).unwrap();
+            assert_eq!(
+                stored.result.error.as_deref(),
+                Some(format!("result {i}").as_str())
+            );
+            assert_eq!(stored.result.stdout.len(), i * 37);
+            assert_eq!(stored.deliveries, if i == 7 { 2 } else { 1 });
+        }
+        drop(store);
+        // A crash in the middle of an append leaves half a line at the end of the log.
+        let path = dir.path().join(RESULTS_LOG);
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        log.write_all(br#"{"stored": {"task_id": "half", "ag"#)
+            .unwrap();
+        drop(log);
+        let store = ResultStore::open(dir.path()).unwrap();
+        assert!(store.get("half").is_none());
+        store.record(
+            "a",
+            "after",
+            RunResult::refused(Status::Ok, "after the cut"),
+        );
+        assert_eq!(
+            store.get("after").unwrap().result.error.as_deref(),
+            Some("after the cut")
+        );
+        drop(store);
+        // The result appended after the damaged line is not glued to it: it survives.
+        let store = ResultStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get("after").unwrap().result.error.as_deref(),
+            Some("after the cut")
+        );
+        assert_eq!(store.get("t7").unwrap().deliveries, 2);
+        assert_eq!(store.get("t49").unwrap().result.stdout.len(), 49 * 37);
     }
 
     #[test]
