@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use base64::Engine as _;
-use bridge_protocol::LimitRequest;
+use bridge_protocol::{LimitRequest, RunResult};
 use bridge_signing::timefmt::{format_rfc3339, parse_rfc3339};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -252,7 +252,7 @@ async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Recei
         }
         let response = tokio::select! {
             r = respond(&hub, &line, &mut write) => r,
-            _ = shutdown.changed() => json!({"ok": false, "error": "the platform is shutting down"}),
+            _ = shutdown.changed() => json!({"ok": false, "error": "the platform is shutting down"}).into(),
         };
         if write_line(&mut write, &response).await.is_err() {
             return;
@@ -261,7 +261,10 @@ async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Recei
 }
 
 /// Writes one line, within [`WRITE_TIMEOUT`].
-async fn write_line(write: &mut OwnedWriteHalf, value: &Value) -> std::io::Result<()> {
+async fn write_line(
+    write: &mut OwnedWriteHalf,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
     let mut text = serde_json::to_vec(value).expect("responses serialize");
     text.push(b'\n');
     tokio::time::timeout(WRITE_TIMEOUT, async {
@@ -293,21 +296,48 @@ fn wait(wait_ms: Option<u64>, default_ms: u64) -> Duration {
 }
 
 /// Answers one request line; a streaming `run` writes its event lines to `write` first.
-async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Value {
+/// A response: a `run`'s, serialized straight from its result (the hot path of a busy
+/// platform), or any other as a JSON value.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Response {
+    Run(Box<RunResponse>),
+    Other(Value),
+}
+
+impl From<Value> for Response {
+    fn from(value: Value) -> Response {
+        Response::Other(value)
+    }
+}
+
+/// A successful `run`'s response.
+#[derive(serde::Serialize)]
+struct RunResponse {
+    ok: bool,
+    task_id: String,
+    result: RunResult,
+    round_trip_us: f64,
+    stored: bool,
+}
+
+async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Response {
     let request: ControlRequest = match serde_json::from_slice(line) {
         Ok(r) => r,
-        Err(e) => return failure(format!("bad request: {e}")),
+        Err(e) => return failure(format!("bad request: {e}")).into(),
     };
-    match request {
+    let response = match request {
         ControlRequest::Agents => json!({"ok": true, "agents": hub.agents()}),
         ControlRequest::Token => match hub.issue_token() {
             Ok(token) => json!({"ok": true, "token": token}),
             Err(e) => failure(format!("{e:#}")),
         },
-        ControlRequest::Run(run) => match run_order(*run) {
-            Ok(order) => run_task(hub, order, write).await,
-            Err(response) => response,
-        },
+        ControlRequest::Run(run) => {
+            return match run_order(*run) {
+                Ok(order) => run_task(hub, order, write).await,
+                Err(response) => response.into(),
+            }
+        }
         ControlRequest::Result { task_id, wait_ms } => {
             match hub.wait_result(&task_id, wait(wait_ms, 0)).await {
                 Ok(stored) => {
@@ -333,10 +363,10 @@ async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Value {
             let install = *install;
             let module = match decode_b64("module", install.module.as_deref()) {
                 Ok(m) => m,
-                Err(response) => return response,
+                Err(response) => return response.into(),
             };
             if let Err(response) = decode_b64("signature", install.signature.as_deref()) {
-                return response;
+                return response.into();
             }
             let wait = wait(install.wait_ms, DEFAULT_REQUEST_WAIT_MS);
             let installed = hub
@@ -374,7 +404,8 @@ async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Value {
                 Err(e) => failure(e),
             }
         }
-    }
+    };
+    Response::Other(response)
 }
 
 fn handlers_response(
@@ -436,7 +467,7 @@ fn chunk_line(chunk: &ChunkEvent) -> Value {
 
 /// Runs a task; with `order.stream`, writes each chunk as an event line while waiting (at most
 /// [`CHUNK_QUEUE`] wait; more are dropped, see the module documentation).
-async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Value {
+async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Response {
     let (tx, mut rx) = mpsc::channel(CHUNK_QUEUE);
     let chunks = order.stream.then_some(tx);
     let run = hub.run(order, chunks);
@@ -462,14 +493,14 @@ async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Val
         }
     }
     match outcome {
-        Ok(outcome) => json!({
-            "ok": true,
-            "task_id": outcome.task_id,
-            "result": outcome.result,
-            "round_trip_us": outcome.round_trip.as_secs_f64() * 1e6,
-            "stored": outcome.stored,
-        }),
-        Err(e) => failure(e),
+        Ok(outcome) => Response::Run(Box::new(RunResponse {
+            ok: true,
+            task_id: outcome.task_id,
+            result: outcome.result,
+            round_trip_us: outcome.round_trip.as_secs_f64() * 1e6,
+            stored: outcome.stored,
+        })),
+        Err(e) => failure(e).into(),
     }
 }
 
