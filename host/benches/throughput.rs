@@ -60,6 +60,26 @@ impl Control {
     }
 }
 
+/// Whether a `run` response reports a successful result. Only the status is decoded (into
+/// borrowed fields, the rest skipped): the load generator shares the two cores with what it
+/// measures, and a JSON tree of every response (the whole result) was most of its own work.
+fn succeeded(response: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Response<'a> {
+        #[serde(borrow)]
+        result: Option<Outcome<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Outcome<'a> {
+        #[serde(borrow)]
+        status: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_str::<Response<'_>>(response)
+        .ok()
+        .and_then(|r| r.result)
+        .is_some_and(|o| o.status == "ok")
+}
+
 /// Runs `command` from `concurrency` connections for `secs`; returns tasks per second.
 ///
 /// The clients share one thread (an async runtime): the load generator runs on the same two
@@ -98,8 +118,7 @@ fn measure(info: &Value, id: &str, command: &str, concurrency: usize, secs: f64)
                         .expect("no response within 60 s")
                         .unwrap();
                         assert!(n > 0, "the platform closed the control connection");
-                        let r: Value = serde_json::from_str(response.trim()).unwrap();
-                        assert_eq!(r["result"]["status"], "ok", "{r}");
+                        assert!(succeeded(&response), "{response}");
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                 })
