@@ -295,7 +295,6 @@ fn wait(wait_ms: Option<u64>, default_ms: u64) -> Duration {
     Duration::from_millis(wait_ms.unwrap_or(default_ms))
 }
 
-/// Answers one request line; a streaming `run` writes its event lines to `write` first.
 /// A response: a `run`'s, serialized straight from its result (the hot path of a busy
 /// platform), or any other as a JSON value.
 #[derive(serde::Serialize)]
@@ -321,6 +320,7 @@ struct RunResponse {
     stored: bool,
 }
 
+/// Answers one request line; a streaming `run` writes its event lines to `write` first.
 async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Response {
     let request: ControlRequest = match serde_json::from_slice(line) {
         Ok(r) => r,

@@ -283,10 +283,7 @@ impl ResultStore {
         let inner = self.lock();
         let entry = inner.index.get(task_id)?;
         match read_stored(&inner.log, entry) {
-            Ok(mut stored) => {
-                stored.deliveries = entry.deliveries;
-                Some(stored)
-            }
+            Ok(stored) => Some(stored),
             Err(e) => {
                 tracing::error!(task_id, "cannot read the stored result back: {e:#}");
                 None
@@ -307,10 +304,7 @@ impl ResultStore {
                 entry.deliveries += 1;
             }
             let stored = match read_stored(&inner.log, entry) {
-                Ok(mut s) => {
-                    s.deliveries = entry.deliveries;
-                    s
-                }
+                Ok(s) => s,
                 Err(e) => {
                     // (Only if the log was damaged under us.) The agent resends the result it
                     // keeps, the first one: answer with what it sent.
@@ -375,13 +369,16 @@ impl ResultStore {
     }
 }
 
-/// Reads a stored result's line back from the log.
+/// Reads a stored result's line back from the log, with the deliveries counted since.
 fn read_stored(log: &File, entry: &Indexed) -> Result<StoredResult> {
     let mut text = vec![0u8; entry.len];
     log.read_exact_at(&mut text, entry.offset)
         .context("reading the results log")?;
     match serde_json::from_slice(&text).context("a stored result in the results log")? {
-        LogLine::Stored(stored) => Ok(stored),
+        LogLine::Stored(stored) => Ok(StoredResult {
+            deliveries: entry.deliveries,
+            ..stored
+        }),
         LogLine::Delivered(_) => anyhow::bail!("the results log changed under the index"),
     }
 }
