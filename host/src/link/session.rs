@@ -293,6 +293,10 @@ pub async fn run(
             }
             msg = outbox.rx.recv(), if outbox.unsent.is_empty() && backlog.is_empty() => {
                 let Some(msg) = msg else { break End::Shutdown };
+                // Let the tasks that are ready run first: the results of one journal commit
+                // become ready together, and each would otherwise wake this loop (tokio runs a
+                // task woken by the running one next) and go out in a write of its own.
+                tokio::task::yield_now().await;
                 // Whatever else is queued already goes out with it.
                 let mut batch = vec![msg];
                 while batch.len() < SEND_BATCH {
