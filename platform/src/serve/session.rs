@@ -477,8 +477,6 @@ async fn write_loop(
         );
     }
     let mut unflushed = 0;
-    // Whether the loop already let the other ready tasks run before this flush.
-    let mut yielded = false;
     for text in resend {
         if let Err(end) = write(sink, Message::Text(text.into())).await {
             return end;
@@ -511,15 +509,6 @@ async fn write_loop(
         }
         if wrote {
             unflushed += 1;
-            yielded = false;
-        } else if unflushed > 0 && !yielded {
-            // Nothing waits: let the tasks that are ready run first, once. Runs from many
-            // control connections become ready together, and each would otherwise wake this
-            // loop (tokio runs a task woken by the running one next) and go out in a write of
-            // its own.
-            yielded = true;
-            tokio::task::yield_now().await;
-            continue;
         }
         // Flush once nothing more waits; a steady stream still goes out in bounded bursts.
         if unflushed > 0 && (!wrote || unflushed >= FLUSH_EVERY) {
