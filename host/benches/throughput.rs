@@ -150,6 +150,17 @@ impl Setup {
     fn colocated(&self) -> bool {
         self.agent_cpus == self.other_cpus
     }
+
+    /// Every CPU the measurement uses: the agent's and the others, each once.
+    fn all_cpus(&self) -> Vec<usize> {
+        let mut all = self.agent_cpus.clone();
+        all.extend(
+            self.other_cpus
+                .iter()
+                .filter(|c| !self.agent_cpus.contains(c)),
+        );
+        all
+    }
 }
 
 /// What one measurement saw: tasks per second; CPU time per task (µs) of the agent (with its
@@ -275,6 +286,7 @@ fn measure(
             .collect();
         // Warm up the connections, then count over the window.
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let all_cpus = setup.all_cpus();
         let cpu = || {
             (
                 [
@@ -283,7 +295,7 @@ fn measure(
                     cpu_secs(std::process::id()),
                 ],
                 [cpu_busy(&setup.agent_cpus), cpu_busy(&setup.other_cpus)],
-                cpu_busy(&allowed_and_agent(setup)),
+                cpu_busy(&all_cpus),
             )
         };
         let (n0, t0, c0) = (done.load(Ordering::SeqCst), Instant::now(), cpu());
@@ -297,12 +309,6 @@ fn measure(
         assert!(tasks > 0.0, "no {command} task finished in {secs} s");
         let per_task = |i: usize| (c1.0[i] - c0.0[i]) / tasks * 1e6;
         let share = |i: usize, n: usize| (c1.1[i].0 - c0.1[i].0) / (elapsed * n as f64);
-        let all = setup.agent_cpus.len()
-            + if setup.colocated() {
-                0
-            } else {
-                setup.other_cpus.len()
-            };
         Round {
             rate: tasks / elapsed,
             agent_us: per_task(0),
@@ -310,21 +316,9 @@ fn measure(
             clients_us: per_task(2),
             agent_busy: share(0, setup.agent_cpus.len()),
             other_busy: share(1, setup.other_cpus.len()),
-            steal: (c1.2 .1 - c0.2 .1) / (elapsed * all as f64),
+            steal: (c1.2 .1 - c0.2 .1) / (elapsed * all_cpus.len() as f64),
         }
     })
-}
-
-/// Every CPU the measurement uses: the agent's and the others.
-fn allowed_and_agent(setup: &Setup) -> Vec<usize> {
-    let mut all = setup.agent_cpus.clone();
-    all.extend(
-        setup
-            .other_cpus
-            .iter()
-            .filter(|c| !setup.agent_cpus.contains(c)),
-    );
-    all
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
