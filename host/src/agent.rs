@@ -127,10 +127,86 @@ impl AgentOptions {
     }
 }
 
-/// A task accepted and not finished.
+/// Where a live task is (the agent's view; the journal's lags it by a commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiveState {
+    Queued,
+    Running,
+    /// Its result is on its way out (its record may still be being written).
+    Finished,
+}
+
+/// A task accepted and not yet forgotten.
 struct Live {
     cancel: CancellationToken,
-    running: bool,
+    state: LiveState,
+}
+
+/// Per task id, the `run` or `cancel` still taking effect. The next message for the same id
+/// waits for it: messages on one connection take effect in the order they were sent, although
+/// each is handled in a task of its own (a `run`'s acceptance waits for a journal commit, and a
+/// `cancel` sent right behind it must find the task it names).
+#[derive(Default)]
+struct Turns {
+    next: u64,
+    /// The last turn taken for each task id, until it is over.
+    last: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// One message's turn for a task id: [`Turn::wait`] waits for the previous one to be over; the
+/// turn is over when dropped.
+struct Turn {
+    turns: Arc<Mutex<Turns>>,
+    task_id: String,
+    seq: u64,
+    over: CancellationToken,
+    previous: Option<CancellationToken>,
+}
+
+impl Turn {
+    /// Takes the next turn for `task_id`.
+    fn take(turns: &Arc<Mutex<Turns>>, task_id: &str) -> Turn {
+        let over = CancellationToken::new();
+        let mut t = lock(turns);
+        t.next += 1;
+        let seq = t.next;
+        let previous = t
+            .last
+            .insert(task_id.to_string(), (seq, over.clone()))
+            .map(|(_, token)| token);
+        Turn {
+            turns: turns.clone(),
+            task_id: task_id.to_string(),
+            seq,
+            over,
+            previous,
+        }
+    }
+
+    /// Whether an earlier message for the same task id is still taking effect.
+    fn must_wait(&self) -> bool {
+        self.previous.as_ref().is_some_and(|p| !p.is_cancelled())
+    }
+
+    /// Waits until the previous message for this task id has taken effect.
+    async fn wait(&self) {
+        if let Some(previous) = &self.previous {
+            previous.cancelled().await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.over.cancel();
+        let mut t = lock(&self.turns);
+        if t.last
+            .get(&self.task_id)
+            .is_some_and(|(seq, _)| *seq == self.seq)
+        {
+            t.last.remove(&self.task_id);
+        }
+    }
 }
 
 /// The tasks accepted and not finished, and cancels that arrived for a recorded task before it
@@ -153,10 +229,20 @@ impl LiveTasks {
             task_id.to_string(),
             Live {
                 cancel: cancel.clone(),
-                running,
+                state: if running {
+                    LiveState::Running
+                } else {
+                    LiveState::Queued
+                },
             },
         );
         cancel
+    }
+
+    fn set(&mut self, task_id: &str, state: LiveState) {
+        if let Some(l) = self.tasks.get_mut(task_id) {
+            l.state = state;
+        }
     }
 }
 
@@ -175,6 +261,8 @@ pub struct Agent {
     waiting: Mutex<Waiters>,
     /// Tasks accepted and not finished, by task id.
     live: Mutex<LiveTasks>,
+    /// The message taking effect for each task id (see [`Turns`]).
+    turns: Arc<Mutex<Turns>>,
     /// Execution slots (`max_concurrent_tasks`).
     slots: Arc<Semaphore>,
     /// Handler installations in progress (each may wait a minute for module bytes).
@@ -313,6 +401,7 @@ impl Agent {
                 outbox_rx: Mutex::new(Some(rx)),
                 waiting: Mutex::new(HashMap::new()),
                 live: Mutex::new(LiveTasks::default()),
+                turns: Arc::new(Mutex::new(Turns::default())),
                 slots: Arc::new(Semaphore::new(slots)),
                 installs: Arc::new(Semaphore::new(MAX_INSTALLS)),
                 pending: AtomicUsize::new(0),
@@ -344,7 +433,7 @@ impl Agent {
         let mut running: Vec<String> = lock(&self.live)
             .tasks
             .iter()
-            .filter(|(_, l)| l.running)
+            .filter(|(_, l)| l.state == LiveState::Running)
             .map(|(id, _)| id.clone())
             .collect();
         running.sort();
@@ -387,12 +476,10 @@ impl Agent {
         let _ = self.outbox.send(msg).await;
     }
 
-    /// Queues a message without waiting (an answer to a bad frame); dropped, with a warning,
-    /// when the outbox is full.
-    pub fn report(&self, msg: AgentMessage) {
-        if self.outbox.try_send(msg).is_err() {
-            tracing::warn!("the outbox is full; an error reply to the platform was dropped");
-        }
+    /// Queues a message without waiting (an answer to a bad frame); returns false when the
+    /// outbox is full and it was dropped (the caller says so in its log).
+    pub fn report(&self, msg: AgentMessage) -> bool {
+        self.outbox.try_send(msg).is_ok()
     }
 
     /// Picks up what the journal found unfinished at start: queued tasks run; tasks that were
@@ -422,24 +509,37 @@ impl Agent {
     }
 
     /// Handles a `run` in the background: dedup, refusal or durable acceptance, then the run.
+    /// Called in the order messages arrive: the run takes its task id's turn here, so a later
+    /// `cancel` or `run` of the same id takes effect after this one's acceptance.
     pub fn start_run(self: &Arc<Self>, req: RunRequest) {
         let this = self.clone();
+        let checked = check_request(&req);
+        let turn = checked
+            .is_ok()
+            .then(|| Turn::take(&self.turns, &req.task_id));
         // Boxed: the task's state machine is large (the run, the journal and the send are
         // all inlined in it), and the runtime moves a task's future several times on its way
         // in and out; a box moves as a pointer.
-        tokio::spawn(Box::pin(this.receive(req)));
+        tokio::spawn(Box::pin(this.receive(req, checked, turn)));
     }
 
-    async fn receive(self: Arc<Self>, req: RunRequest) {
-        let not_after = match check_request(&req) {
-            Ok(t) => t,
-            Err(message) => {
+    async fn receive(
+        self: Arc<Self>,
+        req: RunRequest,
+        checked: Result<Option<time::OffsetDateTime>, String>,
+        turn: Option<Turn>,
+    ) {
+        let (not_after, turn) = match (checked, turn) {
+            (Ok(t), Some(turn)) => (t, turn),
+            (Ok(_), None) => unreachable!("a run that passes its checks takes a turn"),
+            (Err(message), _) => {
                 tracing::warn!(id = %req.id, "refusing a run: {message}");
                 return self
                     .send(refusal(&req.id, ErrorCode::Malformed, message))
                     .await;
             }
         };
+        turn.wait().await;
         if self.answer_seen(&req).await {
             return;
         }
@@ -467,7 +567,7 @@ impl Agent {
         let slot = self.slots.clone().try_acquire_owned().ok();
         if slot.is_some() {
             if let Some(target) = self.runnable_early(&req) {
-                return self.run_while_accepting(req, target, slot).await;
+                return self.run_while_accepting(req, target, slot, turn).await;
             }
         }
         let accepted = match &slot {
@@ -497,6 +597,8 @@ impl Agent {
             },
         })
         .await;
+        // Accepted and registered: a `cancel` or `run` of this id that waited now finds it.
+        drop(turn);
         self.clone().run_task(req, cancel, not_after, slot).await;
     }
 
@@ -523,12 +625,12 @@ impl Agent {
 
     /// A repeated task id: answers from memory or the journal. Returns whether it answered.
     async fn answer_seen(&self, req: &RunRequest) -> bool {
-        let live = lock(&self.live).tasks.get(&req.task_id).map(|l| l.running);
-        if let Some(running) = live {
-            let state = if running {
-                TaskState::Running
-            } else {
-                TaskState::Queued
+        let live = lock(&self.live).tasks.get(&req.task_id).map(|l| l.state);
+        if let Some(state) = live {
+            let state = match state {
+                LiveState::Queued => TaskState::Queued,
+                LiveState::Running => TaskState::Running,
+                LiveState::Finished => TaskState::Finished,
             };
             self.send(AgentMessage::Accepted {
                 id: req.id.clone(),
@@ -654,9 +756,7 @@ impl Agent {
                 }
                 Ok(()) => {
                     ran = true;
-                    if let Some(l) = lock(&self.live).tasks.get_mut(&req.task_id) {
-                        l.running = true;
-                    }
+                    lock(&self.live).set(&req.task_id, LiveState::Running);
                     tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started");
                     let tap = req.stream.then(|| {
                         let tap = StreamTap::new(&req.task_id, self.outbox.clone());
@@ -720,6 +820,7 @@ impl Agent {
         req: RunRequest,
         target: Target,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        turn: Turn,
     ) {
         let stop = CancellationToken::new();
         let run = self.execute_target(&req, target, stop.clone(), None);
@@ -766,6 +867,7 @@ impl Agent {
                 // Recorded with the acceptance: the journal shows the task done (a cancel now
                 // answers `finished`), so it is never registered as live.
                 drop(slot);
+                drop(turn);
                 self.announce(&req, result).await;
                 if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
                     self.went_idle();
@@ -785,6 +887,7 @@ impl Agent {
             })
             .await;
         }
+        drop(turn);
         let result = match early {
             Some(r) => r,
             None => tokio::select! {
@@ -870,6 +973,8 @@ impl Agent {
     /// recorded as queued, and a restart would run it: its result is sent only once committed.
     async fn finish(&self, req: &RunRequest, mut result: RunResult, ran: bool) {
         fit_to_frame(&mut result, &req.id, &req.task_id);
+        // From now on a repeat of this task id is told it finished, not that it runs.
+        lock(&self.live).set(&req.task_id, LiveState::Finished);
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
         let msg = AgentMessage::Result {
             id: req.id.clone(),
@@ -1167,14 +1272,31 @@ impl Agent {
 
     /// `cancel`: removes a queued task or stops a running one; answers `cancel_reply`.
     pub fn cancel(self: &Arc<Self>, id: String, task_id: String) {
+        let turn = Turn::take(&self.turns, &task_id);
+        if turn.must_wait() {
+            // A `run` of this id sent before is still being accepted: the cancel applies to it
+            // once it is (a cancel's reply may wait for a journal commit).
+            let this = self.clone();
+            tokio::spawn(async move {
+                turn.wait().await;
+                this.cancel_now(id, task_id);
+                drop(turn);
+            });
+            return;
+        }
+        self.cancel_now(id, task_id);
+    }
+
+    fn cancel_now(self: &Arc<Self>, id: String, task_id: String) {
         let outcome = {
             // Under the `live` lock: `receive` registers a task under it too, so a cancel that
             // arrives between the accept commit and that registration is not lost.
             let mut live = lock(&self.live);
             match live.tasks.get(&task_id) {
+                Some(l) if l.state == LiveState::Finished => CancelOutcome::Finished,
                 Some(l) => {
                     l.cancel.cancel();
-                    if l.running {
+                    if l.state == LiveState::Running {
                         CancelOutcome::Cancelling
                     } else {
                         CancelOutcome::Dequeued

@@ -103,6 +103,17 @@ pub struct RunResult {
     /// SHA-256 (hex) of the module bytes that were run or refused, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_sha256: Option<String>,
+    /// `true` when the agent no longer holds this result's output: `output`, `stdout` and
+    /// `stderr` are empty, everything else is as the run ended. The agent answers so to a
+    /// repeated task id whose result was acknowledged and then evicted to keep its journal
+    /// within its size limit, and stores a result so when the journal has no room for its
+    /// output. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub evicted: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl RunResult {
@@ -122,6 +133,19 @@ impl RunResult {
             error: Some(error.into()),
             reason: None,
             module_sha256: None,
+            evicted: false,
+        }
+    }
+
+    /// This result without its output (`output`, `stdout`, `stderr` emptied, `evicted` set):
+    /// what the agent keeps of a result it no longer has room for.
+    pub fn without_output(&self) -> RunResult {
+        RunResult {
+            output: serde_json::Value::Null,
+            stdout: String::new(),
+            stderr: String::new(),
+            evicted: true,
+            ..self.clone()
         }
     }
 

@@ -419,6 +419,7 @@ fn finish(
         error,
         reason: None,
         module_sha256: None,
+        evicted: false,
     }
 }
 
