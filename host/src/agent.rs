@@ -56,6 +56,7 @@ use crate::journal::{
     Accept, EarlyResult, HandlerRecord, Journal, JournalConfig, JournalError, Recovery, TaskPhase,
     TaskRecord,
 };
+use crate::outbox::{Budget, Outgoing};
 use crate::sandbox::Sandbox;
 use crate::shell::{Allowlist, ShellRule};
 use crate::stream::StreamTap;
@@ -256,8 +257,10 @@ pub struct Agent {
     cgroup_root: Option<PathBuf>,
     modules_dir: PathBuf,
     module_wait: Duration,
-    outbox: mpsc::Sender<AgentMessage>,
-    outbox_rx: Mutex<Option<mpsc::Receiver<AgentMessage>>>,
+    outbox: mpsc::Sender<Outgoing>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Bytes of results waiting in the outbox ([`crate::outbox`]).
+    budget: Budget,
     waiting: Mutex<Waiters>,
     /// Tasks accepted and not finished, by task id.
     live: Mutex<LiveTasks>,
@@ -399,6 +402,7 @@ impl Agent {
                 module_wait: Duration::from_secs(60),
                 outbox: tx,
                 outbox_rx: Mutex::new(Some(rx)),
+                budget: Budget::default(),
                 waiting: Mutex::new(HashMap::new()),
                 live: Mutex::new(LiveTasks::default()),
                 turns: Arc::new(Mutex::new(Turns::default())),
@@ -424,7 +428,7 @@ impl Agent {
     }
 
     /// The receiving end of the outbox (taken once, by the link).
-    pub fn take_outbox(&self) -> Option<mpsc::Receiver<AgentMessage>> {
+    pub fn take_outbox(&self) -> Option<mpsc::Receiver<Outgoing>> {
         lock(&self.outbox_rx).take()
     }
 
@@ -473,13 +477,33 @@ impl Agent {
     }
 
     async fn send(&self, msg: AgentMessage) {
-        let _ = self.outbox.send(msg).await;
+        let _ = self.outbox.send(msg.into()).await;
+    }
+
+    /// Queues a result of `bytes` that is recorded in the journal: in memory if it fits the
+    /// outbox's byte budget, else by task id (the link reads it from the journal to send it).
+    async fn send_stored_result(&self, msg: AgentMessage, bytes: usize) {
+        let queued = match self.budget.try_charge(bytes) {
+            Some(charge) => Outgoing::Message(msg, Some(charge)),
+            None => match msg {
+                AgentMessage::Result { task_id, .. } => Outgoing::Stored(task_id),
+                other => other.into(),
+            },
+        };
+        let _ = self.outbox.send(queued).await;
+    }
+
+    /// Queues a result of `bytes` that is not (or not yet) in the outbox's journal copy,
+    /// waiting for room in the byte budget.
+    async fn send_result(&self, msg: AgentMessage, bytes: usize) {
+        let charge = self.budget.charge(bytes).await;
+        let _ = self.outbox.send(Outgoing::Message(msg, charge)).await;
     }
 
     /// Queues a message without waiting (an answer to a bad frame); returns false when the
     /// outbox is full and it was dropped (the caller says so in its log).
     pub fn report(&self, msg: AgentMessage) -> bool {
-        self.outbox.try_send(msg).is_ok()
+        self.outbox.try_send(msg.into()).is_ok()
     }
 
     /// Picks up what the journal found unfinished at start: queued tasks run; tasks that were
@@ -652,11 +676,17 @@ impl Agent {
     async fn answer_record(&self, req: &RunRequest, record: TaskRecord) {
         tracing::info!(task_id = %req.task_id, phase = ?record.phase, "task id seen before: not running it again");
         let msg = match (record.phase, record.result) {
-            (TaskPhase::Done, Some(result)) => AgentMessage::Result {
-                id: req.id.clone(),
-                task_id: req.task_id.clone(),
-                result,
-            },
+            (TaskPhase::Done, Some(result)) => {
+                let bytes = measure_result(&result, &req.id, &req.task_id).0;
+                let msg = AgentMessage::Result {
+                    id: req.id.clone(),
+                    task_id: req.task_id.clone(),
+                    result,
+                };
+                // Repeats of large results wait for room: a platform that repeats task ids
+                // and does not read cannot make the agent hold their copies.
+                return self.send_result(msg, bytes).await;
+            }
             (phase, _) => AgentMessage::Accepted {
                 id: req.id.clone(),
                 task_id: req.task_id.clone(),
@@ -838,7 +868,7 @@ impl Agent {
                 r = &mut run, if !over => {
                     over = true;
                     let mut r = r;
-                    fit_to_frame(&mut r, &req.id, &req.task_id);
+                    let _ = fit_to_frame(&mut r, &req.id, &req.task_id);
                     early = offered.offer(r);
                 }
             }
@@ -867,8 +897,10 @@ impl Agent {
                 // Recorded with the acceptance: the journal shows the task done (a cancel now
                 // answers `finished`), so it is never registered as live.
                 drop(slot);
-                drop(turn);
                 self.announce(&req, result).await;
+                // After the result is queued: a repeat of this id, answered from the journal,
+                // goes out after it.
+                drop(turn);
                 if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
                     self.went_idle();
                 }
@@ -972,7 +1004,7 @@ impl Agent {
     /// fsync. A task that never ran (cancelled or expired while queued) is still
     /// recorded as queued, and a restart would run it: its result is sent only once committed.
     async fn finish(&self, req: &RunRequest, mut result: RunResult, ran: bool) {
-        fit_to_frame(&mut result, &req.id, &req.task_id);
+        let bytes = fit_to_frame(&mut result, &req.id, &req.task_id);
         // From now on a repeat of this task id is told it finished, not that it runs.
         lock(&self.live).set(&req.task_id, LiveState::Finished);
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
@@ -981,14 +1013,30 @@ impl Agent {
             task_id: req.task_id.clone(),
             result: result.clone(),
         };
-        let recorded = if ran {
-            let record = self.journal.finish_lazily(&req.task_id, &result);
-            let (recorded, ()) = tokio::join!(record, self.send(msg));
-            recorded
-        } else {
-            let recorded = self.journal.finish(&req.task_id, &result).await;
-            self.send(msg).await;
-            recorded
+        let recorded = match self.budget.try_charge(bytes) {
+            Some(charge) if ran => {
+                let record = self.journal.finish_lazily(&req.task_id, &result);
+                let send = self.outbox.send(Outgoing::Message(msg, Some(charge)));
+                let (recorded, _) = tokio::join!(record, send);
+                recorded
+            }
+            charge => {
+                // Not sent before it is recorded: a task that never ran (see above), or a
+                // result that does not fit in memory, which then waits in the journal.
+                let recorded = if ran {
+                    self.journal.finish_lazily(&req.task_id, &result).await
+                } else {
+                    self.journal.finish(&req.task_id, &result).await
+                };
+                let queued = match (charge, &recorded) {
+                    (Some(charge), _) => Outgoing::Message(msg, Some(charge)),
+                    (None, Ok(())) => Outgoing::Stored(req.task_id.clone()),
+                    // Not recorded: this message is the only copy.
+                    (None, Err(_)) => msg.into(),
+                };
+                let _ = self.outbox.send(queued).await;
+                recorded
+            }
         };
         if let Err(e) = recorded {
             tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted or run it if it never started): {e}");
@@ -998,12 +1046,13 @@ impl Agent {
     /// Sends the result of a task whose result is recorded already (with its acceptance).
     async fn announce(&self, req: &RunRequest, result: RunResult) {
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished (recorded with its acceptance)");
-        self.send(AgentMessage::Result {
+        let bytes = measure_result(&result, &req.id, &req.task_id).0;
+        let msg = AgentMessage::Result {
             id: req.id.clone(),
             task_id: req.task_id.clone(),
             result,
-        })
-        .await;
+        };
+        self.send_stored_result(msg, bytes).await;
     }
 
     async fn execute(
@@ -1531,11 +1580,11 @@ fn describe(r: &RunResult) -> String {
 /// [`bridge_protocol::MAX_TEXT_BYTES`] or nested deeper than [`bridge_protocol::MAX_DEPTH`], and
 /// a result it refuses is a result lost. First `output` goes (it repeats stdout, parsed), then
 /// stdout and stderr are cut (marked truncated; their total byte counts stay exact).
-pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
+pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) -> usize {
     let size = |r: &RunResult| measure_result(r, id, task_id);
     let (len, depth) = size(result);
     if len <= bridge_protocol::MAX_TEXT_BYTES && depth <= bridge_protocol::MAX_DEPTH {
-        return;
+        return len;
     }
     if !result.output.is_null() {
         result.output = serde_json::Value::Null;
@@ -1572,6 +1621,7 @@ pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
             break;
         }
     }
+    size(result).0
 }
 
 /// The length and nesting depth of the `result` message carrying `result`, as
@@ -1610,7 +1660,7 @@ mod tests {
         r.stdout = "\u{1}".repeat(900_000); // escapes to ~5.4 MB of JSON
         r.stderr = "é".repeat(400_000);
         r.output = serde_json::json!({"big": "y".repeat(600_000)});
-        fit_to_frame(&mut r, "run-1", "task-1");
+        let _ = fit_to_frame(&mut r, "run-1", "task-1");
         let msg = AgentMessage::Result {
             id: "run-1".into(),
             task_id: "task-1".into(),
@@ -1683,13 +1733,13 @@ mod tests {
         deep.error = None;
         let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
         deep.output = serde_json::from_str(&nested).unwrap();
-        fit_to_frame(&mut deep, "i", "t");
+        let _ = fit_to_frame(&mut deep, "i", "t");
         assert!(deep.output.is_null());
 
         let mut small = RunResult::refused(Status::Ok, "x");
         small.output = serde_json::json!({"a": 1});
         let before = small.clone();
-        fit_to_frame(&mut small, "i", "t");
+        let _ = fit_to_frame(&mut small, "i", "t");
         assert_eq!(small, before);
     }
 }

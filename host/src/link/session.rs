@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{LinkConfig, Socket};
 use crate::agent::Agent;
+use crate::outbox::{Charge, Outgoing};
 
 /// How long the platform has to answer `hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,14 +70,14 @@ impl std::fmt::Display for End {
 /// Messages waiting to go to the platform; what a dead session could not send is kept for the
 /// next one.
 pub struct Outbox {
-    rx: mpsc::Receiver<AgentMessage>,
+    rx: mpsc::Receiver<Outgoing>,
     /// Messages taken from the channel and not sent yet (encoded when sent).
-    unsent: VecDeque<AgentMessage>,
+    unsent: VecDeque<Outgoing>,
 }
 
 impl Outbox {
     /// Wraps the agent's outbox receiver.
-    pub fn new(rx: mpsc::Receiver<AgentMessage>) -> Outbox {
+    pub fn new(rx: mpsc::Receiver<Outgoing>) -> Outbox {
         Outbox {
             rx,
             unsent: VecDeque::new(),
@@ -84,11 +85,15 @@ impl Outbox {
     }
 }
 
-/// The task id of a `result`.
-fn result_of(msg: &AgentMessage) -> Option<&str> {
-    match msg {
-        AgentMessage::Result { task_id, .. } => Some(task_id),
-        _ => None,
+/// The message to send for `item`, with what keeps its bytes counted until it is sent; `None`
+/// for a stored result the platform has acknowledged meanwhile.
+fn resolve(agent: &Agent, item: Outgoing) -> Option<(AgentMessage, Option<Charge>)> {
+    match item {
+        Outgoing::Message(msg, charge) => Some((msg, charge)),
+        Outgoing::Stored(task_id) => agent
+            .results_of(std::slice::from_ref(&task_id))
+            .pop()
+            .map(|msg| (msg, None)),
     }
 }
 
@@ -132,12 +137,15 @@ const SEND_BATCH: usize = 64;
 
 /// Sends `messages` as one write where they fit (one TLS flush, one system call, instead of
 /// one per message), within [`SEND_TIMEOUT`] as a whole.
-async fn send_batch<S>(ws: &mut S, messages: &[AgentMessage]) -> Result<(), String>
+async fn send_batch<S>(
+    ws: &mut S,
+    messages: &[(AgentMessage, Option<Charge>)],
+) -> Result<(), String>
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     within_send_timeout(async {
-        for msg in messages {
+        for (msg, _) in messages {
             ws.feed(Message::Text(encode(msg).into())).await?;
         }
         ws.flush().await
@@ -359,9 +367,10 @@ pub async fn run(
     // memory for one batch, not for all of it.
     let mut backlog: VecDeque<String> = agent.unacked_ids().into();
     let in_journal: HashSet<&str> = backlog.iter().map(String::as_str).collect();
-    outbox
-        .unsent
-        .retain(|m| result_of(m).is_none_or(|task_id| !in_journal.contains(task_id)));
+    outbox.unsent.retain(|m| {
+        m.result_of()
+            .is_none_or(|task_id| !in_journal.contains(task_id))
+    });
     drop(in_journal);
 
     let (mut sink, stream) = ws.split();
@@ -424,12 +433,13 @@ pub async fn run(
                 if outbox.unsent.is_empty() {
                     let n = backlog.len().min(BACKLOG_BATCH);
                     let ids: Vec<String> = backlog.drain(..n).collect();
-                    outbox.unsent.extend(agent.results_of(&ids));
+                    outbox.unsent.extend(agent.results_of(&ids).into_iter().map(Outgoing::from));
                     continue;
                 }
-                let msg = outbox.unsent.pop_front().expect("not empty");
+                let item = outbox.unsent.pop_front().expect("not empty");
+                let Some((msg, charge)) = resolve(agent, item) else { continue };
                 if let Err(e) = send_text(&mut sink, encode(&msg)).await {
-                    outbox.unsent.push_front(msg);
+                    outbox.unsent.push_front(Outgoing::Message(msg, charge));
                     break End::Error(e);
                 }
             }
@@ -440,16 +450,18 @@ pub async fn run(
                 // task woken by the running one next) and go out in a write of its own.
                 tokio::task::yield_now().await;
                 // Whatever else is queued already goes out with it.
-                let mut batch = vec![msg];
+                let mut batch: Vec<_> = resolve(agent, msg).into_iter().collect();
                 while batch.len() < SEND_BATCH {
                     match outbox.rx.try_recv() {
-                        Ok(msg) => batch.push(msg),
+                        Ok(msg) => batch.extend(resolve(agent, msg)),
                         Err(_) => break,
                     }
                 }
                 if let Err(e) = send_batch(&mut sink, &batch).await {
                     // Some may have gone out: the platform ignores a result it has.
-                    outbox.unsent.extend(batch);
+                    outbox
+                        .unsent
+                        .extend(batch.into_iter().map(|(m, c)| Outgoing::Message(m, c)));
                     break End::Error(e);
                 }
             }
