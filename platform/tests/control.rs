@@ -441,4 +441,22 @@ fn a_stale_socket_is_replaced_but_a_live_one_or_another_file_is_kept() {
     let err = serve_refuses(&state);
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "mine");
+
+    // A start that fails after binding the socket (the agent port is taken) removes it.
+    std::fs::remove_file(&socket).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = output_within(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &taken.local_addr().unwrap().to_string(),
+                "--state",
+            ])
+            .arg(&state),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert!(!socket.exists(), "the socket of the failed start is gone");
 }

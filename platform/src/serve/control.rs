@@ -46,7 +46,7 @@
 
 use std::fs;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,11 +223,39 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The control socket's file, removed when this is dropped (unless another socket has replaced
+/// it by then).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    inode: (u64, u64),
+}
+
+impl SocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Binds the control socket in `state_dir` (a directory [`super::tls::ensure_state_dir`]
 /// checked) with mode [`SOCKET_MODE`]. A socket left there by a server that is gone is
 /// replaced; a socket that answers (another `bridgectl serve` uses this state directory) or a
 /// file of another kind is an error.
-pub fn bind(state_dir: &Path) -> Result<UnixListener> {
+pub fn bind(state_dir: &Path) -> Result<(UnixListener, SocketFile)> {
     let path = socket_path(state_dir);
     if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
         bail!(
@@ -264,9 +292,15 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot listen on {} (control)", path.display()))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(SOCKET_MODE))
-        .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
-    Ok(listener)
+    let meta = fs::symlink_metadata(&path)
+        .with_context(|| format!("cannot inspect {}", path.display()))?;
+    let file = SocketFile {
+        path,
+        inode: (meta.dev(), meta.ino()),
+    };
+    fs::set_permissions(&file.path, fs::Permissions::from_mode(SOCKET_MODE))
+        .with_context(|| format!("cannot set the permissions of {}", file.path.display()))?;
+    Ok((listener, file))
 }
 
 /// Serves control connections on `listener` until `shutdown` changes.

@@ -2,9 +2,10 @@
 //!
 //! A reference implementation of the platform side of `docs/protocol.md`, for the integration
 //! tests, the demo and platform developers. It accepts agents on one TLS listener (WebSocket at
-//! [`bridge_protocol::AGENT_PATH`], mutual TLS) and is driven through a control interface
-//! on a Unix socket in its state directory, served to its own user only ([`control`]). On the same port, clients without a certificate (an installer's
-//! curl or wget) are served `install.sh` and the agent binaries ([`downloads`]).
+//! [`bridge_protocol::AGENT_PATH`], mutual TLS) and is driven through a control interface on a
+//! Unix socket in its state directory, served to its own user only ([`control`]). On the same
+//! port, clients without a certificate (an installer's curl or wget) are served `install.sh`
+//! and the agent binaries ([`downloads`]).
 //!
 //! * [`tls`]: the server identity (key, certificate, pin) and client-certificate verification.
 //! * [`registry`]: enrolled agents and enrollment tokens, persisted in the state directory.
@@ -15,9 +16,10 @@
 //! * [`control`]: the control interface and its client.
 //! * [`downloads`]: the installer, the agent binaries, their checksums and signatures.
 //!
-//! Guarantees: [`Server::bind`] binds both listeners (the control socket replacing one left by
-//! a server that is gone) and issues a fresh enrollment token before
-//! it returns, so the [`StartInfo`] it reports is immediately usable; [`Server::run`] serves
+//! Guarantees: [`Server::bind`] binds the control socket before it reads or writes anything else
+//! in the state directory (so a second server on the same directory stops there; a socket left
+//! by a server that is gone is replaced), then the agent listener, and issues a fresh
+//! enrollment token before it returns, so the [`StartInfo`] it reports is immediately usable; [`Server::run`] serves
 //! until its shutdown future completes, then stops accepting, closes every agent connection
 //! (WebSocket close 1001), fails the runs still waiting, removes the control socket and returns
 //! within a few seconds.
@@ -94,7 +96,7 @@ pub struct Server {
     info: StartInfo,
     listener: TcpListener,
     control: tokio::net::UnixListener,
-    control_path: PathBuf,
+    control_file: control::SocketFile,
     acceptor: TlsAcceptor,
     hub: Arc<Hub>,
     downloads: Arc<Downloads>,
@@ -116,6 +118,8 @@ impl Server {
             .state_dir
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", options.state_dir.display()))?;
+        // Removed again if anything below fails.
+        let (control, control_file) = control::bind(&state_dir)?;
         let identity = ServerIdentity::load_or_create(&options.state_dir, &options.hostnames)?;
         let config = identity.server_config()?;
         let registry = Registry::open(&options.state_dir)?;
@@ -137,8 +141,6 @@ impl Server {
         let listener = TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
-        let control = control::bind(&state_dir)?;
-        let control_path = control::socket_path(&state_dir);
         let token = hub.issue_token()?;
         let bound = listener.local_addr()?;
         let host = if bound.ip().is_unspecified() {
@@ -166,7 +168,7 @@ impl Server {
             ),
             server_pin: identity.pin.clone(),
             token,
-            control: control_path.display().to_string(),
+            control: control_file.path().display().to_string(),
             ca_file: identity.cert_path.display().to_string(),
             install_command,
             release_key,
@@ -175,7 +177,7 @@ impl Server {
             info,
             listener,
             control,
-            control_path,
+            control_file,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             hub,
             downloads,
@@ -233,9 +235,7 @@ impl Server {
             sessions.abort_all();
         }
         let _ = tokio::time::timeout(Duration::from_secs(3), control).await;
-        if let Err(e) = std::fs::remove_file(&self.control_path) {
-            tracing::warn!("cannot remove {}: {e}", self.control_path.display());
-        }
+        drop(self.control_file);
         tracing::info!("stopped");
         Ok(())
     }
