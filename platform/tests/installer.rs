@@ -218,7 +218,7 @@ impl Serve {
 
     fn control(&self, request: Value) -> Value {
         bridge_platform::serve::control::request(
-            &self.get("control"),
+            self.get("control"),
             &request,
             Duration::from_secs(60),
         )
