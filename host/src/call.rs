@@ -165,9 +165,14 @@ pub fn trust(req: &CallRequest, agent: &AgentConfig) -> Result<Trust> {
         }
     }
     if req.allow_unsigned && !agent.trust.allow_unsigned_override {
-        return Err(usage(
-            "--allow-unsigned is forbidden by the config ([trust] allow_unsigned_override = false)",
-        ));
+        // Without a config file there is no policy to forbid the explicit development flag.
+        if let Some(file) = &agent.file {
+            return Err(usage(format!(
+                "--allow-unsigned is forbidden by the config {} ([trust] allow_unsigned_override is \
+                 false unless the file sets it to true, for a development agent)",
+                file.display()
+            )));
+        }
     }
     Ok(Trust::new(policy, req.allow_unsigned))
 }
