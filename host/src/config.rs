@@ -361,7 +361,10 @@ impl AgentConfig {
             max_concurrent_runs: s.max_concurrent_runs,
             max_module_bytes: s.max_module_bytes,
             memory_cache_entries: s.memory_cache_entries,
-            cache_dir: s.cache_dir.clone(),
+            cache_dir: s
+                .cache_dir
+                .clone()
+                .map(crate::sandbox::cache::CacheDir::with_key_file),
             table_elements: s.table_elements,
             max_wasm_stack: s.max_wasm_stack,
             fuel_metering: true,

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::config::AgentConfig;
+use crate::sandbox::cache::CacheDir;
 use crate::sandbox::Sandbox;
 use crate::trust::Trust;
 
@@ -89,9 +90,12 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         tracing::info!(agent_id = %identity.agent_id, "created a new agent identity");
     }
     let mut sandbox_config = config.sandbox_config()?;
-    if sandbox_config.cache_dir.is_none() {
-        sandbox_config.cache_dir = Some(state.join("cache"));
-    }
+    // The daemon's cache key is derived from its identity: no key file anywhere.
+    let cache_root = sandbox_config
+        .cache_dir
+        .take()
+        .map_or_else(|| state.join("cache"), |c| c.root().to_path_buf());
+    sandbox_config.cache_dir = Some(CacheDir::with_key(cache_root, identity.module_cache_key()));
     let sandbox = tokio::task::spawn_blocking(move || Sandbox::new(sandbox_config)).await??;
     let call_like = crate::call::CallRequest {
         trusted_keys: overrides.trusted_keys.clone(),

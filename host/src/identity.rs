@@ -51,6 +51,20 @@ impl Identity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
 
+    /// The key of the compiled-module cache: HKDF-SHA256 of the agent key under a fixed label.
+    /// Stable for this key, different for every agent, and never written anywhere.
+    pub fn module_cache_key(&self) -> [u8; 32] {
+        use ring::hkdf;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"bridge-daemon").extract(&self.key_pkcs8);
+        let okm = prk
+            .expand(&[b"compiled-module cache key v1"], hkdf::HKDF_SHA256)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let mut key = [0u8; 32];
+        okm.fill(&mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        key
+    }
+
     /// Whether the certificate should be re-issued now.
     pub fn needs_renewal(&self) -> bool {
         OffsetDateTime::now_utc().unix_timestamp() + RENEW_BEFORE_DAYS * 86_400

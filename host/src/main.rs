@@ -150,8 +150,8 @@ struct CallArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Directory for compiled-module artifacts. Default: $XDG_CACHE_HOME/bridge-daemon or
-    /// ~/.cache/bridge-daemon.
+    /// Directory for compiled-module artifacts (its key is kept beside it, in DIR.key). Default:
+    /// $XDG_CACHE_HOME/bridge-daemon or ~/.cache/bridge-daemon; none when run as root.
     #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
 
