@@ -82,13 +82,12 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         .state_dir
         .clone()
         .context("no state directory: set [agent] state_dir or pass --state")?;
-    std::fs::create_dir_all(&state)
-        .with_context(|| format!("creating the state directory {}", state.display()))?;
-    let link = config.platform.link_config()?;
+    create_state_dir(&state)?;
     let identity = crate::identity::load_or_create(&state)?;
     if identity.created {
         tracing::info!(agent_id = %identity.agent_id, "created a new agent identity");
     }
+    let link = config.platform.link_config()?;
     let mut sandbox_config = config.sandbox_config()?;
     // The daemon's cache key is derived from its identity: no key file anywhere.
     let cache_root = sandbox_config
@@ -138,4 +137,25 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         signals.cancel();
     });
     crate::link::run(link, state, agent, shutdown).await
+}
+
+/// Creates the state directory (mode 0700, whatever the umask) if it is missing; its parents get
+/// the usual mode.
+fn create_state_dir(state: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = state.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the state directory {}", state.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(state) {
+        // Exactly 0700: the umask may have taken more away.
+        Ok(()) => {
+            std::fs::set_permissions(state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .with_context(|| format!("restricting the state directory {}", state.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("creating the state directory {}", state.display()))
+        }
+    }
 }

@@ -14,11 +14,22 @@
 //! `agent.crt` with its expiry (unix seconds) in `agent.crt.expiry`. It is re-issued with the
 //! same key whenever it is missing, unreadable, or within [`RENEW_BEFORE_DAYS`] of expiry, so
 //! renewal never changes the agent id.
+//!
+//! **Permissions are checked at every start**, as ssh does: the state directory and the identity
+//! directory must be owned by the agent's user (the effective uid) and not writable by group or
+//! others, and the key must be readable and writable by its owner only. Anything else refuses
+//! to start with one line naming the file and the fix (`chmod 600 …`). Directories may be
+//! readable by others: every file in them carries its own mode.
+//!
+//! The **compiled-module cache key** is derived from the agent key
+//! ([`Identity::module_cache_key`]), so the daemon stores no cache key anywhere.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use std::os::unix::fs::MetadataExt;
 
 use anyhow::{bail, Context, Result};
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
@@ -89,9 +100,60 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The effective uid: who must own the state.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses `path` unless it is owned by the effective uid and, beyond `allowed`, has no
+/// permission bit for group or others. The error is one line: the file, what is wrong, the fix.
+fn check_owner_and_mode(path: &Path, what: &str, allowed: u32, fix: &str) -> Result<()> {
+    let meta =
+        fs::metadata(path).with_context(|| format!("examining {what} {}", path.display()))?;
+    let me = euid();
+    if meta.uid() != me {
+        bail!(
+            "{what} {} is owned by uid {}, but the agent runs as uid {me}; run the agent as its owner, or fix: chown {me} {}",
+            path.display(),
+            meta.uid(),
+            path.display()
+        );
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 & !allowed != 0 {
+        bail!(
+            "{what} {} is accessible to group or others (mode {mode:04o}); fix: {fix} {}",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks that nobody but the agent's user can change the state or read the agent key: the
+/// state and identity directories owned by the effective uid and not writable by group or
+/// others, the key (when it exists) owned by it with mode 0600 or stricter.
+pub fn check_permissions(state: &Path) -> Result<()> {
+    // Directories may be listed by others (each file has its own mode), never changed.
+    let listable = 0o055;
+    check_owner_and_mode(state, "the state directory", listable, "chmod 700")?;
+    let dir = identity_dir(state);
+    if dir.exists() {
+        check_owner_and_mode(&dir, "the identity directory", listable, "chmod 700")?;
+    }
+    let key = dir.join("agent.key");
+    if key.exists() {
+        check_owner_and_mode(&key, "the agent key", 0, "chmod 600")?;
+    }
+    Ok(())
+}
+
 /// Loads the identity in `state`, creating the key on first start and (re-)issuing the
-/// certificate when needed.
+/// certificate when needed. Refuses state that others could read or change
+/// ([`check_permissions`]).
 pub fn load_or_create(state: &Path) -> Result<Identity> {
+    check_permissions(state)?;
     let dir = identity_dir(state);
     fs::DirBuilder::new()
         .recursive(true)
@@ -226,6 +288,41 @@ pub fn agent_id(state: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_key_is_stable_per_agent_and_differs_between_agents() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = load_or_create(a.path()).unwrap();
+        let again = load_or_create(a.path()).unwrap();
+        let other = load_or_create(b.path()).unwrap();
+        assert_eq!(first.module_cache_key(), again.module_cache_key());
+        assert_ne!(first.module_cache_key(), other.module_cache_key());
+    }
+
+    #[test]
+    fn loose_permissions_refuse_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        load_or_create(tmp.path()).unwrap();
+        let key = identity_dir(tmp.path()).join("agent.key");
+        for mode in [0o640, 0o604, 0o660] {
+            fs::set_permissions(&key, fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_or_create(tmp.path()).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("chmod 600 {}", key.display())),
+                "{err}"
+            );
+        }
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+        load_or_create(tmp.path()).unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o775)).unwrap();
+        let err = load_or_create(tmp.path()).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("chmod 700 {}", tmp.path().display())),
+            "{err}"
+        );
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        load_or_create(tmp.path()).unwrap();
+    }
 
     #[test]
     fn the_id_is_stable_and_renewal_keeps_it() {
