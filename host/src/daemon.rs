@@ -87,7 +87,20 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
     if identity.created {
         tracing::info!(agent_id = %identity.agent_id, "created a new agent identity");
     }
-    let link = config.platform.link_config()?;
+    let mut platform = config.platform.clone();
+    if let Some(enrolled) = crate::identity::enrollment(&state, &identity.agent_id) {
+        if platform.token.is_some() || platform.token_file.is_some() {
+            tracing::info!(
+                agent_id = %enrolled.agent_id,
+                enrolled_at = %enrolled.enrolled_at,
+                record = %crate::identity::enrollment_file(&state).display(),
+                "already enrolled: the enrollment token is ignored (neither read nor sent)"
+            );
+        }
+        platform.token = None;
+        platform.token_file = None;
+    }
+    let link = platform.link_config()?;
     let mut sandbox_config = config.sandbox_config()?;
     // The daemon's cache key is derived from its identity: no key file anywhere.
     let cache_root = sandbox_config

@@ -23,6 +23,10 @@
 //!
 //! The **compiled-module cache key** is derived from the agent key
 //! ([`Identity::module_cache_key`]), so the daemon stores no cache key anywhere.
+//!
+//! **Enrollment** is recorded in `<state>/enrolled` (JSON: agent id, time, server; mode 0600) the
+//! first time the platform welcomes a connection that presented the enrollment token. From then
+//! on the agent neither reads nor sends the token ([`enrollment`], [`record_enrollment`]).
 
 use std::fs;
 use std::io::Write;
@@ -34,6 +38,7 @@ use std::os::unix::fs::MetadataExt;
 use anyhow::{bail, Context, Result};
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 /// How long a freshly issued agent certificate is valid.
@@ -285,6 +290,70 @@ pub fn agent_id(state: &Path) -> Result<String> {
     ))
 }
 
+/// The record that this agent is enrolled with its platform: `<state>/enrolled`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The agent id the platform welcomed.
+    pub agent_id: String,
+    /// When (RFC 3339, UTC).
+    pub enrolled_at: String,
+    /// The platform's address at the time.
+    pub server: String,
+}
+
+/// Where enrollment is recorded.
+pub fn enrollment_file(state: &Path) -> PathBuf {
+    state.join("enrolled")
+}
+
+/// The largest enrollment record read; a bigger file is not one.
+const MAX_ENROLLMENT_BYTES: u64 = 4096;
+
+/// This agent's enrollment record, if it has one. A record that is damaged or names another
+/// agent id (a key restored from elsewhere) is ignored with a warning: the token is then used
+/// again and the record rewritten at the next welcome.
+pub fn enrollment(state: &Path, agent_id: &str) -> Option<Enrollment> {
+    use std::io::Read;
+    let path = enrollment_file(state);
+    let mut text = String::new();
+    let read =
+        fs::File::open(&path).and_then(|f| f.take(MAX_ENROLLMENT_BYTES).read_to_string(&mut text));
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot read the enrollment record: {e}");
+            return None;
+        }
+    }
+    match serde_json::from_str::<Enrollment>(&text) {
+        Ok(e) if e.agent_id == agent_id => Some(e),
+        Ok(e) => {
+            tracing::warn!(path = %path.display(), recorded = %e.agent_id, agent_id, "the enrollment record is for another agent key; ignoring it");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "the enrollment record is damaged ({e}); ignoring it");
+            None
+        }
+    }
+}
+
+/// Records that the platform at `server` welcomed `agent_id` (atomically, mode 0600).
+pub fn record_enrollment(state: &Path, agent_id: &str, server: &str) -> Result<Enrollment> {
+    let record = Enrollment {
+        agent_id: agent_id.to_string(),
+        enrolled_at: OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .context("formatting the enrollment time")?,
+        server: server.to_string(),
+    };
+    let mut json = serde_json::to_vec_pretty(&record).context("encoding the enrollment record")?;
+    json.push(b'\n');
+    write_private(&enrollment_file(state), &json)?;
+    Ok(record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +391,22 @@ mod tests {
         );
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
         load_or_create(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn enrollment_is_recorded_for_this_key_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(enrollment(tmp.path(), "a"), None);
+        let rec = record_enrollment(tmp.path(), "a", "wss://p/agent").unwrap();
+        assert_eq!(enrollment(tmp.path(), "a"), Some(rec));
+        assert_eq!(enrollment(tmp.path(), "b"), None);
+        let mode = fs::metadata(enrollment_file(tmp.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::write(enrollment_file(tmp.path()), "{").unwrap();
+        assert_eq!(enrollment(tmp.path(), "a"), None);
     }
 
     #[test]

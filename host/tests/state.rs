@@ -1,14 +1,17 @@
 //! The agent's state directory through the real binary: state that other users could read or
-//! change refuses to start (naming the file and the fix).
+//! change refuses to start (naming the file and the fix), and enrollment is recorded there so
+//! the enrollment token is neither sent nor read once the platform has welcomed the agent.
 
 mod common;
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::platform::Agent;
+use common::platform::{Agent, Platform, Publisher};
+use serde_json::json;
 
 const CONNECT: Duration = Duration::from_secs(30);
 
@@ -102,4 +105,122 @@ fn state_others_could_read_or_change_refuses_to_start() {
     let mut agent = Agent::start(&state, &unreachable_server());
     agent.log.wait_for("starting the platform link", CONNECT);
     agent.terminate();
+}
+
+/// Starts an agent with `args` against a plain TCP listener and returns the head of the first
+/// request it makes (the WebSocket upgrade), then stops it.
+fn first_upgrade_request(state: &Path, extra: &[&str]) -> (String, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+    let mut args: Vec<String> = vec!["--server".into(), url, "--dev-allow-plaintext".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut agent = Agent::start(state, &args);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {
+            match conn.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+    });
+    let head = rx
+        .recv_timeout(CONNECT)
+        .unwrap_or_else(|_| panic!("no upgrade request; agent log:\n{}", agent.log.text()));
+    agent.terminate();
+    (head, agent.log.text())
+}
+
+fn authorization(head: &str) -> Option<&str> {
+    head.lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+}
+
+#[test]
+fn once_enrolled_the_token_is_never_sent_or_read_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let publisher = Publisher::new();
+    let token = platform.token();
+
+    // An agent that has not enrolled presents its token: the listener sees it.
+    let (head, _) = first_upgrade_request(&tmp.path().join("fresh"), &["--token", &token]);
+    assert_eq!(
+        authorization(&head),
+        Some(format!("authorization: Bearer {token}").as_str()),
+        "{head}"
+    );
+
+    // Enroll; the welcome is recorded in the state directory, for this agent id.
+    let state = tmp.path().join("agent");
+    let mut agent = Agent::start(
+        &state,
+        &Agent::args_for(&platform, Some(&token), Some(&publisher.public())),
+    );
+    let id = agent.id();
+    platform.wait_connected(&id, CONNECT);
+    agent.log.wait_for("enrollment recorded", CONNECT);
+    let record = state.join("enrolled");
+    assert_eq!(mode(&record), 0o600);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(json["agent_id"], id, "{json}");
+    assert_eq!(json["server"], platform.url(), "{json}");
+    assert!(
+        json["enrolled_at"].as_str().unwrap().ends_with('Z'),
+        "{json}"
+    );
+    agent.terminate();
+
+    // Restarted with the same token: the upgrade carries no Authorization header.
+    let (head, log) = first_upgrade_request(&state, &["--token", &token]);
+    assert!(head.starts_with("GET /agent "), "{head}");
+    assert_eq!(
+        authorization(&head),
+        None,
+        "the token was sent again: {head}"
+    );
+    assert!(log.contains("already enrolled"), "{log}");
+
+    // Nor is the token read: a token file that is gone (as the installer removes it) is fine.
+    let mut args = Agent::args_for(&platform, None, Some(&publisher.public()));
+    args.extend([
+        "--token-file".into(),
+        tmp.path().join("gone").display().to_string(),
+    ]);
+    let agent = Agent::start(&state, &args);
+    platform.wait_connected(&id, CONNECT);
+    let r = platform.run(
+        &id,
+        &publisher.signed("hello"),
+        json!({"name": "again"}),
+        None,
+    );
+    assert_eq!(r["result"]["output"]["greeting"], "Hello, again!", "{r}");
+    assert!(
+        agent.log.text().contains("already enrolled"),
+        "{}",
+        agent.log.text()
+    );
+
+    // The daemon's compiled-module cache is keyed from its identity: no key file anywhere.
+    let cache = state.join("cache");
+    let artifacts: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .collect();
+    assert!(
+        artifacts
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "cwasm")),
+        "{artifacts:?}"
+    );
+    assert!(!cache.join("cache.key").exists() && !state.join("cache.key").exists());
+    assert_eq!(mode(&cache), 0o700);
 }
