@@ -346,6 +346,7 @@ pub async fn run(
         return end;
     }
     tracing::info!("the platform welcomed the agent: session open");
+    super::welcomed(config, agent.agent_id());
     let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
     ping.tick().await;
