@@ -16,6 +16,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const MAX_QUEUED_BYTES: usize = 16 << 20;
 
 /// A message waiting for the platform.
+// Messages travel by value, as they did before results could be stored; boxing them for the
+// rare `Stored` would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outgoing {
     /// To send as it is; a result's [`Charge`] keeps its bytes counted until it is sent or

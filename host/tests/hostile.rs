@@ -519,7 +519,7 @@ fn errors_are_never_answered_and_bad_messages_are() {
     assert!(errors[2]["message"].as_str().unwrap().contains("256 bytes"));
     // Nothing else: none of the three platform errors got an answer.
     assert!(
-        matches!(conn.recv(Duration::from_millis(500)), None),
+        conn.recv(Duration::from_millis(500)).is_none(),
         "an extra reply"
     );
     assert!(agent.log().len() < 100_000, "the log echoes huge ids");
@@ -661,19 +661,15 @@ fn a_platform_that_stops_reading_costs_bounded_memory() {
             break;
         }
         assert!(Instant::now() < deadline, "results missing");
-        match c.recv(Duration::from_secs(1)) {
-            Some(Got::Close(_)) => {
-                let (results, accepted) = {
-                    let c = conn.take().unwrap();
-                    (c.results, c.accepted)
-                };
-                let mut next = server.accept();
-                next.open();
-                next.results = results;
-                next.accepted = accepted;
-                conn = Some(next);
-            }
-            _ => {}
+        if let Some(Got::Close(_)) = c.recv(Duration::from_secs(1)) {
+            // The agent gave up on the connection while it was not read: the rest comes on
+            // the next one.
+            let old = conn.take().unwrap();
+            let mut next = server.accept();
+            next.open();
+            next.results = old.results;
+            next.accepted = old.accepted;
+            conn = Some(next);
         }
     }
     conn.unwrap().healthy(&mut agent);
