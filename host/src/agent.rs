@@ -164,6 +164,36 @@ struct Turn {
     previous: Option<CancellationToken>,
 }
 
+impl Turns {
+    /// The turn being taken for `key` now, if any: what a message that depends on it (but does
+    /// not change it) waits for.
+    fn pending(&self, key: &str) -> Option<CancellationToken> {
+        self.last
+            .get(key)
+            .map(|(_, token)| token.clone())
+            .filter(|t| !t.is_cancelled())
+    }
+
+    /// Every turn being taken now for a handler name.
+    fn pending_handlers(&self) -> Vec<CancellationToken> {
+        self.last
+            .iter()
+            .filter(|(key, (_, t))| key.starts_with(HANDLER_TURN) && !t.is_cancelled())
+            .map(|(_, (_, t))| t.clone())
+            .collect()
+    }
+}
+
+/// The turns of `install_handler` and `remove_handler` are keyed by the handler name after this
+/// prefix (a task id has no control characters, so the two never meet). A `run` naming the
+/// command waits for the change in progress: an install followed by a run of it in one write
+/// runs the new handler.
+const HANDLER_TURN: &str = "\u{0}handler\u{0}";
+
+fn handler_turn(name: &str) -> String {
+    format!("{HANDLER_TURN}{name}")
+}
+
 impl Turn {
     /// Takes the next turn for `task_id`.
     fn take(turns: &Arc<Mutex<Turns>>, task_id: &str) -> Turn {
@@ -456,6 +486,18 @@ impl Agent {
         self.journal.unacked_ids()
     }
 
+    /// How many of the first `ids` to read from the journal at once: at most `count`, and no
+    /// more than `bytes` of stored results (at least one).
+    pub fn backlog_batch(
+        &self,
+        ids: &std::collections::VecDeque<String>,
+        count: usize,
+        bytes: usize,
+    ) -> usize {
+        self.journal
+            .batch_within(ids.iter().take(count), bytes as u64)
+    }
+
     /// The `result` messages of those of `task_ids` still waiting for an `ack`.
     pub fn results_of(&self, task_ids: &[String]) -> Vec<AgentMessage> {
         self.journal
@@ -541,10 +583,14 @@ impl Agent {
         let turn = checked
             .is_ok()
             .then(|| Turn::take(&self.turns, &req.task_id));
+        let handler_change = req
+            .command
+            .as_deref()
+            .and_then(|name| lock(&self.turns).pending(&handler_turn(name)));
         // Boxed: the task's state machine is large (the run, the journal and the send are
         // all inlined in it), and the runtime moves a task's future several times on its way
         // in and out; a box moves as a pointer.
-        tokio::spawn(Box::pin(this.receive(req, checked, turn)));
+        tokio::spawn(Box::pin(this.receive(req, checked, turn, handler_change)));
     }
 
     async fn receive(
@@ -552,6 +598,7 @@ impl Agent {
         req: RunRequest,
         checked: Result<Option<time::OffsetDateTime>, String>,
         turn: Option<Turn>,
+        handler_change: Option<CancellationToken>,
     ) {
         let (not_after, turn) = match (checked, turn) {
             (Ok(t), Some(turn)) => (t, turn),
@@ -564,6 +611,9 @@ impl Agent {
             }
         };
         turn.wait().await;
+        if let Some(change) = handler_change {
+            change.cancelled().await;
+        }
         if self.answer_seen(&req).await {
             return;
         }
@@ -1008,31 +1058,33 @@ impl Agent {
         // From now on a repeat of this task id is told it finished, not that it runs.
         lock(&self.live).set(&req.task_id, LiveState::Finished);
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
-        let msg = AgentMessage::Result {
+        let message = |result: RunResult| AgentMessage::Result {
             id: req.id.clone(),
             task_id: req.task_id.clone(),
-            result: result.clone(),
+            result,
         };
         let recorded = match self.budget.try_charge(bytes) {
             Some(charge) if ran => {
                 let record = self.journal.finish_lazily(&req.task_id, &result);
+                let msg = message(result.clone());
                 let send = self.outbox.send(Outgoing::Message(msg, Some(charge)));
                 let (recorded, _) = tokio::join!(record, send);
                 recorded
             }
             charge => {
                 // Not sent before it is recorded: a task that never ran (see above), or a
-                // result that does not fit in memory, which then waits in the journal.
+                // result that does not fit in memory, which then waits in the journal (and is
+                // not copied meanwhile).
                 let recorded = if ran {
                     self.journal.finish_lazily(&req.task_id, &result).await
                 } else {
                     self.journal.finish(&req.task_id, &result).await
                 };
                 let queued = match (charge, &recorded) {
-                    (Some(charge), _) => Outgoing::Message(msg, Some(charge)),
+                    (Some(charge), _) => Outgoing::Message(message(result), Some(charge)),
                     (None, Ok(())) => Outgoing::Stored(req.task_id.clone()),
                     // Not recorded: this message is the only copy.
-                    (None, Err(_)) => msg.into(),
+                    (None, Err(_)) => message(result).into(),
                 };
                 let _ = self.outbox.send(queued).await;
                 recorded
@@ -1321,6 +1373,10 @@ impl Agent {
 
     /// `cancel`: removes a queued task or stops a running one; answers `cancel_reply`.
     pub fn cancel(self: &Arc<Self>, id: String, task_id: String) {
+        if task_id.chars().any(char::is_control) {
+            // Never a task id (a run with it is refused), so never a task.
+            return self.cancel_now(id, task_id);
+        }
         let turn = Turn::take(&self.turns, &task_id);
         if turn.must_wait() {
             // A `run` of this id sent before is still being accepted: the cancel applies to it
@@ -1387,7 +1443,11 @@ impl Agent {
     /// `list_handlers`.
     pub fn list_handlers(self: &Arc<Self>, id: String) {
         let this = self.clone();
+        let changes = lock(&self.turns).pending_handlers();
         tokio::spawn(async move {
+            for change in changes {
+                change.cancelled().await;
+            }
             let handlers = this.handler_list();
             this.send(AgentMessage::Handlers { id, handlers }).await;
         });
@@ -1396,7 +1456,9 @@ impl Agent {
     /// `remove_handler`.
     pub fn remove_handler(self: &Arc<Self>, id: String, name: String) {
         let this = self.clone();
+        let turn = Turn::take(&self.turns, &handler_turn(&name));
         tokio::spawn(async move {
+            turn.wait().await;
             let msg = match this.journal.remove_handler(&name).await {
                 Ok(true) => {
                     tracing::info!(name = %name, "handler removed");
@@ -1413,6 +1475,7 @@ impl Agent {
                 Err(e) => refusal(&id, ErrorCode::Refused, format!("storage_error: {e}")),
             };
             this.send(msg).await;
+            drop(turn);
         });
     }
 
@@ -1436,8 +1499,10 @@ impl Agent {
             return;
         };
         let this = self.clone();
+        let turn = Turn::take(&self.turns, &handler_turn(&name));
         tokio::spawn(async move {
             let _permit = permit;
+            turn.wait().await;
             let msg = match this
                 .install(&id, &name, &module_sha256, signature.clone())
                 .await
@@ -1452,6 +1517,7 @@ impl Agent {
                 }
             };
             this.send(msg).await;
+            drop(turn);
         });
     }
 

@@ -2035,6 +2035,22 @@ impl Journal {
             .collect()
     }
 
+    /// How many of `ids`, in order, hold at most `bytes` together as stored (at least one, if
+    /// there is one): a batch of results to read at once.
+    pub fn batch_within<'a>(&self, ids: impl Iterator<Item = &'a String>, bytes: u64) -> usize {
+        let mirror = lock(&self.inner.shared.mirror);
+        let mut total = 0;
+        let mut n = 0;
+        for id in ids {
+            total += mirror.tasks.get(id.as_str()).map_or(0, |m| m.bytes);
+            if n > 0 && total > bytes {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
     /// The records of `ids` that are still finished and unacknowledged, in order.
     pub fn unacked_of(&self, ids: &[String]) -> Vec<TaskRecord> {
         if ids.is_empty() {

@@ -135,18 +135,35 @@ where
 /// The most messages of the outbox written with one flush.
 const SEND_BATCH: usize = 64;
 
+/// A batch stops taking messages once it holds this many bytes: results read from the journal
+/// for a write stay few while the platform is slow to read them.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// A message on its way out: what it is, what keeps its bytes counted, and its text.
+type Encoded = (AgentMessage, Option<Charge>, String);
+
+/// Resolves `item` and encodes it into `batch`; returns the bytes added.
+fn add_to_batch(agent: &Agent, item: Outgoing, batch: &mut Vec<Encoded>) -> usize {
+    match resolve(agent, item) {
+        Some((msg, charge)) => {
+            let text = encode(&msg);
+            let len = text.len();
+            batch.push((msg, charge, text));
+            len
+        }
+        None => 0,
+    }
+}
+
 /// Sends `messages` as one write where they fit (one TLS flush, one system call, instead of
 /// one per message), within [`SEND_TIMEOUT`] as a whole.
-async fn send_batch<S>(
-    ws: &mut S,
-    messages: &[(AgentMessage, Option<Charge>)],
-) -> Result<(), String>
+async fn send_batch<S>(ws: &mut S, messages: &mut [Encoded]) -> Result<(), String>
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     within_send_timeout(async {
-        for (msg, _) in messages {
-            ws.feed(Message::Text(encode(msg).into())).await?;
+        for (_, _, text) in messages.iter_mut() {
+            ws.feed(Message::Text(std::mem::take(text).into())).await?;
         }
         ws.flush().await
     })
@@ -432,7 +449,7 @@ pub async fn run(
             }
             _ = std::future::ready(()), if !outbox.unsent.is_empty() || !backlog.is_empty() => {
                 if outbox.unsent.is_empty() {
-                    let n = backlog.len().min(BACKLOG_BATCH);
+                    let n = agent.backlog_batch(&backlog, BACKLOG_BATCH, BATCH_BYTES);
                     let ids: Vec<String> = backlog.drain(..n).collect();
                     outbox.unsent.extend(agent.results_of(&ids).into_iter().map(Outgoing::from));
                     continue;
@@ -451,18 +468,19 @@ pub async fn run(
                 // task woken by the running one next) and go out in a write of its own.
                 tokio::task::yield_now().await;
                 // Whatever else is queued already goes out with it.
-                let mut batch: Vec<_> = resolve(agent, msg).into_iter().collect();
-                while batch.len() < SEND_BATCH {
+                let mut batch = Vec::new();
+                let mut bytes = add_to_batch(agent, msg, &mut batch);
+                while batch.len() < SEND_BATCH && bytes < BATCH_BYTES {
                     match outbox.rx.try_recv() {
-                        Ok(msg) => batch.extend(resolve(agent, msg)),
+                        Ok(msg) => bytes += add_to_batch(agent, msg, &mut batch),
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = send_batch(&mut sink, &batch).await {
+                if let Err(e) = send_batch(&mut sink, &mut batch).await {
                     // Some may have gone out: the platform ignores a result it has.
                     outbox
                         .unsent
-                        .extend(batch.into_iter().map(|(m, c)| Outgoing::Message(m, c)));
+                        .extend(batch.into_iter().map(|(m, c, _)| Outgoing::Message(m, c)));
                     break End::Error(e);
                 }
             }
