@@ -14,7 +14,8 @@
 //! - **wall clock**: one ticker thread bumps the engine's epoch every [`EPOCH_TICK`] while any
 //!   run is in progress, and for 100 ms after the last one (an idle agent has no such
 //!   wake-ups); each store
-//!   yields to tokio at every tick, so a runaway handler never holds a worker thread, and the run
+//!   yields to tokio at every tick (with tokio's own `yield_now`, so the scheduler polls its
+//!   timers in between), so a runaway handler never holds a worker thread, and the run
 //!   is a future raced against a tokio timer. When the timer wins the future is dropped, which
 //!   tears down the guest's fiber → `timeout`. Handlers blocked in a host call (sleeping) are
 //!   covered by the same timer.
@@ -44,7 +45,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
-    PoolingAllocationConfig, Store, Trap,
+    PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -615,7 +616,19 @@ impl Sandbox {
             store.set_fuel(limits.fuel)?;
         }
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        // At every epoch tick the guest yields with tokio's `yield_now`, not wasmtime's default
+        // yield. Wasmtime's wakes the task before returning, so the task is runnable again at
+        // once; a tokio scheduler whose queue is never empty polls its timer and I/O driver only
+        // every `event_interval` (61) task polls, which with a spinning guest means every 61
+        // ticks: no heartbeat, timeout or neighbour's timer fires for ~0.5 s on an idle host, over
+        // a second on a loaded one. tokio's `yield_now` defers the wake until the scheduler has
+        // polled its driver, so timers fire at every tick.
+        store.epoch_deadline_callback(|_| {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
         let _ticking = self.inner.ticker.active();
 
         let started = Instant::now();
