@@ -76,6 +76,49 @@ async fn a_spinning_handler_does_not_block_the_runtime() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// The agent's runtime has a worker thread per core: spinning handlers on every worker must not
+/// hold back the timers of the agent's other tasks (its heartbeats, its link) either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_handlers_on_every_worker_do_not_block_timers() {
+    let sandbox = sandbox(None);
+    let spin = load(&sandbox, "spin");
+    let runaways: Vec<_> = (0..4)
+        .map(|_| {
+            let (sandbox, spin) = (sandbox.clone(), spin.clone());
+            tokio::spawn(async move {
+                let spec = RunSpec {
+                    args: vec!["spin".into()],
+                    limits: LimitRequest {
+                        fuel: Some(50_000_000_000),
+                        timeout_ms: Some(1500),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                sandbox.run(&spin, spec).await.unwrap()
+            })
+        })
+        .collect();
+    let heartbeat = tokio::spawn(async {
+        let started = Instant::now();
+        let mut ticks = 0;
+        let mut interval = tokio::time::interval(Duration::from_millis(50));
+        while started.elapsed() < Duration::from_millis(500) {
+            interval.tick().await;
+            ticks += 1;
+        }
+        ticks
+    });
+    let ticks = heartbeat.await.unwrap();
+    assert!(
+        ticks >= 8,
+        "the heartbeat ticked only {ticks} times in 500 ms"
+    );
+    for runaway in runaways {
+        assert_eq!(runaway.await.unwrap().status.as_str(), "timeout");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_runs_at_once_share_the_pool() {
     let sandbox = sandbox(Some(4));

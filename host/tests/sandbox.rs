@@ -67,6 +67,20 @@ fn a_non_zero_exit_is_error_with_its_code() {
     );
 }
 
+/// WASI ends exit codes at 125; a higher one is a trap, and its error says so in one sentence
+/// plus the backtrace (no dump of the store the engine attaches to every trap).
+#[test]
+fn an_exit_code_above_125_is_a_trap_naming_it() {
+    let c = call(&wasm("exitcode"), &[UNSIGNED, "--input", r#"{"code":200}"#]);
+    assert_eq!(c.status(), "trap", "{}", c.result);
+    let err = c.result["error"].as_str().unwrap();
+    assert!(
+        err.ends_with("exit with invalid exit status outside of [0..126)"),
+        "{err}"
+    );
+    assert!(!err.contains("coredump"), "{err}");
+}
+
 #[test]
 fn sdk_errors_are_structured() {
     // hello's input must be an object with an optional string `name`.
@@ -133,6 +147,44 @@ fn an_initial_memory_above_the_limit_is_refused_at_instantiation() {
 fn deep_recursion_overflows_the_stack() {
     let c = call(&wasm("recurse"), &[UNSIGNED]);
     assert_eq!(c.status(), "stack_overflow", "{}", c.result);
+    let err = c.result["error"].as_str().unwrap();
+    assert!(err.contains("wasm call stack"), "{err}");
+}
+
+/// Rust's shadow stack in linear memory runs out before the engine's stack: its pointer goes
+/// below address 0 (the stack is placed first) and the fault is reported as what it is.
+#[test]
+fn a_shadow_stack_overflow_is_a_stack_overflow_naming_the_cause() {
+    let c = call(&wasm("shadowstack"), &[UNSIGNED]);
+    assert_eq!(c.status(), "stack_overflow", "{}", c.result);
+    let err = c.result["error"].as_str().unwrap();
+    assert!(err.contains("shadow stack"), "{err}");
+    assert!(err.contains("below address 0"), "{err}");
+    assert!(err.contains("the 1048576 bytes at the bottom"), "{err}");
+
+    let c = call(
+        &wasm("shadowstack"),
+        &[UNSIGNED, "--input", r#"{"depth":100}"#],
+    );
+    assert_eq!(c.status(), "ok", "{}", c.result);
+    assert_eq!(c.result["output"]["depth"], 100);
+}
+
+/// The same holds for any module laid out the way wasm-ld lays out C and Rust; an access that
+/// wraps the same way in a module without a shadow stack stays a plain trap.
+#[test]
+fn a_stack_pointer_wrapping_below_zero_is_a_stack_overflow_in_any_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = call(&wat_fixture("stack_wrap", dir.path()), &[UNSIGNED]);
+    assert_eq!(c.status(), "stack_overflow", "{}", c.result);
+    let err = c.result["error"].as_str().unwrap();
+    assert!(err.contains("wasm address 0xfffff000"), "{err}");
+    assert!(err.contains("the 65536 bytes at the bottom"), "{err}");
+
+    let c = call(&wat_fixture("out_of_bounds", dir.path()), &[UNSIGNED]);
+    assert_eq!(c.status(), "trap", "{}", c.result);
+    let err = c.result["error"].as_str().unwrap();
+    assert!(err.contains("out of bounds memory access"), "{err}");
 }
 
 #[test]

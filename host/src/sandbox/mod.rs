@@ -14,11 +14,14 @@
 //! - **wall clock**: one ticker thread bumps the engine's epoch every [`EPOCH_TICK`] while any
 //!   run is in progress, and for 100 ms after the last one (an idle agent has no such
 //!   wake-ups); each store
-//!   yields to tokio at every tick, so a runaway handler never holds a worker thread, and the run
+//!   yields to tokio at every tick (with tokio's own `yield_now`, so the scheduler polls its
+//!   timers in between), so a runaway handler never holds a worker thread, and the run
 //!   is a future raced against a tokio timer. When the timer wins the future is dropped, which
 //!   tears down the guest's fiber → `timeout`. Handlers blocked in a host call (sleeping) are
 //!   covered by the same timer.
-//! - **stack**: `Config::max_wasm_stack` → `stack_overflow`.
+//! - **stack**: `Config::max_wasm_stack` → `stack_overflow`. The shadow stack that compilers
+//!   keep in linear memory is the module's own; when it is placed first in memory its overflow
+//!   faults just under 4 GiB, and [`stack::ShadowStack`] recognises that fault → `stack_overflow`.
 //! - **output**: [`output::CappedPipe`] keeps the first and last `output_bytes / 2` of each
 //!   stream, counts all of it, and streams it to a [`StreamTap`] when the task asked.
 //!
@@ -30,6 +33,7 @@
 pub mod cache;
 pub mod limiter;
 pub mod output;
+pub mod stack;
 
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
@@ -44,7 +48,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
-    PoolingAllocationConfig, Store, Trap,
+    PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -57,6 +61,7 @@ use bridge_protocol::StreamName;
 use cache::{DiskCache, Lookup};
 use limiter::{LimitExceeded, RunLimiter};
 use output::CappedPipe;
+use stack::{MemoryFault, ShadowStack};
 use tokio_util::sync::CancellationToken;
 
 /// How often the epoch ticker runs: the granularity of timeouts and of yielding to tokio.
@@ -143,6 +148,8 @@ pub struct RunSpec {
 pub struct Handler {
     sha256: [u8; 32],
     pre: InstancePre<RunState>,
+    /// The module's shadow stack in linear memory, if it has one (to recognise its overflow).
+    shadow_stack: Option<ShadowStack>,
     /// Where the compiled code came from (for logs and benchmarks).
     pub source: CodeSource,
 }
@@ -312,6 +319,9 @@ pub fn engine_config(config: &SandboxConfig) -> Config {
     c.consume_fuel(config.fuel_metering)
         .epoch_interruption(true)
         .max_wasm_stack(config.max_wasm_stack)
+        // A trap carries a core dump of the store (handles, no copies): it holds the module's
+        // globals, whose stack pointer tells a shadow-stack overflow from other faults.
+        .coredump_on_trap(true)
         // The fiber a run executes on also hosts WASI calls; give them room beyond wasm's share.
         .async_stack_size(config.max_wasm_stack + (1 << 20))
         .cranelift_opt_level(OptLevel::Speed)
@@ -534,6 +544,7 @@ impl Sandbox {
         let handler = Arc::new(Handler {
             sha256,
             pre,
+            shadow_stack: ShadowStack::of(bytes),
             source,
         });
         self.lock_modules().put(sha256, handler.clone());
@@ -615,7 +626,19 @@ impl Sandbox {
             store.set_fuel(limits.fuel)?;
         }
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        // At every epoch tick the guest yields with tokio's `yield_now`, not wasmtime's default
+        // yield. Wasmtime's wakes the task before returning, so the task is runnable again at
+        // once; a tokio scheduler whose queue is never empty polls its timer and I/O driver only
+        // every `event_interval` (61) task polls, which with a spinning guest means every 61
+        // ticks: no heartbeat, timeout or neighbour's timer fires for ~0.5 s on an idle host, over
+        // a second on a loaded one. tokio's `yield_now` defers the wake until the scheduler has
+        // polled its driver, so timers fire at every tick.
+        store.epoch_deadline_callback(|_| {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
         let _ticking = self.inner.ticker.active();
 
         let started = Instant::now();
@@ -642,10 +665,17 @@ impl Sandbox {
             None
         };
         let memory_peak = store.data().limiter.memory_peak as u64;
+        let shadow_stack = handler.shadow_stack.map(|stack| ShadowStackAtTrap {
+            stack,
+            pointer: match &ended {
+                Some(Ok(Err(err))) => stack_pointer(err, &mut store),
+                _ => None,
+            },
+        });
         drop(store);
 
         let (status, exit_code, error) = match ended {
-            Some(ended) => classify(ended, &limits),
+            Some(ended) => classify(ended, &limits, shadow_stack.as_ref()),
             None => (
                 Status::Cancelled,
                 None,
@@ -711,8 +741,29 @@ fn root_message(e: &wasmtime::Error) -> String {
 
 type Ended = Result<wasmtime::Result<()>, tokio::time::error::Elapsed>;
 
+/// The module's shadow stack and its pointer's value when the run trapped, if it did.
+struct ShadowStackAtTrap {
+    stack: ShadowStack,
+    pointer: Option<u32>,
+}
+
+/// The value of the module's stack pointer when `err` was raised, from the store's core dump
+/// (see [`stack`]). The dump lists the store's globals: no host globals (the agent defines
+/// none), then the instance's own in order, so the first is the module's global 0, which
+/// [`ShadowStack::of`] found to be a mutable `i32`.
+fn stack_pointer(err: &wasmtime::Error, store: &mut Store<RunState>) -> Option<u32> {
+    let dump = err.downcast_ref::<wasmtime::WasmCoreDump>()?;
+    let global = dump.globals().first()?;
+    global.get(&mut *store).i32().map(|v| v as u32)
+}
+
 /// Maps how the guest's future ended to a status, an exit code and a raw error message.
-fn classify(ended: Ended, limits: &Limits) -> (Status, Option<i32>, Option<String>) {
+/// `shadow_stack` is the module's, to tell its overflow from other out-of-bounds accesses.
+fn classify(
+    ended: Ended,
+    limits: &Limits,
+    shadow_stack: Option<&ShadowStackAtTrap>,
+) -> (Status, Option<i32>, Option<String>) {
     let err = match ended {
         Err(_) => {
             return (
@@ -751,9 +802,35 @@ fn classify(ended: Ended, limits: &Limits) -> (Status, Option<i32>, Option<Strin
             None,
             Some("the wasm call stack overflowed".into()),
         ),
+        Some(Trap::MemoryOutOfBounds) => {
+            let fault = MemoryFault::of(&err);
+            let overflow = shadow_stack.and_then(|s| s.stack.overflow(s.pointer, fault.as_ref()));
+            match overflow {
+                Some(why) => (Status::StackOverflow, None, Some(why)),
+                None => (
+                    Status::Trap,
+                    None,
+                    Some(Trap::MemoryOutOfBounds.to_string()),
+                ),
+            }
+        }
         Some(trap) => (Status::Trap, None, Some(trap.to_string())),
-        None => (Status::Trap, None, Some(format!("{err:#}"))),
+        None => (Status::Trap, None, Some(describe(&err))),
     }
+}
+
+/// An error's chain as `{:#}` shows it, without the core dump (a listing of store handles that
+/// says nothing to the result's reader; see [`engine_config`]).
+fn describe(err: &wasmtime::Error) -> String {
+    let dump = err
+        .downcast_ref::<wasmtime::WasmCoreDump>()
+        .map(|d| d.to_string());
+    let layers: Vec<String> = err
+        .chain()
+        .map(|c| c.to_string())
+        .filter(|c| Some(c) != dump.as_ref())
+        .collect();
+    layers.join(": ")
 }
 
 /// Handler output: stdout parsed as one JSON value, or `null` when it is empty or not JSON.
