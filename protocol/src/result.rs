@@ -103,6 +103,11 @@ pub struct RunResult {
     /// SHA-256 (hex) of the module bytes that were run or refused, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_sha256: Option<String>,
+    /// `true` when a cgroup bounded the run: a shell command that ran inside a task cgroup of
+    /// its own, killed as a whole when the run ended. Absent (false) for WASM handlers and for
+    /// shell commands bounded by their supervisor alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cgroup: bool,
 }
 
 impl RunResult {
@@ -122,6 +127,7 @@ impl RunResult {
             error: Some(error.into()),
             reason: None,
             module_sha256: None,
+            cgroup: false,
         }
     }
 

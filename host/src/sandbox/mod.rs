@@ -680,6 +680,7 @@ impl Sandbox {
             error,
             reason: None,
             module_sha256: Some(handler.sha256_hex()),
+            cgroup: false,
         })
     }
 }
