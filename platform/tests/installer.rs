@@ -340,7 +340,9 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
 
     // The printed command is the flow an operator copies.
     let command = serve.get("install_command");
-    assert!(command.starts_with(" curl -fsS --pinnedpubkey 'sha256//"));
+    assert!(command.starts_with(
+        " (d=$(mktemp -d) && trap 'rm -rf \"$d\"' EXIT && curl -fsS --pinnedpubkey 'sha256//"
+    ));
     assert!(command.contains(&format!("{url}/install.sh")));
     assert!(command.contains(&format!("--server-pin {pin}")));
     assert!(command.contains("--token-stdin"));
@@ -917,6 +919,78 @@ fn is_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+#[test]
+fn the_one_line_install_runs_from_a_private_directory_and_leaves_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let v1 = release(w, "v1", b"");
+    let serve = Serve::start(
+        &w.join("platform"),
+        &["--agent-binary", v1.to_str().unwrap()],
+    );
+    let root = w.join("root");
+    let command = serve.get("install_command");
+    assert!(
+        command.starts_with(' '),
+        "kept out of shell history: {command:?}"
+    );
+    assert!(!command.contains("-o bridge-install.sh"), "{command}");
+    // The printed line as an operator pastes it, already root (no sudo), staged under --root.
+    let line = command.replace("sudo sh ", "sh ").replace(
+        "--token-stdin)",
+        &format!("--token-stdin --root {})", root.display()),
+    );
+    assert_ne!(line, command);
+    let (cwd, tmp) = (w.join("cwd"), w.join("tmp"));
+    fs::create_dir(&cwd).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    let child = Command::new(shell())
+        .arg("-c")
+        .arg(&line)
+        .current_dir(&cwd)
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(120));
+    let t = ok(out);
+    assert!(t.contains("sha256 "), "{t}");
+    assert_eq!(
+        fs::read(root.join("usr/local/bin/bridge-daemon")).unwrap(),
+        fs::read(&v1).unwrap()
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/bridge/token"))
+            .unwrap()
+            .trim(),
+        serve.get("token")
+    );
+    let left: Vec<_> = fs::read_dir(&cwd).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "written into the current directory: {left:?}"
+    );
+    let left: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the private directory was not removed: {left:?}"
+    );
+
+    // A failing installer fails the line (its status survives the cleanup).
+    let failing = line.replace("--token-stdin", "--bogus-option");
+    let out = Command::new(shell())
+        .arg("-c")
+        .arg(&failing)
+        .current_dir(&cwd)
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
 }
 
 /// A stand-in for systemctl under `--root` (`BRIDGE_INSTALL_SYSTEMCTL`): logs its arguments to
