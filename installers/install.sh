@@ -820,6 +820,9 @@ ensure_dir "$R$STATE_PATH" 0700 "$OWNER"
 # allowlist, platform pins and token are root's to decide.
 if [ -n "$TOKEN" ]; then
     put_file "$WORK/token" "$R$TOKEN_PATH" 0640 "$GROUP_OWNER"
+elif [ "$ENROLLED" = 0 ] && [ -f "$R$TOKEN_PATH" ]; then
+    # Kept as it is, but with this owner and mode (an older installer left it the agent's).
+    put_file "$R$TOKEN_PATH" "$R$TOKEN_PATH" 0640 "$GROUP_OWNER"
 fi
 if [ "$ENROLLED" = 1 ] && [ -e "$R$TOKEN_PATH" ]; then
     say "the agent is enrolled: removing the token file"
@@ -832,7 +835,13 @@ if [ "$KEEP_CONFIG" = 1 ] && [ -f "$R$CONF_PATH" ]; then
     say "--keep-config: leaving $CONF_PATH as it is"
 else
     if [ -f "$R$CONF_PATH" ] && ! cmp -s "$CONF_TMP" "$R$CONF_PATH"; then
-        act cp -p "$R$CONF_PATH" "$R$CONF_PATH.old"
+        if [ "$DRY_RUN" = 1 ]; then
+            say "would keep the previous config as $CONF_PATH.old"
+        else
+            (umask 077 && cp "$R$CONF_PATH" "$R$CONF_PATH.old")
+            chmod 0640 "$R$CONF_PATH.old"
+            [ -z "$GROUP_OWNER" ] || chown "$GROUP_OWNER" "$R$CONF_PATH.old"
+        fi
     fi
     put_file "$CONF_TMP" "$R$CONF_PATH" 0640 "$GROUP_OWNER"
 fi

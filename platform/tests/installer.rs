@@ -1143,4 +1143,23 @@ fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
             .trim(),
         token
     );
+
+    // Files an older installer left the agent's own are given back to root on the next run,
+    // also a token kept as it is (no token given this time).
+    let token2 = root2.join("etc/bridge/token");
+    let conf2 = root2.join("etc/bridge/agent.toml");
+    for f in [&token2, &conf2] {
+        std::os::unix::fs::chown(f, Some(4242), Some(4343)).unwrap();
+        fs::set_permissions(f, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let without_token: Vec<String> = a
+        .iter()
+        .filter(|x| *x != "--token-stdin")
+        .cloned()
+        .collect();
+    let t = ok(run(&without_token, &[("FAKE_LOG", log.as_path())]));
+    assert!(!t.contains("nothing to change"), "{t}");
+    assert_eq!(owner(&token2), (0, 4343, 0o640));
+    assert_eq!(owner(&conf2), (0, 4343, 0o640));
+    assert_eq!(fs::read_to_string(&token2).unwrap().trim(), token);
 }
