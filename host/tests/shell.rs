@@ -460,7 +460,7 @@ async fn a_rule_user_is_applied() {
 }
 
 /// A writable cgroup v2 directory for the tests, with `cgroup.kill`, or why there is none.
-fn test_cgroup_root() -> Result<PathBuf, String> {
+fn test_cgroup_root(tag: &str) -> Result<PathBuf, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
     let mount = mountinfo
         .lines()
@@ -476,7 +476,7 @@ fn test_cgroup_root() -> Result<PathBuf, String> {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
         .ok_or("not in a cgroup v2 hierarchy")?;
     let base = mount.join(own.trim_start_matches('/'));
-    let root = base.join(format!("bridge-shell-test-{}", std::process::id()));
+    let root = base.join(format!("bridge-shell-test-{}-{tag}", std::process::id()));
     std::fs::create_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     let probe = root.join("probe");
     let ok = std::fs::create_dir(&probe).is_ok() && probe.join("cgroup.kill").exists();
@@ -490,7 +490,7 @@ fn test_cgroup_root() -> Result<PathBuf, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_cgroup_even_setsid_children_are_killed() {
-    let root = match test_cgroup_root() {
+    let root = match test_cgroup_root("setsid") {
         Ok(r) => r,
         Err(why) => {
             eprintln!("note: cgroup test skipped (needs a writable cgroup v2): {why}");
@@ -531,7 +531,7 @@ async fn with_a_cgroup_even_setsid_children_are_killed() {
     assert!(leftovers.is_empty(), "task cgroups left: {leftovers:?}");
 
     // And an ordinary run through the cgroup works and cleans up.
-    let root = test_cgroup_root().unwrap();
+    let root = test_cgroup_root("hello").unwrap();
     let r = run_with(
         &sh("hello", "echo hello"),
         &[],
@@ -777,7 +777,7 @@ fn setsid_descendants_die_when_the_run_ends_however_it_ends() {
     let r = live.run(
         "escape",
         &[&file, "300"],
-        json!({"limits": {"timeout_ms": 1000}}),
+        json!({"limits": {"timeout_ms": 3000}}),
     );
     assert_eq!(r["status"], "timeout", "{r}");
     assert_gone(read_pid_blocking(Path::new(&file)), "after a timeout");
@@ -809,10 +809,16 @@ fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
     let live = Live::start(dir.path(), &escape_rules());
     let (file_a, file_b) = (dir.path().join("a"), dir.path().join("b"));
     std::thread::scope(|s| {
-        // A: leaves an orphan, then runs for 3 s more.
-        let a = s.spawn(|| live.run("escape", &[file_a.to_str().unwrap(), "3"], json!({})));
+        // A: leaves an orphan, then runs until it is cancelled.
+        let a = s.spawn(|| {
+            live.run(
+                "escape",
+                &[file_a.to_str().unwrap(), "300"],
+                json!({"task_id": "task-a"}),
+            )
+        });
         let orphan_a = read_pid_blocking(&file_a);
-        // B: leaves an orphan and ends at once.
+        // B: leaves an orphan and ends at once, while A runs.
         let r = live.run("escape", &[file_b.to_str().unwrap(), "0"], json!({}));
         assert_eq!(r["status"], "ok", "{r}");
         assert_gone(read_pid_blocking(&file_b), "B's orphan after B ended");
@@ -821,8 +827,13 @@ fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
             proc_state(orphan_a).map(|(state, _)| state != 'Z'),
             Some(true)
         );
+        // A ends: its orphan goes with it.
+        let c = live
+            .platform
+            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "task-a"}));
+        assert_eq!(c["outcome"], "cancelling", "{c}");
         let r = a.join().unwrap();
-        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["status"], "cancelled", "{r}");
         assert_gone(orphan_a, "A's orphan after A ended");
     });
     assert_eq!(live.zombies(), Vec::<i32>::new());
@@ -898,21 +909,9 @@ args = ["/proc/self/fd"]
     assert_eq!(r["stdout"], "0\n1\n2\n3\n", "{r}");
 }
 
-/// A fresh cgroup v2 directory the test may write, with `cgroup.kill`, or why there is none.
-fn fresh_test_cgroup(tag: &str) -> Result<PathBuf, String> {
-    let root = test_cgroup_root()?;
-    let dir = root.with_file_name(format!(
-        "{}-{tag}",
-        root.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::remove_dir(&root).map_err(|e| e.to_string())?;
-    std::fs::create_dir(&dir).map_err(|e| e.to_string())?;
-    Ok(dir)
-}
-
 #[test]
 fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
-    let base = match fresh_test_cgroup("auto") {
+    let base = match test_cgroup_root("auto") {
         Ok(d) => d,
         Err(why) => {
             eprintln!("note: delegated-cgroup test skipped (needs a writable cgroup v2): {why}");
@@ -920,6 +919,16 @@ fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
         }
     };
     eprintln!("note: delegated-cgroup test ran under {}", base.display());
+    /// Removes the test's cgroups however the test ends (the agent, in `agent`, is gone by then).
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            for sub in ["tasks", "agent", ""] {
+                let _ = std::fs::remove_dir(self.0.join(sub));
+            }
+        }
+    }
+    let _removed = Removed(base.clone());
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(base.join("cgroup.procs"))
@@ -942,12 +951,6 @@ fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
             });
         }
     });
-    let cleanup = |live: Live| {
-        drop(live);
-        for sub in ["tasks", "agent", ""] {
-            let _ = std::fs::remove_dir(base.join(sub));
-        }
-    };
     let own = std::fs::read_to_string(format!("/proc/{}/cgroup", live.agent.pid())).unwrap();
     let leaf = format!("/{}/agent", base.file_name().unwrap().to_string_lossy());
     let file = dir.path().join("escaped");
@@ -966,7 +969,7 @@ fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
     if !ended {
         kill9(escaped);
     }
-    cleanup(live);
+    drop(live);
     assert!(
         own.lines()
             .any(|l| l.starts_with("0::") && l.ends_with(&leaf)),
