@@ -331,14 +331,14 @@ fn spawn_supervisor(
     supervise::Registration,
     tokio::net::UnixStream,
 )> {
-    use std::os::fd::AsRawFd as _;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    let mut cmd = supervise::command(exe, rule, args, id, theirs.as_raw_fd());
+    let mut cmd = supervise::command(exe, rule, args, id, theirs.into());
     if let Some(f) = procs {
         exec::enter_cgroup_before_exec(&mut cmd, f);
     }
     let (child, registration) = supervise::spawn(&mut cmd)?;
-    drop(theirs);
+    // Our copy of the supervisor's end goes with the command: only the supervisor holds it.
+    drop(cmd);
     ours.set_nonblocking(true)?;
     let ours = tokio::net::UnixStream::from_std(ours)?;
     Ok((child, registration, ours))

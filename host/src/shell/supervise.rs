@@ -45,9 +45,9 @@ use std::time::Duration;
 use super::exec::Identity;
 use super::rules::ShellRule;
 
-/// `argv[1]` of a supervisor: `bridge-daemon __bridge-shell-supervisor CTRL_FD UID GID CWD N
+/// `argv[1]` of a supervisor: `bridge-daemon __bridge-shell-supervisor UID GID CWD N
 /// NAME=VALUE… PROGRAM ARG…` (UID, GID: a number or `-`; N: how many environment entries
-/// follow).
+/// follow). Its stdin is the control socket.
 pub const MODE: &str = "__bridge-shell-supervisor";
 
 /// The executable started as a supervisor.
@@ -127,20 +127,20 @@ impl Registration {
     }
 }
 
-/// Builds the supervisor's command for `rule` + `args`: its control descriptor `ctrl` is kept
-/// open across exec; no environment (the command's is in the arguments); `/` as its working
-/// directory; stdin `/dev/null`, stdout and stderr piped; its own process group.
+/// Builds the supervisor's command for `rule` + `args`: the control socket `ctrl` as its
+/// stdin (so that no code has to run between fork and exec, and the agent can spawn it the
+/// cheap way, `posix_spawn`); no environment (the command's is in the arguments); `/` as its
+/// working directory; stdout and stderr piped; its own process group.
 pub fn command(
     exe: &Path,
     rule: &ShellRule,
     args: &[String],
     id: Identity,
-    ctrl: RawFd,
+    ctrl: std::os::fd::OwnedFd,
 ) -> tokio::process::Command {
     let num = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |n| n.to_string());
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg(MODE)
-        .arg(ctrl.to_string())
         .arg(num(id.uid))
         .arg(num(id.gid))
         .arg(&rule.cwd)
@@ -153,22 +153,11 @@ pub fn command(
         .args(args)
         .env_clear()
         .current_dir("/")
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(ctrl))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    // SAFETY: fcntl(2) is async-signal-safe; `ctrl` stays open in the parent until `spawn`
-    // returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(ctrl, libc::F_SETFD, 0) == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
-    }
     cmd
 }
 
@@ -323,7 +312,6 @@ fn parent_of(pid: i32) -> Option<i32> {
 
 /// What the agent asked to run.
 struct Spec {
-    ctrl: RawFd,
     uid: Option<u32>,
     gid: Option<u32>,
     cwd: PathBuf,
@@ -336,7 +324,6 @@ impl Spec {
     fn parse(args: Vec<OsString>) -> Option<Spec> {
         let mut it = args.into_iter();
         let mut text = || it.next().and_then(|a| a.into_string().ok());
-        let ctrl = text()?.parse().ok()?;
         let id = |s: String| -> Option<Option<u32>> {
             if s == "-" {
                 Some(None)
@@ -359,7 +346,6 @@ impl Spec {
         }
         let program = PathBuf::from(it.next()?);
         Some(Spec {
-            ctrl,
             uid,
             gid,
             cwd,
@@ -375,11 +361,25 @@ fn supervisor_main(args: Vec<OsString>) -> i32 {
     let Some(spec) = Spec::parse(args) else {
         return 64; // EX_USAGE: not started by an agent.
     };
-    // SAFETY: the agent passed this descriptor, one end of its control socket, for us alone.
-    let mut ctrl = unsafe { UnixStream::from_raw_fd(spec.ctrl) };
-    let fd = ctrl.as_raw_fd();
-    // SAFETY: plain fcntl on our own descriptor: the command must not inherit it.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The control socket is our stdin: move it above stderr, close-on-exec (the command must
+    // not inherit it), and give stdin /dev/null.
+    // SAFETY: plain fcntl on our own descriptor.
+    let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return 71; // EX_OSERR
+    }
+    // SAFETY: the descriptor was just duplicated for us alone.
+    let mut ctrl = unsafe { UnixStream::from_raw_fd(fd) };
+    match std::fs::File::open("/dev/null") {
+        // SAFETY: dup2 onto our own stdin.
+        Ok(null) => unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+        },
+        // SAFETY: closing our own stdin (the command gets /dev/null from std anyway).
+        Err(_) => unsafe {
+            libc::close(0);
+        },
+    }
     close_fds_above_stderr_except(fd);
     if let Err(e) = become_subreaper() {
         let _ = writeln!(ctrl, "E cannot become a subreaper: {}", one_line(&e));
@@ -601,7 +601,8 @@ mod tests {
             uid: Some(7),
             gid: None,
         };
-        let cmd = command(Path::new("/x"), &rule, &["extra".into()], id, 9);
+        let (a, _b) = UnixStream::pair().unwrap();
+        let cmd = command(Path::new("/x"), &rule, &["extra".into()], id, a.into());
         let args: Vec<OsString> = cmd
             .as_std()
             .get_args()
@@ -609,7 +610,6 @@ mod tests {
             .map(OsStr::to_os_string)
             .collect();
         let spec = Spec::parse(args).unwrap();
-        assert_eq!(spec.ctrl, 9);
         assert_eq!((spec.uid, spec.gid), (Some(7), None));
         assert_eq!(spec.cwd, Path::new("/tmp"));
         assert_eq!(spec.env, vec![("K".into(), "v=w".into())]);
