@@ -13,7 +13,7 @@
 //! `BRIDGE_BENCH_QUICK=1`, uses 20).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn control(info: &Value, req: Value) -> Value {
-    let mut conn = TcpStream::connect(info["control"].as_str().unwrap()).unwrap();
+    let mut conn = UnixStream::connect(info["control"].as_str().unwrap()).unwrap();
     writeln!(conn, "{req}").unwrap();
     let mut line = String::new();
     BufReader::new(conn).read_line(&mut line).unwrap();

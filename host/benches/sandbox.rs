@@ -181,7 +181,10 @@ fn main() {
         // (c) a precompiled artifact from the disk cache.
         let cache = tempfile::tempdir().unwrap();
         let disk = Sandbox::new(SandboxConfig {
-            cache_dir: Some(cache.path().to_path_buf()),
+            cache_dir: Some(bridge_host::sandbox::cache::CacheDir::with_key(
+                cache.path().join("c"),
+                [1; 32],
+            )),
             ..Default::default()
         })
         .unwrap();

@@ -36,7 +36,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 
-use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,14 +51,13 @@ use support::{release_bin, serve, signed_hello, Proc};
 
 /// A control connection carrying one request after another.
 struct Control {
-    write: TcpStream,
-    read: BufReader<TcpStream>,
+    write: UnixStream,
+    read: BufReader<UnixStream>,
 }
 
 impl Control {
     fn connect(info: &Value) -> Control {
-        let conn = TcpStream::connect(info["control"].as_str().unwrap()).unwrap();
-        conn.set_nodelay(true).unwrap();
+        let conn = UnixStream::connect(info["control"].as_str().unwrap()).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
         Control {
@@ -250,7 +249,7 @@ fn measure(
         .enable_all()
         .build()
         .unwrap();
-    let addr = info["control"].as_str().unwrap().to_string();
+    let socket = info["control"].as_str().unwrap().to_string();
     // The same request every time, encoded once.
     let req = json!({"cmd": "run", "agent": id, "command": command, "input": {"name": "bench"}});
     let line: Arc<str> = format!("{req}\n").into();
@@ -259,11 +258,10 @@ fn measure(
         let done = Arc::new(AtomicU64::new(0));
         let clients: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (addr, line) = (addr.clone(), line.clone());
+                let (socket, line) = (socket.clone(), line.clone());
                 let (stop, done) = (stop.clone(), done.clone());
                 tokio::spawn(async move {
-                    let conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
-                    conn.set_nodelay(true).unwrap();
+                    let conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
                     let (read, mut write) = conn.into_split();
                     let mut read = tokio::io::BufReader::new(read);
                     let mut response = String::new();

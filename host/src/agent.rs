@@ -56,6 +56,7 @@ use crate::journal::{
     Accept, EarlyResult, HandlerRecord, Journal, JournalConfig, JournalError, Recovery, TaskPhase,
     TaskRecord,
 };
+use crate::outbox::{Budget, Outgoing};
 use crate::sandbox::Sandbox;
 use crate::shell::{Allowlist, ShellRule};
 use crate::stream::StreamTap;
@@ -127,10 +128,86 @@ impl AgentOptions {
     }
 }
 
-/// A task accepted and not finished.
+/// Where a live task is (the agent's view; the journal's lags it by a commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiveState {
+    Queued,
+    Running,
+    /// Its result is on its way out (its record may still be being written).
+    Finished,
+}
+
+/// A task accepted and not yet forgotten.
 struct Live {
     cancel: CancellationToken,
-    running: bool,
+    state: LiveState,
+}
+
+/// Per task id, the `run` or `cancel` still taking effect. The next message for the same id
+/// waits for it: messages on one connection take effect in the order they were sent, although
+/// each is handled in a task of its own (a `run`'s acceptance waits for a journal commit, and a
+/// `cancel` sent right behind it must find the task it names).
+#[derive(Default)]
+struct Turns {
+    next: u64,
+    /// The last turn taken for each task id, until it is over.
+    last: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// One message's turn for a task id: [`Turn::wait`] waits for the previous one to be over; the
+/// turn is over when dropped.
+struct Turn {
+    turns: Arc<Mutex<Turns>>,
+    task_id: String,
+    seq: u64,
+    over: CancellationToken,
+    previous: Option<CancellationToken>,
+}
+
+impl Turn {
+    /// Takes the next turn for `task_id`.
+    fn take(turns: &Arc<Mutex<Turns>>, task_id: &str) -> Turn {
+        let over = CancellationToken::new();
+        let mut t = lock(turns);
+        t.next += 1;
+        let seq = t.next;
+        let previous = t
+            .last
+            .insert(task_id.to_string(), (seq, over.clone()))
+            .map(|(_, token)| token);
+        Turn {
+            turns: turns.clone(),
+            task_id: task_id.to_string(),
+            seq,
+            over,
+            previous,
+        }
+    }
+
+    /// Whether an earlier message for the same task id is still taking effect.
+    fn must_wait(&self) -> bool {
+        self.previous.as_ref().is_some_and(|p| !p.is_cancelled())
+    }
+
+    /// Waits until the previous message for this task id has taken effect.
+    async fn wait(&self) {
+        if let Some(previous) = &self.previous {
+            previous.cancelled().await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.over.cancel();
+        let mut t = lock(&self.turns);
+        if t.last
+            .get(&self.task_id)
+            .is_some_and(|(seq, _)| *seq == self.seq)
+        {
+            t.last.remove(&self.task_id);
+        }
+    }
 }
 
 /// The tasks accepted and not finished, and cancels that arrived for a recorded task before it
@@ -153,10 +230,20 @@ impl LiveTasks {
             task_id.to_string(),
             Live {
                 cancel: cancel.clone(),
-                running,
+                state: if running {
+                    LiveState::Running
+                } else {
+                    LiveState::Queued
+                },
             },
         );
         cancel
+    }
+
+    fn set(&mut self, task_id: &str, state: LiveState) {
+        if let Some(l) = self.tasks.get_mut(task_id) {
+            l.state = state;
+        }
     }
 }
 
@@ -170,11 +257,15 @@ pub struct Agent {
     cgroup_root: Option<PathBuf>,
     modules_dir: PathBuf,
     module_wait: Duration,
-    outbox: mpsc::Sender<AgentMessage>,
-    outbox_rx: Mutex<Option<mpsc::Receiver<AgentMessage>>>,
+    outbox: mpsc::Sender<Outgoing>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Bytes of results waiting in the outbox ([`crate::outbox`]).
+    budget: Budget,
     waiting: Mutex<Waiters>,
     /// Tasks accepted and not finished, by task id.
     live: Mutex<LiveTasks>,
+    /// The message taking effect for each task id (see [`Turns`]).
+    turns: Arc<Mutex<Turns>>,
     /// Execution slots (`max_concurrent_tasks`).
     slots: Arc<Semaphore>,
     /// Handler installations in progress (each may wait a minute for module bytes).
@@ -311,8 +402,10 @@ impl Agent {
                 module_wait: Duration::from_secs(60),
                 outbox: tx,
                 outbox_rx: Mutex::new(Some(rx)),
+                budget: Budget::default(),
                 waiting: Mutex::new(HashMap::new()),
                 live: Mutex::new(LiveTasks::default()),
+                turns: Arc::new(Mutex::new(Turns::default())),
                 slots: Arc::new(Semaphore::new(slots)),
                 installs: Arc::new(Semaphore::new(MAX_INSTALLS)),
                 pending: AtomicUsize::new(0),
@@ -335,7 +428,7 @@ impl Agent {
     }
 
     /// The receiving end of the outbox (taken once, by the link).
-    pub fn take_outbox(&self) -> Option<mpsc::Receiver<AgentMessage>> {
+    pub fn take_outbox(&self) -> Option<mpsc::Receiver<Outgoing>> {
         lock(&self.outbox_rx).take()
     }
 
@@ -344,7 +437,7 @@ impl Agent {
         let mut running: Vec<String> = lock(&self.live)
             .tasks
             .iter()
-            .filter(|(_, l)| l.running)
+            .filter(|(_, l)| l.state == LiveState::Running)
             .map(|(id, _)| id.clone())
             .collect();
         running.sort();
@@ -384,15 +477,33 @@ impl Agent {
     }
 
     async fn send(&self, msg: AgentMessage) {
-        let _ = self.outbox.send(msg).await;
+        let _ = self.outbox.send(msg.into()).await;
     }
 
-    /// Queues a message without waiting (an answer to a bad frame); dropped, with a warning,
-    /// when the outbox is full.
-    pub fn report(&self, msg: AgentMessage) {
-        if self.outbox.try_send(msg).is_err() {
-            tracing::warn!("the outbox is full; an error reply to the platform was dropped");
-        }
+    /// Queues a result of `bytes` that is recorded in the journal: in memory if it fits the
+    /// outbox's byte budget, else by task id (the link reads it from the journal to send it).
+    async fn send_stored_result(&self, msg: AgentMessage, bytes: usize) {
+        let queued = match self.budget.try_charge(bytes) {
+            Some(charge) => Outgoing::Message(msg, Some(charge)),
+            None => match msg {
+                AgentMessage::Result { task_id, .. } => Outgoing::Stored(task_id),
+                other => other.into(),
+            },
+        };
+        let _ = self.outbox.send(queued).await;
+    }
+
+    /// Queues a result of `bytes` that is not (or not yet) in the outbox's journal copy,
+    /// waiting for room in the byte budget.
+    async fn send_result(&self, msg: AgentMessage, bytes: usize) {
+        let charge = self.budget.charge(bytes).await;
+        let _ = self.outbox.send(Outgoing::Message(msg, charge)).await;
+    }
+
+    /// Queues a message without waiting (an answer to a bad frame); returns false when the
+    /// outbox is full and it was dropped (the caller says so in its log).
+    pub fn report(&self, msg: AgentMessage) -> bool {
+        self.outbox.try_send(msg.into()).is_ok()
     }
 
     /// Picks up what the journal found unfinished at start: queued tasks run; tasks that were
@@ -422,24 +533,37 @@ impl Agent {
     }
 
     /// Handles a `run` in the background: dedup, refusal or durable acceptance, then the run.
+    /// Called in the order messages arrive: the run takes its task id's turn here, so a later
+    /// `cancel` or `run` of the same id takes effect after this one's acceptance.
     pub fn start_run(self: &Arc<Self>, req: RunRequest) {
         let this = self.clone();
+        let checked = check_request(&req);
+        let turn = checked
+            .is_ok()
+            .then(|| Turn::take(&self.turns, &req.task_id));
         // Boxed: the task's state machine is large (the run, the journal and the send are
         // all inlined in it), and the runtime moves a task's future several times on its way
         // in and out; a box moves as a pointer.
-        tokio::spawn(Box::pin(this.receive(req)));
+        tokio::spawn(Box::pin(this.receive(req, checked, turn)));
     }
 
-    async fn receive(self: Arc<Self>, req: RunRequest) {
-        let not_after = match check_request(&req) {
-            Ok(t) => t,
-            Err(message) => {
+    async fn receive(
+        self: Arc<Self>,
+        req: RunRequest,
+        checked: Result<Option<time::OffsetDateTime>, String>,
+        turn: Option<Turn>,
+    ) {
+        let (not_after, turn) = match (checked, turn) {
+            (Ok(t), Some(turn)) => (t, turn),
+            (Ok(_), None) => unreachable!("a run that passes its checks takes a turn"),
+            (Err(message), _) => {
                 tracing::warn!(id = %req.id, "refusing a run: {message}");
                 return self
                     .send(refusal(&req.id, ErrorCode::Malformed, message))
                     .await;
             }
         };
+        turn.wait().await;
         if self.answer_seen(&req).await {
             return;
         }
@@ -467,7 +591,7 @@ impl Agent {
         let slot = self.slots.clone().try_acquire_owned().ok();
         if slot.is_some() {
             if let Some(target) = self.runnable_early(&req) {
-                return self.run_while_accepting(req, target, slot).await;
+                return self.run_while_accepting(req, target, slot, turn).await;
             }
         }
         let accepted = match &slot {
@@ -497,6 +621,8 @@ impl Agent {
             },
         })
         .await;
+        // Accepted and registered: a `cancel` or `run` of this id that waited now finds it.
+        drop(turn);
         self.clone().run_task(req, cancel, not_after, slot).await;
     }
 
@@ -523,12 +649,12 @@ impl Agent {
 
     /// A repeated task id: answers from memory or the journal. Returns whether it answered.
     async fn answer_seen(&self, req: &RunRequest) -> bool {
-        let live = lock(&self.live).tasks.get(&req.task_id).map(|l| l.running);
-        if let Some(running) = live {
-            let state = if running {
-                TaskState::Running
-            } else {
-                TaskState::Queued
+        let live = lock(&self.live).tasks.get(&req.task_id).map(|l| l.state);
+        if let Some(state) = live {
+            let state = match state {
+                LiveState::Queued => TaskState::Queued,
+                LiveState::Running => TaskState::Running,
+                LiveState::Finished => TaskState::Finished,
             };
             self.send(AgentMessage::Accepted {
                 id: req.id.clone(),
@@ -550,11 +676,17 @@ impl Agent {
     async fn answer_record(&self, req: &RunRequest, record: TaskRecord) {
         tracing::info!(task_id = %req.task_id, phase = ?record.phase, "task id seen before: not running it again");
         let msg = match (record.phase, record.result) {
-            (TaskPhase::Done, Some(result)) => AgentMessage::Result {
-                id: req.id.clone(),
-                task_id: req.task_id.clone(),
-                result,
-            },
+            (TaskPhase::Done, Some(result)) => {
+                let bytes = measure_result(&result, &req.id, &req.task_id).0;
+                let msg = AgentMessage::Result {
+                    id: req.id.clone(),
+                    task_id: req.task_id.clone(),
+                    result,
+                };
+                // Repeats of large results wait for room: a platform that repeats task ids
+                // and does not read cannot make the agent hold their copies.
+                return self.send_result(msg, bytes).await;
+            }
             (phase, _) => AgentMessage::Accepted {
                 id: req.id.clone(),
                 task_id: req.task_id.clone(),
@@ -654,9 +786,7 @@ impl Agent {
                 }
                 Ok(()) => {
                     ran = true;
-                    if let Some(l) = lock(&self.live).tasks.get_mut(&req.task_id) {
-                        l.running = true;
-                    }
+                    lock(&self.live).set(&req.task_id, LiveState::Running);
                     tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started");
                     let tap = req.stream.then(|| {
                         let tap = StreamTap::new(&req.task_id, self.outbox.clone());
@@ -720,6 +850,7 @@ impl Agent {
         req: RunRequest,
         target: Target,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        turn: Turn,
     ) {
         let stop = CancellationToken::new();
         let run = self.execute_target(&req, target, stop.clone(), None);
@@ -737,7 +868,7 @@ impl Agent {
                 r = &mut run, if !over => {
                     over = true;
                     let mut r = r;
-                    fit_to_frame(&mut r, &req.id, &req.task_id);
+                    let _ = fit_to_frame(&mut r, &req.id, &req.task_id);
                     early = offered.offer(r);
                 }
             }
@@ -767,6 +898,9 @@ impl Agent {
                 // answers `finished`), so it is never registered as live.
                 drop(slot);
                 self.announce(&req, result).await;
+                // After the result is queued: a repeat of this id, answered from the journal,
+                // goes out after it.
+                drop(turn);
                 if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
                     self.went_idle();
                 }
@@ -785,6 +919,7 @@ impl Agent {
             })
             .await;
         }
+        drop(turn);
         let result = match early {
             Some(r) => r,
             None => tokio::select! {
@@ -869,21 +1004,39 @@ impl Agent {
     /// fsync. A task that never ran (cancelled or expired while queued) is still
     /// recorded as queued, and a restart would run it: its result is sent only once committed.
     async fn finish(&self, req: &RunRequest, mut result: RunResult, ran: bool) {
-        fit_to_frame(&mut result, &req.id, &req.task_id);
+        let bytes = fit_to_frame(&mut result, &req.id, &req.task_id);
+        // From now on a repeat of this task id is told it finished, not that it runs.
+        lock(&self.live).set(&req.task_id, LiveState::Finished);
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished");
         let msg = AgentMessage::Result {
             id: req.id.clone(),
             task_id: req.task_id.clone(),
             result: result.clone(),
         };
-        let recorded = if ran {
-            let record = self.journal.finish_lazily(&req.task_id, &result);
-            let (recorded, ()) = tokio::join!(record, self.send(msg));
-            recorded
-        } else {
-            let recorded = self.journal.finish(&req.task_id, &result).await;
-            self.send(msg).await;
-            recorded
+        let recorded = match self.budget.try_charge(bytes) {
+            Some(charge) if ran => {
+                let record = self.journal.finish_lazily(&req.task_id, &result);
+                let send = self.outbox.send(Outgoing::Message(msg, Some(charge)));
+                let (recorded, _) = tokio::join!(record, send);
+                recorded
+            }
+            charge => {
+                // Not sent before it is recorded: a task that never ran (see above), or a
+                // result that does not fit in memory, which then waits in the journal.
+                let recorded = if ran {
+                    self.journal.finish_lazily(&req.task_id, &result).await
+                } else {
+                    self.journal.finish(&req.task_id, &result).await
+                };
+                let queued = match (charge, &recorded) {
+                    (Some(charge), _) => Outgoing::Message(msg, Some(charge)),
+                    (None, Ok(())) => Outgoing::Stored(req.task_id.clone()),
+                    // Not recorded: this message is the only copy.
+                    (None, Err(_)) => msg.into(),
+                };
+                let _ = self.outbox.send(queued).await;
+                recorded
+            }
         };
         if let Err(e) = recorded {
             tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted or run it if it never started): {e}");
@@ -893,12 +1046,13 @@ impl Agent {
     /// Sends the result of a task whose result is recorded already (with its acceptance).
     async fn announce(&self, req: &RunRequest, result: RunResult) {
         tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished (recorded with its acceptance)");
-        self.send(AgentMessage::Result {
+        let bytes = measure_result(&result, &req.id, &req.task_id).0;
+        let msg = AgentMessage::Result {
             id: req.id.clone(),
             task_id: req.task_id.clone(),
             result,
-        })
-        .await;
+        };
+        self.send_stored_result(msg, bytes).await;
     }
 
     async fn execute(
@@ -1167,14 +1321,31 @@ impl Agent {
 
     /// `cancel`: removes a queued task or stops a running one; answers `cancel_reply`.
     pub fn cancel(self: &Arc<Self>, id: String, task_id: String) {
+        let turn = Turn::take(&self.turns, &task_id);
+        if turn.must_wait() {
+            // A `run` of this id sent before is still being accepted: the cancel applies to it
+            // once it is (a cancel's reply may wait for a journal commit).
+            let this = self.clone();
+            tokio::spawn(async move {
+                turn.wait().await;
+                this.cancel_now(id, task_id);
+                drop(turn);
+            });
+            return;
+        }
+        self.cancel_now(id, task_id);
+    }
+
+    fn cancel_now(self: &Arc<Self>, id: String, task_id: String) {
         let outcome = {
             // Under the `live` lock: `receive` registers a task under it too, so a cancel that
             // arrives between the accept commit and that registration is not lost.
             let mut live = lock(&self.live);
             match live.tasks.get(&task_id) {
+                Some(l) if l.state == LiveState::Finished => CancelOutcome::Finished,
                 Some(l) => {
                     l.cancel.cancel();
-                    if l.running {
+                    if l.state == LiveState::Running {
                         CancelOutcome::Cancelling
                     } else {
                         CancelOutcome::Dequeued
@@ -1409,11 +1580,11 @@ fn describe(r: &RunResult) -> String {
 /// [`bridge_protocol::MAX_TEXT_BYTES`] or nested deeper than [`bridge_protocol::MAX_DEPTH`], and
 /// a result it refuses is a result lost. First `output` goes (it repeats stdout, parsed), then
 /// stdout and stderr are cut (marked truncated; their total byte counts stay exact).
-pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
+pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) -> usize {
     let size = |r: &RunResult| measure_result(r, id, task_id);
     let (len, depth) = size(result);
     if len <= bridge_protocol::MAX_TEXT_BYTES && depth <= bridge_protocol::MAX_DEPTH {
-        return;
+        return len;
     }
     if !result.output.is_null() {
         result.output = serde_json::Value::Null;
@@ -1450,6 +1621,7 @@ pub fn fit_to_frame(result: &mut RunResult, id: &str, task_id: &str) {
             break;
         }
     }
+    size(result).0
 }
 
 /// The length and nesting depth of the `result` message carrying `result`, as
@@ -1488,7 +1660,7 @@ mod tests {
         r.stdout = "\u{1}".repeat(900_000); // escapes to ~5.4 MB of JSON
         r.stderr = "é".repeat(400_000);
         r.output = serde_json::json!({"big": "y".repeat(600_000)});
-        fit_to_frame(&mut r, "run-1", "task-1");
+        let _ = fit_to_frame(&mut r, "run-1", "task-1");
         let msg = AgentMessage::Result {
             id: "run-1".into(),
             task_id: "task-1".into(),
@@ -1561,13 +1733,13 @@ mod tests {
         deep.error = None;
         let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
         deep.output = serde_json::from_str(&nested).unwrap();
-        fit_to_frame(&mut deep, "i", "t");
+        let _ = fit_to_frame(&mut deep, "i", "t");
         assert!(deep.output.is_null());
 
         let mut small = RunResult::refused(Status::Ok, "x");
         small.output = serde_json::json!({"a": 1});
         let before = small.clone();
-        fit_to_frame(&mut small, "i", "t");
+        let _ = fit_to_frame(&mut small, "i", "t");
         assert_eq!(small, before);
     }
 }

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use crate::config::AgentConfig;
 use crate::limits::LimitRequest;
 use crate::outcome::{RunResult, Status};
+use crate::sandbox::cache::CacheDir;
 use crate::sandbox::{DirGrant, Sandbox, SandboxConfig};
 use crate::trust::{grant, Trust};
 use bridge_signing::{PublicKey, TrustPolicy, TrustedKey};
@@ -141,6 +142,10 @@ fn agent_config(req: &CallRequest) -> Result<AgentConfig> {
 }
 
 /// The sandbox settings for `call`: the config file's, with the disk cache chosen by flags.
+///
+/// The cache's key is a file beside it (`<dir>.key`): `call` has no identity to derive one from.
+/// Run as root, `call` has no default cache: a location taken from the environment
+/// (`$XDG_CACHE_HOME`, `$HOME`, kept by `sudo -E`) may be another user's to write.
 pub fn sandbox_config(req: &CallRequest, agent: &AgentConfig) -> Result<SandboxConfig> {
     let mut config = agent.sandbox_config()?;
     // `call` runs one module: a small pool is enough and keeps start-up quick.
@@ -148,9 +153,14 @@ pub fn sandbox_config(req: &CallRequest, agent: &AgentConfig) -> Result<SandboxC
     if req.no_cache {
         config.cache_dir = None;
     } else if let Some(dir) = &req.cache_dir {
-        config.cache_dir = Some(dir.clone());
+        config.cache_dir = Some(CacheDir::with_key_file(dir));
     } else if config.cache_dir.is_none() {
-        config.cache_dir = default_cache_dir();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            tracing::info!("running as root: no disk cache by default (pass --cache-dir, or set [sandbox] cache_dir)");
+        } else {
+            config.cache_dir = default_cache_dir().map(CacheDir::with_key_file);
+        }
     }
     Ok(config)
 }
@@ -165,14 +175,19 @@ pub fn trust(req: &CallRequest, agent: &AgentConfig) -> Result<Trust> {
         }
     }
     if req.allow_unsigned && !agent.trust.allow_unsigned_override {
-        return Err(usage(
-            "--allow-unsigned is forbidden by the config ([trust] allow_unsigned_override = false)",
-        ));
+        // Without a config file there is no policy to forbid the explicit development flag.
+        if let Some(file) = &agent.file {
+            return Err(usage(format!(
+                "--allow-unsigned is forbidden by the config {} ([trust] allow_unsigned_override is \
+                 false unless the file sets it to true, for a development agent)",
+                file.display()
+            )));
+        }
     }
     Ok(Trust::new(policy, req.allow_unsigned))
 }
 
-/// `$XDG_CACHE_HOME/bridge-daemon`, else `$HOME/.cache/bridge-daemon`.
+/// `$XDG_CACHE_HOME/bridge-daemon`, else `$HOME/.cache/bridge-daemon` (not used as root).
 pub fn default_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())

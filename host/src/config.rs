@@ -31,6 +31,9 @@ pub struct AgentConfig {
     /// `[shell]`: the allowlisted shell commands (the fallback for what no handler does).
     #[serde(default)]
     pub shell: ShellSection,
+    /// The file this configuration was read from; `None` when there is no file (all defaults).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// `[shell]`: the shell fallback's allowlist.
@@ -303,7 +306,10 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
+        let mut config =
+            Self::parse(&text).with_context(|| format!("in config file {}", path.display()))?;
+        config.file = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates config text.
@@ -357,7 +363,10 @@ impl AgentConfig {
             max_concurrent_runs: s.max_concurrent_runs,
             max_module_bytes: s.max_module_bytes,
             memory_cache_entries: s.memory_cache_entries,
-            cache_dir: s.cache_dir.clone(),
+            cache_dir: s
+                .cache_dir
+                .clone()
+                .map(crate::sandbox::cache::CacheDir::with_key_file),
             table_elements: s.table_elements,
             max_wasm_stack: s.max_wasm_stack,
             fuel_metering: true,
@@ -404,8 +413,13 @@ mod tests {
 
     #[test]
     fn the_trust_table_is_checked() {
-        let c = AgentConfig::parse("[trust]\nallow_unsigned_override = false\n").unwrap();
-        assert!(!c.trust.allow_unsigned_override);
+        let c = AgentConfig::parse("[trust]\nallow_unsigned_override = true\n").unwrap();
+        assert!(c.trust.allow_unsigned_override);
+        let c = AgentConfig::parse("").unwrap();
+        assert!(
+            !c.trust.allow_unsigned_override,
+            "the development override is off unless the file turns it on"
+        );
         assert!(c.trust.policy().unwrap().keys().is_empty());
         assert!(AgentConfig::parse("[trust]\nkeys = [{ key = \"ed25519:nope\" }]\n").is_err());
         assert!(AgentConfig::parse("[trust]\nrevoked = [\"zz\"]\n").is_err());

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::config::AgentConfig;
+use crate::sandbox::cache::CacheDir;
 use crate::sandbox::Sandbox;
 use crate::trust::Trust;
 
@@ -81,17 +82,32 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         .state_dir
         .clone()
         .context("no state directory: set [agent] state_dir or pass --state")?;
-    std::fs::create_dir_all(&state)
-        .with_context(|| format!("creating the state directory {}", state.display()))?;
-    let link = config.platform.link_config()?;
+    create_state_dir(&state)?;
     let identity = crate::identity::load_or_create(&state)?;
     if identity.created {
         tracing::info!(agent_id = %identity.agent_id, "created a new agent identity");
     }
-    let mut sandbox_config = config.sandbox_config()?;
-    if sandbox_config.cache_dir.is_none() {
-        sandbox_config.cache_dir = Some(state.join("cache"));
+    let mut platform = config.platform.clone();
+    if let Some(enrolled) = crate::identity::enrollment(&state, &identity.agent_id) {
+        if platform.token.is_some() || platform.token_file.is_some() {
+            tracing::info!(
+                agent_id = %enrolled.agent_id,
+                enrolled_at = %enrolled.enrolled_at,
+                record = %crate::identity::enrollment_file(&state).display(),
+                "already enrolled: the enrollment token is ignored (neither read nor sent)"
+            );
+        }
+        platform.token = None;
+        platform.token_file = None;
     }
+    let link = platform.link_config()?;
+    let mut sandbox_config = config.sandbox_config()?;
+    // The daemon's cache key is derived from its identity: no key file anywhere.
+    let cache_root = sandbox_config
+        .cache_dir
+        .take()
+        .map_or_else(|| state.join("cache"), |c| c.root().to_path_buf());
+    sandbox_config.cache_dir = Some(CacheDir::with_key(cache_root, identity.module_cache_key()));
     let sandbox = tokio::task::spawn_blocking(move || Sandbox::new(sandbox_config)).await??;
     let call_like = crate::call::CallRequest {
         trusted_keys: overrides.trusted_keys.clone(),
@@ -141,4 +157,25 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         signals.cancel();
     });
     crate::link::run(link, state, agent, shutdown).await
+}
+
+/// Creates the state directory (mode 0700, whatever the umask) if it is missing; its parents get
+/// the usual mode.
+fn create_state_dir(state: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = state.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the state directory {}", state.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(state) {
+        // Exactly 0700: the umask may have taken more away.
+        Ok(()) => {
+            std::fs::set_permissions(state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .with_context(|| format!("restricting the state directory {}", state.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("creating the state directory {}", state.display()))
+        }
+    }
 }

@@ -14,15 +14,31 @@
 //! `agent.crt` with its expiry (unix seconds) in `agent.crt.expiry`. It is re-issued with the
 //! same key whenever it is missing, unreadable, or within [`RENEW_BEFORE_DAYS`] of expiry, so
 //! renewal never changes the agent id.
+//!
+//! **Permissions are checked at every start**, as ssh does: the state directory and the identity
+//! directory must be owned by the agent's user (the effective uid) and not writable by group or
+//! others, and the key must be readable and writable by its owner only. Anything else refuses
+//! to start with one line naming the file and the fix (`chmod 600 …`). Directories may be
+//! readable by others: every file in them carries its own mode.
+//!
+//! The **compiled-module cache key** is derived from the agent key
+//! ([`Identity::module_cache_key`]), so the daemon stores no cache key anywhere.
+//!
+//! **Enrollment** is recorded in `<state>/enrolled` (JSON: agent id, time, server; mode 0600) the
+//! first time the platform welcomes a connection that presented the enrollment token. From then
+//! on the agent neither reads nor sends the token ([`enrollment`], [`record_enrollment`]).
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::MetadataExt;
+
 use anyhow::{bail, Context, Result};
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 /// How long a freshly issued agent certificate is valid.
@@ -51,6 +67,20 @@ impl Identity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
 
+    /// The key of the compiled-module cache: HKDF-SHA256 of the agent key under a fixed label.
+    /// Stable for this key, different for every agent, and never written anywhere.
+    pub fn module_cache_key(&self) -> [u8; 32] {
+        use ring::hkdf;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"bridge-daemon").extract(&self.key_pkcs8);
+        let okm = prk
+            .expand(&[b"compiled-module cache key v1"], hkdf::HKDF_SHA256)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let mut key = [0u8; 32];
+        okm.fill(&mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        key
+    }
+
     /// Whether the certificate should be re-issued now.
     pub fn needs_renewal(&self) -> bool {
         OffsetDateTime::now_utc().unix_timestamp() + RENEW_BEFORE_DAYS * 86_400
@@ -75,9 +105,60 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The effective uid: who must own the state.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses `path` unless it is owned by the effective uid and, beyond `allowed`, has no
+/// permission bit for group or others. The error is one line: the file, what is wrong, the fix.
+fn check_owner_and_mode(path: &Path, what: &str, allowed: u32, fix: &str) -> Result<()> {
+    let meta =
+        fs::metadata(path).with_context(|| format!("examining {what} {}", path.display()))?;
+    let me = euid();
+    if meta.uid() != me {
+        bail!(
+            "{what} {} is owned by uid {}, but the agent runs as uid {me}; run the agent as its owner, or fix: chown {me} {}",
+            path.display(),
+            meta.uid(),
+            path.display()
+        );
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 & !allowed != 0 {
+        bail!(
+            "{what} {} is accessible to group or others (mode {mode:04o}); fix: {fix} {}",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks that nobody but the agent's user can change the state or read the agent key: the
+/// state and identity directories owned by the effective uid and not writable by group or
+/// others, the key (when it exists) owned by it with mode 0600 or stricter.
+pub fn check_permissions(state: &Path) -> Result<()> {
+    // Directories may be listed by others (each file has its own mode), never changed.
+    let listable = 0o055;
+    check_owner_and_mode(state, "the state directory", listable, "chmod 700")?;
+    let dir = identity_dir(state);
+    if dir.exists() {
+        check_owner_and_mode(&dir, "the identity directory", listable, "chmod 700")?;
+    }
+    let key = dir.join("agent.key");
+    if key.exists() {
+        check_owner_and_mode(&key, "the agent key", 0, "chmod 600")?;
+    }
+    Ok(())
+}
+
 /// Loads the identity in `state`, creating the key on first start and (re-)issuing the
-/// certificate when needed.
+/// certificate when needed. Refuses state that others could read or change
+/// ([`check_permissions`]).
 pub fn load_or_create(state: &Path) -> Result<Identity> {
+    check_permissions(state)?;
     let dir = identity_dir(state);
     fs::DirBuilder::new()
         .recursive(true)
@@ -209,9 +290,124 @@ pub fn agent_id(state: &Path) -> Result<String> {
     ))
 }
 
+/// The record that this agent is enrolled with its platform: `<state>/enrolled`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The agent id the platform welcomed.
+    pub agent_id: String,
+    /// When (RFC 3339, UTC).
+    pub enrolled_at: String,
+    /// The platform's address at the time.
+    pub server: String,
+}
+
+/// Where enrollment is recorded.
+pub fn enrollment_file(state: &Path) -> PathBuf {
+    state.join("enrolled")
+}
+
+/// The largest enrollment record read; a bigger file is not one.
+const MAX_ENROLLMENT_BYTES: u64 = 4096;
+
+/// This agent's enrollment record, if it has one. A record that is damaged or names another
+/// agent id (a key restored from elsewhere) is ignored with a warning: the token is then used
+/// again and the record rewritten at the next welcome.
+pub fn enrollment(state: &Path, agent_id: &str) -> Option<Enrollment> {
+    use std::io::Read;
+    let path = enrollment_file(state);
+    let mut text = String::new();
+    let read =
+        fs::File::open(&path).and_then(|f| f.take(MAX_ENROLLMENT_BYTES).read_to_string(&mut text));
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot read the enrollment record: {e}");
+            return None;
+        }
+    }
+    match serde_json::from_str::<Enrollment>(&text) {
+        Ok(e) if e.agent_id == agent_id => Some(e),
+        Ok(e) => {
+            tracing::warn!(path = %path.display(), recorded = %e.agent_id, agent_id, "the enrollment record is for another agent key; ignoring it");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "the enrollment record is damaged ({e}); ignoring it");
+            None
+        }
+    }
+}
+
+/// Records that the platform at `server` welcomed `agent_id` (atomically, mode 0600).
+pub fn record_enrollment(state: &Path, agent_id: &str, server: &str) -> Result<Enrollment> {
+    let record = Enrollment {
+        agent_id: agent_id.to_string(),
+        enrolled_at: OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .context("formatting the enrollment time")?,
+        server: server.to_string(),
+    };
+    let mut json = serde_json::to_vec_pretty(&record).context("encoding the enrollment record")?;
+    json.push(b'\n');
+    write_private(&enrollment_file(state), &json)?;
+    Ok(record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_key_is_stable_per_agent_and_differs_between_agents() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = load_or_create(a.path()).unwrap();
+        let again = load_or_create(a.path()).unwrap();
+        let other = load_or_create(b.path()).unwrap();
+        assert_eq!(first.module_cache_key(), again.module_cache_key());
+        assert_ne!(first.module_cache_key(), other.module_cache_key());
+    }
+
+    #[test]
+    fn loose_permissions_refuse_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        load_or_create(tmp.path()).unwrap();
+        let key = identity_dir(tmp.path()).join("agent.key");
+        for mode in [0o640, 0o604, 0o660] {
+            fs::set_permissions(&key, fs::Permissions::from_mode(mode)).unwrap();
+            let err = load_or_create(tmp.path()).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("chmod 600 {}", key.display())),
+                "{err}"
+            );
+        }
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+        load_or_create(tmp.path()).unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o775)).unwrap();
+        let err = load_or_create(tmp.path()).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("chmod 700 {}", tmp.path().display())),
+            "{err}"
+        );
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        load_or_create(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn enrollment_is_recorded_for_this_key_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(enrollment(tmp.path(), "a"), None);
+        let rec = record_enrollment(tmp.path(), "a", "wss://p/agent").unwrap();
+        assert_eq!(enrollment(tmp.path(), "a"), Some(rec));
+        assert_eq!(enrollment(tmp.path(), "b"), None);
+        let mode = fs::metadata(enrollment_file(tmp.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::write(enrollment_file(tmp.path()), "{").unwrap();
+        assert_eq!(enrollment(tmp.path(), "a"), None);
+    }
 
     #[test]
     fn the_id_is_stable_and_renewal_keeps_it() {

@@ -80,13 +80,25 @@
 //! accepted tasks, and on demand ([`Journal::prune`]). A pruned task id is forgotten: the same
 //! id would be accepted again as new.
 //!
-//! [`Journal::accept`] refuses new tasks with [`JournalError::StorageFull`] when the
-//! filesystem holding the journal has less than [`JournalConfig::min_free_bytes`] available, or
-//! when the file is larger than [`JournalConfig::max_bytes`] even after pruning and compacting.
-//! Those checks happen before anything is written, so that records already kept (results not
-//! yet acknowledged above all) are never put at risk; a write that still fails for lack of space
-//! is reported as `StorageFull` too. Starting, finishing and acknowledging recorded tasks is
-//! never refused by these checks.
+//! What the journal holds (every task's record, result and entry, as encoded) is kept within
+//! [`JournalConfig::max_bytes`] as it is written. A write that would pass it first **evicts**
+//! acknowledged results, oldest first: their output (`output`, `stdout`, `stderr`) and their
+//! request's input are dropped, and what deduplication needs stays (the task id, the status,
+//! exit code and error, marked `evicted`); a repeated task id is then answered with that. So
+//! acknowledged results never stand in the way of new work, whatever their size. Results the
+//! platform has not acknowledged are never evicted: when they alone fill the journal,
+//! [`Journal::accept`] refuses new tasks with [`JournalError::StorageFull`] until the platform
+//! acknowledges some, and a task that finishes then keeps its result without its output (the
+//! result is owed; its output cannot be had). Sizes are counted as the file stores them (a large
+//! value takes a power of two of pages); the file, which also keeps pages for copy-on-write,
+//! stays within about twice `max_bytes`, and past `max_bytes` it is compacted at most once a
+//! second.
+//!
+//! [`Journal::accept`] also refuses new tasks when the filesystem holding the journal has less
+//! than [`JournalConfig::min_free_bytes`] available. These checks happen before anything is
+//! written, so that records already kept are never put at risk; a write that still fails for
+//! lack of space is reported as `StorageFull` too. Starting, finishing and acknowledging
+//! recorded tasks is never refused.
 //!
 //! [redb]: https://docs.rs/redb
 
@@ -117,9 +129,9 @@ pub const MAX_BATCH: usize = 1024;
 /// The writer prunes after this many accepted tasks (and at open).
 pub const PRUNE_EVERY: usize = 1000;
 
-/// While the file is over [`JournalConfig::max_bytes`], how long a verdict (after pruning and
-/// compacting) stands before the writer tries again.
-const SIZE_RECHECK: Duration = Duration::from_secs(5);
+/// While the file is over [`JournalConfig::max_bytes`], how long after compacting it the
+/// writer compacts it again.
+const SIZE_RECHECK: Duration = Duration::from_secs(1);
 
 /// How long a free-space measurement stands.
 const SPACE_RECHECK: Duration = Duration::from_millis(250);
@@ -171,8 +183,8 @@ pub struct JournalConfig {
     /// [`Journal::accept`] refuses new tasks when the filesystem holding `path` has less space
     /// available (to unprivileged users) than this (default 64 MiB).
     pub min_free_bytes: u64,
-    /// [`Journal::accept`] refuses new tasks when the file is larger than this even after
-    /// pruning and compacting (default 256 MiB).
+    /// What the journal may hold, in bytes (default 256 MiB): beyond it, acknowledged results
+    /// lose their output, oldest first, and with none left to evict new tasks are refused.
     pub max_bytes: u64,
 }
 
@@ -326,6 +338,11 @@ struct Meta {
     phase: TaskPhase,
     acked: bool,
     finished_at_ms: Option<u64>,
+    /// What the task's values (record, result, entry) take in the file, as written.
+    bytes: u64,
+    /// The result's output was dropped (evicted once acknowledged, or never stored for lack
+    /// of room), and the record's input with it.
+    evicted: bool,
 }
 
 impl Meta {
@@ -335,11 +352,18 @@ impl Meta {
             phase: record.phase,
             acked: record.acked,
             finished_at_ms: record.finished_at_ms,
+            bytes: 0,
+            evicted: false,
         }
     }
 
     fn in_outbox(&self) -> bool {
         self.phase == TaskPhase::Done && !self.acked
+    }
+
+    /// Acknowledged, with an output that can still be evicted to make room.
+    fn evictable(&self) -> bool {
+        self.phase == TaskPhase::Done && self.acked && !self.evicted
     }
 
     /// Brings a record read from table `records` up to date: starts and acknowledgements
@@ -355,6 +379,18 @@ impl Meta {
 struct Finished<R> {
     finished_at_ms: u64,
     result: R,
+}
+
+/// A value of table `results`, encoded.
+fn encode_result(id: &str, finished_at_ms: u64, result: &RunResult) -> Res<Vec<u8>> {
+    encode(
+        "result",
+        id,
+        &Finished {
+            finished_at_ms,
+            result,
+        },
+    )
 }
 
 /// A task as stored: its record, its result if it has one in table `results`, brought up to
@@ -383,6 +419,15 @@ struct Entry<'a> {
     phase: TaskPhase,
     acked: bool,
     finished_at_ms: Option<u64>,
+    /// 0 in entries written before sizes were kept: measured at open.
+    #[serde(default)]
+    bytes: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    evicted: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl<'a> Entry<'a> {
@@ -392,6 +437,8 @@ impl<'a> Entry<'a> {
             phase: meta.phase,
             acked: meta.acked,
             finished_at_ms: meta.finished_at_ms,
+            bytes: meta.bytes,
+            evicted: meta.evicted,
         }
     }
 
@@ -401,7 +448,23 @@ impl<'a> Entry<'a> {
             phase: self.phase,
             acked: self.acked,
             finished_at_ms: self.finished_at_ms,
+            bytes: self.bytes,
+            evicted: self.evicted,
         }
+    }
+}
+
+/// What an entry takes beside the id: the encoded fields, rounded up.
+const ENTRY_BYTES: u64 = 128;
+
+/// What a value of `len` bytes takes in the file: small values share B-tree pages, a large one
+/// gets a region of its own, a power of two of pages.
+fn stored(len: usize) -> u64 {
+    const PAGE: usize = 4096;
+    if len <= PAGE / 2 {
+        len as u64
+    } else {
+        (len + 64).next_power_of_two().max(PAGE) as u64
     }
 }
 
@@ -412,6 +475,12 @@ struct Mirror {
     tasks: HashMap<Arc<str>, Meta>,
     /// Done and not acknowledged, by accept order.
     outbox: BTreeMap<u64, Arc<str>>,
+    /// Acknowledged with an output still held, by accept order: what is evicted first when
+    /// the journal needs room.
+    evictable: BTreeMap<u64, Arc<str>>,
+    /// The sum of every task's [`Meta::bytes`]: what the journal holds, measured against
+    /// [`JournalConfig::max_bytes`].
+    bytes: u64,
     handlers: BTreeMap<String, HandlerRecord>,
 }
 
@@ -419,15 +488,22 @@ impl Mirror {
     fn set(&mut self, id: Arc<str>, meta: Meta) {
         if let Some(old) = self.tasks.insert(id.clone(), meta) {
             self.outbox.remove(&old.seq);
+            self.evictable.remove(&old.seq);
+            self.bytes = self.bytes.saturating_sub(old.bytes);
         }
+        self.bytes += meta.bytes;
         if meta.in_outbox() {
             self.outbox.insert(meta.seq, id);
+        } else if meta.evictable() {
+            self.evictable.insert(meta.seq, id);
         }
     }
 
     fn remove(&mut self, id: &str) {
         if let Some(old) = self.tasks.remove(id) {
             self.outbox.remove(&old.seq);
+            self.evictable.remove(&old.seq);
+            self.bytes = self.bytes.saturating_sub(old.bytes);
         }
     }
 }
@@ -678,6 +754,11 @@ struct Tables<'t> {
     mirror: &'t Mutex<Mirror>,
     /// The sequence numbers of tasks accepted in this transaction.
     fresh: HashMap<Arc<str>, u64>,
+    /// Bytes this transaction added to and freed from the mirror's [`Mirror::bytes`].
+    added: u64,
+    freed: u64,
+    /// Tasks evicted in this transaction (the mirror still lists them as evictable).
+    evicted: std::collections::HashSet<u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -692,7 +773,15 @@ impl<'t> Tables<'t> {
             handlers: txn.open_table(HANDLERS)?,
             mirror,
             fresh: HashMap::new(),
+            added: 0,
+            freed: 0,
+            evicted: Default::default(),
         })
+    }
+
+    /// What the journal holds with this transaction's writes.
+    fn held(&self) -> u64 {
+        (lock(self.mirror).bytes + self.added).saturating_sub(self.freed)
     }
 
     /// A task's entry, this transaction's writes included (`None`: not recorded, or removed).
@@ -733,36 +822,65 @@ impl<'t> Tables<'t> {
         Ok(Some((record, meta)))
     }
 
-    /// Writes a task's record (as accepted) and its entry.
-    fn store(&mut self, id: &str, record: &TaskRecord, meta: &Meta) -> Result<(), Fail> {
-        let r = encode("task", id, record).map_err(Fail::Logic)?;
-        self.records.insert(meta.seq, r.as_slice())?;
+    /// Writes a task's record (as accepted, already encoded) and its entry; counts the bytes
+    /// into `meta` (a new task's, which holds nothing yet).
+    fn store(&mut self, id: &str, record: &[u8], meta: &mut Meta) -> Result<(), Fail> {
+        self.records.insert(meta.seq, record)?;
+        meta.bytes = stored(record.len()) + id.len() as u64 + ENTRY_BYTES;
+        self.added += meta.bytes;
         self.store_entry(id, meta)
     }
 
-    /// Writes a task's record (as accepted), its result and its entry, marked done: a task
-    /// accepted and finished in one transaction.
-    fn store_finished(
-        &mut self,
-        id: &str,
-        record: &TaskRecord,
-        result: &RunResult,
-        meta: &Meta,
-    ) -> Result<(), Fail> {
-        let r = encode("task", id, record).map_err(Fail::Logic)?;
-        self.records.insert(meta.seq, r.as_slice())?;
-        self.store_result(id, result, meta)
+    /// Writes a task's result (already encoded, see [`encode_result`]) and its entry, marked
+    /// done; counts the bytes into `meta`.
+    fn store_result(&mut self, id: &str, finished: &[u8], meta: &mut Meta) -> Result<(), Fail> {
+        self.results.insert(meta.seq, finished)?;
+        meta.bytes += stored(finished.len());
+        self.added += stored(finished.len());
+        self.store_entry(id, meta)
     }
 
-    /// Writes a task's result and its entry, marked done.
-    fn store_result(&mut self, id: &str, result: &RunResult, meta: &Meta) -> Result<(), Fail> {
-        let finished = Finished {
-            finished_at_ms: meta.finished_at_ms.unwrap_or_default(),
-            result,
+    /// Drops the output of an acknowledged task (its result's output, its request's input):
+    /// what deduplication needs stays (the task id, the status, the exit code, the error).
+    fn evict(&mut self, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
+        let Some((mut stub, meta)) = self.load(id)? else {
+            return Ok(());
         };
-        let f = encode("result", id, &finished).map_err(Fail::Logic)?;
-        self.results.insert(meta.seq, f.as_slice())?;
-        self.store_entry(id, meta)
+        if !meta.evictable() || !self.evicted.insert(meta.seq) {
+            return Ok(());
+        }
+        let result = stub.result.take();
+        stub.request.input = serde_json::Value::Null;
+        stub.request.args.clear();
+        stub.request.signature = None;
+        let r = encode("task", id, &stub).map_err(Fail::Logic)?;
+        self.records.insert(meta.seq, r.as_slice())?;
+        let mut bytes = stored(r.len()) + id.len() as u64 + ENTRY_BYTES;
+        if let Some(result) = result {
+            let finished_at = meta.finished_at_ms.unwrap_or_default();
+            let f =
+                encode_result(id, finished_at, &result.without_output()).map_err(Fail::Logic)?;
+            self.results.insert(meta.seq, f.as_slice())?;
+            bytes += stored(f.len());
+        }
+        self.count_change(meta.bytes, bytes);
+        let meta = Meta {
+            bytes,
+            evicted: true,
+            ..meta
+        };
+        self.store_entry(id, &meta)?;
+        changes.push(Change::Set(Arc::from(id), meta));
+        Ok(())
+    }
+
+    /// A task's values went from `before` to `after` bytes.
+    fn count_change(&mut self, before: u64, after: u64) {
+        if after >= before {
+            self.added += after - before;
+        } else {
+            self.freed += before - after;
+        }
     }
 
     /// Writes a task's entry alone (a start, an acknowledgement).
@@ -772,7 +890,8 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn remove(&mut self, seq: u64) -> Result<(), Fail> {
+    fn remove(&mut self, seq: u64, bytes: u64) -> Result<(), Fail> {
+        self.freed += bytes;
         self.records.remove(seq)?;
         self.results.remove(seq)?;
         self.entries.remove(seq)?;
@@ -899,13 +1018,25 @@ fn load_index(db: &Database) -> Res<(Mirror, u64)> {
         }
     }
     let entries = txn.open_table(ENTRIES).map_err(db_error)?;
+    let records = txn.open_table(RECORDS).map_err(db_error)?;
+    let results = txn.open_table(RESULTS).map_err(db_error)?;
     let mut next_seq = 0;
     for item in entries.iter().map_err(db_error)? {
         let (k, v) = item.map_err(db_error)?;
         let seq = k.value();
         let entry: Entry = decode("index entry", &seq.to_string(), v.value())?;
         next_seq = seq + 1;
-        mirror.set(Arc::from(entry.id.as_ref()), entry.meta(seq));
+        let mut meta = entry.meta(seq);
+        if meta.bytes == 0 {
+            // Written before sizes were kept: measured once, here.
+            let len =
+                |v: Option<redb::AccessGuard<'_, &[u8]>>| v.map_or(0, |v| stored(v.value().len()));
+            meta.bytes = len(records.get(seq).map_err(db_error)?)
+                + len(results.get(seq).map_err(db_error)?)
+                + entry.id.len() as u64
+                + ENTRY_BYTES;
+        }
+        mirror.set(Arc::from(entry.id.as_ref()), meta);
     }
     Ok((mirror, next_seq))
 }
@@ -1209,7 +1340,14 @@ impl Writer {
                 reply,
                 ..
             } => {
-                let (r, e) = split(finish_in(t, &task_id, *result, now, changes));
+                let (r, e) = split(finish_in(
+                    t,
+                    &task_id,
+                    *result,
+                    now,
+                    self.shared.config.max_bytes,
+                    changes,
+                ));
                 (Answer::Unit(reply, r), e)
             }
             Op::Ack { task_ids } => {
@@ -1283,21 +1421,42 @@ impl Writer {
             finished_at_ms: None,
         };
         let mut meta = Meta::of(self.next_seq, &record);
+        let encoded = encode("task", id, &record).map_err(Fail::Logic)?;
+        let need = stored(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
+        // New work is taken up to 7/8 of the limit: the rest is for the results of the tasks
+        // already accepted (one that still does not fit is kept without its output).
+        let max_bytes = self.shared.config.max_bytes;
+        let max_bytes = max_bytes - max_bytes / 8;
+        if !make_room(t, max_bytes, need, changes)? {
+            return Err(Fail::Logic(JournalError::StorageFull(format!(
+                "the journal {} holds {} bytes, most of them results the platform has not \
+                 acknowledged yet; new tasks are taken up to {max_bytes} bytes (7/8 of its limit)",
+                self.shared.config.path.display(),
+                t.held()
+            ))));
+        }
         match early.map(|e| lock(&e.0)) {
             Some(mut slot) => {
                 // Looked at once: a result offered later goes the usual way (`finish`).
                 slot.looked = true;
-                match &slot.result {
-                    Some(result) => {
-                        meta.phase = TaskPhase::Done;
-                        meta.finished_at_ms = Some(now);
-                        t.store_finished(id, &record, result, &meta)?;
-                        slot.written = true;
-                    }
-                    None => t.store(id, &record, &meta)?,
+                let result = match &slot.result {
+                    Some(result) => Some(encode_result(id, now, result).map_err(Fail::Logic)?),
+                    None => None,
+                };
+                // Written with the acceptance only if it fits; otherwise it goes the usual way.
+                let fits = match &result {
+                    Some(f) => make_room(t, max_bytes, need + stored(f.len()), changes)?,
+                    None => false,
+                };
+                t.store(id, &encoded, &mut meta)?;
+                if let (Some(f), true) = (result, fits) {
+                    meta.phase = TaskPhase::Done;
+                    meta.finished_at_ms = Some(now);
+                    t.store_result(id, &f, &mut meta)?;
+                    slot.written = true;
                 }
             }
-            None => t.store(id, &record, &meta)?,
+            None => t.store(id, &encoded, &mut meta)?,
         }
         self.next_seq += 1;
         self.accepts_since_prune += 1;
@@ -1338,8 +1497,9 @@ impl Writer {
             let excess = kept.len() - config.max_records;
             doomed.extend(kept.drain(..excess));
         }
-        for (seq, _) in &doomed {
-            t.remove(*seq)?;
+        for (seq, id) in &doomed {
+            let bytes = lock(t.mirror).tasks.get(id).map_or(0, |m| m.bytes);
+            t.remove(*seq, bytes)?;
         }
         let n = doomed.len();
         changes.extend(doomed.into_iter().map(|(_, id)| Change::Remove(id)));
@@ -1404,17 +1564,22 @@ impl Writer {
                 config.path.display()
             ),
         }
+        // What the journal holds is bounded by `max_bytes` as it is written (`make_room`); the
+        // file itself keeps the pages it once needed. Past the limit, it is compacted now and
+        // then (redb reuses freed pages meanwhile), never a reason to refuse work.
         let len = file_len(&config.path);
         if len <= config.max_bytes {
             self.size_verdict = None;
             return Ok(());
         }
-        if let Some(verdict) = held(&self.size_verdict, SIZE_RECHECK) {
-            return verdict;
+        if held(&self.size_verdict, SIZE_RECHECK).is_none() {
+            let verdict = self.shrink();
+            if let Err(why) = &verdict {
+                tracing::debug!("{why}");
+            }
+            self.size_verdict = Some((Instant::now(), verdict));
         }
-        let verdict = self.shrink();
-        self.size_verdict = Some((Instant::now(), verdict.clone()));
-        verdict
+        Ok(())
     }
 
     /// Prunes and compacts the file; whether it is now within `max_bytes`.
@@ -1481,7 +1646,7 @@ impl Writer {
                     match known.get(id.as_str()).filter(|k| k.seq == meta.seq) {
                         None => {
                             tracing::warn!(task_id = %id, "dropping a task whose acceptance failed");
-                            t.remove(meta.seq)?;
+                            t.remove(meta.seq, meta.bytes)?;
                         }
                         Some(k) if k.acked && !meta.acked && meta.phase == TaskPhase::Done => {
                             ack_in(&mut t, std::slice::from_ref(&id), &mut Vec::new())?;
@@ -1516,6 +1681,42 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
+/// Whether `need` more bytes fit within `max_bytes`, after evicting the output of acknowledged
+/// results, oldest first, if they do not. Only acknowledged results are evicted: what the
+/// platform has not stored yet is never touched.
+fn make_room(
+    t: &mut Tables<'_>,
+    max_bytes: u64,
+    need: u64,
+    changes: &mut Vec<Change>,
+) -> Result<bool, Fail> {
+    /// Candidates read from the mirror at a time (its lock is not held while evicting).
+    const BATCH: usize = 64;
+    let mut after = 0;
+    loop {
+        if t.held().saturating_add(need) <= max_bytes {
+            return Ok(true);
+        }
+        let candidates: Vec<(u64, Arc<str>)> = lock(t.mirror)
+            .evictable
+            .range(after..)
+            .filter(|(seq, _)| !t.evicted.contains(seq))
+            .take(BATCH)
+            .map(|(seq, id)| (*seq, id.clone()))
+            .collect();
+        let Some(last) = candidates.last().map(|c| c.0) else {
+            return Ok(false);
+        };
+        after = last + 1;
+        for (_, id) in candidates {
+            t.evict(&id, changes)?;
+            if t.held().saturating_add(need) <= max_bytes {
+                return Ok(true);
+            }
+        }
+    }
+}
+
 fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
     let Some(mut meta) = t.entry(id)? else {
         return Err(Fail::Logic(JournalError::Io(format!(
@@ -1537,6 +1738,7 @@ fn finish_in(
     id: &str,
     result: RunResult,
     now: u64,
+    max_bytes: u64,
     changes: &mut Vec<Change>,
 ) -> Result<(), Fail> {
     let Some(meta) = t.entry(id)? else {
@@ -1548,13 +1750,21 @@ fn finish_in(
         // The first result wins.
         return Ok(());
     }
-    let meta = Meta {
+    let mut meta = Meta {
         phase: TaskPhase::Done,
         acked: false,
         finished_at_ms: Some(now),
         ..meta
     };
-    t.store_result(id, &result, &meta)?;
+    let mut f = encode_result(id, now, &result).map_err(Fail::Logic)?;
+    if !make_room(t, max_bytes, stored(f.len()), changes)? {
+        // The result must be kept (it is owed to the platform), its output need not: the
+        // status, exit code and error fit whatever happens.
+        tracing::warn!(task_id = %id, bytes = f.len(), "the journal has no room for this result's output; keeping the result without it");
+        f = encode_result(id, now, &result.without_output()).map_err(Fail::Logic)?;
+        meta.evicted = true;
+    }
+    t.store_result(id, &f, &mut meta)?;
     changes.push(Change::Set(Arc::from(id), meta));
     Ok(())
 }
@@ -1786,10 +1996,11 @@ impl Journal {
             let mut guard = lock(&self.inner.shared.mirror);
             let mirror = &mut *guard;
             for id in task_ids {
-                if let Some(meta) = mirror.tasks.get_mut(id.as_str()) {
+                if let Some((key, meta)) = mirror.tasks.get_key_value(id.as_str()) {
+                    let (key, mut meta) = (key.clone(), *meta);
                     if meta.in_outbox() {
                         meta.acked = true;
-                        mirror.outbox.remove(&meta.seq);
+                        mirror.set(key, meta);
                         forward.push(id.clone());
                     } else if meta.phase != TaskPhase::Done {
                         // The result was sent while its commit is still queued: the writer
@@ -2335,7 +2546,10 @@ mod tests {
 
     /// Opens a journal holding a finished result and a queued task, reopens it with `tweak`
     /// (a configuration that leaves no room) and checks what is refused and what is not.
-    async fn storage_full_case(tweak: fn(&mut JournalConfig)) {
+    /// `output_kept`: whether a task that finishes while the journal is full keeps its output
+    /// (a full filesystem: yes, a write that succeeds is whole; a journal at its size limit with
+    /// nothing acknowledged to evict: no, the result is kept without it).
+    async fn storage_full_case(tweak: fn(&mut JournalConfig), output_kept: bool) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
         let (j, _) = open(&cfg);
@@ -2368,18 +2582,144 @@ mod tests {
         let (j, _) = open(&cfg);
         assert_eq!(j.counts(), (2, 2));
         assert_eq!(j.get("kept").unwrap().result, Some(result("kept")));
-        assert_eq!(j.get("queued").unwrap().result, Some(result("queued")));
+        let queued = if output_kept {
+            result("queued")
+        } else {
+            result("queued").without_output()
+        };
+        assert_eq!(j.get("queued").unwrap().result, Some(queued));
         assert_eq!(j.accept(&request("new")).await.unwrap(), Accept::New);
     }
 
     #[tokio::test]
     async fn storage_full_when_the_filesystem_is_nearly_full() {
-        storage_full_case(|c| c.min_free_bytes = u64::MAX / 2).await;
+        storage_full_case(|c| c.min_free_bytes = u64::MAX / 2, true).await;
     }
 
     #[tokio::test]
-    async fn storage_full_when_the_file_is_over_its_limit() {
-        storage_full_case(|c| c.max_bytes = 1).await;
+    async fn storage_full_when_unacknowledged_results_fill_it() {
+        storage_full_case(|c| c.max_bytes = 1, false).await;
+    }
+
+    fn big_result(text: &str, bytes: usize) -> RunResult {
+        let mut r = result(text);
+        r.stdout = "x".repeat(bytes);
+        r.output = serde_json::json!({"text": text});
+        r
+    }
+
+    /// Accepts, runs and (if `ack`) acknowledges `n` tasks named `{prefix}{i}`, each with a
+    /// result of about `bytes`.
+    async fn fill(j: &Journal, prefix: &str, n: usize, bytes: usize, ack: bool) {
+        for i in 0..n {
+            let id = format!("{prefix}{i}");
+            assert_eq!(j.accept(&request(&id)).await.unwrap(), Accept::New, "{id}");
+            j.start(&id).await.unwrap();
+            j.finish(&id, &big_result(&id, bytes)).await.unwrap();
+            if ack {
+                j.ack(std::slice::from_ref(&id));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledged_results_are_evicted_oldest_first_and_never_block_new_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 1 << 20;
+        let (j, _) = open(&cfg);
+        // Ten times the limit in acknowledged results of 64 KiB.
+        fill(&j, "t", 160, 64 << 10, true).await;
+        let held = lock(&j.inner.shared.mirror).bytes;
+        assert!(held <= cfg.max_bytes, "the journal holds {held} bytes");
+        // The oldest lost their output, and only that; the newest are whole.
+        let old = j.get("t0").unwrap();
+        let r = old.result.unwrap();
+        assert!(r.evicted);
+        assert_eq!(
+            (r.status, r.exit_code, r.error.as_deref()),
+            (Status::Ok, Some(0), Some("t0"))
+        );
+        assert!(r.stdout.is_empty() && r.output.is_null());
+        assert!(old.request.input.is_null());
+        assert_eq!(
+            j.get("t159").unwrap().result,
+            Some(big_result("t159", 64 << 10))
+        );
+        // Every id is still known: none runs twice.
+        for i in 0..160 {
+            assert!(matches!(
+                j.accept(&request(&format!("t{i}"))).await.unwrap(),
+                Accept::Seen(_)
+            ));
+        }
+        drop(j);
+        // The evictions are durable, and the sizes are known again after a restart.
+        let (j, _) = open(&cfg);
+        assert!(j.get("t0").unwrap().result.unwrap().evicted);
+        let reopened = lock(&j.inner.shared.mirror).bytes;
+        assert_eq!(reopened, held);
+        fill(&j, "u", 40, 64 << 10, true).await;
+        assert!(lock(&j.inner.shared.mirror).bytes <= cfg.max_bytes);
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_results_are_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 1 << 20;
+        let (j, _) = open(&cfg);
+        fill(&j, "acked", 4, 64 << 10, true).await;
+        // Unacknowledged results up to the limit: the acknowledged ones make room first.
+        let mut refused_at = None;
+        for i in 0..40 {
+            let id = format!("owed{i}");
+            match j.accept(&request(&id)).await {
+                Ok(Accept::New) => {
+                    j.start(&id).await.unwrap();
+                    j.finish(&id, &big_result(&id, 64 << 10)).await.unwrap();
+                }
+                Err(JournalError::StorageFull(msg)) => {
+                    assert!(msg.contains("not acknowledged"), "{msg}");
+                    refused_at = Some(i);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let refused_at = refused_at.expect("the journal filled up");
+        assert!(j.get("acked0").unwrap().result.unwrap().evicted);
+        for i in 0..refused_at {
+            let r = j.get(&format!("owed{i}")).unwrap().result.unwrap();
+            assert!(!r.evicted, "owed{i} lost its output");
+        }
+        assert_eq!(j.unacked().len(), refused_at);
+        // Once the platform acknowledges them, there is room again.
+        let owed: Vec<String> = (0..refused_at).map(|i| format!("owed{i}")).collect();
+        j.ack(&owed);
+        assert_eq!(j.accept(&request("after")).await.unwrap(), Accept::New);
+    }
+
+    #[tokio::test]
+    async fn the_file_stays_near_its_limit_however_many_results_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 16 << 20;
+        let (j, _) = open(&cfg);
+        // 100 MiB of acknowledged results through a journal of 16 MiB.
+        fill(&j, "t", 400, 256 << 10, true).await;
+        // What the file keeps beyond its limit is compacted away with the next acceptance.
+        tokio::time::sleep(SIZE_RECHECK + SPACE_RECHECK).await;
+        j.accept(&request("next")).await.unwrap();
+        drop(j);
+        let len = file_len(&cfg.path);
+        // Pages freed by evictions are reused; redb's copy-on-write and its regions for large
+        // values keep the file within about twice what it holds.
+        assert!(
+            len <= 5 * cfg.max_bytes / 2,
+            "the file is {len} bytes for a limit of {}",
+            cfg.max_bytes
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

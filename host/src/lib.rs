@@ -43,6 +43,7 @@ pub mod journal;
 pub mod limits;
 pub mod link;
 pub mod memory;
+pub mod outbox;
 pub mod outcome;
 pub mod sandbox;
 pub mod shell;

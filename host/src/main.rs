@@ -92,7 +92,8 @@ struct RunArgs {
     #[arg(long)]
     dev_allow_plaintext: bool,
 
-    /// Development only: run modules that carry no signature.
+    /// Development only: run modules that carry no signature. Refused with a --config file
+    /// unless it sets `[trust] allow_unsigned_override = true`.
     #[arg(long)]
     allow_unsigned: bool,
 }
@@ -149,8 +150,8 @@ struct CallArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Directory for compiled-module artifacts. Default: $XDG_CACHE_HOME/bridge-daemon or
-    /// ~/.cache/bridge-daemon.
+    /// Directory for compiled-module artifacts (its key is kept beside it, in DIR.key). Default:
+    /// $XDG_CACHE_HOME/bridge-daemon or ~/.cache/bridge-daemon; none when run as root.
     #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
 
@@ -168,8 +169,8 @@ struct CallArgs {
     signature: Option<PathBuf>,
 
     /// Development only: run a module that carries no signature (logged as a warning). A
-    /// signed module is still verified. Refused when the config sets
-    /// `[trust] allow_unsigned_override = false`.
+    /// signed module is still verified. Refused with a --config file unless it sets
+    /// `[trust] allow_unsigned_override = true`.
     #[arg(long)]
     allow_unsigned: bool,
 }

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use bridge_protocol::{AgentMessage, StreamName};
 use tokio::sync::mpsc;
 
+use crate::outbox::Outgoing;
+
 /// The most bytes one `chunk` carries.
 pub const CHUNK_BYTES: usize = 16 << 10;
 /// How often buffered output is sent while a task runs.
@@ -40,7 +42,7 @@ pub struct StreamTap {
 
 struct Tap {
     task_id: String,
-    outbox: mpsc::Sender<AgentMessage>,
+    outbox: mpsc::Sender<Outgoing>,
     seq: u64,
     buffers: [Vec<u8>; 2],
     dropped: u64,
@@ -102,7 +104,7 @@ impl Tap {
             data: String::from_utf8_lossy(&bytes).into_owned(),
             dropped_bytes: self.dropped,
         };
-        match self.outbox.try_send(msg) {
+        match self.outbox.try_send(msg.into()) {
             Ok(()) => {
                 self.seq += 1;
                 self.dropped = 0;
@@ -121,7 +123,7 @@ impl std::fmt::Debug for StreamTap {
 
 impl StreamTap {
     /// A tap for `task_id` sending on `outbox`.
-    pub fn new(task_id: &str, outbox: mpsc::Sender<AgentMessage>) -> StreamTap {
+    pub fn new(task_id: &str, outbox: mpsc::Sender<Outgoing>) -> StreamTap {
         StreamTap {
             inner: Arc::new(Mutex::new(Tap {
                 task_id: task_id.to_string(),
@@ -188,7 +190,7 @@ impl StreamTap {
                 data: String::new(),
                 dropped_bytes: tap.dropped,
             };
-            if tap.outbox.try_send(msg).is_ok() {
+            if tap.outbox.try_send(msg.into()).is_ok() {
                 tap.seq += 1;
             }
         }
@@ -218,16 +220,19 @@ impl StreamTap {
 mod tests {
     use super::*;
 
-    fn chunks(rx: &mut mpsc::Receiver<AgentMessage>) -> Vec<(u64, StreamName, String, u64)> {
+    fn chunks(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(u64, StreamName, String, u64)> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
-            if let AgentMessage::Chunk {
-                seq,
-                stream,
-                data,
-                dropped_bytes,
-                ..
-            } = m
+            if let Outgoing::Message(
+                AgentMessage::Chunk {
+                    seq,
+                    stream,
+                    data,
+                    dropped_bytes,
+                    ..
+                },
+                _,
+            ) = m
             {
                 out.push((seq, stream, data, dropped_bytes));
             }

@@ -17,7 +17,8 @@
 //! clock.
 //!
 //! Unsigned modules run only with an explicit development override (`--allow-unsigned`), which
-//! is logged as a warning each time and which `[trust] allow_unsigned_override = false` forbids.
+//! is logged as a warning each time. A config file forbids it unless it sets
+//! `[trust] allow_unsigned_override = true`; without a config file the flag alone decides.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,7 @@ use crate::outcome::{RunResult, Status};
 use crate::sandbox::{DirGrant, Handler, RunSpec, Sandbox};
 
 /// The config file's `[trust]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustSection {
     /// Trusted publisher keys: `{ key = "ed25519:…", label?, names? = ["hello", "log*"], max? = {…} }`.
@@ -43,24 +44,11 @@ pub struct TrustSection {
     /// Revoked key ids (32 hex characters); a module signed by one is `revoked_key`.
     #[serde(default)]
     pub revoked: Vec<KeyId>,
-    /// Whether the development override `--allow-unsigned` is honoured (default true). Set it
-    /// to false on production agents: unsigned modules are then refused whatever the flags say.
-    #[serde(default = "yes")]
+    /// Whether the development override `--allow-unsigned` is honoured when the agent runs with
+    /// this config file (default false: unsigned modules are refused whatever the flags say).
+    /// Without any config file there is no policy to forbid it, and the flag alone decides.
+    #[serde(default)]
     pub allow_unsigned_override: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Default for TrustSection {
-    fn default() -> Self {
-        TrustSection {
-            keys: Vec::new(),
-            revoked: Vec::new(),
-            allow_unsigned_override: true,
-        }
-    }
 }
 
 impl TrustSection {
@@ -356,7 +344,7 @@ mod tests {
             "00".repeat(16)
         );
         let t: TrustSection = toml::from_str(&text).unwrap();
-        assert!(t.allow_unsigned_override);
+        assert!(!t.allow_unsigned_override);
         let policy = t.policy().unwrap();
         assert_eq!(policy.keys().len(), 1);
         assert!(toml::from_str::<TrustSection>("keyz = []").is_err());

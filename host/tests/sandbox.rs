@@ -214,7 +214,7 @@ fn requests_above_local_maximums_are_clamped_and_reported() {
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        "[sandbox.maximums]\nmemory_mib = 8\nfuel = 900000000\n",
+        "[sandbox.maximums]\nmemory_mib = 8\nfuel = 900000000\n[trust]\nallow_unsigned_override = true\n",
     )
     .unwrap();
     let c = call(

@@ -340,6 +340,27 @@ fn the_config_can_forbid_the_unsigned_override() {
 }
 
 #[test]
+fn a_config_file_forbids_the_unsigned_override_unless_it_allows_it() {
+    let f = Fixture::new();
+    // A production config that says nothing about it: the flag is refused.
+    let silent = f.write("agent.toml", b"[sandbox]\nmax_concurrent_runs = 4\n");
+    let c = call(
+        &wasm("hello"),
+        &["--config", silent.to_str().unwrap(), "--allow-unsigned"],
+    );
+    assert_eq!(c.code, 2, "{} {}", c.result, c.stderr);
+    assert!(c.stderr.contains("allow_unsigned_override"), "{}", c.stderr);
+    assert!(c.stderr.contains(silent.to_str().unwrap()), "{}", c.stderr);
+    // A development config that turns it on.
+    let dev = f.write("dev.toml", b"[trust]\nallow_unsigned_override = true\n");
+    let c = call(
+        &wasm("hello"),
+        &["--config", dev.to_str().unwrap(), "--allow-unsigned"],
+    );
+    assert_eq!(c.status(), "ok", "{}", c.stderr);
+}
+
+#[test]
 fn signed_claims_bound_limits_env_and_directories() {
     let f = Fixture::new();
     // Fuel: the claims' 5M bounds the run even though the task asks for far more.

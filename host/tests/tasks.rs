@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,8 +20,8 @@ use serde_json::{json, Value};
 const CONNECT: Duration = Duration::from_secs(30);
 
 /// One control request on its own connection (usable from any thread).
-fn control(addr: &str, request: &Value) -> Value {
-    let mut conn = TcpStream::connect(addr).unwrap();
+fn control(socket: &str, request: &Value) -> Value {
+    let mut conn = UnixStream::connect(socket).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     writeln!(conn, "{request}").unwrap();
@@ -566,8 +567,8 @@ fn an_agent_killed_mid_task_reports_it_interrupted_once_and_does_not_rerun_it() 
 }
 
 /// Reads a streaming `run`'s response lines: chunk events, then the final response.
-fn run_streaming(addr: &str, request: &Value) -> (Vec<Value>, Value) {
-    let mut conn = TcpStream::connect(addr).unwrap();
+fn run_streaming(socket: &str, request: &Value) -> (Vec<Value>, Value) {
+    let mut conn = UnixStream::connect(socket).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     writeln!(conn, "{request}").unwrap();

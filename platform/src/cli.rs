@@ -1,5 +1,7 @@
 //! The command line: global structure and the list of subcommands.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
 use crate::cmd;
@@ -13,7 +15,10 @@ use crate::cmd;
 ///
 /// `serve` runs a development platform that agents connect to; `agents`, `token`, `run`,
 /// `result`, `cancel`, `install-handler`, `handlers` and `remove-handler` talk to a running
-/// `serve` through its control interface (--control ADDR or BRIDGE_CONTROL).
+/// `serve` through its control socket: give the server's state directory (--state DIR or
+/// BRIDGE_STATE; the socket is DIR/control.sock) or the socket itself (--control PATH or
+/// BRIDGE_CONTROL, as `serve` prints it in `control`), before the subcommand. Only the user
+/// who runs `serve` (and root) may use it.
 ///
 /// Commands print JSON on stdout (`token` prints the bare token). Exit status: 0 success,
 /// 1 `verify` found the module invalid or `run`/`result` got a result whose status is not
@@ -21,9 +26,15 @@ use crate::cmd;
 #[derive(Debug, Parser)]
 #[command(name = "bridgectl", version, about, long_about)]
 pub struct Cli {
-    /// The control interface of a running `bridgectl serve` (for the commands that talk to one).
-    #[arg(long, value_name = "ADDR", env = "BRIDGE_CONTROL")]
-    pub control: Option<String>,
+    /// The control socket of a running `bridgectl serve` (for the commands that talk to one),
+    /// as `serve` prints it in `control`: STATE/control.sock. Without --control and --state:
+    /// the environment's BRIDGE_CONTROL, else BRIDGE_STATE.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The state directory of a running `bridgectl serve`: the commands that talk to it use its
+    /// control socket, DIR/control.sock (--control wins if both are given).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -22,12 +22,8 @@ use std::process::ExitCode;
 
 /// Runs a parsed command line, printing any error as one line on stderr.
 pub fn run(cli: cli::Cli) -> ExitCode {
-    let control = cli.control;
-    let control = || {
-        control.ok_or_else(|| {
-            anyhow::anyhow!("no control address: give --control ADDR (before the subcommand) or set BRIDGE_CONTROL")
-        })
-    };
+    let (control, state) = (cli.control, cli.state);
+    let control = || control_socket(control, state);
     let result = match cli.command {
         cli::Command::Keygen(args) => cmd::keygen::run(args),
         cli::Command::Sign(args) => cmd::sign::run(args),
@@ -54,6 +50,35 @@ pub fn run(cli: cli::Cli) -> ExitCode {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("bridgectl: error: {msg}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The control socket the client commands use, the first given of: `--control PATH`;
+/// `control.sock` in the state directory `--state DIR`; the environment's `BRIDGE_CONTROL`
+/// (a socket path); `control.sock` in the environment's `BRIDGE_STATE`.
+pub fn control_socket(
+    control: Option<std::path::PathBuf>,
+    state: Option<std::path::PathBuf>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let env = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    match (control, state) {
+        (Some(socket), _) => Ok(socket),
+        (None, Some(state)) => Ok(serve::control::socket_path(&state)),
+        (None, None) => {
+            if let Some(socket) = env("BRIDGE_CONTROL") {
+                return Ok(socket);
+            }
+            if let Some(state) = env("BRIDGE_STATE") {
+                return Ok(serve::control::socket_path(&state));
+            }
+            Err(anyhow::anyhow!(
+                "no control socket: give the server's state directory with --state DIR or its socket with --control PATH (before the subcommand), or set BRIDGE_STATE or BRIDGE_CONTROL"
+            ))
         }
     }
 }

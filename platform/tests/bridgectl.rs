@@ -592,8 +592,8 @@ fn help_for_every_command() {
 #[test]
 fn run_takes_exactly_one_of_module_and_command() {
     let env = Env::new();
-    // Usage errors come before any connection: the control address is never contacted.
-    let control = ["--control", "127.0.0.1:9"];
+    // Usage errors come before any connection: the control socket is never contacted.
+    let control = ["--control", "/nonexistent/control.sock"];
     for (args, expected) in [
         (&["run", "--agent", "a"][..], "--module"),
         (
@@ -654,7 +654,7 @@ fn run_takes_exactly_one_of_module_and_command() {
         let (_, stderr) = env.run_code(&all, 2);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
-    // A well-formed command reaches the connection step (nothing listens on port 9).
+    // A well-formed command reaches the connection step (there is no such socket).
     let all = [&control[..], &["run", "--agent", "a", "--command", "c"]].concat();
     let (_, stderr) = env.run_code(&all, 2);
     assert!(stderr.contains("cannot connect"), "{stderr}");

@@ -224,7 +224,7 @@ impl Serve {
 
     fn control(&self, request: Value) -> Value {
         bridge_platform::serve::control::request(
-            &self.get("control"),
+            self.get("control"),
             &request,
             Duration::from_secs(60),
         )
@@ -492,6 +492,15 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     );
     assert_eq!(fs::read(&bin).unwrap(), fs::read(&v2).unwrap());
     assert_eq!(snapshot(&root.join("var/lib/bridge")), state_before);
+    // The agent recorded its enrollment when it ran: the spent token is removed, and the
+    // config no longer names it.
+    assert!(root.join("var/lib/bridge/enrolled").exists());
+    assert!(
+        out.contains("the agent is enrolled: removing the token file"),
+        "{out}"
+    );
+    assert!(!token_path.exists());
+    assert!(!fs::read_to_string(&conf).unwrap().contains("token_file"));
     let id = Command::new(&bin)
         .args(["identity", "--state"])
         .arg(root.join("var/lib/bridge"))
@@ -511,7 +520,7 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
         "{out}"
     );
     assert!(!bin.exists() && !unit_path.exists());
-    assert!(conf.exists() && token_path.exists());
+    assert!(conf.exists());
     assert_eq!(snapshot(&root.join("var/lib/bridge")), state_before);
     let out = ok(install(&["--root", root_s, "--uninstall"], ""));
     assert!(out.contains("nothing to remove"), "{out}");

@@ -16,7 +16,6 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use sha2::Digest as _;
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -57,8 +56,10 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_eq!(serve.token().len(), 43);
-        assert!(serve.control().starts_with("127.0.0.1:"));
-        assert!(!serve.control().ends_with(":0"));
+        assert_eq!(
+            Path::new(serve.control()),
+            state.canonicalize().unwrap().join("control.sock")
+        );
         let ca = PathBuf::from(info["ca_file"].as_str().unwrap());
         assert!(ca.is_absolute());
         assert_eq!(ca, state.canonicalize().unwrap().join("server.crt"));
@@ -69,6 +70,8 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
             use std::os::unix::fs::PermissionsExt as _;
             std::fs::metadata(p).unwrap().permissions().mode() & 0o777
         };
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join("control.sock")), 0o600);
         assert_eq!(mode(&state.join("server.key")), 0o600);
         assert_eq!(mode(&state.join("tokens.json")), 0o600);
         let hint = serve.stderr();
@@ -348,10 +351,11 @@ async fn agents_lists_connection_state_and_status() {
         assert!(r["error"].as_str().unwrap().contains("bad request"));
         let r = serve.control_request(r#"{"cmd":"reboot"}"#).await;
         assert_eq!(r["ok"], false);
-        // Without a control address the clients fail with status 2.
+        // Without a control socket the clients fail with status 2.
         let out = Command::new(BIN)
             .arg("agents")
             .env_remove("BRIDGE_CONTROL")
+            .env_remove("BRIDGE_STATE")
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2));
@@ -582,7 +586,9 @@ async fn sigterm_closes_connections_and_exits_0_promptly() {
         let agent = Identity::new();
         let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
         // A control connection that stays open must not hold the shutdown up either.
-        let _idle_control = TcpStream::connect(serve.control()).await.unwrap();
+        let _idle_control = tokio::net::UnixStream::connect(serve.control())
+            .await
+            .unwrap();
         let closer = tokio::spawn(async move { expect_close(&mut ws).await });
         let (status, took) = tokio::task::block_in_place(|| serve.terminate());
         assert_eq!(status.code(), Some(0), "{}", serve.stderr());
@@ -590,30 +596,6 @@ async fn sigterm_closes_connections_and_exits_0_promptly() {
         assert_eq!(timeout(STEP, closer).await.unwrap().unwrap(), 1001);
     })
     .await;
-}
-
-#[test]
-fn the_control_interface_binds_loopback_only() {
-    let dir = tempfile::tempdir().unwrap();
-    for addr in ["0.0.0.0:0", "192.0.2.1:7000"] {
-        let out = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--control",
-                addr,
-                "--state",
-            ])
-            .arg(dir.path().join("state"))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        assert!(out.stdout.is_empty());
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert!(err.contains("loopback"), "{err}");
-    }
-    assert!(!dir.path().join("state").exists(), "nothing created");
 }
 
 #[tokio::test(flavor = "multi_thread")]

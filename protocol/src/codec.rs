@@ -17,9 +17,17 @@ pub struct DecodeError {
     pub code: ErrorCode,
     /// A human-readable explanation.
     pub message: String,
+    /// The message's `type`, if one could be read (a known type or not). An `error` is never
+    /// answered with an `error`, even one that does not decode.
+    pub kind: Option<String>,
 }
 
 impl DecodeError {
+    /// Whether the offending message was itself an `error`, which must not be answered.
+    pub fn was_error(&self) -> bool {
+        self.kind.as_deref() == Some("error")
+    }
+
     /// The `error` message body answering this failure.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
@@ -111,7 +119,12 @@ impl std::io::Write for Measure {
 
 /// Decodes one text frame into `M`, whose known `type` tags are `types`.
 pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, DecodeError> {
-    let fail = |id: Option<String>, code, message: String| DecodeError { id, code, message };
+    let fail = |id: Option<String>, code, message: String| DecodeError {
+        id,
+        code,
+        message,
+        kind: None,
+    };
     if text.len() > crate::MAX_TEXT_BYTES {
         return Err(fail(
             None,
@@ -142,7 +155,12 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
     }
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
-    let id = value.get("id").and_then(|v| v.as_str()).map(str::to_string);
+    // An id too long to be one is not echoed back.
+    let id = value
+        .get("id")
+        .and_then(|v| v.as_str())
+        .filter(|id| id.len() <= crate::MAX_ID_BYTES)
+        .map(str::to_string);
     let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
         return Err(fail(
             id,
@@ -150,19 +168,23 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
             "the message has no string `type` field".into(),
         ));
     };
+    // The type as read, bounded like an id (it is only ever compared and logged).
+    let kind_read = Some(kind.chars().take(64).collect::<String>());
     if !types.contains(&kind) {
-        return Err(fail(
-            id,
-            ErrorCode::UnknownType,
-            format!(
-                "unknown message type {kind:?}; this end understands {}",
-                types.join(", ")
-            ),
-        ));
+        let message = format!(
+            "unknown message type {:?}; this end understands {}",
+            kind_read.as_deref().unwrap_or_default(),
+            types.join(", ")
+        );
+        return Err(DecodeError {
+            kind: kind_read,
+            ..fail(id, ErrorCode::UnknownType, message)
+        });
     }
     let kind = kind.to_string();
-    serde_json::from_value(value).map_err(|e| {
-        fail(
+    serde_json::from_value(value).map_err(|e| DecodeError {
+        kind: Some(kind.clone()),
+        ..fail(
             id,
             ErrorCode::Malformed,
             format!("bad `{kind}` message: {e}"),

@@ -31,6 +31,10 @@ pub const MAX_TEXT_BYTES: usize = 1 << 20;
 /// The largest binary frame (a module upload) either end accepts, in bytes.
 pub const MAX_BINARY_BYTES: usize = 32 << 20;
 
+/// The longest identifier (`id`, `task_id`, each of an `ack`'s `task_ids`, a handler `name`)
+/// either end accepts, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
 /// The deepest nesting of JSON arrays and objects accepted in a message.
 pub const MAX_DEPTH: usize = 64;
 

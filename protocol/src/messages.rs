@@ -350,6 +350,57 @@ impl AgentMessage {
 }
 
 impl PlatformMessage {
+    /// Checks the message's identifiers against [`crate::MAX_ID_BYTES`]; the error names the
+    /// field. Run after decoding: an id is echoed in replies and logs, so it must be small.
+    pub fn check_ids(&self) -> Result<(), String> {
+        let check = |field: &str, value: &str| {
+            if value.len() > crate::MAX_ID_BYTES {
+                Err(format!(
+                    "`{field}` is {} bytes; the limit is {} bytes",
+                    value.len(),
+                    crate::MAX_ID_BYTES
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            PlatformMessage::Welcome { agent_id, .. } => check("agent_id", agent_id),
+            PlatformMessage::Run(r) => {
+                check("id", &r.id)?;
+                check("task_id", &r.task_id)
+            }
+            PlatformMessage::Cancel { id, task_id } => {
+                check("id", id)?;
+                check("task_id", task_id)
+            }
+            PlatformMessage::Ack { task_ids } => {
+                task_ids.iter().try_for_each(|t| check("task_ids", t))
+            }
+            PlatformMessage::InstallHandler { id, name, .. }
+            | PlatformMessage::RemoveHandler { id, name } => {
+                check("id", id)?;
+                check("name", name)
+            }
+            PlatformMessage::ListHandlers { id } => check("id", id),
+            PlatformMessage::Error(e) => e.id.as_deref().map_or(Ok(()), |id| check("id", id)),
+        }
+    }
+
+    /// The `id` of this message, if it has one that is short enough to echo.
+    pub fn echo_id(&self) -> Option<&str> {
+        let id: &str = match self {
+            PlatformMessage::Run(r) => &r.id,
+            PlatformMessage::Cancel { id, .. }
+            | PlatformMessage::InstallHandler { id, .. }
+            | PlatformMessage::RemoveHandler { id, .. }
+            | PlatformMessage::ListHandlers { id } => id,
+            PlatformMessage::Error(e) => e.id.as_deref()?,
+            PlatformMessage::Welcome { .. } | PlatformMessage::Ack { .. } => return None,
+        };
+        (id.len() <= crate::MAX_ID_BYTES).then_some(id)
+    }
+
     /// The `type` tags of every platform message.
     pub const TYPES: &'static [&'static str] = &[
         "welcome",

@@ -103,11 +103,22 @@ pub struct RunResult {
     /// SHA-256 (hex) of the module bytes that were run or refused, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_sha256: Option<String>,
+    /// `true` when the agent no longer holds this result's output: `output`, `stdout` and
+    /// `stderr` are empty, everything else is as the run ended. The agent answers so to a
+    /// repeated task id whose result was acknowledged and then evicted to keep its journal
+    /// within its size limit, and stores a result so when the journal has no room for its
+    /// output. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub evicted: bool,
     /// `true` when a cgroup bounded the run: a shell command that ran inside a task cgroup of
     /// its own, killed as a whole when the run ended. Absent (false) for WASM handlers and for
     /// shell commands bounded by their supervisor alone.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub cgroup: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl RunResult {
@@ -127,7 +138,20 @@ impl RunResult {
             error: Some(error.into()),
             reason: None,
             module_sha256: None,
+            evicted: false,
             cgroup: false,
+        }
+    }
+
+    /// This result without its output (`output`, `stdout`, `stderr` emptied, `evicted` set):
+    /// what the agent keeps of a result it no longer has room for.
+    pub fn without_output(&self) -> RunResult {
+        RunResult {
+            output: serde_json::Value::Null,
+            stdout: String::new(),
+            stderr: String::new(),
+            evicted: true,
+            ..self.clone()
         }
     }
 

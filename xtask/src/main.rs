@@ -203,14 +203,7 @@ fn demo(_rest: &[String]) -> Result<()> {
     println!("\n$ bridgectl serve --listen 127.0.0.1:0 --state platform/");
     let mut serve = Command::new(&ctl);
     serve
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--state",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--state"])
         .arg(work.join("platform"));
     serve
         .stdout(std::process::Stdio::piped())
@@ -230,12 +223,14 @@ fn demo(_rest: &[String]) -> Result<()> {
             .map(str::to_string)
             .with_context(|| format!("serve printed no {k}"))
     };
-    let (url, pin, token, control) = (
-        field("url")?,
-        field("server_pin")?,
-        field("token")?,
-        field("control")?,
-    );
+    let (url, pin, token) = (field("url")?, field("server_pin")?, field("token")?);
+    // The control socket is `control` in serve's state directory: bridgectl finds it there.
+    let socket = field("control")?;
+    let state = work.join("platform");
+    if Path::new(&socket) != state.canonicalize()?.join("control.sock") {
+        bail!("serve's control socket {socket} is not in its state directory");
+    }
+    let control = state.to_str().context("a non-UTF-8 temporary directory")?;
 
     // 3. The agent, enrolling with the token and trusting the publisher.
     println!("\n$ bridge-daemon run --server {url} --server-pin {pin} --token {token} --state agent/ --trusted-key publisher.key.pub --config agent.toml");
@@ -269,7 +264,7 @@ fn demo(_rest: &[String]) -> Result<()> {
         name: "agent",
         child: agent_cmd.spawn().context("starting bridge-daemon run")?,
     };
-    let id = wait_for_agent(&ctl, &control)?;
+    let id = wait_for_agent(&ctl, control)?;
     println!("agent {id} connected and enrolled");
 
     // 4. Tasks pushed over the link.
@@ -283,13 +278,13 @@ fn demo(_rest: &[String]) -> Result<()> {
     ];
     for (module, input) in runs {
         let mut cmd = Command::new(&ctl);
-        cmd.args(["--control", &control, "run", "--agent", &id, "--module"])
+        cmd.args(["--state", control, "run", "--agent", &id, "--module"])
             .arg(work.join(module));
         cmd.args(["--input", input]);
         let out = step(
             &mut cmd,
             &format!(
-                "bridgectl --control {control} run --agent {} --module {module} --input '{input}'",
+                "bridgectl --state platform/ run --agent {} --module {module} --input '{input}'",
                 &id[..12]
             ),
         )?;
@@ -302,8 +297,8 @@ fn demo(_rest: &[String]) -> Result<()> {
     let short = &id[..12];
     let mut cmd = Command::new(&ctl);
     cmd.args([
-        "--control",
-        &control,
+        "--state",
+        control,
         "install-handler",
         "--agent",
         &id,
@@ -313,7 +308,7 @@ fn demo(_rest: &[String]) -> Result<()> {
     .arg(work.join("hello.signed.wasm"));
     let out = step(
         &mut cmd,
-        &format!("bridgectl --control {control} install-handler --agent {short} --name hello hello.signed.wasm"),
+        &format!("bridgectl --state platform/ install-handler --agent {short} --name hello hello.signed.wasm"),
     )?;
     println!("{}", String::from_utf8_lossy(&out.stdout).trim());
     ensure_ok(&out, "install-handler")?;
@@ -334,8 +329,8 @@ fn demo(_rest: &[String]) -> Result<()> {
     for (i, (command, extra, ok)) in commands.into_iter().enumerate() {
         let mut cmd = Command::new(&ctl);
         cmd.args([
-            "--control",
-            &control,
+            "--state",
+            control,
             "run",
             "--agent",
             &id,
@@ -362,7 +357,7 @@ fn demo(_rest: &[String]) -> Result<()> {
         let out = step(
             &mut cmd,
             &format!(
-                "bridgectl --control {control} run --agent {short} --command {command} {}{note}",
+                "bridgectl --state platform/ run --agent {short} --command {command} {}{note}",
                 shown_extra.join(" ")
             ),
         )?;
@@ -381,9 +376,15 @@ fn demo(_rest: &[String]) -> Result<()> {
     tampered[mid] ^= 0x01;
     std::fs::write(work.join("tampered.wasm"), tampered)?;
     let mut cmd = Command::new(&ctl);
-    cmd.args(["--control", &control, "run", "--agent", &id, "--module"])
+    cmd.args(["--state", control, "run", "--agent", &id, "--module"])
         .arg(work.join("tampered.wasm"));
-    let out = step(&mut cmd, &format!("bridgectl --control {control} run --agent {} --module tampered.wasm   # one bit flipped", &id[..12]))?;
+    let out = step(
+        &mut cmd,
+        &format!(
+            "bridgectl --state platform/ run --agent {} --module tampered.wasm   # one bit flipped",
+            &id[..12]
+        ),
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{}", summary(&text));
     if !text.contains("\"bad_signature\"") {
@@ -399,10 +400,10 @@ fn demo(_rest: &[String]) -> Result<()> {
 }
 
 /// Polls `bridgectl agents` until one agent is connected; returns its id.
-fn wait_for_agent(ctl: &Path, control: &str) -> Result<String> {
+fn wait_for_agent(ctl: &Path, state: &str) -> Result<String> {
     for _ in 0..300 {
         let out = Command::new(ctl)
-            .args(["--control", control, "agents"])
+            .args(["--state", state, "agents"])
             .output()?;
         if let Ok(agents) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
             if let Some(a) = agents

@@ -32,18 +32,11 @@ impl Drop for Proc {
     }
 }
 
-/// `bridgectl serve` on `listen` with its control interface on loopback; returns the process
-/// and the first line it printed (url, server_pin, token, control…).
+/// `bridgectl serve` on `listen` (its control socket in `state`); returns the process and the
+/// first line it printed (url, server_pin, token, control…).
 pub fn serve(state: &Path, listen: &str) -> (Proc, Value) {
     let mut child = Command::new(release_bin("bridgectl"))
-        .args([
-            "serve",
-            "--listen",
-            listen,
-            "--control",
-            "127.0.0.1:0",
-            "--state",
-        ])
+        .args(["serve", "--listen", listen, "--state"])
         .arg(state)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

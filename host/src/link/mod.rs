@@ -1,7 +1,8 @@
 //! The platform link: one outbound WebSocket over TLS that survives whatever the network does.
 //!
 //! [`run`] loops for the agent's life: connect (DNS, TCP, TLS with mutual authentication, the
-//! WebSocket upgrade carrying the enrollment token), run a [`session`] until the link dies, then
+//! WebSocket upgrade, carrying the enrollment token until the agent has recorded its enrollment:
+//! see [`welcomed`]), run a [`session`] until the link dies, then
 //! wait per [`backoff`] and try again. Every failure, whatever its kind, goes through the same
 //! backoff; nothing here spins. The link is declared dead when no frame at all has arrived from
 //! the platform within the heartbeat timeout, even if TCP never reports an error (a silent
@@ -36,8 +37,12 @@ pub use tls::ServerTrust;
 pub struct LinkConfig {
     /// `wss://host:port/path` (or `ws://` with `allow_plaintext`).
     pub server: String,
-    /// The one-time enrollment token, sent as `Authorization: Bearer …` while the agent has one.
+    /// The one-time enrollment token, sent as `Authorization: Bearer …` until the platform has
+    /// welcomed a connection that presented it.
     pub token: Option<String>,
+    /// The state directory to record enrollment in (`enrolled`) when the platform welcomes a
+    /// connection that presented the token; set by [`run`].
+    pub record_enrollment: Option<std::path::PathBuf>,
     /// How the platform is verified.
     pub trust: ServerTrust,
     /// Development only: allow `ws://` (no TLS, so no server or agent authentication).
@@ -65,6 +70,7 @@ impl LinkConfig {
         LinkConfig {
             server: server.into(),
             token: None,
+            record_enrollment: None,
             trust: ServerTrust::default(),
             allow_plaintext: false,
             heartbeat: Duration::from_secs(30),
@@ -207,9 +213,29 @@ pub async fn connect(
     }
 }
 
+/// The platform welcomed `agent_id` on a connection made with `config`. If that connection
+/// presented the enrollment token, the enrollment is recorded in the state directory, so the
+/// token is neither sent again nor read at the next start. A failure to record is logged: the
+/// token is then sent again, which a platform that knows the agent ignores.
+pub fn welcomed(config: &LinkConfig, agent_id: &str) {
+    let (Some(_), Some(state)) = (&config.token, &config.record_enrollment) else {
+        return;
+    };
+    if identity::enrollment(state, agent_id).is_some() {
+        return;
+    }
+    match identity::record_enrollment(state, agent_id, &config.server) {
+        Ok(_) => tracing::info!(
+            record = %identity::enrollment_file(state).display(),
+            "enrollment recorded: the enrollment token will not be sent or read again"
+        ),
+        Err(e) => tracing::warn!("could not record the enrollment: {e:#}"),
+    }
+}
+
 /// Runs the link until `shutdown` is cancelled: connect, serve, back off, reconnect.
 pub async fn run(
-    config: LinkConfig,
+    mut config: LinkConfig,
     state: std::path::PathBuf,
     agent: Arc<Agent>,
     shutdown: CancellationToken,
@@ -219,6 +245,9 @@ pub async fn run(
         tracing::warn!(server = %config.server, "PLAINTEXT link (--dev-allow-plaintext): no TLS, no authentication; development only");
     }
     let mut identity = identity::load_or_create(&state)?;
+    if config.token.is_some() {
+        config.record_enrollment = Some(state.clone());
+    }
     let mut tls = if endpoint.tls {
         Some(tls::client_config(&config.trust, &identity)?)
     } else {
@@ -232,6 +261,9 @@ pub async fn run(
     );
     tracing::info!(agent_id = %identity.agent_id, server = %config.server, "starting the platform link");
     while !shutdown.is_cancelled() {
+        if config.token.is_some() && identity::enrollment(&state, &identity.agent_id).is_some() {
+            config.token = None;
+        }
         if identity.needs_renewal() {
             // A failed renewal (disk full, CA file briefly unreadable) must not end the link:
             // keep the current certificate, which is still valid, and try again next time.

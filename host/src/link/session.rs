@@ -18,11 +18,14 @@ use bridge_protocol::{AgentMessage, ErrorBody, ErrorCode, PlatformMessage, PROTO
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{LinkConfig, Socket};
 use crate::agent::Agent;
+use crate::outbox::{Charge, Outgoing};
 
 /// How long the platform has to answer `hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +41,9 @@ pub enum End {
     Dead(Duration),
     /// A transport error.
     Error(String),
+    /// The platform broke the WebSocket framing (a frame over the size limit, invalid UTF-8,
+    /// a protocol violation): the agent says why in a close frame, then drops the connection.
+    Violation(CloseCode, String),
     /// The version handshake failed.
     Handshake(String),
 }
@@ -53,6 +59,9 @@ impl std::fmt::Display for End {
                 t.as_secs()
             ),
             End::Error(e) => write!(f, "connection error: {e}"),
+            End::Violation(code, e) => {
+                write!(f, "the platform broke the WebSocket protocol ({code}): {e}")
+            }
             End::Handshake(e) => write!(f, "handshake failed: {e}"),
         }
     }
@@ -61,14 +70,14 @@ impl std::fmt::Display for End {
 /// Messages waiting to go to the platform; what a dead session could not send is kept for the
 /// next one.
 pub struct Outbox {
-    rx: mpsc::Receiver<AgentMessage>,
+    rx: mpsc::Receiver<Outgoing>,
     /// Messages taken from the channel and not sent yet (encoded when sent).
-    unsent: VecDeque<AgentMessage>,
+    unsent: VecDeque<Outgoing>,
 }
 
 impl Outbox {
     /// Wraps the agent's outbox receiver.
-    pub fn new(rx: mpsc::Receiver<AgentMessage>) -> Outbox {
+    pub fn new(rx: mpsc::Receiver<Outgoing>) -> Outbox {
         Outbox {
             rx,
             unsent: VecDeque::new(),
@@ -76,11 +85,15 @@ impl Outbox {
     }
 }
 
-/// The task id of a `result`.
-fn result_of(msg: &AgentMessage) -> Option<&str> {
-    match msg {
-        AgentMessage::Result { task_id, .. } => Some(task_id),
-        _ => None,
+/// The message to send for `item`, with what keeps its bytes counted until it is sent; `None`
+/// for a stored result the platform has acknowledged meanwhile.
+fn resolve(agent: &Agent, item: Outgoing) -> Option<(AgentMessage, Option<Charge>)> {
+    match item {
+        Outgoing::Message(msg, charge) => Some((msg, charge)),
+        Outgoing::Stored(task_id) => agent
+            .results_of(std::slice::from_ref(&task_id))
+            .pop()
+            .map(|msg| (msg, None)),
     }
 }
 
@@ -124,12 +137,15 @@ const SEND_BATCH: usize = 64;
 
 /// Sends `messages` as one write where they fit (one TLS flush, one system call, instead of
 /// one per message), within [`SEND_TIMEOUT`] as a whole.
-async fn send_batch<S>(ws: &mut S, messages: &[AgentMessage]) -> Result<(), String>
+async fn send_batch<S>(
+    ws: &mut S,
+    messages: &[(AgentMessage, Option<Charge>)],
+) -> Result<(), String>
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     within_send_timeout(async {
-        for msg in messages {
+        for (msg, _) in messages {
             ws.feed(Message::Text(encode(msg).into())).await?;
         }
         ws.flush().await
@@ -179,16 +195,138 @@ async fn handshake(ws: &mut Socket, agent: &Agent) -> Result<(), End> {
                             e.message
                         )));
                     }
-                    Ok(other) => tracing::warn!("ignoring {other:?} before welcome"),
-                    Err(e) => tracing::warn!("bad message before welcome: {e}"),
+                    Ok(other) => {
+                        // Nothing is acted on before the session opens; the platform hears so.
+                        tracing::warn!("refusing a message before welcome: {}", kind_of(&other));
+                        let body = ErrorBody {
+                            id: other.echo_id().map(str::to_string),
+                            code: ErrorCode::Unexpected,
+                            message: format!(
+                                "`{}` before `welcome`: nothing is accepted until the session opens; send it again after `welcome`",
+                                kind_of(&other)
+                            ),
+                        };
+                        reply_before_welcome(ws, body).await?;
+                    }
+                    Err(e) if e.was_error() => {
+                        tracing::warn!("the platform sent an `error` that does not decode: {e}")
+                    }
+                    Err(e) => {
+                        tracing::warn!("bad message before welcome: {e}");
+                        reply_before_welcome(ws, e.body()).await?;
+                    }
                 }
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                tracing::warn!(
+                    bytes = bytes.len(),
+                    "refusing a binary frame before welcome"
+                );
+                let body = ErrorBody {
+                    id: None,
+                    code: ErrorCode::Unexpected,
+                    message: "a binary frame before `welcome`: no module was asked for".into(),
+                };
+                reply_before_welcome(ws, body).await?;
             }
             Some(Ok(Message::Close(frame))) => return Err(End::Closed(format!("{frame:?}"))),
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(End::Error(e.to_string())),
+            Some(Err(e)) => return Err(violation(&e).unwrap_or_else(|| End::Error(e.to_string()))),
             None => return Err(End::Closed("end of stream".into())),
         }
     }
+}
+
+/// The `type` tag of a platform message, for logs.
+fn kind_of(msg: &PlatformMessage) -> &'static str {
+    match msg {
+        PlatformMessage::Welcome { .. } => "welcome",
+        PlatformMessage::Run(_) => "run",
+        PlatformMessage::Cancel { .. } => "cancel",
+        PlatformMessage::Ack { .. } => "ack",
+        PlatformMessage::InstallHandler { .. } => "install_handler",
+        PlatformMessage::RemoveHandler { .. } => "remove_handler",
+        PlatformMessage::ListHandlers { .. } => "list_handlers",
+        PlatformMessage::Error(_) => "error",
+    }
+}
+
+async fn reply_before_welcome(ws: &mut Socket, body: ErrorBody) -> Result<(), End> {
+    send_text(ws, encode(&AgentMessage::Error(body)))
+        .await
+        .map_err(End::Error)
+}
+
+/// A read error that is the platform breaking the WebSocket protocol, with the close code that
+/// says so (RFC 6455 § 7.4.1); `None` for transport errors, after which nothing can be sent.
+fn violation(e: &tokio_tungstenite::tungstenite::Error) -> Option<End> {
+    use tokio_tungstenite::tungstenite::Error;
+    let code = match e {
+        Error::Capacity(_) => CloseCode::Size,
+        Error::Utf8(_) => CloseCode::Invalid,
+        Error::Protocol(_) => CloseCode::Protocol,
+        _ => return None,
+    };
+    Some(End::Violation(code, e.to_string()))
+}
+
+/// Warnings about what the platform sends, at most [`Throttle::BURST`] in a
+/// [`Throttle::WINDOW`]: a platform that floods bad frames must not flood the log too. What was
+/// left out is counted in the next line that is written.
+#[derive(Debug)]
+pub struct Throttle {
+    window: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// Lines written per window.
+    pub const BURST: u32 = 20;
+    /// The window.
+    pub const WINDOW: Duration = Duration::from_secs(10);
+
+    /// A throttle with a fresh window.
+    pub fn new() -> Throttle {
+        Throttle {
+            window: Instant::now(),
+            written: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be written now; `Some(n)` with the lines left out before it.
+    pub fn admit(&mut self) -> Option<u64> {
+        if self.window.elapsed() >= Self::WINDOW {
+            self.window = Instant::now();
+            self.written = 0;
+        }
+        if self.written >= Self::BURST {
+            self.suppressed += 1;
+            return None;
+        }
+        self.written += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Throttle {
+        Throttle::new()
+    }
+}
+
+/// Logs a warning through `throttle`, noting how many similar ones were left out.
+macro_rules! throttled_warn {
+    ($throttle:expr, $($arg:tt)+) => {
+        if let Some(left_out) = $throttle.admit() {
+            if left_out > 0 {
+                tracing::warn!(left_out, $($arg)+);
+            } else {
+                tracing::warn!($($arg)+);
+            }
+        }
+    };
 }
 
 /// Runs one session until the link dies or the agent shuts down.
@@ -208,6 +346,7 @@ pub async fn run(
         return end;
     }
     tracing::info!("the platform welcomed the agent: session open");
+    super::welcomed(config, agent.agent_id());
     let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
     ping.tick().await;
@@ -229,9 +368,10 @@ pub async fn run(
     // memory for one batch, not for all of it.
     let mut backlog: VecDeque<String> = agent.unacked_ids().into();
     let in_journal: HashSet<&str> = backlog.iter().map(String::as_str).collect();
-    outbox
-        .unsent
-        .retain(|m| result_of(m).is_none_or(|task_id| !in_journal.contains(task_id)));
+    outbox.unsent.retain(|m| {
+        m.result_of()
+            .is_none_or(|task_id| !in_journal.contains(task_id))
+    });
     drop(in_journal);
 
     let (mut sink, stream) = ws.split();
@@ -256,7 +396,19 @@ pub async fn run(
                 break End::Shutdown;
             }
             end = &mut ended => {
-                break end.unwrap_or_else(|_| End::Error("the reader stopped".into()));
+                let end = end.unwrap_or_else(|_| End::Error("the reader stopped".into()));
+                if let End::Violation(code, why) = &end {
+                    // Best effort: the platform learns why before the connection drops.
+                    let mut reason = why.clone();
+                    let mut cut = reason.len().min(120);
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    let frame = Message::Close(Some(CloseFrame { code: *code, reason: reason.into() }));
+                    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(frame)).await;
+                }
+                break end;
             }
             _ = sleep_until(deadline) => {
                 let silent = started.elapsed()
@@ -282,12 +434,13 @@ pub async fn run(
                 if outbox.unsent.is_empty() {
                     let n = backlog.len().min(BACKLOG_BATCH);
                     let ids: Vec<String> = backlog.drain(..n).collect();
-                    outbox.unsent.extend(agent.results_of(&ids));
+                    outbox.unsent.extend(agent.results_of(&ids).into_iter().map(Outgoing::from));
                     continue;
                 }
-                let msg = outbox.unsent.pop_front().expect("not empty");
+                let item = outbox.unsent.pop_front().expect("not empty");
+                let Some((msg, charge)) = resolve(agent, item) else { continue };
                 if let Err(e) = send_text(&mut sink, encode(&msg)).await {
-                    outbox.unsent.push_front(msg);
+                    outbox.unsent.push_front(Outgoing::Message(msg, charge));
                     break End::Error(e);
                 }
             }
@@ -298,16 +451,18 @@ pub async fn run(
                 // task woken by the running one next) and go out in a write of its own.
                 tokio::task::yield_now().await;
                 // Whatever else is queued already goes out with it.
-                let mut batch = vec![msg];
+                let mut batch: Vec<_> = resolve(agent, msg).into_iter().collect();
                 while batch.len() < SEND_BATCH {
                     match outbox.rx.try_recv() {
-                        Ok(msg) => batch.push(msg),
+                        Ok(msg) => batch.extend(resolve(agent, msg)),
                         Err(_) => break,
                     }
                 }
                 if let Err(e) = send_batch(&mut sink, &batch).await {
                     // Some may have gone out: the platform ignores a result it has.
-                    outbox.unsent.extend(batch);
+                    outbox
+                        .unsent
+                        .extend(batch.into_iter().map(|(m, c)| Outgoing::Message(m, c)));
                     break End::Error(e);
                 }
             }
@@ -334,6 +489,7 @@ async fn read_loop(
     last_rx: Arc<AtomicU64>,
     ended: tokio::sync::oneshot::Sender<End>,
 ) {
+    let mut throttle = Throttle::new();
     let end = loop {
         let frame = stream.next().await;
         last_rx.store(
@@ -342,7 +498,20 @@ async fn read_loop(
         );
         let reply = match frame {
             Some(Ok(Message::Text(text))) => {
-                match decode::<PlatformMessage>(&text, PlatformMessage::TYPES) {
+                let decoded = decode::<PlatformMessage>(&text, PlatformMessage::TYPES);
+                let decoded = match decoded {
+                    Ok(msg) => match msg.check_ids() {
+                        Ok(()) => Ok(msg),
+                        Err(why) => Err(bridge_protocol::codec::DecodeError {
+                            id: msg.echo_id().map(str::to_string),
+                            code: ErrorCode::Malformed,
+                            message: format!("bad `{}` message: {why}", kind_of(&msg)),
+                            kind: Some(kind_of(&msg).to_string()),
+                        }),
+                    },
+                    Err(e) => Err(e),
+                };
+                match decoded {
                     Ok(PlatformMessage::Run(req)) => {
                         agent.start_run(req);
                         None
@@ -373,7 +542,7 @@ async fn read_loop(
                         None
                     }
                     Ok(PlatformMessage::Error(e)) => {
-                        tracing::warn!(code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
+                        throttled_warn!(throttle, code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
                         None
                     }
                     Ok(PlatformMessage::Welcome { .. }) => Some(ErrorBody {
@@ -381,20 +550,40 @@ async fn read_loop(
                         code: ErrorCode::Unexpected,
                         message: "welcome after the handshake".into(),
                     }),
+                    // Never answer an `error` with an `error`, even one that does not decode:
+                    // two strict ends would answer each other for ever.
+                    Err(e) if e.was_error() => {
+                        throttled_warn!(
+                            throttle,
+                            "the platform sent an `error` that does not decode: {e}"
+                        );
+                        None
+                    }
                     Err(e) => {
-                        tracing::warn!("refusing a message from the platform: {e}");
+                        throttled_warn!(throttle, "refusing a message from the platform: {e}");
                         Some(e.body())
                     }
                 }
             }
-            Some(Ok(Message::Binary(bytes))) => agent.module_arrived(bytes.to_vec()).err(),
+            Some(Ok(Message::Binary(bytes))) => {
+                let r = agent.module_arrived(bytes.to_vec()).err();
+                if let Some(e) = &r {
+                    throttled_warn!(throttle, "refusing a binary frame: {}", e.message);
+                }
+                r
+            }
             Some(Ok(Message::Close(frame))) => break End::Closed(format!("{frame:?}")),
             Some(Ok(_)) => None, // ping (answered by tungstenite), pong, raw frame
-            Some(Err(e)) => break End::Error(e.to_string()),
+            Some(Err(e)) => break violation(&e).unwrap_or_else(|| End::Error(e.to_string())),
             None => break End::Closed("end of stream".into()),
         };
         if let Some(body) = reply {
-            agent.report(AgentMessage::Error(body));
+            if !agent.report(AgentMessage::Error(body)) {
+                throttled_warn!(
+                    throttle,
+                    "the outbox is full; an error reply to the platform was dropped"
+                );
+            }
         }
     };
     let _ = ended.send(end);

@@ -82,8 +82,8 @@ pub struct SandboxConfig {
     pub max_module_bytes: u64,
     /// Compiled modules kept in memory (LRU).
     pub memory_cache_entries: usize,
-    /// Where precompiled artifacts are kept; `None` disables the disk cache.
-    pub cache_dir: Option<PathBuf>,
+    /// Where precompiled artifacts are kept, and their key; `None` disables the disk cache.
+    pub cache_dir: Option<cache::CacheDir>,
     /// Elements a table may hold.
     pub table_elements: u32,
     /// Bytes of native stack wasm may use before `stack_overflow`.
@@ -401,10 +401,10 @@ impl Sandbox {
                 .map(|(module, name, _)| (module.to_string(), name.to_string()))
                 .collect()
         };
-        let disk = match &config.cache_dir {
-            Some(dir) => Some(DiskCache::open(dir, &engine)?),
-            None => None,
-        };
+        let disk = config
+            .cache_dir
+            .as_ref()
+            .and_then(|dir| DiskCache::open_or_warn(dir, &engine));
         let entries =
             NonZeroUsize::new(config.memory_cache_entries.max(1)).expect("max(1) is non-zero");
         let ticker = EpochTicker::start(engine.clone())?;
@@ -680,6 +680,7 @@ impl Sandbox {
             error,
             reason: None,
             module_sha256: Some(handler.sha256_hex()),
+            evicted: false,
             cgroup: false,
         })
     }

@@ -2,7 +2,7 @@
 //! link tests: processes on 127.0.0.1 with ephemeral ports, killed when dropped.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -94,14 +94,7 @@ impl Platform {
     /// Starts a platform on `listen` (e.g. `127.0.0.1:0`) with `state`.
     pub fn start(state: &Path, listen: &str) -> Platform {
         let mut child = Command::new(bridgectl())
-            .args([
-                "serve",
-                "--listen",
-                listen,
-                "--control",
-                "127.0.0.1:0",
-                "--state",
-            ])
+            .args(["serve", "--listen", listen, "--state"])
             .arg(state)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -160,8 +153,8 @@ impl Platform {
 
     /// One control request, one response.
     pub fn control(&self, request: Value) -> Value {
-        let addr = self.info["control"].as_str().unwrap();
-        let mut conn = TcpStream::connect(addr).unwrap();
+        let socket = self.info["control"].as_str().unwrap();
+        let mut conn = UnixStream::connect(socket).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(120)))
             .unwrap();
         writeln!(conn, "{request}").unwrap();

@@ -1,5 +1,6 @@
 //! `bridgectl agents`: list the agents a running server knows.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -16,9 +17,9 @@ use crate::serve::control;
 #[derive(Debug, Args)]
 pub struct AgentsArgs {}
 
-/// Runs `agents` against the control interface at `addr`.
-pub fn run(addr: &str, _args: AgentsArgs) -> Result<ExitCode> {
-    let response = control::request(addr, &json!({"cmd": "agents"}), Duration::from_secs(30))?;
+/// Runs `agents` against the control socket at `socket`.
+pub fn run(socket: &Path, _args: AgentsArgs) -> Result<ExitCode> {
+    let response = control::request(socket, &json!({"cmd": "agents"}), Duration::from_secs(30))?;
     crate::print_json(&response["agents"]);
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `bridgectl cancel`: cancel a task on an agent.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,12 +30,12 @@ pub struct CancelArgs {
     pub task_id: String,
 }
 
-/// Runs `cancel` against the control interface at `addr`.
-pub fn run(addr: &str, args: CancelArgs) -> Result<ExitCode> {
+/// Runs `cancel` against the control socket at `socket`.
+pub fn run(socket: &Path, args: CancelArgs) -> Result<ExitCode> {
     let request = json!({"cmd": "cancel", "agent": args.agent, "task_id": args.task_id});
     let wait =
         Duration::from_millis(control::DEFAULT_REQUEST_WAIT_MS).saturating_add(CLIENT_MARGIN);
-    let response = control::request(addr, &request, wait)?;
+    let response = control::request(socket, &request, wait)?;
     crate::print_json(&json!({"task_id": response["task_id"], "outcome": response["outcome"]}));
     Ok(ExitCode::SUCCESS)
 }

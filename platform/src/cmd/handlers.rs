@@ -1,7 +1,7 @@
 //! `bridgectl install-handler`, `handlers` and `remove-handler`: manage the named handlers
 //! installed on an agent.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -65,16 +65,16 @@ pub struct RemoveHandlerArgs {
     pub name: String,
 }
 
-fn print_handlers(addr: &str, request: &Value) -> Result<ExitCode> {
+fn print_handlers(socket: &Path, request: &Value) -> Result<ExitCode> {
     let wait =
         Duration::from_millis(control::DEFAULT_REQUEST_WAIT_MS).saturating_add(CLIENT_MARGIN);
-    let response = control::request(addr, request, wait)?;
+    let response = control::request(socket, request, wait)?;
     crate::print_json(&response["handlers"]);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `install-handler` against the control interface at `addr`.
-pub fn install(addr: &str, args: InstallHandlerArgs) -> Result<ExitCode> {
+/// Runs `install-handler` against the control socket at `socket`.
+pub fn install(socket: &Path, args: InstallHandlerArgs) -> Result<ExitCode> {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let mut request = json!({
         "cmd": "install_handler",
@@ -85,18 +85,18 @@ pub fn install(addr: &str, args: InstallHandlerArgs) -> Result<ExitCode> {
     if let Some(sig) = &args.signature {
         request["signature"] = json!(b64.encode(read(sig)?));
     }
-    print_handlers(addr, &request)
+    print_handlers(socket, &request)
 }
 
-/// Runs `handlers` against the control interface at `addr`.
-pub fn list(addr: &str, args: HandlersArgs) -> Result<ExitCode> {
-    print_handlers(addr, &json!({"cmd": "handlers", "agent": args.agent}))
+/// Runs `handlers` against the control socket at `socket`.
+pub fn list(socket: &Path, args: HandlersArgs) -> Result<ExitCode> {
+    print_handlers(socket, &json!({"cmd": "handlers", "agent": args.agent}))
 }
 
-/// Runs `remove-handler` against the control interface at `addr`.
-pub fn remove(addr: &str, args: RemoveHandlerArgs) -> Result<ExitCode> {
+/// Runs `remove-handler` against the control socket at `socket`.
+pub fn remove(socket: &Path, args: RemoveHandlerArgs) -> Result<ExitCode> {
     print_handlers(
-        addr,
+        socket,
         &json!({"cmd": "remove_handler", "agent": args.agent, "name": args.name}),
     )
 }

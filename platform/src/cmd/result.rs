@@ -1,5 +1,6 @@
 //! `bridgectl result`: print a task's stored result.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,10 +30,10 @@ pub struct ResultArgs {
     pub wait_ms: u64,
 }
 
-/// Runs `result` against the control interface at `addr`.
-pub fn run(addr: &str, args: ResultArgs) -> Result<ExitCode> {
+/// Runs `result` against the control socket at `socket`.
+pub fn run(socket: &Path, args: ResultArgs) -> Result<ExitCode> {
     let request = json!({"cmd": "result", "task_id": args.task_id, "wait_ms": args.wait_ms});
     let wait = Duration::from_millis(args.wait_ms).saturating_add(CLIENT_MARGIN);
-    let response = control::request(addr, &request, wait)?;
+    let response = control::request(socket, &request, wait)?;
     print_result(&response)
 }

@@ -1,6 +1,6 @@
 //! `bridgectl run`: run a task (a module or a command) on a connected agent and print its result.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -131,8 +131,8 @@ pub(crate) fn print_result(response: &Value) -> Result<ExitCode> {
     })
 }
 
-/// Runs `run` against the control interface at `addr`.
-pub fn run(addr: &str, args: RunArgs) -> Result<ExitCode> {
+/// Runs `run` against the control socket at `socket`.
+pub fn run(socket: &Path, args: RunArgs) -> Result<ExitCode> {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let wait_ms = args.wait_ms();
     let input = read_input(args.input.as_deref())?;
@@ -185,7 +185,7 @@ pub fn run(addr: &str, args: RunArgs) -> Result<ExitCode> {
     }
     // The server answers by itself after wait_ms; wait a little longer than that.
     let wait = Duration::from_millis(wait_ms).saturating_add(CLIENT_MARGIN);
-    let response = control::request_with_events(addr, &request, wait, crate::print_json)?;
+    let response = control::request_with_events(socket, &request, wait, crate::print_json)?;
     print_result(&response)
 }
 

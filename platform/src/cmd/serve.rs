@@ -10,34 +10,36 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::serve::{control::check_loopback, ServeOptions, Server};
+use crate::serve::{ServeOptions, Server};
 
 /// Run the development platform server.
 ///
 /// Agents connect to wss://LISTEN/agent with mutual TLS; new agents enroll with a one-time
 /// token. On the same port, clients without a certificate get https://LISTEN/install.sh and
-/// the agent binaries with their checksums (/downloads/bridge-daemon-linux-ARCH[.sha256|.sig]). On first start, the state directory receives the server key (server.key, 0600) and
+/// the agent binaries with their checksums (/downloads/bridge-daemon-linux-ARCH[.sha256|.sig]).
+/// On first start, the state directory receives the server key (server.key, 0600) and
 /// a self-signed certificate (server.crt); later starts reuse them, so the server pin does not
 /// change. Enrolled agents (agents.json) and token hashes (tokens.json) are kept there too.
 ///
+/// The control interface (newline-delimited JSON, used by `bridgectl agents`, `token`, `run`,
+/// `result`, `cancel`, `install-handler`, `handlers`, `remove-handler`) is the Unix socket
+/// STATE/control.sock (0600). Only this user and root may use it: other users are refused
+/// (SO_PEERCRED). The state directory must belong to this user; it is kept at mode 0700.
+///
 /// Each start issues a fresh enrollment token. The first line on stdout is one JSON object:
-/// {"url", "server_pin", "token", "control", "ca_file", "install_command", "release_key"?};
-/// logs go to stderr (filter with RUST_LOG, default info). Runs until SIGINT or SIGTERM, then
-/// closes every connection and exits 0. The control interface (newline-delimited JSON, see
-/// `bridgectl agents`, `token`, `run`, `result`, `cancel`, `install-handler`, `handlers`,
-/// `remove-handler`) binds loopback only. Task results are stored in the state directory
-/// (results.jsonl, append-only) and survive restarts.
+/// {"url", "server_pin", "token", "control", "ca_file", "install_command", "release_key"?},
+/// where control is the socket's absolute path; logs go to stderr (filter with RUST_LOG,
+/// default info). Runs until SIGINT or SIGTERM, then closes every connection, removes the
+/// socket and exits 0. Task results are stored in the state directory (results.jsonl,
+/// append-only) and survive restarts.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address agents connect to, IP:PORT (port 0 picks a free port).
     #[arg(long, value_name = "IP:PORT")]
     pub listen: SocketAddr,
-    /// The state directory (created if missing, mode 0700).
-    #[arg(long, value_name = "DIR")]
+    /// The state directory (created if missing, mode 0700); it holds the control socket.
+    #[arg(long, value_name = "DIR", env = "BRIDGE_STATE")]
     pub state: PathBuf,
-    /// Address of the control interface, a loopback IP:PORT (port 0 picks a free port).
-    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:0")]
-    pub control: SocketAddr,
     /// An extra DNS name or IP address for the server certificate; repeatable (localhost,
     /// 127.0.0.1 and ::1 are always included).
     #[arg(long = "hostname", value_name = "NAME")]
@@ -68,7 +70,6 @@ fn init_logging() {
 
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
-    check_loopback(&args.control)?;
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -85,7 +86,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let server = Server::bind(ServeOptions {
         listen: args.listen,
-        control: args.control,
         state_dir: args.state,
         hostnames: args.hostnames,
         token_ttl_secs: (args.token_ttl_secs > 0).then_some(args.token_ttl_secs),
@@ -102,9 +102,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // first line also finds the hint.
     eprintln!(
         "bridgectl: agents connect with:\n  bridge-daemon run --server {} --token {} --server-pin {} --state AGENT_STATE_DIR\n\
-         bridgectl: control: bridgectl --control {} agents\n\
+         bridgectl: control: bridgectl --control {} agents   (or: bridgectl --state {} agents)\n\
          bridgectl: install an agent on a Linux machine (one line; see installers/README.md):\n{}",
-        info.url, info.token, info.server_pin, info.control, info.install_command
+        info.url,
+        info.token,
+        info.server_pin,
+        info.control,
+        std::path::Path::new(&info.control)
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .display(),
+        info.install_command
     );
     {
         let mut out = std::io::stdout().lock();

@@ -1,5 +1,6 @@
 //! `bridgectl token`: issue a new enrollment token.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,9 +16,9 @@ use crate::serve::control;
 #[derive(Debug, Args)]
 pub struct TokenArgs {}
 
-/// Runs `token` against the control interface at `addr`.
-pub fn run(addr: &str, _args: TokenArgs) -> Result<ExitCode> {
-    let response = control::request(addr, &json!({"cmd": "token"}), Duration::from_secs(30))?;
+/// Runs `token` against the control socket at `socket`.
+pub fn run(socket: &Path, _args: TokenArgs) -> Result<ExitCode> {
+    let response = control::request(socket, &json!({"cmd": "token"}), Duration::from_secs(30))?;
     let token = response["token"]
         .as_str()
         .ok_or_else(|| anyhow!("the server answered without a token"))?;

@@ -1,10 +1,25 @@
-//! The control interface: newline-delimited JSON over plain TCP on loopback.
+//! The control interface: newline-delimited JSON over a Unix socket in the state directory.
+//!
+//! Whoever can use this interface controls every agent (enrollment tokens, modules and shell
+//! rules run on them, handlers installed), so it is reachable by the server's own user only:
+//!
+//! * The socket is `<state>/control.sock` ([`SOCKET_NAME`], mode 0600), inside the state
+//!   directory, which the server keeps at mode 0700 and owned by its user
+//!   ([`super::tls::ensure_state_dir`]).
+//! * Each connection's peer credentials (`SO_PEERCRED`) are checked: only the server's
+//!   effective uid and root are served. Anyone else gets one error line
+//!   (`{"ok":false,"error":"refused: …"}`) and the connection is closed.
+//! * There is no TCP listener, so a web page cannot reach the interface; and a line that looks
+//!   like HTTP ([`looks_like_http`]) is refused anyway.
 //!
 //! One request per line, one response line per request, in order; a connection may carry any
 //! number of requests (they are handled one after the other: open several connections to run
 //! tasks in parallel). Every response has `"ok": true` plus the command's fields, or
-//! `"ok": false, "error": "…"`. A bad line (not JSON, unknown `cmd`, missing field) gets an
-//! error response and the connection goes on. Lines are limited to [`MAX_LINE_BYTES`].
+//! `"ok": false, "error": "…"`. A line that does not parse as a request (not JSON, unknown
+//! `cmd`, a missing or unknown field, or a line that looks like HTTP) gets one error response
+//! and the connection is closed. A request that parses but cannot be carried out (bad base64,
+//! unknown agent…) gets an error response and the connection goes on. Blank lines are
+//! ignored. Lines are limited to [`MAX_LINE_BYTES`].
 //! A `run` with `"stream": true` is the one request answered with more than one line: zero or
 //! more event lines (`{"event":"chunk",…}`, no `ok` field) come before its response. At most
 //! [`CHUNK_QUEUE`] chunks wait for a client that reads slowly; beyond that chunks are dropped
@@ -28,29 +43,34 @@
 //! same field) for the result, across reconnections of the agent; the other requests to an agent
 //! wait [`DEFAULT_REQUEST_WAIT_MS`] for its reply (a module upload included) and fail if the
 //! connection ends first.
-//!
-//! The listener only binds loopback addresses ([`check_loopback`]): the interface has no
-//! authentication.
 
+use std::fs;
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use base64::Engine as _;
 use bridge_protocol::{LimitRequest, RunResult};
 use bridge_signing::timefmt::{format_rfc3339, parse_rfc3339};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::hub::{ChunkEvent, Hub, RunOrder};
 
+/// The control socket's file name in the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// The control socket's mode (the state directory around it is 0700).
+pub const SOCKET_MODE: u32 = 0o600;
+/// The longest path a Unix socket can have (`sun_path` is 108 bytes with its final NUL).
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// The longest request line accepted (a 32 MiB module is about 43 MiB of base64).
 pub const MAX_LINE_BYTES: u64 = 64 << 20;
 /// How long a `run` waits for its result unless `wait_ms` says otherwise.
@@ -69,9 +89,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// List the enrolled agents.
-    Agents,
+    Agents {},
     /// Issue a new enrollment token.
-    Token,
+    Token {},
     /// Run a task on an agent and wait for the result.
     Run(Box<RunCommand>),
     /// The stored result of a task.
@@ -192,23 +212,105 @@ pub struct InstallCommand {
     pub wait_ms: Option<u64>,
 }
 
-/// Fails unless `addr` is a loopback address.
-pub fn check_loopback(addr: &SocketAddr) -> Result<()> {
-    if !addr.ip().is_loopback() {
-        bail!("the control interface has no authentication: it binds loopback addresses only, not {addr}");
+/// The control socket of the server whose state directory is `state_dir`.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// The effective uid of this process: the user the control interface serves (with root).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The control socket's file, removed when this is dropped (unless another socket has replaced
+/// it by then).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    inode: (u64, u64),
+}
+
+impl SocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    Ok(())
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Binds the control socket in `state_dir` (a directory [`super::tls::ensure_state_dir`]
+/// checked) with mode [`SOCKET_MODE`]. A socket left there by a server that is gone is
+/// replaced; a socket that answers (another `bridgectl serve` uses this state directory) or a
+/// file of another kind is an error.
+pub fn bind(state_dir: &Path) -> Result<(UnixListener, SocketFile)> {
+    let path = socket_path(state_dir);
+    if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+        bail!(
+            "the control socket's path {} is longer than {MAX_SOCKET_PATH_BYTES} bytes, the most a Unix socket can have: use a shorter --state path",
+            path.display()
+        );
+    }
+    match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(_) => bail!(
+                    "another bridgectl serve is using the state directory {} (its control socket {} answers)",
+                    state_dir.display(),
+                    path.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    fs::remove_file(&path).with_context(|| {
+                        format!("cannot remove the stale control socket {}", path.display())
+                    })?;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot tell whether {} is in use", path.display())
+                    })
+                }
+            }
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket: it is where the control socket goes; remove it",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {} (control)", path.display()))?;
+    let meta = fs::symlink_metadata(&path)
+        .with_context(|| format!("cannot inspect {}", path.display()))?;
+    let file = SocketFile {
+        path,
+        inode: (meta.dev(), meta.ino()),
+    };
+    fs::set_permissions(&file.path, fs::Permissions::from_mode(SOCKET_MODE))
+        .with_context(|| format!("cannot set the permissions of {}", file.path.display()))?;
+    Ok((listener, file))
 }
 
 /// Serves control connections on `listener` until `shutdown` changes.
-pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: UnixListener, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tracing::debug!(%peer, "control connection");
-                    connections.spawn(connection(stream, hub.clone(), shutdown.clone()));
+                Ok((stream, _)) => {
+                    connections.spawn(admit(stream, hub.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("control accept failed: {e}");
@@ -227,7 +329,54 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut shutdown: watch::Re
     connections.abort_all();
 }
 
-async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+/// Serves a connection whose peer is the server's user or root; refuses anyone else with one
+/// error line.
+async fn admit(stream: UnixStream, hub: Arc<Hub>, shutdown: watch::Receiver<bool>) {
+    let euid = effective_uid();
+    let refusal = match stream.peer_cred() {
+        Ok(peer) if peer.uid() == euid || peer.uid() == 0 => {
+            tracing::debug!(uid = peer.uid(), pid = ?peer.pid(), "control connection");
+            return connection(stream, hub, shutdown).await;
+        }
+        Ok(peer) => {
+            tracing::warn!(
+                uid = peer.uid(),
+                pid = ?peer.pid(),
+                "control connection refused: not the server's user"
+            );
+            format!(
+                "refused: the control interface serves its own user (uid {euid}) and root only, not uid {}",
+                peer.uid()
+            )
+        }
+        Err(e) => {
+            tracing::warn!("control connection refused: no peer credentials: {e}");
+            format!("refused: cannot check who is connecting: {e}")
+        }
+    };
+    let (_, mut write) = stream.into_split();
+    let _ = write_line(&mut write, &failure(refusal)).await;
+}
+
+/// The HTTP methods a request line may start with.
+const HTTP_METHODS: [&str; 9] = [
+    "GET ", "POST ", "PUT ", "HEAD ", "OPTIONS ", "CONNECT ", "DELETE ", "PATCH ", "TRACE ",
+];
+
+/// Whether `line` looks like part of an HTTP request (a request line such as `POST / HTTP/1.1`)
+/// rather than a control request. A line that starts with `{` never does: a request may carry
+/// such text in its strings.
+pub fn looks_like_http(line: &[u8]) -> bool {
+    let start = line.trim_ascii_start();
+    if start.starts_with(b"{") {
+        return false;
+    }
+    let head = &start[..start.len().min(8192)];
+    HTTP_METHODS.iter().any(|m| head.starts_with(m.as_bytes()))
+        || head.windows(6).any(|w| w == b" HTTP/")
+}
+
+async fn connection(stream: UnixStream, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
     let mut line = Vec::new();
@@ -243,15 +392,34 @@ async fn connection(stream: TcpStream, hub: Arc<Hub>, mut shutdown: watch::Recei
             Ok(_) => {}
         }
         if line.len() as u64 > MAX_LINE_BYTES {
-            let response = json!({"ok": false, "error": format!("request line longer than {MAX_LINE_BYTES} bytes")});
+            let response = failure(format!(
+                "request line longer than {MAX_LINE_BYTES} bytes; closing the connection"
+            ));
             let _ = write_line(&mut write, &response).await;
             return;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // A line that is not a request ends the connection: nothing after it is executed (the
+        // JSON lines in the body of an HTTP request, say).
+        if looks_like_http(&line) {
+            let response = failure(
+                "bad request: this is the control interface of bridgectl serve (one JSON request per line), not an HTTP server; closing the connection",
+            );
+            let _ = write_line(&mut write, &response).await;
+            return;
+        }
+        let request: ControlRequest = match serde_json::from_slice(&line) {
+            Ok(request) => request,
+            Err(e) => {
+                let response = failure(format!("bad request: {e}; closing the connection"));
+                let _ = write_line(&mut write, &response).await;
+                return;
+            }
+        };
         let response = tokio::select! {
-            r = respond(&hub, &line, &mut write) => r,
+            r = respond(&hub, request, &mut write) => r,
             _ = shutdown.changed() => json!({"ok": false, "error": "the platform is shutting down"}).into(),
         };
         if write_line(&mut write, &response).await.is_err() {
@@ -320,15 +488,11 @@ struct RunResponse {
     stored: bool,
 }
 
-/// Answers one request line; a streaming `run` writes its event lines to `write` first.
-async fn respond(hub: &Hub, line: &[u8], write: &mut OwnedWriteHalf) -> Response {
-    let request: ControlRequest = match serde_json::from_slice(line) {
-        Ok(r) => r,
-        Err(e) => return failure(format!("bad request: {e}")).into(),
-    };
+/// Answers one request; a streaming `run` writes its event lines to `write` first.
+async fn respond(hub: &Hub, request: ControlRequest, write: &mut OwnedWriteHalf) -> Response {
     let response = match request {
-        ControlRequest::Agents => json!({"ok": true, "agents": hub.agents()}),
-        ControlRequest::Token => match hub.issue_token() {
+        ControlRequest::Agents {} => json!({"ok": true, "agents": hub.agents()}),
+        ControlRequest::Token {} => match hub.issue_token() {
             Ok(token) => json!({"ok": true, "token": token}),
             Err(e) => failure(format!("{e:#}")),
         },
@@ -504,45 +668,51 @@ async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Res
     }
 }
 
-/// Sends one request to the control interface at `addr` and returns the response, waiting at
+/// Sends one request to the control socket at `socket` and returns the response, waiting at
 /// most `wait` for it. A response with `"ok": false` is returned as an error holding its
 /// `error` text.
-pub fn request(addr: &str, request: &Value, wait: Duration) -> Result<Value> {
-    request_with_events(addr, request, wait, |_| {})
+pub fn request(socket: impl AsRef<Path>, request: &Value, wait: Duration) -> Result<Value> {
+    request_with_events(socket, request, wait, |_| {})
 }
 
 /// Like [`request`], handing each event line that comes before the response (a streaming
 /// `run`'s chunks) to `on_event`; `wait` bounds the wait for each line.
 pub fn request_with_events(
-    addr: &str,
+    socket: impl AsRef<Path>,
     request: &Value,
     wait: Duration,
     mut on_event: impl FnMut(&Value),
 ) -> Result<Value> {
-    let target = addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad control address {addr:?}"))?
-        .next()
-        .ok_or_else(|| anyhow!("bad control address {addr:?}"))?;
-    let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        .with_context(|| format!("cannot connect to the control interface at {addr}"))?;
+    let socket = socket.as_ref();
+    let at = socket.display();
+    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        let hint = if socket.to_str().is_some_and(|s| s.parse::<std::net::SocketAddr>().is_ok()) {
+            " (--control takes the path of the control socket, <state>/control.sock, as `bridgectl serve` prints it in `control`)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot connect to the control socket {at}: {e}{hint}")
+    })?;
     stream.set_read_timeout(Some(wait))?;
+    stream.set_write_timeout(Some(wait))?;
     let mut text = serde_json::to_vec(request).expect("requests serialize");
     text.push(b'\n');
-    (&stream)
-        .write_all(&text)
-        .with_context(|| format!("cannot send to {addr}"))?;
+    // A server that refuses us answers one line and closes, perhaps before the request is
+    // written: then that line, if there is one, says why.
+    let sent = (&stream).write_all(&text);
     let mut reader = BufReader::new(&stream);
     loop {
         let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .with_context(|| format!("no response from {addr}"))?;
+        let read = reader.read_line(&mut line);
         if line.trim().is_empty() {
-            bail!("the control interface at {addr} closed the connection without answering");
+            if let Err(e) = sent {
+                return Err(e).with_context(|| format!("cannot send to {at}"));
+            }
+            read.with_context(|| format!("no response from {at}"))?;
+            bail!("the control interface at {at} closed the connection without answering");
         }
         let response: Value = serde_json::from_str(&line).with_context(|| {
-            format!("the control interface at {addr} answered something else than JSON")
+            format!("the control interface at {at} answered something else than JSON")
         })?;
         if response.get("event").is_some() && response.get("ok").is_none() {
             on_event(&response);
@@ -563,7 +733,7 @@ mod tests {
     #[test]
     fn requests_parse() {
         let r: ControlRequest = serde_json::from_str(r#"{"cmd":"agents"}"#).unwrap();
-        assert!(matches!(r, ControlRequest::Agents));
+        assert!(matches!(r, ControlRequest::Agents {}));
         let r: ControlRequest = serde_json::from_str(
             r#"{"cmd":"run","agent":"a","module":"AA==","limits":{"fuel":5},"timeout_ms":7}"#,
         )
@@ -579,8 +749,32 @@ mod tests {
         );
         assert!(run.input.is_null());
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"nope"}"#).is_err());
-        assert!(check_loopback(&"127.0.0.1:1".parse().unwrap()).is_ok());
-        assert!(check_loopback(&"[::1]:1".parse().unwrap()).is_ok());
-        assert!(check_loopback(&"0.0.0.0:1".parse().unwrap()).is_err());
+        for unknown_field in [r#"{"cmd":"token","x":1}"#, r#"{"cmd":"agents","x":1}"#] {
+            assert!(serde_json::from_str::<ControlRequest>(unknown_field).is_err());
+        }
+    }
+
+    #[test]
+    fn http_is_recognised() {
+        for line in [
+            "GET / HTTP/1.1\r\n",
+            "POST /x HTTP/1.0\r\n",
+            "OPTIONS * HTTP/1.1\r\n",
+            "CONNECT 127.0.0.1:1 HTTP/1.1\r\n",
+            "  PUT /\n",
+            "PRI * HTTP/2.0\r\n",
+            "whatever /path HTTP/1.1\r\n",
+        ] {
+            assert!(looks_like_http(line.as_bytes()), "{line:?}");
+        }
+        for line in [
+            r#"{"cmd":"agents"}"#,
+            r#"{"cmd":"run","agent":"a","command":"c","input":"GET / HTTP/1.1"}"#,
+            " {\"cmd\":\"token\"}",
+            "not json",
+            "Host: example",
+        ] {
+            assert!(!looks_like_http(line.as_bytes()), "{line:?}");
+        }
     }
 }

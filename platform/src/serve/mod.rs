@@ -2,9 +2,10 @@
 //!
 //! A reference implementation of the platform side of `docs/protocol.md`, for the integration
 //! tests, the demo and platform developers. It accepts agents on one TLS listener (WebSocket at
-//! [`bridge_protocol::AGENT_PATH`], mutual TLS) and is driven through a loopback control
-//! interface ([`control`]). On the same port, clients without a certificate (an installer's
-//! curl or wget) are served `install.sh` and the agent binaries ([`downloads`]).
+//! [`bridge_protocol::AGENT_PATH`], mutual TLS) and is driven through a control interface on a
+//! Unix socket in its state directory, served to its own user only ([`control`]). On the same
+//! port, clients without a certificate (an installer's curl or wget) are served `install.sh`
+//! and the agent binaries ([`downloads`]).
 //!
 //! * [`tls`]: the server identity (key, certificate, pin) and client-certificate verification.
 //! * [`registry`]: enrolled agents and enrollment tokens, persisted in the state directory.
@@ -15,10 +16,13 @@
 //! * [`control`]: the control interface and its client.
 //! * [`downloads`]: the installer, the agent binaries, their checksums and signatures.
 //!
-//! Guarantees: [`Server::bind`] binds both listeners and issues a fresh enrollment token before
-//! it returns, so the [`StartInfo`] it reports is immediately usable; [`Server::run`] serves
+//! Guarantees: [`Server::bind`] binds the control socket before it reads or writes anything else
+//! in the state directory (so a second server on the same directory stops there; a socket left
+//! by a server that is gone is replaced), then the agent listener, and issues a fresh
+//! enrollment token before it returns, so the [`StartInfo`] it reports is immediately usable; [`Server::run`] serves
 //! until its shutdown future completes, then stops accepting, closes every agent connection
-//! (WebSocket close 1001), fails the runs still waiting and returns within a few seconds.
+//! (WebSocket close 1001), fails the runs still waiting, removes the control socket and returns
+//! within a few seconds.
 
 pub mod control;
 pub mod downloads;
@@ -52,9 +56,8 @@ use self::tls::ServerIdentity;
 pub struct ServeOptions {
     /// Where agents connect (port 0: ephemeral).
     pub listen: SocketAddr,
-    /// Where the control interface listens; must be loopback (port 0: ephemeral).
-    pub control: SocketAddr,
-    /// The state directory (created if missing).
+    /// The state directory (created if missing, kept at mode 0700); the control socket is
+    /// [`control::SOCKET_NAME`] in it.
     pub state_dir: PathBuf,
     /// Extra names for the server certificate.
     pub hostnames: Vec<String>,
@@ -76,7 +79,7 @@ pub struct StartInfo {
     pub server_pin: String,
     /// An enrollment token issued at this start.
     pub token: String,
-    /// The control interface's address, e.g. `127.0.0.1:7000`.
+    /// Absolute path of the control socket, e.g. `/home/dev/bridge-state/control.sock`.
     pub control: String,
     /// Absolute path of the server certificate.
     pub ca_file: String,
@@ -92,7 +95,8 @@ pub struct StartInfo {
 pub struct Server {
     info: StartInfo,
     listener: TcpListener,
-    control: TcpListener,
+    control: tokio::net::UnixListener,
+    control_file: control::SocketFile,
     acceptor: TlsAcceptor,
     hub: Arc<Hub>,
     downloads: Arc<Downloads>,
@@ -109,8 +113,13 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Prepares the state directory and identity, binds both listeners and issues a token.
     pub async fn bind(options: ServeOptions) -> Result<Server> {
-        control::check_loopback(&options.control)?;
         tls::ensure_state_dir(&options.state_dir)?;
+        let state_dir = options
+            .state_dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", options.state_dir.display()))?;
+        // Removed again if anything below fails.
+        let (control, control_file) = control::bind(&state_dir)?;
         let identity = ServerIdentity::load_or_create(&options.state_dir, &options.hostnames)?;
         let config = identity.server_config()?;
         let registry = Registry::open(&options.state_dir)?;
@@ -132,9 +141,6 @@ impl Server {
         let listener = TcpListener::bind(options.listen)
             .await
             .with_context(|| format!("cannot listen on {}", options.listen))?;
-        let control = TcpListener::bind(options.control)
-            .await
-            .with_context(|| format!("cannot listen on {} (control)", options.control))?;
         let token = hub.issue_token()?;
         let bound = listener.local_addr()?;
         let host = if bound.ip().is_unspecified() {
@@ -162,7 +168,7 @@ impl Server {
             ),
             server_pin: identity.pin.clone(),
             token,
-            control: control.local_addr()?.to_string(),
+            control: control_file.path().display().to_string(),
             ca_file: identity.cert_path.display().to_string(),
             install_command,
             release_key,
@@ -171,6 +177,7 @@ impl Server {
             info,
             listener,
             control,
+            control_file,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             hub,
             downloads,
@@ -228,6 +235,7 @@ impl Server {
             sessions.abort_all();
         }
         let _ = tokio::time::timeout(Duration::from_secs(3), control).await;
+        drop(self.control_file);
         tracing::info!("stopped");
         Ok(())
     }

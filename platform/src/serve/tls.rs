@@ -192,14 +192,49 @@ pub fn agent_id_of(cert: &CertificateDer<'_>) -> Result<String> {
     Ok(spki_fingerprint(parsed.subject_public_key_info().as_ref()))
 }
 
-/// Creates `dir` (mode 0700) if it does not exist.
+/// Mode of the state directory.
+pub const STATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` (mode 0700) if it does not exist; an existing one must be a directory (not a
+/// symbolic link) owned by this process's effective user, and is tightened to mode 0700. The
+/// state directory holds the server key and the control socket.
 pub fn ensure_state_dir(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot set the permissions of {}", dir.display()))?;
-    } else if !dir.is_dir() {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(STATE_DIR_MODE))
+                .with_context(|| format!("cannot set the permissions of {}", dir.display()))?;
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", dir.display())),
+    };
+    if meta.file_type().is_symlink() {
+        bail!(
+            "the state directory {} is a symbolic link: give the directory it points to",
+            dir.display()
+        );
+    }
+    if !meta.is_dir() {
         bail!("{} is not a directory", dir.display());
+    }
+    let euid = super::control::effective_uid();
+    if meta.uid() != euid {
+        bail!(
+            "the state directory {} belongs to uid {}, not to this user (uid {euid}): whoever owns it could read the server key and reach the control socket; use a directory of your own",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o7777 != STATE_DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(STATE_DIR_MODE))
+            .with_context(|| format!("cannot set the permissions of {}", dir.display()))?;
+        tracing::warn!(
+            "the state directory {} had mode {:o}; set it to {STATE_DIR_MODE:o}",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -123,7 +123,7 @@ impl Serve {
 
     /// One control request, answered within 10 s.
     pub async fn control_request(&self, request: &str) -> Value {
-        let stream = timeout(STEP, TcpStream::connect(self.control()))
+        let stream = timeout(STEP, UnixStream::connect(self.control()))
             .await
             .unwrap()
             .unwrap();
@@ -446,7 +446,7 @@ pub fn run_result(status: &str, exit_code: i32) -> Value {
 pub fn control_in_background(serve: &Serve, request: Value) -> tokio::task::JoinHandle<Vec<Value>> {
     let control = serve.control().to_string();
     tokio::spawn(async move {
-        let stream = TcpStream::connect(control).await.unwrap();
+        let stream = UnixStream::connect(control).await.unwrap();
         let (read, mut write) = stream.into_split();
         write
             .write_all(format!("{request}\n").as_bytes())
@@ -495,7 +495,7 @@ pub async fn expect_silence(ws: &mut Ws, wait: Duration) {
     }
 }
 
-/// Runs `bridgectl --control ADDR ARGS…` in the background.
+/// Runs `bridgectl --control SOCKET ARGS…` in the background.
 pub fn bridgectl(
     serve: &Serve,
     args: &[&str],

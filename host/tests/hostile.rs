@@ -1,0 +1,676 @@
+//! A hostile platform against the real agent: a TLS + WebSocket server written here, frame by
+//! frame, so every byte the agent receives is chosen by the test (one write holding several
+//! messages, frames the WebSocket library would refuse to send, a reader that stops reading).
+//! After each scenario the agent must be alive, bounded in memory, still answer a valid task,
+//! and owe no result for any task it accepted.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::PublicKeyData as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Value};
+
+/// Output of the `big` rule, in bytes: one result of about a megabyte once encoded.
+const BIG: usize = 900_000;
+
+/// The agent's shell rules: `echo` (any 8 arguments), `sleep N`, and `big` (about a megabyte of
+/// output from a small request).
+fn config(dir: &Path, journal_max_mib: u64) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[agent]
+journal_max_mib = {journal_max_mib}
+
+[[shell.rules]]
+name = "echo"
+program = "/bin/echo"
+extra_args = {{ max = 8, patterns = [".*"] }}
+
+[[shell.rules]]
+name = "sleep"
+program = "/bin/sleep"
+extra_args = {{ max = 1, patterns = ["[0-9]+"] }}
+
+[[shell.rules]]
+name = "big"
+program = "/bin/sh"
+args = ["-c", 'head -c {BIG} /dev/zero | tr "\0" x']
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The fake platform's listener and its key pin.
+struct Server {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    pin: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pin = bridge_protocol::identity::spki_fingerprint(&key.subject_public_key_info());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        Server {
+            listener: TcpListener::bind("127.0.0.1:0").unwrap(),
+            tls: Arc::new(tls),
+            pin,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("wss://{}/agent", self.listener.local_addr().unwrap())
+    }
+
+    /// The next agent connection, upgraded to WebSocket, before `hello`.
+    fn accept(&self) -> Conn {
+        self.listener.set_nonblocking(false).unwrap();
+        let (tcp, _) = self.listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let tls = rustls::ServerConnection::new(self.tls.clone()).unwrap();
+        let mut stream = rustls::StreamOwned::new(tls, tcp);
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            request.push(byte[0]);
+        }
+        let request = String::from_utf8(request).unwrap();
+        let key = request
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_string())
+            })
+            .expect("an upgrade request");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        write!(
+            stream,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .unwrap();
+        stream.flush().unwrap();
+        Conn {
+            stream,
+            results: HashMap::new(),
+            accepted: BTreeSet::new(),
+        }
+    }
+}
+
+/// A WebSocket frame from the platform (unmasked), as bytes.
+fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n < 65536 => {
+            f.push(126);
+            f.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend((n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+fn text(msg: &Value) -> Vec<u8> {
+    frame(1, msg.to_string().as_bytes())
+}
+
+/// What the agent sent.
+#[derive(Debug)]
+enum Got {
+    Text(Value),
+    Close(Option<u16>),
+}
+
+/// One agent connection, with the results and acceptances seen on it.
+struct Conn {
+    stream: rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    results: HashMap<String, Value>,
+    accepted: BTreeSet<String>,
+}
+
+impl Conn {
+    fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+        self.stream.flush().unwrap();
+    }
+
+    /// Writes `bytes` one byte per TLS record: the agent must reassemble every frame.
+    fn dribble(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write(std::slice::from_ref(b));
+        }
+    }
+
+    fn send(&mut self, msg: &Value) {
+        self.write(&text(msg));
+    }
+
+    /// The next message or close frame (answering pings), `None` after `timeout`.
+    fn recv(&mut self, timeout: Duration) -> Option<Got> {
+        let deadline = Instant::now() + timeout;
+        let mut message = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream
+                .sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut head = [0u8; 2];
+            match self.stream.read_exact(&mut head) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Some(Got::Close(None))
+                }
+                Err(e) => panic!("reading from the agent: {e}"),
+            }
+            // A frame that started arrives whole (the agent writes frames whole).
+            self.stream
+                .sock
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
+            assert!(head[1] & 0x80 != 0, "the agent's frames are masked");
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut b = [0u8; 2];
+                    self.stream.read_exact(&mut b).unwrap();
+                    u16::from_be_bytes(b) as usize
+                }
+                127 => {
+                    let mut b = [0u8; 8];
+                    self.stream.read_exact(&mut b).unwrap();
+                    u64::from_be_bytes(b) as usize
+                }
+                n => n as usize,
+            };
+            let mut mask = [0u8; 4];
+            self.stream.read_exact(&mut mask).unwrap();
+            let mut payload = vec![0u8; len];
+            self.stream.read_exact(&mut payload).unwrap();
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+            match opcode {
+                9 => self.write(&frame(10, &payload)),
+                10 => {}
+                8 => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Some(Got::Close(code));
+                }
+                0..=2 => {
+                    message.extend_from_slice(&payload);
+                    if fin {
+                        let msg: Value =
+                            serde_json::from_slice(&message).expect("agent text is JSON");
+                        self.note(&msg);
+                        return Some(Got::Text(msg));
+                    }
+                }
+                other => panic!("unexpected opcode {other} from the agent"),
+            }
+        }
+    }
+
+    /// Remembers acceptances and results; acknowledges every result at once.
+    fn note(&mut self, msg: &Value) {
+        let task_id = msg["task_id"].as_str().unwrap_or_default().to_string();
+        match msg["type"].as_str() {
+            Some("accepted") => {
+                self.accepted.insert(task_id);
+            }
+            Some("result") => {
+                let ack = json!({"type": "ack", "task_ids": [task_id]});
+                self.results.entry(task_id).or_insert_with(|| msg.clone());
+                self.send(&ack);
+            }
+            _ => {}
+        }
+    }
+
+    /// The next text message of `kind` (others are noted and skipped), within `timeout`.
+    fn expect(&mut self, kind: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left) {
+                Some(Got::Text(m)) if m["type"] == kind => return m,
+                Some(Got::Text(_)) => {}
+                other => panic!("waiting for {kind}: got {other:?}"),
+            }
+        }
+    }
+
+    /// `hello`, answered with `welcome`; returns the agent id.
+    fn open(&mut self) -> String {
+        let hello = self.expect("hello", Duration::from_secs(30));
+        let id = hello["agent_id"].as_str().unwrap().to_string();
+        self.send(&json!({"type": "welcome", "version": 1, "agent_id": id, "enrolled": false}));
+        id
+    }
+
+    /// Waits until `task_id` has a result (noting everything else).
+    fn result(&mut self, task_id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        while !self.results.contains_key(task_id) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left) {
+                Some(Got::Text(_)) => {}
+                other => panic!("waiting for the result of {task_id}: got {other:?}"),
+            }
+        }
+        self.results[task_id]["result"].clone()
+    }
+
+    /// The agent still runs a task, and owes no result for anything it accepted.
+    fn healthy(&mut self, agent: &mut Agent) {
+        let id = format!("health-{}", self.results.len());
+        self.send(&json!({"type": "run", "id": id, "task_id": id, "command": "echo", "args": ["healthy"]}));
+        let r = self.result(&id, Duration::from_secs(30));
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["stdout"], "healthy\n");
+        let owed: Vec<&String> = self
+            .accepted
+            .iter()
+            .filter(|t| !self.results.contains_key(*t))
+            .collect();
+        assert!(owed.is_empty(), "accepted without a result: {owed:?}");
+        assert!(agent.alive(), "the agent exited; log:\n{}", agent.log());
+        let rss = agent.rss_kib();
+        assert!(rss < 200 * 1024, "the agent holds {rss} KiB");
+        assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    }
+}
+
+/// The real agent, pointed at a [`Server`].
+struct Agent {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    fn start(server: &Server, dir: &Path, journal_max_mib: u64) -> Agent {
+        let config = config(dir, journal_max_mib);
+        let mut child = common::daemon()
+            .arg("run")
+            .args(["--server", &server.url(), "--server-pin", &server.pin])
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--config")
+            .arg(config)
+            .args(["--reconnect-max-secs", "1"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Agent { child, log }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn log_lines(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Resident memory, from /proc.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake platform and an agent connected to it, welcomed.
+fn setup(journal_max_mib: u64) -> (tempfile::TempDir, Server, Agent, Conn) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let agent = Agent::start(&server, dir.path(), journal_max_mib);
+    let mut conn = server.accept();
+    conn.open();
+    (dir, server, agent, conn)
+}
+
+fn run(id: &str, command: &str, args: &[&str]) -> Value {
+    json!({"type": "run", "id": format!("run-{id}"), "task_id": id, "command": command, "args": args})
+}
+
+#[test]
+fn a_cancel_in_the_same_write_as_its_run_cancels_it() {
+    let (_dir, _server, mut agent, mut conn) = setup(256);
+    for i in 0..5 {
+        let task = format!("sleeper-{i}");
+        let mut bytes = text(&run(&task, "sleep", &["30"]));
+        bytes.extend(text(
+            &json!({"type": "cancel", "id": format!("cancel-{i}"), "task_id": task}),
+        ));
+        conn.write(&bytes);
+        let reply = conn.expect("cancel_reply", Duration::from_secs(30));
+        assert_ne!(reply["outcome"], "unknown", "{reply}");
+        let r = conn.result(&task, Duration::from_secs(20));
+        assert_eq!(r["status"], "cancelled", "{r}");
+    }
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn two_runs_of_one_task_id_in_one_write_run_the_first_once() {
+    let (_dir, _server, mut agent, mut conn) = setup(256);
+    for i in 0..5 {
+        let task = format!("twice-{i}");
+        let mut first = run(&task, "echo", &["first"]);
+        first["id"] = json!(format!("a-{i}"));
+        let mut second = run(&task, "echo", &["second"]);
+        second["id"] = json!(format!("b-{i}"));
+        let mut bytes = text(&first);
+        bytes.extend(text(&second));
+        // Byte by byte: the agent reassembles both frames from one-byte records.
+        conn.dribble(&bytes);
+        let r = conn.result(&task, Duration::from_secs(20));
+        assert_eq!(r["stdout"], "first\n", "{r}");
+        assert_eq!(conn.results[&task]["id"], format!("a-{i}"));
+    }
+    // Any later answer for those ids repeats the first run.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while let Some(Got::Text(m)) = conn.recv(deadline.saturating_duration_since(Instant::now())) {
+        assert!(!m.to_string().contains("second"), "{m}");
+    }
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn a_repeated_task_id_after_its_result_is_never_told_it_runs() {
+    let (_dir, _server, mut agent, mut conn) = setup(256);
+    for i in 0..30 {
+        let task = format!("again-{i}");
+        conn.send(&run(&task, "echo", &["x"]));
+        conn.result(&task, Duration::from_secs(20));
+        // At once, while the result's record may still be being written.
+        conn.send(&run(&task, "echo", &["x"]));
+        loop {
+            let m = match conn.recv(Duration::from_secs(20)) {
+                Some(Got::Text(m)) => m,
+                other => panic!("{other:?}"),
+            };
+            if m["task_id"] != task.as_str() {
+                continue;
+            }
+            match m["type"].as_str() {
+                Some("accepted") => {
+                    assert_eq!(m["state"], "finished", "{m}");
+                    break;
+                }
+                Some("result") => break,
+                _ => panic!("{m}"),
+            }
+        }
+    }
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn errors_are_never_answered_and_bad_messages_are() {
+    let (_dir, _server, mut agent, mut conn) = setup(256);
+    conn.send(&json!({"type": "error", "code": "bogus_code", "message": "x"}));
+    conn.send(&json!({"type": "error"}));
+    conn.send(
+        &json!({"type": "error", "id": "e".repeat(300_000), "code": "malformed", "message": "x"}),
+    );
+    // Strictness: limits are an object of positive values; ids are bounded.
+    conn.send(
+        &json!({"type": "run", "id": "arr", "task_id": "arr", "command": "echo", "limits": [5]}),
+    );
+    conn.send(&json!({"type": "run", "id": "zero", "task_id": "zero", "command": "echo", "limits": {"timeout_ms": 0}}));
+    conn.send(&json!({"type": "cancel", "id": "long", "task_id": "t".repeat(900_000)}));
+    let mut errors = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while errors.len() < 3 {
+        match conn.recv(deadline.saturating_duration_since(Instant::now())) {
+            Some(Got::Text(m)) if m["type"] == "error" => errors.push(m),
+            Some(Got::Text(m)) => assert_ne!(m["type"], "cancel_reply", "{m}"),
+            other => panic!("expected three errors, got {errors:?} then {other:?}"),
+        }
+    }
+    let ids: Vec<&str> = errors
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids, ["arr", "zero", "long"], "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e["code"] == "malformed"),
+        "{errors:?}"
+    );
+    assert!(errors[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("an object of limits"));
+    assert!(errors[1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`timeout_ms` is 0"));
+    assert!(errors[2]["message"].as_str().unwrap().contains("256 bytes"));
+    // Nothing else: none of the three platform errors got an answer.
+    assert!(
+        conn.recv(Duration::from_millis(500)).is_none(),
+        "an extra reply"
+    );
+    assert!(agent.log().len() < 100_000, "the log echoes huge ids");
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn requests_before_welcome_are_answered_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let mut agent = Agent::start(&server, dir.path(), 256);
+    let mut conn = server.accept();
+    let hello = conn.expect("hello", Duration::from_secs(30));
+    conn.send(&run("early", "echo", &["x"]));
+    conn.write(&frame(1, b"not json"));
+    conn.write(&frame(2, b"\0asm bytes nobody asked for"));
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        errors.push(conn.expect("error", Duration::from_secs(5)));
+    }
+    assert_eq!(errors[0]["id"], "run-early");
+    assert_eq!(errors[0]["code"], "unexpected");
+    assert_eq!(errors[1]["code"], "malformed");
+    assert_eq!(errors[2]["code"], "unexpected");
+    let id = hello["agent_id"].as_str().unwrap();
+    conn.send(&json!({"type": "welcome", "version": 1, "agent_id": id, "enrolled": false}));
+    // Nothing of the early run happened: it runs only when sent again.
+    assert!(!conn.results.contains_key("early"));
+    conn.send(&run("early", "echo", &["x"]));
+    assert_eq!(
+        conn.result("early", Duration::from_secs(20))["status"],
+        "ok"
+    );
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn a_flood_of_bad_frames_is_answered_and_logged_briefly() {
+    let (_dir, _server, mut agent, mut conn) = setup(256);
+    let before = agent.log_lines();
+    let junk = text(&json!({"type": "x", "id": "f"}));
+    let mut bytes = Vec::new();
+    for _ in 0..1000 {
+        bytes.extend_from_slice(&junk);
+    }
+    for _ in 0..20 {
+        conn.write(&bytes);
+    }
+    // Read what it answers meanwhile (the replies are refusals).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while let Some(Got::Text(m)) = conn.recv(deadline.saturating_duration_since(Instant::now())) {
+        if m["type"] == "error" {
+            assert_eq!(m["code"], "unknown_type", "{m}");
+        }
+    }
+    conn.healthy(&mut agent);
+    let lines = agent.log_lines() - before;
+    assert!(lines < 200, "20000 bad frames wrote {lines} log lines");
+}
+
+#[test]
+fn a_frame_over_the_size_limit_gets_a_close_frame() {
+    let (_dir, server, mut agent, mut conn) = setup(256);
+    // A header announcing 40 MiB of text: refused before any of it is read.
+    let mut header = vec![0x81, 127];
+    header.extend((40u64 << 20).to_be_bytes());
+    conn.write(&header);
+    loop {
+        match conn.recv(Duration::from_secs(10)) {
+            Some(Got::Text(m)) if m["type"] == "status" => {}
+            Some(Got::Close(Some(code))) => break assert_eq!(code, 1009),
+            other => panic!("expected close 1009, got {other:?}"),
+        }
+    }
+    drop(conn);
+    // It reconnects, and works.
+    let mut conn = server.accept();
+    conn.open();
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn acknowledged_results_never_fill_the_journal() {
+    // A journal of 8 MiB and 40 acknowledged results of about a megabyte each.
+    let (dir, server, mut agent, mut conn) = setup(8);
+    for i in 0..40 {
+        let task = format!("big-{i}");
+        conn.send(&run(&task, "big", &[]));
+        let r = conn.result(&task, Duration::from_secs(30));
+        assert_eq!(r["status"], "ok", "task {i}: {r}");
+        assert_eq!(r["stdout"].as_str().unwrap().len(), BIG);
+    }
+    conn.healthy(&mut agent);
+    // Still so after a restart; the oldest result is remembered without its output.
+    drop(conn);
+    drop(agent);
+    let mut agent = Agent::start(&server, dir.path(), 8);
+    let mut conn = server.accept();
+    conn.open();
+    conn.send(&run("big-0", "big", &[]));
+    let r = conn.result("big-0", Duration::from_secs(30));
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["evicted"], true, "{r}");
+    assert_eq!(r["stdout"], "");
+    assert_eq!(r["truncated"]["stdout_total_bytes"], BIG as u64);
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn a_platform_that_stops_reading_costs_bounded_memory() {
+    let (_dir, server, mut agent, mut conn) = setup(256);
+    let baseline = agent.rss_kib();
+    // 200 results of about a megabyte, none read while they are produced.
+    let mut bytes = Vec::new();
+    for i in 0..200 {
+        bytes.extend(text(&run(&format!("unread-{i}"), "big", &[])));
+    }
+    conn.write(&bytes);
+    let mut peak = baseline;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        peak = peak.max(agent.rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        peak < baseline + 120 * 1024,
+        "RSS went from {baseline} KiB to {peak} KiB"
+    );
+    // Reading again, every accepted task gets its result (on this connection or the next).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut conn = Some(conn);
+    loop {
+        let c = conn.as_mut().unwrap();
+        let done = (0..200).all(|i| {
+            let t = format!("unread-{i}");
+            c.results.contains_key(&t)
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "results missing");
+        if let Some(Got::Close(_)) = c.recv(Duration::from_secs(1)) {
+            // The agent gave up on the connection while it was not read: the rest comes on
+            // the next one.
+            let old = conn.take().unwrap();
+            let mut next = server.accept();
+            next.open();
+            next.results = old.results;
+            next.accepted = old.accepted;
+            conn = Some(next);
+        }
+    }
+    conn.unwrap().healthy(&mut agent);
+}
