@@ -18,11 +18,12 @@ Usage: sh install.sh --url https://PLATFORM:PORT (--server-pin HEX... | --ca-fil
 Installs the bridge agent from its platform: downloads bridge-daemon for this machine's OS and
 architecture, checks it against the SHA-256 published beside it (and the release signature
 with --release-key) before anything is installed, then installs atomically the binary
-(PREFIX/bin/bridge-daemon), its config (/etc/bridge/agent.toml, 0600), the enrollment token
-(/etc/bridge/token, 0600), the state directory (/var/lib/bridge, 0700) and a hardened systemd
-unit (bridge-daemon.service) that runs as the system user "bridge". Running it again with the
-same settings changes nothing; new settings are applied; a new binary replaces the old one and
-keeps the agent's identity and installed handlers (the state directory is never touched).
+(PREFIX/bin/bridge-daemon), its config (/etc/bridge/agent.toml, root:bridge 0640), the
+enrollment token (/etc/bridge/token, root:bridge 0640, removed once the agent has enrolled),
+the state directory (/var/lib/bridge, 0700) and a hardened systemd unit (bridge-daemon.service)
+that runs as the system user "bridge". Running it again with the same settings changes nothing;
+new settings are applied; a new binary replaces the old one and keeps the agent's identity and
+installed handlers (the state directory is never touched).
 
 Platform:
   --url URL            the platform, https://HOST:PORT (wss://HOST:PORT/agent also accepted)
@@ -53,6 +54,8 @@ Installation:
                        weakens the sandbox, see installers/README.md
   --keep-config        leave an existing agent.toml as it is (hand-edited configs)
   --no-start           install but do not enable or (re)start the service
+  --enroll-wait SECS   after starting the service, wait up to SECS (default 30) for the agent
+                       to record its enrollment, then remove the token file; 0: do not wait
   --dry-run            print every action, change nothing
   --uninstall          stop and remove the service and the binary (config and state kept)
   --purge              with --uninstall: also remove /etc/bridge and /var/lib/bridge (the
@@ -94,6 +97,7 @@ SVC_USER=bridge
 RUN_AS_ROOT=0
 KEEP_CONFIG=0
 NO_START=0
+ENROLL_WAIT=30
 DRY_RUN=0
 UNINSTALL=0
 PURGE=0
@@ -137,6 +141,7 @@ while [ "$#" -gt 0 ]; do
         --run-as-root) RUN_AS_ROOT=1 ;;
         --keep-config) KEEP_CONFIG=1 ;;
         --no-start) NO_START=1 ;;
+        --enroll-wait) need_value "$@"; ENROLL_WAIT=$2; shift ;;
         --dry-run) DRY_RUN=1 ;;
         --uninstall) UNINSTALL=1 ;;
         --purge) PURGE=1 ;;
@@ -166,6 +171,10 @@ case $SVC_USER in
     '' | -* | *[!a-z0-9_-]*) usage_error "--user must be a plain user name" ;;
 esac
 [ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || usage_error "--purge goes with --uninstall"
+case $ENROLL_WAIT in
+    '' | *[!0-9]*) usage_error "--enroll-wait must be a number of seconds" ;;
+esac
+[ "${#ENROLL_WAIT}" -le 4 ] || usage_error "--enroll-wait is at most 9999 seconds"
 if [ "$RUN_AS_ROOT" = 1 ]; then
     SVC_USER=root
 fi
@@ -177,6 +186,9 @@ CONF_PATH=$ETC_PATH/agent.toml
 TOKEN_PATH=$ETC_PATH/token
 CA_PATH=$ETC_PATH/platform-ca.pem
 STATE_PATH=/var/lib/bridge
+# Written by the agent (0600) once the platform has accepted its enrollment; from then on the
+# agent never reads or sends the token again.
+ENROLLED_PATH=$STATE_PATH/enrolled
 UNIT_PATH=/etc/systemd/system/$SERVICE
 
 R=$ROOT
@@ -206,10 +218,17 @@ has_systemd() {
     [ -z "$ROOT" ] && [ -d /run/systemd/system ] && have systemctl
 }
 
-# Runs systemctl, or prints what would run under --root / without systemd.
+# Runs systemctl, or prints what would run under --root / without systemd. Under --root,
+# BRIDGE_INSTALL_SYSTEMCTL names a program to run instead (a packaging pipeline's or a test's
+# own service manager); it gets systemctl's arguments.
+STAGING_SYSTEMCTL=${BRIDGE_INSTALL_SYSTEMCTL:-}
 sysctl_run() {
     if [ -n "$ROOT" ]; then
-        say "not run (--root): systemctl $*"
+        if [ -n "$STAGING_SYSTEMCTL" ]; then
+            act "$STAGING_SYSTEMCTL" "$@"
+        else
+            say "not run (--root): systemctl $*"
+        fi
     elif has_systemd; then
         act systemctl "$@"
     fi
@@ -649,9 +668,17 @@ fi
 GROUP_OWNER=
 [ -z "$OWNER" ] || GROUP_OWNER=0:${OWNER#*:}
 
+# Whether the agent has recorded its enrollment: the token is then neither needed nor kept.
+ENROLLED=0
+[ ! -e "$R$ENROLLED_PATH" ] || ENROLLED=1
+if [ "$ENROLLED" = 1 ] && [ -n "$TOKEN" ]; then
+    say "the agent is already enrolled ($ENROLLED_PATH): the token is not needed and is not written"
+    TOKEN=
+fi
+
 # The config: generated from the options (see installers/README.md).
 CONF_TMP=$WORK/agent.toml
-{
+write_config() {
     echo "# Written by bridge's install.sh; re-running it with other settings rewrites this file"
     echo "# (the previous one is kept as agent.toml.old). See docs/configuration.md."
     echo
@@ -660,7 +687,7 @@ CONF_TMP=$WORK/agent.toml
     echo
     echo "[platform]"
     echo "server = \"$SERVER_URL\""
-    if [ -n "$TOKEN" ] || [ -f "$R$TOKEN_PATH" ]; then
+    if [ "$ENROLLED" = 0 ] && { [ -n "$TOKEN" ] || [ -f "$R$TOKEN_PATH" ]; }; then
         echo "token_file = \"$TOKEN_PATH\""
     fi
     if [ -n "$PIN_LIST" ]; then
@@ -685,7 +712,19 @@ CONF_TMP=$WORK/agent.toml
         echo "]"
     fi
     echo "allow_unsigned_override = false"
-} >"$CONF_TMP"
+    if [ "$WITH_UNIT" = 1 ]; then
+        echo
+        echo "[shell]"
+        echo "# A supervisor ends each shell run's whole process tree; under the unit's Delegate=yes"
+        echo "# each run also gets a cgroup of its own. Rules: see docs/configuration.md."
+        echo "cgroup_root = \"auto\""
+    fi
+}
+WITH_UNIT=0
+if [ -n "$ROOT" ] || has_systemd; then
+    WITH_UNIT=1
+fi
+write_config >"$CONF_TMP"
 
 # The unit: hardened; see installers/README.md for each setting and the exposure score.
 UNIT_TMP=$WORK/$SERVICE
@@ -708,6 +747,9 @@ NoNewPrivileges=yes
 LockPersonality=yes
 RestrictRealtime=yes
 SystemCallArchitectures=native
+# Shell runs get a cgroup each under the unit's own (the agent moves itself into a leaf of it);
+# systemd 252 does not combine this with ProtectControlGroups=yes (see installers/README.md).
+Delegate=yes
 EOF
     if [ "$SVC_USER" != root ]; then
         cat <<EOF
@@ -723,7 +765,6 @@ PrivateMounts=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
-ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
 ProtectProc=invisible
@@ -775,19 +816,34 @@ put_file "$WORK/$NAME" "$R$BIN_PATH" 0755 "${OWNER:+0:0}"
 before=$CHANGES
 ensure_dir "$R$ETC_PATH" "$ETC_MODE" "$GROUP_OWNER"
 ensure_dir "$R$STATE_PATH" 0700 "$OWNER"
+# The agent reads these through its group and cannot change them: its trust keys, shell
+# allowlist, platform pins and token are root's to decide.
 if [ -n "$TOKEN" ]; then
-    put_file "$WORK/token" "$R$TOKEN_PATH" 0600 "$OWNER"
+    put_file "$WORK/token" "$R$TOKEN_PATH" 0640 "$GROUP_OWNER"
+elif [ "$ENROLLED" = 0 ] && [ -f "$R$TOKEN_PATH" ]; then
+    # Kept as it is, but with this owner and mode (an older installer left it the agent's).
+    put_file "$R$TOKEN_PATH" "$R$TOKEN_PATH" 0640 "$GROUP_OWNER"
+fi
+if [ "$ENROLLED" = 1 ] && [ -e "$R$TOKEN_PATH" ]; then
+    say "the agent is enrolled: removing the token file"
+    remove "$R$TOKEN_PATH"
 fi
 if [ -n "$CA_FILE" ]; then
-    put_file "$CA_FILE" "$R$CA_PATH" 0644 "$OWNER"
+    put_file "$CA_FILE" "$R$CA_PATH" 0640 "$GROUP_OWNER"
 fi
 if [ "$KEEP_CONFIG" = 1 ] && [ -f "$R$CONF_PATH" ]; then
     say "--keep-config: leaving $CONF_PATH as it is"
 else
     if [ -f "$R$CONF_PATH" ] && ! cmp -s "$CONF_TMP" "$R$CONF_PATH"; then
-        act cp -p "$R$CONF_PATH" "$R$CONF_PATH.old"
+        if [ "$DRY_RUN" = 1 ]; then
+            say "would keep the previous config as $CONF_PATH.old"
+        else
+            (umask 077 && cp "$R$CONF_PATH" "$R$CONF_PATH.old")
+            chmod 0640 "$R$CONF_PATH.old"
+            [ -z "$GROUP_OWNER" ] || chown "$GROUP_OWNER" "$R$CONF_PATH.old"
+        fi
     fi
-    put_file "$CONF_TMP" "$R$CONF_PATH" 0600 "$OWNER"
+    put_file "$CONF_TMP" "$R$CONF_PATH" 0640 "$GROUP_OWNER"
 fi
 CONF_CHANGED=0
 [ "$CHANGES" = "$before" ] || CONF_CHANGED=1
@@ -801,6 +857,8 @@ if [ -n "$ROOT" ] || has_systemd; then
 fi
 
 # ---------------------------------------------------------------------------- service
+# RUNNING: the service was (re)started here, or was running already.
+RUNNING=0
 if [ -n "$ROOT" ] || has_systemd; then
     [ "$UNIT_CHANGED" = 0 ] || sysctl_run daemon-reload
     if [ "$NO_START" = 1 ]; then
@@ -809,6 +867,7 @@ if [ -n "$ROOT" ] || has_systemd; then
         if [ $((BIN_CHANGED + CONF_CHANGED + UNIT_CHANGED)) -gt 0 ]; then
             sysctl_run enable "$SERVICE"
             sysctl_run restart "$SERVICE"
+            [ -z "$STAGING_SYSTEMCTL" ] || RUNNING=1
         fi
     else
         if ! systemctl is-enabled --quiet "$SERVICE" 2>/dev/null; then
@@ -821,6 +880,7 @@ if [ -n "$ROOT" ] || has_systemd; then
         elif [ $((BIN_CHANGED + CONF_CHANGED + UNIT_CHANGED)) -gt 0 ]; then
             act systemctl restart "$SERVICE"
         fi
+        RUNNING=1
         [ "$DRY_RUN" = 1 ] || say "status: systemctl status $SERVICE; logs: journalctl -u $SERVICE"
     fi
 else
@@ -829,6 +889,33 @@ else
         say "  $BIN_PATH run --config $CONF_PATH"
     else
         say "  setpriv --reuid=$SVC_USER --regid=$SVC_USER --init-groups $BIN_PATH run --config $CONF_PATH"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- the token
+# The token is spent once the agent has enrolled (it then records $ENROLLED_PATH and never
+# reads or sends the token again): it must not stay on disk for whoever reads it later.
+if [ "$RUNNING" = 1 ] && [ "$DRY_RUN" = 0 ] && [ "$ENROLLED" = 0 ] && [ -f "$R$TOKEN_PATH" ]; then
+    [ "$ENROLL_WAIT" = 0 ] || say "waiting up to ${ENROLL_WAIT}s for the agent to enroll"
+    waited=0
+    while [ ! -e "$R$ENROLLED_PATH" ] && [ "$waited" -lt "$ENROLL_WAIT" ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    if [ -e "$R$ENROLLED_PATH" ]; then
+        ENROLLED=1
+        if [ "$KEEP_CONFIG" = 1 ] && grep -q '^[[:space:]]*token_file' "$R$CONF_PATH" 2>/dev/null; then
+            warn "the agent has enrolled, but --keep-config: $CONF_PATH still names token_file; delete that line, then the token: rm $TOKEN_PATH"
+        else
+            say "the agent has enrolled: removing the spent token $TOKEN_PATH"
+            remove "$R$TOKEN_PATH"
+            if [ "$KEEP_CONFIG" = 0 ]; then
+                write_config >"$CONF_TMP"
+                put_file "$CONF_TMP" "$R$CONF_PATH" 0640 "$GROUP_OWNER"
+            fi
+        fi
+    else
+        warn "the agent has not recorded its enrollment within ${ENROLL_WAIT}s, so the enrollment token is still in $TOKEN_PATH. Once it has enrolled ($ENROLLED_PATH exists; see journalctl -u $SERVICE), run this installer again with the same settings, which removes it, or remove it yourself: rm $TOKEN_PATH"
     fi
 fi
 

@@ -43,8 +43,10 @@ pub struct ShellSection {
     /// The allowlisted commands; none means the fallback is off.
     #[serde(default)]
     pub rules: Vec<crate::shell::ShellRule>,
-    /// A delegated cgroup v2 directory the agent may create one child cgroup per run in; without
-    /// it a run's tree is bounded by its process group alone.
+    /// A delegated cgroup v2 directory the agent may create one child cgroup per run in, or
+    /// `"auto"`: the cgroup the agent was started in, delegated to it by its unit (the agent
+    /// moves itself into `<it>/agent` and creates task cgroups under `<it>/tasks`). Without it
+    /// (or when it cannot be used) a run's tree is bounded by its supervisor alone.
     #[serde(default)]
     pub cgroup_root: Option<PathBuf>,
 }
@@ -54,8 +56,8 @@ impl ShellSection {
     pub fn allowlist(&self) -> Result<crate::shell::Allowlist> {
         if let Some(root) = &self.cgroup_root {
             anyhow::ensure!(
-                root.is_absolute(),
-                "shell.cgroup_root {} must be an absolute path",
+                root.is_absolute() || root.as_os_str() == crate::shell::exec::AUTO,
+                "shell.cgroup_root {} must be an absolute path or \"auto\"",
                 root.display()
             );
         }
@@ -496,6 +498,7 @@ rules = [
         let twice = "[[shell.rules]]\nname = \"x\"\nprogram = \"/bin/true\"\n[[shell.rules]]\nname = \"x\"\nprogram = \"/bin/false\"\n";
         assert!(format!("{:#}", AgentConfig::parse(twice).unwrap_err()).contains("twice"));
         assert!(AgentConfig::parse("[shell]\ncgroup_root = \"rel\"\n").is_err());
+        assert!(AgentConfig::parse("[shell]\ncgroup_root = \"auto\"\n").is_ok());
         assert!(AgentConfig::parse("[shell]\nrule = []\n").is_err());
     }
 

@@ -115,7 +115,14 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         ..Default::default()
     };
     let trust: Trust = crate::call::trust(&call_like, &config)?;
-    let options = crate::agent::AgentOptions::from_config(&config, &state)?;
+    let mut options = crate::agent::AgentOptions::from_config(&config, &state)?;
+    if !options.shell.is_empty() {
+        // Orphans of a shell run whose supervisor died come to the agent, not to init.
+        if let Err(e) = crate::shell::supervise::become_subreaper() {
+            tracing::warn!(error = %e, "cannot become a child subreaper");
+        }
+        options.cgroup_root = crate::shell::resolve_cgroup_root(options.cgroup_root.take());
+    }
     if options.max_concurrent_tasks > sandbox.config().max_concurrent_runs as usize {
         tracing::warn!(
             max_concurrent_tasks = options.max_concurrent_tasks,

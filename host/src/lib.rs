@@ -22,7 +22,8 @@
 //!   installed handlers.
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //! - [`shell`]: the shell fallback: allowlisted commands run directly (no shell), in their own
-//!   process group (and cgroup), with checked arguments, a timeout and capped output.
+//!   process tree under a supervisor (and cgroup) that ends the whole tree with the run,
+//!   with checked arguments, a timeout and capped output.
 //! - [`capture`]: bounded head-and-tail output capture, shared by handlers and shell commands.
 //! - [`stream`]: a running task's output sent as ordered, bounded `chunk` messages.
 //! - [`memory`]: memory given back while idle (free heap, clean code pages).

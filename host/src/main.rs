@@ -193,6 +193,9 @@ fn init_logging(verbose: u8, service: bool) {
 }
 
 fn main() -> ExitCode {
+    // First of all: this executable is also each shell run's supervisor (a hidden mode that
+    // never returns here).
+    bridge_host::shell::supervise::dispatch();
     // Before any thread starts: see `bridge_host::memory::limit_arenas`.
     bridge_host::memory::limit_arenas();
     let cli = Cli::parse();

@@ -3,6 +3,13 @@
 //! bounded output, background children holding stdout, exit codes, signals, identity, cgroups.
 //!
 //! Every run is bounded by a timeout of its own so a regression fails instead of hanging.
+//!
+//! The first part drives `bridge_host::shell` directly (with `bridge-daemon` as the runs'
+//! supervisor); the second runs a real agent (`bridge-daemon run`) against a real platform on
+//! 127.0.0.1: escaped process trees, concurrent runs, a killed supervisor, inherited
+//! descriptors, delegated cgroups.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,12 +40,18 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// Makes `bridge-daemon` the supervisor of the runs this test binary starts.
+fn init() {
+    shell::supervise::set_program(env!("CARGO_BIN_EXE_bridge-daemon"));
+}
+
 async fn run_with(
     rule: &ShellRule,
     args: &[String],
     cancel: CancellationToken,
     cgroup: Option<&Path>,
 ) -> RunResult {
+    init();
     tokio::time::timeout(
         Duration::from_secs(60),
         shell::run(rule, args, cancel, cgroup),
@@ -447,7 +460,7 @@ async fn a_rule_user_is_applied() {
 }
 
 /// A writable cgroup v2 directory for the tests, with `cgroup.kill`, or why there is none.
-fn test_cgroup_root() -> Result<PathBuf, String> {
+fn test_cgroup_root(tag: &str) -> Result<PathBuf, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
     let mount = mountinfo
         .lines()
@@ -463,7 +476,7 @@ fn test_cgroup_root() -> Result<PathBuf, String> {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
         .ok_or("not in a cgroup v2 hierarchy")?;
     let base = mount.join(own.trim_start_matches('/'));
-    let root = base.join(format!("bridge-shell-test-{}", std::process::id()));
+    let root = base.join(format!("bridge-shell-test-{}-{tag}", std::process::id()));
     std::fs::create_dir(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     let probe = root.join("probe");
     let ok = std::fs::create_dir(&probe).is_ok() && probe.join("cgroup.kill").exists();
@@ -477,13 +490,14 @@ fn test_cgroup_root() -> Result<PathBuf, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_cgroup_even_setsid_children_are_killed() {
-    let root = match test_cgroup_root() {
+    let root = match test_cgroup_root("setsid") {
         Ok(r) => r,
         Err(why) => {
-            eprintln!("note: cgroup test skipped: {why}");
+            eprintln!("note: cgroup test skipped (needs a writable cgroup v2): {why}");
             return;
         }
     };
+    eprintln!("note: cgroup test ran under {}", root.display());
     let dir = tempfile::tempdir().unwrap();
     let (detached, plain) = (dir.path().join("detached"), dir.path().join("plain"));
     let mut rule = sh(
@@ -497,6 +511,7 @@ async fn with_a_cgroup_even_setsid_children_are_killed() {
     rule.timeout_ms = 700;
     let r = run_with(&rule, &[], CancellationToken::new(), Some(&root)).await;
     assert_eq!(r.status, Status::Timeout, "{r:?}");
+    assert!(r.cgroup, "a cgroup bounded the run: {r:?}");
     let (detached, plain) = (read_pid(&detached).await, read_pid(&plain).await);
     let escaped = wait_gone(detached, Duration::from_secs(2)).await;
     let plain_gone = wait_gone(plain, Duration::from_secs(2)).await;
@@ -516,7 +531,7 @@ async fn with_a_cgroup_even_setsid_children_are_killed() {
     assert!(leftovers.is_empty(), "task cgroups left: {leftovers:?}");
 
     // And an ordinary run through the cgroup works and cleans up.
-    let root = test_cgroup_root().unwrap();
+    let root = test_cgroup_root("hello").unwrap();
     let r = run_with(
         &sh("hello", "echo hello"),
         &[],
@@ -525,6 +540,12 @@ async fn with_a_cgroup_even_setsid_children_are_killed() {
     )
     .await;
     assert_eq!(r.stdout, "hello\n");
+    assert!(r.cgroup);
+    assert_eq!(
+        serde_json::to_value(&r).unwrap()["cgroup"],
+        true,
+        "the wire field"
+    );
     assert_eq!(
         std::fs::read_dir(&root)
             .unwrap()
@@ -554,6 +575,8 @@ async fn an_unusable_cgroup_root_falls_back_to_the_process_group() {
     .await;
     assert_eq!(r.status, Status::Ok, "{r:?}");
     assert_eq!(r.stdout, "hello\n");
+    assert!(!r.cgroup, "no cgroup bounded the run");
+    assert!(serde_json::to_value(&r).unwrap().get("cgroup").is_none());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
@@ -566,10 +589,398 @@ async fn dropping_the_run_kills_the_tree() {
         &format!("sleep 300 & echo $! > '{}'; wait", pidfile.display()),
     );
     let args: Vec<String> = Vec::new();
+    init();
     let run = shell::run(&rule, &args, CancellationToken::new(), None);
     assert!(tokio::time::timeout(Duration::from_millis(300), run)
         .await
         .is_err());
     let grandchild = read_pid(&pidfile).await;
     assert!(wait_gone(grandchild, Duration::from_secs(2)).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn arguments_too_long_for_exec_are_refused_before_running() {
+    let mut rule = ShellRule::new("print", "/usr/bin/printf");
+    rule.args = strings(&["%s\\n"]);
+    rule.extra_args = extra(16, &[".*"]);
+    // The longest argument the kernel takes (128 KiB with its NUL) runs.
+    let longest = "a".repeat(shell::rules::MAX_ARG_BYTES);
+    let r = run_with(
+        &rule,
+        std::slice::from_ref(&longest),
+        CancellationToken::new(),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, Status::Ok, "{:?}", r.error);
+    assert_eq!(r.stdout.len(), longest.len() + 1);
+    // One byte more, or 200 KB, is refused: nothing runs, no E2BIG error.
+    for len in [shell::rules::MAX_ARG_BYTES + 1, 200_000] {
+        let r = run_with(&rule, &["a".repeat(len)], CancellationToken::new(), None).await;
+        assert_eq!(r.status, Status::Rejected, "{len}: {:?}", r.error);
+        assert_eq!(r.reason.as_deref(), Some("bad_argument"));
+        let error = r.error.unwrap();
+        assert!(error.contains(&len.to_string()), "{error}");
+    }
+    // Arguments each acceptable, together over the documented total.
+    let many = vec!["b".repeat(120_000); 9];
+    let r = run_with(&rule, &many, CancellationToken::new(), None).await;
+    assert_eq!(r.status, Status::Rejected, "{:?}", r.error);
+    assert_eq!(r.reason.as_deref(), Some("bad_argument"));
+    assert!(r.error.unwrap().contains("1048576"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real agent
+
+use common::platform::{Agent, Platform};
+use serde_json::{json, Value};
+
+/// A real platform and a real agent (`bridge-daemon run`) with a config of `rules` (TOML).
+struct Live {
+    platform: Platform,
+    agent: Agent,
+    id: String,
+}
+
+impl Live {
+    fn start(dir: &Path, config: &str) -> Live {
+        Live::start_with(dir, config, |_| {})
+    }
+
+    fn start_with(
+        dir: &Path,
+        config: &str,
+        prepare: impl FnOnce(&mut std::process::Command),
+    ) -> Live {
+        let platform = Platform::start(&dir.join("platform"), "127.0.0.1:0");
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut args = Agent::args_for(&platform, Some(&platform.token()), None);
+        args.extend(["--config".into(), config_path.display().to_string()]);
+        let agent = Agent::start_with(&dir.join("agent"), &args, prepare);
+        let id = agent.id();
+        platform.wait_connected(&id, Duration::from_secs(30));
+        Live {
+            platform,
+            agent,
+            id,
+        }
+    }
+
+    /// Runs `command` with `args` (and `extra` request fields) and returns the result.
+    fn run(&self, command: &str, args: &[&str], extra: Value) -> Value {
+        let mut req = json!({"cmd": "run", "agent": self.id, "command": command,
+                             "args": args, "wait_ms": 60000});
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let r = self.platform.control(req);
+        assert_eq!(r["ok"], true, "{r}\nagent log:\n{}", self.agent.log.text());
+        r["result"].clone()
+    }
+
+    /// The agent's zombie children (unreaped), after giving tokio a moment to reap.
+    fn zombies(&self) -> Vec<i32> {
+        let me = self.agent.pid() as i32;
+        let list = || -> Vec<i32> {
+            bridge_host::shell::supervise::children_of(me)
+                .into_iter()
+                .filter(|p| matches!(proc_state(*p), Some(('Z', _))))
+                .collect()
+        };
+        for _ in 0..100 {
+            if list().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        list()
+    }
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// Rules whose command leaves a `setsid` grandchild (its pid written to `$1`) running
+/// `sleep 300` with all its descriptors elsewhere, waits for it to be set up, prints
+/// `launched`, then sleeps `$2` seconds (`escape`) or kills its supervisor (`kill-supervisor`).
+fn escape_rules() -> String {
+    let escape = r#"setsid sh -c 'echo $$ > "$1"; exec sleep 300' sh "$1" </dev/null >/dev/null 2>&1 &
+while [ ! -s "$1" ]; do sleep 0.01; done
+echo launched"#;
+    let sleep = format!("{escape}\nsleep \"$2\"");
+    let kill = format!("{escape}\necho $$ > \"$1.sh\"\nkill -9 $PPID\nsleep 300");
+    format!(
+        r#"
+[[shell.rules]]
+name = "escape"
+program = "/bin/sh"
+args = ["-c", {}, "sh"]
+extra_args = {{ max = 2, patterns = ['/[A-Za-z0-9/._-]+', '[0-9.]+'] }}
+timeout_ms = 30000
+
+[[shell.rules]]
+name = "kill-supervisor"
+program = "/bin/sh"
+args = ["-c", {}, "sh"]
+extra_args = {{ max = 1, patterns = ['/[A-Za-z0-9/._-]+'] }}
+timeout_ms = 30000
+"#,
+        toml_str(&sleep),
+        toml_str(&kill)
+    )
+}
+
+/// Waits up to 5 s for `pid` to be gone; kills it (cleanup) and fails if it is not.
+fn assert_gone(pid: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !gone(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !gone(pid) {
+        kill9(pid);
+        panic!("{what}: process {pid} survived the end of its run");
+    }
+}
+
+fn read_pid_blocking(file: &Path) -> i32 {
+    for _ in 0..500 {
+        if let Ok(s) = std::fs::read_to_string(file) {
+            if let Ok(pid) = s.trim().parse() {
+                return pid;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no pid in {}", file.display());
+}
+
+#[test]
+fn setsid_descendants_die_when_the_run_ends_however_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = Live::start(dir.path(), &escape_rules());
+    let pidfile = |name: &str| dir.path().join(name).display().to_string();
+
+    // The command exits at once; its escaped grandchild must not outlive the run.
+    let file = pidfile("exited");
+    let r = live.run("escape", &[&file, "0"], json!({}));
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["stdout"], "launched\n");
+    assert!(r.get("cgroup").is_none(), "no cgroup here: {r}");
+    assert_gone(read_pid_blocking(Path::new(&file)), "after a normal exit");
+
+    // A timeout.
+    let file = pidfile("timeout");
+    let r = live.run(
+        "escape",
+        &[&file, "300"],
+        json!({"limits": {"timeout_ms": 3000}}),
+    );
+    assert_eq!(r["status"], "timeout", "{r}");
+    assert_gone(read_pid_blocking(Path::new(&file)), "after a timeout");
+
+    // A cancel.
+    let file = pidfile("cancel");
+    std::thread::scope(|s| {
+        let running =
+            s.spawn(|| live.run("escape", &[&file, "300"], json!({"task_id": "to-cancel"})));
+        let pid = read_pid_blocking(Path::new(&file));
+        let c = live
+            .platform
+            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "to-cancel"}));
+        assert_eq!(c["outcome"], "cancelling", "{c}");
+        let r = running.join().unwrap();
+        assert_eq!(r["status"], "cancelled", "{r}");
+        assert_gone(pid, "after a cancel");
+    });
+    assert_eq!(
+        live.zombies(),
+        Vec::<i32>::new(),
+        "zombies left in the agent"
+    );
+}
+
+#[test]
+fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = Live::start(dir.path(), &escape_rules());
+    let (file_a, file_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::thread::scope(|s| {
+        // A: leaves an orphan, then runs until it is cancelled.
+        let a = s.spawn(|| {
+            live.run(
+                "escape",
+                &[file_a.to_str().unwrap(), "300"],
+                json!({"task_id": "task-a"}),
+            )
+        });
+        let orphan_a = read_pid_blocking(&file_a);
+        // B: leaves an orphan and ends at once, while A runs.
+        let r = live.run("escape", &[file_b.to_str().unwrap(), "0"], json!({}));
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_gone(read_pid_blocking(&file_b), "B's orphan after B ended");
+        assert!(!gone(orphan_a), "B's end killed A's orphan {orphan_a}");
+        assert_eq!(
+            proc_state(orphan_a).map(|(state, _)| state != 'Z'),
+            Some(true)
+        );
+        // A ends: its orphan goes with it.
+        let c = live
+            .platform
+            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "task-a"}));
+        assert_eq!(c["outcome"], "cancelling", "{c}");
+        let r = a.join().unwrap();
+        assert_eq!(r["status"], "cancelled", "{r}");
+        assert_gone(orphan_a, "A's orphan after A ended");
+    });
+    assert_eq!(live.zombies(), Vec::<i32>::new());
+}
+
+#[test]
+fn a_command_that_kills_its_supervisor_is_still_ended_and_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut live = Live::start(dir.path(), &escape_rules());
+    let file = dir.path().join("k");
+    let r = live.run("kill-supervisor", &[file.to_str().unwrap()], json!({}));
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("supervisor"), "{r}");
+    assert_gone(read_pid_blocking(&file), "the setsid orphan");
+    let sh = read_pid_blocking(&dir.path().join("k.sh"));
+    assert_gone(sh, "the command itself");
+    assert_eq!(
+        live.zombies(),
+        Vec::<i32>::new(),
+        "zombies left in the agent"
+    );
+    assert!(
+        live.agent.try_exit().is_none(),
+        "the agent is still running"
+    );
+    // And the agent still runs commands.
+    let again = dir.path().join("again");
+    let r = live.run("escape", &[again.to_str().unwrap(), "0"], json!({}));
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_gone(read_pid_blocking(&again), "the next run's orphan");
+}
+
+#[test]
+fn descriptors_the_agent_inherited_do_not_reach_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: a plain pipe2 into a local array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let write_end = fds[1];
+    let config = r#"
+[[shell.rules]]
+name = "fds"
+program = "/bin/ls"
+args = ["/proc/self/fd"]
+"#;
+    let live = Live::start_with(dir.path(), config, |cmd| {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: dup2 is async-signal-safe; the descriptor is open until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 leaves the new descriptor without FD_CLOEXEC: the agent inherits fd 9.
+                if libc::dup2(write_end, 9) == 9 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    });
+    // SAFETY: closing our own copies.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    let agent_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", live.agent.pid()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(agent_fds.contains(&"9".to_string()), "the agent has fd 9");
+    let r = live.run("fds", &[], json!({}));
+    assert_eq!(r["status"], "ok", "{r}");
+    // 0, 1, 2, and the directory ls itself opened.
+    assert_eq!(r["stdout"], "0\n1\n2\n3\n", "{r}");
+}
+
+#[test]
+fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
+    let base = match test_cgroup_root("auto") {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("note: delegated-cgroup test skipped (needs a writable cgroup v2): {why}");
+            return;
+        }
+    };
+    eprintln!("note: delegated-cgroup test ran under {}", base.display());
+    /// Removes the test's cgroups however the test ends (the agent, in `agent`, is gone by then).
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            for sub in ["tasks", "agent", ""] {
+                let _ = std::fs::remove_dir(self.0.join(sub));
+            }
+        }
+    }
+    let _removed = Removed(base.clone());
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base.join("cgroup.procs"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[shell]\ncgroup_root = \"auto\"\n{}", escape_rules());
+    let live = Live::start_with(dir.path(), &config, |cmd| {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let fd = procs.as_raw_fd();
+        // SAFETY: write(2) is async-signal-safe; the file is open until spawn returns. The
+        // agent starts inside `base`, as a service starts inside its unit's cgroup.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    });
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", live.agent.pid())).unwrap();
+    let leaf = format!("/{}/agent", base.file_name().unwrap().to_string_lossy());
+    let file = dir.path().join("escaped");
+    let r = live.run("escape", &[file.to_str().unwrap(), "0"], json!({}));
+    let escaped = read_pid_blocking(&file);
+    let ended = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !gone(escaped) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gone(escaped)
+    };
+    let task_cgroups = std::fs::read_dir(base.join("tasks"))
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
+        .ok();
+    if !ended {
+        kill9(escaped);
+    }
+    drop(live);
+    assert!(
+        own.lines()
+            .any(|l| l.starts_with("0::") && l.ends_with(&leaf)),
+        "the agent is not in its leaf {leaf}: {own}"
+    );
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["cgroup"], true, "a cgroup bounded the run: {r}");
+    assert!(ended, "the setsid grandchild survived");
+    assert_eq!(
+        task_cgroups,
+        Some(0),
+        "task cgroups are removed after their run"
+    );
 }

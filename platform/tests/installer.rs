@@ -64,9 +64,15 @@ fn shell() -> &'static str {
 
 /// Runs the installer with `args`; `stdin` is its standard input.
 fn install(args: &[&str], stdin: &str) -> Output {
+    install_env(args, stdin, &[])
+}
+
+/// [`install`] with extra environment variables.
+fn install_env(args: &[&str], stdin: &str, env: &[(&str, &Path)]) -> Output {
     let mut child = Command::new(shell())
         .arg(SCRIPT)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -334,7 +340,9 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
 
     // The printed command is the flow an operator copies.
     let command = serve.get("install_command");
-    assert!(command.starts_with(" curl -fsS --pinnedpubkey 'sha256//"));
+    assert!(command.starts_with(
+        " (d=$(mktemp -d) && trap 'rm -rf \"$d\"' EXIT && curl -fsS --pinnedpubkey 'sha256//"
+    ));
     assert!(command.contains(&format!("{url}/install.sh")));
     assert!(command.contains(&format!("--server-pin {pin}")));
     assert!(command.contains("--token-stdin"));
@@ -387,8 +395,8 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     let unit_path = root.join("etc/systemd/system/bridge-daemon.service");
     assert_eq!(fs::read(&bin).unwrap(), fs::read(&v1).unwrap());
     assert_eq!(mode(&bin), 0o755);
-    assert_eq!(mode(&conf), 0o600);
-    assert_eq!(mode(&token_path), 0o600);
+    assert_eq!(mode(&conf), 0o640);
+    assert_eq!(mode(&token_path), 0o640);
     assert_eq!(mode(&root.join("etc/bridge")), 0o750);
     assert_eq!(mode(&root.join("var/lib/bridge")), 0o700);
     assert_eq!(fs::read_to_string(&token_path).unwrap().trim(), token);
@@ -401,6 +409,8 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
         format!("server_pins = [\"{pin}\"]"),
         format!("{{ key = \"{trusted}\" }}"),
         "allow_unsigned_override = false".into(),
+        "[shell]\n".into(),
+        "cgroup_root = \"auto\"".into(),
     ] {
         assert!(config.contains(&want), "config lacks {want}:\n{config}");
     }
@@ -418,10 +428,16 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
         "PrivateTmp=yes",
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
         "CapabilityBoundingSet=\n",
+        "Delegate=yes",
         "WantedBy=multi-user.target",
     ] {
         assert!(unit.contains(want), "unit lacks {want}:\n{unit}");
     }
+    // systemd 252 cannot delegate a cgroup under ProtectControlGroups=yes.
+    assert!(
+        !unit.lines().any(|l| l.starts_with("ProtectControlGroups=")),
+        "{unit}"
+    );
     verify_unit(&root, w);
 
     // The same settings again: nothing changes, not even a modification time.
@@ -476,6 +492,15 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     );
     assert_eq!(fs::read(&bin).unwrap(), fs::read(&v2).unwrap());
     assert_eq!(snapshot(&root.join("var/lib/bridge")), state_before);
+    // The agent recorded its enrollment when it ran: the spent token is removed, and the
+    // config no longer names it.
+    assert!(root.join("var/lib/bridge/enrolled").exists());
+    assert!(
+        out.contains("the agent is enrolled: removing the token file"),
+        "{out}"
+    );
+    assert!(!token_path.exists());
+    assert!(!fs::read_to_string(&conf).unwrap().contains("token_file"));
     let id = Command::new(&bin)
         .args(["identity", "--state"])
         .arg(root.join("var/lib/bridge"))
@@ -495,7 +520,7 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
         "{out}"
     );
     assert!(!bin.exists() && !unit_path.exists());
-    assert!(conf.exists() && token_path.exists());
+    assert!(conf.exists());
     assert_eq!(snapshot(&root.join("var/lib/bridge")), state_before);
     let out = ok(install(&["--root", root_s, "--uninstall"], ""));
     assert!(out.contains("nothing to remove"), "{out}");
@@ -893,4 +918,257 @@ fn an_unreachable_platform_is_a_clear_error() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--uninstall"));
     assert!(!root.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one-line install, file ownership, the enrollment token
+
+/// Whether this process runs as root (ownership can then be set and checked).
+fn is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+#[test]
+fn the_one_line_install_runs_from_a_private_directory_and_leaves_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let v1 = release(w, "v1", b"");
+    let serve = Serve::start(
+        &w.join("platform"),
+        &["--agent-binary", v1.to_str().unwrap()],
+    );
+    let root = w.join("root");
+    let command = serve.get("install_command");
+    assert!(
+        command.starts_with(' '),
+        "kept out of shell history: {command:?}"
+    );
+    assert!(!command.contains("-o bridge-install.sh"), "{command}");
+    // The printed line as an operator pastes it, already root (no sudo), staged under --root.
+    let line = command.replace("sudo sh ", "sh ").replace(
+        "--token-stdin)",
+        &format!("--token-stdin --root {})", root.display()),
+    );
+    assert_ne!(line, command);
+    let (cwd, tmp) = (w.join("cwd"), w.join("tmp"));
+    fs::create_dir(&cwd).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    let child = Command::new(shell())
+        .arg("-c")
+        .arg(&line)
+        .current_dir(&cwd)
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(120));
+    let t = ok(out);
+    assert!(t.contains("sha256 "), "{t}");
+    assert_eq!(
+        fs::read(root.join("usr/local/bin/bridge-daemon")).unwrap(),
+        fs::read(&v1).unwrap()
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/bridge/token"))
+            .unwrap()
+            .trim(),
+        serve.get("token")
+    );
+    let left: Vec<_> = fs::read_dir(&cwd).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "written into the current directory: {left:?}"
+    );
+    let left: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the private directory was not removed: {left:?}"
+    );
+
+    // A failing installer fails the line (its status survives the cleanup).
+    let failing = line.replace("--token-stdin", "--bogus-option");
+    let out = Command::new(shell())
+        .arg("-c")
+        .arg(&failing)
+        .current_dir(&cwd)
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
+}
+
+/// A stand-in for systemctl under `--root` (`BRIDGE_INSTALL_SYSTEMCTL`): logs its arguments to
+/// `$FAKE_LOG`; on `start`/`restart` with `$FAKE_ENROLL` set, it plays the service: a moment
+/// later the agent records its enrollment (`$FAKE_ENROLL` is the marker's path).
+fn fake_systemctl(dir: &Path) -> PathBuf {
+    let path = dir.join("fake-systemctl");
+    fs::write(
+        &path,
+        r#"#!/bin/sh
+echo "$*" >>"$FAKE_LOG"
+case $1 in
+    start | restart)
+        if [ -n "${FAKE_ENROLL:-}" ]; then
+            (sleep 1 && : >"$FAKE_ENROLL" && chmod 600 "$FAKE_ENROLL") </dev/null >/dev/null 2>&1 &
+        fi
+        ;;
+esac
+"#,
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let v1 = release(w, "v1", b"");
+    let serve = Serve::start(
+        &w.join("platform"),
+        &["--agent-binary", v1.to_str().unwrap()],
+    );
+    let (url, pin, token) = (
+        serve.base_url(),
+        serve.get("server_pin"),
+        serve.get("token"),
+    );
+    let ca = serve.get("ca_file");
+    let fake = fake_systemctl(w);
+    let log = w.join("systemctl.log");
+    let root = w.join("root");
+    let root_s = root.to_str().unwrap().to_string();
+    // The service user exists on the target system: files are chowned to it.
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nbridge:x:4242:4343::/var/lib/bridge:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    let marker = root.join("var/lib/bridge/enrolled");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--root",
+            &root_s,
+            "--url",
+            &url,
+            "--server-pin",
+            &pin,
+            "--ca-file",
+            &ca,
+            "--token-stdin",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |a: &[String], env: &[(&str, &Path)]| {
+        install_env(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &format!("{token}\n"),
+            env,
+        )
+    };
+    let env = [
+        ("BRIDGE_INSTALL_SYSTEMCTL", fake.as_path()),
+        ("FAKE_LOG", log.as_path()),
+        ("FAKE_ENROLL", marker.as_path()),
+    ];
+    if !is_root() {
+        // Files are chowned to the service user: that needs root.
+        eprintln!("NOTE: not root: file ownership and the enrollment step were not tested");
+        return;
+    }
+    let t = ok(run(&args(&["--enroll-wait", "20"]), &env));
+    assert!(
+        fs::read_to_string(&log)
+            .unwrap()
+            .contains("restart bridge-daemon.service"),
+        "{t}"
+    );
+    assert!(!t.contains("not run (--root): systemctl"), "{t}");
+    // The agent's policy: readable through its group, changeable by root only.
+    let etc = root.join("etc/bridge");
+    let owner = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(owner(&etc), (0, 4343, 0o750));
+    assert_eq!(owner(&etc.join("agent.toml")), (0, 4343, 0o640));
+    assert_eq!(owner(&etc.join("platform-ca.pem")), (0, 4343, 0o640));
+    assert_eq!(owner(&root.join("var/lib/bridge")), (4242, 4343, 0o700));
+    // The agent enrolled: the token is gone, and the config no longer names it.
+    assert!(marker.exists());
+    assert!(
+        t.contains("the agent has enrolled: removing the spent token"),
+        "{t}"
+    );
+    assert!(!etc.join("token").exists(), "{t}");
+    let config = fs::read_to_string(etc.join("agent.toml")).unwrap();
+    assert!(!config.contains("token_file"), "{config}");
+    assert!(
+        config.contains("ca_file = \"/etc/bridge/platform-ca.pem\""),
+        "{config}"
+    );
+    assert_eq!(owner(&etc.join("agent.toml")), (0, 4343, 0o640));
+
+    // The same command again (token and all): the token is not written back, nothing changes.
+    let out = ok(run(&args(&[]), &env));
+    assert!(out.contains("already enrolled"), "{out}");
+    assert!(out.contains("nothing to change"), "{out}");
+    assert!(!etc.join("token").exists());
+
+    // An agent that does not enroll in time: the token stays (0640, root's), with a warning
+    // saying how to remove it.
+    let root2 = w.join("root2");
+    fs::create_dir_all(root2.join("etc")).unwrap();
+    fs::copy(root.join("etc/passwd"), root2.join("etc/passwd")).unwrap();
+    let mut a = args(&["--enroll-wait", "1"]);
+    a[1] = root2.to_str().unwrap().to_string();
+    let out = run(
+        &a,
+        &[
+            ("BRIDGE_INSTALL_SYSTEMCTL", fake.as_path()),
+            ("FAKE_LOG", log.as_path()),
+        ],
+    );
+    let t = ok(out);
+    assert!(
+        t.contains("still in /etc/bridge/token") && t.contains("rm /etc/bridge/token"),
+        "{t}"
+    );
+    assert_eq!(owner(&root2.join("etc/bridge/token")), (0, 4343, 0o640));
+    assert_eq!(
+        fs::read_to_string(root2.join("etc/bridge/token"))
+            .unwrap()
+            .trim(),
+        token
+    );
+
+    // Files an older installer left the agent's own are given back to root on the next run,
+    // also a token kept as it is (no token given this time).
+    let token2 = root2.join("etc/bridge/token");
+    let conf2 = root2.join("etc/bridge/agent.toml");
+    for f in [&token2, &conf2] {
+        std::os::unix::fs::chown(f, Some(4242), Some(4343)).unwrap();
+        fs::set_permissions(f, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let without_token: Vec<String> = a
+        .iter()
+        .filter(|x| *x != "--token-stdin")
+        .cloned()
+        .collect();
+    let t = ok(run(&without_token, &[("FAKE_LOG", log.as_path())]));
+    assert!(!t.contains("nothing to change"), "{t}");
+    assert_eq!(owner(&token2), (0, 4343, 0o640));
+    assert_eq!(owner(&conf2), (0, 4343, 0o640));
+    assert_eq!(fs::read_to_string(&token2).unwrap().trim(), token);
 }

@@ -110,6 +110,11 @@ pub struct RunResult {
     /// output. Absent (false) otherwise.
     #[serde(default, skip_serializing_if = "is_false")]
     pub evicted: bool,
+    /// `true` when a cgroup bounded the run: a shell command that ran inside a task cgroup of
+    /// its own, killed as a whole when the run ended. Absent (false) for WASM handlers and for
+    /// shell commands bounded by their supervisor alone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cgroup: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -134,6 +139,7 @@ impl RunResult {
             reason: None,
             module_sha256: None,
             evicted: false,
+            cgroup: false,
         }
     }
 

@@ -711,6 +711,7 @@ impl Sandbox {
             reason: None,
             module_sha256: Some(handler.sha256_hex()),
             evicted: false,
+            cgroup: false,
         })
     }
 }

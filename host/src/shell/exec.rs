@@ -1,12 +1,11 @@
-//! The process side of a shell run: identity lookup, the task cgroup, spawning, killing the
-//! whole tree, and reaping.
+//! The process side of a shell run: identity lookup and the task cgroup (the supervisor that
+//! starts, kills and reaps the tree is in [`super::supervise`]).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -148,31 +147,8 @@ pub fn check_paths(rule: &ShellRule) -> Result<(), String> {
     Ok(())
 }
 
-/// The command for `rule` + `args`: executed directly, empty environment but the rule's, stdin
-/// `/dev/null`, its own process group, and the rule's identity.
-pub fn command(rule: &ShellRule, args: &[String], id: Identity) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(&rule.program);
-    cmd.args(&rule.args)
-        .args(args)
-        .env_clear()
-        .envs(&rule.env)
-        .current_dir(&rule.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(gid) = id.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = id.uid {
-        // std clears the supplementary groups when a root parent sets a uid.
-        cmd.uid(uid);
-    }
-    cmd
-}
-
-/// Moves the child into `procs` (an open `cgroup.procs`) between fork and exec.
+/// Moves the child (the run's supervisor) into `procs` (an open `cgroup.procs`) between fork
+/// and exec, so that everything it starts is inside.
 pub fn enter_cgroup_before_exec(cmd: &mut tokio::process::Command, procs: &File) {
     use std::os::fd::AsRawFd;
     let fd = procs.as_raw_fd();
@@ -287,38 +263,86 @@ impl TaskCgroup {
     }
 }
 
-/// SIGKILL to a whole process group.
-pub fn kill_group(pgid: i32) {
-    if pgid > 0 {
-        // SAFETY: a plain syscall; a negative pid names the process group.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+/// The value of `[shell] cgroup_root` that asks the agent to use the cgroup its service manager
+/// delegated to it (see [`delegated_root`]).
+pub const AUTO: &str = "auto";
+
+/// The cgroup v2 directory this process is in: the `cgroup2` mount joined with the `0::` line
+/// of `/proc/self/cgroup`.
+pub fn own_cgroup_dir() -> Result<PathBuf, String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    let (mount_root, mount_point) = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut f = pre.split_whitespace();
+            let root = f.nth(3)?.to_string();
+            let point = f.next()?.to_string();
+            Some((root, point))
+        })
+        .ok_or("no cgroup v2 file system is mounted")?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .ok_or("this process is not in a cgroup v2 hierarchy")?;
+    let relative = own
+        .strip_prefix(mount_root.trim_end_matches('/'))
+        .unwrap_or(&own)
+        .trim_start_matches('/')
+        .to_string();
+    if relative.contains(" (deleted)") {
+        return Err(format!("this process's cgroup {own} was removed"));
     }
+    Ok(Path::new(&mount_point).join(relative))
 }
 
-/// Blocks until `pid` (our child) has exited, without reaping it: the zombie keeps its pid and
-/// its process group id reserved until [`tokio::process::Child::wait`] reaps it, so killing the
-/// group after this returns cannot hit a recycled id.
-pub fn wait_exit_keep_zombie(pid: i32) -> io::Result<()> {
-    loop {
-        // SAFETY: `info` is written by the kernel; all-zero is a valid initial value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: a plain syscall on our own child.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
+/// `cgroup_root = "auto"`: takes over the cgroup v2 directory this process was started in
+/// (one its service manager delegated to it, `Delegate=yes`). The agent moves itself into a
+/// leaf `<its cgroup>/agent` (a cgroup with children must not hold processes itself) and
+/// returns `<its cgroup>/tasks`, created if missing, where task cgroups go. An agent already in
+/// a leaf named `agent` keeps it. Refuses the root cgroup, and anything it cannot write.
+pub fn delegated_root() -> Result<PathBuf, String> {
+    let own = own_cgroup_dir()?;
+    let base = if own.file_name().is_some_and(|n| n == "agent") {
+        own.parent().map(Path::to_path_buf).unwrap_or(own.clone())
+    } else {
+        own.clone()
+    };
+    if !base.join("cgroup.procs").exists() {
+        return Err(format!("{} is not a cgroup v2 directory", base.display()));
     }
+    if !base.join("cgroup.type").exists() {
+        return Err(format!(
+            "{} is the root cgroup: the agent creates cgroups only in one delegated to it",
+            base.display()
+        ));
+    }
+    let mkdir = |dir: &Path| match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!(
+            "creating {}: {e} (is the cgroup delegated to the agent? Delegate=yes, and no \
+             ProtectControlGroups=yes, in its unit)",
+            dir.display()
+        )),
+    };
+    let leaf = base.join("agent");
+    if own != leaf {
+        mkdir(&leaf)?;
+        OpenOptions::new()
+            .write(true)
+            .open(leaf.join("cgroup.procs"))
+            .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes()))
+            .map_err(|e| format!("moving the agent into {}: {e}", leaf.display()))?;
+    }
+    let tasks = base.join("tasks");
+    mkdir(&tasks)?;
+    Ok(tasks)
 }
 
 /// A signal's conventional name (`SIGKILL`), or `signal N`.

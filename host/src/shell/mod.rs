@@ -10,19 +10,24 @@
 //! Guarantees:
 //! - **No shell.** The program is executed directly with `rule.args` then the task's
 //!   arguments: no `sh -c`, no expansion, no globbing. An extra argument containing NUL, one
-//!   too many, or one not matching its (anchored) pattern is refused before anything runs
-//!   (`rejected`, reason `bad_argument`). A rule may itself run a shell with *fixed* arguments;
-//!   the task's arguments then reach it as positional parameters (`$1`…), never as code.
-//! - **Nothing inherited.** The environment is exactly `rule.env`; stdin is `/dev/null`; the
-//!   working directory is `rule.cwd`; with `user`/`group` the ids are switched (and the
-//!   supplementary groups cleared) before exec.
-//! - **The whole tree ends with the run.** The child leads its own process group; with a
-//!   `cgroup_root` it also starts inside a fresh cgroup v2 (`bridge-task-…`), entered between
-//!   fork and exec so even its first fork is inside. On timeout or cancel, and when the command
-//!   has finished (its direct child exited and the pipes drained or [`DRAIN_GRACE`] passed), the
-//!   group gets SIGKILL and the cgroup is killed through `cgroup.kill`, which also reaches
-//!   children that left the group with `setsid`. The direct child is always reaped; the group
-//!   is killed while the child is still an unreaped zombie, so its id cannot have been recycled.
+//!   too many, one not matching its (anchored) pattern, one longer than
+//!   [`rules::MAX_ARG_BYTES`] (the kernel's limit for one argument) or a command line over
+//!   [`rules::MAX_COMMAND_BYTES`] is refused before anything runs (`rejected`, reason
+//!   `bad_argument`). A rule may itself run a shell with *fixed* arguments; the task's
+//!   arguments then reach it as positional parameters (`$1`…), never as code.
+//! - **Nothing inherited.** The environment is exactly `rule.env`; stdin is `/dev/null`; no
+//!   descriptor above stderr (nothing the agent opened or inherited); the working directory
+//!   is `rule.cwd`; with `user`/`group` the ids are switched (and the supplementary groups
+//!   cleared) before exec.
+//! - **The whole tree ends with the run**, however it ends (exit, timeout, cancel, the agent
+//!   stopping). Each run has a supervisor ([`supervise`]): the agent's own executable,
+//!   started again as a child subreaper, which starts the command, inherits whatever the
+//!   command orphans (also children that left with `setsid`) and, when the run is over, kills
+//!   every descendant until none is left. This holds on every machine. With a `cgroup_root`
+//!   the supervisor also starts inside a fresh cgroup v2 (`bridge-task-…`, entered between
+//!   fork and exec), killed through `cgroup.kill` afterwards; the result's `cgroup` says so.
+//!   When the command has exited, the pipes get [`DRAIN_GRACE`] to reach end-of-file before
+//!   the rest of the tree is killed.
 //! - **Bounded output.** stdout and stderr are read concurrently into a [`HeadTail`] each: the
 //!   first half of `output_bytes` and a ring of the last half, with the total counted. A command
 //!   printing gigabytes costs the agent at most `2 × output_bytes` plus read buffers.
@@ -33,10 +38,12 @@
 //! JSON when it is complete JSON, else `null`. A truncated stream's text is
 //! `head + "\n…[N bytes omitted]…\n" + tail`. `fuel_consumed` is `null`, `memory_peak_bytes` 0,
 //! and `limits` carries the rule's `timeout_ms` and `output_bytes` (fuel and memory 0: not
-//! limited). `duration_ms` runs from spawn to the child's exit (or to the kill).
+//! limited). `duration_ms` runs from spawn to the command's exit (or to the kill). `cgroup` is
+//! true when a task cgroup bounded the run.
 
 pub mod exec;
 pub mod rules;
+pub mod supervise;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,6 +69,30 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long to wait for a killed cgroup to empty before removing it.
 const CGROUP_REMOVE_WAIT: Duration = Duration::from_secs(2);
 
+/// Resolves `[shell] cgroup_root` at the agent's start: `"auto"` takes over the cgroup the
+/// agent's unit delegated to it ([`exec::delegated_root`]: the agent moves itself into a leaf),
+/// a path is used as it is. Says which bound shell runs get; `None` when no cgroup is usable
+/// (each run's supervisor alone then bounds its tree).
+pub fn resolve_cgroup_root(configured: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    let resolved = match configured {
+        Some(p) if p.as_os_str() == exec::AUTO => match exec::delegated_root() {
+            Ok(root) => Some(root),
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "shell.cgroup_root = \"auto\": no delegated cgroup; each shell run is bounded by its supervisor alone");
+                None
+            }
+        },
+        other => other,
+    };
+    match &resolved {
+        Some(root) => tracing::info!(cgroup_root = %root.display(),
+            "shell runs get a task cgroup each (and a supervisor)"),
+        None => tracing::info!("shell runs are bounded by a supervisor each (no cgroup_root)"),
+    }
+    resolved
+}
+
 /// The limits reported for a shell run: the rule's time and output caps; no fuel or memory.
 fn applied(rule: &ShellRule) -> AppliedLimits {
     AppliedLimits {
@@ -85,7 +116,8 @@ fn refused(rule: &ShellRule, reason: &str, error: String) -> RunResult {
 /// Runs `rule` with the task's extra `args`. Never panics on the command's behaviour; every
 /// ending is a [`RunResult`] (see the module docs). `cancel` kills the run (`cancelled`);
 /// `cgroup_root`, when given, is a delegated cgroup v2 directory to create the task's cgroup in
-/// (if that fails the run falls back to the process group alone, with a warning).
+/// (if that fails the run falls back to its supervisor alone, with a warning). The process
+/// must have a supervisor executable ([`supervise::dispatch`] or [`supervise::set_program`]).
 pub async fn run(
     rule: &ShellRule,
     args: &[String],
@@ -133,17 +165,27 @@ pub async fn run_streamed(
     execute(rule, args, id, cancel, cgroup_root, tap).await
 }
 
-/// Kills the tree and stops the readers if the run is abandoned half-way (its future dropped).
+/// What a run holds until it ends: the supervisor, its control socket, the task cgroup. When
+/// the run is abandoned half-way (its future dropped), dropping this ends the tree: closing the
+/// control socket tells the supervisor to kill everything, the cgroup is killed, the readers
+/// stop, and the supervisor is reaped in the background.
 struct TreeGuard {
-    pgid: i32,
+    /// The write half of the control socket; dropping it tells the supervisor to end the tree.
+    ctrl: Option<tokio::net::unix::OwnedWriteHalf>,
+    supervisor: Option<tokio::process::Child>,
+    registration: Option<supervise::Registration>,
     cgroup: Option<exec::TaskCgroup>,
     stop: CancellationToken,
     armed: bool,
 }
 
 impl TreeGuard {
-    fn kill(&self) {
-        exec::kill_group(self.pgid);
+    /// Tells the supervisor to kill every descendant of the command (idempotent).
+    fn end_tree(&mut self) {
+        self.ctrl = None;
+    }
+
+    fn kill_cgroup(&self) {
         if let Some(cg) = &self.cgroup {
             cg.kill();
         }
@@ -153,8 +195,14 @@ impl TreeGuard {
 impl Drop for TreeGuard {
     fn drop(&mut self) {
         if self.armed {
-            self.kill();
+            self.end_tree();
+            self.kill_cgroup();
             self.stop.cancel();
+            if let (Some(child), Some(reg)) = (self.supervisor.take(), self.registration.take()) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(reap(child, reg));
+                }
+            }
             if let Some(cg) = self.cgroup.take() {
                 std::thread::spawn(move || cg.remove(CGROUP_REMOVE_WAIT));
             }
@@ -162,11 +210,78 @@ impl Drop for TreeGuard {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Reaps a supervisor and drops its registration; if it did not end cleanly (it died before
+/// its tree was empty), kills and reaps whatever was re-parented to the agent.
+async fn reap(mut child: tokio::process::Child, registration: supervise::Registration) {
+    let pid = registration.pid();
+    let clean = match child.wait().await {
+        Ok(s) => s.success(),
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "waiting for a shell supervisor failed");
+            false
+        }
+    };
+    registration.release();
+    if !clean {
+        let _ = tokio::task::spawn_blocking(supervise::sweep_orphans).await;
+    }
+}
+
+/// How the command ended, as far as the agent knows.
+#[derive(Debug)]
 enum Ending {
-    Exited,
+    /// It exited with this wait status.
+    Exited(std::process::ExitStatus),
+    /// Its time ran out (the tree was killed).
     Timeout,
+    /// The task was cancelled (the tree was killed).
     Cancelled,
+    /// It could not be started (nothing of it ran).
+    Unstarted(String),
+    /// Its supervisor ended without reporting the command's end (the tree was killed).
+    Lost,
+}
+
+/// The supervisor's reports, read line by line; safe to abandon mid-line (a `select!` branch
+/// that loses keeps what was read in `buf`).
+struct Reports {
+    reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    buf: Vec<u8>,
+}
+
+impl Reports {
+    async fn next(&mut self) -> supervise::Report {
+        use tokio::io::AsyncBufReadExt as _;
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&line[..end]);
+                return supervise::Report::parse(&text).unwrap_or(supervise::Report::Closed);
+            }
+            if self.buf.len() > 4096 {
+                return supervise::Report::Closed;
+            }
+            match self.reader.read_until(b'\n', &mut self.buf).await {
+                Ok(0) | Err(_) => return supervise::Report::Closed,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Waits (up to `within`) for the supervisor to say its tree is empty, or to close.
+    async fn until_done(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                match self.next().await {
+                    supervise::Report::Done => return true,
+                    supervise::Report::Closed => return false,
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
 }
 
 /// Reads one stream into a [`HeadTail`] until end-of-file or `stop`; fires `eof` at end-of-file.
@@ -204,6 +319,31 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
     capture
 }
 
+/// Starts the supervisor for `rule` + `args`, inside `procs`' cgroup when given.
+fn spawn_supervisor(
+    exe: &Path,
+    rule: &ShellRule,
+    args: &[String],
+    id: exec::Identity,
+    procs: Option<&std::fs::File>,
+) -> std::io::Result<(
+    tokio::process::Child,
+    supervise::Registration,
+    tokio::net::UnixStream,
+)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let mut cmd = supervise::command(exe, rule, args, id, theirs.into());
+    if let Some(f) = procs {
+        exec::enter_cgroup_before_exec(&mut cmd, f);
+    }
+    let (child, registration) = supervise::spawn(&mut cmd)?;
+    // Our copy of the supervisor's end goes with the command: only the supervisor holds it.
+    drop(cmd);
+    ours.set_nonblocking(true)?;
+    let ours = tokio::net::UnixStream::from_std(ours)?;
+    Ok((child, registration, ours))
+}
+
 async fn execute(
     rule: &ShellRule,
     args: &[String],
@@ -213,11 +353,21 @@ async fn execute(
     tap: Option<StreamTap>,
 ) -> RunResult {
     let name = &rule.name;
+    let Some(exe) = supervise::program() else {
+        return refused(
+            rule,
+            "rule_unavailable",
+            format!(
+                "shell rule {name:?} cannot run: this process has no shell supervisor \
+                 (its main does not call bridge_host::shell::supervise::dispatch)"
+            ),
+        );
+    };
     let mut cgroup = cgroup_root.and_then(|root| match exec::TaskCgroup::create(root) {
         Ok(cg) => Some(cg),
         Err(e) => {
             tracing::warn!(rule = %name, root = %root.display(), error = %e,
-                "could not create a task cgroup; the process group alone bounds the run");
+                "could not create a task cgroup; the supervisor alone bounds the run");
             None
         }
     });
@@ -225,30 +375,26 @@ async fn execute(
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!(rule = %name, cgroup = %cg.dir().display(), error = %e,
-                "could not open cgroup.procs; the process group alone bounds the run");
+                "could not open cgroup.procs; the supervisor alone bounds the run");
             None
         }
     });
-    let mut cmd = exec::command(rule, args, id);
-    if let Some(f) = &procs {
-        exec::enter_cgroup_before_exec(&mut cmd, f);
-    }
     let started = Instant::now();
-    let spawned = match cmd.spawn() {
+    let spawned = match spawn_supervisor(exe, rule, args, id, procs.as_ref()) {
         Err(e) if procs.is_some() => {
-            // Possibly the cgroup move; nothing of the program ran (exec never happened).
+            // Possibly the cgroup move; nothing ran (exec never happened).
             tracing::warn!(rule = %name, error = %e,
                 "starting inside the task cgroup failed; retrying without it");
             if let Some(cg) = cgroup.take() {
                 cg.remove(Duration::ZERO);
             }
-            exec::command(rule, args, id).spawn()
+            spawn_supervisor(exe, rule, args, id, None)
         }
         other => other,
     };
     drop(procs);
-    let mut child = match spawned {
-        Ok(c) => c,
+    let (mut supervisor, registration, ctrl) = match spawned {
+        Ok(s) => s,
         Err(e) => {
             if let Some(cg) = cgroup.take() {
                 cg.remove(Duration::ZERO);
@@ -264,44 +410,60 @@ async fn execute(
             return r;
         }
     };
-    let pid = child.id().map_or(0, |p| p as i32);
-    let stop = CancellationToken::new();
-    let mut guard = TreeGuard {
-        pgid: pid,
-        cgroup,
-        stop: stop.clone(),
-        armed: true,
+    let bounded_by_cgroup = cgroup.is_some();
+    let (ctrl_read, ctrl_write) = ctrl.into_split();
+    let mut reports = Reports {
+        reader: tokio::io::BufReader::new(ctrl_read),
+        buf: Vec::new(),
     };
-
+    let stop = CancellationToken::new();
     let cap = usize::try_from(rule.output_bytes).unwrap_or(usize::MAX);
     let (out_eof, err_eof) = (CancellationToken::new(), CancellationToken::new());
     let out_task = tokio::spawn(read_capped(
-        child.stdout.take(),
+        supervisor.stdout.take(),
         cap,
         stop.clone(),
         out_eof.clone(),
         tap.clone().map(|t| (t, StreamName::Stdout)),
     ));
     let err_task = tokio::spawn(read_capped(
-        child.stderr.take(),
+        supervisor.stderr.take(),
         cap,
         stop.clone(),
         err_eof.clone(),
         tap.map(|t| (t, StreamName::Stderr)),
     ));
+    let mut guard = TreeGuard {
+        ctrl: Some(ctrl_write),
+        supervisor: Some(supervisor),
+        registration: Some(registration),
+        cgroup,
+        stop: stop.clone(),
+        armed: true,
+    };
 
-    let mut exited = tokio::task::spawn_blocking(move || exec::wait_exit_keep_zombie(pid));
-    let timeout = Duration::from_millis(rule.timeout_ms);
-    let ending = tokio::select! {
-        _ = &mut exited => Ending::Exited,
-        _ = tokio::time::sleep(timeout) => Ending::Timeout,
-        _ = cancel.cancelled() => Ending::Cancelled,
+    let deadline = tokio::time::Instant::from_std(started) + Duration::from_millis(rule.timeout_ms);
+    let ending = loop {
+        let report = tokio::select! {
+            r = reports.next() => r,
+            _ = tokio::time::sleep_until(deadline) => break Ending::Timeout,
+            _ = cancel.cancelled() => break Ending::Cancelled,
+        };
+        match report {
+            supervise::Report::Started(_) => continue,
+            supervise::Report::Failed(e) => break Ending::Unstarted(e),
+            supervise::Report::Exited(raw) => {
+                use std::os::unix::process::ExitStatusExt as _;
+                break Ending::Exited(std::process::ExitStatus::from_raw(raw));
+            }
+            supervise::Report::Done | supervise::Report::Closed => break Ending::Lost,
+        }
     };
     let duration = started.elapsed();
-    if ending != Ending::Exited {
-        guard.kill();
-        if tokio::time::timeout(KILL_WAIT, &mut exited).await.is_err() {
-            tracing::warn!(rule = %name, pid, "the killed command has not exited yet");
+    if matches!(ending, Ending::Timeout | Ending::Cancelled) {
+        guard.end_tree();
+        if !reports.until_done(KILL_WAIT).await {
+            tracing::warn!(rule = %name, "the killed command's tree has not ended yet");
         }
     }
     // The command is over: let the pipes drain briefly, then end whatever is left of the tree
@@ -311,30 +473,35 @@ async fn execute(
         err_eof.cancelled().await;
     })
     .await;
-    guard.kill();
+    guard.end_tree();
+    if !reports.until_done(KILL_WAIT).await {
+        // The supervisor did not empty its tree (it died, or a process is stuck): the cgroup,
+        // if there is one, ends everything in it, the supervisor included.
+        guard.kill_cgroup();
+    }
     stop.cancel();
     let stdout = out_task.await.unwrap_or_else(|_| HeadTail::new(0));
     let stderr = err_task.await.unwrap_or_else(|_| HeadTail::new(0));
-    // Reap the direct child (after the group kill: see `wait_exit_keep_zombie`).
-    let status = match tokio::time::timeout(KILL_WAIT, child.wait()).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            tracing::warn!(rule = %name, pid, error = %e, "waiting for the command failed");
-            None
-        }
-        Err(_) => None,
-    };
     guard.armed = false;
+    if let (Some(child), Some(reg)) = (guard.supervisor.take(), guard.registration.take()) {
+        let reaping = tokio::spawn(reap(child, reg));
+        if tokio::time::timeout(KILL_WAIT, reaping).await.is_err() {
+            tracing::warn!(rule = %name, "the shell supervisor has not exited yet");
+        }
+    }
+    // Normally empty by now; whatever is left in the cgroup goes with it.
+    guard.kill_cgroup();
     if let Some(cg) = guard.cgroup.take() {
         let _ = tokio::task::spawn_blocking(move || cg.remove(CGROUP_REMOVE_WAIT)).await;
     }
-    finish(rule, ending, status, &stdout, &stderr, duration)
+    let mut result = finish(rule, ending, &stdout, &stderr, duration);
+    result.cgroup = bounded_by_cgroup;
+    result
 }
 
 fn finish(
     rule: &ShellRule,
     ending: Ending,
-    status: Option<std::process::ExitStatus>,
     stdout: &HeadTail,
     stderr: &HeadTail,
     duration: Duration,
@@ -349,13 +516,13 @@ fn finish(
     };
     let stdout_text = stdout.render();
     let stderr_text = stderr.render();
-    let output = if truncated.stdout || ending != Ending::Exited {
+    let output = if truncated.stdout || !matches!(ending, Ending::Exited(_)) {
         serde_json::Value::Null
     } else {
         parse_output(&stdout.bytes())
     };
-    let (status, exit_code, error) = match (ending, status) {
-        (Ending::Timeout, _) => (
+    let (status, exit_code, error) = match ending {
+        Ending::Timeout => (
             Status::Timeout,
             None,
             Some(format!(
@@ -363,14 +530,30 @@ fn finish(
                 rule.timeout_ms
             )),
         ),
-        (Ending::Cancelled, _) => (
+        Ending::Cancelled => (
             Status::Cancelled,
             None,
             Some(format!(
                 "shell rule {name:?} was cancelled; its process tree was killed"
             )),
         ),
-        (Ending::Exited, Some(s)) => match (s.code(), s.signal()) {
+        Ending::Unstarted(e) => (
+            Status::Error,
+            None,
+            Some(format!(
+                "shell rule {name:?}: could not start {}: {e}",
+                rule.program.display()
+            )),
+        ),
+        Ending::Lost => (
+            Status::Error,
+            None,
+            Some(format!(
+                "shell rule {name:?}: the command's supervisor ended before the command did \
+                 (killed?); its process tree was killed"
+            )),
+        ),
+        Ending::Exited(s) => match (s.code(), s.signal()) {
             (Some(0), _) => (Status::Ok, Some(0), None),
             (Some(code), _) => (
                 Status::Error,
@@ -397,30 +580,17 @@ fn finish(
                 Some(format!("shell rule {name:?} ended in an unknown way ({s})")),
             ),
         },
-        (Ending::Exited, None) => (
-            Status::Error,
-            None,
-            Some(format!(
-                "shell rule {name:?}: the command's exit status could not be collected"
-            )),
-        ),
     };
-    RunResult {
-        status,
-        exit_code,
-        output,
-        stdout: stdout_text,
-        stderr: stderr_text,
-        truncated,
-        fuel_consumed: None,
-        memory_peak_bytes: 0,
-        duration_ms: duration.as_secs_f64() * 1e3,
-        limits: Some(applied(rule)),
-        error,
-        reason: None,
-        module_sha256: None,
-        evicted: false,
-    }
+    let mut result = RunResult::refused(status, String::new());
+    result.exit_code = exit_code;
+    result.output = output;
+    result.stdout = stdout_text;
+    result.stderr = stderr_text;
+    result.truncated = truncated;
+    result.duration_ms = duration.as_secs_f64() * 1e3;
+    result.limits = Some(applied(rule));
+    result.error = error;
+    result
 }
 
 /// stdout parsed as one JSON value, or `null` when it is empty or not JSON.

@@ -12,6 +12,15 @@ use crate::limits::Limits;
 /// Largest number of extra arguments a rule may allow.
 pub const MAX_EXTRA_ARGS: usize = 256;
 
+/// Longest single argument (fixed or extra), in bytes: Linux's `MAX_ARG_STRLEN` (128 KiB)
+/// less its terminating NUL. A longer one would make `execve` fail with `E2BIG`.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+
+/// Largest command line: the program, the fixed and extra arguments and the rule's
+/// environment (`NAME=VALUE`), each counted with its NUL. Well below Linux's limit for both
+/// together (a quarter of the stack limit: 2 MiB with the usual 8 MiB).
+pub const MAX_COMMAND_BYTES: usize = 1 << 20;
+
 /// One allowlisted command: `[[shell.rules]]` / `rules = [{ … }]` in the agent's config.
 ///
 /// The command line is always `program` + `args` + the task's extra arguments, executed directly
@@ -85,6 +94,20 @@ pub enum ArgRefusal {
         /// What the task gave.
         got: usize,
     },
+    /// An argument is longer than [`MAX_ARG_BYTES`].
+    #[error("extra argument {index} is {len} bytes long; at most {MAX_ARG_BYTES} are allowed (the kernel's limit for one argument)")]
+    TooLong {
+        /// Its position among the extra arguments (from 0).
+        index: usize,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The whole command line would exceed [`MAX_COMMAND_BYTES`].
+    #[error("the command line would be {total} bytes long (program, arguments and environment); at most {MAX_COMMAND_BYTES} are allowed")]
+    CommandTooLong {
+        /// Its size in bytes.
+        total: usize,
+    },
     /// An argument contains a NUL byte.
     #[error("extra argument {index} contains a NUL byte")]
     Nul {
@@ -130,6 +153,20 @@ pub fn check_args(rule: &ShellRule, args: &[String]) -> Result<(), ArgRefusal> {
     }
     if let Some(index) = args.iter().position(|a| a.contains('\0')) {
         return Err(ArgRefusal::Nul { index });
+    }
+    if let Some((index, a)) = args
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.len() > MAX_ARG_BYTES)
+    {
+        return Err(ArgRefusal::TooLong {
+            index,
+            len: a.len(),
+        });
+    }
+    let total = rule.command_bytes() + args.iter().map(|a| a.len() + 1).sum::<usize>();
+    if total > MAX_COMMAND_BYTES {
+        return Err(ArgRefusal::CommandTooLong { total });
     }
     for (index, arg) in args.iter().enumerate() {
         let Some(pattern) = extra.patterns.get(index).or(extra.patterns.last()) else {
@@ -182,6 +219,19 @@ impl ShellRule {
         }
     }
 
+    /// The bytes of the rule's own part of the command line: program, fixed arguments and
+    /// environment entries, each with its NUL (see [`MAX_COMMAND_BYTES`]).
+    pub fn command_bytes(&self) -> usize {
+        self.program.as_os_str().len()
+            + 1
+            + self.args.iter().map(|a| a.len() + 1).sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
+    }
+
     /// The checks that need nothing but the rule itself: name, absolute paths, no NUL anywhere,
     /// environment names, patterns compile, limits within the built-in maximums. Whether the
     /// program exists and the user resolves is checked when the rule runs.
@@ -216,6 +266,25 @@ impl ShellRule {
                     "shell rule {name:?}: invalid environment variable {k:?}"
                 ));
             }
+        }
+        let longest = self
+            .args
+            .iter()
+            .map(String::len)
+            .chain(self.env.iter().map(|(k, v)| k.len() + v.len() + 1))
+            .chain([self.program.as_os_str().len()])
+            .max()
+            .unwrap_or(0);
+        if longest > MAX_ARG_BYTES {
+            return Err(format!(
+                "shell rule {name:?}: an argument or environment entry is {longest} bytes long; at most {MAX_ARG_BYTES}"
+            ));
+        }
+        if self.command_bytes() > MAX_COMMAND_BYTES {
+            return Err(format!(
+                "shell rule {name:?}: its program, arguments and environment take {} bytes; at most {MAX_COMMAND_BYTES}",
+                self.command_bytes()
+            ));
         }
         let extra = &self.extra_args;
         if extra.max > MAX_EXTRA_ARGS {
@@ -350,6 +419,31 @@ mod tests {
             check_args(&none, &s(&["x"])),
             Err(ArgRefusal::TooMany { max: 0, got: 1 })
         ));
+    }
+
+    #[test]
+    fn lengths_are_checked_before_patterns() {
+        let r = rule(2, &["a*"]);
+        let long = "a".repeat(MAX_ARG_BYTES);
+        assert_eq!(check_args(&r, std::slice::from_ref(&long)), Ok(()));
+        assert_eq!(
+            check_args(&r, &[long.clone() + "a"]),
+            Err(ArgRefusal::TooLong {
+                index: 0,
+                len: MAX_ARG_BYTES + 1
+            })
+        );
+        let many = rule(16, &["a*"]);
+        let args = vec!["a".repeat(120_000); 9];
+        assert!(matches!(
+            check_args(&many, &args),
+            Err(ArgRefusal::CommandTooLong { total }) if total > MAX_COMMAND_BYTES
+        ));
+        let mut fixed = rule(0, &[]);
+        fixed.args = vec!["x".repeat(MAX_ARG_BYTES + 1)];
+        assert!(fixed.validate().unwrap_err().contains("bytes long"));
+        fixed.args = vec!["x".repeat(100_000); 11];
+        assert!(fixed.validate().unwrap_err().contains("at most 1048576"));
     }
 
     #[test]

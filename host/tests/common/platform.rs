@@ -243,17 +243,22 @@ pub struct Agent {
 impl Agent {
     /// Starts `bridge-daemon run --state STATE ARGS...`.
     pub fn start(state: &Path, args: &[String]) -> Agent {
-        let mut child = super::daemon()
-            .arg("run")
+        Agent::start_with(state, args, |_| {})
+    }
+
+    /// [`Agent::start`], with `prepare` applied to the command before it is spawned.
+    pub fn start_with(state: &Path, args: &[String], prepare: impl FnOnce(&mut Command)) -> Agent {
+        let mut cmd = super::daemon();
+        cmd.arg("run")
             .arg("--state")
             .arg(state)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting bridge-daemon run");
+            .stderr(Stdio::piped());
+        prepare(&mut cmd);
+        let mut child = cmd.spawn().expect("starting bridge-daemon run");
         let log = Log::default();
         log.follow(child.stderr.take().unwrap());
         Agent {

@@ -412,12 +412,16 @@ pub fn curl_pin(pin_hex: &str) -> Result<String> {
 }
 
 /// The one line an operator pastes on a new machine: fetch `install.sh` over the pinned
-/// connection, then run it with the token on its standard input.
+/// connection into a private temporary directory, run it with the token on its standard
+/// input, remove the directory.
 ///
 /// The line starts with a space (shells with `HISTCONTROL=ignorespace`, Debian's default,
 /// keep it out of the history), the token reaches the installer through the shell builtin
 /// `printf` and a pipe (never in any process's argument list), and the installer writes it
-/// to a 0600 file only.
+/// to a root-owned 0640 file only. The script is written into a fresh `mktemp -d` directory
+/// (0700, the operator's): nothing lands in the current directory, and no other user can
+/// swap the file between the download and `sudo sh` reading it. The subshell's `trap`
+/// removes the directory and keeps the installer's exit status.
 pub fn install_command(
     base_url: &str,
     pin_hex: &str,
@@ -429,9 +433,10 @@ pub fn install_command(
         .map(|k| format!(" --release-key {k}"))
         .unwrap_or_default();
     Ok(format!(
-        " curl -fsS --pinnedpubkey 'sha256//{b64}' -k -o bridge-install.sh {base_url}/install.sh \
-         && printf '%s\\n' '{token}' | sudo sh bridge-install.sh --url {base_url} \
-         --server-pin {pin_hex}{release} --token-stdin"
+        " (d=$(mktemp -d) && trap 'rm -rf \"$d\"' EXIT && curl -fsS --pinnedpubkey \
+         'sha256//{b64}' -k -o \"$d/install.sh\" {base_url}/install.sh \
+         && printf '%s\\n' '{token}' | sudo sh \"$d/install.sh\" --url {base_url} \
+         --server-pin {pin_hex}{release} --token-stdin)"
     ))
 }
 
@@ -468,8 +473,11 @@ mod tests {
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAP8="
         );
         let line = install_command("https://h:1", &pin, "tok", None).unwrap();
-        assert!(line.starts_with(" curl -fsS --pinnedpubkey 'sha256//"));
-        assert!(line.contains("printf '%s\\n' 'tok' | sudo sh bridge-install.sh --url https://h:1"));
+        assert!(line.starts_with(
+            " (d=$(mktemp -d) && trap 'rm -rf \"$d\"' EXIT && curl -fsS --pinnedpubkey 'sha256//"
+        ));
+        assert!(line.contains("printf '%s\\n' 'tok' | sudo sh \"$d/install.sh\" --url https://h:1"));
+        assert!(line.ends_with("--token-stdin)"));
         assert!(!line.contains("--token tok"));
     }
 }
