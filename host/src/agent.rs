@@ -303,6 +303,8 @@ pub struct Agent {
     /// Tasks accepted and not finished, plus those being accepted; bounded by `max_pending`.
     pending: AtomicUsize,
     max_pending: usize,
+    /// Runs waiting for an earlier message about their task id or command (see [`Turns`]).
+    waiting_runs: AtomicUsize,
     started: Instant,
     /// When the last task ended (none yet: `None`); a trim waits until it is [`TRIM_AFTER`] ago.
     last_task: Mutex<Option<Instant>>,
@@ -439,6 +441,7 @@ impl Agent {
                 slots: Arc::new(Semaphore::new(slots)),
                 installs: Arc::new(Semaphore::new(MAX_INSTALLS)),
                 pending: AtomicUsize::new(0),
+                waiting_runs: AtomicUsize::new(0),
                 max_pending: slots + options.queue_capacity,
                 started: Instant::now(),
                 last_task: Mutex::new(None),
@@ -610,9 +613,25 @@ impl Agent {
                     .await;
             }
         };
-        turn.wait().await;
-        if let Some(change) = handler_change {
-            change.cancelled().await;
+        let change = handler_change.filter(|c| !c.is_cancelled());
+        if turn.must_wait() || change.is_some() {
+            // Waiting runs hold their requests: as many as may be in progress, then `busy`.
+            if self.waiting_runs.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
+                self.waiting_runs.fetch_sub(1, Ordering::SeqCst);
+                let result = rejected(
+                    "busy",
+                    format!(
+                        "{} runs already wait for an earlier message about their task id or command; try again later",
+                        self.max_pending
+                    ),
+                );
+                return self.reply_unrecorded(&req, result).await;
+            }
+            turn.wait().await;
+            if let Some(change) = change {
+                change.cancelled().await;
+            }
+            self.waiting_runs.fetch_sub(1, Ordering::SeqCst);
         }
         if self.answer_seen(&req).await {
             return;
@@ -1074,12 +1093,8 @@ impl Agent {
             charge => {
                 // Not sent before it is recorded: a task that never ran (see above), or a
                 // result that does not fit in memory, which then waits in the journal (and is
-                // not copied meanwhile).
-                let recorded = if ran {
-                    self.journal.finish_lazily(&req.task_id, &result).await
-                } else {
-                    self.journal.finish(&req.task_id, &result).await
-                };
+                // not copied meanwhile). Either way the journal's is the only copy: durably.
+                let recorded = self.journal.finish(&req.task_id, &result).await;
                 let queued = match (charge, &recorded) {
                     (Some(charge), _) => Outgoing::Message(message(result), Some(charge)),
                     (None, Ok(())) => Outgoing::Stored(req.task_id.clone()),

@@ -91,8 +91,8 @@
 //! acknowledges some, and a task that finishes then keeps its result without its output (the
 //! result is owed; its output cannot be had). Sizes are counted as the file stores them (a large
 //! value takes a power of two of pages); the file, which also keeps pages for copy-on-write,
-//! stays within about twice `max_bytes`, and past `max_bytes` it is compacted at most once a
-//! second.
+//! stays within about twice `max_bytes`, and past twice `max_bytes` it is compacted (at most
+//! every 5 s: compacting holds off readers and the writer).
 //!
 //! [`Journal::accept`] also refuses new tasks when the filesystem holding the journal has less
 //! than [`JournalConfig::min_free_bytes`] available. These checks happen before anything is
@@ -129,9 +129,9 @@ pub const MAX_BATCH: usize = 1024;
 /// The writer prunes after this many accepted tasks (and at open).
 pub const PRUNE_EVERY: usize = 1000;
 
-/// While the file is over [`JournalConfig::max_bytes`], how long after compacting it the
+/// While the file is over twice [`JournalConfig::max_bytes`], how long after compacting it the
 /// writer compacts it again.
-const SIZE_RECHECK: Duration = Duration::from_secs(1);
+const SIZE_RECHECK: Duration = Duration::from_secs(5);
 
 /// How long a free-space measurement stands.
 const SPACE_RECHECK: Duration = Duration::from_millis(250);
@@ -338,10 +338,13 @@ struct Meta {
     phase: TaskPhase,
     acked: bool,
     finished_at_ms: Option<u64>,
-    /// What the task's values (record, result, entry) take in the file, as written.
+    /// What the task's values (record, result, entry) take in the file, as written (0 when
+    /// read from a format version 1 entry, which did not have it: measured at open).
+    #[serde(default)]
     bytes: u64,
     /// The result's output was dropped (evicted once acknowledged, or never stored for lack
     /// of room), and the record's input with it.
+    #[serde(default)]
     evicted: bool,
 }
 
@@ -803,7 +806,12 @@ impl<'t> Tables<'t> {
                 entry.id
             ))));
         }
-        Ok(Some(entry.meta(seq)))
+        let mut meta = entry.meta(seq);
+        if meta.bytes == 0 {
+            // Written before sizes were kept: the size measured at open.
+            meta.bytes = lock(self.mirror).tasks.get(id).map_or(0, |m| m.bytes);
+        }
+        Ok(Some(meta))
     }
 
     /// A task's record and entry, this transaction's writes included.
@@ -1568,7 +1576,7 @@ impl Writer {
         // file itself keeps the pages it once needed. Past the limit, it is compacted now and
         // then (redb reuses freed pages meanwhile), never a reason to refuse work.
         let len = file_len(&config.path);
-        if len <= config.max_bytes {
+        if len <= config.max_bytes.saturating_mul(2) {
             self.size_verdict = None;
             return Ok(());
         }
@@ -2725,7 +2733,7 @@ mod tests {
         // 100 MiB of acknowledged results through a journal of 16 MiB.
         fill(&j, "t", 400, 256 << 10, true).await;
         // What the file keeps beyond its limit is compacted away with the next acceptance.
-        tokio::time::sleep(SIZE_RECHECK + SPACE_RECHECK).await;
+        tokio::time::sleep(SPACE_RECHECK).await;
         j.accept(&request("next")).await.unwrap();
         drop(j);
         let len = file_len(&cfg.path);
@@ -2799,9 +2807,15 @@ mod tests {
                     accepted_at_ms: now_ms() - 1000 + seq,
                     finished_at_ms: (phase == TaskPhase::Done).then(|| now_ms() - 500 + seq),
                 };
-                let meta = Meta::of(seq, &record);
+                // A version 1 index entry: these four fields, nothing else.
+                let m = serde_json::to_vec(&serde_json::json!({
+                    "seq": seq,
+                    "phase": phase,
+                    "acked": acked,
+                    "finished_at_ms": record.finished_at_ms,
+                }))
+                .unwrap();
                 let r = serde_json::to_vec(&record).unwrap();
-                let m = serde_json::to_vec(&meta).unwrap();
                 records.insert(id, r.as_slice()).unwrap();
                 index.insert(id, m.as_slice()).unwrap();
             }
