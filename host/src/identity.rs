@@ -33,13 +33,13 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use std::os::unix::fs::MetadataExt;
-
 use anyhow::{bail, Context, Result};
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
+
+use crate::owner::{self, Exposure};
 
 /// How long a freshly issued agent certificate is valid.
 pub const CERT_VALIDITY_DAYS: i64 = 365;
@@ -105,35 +105,27 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The effective uid: who must own the state.
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// Refuses `path` unless it is owned by the effective uid and, beyond `allowed`, has no
 /// permission bit for group or others. The error is one line: the file, what is wrong, the fix.
 fn check_owner_and_mode(path: &Path, what: &str, allowed: u32, fix: &str) -> Result<()> {
     let meta =
         fs::metadata(path).with_context(|| format!("examining {what} {}", path.display()))?;
-    let me = euid();
-    if meta.uid() != me {
-        bail!(
-            "{what} {} is owned by uid {}, but the agent runs as uid {me}; run the agent as its owner, or fix: chown {me} {}",
-            path.display(),
-            meta.uid(),
-            path.display()
-        );
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 & !allowed != 0 {
-        bail!(
+    match owner::exposure(&meta, allowed) {
+        Some(Exposure::Owner(uid)) => {
+            let me = owner::euid();
+            bail!(
+                "{what} {} is owned by uid {uid}, but the agent runs as uid {me}; run the agent as its owner, or fix: chown {me} {}",
+                path.display(),
+                path.display()
+            )
+        }
+        Some(Exposure::Mode(mode)) => bail!(
             "{what} {} is accessible to group or others (mode {mode:04o}); fix: {fix} {}",
             path.display(),
             path.display()
-        );
+        ),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks that nobody but the agent's user can change the state or read the agent key: the

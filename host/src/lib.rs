@@ -45,6 +45,7 @@ pub mod link;
 pub mod memory;
 pub mod outbox;
 pub mod outcome;
+pub mod owner;
 pub mod sandbox;
 pub mod shell;
 pub mod stream;

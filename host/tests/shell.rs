@@ -935,21 +935,9 @@ fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[shell]\ncgroup_root = \"auto\"\n{}", escape_rules());
+    // The agent starts inside `base`, as a service starts inside its unit's cgroup.
     let live = Live::start_with(dir.path(), &config, |cmd| {
-        use std::os::fd::AsRawFd as _;
-        use std::os::unix::process::CommandExt as _;
-        let fd = procs.as_raw_fd();
-        // SAFETY: write(2) is async-signal-safe; the file is open until spawn returns. The
-        // agent starts inside `base`, as a service starts inside its unit's cgroup.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        bridge_host::shell::exec::enter_cgroup_before_exec(cmd, &procs)
     });
     let own = std::fs::read_to_string(format!("/proc/{}/cgroup", live.agent.pid())).unwrap();
     let leaf = format!("/{}/agent", base.file_name().unwrap().to_string_lossy());

@@ -36,6 +36,8 @@ use ring::hmac;
 use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Module};
 
+use crate::owner::{self, Exposure};
+
 const MAGIC: &[u8; 8] = b"BRCWASM1";
 const TAG_LEN: usize = 32;
 const KEY_LEN: usize = 32;
@@ -163,12 +165,6 @@ pub fn engine_fingerprint(engine: &Engine) -> [u8; 32] {
     h.0.finalize().into()
 }
 
-/// The effective uid: who must own everything the cache trusts.
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// Opens `path` without following a final symbolic link.
 fn open_nofollow(path: &Path, directory: bool) -> std::io::Result<File> {
     let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -216,21 +212,19 @@ fn check_private_dir(dir: &Path, what: &str) -> Result<()> {
     let meta = file
         .metadata()
         .with_context(|| format!("examining {what} {}", dir.display()))?;
-    let me = euid();
-    if meta.uid() != me {
-        bail!(
-            "{what} {} is owned by uid {}, not by the agent's user (uid {me})",
+    match owner::exposure(&meta, 0o055) {
+        Some(Exposure::Owner(uid)) => bail!(
+            "{what} {} is owned by uid {uid}, not by the agent's user (uid {})",
             dir.display(),
-            meta.uid()
-        );
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        bail!(
+            owner::euid()
+        ),
+        Some(Exposure::Mode(mode)) => bail!(
             "{what} {} is writable by group or others (mode {mode:04o})",
             dir.display()
-        );
+        ),
+        None => {}
     }
+    let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         file.set_permissions(fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting {what} {} to mode 0700", dir.display()))?;
@@ -242,28 +236,24 @@ fn check_private_dir(dir: &Path, what: &str) -> Result<()> {
 /// Why a key file cannot be trusted, if it cannot: it must be a regular file owned by the
 /// effective uid that nobody else can read or write.
 fn check_key_file(path: &Path, meta: &fs::Metadata) -> Result<()> {
-    let me = euid();
     if !meta.is_file() {
         bail!(
             "the module cache key {} is not a regular file",
             path.display()
         );
     }
-    if meta.uid() != me {
-        bail!(
-            "the module cache key {} is owned by uid {}, not by the agent's user (uid {me})",
+    match owner::exposure(meta, 0) {
+        Some(Exposure::Owner(uid)) => bail!(
+            "the module cache key {} is owned by uid {uid}, not by the agent's user (uid {})",
             path.display(),
-            meta.uid()
-        );
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        bail!(
+            owner::euid()
+        ),
+        Some(Exposure::Mode(mode)) => bail!(
             "the module cache key {} is accessible to group or others (mode {mode:04o})",
             path.display()
-        );
+        ),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl DiskCache {

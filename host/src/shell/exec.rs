@@ -149,8 +149,9 @@ pub fn check_paths(rule: &ShellRule) -> Result<(), String> {
 
 /// Moves the child (the run's supervisor) into `procs` (an open `cgroup.procs`) between fork
 /// and exec, so that everything it starts is inside.
-pub fn enter_cgroup_before_exec(cmd: &mut tokio::process::Command, procs: &File) {
+pub fn enter_cgroup_before_exec(cmd: &mut std::process::Command, procs: &File) {
     use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
     let fd = procs.as_raw_fd();
     // SAFETY: the closure only calls write(2), which is async-signal-safe, on a descriptor the
     // parent keeps open until `spawn` returns. Writing "0" moves the writing process; the

@@ -334,7 +334,7 @@ fn spawn_supervisor(
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut cmd = supervise::command(exe, rule, args, id, theirs.into());
     if let Some(f) = procs {
-        exec::enter_cgroup_before_exec(&mut cmd, f);
+        exec::enter_cgroup_before_exec(cmd.as_std_mut(), f);
     }
     let (child, registration) = supervise::spawn(&mut cmd)?;
     // Our copy of the supervisor's end goes with the command: only the supervisor holds it.
