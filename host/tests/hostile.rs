@@ -23,13 +23,14 @@ const BIG: usize = 900_000;
 
 /// The agent's shell rules: `echo` (any 8 arguments), `sleep N`, and `big` (about a megabyte of
 /// output from a small request).
-fn config(dir: &Path, journal_max_mib: u64) -> std::path::PathBuf {
+fn config(dir: &Path, journal_max_mib: u64, agent: &str) -> std::path::PathBuf {
     let path = dir.join("agent.toml");
     std::fs::write(
         &path,
         format!(
             r#"[agent]
 journal_max_mib = {journal_max_mib}
+{agent}
 
 [[shell.rules]]
 name = "echo"
@@ -362,11 +363,18 @@ struct Agent {
 
 impl Agent {
     fn start(server: &Server, dir: &Path, journal_max_mib: u64) -> Agent {
-        Agent::start_with(server, dir, journal_max_mib, &[])
+        Agent::start_with(server, dir, journal_max_mib, &[], "")
     }
 
-    fn start_with(server: &Server, dir: &Path, journal_max_mib: u64, extra: &[String]) -> Agent {
-        let config = config(dir, journal_max_mib);
+    /// With `extra` arguments, and `agent` lines added to the config's `[agent]` section.
+    fn start_with(
+        server: &Server,
+        dir: &Path,
+        journal_max_mib: u64,
+        extra: &[String],
+        agent: &str,
+    ) -> Agent {
+        let config = config(dir, journal_max_mib, agent);
         let mut child = common::daemon()
             .arg("run")
             .args(["--server", &server.url(), "--server-pin", &server.pin])
@@ -486,7 +494,7 @@ fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
     let server = Server::start();
     let publisher = common::platform::Publisher::new();
     let trusted = ["--trusted-key".to_string(), publisher.public()];
-    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted);
+    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, "");
     let mut conn = server.accept();
     conn.open();
     let module = publisher.signed("hello");
@@ -522,6 +530,58 @@ fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
     assert_eq!(r["output"]["greeting"], "Hello, Ada!");
     assert_eq!(handlers["install-1"]["handlers"][0]["name"], "hello");
     assert_eq!(handlers["list-1"]["handlers"][0]["name"], "hello");
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn runs_waiting_behind_an_install_are_bounded() {
+    // Two tasks in progress at most: beyond that, runs waiting for the install are `busy`.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let publisher = common::platform::Publisher::new();
+    let trusted = ["--trusted-key".to_string(), publisher.public()];
+    let limits = "max_concurrent_tasks = 1\nqueue_capacity = 1";
+    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, limits);
+    let mut conn = server.accept();
+    conn.open();
+    let module = publisher.signed("hello");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&module))
+    };
+    let mut bytes = text(
+        &json!({"type": "install_handler", "id": "install-1", "name": "hello", "module_sha256": sha}),
+    );
+    for i in 0..3 {
+        bytes.extend(text(&run(&format!("behind-{i}"), "hello", &[])));
+    }
+    conn.write(&bytes);
+    conn.expect("need_module", Duration::from_secs(30));
+    // One of the three (whichever reached the bound last) is refused while the install still
+    // waits for its module; the other two wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ids: Vec<String> = (0..3).map(|i| format!("behind-{i}")).collect();
+    while conn.results.is_empty() {
+        match conn.recv(deadline.saturating_duration_since(Instant::now())) {
+            Some(Got::Text(_)) => {}
+            other => panic!("no run was refused: {other:?}"),
+        }
+    }
+    let refused = conn.results.keys().next().unwrap().clone();
+    let r = &conn.results[&refused]["result"];
+    assert_eq!(r["reason"], "busy", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("wait for an earlier message"),
+        "{r}"
+    );
+    conn.write(&frame(2, &module));
+    for id in ids.iter().filter(|id| **id != refused) {
+        let r = conn.result(id, Duration::from_secs(60));
+        assert_eq!(r["status"], "ok", "{id}: {r}");
+    }
     conn.healthy(&mut agent);
 }
 
