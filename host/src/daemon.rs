@@ -130,7 +130,8 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
             "agent.max_concurrent_tasks exceeds sandbox.max_concurrent_runs: WASM tasks beyond it wait for a sandbox slot while recorded as running"
         );
     }
-    let (agent, recovery) = Agent::new(identity.agent_id.clone(), sandbox, trust, &state, options)?;
+    let (agent, outbox, recovery) =
+        Agent::new(identity.agent_id.clone(), sandbox, trust, &state, options)?;
     let (records, unacked) = agent.journal().counts();
     tracing::info!(
         records,
@@ -156,7 +157,7 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         tracing::info!("stopping (signal received)");
         signals.cancel();
     });
-    crate::link::run(link, state, agent, shutdown).await
+    crate::link::run(link, state, agent, outbox, shutdown).await
 }
 
 /// Creates the state directory (mode 0700, whatever the umask) if it is missing; its parents get

@@ -8,8 +8,10 @@
 //! the platform within the heartbeat timeout, even if TCP never reports an error (a silent
 //! partition).
 //!
-//! Messages to the platform go through an outbox that outlives sessions: a result produced
-//! while the link is down is sent on the next connection.
+//! The link is transport only. It hands each decoded message to the agent through [`Peer`] (the
+//! whole interface between the two) and writes what the [`Outbox`] gives it; the outbox, which
+//! outlives sessions, decides what goes out and in what order, so a result produced while the
+//! link is down is sent on the next connection.
 
 pub mod backoff;
 pub mod session;
@@ -27,10 +29,26 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::Agent;
 use crate::identity;
+use crate::outbox::Outbox;
 use backoff::Backoff;
 pub use tls::ServerTrust;
+
+/// What the link needs from the agent. The link frames, heartbeats and reconnects; what a
+/// message means is the agent's business. Every method returns at once.
+pub trait Peer: Send + Sync + 'static {
+    /// The agent id, sent in `hello`.
+    fn agent_id(&self) -> &str;
+    /// The report sent as `status` when a session opens and every status interval.
+    fn status(&self) -> bridge_protocol::StatusReport;
+    /// A message from the platform, decoded and checked, in the order they arrive: `run`,
+    /// `cancel`, `ack` and the handler requests (the link answers `welcome` and `error` itself).
+    fn deliver(self: &Arc<Self>, msg: bridge_protocol::PlatformMessage);
+    /// A binary frame: module bytes some run asked for, or an error to answer with.
+    fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), bridge_protocol::ErrorBody>;
+    /// The link failed and waits to reconnect.
+    fn waiting_to_reconnect(self: &Arc<Self>);
+}
 
 /// Everything the link needs to know (the config's `[platform]` section, resolved).
 #[derive(Debug, Clone)]
@@ -234,10 +252,11 @@ pub fn welcomed(config: &LinkConfig, agent_id: &str) {
 }
 
 /// Runs the link until `shutdown` is cancelled: connect, serve, back off, reconnect.
-pub async fn run(
+pub async fn run<P: Peer>(
     mut config: LinkConfig,
     state: std::path::PathBuf,
-    agent: Arc<Agent>,
+    peer: Arc<P>,
+    mut outbox: Outbox,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let endpoint = endpoint(&config.server, config.allow_plaintext)?;
@@ -254,11 +273,6 @@ pub async fn run(
         None
     };
     let mut backoff = Backoff::new(config.reconnect_base, config.reconnect_max);
-    let mut outbox = session::Outbox::new(
-        agent
-            .take_outbox()
-            .context("the agent's outbox is already in use")?,
-    );
     tracing::info!(agent_id = %identity.agent_id, server = %config.server, "starting the platform link");
     while !shutdown.is_cancelled() {
         if config.token.is_some() && identity::enrollment(&state, &identity.agent_id).is_some() {
@@ -291,7 +305,7 @@ pub async fn run(
             Ok(Ok(ws)) => {
                 let started = Instant::now();
                 tracing::info!(agent_id = %identity.agent_id, "connected to the platform");
-                let end = session::run(ws, &config, &agent, &mut outbox, &shutdown).await;
+                let end = session::run(ws, &config, &peer, &mut outbox, &shutdown).await;
                 let lasted = started.elapsed();
                 if lasted >= config.healthy_after {
                     backoff.reset();
@@ -323,7 +337,7 @@ pub async fn run(
             delay_ms = delay.as_millis() as u64,
             "reconnecting after a pause"
         );
-        agent.trim_while_waiting();
+        peer.waiting_to_reconnect();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => break,

@@ -8,7 +8,6 @@
 //! - Each text frame is decoded with limits ([`bridge_protocol::codec::decode`]); a bad one is
 //!   answered with an `error` message and the session goes on.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,16 +15,14 @@ use std::time::Duration;
 use bridge_protocol::codec::{decode, encode};
 use bridge_protocol::{AgentMessage, ErrorBody, ErrorCode, PlatformMessage, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::{LinkConfig, Socket};
-use crate::agent::Agent;
-use crate::outbox::{Charge, Outgoing};
+use super::{LinkConfig, Peer, Socket};
+use crate::outbox::{Batch, Outbox, Replies};
 
 /// How long the platform has to answer `hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,39 +64,6 @@ impl std::fmt::Display for End {
     }
 }
 
-/// Messages waiting to go to the platform; what a dead session could not send is kept for the
-/// next one.
-pub struct Outbox {
-    rx: mpsc::Receiver<Outgoing>,
-    /// Messages taken from the channel and not sent yet (encoded when sent).
-    unsent: VecDeque<Outgoing>,
-}
-
-impl Outbox {
-    /// Wraps the agent's outbox receiver.
-    pub fn new(rx: mpsc::Receiver<Outgoing>) -> Outbox {
-        Outbox {
-            rx,
-            unsent: VecDeque::new(),
-        }
-    }
-}
-
-/// The message to send for `item`, with what keeps its bytes counted until it is sent; `None`
-/// for a stored result the platform has acknowledged meanwhile.
-fn resolve(agent: &Agent, item: Outgoing) -> Option<(AgentMessage, Option<Charge>)> {
-    match item {
-        Outgoing::Message(msg, charge) => Some((msg, charge)),
-        Outgoing::Stored(task_id) => agent
-            .results_of(std::slice::from_ref(&task_id))
-            .pop()
-            .map(|msg| (msg, None)),
-    }
-}
-
-/// Results read from the journal at a time while a backlog is sent.
-const BACKLOG_BATCH: usize = 64;
-
 /// How long one frame may take to send. A send that blocks longer means the platform stopped
 /// reading (or the network stopped moving): the same verdict as a missed heartbeat. Without this
 /// bound, a send stuck on a full socket buffer would keep the loop from noticing anything.
@@ -132,38 +96,15 @@ where
     send_frame(ws, Message::Text(text.into())).await
 }
 
-/// The most messages of the outbox written with one flush.
-const SEND_BATCH: usize = 64;
-
-/// A batch stops taking messages once it holds this many bytes: results read from the journal
-/// for a write stay few while the platform is slow to read them.
-const BATCH_BYTES: usize = 256 << 10;
-
-/// A message on its way out: what it is, what keeps its bytes counted, and its text.
-type Encoded = (AgentMessage, Option<Charge>, String);
-
-/// Resolves `item` and encodes it into `batch`; returns the bytes added.
-fn add_to_batch(agent: &Agent, item: Outgoing, batch: &mut Vec<Encoded>) -> usize {
-    match resolve(agent, item) {
-        Some((msg, charge)) => {
-            let text = encode(&msg);
-            let len = text.len();
-            batch.push((msg, charge, text));
-            len
-        }
-        None => 0,
-    }
-}
-
 /// Sends `messages` as one write where they fit (one TLS flush, one system call, instead of
 /// one per message), within [`SEND_TIMEOUT`] as a whole.
-async fn send_batch<S>(ws: &mut S, messages: &mut [Encoded]) -> Result<(), String>
+async fn send_batch<S>(ws: &mut S, batch: &mut Batch) -> Result<(), String>
 where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     within_send_timeout(async {
-        for (_, _, text) in messages.iter_mut() {
-            ws.feed(Message::Text(std::mem::take(text).into())).await?;
+        for text in batch.take_texts() {
+            ws.feed(Message::Text(text.into())).await?;
         }
         ws.flush().await
     })
@@ -171,10 +112,10 @@ where
 }
 
 /// Sends `hello` and waits for `welcome`.
-async fn handshake(ws: &mut Socket, agent: &Agent) -> Result<(), End> {
+async fn handshake(ws: &mut Socket, expected: &str) -> Result<(), End> {
     let hello = AgentMessage::Hello {
         versions: vec![PROTOCOL_VERSION],
-        agent_id: agent.agent_id().to_string(),
+        agent_id: expected.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     send_text(ws, encode(&hello)).await.map_err(End::Error)?;
@@ -197,7 +138,7 @@ async fn handshake(ws: &mut Socket, agent: &Agent) -> Result<(), End> {
                                 "the platform chose protocol version {version}"
                             )));
                         }
-                        if agent_id != agent.agent_id() {
+                        if agent_id != expected {
                             tracing::warn!(platform_says = %agent_id, "the platform derived another agent id");
                         }
                         if enrolled {
@@ -352,51 +293,32 @@ macro_rules! throttled_warn {
 /// arrives (none of the agent's handlers block), while this task writes. So a long backlog of
 /// results sent at connection start never stops the agent from reading the platform's `ack`s:
 /// neither end can fill the other's buffers while both wait to write.
-pub async fn run(
+pub async fn run<P: Peer>(
     mut ws: Socket,
     config: &LinkConfig,
-    agent: &Arc<Agent>,
+    peer: &Arc<P>,
     outbox: &mut Outbox,
     shutdown: &CancellationToken,
 ) -> End {
-    if let Err(end) = handshake(&mut ws, agent).await {
+    if let Err(end) = handshake(&mut ws, peer.agent_id()).await {
         return end;
     }
     tracing::info!("the platform welcomed the agent: session open");
-    super::welcomed(config, agent.agent_id());
+    super::welcomed(config, peer.agent_id());
     let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
     ping.tick().await;
     let mut status = tokio::time::interval(config.status_interval);
     let mut ping_seq: u64 = 0;
-
-    // Whatever an earlier session could not send goes first, then what queued up while the
-    // link was down (chunks before their results), then every result the platform has not
-    // acknowledged yet (the durable outbox). A result is sent once per session: the journal's
-    // copy replaces a queued one; a queued one whose commit is still in flight is kept.
-    let queued = outbox.rx.len();
-    for _ in 0..queued {
-        match outbox.rx.try_recv() {
-            Ok(msg) => outbox.unsent.push_back(msg),
-            Err(_) => break,
-        }
-    }
-    // The durable outbox is read a batch at a time as it is sent, so a long backlog costs
-    // memory for one batch, not for all of it.
-    let mut backlog: VecDeque<String> = agent.unacked_ids().into();
-    let in_journal: HashSet<&str> = backlog.iter().map(String::as_str).collect();
-    outbox.unsent.retain(|m| {
-        m.result_of()
-            .is_none_or(|task_id| !in_journal.contains(task_id))
-    });
-    drop(in_journal);
+    outbox.start_session();
 
     let (mut sink, stream) = ws.split();
     let last_rx = Arc::new(AtomicU64::new(0));
     let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
     let reader = AbortOnDrop(tokio::spawn(read_loop(
         stream,
-        agent.clone(),
+        peer.clone(),
+        outbox.replies(),
         started,
         last_rx.clone(),
         ended_tx,
@@ -442,45 +364,21 @@ pub async fn run(
                 }
             }
             _ = status.tick() => {
-                let report = AgentMessage::Status(agent.status_report());
+                let report = AgentMessage::Status(peer.status());
                 if let Err(e) = send_text(&mut sink, encode(&report)).await {
                     break End::Error(e);
                 }
             }
-            _ = std::future::ready(()), if !outbox.unsent.is_empty() || !backlog.is_empty() => {
-                if outbox.unsent.is_empty() {
-                    let n = agent.backlog_batch(&backlog, BACKLOG_BATCH, BATCH_BYTES);
-                    let ids: Vec<String> = backlog.drain(..n).collect();
-                    outbox.unsent.extend(agent.results_of(&ids).into_iter().map(Outgoing::from));
+            more = outbox.ready() => {
+                if !more {
+                    break End::Shutdown;
+                }
+                let mut batch = outbox.next_batch().await;
+                if batch.is_empty() {
                     continue;
                 }
-                let item = outbox.unsent.pop_front().expect("not empty");
-                let Some((msg, charge)) = resolve(agent, item) else { continue };
-                if let Err(e) = send_text(&mut sink, encode(&msg)).await {
-                    outbox.unsent.push_front(Outgoing::Message(msg, charge));
-                    break End::Error(e);
-                }
-            }
-            msg = outbox.rx.recv(), if outbox.unsent.is_empty() && backlog.is_empty() => {
-                let Some(msg) = msg else { break End::Shutdown };
-                // Let the tasks that are ready run first: the results of one journal commit
-                // become ready together, and each would otherwise wake this loop (tokio runs a
-                // task woken by the running one next) and go out in a write of its own.
-                tokio::task::yield_now().await;
-                // Whatever else is queued already goes out with it.
-                let mut batch = Vec::new();
-                let mut bytes = add_to_batch(agent, msg, &mut batch);
-                while batch.len() < SEND_BATCH && bytes < BATCH_BYTES {
-                    match outbox.rx.try_recv() {
-                        Ok(msg) => bytes += add_to_batch(agent, msg, &mut batch),
-                        Err(_) => break,
-                    }
-                }
                 if let Err(e) = send_batch(&mut sink, &mut batch).await {
-                    // Some may have gone out: the platform ignores a result it has.
-                    outbox
-                        .unsent
-                        .extend(batch.into_iter().map(|(m, c, _)| Outgoing::Message(m, c)));
+                    outbox.put_back(batch);
                     break End::Error(e);
                 }
             }
@@ -500,9 +398,10 @@ impl Drop for AbortOnDrop {
 }
 
 /// Reads frames until the link ends, handing each to the agent; reports how it ended.
-async fn read_loop(
+async fn read_loop<P: Peer>(
     mut stream: futures_util::stream::SplitStream<Socket>,
-    agent: Arc<Agent>,
+    peer: Arc<P>,
+    replies: Replies,
     started: Instant,
     last_rx: Arc<AtomicU64>,
     ended: tokio::sync::oneshot::Sender<End>,
@@ -530,35 +429,6 @@ async fn read_loop(
                     Err(e) => Err(e),
                 };
                 match decoded {
-                    Ok(PlatformMessage::Run(req)) => {
-                        agent.start_run(req);
-                        None
-                    }
-                    Ok(PlatformMessage::Ack { task_ids }) => {
-                        agent.ack(&task_ids);
-                        None
-                    }
-                    Ok(PlatformMessage::Cancel { id, task_id }) => {
-                        agent.cancel(id, task_id);
-                        None
-                    }
-                    Ok(PlatformMessage::InstallHandler {
-                        id,
-                        name,
-                        module_sha256,
-                        signature,
-                    }) => {
-                        agent.install_handler(id, name, module_sha256, signature);
-                        None
-                    }
-                    Ok(PlatformMessage::RemoveHandler { id, name }) => {
-                        agent.remove_handler(id, name);
-                        None
-                    }
-                    Ok(PlatformMessage::ListHandlers { id }) => {
-                        agent.list_handlers(id);
-                        None
-                    }
                     Ok(PlatformMessage::Error(e)) => {
                         throttled_warn!(throttle, code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
                         None
@@ -568,6 +438,10 @@ async fn read_loop(
                         code: ErrorCode::Unexpected,
                         message: "welcome after the handshake".into(),
                     }),
+                    Ok(msg) => {
+                        peer.deliver(msg);
+                        None
+                    }
                     // Never answer an `error` with an `error`, even one that does not decode:
                     // two strict ends would answer each other for ever.
                     Err(e) if e.was_error() => {
@@ -584,7 +458,7 @@ async fn read_loop(
                 }
             }
             Some(Ok(Message::Binary(bytes))) => {
-                let r = agent.module_arrived(bytes.to_vec()).err();
+                let r = peer.module_arrived(bytes.to_vec()).err();
                 if let Some(e) = &r {
                     throttled_warn!(throttle, "refusing a binary frame: {}", e.message);
                 }
@@ -596,7 +470,7 @@ async fn read_loop(
             None => break End::Closed("end of stream".into()),
         };
         if let Some(body) = reply {
-            if !agent.report(AgentMessage::Error(body)) {
+            if !replies.try_send(AgentMessage::Error(body)) {
                 throttled_warn!(
                     throttle,
                     "the outbox is full; an error reply to the platform was dropped"

@@ -1,50 +1,12 @@
-//! What waits to be sent to the platform, bounded in bytes as well as in messages.
-//!
-//! The agent queues messages on a channel the link drains ([`Outgoing`]). Results are the only
-//! large messages (up to a frame, 1 MiB), so they are charged against [`MAX_QUEUED_BYTES`]
-//! while they wait. A finishing task's result that finds no room is not queued in memory: its
-//! task id is ([`Outgoing::Stored`]), and the link reads the result from the journal when it
-//! sends it, as it does for the backlog after a reconnect. So a platform that stops reading
-//! costs the agent at most [`MAX_QUEUED_BYTES`] of results, not one megabyte per task.
+//! The byte budget of results waiting in memory for the platform: a [`Charge`] holds a queued
+//! result's bytes until it is sent or dropped, so a platform that stops reading costs bounded memory.
 
 use std::sync::Arc;
 
-use bridge_protocol::AgentMessage;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most bytes of results that wait in memory for the platform.
 pub const MAX_QUEUED_BYTES: usize = 16 << 20;
-
-/// A message waiting for the platform.
-// Messages travel by value, as they did before results could be stored; boxing them for the
-// rare `Stored` would cost an allocation per message.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Outgoing {
-    /// To send as it is; a result's [`Charge`] keeps its bytes counted until it is sent or
-    /// dropped.
-    Message(AgentMessage, Option<Charge>),
-    /// A result recorded in the journal, read from there when it is sent (nothing is sent if
-    /// the platform acknowledged it meanwhile).
-    Stored(String),
-}
-
-impl From<AgentMessage> for Outgoing {
-    fn from(msg: AgentMessage) -> Outgoing {
-        Outgoing::Message(msg, None)
-    }
-}
-
-impl Outgoing {
-    /// The task id, when this is a result.
-    pub fn result_of(&self) -> Option<&str> {
-        match self {
-            Outgoing::Message(AgentMessage::Result { task_id, .. }, _)
-            | Outgoing::Stored(task_id) => Some(task_id),
-            Outgoing::Message(..) => None,
-        }
-    }
-}
 
 /// Bytes of a queued message, given back when it is dropped.
 #[derive(Debug)]

@@ -1,0 +1,162 @@
+//! What a task runs and the run itself: a command resolves to an installed handler, else to a
+//! shell rule; a handler runs in the WASM sandbox, a shell rule as a supervised process tree.
+
+use bridge_protocol::{RunRequest, RunResult};
+use tokio_util::sync::CancellationToken;
+
+use super::modules::{decode_signature, parse_sha};
+use super::refusal::Refusal;
+use super::Agent;
+use crate::shell::ShellRule;
+use crate::stream::StreamTap;
+use crate::trust::{grant, Prepared};
+
+/// Where a task resolved.
+pub(super) enum Target {
+    /// A module, by hash, with the signature to check it against.
+    Module {
+        sha256: String,
+        signature: Option<String>,
+    },
+    /// A module verified and compiled already (found in the trust cache).
+    Ready { sha256: String, prepared: Prepared },
+    /// A shell rule.
+    Shell(ShellRule),
+}
+
+impl Agent {
+    /// What `req` runs: its command resolved (an installed handler, else a shell rule), or the
+    /// module it names. `None` for a command that resolves to nothing.
+    pub(super) fn resolve(&self, req: &RunRequest) -> Option<Target> {
+        match (&req.command, &req.module_sha256) {
+            (Some(name), _) => {
+                if let Some(h) = self.journal.handler(name) {
+                    return Some(Target::Module {
+                        sha256: h.module_sha256,
+                        signature: h.signature,
+                    });
+                }
+                self.shell.get(name).cloned().map(Target::Shell)
+            }
+            (None, Some(sha)) => Some(Target::Module {
+                sha256: sha.clone(),
+                signature: req.signature.clone(),
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// `target` as [`Target::Ready`] if it may run while its acceptance is being recorded:
+    /// a WASM handler already verified and compiled (no module to fetch), for a task that does
+    /// not stream. A handler run by the agent gets no directories and no environment (see
+    /// [`Agent::run_module`]): its only effect is its result, and that is not sent before the
+    /// acceptance is on disk. If the agent dies first, nothing of the run was seen by anyone,
+    /// and the platform, which got no `accepted`, sends the task again: it runs as if for the
+    /// first time. Shell commands, module fetches and streamed output are effects: those wait.
+    pub(super) fn ready_now(&self, req: &RunRequest, target: &Target) -> Option<Target> {
+        let Target::Module { sha256, signature } = target else {
+            return None;
+        };
+        if req.stream {
+            return None;
+        }
+        let sha = parse_sha(sha256)?;
+        let detached = decode_signature(signature.as_deref()).ok()?;
+        let prepared = self
+            .trust
+            .cached(&self.sandbox, &sha, detached.as_deref())?;
+        Some(Target::Ready {
+            sha256: sha256.clone(),
+            prepared,
+        })
+    }
+
+    /// Runs `target` for `req` until it ends or `cancel` (a handler still being fetched or
+    /// prepared is abandoned; a running one stops at its next epoch tick).
+    pub(super) async fn execute(
+        &self,
+        req: &RunRequest,
+        target: Target,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
+        let (sha256, signature, ready) = match target {
+            Target::Shell(rule) => return self.run_shell(rule, req, cancel, tap).await,
+            Target::Module { sha256, signature } => (sha256, signature, None),
+            Target::Ready { sha256, prepared } => (sha256, None, Some(prepared)),
+        };
+        let run = async {
+            let prepared = match ready {
+                Some(prepared) => prepared,
+                None => match self.prepare(&req.id, &sha256, signature.as_deref()).await {
+                    Ok(prepared) => prepared,
+                    Err(refusal) => return refusal.into_result(),
+                },
+            };
+            self.run_module(req, prepared, cancel.clone(), tap).await
+        };
+        tokio::select! {
+            biased;
+            r = run => r,
+            _ = cancel.cancelled() => {
+                let mut r = Refusal::CancelledBeforeStart.into_result();
+                r.module_sha256 = Some(sha256);
+                r
+            }
+        }
+    }
+
+    async fn run_shell(
+        &self,
+        mut rule: ShellRule,
+        req: &RunRequest,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
+        // A task may ask for less time or output than the rule allows, never more.
+        let mut clamped = Vec::new();
+        if let Some(t) = req.limits.timeout_ms {
+            if t < rule.timeout_ms {
+                rule.timeout_ms = t.max(1);
+            } else if t > rule.timeout_ms {
+                clamped.push("timeout_ms".to_string());
+            }
+        }
+        if let Some(o) = req.limits.output_bytes {
+            if o < rule.output_bytes {
+                rule.output_bytes = o;
+            } else if o > rule.output_bytes {
+                clamped.push("output_bytes".to_string());
+            }
+        }
+        let mut result =
+            crate::shell::run_streamed(&rule, &req.args, cancel, self.cgroup_root.as_deref(), tap)
+                .await;
+        if let Some(l) = result.limits.as_mut() {
+            l.clamped.extend(clamped);
+        }
+        result
+    }
+
+    /// Runs a verified, compiled module in the sandbox, with the limits its claims grant.
+    async fn run_module(
+        &self,
+        req: &RunRequest,
+        prepared: Prepared,
+        cancel: CancellationToken,
+        tap: Option<StreamTap>,
+    ) -> RunResult {
+        let defaults = self.sandbox.config().limits.defaults;
+        let verified = prepared.verified.as_deref();
+        let name = verified.map_or_else(|| "handler".to_string(), |v| v.claims.name.clone());
+        let input = serde_json::to_vec(&req.input).unwrap_or_else(|_| b"null".to_vec());
+        let (mut spec, _denied) = grant(verified, req.limits, &defaults, Vec::new(), Vec::new())
+            .into_spec(input, name, &req.args);
+        spec.cancel = Some(cancel);
+        spec.tap = tap;
+        match self.sandbox.run(&prepared.handler, spec).await {
+            Ok(r) => r,
+            Err(e) => Refusal::SetupFailed(format!("{e:#}")).into_result(),
+        }
+    }
+}

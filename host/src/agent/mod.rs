@@ -1,0 +1,243 @@
+//! The agent proper: what it does with the platform's requests, independent of the transport.
+//! It owns the task life cycle, the module store and installed handlers; the link calls it as a [`Peer`].
+//!
+//! A task's path through these files, in order (`docs/architecture.md` draws it):
+//!
+//! 1. [`admission`]: a `run` is checked, takes its task id's [`order::Turn`], is answered from
+//!    memory or the journal if its id was seen, takes a place among the tasks in progress
+//!    ([`activity::InProgress`]) or is refused ([`refusal::Refusal`]), and its command is
+//!    resolved ([`execute::Target`]): an [`task::Admitted`] task.
+//! 2. [`task`]: the phases as types. `Admitted::accept` records it in the journal (durably) and
+//!    answers `accepted`: [`task::Queued`], or [`task::Running`] when a slot is free. A queued
+//!    task `start`s when a slot frees; `Running::run` executes it; the [`task::Finished`] task
+//!    is `deliver`ed: its result recorded and handed to the [`crate::outbox`].
+//! 3. [`execute`]: where a command resolves (installed handler, then shell rule) and the run
+//!    itself, in the WASM sandbox or as a shell command; [`modules`] fetches, checks and keeps
+//!    module bytes.
+//! 4. [`live`]: the tasks in progress by id, and `cancel`.
+//!
+//! When the agent starts, tasks recorded as queued run; tasks recorded as running end as
+//! `interrupted` (or run again when the task said `idempotent`), exactly once, because that
+//! ending is itself recorded ([`Agent::recover`]). [`handlers`] installs and removes handlers;
+//! [`activity`] gives memory back while idle.
+
+mod activity;
+mod admission;
+mod execute;
+mod handlers;
+mod live;
+mod modules;
+mod order;
+pub mod refusal;
+mod task;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bridge_protocol::{ErrorBody, PlatformMessage, StatusReport};
+use tokio::sync::Semaphore;
+
+use crate::journal::{Journal, JournalConfig, Recovery};
+use crate::outbox::{self, Outbox};
+use crate::sandbox::Sandbox;
+use crate::shell::Allowlist;
+use crate::trust::Trust;
+use activity::Activity;
+use live::LiveTasks;
+use modules::ModuleStore;
+use order::Turns;
+
+/// Handler installations in progress at once; more are refused (`busy`).
+const MAX_INSTALLS: usize = 4;
+
+/// The longest task id accepted.
+pub const MAX_TASK_ID_BYTES: usize = 256;
+
+/// How the agent runs tasks (the config's `[agent]` and `[shell]` sections, resolved).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Tasks running at once.
+    pub max_concurrent_tasks: usize,
+    /// Tasks waiting for a slot; beyond it, `busy`.
+    pub queue_capacity: usize,
+    /// The shell fallback's rules.
+    pub shell: Allowlist,
+    /// A delegated cgroup v2 directory for shell runs.
+    pub cgroup_root: Option<PathBuf>,
+    /// The journal's settings; `path` is set from the state directory.
+    pub journal: JournalConfig,
+}
+
+impl AgentOptions {
+    /// Defaults (32 running, 256 queued, no shell rules) with the journal in `state`.
+    pub fn new(state: &std::path::Path) -> AgentOptions {
+        AgentOptions {
+            max_concurrent_tasks: 32,
+            queue_capacity: 256,
+            shell: Allowlist::default(),
+            cgroup_root: None,
+            journal: JournalConfig::new(state.join("journal.redb")),
+        }
+    }
+
+    /// From a config file's sections.
+    pub fn from_config(
+        config: &crate::config::AgentConfig,
+        state: &std::path::Path,
+    ) -> Result<AgentOptions> {
+        let a = &config.agent;
+        let mut journal = JournalConfig::new(state.join("journal.redb"));
+        journal.retention = Duration::from_secs(a.journal_retention_hours.saturating_mul(3600));
+        journal.max_records = a.journal_max_records;
+        journal.min_free_bytes = a.min_free_mib.saturating_mul(1 << 20);
+        journal.max_bytes = a.journal_max_mib.saturating_mul(1 << 20);
+        Ok(AgentOptions {
+            max_concurrent_tasks: a.max_concurrent_tasks as usize,
+            queue_capacity: a.queue_capacity as usize,
+            shell: config.shell.allowlist()?,
+            cgroup_root: config.shell.cgroup_root.clone(),
+            journal,
+        })
+    }
+}
+
+/// The agent: sandbox, trust policy, journal, module store, and the outbox to the platform.
+pub struct Agent {
+    agent_id: String,
+    sandbox: Sandbox,
+    trust: Arc<Trust>,
+    journal: Journal,
+    shell: Allowlist,
+    cgroup_root: Option<PathBuf>,
+    modules: ModuleStore,
+    outbox: outbox::Sender,
+    /// Tasks accepted and not finished, by task id.
+    live: Mutex<LiveTasks>,
+    /// The message taking effect for each task id (see [`order`]).
+    turns: Arc<Mutex<Turns>>,
+    /// Execution slots (`max_concurrent_tasks`).
+    slots: Arc<Semaphore>,
+    /// Handler installations in progress (each may wait a minute for module bytes).
+    installs: Arc<Semaphore>,
+    /// Tasks in progress (bounded by `max_concurrent_tasks + queue_capacity`), and idleness.
+    activity: Arc<Activity>,
+    /// Runs waiting for an earlier message about their task id or command (see [`order`]).
+    waiting_runs: AtomicUsize,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    /// An agent with its module store under `state/modules` and its journal per `options`.
+    /// Returns the link's end of its outbox, and what the journal found unfinished: pass that
+    /// to [`Agent::recover`] once a tokio runtime runs.
+    pub fn new(
+        agent_id: String,
+        sandbox: Sandbox,
+        trust: Trust,
+        state: &std::path::Path,
+        options: AgentOptions,
+    ) -> Result<(Arc<Agent>, Outbox, Recovery)> {
+        let modules_dir = state.join("modules");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&modules_dir)
+            .with_context(|| format!("creating the module store {}", modules_dir.display()))?;
+        let (journal, recovery) = Journal::open(options.journal.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
+        let (sender, outbox) = outbox::channel(journal.clone());
+        let slots = options.max_concurrent_tasks.max(1);
+        let agent = Arc::new(Agent {
+            agent_id,
+            sandbox,
+            trust: Arc::new(trust),
+            journal,
+            shell: options.shell,
+            cgroup_root: options.cgroup_root,
+            modules: ModuleStore::new(modules_dir),
+            outbox: sender,
+            live: Mutex::new(LiveTasks::default()),
+            turns: Arc::new(Mutex::new(Turns::default())),
+            slots: Arc::new(Semaphore::new(slots)),
+            installs: Arc::new(Semaphore::new(MAX_INSTALLS)),
+            activity: Activity::new(slots + options.queue_capacity),
+            waiting_runs: AtomicUsize::new(0),
+            started: Instant::now(),
+        });
+        Ok((agent, outbox, recovery))
+    }
+
+    /// The agent id.
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The status report sent to the platform.
+    pub fn status_report(&self) -> StatusReport {
+        StatusReport {
+            agent_id: self.agent_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            host: crate::facts::collect(),
+            running: lock(&self.live).running(),
+            agent_uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    /// Gives memory back shortly after start and then regularly while idle (see [`activity`]).
+    pub fn keep_trimmed(self: &Arc<Self>) {
+        self.activity.keep_trimmed();
+    }
+}
+
+impl crate::link::Peer for Agent {
+    fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    fn status(&self) -> StatusReport {
+        self.status_report()
+    }
+
+    fn deliver(self: &Arc<Self>, msg: PlatformMessage) {
+        match msg {
+            PlatformMessage::Run(req) => self.start_run(req),
+            PlatformMessage::Ack { task_ids } => self.journal.ack(&task_ids),
+            PlatformMessage::Cancel { id, task_id } => self.cancel(id, task_id),
+            PlatformMessage::InstallHandler {
+                id,
+                name,
+                module_sha256,
+                signature,
+            } => self.install_handler(id, name, module_sha256, signature),
+            PlatformMessage::RemoveHandler { id, name } => self.remove_handler(id, name),
+            PlatformMessage::ListHandlers { id } => self.list_handlers(id),
+            // The link's own business (answered there).
+            PlatformMessage::Welcome { .. } | PlatformMessage::Error(_) => {}
+        }
+    }
+
+    fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), ErrorBody> {
+        self.modules
+            .arrived(bytes, self.sandbox.config().max_module_bytes)
+    }
+
+    fn waiting_to_reconnect(self: &Arc<Self>) {
+        // Give back what the attempt touched (connecting, TLS, logging), so an agent cut off
+        // from its platform for hours stays as small as an idle connected one.
+        self.activity.trim_soon("waiting to reconnect");
+    }
+}
