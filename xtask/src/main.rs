@@ -5,11 +5,14 @@
 //! - `demo` (also `cargo demo`): the end-to-end demo from the README.
 //! - `test`: the whole test suite (what CI runs after fmt and clippy).
 //! - `bench`: the benchmarks, printing medians.
+//! - `deps`: the `use` edges between each crate's modules; fails on an import cycle.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+mod deps;
 
 /// The wasm crates, built together for wasm32-wasip1.
 const WASM_PACKAGES: &[&str] = &["hello", "checksum", "logscan", "hostile"];
@@ -26,6 +29,7 @@ fn main() -> Result<()> {
         "demo" => demo(rest),
         "test" => test(rest),
         "bench" => bench(rest),
+        "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
         "help" | "--help" | "-h" => {
             println!(
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
                  demo            run the end-to-end demo (same as `cargo demo`)\n  \
                  test            run the whole test suite\n  \
                  bench           run the benchmarks and print medians\n  \
+                 deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
                  sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs"
             );
             Ok(())
@@ -543,6 +548,7 @@ fn serde_pretty(line: &str) -> String {
 }
 
 fn test(rest: &[String]) -> Result<()> {
+    deps::check(&root())?;
     build_examples()?;
     // One invocation builds everything first, `bridgectl` included (the platform's own tests
     // need it), before any test runs; the host's link tests then drive it.

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::order::{handler_turn, Turn};
 use super::refusal::Refusal;
-use super::task::{expired, Admitted};
+use super::task::{expired, not_after, Admitted};
 use super::{lock, Agent, MAX_TASK_ID_BYTES};
 use crate::journal::{JournalError, TaskPhase, TaskRecord};
 
@@ -31,13 +31,7 @@ pub(super) fn check_request(req: &RunRequest) -> Result<Option<time::OffsetDateT
         (None, None) => return Err("give `command` or `module_sha256`".into()),
         _ => {}
     }
-    req.not_after
-        .as_deref()
-        .map(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                .map_err(|e| format!("not_after {t:?} is not an RFC 3339 time: {e}"))
-        })
-        .transpose()
+    not_after(req)
 }
 
 /// A run waiting for an earlier message about its task id or command; counted while it waits.

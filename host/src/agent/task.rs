@@ -382,6 +382,17 @@ async fn run_while_accepting(
     .await;
 }
 
+/// The task's `not_after`, if it gives one.
+pub(super) fn not_after(req: &RunRequest) -> Result<Option<time::OffsetDateTime>, String> {
+    req.not_after
+        .as_deref()
+        .map(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| format!("not_after {t:?} is not an RFC 3339 time: {e}"))
+        })
+        .transpose()
+}
+
 /// `expired` when the task's `not_after` has passed.
 pub(super) fn expired(not_after: Option<time::OffsetDateTime>) -> Option<Refusal> {
     let t = not_after?;
@@ -418,10 +429,7 @@ impl Agent {
     fn resume(self: &Arc<Self>, req: RunRequest, check_expiry: bool) {
         let place = self.activity.resume();
         let cancel = lock(&self.live).register(&req.task_id, LiveState::Queued);
-        let not_after = super::admission::check_request(&req)
-            .ok()
-            .flatten()
-            .filter(|_| check_expiry);
+        let not_after = not_after(&req).ok().flatten().filter(|_| check_expiry);
         let queued = Queued {
             req,
             not_after,
