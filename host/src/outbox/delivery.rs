@@ -213,3 +213,65 @@ impl Outbox {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::JournalConfig;
+    use bridge_protocol::{RunRequest, RunResult, Status, TaskState};
+
+    /// Everything the outbox has to send now, as (type, task id) pairs.
+    async fn drain(outbox: &mut Outbox) -> Vec<(String, String)> {
+        let mut sent = Vec::new();
+        while tokio::time::timeout(std::time::Duration::from_millis(200), outbox.ready())
+            .await
+            .is_ok_and(|more| more)
+        {
+            let mut batch = outbox.next_batch().await;
+            for text in batch.take_texts() {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                sent.push((
+                    v["type"].as_str().unwrap().into(),
+                    v["task_id"].as_str().unwrap().into(),
+                ));
+            }
+        }
+        sent
+    }
+
+    #[tokio::test]
+    async fn after_a_reconnect_the_journal_copy_of_a_result_replaces_the_queued_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(JournalConfig::new(dir.path().join("j.redb"))).unwrap();
+        let (sender, mut outbox) = super::super::channel(journal.clone());
+        let req: RunRequest =
+            serde_json::from_value(serde_json::json!({"id": "r1", "task_id": "a", "command": "x"}))
+                .unwrap();
+        journal.accept(&req).await.unwrap();
+        let accepted = AgentMessage::Accepted {
+            id: "r1".into(),
+            task_id: "a".into(),
+            state: TaskState::Queued,
+        };
+        sender.send(accepted).await;
+        let result = RunResult::refused(Status::Cancelled, "cancelled while queued");
+        sender
+            .record_and_send("r1", "a", result, false)
+            .await
+            .unwrap();
+
+        // Queued in memory and recorded: sent once, from the journal, after what queued before.
+        outbox.start_session();
+        let once = vec![
+            ("accepted".into(), "a".into()),
+            ("result".into(), "a".into()),
+        ];
+        assert_eq!(drain(&mut outbox).await, once);
+        // A session that ends before the ack sends it again, from the journal; acked, never.
+        outbox.start_session();
+        assert_eq!(drain(&mut outbox).await, once[1..]);
+        journal.ack(&["a".into()]);
+        outbox.start_session();
+        assert_eq!(drain(&mut outbox).await, []);
+    }
+}
