@@ -14,23 +14,26 @@ pub enum JournalError {
 
 pub(super) type Res<T> = Result<T, JournalError>;
 
-/// How an operation inside a transaction failed: alone (`Logic`), or taking the whole
-/// transaction with it (`Storage`).
+/// How an operation inside a transaction failed.
 pub(super) enum Fail {
-    Logic(JournalError),
-    Storage(redb::Error),
+    /// Alone (an unknown task id, a value that does not decode): the other operations of the
+    /// batch go on, and this one is answered with the error.
+    Alone(JournalError),
+    /// Taking the whole transaction with it (a redb error): every operation of the batch is
+    /// answered with it.
+    Transaction(redb::Error),
 }
 
-macro_rules! storage_fail {
+macro_rules! fails_the_transaction {
     ($($t:ty),*) => {$(
         impl From<$t> for Fail {
             fn from(e: $t) -> Fail {
-                Fail::Storage(e.into())
+                Fail::Transaction(e.into())
             }
         }
     )*};
 }
-storage_fail!(
+fails_the_transaction!(
     redb::Error,
     redb::StorageError,
     redb::TableError,
@@ -42,8 +45,8 @@ storage_fail!(
 pub(super) fn split<T>(r: Result<T, Fail>) -> (Res<T>, Option<redb::Error>) {
     match r {
         Ok(v) => (Ok(v), None),
-        Err(Fail::Logic(e)) => (Err(e), None),
-        Err(Fail::Storage(e)) => (Err(JournalError::Io(e.to_string())), Some(e)),
+        Err(Fail::Alone(e)) => (Err(e), None),
+        Err(Fail::Transaction(e)) => (Err(JournalError::Io(e.to_string())), Some(e)),
     }
 }
 

@@ -4,7 +4,11 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::error::Fail;
+use super::index::Change;
 use super::ops::Op;
+use super::schema::encode;
+use super::tables::Tables;
 use super::{lock, Journal, JournalError};
 
 /// An installed handler: a signed module bound to a command name.
@@ -42,7 +46,7 @@ impl Journal {
 
     /// Every installed handler, sorted by name.
     pub fn handlers(&self) -> Vec<HandlerRecord> {
-        lock(&self.inner.shared.mirror)
+        lock(&self.inner.shared.index)
             .handlers
             .values()
             .cloned()
@@ -51,8 +55,31 @@ impl Journal {
 
     /// One installed handler.
     pub fn handler(&self, name: &str) -> Option<HandlerRecord> {
-        lock(&self.inner.shared.mirror).handlers.get(name).cloned()
+        lock(&self.inner.shared.index).handlers.get(name).cloned()
     }
+}
+
+/// Writes a handler record, in the writer's transaction.
+pub(super) fn put_handler_in(
+    t: &mut Tables<'_>,
+    handler: HandlerRecord,
+    changes: &mut Vec<Change>,
+) -> Result<(), Fail> {
+    let bytes = encode("handler", &handler.name, &handler).map_err(Fail::Alone)?;
+    t.handlers.insert(handler.name.as_str(), bytes.as_slice())?;
+    changes.push(Change::PutHandler(handler));
+    Ok(())
+}
+
+/// Removes a handler record, in the writer's transaction; whether there was one.
+pub(super) fn remove_handler_in(
+    t: &mut Tables<'_>,
+    name: String,
+    changes: &mut Vec<Change>,
+) -> Result<bool, Fail> {
+    let removed = t.handlers.remove(name.as_str())?.is_some();
+    changes.push(Change::RemoveHandler(name));
+    Ok(removed)
 }
 
 #[cfg(test)]

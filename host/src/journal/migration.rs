@@ -4,7 +4,7 @@
 use redb::{ReadableTable, WriteTransaction};
 
 use super::error::Fail;
-use super::index::Meta;
+use super::index::Summary;
 use super::schema::{decode, encode, Entry, ENTRIES, RECORDS};
 use super::JournalError;
 
@@ -15,7 +15,7 @@ mod v1 {
 
     /// Task id → [`super::TaskRecord`].
     pub const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-    /// Task id → [`super::Meta`].
+    /// Task id → [`super::Summary`].
     pub const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
 }
 
@@ -32,21 +32,21 @@ pub(super) fn migrate_v1(txn: &WriteTransaction) -> Result<usize, Fail> {
         for item in index.iter()? {
             let (k, v) = item?;
             let id = k.value();
-            let meta: Meta = decode("index entry", id, v.value()).map_err(Fail::Logic)?;
+            let summary: Summary = decode("index entry", id, v.value()).map_err(Fail::Alone)?;
             let Some(record) = tasks.get(id)? else {
-                return Err(Fail::Logic(JournalError::Io(format!(
+                return Err(Fail::Alone(JournalError::Io(format!(
                     "migrating the journal: task {id:?} is indexed but has no record"
                 ))));
             };
-            if entries.get(meta.seq)?.is_some() {
-                return Err(Fail::Logic(JournalError::Io(format!(
+            if entries.get(summary.seq)?.is_some() {
+                return Err(Fail::Alone(JournalError::Io(format!(
                     "migrating the journal: two tasks have sequence number {}",
-                    meta.seq
+                    summary.seq
                 ))));
             }
-            let entry = encode("index entry", id, &Entry::of(id, &meta)).map_err(Fail::Logic)?;
-            records.insert(meta.seq, record.value())?;
-            entries.insert(meta.seq, entry.as_slice())?;
+            let entry = encode("index entry", id, &Entry::of(id, &summary)).map_err(Fail::Alone)?;
+            records.insert(summary.seq, record.value())?;
+            entries.insert(summary.seq, entry.as_slice())?;
             moved += 1;
         }
     }

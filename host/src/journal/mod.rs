@@ -40,9 +40,8 @@ pub use retention::PRUNE_EVERY;
 pub use writer::{FLUSH_AFTER, HOLD, MAX_BATCH};
 
 use error::Res;
-use index::{load_index, Mirror};
+use index::Index;
 use ops::Op;
-use recovery::load_recovery;
 use schema::{init_schema, open_db, prepare_path};
 use writer::Writer;
 
@@ -90,7 +89,7 @@ struct Shared {
     /// failed). Readers hold the read lock for the whole of their read transaction, so that
     /// the writer, holding the write lock, knows none is alive (compaction, reopening).
     db: RwLock<Option<Database>>,
-    mirror: Mutex<Mirror>,
+    index: Mutex<Index>,
     commits: AtomicU64,
 }
 
@@ -140,24 +139,14 @@ impl Journal {
         prepare_path(&config.path)?;
         let db = open_db(&config.path)?;
         init_schema(&db, &config.path)?;
-        let (mirror, next_seq) = load_index(&db)?;
+        let (index, next_seq) = Index::load(&db)?;
         let shared = Arc::new(Shared {
             config,
             db: RwLock::new(Some(db)),
-            mirror: Mutex::new(mirror),
+            index: Mutex::new(index),
             commits: AtomicU64::new(0),
         });
-        let mut writer = Writer {
-            shared: shared.clone(),
-            next_seq,
-            accepts_since_prune: 0,
-            size_verdict: None,
-            space_verdict: None,
-            needs_reopen: false,
-            unflushed: false,
-            held: Vec::new(),
-            held_since: None,
-        };
+        let mut writer = Writer::new(shared.clone(), next_seq);
         match writer.prune_now() {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} old task records from the journal"),
@@ -166,7 +155,7 @@ impl Journal {
         let recovery = {
             let guard = read_lock(&shared.db);
             let db = guard.as_ref().expect("the database was just opened");
-            load_recovery(db, &lock(&shared.mirror))?
+            Recovery::load(db, &lock(&shared.index))?
         };
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -301,16 +290,16 @@ impl Journal {
     pub fn ack(&self, task_ids: &[String]) {
         let mut forward = Vec::new();
         {
-            let mut guard = lock(&self.inner.shared.mirror);
-            let mirror = &mut *guard;
+            let mut guard = lock(&self.inner.shared.index);
+            let index = &mut *guard;
             for id in task_ids {
-                if let Some((key, meta)) = mirror.tasks.get_key_value(id.as_str()) {
-                    let (key, mut meta) = (key.clone(), *meta);
-                    if meta.in_outbox() {
-                        meta.acked = true;
-                        mirror.set(key, meta);
+                if let Some((key, summary)) = index.tasks.get_key_value(id.as_str()) {
+                    let (key, mut summary) = (key.clone(), *summary);
+                    if summary.in_outbox() {
+                        summary.acked = true;
+                        index.set(key, summary);
                         forward.push(id.clone());
-                    } else if meta.phase != TaskPhase::Done {
+                    } else if summary.phase != TaskPhase::Done {
                         // The result was sent while its commit is still queued: the writer
                         // applies this after it (operations are applied in order), and
                         // `ack_in` checks the record itself.

@@ -9,9 +9,10 @@ use tokio::sync::oneshot;
 use crate::outcome::RunResult;
 
 use super::error::{split, Fail, Res};
-use super::index::{Change, Meta};
+use super::handlers::{put_handler_in, remove_handler_in};
+use super::index::{Change, Summary};
 use super::schema::{encode, encode_result};
-use super::space::{make_room, stored, ENTRY_BYTES};
+use super::space::{make_room, stored_size, ENTRY_BYTES};
 use super::tables::Tables;
 use super::writer::Writer;
 use super::{Accept, EarlyResult, HandlerRecord, JournalError, TaskPhase, TaskRecord};
@@ -161,28 +162,11 @@ impl Writer {
                 (Answer::Nothing, e)
             }
             Op::PutHandler { handler, reply } => {
-                let r = encode("handler", &handler.name, &handler)
-                    .map_err(Fail::Logic)
-                    .and_then(|bytes| {
-                        t.handlers.insert(handler.name.as_str(), bytes.as_slice())?;
-                        Ok(())
-                    });
-                if r.is_ok() {
-                    changes.push(Change::PutHandler(handler));
-                }
-                let (r, e) = split(r);
+                let (r, e) = split(put_handler_in(t, handler, changes));
                 (Answer::Unit(reply, r), e)
             }
             Op::RemoveHandler { name, reply } => {
-                let r = t
-                    .handlers
-                    .remove(name.as_str())
-                    .map(|old| old.is_some())
-                    .map_err(Fail::from);
-                if r.is_ok() {
-                    changes.push(Change::RemoveHandler(name));
-                }
-                let (r, e) = split(r);
+                let (r, e) = split(remove_handler_in(t, name, changes));
                 (Answer::Bool(reply, r), e)
             }
             Op::Prune { reply } => {
@@ -209,7 +193,7 @@ impl Writer {
             return Ok(Accept::Seen(record));
         }
         if let Err(why) = space {
-            return Err(Fail::Logic(JournalError::StorageFull(why.clone())));
+            return Err(Fail::Alone(JournalError::StorageFull(why.clone())));
         }
         let record = TaskRecord {
             request: request.clone(),
@@ -223,19 +207,19 @@ impl Writer {
             accepted_at_ms: now,
             finished_at_ms: None,
         };
-        let mut meta = Meta::of(self.next_seq, &record);
-        let encoded = encode("task", id, &record).map_err(Fail::Logic)?;
-        let need = stored(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
+        let mut summary = Summary::of(self.next_seq, &record);
+        let encoded = encode("task", id, &record).map_err(Fail::Alone)?;
+        let need = stored_size(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
         // New work is taken up to 7/8 of the limit: the rest is for the results of the tasks
         // already accepted (one that still does not fit is kept without its output).
         let max_bytes = self.shared.config.max_bytes;
         let max_bytes = max_bytes - max_bytes / 8;
         if !make_room(t, max_bytes, need, changes)? {
-            return Err(Fail::Logic(JournalError::StorageFull(format!(
+            return Err(Fail::Alone(JournalError::StorageFull(format!(
                 "the journal {} holds {} bytes, most of them results the platform has not \
                  acknowledged yet; new tasks are taken up to {max_bytes} bytes (7/8 of its limit)",
                 self.shared.config.path.display(),
-                t.held()
+                t.bytes_held()
             ))));
         }
         match early.map(EarlyResult::slot) {
@@ -243,29 +227,29 @@ impl Writer {
                 // Looked at once: a result offered later goes the usual way (`finish`).
                 slot.looked = true;
                 let result = match &slot.result {
-                    Some(result) => Some(encode_result(id, now, result).map_err(Fail::Logic)?),
+                    Some(result) => Some(encode_result(id, now, result).map_err(Fail::Alone)?),
                     None => None,
                 };
                 // Written with the acceptance only if it fits; otherwise it goes the usual way.
                 let fits = match &result {
-                    Some(f) => make_room(t, max_bytes, need + stored(f.len()), changes)?,
+                    Some(f) => make_room(t, max_bytes, need + stored_size(f.len()), changes)?,
                     None => false,
                 };
-                t.store(id, &encoded, &mut meta)?;
+                t.store(id, &encoded, &mut summary)?;
                 if let (Some(f), true) = (result, fits) {
-                    meta.phase = TaskPhase::Done;
-                    meta.finished_at_ms = Some(now);
-                    t.store_result(id, &f, &mut meta)?;
+                    summary.phase = TaskPhase::Done;
+                    summary.finished_at_ms = Some(now);
+                    t.store_result(id, &f, &mut summary)?;
                     slot.written = true;
                 }
             }
-            None => t.store(id, &encoded, &mut meta)?,
+            None => t.store(id, &encoded, &mut summary)?,
         }
         self.next_seq += 1;
         self.accepts_since_prune += 1;
         let id: Arc<str> = Arc::from(id);
-        t.fresh.insert(id.clone(), meta.seq);
-        changes.push(Change::Set(id, meta));
+        t.fresh.insert(id.clone(), summary.seq);
+        changes.push(Change::Set(id, summary));
         Ok(Accept::New)
     }
 }
@@ -275,18 +259,18 @@ pub(super) fn start_in(
     id: &str,
     changes: &mut Vec<Change>,
 ) -> Result<(), Fail> {
-    let Some(mut meta) = t.entry(id)? else {
-        return Err(Fail::Logic(JournalError::Io(format!(
+    let Some(mut summary) = t.entry(id)? else {
+        return Err(Fail::Alone(JournalError::Io(format!(
             "cannot start task {id:?}: it is not recorded"
         ))));
     };
-    if meta.phase != TaskPhase::Queued {
+    if summary.phase != TaskPhase::Queued {
         // Running already (a recovered task run again), or Done: nothing to change.
         return Ok(());
     }
-    meta.phase = TaskPhase::Running;
-    t.store_entry(id, &meta)?;
-    changes.push(Change::Set(Arc::from(id), meta));
+    summary.phase = TaskPhase::Running;
+    t.store_entry(id, &summary)?;
+    changes.push(Change::Set(Arc::from(id), summary));
     Ok(())
 }
 
@@ -298,31 +282,31 @@ pub(super) fn finish_in(
     max_bytes: u64,
     changes: &mut Vec<Change>,
 ) -> Result<(), Fail> {
-    let Some(meta) = t.entry(id)? else {
-        return Err(Fail::Logic(JournalError::Io(format!(
+    let Some(summary) = t.entry(id)? else {
+        return Err(Fail::Alone(JournalError::Io(format!(
             "cannot store the result of task {id:?}: it is not recorded"
         ))));
     };
-    if meta.phase == TaskPhase::Done {
+    if summary.phase == TaskPhase::Done {
         // The first result wins.
         return Ok(());
     }
-    let mut meta = Meta {
+    let mut summary = Summary {
         phase: TaskPhase::Done,
         acked: false,
         finished_at_ms: Some(now),
-        ..meta
+        ..summary
     };
-    let mut f = encode_result(id, now, &result).map_err(Fail::Logic)?;
-    if !make_room(t, max_bytes, stored(f.len()), changes)? {
+    let mut f = encode_result(id, now, &result).map_err(Fail::Alone)?;
+    if !make_room(t, max_bytes, stored_size(f.len()), changes)? {
         // The result must be kept (it is owed to the platform), its output need not: the
         // status, exit code and error fit whatever happens.
         tracing::warn!(task_id = %id, bytes = f.len(), "the journal has no room for this result's output; keeping the result without it");
-        f = encode_result(id, now, &result.without_output()).map_err(Fail::Logic)?;
-        meta.evicted = true;
+        f = encode_result(id, now, &result.without_output()).map_err(Fail::Alone)?;
+        summary.evicted = true;
     }
-    t.store_result(id, &f, &mut meta)?;
-    changes.push(Change::Set(Arc::from(id), meta));
+    t.store_result(id, &f, &mut summary)?;
+    changes.push(Change::Set(Arc::from(id), summary));
     Ok(())
 }
 
@@ -332,15 +316,15 @@ pub(super) fn ack_in(
     changes: &mut Vec<Change>,
 ) -> Result<(), Fail> {
     for id in ids {
-        let Some(mut meta) = t.entry(id)? else {
+        let Some(mut summary) = t.entry(id)? else {
             continue;
         };
-        if !meta.in_outbox() {
+        if !summary.in_outbox() {
             continue;
         }
-        meta.acked = true;
-        t.store_entry(id, &meta)?;
-        changes.push(Change::Set(Arc::from(id.as_str()), meta));
+        summary.acked = true;
+        t.store_entry(id, &summary)?;
+        changes.push(Change::Set(Arc::from(id.as_str()), summary));
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use redb::ReadableDatabase;
 
 use super::error::{db_error, Res};
-use super::index::Meta;
+use super::index::Summary;
 use super::schema::{assemble, RECORDS, RESULTS};
 use super::{lock, read_lock, Journal, JournalError, TaskPhase, TaskRecord};
 
@@ -21,7 +21,7 @@ impl Journal {
     /// The task ids of [`Journal::unacked`], in the same order, without reading the records
     /// (a backlog can then be read a few at a time).
     pub fn unacked_ids(&self) -> Vec<String> {
-        lock(&self.inner.shared.mirror)
+        lock(&self.inner.shared.index)
             .outbox
             .values()
             .map(|id| id.to_string())
@@ -31,11 +31,11 @@ impl Journal {
     /// How many of `ids`, in order, hold at most `bytes` together as stored (at least one, if
     /// there is one): a batch of results to read at once.
     pub fn batch_within<'a>(&self, ids: impl Iterator<Item = &'a String>, bytes: u64) -> usize {
-        let mirror = lock(&self.inner.shared.mirror);
+        let index = lock(&self.inner.shared.index);
         let mut total = 0;
         let mut n = 0;
         for id in ids {
-            total += mirror.tasks.get(id.as_str()).map_or(0, |m| m.bytes);
+            total += index.tasks.get(id.as_str()).map_or(0, |m| m.bytes);
             if n > 0 && total > bytes {
                 break;
             }
@@ -49,10 +49,10 @@ impl Journal {
         if ids.is_empty() {
             return Vec::new();
         }
-        let wanted: Vec<(Arc<str>, Meta)> = {
-            let mirror = lock(&self.inner.shared.mirror);
+        let wanted: Vec<(Arc<str>, Summary)> = {
+            let index = lock(&self.inner.shared.index);
             ids.iter()
-                .filter_map(|id| mirror.tasks.get_key_value(id.as_str()))
+                .filter_map(|id| index.tasks.get_key_value(id.as_str()))
                 .filter(|(_, m)| m.in_outbox())
                 .map(|(id, m)| (id.clone(), *m))
                 .collect()
@@ -67,16 +67,16 @@ impl Journal {
     /// One task's record.
     pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
         let wanted = {
-            let mirror = lock(&self.inner.shared.mirror);
-            let (id, meta) = mirror.tasks.get_key_value(task_id)?;
-            [(id.clone(), *meta)]
+            let index = lock(&self.inner.shared.index);
+            let (id, summary) = index.tasks.get_key_value(task_id)?;
+            [(id.clone(), *summary)]
         };
         self.read_tasks(&wanted).into_iter().next().flatten()
     }
 
     /// The records of `wanted`, read in one transaction and brought up to date with their
     /// entries (`None` for a missing or unreadable one).
-    fn read_tasks(&self, wanted: &[(Arc<str>, Meta)]) -> Vec<Option<TaskRecord>> {
+    fn read_tasks(&self, wanted: &[(Arc<str>, Summary)]) -> Vec<Option<TaskRecord>> {
         let read = || -> Res<Vec<Option<TaskRecord>>> {
             let guard = read_lock(&self.inner.shared.db);
             let db = guard
@@ -86,19 +86,19 @@ impl Journal {
             let records = txn.open_table(RECORDS).map_err(db_error)?;
             let results = txn.open_table(RESULTS).map_err(db_error)?;
             let mut out = Vec::with_capacity(wanted.len());
-            for (id, meta) in wanted {
-                let record = match records.get(meta.seq).map_err(db_error)? {
+            for (id, summary) in wanted {
+                let record = match records.get(summary.seq).map_err(db_error)? {
                     Some(v) => match assemble(
                         id,
-                        meta,
+                        summary,
                         v.value(),
                         results
-                            .get(meta.seq)
+                            .get(summary.seq)
                             .map_err(db_error)?
                             .as_ref()
                             .map(|f| f.value()),
                     ) {
-                        // The mirror may lag a commit for a moment, never lead to another task.
+                        // The index may lag a commit for a moment, never lead to another task.
                         Ok(r) if r.request.task_id == **id => Some(r),
                         Ok(_) => None,
                         Err(e) => {
@@ -123,7 +123,7 @@ impl Journal {
 
     /// `(records, unacknowledged results)`, for logs and status.
     pub fn counts(&self) -> (usize, usize) {
-        let mirror = lock(&self.inner.shared.mirror);
-        (mirror.tasks.len(), mirror.outbox.len())
+        let index = lock(&self.inner.shared.index);
+        (index.tasks.len(), index.outbox.len())
     }
 }

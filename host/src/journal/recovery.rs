@@ -6,7 +6,7 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase};
 
 use super::error::{db_error, Res};
-use super::index::{Meta, Mirror};
+use super::index::{Index, Summary};
 use super::schema::{decode, RECORDS};
 use super::{JournalError, TaskPhase, TaskRecord};
 
@@ -19,31 +19,33 @@ pub struct Recovery {
     pub running: Vec<TaskRecord>,
 }
 
-/// The full records of the unfinished tasks, in accept order.
-pub(super) fn load_recovery(db: &Database, mirror: &Mirror) -> Res<Recovery> {
-    let mut unfinished: Vec<(&Meta, &Arc<str>)> = mirror
-        .tasks
-        .iter()
-        .filter(|(_, m)| m.phase != TaskPhase::Done)
-        .map(|(id, m)| (m, id))
-        .collect();
-    unfinished.sort_unstable_by_key(|(m, _)| m.seq);
-    let txn = db.begin_read().map_err(db_error)?;
-    let records = txn.open_table(RECORDS).map_err(db_error)?;
-    let mut recovery = Recovery::default();
-    for (meta, id) in unfinished {
-        let Some(v) = records.get(meta.seq).map_err(db_error)? else {
-            return Err(JournalError::Io(format!(
-                "task {id:?} is indexed but has no record"
-            )));
-        };
-        let mut record: TaskRecord = decode("task", id, v.value())?;
-        meta.overlay(&mut record);
-        match record.phase {
-            TaskPhase::Queued => recovery.queued.push(record),
-            TaskPhase::Running => recovery.running.push(record),
-            TaskPhase::Done => {}
+impl Recovery {
+    /// The full records of the unfinished tasks, in accept order.
+    pub(super) fn load(db: &Database, index: &Index) -> Res<Recovery> {
+        let mut unfinished: Vec<(&Summary, &Arc<str>)> = index
+            .tasks
+            .iter()
+            .filter(|(_, m)| m.phase != TaskPhase::Done)
+            .map(|(id, m)| (m, id))
+            .collect();
+        unfinished.sort_unstable_by_key(|(m, _)| m.seq);
+        let txn = db.begin_read().map_err(db_error)?;
+        let records = txn.open_table(RECORDS).map_err(db_error)?;
+        let mut recovery = Recovery::default();
+        for (summary, id) in unfinished {
+            let Some(v) = records.get(summary.seq).map_err(db_error)? else {
+                return Err(JournalError::Io(format!(
+                    "task {id:?} is indexed but has no record"
+                )));
+            };
+            let mut record: TaskRecord = decode("task", id, v.value())?;
+            summary.overlay(&mut record);
+            match record.phase {
+                TaskPhase::Queued => recovery.queued.push(record),
+                TaskPhase::Running => recovery.running.push(record),
+                TaskPhase::Done => {}
+            }
         }
+        Ok(recovery)
     }
-    Ok(recovery)
 }

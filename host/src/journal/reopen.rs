@@ -7,7 +7,7 @@ use std::sync::Arc;
 use redb::ReadableTable;
 
 use super::error::{db_error, Fail, Res};
-use super::index::{load_index, Meta};
+use super::index::{Index, Summary};
 use super::ops::ack_in;
 use super::schema::{decode, open_db, Entry};
 use super::tables::Tables;
@@ -25,29 +25,31 @@ impl Writer {
             drop(old);
         }
         let db = open_db(&shared.config.path)?;
-        let known: HashMap<Arc<str>, Meta> = lock(&shared.mirror).tasks.clone();
+        let known: HashMap<Arc<str>, Summary> = lock(&shared.index).tasks.clone();
         let reconciled = (|| -> Result<(), Fail> {
             let txn = db.begin_write()?;
             {
-                let mut t = Tables::open(&txn, &shared.mirror)?;
+                let mut t = Tables::open(&txn, &shared.index)?;
                 let mut on_disk = Vec::new();
                 for item in t.entries.iter()? {
                     let (k, v) = item?;
                     let seq = k.value();
                     let entry: Entry =
-                        decode("index entry", &seq.to_string(), v.value()).map_err(Fail::Logic)?;
-                    let meta = entry.meta(seq);
-                    on_disk.push((entry.id.into_owned(), meta));
+                        decode("index entry", &seq.to_string(), v.value()).map_err(Fail::Alone)?;
+                    let summary = entry.summary(seq);
+                    on_disk.push((entry.id.into_owned(), summary));
                 }
-                for (id, meta) in on_disk {
+                for (id, summary) in on_disk {
                     // Not known under this number: an acceptance whose commit reported an
                     // error (perhaps of a task pruned earlier in the same batch).
-                    match known.get(id.as_str()).filter(|k| k.seq == meta.seq) {
+                    match known.get(id.as_str()).filter(|k| k.seq == summary.seq) {
                         None => {
                             tracing::warn!(task_id = %id, "dropping a task whose acceptance failed");
-                            t.remove(meta.seq, meta.bytes)?;
+                            t.remove(summary.seq, summary.bytes)?;
                         }
-                        Some(k) if k.acked && !meta.acked && meta.phase == TaskPhase::Done => {
+                        Some(k)
+                            if k.acked && !summary.acked && summary.phase == TaskPhase::Done =>
+                        {
                             ack_in(&mut t, std::slice::from_ref(&id), &mut Vec::new())?;
                         }
                         Some(_) => {}
@@ -58,9 +60,9 @@ impl Writer {
             Ok(())
         })();
         let result = match reconciled {
-            Ok(()) => match load_index(&db) {
-                Ok((mirror, next_seq)) => {
-                    *lock(&shared.mirror) = mirror;
+            Ok(()) => match Index::load(&db) {
+                Ok((index, next_seq)) => {
+                    *lock(&shared.index) = index;
                     self.next_seq = self.next_seq.max(next_seq);
                     self.needs_reopen = false;
                     tracing::info!("the journal was reopened after an I/O failure");
@@ -68,8 +70,8 @@ impl Writer {
                 }
                 Err(e) => Err(e),
             },
-            Err(Fail::Logic(e)) => Err(e),
-            Err(Fail::Storage(e)) => Err(db_error(e)),
+            Err(Fail::Alone(e)) => Err(e),
+            Err(Fail::Transaction(e)) => Err(db_error(e)),
         };
         *guard = Some(db);
         result

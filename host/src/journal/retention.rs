@@ -24,9 +24,9 @@ impl Writer {
     ) -> Result<usize, Fail> {
         let config = &self.shared.config;
         let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
-        // The mirror may lag this batch's own writes; it never shows a record as finished and
+        // The index may lag this batch's own writes; it never shows a record as finished and
         // acknowledged that is not (on disk, or about to be in this very transaction).
-        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(t.mirror)
+        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(t.index)
             .tasks
             .iter()
             .filter(|(_, m)| m.phase == TaskPhase::Done && m.acked)
@@ -47,7 +47,7 @@ impl Writer {
             doomed.extend(kept.drain(..excess));
         }
         for (seq, id) in &doomed {
-            let bytes = lock(t.mirror).tasks.get(id).map_or(0, |m| m.bytes);
+            let bytes = lock(t.index).tasks.get(id).map_or(0, |m| m.bytes);
             t.remove(*seq, bytes)?;
         }
         let n = doomed.len();
@@ -65,11 +65,11 @@ impl Writer {
         let txn = db.begin_write().map_err(db_error)?;
         let mut changes = Vec::new();
         let n = {
-            let mut t = Tables::open(&txn, &shared.mirror).map_err(db_error)?;
+            let mut t = Tables::open(&txn, &shared.index).map_err(db_error)?;
             match self.prune_in(&mut t, now_ms(), &mut changes) {
                 Ok(n) => n,
-                Err(Fail::Logic(e)) => return Err(e),
-                Err(Fail::Storage(e)) => return Err(db_error(e)),
+                Err(Fail::Alone(e)) => return Err(e),
+                Err(Fail::Transaction(e)) => return Err(db_error(e)),
             }
         };
         if n == 0 {

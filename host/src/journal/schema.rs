@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::outcome::RunResult;
 
 use super::error::{db_error, io_is_full, Fail, Res};
-use super::index::Meta;
+use super::index::Summary;
 use super::migration::migrate_v1;
 use super::tables::Tables;
 use super::{JournalError, TaskPhase, TaskRecord};
@@ -60,7 +60,7 @@ pub(super) fn encode_result(id: &str, finished_at_ms: u64, result: &RunResult) -
 /// date with its entry.
 pub(super) fn assemble(
     id: &str,
-    meta: &Meta,
+    summary: &Summary,
     record: &[u8],
     finished: Option<&[u8]>,
 ) -> Result<TaskRecord, JournalError> {
@@ -71,11 +71,11 @@ pub(super) fn assemble(
         r.finished_at_ms = Some(f.finished_at_ms);
         r.phase = TaskPhase::Done;
     }
-    meta.overlay(&mut r);
+    summary.overlay(&mut r);
     Ok(r)
 }
 
-/// A value of table `entries`: a [`Meta`] without its `seq` (the key), with the task id.
+/// A value of table `entries`: a [`Summary`] without its `seq` (the key), with the task id.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Entry<'a> {
     pub(super) id: Cow<'a, str>,
@@ -94,19 +94,19 @@ pub(super) fn is_false(b: &bool) -> bool {
 }
 
 impl<'a> Entry<'a> {
-    pub(super) fn of(id: &'a str, meta: &Meta) -> Entry<'a> {
+    pub(super) fn of(id: &'a str, summary: &Summary) -> Entry<'a> {
         Entry {
             id: Cow::Borrowed(id),
-            phase: meta.phase,
-            acked: meta.acked,
-            finished_at_ms: meta.finished_at_ms,
-            bytes: meta.bytes,
-            evicted: meta.evicted,
+            phase: summary.phase,
+            acked: summary.acked,
+            finished_at_ms: summary.finished_at_ms,
+            bytes: summary.bytes,
+            evicted: summary.evicted,
         }
     }
 
-    pub(super) fn meta(&self, seq: u64) -> Meta {
-        Meta {
+    pub(super) fn summary(&self, seq: u64) -> Summary {
+        Summary {
             seq,
             phase: self.phase,
             acked: self.acked,
@@ -166,8 +166,8 @@ pub(super) fn init_schema(db: &Database, path: &Path) -> Res<()> {
             None => {}
             Some(1) => {
                 migrated = Some(migrate_v1(&txn).map_err(|e| match e {
-                    Fail::Logic(e) => e,
-                    Fail::Storage(e) => db_error(e),
+                    Fail::Alone(e) => e,
+                    Fail::Transaction(e) => db_error(e),
                 })?)
             }
             Some(SCHEMA_VERSION) => {}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::Fail;
-use super::index::{Change, Meta};
+use super::index::{Change, Summary};
 use super::schema::{encode, encode_result};
 use super::tables::Tables;
 use super::writer::Writer;
@@ -22,7 +22,7 @@ pub(super) const SIZE_RECHECK: Duration = Duration::from_secs(5);
 pub(super) const SPACE_RECHECK: Duration = Duration::from_millis(250);
 
 /// A verdict taken less than `ttl` ago, to reuse instead of measuring again.
-pub(super) fn held(
+pub(super) fn recent(
     verdict: &Option<(Instant, Result<(), String>)>,
     ttl: Duration,
 ) -> Option<Result<(), String>> {
@@ -37,7 +37,7 @@ pub(super) const ENTRY_BYTES: u64 = 128;
 
 /// What a value of `len` bytes takes in the file: small values share B-tree pages, a large one
 /// gets a region of its own, a power of two of pages.
-pub(super) fn stored(len: usize) -> u64 {
+pub(super) fn stored_size(len: usize) -> u64 {
     const PAGE: usize = 4096;
     if len <= PAGE / 2 {
         len as u64
@@ -67,34 +67,34 @@ impl Tables<'_> {
     /// Drops the output of an acknowledged task (its result's output, its request's input):
     /// what deduplication needs stays (the task id, the status, the exit code, the error).
     pub(super) fn evict(&mut self, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
-        let Some((mut stub, meta)) = self.load(id)? else {
+        let Some((mut stub, summary)) = self.load(id)? else {
             return Ok(());
         };
-        if !meta.evictable() || !self.evicted.insert(meta.seq) {
+        if !summary.evictable() || !self.evicted.insert(summary.seq) {
             return Ok(());
         }
         let result = stub.result.take();
         stub.request.input = serde_json::Value::Null;
         stub.request.args.clear();
         stub.request.signature = None;
-        let r = encode("task", id, &stub).map_err(Fail::Logic)?;
-        self.records.insert(meta.seq, r.as_slice())?;
-        let mut bytes = stored(r.len()) + id.len() as u64 + ENTRY_BYTES;
+        let r = encode("task", id, &stub).map_err(Fail::Alone)?;
+        self.records.insert(summary.seq, r.as_slice())?;
+        let mut bytes = stored_size(r.len()) + id.len() as u64 + ENTRY_BYTES;
         if let Some(result) = result {
-            let finished_at = meta.finished_at_ms.unwrap_or_default();
+            let finished_at = summary.finished_at_ms.unwrap_or_default();
             let f =
-                encode_result(id, finished_at, &result.without_output()).map_err(Fail::Logic)?;
-            self.results.insert(meta.seq, f.as_slice())?;
-            bytes += stored(f.len());
+                encode_result(id, finished_at, &result.without_output()).map_err(Fail::Alone)?;
+            self.results.insert(summary.seq, f.as_slice())?;
+            bytes += stored_size(f.len());
         }
-        self.count_change(meta.bytes, bytes);
-        let meta = Meta {
+        self.count_change(summary.bytes, bytes);
+        let summary = Summary {
             bytes,
             evicted: true,
-            ..meta
+            ..summary
         };
-        self.store_entry(id, &meta)?;
-        changes.push(Change::Set(Arc::from(id), meta));
+        self.store_entry(id, &summary)?;
+        changes.push(Change::Set(Arc::from(id), summary));
         Ok(())
     }
 }
@@ -105,7 +105,7 @@ impl Writer {
     pub(super) fn check_space(&mut self) -> Result<(), String> {
         // Measuring costs two system calls per batch; a verdict holds briefly (a disk that
         // fills meanwhile fails the write itself, which is reported as storage full too).
-        if let Some(verdict) = held(&self.space_verdict, SPACE_RECHECK) {
+        if let Some(verdict) = recent(&self.space_verdict, SPACE_RECHECK) {
             return verdict;
         }
         let verdict = self.measure_space();
@@ -137,8 +137,8 @@ impl Writer {
             self.size_verdict = None;
             return Ok(());
         }
-        if held(&self.size_verdict, SIZE_RECHECK).is_none() {
-            let verdict = self.shrink();
+        if recent(&self.size_verdict, SIZE_RECHECK).is_none() {
+            let verdict = self.prune_and_compact();
             if let Err(why) = &verdict {
                 tracing::debug!("{why}");
             }
@@ -148,7 +148,7 @@ impl Writer {
     }
 
     /// Prunes and compacts the file; whether it is now within `max_bytes`.
-    pub(super) fn shrink(&mut self) -> Result<(), String> {
+    pub(super) fn prune_and_compact(&mut self) -> Result<(), String> {
         if let Err(e) = self.prune_now() {
             tracing::warn!("pruning the journal: {e}");
         }
@@ -195,14 +195,14 @@ pub(super) fn make_room(
     need: u64,
     changes: &mut Vec<Change>,
 ) -> Result<bool, Fail> {
-    /// Candidates read from the mirror at a time (its lock is not held while evicting).
+    /// Candidates read from the index at a time (its lock is not held while evicting).
     const BATCH: usize = 64;
     let mut after = 0;
     loop {
-        if t.held().saturating_add(need) <= max_bytes {
+        if t.bytes_held().saturating_add(need) <= max_bytes {
             return Ok(true);
         }
-        let candidates: Vec<(u64, Arc<str>)> = lock(t.mirror)
+        let candidates: Vec<(u64, Arc<str>)> = lock(t.index)
             .evictable
             .range(after..)
             .filter(|(seq, _)| !t.evicted.contains(seq))
@@ -215,7 +215,7 @@ pub(super) fn make_room(
         after = last + 1;
         for (_, id) in candidates {
             t.evict(&id, changes)?;
-            if t.held().saturating_add(need) <= max_bytes {
+            if t.bytes_held().saturating_add(need) <= max_bytes {
                 return Ok(true);
             }
         }
@@ -315,7 +315,7 @@ mod tests {
         let (j, _) = open(&cfg);
         // Ten times the limit in acknowledged results of 64 KiB.
         fill(&j, "t", 160, 64 << 10, true).await;
-        let held = lock(&j.inner.shared.mirror).bytes;
+        let held = lock(&j.inner.shared.index).bytes;
         assert!(held <= cfg.max_bytes, "the journal holds {held} bytes");
         // The oldest lost their output, and only that; the newest are whole.
         let old = j.get("t0").unwrap();
@@ -342,10 +342,10 @@ mod tests {
         // The evictions are durable, and the sizes are known again after a restart.
         let (j, _) = open(&cfg);
         assert!(j.get("t0").unwrap().result.unwrap().evicted);
-        let reopened = lock(&j.inner.shared.mirror).bytes;
+        let reopened = lock(&j.inner.shared.index).bytes;
         assert_eq!(reopened, held);
         fill(&j, "u", 40, 64 << 10, true).await;
-        assert!(lock(&j.inner.shared.mirror).bytes <= cfg.max_bytes);
+        assert!(lock(&j.inner.shared.index).bytes <= cfg.max_bytes);
     }
 
     #[tokio::test]

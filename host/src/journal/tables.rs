@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use redb::{ReadableTable, Table, TableError, WriteTransaction};
 
 use super::error::Fail;
-use super::index::{Meta, Mirror};
+use super::index::{Index, Summary};
 use super::schema::{assemble, decode, encode, Entry, ENTRIES, HANDLERS, RECORDS, RESULTS};
-use super::space::{stored, ENTRY_BYTES};
+use super::space::{stored_size, ENTRY_BYTES};
 use super::{lock, JournalError, TaskRecord};
 
 /// The journal file's tables, open in a write transaction.
@@ -19,27 +19,27 @@ pub(super) struct Tables<'t> {
     pub(super) entries: Table<'t, u64, &'static [u8]>,
     pub(super) handlers: Table<'t, &'static str, &'static [u8]>,
     /// The sequence numbers of tasks committed before this transaction.
-    pub(super) mirror: &'t Mutex<Mirror>,
+    pub(super) index: &'t Mutex<Index>,
     /// The sequence numbers of tasks accepted in this transaction.
     pub(super) fresh: HashMap<Arc<str>, u64>,
-    /// Bytes this transaction added to and freed from the mirror's [`Mirror::bytes`].
+    /// Bytes this transaction added to and freed from the index's [`Index::bytes`].
     pub(super) added: u64,
     pub(super) freed: u64,
-    /// Tasks evicted in this transaction (the mirror still lists them as evictable).
+    /// Tasks evicted in this transaction (the index still lists them as evictable).
     pub(super) evicted: std::collections::HashSet<u64>,
 }
 
 impl<'t> Tables<'t> {
     pub(super) fn open(
         txn: &'t WriteTransaction,
-        mirror: &'t Mutex<Mirror>,
+        index: &'t Mutex<Index>,
     ) -> Result<Tables<'t>, TableError> {
         Ok(Tables {
             records: txn.open_table(RECORDS)?,
             results: txn.open_table(RESULTS)?,
             entries: txn.open_table(ENTRIES)?,
             handlers: txn.open_table(HANDLERS)?,
-            mirror,
+            index,
             fresh: HashMap::new(),
             added: 0,
             freed: 0,
@@ -48,15 +48,15 @@ impl<'t> Tables<'t> {
     }
 
     /// What the journal holds with this transaction's writes.
-    pub(super) fn held(&self) -> u64 {
-        (lock(self.mirror).bytes + self.added).saturating_sub(self.freed)
+    pub(super) fn bytes_held(&self) -> u64 {
+        (lock(self.index).bytes + self.added).saturating_sub(self.freed)
     }
 
     /// A task's entry, this transaction's writes included (`None`: not recorded, or removed).
-    pub(super) fn entry(&self, id: &str) -> Result<Option<Meta>, Fail> {
+    pub(super) fn entry(&self, id: &str) -> Result<Option<Summary>, Fail> {
         let seq = match self.fresh.get(id) {
             Some(&seq) => seq,
-            None => match lock(self.mirror).tasks.get(id) {
+            None => match lock(self.index).tasks.get(id) {
                 Some(m) => m.seq,
                 None => return Ok(None),
             },
@@ -64,58 +64,68 @@ impl<'t> Tables<'t> {
         let Some(v) = self.entries.get(seq)? else {
             return Ok(None);
         };
-        let entry: Entry = decode("index entry", id, v.value()).map_err(Fail::Logic)?;
+        let entry: Entry = decode("index entry", id, v.value()).map_err(Fail::Alone)?;
         if entry.id != id {
-            return Err(Fail::Logic(JournalError::Io(format!(
+            return Err(Fail::Alone(JournalError::Io(format!(
                 "index entry {seq} is task {:?}, not {id:?}",
                 entry.id
             ))));
         }
-        let mut meta = entry.meta(seq);
-        if meta.bytes == 0 {
+        let mut summary = entry.summary(seq);
+        if summary.bytes == 0 {
             // Written before sizes were kept: the size measured at open.
-            meta.bytes = lock(self.mirror).tasks.get(id).map_or(0, |m| m.bytes);
+            summary.bytes = lock(self.index).tasks.get(id).map_or(0, |m| m.bytes);
         }
-        Ok(Some(meta))
+        Ok(Some(summary))
     }
 
     /// A task's record and entry, this transaction's writes included.
-    pub(super) fn load(&self, id: &str) -> Result<Option<(TaskRecord, Meta)>, Fail> {
-        let Some(meta) = self.entry(id)? else {
+    pub(super) fn load(&self, id: &str) -> Result<Option<(TaskRecord, Summary)>, Fail> {
+        let Some(summary) = self.entry(id)? else {
             return Ok(None);
         };
-        let Some(v) = self.records.get(meta.seq)? else {
-            return Err(Fail::Logic(JournalError::Io(format!(
+        let Some(v) = self.records.get(summary.seq)? else {
+            return Err(Fail::Alone(JournalError::Io(format!(
                 "task {id:?} has an index entry but no record"
             ))));
         };
-        let finished = self.results.get(meta.seq)?;
-        let record = assemble(id, &meta, v.value(), finished.as_ref().map(|f| f.value()))
-            .map_err(Fail::Logic)?;
-        Ok(Some((record, meta)))
+        let finished = self.results.get(summary.seq)?;
+        let record = assemble(
+            id,
+            &summary,
+            v.value(),
+            finished.as_ref().map(|f| f.value()),
+        )
+        .map_err(Fail::Alone)?;
+        Ok(Some((record, summary)))
     }
 
     /// Writes a task's record (as accepted, already encoded) and its entry; counts the bytes
-    /// into `meta` (a new task's, which holds nothing yet).
-    pub(super) fn store(&mut self, id: &str, record: &[u8], meta: &mut Meta) -> Result<(), Fail> {
-        self.records.insert(meta.seq, record)?;
-        meta.bytes = stored(record.len()) + id.len() as u64 + ENTRY_BYTES;
-        self.added += meta.bytes;
-        self.store_entry(id, meta)
+    /// into `summary` (a new task's, which holds nothing yet).
+    pub(super) fn store(
+        &mut self,
+        id: &str,
+        record: &[u8],
+        summary: &mut Summary,
+    ) -> Result<(), Fail> {
+        self.records.insert(summary.seq, record)?;
+        summary.bytes = stored_size(record.len()) + id.len() as u64 + ENTRY_BYTES;
+        self.added += summary.bytes;
+        self.store_entry(id, summary)
     }
 
     /// Writes a task's result (already encoded, see [`encode_result`]) and its entry, marked
-    /// done; counts the bytes into `meta`.
+    /// done; counts the bytes into `summary`.
     pub(super) fn store_result(
         &mut self,
         id: &str,
         finished: &[u8],
-        meta: &mut Meta,
+        summary: &mut Summary,
     ) -> Result<(), Fail> {
-        self.results.insert(meta.seq, finished)?;
-        meta.bytes += stored(finished.len());
-        self.added += stored(finished.len());
-        self.store_entry(id, meta)
+        self.results.insert(summary.seq, finished)?;
+        summary.bytes += stored_size(finished.len());
+        self.added += stored_size(finished.len());
+        self.store_entry(id, summary)
     }
 
     /// A task's values went from `before` to `after` bytes.
@@ -128,9 +138,9 @@ impl<'t> Tables<'t> {
     }
 
     /// Writes a task's entry alone (a start, an acknowledgement).
-    pub(super) fn store_entry(&mut self, id: &str, meta: &Meta) -> Result<(), Fail> {
-        let e = encode("index entry", id, &Entry::of(id, meta)).map_err(Fail::Logic)?;
-        self.entries.insert(meta.seq, e.as_slice())?;
+    pub(super) fn store_entry(&mut self, id: &str, summary: &Summary) -> Result<(), Fail> {
+        let e = encode("index entry", id, &Entry::of(id, summary)).map_err(Fail::Alone)?;
+        self.entries.insert(summary.seq, e.as_slice())?;
         Ok(())
     }
 

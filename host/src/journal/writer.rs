@@ -31,18 +31,37 @@ pub(super) struct Writer {
     pub(super) accepts_since_prune: usize,
     /// While the file is over `max_bytes`: when it was last checked, and the verdict.
     pub(super) size_verdict: Option<(Instant, Result<(), String>)>,
-    /// The last free-space and size verdict, reused for [`SPACE_RECHECK`].
+    /// The last free-space and size verdict, reused for [`SPACE_RECHECK`](super::space::SPACE_RECHECK).
     pub(super) space_verdict: Option<(Instant, Result<(), String>)>,
     pub(super) needs_reopen: bool,
     /// A commit made without fsync (or held acknowledgements) waits for a durable one.
     pub(super) unflushed: bool,
-    /// Acknowledgements received alone, applied with the next transaction.
+    /// Writes that need no fsync (acknowledgements, lazy results) that came alone, applied
+    /// with the next transaction.
     pub(super) held: Vec<Op>,
     /// When the oldest held write arrived.
     pub(super) held_since: Option<Instant>,
 }
 
 impl Writer {
+    /// A writer for a database just opened, whose next task gets `next_seq`.
+    pub(super) fn new(shared: Arc<Shared>, next_seq: u64) -> Writer {
+        Writer {
+            shared,
+            next_seq,
+            accepts_since_prune: 0,
+            size_verdict: None,
+            space_verdict: None,
+            needs_reopen: false,
+            unflushed: false,
+            held: Vec::new(),
+            held_since: None,
+        }
+    }
+
+    /// The writer thread: waits for an operation, takes every one already waiting, commits
+    /// them as one batch; returns once every [`Journal`](super::Journal) handle is dropped and
+    /// the queue is empty, after a last durable commit.
     pub(super) fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
             // `recv` fails only once every sender is gone and the queue is empty.
@@ -55,7 +74,7 @@ impl Writer {
                     Ok(op) => op,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         if self.held_since.is_some() {
-                            self.process(Vec::new(), false);
+                            self.commit_batch(Vec::new(), false);
                         } else {
                             self.flush();
                         }
@@ -87,7 +106,7 @@ impl Writer {
                 self.held_since.get_or_insert_with(Instant::now);
                 continue;
             }
-            self.process(ops, false);
+            self.commit_batch(ops, false);
         }
         // Writes committed without fsync become durable with the next durable commit: make one
         // before the database closes.
@@ -98,7 +117,7 @@ impl Writer {
     /// without fsync wrote reaches the disk.
     pub(super) fn flush(&mut self) {
         if !self.held.is_empty() {
-            return self.process(Vec::new(), true);
+            return self.commit_batch(Vec::new(), true);
         }
         let guard = read_lock(&self.shared.db);
         let Some(db) = guard.as_ref() else {
@@ -121,7 +140,7 @@ impl Writer {
 
     /// Applies the held acknowledgements and `ops` in one transaction, commits (with fsync if
     /// `durable` or if an operation needs it), answers.
-    pub(super) fn process(&mut self, mut ops: Vec<Op>, durable: bool) {
+    pub(super) fn commit_batch(&mut self, mut ops: Vec<Op>, durable: bool) {
         if !self.held.is_empty() {
             self.held_since = None;
             let mut held = std::mem::take(&mut self.held);
@@ -184,7 +203,7 @@ impl Writer {
         let mut changes = Vec::new();
         let mut failure: Option<redb::Error> = None;
         let mut ops = ops.into_iter();
-        match Tables::open(&txn, &shared.mirror) {
+        match Tables::open(&txn, &shared.index) {
             Ok(mut t) => {
                 for op in ops.by_ref() {
                     let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
@@ -197,8 +216,8 @@ impl Writer {
                 if failure.is_none() && self.accepts_since_prune >= PRUNE_EVERY {
                     match self.prune_in(&mut t, now, &mut changes) {
                         Ok(_) => self.accepts_since_prune = 0,
-                        Err(Fail::Storage(e)) => failure = Some(e),
-                        Err(Fail::Logic(e)) => tracing::warn!("pruning the journal: {e}"),
+                        Err(Fail::Transaction(e)) => failure = Some(e),
+                        Err(Fail::Alone(e)) => tracing::warn!("pruning the journal: {e}"),
                     }
                 }
             }
@@ -233,22 +252,10 @@ impl Writer {
         }
     }
 
+    /// Brings the in-memory index up to date with a batch that committed.
     pub(super) fn apply_changes(&self, changes: Vec<Change>) {
-        if changes.is_empty() {
-            return;
-        }
-        let mut mirror = lock(&self.shared.mirror);
-        for change in changes {
-            match change {
-                Change::Set(id, meta) => mirror.set(id, meta),
-                Change::Remove(id) => mirror.remove(&id),
-                Change::PutHandler(h) => {
-                    mirror.handlers.insert(h.name.clone(), h);
-                }
-                Change::RemoveHandler(name) => {
-                    mirror.handlers.remove(&name);
-                }
-            }
+        if !changes.is_empty() {
+            lock(&self.shared.index).apply(changes);
         }
     }
 }
