@@ -10,6 +10,8 @@ use super::lock;
 /// The result of a task that runs while its acceptance is being written (see
 /// [`Journal::accept_running_with`]): offered by the run if it ends first, looked at once by
 /// the writer when it records the acceptance.
+///
+/// [`Journal::accept_running_with`]: super::Journal::accept_running_with
 #[derive(Clone, Default)]
 pub struct EarlyResult(Arc<Mutex<Early>>);
 
@@ -37,6 +39,8 @@ impl EarlyResult {
 
     /// Once the acceptance is committed ([`Accept::New`]): the offered result, if any, and
     /// whether it was written with the acceptance.
+    ///
+    /// [`Accept::New`]: super::Accept::New
     pub fn take(&self) -> Option<(RunResult, bool)> {
         let mut slot = lock(&self.0);
         let written = slot.written;

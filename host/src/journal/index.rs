@@ -70,7 +70,7 @@ pub(super) struct Index {
     /// the journal needs room.
     pub(super) evictable: BTreeMap<u64, Arc<str>>,
     /// The sum of every task's [`Summary::bytes`]: what the journal holds, measured against
-    /// [`JournalConfig::max_bytes`].
+    /// [`JournalConfig::max_bytes`](super::JournalConfig::max_bytes).
     pub(super) bytes: u64,
     pub(super) handlers: BTreeMap<String, HandlerRecord>,
 }

@@ -13,9 +13,9 @@ use super::JournalError;
 mod v1 {
     use redb::TableDefinition;
 
-    /// Task id → [`super::TaskRecord`].
+    /// Task id → [`TaskRecord`](crate::journal::TaskRecord).
     pub const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-    /// Task id → [`super::Summary`].
+    /// Task id → [`Summary`](crate::journal::index::Summary).
     pub const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
 }
 

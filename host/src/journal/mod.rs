@@ -1,5 +1,14 @@
-//! The agent's durable task journal, behind the `Journal` facade: accepted tasks, their results
+//! The agent's durable task journal, behind the [`Journal`] facade: accepted tasks, their results
 //! until the platform acknowledges them, installed handlers. How it works: `docs/journal.md`.
+//!
+//! In brief: a task is recorded (fsynced) before the agent answers `accepted`, marked running
+//! before it runs, and its result kept until the platform acknowledges it. Every write goes to one
+//! writer thread, which commits whatever is waiting as one batch (group commit); reads are served
+//! from an in-memory index and redb read transactions, beside the writer.
+//!
+//! Reading order: this file (the facade), `writer` (group commit), `ops` (what each write does in
+//! its transaction), `tables`, `index`, `space` (byte limits and eviction), `retention`; then
+//! `schema`, `migration`, `read`, `early`, `recovery`, `reopen`, `handlers`, `error`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +92,7 @@ pub struct Journal {
     inner: Arc<Inner>,
 }
 
+/// What the facade and the writer thread share.
 struct Shared {
     config: JournalConfig,
     /// `None` only while the writer reopens the database after an I/O failure (or if that
@@ -90,9 +100,12 @@ struct Shared {
     /// the writer, holding the write lock, knows none is alive (compaction, reopening).
     db: RwLock<Option<Database>>,
     index: Mutex<Index>,
+    /// Write transactions committed since open (see [`Journal::commits`]).
     commits: AtomicU64,
 }
 
+/// Owned by every clone of a [`Journal`]: the queue to the writer and its thread. Dropping the
+/// last clone closes the queue and waits for the writer to finish.
 struct Inner {
     shared: Arc<Shared>,
     tx: Option<mpsc::Sender<Op>>,
@@ -110,6 +123,8 @@ impl Drop for Inner {
         }
     }
 }
+
+// The locks below are taken even when poisoned: a panic elsewhere must not stop the journal.
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

@@ -177,7 +177,7 @@ impl Writer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn accept_in(
+    fn accept_in(
         &mut self,
         t: &mut Tables<'_>,
         request: &RunRequest,
@@ -254,11 +254,7 @@ impl Writer {
     }
 }
 
-pub(super) fn start_in(
-    t: &mut Tables<'_>,
-    id: &str,
-    changes: &mut Vec<Change>,
-) -> Result<(), Fail> {
+fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
     let Some(mut summary) = t.entry(id)? else {
         return Err(Fail::Alone(JournalError::Io(format!(
             "cannot start task {id:?}: it is not recorded"
@@ -274,7 +270,7 @@ pub(super) fn start_in(
     Ok(())
 }
 
-pub(super) fn finish_in(
+fn finish_in(
     t: &mut Tables<'_>,
     id: &str,
     result: RunResult,

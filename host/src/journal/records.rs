@@ -35,7 +35,7 @@ pub struct TaskRecord {
     pub finished_at_ms: Option<u64>,
 }
 
-/// What [`Journal::accept`] did.
+/// What [`Journal::accept`](super::Journal::accept) did.
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)] // returned once per task; unboxed for callers' ease
 pub enum Accept {

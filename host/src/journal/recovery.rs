@@ -10,7 +10,7 @@ use super::index::{Index, Summary};
 use super::schema::{decode, RECORDS};
 use super::{JournalError, TaskPhase, TaskRecord};
 
-/// What [`Journal::open`] found unfinished, each list in accept order.
+/// What [`Journal::open`](super::Journal::open) found unfinished, each list in accept order.
 #[derive(Debug, Clone, Default)]
 pub struct Recovery {
     /// Recorded as queued: accepted and never started. To be run.

@@ -92,6 +92,9 @@ impl Journal {
     /// (at open and every [`PRUNE_EVERY`] accepted tasks).
     ///
     /// Blocks the calling thread until the writer has committed (about one commit).
+    ///
+    /// [`JournalConfig::retention`]: super::JournalConfig::retention
+    /// [`JournalConfig::max_records`]: super::JournalConfig::max_records
     pub fn prune(&self) -> Result<usize, JournalError> {
         let (reply, rx) = mpsc::channel();
         self.send(Op::Prune { reply })?;

@@ -23,7 +23,7 @@ use super::{JournalError, TaskPhase, TaskRecord};
 pub(super) const SCHEMA_VERSION: u64 = 2;
 
 /// redb's page cache; the journal is read little (records are mostly written once).
-pub(super) const CACHE_BYTES: usize = 1 << 20;
+const CACHE_BYTES: usize = 1 << 20;
 
 /// Accept sequence number → the task's [`TaskRecord`], as accepted (no result). Its `phase`
 /// and `acked` may lag its entry's, which are authoritative. (A record migrated from version 1
@@ -89,7 +89,7 @@ pub(super) struct Entry<'a> {
     pub(super) evicted: bool,
 }
 
-pub(super) fn is_false(b: &bool) -> bool {
+fn is_false(b: &bool) -> bool {
     !*b
 }
 

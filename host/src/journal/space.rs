@@ -14,15 +14,15 @@ use super::tables::Tables;
 use super::writer::Writer;
 use super::{lock, write_lock};
 
-/// While the file is over twice [`JournalConfig::max_bytes`], how long after compacting it the
-/// writer compacts it again.
-pub(super) const SIZE_RECHECK: Duration = Duration::from_secs(5);
+/// While the file is over twice `max_bytes`, how long after compacting it the writer compacts it
+/// again.
+const SIZE_RECHECK: Duration = Duration::from_secs(5);
 
 /// How long a free-space measurement stands.
 pub(super) const SPACE_RECHECK: Duration = Duration::from_millis(250);
 
 /// A verdict taken less than `ttl` ago, to reuse instead of measuring again.
-pub(super) fn recent(
+fn recent(
     verdict: &Option<(Instant, Result<(), String>)>,
     ttl: Duration,
 ) -> Option<Result<(), String>> {
@@ -47,7 +47,7 @@ pub(super) fn stored_size(len: usize) -> u64 {
 }
 
 /// Bytes available to unprivileged users on the filesystem holding `path`.
-pub(super) fn free_bytes(path: &Path) -> std::io::Result<u64> {
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `statvfs` is plain old data (all-zero is a valid value), `c` is a valid
@@ -113,7 +113,7 @@ impl Writer {
         verdict
     }
 
-    pub(super) fn measure_space(&mut self) -> Result<(), String> {
+    fn measure_space(&mut self) -> Result<(), String> {
         let config = &self.shared.config;
         match free_bytes(&config.path) {
             Ok(free) if free < config.min_free_bytes => {
@@ -148,7 +148,7 @@ impl Writer {
     }
 
     /// Prunes and compacts the file; whether it is now within `max_bytes`.
-    pub(super) fn prune_and_compact(&mut self) -> Result<(), String> {
+    fn prune_and_compact(&mut self) -> Result<(), String> {
         if let Err(e) = self.prune_now() {
             tracing::warn!("pruning the journal: {e}");
         }
@@ -182,7 +182,7 @@ impl Writer {
     }
 }
 
-pub(super) fn file_len(path: &Path) -> u64 {
+fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 

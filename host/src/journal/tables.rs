@@ -116,6 +116,8 @@ impl<'t> Tables<'t> {
 
     /// Writes a task's result (already encoded, see [`encode_result`]) and its entry, marked
     /// done; counts the bytes into `summary`.
+    ///
+    /// [`encode_result`]: super::schema::encode_result
     pub(super) fn store_result(
         &mut self,
         id: &str,

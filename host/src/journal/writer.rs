@@ -31,7 +31,7 @@ pub(super) struct Writer {
     pub(super) accepts_since_prune: usize,
     /// While the file is over `max_bytes`: when it was last checked, and the verdict.
     pub(super) size_verdict: Option<(Instant, Result<(), String>)>,
-    /// The last free-space and size verdict, reused for [`SPACE_RECHECK`](super::space::SPACE_RECHECK).
+    /// The last free-space and size verdict, reused for a while (`SPACE_RECHECK`).
     pub(super) space_verdict: Option<(Instant, Result<(), String>)>,
     pub(super) needs_reopen: bool,
     /// A commit made without fsync (or held acknowledgements) waits for a durable one.
@@ -140,7 +140,7 @@ impl Writer {
 
     /// Applies the held acknowledgements and `ops` in one transaction, commits (with fsync if
     /// `durable` or if an operation needs it), answers.
-    pub(super) fn commit_batch(&mut self, mut ops: Vec<Op>, durable: bool) {
+    fn commit_batch(&mut self, mut ops: Vec<Op>, durable: bool) {
         if !self.held.is_empty() {
             self.held_since = None;
             let mut held = std::mem::take(&mut self.held);
