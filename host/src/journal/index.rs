@@ -13,6 +13,7 @@ use super::space::{stored_size, ENTRY_BYTES};
 use super::{HandlerRecord, TaskPhase, TaskRecord};
 
 /// Where a task is: its entry in table `entries` (keyed by `seq`), and in the in-memory index.
+/// Format version 1 stored it as such, as JSON, in its `task_index` table (see `migration`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Summary {
     /// Accept order.
@@ -31,6 +32,7 @@ pub(super) struct Summary {
 }
 
 impl Summary {
+    /// The summary of a record about to be written (its size is counted as it is).
     pub(super) fn of(seq: u64, record: &TaskRecord) -> Summary {
         Summary {
             seq,
@@ -42,6 +44,7 @@ impl Summary {
         }
     }
 
+    /// Finished and not acknowledged: a result owed to the platform.
     pub(super) fn in_outbox(&self) -> bool {
         self.phase == TaskPhase::Done && !self.acked
     }

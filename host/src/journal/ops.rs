@@ -17,6 +17,8 @@ use super::tables::Tables;
 use super::writer::Writer;
 use super::{Accept, EarlyResult, HandlerRecord, JournalError, TaskPhase, TaskRecord};
 
+/// A write queued to the writer, with the channel its answer goes to (an acknowledgement has
+/// none: no one waits for it).
 pub(super) enum Op {
     Accept {
         request: Box<RunRequest>,

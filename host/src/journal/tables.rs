@@ -18,7 +18,7 @@ pub(super) struct Tables<'t> {
     pub(super) results: Table<'t, u64, &'static [u8]>,
     pub(super) entries: Table<'t, u64, &'static [u8]>,
     pub(super) handlers: Table<'t, &'static str, &'static [u8]>,
-    /// The sequence numbers of tasks committed before this transaction.
+    /// The index: the tasks committed before this transaction.
     pub(super) index: &'t Mutex<Index>,
     /// The sequence numbers of tasks accepted in this transaction.
     pub(super) fresh: HashMap<Arc<str>, u64>,

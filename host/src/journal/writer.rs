@@ -27,12 +27,15 @@ pub const HOLD: Duration = Duration::from_millis(2);
 /// The writer thread's state.
 pub(super) struct Writer {
     pub(super) shared: Arc<Shared>,
+    /// The accept sequence number of the next new task.
     pub(super) next_seq: u64,
+    /// Tasks accepted since the last prune (pruning runs every `PRUNE_EVERY`).
     pub(super) accepts_since_prune: usize,
     /// While the file is over `max_bytes`: when it was last checked, and the verdict.
     pub(super) size_verdict: Option<(Instant, Result<(), String>)>,
     /// The last free-space and size verdict, reused for a while (`SPACE_RECHECK`).
     pub(super) space_verdict: Option<(Instant, Result<(), String>)>,
+    /// An I/O failure left the database unusable: the next batch reopens it first.
     pub(super) needs_reopen: bool,
     /// A commit made without fsync (or held acknowledgements) waits for a durable one.
     pub(super) unflushed: bool,
