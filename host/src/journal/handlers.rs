@@ -1,5 +1,5 @@
 //! Installed handlers: a signed module bound to a command name, kept in the journal so that it
-//! survives restarts, and mirrored in memory (looked up for every task naming a command).
+//! survives restarts, and kept in memory in the index (looked up for every task naming a command).
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
