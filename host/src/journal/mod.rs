@@ -1,0 +1,369 @@
+//! The agent's durable task journal, behind the [`Journal`] facade: accepted tasks, their results
+//! until the platform acknowledges them, installed handlers. How it works: `docs/journal.md`.
+//!
+//! In brief: a task is recorded (fsynced) before the agent answers `accepted`, marked running
+//! before it runs, and its result kept until the platform acknowledges it. Every write goes to one
+//! writer thread, which commits whatever is waiting as one batch (group commit); reads are served
+//! from an in-memory index and redb read transactions, beside the writer.
+//!
+//! Reading order: this file (the facade), `writer` (group commit), `ops` (what each write does in
+//! its transaction), `tables`, `index`, `space` (byte limits and eviction), `retention`; then
+//! `schema`, `migration`, `read`, `early`, `recovery`, `reopen`, `handlers`, `error`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bridge_protocol::RunRequest;
+use redb::Database;
+use tokio::sync::oneshot;
+
+use crate::outcome::RunResult;
+
+mod early;
+mod error;
+mod handlers;
+mod index;
+mod migration;
+mod ops;
+mod read;
+mod records;
+mod recovery;
+mod reopen;
+mod retention;
+mod schema;
+mod space;
+mod tables;
+#[cfg(test)]
+mod testkit;
+mod writer;
+
+pub use early::EarlyResult;
+pub use error::JournalError;
+pub use handlers::HandlerRecord;
+pub use records::{Accept, TaskPhase, TaskRecord};
+pub use recovery::Recovery;
+pub use retention::PRUNE_EVERY;
+pub use writer::{FLUSH_AFTER, HOLD, MAX_BATCH};
+
+use error::Res;
+use index::Index;
+use ops::Op;
+use schema::{init_schema, open_db, prepare_path};
+use writer::Writer;
+
+/// Where the journal lives and how much it may keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalConfig {
+    /// The redb file, e.g. `<state>/journal.redb`.
+    pub path: PathBuf,
+    /// Finished and acknowledged records older than this are pruned (default 7 days).
+    pub retention: Duration,
+    /// Beyond this many finished and acknowledged records, the oldest are pruned (default
+    /// 20 000).
+    pub max_records: usize,
+    /// [`Journal::accept`] refuses new tasks when the filesystem holding `path` has less space
+    /// available (to unprivileged users) than this (default 64 MiB).
+    pub min_free_bytes: u64,
+    /// What the journal may hold, in bytes (default 256 MiB): beyond it, acknowledged results
+    /// lose their output, oldest first, and with none left to evict new tasks are refused.
+    pub max_bytes: u64,
+}
+
+impl JournalConfig {
+    /// The defaults (7 days, 20 000 records, 64 MiB free, 256 MiB file) for a journal at
+    /// `path`.
+    pub fn new(path: PathBuf) -> JournalConfig {
+        JournalConfig {
+            path,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_records: 20_000,
+            min_free_bytes: 64 << 20,
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The journal: a cheap handle (clones share one database and one writer thread).
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+/// What the facade and the writer thread share.
+struct Shared {
+    config: JournalConfig,
+    /// `None` only while the writer reopens the database after an I/O failure (or if that
+    /// failed). Readers hold the read lock for the whole of their read transaction, so that
+    /// the writer, holding the write lock, knows none is alive (compaction, reopening).
+    db: RwLock<Option<Database>>,
+    index: Mutex<Index>,
+    /// Write transactions committed since open (see [`Journal::commits`]).
+    commits: AtomicU64,
+}
+
+/// Owned by every clone of a [`Journal`]: the queue to the writer and its thread. Dropping the
+/// last clone closes the queue and waits for the writer to finish.
+struct Inner {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Op>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued, then return.
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the journal writer thread panicked");
+            }
+        }
+    }
+}
+
+// The locks below are taken even when poisoned: a panic elsewhere must not stop the journal.
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Journal {
+    /// Opens the journal at `config.path` (creating it, and its directory, when absent), loads
+    /// its index, prunes, and starts the writer thread. Returns the unfinished tasks found.
+    ///
+    /// A file that is not a valid journal (corrupt, not a redb file, a newer format, locked by
+    /// another process) is an error; it is never replaced.
+    pub fn open(config: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
+        prepare_path(&config.path)?;
+        let db = open_db(&config.path)?;
+        init_schema(&db, &config.path)?;
+        let (index, next_seq) = Index::load(&db)?;
+        let shared = Arc::new(Shared {
+            config,
+            db: RwLock::new(Some(db)),
+            index: Mutex::new(index),
+            commits: AtomicU64::new(0),
+        });
+        let mut writer = Writer::new(shared.clone(), next_seq);
+        match writer.prune_now() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("pruned {n} old task records from the journal"),
+            Err(e) => tracing::warn!("pruning the journal: {e}"),
+        }
+        let recovery = {
+            let guard = read_lock(&shared.db);
+            let db = guard.as_ref().expect("the database was just opened");
+            Recovery::load(db, &lock(&shared.index))?
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("bridge-journal".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| JournalError::Io(format!("starting the journal writer thread: {e}")))?;
+        let journal = Journal {
+            inner: Arc::new(Inner {
+                shared,
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        };
+        Ok((journal, recovery))
+    }
+
+    fn send(&self, op: Op) -> Res<()> {
+        let tx = self.inner.tx.as_ref().ok_or_else(stopped)?;
+        tx.send(op).map_err(|_| stopped())
+    }
+
+    async fn call<T>(&self, op: Op, rx: oneshot::Receiver<Res<T>>) -> Res<T> {
+        self.send(op)?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Durably records a new task, in phase [`TaskPhase::Queued`]: the record is committed
+    /// (fsynced) before this returns [`Accept::New`]. A task id already recorded returns
+    /// [`Accept::Seen`] with its record, and writes nothing.
+    ///
+    /// Refuses with [`JournalError::StorageFull`] when the filesystem has less than
+    /// [`JournalConfig::min_free_bytes`] available, when the file exceeds
+    /// [`JournalConfig::max_bytes`] even after pruning, or when the write fails for lack of
+    /// space. Refusing never touches the records already kept.
+    pub async fn accept(&self, request: &RunRequest) -> Result<Accept, JournalError> {
+        self.accept_as(request, false, None).await
+    }
+
+    /// [`Journal::accept`] for a task that starts at once (a slot is free): recorded directly in
+    /// [`TaskPhase::Running`], in the same commit, so it needs no [`Journal::start`].
+    pub async fn accept_running(&self, request: &RunRequest) -> Result<Accept, JournalError> {
+        self.accept_as(request, true, None).await
+    }
+
+    /// [`Journal::accept_running`] for a task that runs while its acceptance is being written:
+    /// if its result was [offered](EarlyResult::offer) by the time the writer gets to the
+    /// acceptance, the result is written in the same commit (durably, with the acceptance),
+    /// and [`EarlyResult::take`] hands it back once this returns [`Accept::New`]; the task
+    /// needs no [`Journal::finish`] then.
+    pub async fn accept_running_with(
+        &self,
+        request: &RunRequest,
+        early: EarlyResult,
+    ) -> Result<Accept, JournalError> {
+        self.accept_as(request, true, Some(early)).await
+    }
+
+    async fn accept_as(
+        &self,
+        request: &RunRequest,
+        running: bool,
+        early: Option<EarlyResult>,
+    ) -> Result<Accept, JournalError> {
+        // Fast path: a known id needs no writer (and must not write). An unreadable record
+        // falls through to the writer, which decides from the file itself.
+        if let Some(record) = self.get(&request.task_id) {
+            return Ok(Accept::Seen(record));
+        }
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Accept {
+            request: Box::new(request.clone()),
+            running,
+            early,
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Durably marks a task [`TaskPhase::Running`] (committed before this returns); called
+    /// right before it executes. A task already running (recovered, run again) or done is left
+    /// as it is. An unknown task id is an error.
+    pub async fn start(&self, task_id: &str) -> Result<(), JournalError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Start {
+            task_id: task_id.to_string(),
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Durably stores a task's result ([`TaskPhase::Done`], not acknowledged), committed before
+    /// this returns. A task already done keeps its first result (and this returns `Ok`). An
+    /// unknown task id is an error.
+    pub async fn finish(&self, task_id: &str, result: &RunResult) -> Result<(), JournalError> {
+        self.finish_as(task_id, result, true).await
+    }
+
+    /// Stores a task's result like [`Journal::finish`], but without fsync: it is written with
+    /// the next batch that commits anyway (a new task's acceptance, usually), or on its own
+    /// after at most [`HOLD`], and reaches the disk with the next durable commit, at most
+    /// [`FLUSH_AFTER`] after that. Visible to readers once this returns. For a task recorded as
+    /// running: if the agent dies before the flush, the task is found running and reported
+    /// `interrupted`, so the loss is one of detail, not of a result.
+    pub async fn finish_lazily(
+        &self,
+        task_id: &str,
+        result: &RunResult,
+    ) -> Result<(), JournalError> {
+        self.finish_as(task_id, result, false).await
+    }
+
+    async fn finish_as(
+        &self,
+        task_id: &str,
+        result: &RunResult,
+        durable: bool,
+    ) -> Result<(), JournalError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Finish {
+            task_id: task_id.to_string(),
+            result: Box::new(result.clone()),
+            durable,
+            reply,
+        };
+        self.call(op, rx).await
+    }
+
+    /// Marks results acknowledged by the platform. Takes effect at once for
+    /// [`Journal::unacked`], [`Journal::get`] and [`Journal::counts`]; written with the next
+    /// batch, without waiting (a lost acknowledgement only means a result is sent again).
+    /// Unknown task ids, and tasks without a result yet, are ignored.
+    pub fn ack(&self, task_ids: &[String]) {
+        let mut forward = Vec::new();
+        {
+            let mut guard = lock(&self.inner.shared.index);
+            let index = &mut *guard;
+            for id in task_ids {
+                if let Some((key, summary)) = index.tasks.get_key_value(id.as_str()) {
+                    let (key, mut summary) = (key.clone(), *summary);
+                    if summary.in_outbox() {
+                        summary.acked = true;
+                        index.set(key, summary);
+                        forward.push(id.clone());
+                    } else if summary.phase != TaskPhase::Done {
+                        // The result was sent while its commit is still queued: the writer
+                        // applies this after it (operations are applied in order), and
+                        // `ack_in` checks the record itself.
+                        forward.push(id.clone());
+                    }
+                }
+            }
+        }
+        if !forward.is_empty() {
+            if let Err(e) = self.send(Op::Ack { task_ids: forward }) {
+                tracing::warn!("recording acknowledgements: {e}");
+            }
+        }
+    }
+
+    /// How many write transactions the writer has committed since [`Journal::open`] (each
+    /// one fsync): with group commit, far fewer than the writes asked for under load.
+    pub fn commits(&self) -> u64 {
+        self.inner.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// The configuration the journal was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.inner.shared.config
+    }
+}
+
+fn stopped() -> JournalError {
+    JournalError::Io("the journal writer has stopped".into())
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (records, unacked) = self.counts();
+        f.debug_struct("Journal")
+            .field("path", &self.inner.shared.config.path)
+            .field("records", &records)
+            .field("unacked", &unacked)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_is_shareable() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<Journal>();
+    }
+}

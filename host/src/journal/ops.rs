@@ -1,0 +1,439 @@
+//! The writes queued to the writer (`Op`), their answers, and what each does inside the batch's
+//! transaction: a task's acceptance, start, finish and acknowledgement.
+
+use std::sync::{mpsc, Arc};
+
+use bridge_protocol::RunRequest;
+use tokio::sync::oneshot;
+
+use crate::outcome::RunResult;
+
+use super::error::{split, Fail, Res};
+use super::handlers::{put_handler_in, remove_handler_in};
+use super::index::{Change, Summary};
+use super::schema::{encode, encode_result};
+use super::space::{make_room, stored_size, ENTRY_BYTES};
+use super::tables::Tables;
+use super::writer::Writer;
+use super::{Accept, EarlyResult, HandlerRecord, JournalError, TaskPhase, TaskRecord};
+
+/// A write queued to the writer, with the channel its answer goes to (an acknowledgement has
+/// none: no one waits for it).
+pub(super) enum Op {
+    Accept {
+        request: Box<RunRequest>,
+        running: bool,
+        /// Where the task's result may be by the time the acceptance is written.
+        early: Option<EarlyResult>,
+        reply: oneshot::Sender<Res<Accept>>,
+    },
+    Start {
+        task_id: String,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    Finish {
+        task_id: String,
+        result: Box<RunResult>,
+        /// Commit with fsync before answering (otherwise with the next durable commit).
+        durable: bool,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    Ack {
+        task_ids: Vec<String>,
+    },
+    PutHandler {
+        handler: HandlerRecord,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    RemoveHandler {
+        name: String,
+        reply: oneshot::Sender<Res<bool>>,
+    },
+    Prune {
+        reply: mpsc::Sender<Res<usize>>,
+    },
+}
+
+/// An operation's reply channel with the answer it gets if its batch commits.
+pub(super) enum Answer {
+    Accept(oneshot::Sender<Res<Accept>>, Box<Res<Accept>>),
+    Unit(oneshot::Sender<Res<()>>, Res<()>),
+    Bool(oneshot::Sender<Res<bool>>, Res<bool>),
+    Count(mpsc::Sender<Res<usize>>, Res<usize>),
+    Nothing,
+}
+
+impl Answer {
+    /// The answer of an operation that was not applied (its batch failed first).
+    pub(super) fn unapplied(op: Op) -> Answer {
+        fn e<T>() -> Res<T> {
+            Err(JournalError::Io("the batch was abandoned".into()))
+        }
+        match op {
+            Op::Accept { reply, .. } => Answer::Accept(reply, Box::new(e())),
+            Op::Start { reply, .. } | Op::Finish { reply, .. } | Op::PutHandler { reply, .. } => {
+                Answer::Unit(reply, e())
+            }
+            Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
+            Op::Prune { reply } => Answer::Count(reply, e()),
+            Op::Ack { .. } => Answer::Nothing,
+        }
+    }
+
+    /// Sends the answer, or `failure` (the batch's) instead.
+    pub(super) fn send(self, failure: Option<&JournalError>) {
+        fn pick<T>(r: Res<T>, failure: Option<&JournalError>) -> Res<T> {
+            match failure {
+                Some(e) => Err(e.clone()),
+                None => r,
+            }
+        }
+        // A caller that stopped waiting is no one's concern.
+        match self {
+            Answer::Accept(tx, r) => {
+                let _ = tx.send(pick(*r, failure));
+            }
+            Answer::Unit(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Bool(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Count(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Nothing => {}
+        }
+    }
+}
+
+impl Writer {
+    /// Applies one operation; returns its answer, and the storage error that fails the whole
+    /// transaction, if any.
+    pub(super) fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: Op,
+        now: u64,
+        space: &Result<(), String>,
+        changes: &mut Vec<Change>,
+    ) -> (Answer, Option<redb::Error>) {
+        match op {
+            Op::Accept {
+                request,
+                running,
+                early,
+                reply,
+            } => {
+                let (r, e) = split(self.accept_in(
+                    t,
+                    &request,
+                    running,
+                    early.as_ref(),
+                    now,
+                    space,
+                    changes,
+                ));
+                (Answer::Accept(reply, Box::new(r)), e)
+            }
+            Op::Start { task_id, reply } => {
+                let (r, e) = split(start_in(t, &task_id, changes));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::Finish {
+                task_id,
+                result,
+                reply,
+                ..
+            } => {
+                let (r, e) = split(finish_in(
+                    t,
+                    &task_id,
+                    *result,
+                    now,
+                    self.shared.config.max_bytes,
+                    changes,
+                ));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::Ack { task_ids } => {
+                let (r, e) = split(ack_in(t, &task_ids, changes));
+                if let Err(err) = r {
+                    tracing::warn!("recording acknowledgements: {err}");
+                }
+                (Answer::Nothing, e)
+            }
+            Op::PutHandler { handler, reply } => {
+                let (r, e) = split(put_handler_in(t, handler, changes));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::RemoveHandler { name, reply } => {
+                let (r, e) = split(remove_handler_in(t, name, changes));
+                (Answer::Bool(reply, r), e)
+            }
+            Op::Prune { reply } => {
+                let (r, e) = split(self.prune_in(t, now, changes));
+                (Answer::Count(reply, r), e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn accept_in(
+        &mut self,
+        t: &mut Tables<'_>,
+        request: &RunRequest,
+        running: bool,
+        early: Option<&EarlyResult>,
+        now: u64,
+        space: &Result<(), String>,
+        changes: &mut Vec<Change>,
+    ) -> Result<Accept, Fail> {
+        let id = request.task_id.as_str();
+        // Authoritative: sees this batch's writes too.
+        if let Some((record, _)) = t.load(id)? {
+            return Ok(Accept::Seen(record));
+        }
+        if let Err(why) = space {
+            return Err(Fail::Alone(JournalError::StorageFull(why.clone())));
+        }
+        let record = TaskRecord {
+            request: request.clone(),
+            phase: if running {
+                TaskPhase::Running
+            } else {
+                TaskPhase::Queued
+            },
+            result: None,
+            acked: false,
+            accepted_at_ms: now,
+            finished_at_ms: None,
+        };
+        let mut summary = Summary::of(self.next_seq, &record);
+        let encoded = encode("task", id, &record).map_err(Fail::Alone)?;
+        let need = stored_size(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
+        // New work is taken up to 7/8 of the limit: the rest is for the results of the tasks
+        // already accepted (one that still does not fit is kept without its output).
+        let max_bytes = self.shared.config.max_bytes;
+        let max_bytes = max_bytes - max_bytes / 8;
+        if !make_room(t, max_bytes, need, changes)? {
+            return Err(Fail::Alone(JournalError::StorageFull(format!(
+                "the journal {} holds {} bytes, most of them results the platform has not \
+                 acknowledged yet; new tasks are taken up to {max_bytes} bytes (7/8 of its limit)",
+                self.shared.config.path.display(),
+                t.bytes_held()
+            ))));
+        }
+        match early.map(EarlyResult::slot) {
+            Some(mut slot) => {
+                // Looked at once: a result offered later goes the usual way (`finish`).
+                slot.looked = true;
+                let result = match &slot.result {
+                    Some(result) => Some(encode_result(id, now, result).map_err(Fail::Alone)?),
+                    None => None,
+                };
+                // Written with the acceptance only if it fits; otherwise it goes the usual way.
+                let fits = match &result {
+                    Some(f) => make_room(t, max_bytes, need + stored_size(f.len()), changes)?,
+                    None => false,
+                };
+                t.store(id, &encoded, &mut summary)?;
+                if let (Some(f), true) = (result, fits) {
+                    summary.phase = TaskPhase::Done;
+                    summary.finished_at_ms = Some(now);
+                    t.store_result(id, &f, &mut summary)?;
+                    slot.written = true;
+                }
+            }
+            None => t.store(id, &encoded, &mut summary)?,
+        }
+        self.next_seq += 1;
+        self.accepts_since_prune += 1;
+        let id: Arc<str> = Arc::from(id);
+        t.fresh.insert(id.clone(), summary.seq);
+        changes.push(Change::Set(id, summary));
+        Ok(Accept::New)
+    }
+}
+
+fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
+    let Some(mut summary) = t.entry(id)? else {
+        return Err(Fail::Alone(JournalError::Io(format!(
+            "cannot start task {id:?}: it is not recorded"
+        ))));
+    };
+    if summary.phase != TaskPhase::Queued {
+        // Running already (a recovered task run again), or Done: nothing to change.
+        return Ok(());
+    }
+    summary.phase = TaskPhase::Running;
+    t.store_entry(id, &summary)?;
+    changes.push(Change::Set(Arc::from(id), summary));
+    Ok(())
+}
+
+fn finish_in(
+    t: &mut Tables<'_>,
+    id: &str,
+    result: RunResult,
+    now: u64,
+    max_bytes: u64,
+    changes: &mut Vec<Change>,
+) -> Result<(), Fail> {
+    let Some(summary) = t.entry(id)? else {
+        return Err(Fail::Alone(JournalError::Io(format!(
+            "cannot store the result of task {id:?}: it is not recorded"
+        ))));
+    };
+    if summary.phase == TaskPhase::Done {
+        // The first result wins.
+        return Ok(());
+    }
+    let mut summary = Summary {
+        phase: TaskPhase::Done,
+        acked: false,
+        finished_at_ms: Some(now),
+        ..summary
+    };
+    let mut f = encode_result(id, now, &result).map_err(Fail::Alone)?;
+    if !make_room(t, max_bytes, stored_size(f.len()), changes)? {
+        // The result must be kept (it is owed to the platform), its output need not: the
+        // status, exit code and error fit whatever happens.
+        tracing::warn!(task_id = %id, bytes = f.len(), "the journal has no room for this result's output; keeping the result without it");
+        f = encode_result(id, now, &result.without_output()).map_err(Fail::Alone)?;
+        summary.evicted = true;
+    }
+    t.store_result(id, &f, &mut summary)?;
+    changes.push(Change::Set(Arc::from(id), summary));
+    Ok(())
+}
+
+pub(super) fn ack_in(
+    t: &mut Tables<'_>,
+    ids: &[String],
+    changes: &mut Vec<Change>,
+) -> Result<(), Fail> {
+    for id in ids {
+        let Some(mut summary) = t.entry(id)? else {
+            continue;
+        };
+        if !summary.in_outbox() {
+            continue;
+        }
+        summary.acked = true;
+        t.store_entry(id, &summary)?;
+        changes.push(Change::Set(Arc::from(id.as_str()), summary));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::journal::testkit::*;
+    use crate::journal::{Accept, TaskPhase};
+
+    #[tokio::test]
+    async fn accept_dedups_and_everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, recovery) = open(&cfg);
+        assert!(recovery.queued.is_empty() && recovery.running.is_empty());
+
+        for id in ["queued", "running", "done", "acked"] {
+            assert_eq!(j.accept(&request(id)).await.unwrap(), Accept::New);
+        }
+        // A second accept of the same id: the first record, unchanged, and nothing written.
+        let commits = j.commits();
+        let mut again = request("queued");
+        again.id = "another-message".into();
+        again.input = serde_json::json!("different");
+        match j.accept(&again).await.unwrap() {
+            Accept::Seen(record) => {
+                assert_eq!(record.request, request("queued"));
+                assert_eq!(record.phase, TaskPhase::Queued);
+                assert!(record.result.is_none());
+            }
+            Accept::New => panic!("a known task id was accepted again"),
+        }
+        assert_eq!(j.commits(), commits, "a known task id must not write");
+        assert_eq!(j.get("queued").unwrap().request, request("queued"));
+
+        j.start("running").await.unwrap();
+        for id in ["done", "acked"] {
+            j.start(id).await.unwrap();
+            j.finish(id, &result(id)).await.unwrap();
+        }
+        j.ack(&[
+            "acked".to_string(),
+            "unknown".to_string(),
+            "queued".to_string(),
+        ]);
+        assert_eq!(j.counts(), (4, 1));
+        assert!(j.start("unknown").await.is_err());
+        assert!(j.finish("unknown", &result("x")).await.is_err());
+        drop(j);
+
+        let (j, recovery) = open(&cfg);
+        assert_eq!(ids(&recovery.queued), ["queued"]);
+        assert_eq!(ids(&recovery.running), ["running"]);
+        assert_eq!(recovery.running[0].phase, TaskPhase::Running);
+        let unacked = j.unacked();
+        assert_eq!(ids(&unacked), ["done"]);
+        assert_eq!(unacked[0].result, Some(result("done")));
+        assert!(!unacked[0].acked);
+        assert!(unacked[0].finished_at_ms.is_some());
+        let acked = j.get("acked").unwrap();
+        assert!(acked.acked);
+        assert_eq!(acked.phase, TaskPhase::Done);
+        assert_eq!(j.get("queued").unwrap().phase, TaskPhase::Queued);
+        assert!(j.get("unknown").is_none());
+        assert_eq!(j.counts(), (4, 1));
+        // Still deduplicated after the restart.
+        assert!(matches!(
+            j.accept(&request("done")).await.unwrap(),
+            Accept::Seen(r) if r.result == Some(result("done"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_first_result_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept(&request("t")).await.unwrap();
+        j.start("t").await.unwrap();
+        j.finish("t", &result("first")).await.unwrap();
+        j.finish("t", &result("second")).await.unwrap();
+        // A late start does not move it back either.
+        j.start("t").await.unwrap();
+        let record = j.get("t").unwrap();
+        assert_eq!(record.result, Some(result("first")));
+        assert_eq!(record.phase, TaskPhase::Done);
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert_eq!(j.get("t").unwrap().result, Some(result("first")));
+    }
+
+    #[tokio::test]
+    async fn acks_empty_the_outbox_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let ids: Vec<String> = (0..5).map(|i| format!("t{i}")).collect();
+        for id in &ids {
+            j.accept(&request(id)).await.unwrap();
+            j.finish(id, &result(id)).await.unwrap();
+        }
+        let order: Vec<String> = j.unacked().into_iter().map(|r| r.request.task_id).collect();
+        assert_eq!(order, ids, "unacked() is in accept order");
+        j.ack(&ids);
+        assert!(j.unacked().is_empty());
+        assert_eq!(j.counts(), (5, 0));
+        assert!(j.get("t0").unwrap().acked);
+        // Dropped right away: the pending acknowledgement is written before the writer stops.
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert!(j.unacked().is_empty());
+        assert_eq!(j.counts(), (5, 0));
+    }
+}

@@ -1,0 +1,176 @@
+//! Retention: finished and acknowledged records pruned by age and by count, at open, every
+//! `PRUNE_EVERY` acceptances and on demand; queued, running and unacknowledged ones never.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+
+use super::error::{db_error, Fail, Res};
+use super::index::Change;
+use super::ops::Op;
+use super::tables::Tables;
+use super::writer::Writer;
+use super::{lock, now_ms, read_lock, stopped, Journal, JournalError, TaskPhase};
+
+/// The writer prunes after this many accepted tasks (and at open).
+pub const PRUNE_EVERY: usize = 1000;
+
+impl Writer {
+    /// Removes finished and acknowledged records per the retention settings.
+    pub(super) fn prune_in(
+        &self,
+        t: &mut Tables<'_>,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<usize, Fail> {
+        let config = &self.shared.config;
+        let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
+        // The index may lag this batch's own writes; it never shows a record as finished and
+        // acknowledged that is not (on disk, or about to be in this very transaction).
+        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(t.index)
+            .tasks
+            .iter()
+            .filter(|(_, m)| m.phase == TaskPhase::Done && m.acked)
+            .map(|(id, m)| (m.seq, id.clone(), m.finished_at_ms.unwrap_or(0)))
+            .collect();
+        finished.sort_unstable_by_key(|f| f.0);
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for (seq, id, finished_at) in finished {
+            if now.saturating_sub(finished_at) >= retention_ms {
+                doomed.push((seq, id));
+            } else {
+                kept.push((seq, id));
+            }
+        }
+        if kept.len() > config.max_records {
+            let excess = kept.len() - config.max_records;
+            doomed.extend(kept.drain(..excess));
+        }
+        for (seq, id) in &doomed {
+            let bytes = lock(t.index).tasks.get(id).map_or(0, |m| m.bytes);
+            t.remove(*seq, bytes)?;
+        }
+        let n = doomed.len();
+        changes.extend(doomed.into_iter().map(|(_, id)| Change::Remove(id)));
+        Ok(n)
+    }
+
+    /// Prunes in a transaction of its own.
+    pub(super) fn prune_now(&mut self) -> Res<usize> {
+        let shared = self.shared.clone();
+        let guard = read_lock(&shared.db);
+        let db = guard
+            .as_ref()
+            .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+        let txn = db.begin_write().map_err(db_error)?;
+        let mut changes = Vec::new();
+        let n = {
+            let mut t = Tables::open(&txn, &shared.index).map_err(db_error)?;
+            match self.prune_in(&mut t, now_ms(), &mut changes) {
+                Ok(n) => n,
+                Err(Fail::Alone(e)) => return Err(e),
+                Err(Fail::Transaction(e)) => return Err(db_error(e)),
+            }
+        };
+        if n == 0 {
+            let _ = txn.abort();
+            return Ok(0);
+        }
+        txn.commit().map_err(db_error)?;
+        drop(guard);
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.apply_changes(changes);
+        self.accepts_since_prune = 0;
+        Ok(n)
+    }
+}
+
+impl Journal {
+    /// Prunes finished and acknowledged records older than [`JournalConfig::retention`] and,
+    /// oldest first, beyond [`JournalConfig::max_records`]; never a queued, running or
+    /// unacknowledged one. Returns how many were removed. The writer also prunes on its own
+    /// (at open and every [`PRUNE_EVERY`] accepted tasks).
+    ///
+    /// Blocks the calling thread until the writer has committed (about one commit).
+    ///
+    /// [`JournalConfig::retention`]: super::JournalConfig::retention
+    /// [`JournalConfig::max_records`]: super::JournalConfig::max_records
+    pub fn prune(&self) -> Result<usize, JournalError> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Op::Prune { reply })?;
+        rx.recv().map_err(|_| stopped())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::testkit::*;
+    use crate::journal::Accept;
+    use std::time::Duration;
+
+    /// Records in every state: q (queued), r (running), u0..u2 (done, unacked), a0..a4 (done,
+    /// acked, oldest first).
+    async fn populate(j: &Journal) {
+        j.accept(&request("q")).await.unwrap();
+        j.accept(&request("r")).await.unwrap();
+        j.start("r").await.unwrap();
+        for i in 0..3 {
+            let id = format!("u{i}");
+            j.accept(&request(&id)).await.unwrap();
+            j.finish(&id, &result(&id)).await.unwrap();
+        }
+        for i in 0..5 {
+            let id = format!("a{i}");
+            j.accept(&request(&id)).await.unwrap();
+            j.finish(&id, &result(&id)).await.unwrap();
+            j.ack(&[id]);
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_removes_only_finished_acked_records_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.retention = Duration::ZERO;
+        let (j, _) = open(&cfg);
+        populate(&j).await;
+        assert_eq!(j.counts(), (10, 3));
+        assert_eq!(j.prune().unwrap(), 5);
+        assert_eq!(j.counts(), (5, 3));
+        for id in ["q", "r", "u0", "u1", "u2"] {
+            assert!(j.get(id).is_some(), "{id} was pruned");
+        }
+        assert!(j.get("a0").is_none());
+        assert_eq!(j.prune().unwrap(), 0);
+        // A pruned id is forgotten.
+        assert_eq!(j.accept(&request("a0")).await.unwrap(), Accept::New);
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        assert_eq!(j.counts(), (6, 3));
+        assert_eq!(recovery.queued.len(), 2);
+        assert_eq!(recovery.running.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_at_most_max_records_finished_acked_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_records = 2;
+        let (j, _) = open(&cfg);
+        populate(&j).await;
+        assert_eq!(j.prune().unwrap(), 3);
+        let mut left: Vec<String> = ["q", "r", "u0", "u1", "u2", "a0", "a1", "a2", "a3", "a4"]
+            .into_iter()
+            .filter(|id| j.get(id).is_some())
+            .map(String::from)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a3", "a4", "q", "r", "u0", "u1", "u2"]);
+        assert_eq!(j.unacked().len(), 3);
+        drop(j);
+        // Open prunes too: with a generous limit, nothing more goes.
+        let (j, _) = open(&cfg);
+        assert_eq!(j.counts(), (7, 3));
+    }
+}

@@ -1,0 +1,156 @@
+//! The journal's tables inside one write transaction: a task's entry and record as the
+//! transaction sees them, the writes, and the bytes each write adds or frees.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use redb::{ReadableTable, Table, TableError, WriteTransaction};
+
+use super::error::Fail;
+use super::index::{Index, Summary};
+use super::schema::{assemble, decode, encode, Entry, ENTRIES, HANDLERS, RECORDS, RESULTS};
+use super::space::{stored_size, ENTRY_BYTES};
+use super::{lock, JournalError, TaskRecord};
+
+/// The journal file's tables, open in a write transaction.
+pub(super) struct Tables<'t> {
+    pub(super) records: Table<'t, u64, &'static [u8]>,
+    pub(super) results: Table<'t, u64, &'static [u8]>,
+    pub(super) entries: Table<'t, u64, &'static [u8]>,
+    pub(super) handlers: Table<'t, &'static str, &'static [u8]>,
+    /// The index: the tasks committed before this transaction.
+    pub(super) index: &'t Mutex<Index>,
+    /// The sequence numbers of tasks accepted in this transaction.
+    pub(super) fresh: HashMap<Arc<str>, u64>,
+    /// Bytes this transaction added to and freed from the index's [`Index::bytes`].
+    pub(super) added: u64,
+    pub(super) freed: u64,
+    /// Tasks evicted in this transaction (the index still lists them as evictable).
+    pub(super) evicted: std::collections::HashSet<u64>,
+}
+
+impl<'t> Tables<'t> {
+    pub(super) fn open(
+        txn: &'t WriteTransaction,
+        index: &'t Mutex<Index>,
+    ) -> Result<Tables<'t>, TableError> {
+        Ok(Tables {
+            records: txn.open_table(RECORDS)?,
+            results: txn.open_table(RESULTS)?,
+            entries: txn.open_table(ENTRIES)?,
+            handlers: txn.open_table(HANDLERS)?,
+            index,
+            fresh: HashMap::new(),
+            added: 0,
+            freed: 0,
+            evicted: Default::default(),
+        })
+    }
+
+    /// What the journal holds with this transaction's writes.
+    pub(super) fn bytes_held(&self) -> u64 {
+        (lock(self.index).bytes + self.added).saturating_sub(self.freed)
+    }
+
+    /// A task's entry, this transaction's writes included (`None`: not recorded, or removed).
+    pub(super) fn entry(&self, id: &str) -> Result<Option<Summary>, Fail> {
+        let seq = match self.fresh.get(id) {
+            Some(&seq) => seq,
+            None => match lock(self.index).tasks.get(id) {
+                Some(m) => m.seq,
+                None => return Ok(None),
+            },
+        };
+        let Some(v) = self.entries.get(seq)? else {
+            return Ok(None);
+        };
+        let entry: Entry = decode("index entry", id, v.value()).map_err(Fail::Alone)?;
+        if entry.id != id {
+            return Err(Fail::Alone(JournalError::Io(format!(
+                "index entry {seq} is task {:?}, not {id:?}",
+                entry.id
+            ))));
+        }
+        let mut summary = entry.summary(seq);
+        if summary.bytes == 0 {
+            // Written before sizes were kept: the size measured at open.
+            summary.bytes = lock(self.index).tasks.get(id).map_or(0, |m| m.bytes);
+        }
+        Ok(Some(summary))
+    }
+
+    /// A task's record and entry, this transaction's writes included.
+    pub(super) fn load(&self, id: &str) -> Result<Option<(TaskRecord, Summary)>, Fail> {
+        let Some(summary) = self.entry(id)? else {
+            return Ok(None);
+        };
+        let Some(v) = self.records.get(summary.seq)? else {
+            return Err(Fail::Alone(JournalError::Io(format!(
+                "task {id:?} has an index entry but no record"
+            ))));
+        };
+        let finished = self.results.get(summary.seq)?;
+        let record = assemble(
+            id,
+            &summary,
+            v.value(),
+            finished.as_ref().map(|f| f.value()),
+        )
+        .map_err(Fail::Alone)?;
+        Ok(Some((record, summary)))
+    }
+
+    /// Writes a task's record (as accepted, already encoded) and its entry; counts the bytes
+    /// into `summary` (a new task's, which holds nothing yet).
+    pub(super) fn store(
+        &mut self,
+        id: &str,
+        record: &[u8],
+        summary: &mut Summary,
+    ) -> Result<(), Fail> {
+        self.records.insert(summary.seq, record)?;
+        summary.bytes = stored_size(record.len()) + id.len() as u64 + ENTRY_BYTES;
+        self.added += summary.bytes;
+        self.store_entry(id, summary)
+    }
+
+    /// Writes a task's result (already encoded, see [`encode_result`]) and its entry, marked
+    /// done; counts the bytes into `summary`.
+    ///
+    /// [`encode_result`]: super::schema::encode_result
+    pub(super) fn store_result(
+        &mut self,
+        id: &str,
+        finished: &[u8],
+        summary: &mut Summary,
+    ) -> Result<(), Fail> {
+        self.results.insert(summary.seq, finished)?;
+        summary.bytes += stored_size(finished.len());
+        self.added += stored_size(finished.len());
+        self.store_entry(id, summary)
+    }
+
+    /// A task's values went from `before` to `after` bytes.
+    pub(super) fn count_change(&mut self, before: u64, after: u64) {
+        if after >= before {
+            self.added += after - before;
+        } else {
+            self.freed += before - after;
+        }
+    }
+
+    /// Writes a task's entry alone (a start, an acknowledgement).
+    pub(super) fn store_entry(&mut self, id: &str, summary: &Summary) -> Result<(), Fail> {
+        let e = encode("index entry", id, &Entry::of(id, summary)).map_err(Fail::Alone)?;
+        self.entries.insert(summary.seq, e.as_slice())?;
+        Ok(())
+    }
+
+    pub(super) fn remove(&mut self, seq: u64, bytes: u64) -> Result<(), Fail> {
+        self.freed += bytes;
+        self.records.remove(seq)?;
+        self.results.remove(seq)?;
+        self.entries.remove(seq)?;
+        Ok(())
+    }
+}

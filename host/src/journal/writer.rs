@@ -1,0 +1,358 @@
+//! The writer thread and its group commit: it takes every write waiting, applies them in one
+//! transaction, commits once (with fsync unless none needs it) and only then answers each caller.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use super::error::Fail;
+use super::error::{classify, JournalError};
+use super::index::Change;
+use super::ops::{Answer, Op};
+use super::retention::PRUNE_EVERY;
+use super::tables::Tables;
+use super::{lock, now_ms, read_lock, Shared};
+
+/// The most operations the writer applies in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// How long writes committed without fsync (acknowledgements, results of tasks that ran) wait
+/// for the next durable commit before the writer makes one of its own.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
+
+/// How long writes that need no fsync (acknowledgements, results of tasks that ran) may wait
+/// for a batch that commits anyway before they are committed on their own.
+pub const HOLD: Duration = Duration::from_millis(2);
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    pub(super) shared: Arc<Shared>,
+    /// The accept sequence number of the next new task.
+    pub(super) next_seq: u64,
+    /// Tasks accepted since the last prune (pruning runs every `PRUNE_EVERY`).
+    pub(super) accepts_since_prune: usize,
+    /// While the file is over `max_bytes`: when it was last checked, and the verdict.
+    pub(super) size_verdict: Option<(Instant, Result<(), String>)>,
+    /// The last free-space and size verdict, reused for a while (`SPACE_RECHECK`).
+    pub(super) space_verdict: Option<(Instant, Result<(), String>)>,
+    /// An I/O failure left the database unusable: the next batch reopens it first.
+    pub(super) needs_reopen: bool,
+    /// A commit made without fsync (or held acknowledgements) waits for a durable one.
+    pub(super) unflushed: bool,
+    /// Writes that need no fsync (acknowledgements, lazy results) that came alone, applied
+    /// with the next transaction.
+    pub(super) held: Vec<Op>,
+    /// When the oldest held write arrived.
+    pub(super) held_since: Option<Instant>,
+}
+
+impl Writer {
+    /// A writer for a database just opened, whose next task gets `next_seq`.
+    pub(super) fn new(shared: Arc<Shared>, next_seq: u64) -> Writer {
+        Writer {
+            shared,
+            next_seq,
+            accepts_since_prune: 0,
+            size_verdict: None,
+            space_verdict: None,
+            needs_reopen: false,
+            unflushed: false,
+            held: Vec::new(),
+            held_since: None,
+        }
+    }
+
+    /// The writer thread: waits for an operation, takes every one already waiting, commits
+    /// them as one batch; returns once every [`Journal`](super::Journal) handle is dropped and
+    /// the queue is empty, after a last durable commit.
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Op>) {
+        loop {
+            // `recv` fails only once every sender is gone and the queue is empty.
+            let wait = match self.held_since {
+                Some(since) => Some(HOLD.saturating_sub(since.elapsed())),
+                None => self.unflushed.then_some(FLUSH_AFTER),
+            };
+            let first = if let Some(wait) = wait {
+                match rx.recv_timeout(wait) {
+                    Ok(op) => op,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if self.held_since.is_some() {
+                            self.commit_batch(Vec::new(), false);
+                        } else {
+                            self.flush();
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                }
+            };
+            let mut ops = vec![first];
+            while ops.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            // Writes that need no fsync, alone, wait for the next batch, at most [`HOLD`]: a
+            // transaction of their own would copy the same B-tree pages the next task's
+            // transaction copies again.
+            if ops
+                .iter()
+                .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }))
+            {
+                self.held.extend(ops);
+                self.held_since.get_or_insert_with(Instant::now);
+                continue;
+            }
+            self.commit_batch(ops, false);
+        }
+        // Writes committed without fsync become durable with the next durable commit: make one
+        // before the database closes.
+        self.flush();
+    }
+
+    /// A durable commit of the held acknowledgements, or an empty one: what earlier commits
+    /// without fsync wrote reaches the disk.
+    pub(super) fn flush(&mut self) {
+        if !self.held.is_empty() {
+            return self.commit_batch(Vec::new(), true);
+        }
+        let guard = read_lock(&self.shared.db);
+        let Some(db) = guard.as_ref() else {
+            // Closed after an I/O failure: nothing left to flush; the next batch reopens it.
+            self.unflushed = false;
+            return;
+        };
+        let committed = db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .and_then(|t| t.commit().map_err(redb::Error::from));
+        match committed {
+            Ok(()) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.unflushed = false;
+            }
+            Err(e) => tracing::warn!("the journal's flush commit failed: {e}"),
+        }
+    }
+
+    /// Applies the held acknowledgements and `ops` in one transaction, commits (with fsync if
+    /// `durable` or if an operation needs it), answers.
+    fn commit_batch(&mut self, mut ops: Vec<Op>, durable: bool) {
+        if !self.held.is_empty() {
+            self.held_since = None;
+            let mut held = std::mem::take(&mut self.held);
+            held.append(&mut ops);
+            ops = held;
+        }
+        if self.needs_reopen {
+            if let Err(e) = self.reopen() {
+                tracing::error!("reopening the journal after an I/O failure: {e}");
+                for op in ops {
+                    Answer::unapplied(op).send(Some(&e));
+                }
+                return;
+            }
+        }
+        let space = if ops.iter().any(|op| matches!(op, Op::Accept { .. })) {
+            self.check_space()
+        } else {
+            Ok(())
+        };
+        let now = now_ms();
+        let shared = self.shared.clone();
+        let guard = read_lock(&shared.db);
+        let Some(db) = guard.as_ref() else {
+            let e = JournalError::Io("the journal database is closed after an I/O failure".into());
+            self.needs_reopen = true;
+            for op in ops {
+                Answer::unapplied(op).send(Some(&e));
+            }
+            return;
+        };
+        // Some writes need not reach the disk at once; they become durable with the next
+        // durable commit, at most [`FLUSH_AFTER`] later:
+        // - an acknowledgement lost in a crash only makes the agent send that result again,
+        //   which the platform expects;
+        // - a result lost in a crash leaves its task recorded as running, which the restarted
+        //   agent reports `interrupted`; the result itself was sent as it was written, and the
+        //   platform keeps the first result it gets for a task.
+        let lazy = !durable
+            && ops
+                .iter()
+                .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }));
+        let txn = match db.begin_write() {
+            Ok(mut txn) => {
+                if lazy {
+                    let _ = txn.set_durability(redb::Durability::None);
+                }
+                txn
+            }
+            Err(e) => {
+                let (e, fatal) = classify(e.into());
+                self.needs_reopen |= fatal;
+                for op in ops {
+                    Answer::unapplied(op).send(Some(&e));
+                }
+                return;
+            }
+        };
+        let mut answers = Vec::with_capacity(ops.len());
+        let mut changes = Vec::new();
+        let mut failure: Option<redb::Error> = None;
+        let mut ops = ops.into_iter();
+        match Tables::open(&txn, &shared.index) {
+            Ok(mut t) => {
+                for op in ops.by_ref() {
+                    let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
+                    answers.push(answer);
+                    if storage.is_some() {
+                        failure = storage;
+                        break;
+                    }
+                }
+                if failure.is_none() && self.accepts_since_prune >= PRUNE_EVERY {
+                    match self.prune_in(&mut t, now, &mut changes) {
+                        Ok(_) => self.accepts_since_prune = 0,
+                        Err(Fail::Transaction(e)) => failure = Some(e),
+                        Err(Fail::Alone(e)) => tracing::warn!("pruning the journal: {e}"),
+                    }
+                }
+            }
+            Err(e) => failure = Some(e.into()),
+        }
+        answers.extend(ops.map(Answer::unapplied));
+        let outcome = match failure {
+            Some(e) => {
+                let _ = txn.abort();
+                Err(e)
+            }
+            None => txn.commit().map_err(redb::Error::from),
+        };
+        drop(guard);
+        match outcome {
+            Ok(()) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.unflushed = lazy;
+                self.apply_changes(changes);
+                for answer in answers {
+                    answer.send(None);
+                }
+            }
+            Err(e) => {
+                let (e, fatal) = classify(e);
+                tracing::error!("a journal write failed: {e}");
+                self.needs_reopen |= fatal;
+                for answer in answers {
+                    answer.send(Some(&e));
+                }
+            }
+        }
+    }
+
+    /// Brings the in-memory index up to date with a batch that committed.
+    pub(super) fn apply_changes(&self, changes: Vec<Change>) {
+        if !changes.is_empty() {
+            lock(&self.shared.index).apply(changes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::testkit::*;
+    use crate::journal::{Accept, TaskPhase};
+
+    #[tokio::test]
+    async fn a_lazy_result_is_visible_at_once_and_flushed_soon_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept_running(&request("t")).await.unwrap();
+        let before = j.commits();
+        j.finish_lazily("t", &result("done")).await.unwrap();
+        // Committed (without fsync, after waiting `HOLD` for company): readers see it at once.
+        assert_eq!(j.commits(), before + 1);
+        assert_eq!(j.get("t").unwrap().result, Some(result("done")));
+        assert_eq!(j.get("t").unwrap().phase, TaskPhase::Done);
+        // With nothing else to write, the writer makes a durable commit of its own.
+        let deadline = std::time::Instant::now() + FLUSH_AFTER * 20;
+        while j.commits() < before + 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no flush within {:?}",
+                FLUSH_AFTER * 20
+            );
+            tokio::time::sleep(FLUSH_AFTER / 4).await;
+        }
+        // And no more: an idle writer does not commit again.
+        tokio::time::sleep(FLUSH_AFTER * 3).await;
+        assert_eq!(j.commits(), before + 2);
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        assert_eq!(j.get("t").unwrap().result, Some(result("done")));
+        assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
+    }
+
+    #[tokio::test]
+    async fn a_lazy_result_rides_the_next_acceptance_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept_running(&request("a")).await.unwrap();
+        let before = j.commits();
+        let (ra, rb, qb) = (result("a"), result("b"), request("b"));
+        let (finished, accepted) = tokio::join!(j.finish_lazily("a", &ra), j.accept_running(&qb));
+        finished.unwrap();
+        assert_eq!(accepted.unwrap(), Accept::New);
+        assert_eq!(j.commits(), before + 1, "one commit for both");
+        assert_eq!(j.get("a").unwrap().phase, TaskPhase::Done);
+        // That commit was durable: no flush follows.
+        tokio::time::sleep(FLUSH_AFTER * 3).await;
+        assert_eq!(j.commits(), before + 1);
+        // An acknowledgement sent after the result is applied after it, even while both wait.
+        let (finished, ()) = tokio::join!(j.finish_lazily("b", &rb), async {
+            j.ack(&["b".to_string()])
+        });
+        finished.unwrap();
+        assert!(j.get("b").unwrap().acked);
+        assert_eq!(j.counts(), (2, 1));
+        drop(j);
+        let (j, _) = open(&cfg);
+        assert!(j.get("b").unwrap().acked);
+        assert_eq!(j.unacked_ids(), ["a"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_accepts_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        let before = j.commits();
+        let mut tasks = Vec::new();
+        for worker in 0..100 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..20 {
+                    let id = format!("w{worker}-{i}");
+                    assert_eq!(j.accept(&request(&id)).await.unwrap(), Accept::New);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let commits = j.commits() - before;
+        assert_eq!(j.counts(), (2000, 0));
+        assert!(commits < 2000, "{commits} commits for 2000 accepts");
+        drop(j);
+        let (_, recovery) = open(&cfg);
+        assert_eq!(recovery.queued.len(), 2000);
+    }
+}
