@@ -18,8 +18,8 @@
 //! clients the other half, as when the platform runs on another host (it always does in
 //! production): the agent's rate is then what its own CPUs afford, not what is left after the
 //! platform and the load generator took their share of the same cores. On two cores that is
-//! one core each. `BRIDGE_BENCH_COLOCATE=1` lets all three share every CPU instead (the only
-//! mode before commit 77e60bc; the platform and the clients then cost a third of a `hello` task).
+//! one core each. `BRIDGE_BENCH_COLOCATE=1` lets all three share every CPU instead (the platform
+//! and the clients then cost about a third of a `hello` task).
 //!
 //! **How many in flight.** Each command is measured at each level of
 //! `BRIDGE_BENCH_CONCURRENCY` (comma-separated, default `32,64,128`; the agent's
