@@ -1,4 +1,8 @@
-//! The control interface: newline-delimited JSON over a Unix socket in the state directory.
+//! The control interface: newline-delimited JSON over a Unix socket in the state directory; this
+//! file owns the socket, who may connect, and the connection's line loop.
+//!
+//! The parts: `requests` (the requests as parsed), `respond` (what each one does) and `client`
+//! (the client side, [`request`]).
 //!
 //! Whoever can use this interface controls every agent (enrollment tokens, modules and shell
 //! rules run on them, handlers installed), so it is reachable by the server's own user only:
@@ -44,26 +48,28 @@
 //! wait [`DEFAULT_REQUEST_WAIT_MS`] for its reply (a module upload included) and fail if the
 //! connection ends first.
 
+mod client;
+mod requests;
+mod respond;
+
 use std::fs;
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use base64::Engine as _;
-use bridge_protocol::{LimitRequest, RunResult};
-use bridge_signing::timefmt::{format_rfc3339, parse_rfc3339};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::hub::{ChunkEvent, Hub, RunOrder};
+pub use self::client::{request, request_with_events};
+pub use self::requests::{ControlRequest, InstallCommand, RunCommand};
+use self::respond::{failure, respond};
+use super::hub::Hub;
 
 /// The control socket's file name in the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -83,134 +89,6 @@ pub const DEFAULT_SEND_WAIT_MS: u64 = 2_000;
 pub const CHUNK_QUEUE: usize = 256;
 /// How long writing one line to a client may take before the connection is closed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A control request.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ControlRequest {
-    /// List the enrolled agents.
-    Agents {},
-    /// Issue a new enrollment token.
-    Token {},
-    /// Run a task on an agent and wait for the result.
-    Run(Box<RunCommand>),
-    /// The stored result of a task.
-    Result {
-        /// The task id.
-        task_id: String,
-        /// How long to wait for a result that is not stored yet (default 0: do not wait).
-        #[serde(default)]
-        wait_ms: Option<u64>,
-    },
-    /// Ask an agent to cancel a task.
-    Cancel {
-        /// The agent id.
-        agent: String,
-        /// The task id.
-        task_id: String,
-        /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
-        #[serde(default)]
-        wait_ms: Option<u64>,
-    },
-    /// Install (or replace) a named handler on an agent.
-    InstallHandler(Box<InstallCommand>),
-    /// Remove a named handler from an agent.
-    RemoveHandler {
-        /// The agent id.
-        agent: String,
-        /// The handler's name.
-        name: String,
-        /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
-        #[serde(default)]
-        wait_ms: Option<u64>,
-    },
-    /// List an agent's installed handlers.
-    Handlers {
-        /// The agent id.
-        agent: String,
-        /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
-        #[serde(default)]
-        wait_ms: Option<u64>,
-    },
-    /// Development and test aid: send one raw text frame to an agent and report the `error` it
-    /// answers with, if any (within `wait_ms`, default [`DEFAULT_SEND_WAIT_MS`]).
-    Send {
-        /// The agent id.
-        agent: String,
-        /// The frame's text, sent as is.
-        text: String,
-        /// How long to wait for the agent's error reply.
-        #[serde(default)]
-        wait_ms: Option<u64>,
-    },
-}
-
-/// The fields of a `run` request.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunCommand {
-    /// The agent id.
-    pub agent: String,
-    /// The module's bytes, base64 (standard alphabet, padded). Exactly one of `module`,
-    /// `module_sha256` and `command` is given.
-    #[serde(default)]
-    pub module: Option<String>,
-    /// SHA-256 (hex) of a module the platform already stores.
-    #[serde(default)]
-    pub module_sha256: Option<String>,
-    /// A command: a handler installed on the agent, or one of its shell rules.
-    #[serde(default)]
-    pub command: Option<String>,
-    /// The task input (default `null`).
-    #[serde(default)]
-    pub input: Value,
-    /// argv\[1..\].
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// The task id (default: a fresh UUID).
-    #[serde(default)]
-    pub task_id: Option<String>,
-    /// Requested limits (`limits.timeout_ms` is the task's time limit).
-    #[serde(default)]
-    pub limits: LimitRequest,
-    /// A detached signature envelope, base64 (with a module only).
-    #[serde(default)]
-    pub signature: Option<String>,
-    /// RFC 3339 time after which the task must not start; sent to the agent in UTC.
-    #[serde(default)]
-    pub not_after: Option<String>,
-    /// The task may run again if the agent dies while running it.
-    #[serde(default)]
-    pub idempotent: bool,
-    /// Stream the task's output as event lines before the response.
-    #[serde(default)]
-    pub stream: bool,
-    /// How long to wait for the result (default [`DEFAULT_RUN_WAIT_MS`]).
-    #[serde(default, alias = "timeout_ms")]
-    pub wait_ms: Option<u64>,
-}
-
-/// The fields of an `install_handler` request.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstallCommand {
-    /// The agent id.
-    pub agent: String,
-    /// The command name the handler answers to.
-    pub name: String,
-    /// The module's bytes, base64; or `module_sha256`.
-    #[serde(default)]
-    pub module: Option<String>,
-    /// SHA-256 (hex) of a module the platform already stores.
-    #[serde(default)]
-    pub module_sha256: Option<String>,
-    /// A detached signature envelope, base64.
-    #[serde(default)]
-    pub signature: Option<String>,
-    /// How long to wait for the reply (default [`DEFAULT_REQUEST_WAIT_MS`]).
-    #[serde(default)]
-    pub wait_ms: Option<u64>,
-}
 
 /// The control socket of the server whose state directory is `state_dir`.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -429,7 +307,7 @@ async fn connection(stream: UnixStream, hub: Arc<Hub>, mut shutdown: watch::Rece
 }
 
 /// Writes one line, within [`WRITE_TIMEOUT`].
-async fn write_line(
+pub(super) async fn write_line(
     write: &mut OwnedWriteHalf,
     value: &impl serde::Serialize,
 ) -> std::io::Result<()> {
@@ -448,311 +326,9 @@ async fn write_line(
     })?
 }
 
-fn failure(error: impl std::fmt::Display) -> Value {
-    json!({"ok": false, "error": error.to_string()})
-}
-
-fn decode_b64(field: &str, text: Option<&str>) -> Result<Option<Vec<u8>>, Value> {
-    let b64 = &base64::engine::general_purpose::STANDARD;
-    text.map(|t| b64.decode(t.as_bytes()))
-        .transpose()
-        .map_err(|e| failure(format!("bad request: `{field}` is not base64: {e}")))
-}
-
-fn wait(wait_ms: Option<u64>, default_ms: u64) -> Duration {
-    Duration::from_millis(wait_ms.unwrap_or(default_ms))
-}
-
-/// A response: a `run`'s, serialized straight from its result (the hot path of a busy
-/// platform), or any other as a JSON value.
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum Response {
-    Run(Box<RunResponse>),
-    Other(Value),
-}
-
-impl From<Value> for Response {
-    fn from(value: Value) -> Response {
-        Response::Other(value)
-    }
-}
-
-/// A successful `run`'s response.
-#[derive(serde::Serialize)]
-struct RunResponse {
-    ok: bool,
-    task_id: String,
-    result: RunResult,
-    round_trip_us: f64,
-    stored: bool,
-}
-
-/// Answers one request; a streaming `run` writes its event lines to `write` first.
-async fn respond(hub: &Hub, request: ControlRequest, write: &mut OwnedWriteHalf) -> Response {
-    let response = match request {
-        ControlRequest::Agents {} => json!({"ok": true, "agents": hub.agents()}),
-        ControlRequest::Token {} => match hub.issue_token() {
-            Ok(token) => json!({"ok": true, "token": token}),
-            Err(e) => failure(format!("{e:#}")),
-        },
-        ControlRequest::Run(run) => {
-            return match run_order(*run) {
-                Ok(order) => run_task(hub, order, write).await,
-                Err(response) => response.into(),
-            }
-        }
-        ControlRequest::Result { task_id, wait_ms } => {
-            match hub.wait_result(&task_id, wait(wait_ms, 0)).await {
-                Ok(stored) => {
-                    let mut response = json!(stored);
-                    response["ok"] = json!(true);
-                    response
-                }
-                Err(e) => failure(e),
-            }
-        }
-        ControlRequest::Cancel {
-            agent,
-            task_id,
-            wait_ms,
-        } => {
-            let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
-            match hub.cancel(&agent, task_id.clone(), wait).await {
-                Ok(outcome) => json!({"ok": true, "task_id": task_id, "outcome": outcome}),
-                Err(e) => failure(e),
-            }
-        }
-        ControlRequest::InstallHandler(install) => {
-            let install = *install;
-            let module = match decode_b64("module", install.module.as_deref()) {
-                Ok(m) => m,
-                Err(response) => return response.into(),
-            };
-            if let Err(response) = decode_b64("signature", install.signature.as_deref()) {
-                return response.into();
-            }
-            let wait = wait(install.wait_ms, DEFAULT_REQUEST_WAIT_MS);
-            let installed = hub
-                .install_handler(
-                    &install.agent,
-                    install.name,
-                    module,
-                    install.module_sha256,
-                    install.signature,
-                    wait,
-                )
-                .await;
-            handlers_response(installed)
-        }
-        ControlRequest::RemoveHandler {
-            agent,
-            name,
-            wait_ms,
-        } => {
-            let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
-            handlers_response(hub.remove_handler(&agent, name, wait).await)
-        }
-        ControlRequest::Handlers { agent, wait_ms } => {
-            let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
-            handlers_response(hub.handlers(&agent, wait).await)
-        }
-        ControlRequest::Send {
-            agent,
-            text,
-            wait_ms,
-        } => {
-            let wait = wait(wait_ms, DEFAULT_SEND_WAIT_MS);
-            match hub.send_raw(&agent, text, wait).await {
-                Ok(reply) => json!({"ok": true, "reply": reply}),
-                Err(e) => failure(e),
-            }
-        }
-    };
-    Response::Other(response)
-}
-
-fn handlers_response(
-    handlers: Result<Vec<bridge_protocol::HandlerInfo>, super::hub::HubError>,
-) -> Value {
-    match handlers {
-        Ok(handlers) => json!({"ok": true, "handlers": handlers}),
-        Err(e) => failure(e),
-    }
-}
-
-/// Checks a `run` request and turns it into an order; `Err` is the response to give.
-fn run_order(run: RunCommand) -> Result<RunOrder, Value> {
-    let given = [
-        run.module.is_some(),
-        run.module_sha256.is_some(),
-        run.command.is_some(),
-    ];
-    if given.iter().filter(|g| **g).count() != 1 {
-        return Err(failure(
-            "bad request: give exactly one of `module` (base64), `module_sha256` and `command`",
-        ));
-    }
-    let module = decode_b64("module", run.module.as_deref())?;
-    decode_b64("signature", run.signature.as_deref())?;
-    let not_after = match run.not_after.as_deref().map(parse_rfc3339) {
-        None => None,
-        Some(Ok(unix)) => Some(format_rfc3339(unix)),
-        Some(Err(e)) => return Err(failure(format!("bad request: `not_after`: {e}"))),
-    };
-    Ok(RunOrder {
-        agent: run.agent,
-        module,
-        module_sha256: run.module_sha256,
-        command: run.command,
-        input: run.input,
-        args: run.args,
-        task_id: run.task_id,
-        limits: run.limits,
-        signature: run.signature,
-        not_after,
-        idempotent: run.idempotent,
-        stream: run.stream,
-        wait: wait(run.wait_ms, DEFAULT_RUN_WAIT_MS),
-    })
-}
-
-/// The event line of one chunk.
-fn chunk_line(chunk: &ChunkEvent) -> Value {
-    json!({
-        "event": "chunk",
-        "task_id": chunk.task_id,
-        "seq": chunk.seq,
-        "stream": chunk.stream,
-        "data": chunk.data,
-        "dropped_bytes": chunk.dropped_bytes,
-    })
-}
-
-/// Runs a task; with `order.stream`, writes each chunk as an event line while waiting (at most
-/// [`CHUNK_QUEUE`] wait; more are dropped, see the module documentation).
-async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Response {
-    let (tx, mut rx) = mpsc::channel(CHUNK_QUEUE);
-    let chunks = order.stream.then_some(tx);
-    let run = hub.run(order, chunks);
-    tokio::pin!(run);
-    // Once the client is gone, stop writing events but still wait for the result (it is
-    // stored either way).
-    let mut writable = true;
-    let outcome = loop {
-        tokio::select! {
-            biased;
-            Some(chunk) = rx.recv() => {
-                if writable && write_line(write, &chunk_line(&chunk)).await.is_err() {
-                    writable = false;
-                }
-            }
-            outcome = &mut run => break outcome,
-        }
-    };
-    // Chunks are forwarded before the result that ends the run: drain what is left.
-    while let Ok(chunk) = rx.try_recv() {
-        if writable && write_line(write, &chunk_line(&chunk)).await.is_err() {
-            writable = false;
-        }
-    }
-    match outcome {
-        Ok(outcome) => Response::Run(Box::new(RunResponse {
-            ok: true,
-            task_id: outcome.task_id,
-            result: outcome.result,
-            round_trip_us: outcome.round_trip.as_secs_f64() * 1e6,
-            stored: outcome.stored,
-        })),
-        Err(e) => failure(e).into(),
-    }
-}
-
-/// Sends one request to the control socket at `socket` and returns the response, waiting at
-/// most `wait` for it. A response with `"ok": false` is returned as an error holding its
-/// `error` text.
-pub fn request(socket: impl AsRef<Path>, request: &Value, wait: Duration) -> Result<Value> {
-    request_with_events(socket, request, wait, |_| {})
-}
-
-/// Like [`request`], handing each event line that comes before the response (a streaming
-/// `run`'s chunks) to `on_event`; `wait` bounds the wait for each line.
-pub fn request_with_events(
-    socket: impl AsRef<Path>,
-    request: &Value,
-    wait: Duration,
-    mut on_event: impl FnMut(&Value),
-) -> Result<Value> {
-    let socket = socket.as_ref();
-    let at = socket.display();
-    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        let hint = if socket.to_str().is_some_and(|s| s.parse::<std::net::SocketAddr>().is_ok()) {
-            " (--control takes the path of the control socket, <state>/control.sock, as `bridgectl serve` prints it in `control`)"
-        } else {
-            ""
-        };
-        anyhow::anyhow!("cannot connect to the control socket {at}: {e}{hint}")
-    })?;
-    stream.set_read_timeout(Some(wait))?;
-    stream.set_write_timeout(Some(wait))?;
-    let mut text = serde_json::to_vec(request).expect("requests serialize");
-    text.push(b'\n');
-    // A server that refuses us answers one line and closes, perhaps before the request is
-    // written: then that line, if there is one, says why.
-    let sent = (&stream).write_all(&text);
-    let mut reader = BufReader::new(&stream);
-    loop {
-        let mut line = String::new();
-        let read = reader.read_line(&mut line);
-        if line.trim().is_empty() {
-            if let Err(e) = sent {
-                return Err(e).with_context(|| format!("cannot send to {at}"));
-            }
-            read.with_context(|| format!("no response from {at}"))?;
-            bail!("the control interface at {at} closed the connection without answering");
-        }
-        let response: Value = serde_json::from_str(&line).with_context(|| {
-            format!("the control interface at {at} answered something else than JSON")
-        })?;
-        if response.get("event").is_some() && response.get("ok").is_none() {
-            on_event(&response);
-            continue;
-        }
-        if response["ok"] != Value::Bool(true) {
-            let error = response["error"].as_str().unwrap_or("unknown error");
-            bail!("{error}");
-        }
-        return Ok(response);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse() {
-        let r: ControlRequest = serde_json::from_str(r#"{"cmd":"agents"}"#).unwrap();
-        assert!(matches!(r, ControlRequest::Agents {}));
-        let r: ControlRequest = serde_json::from_str(
-            r#"{"cmd":"run","agent":"a","module":"AA==","limits":{"fuel":5},"timeout_ms":7}"#,
-        )
-        .unwrap();
-        let ControlRequest::Run(run) = r else {
-            panic!()
-        };
-        assert_eq!(run.limits.fuel, Some(5));
-        assert_eq!(
-            run.wait_ms,
-            Some(7),
-            "timeout_ms is the older name of wait_ms"
-        );
-        assert!(run.input.is_null());
-        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"nope"}"#).is_err());
-        for unknown_field in [r#"{"cmd":"token","x":1}"#, r#"{"cmd":"agents","x":1}"#] {
-            assert!(serde_json::from_str::<ControlRequest>(unknown_field).is_err());
-        }
-    }
 
     #[test]
     fn http_is_recognised() {
