@@ -326,7 +326,7 @@ impl Hub {
             Some(s) => Ok(Delivery::Stored(s.clone())),
             None => Ok(Delivery::Refused(result.clone())),
         };
-        self.waiters.answer(task_id, |w| w.sent(id), reply);
+        self.waiters.answer(task_id, |w| w.sent_run(id), reply);
     }
 
     /// Notes the agent's `accepted`: the task is recorded on the agent, so its `run` needs no
@@ -350,7 +350,8 @@ impl Hub {
         };
         tracing::warn!(agent_id, run_id = id, task_id = %run.task_id, "the agent refused the run: {why}");
         let refused = || Err(HubError::Refused(why.to_string()));
-        self.waiters.answer(&run.task_id, |w| w.sent(id), refused);
+        self.waiters
+            .answer(&run.task_id, |w| w.sent_run(id), refused);
         true
     }
 }

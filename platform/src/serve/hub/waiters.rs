@@ -43,7 +43,7 @@ impl TaskWaiter {
     }
 
     /// Whether this waiter dispatched the `run` message `run_id`.
-    pub(super) fn sent(&self, run_id: &str) -> bool {
+    pub(super) fn sent_run(&self, run_id: &str) -> bool {
         self.run_id.as_deref() == Some(run_id)
     }
 
