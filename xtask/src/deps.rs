@@ -4,7 +4,8 @@
 //! An edge is drawn between siblings: `agent/task.rs` naming `crate::journal::Accept` is an edge
 //! `agent → journal` among the crate's top-level modules; naming `super::order::Turn` is an
 //! edge `task → order` among `agent`'s modules. A child naming its parent (`super::Agent`) or
-//! a parent its child is how Rust modules are built, not a dependency between concepts.
+//! a parent its child is how Rust modules are built, not a dependency between concepts. Test code
+//! (`#[cfg(test)]` modules and files) is left out: tests may reach across a crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ type ModPath = Vec<String>;
 pub fn check(root: &Path) -> Result<()> {
     let mut circles = Vec::new();
     for (name, dir) in CRATES {
-        let files = sources(&root.join(dir))?;
+        let files = without_test_modules(sources(&root.join(dir))?)?;
         let modules: BTreeSet<ModPath> = files.iter().map(|(m, _)| m.clone()).collect();
         // Per parent module: its children's edges.
         let mut graphs: BTreeMap<ModPath, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
@@ -59,7 +60,7 @@ pub fn check(root: &Path) -> Result<()> {
                 println!("  {from} → {}", to.join(", "));
             }
             for circle in circles_in(graph) {
-                circles.push(format!("{label}: {}", circle.join(" → ")));
+                circles.push(format!("{label}: {{{}}}", circle.join(", ")));
             }
         }
     }
@@ -105,15 +106,53 @@ fn sources(dir: &Path) -> Result<Vec<(ModPath, PathBuf)>> {
     Ok(out)
 }
 
-/// The text without comments (line comments; doc links are not imports).
+/// `files` without the modules their parent declares `#[cfg(test)] mod name;`.
+fn without_test_modules(files: Vec<(ModPath, PathBuf)>) -> Result<Vec<(ModPath, PathBuf)>> {
+    let mut tests = BTreeSet::new();
+    for (module, path) in &files {
+        let text = std::fs::read_to_string(path)?;
+        let mut lines = text.lines().map(str::trim);
+        while let Some(line) = lines.next() {
+            if line != "#[cfg(test)]" {
+                continue;
+            }
+            let next = lines.next().unwrap_or_default();
+            if let Some(name) = next
+                .strip_prefix("mod ")
+                .or_else(|| next.strip_prefix("pub mod "))
+                .and_then(|n| n.strip_suffix(';'))
+            {
+                let mut child = module.clone();
+                child.push(name.to_string());
+                tests.insert(child);
+            }
+        }
+    }
+    Ok(files
+        .into_iter()
+        .filter(|(m, _)| !tests.contains(m))
+        .collect())
+}
+
+/// The text without comments (line comments; doc links are not imports) and without its
+/// `#[cfg(test)] mod tests { … }` (by convention, at the end of the file).
 fn code_of(text: &str) -> String {
-    text.lines()
-        .map(|line| match line.find("//") {
+    let mut code = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.trim() == "#[cfg(test)]"
+            && lines
+                .peek()
+                .is_some_and(|next| next.trim_start().starts_with("mod tests"))
+        {
+            break;
+        }
+        code.push(match line.find("//") {
             Some(i) => &line[..i],
             None => line,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+        });
+    }
+    code.join("\n")
 }
 
 /// The module paths `code` in `module` names through `crate::` and `super::`, including the
