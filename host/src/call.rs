@@ -13,7 +13,6 @@ use crate::outcome::{RunResult, Status};
 use crate::sandbox::cache::CacheDir;
 use crate::sandbox::{DirGrant, Sandbox, SandboxConfig};
 use crate::trust::{grant, Trust};
-use bridge_signing::{PublicKey, TrustPolicy, TrustedKey};
 
 /// A usage or I/O problem: the command could not even try (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -119,20 +118,6 @@ pub fn parse_env(spec: &str) -> Result<(String, String)> {
     Ok((name, value))
 }
 
-/// Reads a public key: `ed25519:…` text, or `@FILE` / a path to a file holding it.
-pub fn parse_public_key(spec: &str) -> Result<PublicKey> {
-    let text = if spec.starts_with("ed25519:") {
-        spec.to_string()
-    } else {
-        let path = spec.strip_prefix('@').unwrap_or(spec);
-        std::fs::read_to_string(path)
-            .map_err(|e| usage(format!("--trusted-key {spec}: cannot read {path}: {e}")))?
-    };
-    text.trim()
-        .parse()
-        .map_err(|e| usage(format!("--trusted-key {spec}: {e}")))
-}
-
 /// The agent config for `call` (`--config`, or all defaults).
 fn agent_config(req: &CallRequest) -> Result<AgentConfig> {
     match &req.config {
@@ -166,25 +151,15 @@ pub fn sandbox_config(req: &CallRequest, agent: &AgentConfig) -> Result<SandboxC
 }
 
 /// The trust policy for `call`: the config's keys plus `--trusted-key`s; the override as allowed.
+/// Its errors are usage errors.
 pub fn trust(req: &CallRequest, agent: &AgentConfig) -> Result<Trust> {
-    let mut policy: TrustPolicy = agent.trust.policy()?;
-    for spec in &req.trusted_keys {
-        let key = parse_public_key(spec)?;
-        if policy.find(&key.key_id()).is_none() {
-            policy = policy.trust(TrustedKey::new(key))?;
-        }
-    }
-    if req.allow_unsigned && !agent.trust.allow_unsigned_override {
-        // Without a config file there is no policy to forbid the explicit development flag.
-        if let Some(file) = &agent.file {
-            return Err(usage(format!(
-                "--allow-unsigned is forbidden by the config {} ([trust] allow_unsigned_override is \
-                 false unless the file sets it to true, for a development agent)",
-                file.display()
-            )));
-        }
-    }
-    Ok(Trust::new(policy, req.allow_unsigned))
+    Trust::from_settings(
+        &agent.trust,
+        agent.file.as_deref(),
+        &req.trusted_keys,
+        req.allow_unsigned,
+    )
+    .map_err(|e| usage(format!("{e:#}")))
 }
 
 /// `$XDG_CACHE_HOME/bridge-daemon`, else `$HOME/.cache/bridge-daemon` (not used as root).

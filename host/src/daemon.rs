@@ -109,12 +109,12 @@ pub async fn run(config: AgentConfig, overrides: &RunOverrides) -> Result<()> {
         .map_or_else(|| state.join("cache"), |c| c.root().to_path_buf());
     sandbox_config.cache_dir = Some(CacheDir::with_key(cache_root, identity.module_cache_key()));
     let sandbox = tokio::task::spawn_blocking(move || Sandbox::new(sandbox_config)).await??;
-    let call_like = crate::call::CallRequest {
-        trusted_keys: overrides.trusted_keys.clone(),
-        allow_unsigned: overrides.allow_unsigned,
-        ..Default::default()
-    };
-    let trust: Trust = crate::call::trust(&call_like, &config)?;
+    let trust = Trust::from_settings(
+        &config.trust,
+        config.file.as_deref(),
+        &overrides.trusted_keys,
+        overrides.allow_unsigned,
+    )?;
     let mut options = crate::agent::AgentOptions::from_config(&config, &state)?;
     if !options.shell.is_empty() {
         // Orphans of a shell run whose supervisor died come to the agent, not to init.

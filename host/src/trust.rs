@@ -24,8 +24,10 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
-use bridge_signing::{KeyId, Limit, RejectReason, TrustPolicy, TrustedKey, Verified, VerifyError};
+use anyhow::{anyhow, Result};
+use bridge_signing::{
+    KeyId, Limit, PublicKey, RejectReason, TrustPolicy, TrustedKey, Verified, VerifyError,
+};
 use lru::LruCache;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -107,6 +109,35 @@ impl Trust {
             allow_unsigned,
             verified: Mutex::new(LruCache::new(NonZeroUsize::new(1024).expect("non-zero"))),
         }
+    }
+
+    /// The agent's trust from its settings: the `[trust]` table's keys plus the keys given as
+    /// `--trusted-key` flags, and the development override `--allow-unsigned` as the table
+    /// allows it. `config_file` is the file the table was read from: without one there is no
+    /// policy to forbid the override, and the flag alone decides.
+    pub fn from_settings(
+        section: &TrustSection,
+        config_file: Option<&std::path::Path>,
+        trusted_keys: &[String],
+        allow_unsigned: bool,
+    ) -> Result<Trust> {
+        let mut policy = section.policy()?;
+        for spec in trusted_keys {
+            let key = parse_public_key(spec)?;
+            if policy.find(&key.key_id()).is_none() {
+                policy = policy.trust(TrustedKey::new(key))?;
+            }
+        }
+        if allow_unsigned && !section.allow_unsigned_override {
+            if let Some(file) = config_file {
+                return Err(anyhow!(
+                    "--allow-unsigned is forbidden by the config {} ([trust] allow_unsigned_override is \
+                     false unless the file sets it to true, for a development agent)",
+                    file.display()
+                ));
+            }
+        }
+        Ok(Trust::new(policy, allow_unsigned))
     }
 
     /// The policy in force.
@@ -215,6 +246,20 @@ impl Trust {
             }
         }
     }
+}
+
+/// Reads a `--trusted-key`: `ed25519:…` text, or `@FILE` / a path to a file holding it.
+pub fn parse_public_key(spec: &str) -> Result<PublicKey> {
+    let text = if spec.starts_with("ed25519:") {
+        spec.to_string()
+    } else {
+        let path = spec.strip_prefix('@').unwrap_or(spec);
+        std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("--trusted-key {spec}: cannot read {path}: {e}"))?
+    };
+    text.trim()
+        .parse()
+        .map_err(|e| anyhow!("--trusted-key {spec}: {e}"))
 }
 
 /// The verify-once cache key: the module's hash, combined with the detached signature's.
@@ -348,5 +393,32 @@ mod tests {
         let policy = t.policy().unwrap();
         assert_eq!(policy.keys().len(), 1);
         assert!(toml::from_str::<TrustSection>("keyz = []").is_err());
+    }
+
+    #[test]
+    fn flags_add_keys_and_the_config_file_gates_the_override() {
+        let key = bridge_signing::KeyPair::from_seed(&[7u8; 32]).public_key();
+        let none = TrustSection::default();
+        let trust = Trust::from_settings(&none, None, &[key.to_string()], true).unwrap();
+        assert_eq!(trust.policy().keys().len(), 1);
+        let file = std::path::Path::new("/etc/bridge/agent.toml");
+        let err = Trust::from_settings(&none, Some(file), &[], true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("forbidden by the config /etc/bridge/agent.toml"),
+            "{err}"
+        );
+        let allowing = TrustSection {
+            allow_unsigned_override: true,
+            ..TrustSection::default()
+        };
+        assert!(Trust::from_settings(&allowing, Some(file), &[], true).is_ok());
+        let err = Trust::from_settings(&none, None, &["ed25519:nope".into()], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with("--trusted-key ed25519:nope: "), "{err}");
     }
 }
