@@ -118,12 +118,15 @@ pub fn parse_env(spec: &str) -> Result<(String, String)> {
     Ok((name, value))
 }
 
-/// The agent config for `call` (`--config`, or all defaults).
+/// The agent config for `call`: `--config` (or all defaults) with the trust flags applied.
 fn agent_config(req: &CallRequest) -> Result<AgentConfig> {
-    match &req.config {
-        Some(path) => AgentConfig::load(path).map_err(|e| usage(format!("{e:#}"))),
-        None => Ok(AgentConfig::default()),
-    }
+    let mut config = match &req.config {
+        Some(path) => AgentConfig::load(path).map_err(|e| usage(format!("{e:#}")))?,
+        None => AgentConfig::default(),
+    };
+    config.trust.flag_keys = req.trusted_keys.clone();
+    config.trust.allow_unsigned = req.allow_unsigned;
+    Ok(config)
 }
 
 /// The sandbox settings for `call`: the config file's, with the disk cache chosen by flags.
@@ -148,18 +151,6 @@ pub fn sandbox_config(req: &CallRequest, agent: &AgentConfig) -> Result<SandboxC
         }
     }
     Ok(config)
-}
-
-/// The trust policy for `call`: the config's keys plus `--trusted-key`s; the override as allowed.
-/// Its errors are usage errors.
-pub fn trust(req: &CallRequest, agent: &AgentConfig) -> Result<Trust> {
-    Trust::from_settings(
-        &agent.trust,
-        agent.file.as_deref(),
-        &req.trusted_keys,
-        req.allow_unsigned,
-    )
-    .map_err(|e| usage(format!("{e:#}")))
 }
 
 /// `$XDG_CACHE_HOME/bridge-daemon`, else `$HOME/.cache/bridge-daemon` (not used as root).
@@ -211,7 +202,8 @@ pub async fn call(req: &CallRequest) -> Result<RunResult> {
         .collect::<Result<Vec<_>>>()?;
     let agent = agent_config(req)?;
     let config = sandbox_config(req, &agent)?;
-    let trust = trust(req, &agent)?;
+    let trust = Trust::from_settings(&agent.trust, agent.file.as_deref())
+        .map_err(|e| usage(format!("{e:#}")))?;
     let detached = match &req.signature {
         Some(path) => Some(
             std::fs::read(path)

@@ -1,16 +1,85 @@
-//! The agent's configuration file (TOML): one typed struct, defaults and validation in one place.
+//! The agent's settings, in two layers: what the operator wrote, then what the agent runs with.
 //!
+//! **Layer 1**, plain data: the configuration file (TOML, one typed struct, defaults and
+//! validation in one place) with the command line's flags applied once ([`AgentConfig::resolve`]).
 //! Unknown keys are an error (every table is `deny_unknown_fields`), so a typo is reported
 //! instead of silently ignored. See `docs/configuration.md` for every key.
+//!
+//! **Layer 2**, built once from layer 1 (and, for the daemon, its identity): the settings of the
+//! link ([`LinkConfig`]), the sandbox ([`SandboxConfig`]), the agent ([`AgentOptions`]) and its
+//! [`Trust`], gathered in [`Settings`]. Those modules take their settings; none reads this one.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::agent::AgentOptions;
+use crate::identity::Identity;
+use crate::journal::JournalConfig;
 use crate::limits::{LimitPolicy, Limits};
+use crate::link::LinkConfig;
+use crate::sandbox::cache::CacheDir;
 use crate::sandbox::SandboxConfig;
-use crate::trust::TrustSection;
+use crate::trust::{Trust, TrustSection};
+
+/// The flags of `bridge-daemon run`: each overrides the file's value when given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunFlags {
+    /// Agent config file (TOML); see docs/configuration.md.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The platform's agent endpoint, e.g. wss://platform.example:8443/agent.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+
+    /// One-time enrollment token (first connection only). Prefer --token-file: arguments are
+    /// visible to other users in the process list.
+    // Tokens are base64url and may start with '-'.
+    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
+    pub token: Option<String>,
+
+    /// A file holding the enrollment token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// SHA-256 fingerprint of the platform's TLS key (64 hex characters); repeatable, so the
+    /// platform can rotate keys. Replaces the config's pins.
+    #[arg(long = "server-pin", value_name = "SHA256")]
+    pub server_pins: Vec<String>,
+
+    /// PEM file of CA certificates to validate the platform's certificate chain.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// State directory (identity, module store, compiled-module cache).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+
+    /// A publisher key to trust (`ed25519:…`, or @FILE / a path); repeatable.
+    #[arg(long = "trusted-key", value_name = "PUB|@FILE")]
+    pub trusted_keys: Vec<String>,
+
+    /// WebSocket ping interval in seconds (default 30); the link is declared dead after
+    /// 2 × interval + 10 s without a frame.
+    #[arg(long, value_name = "N")]
+    pub heartbeat_secs: Option<u64>,
+
+    /// Longest wait between reconnect attempts, in seconds (default 60).
+    #[arg(long, value_name = "N")]
+    pub reconnect_max_secs: Option<u64>,
+
+    /// Development only: allow a plaintext ws:// platform URL (no TLS, no authentication).
+    #[arg(long)]
+    pub dev_allow_plaintext: bool,
+
+    /// Development only: run modules that carry no signature. Refused with a --config file
+    /// unless it sets `[trust] allow_unsigned_override = true`.
+    #[arg(long)]
+    pub allow_unsigned: bool,
+}
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -178,8 +247,7 @@ impl Default for PlatformSection {
 
 impl PlatformSection {
     /// The link settings, validated. `server` must be set by now (config or flag).
-    pub fn link_config(&self) -> Result<crate::link::LinkConfig> {
-        use std::time::Duration;
+    pub fn link_config(&self) -> Result<LinkConfig> {
         let server = self.server.clone().ok_or_else(|| {
             anyhow::anyhow!("no platform address: set [platform] server or pass --server")
         })?;
@@ -219,7 +287,7 @@ impl PlatformSection {
             .iter()
             .map(|p| bridge_protocol::identity::parse_pin(p).map_err(anyhow::Error::msg))
             .collect::<Result<Vec<_>>>()?;
-        let mut link = crate::link::LinkConfig::new(server);
+        let mut link = LinkConfig::new(server);
         link.token = token;
         link.trust = crate::link::ServerTrust {
             pins,
@@ -302,6 +370,45 @@ impl Default for SandboxSection {
 }
 
 impl AgentConfig {
+    /// Layer 1 for `bridge-daemon run`: the file named by `--config` (or all defaults) with
+    /// the flags applied.
+    pub fn resolve(flags: &RunFlags) -> Result<AgentConfig> {
+        let mut c = match &flags.config {
+            Some(path) => AgentConfig::load(path)?,
+            None => AgentConfig::default(),
+        };
+        let p = &mut c.platform;
+        if flags.server.is_some() {
+            p.server = flags.server.clone();
+        }
+        if flags.token.is_some() {
+            p.token = flags.token.clone();
+        }
+        if flags.token_file.is_some() {
+            p.token_file = flags.token_file.clone();
+        }
+        if !flags.server_pins.is_empty() {
+            p.server_pins = flags.server_pins.clone();
+        }
+        if flags.ca_file.is_some() {
+            p.ca_file = flags.ca_file.clone();
+        }
+        if let Some(h) = flags.heartbeat_secs {
+            p.heartbeat_secs = h;
+            p.heartbeat_timeout_secs = None;
+        }
+        if let Some(r) = flags.reconnect_max_secs {
+            p.reconnect_max_secs = r;
+        }
+        p.dev_allow_plaintext |= flags.dev_allow_plaintext;
+        if flags.state.is_some() {
+            c.agent.state_dir = flags.state.clone();
+        }
+        c.trust.flag_keys = flags.trusted_keys.clone();
+        c.trust.allow_unsigned = flags.allow_unsigned;
+        Ok(c)
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let text = std::fs::read_to_string(path)
@@ -363,13 +470,82 @@ impl AgentConfig {
             max_concurrent_runs: s.max_concurrent_runs,
             max_module_bytes: s.max_module_bytes,
             memory_cache_entries: s.memory_cache_entries,
-            cache_dir: s
-                .cache_dir
-                .clone()
-                .map(crate::sandbox::cache::CacheDir::with_key_file),
+            cache_dir: s.cache_dir.clone().map(CacheDir::with_key_file),
             table_elements: s.table_elements,
             max_wasm_stack: s.max_wasm_stack,
             fuel_metering: true,
+        })
+    }
+}
+
+/// Layer 2: what the daemon runs with, built once from the configuration and its identity.
+pub struct Settings {
+    /// How the link reaches the platform (the enrollment token dropped once enrolled).
+    pub link: LinkConfig,
+    /// The sandbox, its compiled-module cache in the state directory keyed by the identity.
+    pub sandbox: SandboxConfig,
+    /// How the agent admits and runs tasks.
+    pub agent: AgentOptions,
+    /// Which modules may run.
+    pub trust: Trust,
+}
+
+impl AgentConfig {
+    /// The state directory (`[agent] state_dir` or `--state`).
+    pub fn state_dir(&self) -> Result<PathBuf> {
+        self.agent
+            .state_dir
+            .clone()
+            .context("no state directory: set [agent] state_dir or pass --state")
+    }
+
+    /// The daemon's [`Settings`], for the agent whose identity and state directory are given.
+    pub fn settings(&self, state: &Path, identity: &Identity) -> Result<Settings> {
+        let mut platform = self.platform.clone();
+        if let Some(enrolled) = crate::identity::enrollment(state, &identity.agent_id) {
+            if platform.token.is_some() || platform.token_file.is_some() {
+                tracing::info!(
+                    agent_id = %enrolled.agent_id,
+                    enrolled_at = %enrolled.enrolled_at,
+                    record = %crate::identity::enrollment_file(state).display(),
+                    "already enrolled: the enrollment token is ignored (neither read nor sent)"
+                );
+            }
+            platform.token = None;
+            platform.token_file = None;
+        }
+        let link = platform.link_config()?;
+        let mut sandbox = self.sandbox_config()?;
+        // The daemon's cache key is derived from its identity: no key file anywhere.
+        let cache_root = sandbox
+            .cache_dir
+            .take()
+            .map_or_else(|| state.join("cache"), |c| c.root().to_path_buf());
+        sandbox.cache_dir = Some(CacheDir::with_key(cache_root, identity.module_cache_key()));
+        let trust = Trust::from_settings(&self.trust, self.file.as_deref())?;
+        let agent = self.agent_options(state)?;
+        Ok(Settings {
+            link,
+            sandbox,
+            agent,
+            trust,
+        })
+    }
+
+    /// The agent's options (`[agent]` and `[shell]`), its journal in `state`.
+    pub fn agent_options(&self, state: &Path) -> Result<AgentOptions> {
+        let a = &self.agent;
+        let mut journal = JournalConfig::new(state.join("journal.redb"));
+        journal.retention = Duration::from_secs(a.journal_retention_hours.saturating_mul(3600));
+        journal.max_records = a.journal_max_records;
+        journal.min_free_bytes = a.min_free_mib.saturating_mul(1 << 20);
+        journal.max_bytes = a.journal_max_mib.saturating_mul(1 << 20);
+        Ok(AgentOptions {
+            max_concurrent_tasks: a.max_concurrent_tasks as usize,
+            queue_capacity: a.queue_capacity as usize,
+            shell: self.shell.allowlist()?,
+            cgroup_root: self.shell.cgroup_root.clone(),
+            journal,
         })
     }
 }
@@ -517,6 +693,48 @@ rules = [
         let status = list.get("service-status").unwrap();
         assert!(ok(status, "ssh.service"));
         assert!(!ok(status, "--help"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "[platform]\nserver = \"wss://file/agent\"\nheartbeat_secs = 5\nheartbeat_timeout_secs = 9\nserver_pins = [\"sha256:ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB\"]\n[agent]\nstate_dir = \"/var/lib/file\"\nqueue_capacity = 7\n",
+        )
+        .unwrap();
+        let c = AgentConfig::resolve(&RunFlags {
+            config: Some(file.clone()),
+            server: Some("wss://flag/agent".into()),
+            heartbeat_secs: Some(3),
+            trusted_keys: vec!["@/k.pub".into()],
+            allow_unsigned: true,
+            ..RunFlags::default()
+        })
+        .unwrap();
+        assert_eq!(c.file.as_deref(), Some(file.as_path()));
+        assert_eq!(c.platform.server.as_deref(), Some("wss://flag/agent"));
+        assert_eq!(
+            c.platform.server_pins.len(),
+            1,
+            "no --server-pin: the file's"
+        );
+        let link = c.platform.link_config().unwrap();
+        assert_eq!(link.heartbeat.as_secs(), 3);
+        assert_eq!(
+            link.heartbeat_timeout.as_secs(),
+            16,
+            "--heartbeat-secs drops the file's timeout for the derived one"
+        );
+        assert_eq!(c.state_dir().unwrap(), Path::new("/var/lib/file"));
+        assert_eq!((c.trust.flag_keys.len(), c.trust.allow_unsigned), (1, true));
+        let options = c.agent_options(Path::new("/s")).unwrap();
+        assert_eq!(options.queue_capacity, 7);
+        assert_eq!(options.journal.path, Path::new("/s/journal.redb"));
+        let none = AgentConfig::resolve(&RunFlags::default()).unwrap();
+        let err = none.state_dir().unwrap_err().to_string();
+        assert!(err.contains("pass --state"), "{err}");
     }
 
     #[test]

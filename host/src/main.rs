@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use bridge_host::call::{self, CallRequest, UsageError};
-use bridge_host::daemon::{self, RunOverrides};
+use bridge_host::config::{AgentConfig, RunFlags};
+use bridge_host::daemon;
 use bridge_host::limits::LimitRequest;
 
 /// The bridge agent: runs signed WASI command handlers for a management platform.
@@ -36,66 +37,10 @@ enum Command {
     ///
     /// Settings come from --config FILE; the flags below override it. Runs until SIGINT or
     /// SIGTERM. Logs go to stderr (info level by default).
-    Run(RunArgs),
+    Run(RunFlags),
 
     /// Print this agent's id (the SHA-256 of its public key) from its state directory.
     Identity(IdentityArgs),
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Agent config file (TOML); see docs/configuration.md.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-
-    /// The platform's agent endpoint, e.g. wss://platform.example:8443/agent.
-    #[arg(long, value_name = "URL")]
-    server: Option<String>,
-
-    /// One-time enrollment token (first connection only). Prefer --token-file: arguments are
-    /// visible to other users in the process list.
-    // Tokens are base64url and may start with '-'.
-    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
-    token: Option<String>,
-
-    /// A file holding the enrollment token.
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
-
-    /// SHA-256 fingerprint of the platform's TLS key (64 hex characters); repeatable, so the
-    /// platform can rotate keys. Replaces the config's pins.
-    #[arg(long = "server-pin", value_name = "SHA256")]
-    server_pins: Vec<String>,
-
-    /// PEM file of CA certificates to validate the platform's certificate chain.
-    #[arg(long, value_name = "FILE")]
-    ca_file: Option<PathBuf>,
-
-    /// State directory (identity, module store, compiled-module cache).
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
-
-    /// A publisher key to trust (`ed25519:…`, or @FILE / a path); repeatable.
-    #[arg(long = "trusted-key", value_name = "PUB|@FILE")]
-    trusted_keys: Vec<String>,
-
-    /// WebSocket ping interval in seconds (default 30); the link is declared dead after
-    /// 2 × interval + 10 s without a frame.
-    #[arg(long, value_name = "N")]
-    heartbeat_secs: Option<u64>,
-
-    /// Longest wait between reconnect attempts, in seconds (default 60).
-    #[arg(long, value_name = "N")]
-    reconnect_max_secs: Option<u64>,
-
-    /// Development only: allow a plaintext ws:// platform URL (no TLS, no authentication).
-    #[arg(long)]
-    dev_allow_plaintext: bool,
-
-    /// Development only: run modules that carry no signature. Refused with a --config file
-    /// unless it sets `[trust] allow_unsigned_override = true`.
-    #[arg(long)]
-    allow_unsigned: bool,
 }
 
 #[derive(Args)]
@@ -283,23 +228,10 @@ async fn run_call(a: CallArgs) -> ExitCode {
     }
 }
 
-async fn run_agent(a: RunArgs) -> ExitCode {
-    let overrides = RunOverrides {
-        server: a.server,
-        token: a.token,
-        token_file: a.token_file,
-        server_pins: a.server_pins,
-        ca_file: a.ca_file,
-        state: a.state,
-        trusted_keys: a.trusted_keys,
-        heartbeat_secs: a.heartbeat_secs,
-        reconnect_max_secs: a.reconnect_max_secs,
-        dev_allow_plaintext: a.dev_allow_plaintext,
-        allow_unsigned: a.allow_unsigned,
-    };
+async fn run_agent(flags: RunFlags) -> ExitCode {
     let result = async {
-        let config = daemon::resolve(a.config.as_deref(), &overrides)?;
-        daemon::run(config, &overrides).await
+        let config = AgentConfig::resolve(&flags)?;
+        daemon::run(config).await
     }
     .await;
     match result {

@@ -51,6 +51,14 @@ pub struct TrustSection {
     /// Without any config file there is no policy to forbid it, and the flag alone decides.
     #[serde(default)]
     pub allow_unsigned_override: bool,
+    /// `--trusted-key` flags: publisher keys (`ed25519:…`, or `@FILE` / a path to a file
+    /// holding one) trusted on top of `keys`. Not a key of the file.
+    #[serde(skip)]
+    pub flag_keys: Vec<String>,
+    /// `--allow-unsigned`: the development override asked for on the command line, honoured as
+    /// `allow_unsigned_override` allows. Not a key of the file.
+    #[serde(skip)]
+    pub allow_unsigned: bool,
 }
 
 impl TrustSection {
@@ -118,11 +126,10 @@ impl Trust {
     pub fn from_settings(
         section: &TrustSection,
         config_file: Option<&std::path::Path>,
-        trusted_keys: &[String],
-        allow_unsigned: bool,
     ) -> Result<Trust> {
         let mut policy = section.policy()?;
-        for spec in trusted_keys {
+        let allow_unsigned = section.allow_unsigned;
+        for spec in &section.flag_keys {
             let key = parse_public_key(spec)?;
             if policy.find(&key.key_id()).is_none() {
                 policy = policy.trust(TrustedKey::new(key))?;
@@ -398,11 +405,15 @@ mod tests {
     #[test]
     fn flags_add_keys_and_the_config_file_gates_the_override() {
         let key = bridge_signing::KeyPair::from_seed(&[7u8; 32]).public_key();
-        let none = TrustSection::default();
-        let trust = Trust::from_settings(&none, None, &[key.to_string()], true).unwrap();
+        let flags = |keys: &[String], allow_unsigned| TrustSection {
+            flag_keys: keys.to_vec(),
+            allow_unsigned,
+            ..TrustSection::default()
+        };
+        let trust = Trust::from_settings(&flags(&[key.to_string()], true), None).unwrap();
         assert_eq!(trust.policy().keys().len(), 1);
         let file = std::path::Path::new("/etc/bridge/agent.toml");
-        let err = Trust::from_settings(&none, Some(file), &[], true)
+        let err = Trust::from_settings(&flags(&[], true), Some(file))
             .err()
             .unwrap()
             .to_string();
@@ -412,10 +423,10 @@ mod tests {
         );
         let allowing = TrustSection {
             allow_unsigned_override: true,
-            ..TrustSection::default()
+            ..flags(&[], true)
         };
-        assert!(Trust::from_settings(&allowing, Some(file), &[], true).is_ok());
-        let err = Trust::from_settings(&none, None, &["ed25519:nope".into()], false)
+        assert!(Trust::from_settings(&allowing, Some(file)).is_ok());
+        let err = Trust::from_settings(&flags(&["ed25519:nope".into()], false), None)
             .err()
             .unwrap()
             .to_string();

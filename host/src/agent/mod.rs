@@ -35,7 +35,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bridge_protocol::{ErrorBody, PlatformMessage, StatusReport};
@@ -82,26 +82,6 @@ impl AgentOptions {
             cgroup_root: None,
             journal: JournalConfig::new(state.join("journal.redb")),
         }
-    }
-
-    /// From a config file's sections.
-    pub fn from_config(
-        config: &crate::config::AgentConfig,
-        state: &std::path::Path,
-    ) -> Result<AgentOptions> {
-        let a = &config.agent;
-        let mut journal = JournalConfig::new(state.join("journal.redb"));
-        journal.retention = Duration::from_secs(a.journal_retention_hours.saturating_mul(3600));
-        journal.max_records = a.journal_max_records;
-        journal.min_free_bytes = a.min_free_mib.saturating_mul(1 << 20);
-        journal.max_bytes = a.journal_max_mib.saturating_mul(1 << 20);
-        Ok(AgentOptions {
-            max_concurrent_tasks: a.max_concurrent_tasks as usize,
-            queue_capacity: a.queue_capacity as usize,
-            shell: config.shell.allowlist()?,
-            cgroup_root: config.shell.cgroup_root.clone(),
-            journal,
-        })
     }
 }
 
