@@ -64,7 +64,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tracing::info!("stopping (signal received)");
         signals.cancel();
     });
-    crate::link::run(link, state, agent, outbox, shutdown).await
+    crate::link::run(link, state, identity, agent, outbox, shutdown).await
 }
 
 /// Creates the state directory (mode 0700, whatever the umask) if it is missing; its parents get

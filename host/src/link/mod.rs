@@ -252,9 +252,11 @@ pub fn welcomed(config: &LinkConfig, agent_id: &str) {
 }
 
 /// Runs the link until `shutdown` is cancelled: connect, serve, back off, reconnect.
+/// `identity` is the agent's, loaded from `state` (and renewed there when it nears expiry).
 pub async fn run<P: Peer>(
     mut config: LinkConfig,
     state: std::path::PathBuf,
+    mut identity: identity::Identity,
     peer: Arc<P>,
     mut outbox: Outbox,
     shutdown: CancellationToken,
@@ -263,7 +265,6 @@ pub async fn run<P: Peer>(
     if !endpoint.tls {
         tracing::warn!(server = %config.server, "PLAINTEXT link (--dev-allow-plaintext): no TLS, no authentication; development only");
     }
-    let mut identity = identity::load_or_create(&state)?;
     if config.token.is_some() {
         config.record_enrollment = Some(state.clone());
     }
