@@ -236,12 +236,8 @@ pub async fn call(req: &CallRequest) -> Result<RunResult> {
     for denied in &granted.denied {
         tracing::warn!(handler = %name, "not granted (the handler's signed claims do not declare it): {denied}");
     }
-    let (spec, denied) = granted.into_spec(input, name, &req.args);
-    let mut result = sandbox.run(&prepared.handler, spec).await?;
-    if let Some(limits) = result.limits.as_mut() {
-        limits.clamped.extend(denied);
-    }
-    Ok(result)
+    let spec = granted.into_spec(input, name, &req.args);
+    sandbox.run(&prepared.handler, spec).await
 }
 
 #[cfg(test)]

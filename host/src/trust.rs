@@ -297,24 +297,19 @@ pub struct Granted {
 }
 
 impl Granted {
-    /// The run's spec: argv is `name` followed by `args`. Also returns what was denied, for the
-    /// result's `limits.clamped`.
-    pub fn into_spec(
-        self,
-        input: Vec<u8>,
-        name: String,
-        args: &[String],
-    ) -> (RunSpec, Vec<String>) {
-        let spec = RunSpec {
+    /// The run's spec: argv is `name` followed by `args`; what was denied goes to the result's
+    /// `limits.clamped`.
+    pub fn into_spec(self, input: Vec<u8>, name: String, args: &[String]) -> RunSpec {
+        RunSpec {
             input,
             args: std::iter::once(name).chain(args.iter().cloned()).collect(),
             env: self.env,
             dirs: self.dirs,
             limits: self.request,
             ceiling: self.ceiling,
+            denied: self.denied,
             ..RunSpec::default()
-        };
-        (spec, self.denied)
+        }
     }
 }
 

@@ -108,27 +108,13 @@ impl Agent {
 
     async fn run_shell(
         &self,
-        mut rule: ShellRule,
+        rule: ShellRule,
         req: &RunRequest,
         cancel: CancellationToken,
         tap: Option<StreamTap>,
     ) -> RunResult {
         // A task may ask for less time or output than the rule allows, never more.
-        let mut clamped = Vec::new();
-        if let Some(t) = req.limits.timeout_ms {
-            if t < rule.timeout_ms {
-                rule.timeout_ms = t.max(1);
-            } else if t > rule.timeout_ms {
-                clamped.push("timeout_ms".to_string());
-            }
-        }
-        if let Some(o) = req.limits.output_bytes {
-            if o < rule.output_bytes {
-                rule.output_bytes = o;
-            } else if o > rule.output_bytes {
-                clamped.push("output_bytes".to_string());
-            }
-        }
+        let (rule, clamped) = rule.limited_to(&req.limits);
         let mut result =
             crate::shell::run_streamed(&rule, &req.args, cancel, self.cgroup_root.as_deref(), tap)
                 .await;
@@ -150,7 +136,7 @@ impl Agent {
         let verified = prepared.verified.as_deref();
         let name = verified.map_or_else(|| "handler".to_string(), |v| v.claims.name.clone());
         let input = serde_json::to_vec(&req.input).unwrap_or_else(|_| b"null".to_vec());
-        let (mut spec, _denied) = grant(verified, req.limits, &defaults, Vec::new(), Vec::new())
+        let mut spec = grant(verified, req.limits, &defaults, Vec::new(), Vec::new())
             .into_spec(input, name, &req.args);
         spec.cancel = Some(cancel);
         spec.tap = tap;

@@ -54,7 +54,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::limits::{LimitPolicy, LimitRequest, Limits};
+use crate::limits::{Bounds, LimitPolicy, LimitRequest, Limits};
 use crate::outcome::{RunResult, Status, Truncation};
 use crate::stream::StreamTap;
 use bridge_protocol::StreamName;
@@ -138,6 +138,9 @@ pub struct RunSpec {
     pub limits: LimitRequest,
     /// An upper bound from the handler's signed capabilities, if any.
     pub ceiling: Option<LimitRequest>,
+    /// What the handler's signed claims refused of the task's grants (`env:NAME`, `dir:/path`,
+    /// `dir:/path:write`), reported after the limits in the result's `limits.clamped`.
+    pub denied: Vec<String>,
     /// Cancelling it stops the run (`cancelled`) at the next epoch tick.
     pub cancel: Option<CancellationToken>,
     /// Streams stdout and stderr while the run goes on.
@@ -588,7 +591,8 @@ impl Sandbox {
             .await
             .context("the sandbox is shutting down")?;
         let config = &self.inner.config;
-        let applied = config.limits.apply(&spec.limits, spec.ceiling.as_ref());
+        let mut applied = Bounds::wasm(&config.limits, spec.ceiling.as_ref()).resolve(&spec.limits);
+        applied.clamped.extend(spec.denied);
         let limits = applied.limits;
         let cap = usize::try_from(limits.output_bytes).unwrap_or(usize::MAX);
         let stdout = CappedPipe::streamed(cap, spec.tap.clone(), StreamName::Stdout);

@@ -52,7 +52,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::capture::HeadTail;
-use crate::limits::{AppliedLimits, Limits};
+use crate::limits::{AppliedLimits, LimitRequest};
 use crate::outcome::{RunResult, Status, Truncation};
 use crate::stream::StreamTap;
 use bridge_protocol::StreamName;
@@ -95,15 +95,7 @@ pub fn resolve_cgroup_root(configured: Option<std::path::PathBuf>) -> Option<std
 
 /// The limits reported for a shell run: the rule's time and output caps; no fuel or memory.
 fn applied(rule: &ShellRule) -> AppliedLimits {
-    AppliedLimits {
-        limits: Limits {
-            fuel: 0,
-            memory_bytes: 0,
-            timeout_ms: rule.timeout_ms,
-            output_bytes: rule.output_bytes,
-        },
-        clamped: Vec::new(),
-    }
+    rule.bounds().resolve(&LimitRequest::default())
 }
 
 fn refused(rule: &ShellRule, reason: &str, error: String) -> RunResult {

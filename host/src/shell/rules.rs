@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::Limits;
+use crate::limits::{Bounds, LimitRequest, Limits};
 
 /// Largest number of extra arguments a rule may allow.
 pub const MAX_EXTRA_ARGS: usize = 256;
@@ -217,6 +217,24 @@ impl ShellRule {
             user: None,
             group: None,
         }
+    }
+
+    /// The limits of this rule's runs ([`Bounds::shell`]): its `timeout_ms` and `output_bytes`.
+    pub fn bounds(&self) -> Bounds {
+        Bounds::shell(self.timeout_ms, self.output_bytes)
+    }
+
+    /// This rule as a task's run of it: the task may ask for less time or output than the
+    /// rule's, never more. Also returns the names of the limits asked above the rule's, for the
+    /// result's `limits.clamped`.
+    pub fn limited_to(&self, request: &LimitRequest) -> (ShellRule, Vec<String>) {
+        let applied = self.bounds().resolve(request);
+        let rule = ShellRule {
+            timeout_ms: applied.limits.timeout_ms,
+            output_bytes: applied.limits.output_bytes,
+            ..self.clone()
+        };
+        (rule, applied.clamped)
     }
 
     /// The bytes of the rule's own part of the command line: program, fixed arguments and
