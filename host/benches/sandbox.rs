@@ -265,7 +265,7 @@ fn main() {
                 .prepare(&sandbox, &signed, None)
                 .map_err(|r| r.error)
                 .unwrap();
-            assert!(sandbox.run(&p.handler, hello_spec()).await.unwrap().is_ok());
+            assert!(sandbox.run(&p.module, hello_spec()).await.unwrap().is_ok());
         })
         .await;
         trust
@@ -279,7 +279,7 @@ fn main() {
             let p = trust
                 .cached(&sandbox, &sha, None)
                 .expect("verified and compiled before");
-            assert!(sandbox.run(&p.handler, hello_spec()).await.unwrap().is_ok());
+            assert!(sandbox.run(&p.module, hello_spec()).await.unwrap().is_ok());
         })
         .await;
         println!();

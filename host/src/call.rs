@@ -237,7 +237,7 @@ pub async fn call(req: &CallRequest) -> Result<RunResult> {
         tracing::warn!(handler = %name, "not granted (the handler's signed claims do not declare it): {denied}");
     }
     let spec = granted.into_spec(input, name, &req.args);
-    sandbox.run(&prepared.handler, spec).await
+    sandbox.run(&prepared.module, spec).await
 }
 
 #[cfg(test)]

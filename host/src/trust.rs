@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::limits::{LimitRequest, Limits};
 use crate::outcome::{RunResult, Status};
-use crate::sandbox::{DirGrant, Handler, RunSpec, Sandbox};
+use crate::sandbox::{CompiledModule, DirGrant, RunSpec, Sandbox};
 
 /// The config file's `[trust]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -83,7 +83,7 @@ impl TrustSection {
 #[derive(Clone)]
 pub struct Prepared {
     /// The compiled module.
-    pub handler: Arc<Handler>,
+    pub module: Arc<CompiledModule>,
     /// Its verified signature; `None` when it runs unsigned under the development override.
     pub verified: Option<Arc<Verified>>,
 }
@@ -168,8 +168,11 @@ impl Trust {
             r
         };
         let verified = self.check(module, &sha256, detached).map_err(tag)?;
-        let handler = sandbox.load_hashed(module, sha256).map_err(tag)?;
-        Ok(Prepared { handler, verified })
+        let compiled = sandbox.load_hashed(module, sha256).map_err(tag)?;
+        Ok(Prepared {
+            module: compiled,
+            verified,
+        })
     }
 
     /// A module verified and compiled before, found by hash alone: a warm run reads no bytes
@@ -190,9 +193,9 @@ impl Trust {
         if verified.claims.not_after.is_some_and(|na| now_unix() > na) {
             return None; // the full path reports `expired`
         }
-        let handler = sandbox.cached(sha256)?;
+        let module = sandbox.cached(sha256)?;
         Some(Prepared {
-            handler,
+            module,
             verified: Some(verified),
         })
     }

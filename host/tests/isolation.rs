@@ -18,7 +18,7 @@ fn sandbox(slots: Option<u32>) -> Sandbox {
 }
 
 /// One of the built modules (`common::wasm`), loaded into `sandbox`.
-fn load(sandbox: &Sandbox, name: &str) -> std::sync::Arc<bridge_host::sandbox::Handler> {
+fn load(sandbox: &Sandbox, name: &str) -> std::sync::Arc<bridge_host::sandbox::CompiledModule> {
     sandbox
         .load(&std::fs::read(common::wasm(name)).unwrap())
         .map_err(|r| r.error)

@@ -140,7 +140,7 @@ impl Agent {
             .into_spec(input, name, &req.args);
         spec.cancel = Some(cancel);
         spec.tap = tap;
-        match self.sandbox.run(&prepared.handler, spec).await {
+        match self.sandbox.run(&prepared.module, spec).await {
             Ok(r) => r,
             Err(e) => Refusal::SetupFailed(format!("{e:#}")).into_result(),
         }
