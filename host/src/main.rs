@@ -27,7 +27,7 @@ enum Command {
     /// Run one handler module once and print its result as one JSON object.
     ///
     /// The module's signature is verified first (against --trusted-key and the config's
-    /// [trust] keys); a refused module is a `rejected` result with a `reason`.
+    /// `[trust]` keys); a refused module is a `rejected` result with a `reason`.
     ///
     /// Exit status: 0 when the handler's status is `ok`, 1 for any other status, 2 for a usage
     /// or I/O error (one line on stderr).
@@ -63,7 +63,7 @@ struct CallArgs {
     #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
     args: Vec<String>,
 
-    /// The command name the handler sees as argv[0]. Default: the module's file stem.
+    /// The command name the handler sees as `argv[0]`. Default: the module's file stem.
     #[arg(long)]
     name: Option<String>,
 

@@ -1,5 +1,5 @@
 //! The agent proper: what it does with the platform's requests, independent of the transport.
-//! It owns the task life cycle, the module store and installed handlers; the link calls it as a [`Peer`].
+//! It owns the task life cycle, the module store and installed handlers; the link calls it as a [`crate::link::Peer`].
 //!
 //! A task's path through these files, in order (`docs/architecture.md` draws it):
 //!
