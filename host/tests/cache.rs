@@ -2,12 +2,11 @@
 //! planted entry is discarded and recompiled — never executed. A cache directory someone else
 //! could write is not used at all.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{call, daemon, output, wasm};
+use bridge_testkit::bins::{daemon, wasm};
+use bridge_testkit::call::{call, output, Called};
 
 fn cached(cache: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -23,7 +22,7 @@ fn cached(cache: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn run(module: &Path, cache: &Path) -> common::Called {
+fn run(module: &Path, cache: &Path) -> Called {
     call(
         module,
         &[

@@ -9,8 +9,6 @@
 //! 127.0.0.1: escaped process trees, concurrent runs, a killed supervisor, inherited
 //! descriptors, delegated cgroups.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -633,7 +631,7 @@ async fn arguments_too_long_for_exec_are_refused_before_running() {
 // ---------------------------------------------------------------------------------------------
 // A real agent
 
-use common::platform::{Agent, Platform};
+use bridge_testkit::{Agent, Platform};
 use serde_json::{json, Value};
 
 /// A real platform and a real agent (`bridge-daemon run`) with a config of `rules` (TOML).
@@ -653,14 +651,14 @@ impl Live {
         config: &str,
         prepare: impl FnOnce(&mut std::process::Command),
     ) -> Live {
-        let platform = Platform::start(&dir.join("platform"), "127.0.0.1:0");
+        let platform = Platform::start(&dir.join("platform"));
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut args = Agent::args_for(&platform, Some(&platform.token()), None);
+        let mut args = platform.agent_args_with(Some(&platform.token()), None);
         args.extend(["--config".into(), config_path.display().to_string()]);
         let agent = Agent::start_with(&dir.join("agent"), &args, prepare);
         let id = agent.id();
-        platform.wait_connected(&id, Duration::from_secs(30));
+        platform.control().wait_connected(&id);
         Live {
             platform,
             agent,
@@ -675,7 +673,7 @@ impl Live {
         for (k, v) in extra.as_object().unwrap() {
             req[k] = v.clone();
         }
-        let r = self.platform.control(req);
+        let r = self.platform.control().request(&req);
         assert_eq!(r["ok"], true, "{r}\nagent log:\n{}", self.agent.log.text());
         r["result"].clone()
     }
@@ -790,7 +788,8 @@ fn setsid_descendants_die_when_the_run_ends_however_it_ends() {
         let pid = read_pid_blocking(Path::new(&file));
         let c = live
             .platform
-            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "to-cancel"}));
+            .control()
+            .request(&json!({"cmd": "cancel", "agent": live.id, "task_id": "to-cancel"}));
         assert_eq!(c["outcome"], "cancelling", "{c}");
         let r = running.join().unwrap();
         assert_eq!(r["status"], "cancelled", "{r}");
@@ -830,7 +829,8 @@ fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
         // A ends: its orphan goes with it.
         let c = live
             .platform
-            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "task-a"}));
+            .control()
+            .request(&json!({"cmd": "cancel", "agent": live.id, "task_id": "task-a"}));
         assert_eq!(c["outcome"], "cancelling", "{c}");
         let r = a.join().unwrap();
         assert_eq!(r["status"], "cancelled", "{r}");

@@ -3,38 +3,18 @@
 //! real shell commands. Executions are counted with marker files written by the commands
 //! themselves. Every test ends by itself.
 
-mod common;
-
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::platform::{Agent, Platform, Publisher};
+use bridge_testkit::{wait_for, Agent, Platform, Publisher};
 use serde_json::{json, Value};
 
 const CONNECT: Duration = Duration::from_secs(30);
-
-/// One control request on its own connection (usable from any thread).
-fn control(socket: &str, request: &Value) -> Value {
-    let mut conn = UnixStream::connect(socket).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    writeln!(conn, "{request}").unwrap();
-    let mut line = String::new();
-    if let Err(e) = BufReader::new(conn).read_line(&mut line) {
-        // The platform went away (a test killed it).
-        return json!({"ok": false, "error": e.to_string()});
-    }
-    if line.is_empty() {
-        return json!({"ok": false, "error": "connection closed"});
-    }
-    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad response ({e}): {line:?}"))
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -57,21 +37,17 @@ impl Setup {
 
     fn with_extra(config: &str, extra: &[&str]) -> Setup {
         let tmp = tempfile::tempdir().unwrap();
-        let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+        let platform = Platform::start(&tmp.path().join("platform"));
         let publisher = Publisher::new();
         let config_path = tmp.path().join("agent.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut args = Agent::args_for(
-            &platform,
-            Some(&platform.token()),
-            Some(&publisher.public()),
-        );
+        let mut args = platform.agent_args_with(Some(&platform.token()), Some(&publisher.public()));
         args.extend(["--config".into(), config_path.display().to_string()]);
         args.extend(["--reconnect-max-secs".into(), "1".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let agent = Agent::start(&tmp.path().join("agent"), &args);
         let id = agent.id();
-        platform.wait_connected(&id, CONNECT);
+        platform.control().wait_connected(&id);
         Setup {
             tmp,
             platform,
@@ -82,12 +58,8 @@ impl Setup {
         }
     }
 
-    fn addr(&self) -> String {
-        self.platform.info["control"].as_str().unwrap().to_string()
-    }
-
     fn control(&self, request: Value) -> Value {
-        control(&self.addr(), &request)
+        self.platform.control().request(&request)
     }
 
     fn install(&self, name: &str, module: &[u8]) -> Value {
@@ -95,12 +67,9 @@ impl Setup {
     }
 
     fn run_command(&self, command: &str, extra: Value) -> Value {
-        let mut req =
-            json!({"cmd": "run", "agent": self.id, "command": command, "timeout_ms": 60000});
-        for (k, v) in extra.as_object().unwrap() {
-            req[k] = v.clone();
-        }
-        self.control(req)
+        self.platform
+            .control()
+            .run_command(&self.id, command, extra)
     }
 
     /// Restarts the agent (SIGKILL when `kill`, else SIGTERM) with the same state and flags.
@@ -116,7 +85,7 @@ impl Setup {
             args.drain(i..i + 2);
         }
         self.agent = Agent::start(&self.tmp.path().join("agent"), &args);
-        self.platform.wait_connected(&self.id, CONNECT);
+        self.platform.control().wait_connected(&self.id);
     }
 }
 
@@ -125,17 +94,6 @@ fn runs(marker: &Path) -> usize {
     std::fs::read_to_string(marker)
         .map(|t| t.lines().count())
         .unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A shell rule `mark` that appends a line to `marker`, sleeps `$1` seconds, prints `done`.
@@ -202,7 +160,7 @@ args = ["from the shell"]
         r["error"].as_str().unwrap().contains("name_mismatch"),
         "{r}"
     );
-    let unsigned = std::fs::read(common::wasm("hello")).unwrap();
+    let unsigned = std::fs::read(bridge_testkit::bins::wasm("hello")).unwrap();
     let r = s.install("hello", &unsigned);
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("unsigned"), "{r}");
@@ -250,38 +208,35 @@ fn a_full_queue_refuses_with_busy_and_cancel_works_queued_and_running() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
     let config = format!(
-        "[agent]\nmax_concurrent_tasks = 1\nqueue_capacity = 1\n{}",
+        // A status report every second shows the running task to the platform.
+        "[platform]\nstatus_secs = 1\n[agent]\nmax_concurrent_tasks = 1\nqueue_capacity = 1\n{}",
         mark_rule(&marker)
     );
     let s = Setup::new(&config);
-    let addr = s.addr();
+    let addr = s.platform.control();
     let sleepy = s.publisher.signed("sleepy");
     // Task 1: a WASM handler sleeping in a host call; task 2: a shell command, queued behind it.
     let run1 = {
         let (addr, id) = (addr.clone(), s.id.clone());
         let module = b64(&sleepy);
         std::thread::spawn(move || {
-            control(
-                &addr,
+            addr.try_request(
                 &json!({"cmd": "run", "agent": id, "module": module, "input": {"ms": 60000},
                         "task_id": "t-wasm", "timeout_ms": 60000}),
             )
         })
     };
-    wait_until("the WASM task to run", CONNECT, || {
-        s.agent.log.text().contains("task started") && s.agent.log.text().contains("t-wasm")
-    });
+    s.platform.control().wait_running(&s.id, "t-wasm");
     let run2 = {
         let (addr, id) = (addr.clone(), s.id.clone());
         std::thread::spawn(move || {
-            control(
-                &addr,
+            addr.try_request(
                 &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["30"],
                         "task_id": "t-shell", "timeout_ms": 60000}),
             )
         })
     };
-    wait_until("the shell task to be queued", CONNECT, || {
+    wait_for("the shell task to be queued", CONNECT, || {
         s.agent.log.count("task accepted") >= 2
     });
     // Task 3: one running + one queued is the bound.
@@ -308,26 +263,24 @@ fn a_full_queue_refuses_with_busy_and_cancel_works_queued_and_running() {
     let run4 = {
         let (addr, id) = (addr.clone(), s.id.clone());
         std::thread::spawn(move || {
-            control(
-                &addr,
+            addr.try_request(
                 &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["30"],
                         "task_id": "t-shell-2", "timeout_ms": 60000}),
             )
         })
     };
-    wait_until("the shell command to run", CONNECT, || runs(&marker) == 1);
+    wait_for("the shell command to run", CONNECT, || runs(&marker) == 1);
     let run5 = {
         let (addr, id) = (addr.clone(), s.id.clone());
         let module = b64(&sleepy);
         std::thread::spawn(move || {
-            control(
-                &addr,
+            addr.try_request(
                 &json!({"cmd": "run", "agent": id, "module": module, "input": {"ms": 1},
                         "task_id": "t-wasm-queued", "timeout_ms": 60000}),
             )
         })
     };
-    wait_until("the WASM task to be queued", CONNECT, || {
+    wait_for("the WASM task to be queued", CONNECT, || {
         s.agent.log.count("task accepted") >= 4
     });
     let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm-queued"}));
@@ -383,18 +336,11 @@ fn a_task_id_runs_once_on_one_connection_after_reconnect_and_after_an_agent_rest
             .unwrap();
         let r = s.control(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
         assert_eq!(r["ok"], true, "{r}");
-        wait_until("the agent's answer from its journal", CONNECT, || {
-            s.control(json!({"cmd": "result", "task_id": "once"}))["deliveries"]
-                .as_u64()
-                .unwrap()
-                > before
-        });
+        s.platform.control().wait_deliveries("once", before);
     };
-    let pstate = s.platform.state.clone();
-    let listen = s.platform.listen_addr();
     s.platform.kill();
-    s.platform = Platform::start(&pstate, &listen);
-    s.platform.wait_connected(&s.id, CONNECT);
+    s.platform = s.platform.restart();
+    s.platform.control().wait_connected(&s.id);
     let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(again["result"], first["result"], "{again}");
     resend(&s, 1);
@@ -412,22 +358,20 @@ fn a_result_produced_while_the_platform_is_down_arrives_after_it_restarts() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
     let mut s = Setup::new(&mark_rule(&marker));
-    let addr = s.addr();
+    let addr = s.platform.control();
     let id = s.id.clone();
     let waiting = std::thread::spawn(move || {
-        control(
-            &addr,
-            &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "across"}),
+        addr.try_request(&json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "across"}),
         )
     });
-    wait_until("the command to run", CONNECT, || runs(&marker) == 1);
+    wait_for("the command to run", CONNECT, || runs(&marker) == 1);
     let pstate = s.platform.state.clone();
     let listen = s.platform.listen_addr();
     s.platform.kill();
     let lost = waiting.join().unwrap();
     assert_eq!(lost["ok"], false, "{lost}");
     s.agent.log.wait_for("task finished", CONNECT);
-    s.platform = Platform::start(&pstate, &listen);
+    s.platform = Platform::builder(&pstate).listen(&listen).start();
     let r = s.control(json!({"cmd": "result", "task_id": "across", "wait_ms": 30000}));
     assert_eq!(r["ok"], true, "{r}\n{}", s.agent.log.text());
     assert_eq!(status(&r), "ok", "{r}");
@@ -488,12 +432,12 @@ impl Cutter {
 #[test]
 fn a_connection_cut_mid_task_still_gives_exactly_one_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let cutter = Cutter::start(platform.listen_addr());
     let marker = tmp.path().join("ran");
     let config = tmp.path().join("agent.toml");
     std::fs::write(&config, mark_rule(&marker)).unwrap();
-    let mut args = Agent::args_for(&platform, Some(&platform.token()), None);
+    let mut args = platform.agent_args_with(Some(&platform.token()), None);
     args[1] = format!("wss://{}/agent", cutter.addr);
     args.extend([
         "--config".into(),
@@ -503,25 +447,23 @@ fn a_connection_cut_mid_task_still_gives_exactly_one_result() {
     ]);
     let agent = Agent::start(&tmp.path().join("agent"), &args);
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    let addr = platform.info["control"].as_str().unwrap().to_string();
+    platform.control().wait_connected(&id);
+    let addr = platform.control();
     let waiting = {
         let (addr, id) = (addr.clone(), id.clone());
         std::thread::spawn(move || {
-            control(
-                &addr,
-                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "cut"}),
+            addr.try_request(&json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "cut"}),
             )
         })
     };
-    wait_until("the command to run", CONNECT, || runs(&marker) == 1);
+    wait_for("the command to run", CONNECT, || runs(&marker) == 1);
     cutter.cut.store(true, Ordering::SeqCst);
     agent.log.wait_for("link lost", CONNECT);
     // The waiting run gets its result over the next connection.
     let r = waiting.join().unwrap();
     assert_eq!(r["ok"], true, "{r}\nagent:\n{}", agent.log.text());
     assert_eq!(status(&r), "ok", "{r}");
-    let stored = control(&addr, &json!({"cmd": "result", "task_id": "cut"}));
+    let stored = addr.try_request(&json!({"cmd": "result", "task_id": "cut"}));
     assert_eq!(stored["result"], r["result"]);
     assert_eq!(runs(&marker), 1);
 }
@@ -532,17 +474,16 @@ fn an_agent_killed_mid_task_reports_it_interrupted_once_and_does_not_rerun_it() 
     let marker = marker_dir.path().join("ran");
     let mut s = Setup::new(&mark_rule(&marker));
     for (task, idempotent) in [("killed", false), ("killed-idempotent", true)] {
-        let addr = s.addr();
+        let addr = s.platform.control();
         let id = s.id.clone();
         let before = runs(&marker);
         let waiting = std::thread::spawn(move || {
-            control(
-                &addr,
+            addr.try_request(
                 &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["3"],
                         "task_id": task, "idempotent": idempotent, "timeout_ms": 60000}),
             )
         });
-        wait_until("the command to run", CONNECT, || {
+        wait_for("the command to run", CONNECT, || {
             runs(&marker) == before + 1
         });
         s.restart_agent(true);
@@ -566,29 +507,6 @@ fn an_agent_killed_mid_task_reports_it_interrupted_once_and_does_not_rerun_it() 
     assert_eq!(s.agent.log.count("reporting it as interrupted"), 0);
 }
 
-/// Reads a streaming `run`'s response lines: chunk events, then the final response.
-fn run_streaming(socket: &str, request: &Value) -> (Vec<Value>, Value) {
-    let mut conn = UnixStream::connect(socket).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    writeln!(conn, "{request}").unwrap();
-    let mut reader = BufReader::new(conn);
-    let mut events = Vec::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "connection closed"
-        );
-        let v: Value = serde_json::from_str(line.trim()).unwrap();
-        if v.get("event").is_some() {
-            events.push(v);
-        } else {
-            return (events, v);
-        }
-    }
-}
-
 #[test]
 fn streamed_chunks_arrive_in_order_before_the_result() {
     let config = r#"
@@ -599,8 +517,7 @@ args = ["-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; echo oops >
 "#;
     let s = Setup::new(config);
     // A WASM handler printing a line every 100 ms.
-    let (events, done) = run_streaming(
-        &s.addr(),
+    let (events, done) = s.platform.control().stream(
         &json!({"cmd": "run", "agent": s.id, "module": b64(&s.publisher.signed("ticker")),
                 "input": {"lines": 8, "ms": 100}, "stream": true}),
     );
@@ -617,10 +534,10 @@ args = ["-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; echo oops >
     assert!(stdout.starts_with("tick 0\ntick 1\n"), "{stdout}");
 
     // A shell command, stdout and stderr.
-    let (events, done) = run_streaming(
-        &s.addr(),
-        &json!({"cmd": "run", "agent": s.id, "command": "count", "stream": true}),
-    );
+    let (events, done) = s
+        .platform
+        .control()
+        .stream(&json!({"cmd": "run", "agent": s.id, "command": "count", "stream": true}));
     assert_eq!(done["result"]["status"], "ok", "{done}");
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
@@ -708,14 +625,12 @@ fn a_burst_of_warm_tasks_records_results_with_their_acceptance_durably_and_once(
     for round in 0..5 {
         let threads: Vec<_> = (0..BURST)
             .map(|i| {
-                let (addr, id) = (s.addr(), s.id.clone());
+                let (addr, id) = (s.platform.control(), s.id.clone());
                 let task = format!("burst-{round}-{i}");
                 std::thread::spawn(move || {
-                    let r = control(
-                        &addr,
-                        &json!({"cmd": "run", "agent": id, "command": "hello",
-                                "input": {"name": task}, "task_id": task, "timeout_ms": 60000}),
-                    );
+                    let r = addr
+                        .try_request(&json!({"cmd": "run", "agent": id, "command": "hello",
+                                "input": {"name": task}, "task_id": task, "timeout_ms": 60000}));
                     (task, r)
                 })
             })
@@ -808,24 +723,20 @@ fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() 
             journal.finish(&req.task_id, &result).await.unwrap();
         }
     });
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let agent = Agent::start(
         &state,
-        &Agent::args_for(&platform, Some(&platform.token()), None),
+        &platform.agent_args_with(Some(&platform.token()), None),
     );
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    let addr = platform.info["control"].as_str().unwrap().to_string();
-    let last = control(
-        &addr,
+    platform.control().wait_connected(&id);
+    let addr = platform.control();
+    let last = addr.try_request(
         &json!({"cmd": "result", "task_id": format!("backlog-{}", N - 1), "wait_ms": 60000}),
     );
     assert_eq!(last["ok"], true, "{last}\nagent:\n{}", agent.log.text());
     for i in [0, N / 2, N - 1] {
-        let r = control(
-            &addr,
-            &json!({"cmd": "result", "task_id": format!("backlog-{i}")}),
-        );
+        let r = addr.try_request(&json!({"cmd": "result", "task_id": format!("backlog-{i}")}));
         assert!(
             r["result"]["stdout"]
                 .as_str()
@@ -837,8 +748,8 @@ fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() 
     // Every result acknowledged: a restarted agent has nothing left to send.
     let mut agent = agent;
     agent.terminate();
-    let agent = Agent::start(&state, &Agent::args_for(&platform, None, None));
-    platform.wait_connected(&id, CONNECT);
+    let agent = Agent::start(&state, &platform.agent_args_with(None, None));
+    platform.control().wait_connected(&id);
     agent.log.wait_for("journal opened", CONNECT);
     let opened = agent
         .log

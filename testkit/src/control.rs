@@ -150,6 +150,16 @@ impl Control {
         self.agents().into_iter().find(|a| a["id"] == id)
     }
 
+    /// Agent `id` as the platform lists it; panics when it does not.
+    #[track_caller]
+    pub fn listed(&self, id: &str) -> Value {
+        let agents = self.agents();
+        match agents.iter().find(|a| a["id"] == id) {
+            Some(a) => a.clone(),
+            None => panic!("agent {id} is not listed: {}", Value::from(agents)),
+        }
+    }
+
     /// Whether agent `id` is connected now.
     pub fn connected(&self, id: &str) -> bool {
         self.agent(id).is_some_and(|a| a["connected"] == true)
@@ -251,10 +261,10 @@ impl Control {
         })
     }
 
-    /// Waits until some agent is connected; returns its id.
+    /// Waits (at most `within`) until some agent is connected; returns its id.
     #[track_caller]
-    pub fn wait_any_connected(&self) -> String {
-        wait_until("an agent connected", CONNECT, || {
+    pub fn wait_any_connected(&self, within: Duration) -> String {
+        wait_until("an agent connected", within, || {
             let agents = self.agents();
             match agents.iter().find(|a| a["connected"] == true) {
                 Some(a) => Ok(a["id"].as_str().unwrap().to_string()),

@@ -130,8 +130,12 @@ impl Platform {
     }
 
     /// The control socket's path.
-    pub fn control_socket(&self) -> PathBuf {
-        PathBuf::from(self.field("control"))
+    pub fn control_socket(&self) -> &Path {
+        Path::new(
+            self.info["control"]
+                .as_str()
+                .unwrap_or_else(|| panic!("serve printed no control: {}", self.info)),
+        )
     }
 
     /// The agent endpoint's `host:port`.
@@ -154,6 +158,11 @@ impl Platform {
         &self.proc.log
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The process.
     pub fn proc(&mut self) -> &mut Proc {
         &mut self.proc
@@ -162,16 +171,24 @@ impl Platform {
     /// The arguments that bring an agent to this platform: server, pin, the start token, and
     /// the publisher's key as trusted if given.
     pub fn agent_args(&self, publisher: Option<&Publisher>) -> Vec<String> {
+        let token = self.token();
+        let key = publisher.map(Publisher::public);
+        self.agent_args_with(Some(&token), key.as_deref())
+    }
+
+    /// Server and pin, then `--token` and `--trusted-key` if given.
+    pub fn agent_args_with(&self, token: Option<&str>, trusted_key: Option<&str>) -> Vec<String> {
         let mut a = vec![
             "--server".into(),
             self.url(),
             "--server-pin".into(),
             self.pin(),
-            "--token".into(),
-            self.token(),
         ];
-        if let Some(p) = publisher {
-            a.extend(["--trusted-key".into(), p.public()]);
+        if let Some(t) = token {
+            a.extend(["--token".into(), t.to_string()]);
+        }
+        if let Some(k) = trusted_key {
+            a.extend(["--trusted-key".into(), k.to_string()]);
         }
         a
     }
