@@ -88,9 +88,14 @@ impl Proc {
     /// take a pipe with [`Proc::child`]).
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc::adopt(name, child)
+    }
+
+    /// Takes charge of a child spawned elsewhere (its stderr is collected if it is piped).
+    pub fn adopt(name: &str, mut child: Child) -> Proc {
         let log = Log::default();
         if let Some(stderr) = child.stderr.take() {
             log.follow(stderr);
