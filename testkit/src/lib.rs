@@ -27,6 +27,8 @@
 //!   agents and tasks ([`Control::wait_connected`], [`Control::wait_running`]…): a wait fails
 //!   after its deadline showing the last state it saw, it never matches log text.
 //! * [`Publisher`]: a publisher key and modules signed with it.
+//! * [`Setup`]: the usual fixture, a platform and one connected agent trusting a publisher.
+//! * [`Proxy`]: a TCP proxy that cuts or freezes an agent's connection.
 //! * [`call`]: one `bridge-daemon call`, decoded.
 
 pub mod agent;
@@ -35,12 +37,16 @@ pub mod call;
 pub mod control;
 pub mod platform;
 pub mod process;
+pub mod proxy;
 pub mod publisher;
+pub mod setup;
 pub mod wait;
 
 pub use agent::Agent;
 pub use control::Control;
 pub use platform::Platform;
 pub use process::{Log, Proc};
+pub use proxy::Proxy;
 pub use publisher::Publisher;
+pub use setup::Setup;
 pub use wait::{wait_for, wait_until, CONNECT};
