@@ -1,29 +1,15 @@
 //! The platform link over real TLS on 127.0.0.1: a real `bridgectl serve`, real `bridge-daemon
 //! run` agents, signed modules compiled from `examples/`. Every test ends by itself.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::io::Read;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use bridge_testkit::agent::agent_id;
-use bridge_testkit::{Agent, Platform, Publisher};
+use bridge_testkit::{Agent, Platform, Proxy, Publisher, Setup};
 use serde_json::json;
 
 const CONNECT: Duration = Duration::from_secs(30);
-
-/// A platform and one enrolled agent trusting a fresh publisher, connected.
-fn connected_agent() -> (tempfile::TempDir, Platform, Publisher, Agent, String) {
-    let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"));
-    let publisher = Publisher::new();
-    let args = platform.agent_args_with(Some(&platform.token()), Some(&publisher.public()));
-    let agent = Agent::start(&tmp.path().join("agent"), &args);
-    let id = agent.id();
-    platform.control().wait_connected(&id);
-    (tmp, platform, publisher, agent, id)
-}
 
 fn hello_ok(platform: &Platform, id: &str, publisher: &Publisher, name: &str) {
     let r =
@@ -76,7 +62,7 @@ fn enrollment_then_reconnect_without_token_keeps_the_agent_id() {
 }
 
 #[test]
-fn wrong_missing_and_reused_tokens_are_refused() {
+fn wrong_and_missing_tokens_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let platform = Platform::start(&tmp.path().join("platform"));
     let cases = [
@@ -91,6 +77,12 @@ fn wrong_missing_and_reused_tokens_are_refused() {
         agent.log.wait_for(reason, CONNECT);
         assert!(!platform.control().connected(&agent.id()));
     }
+}
+
+#[test]
+fn a_used_token_is_refused_to_a_second_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"));
     // The real token enrolls one agent; a second key presenting it is refused.
     let token = platform.token();
     let first = Agent::start(
@@ -160,8 +152,13 @@ fn a_ca_file_is_enough_to_trust_the_platform() {
     ];
     let agent = Agent::start(&tmp.path().join("agent"), &args);
     platform.control().wait_connected(&agent.id());
+}
 
-    // Without a pin or a CA, the self-signed platform is not trusted by the system roots.
+#[test]
+fn without_a_pin_or_a_ca_file_the_platform_is_not_trusted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"));
+    // The self-signed platform is not trusted by the system roots.
     let args = vec![
         "--server".into(),
         platform.url(),
@@ -253,59 +250,11 @@ fn the_agent_comes_back_after_the_platform_restarts() {
     assert!(distinct.len() >= 2, "no jitter: {delays:?}");
 }
 
-/// A TCP proxy that can freeze: stop forwarding without closing anything (a silent partition).
-struct Proxy {
-    addr: String,
-    frozen: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let f = frozen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().map_while(Result::ok) {
-                let Ok(up) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                for (mut from, mut to) in [
-                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, conn),
-                ] {
-                    let frozen = f.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            while frozen.load(Ordering::SeqCst) {
-                                // Hold the data and the sockets: nothing is closed, nothing passes.
-                                std::thread::sleep(Duration::from_millis(50));
-                                if Arc::strong_count(&frozen) == 1 {
-                                    return;
-                                }
-                            }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Write);
-                    });
-                }
-            }
-        });
-        Proxy { addr, frozen }
-    }
-}
-
 #[test]
 fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
     let tmp = tempfile::tempdir().unwrap();
     let platform = Platform::start(&tmp.path().join("platform"));
-    let proxy = Proxy::start(platform.listen_addr());
+    let proxy = Proxy::start(&platform.listen_addr());
     let publisher = Publisher::new();
     let config = tmp.path().join("agent.toml");
     std::fs::write(
@@ -317,7 +266,7 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
         "--config".to_string(),
         config.display().to_string(),
         "--server".into(),
-        format!("wss://{}/agent", proxy.addr),
+        format!("wss://{}/agent", proxy.addr()),
         "--server-pin".into(),
         platform.pin(),
         "--token".into(),
@@ -332,7 +281,7 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
     // the handshake instead.
     platform.control().wait_status(&id);
 
-    proxy.frozen.store(true, Ordering::SeqCst);
+    proxy.freeze(true);
     let frozen_at = Instant::now();
     agent.log.wait_for(
         "no frame from the platform for 3 s",
@@ -344,7 +293,7 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
         "detected after {detected:?}; the timeout is 3 s"
     );
 
-    proxy.frozen.store(false, Ordering::SeqCst);
+    proxy.freeze(false);
     // The old, frozen connection is abandoned; a new one goes through and works.
     let start = Instant::now();
     loop {
@@ -382,7 +331,7 @@ fn the_identity_command_prints_the_id_the_platform_sees() {
 
 #[test]
 fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_survives() {
-    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    let s = Setup::start();
     let deep = format!(
         "{{\"type\":\"run\",\"id\":\"d1\",\"x\":{}1{}}}",
         "[".repeat(200),
@@ -409,9 +358,10 @@ fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_surviv
         (oversize, "oversize", None),
     ];
     for (text, code, reply_id) in cases {
-        let r = platform
+        let r = s
+            .platform
             .control()
-            .request(&json!({"cmd": "send", "agent": id, "text": text, "wait_ms": 10000}));
+            .request(&json!({"cmd": "send", "agent": s.id, "text": text, "wait_ms": 10000}));
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["reply"]["code"], code, "reply to {:.60}: {r}", text);
         assert!(!r["reply"]["message"].as_str().unwrap().is_empty());
@@ -420,23 +370,23 @@ fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_surviv
         }
     }
     // The same connection still runs tasks.
-    hello_ok(&platform, &id, &publisher, "still here");
+    hello_ok(&s.platform, &s.id, &s.publisher, "still here");
     assert_eq!(
-        agent.log.count("link lost"),
+        s.agent.log.count("link lost"),
         0,
         "the connection must survive: {}",
-        agent.log.text()
+        s.agent.log.text()
     );
 }
 
 #[test]
 fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
-    let (_tmp, platform, publisher, _agent, id) = connected_agent();
+    let s = Setup::start();
     // 3 MB of stdout: the run keeps 1 MiB (the default cap), the message keeps what fits in one
     // frame; the totals stay exact and the result is not lost.
-    let r = platform.control().run_module(
-        &id,
-        &publisher.signed("flood"),
+    let r = s.platform.control().run_module(
+        &s.id,
+        &s.publisher.signed("flood"),
         json!({"bytes": 3_000_000}),
         None,
     );
@@ -451,22 +401,23 @@ fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
 
 #[test]
 fn only_modules_that_pass_the_trust_policy_are_kept_in_the_store() {
-    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    let s = Setup::start();
     let stored = || {
-        std::fs::read_dir(agent.state.join("modules"))
+        std::fs::read_dir(s.agent.state.join("modules"))
             .map(|d| d.count())
             .unwrap_or(0)
     };
 
     let unsigned = std::fs::read(bridge_testkit::bins::wasm("hello")).unwrap();
-    let r = platform
+    let r = s
+        .platform
         .control()
-        .run_module(&id, &unsigned, json!({}), None);
+        .run_module(&s.id, &unsigned, json!({}), None);
     assert_eq!(r["result"]["status"], "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "unsigned");
     assert_eq!(stored(), 0, "a refused module was kept on disk");
 
-    hello_ok(&platform, &id, &publisher, "kept");
+    hello_ok(&s.platform, &s.id, &s.publisher, "kept");
     assert_eq!(stored(), 1);
 }
 
@@ -506,26 +457,26 @@ fn rss_file_kib(pid: u32) -> u64 {
 /// shrinks to what idling uses; the next task maps what it needs again and runs as before.
 #[test]
 fn an_idle_agent_gives_its_code_pages_back_and_still_runs_tasks() {
-    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    let s = Setup::start();
     for i in 0..10 {
-        hello_ok(&platform, &id, &publisher, &format!("busy {i}"));
+        hello_ok(&s.platform, &s.id, &s.publisher, &format!("busy {i}"));
     }
-    let busy = rss_file_kib(agent.pid());
+    let busy = rss_file_kib(s.agent.pid());
     assert!(busy > 0, "no RssFile for the agent");
     let deadline = Instant::now() + Duration::from_secs(20);
     let idle = loop {
-        let now = rss_file_kib(agent.pid());
+        let now = rss_file_kib(s.agent.pid());
         if now * 2 < busy {
             break now;
         }
         assert!(
             Instant::now() < deadline,
             "resident code stayed at {now} KiB (busy: {busy} KiB) for 20 s\nagent log:\n{}",
-            agent.log.text()
+            s.agent.log.text()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("agent RssFile: busy {busy} KiB, idle {idle} KiB");
-    hello_ok(&platform, &id, &publisher, "after the trim");
-    hello_ok(&platform, &id, &publisher, "again");
+    hello_ok(&s.platform, &s.id, &s.publisher, "after the trim");
+    hello_ok(&s.platform, &s.id, &s.publisher, "again");
 }
