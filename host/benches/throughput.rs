@@ -390,14 +390,7 @@ fn main() {
         println!("round {round}:");
         for (l, &level) in levels.iter().enumerate() {
             for (c, (command, label)) in commands.iter().enumerate() {
-                let r = measure(
-                    &platform.control_socket(),
-                    &setup,
-                    &id,
-                    command,
-                    level,
-                    secs,
-                );
+                let r = measure(platform.control_socket(), &setup, &id, command, level, secs);
                 println!("  {level:3} in flight  {label} {}", r.show(colocated));
                 seen[l][c].push(r);
             }
