@@ -18,41 +18,15 @@ use bridge_testkit::{Platform, Proc};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-const BRIDGECTL: &str = env!("CARGO_BIN_EXE_bridgectl");
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../installers/install.sh");
 const ARCH: &str = std::env::consts::ARCH;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The agent binary: `bridge-daemon` next to `bridgectl` (built by `cargo test --workspace`),
-/// built here when missing.
-fn daemon_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = Path::new(BRIDGECTL).parent().unwrap();
-        let bin = dir.join("bridge-daemon");
-        if !bin.is_file() {
-            let target_dir = dir.parent().unwrap();
-            let child = Command::new(env!("CARGO"))
-                .args(["build", "-p", "bridge-host", "--bin", "bridge-daemon"])
-                .env("CARGO_TARGET_DIR", target_dir)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("cargo runs");
-            let out = wait_output(child, Duration::from_secs(30 * 60));
-            assert!(
-                out.status.success(),
-                "cannot build bridge-daemon (cargo build -p bridge-host): {}",
-                text(&out)
-            );
-        }
-        assert!(bin.is_file(), "no bridge-daemon at {}", bin.display());
-        bin
-    })
+/// The agent binary: `bridge-daemon` next to `bridgectl`, built when missing.
+fn daemon_binary() -> PathBuf {
+    bridge_testkit::bins::bin("bridge-daemon")
 }
 
 fn shell() -> &'static str {
