@@ -12,16 +12,10 @@
 //! `BRIDGE_BENCH_OUTAGE_SECS` sets the outage length (default 600 = ten minutes; the quick mode,
 //! `BRIDGE_BENCH_QUICK=1`, uses 20).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
-
-use base64::Engine as _;
-use serde_json::{json, Value};
-use support::{release_bin, serve, signed_hello, Proc};
+use bridge_testkit::{Agent, Platform, Publisher};
+use serde_json::json;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -30,14 +24,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn control(info: &Value, req: Value) -> Value {
-    let mut conn = UnixStream::connect(info["control"].as_str().unwrap()).unwrap();
-    writeln!(conn, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line).unwrap();
-    serde_json::from_str(line.trim()).unwrap()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -52,58 +38,23 @@ fn main() {
         .unwrap_or(if quick { 20 } else { 600 });
     let runs = if quick { 200 } else { 2000 };
     let tmp = tempfile::tempdir().unwrap();
-    let (platform, info) = serve(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::builder(&tmp.path().join("platform"))
+        .log_level("warn")
+        .start();
+    let control = platform.control();
 
-    let (key, signed) = signed_hello();
-    let state = tmp.path().join("agent");
-    let agent = Proc(
-        Command::new(release_bin("bridge-daemon"))
-            .args([
-                "run",
-                "--server",
-                info["url"].as_str().unwrap(),
-                "--server-pin",
-                info["server_pin"].as_str().unwrap(),
-            ])
-            .args([
-                "--token",
-                info["token"].as_str().unwrap(),
-                "--reconnect-max-secs",
-                "1",
-                "--trusted-key",
-            ])
-            .arg(key.public_key().to_string())
-            .arg("--state")
-            .arg(&state)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = agent.0.id();
-    let start = Instant::now();
-    let id = loop {
-        let agents = control(&info, json!({"cmd": "agents"}));
-        if let Some(a) = agents["agents"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["connected"] == true))
-        {
-            break a["id"].as_str().unwrap().to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the agent did not connect"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let publisher = Publisher::new();
+    let signed = publisher.signed("hello");
+    let mut args = platform.agent_args(Some(&publisher));
+    args.extend(["--reconnect-max-secs".into(), "1".into()]);
+    let agent = Agent::start_with(&tmp.path().join("agent"), &args, |cmd| {
+        cmd.env("RUST_LOG", "warn");
+    });
+    let pid = agent.pid();
+    let id = control.wait_any_connected(bridge_testkit::CONNECT);
 
     // The first run uploads and compiles; the rest are warm.
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&signed);
-    let first = control(
-        &info,
-        json!({"cmd": "run", "agent": id, "module": b64, "input": {"name": "bench"}}),
-    );
+    let first = control.run_module(&id, &signed, json!({"name": "bench"}), None);
     assert_eq!(first["result"]["status"], "ok", "{first}");
     let sha = first["result"]["module_sha256"]
         .as_str()
@@ -111,9 +62,8 @@ fn main() {
         .to_string();
     let mut rtts = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let r = control(
-            &info,
-            json!({"cmd": "run", "agent": id, "module_sha256": sha, "input": {"name": "bench"}}),
+        let r = control.request(
+            &json!({"cmd": "run", "agent": id, "module_sha256": sha, "input": {"name": "bench"}}),
         );
         assert_eq!(r["result"]["status"], "ok", "{r}");
         rtts.push(

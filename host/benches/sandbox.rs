@@ -11,27 +11,12 @@
 //!
 //! Set `BRIDGE_BENCH_QUICK=1` for a short smoke run (used by the tests of the bench itself).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bridge_host::sandbox::{RunSpec, Sandbox, SandboxConfig};
 
-fn wasm_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    root.join("target/wasm/wasm32-wasip1/handler")
-}
-
 fn read(name: &str) -> Vec<u8> {
-    let p = wasm_dir().join(format!("{name}.wasm"));
-    std::fs::read(&p).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run `cargo xtask build-examples` first)",
-            p.display()
-        )
-    })
+    std::fs::read(bridge_testkit::bins::wasm(name)).unwrap()
 }
 
 struct Stats {

@@ -34,47 +34,16 @@
 //! `true`) measures one of the two alone, e.g. to profile it; `BRIDGE_BENCH_QUICK=1` runs 3
 //! rounds of 2 s instead of 5 of 5 s.
 
-use std::io::{BufRead, BufReader, Write};
-
-use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
-mod support;
-
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use serde_json::{json, Value};
-use support::{release_bin, serve, signed_hello, Proc};
-
-/// A control connection carrying one request after another.
-struct Control {
-    write: UnixStream,
-    read: BufReader<UnixStream>,
-}
-
-impl Control {
-    fn connect(info: &Value) -> Control {
-        let conn = UnixStream::connect(info["control"].as_str().unwrap()).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        Control {
-            write: conn.try_clone().unwrap(),
-            read: BufReader::new(conn),
-        }
-    }
-
-    fn request(&mut self, req: &Value) -> Value {
-        let mut text = req.to_string();
-        text.push('\n');
-        self.write.write_all(text.as_bytes()).unwrap();
-        let mut line = String::new();
-        self.read.read_line(&mut line).unwrap();
-        serde_json::from_str(line.trim()).unwrap()
-    }
-}
+use bridge_testkit::{Agent, Platform, Publisher};
+use serde_json::json;
 
 /// Whether a `run` response reports a successful result. Only the status is decoded (into
 /// borrowed fields, the rest skipped): a JSON tree of every response (the whole result) was
@@ -238,7 +207,7 @@ fn pin(cpus: &[usize]) {
 /// The clients share one thread (an async runtime): a thread per connection would spend a
 /// context switch per response on the CPUs the platform needs (all of them, co-located).
 fn measure(
-    info: &Value,
+    socket: &Path,
     setup: &Setup,
     id: &str,
     command: &str,
@@ -249,7 +218,7 @@ fn measure(
         .enable_all()
         .build()
         .unwrap();
-    let socket = info["control"].as_str().unwrap().to_string();
+    let socket = socket.to_path_buf();
     // The same request every time, encoded once.
     let req = json!({"cmd": "run", "agent": id, "command": command, "input": {"name": "bench"}});
     let line: Arc<str> = format!("{req}\n").into();
@@ -353,9 +322,11 @@ fn main() {
     };
     pin(&rest);
     let tmp = tempfile::tempdir().unwrap();
-    let (platform, info) = serve(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::builder(&tmp.path().join("platform"))
+        .log_level("warn")
+        .start();
 
-    let (key, signed) = signed_hello();
+    let publisher = Publisher::new();
     let config = tmp.path().join("agent.toml");
     std::fs::write(
         &config,
@@ -365,51 +336,20 @@ fn main() {
         ),
     )
     .unwrap();
+    let mut args = platform.agent_args(Some(&publisher));
+    args.extend(["--config".into(), config.display().to_string()]);
     let state = tmp.path().join("agent");
     pin(&agent_cpus);
-    let agent = Proc(
-        Command::new(release_bin("bridge-daemon"))
-            .args([
-                "run",
-                "--server",
-                info["url"].as_str().unwrap(),
-                "--server-pin",
-                info["server_pin"].as_str().unwrap(),
-                "--token",
-                info["token"].as_str().unwrap(),
-                "--trusted-key",
-            ])
-            .arg(key.public_key().to_string())
-            .arg("--config")
-            .arg(&config)
-            .arg("--state")
-            .arg(&state)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = Agent::start_with(&state, &args, |cmd| {
+        cmd.env("RUST_LOG", "warn");
+    });
     pin(&rest);
-    let mut control = Control::connect(&info);
-    let start = Instant::now();
-    let id = loop {
-        let agents = control.request(&json!({"cmd": "agents"}));
-        if let Some(a) = agents["agents"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["connected"] == true))
-        {
-            break a["id"].as_str().unwrap().to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the agent did not connect"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&signed);
-    let installed = control
-        .request(&json!({"cmd": "install_handler", "agent": id, "name": "hello", "module": b64}));
+    let control = platform.control();
+    let id = control.wait_any_connected(bridge_testkit::CONNECT);
+    let installed = control.request(
+        &json!({"cmd": "install_handler", "agent": id, "name": "hello",
+                                             "module": STANDARD.encode(publisher.signed("hello"))}),
+    );
     assert_eq!(installed["ok"], true, "{installed}");
     for command in ["hello", "true"] {
         let r = control.request(&json!({"cmd": "run", "agent": id, "command": command}));
@@ -426,8 +366,8 @@ fn main() {
         println!("the agent, the platform and the clients share CPUs {cpus:?}");
     }
     let setup = Setup {
-        agent: agent.0.id(),
-        platform: platform.0.id(),
+        agent: agent.pid(),
+        platform: platform.pid(),
         agent_cpus,
         other_cpus: rest,
     };
@@ -450,7 +390,7 @@ fn main() {
         println!("round {round}:");
         for (l, &level) in levels.iter().enumerate() {
             for (c, (command, label)) in commands.iter().enumerate() {
-                let r = measure(&info, &setup, &id, command, level, secs);
+                let r = measure(platform.control_socket(), &setup, &id, command, level, secs);
                 println!("  {level:3} in flight  {label} {}", r.show(colocated));
                 seen[l][c].push(r);
             }

@@ -2,12 +2,11 @@
 //! planted entry is discarded and recompiled — never executed. A cache directory someone else
 //! could write is not used at all.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{call, daemon, output, wasm};
+use bridge_testkit::bins::{daemon, wasm};
+use bridge_testkit::call::{call, output, Called};
 
 fn cached(cache: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -23,7 +22,7 @@ fn cached(cache: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn run(module: &Path, cache: &Path) -> common::Called {
+fn run(module: &Path, cache: &Path) -> Called {
     call(
         module,
         &[
@@ -198,17 +197,10 @@ fn chmod(path: &Path, mode: u32) {
 
 /// `hello`, signed by a fresh publisher key: (module path, `--trusted-key` value).
 fn signed_hello(dir: &Path) -> (PathBuf, String) {
-    let key = bridge_signing::KeyPair::generate().unwrap();
-    let module = std::fs::read(wasm("hello")).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let claims = bridge_signing::Claims::new("hello", "1.0.0", now);
-    let signed = bridge_signing::sign(&module, &key, &claims).unwrap().module;
+    let publisher = bridge_testkit::Publisher::new();
     let path = dir.join("hello.signed.wasm");
-    std::fs::write(&path, signed).unwrap();
-    (path, key.public_key().to_string())
+    std::fs::write(&path, publisher.signed("hello")).unwrap();
+    (path, publisher.public())
 }
 
 /// What someone who can write a cache directory does: compile another module (`trap`) with a

@@ -4,14 +4,14 @@
 //! After each scenario the agent must be alive, bounded in memory, still answer a valid task,
 //! and owe no result for any task it accepted.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
+
+use bridge_testkit::Proc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::PublicKeyData as _;
@@ -356,10 +356,8 @@ impl Conn {
 }
 
 /// The real agent, pointed at a [`Server`].
-struct Agent {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
+/// A real agent (`bridge-daemon run`) pointed at the fake platform.
+struct Agent(Proc);
 
 impl Agent {
     fn start(server: &Server, dir: &Path, journal_max_mib: u64) -> Agent {
@@ -375,8 +373,8 @@ impl Agent {
         agent: &str,
     ) -> Agent {
         let config = config(dir, journal_max_mib, agent);
-        let mut child = common::daemon()
-            .arg("run")
+        let mut cmd = bridge_testkit::bins::daemon();
+        cmd.arg("run")
             .args(["--server", &server.url(), "--server-pin", &server.pin])
             .arg("--state")
             .arg(dir.join("state"))
@@ -385,49 +383,30 @@ impl Agent {
             .args(["--reconnect-max-secs", "1"])
             .args(extra)
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lines = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Agent { child, log }
+            .stdout(Stdio::null());
+        Agent(Proc::spawn("bridge-daemon run", cmd))
     }
 
     fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.0.alive()
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.0.log.text()
     }
 
     fn log_lines(&self) -> usize {
-        self.log.lock().unwrap().len()
+        self.0.log.len()
     }
 
     /// Resident memory, from /proc.
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.pid())).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -492,7 +471,7 @@ fn two_runs_of_one_task_id_in_one_write_run_the_first_once() {
 fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start();
-    let publisher = common::platform::Publisher::new();
+    let publisher = bridge_testkit::Publisher::new();
     let trusted = ["--trusted-key".to_string(), publisher.public()];
     let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, "");
     let mut conn = server.accept();
@@ -538,7 +517,7 @@ fn runs_waiting_behind_an_install_are_bounded() {
     // Two tasks in progress at most: beyond that, runs waiting for the install are `busy`.
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start();
-    let publisher = common::platform::Publisher::new();
+    let publisher = bridge_testkit::Publisher::new();
     let trusted = ["--trusted-key".to_string(), publisher.public()];
     let limits = "max_concurrent_tasks = 1\nqueue_capacity = 1";
     let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, limits);

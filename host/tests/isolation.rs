@@ -1,8 +1,6 @@
 //! In-process: a runaway handler never blocks other tasks or the agent's own timers, even on a
 //! single-threaded runtime, because every store yields to tokio at each epoch tick.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bridge_host::limits::LimitRequest;
@@ -20,7 +18,7 @@ fn sandbox(slots: Option<u32>) -> Sandbox {
 /// One of the built modules (`common::wasm`), loaded into `sandbox`.
 fn load(sandbox: &Sandbox, name: &str) -> std::sync::Arc<bridge_host::sandbox::CompiledModule> {
     sandbox
-        .load(&std::fs::read(common::wasm(name)).unwrap())
+        .load(&std::fs::read(bridge_testkit::bins::wasm(name)).unwrap())
         .map_err(|r| r.error)
         .unwrap()
 }

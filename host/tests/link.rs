@@ -1,38 +1,27 @@
 //! The platform link over real TLS on 127.0.0.1: a real `bridgectl serve`, real `bridge-daemon
 //! run` agents, signed modules compiled from `examples/`. Every test ends by itself.
 
-mod common;
-
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::io::Read;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::platform::{agent_id, Agent, Platform, Publisher};
+use bridge_testkit::agent::agent_id;
+use bridge_testkit::{Agent, Platform, Proxy, Publisher, Setup};
 use serde_json::json;
 
 const CONNECT: Duration = Duration::from_secs(30);
 
-/// A platform and one enrolled agent trusting a fresh publisher, connected.
-fn connected_agent() -> (tempfile::TempDir, Platform, Publisher, Agent, String) {
-    let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-    let publisher = Publisher::new();
-    let args = Agent::args_for(
-        &platform,
-        Some(&platform.token()),
-        Some(&publisher.public()),
-    );
-    let agent = Agent::start(&tmp.path().join("agent"), &args);
-    let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    (tmp, platform, publisher, agent, id)
-}
-
 fn hello_ok(platform: &Platform, id: &str, publisher: &Publisher, name: &str) {
-    let r = platform.run(id, &publisher.signed("hello"), json!({"name": name}), None);
-    assert_eq!(r["ok"], true, "{r}\nplatform log:\n{}", platform.log.text());
+    let r =
+        platform
+            .control()
+            .run_module(id, &publisher.signed("hello"), json!({"name": name}), None);
+    assert_eq!(
+        r["ok"],
+        true,
+        "{r}\nplatform log:\n{}",
+        platform.log().text()
+    );
     assert_eq!(r["result"]["status"], "ok", "{r}");
     assert_eq!(r["result"]["output"]["greeting"], format!("Hello, {name}!"));
 }
@@ -40,25 +29,21 @@ fn hello_ok(platform: &Platform, id: &str, publisher: &Publisher, name: &str) {
 #[test]
 fn enrollment_then_reconnect_without_token_keeps_the_agent_id() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let publisher = Publisher::new();
     let state = tmp.path().join("agent");
     let token = platform.token();
 
     let mut agent = Agent::start(
         &state,
-        &Agent::args_for(&platform, Some(&token), Some(&publisher.public())),
+        &platform.agent_args_with(Some(&token), Some(&publisher.public())),
     );
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    agent.log.wait_for("enrolled with the platform", CONNECT);
+    // Enrolled by the token: listed with its enrollment time, and its status report.
+    let listed = platform.control().wait_status(&id);
+    assert!(listed["enrolled_at"].is_string(), "{listed}");
     hello_ok(&platform, &id, &publisher, "first");
-    let status = platform
-        .agents()
-        .into_iter()
-        .find(|a| a["id"] == id)
-        .unwrap()["status"]
-        .clone();
+    let status = listed["status"].clone();
     assert_eq!(status["agent_id"], id, "status report: {status}");
     assert!(!status["host"]["hostname"].as_str().unwrap().is_empty());
     assert!(
@@ -69,17 +54,17 @@ fn enrollment_then_reconnect_without_token_keeps_the_agent_id() {
     // Restarted without a token: the enrolled key is enough, and the id is the same.
     let agent = Agent::start(
         &state,
-        &Agent::args_for(&platform, None, Some(&publisher.public())),
+        &platform.agent_args_with(None, Some(&publisher.public())),
     );
     assert_eq!(agent.id(), id, "the agent id changed across a restart");
-    platform.wait_connected(&id, CONNECT);
+    platform.control().wait_connected(&id);
     hello_ok(&platform, &id, &publisher, "again");
 }
 
 #[test]
-fn wrong_missing_and_reused_tokens_are_refused() {
+fn wrong_and_missing_tokens_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let cases = [
         (Some("not-a-real-token"), "token_invalid"),
         (None, "token_missing"),
@@ -87,31 +72,37 @@ fn wrong_missing_and_reused_tokens_are_refused() {
     for (i, (token, reason)) in cases.into_iter().enumerate() {
         let agent = Agent::start(
             &tmp.path().join(format!("a{i}")),
-            &Agent::args_for(&platform, token, None),
+            &platform.agent_args_with(token, None),
         );
         agent.log.wait_for(reason, CONNECT);
-        assert!(!platform.connected(&agent.id()));
+        assert!(!platform.control().connected(&agent.id()));
     }
+}
+
+#[test]
+fn a_used_token_is_refused_to_a_second_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"));
     // The real token enrolls one agent; a second key presenting it is refused.
     let token = platform.token();
     let first = Agent::start(
         &tmp.path().join("first"),
-        &Agent::args_for(&platform, Some(&token), None),
+        &platform.agent_args_with(Some(&token), None),
     );
-    platform.wait_connected(&first.id(), CONNECT);
+    platform.control().wait_connected(&first.id());
     let second = Agent::start(
         &tmp.path().join("second"),
-        &Agent::args_for(&platform, Some(&token), None),
+        &platform.agent_args_with(Some(&token), None),
     );
     second.log.wait_for("token_used", CONNECT);
-    assert!(!platform.connected(&second.id()));
-    assert!(platform.connected(&first.id()));
+    assert!(!platform.control().connected(&second.id()));
+    assert!(platform.control().connected(&first.id()));
 }
 
 #[test]
 fn a_pin_mismatch_is_refused_logged_and_backed_off() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let wrong = "ab".repeat(32);
     let args = vec![
         "--server".to_string(),
@@ -141,7 +132,7 @@ fn a_pin_mismatch_is_refused_logged_and_backed_off() {
         "{attempts} attempts in ~3 s: not backing off?\n{log}"
     );
     assert!(
-        platform.agents().is_empty(),
+        platform.control().agents().is_empty(),
         "nothing may enroll through a refused server"
     );
 }
@@ -149,7 +140,7 @@ fn a_pin_mismatch_is_refused_logged_and_backed_off() {
 #[test]
 fn a_ca_file_is_enough_to_trust_the_platform() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let ca = platform.info["ca_file"].as_str().unwrap().to_string();
     let args = vec![
         "--server".into(),
@@ -160,9 +151,14 @@ fn a_ca_file_is_enough_to_trust_the_platform() {
         platform.token(),
     ];
     let agent = Agent::start(&tmp.path().join("agent"), &args);
-    platform.wait_connected(&agent.id(), CONNECT);
+    platform.control().wait_connected(&agent.id());
+}
 
-    // Without a pin or a CA, the self-signed platform is not trusted by the system roots.
+#[test]
+fn without_a_pin_or_a_ca_file_the_platform_is_not_trusted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"));
+    // The self-signed platform is not trusted by the system roots.
     let args = vec![
         "--server".into(),
         platform.url(),
@@ -171,7 +167,7 @@ fn a_ca_file_is_enough_to_trust_the_platform() {
     ];
     let stranger = Agent::start(&tmp.path().join("stranger"), &args);
     stranger.log.wait_for("cannot reach the platform", CONNECT);
-    assert!(!platform.connected(&stranger.id()));
+    assert!(!platform.control().connected(&stranger.id()));
 }
 
 #[test]
@@ -207,26 +203,22 @@ fn plaintext_is_refused_unless_the_development_flag_allows_it() {
 fn the_agent_comes_back_after_the_platform_restarts() {
     let tmp = tempfile::tempdir().unwrap();
     let pstate = tmp.path().join("platform");
-    let mut platform = Platform::start(&pstate, "127.0.0.1:0");
+    let mut platform = Platform::start(&pstate);
     let addr = platform.listen_addr();
     let publisher = Publisher::new();
-    let mut args = Agent::args_for(
-        &platform,
-        Some(&platform.token()),
-        Some(&publisher.public()),
-    );
+    let mut args = platform.agent_args_with(Some(&platform.token()), Some(&publisher.public()));
     args.extend(["--reconnect-max-secs".into(), "1".into()]);
     let agent = Agent::start(&tmp.path().join("agent"), &args);
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
+    platform.control().wait_connected(&id);
 
     platform.kill();
     agent.log.wait_for("link lost", CONNECT);
     std::thread::sleep(Duration::from_secs(4)); // several failed attempts with a 1 s ceiling
     let restarted_at = Instant::now();
-    let platform = Platform::start(&pstate, &addr);
+    let platform = Platform::builder(&pstate).listen(&addr).start();
     assert_eq!(platform.listen_addr(), addr);
-    platform.wait_connected(&id, CONNECT);
+    platform.control().wait_connected(&id);
     let back_after = restarted_at.elapsed();
     assert!(
         back_after < Duration::from_secs(5),
@@ -258,59 +250,11 @@ fn the_agent_comes_back_after_the_platform_restarts() {
     assert!(distinct.len() >= 2, "no jitter: {delays:?}");
 }
 
-/// A TCP proxy that can freeze: stop forwarding without closing anything (a silent partition).
-struct Proxy {
-    addr: String,
-    frozen: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let f = frozen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().map_while(Result::ok) {
-                let Ok(up) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                for (mut from, mut to) in [
-                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, conn),
-                ] {
-                    let frozen = f.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            while frozen.load(Ordering::SeqCst) {
-                                // Hold the data and the sockets: nothing is closed, nothing passes.
-                                std::thread::sleep(Duration::from_millis(50));
-                                if Arc::strong_count(&frozen) == 1 {
-                                    return;
-                                }
-                            }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Write);
-                    });
-                }
-            }
-        });
-        Proxy { addr, frozen }
-    }
-}
-
 #[test]
 fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-    let proxy = Proxy::start(platform.listen_addr());
+    let platform = Platform::start(&tmp.path().join("platform"));
+    let proxy = Proxy::start(&platform.listen_addr());
     let publisher = Publisher::new();
     let config = tmp.path().join("agent.toml");
     std::fs::write(
@@ -322,7 +266,7 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
         "--config".to_string(),
         config.display().to_string(),
         "--server".into(),
-        format!("wss://{}/agent", proxy.addr),
+        format!("wss://{}/agent", proxy.addr()),
         "--server-pin".into(),
         platform.pin(),
         "--token".into(),
@@ -332,12 +276,12 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
     ];
     let agent = Agent::start(&tmp.path().join("agent"), &args);
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
     // The platform counts the agent connected before its `welcome` has crossed the proxy:
-    // freeze only once the agent has it, or the freeze swallows the handshake instead.
-    agent.log.wait_for("session open", CONNECT);
+    // freeze only once the agent has it (it then reports its status), or the freeze swallows
+    // the handshake instead.
+    platform.control().wait_status(&id);
 
-    proxy.frozen.store(true, Ordering::SeqCst);
+    proxy.freeze(true);
     let frozen_at = Instant::now();
     agent.log.wait_for(
         "no frame from the platform for 3 s",
@@ -349,11 +293,11 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
         "detected after {detected:?}; the timeout is 3 s"
     );
 
-    proxy.frozen.store(false, Ordering::SeqCst);
+    proxy.freeze(false);
     // The old, frozen connection is abandoned; a new one goes through and works.
     let start = Instant::now();
     loop {
-        let r = platform.run(
+        let r = platform.control().run_module(
             &id,
             &publisher.signed("hello"),
             json!({"name": "healed"}),
@@ -375,19 +319,19 @@ fn a_silent_partition_is_detected_by_the_heartbeat_and_recovered() {
 #[test]
 fn the_identity_command_prints_the_id_the_platform_sees() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let agent = Agent::start(
         &tmp.path().join("agent"),
-        &Agent::args_for(&platform, Some(&platform.token()), None),
+        &platform.agent_args_with(Some(&platform.token()), None),
     );
     let id = agent_id(&agent.state);
     assert_eq!(id.len(), 64);
-    platform.wait_connected(&id, CONNECT);
+    platform.control().wait_connected(&id);
 }
 
 #[test]
 fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_survives() {
-    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    let s = Setup::start();
     let deep = format!(
         "{{\"type\":\"run\",\"id\":\"d1\",\"x\":{}1{}}}",
         "[".repeat(200),
@@ -414,8 +358,10 @@ fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_surviv
         (oversize, "oversize", None),
     ];
     for (text, code, reply_id) in cases {
-        let r =
-            platform.control(json!({"cmd": "send", "agent": id, "text": text, "wait_ms": 10000}));
+        let r = s
+            .platform
+            .control()
+            .request(&json!({"cmd": "send", "agent": s.id, "text": text, "wait_ms": 10000}));
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["reply"]["code"], code, "reply to {:.60}: {r}", text);
         assert!(!r["reply"]["message"].as_str().unwrap().is_empty());
@@ -424,23 +370,23 @@ fn malformed_unknown_and_oversize_messages_get_error_replies_and_the_link_surviv
         }
     }
     // The same connection still runs tasks.
-    hello_ok(&platform, &id, &publisher, "still here");
+    hello_ok(&s.platform, &s.id, &s.publisher, "still here");
     assert_eq!(
-        agent.log.count("link lost"),
+        s.agent.log.count("link lost"),
         0,
         "the connection must survive: {}",
-        agent.log.text()
+        s.agent.log.text()
     );
 }
 
 #[test]
 fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
-    let (_tmp, platform, publisher, _agent, id) = connected_agent();
+    let s = Setup::start();
     // 3 MB of stdout: the run keeps 1 MiB (the default cap), the message keeps what fits in one
     // frame; the totals stay exact and the result is not lost.
-    let r = platform.run(
-        &id,
-        &publisher.signed("flood"),
+    let r = s.platform.control().run_module(
+        &s.id,
+        &s.publisher.signed("flood"),
         json!({"bytes": 3_000_000}),
         None,
     );
@@ -455,20 +401,23 @@ fn a_result_larger_than_one_frame_still_arrives_cut_to_fit() {
 
 #[test]
 fn only_modules_that_pass_the_trust_policy_are_kept_in_the_store() {
-    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    let s = Setup::start();
     let stored = || {
-        std::fs::read_dir(agent.state.join("modules"))
+        std::fs::read_dir(s.agent.state.join("modules"))
             .map(|d| d.count())
             .unwrap_or(0)
     };
 
-    let unsigned = std::fs::read(common::wasm("hello")).unwrap();
-    let r = platform.run(&id, &unsigned, json!({}), None);
+    let unsigned = std::fs::read(bridge_testkit::bins::wasm("hello")).unwrap();
+    let r = s
+        .platform
+        .control()
+        .run_module(&s.id, &unsigned, json!({}), None);
     assert_eq!(r["result"]["status"], "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "unsigned");
     assert_eq!(stored(), 0, "a refused module was kept on disk");
 
-    hello_ok(&platform, &id, &publisher, "kept");
+    hello_ok(&s.platform, &s.id, &s.publisher, "kept");
     assert_eq!(stored(), 1);
 }
 
@@ -476,10 +425,10 @@ fn only_modules_that_pass_the_trust_policy_are_kept_in_the_store() {
 fn a_token_that_starts_with_a_dash_is_accepted() {
     // Tokens are base64url: one in 32 starts with '-'. Ask the platform until it issues one.
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let token = (0..2000)
         .map(|_| {
-            platform.control(json!({"cmd": "token"}))["token"]
+            platform.control().request(&json!({"cmd": "token"}))["token"]
                 .as_str()
                 .unwrap()
                 .to_string()
@@ -488,9 +437,9 @@ fn a_token_that_starts_with_a_dash_is_accepted() {
         .expect("no token starting with '-' in 2000 tries");
     let agent = Agent::start(
         &tmp.path().join("agent"),
-        &Agent::args_for(&platform, Some(&token), None),
+        &platform.agent_args_with(Some(&token), None),
     );
-    platform.wait_connected(&agent.id(), CONNECT);
+    platform.control().wait_connected(&agent.id());
 }
 
 /// `RssFile` (resident file-backed pages, mostly code) of a process, in KiB.
@@ -508,26 +457,26 @@ fn rss_file_kib(pid: u32) -> u64 {
 /// shrinks to what idling uses; the next task maps what it needs again and runs as before.
 #[test]
 fn an_idle_agent_gives_its_code_pages_back_and_still_runs_tasks() {
-    let (_tmp, platform, publisher, agent, id) = connected_agent();
+    let s = Setup::start();
     for i in 0..10 {
-        hello_ok(&platform, &id, &publisher, &format!("busy {i}"));
+        hello_ok(&s.platform, &s.id, &s.publisher, &format!("busy {i}"));
     }
-    let busy = rss_file_kib(agent.pid());
+    let busy = rss_file_kib(s.agent.pid());
     assert!(busy > 0, "no RssFile for the agent");
     let deadline = Instant::now() + Duration::from_secs(20);
     let idle = loop {
-        let now = rss_file_kib(agent.pid());
+        let now = rss_file_kib(s.agent.pid());
         if now * 2 < busy {
             break now;
         }
         assert!(
             Instant::now() < deadline,
             "resident code stayed at {now} KiB (busy: {busy} KiB) for 20 s\nagent log:\n{}",
-            agent.log.text()
+            s.agent.log.text()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("agent RssFile: busy {busy} KiB, idle {idle} KiB");
-    hello_ok(&platform, &id, &publisher, "after the trim");
-    hello_ok(&platform, &id, &publisher, "again");
+    hello_ok(&s.platform, &s.id, &s.publisher, "after the trim");
+    hello_ok(&s.platform, &s.id, &s.publisher, "again");
 }

@@ -1,11 +1,10 @@
 //! The sandbox end to end: real modules compiled from `examples/` and `tests/fixtures`, run by the
 //! real `bridge-daemon call`. Every ending, truncation, clamping, the read-only grant, bad input.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{call, wasm, wat_fixture};
+use bridge_testkit::bins::{wasm, wat_fixture};
+use bridge_testkit::call::call;
 
 const UNSIGNED: &str = "--allow-unsigned";
 

@@ -9,8 +9,6 @@
 //! 127.0.0.1: escaped process trees, concurrent runs, a killed supervisor, inherited
 //! descriptors, delegated cgroups.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -633,39 +631,32 @@ async fn arguments_too_long_for_exec_are_refused_before_running() {
 // ---------------------------------------------------------------------------------------------
 // A real agent
 
-use common::platform::{Agent, Platform};
+use bridge_testkit::Setup;
 use serde_json::{json, Value};
 
 /// A real platform and a real agent (`bridge-daemon run`) with a config of `rules` (TOML).
-struct Live {
-    platform: Platform,
-    agent: Agent,
-    id: String,
+struct Live(Setup);
+
+impl std::ops::Deref for Live {
+    type Target = Setup;
+    fn deref(&self) -> &Setup {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Live {
+    fn deref_mut(&mut self) -> &mut Setup {
+        &mut self.0
+    }
 }
 
 impl Live {
-    fn start(dir: &Path, config: &str) -> Live {
-        Live::start_with(dir, config, |_| {})
+    fn start(config: &str) -> Live {
+        Live(Setup::with_config(config))
     }
 
-    fn start_with(
-        dir: &Path,
-        config: &str,
-        prepare: impl FnOnce(&mut std::process::Command),
-    ) -> Live {
-        let platform = Platform::start(&dir.join("platform"), "127.0.0.1:0");
-        let config_path = dir.join("agent.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let mut args = Agent::args_for(&platform, Some(&platform.token()), None);
-        args.extend(["--config".into(), config_path.display().to_string()]);
-        let agent = Agent::start_with(&dir.join("agent"), &args, prepare);
-        let id = agent.id();
-        platform.wait_connected(&id, Duration::from_secs(30));
-        Live {
-            platform,
-            agent,
-            id,
-        }
+    fn start_with(config: &str, prepare: impl FnOnce(&mut std::process::Command)) -> Live {
+        Live(Setup::builder().config(config).prepare(prepare).start())
     }
 
     /// Runs `command` with `args` (and `extra` request fields) and returns the result.
@@ -675,7 +666,7 @@ impl Live {
         for (k, v) in extra.as_object().unwrap() {
             req[k] = v.clone();
         }
-        let r = self.platform.control(req);
+        let r = self.control().request(&req);
         assert_eq!(r["ok"], true, "{r}\nagent log:\n{}", self.agent.log.text());
         r["result"].clone()
     }
@@ -761,7 +752,7 @@ fn read_pid_blocking(file: &Path) -> i32 {
 #[test]
 fn setsid_descendants_die_when_the_run_ends_however_it_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let live = Live::start(dir.path(), &escape_rules());
+    let live = Live::start(&escape_rules());
     let pidfile = |name: &str| dir.path().join(name).display().to_string();
 
     // The command exits at once; its escaped grandchild must not outlive the run.
@@ -790,7 +781,8 @@ fn setsid_descendants_die_when_the_run_ends_however_it_ends() {
         let pid = read_pid_blocking(Path::new(&file));
         let c = live
             .platform
-            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "to-cancel"}));
+            .control()
+            .request(&json!({"cmd": "cancel", "agent": live.id, "task_id": "to-cancel"}));
         assert_eq!(c["outcome"], "cancelling", "{c}");
         let r = running.join().unwrap();
         assert_eq!(r["status"], "cancelled", "{r}");
@@ -806,7 +798,7 @@ fn setsid_descendants_die_when_the_run_ends_however_it_ends() {
 #[test]
 fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
     let dir = tempfile::tempdir().unwrap();
-    let live = Live::start(dir.path(), &escape_rules());
+    let live = Live::start(&escape_rules());
     let (file_a, file_b) = (dir.path().join("a"), dir.path().join("b"));
     std::thread::scope(|s| {
         // A: leaves an orphan, then runs until it is cancelled.
@@ -830,7 +822,8 @@ fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
         // A ends: its orphan goes with it.
         let c = live
             .platform
-            .control(json!({"cmd": "cancel", "agent": live.id, "task_id": "task-a"}));
+            .control()
+            .request(&json!({"cmd": "cancel", "agent": live.id, "task_id": "task-a"}));
         assert_eq!(c["outcome"], "cancelling", "{c}");
         let r = a.join().unwrap();
         assert_eq!(r["status"], "cancelled", "{r}");
@@ -842,7 +835,7 @@ fn a_run_ending_kills_its_own_orphans_and_no_one_elses() {
 #[test]
 fn a_command_that_kills_its_supervisor_is_still_ended_and_reaped() {
     let dir = tempfile::tempdir().unwrap();
-    let mut live = Live::start(dir.path(), &escape_rules());
+    let mut live = Live::start(&escape_rules());
     let file = dir.path().join("k");
     let r = live.run("kill-supervisor", &[file.to_str().unwrap()], json!({}));
     assert_eq!(r["status"], "error", "{r}");
@@ -868,7 +861,6 @@ fn a_command_that_kills_its_supervisor_is_still_ended_and_reaped() {
 
 #[test]
 fn descriptors_the_agent_inherited_do_not_reach_commands() {
-    let dir = tempfile::tempdir().unwrap();
     let mut fds = [0; 2];
     // SAFETY: a plain pipe2 into a local array.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -879,7 +871,7 @@ name = "fds"
 program = "/bin/ls"
 args = ["/proc/self/fd"]
 "#;
-    let live = Live::start_with(dir.path(), config, |cmd| {
+    let live = Live::start_with(config, |cmd| {
         use std::os::unix::process::CommandExt as _;
         // SAFETY: dup2 is async-signal-safe; the descriptor is open until spawn returns.
         unsafe {
@@ -936,7 +928,7 @@ fn with_cgroup_root_auto_the_agent_takes_a_leaf_and_runs_tasks_in_cgroups() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[shell]\ncgroup_root = \"auto\"\n{}", escape_rules());
     // The agent starts inside `base`, as a service starts inside its unit's cgroup.
-    let live = Live::start_with(dir.path(), &config, |cmd| {
+    let live = Live::start_with(&config, |cmd| {
         bridge_host::shell::exec::enter_cgroup_before_exec(cmd, &procs)
     });
     let own = std::fs::read_to_string(format!("/proc/{}/cgroup", live.agent.pid())).unwrap();

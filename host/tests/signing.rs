@@ -2,15 +2,14 @@
 //! run; every refusal reason is produced from real, tampered modules; the signed claims bound
 //! what a run gets. Nothing of a refused module is compiled.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bridge_signing::{
     sign, sign_detached, Capabilities, Claims, DirGrant, KeyPair, SIGNATURE_SECTION_NAME,
 };
-use common::{call, wasm};
+use bridge_testkit::bins::wasm;
+use bridge_testkit::call::{call, Called};
 
 fn now() -> u64 {
     SystemTime::now()
@@ -58,7 +57,7 @@ impl Fixture {
     }
 
     /// `call` with this fixture's key trusted and its own disk cache.
-    fn call(&self, module: &Path, extra: &[&str]) -> common::Called {
+    fn call(&self, module: &Path, extra: &[&str]) -> Called {
         let cache = self.cache();
         let key = self.pubkey();
         let mut args = vec![
@@ -83,7 +82,7 @@ impl Fixture {
     }
 }
 
-fn assert_rejected(c: &common::Called, reason: &str) {
+fn assert_rejected(c: &Called, reason: &str) {
     assert_eq!(c.code, 1, "{}", c.stderr);
     assert_eq!(c.status(), "rejected", "{}", c.result);
     assert_eq!(c.result["reason"], reason, "{}", c.result);

@@ -2,15 +2,13 @@
 //! change refuses to start (naming the file and the fix), and enrollment is recorded there so
 //! the enrollment token is neither sent nor read once the platform has welcomed the agent.
 
-mod common;
-
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::platform::{Agent, Platform, Publisher};
+use bridge_testkit::{wait_until, Agent, Platform, Publisher};
 use serde_json::json;
 
 const CONNECT: Duration = Duration::from_secs(30);
@@ -145,7 +143,7 @@ fn authorization(head: &str) -> Option<&str> {
 #[test]
 fn once_enrolled_the_token_is_never_sent_or_read_again() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let publisher = Publisher::new();
     let token = platform.token();
 
@@ -161,14 +159,16 @@ fn once_enrolled_the_token_is_never_sent_or_read_again() {
     let state = tmp.path().join("agent");
     let mut agent = Agent::start(
         &state,
-        &Agent::args_for(&platform, Some(&token), Some(&publisher.public())),
+        &platform.agent_args_with(Some(&token), Some(&publisher.public())),
     );
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    agent.log.wait_for("enrollment recorded", CONNECT);
+    platform.control().wait_connected(&id);
     let record = state.join("enrolled");
+    let json: serde_json::Value = wait_until("the enrollment record", CONNECT, || {
+        let bytes = std::fs::read(&record).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{e}: {bytes:?}"))
+    });
     assert_eq!(mode(&record), 0o600);
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     assert_eq!(json["agent_id"], id, "{json}");
     assert_eq!(json["server"], platform.url(), "{json}");
     assert!(
@@ -188,14 +188,14 @@ fn once_enrolled_the_token_is_never_sent_or_read_again() {
     assert!(log.contains("already enrolled"), "{log}");
 
     // Nor is the token read: a token file that is gone (as the installer removes it) is fine.
-    let mut args = Agent::args_for(&platform, None, Some(&publisher.public()));
+    let mut args = platform.agent_args_with(None, Some(&publisher.public()));
     args.extend([
         "--token-file".into(),
         tmp.path().join("gone").display().to_string(),
     ]);
     let agent = Agent::start(&state, &args);
-    platform.wait_connected(&id, CONNECT);
-    let r = platform.run(
+    platform.control().wait_connected(&id);
+    let r = platform.control().run_module(
         &id,
         &publisher.signed("hello"),
         json!({"name": "again"}),

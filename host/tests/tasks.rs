@@ -3,121 +3,26 @@
 //! real shell commands. Executions are counted with marker files written by the commands
 //! themselves. Every test ends by itself.
 
-mod common;
-
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::platform::{Agent, Platform, Publisher};
+use bridge_testkit::{wait_for, Agent, Platform, Proxy, Setup};
 use serde_json::{json, Value};
 
 const CONNECT: Duration = Duration::from_secs(30);
-
-/// One control request on its own connection (usable from any thread).
-fn control(socket: &str, request: &Value) -> Value {
-    let mut conn = UnixStream::connect(socket).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    writeln!(conn, "{request}").unwrap();
-    let mut line = String::new();
-    if let Err(e) = BufReader::new(conn).read_line(&mut line) {
-        // The platform went away (a test killed it).
-        return json!({"ok": false, "error": e.to_string()});
-    }
-    if line.is_empty() {
-        return json!({"ok": false, "error": "connection closed"});
-    }
-    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("bad response ({e}): {line:?}"))
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// A platform, a publisher, and an agent with `config` (TOML) trusting the publisher.
-struct Setup {
-    tmp: tempfile::TempDir,
-    platform: Platform,
-    publisher: Publisher,
-    agent: Agent,
-    id: String,
-    args: Vec<String>,
-}
-
-impl Setup {
-    fn new(config: &str) -> Setup {
-        Setup::with_extra(config, &[])
-    }
-
-    fn with_extra(config: &str, extra: &[&str]) -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-        let publisher = Publisher::new();
-        let config_path = tmp.path().join("agent.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let mut args = Agent::args_for(
-            &platform,
-            Some(&platform.token()),
-            Some(&publisher.public()),
-        );
-        args.extend(["--config".into(), config_path.display().to_string()]);
-        args.extend(["--reconnect-max-secs".into(), "1".into()]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let agent = Agent::start(&tmp.path().join("agent"), &args);
-        let id = agent.id();
-        platform.wait_connected(&id, CONNECT);
-        Setup {
-            tmp,
-            platform,
-            publisher,
-            agent,
-            id,
-            args,
-        }
-    }
-
-    fn addr(&self) -> String {
-        self.platform.info["control"].as_str().unwrap().to_string()
-    }
-
-    fn control(&self, request: Value) -> Value {
-        control(&self.addr(), &request)
-    }
-
-    fn install(&self, name: &str, module: &[u8]) -> Value {
-        self.control(json!({"cmd": "install_handler", "agent": self.id, "name": name, "module": b64(module)}))
-    }
-
-    fn run_command(&self, command: &str, extra: Value) -> Value {
-        let mut req =
-            json!({"cmd": "run", "agent": self.id, "command": command, "timeout_ms": 60000});
-        for (k, v) in extra.as_object().unwrap() {
-            req[k] = v.clone();
-        }
-        self.control(req)
-    }
-
-    /// Restarts the agent (SIGKILL when `kill`, else SIGTERM) with the same state and flags.
-    fn restart_agent(&mut self, kill: bool) {
-        if kill {
-            self.agent.kill();
-        } else {
-            self.agent.terminate();
-        }
-        // The token was used at enrollment; the agent now proves itself by its key.
-        let mut args = self.args.clone();
-        if let Some(i) = args.iter().position(|a| a == "--token") {
-            args.drain(i..i + 2);
-        }
-        self.agent = Agent::start(&self.tmp.path().join("agent"), &args);
-        self.platform.wait_connected(&self.id, CONNECT);
-    }
+/// A platform, a publisher, and an agent with `config` (TOML) trusting the publisher,
+/// reconnecting within a second.
+fn setup(config: &str) -> Setup {
+    Setup::builder()
+        .config(config)
+        .args(&["--reconnect-max-secs", "1"])
+        .start()
 }
 
 /// Lines in a marker file: how many times a command ran.
@@ -125,17 +30,6 @@ fn runs(marker: &Path) -> usize {
     std::fs::read_to_string(marker)
         .map(|t| t.lines().count())
         .unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A shell rule `mark` that appends a line to `marker`, sleeps `$1` seconds, prints `done`.
@@ -157,22 +51,24 @@ fn status(r: &Value) -> &str {
     r["result"]["status"].as_str().unwrap_or("")
 }
 
-#[test]
-fn commands_resolve_to_the_handler_then_the_shell_rule_then_unknown_command() {
-    let config = r#"
-[[shell.rules]]
-name = "hello"
-program = "/bin/echo"
-args = ["from the shell"]
-"#;
-    let s = Setup::new(config);
+/// An agent with a shell rule `hello` (`/bin/echo from the shell`).
+fn with_a_hello_rule() -> Setup {
+    setup(
+        "[[shell.rules]]\nname = \"hello\"\nprogram = \"/bin/echo\"\nargs = [\"from the shell\"]\n",
+    )
+}
 
-    // No handler yet: the shell rule of that name runs.
+#[test]
+fn a_command_without_a_handler_runs_the_shell_rule_of_that_name() {
+    let s = with_a_hello_rule();
     let r = s.run_command("hello", json!({}));
     assert_eq!(status(&r), "ok", "{r}");
     assert_eq!(r["result"]["stdout"], "from the shell\n");
+}
 
-    // Installed handler first.
+#[test]
+fn an_installed_handler_comes_before_the_shell_rule_until_it_is_removed() {
+    let s = with_a_hello_rule();
     let installed = s.install("hello", &s.publisher.signed("hello"));
     assert_eq!(installed["ok"], true, "{installed}");
     assert_eq!(installed["handlers"][0]["name"], "hello");
@@ -181,42 +77,48 @@ args = ["from the shell"]
     assert_eq!(r["result"]["output"]["greeting"], "Hello, bridge!");
 
     // The list, then removal: back to the shell rule.
-    let listed = s.control(json!({"cmd": "handlers", "agent": s.id}));
+    let listed = s.request(json!({"cmd": "handlers", "agent": s.id}));
     assert_eq!(listed["handlers"].as_array().unwrap().len(), 1, "{listed}");
-    let removed = s.control(json!({"cmd": "remove_handler", "agent": s.id, "name": "hello"}));
+    let removed = s.request(json!({"cmd": "remove_handler", "agent": s.id, "name": "hello"}));
     assert_eq!(removed["ok"], true, "{removed}");
     assert_eq!(removed["handlers"], json!([]));
     let r = s.run_command("hello", json!({}));
     assert_eq!(r["result"]["stdout"], "from the shell\n", "{r}");
+}
 
-    // Neither: refused, nothing run.
+#[test]
+fn a_command_with_neither_handler_nor_rule_is_refused_unknown_command() {
+    let s = with_a_hello_rule();
     let r = s.run_command("nothing-here", json!({}));
     assert_eq!(status(&r), "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "unknown_command");
+}
 
-    // A module signed for another name cannot be installed under this one; an unsigned one
-    // not at all.
+#[test]
+fn a_module_signed_for_another_name_or_unsigned_is_not_installed() {
+    let s = with_a_hello_rule();
     let r = s.install("checksum", &s.publisher.signed("hello"));
     assert_eq!(r["ok"], false, "{r}");
     assert!(
         r["error"].as_str().unwrap().contains("name_mismatch"),
         "{r}"
     );
-    let unsigned = std::fs::read(common::wasm("hello")).unwrap();
+    let unsigned = std::fs::read(bridge_testkit::bins::wasm("hello")).unwrap();
     let r = s.install("hello", &unsigned);
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"].as_str().unwrap().contains("unsigned"), "{r}");
-    let r = s.control(json!({"cmd": "remove_handler", "agent": s.id, "name": "hello"}));
+    // Nothing was installed: there is nothing to remove.
+    let r = s.request(json!({"cmd": "remove_handler", "agent": s.id, "name": "hello"}));
     assert_eq!(r["ok"], false, "{r}");
 }
 
 #[test]
 fn installed_handlers_survive_an_agent_restart() {
-    let mut s = Setup::new("");
+    let mut s = setup("");
     let r = s.install("hello", &s.publisher.signed("hello"));
     assert_eq!(r["ok"], true, "{r}");
     s.restart_agent(false);
-    let listed = s.control(json!({"cmd": "handlers", "agent": s.id}));
+    let listed = s.request(json!({"cmd": "handlers", "agent": s.id}));
     assert_eq!(listed["handlers"][0]["name"], "hello", "{listed}");
     let r = s.run_command("hello", json!({"input": {"name": "again"}}));
     assert_eq!(r["result"]["output"]["greeting"], "Hello, again!", "{r}");
@@ -228,7 +130,7 @@ fn installed_handlers_survive_an_agent_restart() {
 fn expired_tasks_are_rejected_and_never_run() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
-    let s = Setup::new(&mark_rule(&marker));
+    let s = setup(&mark_rule(&marker));
     let r = s.run_command(
         "mark",
         json!({"args": ["0"], "not_after": "2020-01-01T00:00:00Z"}),
@@ -245,256 +147,233 @@ fn expired_tasks_are_rejected_and_never_run() {
     assert_eq!(runs(&marker), 1);
 }
 
-#[test]
-fn a_full_queue_refuses_with_busy_and_cancel_works_queued_and_running() {
-    let marker_dir = tempfile::tempdir().unwrap();
-    let marker = marker_dir.path().join("ran");
-    let config = format!(
-        "[agent]\nmax_concurrent_tasks = 1\nqueue_capacity = 1\n{}",
-        mark_rule(&marker)
-    );
-    let s = Setup::new(&config);
-    let addr = s.addr();
-    let sleepy = s.publisher.signed("sleepy");
-    // Task 1: a WASM handler sleeping in a host call; task 2: a shell command, queued behind it.
-    let run1 = {
-        let (addr, id) = (addr.clone(), s.id.clone());
-        let module = b64(&sleepy);
-        std::thread::spawn(move || {
-            control(
-                &addr,
-                &json!({"cmd": "run", "agent": id, "module": module, "input": {"ms": 60000},
-                        "task_id": "t-wasm", "timeout_ms": 60000}),
-            )
-        })
-    };
-    wait_until("the WASM task to run", CONNECT, || {
-        s.agent.log.text().contains("task started") && s.agent.log.text().contains("t-wasm")
-    });
-    let run2 = {
-        let (addr, id) = (addr.clone(), s.id.clone());
-        std::thread::spawn(move || {
-            control(
-                &addr,
-                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["30"],
-                        "task_id": "t-shell", "timeout_ms": 60000}),
-            )
-        })
-    };
-    wait_until("the shell task to be queued", CONNECT, || {
+/// One slot and one place in the queue, the shell rule `mark` writing to `marker`, and a
+/// status report every second (so the platform sees what runs).
+fn one_slot(marker: &Path) -> Setup {
+    setup(&format!(
+        "[platform]\nstatus_secs = 1\n[agent]\nmax_concurrent_tasks = 1\nqueue_capacity = 1\n{}",
+        mark_rule(marker)
+    ))
+}
+
+/// Sends `request` on its own connection in the background; joining gives the response.
+fn in_background(s: &Setup, request: Value) -> std::thread::JoinHandle<Value> {
+    let control = s.control();
+    std::thread::spawn(move || control.try_request(&request))
+}
+
+/// A run of the `sleepy` handler (asleep in a host call for `ms`) as `task_id`.
+fn sleepy(s: &Setup, task_id: &str, ms: u64) -> Value {
+    json!({"cmd": "run", "agent": s.id, "module": b64(&s.publisher.signed("sleepy")),
+           "input": {"ms": ms}, "task_id": task_id, "timeout_ms": 60000})
+}
+
+/// A run of the shell rule `mark` sleeping `secs` as `task_id`.
+fn mark(s: &Setup, task_id: &str, secs: &str) -> Value {
+    json!({"cmd": "run", "agent": s.id, "command": "mark", "args": [secs],
+           "task_id": task_id, "timeout_ms": 60000})
+}
+
+/// Fills a [`one_slot`] agent: a WASM task (`t-wasm`) sleeping 60 s runs, a shell command
+/// (`t-shell`) waits in the queue. Returns their pending responses.
+fn fill(
+    s: &Setup,
+) -> (
+    std::thread::JoinHandle<Value>,
+    std::thread::JoinHandle<Value>,
+) {
+    let running = in_background(s, sleepy(s, "t-wasm", 60000));
+    s.control().wait_running(&s.id, "t-wasm");
+    let queued = in_background(s, mark(s, "t-shell", "30"));
+    wait_for("the shell task to be queued", CONNECT, || {
         s.agent.log.count("task accepted") >= 2
     });
-    // Task 3: one running + one queued is the bound.
+    (running, queued)
+}
+
+#[test]
+fn a_full_queue_refuses_with_busy() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let s = one_slot(&marker_dir.path().join("ran"));
+    let _full = fill(&s);
+    // One running + one queued is the bound.
     let r = s.run_command("mark", json!({"args": ["0"], "task_id": "t-third"}));
     assert_eq!(status(&r), "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "busy");
+}
 
-    // Cancel the queued shell task: removed, never ran.
-    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell"}));
+#[test]
+fn cancelling_a_queued_task_removes_it_unrun() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let s = one_slot(&marker);
+    let (_running, queued) = fill(&s);
+    let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell"}));
     assert_eq!(c["outcome"], "dequeued", "{c}");
-    let r2 = run2.join().unwrap();
-    assert_eq!(status(&r2), "cancelled", "{r2}");
+    let r = queued.join().unwrap();
+    assert_eq!(status(&r), "cancelled", "{r}");
     assert_eq!(runs(&marker), 0);
+}
 
-    // Cancel the running WASM task: interrupted long before its 60 s.
+#[test]
+fn cancelling_a_running_wasm_task_interrupts_it_and_then_it_is_finished() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let s = one_slot(&marker_dir.path().join("ran"));
+    let running = in_background(&s, sleepy(&s, "t-wasm", 60000));
+    s.control().wait_running(&s.id, "t-wasm");
+    // Interrupted long before its 60 s.
     let started = Instant::now();
-    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm"}));
+    let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm"}));
     assert_eq!(c["outcome"], "cancelling", "{c}");
-    let r1 = run1.join().unwrap();
-    assert_eq!(status(&r1), "cancelled", "{r1}");
+    let r = running.join().unwrap();
+    assert_eq!(status(&r), "cancelled", "{r}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    // Cancel a running shell command (its tree is killed) and a WASM task queued behind it.
-    let run4 = {
-        let (addr, id) = (addr.clone(), s.id.clone());
-        std::thread::spawn(move || {
-            control(
-                &addr,
-                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["30"],
-                        "task_id": "t-shell-2", "timeout_ms": 60000}),
-            )
-        })
-    };
-    wait_until("the shell command to run", CONNECT, || runs(&marker) == 1);
-    let run5 = {
-        let (addr, id) = (addr.clone(), s.id.clone());
-        let module = b64(&sleepy);
-        std::thread::spawn(move || {
-            control(
-                &addr,
-                &json!({"cmd": "run", "agent": id, "module": module, "input": {"ms": 1},
-                        "task_id": "t-wasm-queued", "timeout_ms": 60000}),
-            )
-        })
-    };
-    wait_until("the WASM task to be queued", CONNECT, || {
-        s.agent.log.count("task accepted") >= 4
-    });
-    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm-queued"}));
-    assert_eq!(c["outcome"], "dequeued", "{c}");
-    let r5 = run5.join().unwrap();
-    assert_eq!(status(&r5), "cancelled", "{r5}");
-    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell-2"}));
-    assert_eq!(c["outcome"], "cancelling", "{c}");
-    let r4 = run4.join().unwrap();
-    assert_eq!(status(&r4), "cancelled", "{r4}");
-    assert!(r4["result"]["duration_ms"].as_f64().unwrap() < 10_000.0);
-
     // Finished and unknown tasks.
-    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm"}));
+    let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm"}));
     assert_eq!(c["outcome"], "finished", "{c}");
-    let c = s.control(json!({"cmd": "cancel", "agent": s.id, "task_id": "never-sent"}));
+    let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "never-sent"}));
     assert_eq!(c["outcome"], "unknown", "{c}");
 }
 
 #[test]
-fn a_task_id_runs_once_on_one_connection_after_reconnect_and_after_an_agent_restart() {
+fn cancelling_a_running_shell_command_kills_it_and_a_wasm_task_queued_behind_is_dequeued() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
-    let mut s = Setup::new(&mark_rule(&marker));
+    let s = one_slot(&marker);
+    let running = in_background(&s, mark(&s, "t-shell-2", "30"));
+    wait_for("the shell command to run", CONNECT, || runs(&marker) == 1);
+    let queued = in_background(&s, sleepy(&s, "t-wasm-queued", 1));
+    wait_for("the WASM task to be queued", CONNECT, || {
+        s.agent.log.count("task accepted") >= 2
+    });
+    let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm-queued"}));
+    assert_eq!(c["outcome"], "dequeued", "{c}");
+    let r = queued.join().unwrap();
+    assert_eq!(status(&r), "cancelled", "{r}");
+    // The command's tree is killed: it ends long before its 30 s.
+    let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-shell-2"}));
+    assert_eq!(c["outcome"], "cancelling", "{c}");
+    let r = running.join().unwrap();
+    assert_eq!(status(&r), "cancelled", "{r}");
+    assert!(r["result"]["duration_ms"].as_f64().unwrap() < 10_000.0);
+}
 
-    // Twice in a row on one connection: the same result, one execution.
+/// Runs `mark 0` as task `once`; checks it ran.
+fn run_once(s: &Setup, marker: &Path) -> Value {
     let first = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(status(&first), "ok", "{first}");
+    assert_eq!(runs(marker), 1);
+    first
+}
+
+/// Sends the `run` frame of task `once` to the agent raw (the platform answers a stored task
+/// id itself; a raw frame reaches the agent) and waits for the agent's answer: one more
+/// delivery of the stored result.
+fn resend_raw(s: &Setup, n: usize) {
+    let frame = json!({"type": "run", "id": format!("raw-again-{n}"), "task_id": "once",
+                       "command": "mark", "args": ["0"]})
+    .to_string();
+    let before = s.request(json!({"cmd": "result", "task_id": "once"}))["deliveries"]
+        .as_u64()
+        .unwrap();
+    let r = s.request(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
+    assert_eq!(r["ok"], true, "{r}");
+    s.control().wait_deliveries("once", before);
+}
+
+#[test]
+fn a_task_id_sent_twice_on_one_connection_runs_once() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let s = setup(&mark_rule(&marker));
+    let first = run_once(&s, &marker);
     let second = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(second["result"], first["result"]);
     assert_eq!(runs(&marker), 1);
+}
 
-    // The same run frame twice at once, raw: still one execution.
+#[test]
+fn the_same_run_frame_twice_at_once_runs_once() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let s = setup(&mark_rule(&marker));
     let frame = json!({"type": "run", "id": "raw-1", "task_id": "raw-twice", "command": "mark", "args": ["0"]}).to_string();
     for _ in 0..2 {
-        let r = s.control(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
+        let r = s.request(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
         assert_eq!(r["ok"], true, "{r}");
     }
-    let r = s.control(json!({"cmd": "result", "task_id": "raw-twice", "wait_ms": 20000}));
+    let r = s.request(json!({"cmd": "result", "task_id": "raw-twice", "wait_ms": 20000}));
     assert_eq!(status(&r), "ok", "{r}");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(runs(&marker), 2);
+    assert_eq!(runs(&marker), 1);
+}
 
-    // After a reconnect (the platform restarted on the same port and state) and after an
-    // agent restart. The platform answers a stored task id itself; the raw frame reaches the
-    // agent, which answers from its journal: one more delivery of the same result, no run.
-    let resend = |s: &Setup, n: usize| {
-        let frame = json!({"type": "run", "id": format!("raw-again-{n}"), "task_id": "once",
-                           "command": "mark", "args": ["0"]})
-        .to_string();
-        let before = s.control(json!({"cmd": "result", "task_id": "once"}))["deliveries"]
-            .as_u64()
-            .unwrap();
-        let r = s.control(json!({"cmd": "send", "agent": s.id, "text": frame, "wait_ms": 10}));
-        assert_eq!(r["ok"], true, "{r}");
-        wait_until("the agent's answer from its journal", CONNECT, || {
-            s.control(json!({"cmd": "result", "task_id": "once"}))["deliveries"]
-                .as_u64()
-                .unwrap()
-                > before
-        });
-    };
-    let pstate = s.platform.state.clone();
-    let listen = s.platform.listen_addr();
+#[test]
+fn after_the_platform_restarts_a_task_id_is_answered_not_run_again() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let mut s = setup(&mark_rule(&marker));
+    let first = run_once(&s, &marker);
+    // The platform restarted on the same port and state: the agent reconnects.
     s.platform.kill();
-    s.platform = Platform::start(&pstate, &listen);
-    s.platform.wait_connected(&s.id, CONNECT);
+    s.platform = s.platform.restart();
+    s.control().wait_connected(&s.id);
     let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(again["result"], first["result"], "{again}");
-    resend(&s, 1);
-    assert_eq!(runs(&marker), 2);
+    resend_raw(&s, 1);
+    assert_eq!(runs(&marker), 1);
+}
 
+#[test]
+fn after_the_agent_restarts_a_task_id_is_answered_from_its_journal_not_run_again() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let mut s = setup(&mark_rule(&marker));
+    let first = run_once(&s, &marker);
     s.restart_agent(false);
-    resend(&s, 2);
+    resend_raw(&s, 2);
     let again = s.run_command("mark", json!({"args": ["0"], "task_id": "once"}));
     assert_eq!(again["result"], first["result"], "{again}");
-    assert_eq!(runs(&marker), 2);
+    assert_eq!(runs(&marker), 1);
 }
 
 #[test]
 fn a_result_produced_while_the_platform_is_down_arrives_after_it_restarts() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
-    let mut s = Setup::new(&mark_rule(&marker));
-    let addr = s.addr();
+    let mut s = setup(&mark_rule(&marker));
+    let addr = s.platform.control();
     let id = s.id.clone();
     let waiting = std::thread::spawn(move || {
-        control(
-            &addr,
-            &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "across"}),
+        addr.try_request(&json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "across"}),
         )
     });
-    wait_until("the command to run", CONNECT, || runs(&marker) == 1);
+    wait_for("the command to run", CONNECT, || runs(&marker) == 1);
     let pstate = s.platform.state.clone();
     let listen = s.platform.listen_addr();
     s.platform.kill();
     let lost = waiting.join().unwrap();
     assert_eq!(lost["ok"], false, "{lost}");
     s.agent.log.wait_for("task finished", CONNECT);
-    s.platform = Platform::start(&pstate, &listen);
-    let r = s.control(json!({"cmd": "result", "task_id": "across", "wait_ms": 30000}));
+    s.platform = Platform::builder(&pstate).listen(&listen).start();
+    let r = s.request(json!({"cmd": "result", "task_id": "across", "wait_ms": 30000}));
     assert_eq!(r["ok"], true, "{r}\n{}", s.agent.log.text());
     assert_eq!(status(&r), "ok", "{r}");
     assert_eq!(r["result"]["stdout"], "done\n");
     assert_eq!(runs(&marker), 1);
 }
 
-/// A TCP proxy whose connections can be cut (both sides closed at once).
-struct Cutter {
-    addr: String,
-    cut: Arc<AtomicBool>,
-}
-
-impl Cutter {
-    fn start(upstream: String) -> Cutter {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        let flag = cut.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().map_while(Result::ok) {
-                let Ok(up) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                flag.store(false, Ordering::SeqCst);
-                let watch = (
-                    conn.try_clone().unwrap(),
-                    up.try_clone().unwrap(),
-                    flag.clone(),
-                );
-                std::thread::spawn(move || {
-                    while !watch.2.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    let _ = watch.0.shutdown(std::net::Shutdown::Both);
-                    let _ = watch.1.shutdown(std::net::Shutdown::Both);
-                });
-                for (mut from, mut to) in [
-                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, conn),
-                ] {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Cutter { addr, cut }
-    }
-}
-
 #[test]
 fn a_connection_cut_mid_task_still_gives_exactly_one_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
-    let cutter = Cutter::start(platform.listen_addr());
+    let platform = Platform::start(&tmp.path().join("platform"));
+    let proxy = Proxy::start(&platform.listen_addr());
     let marker = tmp.path().join("ran");
     let config = tmp.path().join("agent.toml");
     std::fs::write(&config, mark_rule(&marker)).unwrap();
-    let mut args = Agent::args_for(&platform, Some(&platform.token()), None);
-    args[1] = format!("wss://{}/agent", cutter.addr);
+    let mut args = platform.agent_args_with(Some(&platform.token()), None);
+    args[1] = format!("wss://{}/agent", proxy.addr());
     args.extend([
         "--config".into(),
         config.display().to_string(),
@@ -503,25 +382,23 @@ fn a_connection_cut_mid_task_still_gives_exactly_one_result() {
     ]);
     let agent = Agent::start(&tmp.path().join("agent"), &args);
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    let addr = platform.info["control"].as_str().unwrap().to_string();
+    platform.control().wait_connected(&id);
+    let addr = platform.control();
     let waiting = {
         let (addr, id) = (addr.clone(), id.clone());
         std::thread::spawn(move || {
-            control(
-                &addr,
-                &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "cut"}),
+            addr.try_request(&json!({"cmd": "run", "agent": id, "command": "mark", "args": ["2"], "task_id": "cut"}),
             )
         })
     };
-    wait_until("the command to run", CONNECT, || runs(&marker) == 1);
-    cutter.cut.store(true, Ordering::SeqCst);
+    wait_for("the command to run", CONNECT, || runs(&marker) == 1);
+    proxy.cut();
     agent.log.wait_for("link lost", CONNECT);
     // The waiting run gets its result over the next connection.
     let r = waiting.join().unwrap();
     assert_eq!(r["ok"], true, "{r}\nagent:\n{}", agent.log.text());
     assert_eq!(status(&r), "ok", "{r}");
-    let stored = control(&addr, &json!({"cmd": "result", "task_id": "cut"}));
+    let stored = addr.try_request(&json!({"cmd": "result", "task_id": "cut"}));
     assert_eq!(stored["result"], r["result"]);
     assert_eq!(runs(&marker), 1);
 }
@@ -530,25 +407,24 @@ fn a_connection_cut_mid_task_still_gives_exactly_one_result() {
 fn an_agent_killed_mid_task_reports_it_interrupted_once_and_does_not_rerun_it() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
-    let mut s = Setup::new(&mark_rule(&marker));
+    let mut s = setup(&mark_rule(&marker));
     for (task, idempotent) in [("killed", false), ("killed-idempotent", true)] {
-        let addr = s.addr();
+        let addr = s.platform.control();
         let id = s.id.clone();
         let before = runs(&marker);
         let waiting = std::thread::spawn(move || {
-            control(
-                &addr,
+            addr.try_request(
                 &json!({"cmd": "run", "agent": id, "command": "mark", "args": ["3"],
                         "task_id": task, "idempotent": idempotent, "timeout_ms": 60000}),
             )
         });
-        wait_until("the command to run", CONNECT, || {
+        wait_for("the command to run", CONNECT, || {
             runs(&marker) == before + 1
         });
         s.restart_agent(true);
         let r = waiting.join().unwrap();
         assert_eq!(r["ok"], true, "{r}\nagent:\n{}", s.agent.log.text());
-        let stored = s.control(json!({"cmd": "result", "task_id": task, "wait_ms": 30000}));
+        let stored = s.request(json!({"cmd": "result", "task_id": task, "wait_ms": 30000}));
         if idempotent {
             assert_eq!(status(&r), "ok", "{r}");
             assert_eq!(runs(&marker), before + 2, "an idempotent task runs again");
@@ -566,29 +442,6 @@ fn an_agent_killed_mid_task_reports_it_interrupted_once_and_does_not_rerun_it() 
     assert_eq!(s.agent.log.count("reporting it as interrupted"), 0);
 }
 
-/// Reads a streaming `run`'s response lines: chunk events, then the final response.
-fn run_streaming(socket: &str, request: &Value) -> (Vec<Value>, Value) {
-    let mut conn = UnixStream::connect(socket).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    writeln!(conn, "{request}").unwrap();
-    let mut reader = BufReader::new(conn);
-    let mut events = Vec::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "connection closed"
-        );
-        let v: Value = serde_json::from_str(line.trim()).unwrap();
-        if v.get("event").is_some() {
-            events.push(v);
-        } else {
-            return (events, v);
-        }
-    }
-}
-
 #[test]
 fn streamed_chunks_arrive_in_order_before_the_result() {
     let config = r#"
@@ -597,10 +450,9 @@ name = "count"
 program = "/bin/sh"
 args = ["-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; echo oops >&2"]
 "#;
-    let s = Setup::new(config);
+    let s = setup(config);
     // A WASM handler printing a line every 100 ms.
-    let (events, done) = run_streaming(
-        &s.addr(),
+    let (events, done) = s.platform.control().stream(
         &json!({"cmd": "run", "agent": s.id, "module": b64(&s.publisher.signed("ticker")),
                 "input": {"lines": 8, "ms": 100}, "stream": true}),
     );
@@ -617,10 +469,10 @@ args = ["-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done; echo oops >
     assert!(stdout.starts_with("tick 0\ntick 1\n"), "{stdout}");
 
     // A shell command, stdout and stderr.
-    let (events, done) = run_streaming(
-        &s.addr(),
-        &json!({"cmd": "run", "agent": s.id, "command": "count", "stream": true}),
-    );
+    let (events, done) = s
+        .platform
+        .control()
+        .stream(&json!({"cmd": "run", "agent": s.id, "command": "count", "stream": true}));
     assert_eq!(done["result"]["status"], "ok", "{done}");
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
@@ -642,7 +494,7 @@ fn a_full_disk_refuses_new_tasks_with_storage_full() {
     let marker_dir = tempfile::tempdir().unwrap();
     let marker = marker_dir.path().join("ran");
     let config = format!("[agent]\nmin_free_mib = 1000000000\n{}", mark_rule(&marker));
-    let s = Setup::new(&config);
+    let s = setup(&config);
     let r = s.run_command("mark", json!({"args": ["0"]}));
     assert_eq!(status(&r), "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "storage_full");
@@ -650,10 +502,10 @@ fn a_full_disk_refuses_new_tasks_with_storage_full() {
 }
 
 #[test]
-fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothing_of_it() {
+fn a_warm_handler_runs_while_its_task_is_recorded() {
     // A warm handler (installed, so compiled and verified) starts while the journal records
     // the task; its result goes out only once the task is on disk.
-    let s = Setup::new("");
+    let s = setup("");
     let installed = s.install("hello", &s.publisher.signed("hello"));
     assert_eq!(installed["ok"], true, "{installed}");
     let r = s.run_command("hello", json!({"input": {"name": "early"}}));
@@ -663,10 +515,13 @@ fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothi
     let early = "task started (while its acceptance was recorded)";
     s.agent.log.wait_for(early, Duration::from_secs(20));
     assert_eq!(s.agent.log.count(early), 1, "{}", s.agent.log.text());
+}
 
+#[test]
+fn a_warm_run_started_for_a_task_the_journal_refuses_shows_nothing_of_it() {
     // The journal refuses the task (storage full): the run that started meanwhile is thrown
     // away; the platform gets the refusal only, and stores no result for the task id.
-    let full = Setup::new("[agent]\nmin_free_mib = 1000000000\n");
+    let full = setup("[agent]\nmin_free_mib = 1000000000\n");
     let installed = full.install("hello", &full.publisher.signed("hello"));
     assert_eq!(installed["ok"], true, "{installed}");
     let r = full.run_command(
@@ -676,7 +531,7 @@ fn a_warm_handler_runs_while_its_task_is_recorded_and_a_refused_task_shows_nothi
     assert_eq!(status(&r), "rejected", "{r}");
     assert_eq!(r["result"]["reason"], "storage_full", "{r}");
     assert!(!r.to_string().contains("Hello, never!"), "{r}");
-    let stored = full.control(json!({"cmd": "result", "task_id": "refused-early"}));
+    let stored = full.request(json!({"cmd": "result", "task_id": "refused-early"}));
     assert_ne!(stored["ok"], true, "{stored}");
     full.agent
         .log
@@ -698,7 +553,7 @@ fn a_burst_of_warm_tasks_records_results_with_their_acceptance_durably_and_once(
     // (a result written later, without fsync, may be: the platform keeps the first), and
     // runs no task again.
     const BURST: usize = 48;
-    let mut s = Setup::new("[agent]\nmax_concurrent_tasks = 64\n");
+    let mut s = setup("[agent]\nmax_concurrent_tasks = 64\n");
     let installed = s.install("hello", &s.publisher.signed("hello"));
     assert_eq!(installed["ok"], true, "{installed}");
     let together = "task finished (recorded with its acceptance)";
@@ -708,14 +563,12 @@ fn a_burst_of_warm_tasks_records_results_with_their_acceptance_durably_and_once(
     for round in 0..5 {
         let threads: Vec<_> = (0..BURST)
             .map(|i| {
-                let (addr, id) = (s.addr(), s.id.clone());
+                let (addr, id) = (s.platform.control(), s.id.clone());
                 let task = format!("burst-{round}-{i}");
                 std::thread::spawn(move || {
-                    let r = control(
-                        &addr,
-                        &json!({"cmd": "run", "agent": id, "command": "hello",
-                                "input": {"name": task}, "task_id": task, "timeout_ms": 60000}),
-                    );
+                    let r = addr
+                        .try_request(&json!({"cmd": "run", "agent": id, "command": "hello",
+                                "input": {"name": task}, "task_id": task, "timeout_ms": 60000}));
                     (task, r)
                 })
             })
@@ -748,7 +601,7 @@ fn a_burst_of_warm_tasks_records_results_with_their_acceptance_durably_and_once(
     assert_eq!(ran, ids.len(), "one run per task");
     s.restart_agent(true);
     for task in &ids {
-        let stored = s.control(json!({"cmd": "result", "task_id": task}));
+        let stored = s.request(json!({"cmd": "result", "task_id": task}));
         assert_eq!(status(&stored), "ok", "{stored}");
         let again = s.run_command(
             "hello",
@@ -808,24 +661,20 @@ fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() 
             journal.finish(&req.task_id, &result).await.unwrap();
         }
     });
-    let platform = Platform::start(&tmp.path().join("platform"), "127.0.0.1:0");
+    let platform = Platform::start(&tmp.path().join("platform"));
     let agent = Agent::start(
         &state,
-        &Agent::args_for(&platform, Some(&platform.token()), None),
+        &platform.agent_args_with(Some(&platform.token()), None),
     );
     let id = agent.id();
-    platform.wait_connected(&id, CONNECT);
-    let addr = platform.info["control"].as_str().unwrap().to_string();
-    let last = control(
-        &addr,
+    platform.control().wait_connected(&id);
+    let addr = platform.control();
+    let last = addr.try_request(
         &json!({"cmd": "result", "task_id": format!("backlog-{}", N - 1), "wait_ms": 60000}),
     );
     assert_eq!(last["ok"], true, "{last}\nagent:\n{}", agent.log.text());
     for i in [0, N / 2, N - 1] {
-        let r = control(
-            &addr,
-            &json!({"cmd": "result", "task_id": format!("backlog-{i}")}),
-        );
+        let r = addr.try_request(&json!({"cmd": "result", "task_id": format!("backlog-{i}")}));
         assert!(
             r["result"]["stdout"]
                 .as_str()
@@ -837,8 +686,8 @@ fn a_large_backlog_of_unacknowledged_results_is_delivered_at_connection_start() 
     // Every result acknowledged: a restarted agent has nothing left to send.
     let mut agent = agent;
     agent.terminate();
-    let agent = Agent::start(&state, &Agent::args_for(&platform, None, None));
-    platform.wait_connected(&id, CONNECT);
+    let agent = Agent::start(&state, &platform.agent_args_with(None, None));
+    platform.control().wait_connected(&id);
     agent.log.wait_for("journal opened", CONNECT);
     let opened = agent
         .log

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use bridge_testkit::Platform;
 use common::*;
 
 /// The uid (and gid) of `nobody`, the other user the tests connect as.
@@ -37,7 +38,7 @@ fn tokens_issued(state: &Path) -> usize {
 /// Writes `bytes` on a new control connection, then reads until the server closes it; returns
 /// the lines received. A reset after the lines (the server closed with our bytes unread)
 /// counts as closed.
-fn exchange(socket: &str, bytes: &[u8]) -> Vec<Value> {
+fn exchange(socket: impl AsRef<Path>, bytes: &[u8]) -> Vec<Value> {
     let mut stream = UnixStream::connect(socket).unwrap();
     stream.set_read_timeout(Some(STEP)).unwrap();
     // The server may close before reading everything: a failed write is part of the test.
@@ -130,9 +131,9 @@ fn another_user_cannot_use_the_control_interface() {
     let dir = tempfile::tempdir().unwrap();
     chmod(dir.path(), 0o755);
     let state = dir.path().join("state");
-    let serve = Serve::start(&state, &[]);
+    let serve = Platform::start(&state);
     let bridgectl = bridgectl_for_everyone(dir.path());
-    let socket = serve.control().to_string();
+    let socket = serve.control_socket().to_str().unwrap().to_string();
     let issued = tokens_issued(&state);
 
     // The copy runs as nobody (so a refusal below is the control interface's, not exec's).
@@ -179,10 +180,11 @@ fn another_user_cannot_use_the_control_interface() {
     assert_eq!(tokens_issued(&state), issued, "no token was issued");
     assert!(
         serve
-            .stderr()
+            .log()
+            .text()
             .contains("control connection refused: not the server's user"),
         "{}",
-        serve.stderr()
+        serve.log().text()
     );
 
     // The server's own user (root here) still gets through the same socket.
@@ -199,7 +201,7 @@ fn another_user_cannot_use_the_control_interface() {
 fn the_lines_of_an_http_request_are_not_executed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let serve = Serve::start(&state, &[]);
+    let serve = Platform::start(&state);
     let issued = tokens_issued(&state);
     let body = format!(
         "\n{{\"cmd\":\"token\"}}\n{{\"cmd\":\"run\",\"agent\":\"{}\",\"command\":\"env\",\"task_id\":\"via-http\"}}\n",
@@ -212,7 +214,7 @@ fn the_lines_of_an_http_request_are_not_executed() {
         "PRI * HTTP/2.0\r\n",
     ] {
         let request = format!("{head}Content-Length: {}\r\n\r\n{body}", body.len());
-        let lines = exchange(serve.control(), request.as_bytes());
+        let lines = exchange(serve.control_socket(), request.as_bytes());
         assert_eq!(lines.len(), 1, "one error line, then closed: {lines:?}");
         assert_eq!(lines[0]["ok"], false);
         let error = lines[0]["error"].as_str().unwrap();
@@ -225,7 +227,7 @@ fn the_lines_of_an_http_request_are_not_executed() {
 fn a_line_that_is_not_a_request_closes_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let serve = Serve::start(&state, &[]);
+    let serve = Platform::start(&state);
     let issued = tokens_issued(&state);
     for bad in [
         "not json",
@@ -235,7 +237,7 @@ fn a_line_that_is_not_a_request_closes_the_connection() {
         "[1,2]",
     ] {
         let lines = exchange(
-            serve.control(),
+            serve.control_socket().to_str().unwrap(),
             format!("{{\"cmd\":\"agents\"}}\n\n{bad}\n{{\"cmd\":\"token\"}}\n").as_bytes(),
         );
         assert_eq!(
@@ -254,7 +256,7 @@ fn a_line_that_is_not_a_request_closes_the_connection() {
     assert_eq!(tokens_issued(&state), issued, "no token was issued");
 
     // A request that parses but cannot be carried out is answered, and the connection goes on.
-    let mut stream = UnixStream::connect(serve.control()).unwrap();
+    let mut stream = UnixStream::connect(serve.control_socket()).unwrap();
     stream.set_read_timeout(Some(STEP)).unwrap();
     stream
         .write_all(
@@ -277,7 +279,7 @@ fn a_line_that_is_not_a_request_closes_the_connection() {
 }
 
 /// One request on its own connection, through the library's client.
-fn serve_request(socket: &str, request: &str) -> Value {
+fn serve_request(socket: impl AsRef<Path>, request: &str) -> Value {
     let request: Value = serde_json::from_str(request).unwrap();
     match bridge_platform::serve::control::request(socket, &request, STEP) {
         Ok(response) => response,
@@ -289,7 +291,7 @@ fn serve_request(socket: &str, request: &str) -> Value {
 fn bridgectl_finds_the_socket_from_the_state_directory() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let serve = Serve::start(&state, &[]);
+    let serve = Platform::start(&state);
     let issued = tokens_issued(&state);
     let ok = |out: Output| {
         assert!(
@@ -319,7 +321,7 @@ fn bridgectl_finds_the_socket_from_the_state_directory() {
         Command::new(BIN)
             .args([
                 "--control",
-                serve.control(),
+                serve.control_socket().to_str().unwrap(),
                 "--state",
                 "/nonexistent",
                 "token",
@@ -393,12 +395,12 @@ fn the_state_directory_must_be_the_servers_own() {
     let loose = dir.path().join("loose");
     std::fs::create_dir(&loose).unwrap();
     chmod(&loose, 0o777);
-    let serve = Serve::start(&loose, &[]);
+    let serve = Platform::start(&loose);
     assert_eq!(std::fs::metadata(&loose).unwrap().mode() & 0o7777, 0o700);
     assert!(
-        serve.stderr().contains("had mode 777; set it to 700"),
+        serve.log().text().contains("had mode 777; set it to 700"),
         "{}",
-        serve.stderr()
+        serve.log().text()
     );
 }
 
@@ -409,13 +411,12 @@ fn a_stale_socket_is_replaced_but_a_live_one_or_another_file_is_kept() {
     let socket = state.join("control.sock");
 
     // A server killed without cleaning up leaves its socket; the next start replaces it.
-    let mut first = Serve::start(&state, &[]);
-    first.child.kill().unwrap();
-    first.child.wait().unwrap();
+    let mut first = Platform::start(&state);
+    first.kill();
     assert!(socket.exists(), "the killed server's socket is still there");
-    let mut second = Serve::start(&state, &[]);
+    let mut second = Platform::start(&state);
     assert_eq!(
-        serve_request(second.control(), r#"{"cmd":"agents"}"#)["ok"],
+        serve_request(second.control_socket(), r#"{"cmd":"agents"}"#)["ok"],
         true
     );
 
@@ -426,13 +427,13 @@ fn a_stale_socket_is_replaced_but_a_live_one_or_another_file_is_kept() {
         "{err}"
     );
     assert_eq!(
-        serve_request(second.control(), r#"{"cmd":"agents"}"#)["ok"],
+        serve_request(second.control_socket(), r#"{"cmd":"agents"}"#)["ok"],
         true,
         "the running server's socket is intact"
     );
 
     // A clean stop removes the socket.
-    let (status, _) = second.terminate();
+    let status = second.terminate();
     assert_eq!(status.code(), Some(0));
     assert!(!socket.exists());
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,44 +14,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde_json::{json, Value};
+use bridge_testkit::{Platform, Proc};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-const BRIDGECTL: &str = env!("CARGO_BIN_EXE_bridgectl");
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../installers/install.sh");
 const ARCH: &str = std::env::consts::ARCH;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The agent binary: `bridge-daemon` next to `bridgectl` (built by `cargo test --workspace`),
-/// built here when missing.
-fn daemon_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = Path::new(BRIDGECTL).parent().unwrap();
-        let bin = dir.join("bridge-daemon");
-        if !bin.is_file() {
-            let target_dir = dir.parent().unwrap();
-            let child = Command::new(env!("CARGO"))
-                .args(["build", "-p", "bridge-host", "--bin", "bridge-daemon"])
-                .env("CARGO_TARGET_DIR", target_dir)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("cargo runs");
-            let out = wait_output(child, Duration::from_secs(30 * 60));
-            assert!(
-                out.status.success(),
-                "cannot build bridge-daemon (cargo build -p bridge-host): {}",
-                text(&out)
-            );
-        }
-        assert!(bin.is_file(), "no bridge-daemon at {}", bin.display());
-        bin
-    })
+/// The agent binary: `bridge-daemon` next to `bridgectl`, built when missing.
+fn daemon_binary() -> PathBuf {
+    bridge_testkit::bins::bin("bridge-daemon")
 }
 
 fn shell() -> &'static str {
@@ -173,84 +148,22 @@ fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
-/// A `bridgectl serve` process, killed when dropped.
-struct Serve {
-    child: Child,
-    info: Value,
-    log: PathBuf,
+/// `bridgectl serve` with `extra` arguments.
+fn start_serve(state: &Path, extra: &[&str]) -> Platform {
+    Platform::builder(state).args(extra).start()
 }
 
-impl Serve {
-    fn start(state: &Path, extra: &[&str]) -> Serve {
-        let log = state.with_extension(format!("log{}", std::process::id()));
-        let mut child = Command::new(BRIDGECTL)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(state)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let Ok(info) = serde_json::from_str::<Value>(&line) else {
-            let _ = child.kill();
-            panic!(
-                "no first line ({line:?}); stderr:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-        };
-        Serve { child, info, log }
-    }
-
-    fn get(&self, key: &str) -> String {
-        self.info[key].as_str().unwrap().to_string()
-    }
-
-    /// `https://127.0.0.1:PORT`
-    fn base_url(&self) -> String {
-        self.get("url")
-            .replace("wss://", "https://")
-            .trim_end_matches("/agent")
-            .to_string()
-    }
-
-    fn control(&self, request: Value) -> Value {
-        bridge_platform::serve::control::request(
-            self.get("control"),
-            &request,
-            Duration::from_secs(60),
-        )
-        .unwrap()
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// A field of the first line `serve` printed.
+fn get(serve: &Platform, key: &str) -> String {
+    serve.info[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {}", serve.info))
+        .to_string()
 }
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `https://127.0.0.1:PORT`
+fn base_url(serve: &Platform) -> String {
+    format!("https://{}", serve.listen_addr())
 }
 
 /// A minimal WASI command: exports `_start` (doing nothing) and `memory`.
@@ -329,17 +242,17 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     let v1 = release(w, "v1", b"");
     let v2 = release(w, "v2", b"\n# release 2\n");
     let state = w.join("platform");
-    let serve = Serve::start(&state, &["--agent-binary", v1.to_str().unwrap()]);
-    let url = serve.base_url();
-    let pin = serve.get("server_pin");
-    let token = serve.get("token");
+    let serve = start_serve(&state, &["--agent-binary", v1.to_str().unwrap()]);
+    let url = base_url(&serve);
+    let pin = get(&serve, "server_pin");
+    let token = get(&serve, "token");
     let trusted = publisher().public_key().to_string();
     let token_file = w.join("token.txt");
     fs::write(&token_file, format!("{token}\n")).unwrap();
     let token_file_s = token_file.to_str().unwrap();
 
     // The printed command is the flow an operator copies.
-    let command = serve.get("install_command");
+    let command = get(&serve, "install_command");
     assert!(command.starts_with(
         " (d=$(mktemp -d) && trap 'rm -rf \"$d\"' EXIT && curl -fsS --pinnedpubkey 'sha256//"
     ));
@@ -347,13 +260,15 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     assert!(command.contains(&format!("--server-pin {pin}")));
     assert!(command.contains("--token-stdin"));
     let printed = Instant::now();
-    while !serve.stderr().contains(command.trim()) && printed.elapsed() < Duration::from_secs(10) {
+    while !serve.log().text().contains(command.trim())
+        && printed.elapsed() < Duration::from_secs(10)
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        serve.stderr().contains(command.trim()),
+        serve.log().text().contains(command.trim()),
         "{}",
-        serve.stderr()
+        serve.log().text()
     );
 
     // A dry run changes nothing.
@@ -401,7 +316,7 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     assert_eq!(mode(&root.join("var/lib/bridge")), 0o700);
     assert_eq!(fs::read_to_string(&token_path).unwrap().trim(), token);
     let config = fs::read_to_string(&conf).unwrap();
-    let server = serve.get("url");
+    let server = get(&serve, "url");
     for want in [
         "state_dir = \"/var/lib/bridge\"".to_string(),
         format!("server = \"{server}\""),
@@ -477,13 +392,13 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     drop(serve);
 
     // Upgrade: the platform (same state, same pin) now serves another build.
-    let serve = Serve::start(&state, &["--agent-binary", v2.to_str().unwrap()]);
-    assert_eq!(serve.get("server_pin"), pin);
+    let serve = start_serve(&state, &["--agent-binary", v2.to_str().unwrap()]);
+    assert_eq!(get(&serve, "server_pin"), pin);
     let mut upgrade = args(&["--token-file", token_file_s]);
     upgrade.extend(["--server-pin".to_string(), next_pin.clone()]);
     let upgrade: Vec<String> = upgrade
         .into_iter()
-        .map(|a| a.replace(&url, &serve.base_url()))
+        .map(|a| a.replace(&url, &base_url(&serve)))
         .collect();
     let out = ok(run(&upgrade, ""));
     assert!(
@@ -540,50 +455,31 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
 
 /// Starts the staged agent, waits until it is enrolled and connected, runs a signed task on it
 /// and stops it; returns its agent id.
-fn run_installed_agent(serve: &Serve, root: &Path) -> String {
-    let child = Command::new(root.join("usr/local/bin/bridge-daemon"))
-        .args(["run", "--config"])
+fn run_installed_agent(serve: &Platform, root: &Path) -> String {
+    let mut cmd = Command::new(root.join("usr/local/bin/bridge-daemon"));
+    cmd.args(["run", "--config"])
         .arg(root.join("etc/bridge/agent.toml"))
         .arg("--state")
         .arg(root.join("var/lib/bridge"))
         .arg("--token-file")
         .arg(root.join("etc/bridge/token"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _agent = Killed(child);
-    let started = Instant::now();
-    let id = loop {
-        let agents = serve.control(json!({"cmd": "agents"}));
-        let connected = agents["agents"].as_array().and_then(|list| {
-            list.iter()
-                .find(|a| a["connected"] == true)
-                .map(|a| a["id"].as_str().unwrap().to_string())
-        });
-        if let Some(id) = connected {
-            break id;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the installed agent did not connect: {agents}\n{}",
-            serve.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(serve.stderr().contains("enrolled a new agent"));
+        .stdout(Stdio::null());
+    let _agent = Proc::spawn("the installed bridge-daemon", cmd);
+    let id = serve.control().wait_any_connected(Duration::from_secs(60));
+    assert!(serve.log().text().contains("enrolled a new agent"));
     let claims = bridge_signing::Claims::new("hello", "1.0.0", 1_700_000_000);
     let signed = bridge_signing::sign(MINIMAL_WASM, publisher(), &claims).unwrap();
     let module = base64::engine::general_purpose::STANDARD.encode(&signed.module);
-    let answer =
-        serve.control(json!({"cmd": "run", "agent": id, "module": module, "wait_ms": 30000}));
+    let answer = serve
+        .control()
+        .request(&json!({"cmd": "run", "agent": id, "module": module, "wait_ms": 30000}));
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["result"]["status"], "ok", "{answer}");
     // An unsigned module is refused: the installed trust policy is in force.
     let unsigned = base64::engine::general_purpose::STANDARD.encode(MINIMAL_WASM);
-    let answer =
-        serve.control(json!({"cmd": "run", "agent": id, "module": unsigned, "wait_ms": 30000}));
+    let answer = serve
+        .control()
+        .request(&json!({"cmd": "run", "agent": id, "module": unsigned, "wait_ms": 30000}));
     assert_eq!(answer["result"]["status"], "rejected", "{answer}");
     id
 }
@@ -600,7 +496,7 @@ fn release_signatures_are_checked_and_run_as_root_says_so() {
     fs::write(&key_file, key.to_pem()).unwrap();
     fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
     let v1 = release(w, "v1", b"");
-    let serve = Serve::start(
+    let serve = start_serve(
         &w.join("platform"),
         &[
             "--agent-binary",
@@ -610,12 +506,10 @@ fn release_signatures_are_checked_and_run_as_root_says_so() {
         ],
     );
     let public = key.public_key().to_string();
-    assert_eq!(serve.get("release_key"), public);
-    assert!(serve
-        .get("install_command")
-        .contains(&format!("--release-key {public}")));
-    let url = serve.base_url();
-    let pin = serve.get("server_pin");
+    assert_eq!(get(&serve, "release_key"), public);
+    assert!(get(&serve, "install_command").contains(&format!("--release-key {public}")));
+    let url = base_url(&serve);
+    let pin = get(&serve, "server_pin");
 
     // A wrong release key: refused, nothing installed.
     let root = w.join("wrong");
@@ -935,12 +829,12 @@ fn the_one_line_install_runs_from_a_private_directory_and_leaves_nothing() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let v1 = release(w, "v1", b"");
-    let serve = Serve::start(
+    let serve = start_serve(
         &w.join("platform"),
         &["--agent-binary", v1.to_str().unwrap()],
     );
     let root = w.join("root");
-    let command = serve.get("install_command");
+    let command = get(&serve, "install_command");
     assert!(
         command.starts_with(' '),
         "kept out of shell history: {command:?}"
@@ -976,7 +870,7 @@ fn the_one_line_install_runs_from_a_private_directory_and_leaves_nothing() {
         fs::read_to_string(root.join("etc/bridge/token"))
             .unwrap()
             .trim(),
-        serve.get("token")
+        get(&serve, "token")
     );
     let left: Vec<_> = fs::read_dir(&cwd).unwrap().collect();
     assert!(
@@ -1030,16 +924,16 @@ fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let v1 = release(w, "v1", b"");
-    let serve = Serve::start(
+    let serve = start_serve(
         &w.join("platform"),
         &["--agent-binary", v1.to_str().unwrap()],
     );
     let (url, pin, token) = (
-        serve.base_url(),
-        serve.get("server_pin"),
-        serve.get("token"),
+        base_url(&serve),
+        get(&serve, "server_pin"),
+        get(&serve, "token"),
     );
-    let ca = serve.get("ca_file");
+    let ca = get(&serve, "ca_file");
     let fake = fake_systemctl(w);
     let log = w.join("systemctl.log");
     let root = w.join("root");

@@ -19,6 +19,7 @@ use sha2::Digest as _;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
+use bridge_testkit::Platform;
 use common::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -29,7 +30,7 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let serve = Serve::start(&state, &[]);
+        let serve = Platform::start(&state);
         let info = serve.info.as_object().unwrap();
         let mut keys: Vec<&str> = info.keys().map(String::as_str).collect();
         keys.sort_unstable();
@@ -57,7 +58,7 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_eq!(serve.token().len(), 43);
         assert_eq!(
-            Path::new(serve.control()),
+            Path::new(serve.control_socket()),
             state.canonicalize().unwrap().join("control.sock")
         );
         let ca = PathBuf::from(info["ca_file"].as_str().unwrap());
@@ -74,7 +75,7 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
         assert_eq!(mode(&state.join("control.sock")), 0o600);
         assert_eq!(mode(&state.join("server.key")), 0o600);
         assert_eq!(mode(&state.join("tokens.json")), 0o600);
-        let hint = serve.stderr();
+        let hint = serve.log().text();
         assert!(
             hint.contains(&format!(
                 "bridge-daemon run --server {url} --token {} --server-pin {pin} --state",
@@ -97,23 +98,23 @@ async fn first_line_names_url_pin_token_control_and_ca_file() {
 async fn a_token_enrolls_once_and_the_key_reconnects_without_it() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
 
-        let (mut ws, enrolled) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, enrolled) = session(&serve, &agent, Some(&serve.token())).await;
         assert!(enrolled, "the first connection with a token enrolls");
         ws.close(None).await.unwrap();
 
         let (mut ws, enrolled) = session(&serve, &agent, None).await;
         assert!(!enrolled, "a known key needs no token");
         // Presenting the (now used) token again is harmless for the agent it enrolled.
-        let (ws2, enrolled) = session(&serve, &agent, Some(serve.token())).await;
+        let (ws2, enrolled) = session(&serve, &agent, Some(&serve.token())).await;
         assert!(!enrolled);
         // ...and the second connection replaced the first.
         assert_eq!(expect_close(&mut ws).await, 4000);
         drop(ws2);
 
-        let listed = serve.agent(&agent.id).await;
+        let listed = serve.control().listed(&agent.id);
         assert!(listed["enrolled_at"].as_str().unwrap().ends_with('Z'));
         let agents: Value = serde_json::from_str(
             std::fs::read_to_string(dir.path().join("state/agents.json"))
@@ -123,7 +124,7 @@ async fn a_token_enrolls_once_and_the_key_reconnects_without_it() {
         .unwrap();
         assert_eq!(agents["agents"][0]["id"], agent.id.as_str());
         let tokens = std::fs::read_to_string(dir.path().join("state/tokens.json")).unwrap();
-        assert!(!tokens.contains(serve.token()), "only hashes are stored");
+        assert!(!tokens.contains(&serve.token()), "only hashes are stored");
         assert!(tokens.contains(&agent.id), "the token records who used it");
     })
     .await;
@@ -133,7 +134,7 @@ async fn a_token_enrolls_once_and_the_key_reconnects_without_it() {
 async fn unknown_agents_without_a_good_token_are_refused_with_401() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let (first, second) = (Identity::new(), Identity::new());
         assert_refused(
             connect(&serve, &first, None).await,
@@ -150,11 +151,11 @@ async fn unknown_agents_without_a_good_token_are_refused_with_401() {
             401,
             Some("token_invalid"),
         );
-        let (_ws, enrolled) = session(&serve, &first, Some(serve.token())).await;
+        let (_ws, enrolled) = session(&serve, &first, Some(&serve.token())).await;
         assert!(enrolled);
         // The token is spent: another key cannot use it.
         assert_refused(
-            connect(&serve, &second, Some(serve.token())).await,
+            connect(&serve, &second, Some(&serve.token())).await,
             401,
             Some("token_used"),
         );
@@ -164,7 +165,7 @@ async fn unknown_agents_without_a_good_token_are_refused_with_401() {
             Some("token_missing"),
         );
         // A fresh token from the control interface works for the second key, once.
-        let response = serve.control_request(r#"{"cmd":"token"}"#).await;
+        let response = serve.control().request_async(r#"{"cmd":"token"}"#).await;
         assert_eq!(response["ok"], true);
         let token = response["token"].as_str().unwrap().to_string();
         let (_ws2, enrolled) = session(&serve, &second, Some(&token)).await;
@@ -180,7 +181,7 @@ async fn unknown_agents_without_a_good_token_are_refused_with_401() {
             404,
             None,
         );
-        assert_eq!(serve.agents().await.len(), 2);
+        assert_eq!(serve.control().agents().len(), 2);
     })
     .await;
 }
@@ -189,10 +190,12 @@ async fn unknown_agents_without_a_good_token_are_refused_with_401() {
 async fn expired_tokens_are_refused() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &["--token-ttl-secs", "1"]);
+        let serve = Platform::builder(&dir.path().join("state"))
+            .args(&["--token-ttl-secs", "1"])
+            .start();
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_refused(
-            connect(&serve, &Identity::new(), Some(serve.token())).await,
+            connect(&serve, &Identity::new(), Some(&serve.token())).await,
             401,
             Some("token_expired"),
         );
@@ -204,9 +207,9 @@ async fn expired_tokens_are_refused() {
 async fn hello_without_a_common_version_gets_an_error_and_a_close() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let mut ws = connect(&serve, &agent, Some(serve.token())).await.unwrap();
+        let mut ws = connect(&serve, &agent, Some(&serve.token())).await.unwrap();
         // Anything before hello is answered with an error; the connection waits for hello.
         send(&mut ws, status(&agent, "early")).await;
         let reply = recv(&mut ws).await;
@@ -221,7 +224,7 @@ async fn hello_without_a_common_version_gets_an_error_and_a_close() {
         assert_eq!(reply["type"], "error", "{reply}");
         assert_eq!(reply["code"], "unsupported_version");
         assert_eq!(expect_close(&mut ws).await, 1008);
-        assert_eq!(serve.agent(&agent.id).await["connected"], false);
+        assert_eq!(serve.control().listed(&agent.id)["connected"], false);
     })
     .await;
 }
@@ -230,9 +233,9 @@ async fn hello_without_a_common_version_gets_an_error_and_a_close() {
 async fn bad_frames_get_errors_and_the_connection_survives() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
 
         let oversize = format!(r#"{{"type":"status","pad":"{}"}}"#, "x".repeat(MAX_TEXT_BYTES));
         let too_deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
@@ -285,7 +288,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
         send(&mut ws, status(&agent, "survivor")).await;
         let mut listed = Value::Null;
         for _ in 0..100 {
-            listed = serve.agent(&agent.id).await;
+            listed = serve.control().listed(&agent.id);
             if !listed["status"].is_null() {
                 break;
             }
@@ -302,17 +305,17 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
 async fn agents_lists_connection_state_and_status() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
-        assert!(serve.agents().await.is_empty());
+        let serve = Platform::start(&dir.path().join("state"));
+        assert!(serve.control().agents().is_empty());
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         send(&mut ws, status(&agent, "box-1")).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
 
         // Through the real client, with the address from the environment.
         let out = tokio::process::Command::new(BIN)
             .arg("agents")
-            .env("BRIDGE_CONTROL", serve.control())
+            .env("BRIDGE_CONTROL", serve.control_socket())
             .output();
         let out = timeout(STEP, out).await.unwrap().unwrap();
         assert!(
@@ -333,12 +336,12 @@ async fn agents_lists_connection_state_and_status() {
 
         ws.close(None).await.unwrap();
         for _ in 0..100 {
-            if serve.agent(&agent.id).await["connected"] == false {
+            if serve.control().listed(&agent.id)["connected"] == false {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let a = serve.agent(&agent.id).await;
+        let a = serve.control().listed(&agent.id);
         assert_eq!(a["connected"], false);
         assert_eq!(
             a["status"]["host"]["hostname"], "box-1",
@@ -346,10 +349,10 @@ async fn agents_lists_connection_state_and_status() {
         );
 
         // Control errors.
-        let r = serve.control_request("not json").await;
+        let r = serve.control().request_async("not json").await;
         assert_eq!(r["ok"], false);
         assert!(r["error"].as_str().unwrap().contains("bad request"));
-        let r = serve.control_request(r#"{"cmd":"reboot"}"#).await;
+        let r = serve.control().request_async(r#"{"cmd":"reboot"}"#).await;
         assert_eq!(r["ok"], false);
         // Without a control socket the clients fail with status 2.
         let out = Command::new(BIN)
@@ -393,9 +396,9 @@ async fn serve_one_run(ws: &mut Ws, module: &[u8], status: &str, exit_code: i32)
 async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         let module: Vec<u8> = b"\0asm\x01\0\0\0"
             .iter()
             .copied()
@@ -412,7 +415,7 @@ async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
         let child = tokio::process::Command::new(BIN)
             .args([
                 "--control",
-                serve.control(),
+                serve.control_socket().to_str().unwrap(),
                 "run",
                 "--agent",
                 &agent.id,
@@ -460,7 +463,7 @@ async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
             tokio::process::Command::new(BIN)
                 .args([
                     "--control",
-                    serve.control(),
+                    serve.control_socket().to_str().unwrap(),
                     "run",
                     "--agent",
                     &agent.id,
@@ -482,7 +485,7 @@ async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
         let out = Command::new(BIN)
             .args([
                 "--control",
-                serve.control(),
+                serve.control_socket().to_str().unwrap(),
                 "run",
                 "--agent",
                 &"0".repeat(64),
@@ -503,7 +506,7 @@ async fn run_sends_the_task_serves_the_module_and_prints_the_result() {
 async fn runs_end_on_timeout_and_on_agent_errors() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
         let module = base64::engine::general_purpose::STANDARD.encode(b"\0asm\x01\0\0\0");
         // `timeout_ms` is the older name of `wait_ms`; callers still use it.
@@ -512,22 +515,22 @@ async fn runs_end_on_timeout_and_on_agent_errors() {
         };
 
         // Enrolled but not connected.
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         ws.close(None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let r = serve.control_request(&run(5000)).await;
+        let r = serve.control().request_async(&run(5000)).await;
         assert_eq!(r["ok"], false);
         assert!(r["error"].as_str().unwrap().contains("not connected"), "{r}");
 
         // Timeout.
         let (mut ws, _) = session(&serve, &agent, None).await;
-        let r = serve.control_request(&run(300)).await;
+        let r = serve.control().request_async(&run(300)).await;
         assert_eq!(r["ok"], false);
         assert!(r["error"].as_str().unwrap().contains("timeout"), "{r}");
         assert_eq!(recv(&mut ws).await["type"], "run");
 
         // The agent refuses the run with an error naming it.
-        let waiting = control_in_background(&serve, serde_json::from_str(&run(10_000)).unwrap());
+        let waiting = serve.control().background(&serde_json::from_str(&run(10_000)).unwrap());
         let run_msg = recv(&mut ws).await;
         send(
             &mut ws,
@@ -549,25 +552,25 @@ async fn a_restart_keeps_the_pin_and_the_enrolled_agents() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let agent = Identity::new();
-        let mut serve = Serve::start(&state, &[]);
+        let mut serve = Platform::start(&state);
         let pin = serve.pin().to_string();
         let first_token = serve.token().to_string();
-        let (ws, enrolled) = session(&serve, &agent, Some(serve.token())).await;
+        let (ws, enrolled) = session(&serve, &agent, Some(&serve.token())).await;
         assert!(enrolled);
         drop(ws);
-        let (status, _) = serve.terminate();
+        let status = serve.terminate();
         assert_eq!(status.code(), Some(0));
         drop(serve);
 
-        let serve = Serve::start(&state, &[]);
+        let serve = Platform::start(&state);
         assert_eq!(serve.pin(), pin, "same key, same pin");
         assert_ne!(serve.token(), first_token, "a fresh token at each start");
-        let listed = serve.agent(&agent.id).await;
+        let listed = serve.control().listed(&agent.id);
         assert_eq!(listed["connected"], false);
         assert!(listed["status"].is_null());
         let (_ws, enrolled) = session(&serve, &agent, None).await;
         assert!(!enrolled, "still enrolled after the restart");
-        assert_eq!(serve.agent(&agent.id).await["connected"], true);
+        assert_eq!(serve.control().listed(&agent.id)["connected"], true);
         // The old token stays spent.
         assert_refused(
             connect(&serve, &Identity::new(), Some(&first_token)).await,
@@ -582,16 +585,18 @@ async fn a_restart_keeps_the_pin_and_the_enrolled_agents() {
 async fn sigterm_closes_connections_and_exits_0_promptly() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let mut serve = Serve::start(&dir.path().join("state"), &[]);
+        let mut serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         // A control connection that stays open must not hold the shutdown up either.
-        let _idle_control = tokio::net::UnixStream::connect(serve.control())
+        let _idle_control = tokio::net::UnixStream::connect(serve.control_socket())
             .await
             .unwrap();
         let closer = tokio::spawn(async move { expect_close(&mut ws).await });
-        let (status, took) = tokio::task::block_in_place(|| serve.terminate());
-        assert_eq!(status.code(), Some(0), "{}", serve.stderr());
+        let started = std::time::Instant::now();
+        let status = tokio::task::block_in_place(|| serve.terminate());
+        let took = started.elapsed();
+        assert_eq!(status.code(), Some(0), "{}", serve.log().text());
         assert!(took < Duration::from_secs(5), "took {took:?}");
         assert_eq!(timeout(STEP, closer).await.unwrap().unwrap(), 1001);
     })
@@ -602,9 +607,9 @@ async fn sigterm_closes_connections_and_exits_0_promptly() {
 async fn a_connection_without_hello_is_closed_after_10_s() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let mut ws = connect(&serve, &agent, Some(serve.token())).await.unwrap();
+        let mut ws = connect(&serve, &agent, Some(&serve.token())).await.unwrap();
         let started = std::time::Instant::now();
         let frame = timeout(Duration::from_secs(20), ws.next())
             .await
@@ -621,7 +626,7 @@ async fn a_connection_without_hello_is_closed_after_10_s() {
             "{took:?}"
         );
         // Enrolled by the upgrade, but never connected as a session.
-        assert_eq!(serve.agent(&agent.id).await["connected"], false);
+        assert_eq!(serve.control().listed(&agent.id)["connected"], false);
     })
     .await;
 }

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use sha2::Digest as _;
 use tokio_tungstenite::tungstenite::Message;
 
+use bridge_testkit::Platform;
 use common::*;
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -25,28 +26,30 @@ fn mode(path: &Path) -> u32 {
 }
 
 /// Waits until the server lists the agent as disconnected.
-async fn until_disconnected(serve: &Serve, id: &str) {
-    for _ in 0..200 {
-        if serve.agent(id).await["connected"] == false {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the server still lists agent {id} as connected");
+async fn until_disconnected(serve: &Platform, id: &str) {
+    let id = id.to_string();
+    serve
+        .control()
+        .off_thread(move |c| c.wait_disconnected(&id))
+        .await;
 }
 
 /// Returns once the server has processed everything sent on `ws` so far: sends a `status`
 /// with a fresh host name (messages are processed in order) and waits until it is listed.
-async fn processed(serve: &Serve, ws: &mut Ws, agent: &Identity) {
-    let marker = format!("sync-{}", rand_suffix());
+async fn processed(serve: &Platform, ws: &mut Ws, agent: &Identity) {
+    static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let marker = format!("sync-{}-{n}", std::process::id());
     send(ws, status(agent, &marker)).await;
-    for _ in 0..400 {
-        if serve.agent(&agent.id).await["status"]["host"]["hostname"] == marker.as_str() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the server did not process the agent's messages within 10 s");
+    let id = agent.id.clone();
+    serve
+        .control()
+        .off_thread(move |c| {
+            c.wait_agent(&id, &format!("status from host {marker}"), STEP, |a| {
+                a["status"]["host"]["hostname"] == marker.as_str()
+            })
+        })
+        .await;
 }
 
 fn result_message(run: &Value, result: Value) -> Value {
@@ -72,19 +75,16 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let mut serve = Serve::start(&state, &[]);
+        let mut serve = Platform::start(&state);
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
 
         // A command task, with every new field.
-        let waiting = control_in_background(
-            &serve,
-            json!({
-                "cmd": "run", "agent": agent.id, "command": "uptime", "args": ["-p"],
-                "task_id": "task-1", "not_after": "2999-01-01T01:00:00+01:00",
-                "idempotent": true, "limits": {"timeout_ms": 5000}
-            }),
-        );
+        let waiting = serve.control().background(&json!({
+            "cmd": "run", "agent": agent.id, "command": "uptime", "args": ["-p"],
+            "task_id": "task-1", "not_after": "2999-01-01T01:00:00+01:00",
+            "idempotent": true, "limits": {"timeout_ms": 5000}
+        }));
         let run = recv(&mut ws).await;
         assert_eq!(run["type"], "run", "{run}");
         assert_eq!(run["command"], "uptime");
@@ -109,7 +109,8 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         send(&mut ws, result_message(&run, run_result("error", 1))).await;
         expect_ack(&mut ws, "task-1").await;
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-1"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-1"}"#)
             .await;
         assert_eq!(stored["ok"], true, "{stored}");
         assert_eq!(stored["task_id"], "task-1");
@@ -132,7 +133,8 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         // A repeated run of the task id is answered with the stored result at once: nothing
         // reaches the agent (which may have forgotten the task id by now), nothing runs twice.
         let response = serve
-            .control_request(
+            .control()
+            .request_async(
                 &json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "task-1"})
                     .to_string(),
             )
@@ -164,10 +166,9 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         expect_silence(&mut ws, Duration::from_millis(300)).await;
 
         // `result` waits for a result not stored yet; an agent crash shows as `interrupted`.
-        let late = control_in_background(
-            &serve,
-            json!({"cmd": "result", "task_id": "task-late", "wait_ms": 8000}),
-        );
+        let late = serve
+            .control()
+            .background(&json!({"cmd": "result", "task_id": "task-late", "wait_ms": 8000}));
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut interrupted = run_result("interrupted", 0);
         interrupted["exit_code"] = Value::Null;
@@ -200,12 +201,13 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
 
         // After a restart on the same state directory.
         drop(ws);
-        let (status, _) = serve.terminate();
+        let status = serve.terminate();
         assert_eq!(status.code(), Some(0));
         drop(serve);
-        let serve = Serve::start(&state, &[]);
+        let serve = Platform::start(&state);
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-1"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-1"}"#)
             .await;
         assert_eq!(stored["result"], run_result("ok", 0), "{stored}");
         assert_eq!(stored["deliveries"], 2);
@@ -217,7 +219,8 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         send(&mut ws, result_message(&run, run_result("ok", 0))).await;
         expect_ack(&mut ws, "task-1").await;
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-1"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-1"}"#)
             .await;
         assert_eq!(stored["deliveries"], 3);
     })
@@ -228,17 +231,17 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
 async fn a_run_waits_across_reconnections_and_is_resent_until_accepted() {
     within(120, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         let run_request = |task: &str| {
             json!({"cmd": "run", "agent": agent.id, "command": "slow", "task_id": task, "wait_ms": 30000})
         };
 
         // Two runs dispatched; the connection drops before the agent accepts either.
-        let first = control_in_background(&serve, run_request("task-a"));
+        let first = serve.control().background(&run_request("task-a"));
         let run_a = recv(&mut ws).await;
-        let second = control_in_background(&serve, run_request("task-b"));
+        let second = serve.control().background(&run_request("task-b"));
         let run_b = recv(&mut ws).await;
         assert_eq!(run_a["task_id"], "task-a");
         assert_eq!(run_b["task_id"], "task-b");
@@ -285,7 +288,7 @@ async fn a_run_waits_across_reconnections_and_is_resent_until_accepted() {
 
         // The wait still ends at its timeout when no result comes.
         let r = serve
-            .control_request(
+            .control().request_async(
                 &json!({"cmd": "run", "agent": agent.id, "command": "slow", "wait_ms": 300})
                     .to_string(),
             )
@@ -300,14 +303,12 @@ async fn a_run_waits_across_reconnections_and_is_resent_until_accepted() {
 async fn chunks_are_forwarded_in_order_before_the_response() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
 
         // Through the control interface.
-        let waiting = control_in_background(
-            &serve,
-            json!({"cmd": "run", "agent": agent.id, "command": "tail", "task_id": "task-s", "stream": true}),
+        let waiting = serve.control().background(&json!({"cmd": "run", "agent": agent.id, "command": "tail", "task_id": "task-s", "stream": true}),
         );
         let run = recv(&mut ws).await;
         assert_eq!(run["stream"], true, "{run}");
@@ -345,9 +346,7 @@ async fn chunks_are_forwarded_in_order_before_the_response() {
         assert_eq!(lines[5]["result"], run_result("ok", 0));
 
         // A run that did not ask to stream gets no event lines, whatever the agent sends.
-        let waiting = control_in_background(
-            &serve,
-            json!({"cmd": "run", "agent": agent.id, "command": "tail", "task_id": "task-q"}),
+        let waiting = serve.control().background(&json!({"cmd": "run", "agent": agent.id, "command": "tail", "task_id": "task-q"}),
         );
         let run = recv(&mut ws).await;
         assert!(run.get("stream").is_none());
@@ -409,20 +408,18 @@ fn handler(name: &str, sha: &str) -> Value {
 async fn cancel_and_handler_requests_are_matched_by_message_id() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
 
         // Two requests at once, answered in the other order; a reply with an unknown id is
         // ignored.
-        let cancel = control_in_background(
-            &serve,
-            json!({"cmd": "cancel", "agent": agent.id, "task_id": "task-9"}),
+        let cancel = serve.control().background(&json!({"cmd": "cancel", "agent": agent.id, "task_id": "task-9"}),
         );
         let cancel_msg = recv(&mut ws).await;
         assert_eq!(cancel_msg["type"], "cancel", "{cancel_msg}");
         assert_eq!(cancel_msg["task_id"], "task-9");
-        let list = control_in_background(&serve, json!({"cmd": "handlers", "agent": agent.id}));
+        let list = serve.control().background(&json!({"cmd": "handlers", "agent": agent.id}));
         let list_msg = recv(&mut ws).await;
         assert_eq!(list_msg["type"], "list_handlers", "{list_msg}");
         assert_ne!(list_msg["id"], cancel_msg["id"]);
@@ -498,9 +495,7 @@ async fn cancel_and_handler_requests_are_matched_by_message_id() {
         assert_eq!(stdout_json(&out), listed);
 
         // A refusal carries the agent's reason (the module is stored now: by hash).
-        let refused = control_in_background(
-            &serve,
-            json!({"cmd": "install_handler", "agent": agent.id, "name": "other", "module_sha256": sha}),
+        let refused = serve.control().background(&json!({"cmd": "install_handler", "agent": agent.id, "name": "other", "module_sha256": sha}),
         );
         let install = recv(&mut ws).await;
         assert_eq!(install["name"], "other");
@@ -574,7 +569,7 @@ async fn cancel_and_handler_requests_are_matched_by_message_id() {
         );
 
         // Requests belong to their connection: a lost connection ends them.
-        let list = control_in_background(&serve, json!({"cmd": "handlers", "agent": agent.id}));
+        let list = serve.control().background(&json!({"cmd": "handlers", "agent": agent.id}));
         assert_eq!(recv(&mut ws).await["type"], "list_handlers");
         drop(ws);
         let r = response_of(list).await;
@@ -582,13 +577,13 @@ async fn cancel_and_handler_requests_are_matched_by_message_id() {
         assert!(r["error"].as_str().unwrap().contains("connection"), "{r}");
         until_disconnected(&serve, &agent.id).await;
         let r = serve
-            .control_request(
+            .control().request_async(
                 &json!({"cmd": "cancel", "agent": agent.id, "task_id": "t"}).to_string(),
             )
             .await;
         assert!(r["error"].as_str().unwrap().contains("not connected"), "{r}");
         let r = serve
-            .control_request(&json!({"cmd": "handlers", "agent": "0".repeat(64)}).to_string())
+            .control().request_async(&json!({"cmd": "handlers", "agent": "0".repeat(64)}).to_string())
             .await;
         assert!(r["error"].as_str().unwrap().contains("unknown agent"), "{r}");
     })
@@ -599,9 +594,9 @@ async fn cancel_and_handler_requests_are_matched_by_message_id() {
 async fn bad_run_and_install_requests_are_refused_before_reaching_the_agent() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         let module = base64::engine::general_purpose::STANDARD.encode(b"\0asm\x01\0\0\0");
         for (request, expected) in [
             (
@@ -637,7 +632,7 @@ async fn bad_run_and_install_requests_are_refused_before_reaching_the_agent() {
                 "no result for task never",
             ),
         ] {
-            let r = serve.control_request(&request.to_string()).await;
+            let r = serve.control().request_async(&request.to_string()).await;
             assert_eq!(r["ok"], false, "{request}: {r}");
             let error = r["error"].as_str().unwrap();
             assert!(error.contains(expected), "{request}: {error}");
@@ -655,10 +650,10 @@ async fn a_flood_of_results_is_acknowledged_while_the_agent_is_not_reading() {
     within(120, async {
         const RESULTS: usize = 5000;
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
         // A small receive buffer: the platform's acknowledgements fill it quickly.
-        let mut ws = connect_with(&serve, &agent, Some(serve.token()), "/agent", Some(4096))
+        let mut ws = connect_with(&serve, &agent, Some(&serve.token()), "/agent", Some(4096))
             .await
             .expect("upgrade refused");
         assert_eq!(hello(&mut ws, &agent).await["type"], "welcome");
@@ -698,16 +693,14 @@ async fn a_flood_of_results_is_acknowledged_while_the_agent_is_not_reading() {
         expect_silence(&mut ws, Duration::from_millis(300)).await;
         for i in [0, RESULTS / 2, RESULTS - 1] {
             let stored = serve
-                .control_request(&json!({"cmd": "result", "task_id": task_id(i)}).to_string())
+                .control().request_async(&json!({"cmd": "result", "task_id": task_id(i)}).to_string())
                 .await;
             assert_eq!(stored["ok"], true, "{stored}");
             assert_eq!(stored["deliveries"], 1);
         }
         // The connection still works both ways.
         processed(&serve, &mut ws, &agent).await;
-        let waiting = control_in_background(
-            &serve,
-            json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "after-flood"}),
+        let waiting = serve.control().background(&json!({"cmd": "run", "agent": agent.id, "command": "uptime", "task_id": "after-flood"}),
         );
         let run = recv(&mut ws).await;
         assert_eq!(run["task_id"], "after-flood");
@@ -732,14 +725,14 @@ fn refusal(reason: &str) -> Value {
 async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_result() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(serve.token())).await;
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
         let run_request =
             json!({"cmd": "run", "agent": agent.id, "command": "slow", "task_id": "task-r"});
 
         // The agent is busy: the run ends with the refusal, which is acknowledged…
-        let waiting = control_in_background(&serve, run_request.clone());
+        let waiting = serve.control().background(&run_request.clone());
         let first = recv(&mut ws).await;
         assert_eq!(first["task_id"], "task-r");
         send(&mut ws, result_message(&first, refusal("busy"))).await;
@@ -750,7 +743,8 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
         assert_eq!(response["stored"], false);
         // …but not stored as the task's result: the task id is free.
         let r = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-r"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-r"}"#)
             .await;
         assert_eq!(r["ok"], false, "{r}");
         assert!(
@@ -762,7 +756,7 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
         );
 
         // Retried with the same task id: sent to the agent again, and this time it runs.
-        let waiting = control_in_background(&serve, run_request.clone());
+        let waiting = serve.control().background(&run_request.clone());
         let second = recv(&mut ws).await;
         assert_eq!(second["task_id"], "task-r");
         assert_ne!(second["id"], first["id"]);
@@ -772,7 +766,8 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
         let response = response_of(waiting).await;
         assert_eq!(response["result"], run_result("ok", 0), "{response}");
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-r"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-r"}"#)
             .await;
         assert_eq!(stored["result"], run_result("ok", 0), "{stored}");
         assert_eq!(stored["deliveries"], 1);
@@ -781,7 +776,8 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
         send(&mut ws, result_message(&first, refusal("busy"))).await;
         expect_ack(&mut ws, "task-r").await;
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-r"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-r"}"#)
             .await;
         assert_eq!(stored["result"], run_result("ok", 0), "{stored}");
         assert_eq!(stored["deliveries"], 1);
@@ -796,9 +792,8 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
             "unsigned",
         ] {
             let task = format!("task-{reason}");
-            let waiting = control_in_background(
-                &serve,
-                json!({"cmd": "run", "agent": agent.id, "command": "x", "task_id": task}),
+            let waiting = serve.control().background(
+                &json!({"cmd": "run", "agent": agent.id, "command": "x", "task_id": task}),
             );
             let run = recv(&mut ws).await;
             send(&mut ws, result_message(&run, refusal(reason))).await;
@@ -806,7 +801,8 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
             let response = response_of(waiting).await;
             assert_eq!(response["result"], refusal(reason), "{response}");
             let r = serve
-                .control_request(&json!({"cmd": "result", "task_id": task}).to_string())
+                .control()
+                .request_async(&json!({"cmd": "result", "task_id": task}).to_string())
                 .await;
             assert_eq!(r["ok"], reason == "unsigned", "{reason}: {r}");
         }
@@ -818,16 +814,15 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
 async fn task_ids_are_global_a_result_stays_with_the_agent_that_delivered_it() {
     within(90, async {
         let dir = tempfile::tempdir().unwrap();
-        let serve = Serve::start(&dir.path().join("state"), &[]);
+        let serve = Platform::start(&dir.path().join("state"));
         let a = Identity::new();
         let b = Identity::new();
-        let (mut ws_a, _) = session(&serve, &a, Some(serve.token())).await;
-        let token = serve.control_request(r#"{"cmd":"token"}"#).await;
+        let (mut ws_a, _) = session(&serve, &a, Some(&serve.token())).await;
+        let token = serve.control().request_async(r#"{"cmd":"token"}"#).await;
         let (mut ws_b, _) = session(&serve, &b, token["token"].as_str()).await;
 
-        let waiting = control_in_background(
-            &serve,
-            json!({"cmd": "run", "agent": a.id, "command": "uptime", "task_id": "task-g"}),
+        let waiting = serve.control().background(
+            &json!({"cmd": "run", "agent": a.id, "command": "uptime", "task_id": "task-g"}),
         );
         let run = recv(&mut ws_a).await;
         send(&mut ws_a, result_message(&run, run_result("ok", 0))).await;
@@ -840,19 +835,21 @@ async fn task_ids_are_global_a_result_stays_with_the_agent_that_delivered_it() {
         send(&mut ws_b, result_message(&other, run_result("error", 7))).await;
         expect_ack(&mut ws_b, "task-g").await;
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-g"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-g"}"#)
             .await;
         assert_eq!(stored["agent"], a.id.as_str(), "{stored}");
         assert_eq!(stored["result"], run_result("ok", 0));
         assert_eq!(stored["deliveries"], 1);
         assert!(
-            serve.stderr().contains("another agent"),
+            serve.log().text().contains("another agent"),
             "a warning is logged"
         );
 
         // Running the task id on B is refused; on A, the stored result is the answer.
         let r = serve
-            .control_request(
+            .control()
+            .request_async(
                 &json!({"cmd": "run", "agent": b.id, "command": "uptime", "task_id": "task-g"})
                     .to_string(),
             )
@@ -861,7 +858,8 @@ async fn task_ids_are_global_a_result_stays_with_the_agent_that_delivered_it() {
         let error = r["error"].as_str().unwrap();
         assert!(error.contains("task-g") && error.contains(&a.id), "{error}");
         let r = serve
-            .control_request(
+            .control()
+            .request_async(
                 &json!({"cmd": "run", "agent": a.id, "command": "uptime", "task_id": "task-g"})
                     .to_string(),
             )
@@ -874,13 +872,14 @@ async fn task_ids_are_global_a_result_stays_with_the_agent_that_delivered_it() {
         // After a restart too (the log holds A's result only).
         drop((ws_a, ws_b));
         let mut serve = serve;
-        let (status, _) = serve.terminate();
+        let status = serve.terminate();
         assert_eq!(status.code(), Some(0));
         let state = dir.path().join("state");
         drop(serve);
-        let serve = Serve::start(&state, &[]);
+        let serve = Platform::start(&state);
         let stored = serve
-            .control_request(r#"{"cmd":"result","task_id":"task-g"}"#)
+            .control()
+            .request_async(r#"{"cmd":"result","task_id":"task-g"}"#)
             .await;
         assert_eq!(stored["agent"], a.id.as_str(), "{stored}");
         assert_eq!(stored["deliveries"], 1);

@@ -11,12 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use bridge_testkit::bins::WASM_TARGET;
+use bridge_testkit::{Control, Proc};
 
 mod deps;
-
-/// The wasm crates, built together for wasm32-wasip1.
-const WASM_PACKAGES: &[&str] = &["hello", "checksum", "logscan", "hostile"];
-const WASM_TARGET: &str = "wasm32-wasip1";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -88,31 +86,11 @@ fn ensure_wasm_target() -> Result<()> {
     run(cmd)
 }
 
-/// Builds every wasm handler; returns the directory holding the `.wasm` files.
+/// Builds every wasm handler (the test kit's [`bridge_testkit::bins::build_wasm`], which the
+/// tests use too); returns the directory holding the `.wasm` files.
 pub fn build_examples() -> Result<PathBuf> {
     ensure_wasm_target()?;
-    let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--quiet",
-        "--profile",
-        "handler",
-        "--target",
-        WASM_TARGET,
-        "--target-dir",
-        "target/wasm",
-    ]);
-    for p in WASM_PACKAGES {
-        cmd.args(["-p", p]);
-    }
-    run(cmd)?;
-    let out = root().join("target/wasm").join(WASM_TARGET).join("handler");
-    // The non-Rust example: WebAssembly text, assembled here.
-    let wat_src = root().join("examples/wat-hello/hello.wat");
-    let wasm =
-        wat::parse_file(&wat_src).with_context(|| format!("assembling {}", wat_src.display()))?;
-    std::fs::write(out.join("wat-hello.wasm"), wasm).context("writing wat-hello.wasm")?;
-    Ok(out)
+    bridge_testkit::bins::build_wasm().map_err(anyhow::Error::msg)
 }
 
 /// Runs a command, echoing it first as `$ name args…` (paths shortened for reading).
@@ -122,35 +100,10 @@ fn step(cmd: &mut Command, shown: &str) -> Result<std::process::Output> {
     Ok(out)
 }
 
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-struct Service {
-    name: &'static str,
-    child: std::process::Child,
-}
-
-impl Service {
-    fn stop(&mut self) -> Result<()> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        for _ in 0..100 {
-            if let Some(status) = self.child.try_wait()? {
-                println!("{} stopped ({status})", self.name);
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        self.child.kill()?;
-        bail!("{} did not stop on SIGTERM within 10 s", self.name)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Stops a service of the demo (SIGTERM, at most 10 s) and says so.
+fn stop(name: &str, mut service: Proc) {
+    let status = service.terminate(std::time::Duration::from_secs(10));
+    println!("{name} stopped ({status})");
 }
 
 /// The demo: a development platform and an agent on 127.0.0.1, a publisher key, signed handlers
@@ -213,12 +166,13 @@ fn demo(_rest: &[String]) -> Result<()> {
     serve
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
-    let mut platform = Service {
-        name: "platform",
-        child: serve.spawn().context("starting bridgectl serve")?,
-    };
+    let mut platform = Proc::adopt(
+        "platform",
+        serve.spawn().context("starting bridgectl serve")?,
+    );
     let mut first = String::new();
-    std::io::BufReader::new(platform.child.stdout.take().expect("piped")).read_line(&mut first)?;
+    std::io::BufReader::new(platform.child().stdout.take().expect("piped"))
+        .read_line(&mut first)?;
     let info: serde_json::Value =
         serde_json::from_str(first.trim()).context("reading serve's first line")?;
     println!("{}", serde_json::to_string_pretty(&info)?);
@@ -265,11 +219,11 @@ fn demo(_rest: &[String]) -> Result<()> {
         .arg(work.join("agent.toml"))
         .stdout(std::process::Stdio::null());
     agent_cmd.stderr(std::fs::File::create(work.join("agent.log"))?);
-    let mut agent = Service {
-        name: "agent",
-        child: agent_cmd.spawn().context("starting bridge-daemon run")?,
-    };
-    let id = wait_for_agent(&ctl, control)?;
+    let agent = Proc::adopt(
+        "agent",
+        agent_cmd.spawn().context("starting bridge-daemon run")?,
+    );
+    let id = Control::new(&socket).wait_any_connected(std::time::Duration::from_secs(30));
     println!("agent {id} connected and enrolled");
 
     // 4. Tasks pushed over the link.
@@ -397,33 +351,11 @@ fn demo(_rest: &[String]) -> Result<()> {
     }
 
     println!();
-    agent.stop()?;
-    platform.stop()?;
+    stop("agent", agent);
+    stop("platform", platform);
     let _ = std::fs::remove_dir_all(&work);
     println!("\ndemo finished: platform and agent over mutual TLS, signed handlers ran, an installed handler and a shell rule ran as commands, a repeated task id was not run twice, the tampered module was rejected");
     Ok(())
-}
-
-/// Polls `bridgectl agents` until one agent is connected; returns its id.
-fn wait_for_agent(ctl: &Path, state: &str) -> Result<String> {
-    for _ in 0..300 {
-        let out = Command::new(ctl)
-            .args(["--state", state, "agents"])
-            .output()?;
-        if let Ok(agents) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            if let Some(a) = agents
-                .as_array()
-                .and_then(|a| a.iter().find(|a| a["connected"] == true))
-            {
-                return a["id"]
-                    .as_str()
-                    .map(str::to_string)
-                    .context("agent without id");
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    bail!("the agent did not connect within 30 s")
 }
 
 /// The examples and the capabilities each declares in its signature.

@@ -1,18 +1,15 @@
-//! Shared by the tests that run the real `bridgectl serve` and talk to it as an agent would
-//! (TLS with a self-signed client certificate, the server pinned by the printed pin, WebSocket
-//! at /agent) and through its control interface.
+//! A fake agent for the tests that run the real `bridgectl serve` (`bridge_testkit::Platform`)
+//! and talk to it as an agent would: TLS with a self-signed client certificate, the server
+//! pinned by the printed pin, WebSocket at /agent.
 
 // Each test file uses its own subset.
 #![allow(dead_code)]
 
-use std::fs::File;
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bridge_protocol::identity::spki_fingerprint;
+use bridge_testkit::Platform;
 use futures_util::{SinkExt as _, StreamExt as _};
 use rcgen::PublicKeyData as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -20,8 +17,7 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -42,137 +38,7 @@ pub async fn within<F: std::future::Future>(secs: u64, f: F) -> F::Output {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The server process
-
-pub struct Serve {
-    pub child: Child,
-    pub info: Value,
-    pub log: PathBuf,
-}
-
-impl Serve {
-    pub fn start(state: &Path, extra: &[&str]) -> Serve {
-        let log = state.with_extension(format!("log{}", rand_suffix()));
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(state)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let info: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "no first line ({line:?}); stderr:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
-        Serve { child, info, log }
-    }
-
-    pub fn url(&self) -> &str {
-        self.info["url"].as_str().unwrap()
-    }
-    pub fn pin(&self) -> &str {
-        self.info["server_pin"].as_str().unwrap()
-    }
-    pub fn token(&self) -> &str {
-        self.info["token"].as_str().unwrap()
-    }
-    pub fn control(&self) -> &str {
-        self.info["control"].as_str().unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the exit status (at most 10 s).
-    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
-        let started = std::time::Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "serve did not exit after SIGTERM; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// One control request, answered within 10 s.
-    pub async fn control_request(&self, request: &str) -> Value {
-        let stream = timeout(STEP, UnixStream::connect(self.control()))
-            .await
-            .unwrap()
-            .unwrap();
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .unwrap();
-        let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(read);
-        timeout(STEP, reader.read_line(&mut line))
-            .await
-            .unwrap()
-            .unwrap();
-        serde_json::from_str(&line).unwrap()
-    }
-
-    pub async fn agents(&self) -> Vec<Value> {
-        let response = self.control_request(r#"{"cmd":"agents"}"#).await;
-        assert_eq!(response["ok"], true, "{response}");
-        response["agents"].as_array().unwrap().clone()
-    }
-
-    pub async fn agent(&self, id: &str) -> Value {
-        self.agents()
-            .await
-            .into_iter()
-            .find(|a| a["id"] == id)
-            .unwrap_or_else(|| panic!("agent {id} is not listed"))
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-pub fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+// The server process is `bridge_testkit::Platform`, its control client `Platform::control()`.
 
 // ---------------------------------------------------------------------------------------------
 // The test agent
@@ -253,7 +119,7 @@ impl ServerCertVerifier for Pinned {
 
 /// Connects to `url` (path replaced by `path` if given) as `who`, with `token` if given.
 pub async fn connect_path(
-    serve: &Serve,
+    serve: &Platform,
     who: &Identity,
     token: Option<&str>,
     path: &str,
@@ -264,7 +130,7 @@ pub async fn connect_path(
 /// Like [`connect_path`], with the socket's receive buffer set to `recv_buffer` bytes if given
 /// (a small one makes a peer that does not read fill it quickly).
 pub async fn connect_with(
-    serve: &Serve,
+    serve: &Platform,
     who: &Identity,
     token: Option<&str>,
     path: &str,
@@ -272,7 +138,7 @@ pub async fn connect_with(
 ) -> Result<Ws, WsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(Pinned {
-        pin: serve.pin().to_string(),
+        pin: serve.pin(),
         algorithms: provider.signature_verification_algorithms,
     });
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -285,14 +151,7 @@ pub async fn connect_with(
             PrivateKeyDer::try_from(who.key.serialize_der()).unwrap(),
         )
         .unwrap();
-    let authority = serve
-        .url()
-        .strip_prefix("wss://")
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let authority = serve.listen_addr();
     let address: std::net::SocketAddr = authority.parse().unwrap();
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
@@ -335,7 +194,7 @@ pub async fn connect_with(
     Ok(ws)
 }
 
-pub async fn connect(serve: &Serve, who: &Identity, token: Option<&str>) -> Result<Ws, WsError> {
+pub async fn connect(serve: &Platform, who: &Identity, token: Option<&str>) -> Result<Ws, WsError> {
     connect_path(serve, who, token, "/agent").await
 }
 
@@ -403,7 +262,7 @@ pub async fn hello(ws: &mut Ws, who: &Identity) -> Value {
 }
 
 /// Connects, says hello and checks the welcome; returns the connection and `enrolled`.
-pub async fn session(serve: &Serve, who: &Identity, token: Option<&str>) -> (Ws, bool) {
+pub async fn session(serve: &Platform, who: &Identity, token: Option<&str>) -> (Ws, bool) {
     let mut ws = connect(serve, who, token).await.expect("upgrade refused");
     let welcome = hello(&mut ws, who).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
@@ -441,34 +300,7 @@ pub fn run_result(status: &str, exit_code: i32) -> Value {
     })
 }
 
-/// Sends one control request on a new connection in the background; resolves to every line
-/// received until the response (event lines first, the response last).
-pub fn control_in_background(serve: &Serve, request: Value) -> tokio::task::JoinHandle<Vec<Value>> {
-    let control = serve.control().to_string();
-    tokio::spawn(async move {
-        let stream = UnixStream::connect(control).await.unwrap();
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .unwrap();
-        let mut reader = tokio::io::BufReader::new(read);
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line).await.unwrap();
-            assert!(n > 0, "the control connection closed after {lines:?}");
-            let value: Value = serde_json::from_str(&line).unwrap();
-            let last = value.get("ok").is_some();
-            lines.push(value);
-            if last {
-                return lines;
-            }
-        }
-    })
-}
-
-/// The response of a control request started with [`control_in_background`], within 10 s.
+/// The response of a control request started with `Control::background`, within 10 s.
 pub async fn response_of(handle: tokio::task::JoinHandle<Vec<Value>>) -> Value {
     let mut lines = timeout(STEP, handle)
         .await
@@ -497,11 +329,14 @@ pub async fn expect_silence(ws: &mut Ws, wait: Duration) {
 
 /// Runs `bridgectl --control SOCKET ARGS…` in the background.
 pub fn bridgectl(
-    serve: &Serve,
+    serve: &Platform,
     args: &[&str],
 ) -> tokio::task::JoinHandle<std::io::Result<std::process::Output>> {
     let mut command = tokio::process::Command::new(BIN);
-    command.args(["--control", serve.control()]).args(args);
+    command
+        .arg("--control")
+        .arg(serve.control_socket())
+        .args(args);
     tokio::spawn(async move { command.output().await })
 }
 
