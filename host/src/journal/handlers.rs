@@ -1,30 +1,15 @@
-//! Installed handlers: a signed module bound to a command name, kept in the journal so that it
-//! survives restarts, and kept in memory in the index (looked up for every task naming a command).
+//! Installed handlers: put and removed through the writer (so that they survive restarts), and
+//! looked up in the index, which keeps them in memory (asked for every task naming a command).
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::error::Fail;
+use super::error::{Fail, JournalError};
 use super::index::Change;
-use super::ops::Op;
+use super::queue::Op;
+use super::records::HandlerRecord;
 use super::schema::encode;
 use super::tables::Tables;
-use super::{lock, Journal, JournalError};
-
-/// An installed handler: a signed module bound to a command name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HandlerRecord {
-    /// The command name.
-    pub name: String,
-    /// SHA-256 (hex) of the module.
-    pub module_sha256: String,
-    /// The detached signature (base64), when the module has no embedded one.
-    pub signature: Option<String>,
-    /// When it was installed (RFC 3339, UTC).
-    pub installed_at: String,
-    /// The signing key's fingerprint, when known.
-    pub key: Option<String>,
-}
+use super::{lock, Journal};
 
 impl Journal {
     /// Records (or replaces) an installed handler; committed before this returns.

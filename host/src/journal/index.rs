@@ -5,62 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
-use serde::{Deserialize, Serialize};
 
 use super::error::{db_error, Res};
-use super::schema::{decode, Entry, ENTRIES, HANDLERS, RECORDS, RESULTS};
-use super::space::{stored_size, ENTRY_BYTES};
-use super::{HandlerRecord, TaskPhase, TaskRecord};
-
-/// Where a task is: its entry in table `entries` (keyed by `seq`), and in the in-memory index.
-/// Format version 1 stored it as such, as JSON, in its `task_index` table (see `migration`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Summary {
-    /// Accept order.
-    pub(super) seq: u64,
-    pub(super) phase: TaskPhase,
-    pub(super) acked: bool,
-    pub(super) finished_at_ms: Option<u64>,
-    /// What the task's values (record, result, entry) take in the file, as written (0 when
-    /// read from a format version 1 entry, which did not have it: measured at open).
-    #[serde(default)]
-    pub(super) bytes: u64,
-    /// The result's output was dropped (evicted once acknowledged, or never stored for lack
-    /// of room), and the record's input with it.
-    #[serde(default)]
-    pub(super) evicted: bool,
-}
-
-impl Summary {
-    /// The summary of a record about to be written (its size is counted as it is).
-    pub(super) fn of(seq: u64, record: &TaskRecord) -> Summary {
-        Summary {
-            seq,
-            phase: record.phase,
-            acked: record.acked,
-            finished_at_ms: record.finished_at_ms,
-            bytes: 0,
-            evicted: false,
-        }
-    }
-
-    /// Finished and not acknowledged: a result owed to the platform.
-    pub(super) fn in_outbox(&self) -> bool {
-        self.phase == TaskPhase::Done && !self.acked
-    }
-
-    /// Acknowledged, with an output that can still be evicted to make room.
-    pub(super) fn evictable(&self) -> bool {
-        self.phase == TaskPhase::Done && self.acked && !self.evicted
-    }
-
-    /// Brings a record read from table `records` up to date: starts and acknowledgements
-    /// are written to the entry alone. Both only move forward, so the later of the two wins.
-    pub(super) fn overlay(&self, record: &mut TaskRecord) {
-        record.phase = record.phase.max(self.phase);
-        record.acked |= self.acked;
-    }
-}
+use super::records::HandlerRecord;
+use super::schema::{
+    decode, stored_size, Entry, Summary, ENTRIES, ENTRY_BYTES, HANDLERS, RECORDS, RESULTS,
+};
 
 /// The summary of every committed record (plus acknowledgements not yet written), and the
 /// installed handlers (looked up for every task that names a command).

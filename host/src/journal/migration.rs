@@ -1,12 +1,54 @@
-//! Format version 1 (tables keyed by task id) and its migration, at open and in one
-//! transaction, to the tables keyed by accept sequence number.
+//! The file's format version, checked at open: a new file gets the current tables, a version 1
+//! file (tables keyed by task id) is migrated in one transaction, a newer one is refused.
 
-use redb::{ReadableTable, WriteTransaction};
+use std::path::Path;
 
-use super::error::Fail;
-use super::index::Summary;
-use super::schema::{decode, encode, Entry, ENTRIES, RECORDS};
-use super::JournalError;
+use redb::{Database, ReadableTable, WriteTransaction};
+
+use super::error::{db_error, Fail, JournalError, Res};
+use super::schema::{
+    create_tables, decode, encode, Entry, Summary, ENTRIES, META, RECORDS, SCHEMA_VERSION,
+};
+
+/// Brings the file to the current format at open, in one transaction: creates the tables if
+/// needed, checks the format version, migrates a version 1 file; refuses a newer one.
+pub(super) fn init_schema(db: &Database, path: &Path) -> Res<()> {
+    let txn = db.begin_write().map_err(db_error)?;
+    let mut migrated = None;
+    {
+        let mut meta = txn.open_table(META).map_err(db_error)?;
+        let version = meta.get("schema").map_err(db_error)?.map(|v| v.value());
+        match version {
+            None => {}
+            Some(1) => {
+                migrated = Some(migrate_v1(&txn).map_err(|e| match e {
+                    Fail::Alone(e) => e,
+                    Fail::Transaction(e) => db_error(e),
+                })?)
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(JournalError::Io(format!(
+                    "the journal {} has format version {v}; this agent reads versions 1 and \
+                     {SCHEMA_VERSION}",
+                    path.display()
+                )))
+            }
+        }
+        if version != Some(SCHEMA_VERSION) {
+            meta.insert("schema", SCHEMA_VERSION).map_err(db_error)?;
+        }
+        create_tables(&txn).map_err(db_error)?;
+    }
+    txn.commit().map_err(db_error)?;
+    if let Some(n) = migrated {
+        tracing::info!(
+            "migrated the journal {} from format version 1 to {SCHEMA_VERSION} ({n} task records)",
+            path.display()
+        );
+    }
+    Ok(())
+}
 
 /// The tables of format version 1, keyed by task id (random, from the platform: every write
 /// landed on a different B-tree page). Read only to migrate.
@@ -15,7 +57,7 @@ mod v1 {
 
     /// Task id → [`TaskRecord`](crate::journal::TaskRecord).
     pub const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
-    /// Task id → [`Summary`](crate::journal::index::Summary).
+    /// Task id → [`Summary`](crate::journal::schema::Summary).
     pub const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("task_index");
 }
 
@@ -58,11 +100,10 @@ pub(super) fn migrate_v1(txn: &WriteTransaction) -> Result<usize, Fail> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::schema::{HANDLERS, META, SCHEMA_VERSION};
+    use crate::journal::schema::HANDLERS;
     use crate::journal::testkit::*;
-    use crate::journal::{now_ms, Accept, TaskPhase, TaskRecord};
-    use redb::{Database, ReadableDatabase};
-    use std::path::Path;
+    use crate::journal::{now_ms, Accept, Journal, TaskPhase, TaskRecord};
+    use redb::ReadableDatabase;
 
     /// Writes a journal in format version 1 (tables keyed by task id), as agents before
     /// version 2 did: `(task id, seq, phase, acked)`; done tasks get a result.
@@ -147,5 +188,21 @@ mod tests {
         let txn = db.begin_read().unwrap();
         assert!(txn.open_table(v1::TASKS).is_err());
         assert!(txn.open_table(v1::INDEX).is_err());
+    }
+
+    #[test]
+    fn a_journal_of_a_newer_format_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
+        {
+            let db = Database::create(&cfg.path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("schema", 99).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Journal::open(cfg.clone()).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("format version 99"), "{err}");
+        assert_eq!(format_version(&cfg.path), 99);
     }
 }

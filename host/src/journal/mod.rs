@@ -6,9 +6,14 @@
 //! writer thread, which commits whatever is waiting as one batch (group commit); reads are served
 //! from an in-memory index and redb read transactions, beside the writer.
 //!
-//! Reading order: this file (the facade), `writer` (group commit), `ops` (what each write does in
-//! its transaction), `tables`, `index`, `space` (byte limits and eviction), `retention`; then
-//! `schema`, `migration`, `read`, `early`, `recovery`, `reopen`, `handlers`, `error`.
+//! The files are layered (`cargo xtask deps` lists the edges): each uses only those before it in
+//! this list, and this file's shared state and locks, so they read bottom-up.
+//! `records` and `error` (what is handed out, what goes wrong), `early`; `schema` (the file, its
+//! tables, encodings, sizes) and `migration` (format versions, at open); `index` (in memory);
+//! `tables` (one write transaction's view); what each write does in it: `space` (making room),
+//! `ops` (a task's acceptance, start, finish, ack), then `queue` (the writes sent to the writer),
+//! `handlers`, `retention`; `reopen` (after an I/O failure); `writer` (group commit, which applies
+//! them); and the facade: this file (open, accept, start, finish, ack), `read`, `recovery`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +33,7 @@ mod handlers;
 mod index;
 mod migration;
 mod ops;
+mod queue;
 mod read;
 mod records;
 mod recovery;
@@ -42,16 +48,16 @@ mod writer;
 
 pub use early::EarlyResult;
 pub use error::JournalError;
-pub use handlers::HandlerRecord;
-pub use records::{Accept, TaskPhase, TaskRecord};
+pub use records::{Accept, HandlerRecord, TaskPhase, TaskRecord};
 pub use recovery::Recovery;
 pub use retention::PRUNE_EVERY;
 pub use writer::{FLUSH_AFTER, HOLD, MAX_BATCH};
 
 use error::Res;
 use index::Index;
-use ops::Op;
-use schema::{init_schema, open_db, prepare_path};
+use migration::init_schema;
+use queue::Op;
+use schema::{open_db, prepare_path};
 use writer::Writer;
 
 /// Where the journal lives and how much it may keep.
@@ -161,8 +167,7 @@ impl Journal {
             index: Mutex::new(index),
             commits: AtomicU64::new(0),
         });
-        let mut writer = Writer::new(shared.clone(), next_seq);
-        match writer.prune_now() {
+        match retention::prune_now(&shared) {
             Ok(0) => {}
             Ok(n) => tracing::info!("pruned {n} old task records from the journal"),
             Err(e) => tracing::warn!("pruning the journal: {e}"),
@@ -172,6 +177,7 @@ impl Journal {
             let db = guard.as_ref().expect("the database was just opened");
             Recovery::load(db, &lock(&shared.index))?
         };
+        let writer = Writer::new(shared.clone(), next_seq);
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("bridge-journal".into())

@@ -1,262 +1,106 @@
-//! The writes queued to the writer (`Op`), their answers, and what each does inside the batch's
-//! transaction: a task's acceptance, start, finish and acknowledgement.
+//! What a task's writes do inside the batch's transaction: its acceptance (with room made for
+//! it, and its early result), its start, its finish, its acknowledgement.
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 use bridge_protocol::RunRequest;
-use tokio::sync::oneshot;
 
 use crate::outcome::RunResult;
 
-use super::error::{split, Fail, Res};
-use super::handlers::{put_handler_in, remove_handler_in};
-use super::index::{Change, Summary};
-use super::schema::{encode, encode_result};
-use super::space::{make_room, stored_size, ENTRY_BYTES};
+use super::early::EarlyResult;
+use super::error::{Fail, JournalError};
+use super::index::Change;
+use super::records::{Accept, TaskPhase, TaskRecord};
+use super::schema::{encode, encode_result, stored_size, Summary, ENTRY_BYTES};
+use super::space::make_room;
 use super::tables::Tables;
-use super::writer::Writer;
-use super::{Accept, EarlyResult, HandlerRecord, JournalError, TaskPhase, TaskRecord};
+use super::JournalConfig;
 
-/// A write queued to the writer, with the channel its answer goes to (an acknowledgement has
-/// none: no one waits for it).
-pub(super) enum Op {
-    Accept {
-        request: Box<RunRequest>,
-        running: bool,
-        /// Where the task's result may be by the time the acceptance is written.
-        early: Option<EarlyResult>,
-        reply: oneshot::Sender<Res<Accept>>,
-    },
-    Start {
-        task_id: String,
-        reply: oneshot::Sender<Res<()>>,
-    },
-    Finish {
-        task_id: String,
-        result: Box<RunResult>,
-        /// Commit with fsync before answering (otherwise with the next durable commit).
-        durable: bool,
-        reply: oneshot::Sender<Res<()>>,
-    },
-    Ack {
-        task_ids: Vec<String>,
-    },
-    PutHandler {
-        handler: HandlerRecord,
-        reply: oneshot::Sender<Res<()>>,
-    },
-    RemoveHandler {
-        name: String,
-        reply: oneshot::Sender<Res<bool>>,
-    },
-    Prune {
-        reply: mpsc::Sender<Res<usize>>,
-    },
+/// Records a new task under sequence number `seq` (the writer's next one, taken only if this
+/// returns [`Accept::New`]), with its result if `early` holds one that fits; a task id already
+/// recorded is [`Accept::Seen`]. `space` is the writer's verdict on free space for this batch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn accept_in(
+    t: &mut Tables<'_>,
+    request: &RunRequest,
+    running: bool,
+    early: Option<&EarlyResult>,
+    seq: u64,
+    now: u64,
+    space: &Result<(), String>,
+    config: &JournalConfig,
+    changes: &mut Vec<Change>,
+) -> Result<Accept, Fail> {
+    let id = request.task_id.as_str();
+    // Authoritative: sees this batch's writes too.
+    if let Some((record, _)) = t.load(id)? {
+        return Ok(Accept::Seen(record));
+    }
+    if let Err(why) = space {
+        return Err(Fail::Alone(JournalError::StorageFull(why.clone())));
+    }
+    let record = TaskRecord {
+        request: request.clone(),
+        phase: if running {
+            TaskPhase::Running
+        } else {
+            TaskPhase::Queued
+        },
+        result: None,
+        acked: false,
+        accepted_at_ms: now,
+        finished_at_ms: None,
+    };
+    let mut summary = Summary::of(seq, &record);
+    let encoded = encode("task", id, &record).map_err(Fail::Alone)?;
+    let need = stored_size(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
+    // New work is taken up to 7/8 of the limit: the rest is for the results of the tasks
+    // already accepted (one that still does not fit is kept without its output).
+    let max_bytes = config.max_bytes;
+    let max_bytes = max_bytes - max_bytes / 8;
+    if !make_room(t, max_bytes, need, changes)? {
+        return Err(Fail::Alone(JournalError::StorageFull(format!(
+            "the journal {} holds {} bytes, most of them results the platform has not \
+             acknowledged yet; new tasks are taken up to {max_bytes} bytes (7/8 of its limit)",
+            config.path.display(),
+            t.bytes_held()
+        ))));
+    }
+    match early.map(EarlyResult::slot) {
+        Some(mut slot) => {
+            // Looked at once: a result offered later goes the usual way (`finish`).
+            slot.looked = true;
+            let result = match &slot.result {
+                Some(result) => Some(encode_result(id, now, result).map_err(Fail::Alone)?),
+                None => None,
+            };
+            // Written with the acceptance only if it fits; otherwise it goes the usual way.
+            let fits = match &result {
+                Some(f) => make_room(t, max_bytes, need + stored_size(f.len()), changes)?,
+                None => false,
+            };
+            t.store(id, &encoded, &mut summary)?;
+            if let (Some(f), true) = (result, fits) {
+                summary.phase = TaskPhase::Done;
+                summary.finished_at_ms = Some(now);
+                t.store_result(id, &f, &mut summary)?;
+                slot.written = true;
+            }
+        }
+        None => t.store(id, &encoded, &mut summary)?,
+    }
+    let id: Arc<str> = Arc::from(id);
+    t.fresh.insert(id.clone(), summary.seq);
+    changes.push(Change::Set(id, summary));
+    Ok(Accept::New)
 }
 
-/// An operation's reply channel with the answer it gets if its batch commits.
-pub(super) enum Answer {
-    Accept(oneshot::Sender<Res<Accept>>, Box<Res<Accept>>),
-    Unit(oneshot::Sender<Res<()>>, Res<()>),
-    Bool(oneshot::Sender<Res<bool>>, Res<bool>),
-    Count(mpsc::Sender<Res<usize>>, Res<usize>),
-    Nothing,
-}
-
-impl Answer {
-    /// The answer of an operation that was not applied (its batch failed first).
-    pub(super) fn unapplied(op: Op) -> Answer {
-        fn e<T>() -> Res<T> {
-            Err(JournalError::Io("the batch was abandoned".into()))
-        }
-        match op {
-            Op::Accept { reply, .. } => Answer::Accept(reply, Box::new(e())),
-            Op::Start { reply, .. } | Op::Finish { reply, .. } | Op::PutHandler { reply, .. } => {
-                Answer::Unit(reply, e())
-            }
-            Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
-            Op::Prune { reply } => Answer::Count(reply, e()),
-            Op::Ack { .. } => Answer::Nothing,
-        }
-    }
-
-    /// Sends the answer, or `failure` (the batch's) instead.
-    pub(super) fn send(self, failure: Option<&JournalError>) {
-        fn pick<T>(r: Res<T>, failure: Option<&JournalError>) -> Res<T> {
-            match failure {
-                Some(e) => Err(e.clone()),
-                None => r,
-            }
-        }
-        // A caller that stopped waiting is no one's concern.
-        match self {
-            Answer::Accept(tx, r) => {
-                let _ = tx.send(pick(*r, failure));
-            }
-            Answer::Unit(tx, r) => {
-                let _ = tx.send(pick(r, failure));
-            }
-            Answer::Bool(tx, r) => {
-                let _ = tx.send(pick(r, failure));
-            }
-            Answer::Count(tx, r) => {
-                let _ = tx.send(pick(r, failure));
-            }
-            Answer::Nothing => {}
-        }
-    }
-}
-
-impl Writer {
-    /// Applies one operation; returns its answer, and the storage error that fails the whole
-    /// transaction, if any.
-    pub(super) fn apply(
-        &mut self,
-        t: &mut Tables<'_>,
-        op: Op,
-        now: u64,
-        space: &Result<(), String>,
-        changes: &mut Vec<Change>,
-    ) -> (Answer, Option<redb::Error>) {
-        match op {
-            Op::Accept {
-                request,
-                running,
-                early,
-                reply,
-            } => {
-                let (r, e) = split(self.accept_in(
-                    t,
-                    &request,
-                    running,
-                    early.as_ref(),
-                    now,
-                    space,
-                    changes,
-                ));
-                (Answer::Accept(reply, Box::new(r)), e)
-            }
-            Op::Start { task_id, reply } => {
-                let (r, e) = split(start_in(t, &task_id, changes));
-                (Answer::Unit(reply, r), e)
-            }
-            Op::Finish {
-                task_id,
-                result,
-                reply,
-                ..
-            } => {
-                let (r, e) = split(finish_in(
-                    t,
-                    &task_id,
-                    *result,
-                    now,
-                    self.shared.config.max_bytes,
-                    changes,
-                ));
-                (Answer::Unit(reply, r), e)
-            }
-            Op::Ack { task_ids } => {
-                let (r, e) = split(ack_in(t, &task_ids, changes));
-                if let Err(err) = r {
-                    tracing::warn!("recording acknowledgements: {err}");
-                }
-                (Answer::Nothing, e)
-            }
-            Op::PutHandler { handler, reply } => {
-                let (r, e) = split(put_handler_in(t, handler, changes));
-                (Answer::Unit(reply, r), e)
-            }
-            Op::RemoveHandler { name, reply } => {
-                let (r, e) = split(remove_handler_in(t, name, changes));
-                (Answer::Bool(reply, r), e)
-            }
-            Op::Prune { reply } => {
-                let (r, e) = split(self.prune_in(t, now, changes));
-                (Answer::Count(reply, r), e)
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn accept_in(
-        &mut self,
-        t: &mut Tables<'_>,
-        request: &RunRequest,
-        running: bool,
-        early: Option<&EarlyResult>,
-        now: u64,
-        space: &Result<(), String>,
-        changes: &mut Vec<Change>,
-    ) -> Result<Accept, Fail> {
-        let id = request.task_id.as_str();
-        // Authoritative: sees this batch's writes too.
-        if let Some((record, _)) = t.load(id)? {
-            return Ok(Accept::Seen(record));
-        }
-        if let Err(why) = space {
-            return Err(Fail::Alone(JournalError::StorageFull(why.clone())));
-        }
-        let record = TaskRecord {
-            request: request.clone(),
-            phase: if running {
-                TaskPhase::Running
-            } else {
-                TaskPhase::Queued
-            },
-            result: None,
-            acked: false,
-            accepted_at_ms: now,
-            finished_at_ms: None,
-        };
-        let mut summary = Summary::of(self.next_seq, &record);
-        let encoded = encode("task", id, &record).map_err(Fail::Alone)?;
-        let need = stored_size(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
-        // New work is taken up to 7/8 of the limit: the rest is for the results of the tasks
-        // already accepted (one that still does not fit is kept without its output).
-        let max_bytes = self.shared.config.max_bytes;
-        let max_bytes = max_bytes - max_bytes / 8;
-        if !make_room(t, max_bytes, need, changes)? {
-            return Err(Fail::Alone(JournalError::StorageFull(format!(
-                "the journal {} holds {} bytes, most of them results the platform has not \
-                 acknowledged yet; new tasks are taken up to {max_bytes} bytes (7/8 of its limit)",
-                self.shared.config.path.display(),
-                t.bytes_held()
-            ))));
-        }
-        match early.map(EarlyResult::slot) {
-            Some(mut slot) => {
-                // Looked at once: a result offered later goes the usual way (`finish`).
-                slot.looked = true;
-                let result = match &slot.result {
-                    Some(result) => Some(encode_result(id, now, result).map_err(Fail::Alone)?),
-                    None => None,
-                };
-                // Written with the acceptance only if it fits; otherwise it goes the usual way.
-                let fits = match &result {
-                    Some(f) => make_room(t, max_bytes, need + stored_size(f.len()), changes)?,
-                    None => false,
-                };
-                t.store(id, &encoded, &mut summary)?;
-                if let (Some(f), true) = (result, fits) {
-                    summary.phase = TaskPhase::Done;
-                    summary.finished_at_ms = Some(now);
-                    t.store_result(id, &f, &mut summary)?;
-                    slot.written = true;
-                }
-            }
-            None => t.store(id, &encoded, &mut summary)?,
-        }
-        self.next_seq += 1;
-        self.accepts_since_prune += 1;
-        let id: Arc<str> = Arc::from(id);
-        t.fresh.insert(id.clone(), summary.seq);
-        changes.push(Change::Set(id, summary));
-        Ok(Accept::New)
-    }
-}
-
-fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(), Fail> {
+/// Marks a recorded task running (entry alone); one already running or done stays as it is.
+pub(super) fn start_in(
+    t: &mut Tables<'_>,
+    id: &str,
+    changes: &mut Vec<Change>,
+) -> Result<(), Fail> {
     let Some(mut summary) = t.entry(id)? else {
         return Err(Fail::Alone(JournalError::Io(format!(
             "cannot start task {id:?}: it is not recorded"
@@ -272,7 +116,8 @@ fn start_in(t: &mut Tables<'_>, id: &str, changes: &mut Vec<Change>) -> Result<(
     Ok(())
 }
 
-fn finish_in(
+/// Stores a task's result (the first one wins), without its output if no room can be made.
+pub(super) fn finish_in(
     t: &mut Tables<'_>,
     id: &str,
     result: RunResult,
@@ -308,6 +153,8 @@ fn finish_in(
     Ok(())
 }
 
+/// Marks finished tasks acknowledged (entry alone); unknown ones and those not in the outbox
+/// are skipped.
 pub(super) fn ack_in(
     t: &mut Tables<'_>,
     ids: &[String],

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use redb::ReadableDatabase;
 
-use super::error::{db_error, Res};
-use super::index::Summary;
-use super::schema::{assemble, RECORDS, RESULTS};
-use super::{lock, read_lock, Journal, JournalError, TaskPhase, TaskRecord};
+use super::error::{db_error, JournalError, Res};
+use super::records::{TaskPhase, TaskRecord};
+use super::schema::{assemble, Summary, RECORDS, RESULTS};
+use super::{lock, read_lock, Journal};
 
 impl Journal {
     /// Every finished and unacknowledged record, in accept order: the results to send again

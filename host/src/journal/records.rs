@@ -1,5 +1,5 @@
 //! The record types the journal hands out: a task's phase, its record (request, result,
-//! acknowledgement), and what an acceptance did.
+//! acknowledgement), what an acceptance did, and an installed handler's record.
 
 use bridge_protocol::RunRequest;
 use serde::{Deserialize, Serialize};
@@ -43,4 +43,19 @@ pub enum Accept {
     New,
     /// The task id was already recorded: here is its record. Nothing was written.
     Seen(TaskRecord),
+}
+
+/// An installed handler: a signed module bound to a command name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlerRecord {
+    /// The command name.
+    pub name: String,
+    /// SHA-256 (hex) of the module.
+    pub module_sha256: String,
+    /// The detached signature (base64), when the module has no embedded one.
+    pub signature: Option<String>,
+    /// When it was installed (RFC 3339, UTC).
+    pub installed_at: String,
+    /// The signing key's fingerprint, when known.
+    pub key: Option<String>,
 }

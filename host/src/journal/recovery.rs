@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase};
 
-use super::error::{db_error, Res};
-use super::index::{Index, Summary};
-use super::schema::{decode, RECORDS};
-use super::{JournalError, TaskPhase, TaskRecord};
+use super::error::{db_error, JournalError, Res};
+use super::index::Index;
+use super::records::{TaskPhase, TaskRecord};
+use super::schema::{decode, Summary, RECORDS};
 
 /// What [`Journal::open`](super::Journal::open) found unfinished, each list in accept order.
 #[derive(Debug, Clone, Default)]

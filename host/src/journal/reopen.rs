@@ -7,73 +7,67 @@ use std::sync::Arc;
 use redb::ReadableTable;
 
 use super::error::{db_error, Fail, Res};
-use super::index::{Index, Summary};
+use super::index::Index;
 use super::ops::ack_in;
-use super::schema::{decode, open_db, Entry};
+use super::records::TaskPhase;
+use super::schema::{decode, open_db, Entry, Summary};
 use super::tables::Tables;
-use super::writer::Writer;
-use super::{lock, write_lock, TaskPhase};
+use super::{lock, write_lock, Shared};
 
-impl Writer {
-    /// Closes the database after an I/O failure, opens it again (redb repairs it), and
-    /// reconciles the file with what callers were told: records of accepts whose commit
-    /// reported an error are removed, acknowledgements lost with a batch are written again.
-    pub(super) fn reopen(&mut self) -> Res<()> {
-        let shared = self.shared.clone();
-        let mut guard = write_lock(&shared.db);
-        if let Some(old) = guard.take() {
-            drop(old);
-        }
-        let db = open_db(&shared.config.path)?;
-        let known: HashMap<Arc<str>, Summary> = lock(&shared.index).tasks.clone();
-        let reconciled = (|| -> Result<(), Fail> {
-            let txn = db.begin_write()?;
-            {
-                let mut t = Tables::open(&txn, &shared.index)?;
-                let mut on_disk = Vec::new();
-                for item in t.entries.iter()? {
-                    let (k, v) = item?;
-                    let seq = k.value();
-                    let entry: Entry =
-                        decode("index entry", &seq.to_string(), v.value()).map_err(Fail::Alone)?;
-                    let summary = entry.summary(seq);
-                    on_disk.push((entry.id.into_owned(), summary));
-                }
-                for (id, summary) in on_disk {
-                    // Not known under this number: an acceptance whose commit reported an
-                    // error (perhaps of a task pruned earlier in the same batch).
-                    match known.get(id.as_str()).filter(|k| k.seq == summary.seq) {
-                        None => {
-                            tracing::warn!(task_id = %id, "dropping a task whose acceptance failed");
-                            t.remove(summary.seq, summary.bytes)?;
-                        }
-                        Some(k)
-                            if k.acked && !summary.acked && summary.phase == TaskPhase::Done =>
-                        {
-                            ack_in(&mut t, std::slice::from_ref(&id), &mut Vec::new())?;
-                        }
-                        Some(_) => {}
+/// Closes the database after an I/O failure, opens it again (redb repairs it), and reconciles
+/// the file with what callers were told: records of accepts whose commit reported an error are
+/// removed, acknowledgements lost with a batch are written again. Returns the next sequence
+/// number the file leaves free.
+pub(super) fn reopen(shared: &Shared) -> Res<u64> {
+    let mut guard = write_lock(&shared.db);
+    if let Some(old) = guard.take() {
+        drop(old);
+    }
+    let db = open_db(&shared.config.path)?;
+    let known: HashMap<Arc<str>, Summary> = lock(&shared.index).tasks.clone();
+    let reconciled = (|| -> Result<(), Fail> {
+        let txn = db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn, &shared.index)?;
+            let mut on_disk = Vec::new();
+            for item in t.entries.iter()? {
+                let (k, v) = item?;
+                let seq = k.value();
+                let entry: Entry =
+                    decode("index entry", &seq.to_string(), v.value()).map_err(Fail::Alone)?;
+                let summary = entry.summary(seq);
+                on_disk.push((entry.id.into_owned(), summary));
+            }
+            for (id, summary) in on_disk {
+                // Not known under this number: an acceptance whose commit reported an
+                // error (perhaps of a task pruned earlier in the same batch).
+                match known.get(id.as_str()).filter(|k| k.seq == summary.seq) {
+                    None => {
+                        tracing::warn!(task_id = %id, "dropping a task whose acceptance failed");
+                        t.remove(summary.seq, summary.bytes)?;
                     }
+                    Some(k) if k.acked && !summary.acked && summary.phase == TaskPhase::Done => {
+                        ack_in(&mut t, std::slice::from_ref(&id), &mut Vec::new())?;
+                    }
+                    Some(_) => {}
                 }
             }
-            txn.commit()?;
-            Ok(())
-        })();
-        let result = match reconciled {
-            Ok(()) => match Index::load(&db) {
-                Ok((index, next_seq)) => {
-                    *lock(&shared.index) = index;
-                    self.next_seq = self.next_seq.max(next_seq);
-                    self.needs_reopen = false;
-                    tracing::info!("the journal was reopened after an I/O failure");
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
-            Err(Fail::Alone(e)) => Err(e),
-            Err(Fail::Transaction(e)) => Err(db_error(e)),
-        };
-        *guard = Some(db);
-        result
-    }
+        }
+        txn.commit()?;
+        Ok(())
+    })();
+    let result = match reconciled {
+        Ok(()) => match Index::load(&db) {
+            Ok((index, next_seq)) => {
+                *lock(&shared.index) = index;
+                tracing::info!("the journal was reopened after an I/O failure");
+                Ok(next_seq)
+            }
+            Err(e) => Err(e),
+        },
+        Err(Fail::Alone(e)) => Err(e),
+        Err(Fail::Transaction(e)) => Err(db_error(e)),
+    };
+    *guard = Some(db);
+    result
 }

@@ -4,85 +4,82 @@
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 
-use super::error::{db_error, Fail, Res};
+use super::error::{db_error, Fail, JournalError, Res};
 use super::index::Change;
-use super::ops::Op;
+use super::queue::Op;
+use super::records::TaskPhase;
 use super::tables::Tables;
-use super::writer::Writer;
-use super::{lock, now_ms, read_lock, stopped, Journal, JournalError, TaskPhase};
+use super::{lock, now_ms, read_lock, stopped, Journal, JournalConfig, Shared};
 
 /// The writer prunes after this many accepted tasks (and at open).
 pub const PRUNE_EVERY: usize = 1000;
 
-impl Writer {
-    /// Removes finished and acknowledged records per the retention settings.
-    pub(super) fn prune_in(
-        &self,
-        t: &mut Tables<'_>,
-        now: u64,
-        changes: &mut Vec<Change>,
-    ) -> Result<usize, Fail> {
-        let config = &self.shared.config;
-        let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
-        // The index may lag this batch's own writes; it never shows a record as finished and
-        // acknowledged that is not (on disk, or about to be in this very transaction).
-        let mut finished: Vec<(u64, Arc<str>, u64)> = lock(t.index)
-            .tasks
-            .iter()
-            .filter(|(_, m)| m.phase == TaskPhase::Done && m.acked)
-            .map(|(id, m)| (m.seq, id.clone(), m.finished_at_ms.unwrap_or(0)))
-            .collect();
-        finished.sort_unstable_by_key(|f| f.0);
-        let mut doomed = Vec::new();
-        let mut kept = Vec::new();
-        for (seq, id, finished_at) in finished {
-            if now.saturating_sub(finished_at) >= retention_ms {
-                doomed.push((seq, id));
-            } else {
-                kept.push((seq, id));
-            }
+/// Removes finished and acknowledged records per the retention settings of `config`, in the
+/// caller's transaction.
+pub(super) fn prune_in(
+    t: &mut Tables<'_>,
+    config: &JournalConfig,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<usize, Fail> {
+    let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
+    // The index may lag this batch's own writes; it never shows a record as finished and
+    // acknowledged that is not (on disk, or about to be in this very transaction).
+    let mut finished: Vec<(u64, Arc<str>, u64)> = lock(t.index)
+        .tasks
+        .iter()
+        .filter(|(_, m)| m.phase == TaskPhase::Done && m.acked)
+        .map(|(id, m)| (m.seq, id.clone(), m.finished_at_ms.unwrap_or(0)))
+        .collect();
+    finished.sort_unstable_by_key(|f| f.0);
+    let mut doomed = Vec::new();
+    let mut kept = Vec::new();
+    for (seq, id, finished_at) in finished {
+        if now.saturating_sub(finished_at) >= retention_ms {
+            doomed.push((seq, id));
+        } else {
+            kept.push((seq, id));
         }
-        if kept.len() > config.max_records {
-            let excess = kept.len() - config.max_records;
-            doomed.extend(kept.drain(..excess));
-        }
-        for (seq, id) in &doomed {
-            let bytes = lock(t.index).tasks.get(id).map_or(0, |m| m.bytes);
-            t.remove(*seq, bytes)?;
-        }
-        let n = doomed.len();
-        changes.extend(doomed.into_iter().map(|(_, id)| Change::Remove(id)));
-        Ok(n)
     }
+    if kept.len() > config.max_records {
+        let excess = kept.len() - config.max_records;
+        doomed.extend(kept.drain(..excess));
+    }
+    for (seq, id) in &doomed {
+        let bytes = lock(t.index).tasks.get(id).map_or(0, |m| m.bytes);
+        t.remove(*seq, bytes)?;
+    }
+    let n = doomed.len();
+    changes.extend(doomed.into_iter().map(|(_, id)| Change::Remove(id)));
+    Ok(n)
+}
 
-    /// Prunes in a transaction of its own.
-    pub(super) fn prune_now(&mut self) -> Res<usize> {
-        let shared = self.shared.clone();
-        let guard = read_lock(&shared.db);
-        let db = guard
-            .as_ref()
-            .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
-        let txn = db.begin_write().map_err(db_error)?;
-        let mut changes = Vec::new();
-        let n = {
-            let mut t = Tables::open(&txn, &shared.index).map_err(db_error)?;
-            match self.prune_in(&mut t, now_ms(), &mut changes) {
-                Ok(n) => n,
-                Err(Fail::Alone(e)) => return Err(e),
-                Err(Fail::Transaction(e)) => return Err(db_error(e)),
-            }
-        };
-        if n == 0 {
-            let _ = txn.abort();
-            return Ok(0);
+/// Prunes in a transaction of its own (on the writer thread, or at open before it starts), and
+/// updates the index; how many records were removed.
+pub(super) fn prune_now(shared: &Shared) -> Res<usize> {
+    let guard = read_lock(&shared.db);
+    let db = guard
+        .as_ref()
+        .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+    let txn = db.begin_write().map_err(db_error)?;
+    let mut changes = Vec::new();
+    let n = {
+        let mut t = Tables::open(&txn, &shared.index).map_err(db_error)?;
+        match prune_in(&mut t, &shared.config, now_ms(), &mut changes) {
+            Ok(n) => n,
+            Err(Fail::Alone(e)) => return Err(e),
+            Err(Fail::Transaction(e)) => return Err(db_error(e)),
         }
-        txn.commit().map_err(db_error)?;
-        drop(guard);
-        self.shared.commits.fetch_add(1, Ordering::Relaxed);
-        self.apply_changes(changes);
-        self.accepts_since_prune = 0;
-        Ok(n)
+    };
+    if n == 0 {
+        let _ = txn.abort();
+        return Ok(0);
     }
+    txn.commit().map_err(db_error)?;
+    drop(guard);
+    shared.commits.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.index).apply(changes);
+    Ok(n)
 }
 
 impl Journal {

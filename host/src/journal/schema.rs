@@ -1,25 +1,21 @@
 //! The journal's file: created private, opened with an integrity check and never replaced; its
-//! redb tables, the format version, and how values are encoded in them.
+//! redb tables, the format version, how values are encoded in them and what they take in it.
 
 use std::borrow::Cow;
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Mutex;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, TableDefinition, TableError, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::outcome::RunResult;
 
-use super::error::{db_error, io_is_full, Fail, Res};
-use super::index::Summary;
-use super::migration::migrate_v1;
-use super::tables::Tables;
-use super::{JournalError, TaskPhase, TaskRecord};
+use super::error::{io_is_full, JournalError, Res};
+use super::records::{TaskPhase, TaskRecord};
 
 /// The file format version, stored in table `meta`. Version 1 keyed the task tables by task
-/// id; a file in that format is migrated at open (see [`migrate_v1`]).
+/// id; a file in that format is migrated at open (see `migration`).
 pub(super) const SCHEMA_VERSION: u64 = 2;
 
 /// redb's page cache; the journal is read little (records are mostly written once).
@@ -36,6 +32,29 @@ pub(super) const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("re
 pub(super) const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 pub(super) const HANDLERS: TableDefinition<&str, &[u8]> = TableDefinition::new("handlers");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Creates the task and handler tables of this format version, those not there yet.
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), TableError> {
+    txn.open_table(RECORDS)?;
+    txn.open_table(RESULTS)?;
+    txn.open_table(ENTRIES)?;
+    txn.open_table(HANDLERS)?;
+    Ok(())
+}
+
+/// What an entry takes beside the id: the encoded fields, rounded up.
+pub(super) const ENTRY_BYTES: u64 = 128;
+
+/// What a value of `len` bytes takes in the file: small values share B-tree pages, a large one
+/// gets a region of its own, a power of two of pages.
+pub(super) fn stored_size(len: usize) -> u64 {
+    const PAGE: usize = 4096;
+    if len <= PAGE / 2 {
+        len as u64
+    } else {
+        (len + 64).next_power_of_two().max(PAGE) as u64
+    }
+}
 
 /// A value of table `results`.
 #[derive(Serialize, Deserialize)]
@@ -73,6 +92,57 @@ pub(super) fn assemble(
     }
     summary.overlay(&mut r);
     Ok(r)
+}
+
+/// Where a task is: its entry in table `entries` (keyed by `seq`, stored as an [`Entry`]), and
+/// in the in-memory index. Format version 1 stored it as such, as JSON, in its `task_index`
+/// table (see `migration`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Summary {
+    /// Accept order.
+    pub(super) seq: u64,
+    pub(super) phase: TaskPhase,
+    pub(super) acked: bool,
+    pub(super) finished_at_ms: Option<u64>,
+    /// What the task's values (record, result, entry) take in the file, as written (0 when
+    /// read from a format version 1 entry, which did not have it: measured at open).
+    #[serde(default)]
+    pub(super) bytes: u64,
+    /// The result's output was dropped (evicted once acknowledged, or never stored for lack
+    /// of room), and the record's input with it.
+    #[serde(default)]
+    pub(super) evicted: bool,
+}
+
+impl Summary {
+    /// The summary of a record about to be written (its size is counted as it is).
+    pub(super) fn of(seq: u64, record: &TaskRecord) -> Summary {
+        Summary {
+            seq,
+            phase: record.phase,
+            acked: record.acked,
+            finished_at_ms: record.finished_at_ms,
+            bytes: 0,
+            evicted: false,
+        }
+    }
+
+    /// Finished and not acknowledged: a result owed to the platform.
+    pub(super) fn in_outbox(&self) -> bool {
+        self.phase == TaskPhase::Done && !self.acked
+    }
+
+    /// Acknowledged, with an output that can still be evicted to make room.
+    pub(super) fn evictable(&self) -> bool {
+        self.phase == TaskPhase::Done && self.acked && !self.evicted
+    }
+
+    /// Brings a record read from table `records` up to date: starts and acknowledgements
+    /// are written to the entry alone. Both only move forward, so the later of the two wins.
+    pub(super) fn overlay(&self, record: &mut TaskRecord) {
+        record.phase = record.phase.max(self.phase);
+        record.acked |= self.acked;
+    }
 }
 
 /// A value of table `entries`: a [`Summary`] without its `seq` (the key), with the task id.
@@ -155,45 +225,6 @@ pub(super) fn open_db(path: &Path) -> Res<Database> {
     }
 }
 
-/// Creates the tables if needed and checks the schema version; migrates a version 1 file.
-pub(super) fn init_schema(db: &Database, path: &Path) -> Res<()> {
-    let txn = db.begin_write().map_err(db_error)?;
-    let mut migrated = None;
-    {
-        let mut meta = txn.open_table(META).map_err(db_error)?;
-        let version = meta.get("schema").map_err(db_error)?.map(|v| v.value());
-        match version {
-            None => {}
-            Some(1) => {
-                migrated = Some(migrate_v1(&txn).map_err(|e| match e {
-                    Fail::Alone(e) => e,
-                    Fail::Transaction(e) => db_error(e),
-                })?)
-            }
-            Some(SCHEMA_VERSION) => {}
-            Some(v) => {
-                return Err(JournalError::Io(format!(
-                    "the journal {} has format version {v}; this agent reads versions 1 and \
-                     {SCHEMA_VERSION}",
-                    path.display()
-                )))
-            }
-        }
-        if version != Some(SCHEMA_VERSION) {
-            meta.insert("schema", SCHEMA_VERSION).map_err(db_error)?;
-        }
-        Tables::open(&txn, &Mutex::default()).map_err(db_error)?;
-    }
-    txn.commit().map_err(db_error)?;
-    if let Some(n) = migrated {
-        tracing::info!(
-            "migrated the journal {} from format version 1 to {SCHEMA_VERSION} ({n} task records)",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
 /// Creates the directory (0700) and the file (0600) if they do not exist; tightens the file's
 /// mode if it is wider.
 pub(super) fn prepare_path(path: &Path) -> Res<()> {
@@ -251,22 +282,6 @@ mod tests {
         assert!(msg.contains("cannot open the journal"), "{msg}");
         assert!(msg.contains(&cfg.path.display().to_string()), "{msg}");
         assert_eq!(std::fs::read(&cfg.path).unwrap(), garbage);
-    }
-
-    #[test]
-    fn a_journal_of_a_newer_format_is_refused_and_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path());
-        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
-        {
-            let db = Database::create(&cfg.path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert("schema", 99).unwrap();
-            txn.commit().unwrap();
-        }
-        let err = Journal::open(cfg.clone()).map(|_| ()).unwrap_err();
-        assert!(err.to_string().contains("format version 99"), "{err}");
-        assert_eq!(format_version(&cfg.path), 99);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Space: what the journal holds, in bytes as the file stores them; evicting acknowledged
-//! output to make room; the free-space check and compaction that keep the file near its limit.
+//! Space: keeping what the journal holds within `max_bytes` by evicting acknowledged output,
+//! oldest first; the free-space check and the compaction that keep the file near its limit.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -7,12 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::error::Fail;
-use super::index::{Change, Summary};
-use super::schema::{encode, encode_result};
+use super::error::{Fail, Res};
+use super::index::Change;
+use super::schema::{encode, encode_result, stored_size, Summary, ENTRY_BYTES};
 use super::tables::Tables;
-use super::writer::Writer;
-use super::{lock, write_lock};
+use super::{lock, write_lock, Shared};
 
 /// While the file is over twice `max_bytes`, how long after compacting it the writer compacts it
 /// again.
@@ -30,20 +29,6 @@ fn recent(
         .as_ref()
         .filter(|(at, _)| at.elapsed() < ttl)
         .map(|(_, v)| v.clone())
-}
-
-/// What an entry takes beside the id: the encoded fields, rounded up.
-pub(super) const ENTRY_BYTES: u64 = 128;
-
-/// What a value of `len` bytes takes in the file: small values share B-tree pages, a large one
-/// gets a region of its own, a power of two of pages.
-pub(super) fn stored_size(len: usize) -> u64 {
-    const PAGE: usize = 4096;
-    if len <= PAGE / 2 {
-        len as u64
-    } else {
-        (len + 64).next_power_of_two().max(PAGE) as u64
-    }
 }
 
 /// Bytes available to unprivileged users on the filesystem holding `path`.
@@ -99,22 +84,40 @@ impl Tables<'_> {
     }
 }
 
-impl Writer {
+/// The writer's check that new tasks may be recorded, with its last verdicts (measuring costs
+/// system calls, compacting holds off readers and the writer: neither is done for every batch).
+#[derive(Default)]
+pub(super) struct SpaceCheck {
+    /// The last free-space and size verdict, reused for a while (`SPACE_RECHECK`).
+    space_verdict: Option<(Instant, Result<(), String>)>,
+    /// While the file is over twice `max_bytes`: when it was last compacted, and the verdict.
+    size_verdict: Option<(Instant, Result<(), String>)>,
+}
+
+impl SpaceCheck {
     /// Whether new tasks may be recorded: enough free space, and a file within its limit
-    /// (pruning and compacting it first when it is not).
-    pub(super) fn check_space(&mut self) -> Result<(), String> {
+    /// (pruned with `prune` and compacted first when it is not).
+    pub(super) fn check(
+        &mut self,
+        shared: &Shared,
+        prune: impl FnOnce() -> Res<usize>,
+    ) -> Result<(), String> {
         // Measuring costs two system calls per batch; a verdict holds briefly (a disk that
         // fills meanwhile fails the write itself, which is reported as storage full too).
         if let Some(verdict) = recent(&self.space_verdict, SPACE_RECHECK) {
             return verdict;
         }
-        let verdict = self.measure_space();
+        let verdict = self.measure(shared, prune);
         self.space_verdict = Some((Instant::now(), verdict.clone()));
         verdict
     }
 
-    fn measure_space(&mut self) -> Result<(), String> {
-        let config = &self.shared.config;
+    fn measure(
+        &mut self,
+        shared: &Shared,
+        prune: impl FnOnce() -> Res<usize>,
+    ) -> Result<(), String> {
+        let config = &shared.config;
         match free_bytes(&config.path) {
             Ok(free) if free < config.min_free_bytes => {
                 return Err(format!(
@@ -138,7 +141,7 @@ impl Writer {
             return Ok(());
         }
         if recent(&self.size_verdict, SIZE_RECHECK).is_none() {
-            let verdict = self.prune_and_compact();
+            let verdict = prune_and_compact(shared, prune);
             if let Err(why) = &verdict {
                 tracing::debug!("{why}");
             }
@@ -146,39 +149,39 @@ impl Writer {
         }
         Ok(())
     }
+}
 
-    /// Prunes and compacts the file; whether it is now within `max_bytes`.
-    fn prune_and_compact(&mut self) -> Result<(), String> {
-        if let Err(e) = self.prune_now() {
-            tracing::warn!("pruning the journal: {e}");
-        }
-        {
-            // No read transaction is alive while this is held (readers hold the read lock).
-            let mut guard = write_lock(&self.shared.db);
-            if let Some(db) = guard.as_mut() {
-                for _ in 0..8 {
-                    match db.compact() {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(e) => {
-                            tracing::warn!("compacting the journal: {e}");
-                            break;
-                        }
+/// Prunes (with `prune`) and compacts the file; whether it is now within `max_bytes`.
+fn prune_and_compact(shared: &Shared, prune: impl FnOnce() -> Res<usize>) -> Result<(), String> {
+    if let Err(e) = prune() {
+        tracing::warn!("pruning the journal: {e}");
+    }
+    {
+        // No read transaction is alive while this is held (readers hold the read lock).
+        let mut guard = write_lock(&shared.db);
+        if let Some(db) = guard.as_mut() {
+            for _ in 0..8 {
+                match db.compact() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!("compacting the journal: {e}");
+                        break;
                     }
                 }
             }
         }
-        let config = &self.shared.config;
-        let len = file_len(&config.path);
-        if len <= config.max_bytes {
-            Ok(())
-        } else {
-            Err(format!(
-                "the journal {} is {len} bytes after pruning, above its limit of {} bytes",
-                config.path.display(),
-                config.max_bytes
-            ))
-        }
+    }
+    let config = &shared.config;
+    let len = file_len(&config.path);
+    if len <= config.max_bytes {
+        Ok(())
+    } else {
+        Err(format!(
+            "the journal {} is {len} bytes after pruning, above its limit of {} bytes",
+            config.path.display(),
+            config.max_bytes
+        ))
     }
 }
 

@@ -6,11 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use redb::{ReadableTable, Table, TableError, WriteTransaction};
 
-use super::error::Fail;
-use super::index::{Index, Summary};
-use super::schema::{assemble, decode, encode, Entry, ENTRIES, HANDLERS, RECORDS, RESULTS};
-use super::space::{stored_size, ENTRY_BYTES};
-use super::{lock, JournalError, TaskRecord};
+use super::error::{Fail, JournalError};
+use super::index::Index;
+use super::lock;
+use super::records::TaskRecord;
+use super::schema::{
+    assemble, decode, encode, stored_size, Entry, Summary, ENTRIES, ENTRY_BYTES, HANDLERS, RECORDS,
+    RESULTS,
+};
 
 /// The journal file's tables, open in a write transaction.
 pub(super) struct Tables<'t> {

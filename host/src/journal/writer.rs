@@ -5,11 +5,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::error::Fail;
-use super::error::{classify, JournalError};
+use super::error::{classify, split, Fail, JournalError};
+use super::handlers::{put_handler_in, remove_handler_in};
 use super::index::Change;
-use super::ops::{Answer, Op};
-use super::retention::PRUNE_EVERY;
+use super::ops::{accept_in, ack_in, finish_in, start_in};
+use super::queue::{Answer, Op};
+use super::records::Accept;
+use super::reopen::reopen;
+use super::retention::{prune_in, prune_now, PRUNE_EVERY};
+use super::space::SpaceCheck;
 use super::tables::Tables;
 use super::{lock, now_ms, read_lock, Shared};
 
@@ -26,24 +30,22 @@ pub const HOLD: Duration = Duration::from_millis(2);
 
 /// The writer thread's state.
 pub(super) struct Writer {
-    pub(super) shared: Arc<Shared>,
+    shared: Arc<Shared>,
     /// The accept sequence number of the next new task.
-    pub(super) next_seq: u64,
+    next_seq: u64,
     /// Tasks accepted since the last prune (pruning runs every `PRUNE_EVERY`).
-    pub(super) accepts_since_prune: usize,
-    /// While the file is over `max_bytes`: when it was last checked, and the verdict.
-    pub(super) size_verdict: Option<(Instant, Result<(), String>)>,
-    /// The last free-space and size verdict, reused for a while (`SPACE_RECHECK`).
-    pub(super) space_verdict: Option<(Instant, Result<(), String>)>,
+    accepts_since_prune: usize,
+    /// Whether new tasks may be recorded, checked for batches that accept some.
+    space: SpaceCheck,
     /// An I/O failure left the database unusable: the next batch reopens it first.
-    pub(super) needs_reopen: bool,
+    needs_reopen: bool,
     /// A commit made without fsync (or held acknowledgements) waits for a durable one.
-    pub(super) unflushed: bool,
+    unflushed: bool,
     /// Writes that need no fsync (acknowledgements, lazy results) that came alone, applied
     /// with the next transaction.
-    pub(super) held: Vec<Op>,
+    held: Vec<Op>,
     /// When the oldest held write arrived.
-    pub(super) held_since: Option<Instant>,
+    held_since: Option<Instant>,
 }
 
 impl Writer {
@@ -53,8 +55,7 @@ impl Writer {
             shared,
             next_seq,
             accepts_since_prune: 0,
-            size_verdict: None,
-            space_verdict: None,
+            space: SpaceCheck::default(),
             needs_reopen: false,
             unflushed: false,
             held: Vec::new(),
@@ -118,7 +119,7 @@ impl Writer {
 
     /// A durable commit of the held acknowledgements, or an empty one: what earlier commits
     /// without fsync wrote reaches the disk.
-    pub(super) fn flush(&mut self) {
+    fn flush(&mut self) {
         if !self.held.is_empty() {
             return self.commit_batch(Vec::new(), true);
         }
@@ -151,16 +152,31 @@ impl Writer {
             ops = held;
         }
         if self.needs_reopen {
-            if let Err(e) = self.reopen() {
-                tracing::error!("reopening the journal after an I/O failure: {e}");
-                for op in ops {
-                    Answer::unapplied(op).send(Some(&e));
+            match reopen(&self.shared) {
+                Ok(next_seq) => {
+                    self.next_seq = self.next_seq.max(next_seq);
+                    self.needs_reopen = false;
                 }
-                return;
+                Err(e) => {
+                    tracing::error!("reopening the journal after an I/O failure: {e}");
+                    for op in ops {
+                        Answer::unapplied(op).send(Some(&e));
+                    }
+                    return;
+                }
             }
         }
         let space = if ops.iter().any(|op| matches!(op, Op::Accept { .. })) {
-            self.check_space()
+            // Past twice its size limit, the file is pruned and compacted; a prune restarts the
+            // count towards the next periodic one.
+            let (shared, accepts_since_prune) = (&self.shared, &mut self.accepts_since_prune);
+            self.space.check(shared, || {
+                let n = prune_now(shared)?;
+                if n > 0 {
+                    *accepts_since_prune = 0;
+                }
+                Ok(n)
+            })
         } else {
             Ok(())
         };
@@ -217,7 +233,7 @@ impl Writer {
                     }
                 }
                 if failure.is_none() && self.accepts_since_prune >= PRUNE_EVERY {
-                    match self.prune_in(&mut t, now, &mut changes) {
+                    match prune_in(&mut t, &shared.config, now, &mut changes) {
                         Ok(_) => self.accepts_since_prune = 0,
                         Err(Fail::Transaction(e)) => failure = Some(e),
                         Err(Fail::Alone(e)) => tracing::warn!("pruning the journal: {e}"),
@@ -255,8 +271,85 @@ impl Writer {
         }
     }
 
+    /// Applies one operation (what each kind does is in `ops`, `handlers`, `retention`);
+    /// returns its answer, and the storage error that fails the whole transaction, if any.
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: Op,
+        now: u64,
+        space: &Result<(), String>,
+        changes: &mut Vec<Change>,
+    ) -> (Answer, Option<redb::Error>) {
+        match op {
+            Op::Accept {
+                request,
+                running,
+                early,
+                reply,
+            } => {
+                let accepted = accept_in(
+                    t,
+                    &request,
+                    running,
+                    early.as_ref(),
+                    self.next_seq,
+                    now,
+                    space,
+                    &self.shared.config,
+                    changes,
+                );
+                if let Ok(Accept::New) = accepted {
+                    self.next_seq += 1;
+                    self.accepts_since_prune += 1;
+                }
+                let (r, e) = split(accepted);
+                (Answer::Accept(reply, Box::new(r)), e)
+            }
+            Op::Start { task_id, reply } => {
+                let (r, e) = split(start_in(t, &task_id, changes));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::Finish {
+                task_id,
+                result,
+                reply,
+                ..
+            } => {
+                let (r, e) = split(finish_in(
+                    t,
+                    &task_id,
+                    *result,
+                    now,
+                    self.shared.config.max_bytes,
+                    changes,
+                ));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::Ack { task_ids } => {
+                let (r, e) = split(ack_in(t, &task_ids, changes));
+                if let Err(err) = r {
+                    tracing::warn!("recording acknowledgements: {err}");
+                }
+                (Answer::Nothing, e)
+            }
+            Op::PutHandler { handler, reply } => {
+                let (r, e) = split(put_handler_in(t, handler, changes));
+                (Answer::Unit(reply, r), e)
+            }
+            Op::RemoveHandler { name, reply } => {
+                let (r, e) = split(remove_handler_in(t, name, changes));
+                (Answer::Bool(reply, r), e)
+            }
+            Op::Prune { reply } => {
+                let (r, e) = split(prune_in(t, &self.shared.config, now, changes));
+                (Answer::Count(reply, r), e)
+            }
+        }
+    }
+
     /// Brings the in-memory index up to date with a batch that committed.
-    pub(super) fn apply_changes(&self, changes: Vec<Change>) {
+    fn apply_changes(&self, changes: Vec<Change>) {
         if !changes.is_empty() {
             lock(&self.shared.index).apply(changes);
         }

@@ -1,0 +1,103 @@
+//! The writes queued to the writer thread (`Op`), each with the channel its caller waits on,
+//! and the answer each gets once its batch commits or fails (`Answer`).
+
+use std::sync::mpsc;
+
+use bridge_protocol::RunRequest;
+use tokio::sync::oneshot;
+
+use crate::outcome::RunResult;
+
+use super::early::EarlyResult;
+use super::error::{JournalError, Res};
+use super::records::{Accept, HandlerRecord};
+
+/// A write queued to the writer, with the channel its answer goes to (an acknowledgement has
+/// none: no one waits for it).
+pub(super) enum Op {
+    Accept {
+        request: Box<RunRequest>,
+        running: bool,
+        /// Where the task's result may be by the time the acceptance is written.
+        early: Option<EarlyResult>,
+        reply: oneshot::Sender<Res<Accept>>,
+    },
+    Start {
+        task_id: String,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    Finish {
+        task_id: String,
+        result: Box<RunResult>,
+        /// Commit with fsync before answering (otherwise with the next durable commit).
+        durable: bool,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    Ack {
+        task_ids: Vec<String>,
+    },
+    PutHandler {
+        handler: HandlerRecord,
+        reply: oneshot::Sender<Res<()>>,
+    },
+    RemoveHandler {
+        name: String,
+        reply: oneshot::Sender<Res<bool>>,
+    },
+    Prune {
+        reply: mpsc::Sender<Res<usize>>,
+    },
+}
+
+/// An operation's reply channel with the answer it gets if its batch commits.
+pub(super) enum Answer {
+    Accept(oneshot::Sender<Res<Accept>>, Box<Res<Accept>>),
+    Unit(oneshot::Sender<Res<()>>, Res<()>),
+    Bool(oneshot::Sender<Res<bool>>, Res<bool>),
+    Count(mpsc::Sender<Res<usize>>, Res<usize>),
+    Nothing,
+}
+
+impl Answer {
+    /// The answer of an operation that was not applied (its batch failed first).
+    pub(super) fn unapplied(op: Op) -> Answer {
+        fn e<T>() -> Res<T> {
+            Err(JournalError::Io("the batch was abandoned".into()))
+        }
+        match op {
+            Op::Accept { reply, .. } => Answer::Accept(reply, Box::new(e())),
+            Op::Start { reply, .. } | Op::Finish { reply, .. } | Op::PutHandler { reply, .. } => {
+                Answer::Unit(reply, e())
+            }
+            Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
+            Op::Prune { reply } => Answer::Count(reply, e()),
+            Op::Ack { .. } => Answer::Nothing,
+        }
+    }
+
+    /// Sends the answer, or `failure` (the batch's) instead.
+    pub(super) fn send(self, failure: Option<&JournalError>) {
+        fn pick<T>(r: Res<T>, failure: Option<&JournalError>) -> Res<T> {
+            match failure {
+                Some(e) => Err(e.clone()),
+                None => r,
+            }
+        }
+        // A caller that stopped waiting is no one's concern.
+        match self {
+            Answer::Accept(tx, r) => {
+                let _ = tx.send(pick(*r, failure));
+            }
+            Answer::Unit(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Bool(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Count(tx, r) => {
+                let _ = tx.send(pick(r, failure));
+            }
+            Answer::Nothing => {}
+        }
+    }
+}
