@@ -155,29 +155,66 @@ fn code_of(text: &str) -> String {
     code.join("\n")
 }
 
-/// The module paths `code` in `module` names through `crate::` and `super::`, including the
-/// items of `use crate::{a::X, b}` groups.
+/// The module paths `code` in `module` names through `crate::` and `super::` (`super::super::`
+/// too), including the items of `use crate::{a::X, b::{Y, Z}}` groups.
 fn references(module: &ModPath, code: &str) -> Vec<ModPath> {
     let mut out = Vec::new();
-    for (prefix, base) in [("crate::", Vec::new()), ("super::", parent_of(module))] {
+    for prefix in ["crate::", "super::"] {
         let mut rest = code;
         while let Some(i) = rest.find(prefix) {
             let before = rest[..i].chars().next_back();
             rest = &rest[i + prefix.len()..];
             if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
-                continue; // `self::super::` or an identifier ending in "crate"
+                continue; // the second `super::` of `super::super::`, or an identifier
             }
-            if let Some(group) = rest.strip_prefix('{') {
-                let end = group.find('}').unwrap_or(group.len());
-                for item in group[..end].split(',') {
-                    out.push(join(&base, item.trim()));
-                }
+            let mut base = if prefix == "crate::" {
+                Vec::new()
             } else {
-                out.push(join(&base, rest));
+                parent_of(module)
+            };
+            let mut path = rest;
+            while let Some(next) = path.strip_prefix("super::") {
+                base = parent_of(&base);
+                path = next;
             }
+            group_items(&base, path, &mut out);
         }
     }
     out
+}
+
+/// The paths `path` names after `base`: itself, or each item of a `{…}` group (nested groups
+/// too).
+fn group_items(base: &ModPath, path: &str, out: &mut Vec<ModPath>) {
+    let Some(group) = path.strip_prefix('{') else {
+        out.push(join(base, path));
+        return;
+    };
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                item(base, &group[start..i], out);
+                return;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                item(base, &group[start..i], out);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One item of a group: `a::b::X` or `a::{X, Y}`.
+fn item(base: &ModPath, text: &str, out: &mut Vec<ModPath>) {
+    let text = text.trim();
+    match text.find("::{") {
+        Some(i) => group_items(&join(base, &text[..i]), &text[i + 2..], out),
+        None => out.push(join(base, text)),
+    }
 }
 
 fn parent_of(module: &ModPath) -> ModPath {
@@ -250,4 +287,48 @@ fn circles_in(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(p: &str) -> ModPath {
+        p.split("::").map(str::to_string).collect()
+    }
+
+    #[test]
+    fn paths_groups_and_parents_are_read() {
+        let module = path("agent::task");
+        let code = "use crate::{journal::{Accept, x::Y}, outbox};\n\
+                    use super::order::Turn; let a = super::super::link::Peer;\n\
+                    fn f() { crate::memory::trim(); } // crate::not_this";
+        let found = references(&module, &code_of(code));
+        let want = [
+            "journal::Accept",
+            "journal::x::Y",
+            "outbox",
+            "memory::trim",
+            "agent::order::Turn",
+            "link::Peer",
+        ];
+        for w in want {
+            assert!(found.contains(&path(w)), "{w} in {found:?}");
+        }
+        assert!(!found.iter().any(|p| p.contains(&"not_this".to_string())));
+    }
+
+    #[test]
+    fn a_circle_is_found_and_a_chain_is_not() {
+        let graph = |edges: &[(&str, &str)]| {
+            let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (a, b) in edges {
+                g.entry(a.to_string()).or_default().insert(b.to_string());
+            }
+            g
+        };
+        assert!(circles_in(&graph(&[("a", "b"), ("b", "c")])).is_empty());
+        let circles = circles_in(&graph(&[("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")]));
+        assert_eq!(circles, vec![vec!["a".to_string(), "b".into(), "c".into()]]);
+    }
 }
