@@ -150,13 +150,45 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Creates an empty journal at `path`: written and made durable at `<path>.new` (a stale one,
+/// left by an agent killed while creating it, is removed first), then renamed into place.
+fn create(path: &std::path::Path) -> Result<(), JournalError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    let fresh = std::path::PathBuf::from(name);
+    let io = |what: &str, p: &std::path::Path, e: std::io::Error| {
+        JournalError::Io(format!("{what} {}: {e}", p.display()))
+    };
+    match std::fs::remove_file(&fresh) {
+        Ok(()) => tracing::warn!(file = %fresh.display(), "removed a journal left half-created"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("removing", &fresh, e)),
+    }
+    prepare_path(&fresh)?;
+    let db = open_db(&fresh)?;
+    init_schema(&db, &fresh)?;
+    drop(db);
+    std::fs::rename(&fresh, path).map_err(|e| io("renaming into place", path, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("syncing", dir, e))?;
+    }
+    Ok(())
+}
+
 impl Journal {
     /// Opens the journal at `config.path` (creating it, and its directory, when absent), loads
     /// its index, prunes, and starts the writer thread. Returns the unfinished tasks found.
     ///
     /// A file that is not a valid journal (corrupt, not a redb file, a newer format, locked by
-    /// another process) is an error; it is never replaced.
+    /// another process) is an error; it is never replaced. A new journal is created whole under
+    /// another name and then renamed into place, so an agent killed while creating it leaves
+    /// nothing at `config.path` to refuse at the next start.
     pub fn open(config: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
+        if !config.path.exists() {
+            create(&config.path)?;
+        }
         prepare_path(&config.path)?;
         let db = open_db(&config.path)?;
         init_schema(&db, &config.path)?;
@@ -366,6 +398,23 @@ impl std::fmt::Debug for Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_journal_left_half_created_is_replaced_by_a_whole_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = testkit::config(dir.path());
+        let mut half = cfg.path.as_os_str().to_owned();
+        half.push(".new");
+        // What an agent killed while redb wrote the header leaves: not a redb file.
+        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
+        std::fs::write(&half, b"redb\x1a\x0a\xa9\x0d\x0a").unwrap();
+        let (journal, _) = testkit::open(&cfg);
+        drop(journal);
+        assert!(!std::path::Path::new(&half).exists());
+        assert_eq!(testkit::format_version(&cfg.path), 2);
+        // And it opens again as it is.
+        let _ = testkit::open(&cfg);
+    }
 
     #[test]
     fn the_journal_is_shareable() {
