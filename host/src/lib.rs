@@ -3,30 +3,34 @@
 //! The agent a management platform installs on every server it manages. It runs the commands the
 //! platform pushes as **WASI modules in wasmtime** under fuel, memory, time and output limits.
 //!
-//! A tour, in the order a task flows through the code:
+//! A tour, in the order a task flows through the code (`docs/architecture.md` follows one task
+//! through these modules, file by file):
 //!
-//! - [`config`]: the agent's TOML configuration, typed and validated in one place.
-//! - [`limits`]: per-run limits: defaults, local maximums, and how a task's request is clamped.
-//! - [`sandbox`]: the wasmtime engine, the compiled-module caches (memory LRU + verified disk
-//!   artifacts), and one run of a handler in a fresh store.
-//! - [`trust`]: signature verification and the trust policy, enforced before compiling; the
-//!   signed claims bound the run's limits, environment and directories.
-//! - [`outcome`]: how a run ended ([`outcome::Status`]) and the JSON result the platform sees.
+//! - [`config`]: the agent's settings in two layers: the TOML file with the flags applied, as
+//!   plain data, then the link, sandbox, agent and trust settings built from it once.
 //! - [`identity`]: the agent's key and self-signed certificate; the agent id is the key's
 //!   fingerprint.
-//! - [`link`]: the platform connection: TLS both ways, enrollment, heartbeat, reconnect.
-//! - [`agent`]: what the agent does with the platform's requests: the task life cycle (dedup,
-//!   refusals, queue, cancel, resolution of commands to handlers or shell rules), the module
-//!   store, installed handlers, status.
+//! - [`link`]: the platform connection: TLS both ways, enrollment, heartbeat, reconnect. Transport
+//!   only: it hands decoded messages to the agent through [`link::Peer`].
+//! - [`agent`]: what the agent does with the platform's requests: admission, a task's phases as
+//!   types, execution, the module store, installed handlers, cancel, refusals.
 //! - [`journal`]: the durable task journal (redb, group commit): tasks, results until acked,
 //!   installed handlers.
-//! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
+//! - [`outbox`]: how messages reach the platform: results recorded and queued within a byte
+//!   budget, cut to one frame, sent in batches, and re-sent from the journal after a reconnect.
+//! - [`trust`]: signature verification and the trust policy, enforced before compiling; the
+//!   signed claims bound the run's limits, environment and directories.
+//! - [`limits`]: per-run limits: defaults, ceilings, and the one resolution of a task's request.
+//! - [`sandbox`]: the wasmtime engine, the compiled-module caches (memory LRU + verified disk
+//!   artifacts), and one run of a compiled module in a fresh store.
 //! - [`shell`]: the shell fallback: allowlisted commands run directly (no shell), in their own
 //!   process tree under a supervisor (and cgroup) that ends the whole tree with the run,
 //!   with checked arguments, a timeout and capped output.
+//! - [`outcome`]: how a run ended ([`outcome::Status`]) and the JSON result the platform sees.
 //! - [`capture`]: bounded head-and-tail output capture, shared by handlers and shell commands.
 //! - [`stream`]: a running task's output sent as ordered, bounded `chunk` messages.
 //! - [`memory`]: memory given back while idle (free heap, clean code pages).
+//! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //!
 //! - [`daemon`]: `bridge-daemon run`, the service that ties it all together.
 //!
