@@ -185,9 +185,7 @@ fn fill(
     let running = in_background(s, sleepy(s, "t-wasm", 60000));
     s.control().wait_running(&s.id, "t-wasm");
     let queued = in_background(s, mark(s, "t-shell", "30"));
-    wait_for("the shell task to be queued", CONNECT, || {
-        s.agent.log.count("task accepted") >= 2
-    });
+    s.control().wait_task_state("t-shell", "queued");
     (running, queued)
 }
 
@@ -244,9 +242,7 @@ fn cancelling_a_running_shell_command_kills_it_and_a_wasm_task_queued_behind_is_
     let running = in_background(&s, mark(&s, "t-shell-2", "30"));
     wait_for("the shell command to run", CONNECT, || runs(&marker) == 1);
     let queued = in_background(&s, sleepy(&s, "t-wasm-queued", 1));
-    wait_for("the WASM task to be queued", CONNECT, || {
-        s.agent.log.count("task accepted") >= 2
-    });
+    s.control().wait_task_state("t-wasm-queued", "queued");
     let c = s.request(json!({"cmd": "cancel", "agent": s.id, "task_id": "t-wasm-queued"}));
     assert_eq!(c["outcome"], "dequeued", "{c}");
     let r = queued.join().unwrap();

@@ -300,6 +300,49 @@ async fn a_run_waits_across_reconnections_and_is_resent_until_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_control_interface_says_where_a_task_is() {
+    within(60, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Platform::start(&dir.path().join("state"));
+        let agent = Identity::new();
+        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
+        let task = |id: &str| json!({"cmd": "task", "task_id": id}).to_string();
+        let control = serve.control();
+        let unknown = control.request_async(&task("task-w")).await;
+        assert_eq!(
+            (
+                unknown["ok"].clone(),
+                unknown["agent"].clone(),
+                unknown["state"].clone()
+            ),
+            (json!(true), Value::Null, Value::Null),
+            "{unknown}"
+        );
+        let waiting = control.background(
+            &json!({"cmd": "run", "agent": agent.id, "command": "slow", "task_id": "task-w"}),
+        );
+        let run = recv(&mut ws).await;
+        let sent = control.request_async(&task("task-w")).await;
+        assert_eq!(sent["agent"], agent.id.as_str(), "{sent}");
+        assert_eq!(sent["state"], Value::Null, "not acknowledged yet: {sent}");
+        for state in ["queued", "running"] {
+            send(&mut ws, accepted(&run, state)).await;
+            processed(&serve, &mut ws, &agent).await;
+            let seen = control.request_async(&task("task-w")).await;
+            assert_eq!(seen["state"], state, "{seen}");
+            assert_eq!(seen["result_stored"], false);
+        }
+        send(&mut ws, result_message(&run, run_result("ok", 0))).await;
+        expect_ack(&mut ws, "task-w").await;
+        assert_eq!(response_of(waiting).await["ok"], true);
+        let done = control.request_async(&task("task-w")).await;
+        assert_eq!(done["result_stored"], true, "{done}");
+        assert_eq!(done["state"], Value::Null, "no run in flight: {done}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn chunks_are_forwarded_in_order_before_the_response() {
     within(60, async {
         let dir = tempfile::tempdir().unwrap();

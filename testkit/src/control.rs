@@ -261,6 +261,25 @@ impl Control {
         })
     }
 
+    /// What the platform knows of `task_id` (the control interface's `task`).
+    pub fn task(&self, task_id: &str) -> Value {
+        self.request(&json!({"cmd": "task", "task_id": task_id}))
+    }
+
+    /// Waits until the agent has answered `accepted` for `task_id` with `state` (`queued`,
+    /// `running`), while the run is in flight.
+    #[track_caller]
+    pub fn wait_task_state(&self, task_id: &str, state: &str) -> Value {
+        wait_until(&format!("task {task_id} {state}"), CONNECT, || {
+            let task = self.task(task_id);
+            if task["state"] == state {
+                Ok(task)
+            } else {
+                Err(task.to_string())
+            }
+        })
+    }
+
     /// Waits (at most `within`) until some agent is connected; returns its id.
     #[track_caller]
     pub fn wait_any_connected(&self, within: Duration) -> String {

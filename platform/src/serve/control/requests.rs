@@ -30,6 +30,12 @@ pub enum ControlRequest {
         #[serde(default)]
         wait_ms: Option<u64>,
     },
+    /// What the platform knows of a task: where a run of it was sent, the state the agent last
+    /// reported for it, whether its result is stored.
+    Task {
+        /// The task id.
+        task_id: String,
+    },
     /// Ask an agent to cancel a task.
     Cancel {
         /// The agent id.

@@ -53,6 +53,11 @@ pub(super) async fn respond(
                 Err(why) => failure(why).into(),
             }
         }
+        ControlRequest::Task { task_id } => {
+            let mut response = json!(hub.task_view(&task_id));
+            response["ok"] = json!(true);
+            response
+        }
         ControlRequest::Result { task_id, wait_ms } => {
             match hub.wait_result(&task_id, wait(wait_ms, 0)).await {
                 Ok(stored) => {

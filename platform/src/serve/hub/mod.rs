@@ -71,7 +71,7 @@ pub use self::connections::{AgentView, Outbound, Registration};
 pub use self::error::HubError;
 pub use self::requests::Reply;
 pub use self::streams::ChunkEvent;
-pub use self::tasks::{RunOrder, RunOutcome};
+pub use self::tasks::{RunOrder, RunOutcome, TaskView};
 
 /// The shared state; see the module documentation.
 #[derive(Debug)]

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use bridge_protocol::TaskState;
+
 use super::{lock, take_if};
 
 /// A `run` sent to an agent and not finished with.
@@ -15,8 +17,8 @@ pub(super) struct SentRun {
     pub(super) task_id: String,
     /// The encoded `run` message, resent as is.
     pub(super) text: String,
-    /// The agent sent `accepted` for the task: no resend needed.
-    pub(super) accepted: bool,
+    /// The state the agent gave in its `accepted` for the task (then no resend is needed).
+    pub(super) accepted: Option<TaskState>,
     /// The control request that dispatched it still waits (for error correlation).
     pub(super) waiting: bool,
 }
@@ -51,12 +53,12 @@ impl SentRuns {
         by_id.retain(|_, run| !(run.agent_id == agent_id && run.task_id == task_id));
     }
 
-    /// The agent recorded `task_id`: its runs of it need no resending, and those nobody waits
-    /// for any more are forgotten.
-    pub(super) fn accepted(&self, agent_id: &str, task_id: &str) {
+    /// The agent recorded `task_id` (and says where it is): its runs of it need no resending,
+    /// and those nobody waits for any more are forgotten.
+    pub(super) fn accepted(&self, agent_id: &str, task_id: &str, state: TaskState) {
         lock(&self.by_id).retain(|_, run| {
             if run.agent_id == agent_id && run.task_id == task_id {
-                run.accepted = true;
+                run.accepted = Some(state);
                 run.waiting
             } else {
                 true
@@ -69,7 +71,7 @@ impl SentRuns {
         let mut by_id = lock(&self.by_id);
         if let Some(run) = by_id.get_mut(id) {
             run.waiting = false;
-            if run.accepted {
+            if run.accepted.is_some() {
                 by_id.remove(id);
             }
         }
@@ -81,9 +83,19 @@ impl SentRuns {
         let by_id = lock(&self.by_id);
         let mut runs: Vec<&SentRun> = by_id
             .values()
-            .filter(|run| run.agent_id == agent_id && !run.accepted)
+            .filter(|run| run.agent_id == agent_id && run.accepted.is_none())
             .collect();
         runs.sort_by_key(|run| run.seq);
         runs.into_iter().map(|run| run.text.clone()).collect()
+    }
+
+    /// Where a sent run of `task_id` is, as far as the platform knows: the agent it was sent to
+    /// and the state of its latest `accepted` (`None`: not acknowledged yet).
+    pub(super) fn state_of(&self, task_id: &str) -> Option<(String, Option<TaskState>)> {
+        lock(&self.by_id)
+            .values()
+            .filter(|run| run.task_id == task_id)
+            .max_by_key(|run| run.seq)
+            .map(|run| (run.agent_id.clone(), run.accepted))
     }
 }

@@ -143,7 +143,7 @@ impl Hub {
                     agent_id: order.agent.clone(),
                     task_id: task_id.clone(),
                     text: text.clone(),
-                    accepted: false,
+                    accepted: None,
                     waiting: true,
                 },
             )
@@ -329,12 +329,25 @@ impl Hub {
         self.waiters.answer(task_id, |w| w.sent_run(id), reply);
     }
 
+    /// What the platform knows of `task_id`: the agent a run of it was last sent to, the state
+    /// that agent last reported in `accepted` (while the run is in flight), and whether a result
+    /// is stored.
+    pub fn task_view(&self, task_id: &str) -> TaskView {
+        let sent = self.sent_runs.state_of(task_id);
+        TaskView {
+            task_id: task_id.to_string(),
+            agent: sent.as_ref().map(|(agent, _)| agent.clone()),
+            state: sent.and_then(|(_, state)| state),
+            result_stored: self.results.get(task_id).is_some(),
+        }
+    }
+
     /// Notes the agent's `accepted`: the task is recorded on the agent, so its `run` needs no
     /// resending. With `finished` and a result from this agent stored here, the waiters get that
     /// result (the agent may have dropped it from its outbox after our `ack`).
     pub fn on_accepted(&self, agent_id: &str, id: &str, task_id: &str, state: TaskState) {
         tracing::info!(agent_id, run_id = id, task_id, state = ?state, "task accepted");
-        self.sent_runs.accepted(agent_id, task_id);
+        self.sent_runs.accepted(agent_id, task_id, state);
         if state == TaskState::Finished {
             if let Some(stored) = self.results.get(task_id).filter(|s| s.agent == agent_id) {
                 self.hand_over(agent_id, task_id, &stored);
@@ -354,4 +367,17 @@ impl Hub {
             .answer(&run.task_id, |w| w.sent_run(id), refused);
         true
     }
+}
+
+/// A task as the platform sees it (the control interface's `task`).
+#[derive(Debug, serde::Serialize)]
+pub struct TaskView {
+    /// The task id.
+    pub task_id: String,
+    /// The agent a run of it was last sent to, while that run is in flight.
+    pub agent: Option<String>,
+    /// The state the agent last reported in `accepted` (`queued`, `running`, `finished`).
+    pub state: Option<TaskState>,
+    /// Whether the task's result is stored.
+    pub result_stored: bool,
 }
