@@ -720,7 +720,20 @@ async fn a_flood_of_results_is_acknowledged_while_the_agent_is_not_reading() {
         let mut acked = std::collections::HashSet::new();
         let mut frames = 0;
         while acked.len() < RESULTS {
-            let ack = recv(&mut ws).await;
+            let ack = match tokio::time::timeout(STEP, futures_util::StreamExt::next(&mut ws)).await {
+                Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Value>(&text).unwrap(),
+                other => {
+                    let log = serve.log().text();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    panic!(
+                        "{} of {RESULTS} results acknowledged in {frames} frames, {:?} after the \
+                         flood began; then {other:?}; the platform's last log lines:\n{}",
+                        acked.len(),
+                        started.elapsed(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                }
+            };
             assert_eq!(ack["type"], "ack", "{ack}");
             frames += 1;
             for id in ack["task_ids"].as_array().unwrap() {
