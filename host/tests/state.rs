@@ -202,6 +202,7 @@ fn once_enrolled_the_token_is_never_sent_or_read_again() {
         None,
     );
     assert_eq!(r["result"]["output"]["greeting"], "Hello, again!", "{r}");
+    agent.log.wait_for("already enrolled", CONNECT);
     assert!(
         agent.log.text().contains("already enrolled"),
         "{}",

@@ -397,11 +397,9 @@ fn the_state_directory_must_be_the_servers_own() {
     chmod(&loose, 0o777);
     let serve = Platform::start(&loose);
     assert_eq!(std::fs::metadata(&loose).unwrap().mode() & 0o7777, 0o700);
-    assert!(
-        serve.log().text().contains("had mode 777; set it to 700"),
-        "{}",
-        serve.log().text()
-    );
+    serve
+        .log()
+        .wait_for("had mode 777; set it to 700", Duration::from_secs(10));
 }
 
 #[test]

@@ -466,7 +466,9 @@ fn run_installed_agent(serve: &Platform, root: &Path) -> String {
         .stdout(Stdio::null());
     let _agent = Proc::spawn("the installed bridge-daemon", cmd);
     let id = serve.control().wait_any_connected(Duration::from_secs(60));
-    assert!(serve.log().text().contains("enrolled a new agent"));
+    serve
+        .log()
+        .wait_for("enrolled a new agent", Duration::from_secs(10));
     let claims = bridge_signing::Claims::new("hello", "1.0.0", 1_700_000_000);
     let signed = bridge_signing::sign(MINIMAL_WASM, publisher(), &claims).unwrap();
     let module = base64::engine::general_purpose::STANDARD.encode(&signed.module);

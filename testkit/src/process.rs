@@ -2,32 +2,53 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The lines a child wrote to stderr, collected in the background.
+/// The lines a child wrote to stderr, collected in the background (a line the child wrote is
+/// here a moment later, not at once: wait for one with [`Log::wait_for`]; once the child has
+/// exited, [`Proc::wait_exit`] waits until every line is here).
 #[derive(Clone, Default)]
-pub struct Log(Arc<Mutex<Vec<String>>>);
+pub struct Log {
+    lines: Arc<Mutex<Vec<String>>>,
+    /// The stream ended: every line is collected.
+    ended: Arc<AtomicBool>,
+}
 
 impl Log {
     /// Collects the lines of `stream` until it ends.
     pub fn follow(&self, stream: impl Read + Send + 'static) {
-        let lines = self.0.clone();
+        let (lines, ended) = (self.lines.clone(), self.ended.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(line);
             }
+            ended.store(true, Ordering::SeqCst);
         });
+    }
+
+    /// Waits (at most `timeout`) until the stream has ended and every line is collected;
+    /// returns whether it has.
+    pub fn wait_ended(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while !self.ended.load(Ordering::SeqCst) {
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     /// Everything logged so far.
     pub fn text(&self) -> String {
-        self.0.lock().unwrap().join("\n")
+        self.lines.lock().unwrap().join("\n")
     }
 
     /// How many lines so far.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.lines.lock().unwrap().len()
     }
 
     /// Whether nothing was logged yet.
@@ -37,7 +58,7 @@ impl Log {
 
     /// How many lines so far contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
-        self.0
+        self.lines
             .lock()
             .unwrap()
             .iter()
@@ -47,7 +68,7 @@ impl Log {
 
     /// The lines so far that contain `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.0
+        self.lines
             .lock()
             .unwrap()
             .iter()
@@ -127,11 +148,14 @@ impl Proc {
         self.try_exit().is_none()
     }
 
-    /// Waits for it to exit, at most `timeout`; panics with its log after that.
+    /// Waits for it to exit, at most `timeout`; panics with its log after that. Once it has
+    /// exited, its log is complete (unless a process it left behind holds its stderr open:
+    /// then after at most 5 s more).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(s) = self.try_exit() {
+                self.log.wait_ended(Duration::from_secs(5));
                 return s;
             }
             assert!(
