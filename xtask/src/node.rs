@@ -1,0 +1,90 @@
+//! The Node SDK's suite (`sdk/node`): `npm test` against the real binaries, after the Rust
+//! suite built them. Node 20 or newer is required; the packages come from the lockfile.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The oldest Node.js major version the SDK supports.
+const NODE_MAJOR: u32 = 20;
+
+/// The SDK's directory.
+pub fn sdk_dir(root: &Path) -> PathBuf {
+    root.join("sdk/node")
+}
+
+/// Fails with what to install when `node` is missing or older than [`NODE_MAJOR`].
+pub fn check_node() -> Result<()> {
+    let out = Command::new("node").arg("--version").output().with_context(|| {
+        format!("running `node --version`: the Node SDK's tests need Node.js {NODE_MAJOR} or newer on PATH (https://nodejs.org, or NodeSource's packages for Debian)")
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(m) if m >= NODE_MAJOR => Ok(()),
+        Some(_) => bail!(
+            "node {} is too old: the Node SDK needs Node.js {NODE_MAJOR} or newer (Debian's own package is older; use NodeSource's or nodejs.org's)",
+            text.trim()
+        ),
+        None => bail!("`node --version` printed {:?}", text.trim()),
+    }
+}
+
+/// `npm ci` when the SDK's packages are missing or older than its lockfile.
+pub fn install(root: &Path) -> Result<()> {
+    let dir = sdk_dir(root);
+    let installed = dir.join("node_modules/.package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = match (modified(&installed), modified(&dir.join("package-lock.json"))) {
+        (Some(i), Some(l)) => i >= l,
+        _ => false,
+    };
+    if fresh {
+        return Ok(());
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .context("running `npm ci` in sdk/node")?;
+    if !status.success() {
+        bail!("`npm ci` in sdk/node failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `npm test` in the SDK with the binaries of `target/debug` and the built handlers.
+pub fn test(root: &Path, wasm_dir: &Path) -> Result<()> {
+    check_node()?;
+    install(root)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bins = target.join("debug");
+    for name in ["bridge-daemon", "bridgectl"] {
+        if !bins.join(name).exists() {
+            bail!(
+                "{} is missing: the Rust suite builds it (`cargo test --workspace`)",
+                bins.join(name).display()
+            );
+        }
+    }
+    let status = Command::new("npm")
+        .arg("test")
+        .current_dir(sdk_dir(root))
+        .env("BRIDGE_DAEMON", bins.join("bridge-daemon"))
+        .env("BRIDGECTL", bins.join("bridgectl"))
+        .env("BRIDGE_WASM_DIR", wasm_dir)
+        .status()
+        .context("running `npm test` in sdk/node")?;
+    if !status.success() {
+        bail!("the Node SDK's tests failed ({status})");
+    }
+    Ok(())
+}
