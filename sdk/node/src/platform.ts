@@ -349,6 +349,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     const server = createServer({
       key: identity.key,
       cert: identity.cert,
+      ...(identity.ca !== undefined ? { ca: identity.ca } : {}),
       requestCert: true,
       rejectUnauthorized: false,
       minVersion: 'TLSv1.2',

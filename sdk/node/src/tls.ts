@@ -23,12 +23,15 @@ export interface TlsOptions {
   key: string | Buffer;
   /** The certificate (chain), PEM: the first certificate's key must be `key`. */
   cert: string | Buffer;
+  /** Intermediate CA certificates to present with `cert`, PEM. */
+  ca?: string | Buffer;
 }
 
 /** What the HTTPS server presents, and its pin. */
 export interface ServerIdentity {
   key: string | Buffer;
   cert: string | Buffer;
+  ca?: string | Buffer;
   /** Lowercase hex SHA-256 of the server key's SubjectPublicKeyInfo. */
   pin: string;
 }
@@ -51,7 +54,7 @@ export function identityFromOptions(tls: TlsOptions): ServerIdentity {
   const fromKey = createPublicKey(key).export({ type: 'spki', format: 'der' });
   const fromCert = cert.publicKey.export({ type: 'spki', format: 'der' });
   if (!fromKey.equals(fromCert)) throw new Error('tls.cert is not the certificate of tls.key');
-  return { key: tls.key, cert: tls.cert, pin: spkiFingerprint(fromKey) };
+  return { key: tls.key, cert: tls.cert, ...(tls.ca !== undefined ? { ca: tls.ca } : {}), pin: spkiFingerprint(fromKey) };
 }
 
 /**
