@@ -80,16 +80,36 @@ export class Child {
   private output = '';
   private readonly exited: Promise<void>;
 
-  constructor(readonly name: string, command: string, args: readonly string[], env: NodeJS.ProcessEnv = {}) {
-    this.proc = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  /** Complete lines of its stdout, when started with `lines`. */
+  readonly lines: string[] = [];
+  private partial = '';
+
+  constructor(
+    readonly name: string,
+    command: string,
+    args: readonly string[],
+    options: { env?: NodeJS.ProcessEnv; stdin?: boolean; lines?: boolean } = {},
+  ) {
+    this.proc = spawn(command, args, {
+      stdio: [options.stdin === true ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...options.env },
+    });
     children.add(this.proc);
     const collect = (b: Buffer) => {
       this.output += b.toString('utf8');
       // Bounded: keep the last 1 MiB.
       if (this.output.length > 2 << 20) this.output = this.output.slice(-(1 << 20));
     };
-    this.proc.stdout?.on('data', collect);
     this.proc.stderr?.on('data', collect);
+    if (options.lines === true) {
+      this.proc.stdout?.on('data', (b: Buffer) => {
+        const parts = (this.partial + b.toString('utf8')).split('\n');
+        this.partial = parts.pop() ?? '';
+        this.lines.push(...parts);
+      });
+    } else {
+      this.proc.stdout?.on('data', collect);
+    }
     this.exited = new Promise((resolve) => {
       this.proc.on('exit', () => {
         children.delete(this.proc);
@@ -106,6 +126,24 @@ export class Child {
   /** Waits until its output matches `re` (at most `ms`). */
   async waitLog(re: RegExp, ms: number): Promise<void> {
     await waitUntil(ms, `${this.name} to log ${re}`, () => re.test(this.output), () => `${this.name} log:\n${this.output}`);
+  }
+
+  /** Waits (at most `ms`) for a stdout line (started with `lines`) that `match` accepts, and returns it. */
+  async line(ms: number, what: string, match: (line: string) => boolean): Promise<string> {
+    let found: string | undefined;
+    await waitUntil(ms, `${this.name}: ${what}`, () => (found = this.lines.find(match)) !== undefined || !this.alive(), () => `stderr:\n${this.output}`);
+    if (found === undefined) throw new Error(`${this.name} exited before ${what}; stderr:\n${this.output}`);
+    return found;
+  }
+
+  /** Writes one line to its stdin (started with `stdin`). */
+  writeLine(line: string): void {
+    this.proc.stdin?.write(line + '\n');
+  }
+
+  /** How it exited: the code, or the signal. */
+  exit(): { code: number | null; signal: NodeJS.Signals | null } {
+    return { code: this.proc.exitCode, signal: this.proc.signalCode };
   }
 
   /** Whether it is still running. */
@@ -154,7 +192,7 @@ export interface AgentOptions {
 /** A running `bridge-daemon run`. */
 export class Agent extends Child {
   constructor(readonly state: string, args: string[]) {
-    super('bridge-daemon run', daemonBin(), ['run', '--state', state, ...args], { RUST_LOG: 'info' });
+    super('bridge-daemon run', daemonBin(), ['run', '--state', state, ...args], { env: { RUST_LOG: 'info' } });
   }
 
   /** The agent id in its state directory (waiting up to 20 s for the agent to create it). */
