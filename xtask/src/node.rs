@@ -88,3 +88,49 @@ pub fn test(root: &Path, wasm_dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Builds the SDK (`npm run build`).
+pub fn build(root: &Path) -> Result<()> {
+    check_node()?;
+    install(root)?;
+    let status = Command::new("npm")
+        .args(["run", "--silent", "build"])
+        .current_dir(sdk_dir(root))
+        .status()
+        .context("running `npm run build` in sdk/node")?;
+    if !status.success() {
+        bail!("building the Node SDK failed ({status})");
+    }
+    Ok(())
+}
+
+/// The platform benchmark (`sdk/node/bench/platform.mjs`): the Node SDK against
+/// `bridgectl serve`, with the release binaries. This process's CPU set is split: the agents
+/// on the first CPU, the platforms and the benchmark on the second (when there are two).
+pub fn bench(root: &Path, wasm_dir: &Path) -> Result<()> {
+    build(root)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bins = target.join("release");
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let mut cmd = if two_cpus && Command::new("taskset").arg("-V").output().is_ok() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1", "node"]);
+        c
+    } else {
+        Command::new("node")
+    };
+    let status = cmd
+        .arg("bench/platform.mjs")
+        .current_dir(sdk_dir(root))
+        .env("BRIDGE_DAEMON", bins.join("bridge-daemon"))
+        .env("BRIDGECTL", bins.join("bridgectl"))
+        .env("BRIDGE_WASM_DIR", wasm_dir)
+        .status()
+        .context("running the platform benchmark")?;
+    if !status.success() {
+        bail!("the platform benchmark failed ({status})");
+    }
+    Ok(())
+}
