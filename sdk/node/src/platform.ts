@@ -66,6 +66,11 @@ export interface PlatformOptions {
   hooks?: PlatformHooks;
   /** Where log messages go; default nowhere. */
   log?: Logger;
+  /**
+   * Called for each task result this process waited for: the microseconds from sending its
+   * `run` to holding its result, stored (for measurements).
+   */
+  onRoundTrip?: (us: number, taskId: string) => void;
 }
 
 /** An agent the platform knows. */
@@ -200,6 +205,8 @@ interface Task {
   accepted: boolean;
   state: TaskState | undefined;
   waiters: Set<Waiter>;
+  /** When the `run` was last sent (`process.hrtime.bigint()`). */
+  sentAt: bigint;
 }
 
 type Reply = { kind: 'cancel'; outcome: CancelOutcome } | { kind: 'handlers'; handlers: HandlerInfo[] };
@@ -292,6 +299,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
   private readonly hooks: PlatformHooks;
   private readonly log: Logger;
   private readonly tokenTtlMs: number;
+  private readonly onRoundTrip: ((us: number, taskId: string) => void) | undefined;
   private readonly live = new Map<string, Live>();
   private readonly sessions = new Set<Session>();
   private readonly tasks = new Map<string, Task>();
@@ -323,6 +331,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     this.hooks = args.options.hooks ?? {};
     this.log = args.options.log ?? (() => undefined);
     this.tokenTtlMs = args.options.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS;
+    this.onRoundTrip = args.options.onRoundTrip;
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_WS_PAYLOAD, perMessageDeflate: false, clientTracking: false });
     this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       this.onUpgrade(req, socket, head).catch((e: unknown) => {
@@ -444,7 +453,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     }
     // Runs the agent has not answered may never have arrived: send them again.
     for (const task of this.tasks.values()) {
-      if (task.agentId === session.agentId && !task.accepted) session.send(task.wire);
+      if (task.agentId === session.agentId && !task.accepted && session.send(task.wire)) task.sentAt = process.hrtime.bigint();
     }
     const info = this.info(session.agentId);
     if (info !== undefined) {
@@ -576,7 +585,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
       if (result.status === 'rejected' && typeof result.reason === 'string' && UNRECORDED_REASONS.has(result.reason)) {
         session.ack(taskId);
         const task = this.tasks.get(taskId);
-        if (task !== undefined && task.agentId === agentId && task.runId === runId) this.endTask(task, (w) => w.resolve(result));
+        if (task !== undefined && task.agentId === agentId && task.runId === runId) this.finish(task, result);
         return;
       }
       const outcome = await this.store.put(taskId, agentId, result);
@@ -590,10 +599,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
         }
         return;
       }
-      if (task !== undefined && task.agentId === agentId) {
-        const first = outcome.stored.result as RunResult;
-        this.endTask(task, (w) => w.resolve(first));
-      }
+      if (task !== undefined && task.agentId === agentId) this.finish(task, outcome.stored.result as RunResult);
     } catch (e) {
       this.log('error', `cannot store a result (not acknowledged; the agent will send it again): ${(e as Error).message}`, { agentId, taskId });
     } finally {
@@ -613,6 +619,19 @@ export class Platform extends EventEmitter<PlatformEvents> {
     if (sha === undefined) return;
     const m = this.modules.get(sha);
     if (m !== undefined && --m.refs === 0) this.modules.delete(sha);
+  }
+
+  /** Ends a task with its result. */
+  private finish(task: Task, result: RunResult): void {
+    if (this.onRoundTrip !== undefined && this.tasks.get(task.taskId) === task) {
+      const us = Number((process.hrtime.bigint() - task.sentAt) / 1000n);
+      try {
+        this.onRoundTrip(us, task.taskId);
+      } catch (e) {
+        this.log('error', `onRoundTrip threw: ${(e as Error).message}`);
+      }
+    }
+    this.endTask(task, (w) => w.resolve(result));
   }
 
   private endTask(task: Task, settle: (w: Waiter) => void): void {
@@ -731,7 +750,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
       });
       if (utf8Bytes(wire) > 1024 * 1024) throw new PlatformError('invalid', 'the run message is larger than 1 MiB (input too large?)');
       if (fileSha256 !== undefined && o.module !== undefined) this.retain(fileSha256, o.module);
-      task = { taskId, agentId, runId, wire, fileSha256, accepted: false, state: undefined, waiters: new Set() };
+      task = { taskId, agentId, runId, wire, fileSha256, accepted: false, state: undefined, waiters: new Set(), sentAt: process.hrtime.bigint() };
       this.tasks.set(taskId, task);
       this.runIds.set(runId, taskId);
       session.send(wire);
