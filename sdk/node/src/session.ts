@@ -120,7 +120,7 @@ export class Session {
       this.error({ code: 'binary_not_expected', message: 'agents send no binary frames' });
       return;
     }
-    const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer);
+    const buf = Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data);
     if (buf.length > MAX_TEXT_BYTES) {
       this.error({ code: 'oversize', message: `a text frame of ${buf.length} bytes; the limit is ${MAX_TEXT_BYTES}` });
       return;

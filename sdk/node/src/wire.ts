@@ -25,6 +25,7 @@ const FILE_SHA256 = {
   installHandler: 'module_sha256',
   needModule: 'sha256',
   handler: 'module_sha256',
+  result: 'module_sha256',
 } as const;
 
 /**
@@ -118,27 +119,29 @@ export interface AppliedLimits {
 
 /**
  * A task's result, as the agent sends it (the `result` field of its `result` message). The
- * SDK checks the fields it acts on (`status`, `reason`) and passes the rest through.
+ * SDK checks the type of every field listed here; fields it does not know are passed through.
  */
 export interface RunResult {
   /** How the task ended: `ok`, `error`, `rejected`, `cancelled`, `timeout`, ... */
   status: string;
-  exit_code?: number | null;
-  output?: unknown;
-  stdout?: string;
-  stderr?: string;
-  truncated?: {
+  /** The exit code when the handler or command exited (`ok`, `error`). */
+  exit_code: number | null;
+  /** stdout parsed as JSON; null when empty, truncated or not JSON. */
+  output: unknown;
+  stdout: string;
+  stderr: string;
+  truncated: {
     stdout: boolean;
     stderr: boolean;
     stdout_total_bytes: number;
     stderr_total_bytes: number;
   };
-  fuel_consumed?: number | null;
-  memory_peak_bytes?: number;
-  duration_ms?: number;
-  limits?: AppliedLimits | null;
+  fuel_consumed: number | null;
+  memory_peak_bytes: number;
+  duration_ms: number;
+  limits: AppliedLimits | null;
   /** Human-readable reason when `status` is not `ok`. */
-  error?: string | null;
+  error: string | null;
   /** With `rejected`: the machine-readable refusal. */
   reason?: string;
   module_sha256?: string;
@@ -328,13 +331,55 @@ function decodeHandler(h: unknown): HandlerInfo {
   return out;
 }
 
+function nullable<T>(o: Obj, k: string, check: (o: Obj, k: string, what: string) => T, what: string): T | null {
+  if (!(k in o)) throw new Malformed(`${what}: missing field \`${k}\``);
+  return o[k] === null ? null : check(o, k, what);
+}
+
+function optional<T>(o: Obj, k: string, check: (o: Obj, k: string, what: string) => T, what: string): void {
+  if (o[k] !== undefined && o[k] !== null) check(o, k, what);
+}
+
+function bool(o: Obj, k: string, what: string): boolean {
+  if (typeof o[k] !== 'boolean') throw new Malformed(`${what}: \`${k}\` must be a boolean`);
+  return o[k] as boolean;
+}
+
+function int(o: Obj, k: string, what: string): number {
+  const v = o[k];
+  if (typeof v !== 'number' || !Number.isInteger(v)) throw new Malformed(`${what}: \`${k}\` must be an integer`);
+  return v;
+}
+
 function decodeResult(r: unknown): RunResult {
+  const what = 'result.result';
   if (!isObj(r)) throw new Malformed('result: `result` must be an object');
-  const status = str(r, 'status', 'result.result');
-  if (r.reason !== undefined && r.reason !== null && typeof r.reason !== 'string') {
-    throw new Malformed('result.result: `reason` must be a string');
+  need(r, what, ['status', 'output', 'stdout', 'stderr', 'truncated', 'memory_peak_bytes', 'duration_ms']);
+  str(r, 'status', what);
+  nullable(r, 'exit_code', int, what);
+  str(r, 'stdout', what);
+  str(r, 'stderr', what);
+  const t = r.truncated;
+  if (!isObj(t)) throw new Malformed(`${what}: \`truncated\` must be an object`);
+  bool(t, 'stdout', `${what}.truncated`);
+  bool(t, 'stderr', `${what}.truncated`);
+  uint(t, 'stdout_total_bytes', `${what}.truncated`);
+  uint(t, 'stderr_total_bytes', `${what}.truncated`);
+  nullable(r, 'fuel_consumed', uint, what);
+  uint(r, 'memory_peak_bytes', what);
+  num(r, 'duration_ms', what);
+  const limits = nullable(r, 'limits', (o, k) => o[k], what);
+  if (limits !== null) {
+    if (!isObj(limits)) throw new Malformed(`${what}: \`limits\` must be an object or null`);
+    for (const k of ['fuel', 'memory_bytes', 'timeout_ms', 'output_bytes']) uint(limits, k, `${what}.limits`);
+    strings(limits, 'clamped', `${what}.limits`);
   }
-  return { ...r, status };
+  nullable(r, 'error', str, what);
+  optional(r, 'reason', str, what);
+  optional(r, FILE_SHA256.result, str, what);
+  optional(r, 'evicted', bool, what);
+  optional(r, 'cgroup', bool, what);
+  return r as unknown as RunResult;
 }
 
 function decodeFields(type: string, o: Obj): AgentMessage {

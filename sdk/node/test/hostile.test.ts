@@ -205,6 +205,43 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     assert.match((await pending).message, /replaced/);
   });
 
+  it('stores a result before acknowledging it, acknowledges repeats, and only acknowledges unrecorded refusals', async () => {
+    const me = await identity();
+    const f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
+    open.push(f);
+    f.hello(me.id);
+    await f.next();
+    const result = {
+      status: 'ok',
+      exit_code: 0,
+      output: { n: 1 },
+      stdout: '{"n":1}',
+      stderr: '',
+      truncated: { stdout: false, stderr: false, stdout_total_bytes: 7, stderr_total_bytes: 0 },
+      fuel_consumed: 10,
+      memory_peak_bytes: 65536,
+      duration_ms: 0.5,
+      limits: { fuel: 100, memory_bytes: 65536, timeout_ms: 1000, output_bytes: 1024, clamped: [] },
+      error: null,
+    };
+    f.send({ type: 'result', id: 'run-x', task_id: 'fake-task-1', result });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-1'] });
+    const stored = await platform.result('fake-task-1');
+    assert.deepEqual([stored?.agentId, stored?.deliveries, stored?.result], [me.id, 1, result]);
+    f.send({ type: 'result', id: 'run-y', task_id: 'fake-task-1', result: { ...result, status: 'interrupted' } });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-1'] });
+    assert.deepEqual([(await platform.result('fake-task-1'))?.deliveries, (await platform.result('fake-task-1'))?.result.status], [2, 'ok']);
+
+    const busy = { ...result, status: 'rejected', exit_code: null, output: null, stdout: '', limits: null, error: 'busy', reason: 'busy' };
+    f.send({ type: 'result', id: 'run-z', task_id: 'fake-task-2', result: busy });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-2'] });
+    assert.equal(await platform.result('fake-task-2'), undefined);
+
+    const bad = await f.errorFor({ type: 'result', id: 'run-w', task_id: 'fake-task-3', result: { ...result, truncated: null } });
+    assert.deepEqual([bad.code, bad.id], ['malformed', 'run-w']);
+    assert.equal(await platform.result('fake-task-3'), undefined);
+  });
+
   it('is told unsupported_version and closed (1008) when it offers no version the platform speaks', async () => {
     const f = opened(await Fake.open(platform.url, fake));
     open.push(f);
