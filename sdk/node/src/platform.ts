@@ -834,7 +834,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
   }
 
   /** The stored result of a task id (from the store), or `undefined`. */
-  result(taskId: string): Promise<StoredResult | undefined> {
+  async result(taskId: string): Promise<StoredResult | undefined> {
     this.ensureOpen();
     return this.store.get(taskId);
   }
@@ -842,7 +842,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
   // ---- agents and tokens ---------------------------------------------------------------------
 
   /** Mints a one-time enrollment token valid `ttlMs` (default `tokenTtlMs`, 24 h; 0: no expiry). Only its hash is stored. */
-  issueToken(options: { ttlMs?: number } = {}): Promise<string> {
+  async issueToken(options: { ttlMs?: number } = {}): Promise<string> {
     this.ensureOpen();
     return this.registry.issueToken(options.ttlMs ?? this.tokenTtlMs);
   }
@@ -871,10 +871,10 @@ export class Platform extends EventEmitter<PlatformEvents> {
    * (one connected now, else the next to connect). Rejects with `timeout` after `timeoutMs`
    * (default 30 s).
    */
-  waitForAgent(id?: string, options: { timeoutMs?: number } = {}): Promise<AgentInfo> {
+  async waitForAgent(id?: string, options: { timeoutMs?: number } = {}): Promise<AgentInfo> {
     this.ensureOpen();
     const now = id === undefined ? this.agents().find((a) => a.connected) : this.info(id);
-    if (now?.connected === true) return Promise.resolve(now);
+    if (now?.connected === true) return now;
     const timeoutMs = positive('timeoutMs', options.timeoutMs) ?? 30_000;
     return new Promise((resolve, reject) => {
       const w = {

@@ -325,7 +325,19 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     open.push(f);
     f.hello(fake.id);
     await f.next();
+    const waiting = platform.waitForAgent('f'.repeat(64), { timeoutMs: 60_000 }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    const running = platform.run(fake.id, { command: 'x' }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    await f.next(); // the run
     await within(10_000, 'close()', platform.close());
     assert.equal((await within(5000, 'the close', f.closed)).code, 1001);
+    assert.equal((await waiting)?.code, 'closed');
+    assert.equal((await running)?.code, 'closed');
+    await assert.rejects(platform.issueToken(), /closed/);
   });
 });
