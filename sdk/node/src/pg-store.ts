@@ -89,8 +89,9 @@ export class PgStore implements ResultStore {
            deliveries integer NOT NULL)`,
       );
     } catch (e) {
-      // Two processes creating the table at once: one of them loses the race on the catalog.
-      if (!(isPgError(e) && (e.code === '23505' || e.code === '42P07'))) {
+      // Two processes creating the table at once: the loser of the race on the catalog gets
+      // unique_violation, duplicate_table or duplicate_object (its row type); the table exists.
+      if (!(isPgError(e) && ['23505', '42P07', '42710'].includes(e.code))) {
         throw e;
       }
     }

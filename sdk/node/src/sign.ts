@@ -18,6 +18,7 @@ export class SignError extends Error {
   /** What kind of input was refused. */
   readonly code: SignErrorCode;
 
+  /** An error of kind `code`; `message` says what was refused and why. */
   constructor(code: SignErrorCode, message: string) {
     super(message);
     this.name = 'SignError';

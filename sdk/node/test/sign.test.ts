@@ -109,7 +109,7 @@ const VECTOR = {
   sectionHeader: '00de01106272696467652e7369676e6174757265',
 };
 
-describe('the docs/signing.md test vector', () => {
+describe('the docs/signing.md test vector', { timeout: 30_000 }, () => {
   const key = keyPairFromSeed(Buffer.from(VECTOR.seed, 'hex'));
   const module = Buffer.from(VECTOR.module, 'hex');
   const claims: ClaimsInput = { name: 'hello', version: '1.0.0', issuedAt: 1764050000, capabilities: { fuel: 1000000000 } };
@@ -169,7 +169,7 @@ describe('the docs/signing.md test vector', () => {
   });
 });
 
-describe('refusals', () => {
+describe('refusals', { timeout: 30_000 }, () => {
   const module = Buffer.from(VECTOR.module, 'hex');
   const pem = VECTOR.pem;
   const code = (err: unknown): string | undefined => (err instanceof SignError ? err.code : undefined);
@@ -268,7 +268,7 @@ describe('refusals', () => {
   });
 });
 
-describe('against the real bridgectl and bridge-daemon', () => {
+describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, () => {
   let bridgectl: string;
   let daemon: string;
   let hello: Buffer;
