@@ -7,6 +7,8 @@
 //!   then the Node SDK's (`sdk/node`, against the binaries just built).
 //! - `test-node`: the Node SDK's suite alone.
 //! - `bench`: the benchmarks, printing medians.
+//! - `node-demo`: the Node quick start (`examples/node-platform`, a real agent).
+//! - `bench-node`: the Node SDK's platform against `bridgectl serve`, side by side.
 //! - `deps`: the `use` edges between each crate's modules; fails on an import cycle.
 
 use std::path::{Path, PathBuf};
@@ -30,6 +32,8 @@ fn main() -> Result<()> {
         "demo" => demo(rest),
         "test" => test(rest),
         "test-node" => test_node(),
+        "bench-node" => bench_node(),
+        "node-demo" => node_demo(),
         "bench" => bench(rest),
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
@@ -42,6 +46,8 @@ fn main() -> Result<()> {
                  test            run the whole test suite (Rust, then the Node SDK's)\n  \
                  test-node       run the Node SDK's tests alone (against target/debug's binaries)\n  \
                  bench           run the benchmarks and print medians\n  \
+                 node-demo       the Node quick start: examples/node-platform with a real agent\n  \
+                 bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
                  sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs"
             );
@@ -497,6 +503,33 @@ fn test(rest: &[String]) -> Result<()> {
     run(cmd)?;
     // The Node SDK's suite drives the binaries that run built.
     node::test(&root(), &wasm)
+}
+
+/// The platform benchmark: the Node SDK against `bridgectl serve`, release builds.
+fn bench_node() -> Result<()> {
+    let wasm = build_examples()?;
+    let mut bins = cargo();
+    bins.args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "bridge-host",
+        "-p",
+        "bridge-platform",
+        "--bins",
+    ]);
+    run(bins)?;
+    node::bench(&root(), &wasm)
+}
+
+/// The Node quick start: the example platform, an agent, a JS-signed handler, a web request.
+fn node_demo() -> Result<()> {
+    let wasm = build_examples()?;
+    let mut bins = cargo();
+    bins.args(["build", "--quiet", "-p", "bridge-host", "--bins"]);
+    run(bins)?;
+    node::demo(&root(), &wasm)
 }
 
 /// The Node SDK's suite alone (the binaries must be built: `cargo build --bins`).

@@ -38,10 +38,17 @@ pub fn check_node() -> Result<()> {
 
 /// `npm ci` when the SDK's packages are missing or older than its lockfile.
 pub fn install(root: &Path) -> Result<()> {
-    let dir = sdk_dir(root);
+    npm_ci(&sdk_dir(root))
+}
+
+/// `npm ci` in `dir` when its packages are missing or older than its lockfile.
+fn npm_ci(dir: &Path) -> Result<()> {
     let installed = dir.join("node_modules/.package-lock.json");
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = match (modified(&installed), modified(&dir.join("package-lock.json"))) {
+    let fresh = match (
+        modified(&installed),
+        modified(&dir.join("package-lock.json")),
+    ) {
         (Some(i), Some(l)) => i >= l,
         _ => false,
     };
@@ -50,11 +57,11 @@ pub fn install(root: &Path) -> Result<()> {
     }
     let status = Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(&dir)
+        .current_dir(dir)
         .status()
-        .context("running `npm ci` in sdk/node")?;
+        .with_context(|| format!("running `npm ci` in {}", dir.display()))?;
     if !status.success() {
-        bail!("`npm ci` in sdk/node failed ({status})");
+        bail!("`npm ci` in {} failed ({status})", dir.display());
     }
     Ok(())
 }
@@ -85,6 +92,74 @@ pub fn test(root: &Path, wasm_dir: &Path) -> Result<()> {
         .context("running `npm test` in sdk/node")?;
     if !status.success() {
         bail!("the Node SDK's tests failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the SDK (`npm run build`).
+pub fn build(root: &Path) -> Result<()> {
+    check_node()?;
+    install(root)?;
+    let status = Command::new("npm")
+        .args(["run", "--silent", "build"])
+        .current_dir(sdk_dir(root))
+        .status()
+        .context("running `npm run build` in sdk/node")?;
+    if !status.success() {
+        bail!("building the Node SDK failed ({status})");
+    }
+    Ok(())
+}
+
+/// The platform benchmark (`sdk/node/bench/platform.mjs`): the Node SDK against
+/// `bridgectl serve`, with the release binaries. This process's CPU set is split: the agents
+/// on the first CPU, the platforms and the benchmark on the second (when there are two).
+pub fn bench(root: &Path, wasm_dir: &Path) -> Result<()> {
+    build(root)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bins = target.join("release");
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let mut cmd = if two_cpus && Command::new("taskset").arg("-V").output().is_ok() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1", "node"]);
+        c
+    } else {
+        Command::new("node")
+    };
+    let status = cmd
+        .arg("bench/platform.mjs")
+        .current_dir(sdk_dir(root))
+        .env("BRIDGE_DAEMON", bins.join("bridge-daemon"))
+        .env("BRIDGECTL", bins.join("bridgectl"))
+        .env("BRIDGE_WASM_DIR", wasm_dir)
+        .status()
+        .context("running the platform benchmark")?;
+    if !status.success() {
+        bail!("the platform benchmark failed ({status})");
+    }
+    Ok(())
+}
+
+/// The Node quick start (`examples/node-platform/demo.mjs`): the example platform, a real
+/// agent (`target/debug`), a handler signed in JavaScript, run through the web API.
+pub fn demo(root: &Path, wasm_dir: &Path) -> Result<()> {
+    build(root)?;
+    let example = root.join("examples/node-platform");
+    npm_ci(&example)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let status = Command::new("node")
+        .arg("demo.mjs")
+        .current_dir(&example)
+        .env("BRIDGE_DAEMON", target.join("debug/bridge-daemon"))
+        .env("BRIDGE_WASM_DIR", wasm_dir)
+        .status()
+        .context("running examples/node-platform/demo.mjs")?;
+    if !status.success() {
+        bail!("the Node demo failed ({status})");
     }
     Ok(())
 }
