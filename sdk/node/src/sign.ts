@@ -32,7 +32,7 @@ export interface KeyPair {
    * The private key file text: a `PRIVATE KEY` PEM of the 83-byte PKCS#8 v2 document, in lines
    * of 64 characters, every line ending in `\n` (what `bridgectl keygen` writes to `KEY`).
    */
-  privateKeyPem: string;
+  privateKey: string;
   /** The public key text form, `ed25519:` and the base64url (no padding) of its 32 bytes. */
   publicKey: string;
   /** The key id: the first 16 bytes of SHA-256 of the public key, as 32 lowercase hex. */
@@ -83,13 +83,13 @@ export interface ClaimsInput {
   capabilities?: Capabilities;
 }
 
-/** Options of {@link sign}. */
+/** Options of {@link sign} and {@link signWithDetails}. */
 export interface SignOptions {
   /** Return the envelope alone (the content of a detached `MODULE.wasm.sig`) and leave the module unchanged. */
   detached?: boolean;
 }
 
-/** A signature made by {@link sign}. */
+/** A signature made by {@link signWithDetails}. */
 export interface SignResult {
   /**
    * What `bridgectl sign` writes: the signed module (the input without its old
@@ -148,7 +148,7 @@ export function keyPairFromSeed(seed: Uint8Array): KeyPair {
   const key = privateKeyFromSeed(seed);
   const pub = rawPublicKey(key);
   const der = Buffer.concat([PKCS8_V2_PREFIX, seed, PKCS8_V2_MIDDLE, pub]);
-  return { privateKeyPem: toPem(der), publicKey: publicKeyText(pub), keyId: keyIdOfRaw(pub) };
+  return { privateKey: toPem(der), publicKey: publicKeyText(pub), keyId: keyIdOfRaw(pub) };
 }
 
 /**
@@ -195,8 +195,20 @@ export function stripSignatures(module: Uint8Array): Buffer {
  * or v1 as `openssl genpkey -algorithm ed25519` writes), exactly as `bridgectl sign` does for
  * the same claims and issue time: the claims are validated (as a verifier would) and
  * serialized as compact JSON in `bridgectl`'s field order; an existing signature is replaced.
+ *
+ * Returns what `bridgectl sign` writes: the signed module (the file to upload: `run`'s
+ * `module`, `installHandler`'s bytes), or with `detached` the envelope (a `MODULE.wasm.sig`).
+ * Throws a {@link SignError} for a broken module, bad claims or an unusable key.
  */
-export function sign(
+export function sign(module: Uint8Array, privateKeyPem: string, claims: ClaimsInput, options: SignOptions = {}): Buffer {
+  return signWithDetails(module, privateKeyPem, claims, options).bytes;
+}
+
+/**
+ * {@link sign}, returning with the bytes what `bridgectl sign` prints: the key id, the
+ * `code_sha256` and `file_sha256`, the claims as signed and the key ids of replaced signatures.
+ */
+export function signWithDetails(
   module: Uint8Array,
   privateKeyPem: string,
   claims: ClaimsInput,

@@ -19,6 +19,7 @@ import {
   keygen,
   publicKeyOf,
   sign,
+  signWithDetails,
   stripSignatures,
 } from '../dist/sign.js';
 import type { ClaimsInput } from '../dist/sign.js';
@@ -115,7 +116,7 @@ describe('the docs/signing.md test vector', { timeout: 30_000 }, () => {
   const claims: ClaimsInput = { name: 'hello', version: '1.0.0', issuedAt: 1764050000, capabilities: { fuel: 1000000000 } };
 
   test('keys from the seed 01..20', () => {
-    assert.equal(key.privateKeyPem, VECTOR.pem);
+    assert.equal(key.privateKey, VECTOR.pem);
     assert.equal(key.publicKey, VECTOR.publicKey);
     assert.equal(key.keyId, VECTOR.keyId);
     assert.equal(keyId(VECTOR.publicKey), VECTOR.keyId);
@@ -126,7 +127,7 @@ describe('the docs/signing.md test vector', { timeout: 30_000 }, () => {
   test('claims, envelope and the 249-byte signed module', () => {
     assert.equal(claimsToJson(claims), VECTOR.claims);
     assert.equal(codeSha256(module), VECTOR.moduleSha256);
-    const detached = sign(module, VECTOR.pem, claims, { detached: true });
+    const detached = signWithDetails(module, VECTOR.pem, claims, { detached: true });
     assert.equal(detached.bytes.toString('hex'), VECTOR.envelope);
     assert.equal(detached.bytes.length, 205);
     assert.equal(detached.detached, true);
@@ -134,7 +135,7 @@ describe('the docs/signing.md test vector', { timeout: 30_000 }, () => {
     assert.equal(detached.codeSha256, VECTOR.moduleSha256);
     assert.equal(detached.fileSha256, VECTOR.moduleSha256, 'detached: the uploaded file is the module itself');
     assert.equal(detached.claimsJson, VECTOR.claims);
-    const embedded = sign(module, VECTOR.pem, claims);
+    const embedded = signWithDetails(module, VECTOR.pem, claims);
     assert.equal(embedded.bytes.length, 249);
     assert.equal(embedded.bytes.toString('hex'), VECTOR.module + VECTOR.sectionHeader + VECTOR.envelope);
     assert.equal(embedded.envelope.toString('hex'), VECTOR.envelope);
@@ -144,18 +145,19 @@ describe('the docs/signing.md test vector', { timeout: 30_000 }, () => {
     assert.notEqual(embedded.fileSha256, embedded.codeSha256);
     assert.deepEqual(embedded.replacedKeyIds, []);
     assert.deepEqual(stripSignatures(embedded.bytes), module);
+    assert.ok(sign(module, VECTOR.pem, claims).equals(embedded.bytes), 'sign() returns the signed module');
   });
 
   test('a PKCS#8 v1 key (as openssl writes it) signs the same', () => {
     const v1 = Buffer.concat([Buffer.from('302e020100300506032b657004220420', 'hex'), Buffer.from(VECTOR.seed, 'hex')]);
     const pem = `-----BEGIN PRIVATE KEY-----\n${v1.toString('base64')}\n-----END PRIVATE KEY-----\n`;
-    assert.equal(sign(module, pem, claims, { detached: true }).bytes.toString('hex'), VECTOR.envelope);
+    assert.equal(sign(module, pem, claims, { detached: true }).toString('hex'), VECTOR.envelope);
   });
 
   test('re-signing replaces the signature, never accumulates', () => {
-    const first = sign(module, VECTOR.pem, claims).bytes;
+    const first = signWithDetails(module, VECTOR.pem, claims).bytes;
     const other = keygen();
-    const second = sign(first, other.privateKeyPem, claims);
+    const second = signWithDetails(first, other.privateKey, claims);
     assert.equal(second.bytes.length, 249);
     assert.deepEqual(second.replacedKeyIds, [VECTOR.keyId]);
     assert.equal(second.keyId, other.keyId);
@@ -163,7 +165,7 @@ describe('the docs/signing.md test vector', { timeout: 30_000 }, () => {
     assert.deepEqual(second.bytes.subarray(0, 24), module);
     // A section named bridge.signature whose envelope is broken is replaced too, reported as null.
     const junk = Buffer.concat([module, Buffer.from([0, 18, 16]), Buffer.from('bridge.signature'), Buffer.from([1])]);
-    const third = sign(junk, VECTOR.pem, claims);
+    const third = signWithDetails(junk, VECTOR.pem, claims);
     assert.deepEqual(third.replacedKeyIds, [null]);
     assert.equal(third.bytes.toString('hex'), VECTOR.module + VECTOR.sectionHeader + VECTOR.envelope);
   });
@@ -330,7 +332,7 @@ describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, (
         const out = join(dir, `ctl-${detached}.out`);
         const printed = await runJson(bridgectl, ['sign', join(dir, 'hello.wasm'), '--key', ctlKey, ...flags, ...(detached ? ['--detached'] : []), '-o', out]);
         const expected = await readFile(out);
-        const mine = sign(hello, await readFile(ctlKey, 'utf8'), claims, { detached });
+        const mine = signWithDetails(hello, await readFile(ctlKey, 'utf8'), claims, { detached });
         assert.equal(mine.bytes.length, expected.length);
         assert.ok(mine.bytes.equals(expected), 'the bytes differ from bridgectl sign');
         assert.equal(mine.keyId, printed['key_id']);
@@ -350,10 +352,10 @@ describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, (
     await runJson(bridgectl, ['sign', join(dir, 'hello.wasm'), '--key', ctlKey, '--name', 'hello', '--issued-at', '1', '-o', first]);
     const other = keygen();
     const otherKey = join(dir, 'other.key');
-    await writeFile(otherKey, other.privateKeyPem, { mode: 0o600 });
+    await writeFile(otherKey, other.privateKey, { mode: 0o600 });
     const second = join(dir, 'second.wasm');
     const printed = await runJson(bridgectl, ['sign', first, '--key', otherKey, '--name', 'hello', '--issued-at', '2', '-o', second]);
-    const mine = sign(await readFile(first), other.privateKeyPem, { name: 'hello', issuedAt: 2 });
+    const mine = signWithDetails(await readFile(first), other.privateKey, { name: 'hello', issuedAt: 2 });
     assert.ok(mine.bytes.equals(await readFile(second)));
     assert.deepEqual(mine.replacedKeyIds, printed['replaced_key_ids']);
     assert.deepEqual(mine.replacedKeyIds, [keyId(ctlPub)]);
@@ -361,15 +363,15 @@ describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, (
 
   test('bridgectl sign takes a key from keygen(), and bridgectl verify names it', async () => {
     const key = keygen();
-    assert.match(key.privateKeyPem, /^-----BEGIN PRIVATE KEY-----\n[A-Za-z0-9+/]{64}\n[A-Za-z0-9+/=]{48}\n-----END PRIVATE KEY-----\n$/);
-    assert.equal(Buffer.from(key.privateKeyPem.split('\n').slice(1, 3).join(''), 'base64').length, 83);
+    assert.match(key.privateKey, /^-----BEGIN PRIVATE KEY-----\n[A-Za-z0-9+/]{64}\n[A-Za-z0-9+/=]{48}\n-----END PRIVATE KEY-----\n$/);
+    assert.equal(Buffer.from(key.privateKey.split('\n').slice(1, 3).join(''), 'base64').length, 83);
     const file = join(dir, 'js.key');
-    await writeFile(file, key.privateKeyPem, { mode: 0o600 });
+    await writeFile(file, key.privateKey, { mode: 0o600 });
     await chmod(file, 0o600);
     const out = join(dir, 'by-ctl.wasm');
     const printed = await runJson(bridgectl, ['sign', join(dir, 'hello.wasm'), '--key', file, '--name', 'hello', '--issued-at', '1764050000', '-o', out]);
     assert.equal(printed['key_id'], key.keyId);
-    const mine = sign(hello, key.privateKeyPem, { name: 'hello', issuedAt: 1764050000 });
+    const mine = signWithDetails(hello, key.privateKey, { name: 'hello', issuedAt: 1764050000 });
     assert.ok(mine.bytes.equals(await readFile(out)));
     const verified = await runJson(bridgectl, ['verify', out, '--trusted-key', key.publicKey]);
     assert.equal(verified['valid'], true);
@@ -378,7 +380,7 @@ describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, (
 
   test('bridgectl verify accepts a JS-signed module and refuses it with one code byte flipped', async () => {
     const key = keygen();
-    const signed = sign(hello, key.privateKeyPem, { name: 'hello', version: '1.0.0', capabilities: { fuel: 500_000_000 } });
+    const signed = signWithDetails(hello, key.privateKey, { name: 'hello', version: '1.0.0', capabilities: { fuel: 500_000_000 } });
     const path = join(dir, 'js-signed.wasm');
     await writeFile(path, signed.bytes);
     const ok = await runJson(bridgectl, ['verify', path, '--trusted-key', key.publicKey]);
@@ -386,8 +388,8 @@ describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, (
     assert.equal(ok['key_id'], key.keyId);
     assert.equal(printedCodeSha(ok), signed.codeSha256);
 
-    const detached = sign(hello, key.privateKeyPem, { name: 'hello' }, { detached: true });
-    await writeFile(join(dir, 'hello.wasm.sig'), detached.bytes);
+    const detached = sign(hello, key.privateKey, { name: 'hello' }, { detached: true });
+    await writeFile(join(dir, 'hello.wasm.sig'), detached);
     const okDetached = await runJson(bridgectl, ['verify', join(dir, 'hello.wasm'), '--trusted-key', key.publicKey, '--signature', join(dir, 'hello.wasm.sig')]);
     assert.equal(okDetached['valid'], true);
 
@@ -409,16 +411,16 @@ describe('against the real bridgectl and bridge-daemon', { timeout: 300_000 }, (
 
   test('the real agent (bridge-daemon call) runs a JS-signed module and refuses a tampered one', async () => {
     const key = keygen();
-    const signed = sign(hello, key.privateKeyPem, { name: 'hello', version: '1.0.0' });
+    const signed = sign(hello, key.privateKey, { name: 'hello', version: '1.0.0' });
     const path = join(dir, 'call.wasm');
-    await writeFile(path, signed.bytes);
+    await writeFile(path, signed);
     const ok = await run(daemon, ['call', path, '--trusted-key', key.publicKey, '--no-cache']);
     assert.equal(ok.code, 0, ok.stdout + ok.stderr);
     const result = JSON.parse(ok.stdout) as Record<string, unknown>;
     assert.equal(result['status'], 'ok');
     assert.deepEqual(result['output'], { greeting: 'Hello, world!' });
 
-    const tampered = Buffer.from(signed.bytes);
+    const tampered = Buffer.from(signed);
     const [start, end] = sectionContents(tampered, 10);
     const at = Math.floor((start + end) / 2);
     tampered[at] = (tampered[at] as number) ^ 0x01;
