@@ -98,6 +98,9 @@ export async function startPg(): Promise<PgServer> {
       }
       user = 'postgres';
       await chown(dir, owner.uid, owner.gid);
+      if (spawnSync('runuser', ['-u', user, '--', 'test', '-w', dir]).status !== 0) {
+        throw new Error(`the postgres user cannot write ${dir}: is a directory above it (TMPDIR=${process.env['TMPDIR'] ?? ''}) closed to other users? runuser (util-linux) must be installed`);
+      }
     }
     await chmod(dir, 0o700);
     const data = join(dir, 'data');
