@@ -212,9 +212,13 @@ export class Session {
     });
   }
 
-  /** Sends a platform request now (the caller bounds how many it makes). False once closing. */
+  /**
+   * Sends a platform request now (the caller bounds how many it makes), after the acks queued
+   * before it: the agent acts on them first. False once closing.
+   */
   send(text: string): boolean {
     if (this.closing || !this.welcomed) return false;
+    while (this.acks.size > 0) this.write(this.nextAck());
     this.write(text);
     return true;
   }
@@ -272,15 +276,20 @@ export class Session {
         continue;
       }
       if (this.acks.size === 0) return;
-      const ids: string[] = [];
-      let bytes = 0;
-      for (const id of this.acks) {
-        if (ids.length >= ACK_BATCH || (ids.length > 0 && bytes + id.length > ACK_BATCH_BYTES)) break;
-        ids.push(id);
-        bytes += id.length;
-      }
-      for (const id of ids) this.acks.delete(id);
-      this.write(encodeAck(ids));
+      this.write(this.nextAck());
     }
+  }
+
+  /** An `ack` of the oldest queued task ids (at most 1000, 128 KiB of ids), taken off the queue. */
+  private nextAck(): string {
+    const ids: string[] = [];
+    let bytes = 0;
+    for (const id of this.acks) {
+      if (ids.length >= ACK_BATCH || (ids.length > 0 && bytes + id.length > ACK_BATCH_BYTES)) break;
+      ids.push(id);
+      bytes += id.length;
+    }
+    for (const id of ids) this.acks.delete(id);
+    return encodeAck(ids);
   }
 }

@@ -78,20 +78,29 @@ export interface ErrorBody {
 
 /** Host facts in an agent's `status`. */
 export interface HostFacts {
+  /** Host name. */
   hostname: string;
+  /** `linux`, … */
   os: string;
+  /** `x86_64`, `aarch64`, … */
   arch: string;
+  /** Seconds since the host booted. */
   uptime_secs: number;
+  /** 1, 5 and 15 minute load averages. */
   load: [number, number, number];
 }
 
 /** An agent's latest `status` report, as it sent it (without `type`). */
 export interface StatusReport {
+  /** The id the agent believes it has (the platform goes by its certificate's). */
   agent_id: string;
+  /** Its software version. */
   agent_version: string;
+  /** Facts about its host. */
   host: HostFacts;
   /** Task ids running now. */
   running: string[];
+  /** Seconds since the agent started. */
   agent_uptime_secs: number;
 }
 
@@ -109,9 +118,13 @@ export interface HandlerInfo {
 
 /** The limits in force for a run, as the agent reports them. */
 export interface AppliedLimits {
+  /** Fuel (0 for shell commands). */
   fuel: number;
+  /** Linear memory, bytes (0 for shell commands). */
   memory_bytes: number;
+  /** Wall-clock limit. */
   timeout_ms: number;
+  /** Bytes kept of stdout and of stderr each. */
   output_bytes: number;
   /** Names of the limits lowered below what was asked. */
   clamped: string[];
@@ -128,25 +141,36 @@ export interface RunResult {
   exit_code: number | null;
   /** stdout parsed as JSON; null when empty, truncated or not JSON. */
   output: unknown;
+  /** What was kept of stdout (lossy UTF-8). */
   stdout: string;
+  /** What was kept of stderr (lossy UTF-8). */
   stderr: string;
+  /** Whether each stream lost bytes to the cap, and how many bytes each produced. */
   truncated: {
     stdout: boolean;
     stderr: boolean;
     stdout_total_bytes: number;
     stderr_total_bytes: number;
   };
+  /** Fuel used; null when no module started. */
   fuel_consumed: number | null;
+  /** Peak linear memory, bytes. */
   memory_peak_bytes: number;
+  /** Wall-clock time of the run. */
   duration_ms: number;
+  /** The limits in force; null when the task was refused before they were resolved. */
   limits: AppliedLimits | null;
   /** Human-readable reason when `status` is not `ok`. */
   error: string | null;
   /** With `rejected`: the machine-readable refusal. */
   reason?: string;
+  /** SHA-256 of the module file run or refused. */
   module_sha256?: string;
+  /** The agent no longer holds this result's output (`output`, `stdout`, `stderr` empty). */
   evicted?: boolean;
+  /** A cgroup bounded the run (shell commands). */
   cgroup?: boolean;
+  /** Fields this SDK does not know yet, passed through. */
   [field: string]: unknown;
 }
 

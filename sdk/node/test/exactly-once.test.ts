@@ -108,7 +108,9 @@ describe('exactly once across a platform restart (FileStore)', { timeout: 120_00
     assert.equal(lines.filter((l) => l.stored?.task_id === taskId).length, 1, 'exactly one stored entry');
     assert.equal(lines.filter((l) => l.delivered === taskId).length, 1, 'the repeat is counted, not stored');
 
-    // The repeat was acknowledged: after another reconnect the agent does not send it again.
+    // The repeat was acknowledged: after another reconnect the agent does not send it again
+    // (the handlers reply comes after the agent took the ack).
+    await second.request({ cmd: 'handlers', agentId });
     await agent.terminate();
     const agent2 = startAgent({ url, pin }, { state: agent.state, trustedKey: pub.publicKey });
     cleanup.push(() => agent2.kill());

@@ -47,7 +47,7 @@ class Fake {
 
   private constructor(readonly ws: WebSocket) {
     ws.on('message', (data, isBinary) => {
-      this.queue.push(isBinary ? { binary: true } : (JSON.parse(data.toString()) as Msg));
+      this.queue.push(isBinary ? { binary: data as Buffer } : (JSON.parse(data.toString()) as Msg));
       this.wake?.();
     });
     this.closed = new Promise((resolve) => ws.on('close', (code, reason) => resolve({ code, reason: reason.toString() })));
@@ -240,6 +240,75 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     const bad = await f.errorFor({ type: 'result', id: 'run-w', task_id: 'fake-task-3', result: { ...result, truncated: null } });
     assert.deepEqual([bad.code, bad.id], ['malformed', 'run-w']);
     assert.equal(await platform.result('fake-task-3'), undefined);
+  });
+
+  it('uploads modules on need_module, resends runs not accepted after a reconnect, and ends runs on errors and timeouts', async () => {
+    const me = await identity();
+    let f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
+    open.push(f);
+    f.hello(me.id);
+    await f.next();
+
+    const module = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 42]);
+    const sha = createHash('sha256').update(module).digest('hex');
+    const chunks: number[] = [];
+    const running = platform.run(me.id, { module, taskId: 'life-1', input: { a: 1 }, onChunk: (c) => chunks.push(c.seq) });
+    const run = await f.next();
+    assert.deepEqual(
+      { ...run, id: undefined },
+      { type: 'run', id: undefined, task_id: 'life-1', module_sha256: sha, input: { a: 1 }, stream: true },
+    );
+    f.send({ type: 'need_module', id: run.id, sha256: sha });
+    const upload = (await f.next()).binary as Buffer;
+    assert.deepEqual(new Uint8Array(upload), module);
+
+    // Not accepted when the connection drops: sent again on the next one.
+    f.ws.terminate();
+    f = opened(await Fake.open(platform.url, me));
+    open.push(f);
+    f.hello(me.id);
+    assert.equal((await f.next()).type, 'welcome');
+    const resent = await f.next();
+    assert.deepEqual([resent.type, resent.id, resent.task_id], ['run', run.id, 'life-1']);
+    f.send({ type: 'accepted', id: run.id, task_id: 'life-1', state: 'running' });
+    for (const seq of [0, 1, 1, 0, 2]) f.send({ type: 'chunk', task_id: 'life-1', seq, stream: 'stdout', data: `${seq}` });
+    const result = {
+      status: 'ok',
+      exit_code: 0,
+      output: null,
+      stdout: '',
+      stderr: '',
+      truncated: { stdout: false, stderr: false, stdout_total_bytes: 0, stderr_total_bytes: 0 },
+      fuel_consumed: 1,
+      memory_peak_bytes: 0,
+      duration_ms: 1,
+      limits: null,
+      error: null,
+    };
+    f.send({ type: 'result', id: run.id, task_id: 'life-1', result });
+    assert.deepEqual(await within(5000, 'the run', running), result);
+    assert.deepEqual(chunks, [0, 1, 2], 'chunks once each, in seq order');
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['life-1'] });
+
+    // An error naming the run ends it.
+    const refused = platform.run(me.id, { command: 'x', taskId: 'life-2' }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    const run2 = await f.next();
+    f.send({ type: 'error', id: run2.id, code: 'malformed', message: 'no' });
+    assert.equal((await refused)?.code, 'agent_error');
+
+    // A run nobody waits for any more: its result is still stored and acknowledged.
+    const late = platform.run(me.id, { command: 'x', taskId: 'life-3', waitMs: 50 }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    const run3 = await f.next();
+    assert.equal((await late)?.code, 'timeout');
+    f.send({ type: 'result', id: run3.id, task_id: 'life-3', result });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['life-3'] });
+    assert.equal((await platform.result('life-3'))?.deliveries, 1);
   });
 
   it('is told unsupported_version and closed (1008) when it offers no version the platform speaks', async () => {

@@ -47,6 +47,8 @@ async function handle(r: Request): Promise<Record<string, unknown>> {
           taskId: r.taskId as string,
         }),
       };
+    case 'handlers':
+      return { handlers: await platform.handlers(r.agentId as string) };
     case 'result': {
       const want = (r.deliveries as number | undefined) ?? 1;
       const end = Date.now() + ((r.waitMs as number | undefined) ?? 0);

@@ -5,6 +5,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { after } from 'node:test';
 
 /** A required environment variable naming an existing path; fails with a clear message. */
 function required(name: string, what: string): string {
@@ -42,6 +43,16 @@ process.on('exit', () => {
     if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   }
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
+// Once a file's tests are done, its process must end by itself: a handle left open (a timer, a
+// socket, a child) would keep it alive, and the runner would wait forever.
+after(() => {
+  setTimeout(() => {
+    const left = (process as unknown as { getActiveResourcesInfo?: () => string[] }).getActiveResourcesInfo?.() ?? [];
+    process.stderr.write(`the test process did not exit 10 s after its tests: open handles ${JSON.stringify(left)}\n`);
+    process.exit(1);
+  }, 10_000).unref();
 });
 
 /** A fresh temporary directory, removed at exit. */
