@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         "bench" => bench(rest),
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
+        "schema" => schema(),
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask <task>\n\n\
@@ -38,12 +39,24 @@ fn main() -> Result<()> {
                  test            run the whole test suite\n  \
                  bench           run the benchmarks and print medians\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
-                 sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs"
+                 sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs\n  \
+                 schema          write the protocol's JSON Schema files (protocol/schema/*.schema.json)"
             );
             Ok(())
         }
         other => bail!("unknown task {other:?}; try `cargo xtask help`"),
     }
+}
+
+/// Writes the JSON Schema of both message directions, generated from the protocol types.
+fn schema() -> Result<()> {
+    for (file, text) in bridge_protocol::schema::files() {
+        let path = root().join(file);
+        std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {
