@@ -164,7 +164,11 @@ impl Trust {
         sandbox.precheck(module)?;
         let sha256: [u8; 32] = Sha256::digest(module).into();
         let tag = |mut r: Box<RunResult>| {
-            r.module_sha256 = Some(hex::encode(sha256));
+            r.file_sha256 = Some(hex::encode(sha256));
+            // The hash a signature covers, when the module parses that far.
+            r.code_sha256 = bridge_signing::inspect(module, None)
+                .ok()
+                .map(|i| hex::encode(i.module_sha256));
             r
         };
         let verified = self.check(module, &sha256, detached).map_err(tag)?;

@@ -50,7 +50,7 @@ fn artifacts_are_private_reused_and_verified() {
     let entry = &files[0];
     assert_eq!(
         entry.file_name().unwrap().to_str().unwrap(),
-        format!("{}.cwasm", first.result["module_sha256"].as_str().unwrap())
+        format!("{}.cwasm", first.result["file_sha256"].as_str().unwrap())
     );
     assert_eq!(
         std::fs::metadata(entry).unwrap().permissions().mode() & 0o777,
@@ -141,11 +141,11 @@ fn another_modules_artifact_under_this_hash_is_not_executed() {
     let dir = cached(&cache)[0].parent().unwrap().to_path_buf();
     let hello_entry = dir.join(format!(
         "{}.cwasm",
-        h.result["module_sha256"].as_str().unwrap()
+        h.result["file_sha256"].as_str().unwrap()
     ));
     let trap_entry = dir.join(format!(
         "{}.cwasm",
-        t.result["module_sha256"].as_str().unwrap()
+        t.result["file_sha256"].as_str().unwrap()
     ));
     std::fs::copy(&trap_entry, &hello_entry).unwrap();
 

@@ -318,7 +318,7 @@ impl Conn {
     fn open(&mut self) -> String {
         let hello = self.expect("hello", Duration::from_secs(30));
         let id = hello["agent_id"].as_str().unwrap().to_string();
-        self.send(&json!({"type": "welcome", "version": 1, "agent_id": id, "enrolled": false}));
+        self.send(&json!({"type": "welcome", "version": 2, "agent_id": id, "enrolled": false}));
         id
     }
 
@@ -482,7 +482,7 @@ fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
         hex::encode(sha2::Sha256::digest(&module))
     };
     let mut bytes = text(
-        &json!({"type": "install_handler", "id": "install-1", "name": "hello", "module_sha256": sha}),
+        &json!({"type": "install_handler", "id": "install-1", "name": "hello", "file_sha256": sha}),
     );
     let mut hello = run("greet", "hello", &[]);
     hello["input"] = json!({"name": "Ada"});
@@ -490,7 +490,7 @@ fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
     bytes.extend(text(&json!({"type": "list_handlers", "id": "list-1"})));
     conn.write(&bytes);
     let need = conn.expect("need_module", Duration::from_secs(30));
-    assert_eq!(need["sha256"], sha.as_str());
+    assert_eq!(need["file_sha256"], sha.as_str());
     conn.write(&frame(2, &module));
     // The install's answer, then the run's result and the list (each after the install).
     let mut handlers = HashMap::new();
@@ -529,7 +529,7 @@ fn runs_waiting_behind_an_install_are_bounded() {
         hex::encode(sha2::Sha256::digest(&module))
     };
     let mut bytes = text(
-        &json!({"type": "install_handler", "id": "install-1", "name": "hello", "module_sha256": sha}),
+        &json!({"type": "install_handler", "id": "install-1", "name": "hello", "file_sha256": sha}),
     );
     for i in 0..3 {
         bytes.extend(text(&run(&format!("behind-{i}"), "hello", &[])));
@@ -666,7 +666,7 @@ fn requests_before_welcome_are_answered_not_dropped() {
     assert_eq!(errors[1]["code"], "malformed");
     assert_eq!(errors[2]["code"], "unexpected");
     let id = hello["agent_id"].as_str().unwrap();
-    conn.send(&json!({"type": "welcome", "version": 1, "agent_id": id, "enrolled": false}));
+    conn.send(&json!({"type": "welcome", "version": 2, "agent_id": id, "enrolled": false}));
     // Nothing of the early run happened: it runs only when sent again.
     assert!(!conn.results.contains_key("early"));
     conn.send(&run("early", "echo", &["x"]));

@@ -136,7 +136,7 @@ fn expired_tasks_are_rejected_and_never_run() {
         json!({"args": ["0"], "not_after": "2020-01-01T00:00:00Z"}),
     );
     assert_eq!(status(&r), "rejected", "{r}");
-    assert_eq!(r["result"]["reason"], "expired");
+    assert_eq!(r["result"]["reason"], "deadline_passed");
     assert_eq!(runs(&marker), 0);
     // A future expiry runs.
     let r = s.run_command(

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// One type `() -> ()`, one function with body `end`.
 const MODULE: &[u8] = &[
@@ -14,6 +15,10 @@ const MODULE: &[u8] = &[
 ];
 /// Offset of the `end` opcode of the function body.
 const END_OPCODE: usize = 23;
+fn file_sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 const MODULE_SHA256: &str = "aaceec3bbac74451e6dcefcead4220538e643fcb1df8009a7c5c3a5afffc5495";
 
 struct Env {
@@ -155,7 +160,10 @@ fn sign_then_verify() {
     assert_eq!(out["output"], "hello.signed.wasm");
     assert_eq!(out["detached"], false);
     assert_eq!(out["key_id"], key["key_id"]);
-    assert_eq!(out["module_sha256"], MODULE_SHA256);
+    // The code hash is what the signature covers; the file hash is of the file written, what a
+    // platform uploads and names in `run`.
+    assert_eq!(out["code_sha256"], MODULE_SHA256);
+    assert!(out.get("module_sha256").is_none(), "{out}");
     let claims = &out["claims"];
     assert_eq!(claims["name"], "hello");
     assert_eq!(claims["version"], "1.2.3");
@@ -171,6 +179,8 @@ fn sign_then_verify() {
     );
     let signed = fs::read(env.path("hello.signed.wasm")).unwrap();
     assert_eq!(&signed[..MODULE.len()], MODULE);
+    assert_eq!(out["file_sha256"], file_sha256(&signed));
+    assert_ne!(out["file_sha256"], out["code_sha256"]);
     assert_eq!(
         fs::read(env.path("hello.wasm")).unwrap(),
         MODULE,
@@ -180,7 +190,8 @@ fn sign_then_verify() {
     let v = env.ok(&["verify", "hello.signed.wasm", "--trusted-key", "@k.pub"]);
     assert_eq!(v["valid"], true);
     assert_eq!(v["key_id"], key["key_id"]);
-    assert_eq!(v["module_sha256"], MODULE_SHA256);
+    assert_eq!(v["code_sha256"], MODULE_SHA256);
+    assert_eq!(v["file_sha256"], file_sha256(&signed));
     assert_eq!(v["claims"], *claims);
     assert_eq!(v["source"], "embedded");
     // The key given inline works too.
@@ -333,7 +344,11 @@ fn inspect_trusts_nothing() {
     let key = env.keygen("k");
     let i = env.ok(&["inspect", "hello.wasm"]);
     assert_eq!(i["signed"], false);
-    assert_eq!(i["module_sha256"], MODULE_SHA256);
+    assert_eq!(i["code_sha256"], MODULE_SHA256);
+    assert_eq!(
+        i["file_sha256"], MODULE_SHA256,
+        "unsigned: the file is the code"
+    );
     assert_eq!(i["embedded_signatures"], 0);
 
     env.ok(&["sign", "hello.wasm", "-k", "k", "--name", "hello"]);
@@ -342,7 +357,11 @@ fn inspect_trusts_nothing() {
     assert_eq!(i["source"], "embedded");
     assert_eq!(i["key_id"], key["key_id"]);
     assert_eq!(i["claims"]["name"], "hello");
-    assert_eq!(i["module_sha256"], MODULE_SHA256);
+    assert_eq!(i["code_sha256"], MODULE_SHA256);
+    assert_eq!(
+        i["file_sha256"],
+        file_sha256(&fs::read(env.path("hello.signed.wasm")).unwrap())
+    );
     assert_eq!(i["stripped_len"], MODULE.len());
     assert_eq!(i["problem"], Value::Null);
 
@@ -352,7 +371,7 @@ fn inspect_trusts_nothing() {
     fs::write(env.path("tampered.wasm"), &signed).unwrap();
     let i = env.ok(&["inspect", "tampered.wasm"]);
     assert_eq!(i["key_id"], key["key_id"]);
-    assert_ne!(i["module_sha256"], MODULE_SHA256);
+    assert_ne!(i["code_sha256"], MODULE_SHA256);
 
     // Not wasm: exit 2.
     fs::write(env.path("text.wasm"), "hello").unwrap();
@@ -477,7 +496,12 @@ fn detached_flow() {
         0,
     );
     assert!(stderr.contains("embedded signature"), "{stderr}");
-    assert_eq!(out["module_sha256"], MODULE_SHA256);
+    assert_eq!(out["code_sha256"], MODULE_SHA256);
+    // Detached: the file to upload is the module as given.
+    assert_eq!(
+        out["file_sha256"],
+        file_sha256(&fs::read(env.path("hello.signed.wasm")).unwrap())
+    );
     env.ok(&[
         "verify",
         "hello.signed.wasm",

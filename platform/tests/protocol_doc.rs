@@ -2,15 +2,26 @@
 //! type has at least one example.
 //!
 //! An example is a fenced block whose info string is `json agent:<type>` or
-//! `json platform:<type>`; its content is one message.
+//! `json platform:<type>` (protocol version 2), or `json v1 agent:<type>` / `json v1
+//! platform:<type>` (version 1, decoded through the translation both ends use); its content is
+//! one message.
 
 use std::collections::BTreeMap;
 
-use bridge_protocol::codec::decode;
+use bridge_protocol::codec::{decode, decode_version};
 use bridge_protocol::{AgentMessage, PlatformMessage};
 
-/// (line number, direction, type tag, content) of each tagged block.
-fn examples(doc: &str) -> Vec<(usize, String, String, String)> {
+/// One tagged block.
+struct Example {
+    line: usize,
+    version: u32,
+    direction: String,
+    kind: String,
+    body: String,
+}
+
+/// Every tagged block of `doc`.
+fn examples(doc: &str) -> Vec<Example> {
     let mut found = Vec::new();
     let mut lines = doc.lines().enumerate();
     while let Some((n, line)) = lines.next() {
@@ -18,9 +29,14 @@ fn examples(doc: &str) -> Vec<(usize, String, String, String)> {
             continue;
         };
         let info = info.trim();
-        let tagged = info
-            .strip_prefix("json ")
-            .and_then(|rest| rest.trim().split_once(':'));
+        let (version, tag) = match info.strip_prefix("json ").map(str::trim) {
+            Some(rest) => match rest.strip_prefix("v1 ") {
+                Some(v1) => (1, Some(v1.trim())),
+                None => (2, Some(rest)),
+            },
+            None => (2, None),
+        };
+        let tagged = tag.and_then(|t| t.split_once(':'));
         let mut body = String::new();
         let mut closed = false;
         for (_, l) in lines.by_ref() {
@@ -33,7 +49,13 @@ fn examples(doc: &str) -> Vec<(usize, String, String, String)> {
         }
         assert!(closed, "line {}: unterminated code block", n + 1);
         if let Some((direction, kind)) = tagged {
-            found.push((n + 1, direction.to_string(), kind.to_string(), body));
+            found.push(Example {
+                line: n + 1,
+                version,
+                direction: direction.to_string(),
+                kind: kind.to_string(),
+                body,
+            });
         } else {
             assert!(
                 !info.contains("agent:") && !info.contains("platform:"),
@@ -60,13 +82,31 @@ fn every_example_decodes_and_every_type_has_one() {
     let found = examples(&doc);
     let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut failures = Vec::new();
-    for (line, direction, kind, body) in &found {
+    for Example {
+        line,
+        version,
+        direction,
+        kind,
+        body,
+    } in &found
+    {
         let text = body.trim();
-        let decoded = match direction.as_str() {
-            "agent" => decode::<AgentMessage>(text, AgentMessage::TYPES).map(|m| type_of(&m)),
-            "platform" => {
-                decode::<PlatformMessage>(text, PlatformMessage::TYPES).map(|m| type_of(&m))
+        // The wire types accept the version-1 names as aliases (old journals): a version-2
+        // example must not use them.
+        if *version == 2 {
+            for old in ["\"module_sha256\"", "\"sha256\""] {
+                if text.contains(old) {
+                    failures.push(format!(
+                        "line {line}: a version-2 example uses the version-1 name {old}"
+                    ));
+                }
             }
+        }
+        let decoded = match direction.as_str() {
+            "agent" => decode_version::<AgentMessage>(text, AgentMessage::TYPES, *version)
+                .map(|m| type_of(&m)),
+            "platform" => decode_version::<PlatformMessage>(text, PlatformMessage::TYPES, *version)
+                .map(|m| type_of(&m)),
             other => {
                 failures.push(format!("line {line}: unknown direction {other:?}"));
                 continue;
@@ -74,7 +114,9 @@ fn every_example_decodes_and_every_type_has_one() {
         };
         match decoded {
             Ok(t) if &t == kind => {
-                *seen.entry((direction.clone(), kind.clone())).or_default() += 1;
+                if *version == 2 {
+                    *seen.entry((direction.clone(), kind.clone())).or_default() += 1;
+                }
             }
             Ok(t) => failures.push(format!(
                 "line {line}: tagged {direction}:{kind} but decodes as {t}"
@@ -107,7 +149,14 @@ fn a_wrong_example_is_caught() {
     let doc = "```json agent:status\n{\"type\":\"status\",\"extra\":1}\n```\n```json\n{}\n```\n";
     let found = examples(doc);
     assert_eq!(found.len(), 1);
-    assert!(decode::<AgentMessage>(found[0].3.trim(), AgentMessage::TYPES).is_err());
+    assert!(decode::<AgentMessage>(found[0].body.trim(), AgentMessage::TYPES).is_err());
+    // Version-1 examples are told apart by their tag.
+    let doc = "```json v1 agent:need_module\n{}\n```\n";
+    let found = examples(doc);
+    assert_eq!(
+        (found[0].version, found[0].kind.as_str()),
+        (1, "need_module")
+    );
 }
 
 /// Every wire name of `values` appears as the first cell of a table row of the document
@@ -234,17 +283,9 @@ fn every_error_code_status_outcome_and_state_is_documented() {
             missing.push(quoted);
         }
     }
-    // The rejection reasons the agent adds to the trust policy's.
-    missing.extend(missing_rows(
-        &doc,
-        &[
-            "module_unavailable",
-            "unknown_command",
-            "expired",
-            "busy",
-            "storage_full",
-        ],
-    ));
+    // Every reason a `rejected` result can carry (the trust policy's, the agent's, the shell
+    // rules').
+    missing.extend(missing_rows(&doc, bridge_protocol::REASONS));
     assert!(
         missing.is_empty(),
         "docs/protocol.md has no table row for {missing:?}"

@@ -217,7 +217,7 @@ async fn hello_without_a_common_version_gets_an_error_and_a_close() {
         assert_eq!(reply["code"], "unexpected");
         send(
             &mut ws,
-            json!({"type": "hello", "versions": [2, 99], "agent_id": agent.id, "agent_version": "9"}),
+            json!({"type": "hello", "versions": [3, 99], "agent_id": agent.id, "agent_version": "9"}),
         )
         .await;
         let reply = recv(&mut ws).await;
@@ -247,7 +247,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
             (oversize, "oversize"),
             (too_deep, "too_deep"),
             (
-                json!({"type": "hello", "versions": [1], "agent_id": agent.id, "agent_version": "x"}).to_string(),
+                json!({"type": "hello", "versions": [2, 1], "agent_id": agent.id, "agent_version": "x"}).to_string(),
                 "unexpected",
             ),
         ];
@@ -272,7 +272,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
         let reply = recv(&mut ws).await;
         assert_eq!(reply["code"], "binary_not_expected");
         // A module nobody uploaded.
-        send(&mut ws, json!({"type": "need_module", "id": "run-x", "sha256": "00".repeat(32)})).await;
+        send(&mut ws, json!({"type": "need_module", "id": "run-x", "file_sha256": "00".repeat(32)})).await;
         let reply = recv(&mut ws).await;
         assert_eq!(reply["code"], "unexpected");
         assert_eq!(reply["id"], "run-x");
@@ -373,10 +373,10 @@ async fn serve_one_run(ws: &mut Ws, module: &[u8], status: &str, exit_code: i32)
     let run = recv(ws).await;
     assert_eq!(run["type"], "run", "{run}");
     let sha = hex::encode(sha2::Sha256::digest(module));
-    assert_eq!(run["module_sha256"], sha.as_str());
+    assert_eq!(run["file_sha256"], sha.as_str());
     send(
         ws,
-        json!({"type": "need_module", "id": run["id"], "sha256": sha}),
+        json!({"type": "need_module", "id": run["id"], "file_sha256": sha}),
     )
     .await;
     match next_frame(ws).await {

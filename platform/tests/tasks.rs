@@ -88,7 +88,7 @@ async fn results_are_stored_once_acknowledged_every_time_and_survive_a_restart()
         let run = recv(&mut ws).await;
         assert_eq!(run["type"], "run", "{run}");
         assert_eq!(run["command"], "uptime");
-        assert!(run.get("module_sha256").is_none(), "{run}");
+        assert!(run.get("file_sha256").is_none(), "{run}");
         assert_eq!(run["task_id"], "task-1");
         assert_eq!(run["args"], json!(["-p"]));
         assert_eq!(run["not_after"], "2999-01-01T00:00:00Z", "sent in UTC");
@@ -444,7 +444,7 @@ async fn timeout_lines(handle: tokio::task::JoinHandle<Vec<Value>>) -> Vec<Value
 }
 
 fn handler(name: &str, sha: &str) -> Value {
-    json!({"name": name, "module_sha256": sha, "installed_at": "2025-11-25T05:53:20Z", "key": "sha256:8f2c0a7e"})
+    json!({"name": name, "file_sha256": sha, "code_sha256": "ef".repeat(32), "installed_at": "2025-11-25T05:53:20Z", "key": "8f2c0a7e".repeat(4)})
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -513,14 +513,14 @@ async fn cancel_and_handler_requests_are_matched_by_message_id() {
         let install = recv(&mut ws).await;
         assert_eq!(install["type"], "install_handler", "{install}");
         assert_eq!(install["name"], "hello");
-        assert_eq!(install["module_sha256"], sha.as_str());
+        assert_eq!(install["file_sha256"], sha.as_str());
         assert_eq!(
             install["signature"],
             base64::engine::general_purpose::STANDARD.encode(b"\x01envelope")
         );
         send(
             &mut ws,
-            json!({"type": "need_module", "id": install["id"], "sha256": sha}),
+            json!({"type": "need_module", "id": install["id"], "file_sha256": sha}),
         )
         .await;
         match next_frame(&mut ws).await {
@@ -659,7 +659,7 @@ async fn bad_run_and_install_requests_are_refused_before_reaching_the_agent() {
                 "not_after",
             ),
             (
-                json!({"cmd": "run", "agent": agent.id, "module_sha256": "ab".repeat(32)}),
+                json!({"cmd": "run", "agent": agent.id, "file_sha256": "ab".repeat(32)}),
                 "no stored module",
             ),
             (
@@ -847,8 +847,9 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
             "storage_full",
             "storage_error",
             "unknown_command",
-            "expired",
+            "deadline_passed",
             "unsigned",
+            "expired",
         ] {
             let task = format!("task-{reason}");
             let waiting = serve.control().background(
@@ -863,7 +864,11 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
                 .control()
                 .request_async(&json!({"cmd": "result", "task_id": task}).to_string())
                 .await;
-            assert_eq!(r["ok"], reason == "unsigned", "{reason}: {r}");
+            assert_eq!(
+                r["ok"],
+                matches!(reason, "unsigned" | "expired"),
+                "{reason}: {r}"
+            );
         }
     })
     .await;

@@ -7,6 +7,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::messages::{ErrorBody, ErrorCode};
+use crate::v1::Versioned;
 
 /// Why a frame was not accepted; converts into the `error` reply to send back.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,14 +118,17 @@ impl std::io::Write for Measure {
     }
 }
 
-/// Decodes one text frame into `M`, whose known `type` tags are `types`.
-pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, DecodeError> {
-    let fail = |id: Option<String>, code, message: String| DecodeError {
+fn fail(id: Option<String>, code: ErrorCode, message: String) -> DecodeError {
+    DecodeError {
         id,
         code,
         message,
         kind: None,
-    };
+    }
+}
+
+/// The checks made before any parsing: the frame's size and its nesting depth.
+fn check_frame(text: &str) -> Result<(), DecodeError> {
     if text.len() > crate::MAX_TEXT_BYTES {
         return Err(fail(
             None,
@@ -147,6 +151,13 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
             ),
         ));
     }
+    Ok(())
+}
+
+/// Decodes one text frame of the current protocol version into `M`, whose known `type` tags
+/// are `types`.
+pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, DecodeError> {
+    check_frame(text)?;
     // The common case, a well-formed message of a known type, in one pass. Anything else
     // takes the path below, which accepts exactly what this does and more (a duplicate key,
     // last one wins), and says precisely what is wrong.
@@ -155,6 +166,31 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
     }
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
+    decode_value(value, types)
+}
+
+/// Decodes one text frame of protocol `version` into `M`: a version-1 frame is rewritten into
+/// the version-2 shape first ([`crate::v1`]).
+pub fn decode_version<M: DeserializeOwned + Versioned>(
+    text: &str,
+    types: &[&str],
+    version: u32,
+) -> Result<M, DecodeError> {
+    if version != 1 {
+        return decode(text, types);
+    }
+    check_frame(text)?;
+    let mut value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
+    M::from_v1(&mut value);
+    decode_value(value, types)
+}
+
+/// Decodes a parsed message, saying precisely what is wrong with it.
+fn decode_value<M: DeserializeOwned>(
+    value: serde_json::Value,
+    types: &[&str],
+) -> Result<M, DecodeError> {
     // An id too long to be one is not echoed back.
     let id = value
         .get("id")
@@ -192,9 +228,35 @@ pub fn decode<M: DeserializeOwned>(text: &str, types: &[&str]) -> Result<M, Deco
     })
 }
 
-/// Encodes a message as one text frame.
+/// Encodes a message as one text frame of the current protocol version.
 pub fn encode<M: serde::Serialize>(message: &M) -> String {
     serde_json::to_string(message).expect("protocol messages always serialize")
+}
+
+/// A text frame already encoded in the current version (by [`encode`]), as protocol `version`
+/// writes it: the same text for version 2, rewritten for version 1.
+pub fn text_for_version<M: Versioned>(text: String, version: u32) -> String {
+    if version != 1 {
+        return text;
+    }
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(mut value) => {
+            M::to_v1(&mut value);
+            serde_json::to_string(&value).expect("JSON values always serialize")
+        }
+        Err(_) => text,
+    }
+}
+
+/// Encodes a message as one text frame of protocol `version` (a version-1 frame is rewritten
+/// from the version-2 shape, [`crate::v1`]).
+pub fn encode_version<M: serde::Serialize + Versioned>(message: &M, version: u32) -> String {
+    if version != 1 {
+        return encode(message);
+    }
+    let mut value = serde_json::to_value(message).expect("protocol messages always serialize");
+    M::to_v1(&mut value);
+    serde_json::to_string(&value).expect("JSON values always serialize")
 }
 
 #[cfg(test)]

@@ -8,22 +8,31 @@
 //! - [`AgentMessage`] / [`PlatformMessage`]: the two directions.
 //! - [`codec::decode`]: size, depth and type checks before serde, each failure an [`ErrorCode`].
 //! - [`RunResult`] and the limit types: the result of a run, as `bridge-daemon call` prints it.
+//! - [`v1`]: protocol version 1, served by rewriting the version-2 messages at the wire.
+//! - [`schema`]: the JSON Schema of both directions (`protocol/schema/*.schema.json`).
 
 pub mod codec;
 pub mod identity;
 pub mod limits;
 pub mod messages;
 pub mod result;
+pub mod schema;
+pub mod v1;
 
 pub use limits::{AppliedLimits, LimitRequest, Limits};
 pub use messages::{
     AgentMessage, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, HostFacts, PlatformMessage,
     RunRequest, StatusReport, StreamName, TaskState,
 };
-pub use result::{RunResult, Status, Truncation};
+pub use result::{RunResult, Status, Truncation, REASONS, UNRECORDED_REASONS};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version of this crate's types: the newest version either end speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Every protocol version the agent and `bridgectl serve` speak, in order of preference (the
+/// agent's `hello.versions`). Version 1 is served by translation at the wire ([`v1`]) until
+/// 2027-12-31.
+pub const VERSIONS: &[u32] = &[2, 1];
 
 /// The largest text frame either end accepts, in bytes.
 pub const MAX_TEXT_BYTES: usize = 1 << 20;

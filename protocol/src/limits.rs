@@ -1,9 +1,10 @@
 //! Per-run limits as they travel: what a task asks for, and what a run got.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// One value for each per-run limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Fuel units (roughly one per executed wasm instruction).
@@ -39,19 +40,24 @@ impl Limits {
 /// On the wire it is an object whose fields are all optional; anything else (an array, which
 /// serde would otherwise read as the fields in order) is refused, and so is a limit of 0: a
 /// limit left out means the default, a present one means itself.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct LimitRequest {
     /// Requested fuel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub fuel: Option<u64>,
     /// Requested linear memory in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub memory_bytes: Option<u64>,
     /// Requested wall-clock timeout in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub timeout_ms: Option<u64>,
     /// Requested output cap in bytes (per stream).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub output_bytes: Option<u64>,
 }
 
@@ -110,7 +116,7 @@ impl<'de> Deserialize<'de> for LimitRequest {
 }
 
 /// The limits a run got, and which of them were lowered from what was asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AppliedLimits {
     /// The values in force.
     #[serde(flatten)]

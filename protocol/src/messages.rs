@@ -1,12 +1,13 @@
 //! The messages: one enum for each direction, JSON with a `type` tag.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::LimitRequest;
 use crate::result::RunResult;
 
 /// Machine-readable error codes carried by `error` messages (both directions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// Not JSON, or JSON that does not match the message's schema.
@@ -51,11 +52,12 @@ impl ErrorCode {
 }
 
 /// An error reply: what went wrong with a message this end received.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     /// The `id` of the message this answers, when it had a readable one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub id: Option<String>,
     /// What kind of error.
     pub code: ErrorCode,
@@ -64,7 +66,7 @@ pub struct ErrorBody {
 }
 
 /// Facts about the agent's host, sent in `status`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostFacts {
     /// The host name.
@@ -80,7 +82,7 @@ pub struct HostFacts {
 }
 
 /// The agent's periodic report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     /// The agent's id (hex SHA-256 of its public key).
@@ -105,24 +107,32 @@ fn is_zero(n: &u64) -> bool {
 
 /// A task: run a named command, or a signed module by its hash.
 ///
-/// Exactly one of `command` and `module_sha256` is given. A `command` resolves to the handler
+/// Exactly one of `command` and `file_sha256` is given. A `command` resolves to the handler
 /// installed under that name, else to the agent's allowlisted shell rule of that name, else
 /// the task is `rejected` with reason `unknown_command`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     /// Correlates the replies (`accepted`, `result`, `error`, `need_module`).
+    #[schemars(length(max = 256))]
     pub id: String,
     /// The platform's task id. The agent runs a task id at most once: a `run` repeating a task
     /// id it has seen is answered from its journal (the stored result, or the current state).
+    #[schemars(length(max = 256))]
     pub task_id: String,
     /// The command to run (an installed handler or a shell rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
-    /// SHA-256 (hex) of a module to run directly. The agent runs what it has under that hash,
-    /// or answers `need_module` and waits for a binary frame holding exactly those bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module_sha256: Option<String>,
+    /// SHA-256 (hex) of the exact bytes of a module file to run directly (the signed file,
+    /// embedded signature included). The agent runs what it has under that hash, or answers
+    /// `need_module` and waits for a binary frame holding exactly those bytes. (Version 1 and
+    /// journals written before version 2 call it `module_sha256`.)
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "module_sha256"
+    )]
+    pub file_sha256: Option<String>,
     /// A detached signature (base64 of the envelope), when the module has no embedded one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
@@ -136,7 +146,8 @@ pub struct RunRequest {
     /// Requested limits (clamped by the agent).
     #[serde(default)]
     pub limits: LimitRequest,
-    /// RFC 3339 time after which the task must not start (`rejected`, reason `expired`).
+    /// RFC 3339 time after which the task must not start (`rejected`, reason
+    /// `deadline_passed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<String>,
     /// The task may run again after the agent died while running it (instead of ending as
@@ -149,7 +160,7 @@ pub struct RunRequest {
 }
 
 /// Where a task is, as the agent reports it in `accepted`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Recorded, waiting for a free slot.
@@ -161,7 +172,7 @@ pub enum TaskState {
 }
 
 /// Which output stream a `chunk` carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamName {
     /// Standard output.
@@ -171,7 +182,7 @@ pub enum StreamName {
 }
 
 /// What a `cancel` found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CancelOutcome {
     /// The task was running and is being stopped; its `result` (`cancelled`) follows.
@@ -185,13 +196,18 @@ pub enum CancelOutcome {
 }
 
 /// One installed handler, as `handlers` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerInfo {
     /// The command name.
     pub name: String,
-    /// SHA-256 (hex) of the module.
-    pub module_sha256: String,
+    /// SHA-256 (hex) of the module file as uploaded (what `install_handler` named).
+    pub file_sha256: String,
+    /// SHA-256 (hex) of the module without its signature sections: what the signature covers.
+    /// Always sent by a version-2 agent; absent only when read from a version-1 agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(required, with = "String")]
+    pub code_sha256: Option<String>,
     /// When it was installed (RFC 3339, UTC).
     pub installed_at: String,
     /// The id of the key that signed the module (32 hex characters).
@@ -200,7 +216,7 @@ pub struct HandlerInfo {
 }
 
 /// Messages the agent sends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentMessage {
     /// First message on every connection: the versions the agent speaks.
@@ -218,8 +234,8 @@ pub enum AgentMessage {
     NeedModule {
         /// The `run` message this is for.
         id: String,
-        /// The module wanted.
-        sha256: String,
+        /// SHA-256 (hex) of the module file wanted: the binary frame answering must hash to it.
+        file_sha256: String,
     },
     /// The task is recorded in the agent's journal (sent only after the record is durable) and
     /// will produce exactly one `result`. Also the answer to a repeated task id that has not
@@ -280,7 +296,7 @@ pub enum AgentMessage {
 }
 
 /// Messages the platform sends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PlatformMessage {
     /// The answer to `hello`: the version chosen and the agent id the platform authenticated.
@@ -297,23 +313,28 @@ pub enum PlatformMessage {
     /// Stop a task: remove it from the queue, or stop it running.
     Cancel {
         /// Correlates the `cancel_reply`.
+        #[schemars(length(max = 256))]
         id: String,
         /// The task to stop.
+        #[schemars(length(max = 256))]
         task_id: String,
     },
     /// "I have stored these results": the agent drops them from its outbox.
     Ack {
         /// Task ids whose `result` the platform has stored.
+        #[schemars(inner(length(max = 256)))]
         task_ids: Vec<String>,
     },
     /// Install (or replace) a named handler: a signed module whose claims name the command.
     InstallHandler {
         /// Correlates the reply (`handlers` or `error`; `need_module` first if the agent lacks the bytes).
+        #[schemars(length(max = 256))]
         id: String,
         /// The command name.
+        #[schemars(length(max = 256))]
         name: String,
-        /// SHA-256 (hex) of the module.
-        module_sha256: String,
+        /// SHA-256 (hex) of the module file (the signed file, as uploaded).
+        file_sha256: String,
         /// A detached signature (base64), when the module has no embedded one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         signature: Option<String>,
@@ -321,13 +342,16 @@ pub enum PlatformMessage {
     /// Remove a named handler.
     RemoveHandler {
         /// Correlates the reply.
+        #[schemars(length(max = 256))]
         id: String,
         /// The command name.
+        #[schemars(length(max = 256))]
         name: String,
     },
     /// List the installed handlers.
     ListHandlers {
         /// Correlates the reply.
+        #[schemars(length(max = 256))]
         id: String,
     },
     /// Something the platform could not accept.

@@ -1,11 +1,12 @@
 //! The result of one handler run, as the agent reports it.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::AppliedLimits;
 
 /// Every way a handler run can end. Serialized in `snake_case` (`"fuel_exhausted"`…).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// The handler exited 0.
@@ -60,7 +61,7 @@ impl std::fmt::Display for Status {
 }
 
 /// Which captured streams lost bytes to the output cap, and how many bytes each produced in all.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Truncation {
     /// stdout produced more than the cap.
     pub stdout: bool,
@@ -72,8 +73,45 @@ pub struct Truncation {
     pub stderr_total_bytes: u64,
 }
 
+/// Every `reason` a `rejected` result can carry.
+///
+/// The agent does not record (and a platform may send again under the same task id) the
+/// refusals in [`UNRECORDED_REASONS`]; every other one is the task's result.
+pub const REASONS: &[&str] = &[
+    // The agent could not take the task (not recorded).
+    "busy",
+    "storage_full",
+    "storage_error",
+    "unknown_command",
+    "deadline_passed",
+    // The module (recorded).
+    "module_unavailable",
+    "unsigned",
+    "bad_signature",
+    "unknown_key",
+    "revoked_key",
+    "expired",
+    "not_yet_valid",
+    "out_of_scope",
+    "malformed_signature",
+    // A shell rule (recorded).
+    "invalid_rule",
+    "bad_argument",
+    "rule_unavailable",
+];
+
+/// The refusals the agent does not record: nothing ran, and the same task id may be sent again
+/// later and run then.
+pub const UNRECORDED_REASONS: &[&str] = &[
+    "busy",
+    "storage_full",
+    "storage_error",
+    "unknown_command",
+    "deadline_passed",
+];
+
 /// The result of one handler run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunResult {
     /// How the run ended.
     pub status: Status,
@@ -97,12 +135,24 @@ pub struct RunResult {
     pub limits: Option<AppliedLimits>,
     /// A human-readable reason when `status` is not `ok`.
     pub error: Option<String>,
-    /// With `status: rejected`, the machine-readable refusal reason (`unsigned`, `bad_signature`…).
+    /// With `status: rejected`, the machine-readable refusal reason (`unsigned`,
+    /// `bad_signature`…; every one is in [`REASONS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = REASONS))]
     pub reason: Option<String>,
-    /// SHA-256 (hex) of the module bytes that were run or refused, when known.
+    /// SHA-256 (hex) of the module file that was run or refused (the bytes as uploaded), when
+    /// the task named a module. (Version 1 and journals written before version 2 call it
+    /// `module_sha256`.)
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "module_sha256"
+    )]
+    pub file_sha256: Option<String>,
+    /// SHA-256 (hex) of the module without its signature sections (what a signature covers),
+    /// when the agent parsed the module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module_sha256: Option<String>,
+    pub code_sha256: Option<String>,
     /// `true` when the agent no longer holds this result's output: `output`, `stdout` and
     /// `stderr` are empty, everything else is as the run ended. The agent answers so to a
     /// repeated task id whose result was acknowledged and then evicted to keep its journal
@@ -137,7 +187,8 @@ impl RunResult {
             limits: None,
             error: Some(error.into()),
             reason: None,
-            module_sha256: None,
+            file_sha256: None,
+            code_sha256: None,
             evicted: false,
             cgroup: false,
         }

@@ -17,7 +17,8 @@ pub struct Inspection {
     /// Length of the module without its signature sections.
     pub stripped_len: usize,
     /// SHA-256 of the module without its signature sections (what a signature covers).
-    #[serde(serialize_with = "hex32")]
+    /// Serialized as `code_sha256`, the protocol's name for it.
+    #[serde(serialize_with = "hex32", rename = "code_sha256")]
     pub module_sha256: [u8; 32],
     /// How many `bridge.signature` sections the module has (a verifier accepts at most one).
     pub embedded_signatures: usize,

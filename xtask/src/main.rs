@@ -37,6 +37,7 @@ fn main() -> Result<()> {
         "bench" => bench(rest),
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
+        "schema" => schema(),
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask <task>\n\n\
@@ -49,12 +50,24 @@ fn main() -> Result<()> {
                  node-demo       the Node quick start: examples/node-platform with a real agent\n  \
                  bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
-                 sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs"
+                 sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs\n  \
+                 schema          write the protocol's JSON Schema files (protocol/schema/*.schema.json)"
             );
             Ok(())
         }
         other => bail!("unknown task {other:?}; try `cargo xtask help`"),
     }
+}
+
+/// Writes the JSON Schema of both message directions, generated from the protocol types.
+fn schema() -> Result<()> {
+    for (file, text) in bridge_protocol::schema::files() {
+        let path = root().join(file);
+        std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {

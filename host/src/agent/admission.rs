@@ -24,11 +24,9 @@ pub(super) fn check_request(req: &RunRequest) -> Result<Option<time::OffsetDateT
     if req.task_id.chars().any(char::is_control) {
         return Err("task_id contains control characters".into());
     }
-    match (&req.command, &req.module_sha256) {
-        (Some(_), Some(_)) => {
-            return Err("give either `command` or `module_sha256`, not both".into())
-        }
-        (None, None) => return Err("give `command` or `module_sha256`".into()),
+    match (&req.command, &req.file_sha256) {
+        (Some(_), Some(_)) => return Err("give either `command` or `file_sha256`, not both".into()),
+        (None, None) => return Err("give `command` or `file_sha256`".into()),
         _ => {}
     }
     not_after(req)

@@ -28,11 +28,11 @@ impl Agent {
     /// What `req` runs: its command resolved (an installed handler, else a shell rule), or the
     /// module it names. `None` for a command that resolves to nothing.
     pub(super) fn resolve(&self, req: &RunRequest) -> Option<Target> {
-        match (&req.command, &req.module_sha256) {
+        match (&req.command, &req.file_sha256) {
             (Some(name), _) => {
                 if let Some(h) = self.journal.handler(name) {
                     return Some(Target::Module {
-                        sha256: h.module_sha256,
+                        sha256: h.file_sha256,
                         signature: h.signature,
                     });
                 }
@@ -100,7 +100,7 @@ impl Agent {
             r = run => r,
             _ = cancel.cancelled() => {
                 let mut r = Refusal::CancelledBeforeStart.into_result();
-                r.module_sha256 = Some(sha256);
+                r.file_sha256 = Some(sha256);
                 r
             }
         }
@@ -140,9 +140,11 @@ impl Agent {
             .into_spec(input, name, &req.args);
         spec.cancel = Some(cancel);
         spec.tap = tap;
-        match self.sandbox.run(&prepared.module, spec).await {
+        let mut result = match self.sandbox.run(&prepared.module, spec).await {
             Ok(r) => r,
             Err(e) => Refusal::SetupFailed(format!("{e:#}")).into_result(),
-        }
+        };
+        result.code_sha256 = verified.map(|v| v.module_sha256_hex());
+        result
     }
 }

@@ -16,8 +16,11 @@ impl Agent {
             .handlers()
             .into_iter()
             .map(|h| HandlerInfo {
+                code_sha256: h
+                    .code_sha256
+                    .or_else(|| self.modules.code_sha256(&h.file_sha256)),
                 name: h.name,
-                module_sha256: h.module_sha256,
+                file_sha256: h.file_sha256,
                 installed_at: h.installed_at,
                 key: h.key,
             })
@@ -67,7 +70,7 @@ impl Agent {
         self: &Arc<Self>,
         id: String,
         name: String,
-        module_sha256: String,
+        file_sha256: String,
         signature: Option<String>,
     ) {
         let Ok(permit) = self.installs.clone().try_acquire_owned() else {
@@ -84,7 +87,7 @@ impl Agent {
         tokio::spawn(async move {
             let _permit = permit;
             turn.wait().await;
-            let msg = match this.install(&id, &name, &module_sha256, signature).await {
+            let msg = match this.install(&id, &name, &file_sha256, signature).await {
                 Ok(()) => AgentMessage::Handlers {
                     id,
                     handlers: this.handler_list(),
@@ -92,7 +95,7 @@ impl Agent {
                 Err(refusal) => {
                     let msg = refusal.into_error(&id);
                     if let AgentMessage::Error(e) = &msg {
-                        tracing::warn!(name = %name, module = %module_sha256, "refusing to install a handler: {}", e.message);
+                        tracing::warn!(name = %name, module = %file_sha256, "refusing to install a handler: {}", e.message);
                     }
                     msg
                 }
@@ -124,7 +127,8 @@ impl Agent {
         }
         let record = HandlerRecord {
             name: name.to_string(),
-            module_sha256: sha_hex.to_ascii_lowercase(),
+            file_sha256: sha_hex.to_ascii_lowercase(),
+            code_sha256: Some(verified.module_sha256_hex()),
             signature,
             installed_at: now_rfc3339(),
             key: Some(verified.key_id.to_string()),

@@ -200,9 +200,9 @@ impl crate::link::Peer for Agent {
             PlatformMessage::InstallHandler {
                 id,
                 name,
-                module_sha256,
+                file_sha256,
                 signature,
-            } => self.install_handler(id, name, module_sha256, signature),
+            } => self.install_handler(id, name, file_sha256, signature),
             PlatformMessage::RemoveHandler { id, name } => self.remove_handler(id, name),
             PlatformMessage::ListHandlers { id } => self.list_handlers(id),
             // The link's own business (answered there).

@@ -38,6 +38,14 @@ impl ModuleStore {
         self.dir.join(format!("{sha_hex}.wasm"))
     }
 
+    /// The code hash (what a signature covers) of the stored module file `file_sha256`, for a
+    /// handler recorded before records kept it; `None` when the store no longer has it.
+    pub(super) fn code_sha256(&self, file_sha256: &str) -> Option<String> {
+        let bytes = std::fs::read(self.path(file_sha256)).ok()?;
+        let inspection = bridge_signing::inspect(&bytes, None).ok()?;
+        Some(hex::encode(inspection.module_sha256))
+    }
+
     /// A binary frame arrived: module bytes, valid only if some run asked for that hash and no
     /// larger than `max` bytes.
     pub(super) fn arrived(&self, bytes: Vec<u8>, max: u64) -> Result<(), ErrorBody> {
@@ -108,7 +116,7 @@ impl Agent {
                         let installed: std::collections::HashSet<String> = journal
                             .handlers()
                             .into_iter()
-                            .map(|h| format!("{}.wasm", h.module_sha256))
+                            .map(|h| format!("{}.wasm", h.file_sha256))
                             .collect();
                         prune_store(&dir, MODULE_STORE_BYTES, &installed);
                     }
@@ -145,7 +153,7 @@ impl Agent {
             .push(tx);
         let ask = AgentMessage::NeedModule {
             id: request_id.to_string(),
-            sha256: sha_hex.clone(),
+            file_sha256: sha_hex.clone(),
         };
         self.outbox.send(ask).await;
         let wait = self.modules.wait;

@@ -10,7 +10,7 @@ use crate::journal::JournalError;
 /// Why a task did not run (or did not run to its end), or why a request was not carried out.
 #[derive(Debug)]
 pub enum Refusal {
-    /// `run` was malformed (no task id, both or neither of `command` and `module_sha256`…).
+    /// `run` was malformed (no task id, both or neither of `command` and `file_sha256`…).
     Malformed(String),
     /// Every place for a task in progress is taken.
     Busy { limit: usize },
@@ -20,7 +20,7 @@ pub enum Refusal {
     /// Handler installations in progress at once.
     BusyInstalling { limit: usize },
     /// The task's `not_after` passed before it could start.
-    Expired(time::OffsetDateTime),
+    DeadlinePassed(time::OffsetDateTime),
     /// The command names neither an installed handler nor a shell rule.
     UnknownCommand(String),
     /// The journal could not record the task (so nothing ran).
@@ -33,7 +33,7 @@ pub enum Refusal {
     CancelledBeforeStart,
     /// The agent stopped while the task ran, and the task is not idempotent.
     Interrupted,
-    /// `module_sha256` is not a SHA-256 in hex.
+    /// `file_sha256` is not a SHA-256 in hex.
     BadModuleHash,
     /// The detached signature is not base64.
     MalformedSignature(String),
@@ -77,7 +77,7 @@ impl Refusal {
             Refusal::Busy { .. } | Refusal::BusyWaiting { .. } | Refusal::BusyInstalling { .. } => {
                 "busy"
             }
-            Refusal::Expired(_) => "expired",
+            Refusal::DeadlinePassed(_) => "deadline_passed",
             Refusal::UnknownCommand(_) => "unknown_command",
             Refusal::NotRecorded(JournalError::StorageFull(_)) => "storage_full",
             Refusal::NotRecorded(JournalError::Io(_))
@@ -112,7 +112,7 @@ impl Refusal {
             Refusal::BusyInstalling { limit } => {
                 format!("{limit} handler installations are already in progress")
             }
-            Refusal::Expired(t) => format!(
+            Refusal::DeadlinePassed(t) => format!(
                 "the task's not_after ({}) passed before it could start; it was not run",
                 t.format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default()
@@ -131,7 +131,7 @@ impl Refusal {
                  it was not run again (a task may declare itself idempotent to be re-run)"
                     .into()
             }
-            Refusal::BadModuleHash => "module_sha256 is not 64 hex characters".into(),
+            Refusal::BadModuleHash => "file_sha256 is not 64 hex characters".into(),
             Refusal::MalformedSignature(e) => {
                 format!("the detached signature is not base64: {e}")
             }

@@ -166,7 +166,7 @@ impl Queued {
         };
         let Some(slot) = slot else {
             let mut result = Refusal::CancelledQueued.into_result();
-            result.module_sha256 = req.module_sha256.clone();
+            result.file_sha256 = req.file_sha256.clone();
             return Err(Finished::never_ran(req, result, place));
         };
         if let Some(refusal) = expired(not_after) {
@@ -203,7 +203,7 @@ impl Running {
             target,
         } = self;
         lock(&agent.live).set(&req.task_id, LiveState::Running);
-        tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started");
+        tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.file_sha256, "task started");
         let tap = req.stream.then(|| {
             let tap = StreamTap::new(&req.task_id, agent.outbox.channel());
             tokio::spawn(tap.clone().flusher());
@@ -332,7 +332,7 @@ async fn run_while_accepting(
             };
         }
         tracing::info!(task_id = %req.task_id, "task accepted");
-        tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.module_sha256, "task started (while its acceptance was recorded)");
+        tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.file_sha256, "task started (while its acceptance was recorded)");
         match offered.take() {
             // Recorded with the acceptance: the journal shows the task done (a cancel now
             // answers `finished`), so it is never registered as live.
@@ -393,10 +393,10 @@ pub(super) fn not_after(req: &RunRequest) -> Result<Option<time::OffsetDateTime>
         .transpose()
 }
 
-/// `expired` when the task's `not_after` has passed.
+/// `deadline_passed` when the task's `not_after` has passed.
 pub(super) fn expired(not_after: Option<time::OffsetDateTime>) -> Option<Refusal> {
     let t = not_after?;
-    (time::OffsetDateTime::now_utc() > t).then_some(Refusal::Expired(t))
+    (time::OffsetDateTime::now_utc() > t).then_some(Refusal::DeadlinePassed(t))
 }
 
 impl Agent {
@@ -413,7 +413,7 @@ impl Agent {
             }
             tracing::warn!(task_id = %req.task_id, "the agent stopped while this task ran; reporting it as interrupted");
             let mut result = Refusal::Interrupted.into_result();
-            result.module_sha256 = req.module_sha256.clone();
+            result.file_sha256 = req.file_sha256.clone();
             Finished::never_ran(req, result, self.activity.resume())
                 .deliver(self)
                 .await;

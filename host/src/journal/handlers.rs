@@ -79,7 +79,8 @@ mod tests {
         let (j, _) = open(&cfg);
         let handler = |name: &str| HandlerRecord {
             name: name.to_string(),
-            module_sha256: "ab".repeat(32),
+            file_sha256: "ab".repeat(32),
+            code_sha256: Some("ef".repeat(32)),
             signature: Some("c2ln".into()),
             installed_at: "2024-01-01T00:00:00Z".into(),
             key: Some("sha256:00".into()),
@@ -88,7 +89,7 @@ mod tests {
         j.put_handler(handler("alpha")).await.unwrap();
         j.put_handler(handler("mid")).await.unwrap();
         let mut replaced = handler("mid");
-        replaced.module_sha256 = "cd".repeat(32);
+        replaced.file_sha256 = "cd".repeat(32);
         j.put_handler(replaced.clone()).await.unwrap();
         let names = |j: &Journal| j.handlers().into_iter().map(|h| h.name).collect::<Vec<_>>();
         assert_eq!(names(&j), ["alpha", "mid", "zeta"]);

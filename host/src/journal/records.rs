@@ -50,12 +50,48 @@ pub enum Accept {
 pub struct HandlerRecord {
     /// The command name.
     pub name: String,
-    /// SHA-256 (hex) of the module.
-    pub module_sha256: String,
+    /// SHA-256 (hex) of the module file (the bytes as uploaded, what the module store keeps it
+    /// under). Records written before protocol version 2 call it `module_sha256`.
+    #[serde(alias = "module_sha256")]
+    pub file_sha256: String,
+    /// SHA-256 (hex) of the module without its signature sections (what the signature covers);
+    /// absent in records written before protocol version 2.
+    #[serde(default)]
+    pub code_sha256: Option<String>,
     /// The detached signature (base64), when the module has no embedded one.
     pub signature: Option<String>,
     /// When it was installed (RFC 3339, UTC).
     pub installed_at: String,
     /// The signing key's fingerprint, when known.
     pub key: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_before_protocol_version_2_still_read() {
+        let old = format!(
+            r#"{{"name":"hello","module_sha256":"{}","signature":null,"installed_at":"2024-01-01T00:00:00Z","key":null}}"#,
+            "ab".repeat(32)
+        );
+        let h: HandlerRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!((h.file_sha256, h.code_sha256), ("ab".repeat(32), None));
+
+        let old = format!(
+            r#"{{"request":{{"id":"r","task_id":"t","module_sha256":"{sha}"}},"phase":"done",
+                "result":{{"status":"rejected","exit_code":null,"output":null,"stdout":"","stderr":"",
+                  "truncated":{{"stdout":false,"stderr":false,"stdout_total_bytes":0,"stderr_total_bytes":0}},
+                  "fuel_consumed":null,"memory_peak_bytes":0,"duration_ms":0.0,"limits":null,
+                  "error":"the signature expired","reason":"expired","module_sha256":"{sha}"}},
+                "acked":false,"accepted_at_ms":1,"finished_at_ms":2}}"#,
+            sha = "cd".repeat(32)
+        );
+        let t: TaskRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(t.request.file_sha256, Some("cd".repeat(32)));
+        let result = t.result.unwrap();
+        assert_eq!(result.file_sha256, Some("cd".repeat(32)));
+        assert_eq!(result.code_sha256, None);
+    }
 }

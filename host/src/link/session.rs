@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bridge_protocol::codec::{decode, encode};
-use bridge_protocol::{AgentMessage, ErrorBody, ErrorCode, PlatformMessage, PROTOCOL_VERSION};
+use bridge_protocol::codec::{decode, decode_version, encode, encode_version};
+use bridge_protocol::{AgentMessage, ErrorBody, ErrorCode, PlatformMessage, VERSIONS};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -111,10 +111,10 @@ where
     .await
 }
 
-/// Sends `hello` and waits for `welcome`.
-async fn handshake(ws: &mut Socket, expected: &str) -> Result<(), End> {
+/// Sends `hello` and waits for `welcome`; returns the protocol version the platform chose.
+async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
     let hello = AgentMessage::Hello {
-        versions: vec![PROTOCOL_VERSION],
+        versions: VERSIONS.to_vec(),
         agent_id: expected.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -133,9 +133,9 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<(), End> {
                         agent_id,
                         enrolled,
                     }) => {
-                        if version != PROTOCOL_VERSION {
+                        if !VERSIONS.contains(&version) {
                             return Err(End::Handshake(format!(
-                                "the platform chose protocol version {version}"
+                                "the platform chose protocol version {version}; this agent speaks {VERSIONS:?}"
                             )));
                         }
                         if agent_id != expected {
@@ -144,7 +144,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<(), End> {
                         if enrolled {
                             tracing::info!(agent_id = %agent_id, "enrolled with the platform");
                         }
-                        return Ok(());
+                        return Ok(version);
                     }
                     Ok(PlatformMessage::Error(e)) => {
                         return Err(End::Handshake(format!(
@@ -300,17 +300,18 @@ pub async fn run<P: Peer>(
     outbox: &mut Outbox,
     shutdown: &CancellationToken,
 ) -> End {
-    if let Err(end) = handshake(&mut ws, peer.agent_id()).await {
-        return end;
-    }
-    tracing::info!("the platform welcomed the agent: session open");
+    let version = match handshake(&mut ws, peer.agent_id()).await {
+        Ok(version) => version,
+        Err(end) => return end,
+    };
+    tracing::info!(version, "the platform welcomed the agent: session open");
     super::welcomed(config, peer.agent_id());
     let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
     ping.tick().await;
     let mut status = tokio::time::interval(config.status_interval);
     let mut ping_seq: u64 = 0;
-    outbox.start_session();
+    outbox.start_session(version);
 
     let (mut sink, stream) = ws.split();
     let last_rx = Arc::new(AtomicU64::new(0));
@@ -322,6 +323,7 @@ pub async fn run<P: Peer>(
         started,
         last_rx.clone(),
         ended_tx,
+        version,
     )));
 
     let end = loop {
@@ -365,7 +367,7 @@ pub async fn run<P: Peer>(
             }
             _ = status.tick() => {
                 let report = AgentMessage::Status(peer.status());
-                if let Err(e) = send_text(&mut sink, encode(&report)).await {
+                if let Err(e) = send_text(&mut sink, encode_version(&report, version)).await {
                     break End::Error(e);
                 }
             }
@@ -405,6 +407,7 @@ async fn read_loop<P: Peer>(
     started: Instant,
     last_rx: Arc<AtomicU64>,
     ended: tokio::sync::oneshot::Sender<End>,
+    version: u32,
 ) {
     let mut throttle = Throttle::new();
     let end = loop {
@@ -415,7 +418,8 @@ async fn read_loop<P: Peer>(
         );
         let reply = match frame {
             Some(Ok(Message::Text(text))) => {
-                let decoded = decode::<PlatformMessage>(&text, PlatformMessage::TYPES);
+                let decoded =
+                    decode_version::<PlatformMessage>(&text, PlatformMessage::TYPES, version);
                 let decoded = match decoded {
                     Ok(msg) => match msg.check_ids() {
                         Ok(()) => Ok(msg),

@@ -4,7 +4,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use bridge_protocol::codec::encode;
+use bridge_protocol::codec::encode_version;
 use bridge_protocol::AgentMessage;
 use tokio::sync::mpsc;
 
@@ -34,6 +34,8 @@ pub struct Outbox {
     backlog: VecDeque<String>,
     /// The first of `unsent` came from the channel just now (more may follow it at once).
     fresh: bool,
+    /// The protocol version of the session open now: how messages are encoded.
+    version: u32,
 }
 
 /// Messages to write at once, encoded.
@@ -42,11 +44,20 @@ pub struct Batch {
     /// What each is, what keeps its bytes counted until it is sent, and its text.
     items: Vec<(AgentMessage, Option<Charge>, String)>,
     bytes: usize,
+    /// The protocol version the texts are encoded in.
+    version: u32,
 }
 
 impl Batch {
+    fn new(version: u32) -> Batch {
+        Batch {
+            version,
+            ..Batch::default()
+        }
+    }
+
     fn push(&mut self, msg: AgentMessage, charge: Option<Charge>) {
-        let text = encode(&msg);
+        let text = encode_version(&msg, self.version);
         self.bytes += text.len();
         self.items.push((msg, charge, text));
     }
@@ -95,6 +106,7 @@ impl Outbox {
             unsent: VecDeque::new(),
             backlog: VecDeque::new(),
             fresh: false,
+            version: bridge_protocol::PROTOCOL_VERSION,
         }
     }
 
@@ -107,7 +119,9 @@ impl Outbox {
     /// queued up while the link was down (chunks before their results), then every result the
     /// platform has not acknowledged yet. A result is sent once per session: the journal's
     /// copy replaces a queued one; a queued one whose commit is still in flight is kept.
-    pub fn start_session(&mut self) {
+    /// Messages are encoded in protocol `version`, the one the session negotiated.
+    pub fn start_session(&mut self, version: u32) {
+        self.version = version;
         for _ in 0..self.rx.len() {
             match self.rx.try_recv() {
                 Ok(msg) => self.unsent.push_back(msg),
@@ -143,7 +157,7 @@ impl Outbox {
     /// backlog's next batch, or what has queued with the message just received. May be empty
     /// (a stored result acknowledged meanwhile).
     pub async fn next_batch(&mut self) -> Batch {
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(self.version);
         if std::mem::take(&mut self.fresh) {
             // Let the tasks that are ready run first: the results of one journal commit become
             // ready together, and each would otherwise wake the link (tokio runs a task woken
@@ -261,17 +275,17 @@ mod tests {
             .unwrap();
 
         // Queued in memory and recorded: sent once, from the journal, after what queued before.
-        outbox.start_session();
+        outbox.start_session(bridge_protocol::PROTOCOL_VERSION);
         let once = vec![
             ("accepted".into(), "a".into()),
             ("result".into(), "a".into()),
         ];
         assert_eq!(drain(&mut outbox).await, once);
         // A session that ends before the ack sends it again, from the journal; acked, never.
-        outbox.start_session();
+        outbox.start_session(bridge_protocol::PROTOCOL_VERSION);
         assert_eq!(drain(&mut outbox).await, once[1..]);
         journal.ack(&["a".into()]);
-        outbox.start_session();
+        outbox.start_session(bridge_protocol::PROTOCOL_VERSION);
         assert_eq!(drain(&mut outbox).await, []);
     }
 }

@@ -68,7 +68,7 @@ impl Sandbox {
         self.precheck(bytes)?;
         let sha256: [u8; 32] = Sha256::digest(bytes).into();
         self.load_hashed(bytes, sha256).map_err(|mut r| {
-            r.module_sha256 = Some(hex::encode(sha256));
+            r.file_sha256 = Some(hex::encode(sha256));
             r
         })
     }

@@ -157,7 +157,8 @@ impl Sandbox {
             limits: Some(applied),
             error,
             reason: None,
-            module_sha256: Some(module.sha256_hex()),
+            file_sha256: Some(module.sha256_hex()),
+            code_sha256: None,
             evicted: false,
             cgroup: false,
         })

@@ -20,7 +20,7 @@ use crate::serve::control;
 /// The module must be signed by a key the agent trusts, and its signed claims must name the
 /// handler (`bridgectl sign --name NAME`). Once installed, `bridgectl run --command NAME` runs
 /// it. Prints the agent's handlers after the change, as one JSON array of
-/// {"name", "module_sha256", "installed_at", "key"?}.
+/// {"name", "file_sha256", "code_sha256", "installed_at", "key"?}.
 ///
 /// Exit status: 0 when installed, 2 otherwise (the agent refused: its reason is on stderr;
 /// agent unknown or not connected; no answer within 30 s).
@@ -42,7 +42,7 @@ pub struct InstallHandlerArgs {
 
 /// List the handlers installed on a connected agent.
 ///
-/// Prints one JSON array of {"name", "module_sha256", "installed_at", "key"?}. Exit status: 0,
+/// Prints one JSON array of {"name", "file_sha256", "code_sha256", "installed_at", "key"?}. Exit status: 0,
 /// or 2 when the agent could not be asked.
 #[derive(Debug, Args)]
 pub struct HandlersArgs {

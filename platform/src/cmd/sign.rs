@@ -9,6 +9,7 @@ use bridge_signing::{
 };
 use clap::Args;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::files::{default_output, loose_key_permissions, read, read_text, write_atomic};
 use crate::timearg::{now_unix, parse_time};
@@ -95,7 +96,11 @@ struct SignOutput {
     output: PathBuf,
     detached: bool,
     key_id: String,
-    module_sha256: String,
+    /// SHA-256 of the module without its signature sections: what the signature covers.
+    code_sha256: String,
+    /// SHA-256 of the module file to upload (the file written; with `--detached`, the module
+    /// as given): what `run` and `install_handler` name.
+    file_sha256: String,
     claims: Claims,
     /// Key ids of the signature sections removed (`null` for an undecodable one).
     replaced_key_ids: Vec<Option<String>>,
@@ -145,7 +150,7 @@ pub fn run(args: SignArgs) -> Result<ExitCode> {
         .out
         .unwrap_or_else(|| default_output(&args.module, args.detached));
     let what = format!("cannot sign {}", args.module.display());
-    let (signature, replaced) = if args.detached {
+    let (signature, replaced, file_sha256) = if args.detached {
         let existing = inspect(&module, None).context(what.clone())?;
         if existing.embedded_signatures > 0 {
             eprintln!(
@@ -159,7 +164,7 @@ pub fn run(args: SignArgs) -> Result<ExitCode> {
         }
         let sig = sign_detached(&module, &key, &claims).context(what)?;
         write_atomic(&out, &sig.envelope, None)?;
-        (sig, Vec::new())
+        (sig, Vec::new(), Sha256::digest(&module))
     } else {
         let signed = sign(&module, &key, &claims).context(what)?;
         for r in &signed.replaced {
@@ -175,13 +180,15 @@ pub fn run(args: SignArgs) -> Result<ExitCode> {
             }
         }
         write_atomic(&out, &signed.module, None)?;
-        (signed.signature, signed.replaced)
+        let file_sha256 = Sha256::digest(&signed.module);
+        (signed.signature, signed.replaced, file_sha256)
     };
     crate::print_json(&SignOutput {
         output: out,
         detached: args.detached,
         key_id: signature.key_id.to_string(),
-        module_sha256: hex_string(&signature.module_sha256),
+        code_sha256: hex_string(&signature.module_sha256),
+        file_sha256: hex_string(&file_sha256),
         claims: signature.claims,
         replaced_key_ids: replaced
             .iter()

@@ -9,6 +9,7 @@ use bridge_signing::{
 };
 use clap::Args;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::cmd::sign::hex_string;
 use crate::files::{read, read_text};
@@ -21,7 +22,9 @@ use crate::timearg::{now_unix, parse_time};
 /// signature is checked, or the detached one given with --signature (which then takes the
 /// place of any embedded one).
 ///
-/// Valid: prints `{"valid": true, "key_id", "claims", "module_sha256", "source"}` and exits 0.
+/// Valid: prints `{"valid": true, "key_id", "claims", "code_sha256", "file_sha256", "source"}`
+/// and exits 0 (`code_sha256`: the module without its signature sections, what the signature
+/// covers; `file_sha256`: the file as given, what `run` names).
 /// Invalid: prints `{"valid": false, "reason", "message", "key_id"}` and exits 1; reason is one
 /// of unsigned, bad_signature, unknown_key, revoked_key, expired, not_yet_valid, out_of_scope,
 /// malformed_signature, or invalid_module (the file's wasm structure is broken).
@@ -68,7 +71,8 @@ struct Valid {
     valid: bool,
     key_id: String,
     claims: Claims,
-    module_sha256: String,
+    code_sha256: String,
+    file_sha256: String,
     source: SignatureSource,
 }
 
@@ -105,7 +109,8 @@ pub fn run(args: VerifyArgs) -> Result<ExitCode> {
                 valid: true,
                 key_id: v.key_id.to_string(),
                 claims: v.claims,
-                module_sha256: hex_string(&v.module_sha256),
+                code_sha256: hex_string(&v.module_sha256),
+                file_sha256: hex_string(&Sha256::digest(&module)),
                 source: v.source,
             });
             Ok(ExitCode::SUCCESS)

@@ -42,13 +42,7 @@ pub const RESULTS_LOG: &str = "results.jsonl";
 
 /// The `reason`s of the `rejected` results the agent does not record: nothing ran, and the same
 /// task id may be sent again later and run then (see `docs/protocol.md`).
-pub const UNRECORDED_REFUSALS: &[&str] = &[
-    "busy",
-    "storage_full",
-    "storage_error",
-    "unknown_command",
-    "expired",
-];
+pub const UNRECORDED_REFUSALS: &[&str] = bridge_protocol::UNRECORDED_REASONS;
 
 /// Whether `result` is a refusal the agent does not record ([`UNRECORDED_REFUSALS`]): it is
 /// handed to whoever waits for that run, but it is not the task's result.

@@ -255,7 +255,7 @@ pub async fn expect_close(ws: &mut Ws) -> u16 {
 pub async fn hello(ws: &mut Ws, who: &Identity) -> Value {
     send(
         ws,
-        json!({"type": "hello", "versions": [1], "agent_id": who.id, "agent_version": "0.1.0-test"}),
+        json!({"type": "hello", "versions": [2, 1], "agent_id": who.id, "agent_version": "0.1.0-test"}),
     )
     .await;
     recv(ws).await
@@ -266,7 +266,7 @@ pub async fn session(serve: &Platform, who: &Identity, token: Option<&str>) -> (
     let mut ws = connect(serve, who, token).await.expect("upgrade refused");
     let welcome = hello(&mut ws, who).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
-    assert_eq!(welcome["version"], 1);
+    assert_eq!(welcome["version"], 2);
     assert_eq!(welcome["agent_id"], who.id.as_str());
     let enrolled = welcome["enrolled"].as_bool().unwrap();
     (ws, enrolled)
@@ -296,7 +296,7 @@ pub fn run_result(status: &str, exit_code: i32) -> Value {
         "duration_ms": 0.41,
         "limits": {"fuel": 1000000000, "memory_bytes": 67108864, "timeout_ms": 10000, "output_bytes": 1048576, "clamped": []},
         "error": if status == "ok" { Value::Null } else { json!("the handler failed") },
-        "module_sha256": "ab".repeat(32)
+        "file_sha256": "ab".repeat(32)
     })
 }
 

@@ -1,19 +1,22 @@
 // A Platform in a process of its own, driven by JSON lines on stdin (one JSON answer per line on
 // stdout), for the tests that kill the platform: CHILD_KILL_AFTER_STORE=TASK_ID SIGKILLs it after that result is stored, before the ack.
+// CHILD_PG_CONFIG (a pg connection config, JSON) and CHILD_PG_TABLE make it keep results in a PgStore.
 
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 
-import { Platform } from '../dist/index.js';
+import { Platform, PgStore } from '../dist/index.js';
 
 const stateDir = process.env.CHILD_STATE;
 const listen = process.env.CHILD_LISTEN ?? '127.0.0.1:0';
 const killAfter = process.env.CHILD_KILL_AFTER_STORE;
+const pgConfig = process.env.CHILD_PG_CONFIG;
 if (stateDir === undefined) throw new Error('CHILD_STATE is not set');
 
 const platform = await Platform.start({
   listen,
   stateDir,
+  store: pgConfig === undefined ? undefined : new PgStore(JSON.parse(pgConfig) as object, { table: process.env.CHILD_PG_TABLE }),
   hooks: {
     afterStore: (taskId) => {
       if (taskId === killAfter) process.kill(process.pid, 'SIGKILL');

@@ -35,10 +35,10 @@
 //! | --- | --- |
 //! | `{"cmd":"agents"}` | `{"ok":true,"agents":[{"id","connected","enrolled_at","last_seen","status"}]}` |
 //! | `{"cmd":"token"}` | `{"ok":true,"token":"…"}` (a new enrollment token) |
-//! | `{"cmd":"run","agent", one of "module"(base64) / "module_sha256" / "command", "input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"not_after"?(RFC 3339),"idempotent"?,"stream"?,"wait_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…,"stored":false}` (send → result, measured here; `"stored":true` and no round trip: the task id's result was already stored, from this agent, and nothing was sent to it; a task id with another agent's result is refused); with `stream`, preceded by `{"event":"chunk","task_id","seq","stream","data","dropped_bytes"}` lines |
+//! | `{"cmd":"run","agent", one of "module"(base64) / "file_sha256" (or its old name "module_sha256") / "command", "input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"not_after"?(RFC 3339),"idempotent"?,"stream"?,"wait_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…,"stored":false}` (send → result, measured here; `"stored":true` and no round trip: the task id's result was already stored, from this agent, and nothing was sent to it; a task id with another agent's result is refused); with `stream`, preceded by `{"event":"chunk","task_id","seq","stream","data","dropped_bytes"}` lines |
 //! | `{"cmd":"result","task_id","wait_ms"?}` | `{"ok":true,"task_id","agent","result":{RunResult},"received_at","deliveries"}`: the stored result (waiting up to `wait_ms`, default 0, for it) |
 //! | `{"cmd":"cancel","agent","task_id","wait_ms"?}` | `{"ok":true,"task_id","outcome":"cancelling"\|"dequeued"\|"finished"\|"unknown"}` |
-//! | `{"cmd":"install_handler","agent","name", "module"(base64) or "module_sha256","signature"?(base64),"wait_ms"?}` | `{"ok":true,"handlers":[{"name","module_sha256","installed_at","key"?}]}` (the list after the change) |
+//! | `{"cmd":"install_handler","agent","name", "module"(base64) or "file_sha256" (or "module_sha256"),"signature"?(base64),"wait_ms"?}` | `{"ok":true,"handlers":[{"name","file_sha256","code_sha256","installed_at","key"?}]}` (the list after the change) |
 //! | `{"cmd":"remove_handler","agent","name","wait_ms"?}` | `{"ok":true,"handlers":[…]}` |
 //! | `{"cmd":"handlers","agent","wait_ms"?}` | `{"ok":true,"handlers":[…]}` |
 //! | `{"cmd":"send","agent","text","wait_ms"?}` | `{"ok":true,"reply":{ErrorBody}\|null}`: a raw frame to the agent, and its `error` answer (testing aid) |

@@ -90,12 +90,13 @@ pub struct RunCommand {
     /// The agent id.
     pub agent: String,
     /// The module's bytes, base64 (standard alphabet, padded). Exactly one of `module`,
-    /// `module_sha256` and `command` is given.
+    /// `file_sha256` and `command` is given.
     #[serde(default)]
     pub module: Option<String>,
-    /// SHA-256 (hex) of a module the platform already stores.
-    #[serde(default)]
-    pub module_sha256: Option<String>,
+    /// SHA-256 (hex) of a module file the platform already stores (`module_sha256` is
+    /// accepted too).
+    #[serde(default, alias = "module_sha256")]
+    pub file_sha256: Option<String>,
     /// A command: a handler installed on the agent, or one of its shell rules.
     #[serde(default)]
     pub command: Option<String>,
@@ -136,12 +137,13 @@ pub struct InstallCommand {
     pub agent: String,
     /// The command name the handler answers to.
     pub name: String,
-    /// The module's bytes, base64; or `module_sha256`.
+    /// The module's bytes, base64; or `file_sha256`.
     #[serde(default)]
     pub module: Option<String>,
-    /// SHA-256 (hex) of a module the platform already stores.
-    #[serde(default)]
-    pub module_sha256: Option<String>,
+    /// SHA-256 (hex) of a module file the platform already stores (`module_sha256` is
+    /// accepted too).
+    #[serde(default, alias = "module_sha256")]
+    pub file_sha256: Option<String>,
     /// A detached signature envelope, base64.
     #[serde(default)]
     pub signature: Option<String>,
@@ -155,12 +157,12 @@ pub struct InstallCommand {
 pub(super) fn run_order(run: RunCommand) -> Result<RunOrder, String> {
     let given = [
         run.module.is_some(),
-        run.module_sha256.is_some(),
+        run.file_sha256.is_some(),
         run.command.is_some(),
     ];
     if given.iter().filter(|g| **g).count() != 1 {
         return Err(
-            "bad request: give exactly one of `module` (base64), `module_sha256` and `command`"
+            "bad request: give exactly one of `module` (base64), `file_sha256` and `command`"
                 .into(),
         );
     }
@@ -174,7 +176,7 @@ pub(super) fn run_order(run: RunCommand) -> Result<RunOrder, String> {
     Ok(RunOrder {
         agent: run.agent,
         module,
-        module_sha256: run.module_sha256,
+        file_sha256: run.file_sha256,
         command: run.command,
         input: run.input,
         args: run.args,

@@ -94,7 +94,7 @@ pub(super) async fn respond(
                     &install.agent,
                     install.name,
                     module,
-                    install.module_sha256,
+                    install.file_sha256,
                     install.signature,
                     wait,
                 )

@@ -33,14 +33,14 @@ impl ModuleStore {
             .cloned()
     }
 
-    /// Stores `module` if given, else checks that `module_sha256` names a stored module; returns
+    /// Stores `module` if given, else checks that `file_sha256` names a stored module; returns
     /// the module's SHA-256.
     pub(super) fn resolve(
         &self,
         module: Option<Vec<u8>>,
-        module_sha256: Option<String>,
+        file_sha256: Option<String>,
     ) -> Result<String, HubError> {
-        match (module, module_sha256) {
+        match (module, file_sha256) {
             (Some(bytes), _) if bytes.len() > MAX_BINARY_BYTES => {
                 Err(HubError::BadRequest(format!(
                     "the module is {} bytes; the limit is {}",
@@ -54,7 +54,7 @@ impl ModuleStore {
                 "no stored module {sha}: send its bytes in `module` once"
             ))),
             (None, None) => Err(HubError::BadRequest(
-                "give `module` (base64) or `module_sha256`".into(),
+                "give `module` (base64) or `file_sha256`".into(),
             )),
         }
     }

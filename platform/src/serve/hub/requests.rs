@@ -109,14 +109,14 @@ impl Hub {
     }
 
     /// Installs (or replaces) handler `name` on the agent: the module is `module`'s bytes (stored
-    /// here to answer the agent's `need_module`) or a module stored before, by `module_sha256`.
+    /// here to answer the agent's `need_module`) or a module stored before, by `file_sha256`.
     /// Returns the agent's handler list after the change.
     pub async fn install_handler(
         &self,
         agent: &str,
         name: String,
         module: Option<Vec<u8>>,
-        module_sha256: Option<String>,
+        file_sha256: Option<String>,
         signature: Option<String>,
         wait: Duration,
     ) -> Result<Vec<HandlerInfo>, HubError> {
@@ -126,11 +126,11 @@ impl Hub {
         if !self.registry.is_enrolled(agent) {
             return Err(HubError::UnknownAgent(agent.to_string()));
         }
-        let module_sha256 = self.modules.resolve(module, module_sha256)?;
+        let file_sha256 = self.modules.resolve(module, file_sha256)?;
         let make = |id| PlatformMessage::InstallHandler {
             id,
             name,
-            module_sha256,
+            file_sha256,
             signature,
         };
         expect_handlers(self.request(agent, "install", make, wait).await?)

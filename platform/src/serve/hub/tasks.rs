@@ -18,10 +18,10 @@ pub struct RunOrder {
     /// The agent id.
     pub agent: String,
     /// The module's bytes; `None` to run a module the platform already stores, by
-    /// `module_sha256`, or a `command`.
+    /// `file_sha256`, or a `command`.
     pub module: Option<Vec<u8>>,
     /// The SHA-256 (hex) of a stored module.
-    pub module_sha256: Option<String>,
+    pub file_sha256: Option<String>,
     /// A command name (an installed handler or a shell rule), instead of a module.
     pub command: Option<String>,
     /// The task input.
@@ -75,10 +75,10 @@ impl Hub {
         if !self.registry.is_enrolled(&order.agent) {
             return Err(HubError::UnknownAgent(order.agent));
         }
-        let (command, module_sha256) = match order.command {
-            Some(_) if order.module.is_some() || order.module_sha256.is_some() => {
+        let (command, file_sha256) = match order.command {
+            Some(_) if order.module.is_some() || order.file_sha256.is_some() => {
                 return Err(HubError::BadRequest(
-                    "give one of `module`, `module_sha256` and `command`".into(),
+                    "give one of `module`, `file_sha256` and `command`".into(),
                 ))
             }
             Some(c) if c.is_empty() => {
@@ -92,7 +92,7 @@ impl Hub {
             Some(c) => (Some(c), None),
             None => (
                 None,
-                Some(self.modules.resolve(order.module, order.module_sha256)?),
+                Some(self.modules.resolve(order.module, order.file_sha256)?),
             ),
         };
         if let Some(task_id) = &order.task_id {
@@ -106,7 +106,7 @@ impl Hub {
             id: id.clone(),
             task_id: task_id.clone(),
             command,
-            module_sha256,
+            file_sha256,
             signature: order.signature,
             input: order.input,
             args: order.args,

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, Context as _, Result};
 use bridge_protocol::codec::decode;
-use bridge_protocol::{AgentMessage, ErrorCode, AGENT_PATH, PROTOCOL_VERSION};
+use bridge_protocol::{AgentMessage, ErrorCode, AGENT_PATH, VERSIONS};
 use futures_util::StreamExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -33,6 +33,8 @@ pub(super) struct Greeted {
     pub(super) enrolled: bool,
     /// What the agent's `hello` says it runs.
     pub(super) agent_version: String,
+    /// The protocol version of the session: the highest both ends speak.
+    pub(super) version: u32,
     pub(super) sink: Sink,
     pub(super) stream: Stream,
 }
@@ -122,22 +124,23 @@ pub(super) async fn greet(
     if said_id != agent_id {
         tracing::warn!(agent_id = %agent_id, claimed = %said_id, "hello names another agent id; using the certificate's");
     }
-    if !versions.contains(&PROTOCOL_VERSION) {
+    let Some(version) = VERSIONS.iter().copied().find(|v| versions.contains(v)) else {
         let refusal = error_message(
             None,
             ErrorCode::UnsupportedVersion,
             format!(
-                "this platform speaks protocol version {PROTOCOL_VERSION}; the agent offered {versions:?}"
+                "this platform speaks protocol versions {VERSIONS:?}; the agent offered {versions:?}"
             ),
         );
         send(&mut sink, &refusal).await?;
         let why = anyhow!("agent {agent_id} offered no supported version ({versions:?})");
         return Err(refuse(&mut sink, &mut stream, "unsupported protocol version", why).await);
-    }
+    };
     Ok(Some(Greeted {
         agent_id,
         enrolled,
         agent_version,
+        version,
         sink,
         stream,
     }))

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
 use bridge_protocol::codec::encode;
-use bridge_protocol::{ErrorBody, ErrorCode, PlatformMessage, MAX_BINARY_BYTES, PROTOCOL_VERSION};
+use bridge_protocol::{ErrorBody, ErrorCode, PlatformMessage, MAX_BINARY_BYTES};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
@@ -103,6 +103,7 @@ async fn serve_tls(
         agent_id,
         enrolled,
         agent_version,
+        version,
         mut sink,
         mut stream,
     }) = handshake::greet(tls, peer, &hub, &mut shutdown).await?
@@ -111,9 +112,9 @@ async fn serve_tls(
     };
     let mut reg = hub.register(&agent_id);
     hub.registry.touch(&agent_id, true);
-    tracing::info!(agent_id = %agent_id, agent_version = %agent_version, conn = reg.conn_id, "session started");
+    tracing::info!(agent_id = %agent_id, agent_version = %agent_version, version, conn = reg.conn_id, "session started");
     let welcome = PlatformMessage::Welcome {
-        version: PROTOCOL_VERSION,
+        version,
         agent_id: agent_id.clone(),
         enrolled,
     };
@@ -126,6 +127,7 @@ async fn serve_tls(
                 &mut sink,
                 &mut stream,
                 &mut shutdown,
+                version,
             )
             .await
         }
@@ -161,12 +163,13 @@ async fn session_loop(
     sink: &mut Sink,
     stream: &mut Stream,
     shutdown: &mut watch::Receiver<bool>,
+    version: u32,
 ) -> String {
     let out = Outgoing::default();
     let resend = std::mem::take(&mut reg.resend);
     let (why, close_with) = {
-        let writer = writer::write_loop(agent_id, sink, &mut reg.outbox, &out, resend);
-        let reader = reader::read_loop(hub, agent_id, stream, &out, &reg.kicked, shutdown);
+        let writer = writer::write_loop(agent_id, sink, &mut reg.outbox, &out, resend, version);
+        let reader = reader::read_loop(hub, agent_id, stream, &out, &reg.kicked, shutdown, version);
         tokio::select! {
             ended = reader => ended,
             ended = writer => match ended {

@@ -2,7 +2,7 @@
 //! the hub at once; what must be sent back goes to the writer, never waited for.
 
 use anyhow::{anyhow, Result};
-use bridge_protocol::codec::{decode, encode};
+use bridge_protocol::codec::{decode_version, encode};
 use bridge_protocol::{AgentMessage, ErrorCode, PlatformMessage};
 use futures_util::StreamExt as _;
 use tokio::sync::{watch, Notify};
@@ -26,6 +26,7 @@ pub(super) async fn read_loop(
     out: &Outgoing,
     kicked: &Notify,
     shutdown: &mut watch::Receiver<bool>,
+    version: u32,
 ) -> Ending {
     let mut last_heard = Instant::now();
     loop {
@@ -39,7 +40,7 @@ pub(super) async fn read_loop(
                 last_heard = Instant::now();
                 hub.seen(agent_id);
                 let outcome = match message {
-                    Message::Text(text) => on_text(hub, agent_id, out, &text),
+                    Message::Text(text) => on_text(hub, agent_id, out, &text, version),
                     Message::Binary(_) => {
                         out.error(agent_id, &binary_not_expected());
                         Ok(())
@@ -68,10 +69,10 @@ pub(super) async fn read_loop(
     }
 }
 
-/// Handles one text frame after `welcome`, never waiting: what must be sent goes to `out`. An
-/// error ends the connection.
-fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str) -> Result<()> {
-    let message = match decode::<AgentMessage>(text, AgentMessage::TYPES) {
+/// Handles one text frame of protocol `version` after `welcome`, never waiting: what must be
+/// sent goes to `out`. An error ends the connection.
+fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str, version: u32) -> Result<()> {
+    let message = match decode_version::<AgentMessage>(text, AgentMessage::TYPES, version) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(
@@ -102,7 +103,10 @@ fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str) -> Result<()> 
             hub.set_status(agent_id, status);
             Ok(())
         }
-        AgentMessage::NeedModule { id, sha256 } => {
+        AgentMessage::NeedModule {
+            id,
+            file_sha256: sha256,
+        } => {
             let answer = match hub.module(&sha256) {
                 Some(bytes) => {
                     tracing::info!(agent_id, run_id = %id, sha256 = %sha256, bytes = bytes.len(), "sending module");

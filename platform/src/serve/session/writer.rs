@@ -4,7 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use bridge_protocol::codec::encode;
+use bridge_protocol::codec::{encode, text_for_version};
 use bridge_protocol::PlatformMessage;
 use futures_util::SinkExt as _;
 use tokio::sync::{mpsc, Notify};
@@ -136,7 +136,11 @@ pub(super) async fn write_loop(
     outbox: &mut mpsc::Receiver<Outbound>,
     out: &Outgoing,
     resend: Vec<String>,
+    version: u32,
 ) -> WriterEnd {
+    // The hub encodes its messages in the current version; a version-1 session rewrites them.
+    let frame =
+        |text: String| Message::Text(text_for_version::<PlatformMessage>(text, version).into());
     if !resend.is_empty() {
         tracing::info!(
             agent_id,
@@ -146,7 +150,7 @@ pub(super) async fn write_loop(
     }
     let mut unflushed = 0;
     for text in resend {
-        if let Err(end) = write(sink, Message::Text(text.into())).await {
+        if let Err(end) = write(sink, frame(text)).await {
             return end;
         }
         unflushed += 1;
@@ -167,7 +171,7 @@ pub(super) async fn write_loop(
         }
         match outbox.try_recv() {
             Ok(Outbound::Text(text)) => {
-                if let Err(end) = write(sink, Message::Text(text.into())).await {
+                if let Err(end) = write(sink, frame(text)).await {
                     return end;
                 }
                 wrote = true;
@@ -192,7 +196,7 @@ pub(super) async fn write_loop(
             () = out.wake.notified() => {}
             message = outbox.recv() => match message {
                 Some(Outbound::Text(text)) => {
-                    if let Err(end) = write(sink, Message::Text(text.into())).await {
+                    if let Err(end) = write(sink, frame(text)).await {
                         return end;
                     }
                     unflushed += 1;

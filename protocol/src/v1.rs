@@ -1,0 +1,300 @@
+//! Protocol version 1, served by a translation at the wire.
+//!
+//! The Rust types are the version-2 shape. Version 1 differs only in names, so an end that
+//! negotiated version 1 rewrites each message as JSON: [`Versioned::to_v1`] just before sending,
+//! [`Versioned::from_v1`] just after receiving. The differences (`docs/protocol.md`, "Version 1"):
+//!
+//! | where | version 1 | version 2 |
+//! | --- | --- | --- |
+//! | `run`, `install_handler` | `module_sha256` | `file_sha256` |
+//! | `need_module` | `sha256` | `file_sha256` |
+//! | `handlers[]` | `module_sha256` | `file_sha256`, `code_sha256` |
+//! | `result.result` | `module_sha256` | `file_sha256`, `code_sha256` |
+//! | `reason` of a task whose `not_after` passed | `expired` | `deadline_passed` |
+//!
+//! Version 1 has no `code_sha256`: it is dropped going to version 1 and absent coming from it.
+
+use serde_json::{Map, Value};
+
+use crate::messages::{AgentMessage, PlatformMessage};
+
+/// The start of the `error` text a version-1 agent gave a task whose own `not_after` passed:
+/// the only thing telling it from a signature's expiry, which version 1 also calls `expired`.
+pub const V1_DEADLINE_TEXT: &str = "the task's not_after";
+
+/// A message type both versions carry, with the rewrites between their JSON shapes.
+pub trait Versioned {
+    /// Rewrites a version-2 message (as JSON) into its version-1 shape.
+    fn to_v1(message: &mut Value);
+    /// Rewrites a version-1 message (as JSON) into its version-2 shape.
+    fn from_v1(message: &mut Value);
+}
+
+fn kind(message: &Value) -> Option<&str> {
+    message.get("type").and_then(Value::as_str)
+}
+
+/// Renames `from` to `to` in `object` when `from` is there and `to` is not.
+fn rename(object: &mut Map<String, Value>, from: &str, to: &str) {
+    if object.contains_key(to) {
+        return;
+    }
+    if let Some(v) = object.remove(from) {
+        object.insert(to.to_string(), v);
+    }
+}
+
+fn result_to_v1(result: &mut Map<String, Value>) {
+    rename(result, "file_sha256", "module_sha256");
+    result.remove("code_sha256");
+    if let Some(reason) = result.get_mut("reason") {
+        if reason == "deadline_passed" {
+            *reason = Value::from("expired");
+        }
+    }
+}
+
+fn result_from_v1(result: &mut Map<String, Value>) {
+    rename(result, "module_sha256", "file_sha256");
+    let deadline = result
+        .get("error")
+        .and_then(Value::as_str)
+        .is_some_and(|e| e.starts_with(V1_DEADLINE_TEXT));
+    if let Some(reason) = result.get_mut("reason") {
+        if reason == "expired" && deadline {
+            *reason = Value::from("deadline_passed");
+        }
+    }
+}
+
+impl Versioned for AgentMessage {
+    fn to_v1(message: &mut Value) {
+        let k = kind(message).map(str::to_string);
+        let Some(m) = message.as_object_mut() else {
+            return;
+        };
+        match k.as_deref() {
+            Some("need_module") => rename(m, "file_sha256", "sha256"),
+            Some("handlers") => {
+                for h in m
+                    .get_mut("handlers")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(h) = h.as_object_mut() {
+                        rename(h, "file_sha256", "module_sha256");
+                        h.remove("code_sha256");
+                    }
+                }
+            }
+            Some("result") => {
+                if let Some(r) = m.get_mut("result").and_then(Value::as_object_mut) {
+                    result_to_v1(r);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn from_v1(message: &mut Value) {
+        let k = kind(message).map(str::to_string);
+        let Some(m) = message.as_object_mut() else {
+            return;
+        };
+        match k.as_deref() {
+            Some("need_module") => rename(m, "sha256", "file_sha256"),
+            Some("handlers") => {
+                for h in m
+                    .get_mut("handlers")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(h) = h.as_object_mut() {
+                        rename(h, "module_sha256", "file_sha256");
+                    }
+                }
+            }
+            Some("result") => {
+                if let Some(r) = m.get_mut("result").and_then(Value::as_object_mut) {
+                    result_from_v1(r);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Versioned for PlatformMessage {
+    fn to_v1(message: &mut Value) {
+        if matches!(kind(message), Some("run" | "install_handler")) {
+            if let Some(m) = message.as_object_mut() {
+                rename(m, "file_sha256", "module_sha256");
+            }
+        }
+    }
+
+    fn from_v1(message: &mut Value) {
+        if matches!(kind(message), Some("run" | "install_handler")) {
+            if let Some(m) = message.as_object_mut() {
+                rename(m, "module_sha256", "file_sha256");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_version, encode_version};
+    use crate::{HandlerInfo, RunRequest, RunResult, Status};
+    use serde_json::json;
+
+    fn sha(c: char) -> String {
+        c.to_string().repeat(64)
+    }
+
+    #[test]
+    fn platform_messages_rename_the_file_hash_both_ways() {
+        let run = PlatformMessage::Run(RunRequest {
+            id: "r1".into(),
+            task_id: "t1".into(),
+            file_sha256: Some(sha('a')),
+            ..RunRequest::default()
+        });
+        let v1: Value = serde_json::from_str(&encode_version(&run, 1)).unwrap();
+        assert_eq!(v1["module_sha256"], sha('a'));
+        assert!(v1.get("file_sha256").is_none(), "{v1}");
+        let v2: Value = serde_json::from_str(&encode_version(&run, 2)).unwrap();
+        assert_eq!(v2["file_sha256"], sha('a'));
+        assert!(v2.get("module_sha256").is_none(), "{v2}");
+        assert_eq!(
+            decode_version::<PlatformMessage>(&v1.to_string(), PlatformMessage::TYPES, 1).unwrap(),
+            run
+        );
+
+        let install = PlatformMessage::InstallHandler {
+            id: "i1".into(),
+            name: "hello".into(),
+            file_sha256: sha('b'),
+            signature: None,
+        };
+        let v1 = encode_version(&install, 1);
+        assert_eq!(
+            serde_json::from_str::<Value>(&v1).unwrap(),
+            json!({"type": "install_handler", "id": "i1", "name": "hello", "module_sha256": sha('b')})
+        );
+        assert_eq!(
+            decode_version::<PlatformMessage>(&v1, PlatformMessage::TYPES, 1).unwrap(),
+            install
+        );
+        // A version-2 install_handler must use the version-2 name.
+        assert!(decode_version::<PlatformMessage>(&v1, PlatformMessage::TYPES, 2).is_err());
+    }
+
+    #[test]
+    fn agent_messages_rename_hashes_drop_the_code_hash_and_map_the_deadline_reason() {
+        let need = AgentMessage::NeedModule {
+            id: "r1".into(),
+            file_sha256: sha('c'),
+        };
+        let v1 = encode_version(&need, 1);
+        assert_eq!(
+            serde_json::from_str::<Value>(&v1).unwrap(),
+            json!({"type": "need_module", "id": "r1", "sha256": sha('c')})
+        );
+        assert_eq!(
+            decode_version::<AgentMessage>(&v1, AgentMessage::TYPES, 1).unwrap(),
+            need
+        );
+
+        let handlers = AgentMessage::Handlers {
+            id: "l1".into(),
+            handlers: vec![HandlerInfo {
+                name: "hello".into(),
+                file_sha256: sha('d'),
+                code_sha256: Some(sha('e')),
+                installed_at: "2026-01-01T00:00:00Z".into(),
+                key: Some("0".repeat(32)),
+            }],
+        };
+        let v1: Value = serde_json::from_str(&encode_version(&handlers, 1)).unwrap();
+        assert_eq!(
+            v1["handlers"][0],
+            json!({"name": "hello", "module_sha256": sha('d'),
+                   "installed_at": "2026-01-01T00:00:00Z", "key": "0".repeat(32)})
+        );
+        let AgentMessage::Handlers { handlers: back, .. } =
+            decode_version::<AgentMessage>(&v1.to_string(), AgentMessage::TYPES, 1).unwrap()
+        else {
+            panic!("handlers")
+        };
+        assert_eq!(
+            (back[0].file_sha256.clone(), back[0].code_sha256.clone()),
+            (sha('d'), None)
+        );
+
+        let mut deadline = RunResult::refused(
+            Status::Rejected,
+            "the task's not_after (2020-01-01T00:00:00Z) passed before it could start; it was not run",
+        );
+        deadline.reason = Some("deadline_passed".into());
+        let mut signature =
+            RunResult::refused(Status::Rejected, "the signature expired at unix time 5");
+        signature.reason = Some("expired".into());
+        signature.file_sha256 = Some(sha('f'));
+        signature.code_sha256 = Some(sha('0'));
+        for (result, v1_reason) in [(deadline, "expired"), (signature, "expired")] {
+            let message = AgentMessage::Result {
+                id: "r".into(),
+                task_id: "t".into(),
+                result: result.clone(),
+            };
+            let v1: Value = serde_json::from_str(&encode_version(&message, 1)).unwrap();
+            assert_eq!(v1["result"]["reason"], v1_reason);
+            assert!(v1["result"].get("code_sha256").is_none(), "{v1}");
+            assert!(v1["result"].get("file_sha256").is_none(), "{v1}");
+            assert_eq!(
+                v1["result"].get("module_sha256").cloned(),
+                result.file_sha256.clone().map(Value::from)
+            );
+            let AgentMessage::Result { result: back, .. } =
+                decode_version::<AgentMessage>(&v1.to_string(), AgentMessage::TYPES, 1).unwrap()
+            else {
+                panic!("result")
+            };
+            // Everything comes back but the code hash, which version 1 does not carry.
+            assert_eq!(
+                back,
+                RunResult {
+                    code_sha256: None,
+                    ..result
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn messages_version_1_leaves_alone_pass_unchanged() {
+        for text in [
+            r#"{"type":"ack","task_ids":["t1"]}"#,
+            r#"{"type":"welcome","version":1,"agent_id":"a","enrolled":false}"#,
+            r#"{"type":"cancel","id":"c","task_id":"t"}"#,
+        ] {
+            let m: PlatformMessage = decode_version(text, PlatformMessage::TYPES, 1).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(&encode_version(&m, 1)).unwrap(),
+                serde_json::from_str::<Value>(text).unwrap()
+            );
+        }
+        // Errors keep their codes and ids whatever the version.
+        let e = decode_version::<PlatformMessage>(
+            r#"{"type":"run","id":"x"}"#,
+            PlatformMessage::TYPES,
+            1,
+        )
+        .unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("x"));
+    }
+}
