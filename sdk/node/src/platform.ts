@@ -588,7 +588,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
         if (task !== undefined && task.agentId === agentId && task.runId === runId) this.finish(task, result);
         return;
       }
-      const outcome = await this.store.put(taskId, agentId, result);
+      const outcome = await this.store.put(taskId, agentId, result as unknown as Record<string, unknown>);
       await this.hooks.afterStore?.(taskId);
       session.ack(taskId);
       const task = this.tasks.get(taskId);
@@ -599,7 +599,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
         }
         return;
       }
-      if (task !== undefined && task.agentId === agentId) this.finish(task, outcome.stored.result as RunResult);
+      if (task !== undefined && task.agentId === agentId) this.finish(task, outcome.stored.result as unknown as RunResult);
     } catch (e) {
       this.log('error', `cannot store a result (not acknowledged; the agent will send it again): ${(e as Error).message}`, { agentId, taskId });
     } finally {
@@ -676,9 +676,9 @@ export class Platform extends EventEmitter<PlatformEvents> {
    * Runs a task on an agent and resolves with its result, as the agent sends it. The result is
    * stored before it is acknowledged; a task id whose result is already stored (from this agent)
    * is answered from the store without sending anything. A `run` of a task id already in flight to
-   * this agent waits for that task's result (its own options are not sent). A refusal the agent
-   * does not record (`rejected` with reason `busy`, `storage_full`, `storage_error`,
-   * `unknown_command`, `expired`) resolves the run but is not stored.
+   * this agent waits for that task's result (its own options are not sent). A refusal that is
+   * not the task's result (`rejected` with reason `busy`, `storage_full`, `storage_error`,
+   * `unknown_command`, `deadline_passed`) resolves the run but is not stored.
    *
    * Rejects with a {@link PlatformError}: `unknown_agent`, `not_connected` (when it must be sent),
    * `timeout` (after `waitMs`; the result is still stored when it comes), `agent_error` (the agent
@@ -725,7 +725,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
 
     const stored = await this.store.get(taskId);
     if (stored !== undefined) {
-      if (stored.agentId === agentId) return stored.result as RunResult;
+      if (stored.agentId === agentId) return stored.result as unknown as RunResult;
       throw new PlatformError('conflict', `task ${taskId}: its stored result came from agent ${stored.agentId} (task ids are global)`);
     }
     this.ensureOpen();

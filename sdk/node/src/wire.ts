@@ -1,8 +1,22 @@
 // The protocol on the wire: its version, limits and field names, in this one module.
 // Agent frames are decoded here with every check docs/protocol.md lists; platform frames are encoded here.
 
-/** The protocol version this SDK speaks. */
-export const PROTOCOL_VERSION = 1;
+import type {
+  AppliedLimits,
+  ErrorBody as WireErrorBody,
+  HandlerInfo,
+  HostFacts,
+  LimitRequest,
+  PlatformMessage,
+  RunResult,
+  StatusReport,
+  Truncation,
+} from './protocol.js';
+
+export type { AppliedLimits, HandlerInfo, HostFacts, LimitRequest, RunResult, StatusReport, Truncation };
+
+/** The protocol version this SDK speaks (only this one: an agent offering only older ones is told `unsupported_version`). */
+export const PROTOCOL_VERSION = 2;
 /** The WebSocket path agents connect to. */
 export const AGENT_PATH = '/agent';
 /** Largest text frame, in bytes of UTF-8, both directions. */
@@ -17,41 +31,21 @@ export const MAX_ID_BYTES = 256;
 export const MAX_WS_PAYLOAD = MAX_BINARY_BYTES + 64 * 1024;
 
 /**
- * The wire names that differ between protocol versions: the hash of the uploaded bytes (the
- * signed file) in each message that carries it.
- */
-const FILE_SHA256 = {
-  run: 'module_sha256',
-  installHandler: 'module_sha256',
-  needModule: 'sha256',
-  handler: 'module_sha256',
-  result: 'module_sha256',
-} as const;
-
-/**
  * Refusal reasons the agent does not record: such a `result` answers one `run` only and is not
- * the task's result (not stored; the same task id may run later).
+ * the task's result (not stored; the same task id may run later). `deadline_passed` is recorded
+ * in one case (a queued task whose deadline passes); nothing ran either way, so it is treated
+ * as not the task's result, as `bridgectl serve` does.
  */
 export const UNRECORDED_REASONS: ReadonlySet<string> = new Set([
   'busy',
   'storage_full',
   'storage_error',
   'unknown_command',
-  'expired',
+  'deadline_passed',
 ]);
 
 /** Error codes either end may send. */
-export type ErrorCode =
-  | 'malformed'
-  | 'unknown_type'
-  | 'oversize'
-  | 'too_deep'
-  | 'unsupported_version'
-  | 'unexpected'
-  | 'module_mismatch'
-  | 'binary_not_expected'
-  | 'refused'
-  | 'not_found';
+export type ErrorCode = WireErrorBody['code'];
 
 const ERROR_CODES: ReadonlySet<string> = new Set<ErrorCode>([
   'malformed',
@@ -66,7 +60,7 @@ const ERROR_CODES: ReadonlySet<string> = new Set<ErrorCode>([
   'not_found',
 ]);
 
-/** The body of an `error` message. */
+/** The body of an `error` message, as this SDK reads and writes it. */
 export interface ErrorBody {
   /** The offending message's id, when it had a readable one. */
   id?: string;
@@ -74,104 +68,6 @@ export interface ErrorBody {
   code: ErrorCode;
   /** For humans (a `refused` message starts with the machine-readable reason). */
   message: string;
-}
-
-/** Host facts in an agent's `status`. */
-export interface HostFacts {
-  /** Host name. */
-  hostname: string;
-  /** `linux`, … */
-  os: string;
-  /** `x86_64`, `aarch64`, … */
-  arch: string;
-  /** Seconds since the host booted. */
-  uptime_secs: number;
-  /** 1, 5 and 15 minute load averages. */
-  load: [number, number, number];
-}
-
-/** An agent's latest `status` report, as it sent it (without `type`). */
-export interface StatusReport {
-  /** The id the agent believes it has (the platform goes by its certificate's). */
-  agent_id: string;
-  /** Its software version. */
-  agent_version: string;
-  /** Facts about its host. */
-  host: HostFacts;
-  /** Task ids running now. */
-  running: string[];
-  /** Seconds since the agent started. */
-  agent_uptime_secs: number;
-}
-
-/** One installed handler, as the agent lists it. */
-export interface HandlerInfo {
-  /** The command name. */
-  name: string;
-  /** SHA-256 of the uploaded (signed) module file. */
-  module_sha256: string;
-  /** RFC 3339, UTC. */
-  installed_at: string;
-  /** The signing key's id, when the module is signed. */
-  key?: string;
-}
-
-/** The limits in force for a run, as the agent reports them. */
-export interface AppliedLimits {
-  /** Fuel (0 for shell commands). */
-  fuel: number;
-  /** Linear memory, bytes (0 for shell commands). */
-  memory_bytes: number;
-  /** Wall-clock limit. */
-  timeout_ms: number;
-  /** Bytes kept of stdout and of stderr each. */
-  output_bytes: number;
-  /** Names of the limits lowered below what was asked. */
-  clamped: string[];
-}
-
-/**
- * A task's result, as the agent sends it (the `result` field of its `result` message). The
- * SDK checks the type of every field listed here; fields it does not know are passed through.
- */
-export interface RunResult {
-  /** How the task ended: `ok`, `error`, `rejected`, `cancelled`, `timeout`, ... */
-  status: string;
-  /** The exit code when the handler or command exited (`ok`, `error`). */
-  exit_code: number | null;
-  /** stdout parsed as JSON; null when empty, truncated or not JSON. */
-  output: unknown;
-  /** What was kept of stdout (lossy UTF-8). */
-  stdout: string;
-  /** What was kept of stderr (lossy UTF-8). */
-  stderr: string;
-  /** Whether each stream lost bytes to the cap, and how many bytes each produced. */
-  truncated: {
-    stdout: boolean;
-    stderr: boolean;
-    stdout_total_bytes: number;
-    stderr_total_bytes: number;
-  };
-  /** Fuel used; null when no module started. */
-  fuel_consumed: number | null;
-  /** Peak linear memory, bytes. */
-  memory_peak_bytes: number;
-  /** Wall-clock time of the run. */
-  duration_ms: number;
-  /** The limits in force; null when the task was refused before they were resolved. */
-  limits: AppliedLimits | null;
-  /** Human-readable reason when `status` is not `ok`. */
-  error: string | null;
-  /** With `rejected`: the machine-readable refusal. */
-  reason?: string;
-  /** SHA-256 of the module file run or refused. */
-  module_sha256?: string;
-  /** The agent no longer holds this result's output (`output`, `stdout`, `stderr` empty). */
-  evicted?: boolean;
-  /** A cgroup bounded the run (shell commands). */
-  cgroup?: boolean;
-  /** Fields this SDK does not know yet, passed through. */
-  [field: string]: unknown;
 }
 
 /** Where an accepted task is. */
@@ -196,14 +92,6 @@ export interface DecodeFailure {
   body: ErrorBody;
   /** The offending frame was itself an `error`: log it, never answer it. */
   wasError: boolean;
-}
-
-/** Limits a `run` asks for (each optional, at least 1). */
-export interface LimitRequest {
-  fuel?: number;
-  memory_bytes?: number;
-  timeout_ms?: number;
-  output_bytes?: number;
 }
 
 /** A `run` request, before encoding. */
@@ -345,19 +233,15 @@ function decodeStatus(o: Obj): StatusReport {
 function decodeHandler(h: unknown): HandlerInfo {
   const what = 'handlers[]';
   if (!isObj(h)) throw new Malformed('handlers: each handler must be an object');
-  only(h, what, ['name', FILE_SHA256.handler, 'installed_at', 'key']);
+  only(h, what, ['name', 'file_sha256', 'code_sha256', 'installed_at', 'key']);
   const out: HandlerInfo = {
     name: ident(h, 'name', what),
-    module_sha256: str(h, FILE_SHA256.handler, what),
+    file_sha256: str(h, 'file_sha256', what),
+    code_sha256: str(h, 'code_sha256', what),
     installed_at: str(h, 'installed_at', what),
   };
   if (h.key !== undefined && h.key !== null) out.key = str(h, 'key', what);
   return out;
-}
-
-function nullable<T>(o: Obj, k: string, check: (o: Obj, k: string, what: string) => T, what: string): T | null {
-  if (!(k in o)) throw new Malformed(`${what}: missing field \`${k}\``);
-  return o[k] === null ? null : check(o, k, what);
 }
 
 function optional<T>(o: Obj, k: string, check: (o: Obj, k: string, what: string) => T, what: string): void {
@@ -380,7 +264,7 @@ function decodeResult(r: unknown): RunResult {
   if (!isObj(r)) throw new Malformed('result: `result` must be an object');
   need(r, what, ['status', 'output', 'stdout', 'stderr', 'truncated', 'memory_peak_bytes', 'duration_ms']);
   str(r, 'status', what);
-  nullable(r, 'exit_code', int, what);
+  optional(r, 'exit_code', int, what);
   str(r, 'stdout', what);
   str(r, 'stderr', what);
   const t = r.truncated;
@@ -389,18 +273,19 @@ function decodeResult(r: unknown): RunResult {
   bool(t, 'stderr', `${what}.truncated`);
   uint(t, 'stdout_total_bytes', `${what}.truncated`);
   uint(t, 'stderr_total_bytes', `${what}.truncated`);
-  nullable(r, 'fuel_consumed', uint, what);
+  optional(r, 'fuel_consumed', uint, what);
   uint(r, 'memory_peak_bytes', what);
   num(r, 'duration_ms', what);
-  const limits = nullable(r, 'limits', (o, k) => o[k], what);
-  if (limits !== null) {
+  const limits = r.limits;
+  if (limits !== undefined && limits !== null) {
     if (!isObj(limits)) throw new Malformed(`${what}: \`limits\` must be an object or null`);
     for (const k of ['fuel', 'memory_bytes', 'timeout_ms', 'output_bytes']) uint(limits, k, `${what}.limits`);
     strings(limits, 'clamped', `${what}.limits`);
   }
-  nullable(r, 'error', str, what);
+  optional(r, 'error', str, what);
   optional(r, 'reason', str, what);
-  optional(r, FILE_SHA256.result, str, what);
+  optional(r, 'file_sha256', str, what);
+  optional(r, 'code_sha256', str, what);
   optional(r, 'evicted', bool, what);
   optional(r, 'cgroup', bool, what);
   return r as unknown as RunResult;
@@ -419,8 +304,8 @@ function decodeFields(type: string, o: Obj): AgentMessage {
     case 'status':
       return { type, status: decodeStatus(o) };
     case 'need_module':
-      only(o, type, ['type', 'id', FILE_SHA256.needModule]);
-      return { type, id: ident(o, 'id', type), fileSha256: str(o, FILE_SHA256.needModule, type) };
+      only(o, type, ['type', 'id', 'file_sha256']);
+      return { type, id: ident(o, 'id', type), fileSha256: str(o, 'file_sha256', type) };
     case 'accepted':
       only(o, type, ['type', 'id', 'task_id', 'state']);
       return {
@@ -519,58 +404,68 @@ export function decodeAgentMessage(text: string): { ok: true; message: AgentMess
   }
 }
 
+/** A platform message of type `T`, as the generated protocol types define it. */
+type Out<T extends PlatformMessage['type']> = Extract<PlatformMessage, { type: T }>;
+
+function encode(m: PlatformMessage): string {
+  return JSON.stringify(m);
+}
+
 /** `welcome`. */
 export function encodeWelcome(agentId: string, enrolled: boolean): string {
-  return JSON.stringify({ type: 'welcome', version: PROTOCOL_VERSION, agent_id: agentId, enrolled });
+  const m: Out<'welcome'> = { type: 'welcome', version: PROTOCOL_VERSION, agent_id: agentId, enrolled };
+  return encode(m);
 }
 
 /** `error`. */
 export function encodeError(body: ErrorBody): string {
-  const m: Obj = { type: 'error' };
-  if (body.id !== undefined) m.id = body.id;
-  m.code = body.code;
-  m.message = body.message;
-  return JSON.stringify(m);
+  const m: Out<'error'> = { type: 'error', ...(body.id !== undefined ? { id: body.id } : {}), code: body.code, message: body.message };
+  return encode(m);
 }
 
 /** `run`. */
 export function encodeRun(r: RunWire): string {
-  const m: Obj = { type: 'run', id: r.id, task_id: r.taskId };
+  const m: Out<'run'> = { type: 'run', id: r.id, task_id: r.taskId };
   if (r.command !== undefined) m.command = r.command;
-  if (r.fileSha256 !== undefined) m[FILE_SHA256.run] = r.fileSha256;
+  if (r.fileSha256 !== undefined) m.file_sha256 = r.fileSha256;
   if (r.signature !== undefined) m.signature = r.signature;
-  m.input = r.input ?? null;
+  // Any JSON value (the generated type says object: a quirk of the schema for a JSON value).
+  m.input = (r.input ?? null) as Out<'run'>['input'];
   if (r.args !== undefined && r.args.length > 0) m.args = r.args;
   if (r.limits !== undefined && Object.keys(r.limits).length > 0) m.limits = r.limits;
   if (r.notAfter !== undefined) m.not_after = r.notAfter;
-  if (r.idempotent) m.idempotent = true;
-  if (r.stream) m.stream = true;
-  return JSON.stringify(m);
+  if (r.idempotent === true) m.idempotent = true;
+  if (r.stream === true) m.stream = true;
+  return encode(m);
 }
 
 /** `cancel`. */
 export function encodeCancel(id: string, taskId: string): string {
-  return JSON.stringify({ type: 'cancel', id, task_id: taskId });
+  const m: Out<'cancel'> = { type: 'cancel', id, task_id: taskId };
+  return encode(m);
 }
 
 /** `ack`. */
-export function encodeAck(taskIds: readonly string[]): string {
-  return JSON.stringify({ type: 'ack', task_ids: taskIds });
+export function encodeAck(taskIds: string[]): string {
+  const m: Out<'ack'> = { type: 'ack', task_ids: taskIds };
+  return encode(m);
 }
 
 /** `install_handler`. */
 export function encodeInstallHandler(id: string, name: string, fileSha256: string, signature?: string): string {
-  const m: Obj = { type: 'install_handler', id, name, [FILE_SHA256.installHandler]: fileSha256 };
+  const m: Out<'install_handler'> = { type: 'install_handler', id, name, file_sha256: fileSha256 };
   if (signature !== undefined) m.signature = signature;
-  return JSON.stringify(m);
+  return encode(m);
 }
 
 /** `remove_handler`. */
 export function encodeRemoveHandler(id: string, name: string): string {
-  return JSON.stringify({ type: 'remove_handler', id, name });
+  const m: Out<'remove_handler'> = { type: 'remove_handler', id, name };
+  return encode(m);
 }
 
 /** `list_handlers`. */
 export function encodeListHandlers(id: string): string {
-  return JSON.stringify({ type: 'list_handlers', id });
+  const m: Out<'list_handlers'> = { type: 'list_handlers', id };
+  return encode(m);
 }

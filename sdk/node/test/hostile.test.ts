@@ -101,7 +101,7 @@ class Fake {
     return m;
   }
 
-  hello(id: string, versions: number[] = [1]): void {
+  hello(id: string, versions: number[] = [2, 1]): void {
     this.send({ type: 'hello', versions, agent_id: id, agent_version: 'fake' });
   }
 }
@@ -150,9 +150,9 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     f.ws.send(Buffer.from([1, 2, 3]));
     assert.equal((await f.next()).code, 'binary_not_expected');
 
-    f.hello(fake.id, [7, 1]);
+    f.hello(fake.id, [7, 2, 1]);
     const welcome = await f.next();
-    assert.deepEqual(welcome, { type: 'welcome', version: 1, agent_id: fake.id, enrolled: true });
+    assert.deepEqual(welcome, { type: 'welcome', version: 2, agent_id: fake.id, enrolled: true });
     const [agent, enrolled] = await within(5000, 'agentConnected', connected);
     assert.equal(agent.id, fake.id);
     assert.equal(enrolled, true);
@@ -168,8 +168,10 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     assert.equal(long.id, undefined, 'an id over 256 bytes is not echoed');
     const extra = await f.errorFor({ type: 'accepted', id: 'r2', task_id: 't', state: 'queued', more: 1 });
     assert.deepEqual([extra.code, extra.id], ['malformed', 'r2']);
-    assert.equal((await f.errorFor({ type: 'need_module', id: 'r3', sha256: 'ab'.repeat(32) })).code, 'unexpected');
-    assert.equal((await f.errorFor({ type: 'hello', versions: [1], agent_id: fake.id, agent_version: 'x' })).code, 'unexpected');
+    assert.equal((await f.errorFor({ type: 'need_module', id: 'r3', file_sha256: 'ab'.repeat(32) })).code, 'unexpected');
+    // Version 1's name is not version 2's.
+    assert.equal((await f.errorFor({ type: 'need_module', id: 'r4', sha256: 'ab'.repeat(32) })).code, 'malformed');
+    assert.equal((await f.errorFor({ type: 'hello', versions: [2], agent_id: fake.id, agent_version: 'x' })).code, 'unexpected');
 
     // An error, valid or not, gets no answer: the next reply is for the frame after it.
     f.send({ type: 'error', code: 'malformed', message: 'you' });
@@ -200,7 +202,7 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     const newer = opened(await Fake.open(platform.url, fake));
     open.push(newer);
     newer.hello(fake.id);
-    assert.deepEqual(await newer.next(), { type: 'welcome', version: 1, agent_id: fake.id, enrolled: false });
+    assert.deepEqual(await newer.next(), { type: 'welcome', version: 2, agent_id: fake.id, enrolled: false });
     assert.equal((await within(5000, 'the older connection to close', f.closed)).code, 4000);
     assert.match((await pending).message, /replaced/);
   });
@@ -256,9 +258,9 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     const run = await f.next();
     assert.deepEqual(
       { ...run, id: undefined },
-      { type: 'run', id: undefined, task_id: 'life-1', module_sha256: sha, input: { a: 1 }, stream: true },
+      { type: 'run', id: undefined, task_id: 'life-1', file_sha256: sha, input: { a: 1 }, stream: true },
     );
-    f.send({ type: 'need_module', id: run.id, sha256: sha });
+    f.send({ type: 'need_module', id: run.id, file_sha256: sha });
     const upload = (await f.next()).binary as Buffer;
     assert.deepEqual(new Uint8Array(upload), module);
 
@@ -311,13 +313,16 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     assert.equal((await platform.result('life-3'))?.deliveries, 1);
   });
 
-  it('is told unsupported_version and closed (1008) when it offers no version the platform speaks', async () => {
-    const f = opened(await Fake.open(platform.url, fake));
-    open.push(f);
-    f.hello(fake.id, [2, 3]);
-    const m = await f.next();
-    assert.equal(m.code, 'unsupported_version');
-    assert.equal((await within(5000, 'the close', f.closed)).code, 1008);
+  it('is told unsupported_version and closed (1008) when it offers no version the platform speaks (version 1 only included)', async () => {
+    for (const versions of [[1], [3, 1]]) {
+      const f = opened(await Fake.open(platform.url, fake));
+      open.push(f);
+      f.hello(fake.id, versions);
+      const m = await f.next();
+      assert.equal(m.code, 'unsupported_version');
+      assert.equal(m.message, `this platform speaks protocol version 2; the agent offered [${versions.join(', ')}]`);
+      assert.equal((await within(5000, 'the close', f.closed)).code, 1008);
+    }
   });
 
   it('is closed with 1001 when the platform shuts down, and close() resolves', async () => {

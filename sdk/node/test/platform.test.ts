@@ -2,6 +2,7 @@
 // cancel, repeated task ids, unknown commands, and the acknowledgement that drains the agent's outbox.
 
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -70,9 +71,12 @@ describe('a Platform with a real agent', { timeout: 180_000 }, () => {
 
   it('runs a signed module, stores its result and acknowledges it (the outbox drains)', async () => {
     const taskId = `module-${Date.now()}`;
-    const result = await platform.run(agentId, { module: signed(pub, 'hello'), input: { name: 'Ada' }, taskId });
+    const module = signed(pub, 'hello');
+    const result = await platform.run(agentId, { module, input: { name: 'Ada' }, taskId });
     assert.equal(result.status, 'ok', JSON.stringify(result));
     assert.deepEqual(result.output, { greeting: 'Hello, Ada!' });
+    assert.equal(result.file_sha256, createHash('sha256').update(module).digest('hex'));
+    assert.match(result.code_sha256 ?? '', /^[0-9a-f]{64}$/);
     const stored = await platform.result(taskId);
     assert.equal(stored?.agentId, agentId);
     assert.equal(stored?.deliveries, 1);
@@ -91,8 +95,12 @@ describe('a Platform with a real agent', { timeout: 180_000 }, () => {
   });
 
   it('installs a named handler and runs it by name; refuses one whose claims name another command', async () => {
-    const handlers = await platform.installHandler(agentId, 'greet', signed(pub, 'hello', 'greet'));
+    const module = signed(pub, 'hello', 'greet');
+    const handlers = await platform.installHandler(agentId, 'greet', module);
     assert.deepEqual(handlers.map((h) => h.name), ['greet']);
+    assert.equal(handlers[0]?.file_sha256, createHash('sha256').update(module).digest('hex'), 'file_sha256: the uploaded bytes');
+    assert.match(handlers[0]?.code_sha256 ?? '', /^[0-9a-f]{64}$/);
+    assert.notEqual(handlers[0]?.code_sha256, handlers[0]?.file_sha256, 'code_sha256: the module without its signature');
     assert.deepEqual((await platform.handlers(agentId)).map((h) => h.name), ['greet']);
     const result = await platform.run(agentId, { command: 'greet', input: { name: 'Grace' } });
     assert.equal(result.status, 'ok', JSON.stringify(result));
@@ -162,6 +170,18 @@ describe('a Platform with a real agent', { timeout: 180_000 }, () => {
     await assert.rejects(platform.run(agentId, { module: signed(pub, 'hello') }), (e: unknown) => e instanceof PlatformError && e.code === 'not_connected');
     agent = startAgent(platform, { state: agent.state, trustedKey: pub.publicKey });
     await within(30_000, 'the agent to reconnect', platform.waitForAgent(agentId, { timeoutMs: 30_000 }));
+  });
+
+  it('refuses a task past its deadline (deadline_passed), and does not store the refusal', async () => {
+    const taskId = `late-${Date.now()}`;
+    const result = await platform.run(agentId, { module: signed(pub, 'hello'), taskId, notAfter: new Date(Date.now() - 60_000) });
+    assert.equal(result.status, 'rejected', JSON.stringify(result));
+    assert.equal(result.reason, 'deadline_passed');
+    assert.equal(await platform.result(taskId), undefined);
+    // Not the task's result: the same task id runs later.
+    const ran = await platform.run(agentId, { module: signed(pub, 'hello'), taskId });
+    assert.equal(ran.status, 'ok');
+    assert.equal((await platform.result(taskId))?.result.status, 'ok');
   });
 
   it('refuses an unknown command with its reason, and does not store the refusal', async () => {
