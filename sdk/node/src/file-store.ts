@@ -136,8 +136,8 @@ export class FileStore implements ResultStore {
   }
 
   private async flush(): Promise<void> {
-    // Let the puts of this turn of the event loop join the batch.
-    await new Promise<void>((r) => setImmediate(r));
+    // The puts that arrive while a batch is written and synced form the next batch.
+    await Promise.resolve();
     while (this.pending.length > 0) {
       const batch = this.pending;
       this.pending = [];
