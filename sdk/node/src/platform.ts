@@ -211,7 +211,7 @@ interface Task {
 
 type Reply = { kind: 'cancel'; outcome: CancelOutcome } | { kind: 'handlers'; handlers: HandlerInfo[] };
 
-interface Request {
+interface PendingRequest {
   agentId: string;
   session: Session;
   expects: Reply['kind'];
@@ -304,7 +304,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
   private readonly sessions = new Set<Session>();
   private readonly tasks = new Map<string, Task>();
   private readonly runIds = new Map<string, string>();
-  private readonly requests = new Map<string, Request>();
+  private readonly requests = new Map<string, PendingRequest>();
   private readonly modules = new Map<string, { bytes: Uint8Array; refs: number }>();
   private readonly agentWaiters = new Set<{ id: string | undefined; resolve: (a: AgentInfo) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   private readonly storing = new Set<Promise<void>>();
@@ -647,7 +647,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     task.waiters.clear();
   }
 
-  private endRequest(id: string, r: Request, error: Error): void {
+  private endRequest(id: string, r: PendingRequest, error: Error): void {
     if (this.requests.get(id) !== r) return;
     this.requests.delete(id);
     clearTimeout(r.timer);
@@ -778,7 +778,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     const session = this.connected(agentId);
     const id = requestId(prefix);
     return new Promise<Reply>((resolve, reject) => {
-      const r: Request = {
+      const r: PendingRequest = {
         agentId,
         session,
         expects,
