@@ -7,8 +7,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 
-import { Platform, PlatformError, type AgentInfo, type Chunk, type RunResult } from '../dist/index.js';
-import { publisher, signed, startAgent, tempDir, waitUntil, within, type Agent, type Publisher } from './support.js';
+import { Platform, PlatformError, keygen, sign, type AgentInfo, type Chunk, type RunResult } from '../dist/index.js';
+import { publisher, signed, startAgent, tempDir, waitUntil, wasmPath, within, type Agent, type Publisher } from './support.js';
 
 describe('a Platform with a real agent', { timeout: 180_000 }, () => {
   let platform: Platform;
@@ -190,5 +190,32 @@ describe('a Platform with a real agent', { timeout: 180_000 }, () => {
     assert.equal(result.status, 'rejected');
     assert.equal(result.reason, 'unknown_command');
     assert.equal(await platform.result(taskId), undefined);
+  });
+
+  it('runs a module signed in JavaScript by a key made in JavaScript, and refuses it tampered (bad_signature)', async () => {
+    // A second agent that trusts only a key the SDK generated.
+    const jsKey = keygen();
+    const second = startAgent(platform, { token: await platform.issueToken({ ttlMs: 600_000 }), trustedKey: jsKey.publicKey });
+    try {
+      const secondId = await second.id();
+      await within(30_000, 'the second agent to connect', platform.waitForAgent(secondId, { timeoutMs: 30_000 }));
+      const module = sign(readFileSync(wasmPath('hello')), jsKey.privateKey, { name: 'hello', version: '1.0.0' });
+      const ok = await platform.run(secondId, { module, input: { name: 'Ada' }, taskId: `js-signed-${Date.now()}` });
+      assert.equal(ok.status, 'ok', JSON.stringify(ok));
+      assert.deepEqual(ok.output, { greeting: 'Hello, Ada!' });
+      // One byte of the code changed after signing: the signature no longer covers it.
+      const tampered = Buffer.from(module);
+      const code = tampered.indexOf(Buffer.from('Hello'));
+      assert.ok(code > 0, 'the module holds the greeting');
+      tampered[code] ^= 0x20;
+      const bad = await platform.run(secondId, { module: tampered, input: { name: 'Ada' }, taskId: `js-tampered-${Date.now()}` });
+      assert.equal(bad.status, 'rejected', JSON.stringify(bad));
+      assert.equal(bad.reason, 'bad_signature');
+      // A module signed by bridgectl's key (not trusted by this agent) is refused too.
+      const other = await platform.run(secondId, { module: signed(pub, 'hello'), taskId: `js-unknown-key-${Date.now()}` });
+      assert.equal(other.reason, 'unknown_key');
+    } finally {
+      await second.kill();
+    }
   });
 });
