@@ -909,6 +909,20 @@ fn speaks_the_version_welcome_chooses(version: u32) {
     );
     if version == 2 {
         assert_eq!(r["code_sha256"], stale_code.as_str(), "{r}");
+        // The version-1 name on a version-2 connection: refused, saying which name to use.
+        conn.send(
+            &json!({"type": "run", "id": "run-old", "task_id": "old", "module_sha256": file}),
+        );
+        let e = conn.expect("error", Duration::from_secs(30));
+        assert_eq!(
+            (e["id"].as_str(), e["code"].as_str()),
+            (Some("run-old"), Some("malformed")),
+            "{e}"
+        );
+        assert!(
+            e["message"].as_str().unwrap().contains("file_sha256"),
+            "{e}"
+        );
     }
     conn.healthy(&mut agent);
 }
