@@ -3,8 +3,12 @@
 //! - `build-examples`: builds every wasm handler (examples and test fixtures) for wasm32-wasip1
 //!   into `target/wasm/wasm32-wasip1/handler/`, installing the target with rustup if missing.
 //! - `demo` (also `cargo demo`): the end-to-end demo from the README.
-//! - `test`: the whole test suite (what CI runs after fmt and clippy).
+//! - `test`: the whole test suite (what CI runs after fmt and clippy): the Rust workspace's,
+//!   then the Node SDK's (`sdk/node`, against the binaries just built).
+//! - `test-node`: the Node SDK's suite alone.
 //! - `bench`: the benchmarks, printing medians.
+//! - `node-demo`: the Node quick start (`examples/node-platform`, a real agent).
+//! - `bench-node`: the Node SDK's platform against `bridgectl serve`, side by side.
 //! - `deps`: the `use` edges between each crate's modules; fails on an import cycle.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use bridge_testkit::bins::WASM_TARGET;
 use bridge_testkit::{Control, Proc};
 
 mod deps;
+mod node;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,6 +31,9 @@ fn main() -> Result<()> {
         "build-examples" => build_examples().map(|dir| println!("{}", dir.display())),
         "demo" => demo(rest),
         "test" => test(rest),
+        "test-node" => test_node(),
+        "bench-node" => bench_node(),
+        "node-demo" => node_demo(),
         "bench" => bench(rest),
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
@@ -36,8 +44,11 @@ fn main() -> Result<()> {
                  tasks:\n  \
                  build-examples  build the wasm handlers into target/wasm/{WASM_TARGET}/handler\n  \
                  demo            run the end-to-end demo (same as `cargo demo`)\n  \
-                 test            run the whole test suite\n  \
+                 test            run the whole test suite (Rust, then the Node SDK's)\n  \
+                 test-node       run the Node SDK's tests alone (against target/debug's binaries)\n  \
                  bench           run the benchmarks and print medians\n  \
+                 node-demo       the Node quick start: examples/node-platform with a real agent\n  \
+                 bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
                  sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs\n  \
                  schema          write the protocol's JSON Schema files (protocol/schema/*.schema.json)"
@@ -494,12 +505,50 @@ fn serde_pretty(line: &str) -> String {
 
 fn test(rest: &[String]) -> Result<()> {
     deps::check(&root())?;
-    build_examples()?;
+    // Node first: a machine without it fails here, not after twenty minutes of Rust tests.
+    node::check_node()?;
+    node::install(&root())?;
+    let wasm = build_examples()?;
     // One invocation builds everything first, `bridgectl` included (the platform's own tests
     // need it), before any test runs; the host's link tests then drive it.
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(rest);
-    run(cmd)
+    run(cmd)?;
+    // The Node SDK's suite drives the binaries that run built.
+    node::test(&root(), &wasm)
+}
+
+/// The platform benchmark: the Node SDK against `bridgectl serve`, release builds.
+fn bench_node() -> Result<()> {
+    let wasm = build_examples()?;
+    let mut bins = cargo();
+    bins.args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "bridge-host",
+        "-p",
+        "bridge-platform",
+        "--bins",
+    ]);
+    run(bins)?;
+    node::bench(&root(), &wasm)
+}
+
+/// The Node quick start: the example platform, an agent, a JS-signed handler, a web request.
+fn node_demo() -> Result<()> {
+    let wasm = build_examples()?;
+    let mut bins = cargo();
+    bins.args(["build", "--quiet", "-p", "bridge-host", "--bins"]);
+    run(bins)?;
+    node::demo(&root(), &wasm)
+}
+
+/// The Node SDK's suite alone (the binaries must be built: `cargo build --bins`).
+fn test_node() -> Result<()> {
+    let wasm = build_examples()?;
+    node::test(&root(), &wasm)
 }
 
 fn bench(rest: &[String]) -> Result<()> {

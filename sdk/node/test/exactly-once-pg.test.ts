@@ -1,0 +1,137 @@
+// Exactly once across a platform restart with the PgStore: the platform process dies after the
+// result is committed to PostgreSQL and before it is acknowledged; restarted on the same state and
+// database, it gets the result again from the agent, and the table holds exactly one row for it.
+
+import assert from 'node:assert/strict';
+import { existsSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, it } from 'node:test';
+
+import pg from 'pg';
+
+import { startPg, type PgServer } from './pg.js';
+import { Child, publisher, signed, startAgent, tempDir, waitUntil, type Agent } from './support.js';
+
+const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'platform-child.js');
+const TABLE = 'platform_results';
+
+/** A platform process (platform-child.ts) keeping its results in the test's PostgreSQL. */
+class PgPlatform extends Child {
+  private seq = 0;
+
+  constructor(stateDir: string, listen: string, server: PgServer, killAfterStore?: string) {
+    super('platform', process.execPath, [CHILD], {
+      env: {
+        CHILD_STATE: stateDir,
+        CHILD_LISTEN: listen,
+        CHILD_KILL_AFTER_STORE: killAfterStore ?? '',
+        CHILD_PG_CONFIG: JSON.stringify(server.config()),
+        CHILD_PG_TABLE: TABLE,
+      },
+      stdin: true,
+      lines: true,
+    });
+  }
+
+  async started(): Promise<{ url: string; pin: string; port: number }> {
+    const line = await this.line(20_000, 'the start line', (l) => l.includes('"started":true'));
+    return JSON.parse(line) as { url: string; pin: string; port: number };
+  }
+
+  send(request: Record<string, unknown>): number {
+    const seq = ++this.seq;
+    this.writeLine(JSON.stringify({ seq, ...request }));
+    return seq;
+  }
+
+  async request(request: Record<string, unknown>, ms = 30_000): Promise<Record<string, unknown>> {
+    const seq = this.send(request);
+    const line = await this.line(ms, `the answer to request ${seq}`, (l) => (JSON.parse(l) as { seq: number }).seq === seq);
+    const body = JSON.parse(line) as Record<string, unknown>;
+    if (body['error'] !== undefined) {
+      throw new Error(`platform: ${String(body['error'])}\n${this.log()}`);
+    }
+    return body;
+  }
+}
+
+describe('exactly once across a platform restart (PgStore)', { timeout: 180_000 }, () => {
+  let server: PgServer;
+  const cleanup: Array<() => Promise<void>> = [];
+  before(async () => {
+    server = await startPg();
+  });
+  after(async () => {
+    for (const c of cleanup.reverse()) {
+      await c();
+    }
+    await server?.stop();
+  });
+
+  /** The table's rows for a task id, read by a connection of the test's own. */
+  async function rows(taskId: string): Promise<{ agent_id: string; deliveries: number; status: string }[]> {
+    const client = new pg.Client(server.config());
+    await client.connect();
+    try {
+      const r = await client.query<{ agent_id: string; deliveries: number; status: string }>(
+        `SELECT agent_id, deliveries, result->>'status' AS status FROM ${TABLE} WHERE task_id = $1`,
+        [taskId],
+      );
+      return r.rows;
+    } finally {
+      await client.end();
+    }
+  }
+
+  it('keeps one row when the platform dies between committing a result and acknowledging it', async () => {
+    const stateDir = join(tempDir(), 'platform');
+    const taskId = `once-pg-${Date.now()}`;
+    const pub = publisher();
+    const module = join(tempDir(), 'hello.signed.wasm');
+    writeFileSync(module, signed(pub, 'hello'));
+
+    const first = new PgPlatform(stateDir, '127.0.0.1:0', server, taskId);
+    cleanup.push(() => first.kill());
+    const { url, pin, port } = await first.started();
+    const { token } = (await first.request({ cmd: 'token' })) as { token: string };
+    const agent: Agent = startAgent({ url, pin }, { token, trustedKey: pub.publicKey });
+    cleanup.push(() => agent.kill());
+    const agentId = await agent.id();
+    await first.request({ cmd: 'waitAgent', id: agentId });
+
+    first.send({ cmd: 'run', agentId, module, taskId, input: { name: 'Ada' } });
+    await first.waitExit(30_000);
+    assert.equal(first.exit().signal, 'SIGKILL', `the platform killed itself after storing; its log:\n${first.log()}`);
+    assert.deepEqual(await rows(taskId), [{ agent_id: agentId, deliveries: 1, status: 'ok' }], 'committed before the kill');
+    assert.equal(existsSync(join(stateDir, 'results.jsonl')), false, 'the results went to PostgreSQL, not the file store');
+
+    const second = new PgPlatform(stateDir, `127.0.0.1:${port}`, server);
+    cleanup.push(() => second.kill());
+    const again = await second.started();
+    assert.equal(again.pin, pin);
+    const { stored } = (await second.request({ cmd: 'result', taskId, deliveries: 2, waitMs: 30_000 }, 40_000)) as {
+      stored: { agentId: string; deliveries: number; result: { status: string; output: unknown } } | null;
+    };
+    assert.ok(stored, 'result() returns the stored result');
+    assert.equal(stored.deliveries, 2, `the agent sent the result again; agent log:\n${agent.log()}`);
+    assert.equal(stored.agentId, agentId);
+    assert.deepEqual(stored.result.output, { greeting: 'Hello, Ada!' });
+    assert.deepEqual(await rows(taskId), [{ agent_id: agentId, deliveries: 2, status: 'ok' }], 'exactly one row, the repeat counted');
+
+    // The repeat was acknowledged: after another reconnect the agent does not send it again.
+    await agent.terminate();
+    const agent2 = startAgent({ url, pin }, { state: agent.state, trustedKey: pub.publicKey });
+    cleanup.push(() => agent2.kill());
+    await second.request({ cmd: 'waitAgent', id: agentId });
+    const later = (await second.request({ cmd: 'run', agentId, module, taskId: `${taskId}-later`, input: {} })) as { result: { status: string } };
+    assert.equal(later.result.status, 'ok');
+    assert.equal((await rows(`${taskId}-later`)).length, 1);
+    assert.equal((await rows(taskId))[0]?.deliveries, 2);
+
+    // close() closes the store's pool too: the process ends by itself.
+    await second.request({ cmd: 'close' });
+    await waitUntil(10_000, 'the platform process to exit after close()', () => !second.alive(), () => second.log());
+    assert.equal(second.exit().code, 0);
+  });
+});

@@ -1,0 +1,128 @@
+// Exactly once across a platform restart with the FileStore: the platform dies after storing a
+// result and before acknowledging it; restarted on the same state, it gets the result again and keeps one.
+
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, describe, it } from 'node:test';
+
+import { Child, publisher, signed, startAgent, tempDir, waitUntil, type Agent } from './support.js';
+
+const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'platform-child.js');
+
+/** A platform process (platform-child.ts) and its line protocol. */
+class PlatformProcess extends Child {
+  private seq = 0;
+
+  constructor(stateDir: string, listen: string, killAfterStore?: string) {
+    super('platform', process.execPath, [CHILD], {
+      env: { CHILD_STATE: stateDir, CHILD_LISTEN: listen, CHILD_KILL_AFTER_STORE: killAfterStore ?? '' },
+      stdin: true,
+      lines: true,
+    });
+  }
+
+  async started(): Promise<{ url: string; pin: string; port: number }> {
+    const line = await this.line(20_000, 'the start line', (l) => l.includes('"started":true'));
+    return JSON.parse(line) as { url: string; pin: string; port: number };
+  }
+
+  /** Sends a request; its answer is read with {@link answer}. */
+  send(request: Record<string, unknown>): number {
+    const seq = ++this.seq;
+    this.writeLine(JSON.stringify({ seq, ...request }));
+    return seq;
+  }
+
+  async answer(seq: number, ms: number): Promise<Record<string, unknown>> {
+    const line = await this.line(ms, `the answer to request ${seq}`, (l) => (JSON.parse(l) as { seq: number }).seq === seq);
+    const body = JSON.parse(line) as Record<string, unknown>;
+    if (body.error !== undefined) throw new Error(`platform: ${String(body.error)}\n${this.log()}`);
+    return body;
+  }
+
+  async request(request: Record<string, unknown>, ms = 30_000): Promise<Record<string, unknown>> {
+    return this.answer(this.send(request), ms);
+  }
+}
+
+interface LogLine {
+  stored?: { task_id: string; agent: string; result: Record<string, unknown>; deliveries: number };
+  delivered?: string;
+}
+
+function logLines(stateDir: string): LogLine[] {
+  return readFileSync(join(stateDir, 'results.jsonl'), 'utf8')
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => JSON.parse(l) as LogLine);
+}
+
+describe('exactly once across a platform restart (FileStore)', { timeout: 120_000 }, () => {
+  const cleanup: Array<() => Promise<void>> = [];
+  after(async () => {
+    for (const c of cleanup.reverse()) await c();
+  });
+
+  it('keeps one result when the platform dies between storing it and acknowledging it', async () => {
+    const stateDir = join(tempDir(), 'platform');
+    const taskId = `once-${Date.now()}`;
+    const pub = publisher();
+    const module = join(tempDir(), 'hello.signed.wasm');
+    writeFileSync(module, signed(pub, 'hello'));
+
+    const first = new PlatformProcess(stateDir, '127.0.0.1:0', taskId);
+    cleanup.push(() => first.kill());
+    const { url, pin, port } = await first.started();
+    const { token } = (await first.request({ cmd: 'token' })) as { token: string };
+    const agent: Agent = startAgent({ url, pin }, { token, trustedKey: pub.publicKey });
+    cleanup.push(() => agent.kill());
+    const agentId = await agent.id();
+    await first.request({ cmd: 'waitAgent', id: agentId });
+
+    first.send({ cmd: 'run', agentId, module, taskId, input: { name: 'Ada' } });
+    await first.waitExit(30_000);
+    assert.equal(first.exit().signal, 'SIGKILL', `the platform killed itself after storing; its log:\n${first.log()}`);
+    const before = logLines(stateDir);
+    assert.equal(before.filter((l) => l.stored?.task_id === taskId).length, 1, 'stored before the kill');
+    assert.equal(before.filter((l) => l.delivered === taskId).length, 0);
+
+    // The same state and port: same key, same pin; the agent reconnects and sends the
+    // unacknowledged result again.
+    const second = new PlatformProcess(stateDir, `127.0.0.1:${port}`);
+    cleanup.push(() => second.kill());
+    const again = await second.started();
+    assert.equal(again.pin, pin);
+    assert.equal(again.url, url);
+    const { stored } = (await second.request({ cmd: 'result', taskId, deliveries: 2, waitMs: 30_000 }, 40_000)) as {
+      stored: { agentId: string; deliveries: number; result: { status: string; output: unknown } } | null;
+    };
+    assert.ok(stored, 'result() returns the stored result');
+    assert.equal(stored.deliveries, 2, `the agent sent the result again; agent log:\n${agent.log()}`);
+    assert.equal(stored.agentId, agentId);
+    assert.equal(stored.result.status, 'ok');
+    assert.deepEqual(stored.result.output, { greeting: 'Hello, Ada!' });
+
+    const lines = logLines(stateDir);
+    assert.equal(lines.filter((l) => l.stored?.task_id === taskId).length, 1, 'exactly one stored entry');
+    assert.equal(lines.filter((l) => l.delivered === taskId).length, 1, 'the repeat is counted, not stored');
+
+    // The repeat was acknowledged: after another reconnect the agent does not send it again
+    // (the handlers reply comes after the agent took the ack).
+    await second.request({ cmd: 'handlers', agentId });
+    await agent.terminate();
+    const agent2 = startAgent({ url, pin }, { state: agent.state, trustedKey: pub.publicKey });
+    cleanup.push(() => agent2.kill());
+    await second.request({ cmd: 'waitAgent', id: agentId });
+    const later = (await second.request({ cmd: 'run', agentId, module, taskId: `${taskId}-later`, input: {} })) as { result: { status: string } };
+    assert.equal(later.result.status, 'ok');
+    const final = (await second.request({ cmd: 'result', taskId })) as { stored: { deliveries: number } };
+    assert.equal(final.stored.deliveries, 2);
+
+    // close() leaves nothing open: the process ends by itself.
+    await second.request({ cmd: 'close' });
+    await waitUntil(10_000, 'the platform process to exit after close()', () => !second.alive(), () => second.log());
+    assert.equal(second.exit().code, 0);
+  });
+});

@@ -1,0 +1,348 @@
+// What the Platform does with a hostile or broken agent, played by a WebSocket client with its own
+// client certificate: upgrade refusals, the handshake, every frame check, and the close codes.
+
+import 'reflect-metadata';
+import assert from 'node:assert/strict';
+import { createHash, generateKeyPairSync, webcrypto, createPublicKey } from 'node:crypto';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import * as x509 from '@peculiar/x509';
+import WebSocket from 'ws';
+
+import { Platform, type AgentInfo } from '../dist/index.js';
+import { tempDir, within } from './support.js';
+
+interface Identity {
+  key: string;
+  cert: string;
+  id: string;
+}
+
+async function identity(): Promise<Identity> {
+  const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
+  const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' };
+  const spki = createPublicKey(privateKey).export({ type: 'spki', format: 'der' });
+  const keys = {
+    privateKey: await webcrypto.subtle.importKey('pkcs8', privateKey.export({ type: 'pkcs8', format: 'der' }), alg, false, ['sign']),
+    publicKey: await webcrypto.subtle.importKey('spki', spki, alg, true, ['verify']),
+  };
+  const cert = await x509.X509CertificateGenerator.createSelfSigned(
+    { serialNumber: '01', name: 'CN=fake agent', notBefore: new Date(Date.now() - 60_000), notAfter: new Date(Date.now() + 86_400_000), signingAlgorithm: alg, keys },
+    webcrypto as unknown as Crypto,
+  );
+  return {
+    key: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(),
+    cert: cert.toString('pem'),
+    id: createHash('sha256').update(spki).digest('hex'),
+  };
+}
+
+type Msg = Record<string, unknown>;
+
+/** A client playing an agent. */
+class Fake {
+  private readonly queue: Msg[] = [];
+  private wake: (() => void) | undefined;
+  readonly closed: Promise<{ code: number; reason: string }>;
+
+  private constructor(readonly ws: WebSocket) {
+    ws.on('message', (data, isBinary) => {
+      this.queue.push(isBinary ? { binary: data as Buffer } : (JSON.parse(data.toString()) as Msg));
+      this.wake?.();
+    });
+    this.closed = new Promise((resolve) => ws.on('close', (code, reason) => resolve({ code, reason: reason.toString() })));
+  }
+
+  /** Opens a connection; resolves with the client, or with the HTTP refusal. */
+  static open(url: string, id: Identity | undefined, token?: string): Promise<Fake | { status: number; refusal: string | undefined }> {
+    const ws = new WebSocket(url, {
+      ...(id !== undefined ? { key: id.key, cert: id.cert } : {}),
+      rejectUnauthorized: false,
+      headers: token !== undefined ? { Authorization: `Bearer ${token}` } : {},
+      perMessageDeflate: false,
+    });
+    return new Promise((resolve, reject) => {
+      ws.on('open', () => resolve(new Fake(ws)));
+      ws.on('unexpected-response', (_req, res) => {
+        resolve({ status: res.statusCode ?? 0, refusal: res.headers['x-bridge-refusal'] as string | undefined });
+        res.resume();
+        ws.terminate();
+      });
+      ws.on('error', reject);
+    });
+  }
+
+  send(m: Msg | string): void {
+    this.ws.send(typeof m === 'string' ? m : JSON.stringify(m));
+  }
+
+  /** The next message (at most `ms`). */
+  async next(ms = 5000): Promise<Msg> {
+    const end = Date.now() + ms;
+    while (this.queue.length === 0) {
+      const left = end - Date.now();
+      if (left <= 0) throw new Error('no message from the platform');
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, left);
+        this.wake = () => {
+          clearTimeout(t);
+          r();
+        };
+      });
+    }
+    return this.queue.shift() as Msg;
+  }
+
+  /** The error the platform answers `frame` with. */
+  async errorFor(frame: Msg | string): Promise<Msg> {
+    this.send(frame);
+    const m = await this.next();
+    assert.equal(m.type, 'error', JSON.stringify(m));
+    return m;
+  }
+
+  hello(id: string, versions: number[] = [2, 1]): void {
+    this.send({ type: 'hello', versions, agent_id: id, agent_version: 'fake' });
+  }
+}
+
+function opened(f: Fake | { status: number }): Fake {
+  assert.ok(f instanceof Fake, `the upgrade was refused: ${JSON.stringify(f)}`);
+  return f;
+}
+
+describe('a hostile agent', { timeout: 60_000 }, () => {
+  let platform: Platform;
+  let fake: Identity;
+  const open: Fake[] = [];
+
+  before(async () => {
+    platform = await Platform.start({ listen: '127.0.0.1:0', stateDir: join(tempDir(), 'platform') });
+    fake = await identity();
+  });
+
+  after(async () => {
+    await platform.close();
+    for (const f of open) f.ws.terminate();
+  });
+
+  it('is refused without a certificate, token, or with a bad one, on the wrong path', async () => {
+    assert.deepEqual(await Fake.open(platform.url, undefined), { status: 401, refusal: undefined });
+    assert.deepEqual(await Fake.open(platform.url, fake), { status: 401, refusal: 'token_missing' });
+    assert.deepEqual(await Fake.open(platform.url, fake, 'not-a-token'), { status: 401, refusal: 'token_invalid' });
+    const short = await platform.issueToken({ ttlMs: 1 });
+    await new Promise((r) => setTimeout(r, 10));
+    assert.deepEqual(await Fake.open(platform.url, fake, short), { status: 401, refusal: 'token_expired' });
+    const token = await platform.issueToken();
+    assert.deepEqual(await Fake.open(platform.url.replace('/agent', '/other'), fake, token), { status: 404, refusal: undefined });
+    assert.equal(platform.agents().length, 0);
+  });
+
+  it('gets error replies for every bad frame and the connection goes on; errors are never answered', async () => {
+    const token = await platform.issueToken();
+    const connected = new Promise<[AgentInfo, boolean]>((r) => platform.once('agentConnected', (a, e) => r([a, e])));
+    const f = opened(await Fake.open(platform.url, fake, token));
+    open.push(f);
+
+    // Before hello: nothing but hello is processed.
+    assert.equal((await f.errorFor({ type: 'status' })).code, 'malformed');
+    assert.equal((await f.errorFor({ type: 'accepted', id: 'r1', task_id: 't', state: 'queued' })).code, 'unexpected');
+    f.ws.send(Buffer.from([1, 2, 3]));
+    assert.equal((await f.next()).code, 'binary_not_expected');
+
+    f.hello(fake.id, [7, 2, 1]);
+    const welcome = await f.next();
+    assert.deepEqual(welcome, { type: 'welcome', version: 2, agent_id: fake.id, enrolled: true });
+    const [agent, enrolled] = await within(5000, 'agentConnected', connected);
+    assert.equal(agent.id, fake.id);
+    assert.equal(enrolled, true);
+
+    assert.equal((await f.errorFor('x'.repeat(1024 * 1024 + 1))).code, 'oversize');
+    assert.equal((await f.errorFor('['.repeat(65) + ']'.repeat(65))).code, 'too_deep');
+    assert.equal((await f.errorFor('{"type":"status", "x": "[[[[' + '['.repeat(100) + '"}')).code, 'malformed', 'brackets in strings do not count');
+    assert.equal((await f.errorFor('not json')).code, 'malformed');
+    assert.equal((await f.errorFor({ id: 'a' })).code, 'malformed');
+    assert.deepEqual(await f.errorFor({ type: 'teleport', id: 'q1' }), { type: 'error', id: 'q1', code: 'unknown_type', message: 'unknown message type `teleport`' });
+    const long = await f.errorFor({ type: 'accepted', id: 'i'.repeat(257), task_id: 't', state: 'queued' });
+    assert.equal(long.code, 'malformed');
+    assert.equal(long.id, undefined, 'an id over 256 bytes is not echoed');
+    const extra = await f.errorFor({ type: 'accepted', id: 'r2', task_id: 't', state: 'queued', more: 1 });
+    assert.deepEqual([extra.code, extra.id], ['malformed', 'r2']);
+    assert.equal((await f.errorFor({ type: 'need_module', id: 'r3', file_sha256: 'ab'.repeat(32) })).code, 'unexpected');
+    // Version 1's name is not version 2's.
+    assert.equal((await f.errorFor({ type: 'need_module', id: 'r4', sha256: 'ab'.repeat(32) })).code, 'malformed');
+    assert.equal((await f.errorFor({ type: 'hello', versions: [2], agent_id: fake.id, agent_version: 'x' })).code, 'unexpected');
+
+    // An error, valid or not, gets no answer: the next reply is for the frame after it.
+    f.send({ type: 'error', code: 'malformed', message: 'you' });
+    f.send({ type: 'error', code: 'no_such_code', message: 'you' });
+    f.send({ type: 'error', id: 5 });
+    f.send({ type: 'teleport', id: 'after-errors' });
+    assert.equal((await f.next()).id, 'after-errors');
+
+    // A status is kept and announced.
+    const status = new Promise<string>((r) => platform.once('status', (id) => r(id)));
+    f.send({
+      type: 'status',
+      agent_id: fake.id,
+      agent_version: 'fake',
+      host: { hostname: 'h', os: 'linux', arch: 'x86_64', uptime_secs: 1, load: [0, 0, 0] },
+      running: [],
+      agent_uptime_secs: 1,
+    });
+    assert.equal(await within(5000, 'status', status), fake.id);
+    assert.equal(platform.agents().find((a) => a.id === fake.id)?.status?.host.hostname, 'h');
+
+    // A newer connection replaces this one (4000); the older's requests fail.
+    const pending = platform.handlers(fake.id).then(
+      () => new Error('handlers resolved'),
+      (e: unknown) => e as Error,
+    );
+    await f.next(); // the list_handlers request
+    const newer = opened(await Fake.open(platform.url, fake));
+    open.push(newer);
+    newer.hello(fake.id);
+    assert.deepEqual(await newer.next(), { type: 'welcome', version: 2, agent_id: fake.id, enrolled: false });
+    assert.equal((await within(5000, 'the older connection to close', f.closed)).code, 4000);
+    assert.match((await pending).message, /replaced/);
+  });
+
+  it('stores a result before acknowledging it, acknowledges repeats, and only acknowledges unrecorded refusals', async () => {
+    const me = await identity();
+    const f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
+    open.push(f);
+    f.hello(me.id);
+    await f.next();
+    const result = {
+      status: 'ok',
+      exit_code: 0,
+      output: { n: 1 },
+      stdout: '{"n":1}',
+      stderr: '',
+      truncated: { stdout: false, stderr: false, stdout_total_bytes: 7, stderr_total_bytes: 0 },
+      fuel_consumed: 10,
+      memory_peak_bytes: 65536,
+      duration_ms: 0.5,
+      limits: { fuel: 100, memory_bytes: 65536, timeout_ms: 1000, output_bytes: 1024, clamped: [] },
+      error: null,
+    };
+    f.send({ type: 'result', id: 'run-x', task_id: 'fake-task-1', result });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-1'] });
+    const stored = await platform.result('fake-task-1');
+    assert.deepEqual([stored?.agentId, stored?.deliveries, stored?.result], [me.id, 1, result]);
+    f.send({ type: 'result', id: 'run-y', task_id: 'fake-task-1', result: { ...result, status: 'interrupted' } });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-1'] });
+    assert.deepEqual([(await platform.result('fake-task-1'))?.deliveries, (await platform.result('fake-task-1'))?.result.status], [2, 'ok']);
+
+    const busy = { ...result, status: 'rejected', exit_code: null, output: null, stdout: '', limits: null, error: 'busy', reason: 'busy' };
+    f.send({ type: 'result', id: 'run-z', task_id: 'fake-task-2', result: busy });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-2'] });
+    assert.equal(await platform.result('fake-task-2'), undefined);
+
+    const bad = await f.errorFor({ type: 'result', id: 'run-w', task_id: 'fake-task-3', result: { ...result, truncated: null } });
+    assert.deepEqual([bad.code, bad.id], ['malformed', 'run-w']);
+    assert.equal(await platform.result('fake-task-3'), undefined);
+  });
+
+  it('uploads modules on need_module, resends runs not accepted after a reconnect, and ends runs on errors and timeouts', async () => {
+    const me = await identity();
+    let f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
+    open.push(f);
+    f.hello(me.id);
+    await f.next();
+
+    const module = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 42]);
+    const sha = createHash('sha256').update(module).digest('hex');
+    const chunks: number[] = [];
+    const running = platform.run(me.id, { module, taskId: 'life-1', input: { a: 1 }, onChunk: (c) => chunks.push(c.seq) });
+    const run = await f.next();
+    assert.deepEqual(
+      { ...run, id: undefined },
+      { type: 'run', id: undefined, task_id: 'life-1', file_sha256: sha, input: { a: 1 }, stream: true },
+    );
+    f.send({ type: 'need_module', id: run.id, file_sha256: sha });
+    const upload = (await f.next()).binary as Buffer;
+    assert.deepEqual(new Uint8Array(upload), module);
+
+    // Not accepted when the connection drops: sent again on the next one.
+    f.ws.terminate();
+    f = opened(await Fake.open(platform.url, me));
+    open.push(f);
+    f.hello(me.id);
+    assert.equal((await f.next()).type, 'welcome');
+    const resent = await f.next();
+    assert.deepEqual([resent.type, resent.id, resent.task_id], ['run', run.id, 'life-1']);
+    f.send({ type: 'accepted', id: run.id, task_id: 'life-1', state: 'running' });
+    for (const seq of [0, 1, 1, 0, 2]) f.send({ type: 'chunk', task_id: 'life-1', seq, stream: 'stdout', data: `${seq}` });
+    const result = {
+      status: 'ok',
+      exit_code: 0,
+      output: null,
+      stdout: '',
+      stderr: '',
+      truncated: { stdout: false, stderr: false, stdout_total_bytes: 0, stderr_total_bytes: 0 },
+      fuel_consumed: 1,
+      memory_peak_bytes: 0,
+      duration_ms: 1,
+      limits: null,
+      error: null,
+    };
+    f.send({ type: 'result', id: run.id, task_id: 'life-1', result });
+    assert.deepEqual(await within(5000, 'the run', running), result);
+    assert.deepEqual(chunks, [0, 1, 2], 'chunks once each, in seq order');
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['life-1'] });
+
+    // An error naming the run ends it.
+    const refused = platform.run(me.id, { command: 'x', taskId: 'life-2' }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    const run2 = await f.next();
+    f.send({ type: 'error', id: run2.id, code: 'malformed', message: 'no' });
+    assert.equal((await refused)?.code, 'agent_error');
+
+    // A run nobody waits for any more: its result is still stored and acknowledged.
+    const late = platform.run(me.id, { command: 'x', taskId: 'life-3', waitMs: 50 }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    const run3 = await f.next();
+    assert.equal((await late)?.code, 'timeout');
+    f.send({ type: 'result', id: run3.id, task_id: 'life-3', result });
+    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['life-3'] });
+    assert.equal((await platform.result('life-3'))?.deliveries, 1);
+  });
+
+  it('is told unsupported_version and closed (1008) when it offers no version the platform speaks (version 1 only included)', async () => {
+    for (const versions of [[1], [3, 1]]) {
+      const f = opened(await Fake.open(platform.url, fake));
+      open.push(f);
+      f.hello(fake.id, versions);
+      const m = await f.next();
+      assert.equal(m.code, 'unsupported_version');
+      assert.equal(m.message, `this platform speaks protocol version 2; the agent offered [${versions.join(', ')}]`);
+      assert.equal((await within(5000, 'the close', f.closed)).code, 1008);
+    }
+  });
+
+  it('is closed with 1001 when the platform shuts down, and close() resolves', async () => {
+    const f = opened(await Fake.open(platform.url, fake));
+    open.push(f);
+    f.hello(fake.id);
+    await f.next();
+    const waiting = platform.waitForAgent('f'.repeat(64), { timeoutMs: 60_000 }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    const running = platform.run(fake.id, { command: 'x' }).then(
+      () => undefined,
+      (e: unknown) => e as Error & { code?: string },
+    );
+    await f.next(); // the run
+    await within(10_000, 'close()', platform.close());
+    assert.equal((await within(5000, 'the close', f.closed)).code, 1001);
+    assert.equal((await waiting)?.code, 'closed');
+    assert.equal((await running)?.code, 'closed');
+    await assert.rejects(platform.issueToken(), /closed/);
+  });
+});
