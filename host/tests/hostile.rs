@@ -799,3 +799,140 @@ fn a_platform_that_stops_reading_costs_bounded_memory() {
     }
     conn.unwrap().healthy(&mut agent);
 }
+
+/// The names a protocol version uses for the module hashes: (file hash in `run`, in
+/// `need_module`).
+fn hash_names(version: u32) -> (&'static str, &'static str) {
+    match version {
+        1 => ("module_sha256", "sha256"),
+        _ => ("file_sha256", "file_sha256"),
+    }
+}
+
+/// The agent offers versions 2 and 1 and speaks the one `welcome` chooses: a module run (the
+/// module asked for after `accepted`), a handler install, a task past its deadline and a
+/// module whose signature expired, each in that version's names.
+fn speaks_the_version_welcome_chooses(version: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let publisher = bridge_testkit::Publisher::new();
+    let trusted = ["--trusted-key".to_string(), publisher.public()];
+    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, "");
+    let mut conn = server.accept();
+    let hello = conn.expect("hello", Duration::from_secs(30));
+    assert_eq!(hello["versions"], json!([2, 1]), "{hello}");
+    let id = hello["agent_id"].as_str().unwrap().to_string();
+    conn.send(&json!({"type": "welcome", "version": version, "agent_id": id, "enrolled": false}));
+    let (file_name, need_name) = hash_names(version);
+    let hashes = |module: &[u8]| {
+        use sha2::Digest;
+        let file = hex::encode(sha2::Sha256::digest(module));
+        let code = hex::encode(bridge_signing::inspect(module, None).unwrap().module_sha256);
+        assert_ne!(file, code, "a signed file is not its code");
+        (file, code)
+    };
+
+    // A module run: `accepted`, then `need_module`, then the result.
+    let module = publisher.signed("hello");
+    let (file, code) = hashes(&module);
+    conn.send(&json!({"type": "run", "id": "run-m", "task_id": "module", file_name: file, "input": {"name": "Ada"}}));
+    let need = conn.expect("need_module", Duration::from_secs(30));
+    assert!(
+        conn.accepted.contains("module"),
+        "need_module came before accepted"
+    );
+    assert_eq!(need[need_name], file.as_str(), "{need}");
+    assert_eq!(need.as_object().unwrap().len(), 3, "{need}");
+    conn.write(&frame(2, &module));
+    let r = conn.result("module", Duration::from_secs(60));
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r[file_name], file.as_str(), "{r}");
+    match version {
+        1 => {
+            assert!(r.get("file_sha256").is_none(), "{r}");
+            assert!(r.get("code_sha256").is_none(), "{r}");
+        }
+        _ => {
+            assert!(r.get("module_sha256").is_none(), "{r}");
+            assert_eq!(r["code_sha256"], code.as_str(), "{r}");
+        }
+    }
+
+    // A handler install of the same file (the agent has it now).
+    conn.send(
+        &json!({"type": "install_handler", "id": "install-1", "name": "hello", file_name: file}),
+    );
+    let handlers = conn.expect("handlers", Duration::from_secs(30));
+    let h = &handlers["handlers"][0];
+    assert_eq!(h[file_name], file.as_str(), "{handlers}");
+    assert_eq!(
+        h["key"].as_str().map(str::len),
+        Some(32),
+        "a key id: {handlers}"
+    );
+    match version {
+        1 => assert!(h.get("code_sha256").is_none(), "{handlers}"),
+        _ => assert_eq!(h["code_sha256"], code.as_str(), "{handlers}"),
+    }
+
+    // A task whose own deadline passed, and a module whose signature expired.
+    let mut late = run("late", "echo", &["never"]);
+    late["not_after"] = json!("2001-01-01T00:00:00Z");
+    conn.send(&late);
+    let r = conn.result("late", Duration::from_secs(30));
+    let deadline_reason = if version == 1 {
+        "expired"
+    } else {
+        "deadline_passed"
+    };
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("rejected"), Some(deadline_reason)),
+        "{r}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut claims = bridge_signing::Claims::new("hello", "1.0.0", now - 7200);
+    claims.not_after = Some(now - 3600);
+    let stale = publisher.sign("hello", &claims);
+    let (stale_file, stale_code) = hashes(&stale);
+    conn.send(&json!({"type": "run", "id": "run-s", "task_id": "stale", file_name: stale_file}));
+    conn.expect("need_module", Duration::from_secs(30));
+    conn.write(&frame(2, &stale));
+    let r = conn.result("stale", Duration::from_secs(30));
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("rejected"), Some("expired")),
+        "{r}"
+    );
+    if version == 2 {
+        assert_eq!(r["code_sha256"], stale_code.as_str(), "{r}");
+        // The version-1 name on a version-2 connection: refused, saying which name to use.
+        conn.send(
+            &json!({"type": "run", "id": "run-old", "task_id": "old", "module_sha256": file}),
+        );
+        let e = conn.expect("error", Duration::from_secs(30));
+        assert_eq!(
+            (e["id"].as_str(), e["code"].as_str()),
+            (Some("run-old"), Some("malformed")),
+            "{e}"
+        );
+        assert!(
+            e["message"].as_str().unwrap().contains("file_sha256"),
+            "{e}"
+        );
+    }
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn a_version_2_platform_gets_both_hashes_and_tells_a_deadline_from_an_expired_signature() {
+    speaks_the_version_welcome_chooses(2);
+}
+
+#[test]
+fn a_platform_that_speaks_only_version_1_is_served_in_version_1() {
+    speaks_the_version_welcome_chooses(1);
+}

@@ -630,3 +630,128 @@ async fn a_connection_without_hello_is_closed_after_10_s() {
     })
     .await;
 }
+
+/// A `rejected` result in version-1 shape, with `error` as a version-1 agent wrote it.
+fn v1_refusal(reason: &str, error: &str) -> Value {
+    json!({
+        "status": "rejected", "exit_code": null, "output": null, "stdout": "", "stderr": "",
+        "truncated": {"stdout": false, "stderr": false, "stdout_total_bytes": 0, "stderr_total_bytes": 0},
+        "fuel_consumed": null, "memory_peak_bytes": 0, "duration_ms": 0.0, "limits": null,
+        "error": error, "reason": reason
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_offering_only_version_1_is_served_in_version_1() {
+    within(90, async {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Platform::start(&dir.path().join("state"));
+        let agent = Identity::new();
+        let mut ws = connect(&serve, &agent, Some(&serve.token())).await.unwrap();
+        send(
+            &mut ws,
+            json!({"type": "hello", "versions": [1], "agent_id": agent.id, "agent_version": "0.0.9"}),
+        )
+        .await;
+        let welcome = recv(&mut ws).await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert_eq!(welcome["version"], 1);
+
+        // A module run: the version-1 names both ways; stored and answered in version 2.
+        let module = b"\0asm\x01\0\0\0 a version-1 module".to_vec();
+        let sha = hex::encode(sha2::Sha256::digest(&module));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&module);
+        let waiting = serve.control().background(
+            &json!({"cmd": "run", "agent": agent.id, "module": b64, "task_id": "v1-module"}),
+        );
+        let run = recv(&mut ws).await;
+        assert_eq!(run["type"], "run", "{run}");
+        assert_eq!(run["module_sha256"], sha.as_str(), "{run}");
+        assert!(run.get("file_sha256").is_none(), "{run}");
+        send(
+            &mut ws,
+            json!({"type": "need_module", "id": run["id"], "sha256": sha}),
+        )
+        .await;
+        match next_frame(&mut ws).await {
+            Message::Binary(bytes) => assert_eq!(&bytes[..], &module[..]),
+            other => panic!("expected the module, got {other:?}"),
+        }
+        let mut result = run_result("ok", 0);
+        let hash = result.as_object_mut().unwrap().remove("file_sha256").unwrap();
+        result["module_sha256"] = hash.clone();
+        send(
+            &mut ws,
+            json!({"type": "result", "id": run["id"], "task_id": "v1-module", "result": result}),
+        )
+        .await;
+        expect_ack(&mut ws, "v1-module").await;
+        let response = response_of(waiting).await;
+        assert_eq!(response["ok"], true, "{response}");
+        assert_eq!(response["result"], run_result("ok", 0), "{response}");
+        let stored = serve
+            .control()
+            .request_async(&json!({"cmd": "result", "task_id": "v1-module"}).to_string())
+            .await;
+        assert_eq!(stored["result"]["file_sha256"], hash, "{stored}");
+
+        // `expired` is a task's deadline (not recorded: not stored) or a signature's expiry
+        // (recorded), told apart in version 1 by the text a version-1 agent gave.
+        for (task, error, reason, kept) in [
+            (
+                "v1-late",
+                "the task's not_after (2020-01-01T00:00:00Z) passed before it could start; it was not run",
+                "deadline_passed",
+                false,
+            ),
+            (
+                "v1-old-signature",
+                "the signature expired at unix time 5",
+                "expired",
+                true,
+            ),
+        ] {
+            let waiting = serve.control().background(
+                &json!({"cmd": "run", "agent": agent.id, "command": "x", "task_id": task}),
+            );
+            let run = recv(&mut ws).await;
+            send(
+                &mut ws,
+                json!({"type": "result", "id": run["id"], "task_id": task, "result": v1_refusal("expired", error)}),
+            )
+            .await;
+            expect_ack(&mut ws, task).await;
+            let response = response_of(waiting).await;
+            assert_eq!(response["result"]["reason"], reason, "{response}");
+            let stored = serve
+                .control()
+                .request_async(&json!({"cmd": "result", "task_id": task}).to_string())
+                .await;
+            assert_eq!(stored["ok"], kept, "{task}: {stored}");
+        }
+
+        // A handler install: the control interface's old name still works; the agent hears
+        // `module_sha256`, and its version-1 list (no code hash) comes back in version 2.
+        let waiting = serve.control().background(&json!({
+            "cmd": "install_handler", "agent": agent.id, "name": "hello", "module_sha256": sha
+        }));
+        let install = recv(&mut ws).await;
+        assert_eq!(install["type"], "install_handler", "{install}");
+        assert_eq!(install["module_sha256"], sha.as_str(), "{install}");
+        assert!(install.get("file_sha256").is_none(), "{install}");
+        send(
+            &mut ws,
+            json!({"type": "handlers", "id": install["id"], "handlers": [
+                {"name": "hello", "module_sha256": sha, "installed_at": "2025-11-25T05:53:20Z", "key": "8f2c0a7e".repeat(4)}
+            ]}),
+        )
+        .await;
+        let response = response_of(waiting).await;
+        assert_eq!(
+            response["handlers"],
+            json!([{"name": "hello", "file_sha256": sha, "installed_at": "2025-11-25T05:53:20Z", "key": "8f2c0a7e".repeat(4)}]),
+            "{response}"
+        );
+    })
+    .await;
+}

@@ -177,7 +177,32 @@ pub fn decode_version<M: DeserializeOwned + Versioned>(
     version: u32,
 ) -> Result<M, DecodeError> {
     if version != 1 {
-        return decode(text, types);
+        let message = decode(text, types)?;
+        // The types read the version-1 names too (for journals written before version 2);
+        // on a version-2 connection they are refused, as the schema refuses them.
+        if text.contains(crate::v1::V1_ONLY_NAME) {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+                if let Some(kind) = M::uses_v1_name(&value) {
+                    let id = value
+                        .get("id")
+                        .and_then(|v| v.as_str())
+                        .filter(|id| id.len() <= crate::MAX_ID_BYTES)
+                        .map(str::to_string);
+                    return Err(DecodeError {
+                        kind: Some(kind.to_string()),
+                        ..fail(
+                            id,
+                            ErrorCode::Malformed,
+                            format!(
+                                "bad `{kind}` message: unknown field `{}`: version 2 calls it `file_sha256`",
+                                crate::v1::V1_ONLY_NAME
+                            ),
+                        )
+                    });
+                }
+            }
+        }
+        return Ok(message);
     }
     check_frame(text)?;
     let mut value: serde_json::Value = serde_json::from_str(text)

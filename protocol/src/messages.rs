@@ -16,7 +16,7 @@ pub enum ErrorCode {
     UnknownType,
     /// A frame larger than the limit for its kind.
     Oversize,
-    /// JSON nested deeper than [`crate::MAX_DEPTH`].
+    /// JSON nested deeper than `MAX_DEPTH` (64).
     TooDeep,
     /// No protocol version both ends speak.
     UnsupportedVersion,

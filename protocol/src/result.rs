@@ -136,9 +136,9 @@ pub struct RunResult {
     /// A human-readable reason when `status` is not `ok`.
     pub error: Option<String>,
     /// With `status: rejected`, the machine-readable refusal reason (`unsigned`,
-    /// `bad_signature`…; every one is in [`REASONS`]).
+    /// `bad_signature`…; the list is `REASONS`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = REASONS))]
+    #[schemars(schema_with = "reason_schema")]
     pub reason: Option<String>,
     /// SHA-256 (hex) of the module file that was run or refused (the bytes as uploaded), when
     /// the task named a module. (Version 1 and journals written before version 2 call it
@@ -165,6 +165,13 @@ pub struct RunResult {
     /// shell commands bounded by their supervisor alone.
     #[serde(default, skip_serializing_if = "is_false")]
     pub cgroup: bool,
+}
+
+/// The schema of `reason`: one of [`REASONS`] (or null, which reads as absent).
+fn reason_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut values: Vec<serde_json::Value> = REASONS.iter().map(|r| (*r).into()).collect();
+    values.push(serde_json::Value::Null);
+    schemars::json_schema!({ "type": ["string", "null"], "enum": values })
 }
 
 fn is_false(b: &bool) -> bool {

@@ -29,21 +29,26 @@ fn generate<T: JsonSchema>(id: &str) -> String {
         .into_generator()
         .into_root_schema_for::<T>();
     name_bodies(schema.as_object_mut().expect("a root schema is an object"));
-    schema.insert(
-        "$id".into(),
-        format!(
-            "https://bridge.invalid/protocol/v{}/{id}",
-            crate::PROTOCOL_VERSION
-        )
-        .into(),
-    );
+    let mut schema = schema.to_value();
+    drop_numeric_formats(&mut schema);
+    schema
+        .as_object_mut()
+        .expect("a root schema is an object")
+        .insert(
+            "$id".into(),
+            format!(
+                "https://bridge.invalid/protocol/v{}/{id}",
+                crate::PROTOCOL_VERSION
+            )
+            .into(),
+        );
     let mut text = serde_json::to_string_pretty(&schema).expect("a schema serializes");
     text.push('\n');
     text
 }
 
 /// Moves each message body of [`NAMED_BODIES`], which the generator writes inline next to the
-/// `type` tag, to `$defs`: the message becomes its tag, a `$ref` to the body and
+/// `type` tag, to `$defs`: the message becomes `allOf` the body (a `$ref`) and its tag, with
 /// `unevaluatedProperties: false` (the body's own schema then admits any other property, so
 /// that the tag is not refused through it).
 fn name_bodies(root: &mut Map<String, Value>) {
@@ -71,15 +76,41 @@ fn name_bodies(root: &mut Map<String, Value>) {
         *variant = json!({
             "description": b.get("description").cloned().unwrap_or_default(),
             "type": "object",
-            "properties": { "type": tag_schema },
-            "required": ["type"],
-            "$ref": format!("#/$defs/{name}"),
+            "allOf": [
+                { "$ref": format!("#/$defs/{name}") },
+                {
+                    "type": "object",
+                    "properties": { "type": tag_schema },
+                    "required": ["type"],
+                },
+            ],
             "unevaluatedProperties": false,
         });
         defs.push((name.to_string(), body));
     }
     if let Some(all) = root.get_mut("$defs").and_then(Value::as_object_mut) {
         all.extend(defs);
+    }
+}
+
+/// Removes the `format`s the generator gives Rust's number types (`uint64`, `int32`,
+/// `double`…): they are no JSON Schema format, and strict validators refuse unknown ones. The
+/// bounds that matter stay (`minimum: 0` of the unsigned types).
+fn drop_numeric_formats(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let numeric = map.get("format").and_then(Value::as_str).is_some_and(|f| {
+                ["int", "uint", "float", "double"]
+                    .iter()
+                    .any(|p| f.starts_with(p))
+            });
+            if numeric {
+                map.remove("format");
+            }
+            map.values_mut().for_each(drop_numeric_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_numeric_formats),
+        _ => {}
     }
 }
 

@@ -22,12 +22,19 @@ use crate::messages::{AgentMessage, PlatformMessage};
 /// the only thing telling it from a signature's expiry, which version 1 also calls `expired`.
 pub const V1_DEADLINE_TEXT: &str = "the task's not_after";
 
+/// The version-1 name of a module's file hash, which the types also read (as an alias, for
+/// journals written before version 2) where version 2 says `file_sha256`.
+pub const V1_ONLY_NAME: &str = "module_sha256";
+
 /// A message type both versions carry, with the rewrites between their JSON shapes.
 pub trait Versioned {
     /// Rewrites a version-2 message (as JSON) into its version-1 shape.
     fn to_v1(message: &mut Value);
     /// Rewrites a version-1 message (as JSON) into its version-2 shape.
     fn from_v1(message: &mut Value);
+    /// The message's `type` when it carries [`V1_ONLY_NAME`] where version 2 has
+    /// `file_sha256` (a version-2 connection refuses it).
+    fn uses_v1_name(message: &Value) -> Option<&str>;
 }
 
 fn kind(message: &Value) -> Option<&str> {
@@ -124,6 +131,14 @@ impl Versioned for AgentMessage {
             _ => {}
         }
     }
+
+    fn uses_v1_name(message: &Value) -> Option<&str> {
+        let in_result = message
+            .get("result")
+            .and_then(Value::as_object)
+            .is_some_and(|r| r.contains_key(V1_ONLY_NAME));
+        (kind(message) == Some("result") && in_result).then_some("result")
+    }
 }
 
 impl Versioned for PlatformMessage {
@@ -142,12 +157,23 @@ impl Versioned for PlatformMessage {
             }
         }
     }
+
+    fn uses_v1_name(message: &Value) -> Option<&str> {
+        let named = message
+            .as_object()
+            .is_some_and(|m| m.contains_key(V1_ONLY_NAME));
+        match kind(message) {
+            Some(k @ ("run" | "install_handler")) if named => Some(k),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::{decode_version, encode_version};
+    use crate::ErrorCode;
     use crate::{HandlerInfo, RunRequest, RunResult, Status};
     use serde_json::json;
 
@@ -189,8 +215,27 @@ mod tests {
             decode_version::<PlatformMessage>(&v1, PlatformMessage::TYPES, 1).unwrap(),
             install
         );
-        // A version-2 install_handler must use the version-2 name.
+        // A version-2 connection refuses the version-1 names, saying which name to use, even
+        // where the types read them (a run's, for old journals); a string that merely holds
+        // the name is fine.
         assert!(decode_version::<PlatformMessage>(&v1, PlatformMessage::TYPES, 2).is_err());
+        let old_run =
+            json!({"type": "run", "id": "r1", "task_id": "t1", "module_sha256": sha('a')});
+        let e = decode_version::<PlatformMessage>(&old_run.to_string(), PlatformMessage::TYPES, 2)
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::Malformed, Some("r1"))
+        );
+        assert!(
+            e.message.contains("version 2 calls it `file_sha256`"),
+            "{e}"
+        );
+        let input = json!({"type": "run", "id": "r2", "task_id": "t2", "command": "c", "input": {"module_sha256": 1}});
+        assert!(
+            decode_version::<PlatformMessage>(&input.to_string(), PlatformMessage::TYPES, 2)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -208,6 +253,7 @@ mod tests {
             decode_version::<AgentMessage>(&v1, AgentMessage::TYPES, 1).unwrap(),
             need
         );
+        assert!(decode_version::<AgentMessage>(&v1, AgentMessage::TYPES, 2).is_err());
 
         let handlers = AgentMessage::Handlers {
             id: "l1".into(),
@@ -264,6 +310,13 @@ mod tests {
             else {
                 panic!("result")
             };
+            // A version-2 connection refuses the version-1 name in a result.
+            if result.file_sha256.is_some() {
+                assert!(
+                    decode_version::<AgentMessage>(&v1.to_string(), AgentMessage::TYPES, 2)
+                        .is_err()
+                );
+            }
             // Everything comes back but the code hash, which version 1 does not carry.
             assert_eq!(
                 back,

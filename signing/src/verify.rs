@@ -253,7 +253,7 @@ pub fn verify(
         return Err(reject(
             BadSignature,
             format!(
-                "{what} by key {} does not match this module (sha256 {}) and its claims",
+                "{what} by key {} does not match this module (code_sha256 {}) and its claims",
                 trusted.describe(),
                 hex::encode(module_sha256)
             ),

@@ -218,4 +218,54 @@ mod tests {
         assert_eq!(e.code, ErrorCode::NotFound);
         assert_eq!(e.message, "no handler is installed as \"x\"");
     }
+
+    #[test]
+    fn every_reason_a_result_carries_is_one_the_protocol_lists() {
+        use bridge_protocol::{REASONS, UNRECORDED_REASONS};
+        use bridge_signing::RejectReason;
+        // The trust policy's.
+        for r in [
+            RejectReason::Unsigned,
+            RejectReason::BadSignature,
+            RejectReason::UnknownKey,
+            RejectReason::RevokedKey,
+            RejectReason::Expired,
+            RejectReason::NotYetValid,
+            RejectReason::OutOfScope,
+            RejectReason::MalformedSignature,
+        ] {
+            assert!(REASONS.contains(&r.as_str()), "{r}");
+        }
+        // The agent's, and which of them it does not record.
+        let now = time::OffsetDateTime::now_utc();
+        let storage = |full: bool| match full {
+            true => JournalError::StorageFull("disk".into()),
+            false => JournalError::Io("io".into()),
+        };
+        for (refusal, recorded) in [
+            (Refusal::Busy { limit: 1 }, false),
+            (Refusal::BusyWaiting { limit: 1 }, false),
+            (Refusal::DeadlinePassed(now), false),
+            (Refusal::UnknownCommand("x".into()), false),
+            (Refusal::NotRecorded(storage(true)), false),
+            (Refusal::NotRecorded(storage(false)), false),
+            (Refusal::MalformedSignature("x".into()), true),
+            (
+                Refusal::ModuleUnavailable {
+                    sha256: "ab".repeat(32),
+                    waited: Duration::from_secs(60),
+                },
+                true,
+            ),
+        ] {
+            let r = refusal.into_result();
+            let reason = r.reason.as_deref().unwrap();
+            assert!(REASONS.contains(&reason), "{reason}");
+            assert_eq!(UNRECORDED_REASONS.contains(&reason), !recorded, "{reason}");
+        }
+        assert_eq!(
+            Refusal::DeadlinePassed(now).into_result().reason.as_deref(),
+            Some("deadline_passed")
+        );
+    }
 }

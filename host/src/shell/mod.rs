@@ -98,7 +98,12 @@ fn applied(rule: &ShellRule) -> AppliedLimits {
     rule.bounds().resolve(&LimitRequest::default())
 }
 
+/// A shell rule's refusal: `reason` is one of the protocol's (`bridge_protocol::REASONS`).
 fn refused(rule: &ShellRule, reason: &str, error: String) -> RunResult {
+    debug_assert!(
+        bridge_protocol::REASONS.contains(&reason),
+        "{reason} is not in the protocol's list of reasons"
+    );
     let mut r = RunResult::refused(Status::Rejected, error);
     r.reason = Some(reason.to_string());
     r.limits = Some(applied(rule));
