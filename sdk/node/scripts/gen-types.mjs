@@ -20,19 +20,6 @@ export async function generate() {
   const seen = new Set();
   for (const name of SCHEMAS) {
     const schema = JSON.parse(readFileSync(here(`../../../protocol/schema/${name}.schema.json`), 'utf8'));
-    // A message whose body is a named type (status, run, error) is its `type` tag beside a
-    // `$ref` to the body; the generator reads that pair as the body alone. As an `allOf` of
-    // the two it writes `StatusReport & { type: 'status' }`, which is what the pair means.
-    for (const variant of schema.oneOf ?? []) {
-      if (variant.$ref && variant.properties) {
-        const { $ref, properties, required, description } = variant;
-        for (const key of Object.keys(variant)) delete variant[key];
-        Object.assign(variant, {
-          description,
-          allOf: [{ $ref }, { type: 'object', properties, required, additionalProperties: true }],
-        });
-      }
-    }
     let ts = await compile(schema, schema.title, {
       bannerComment: '',
       additionalProperties: false,

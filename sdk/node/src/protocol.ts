@@ -23,7 +23,6 @@ export type AgentMessage =
     }
   | (StatusReport & {
       type: 'status';
-      [k: string]: unknown;
     })
   | {
       /**
@@ -115,7 +114,6 @@ export type AgentMessage =
     }
   | (ErrorBody & {
       type: 'error';
-      [k: string]: unknown;
     });
 
 /**
@@ -255,28 +253,26 @@ export interface RunResult {
   };
   /**
    * With `status: rejected`, the machine-readable refusal reason (`unsigned`,
-   * `bad_signature`…; every one is in [`REASONS`]).
+   * `bad_signature`…; the list is `REASONS`).
    */
   reason?:
-    | (
-        | 'busy'
-        | 'storage_full'
-        | 'storage_error'
-        | 'unknown_command'
-        | 'deadline_passed'
-        | 'module_unavailable'
-        | 'unsigned'
-        | 'bad_signature'
-        | 'unknown_key'
-        | 'revoked_key'
-        | 'expired'
-        | 'not_yet_valid'
-        | 'out_of_scope'
-        | 'malformed_signature'
-        | 'invalid_rule'
-        | 'bad_argument'
-        | 'rule_unavailable'
-      )
+    | 'busy'
+    | 'storage_full'
+    | 'storage_error'
+    | 'unknown_command'
+    | 'deadline_passed'
+    | 'module_unavailable'
+    | 'unsigned'
+    | 'bad_signature'
+    | 'unknown_key'
+    | 'revoked_key'
+    | 'expired'
+    | 'not_yet_valid'
+    | 'out_of_scope'
+    | 'malformed_signature'
+    | 'invalid_rule'
+    | 'bad_argument'
+    | 'rule_unavailable'
     | null;
   /**
    * How the run ended.
@@ -399,7 +395,6 @@ export type PlatformMessage =
     }
   | (RunRequest & {
       type: 'run';
-      [k: string]: unknown;
     })
   | {
       /**
@@ -458,7 +453,6 @@ export type PlatformMessage =
     }
   | (ErrorBody & {
       type: 'error';
-      [k: string]: unknown;
     });
 
 /**
