@@ -430,7 +430,8 @@ fn inspect_without_trust() {
     assert_eq!(i.module_sha256, sha256(MODULE));
     assert_eq!(i.problem, None);
     let json = serde_json::to_value(&i).unwrap();
-    assert_eq!(json["module_sha256"], hex::encode(sha256(MODULE)));
+    assert_eq!(json["code_sha256"], hex::encode(sha256(MODULE)));
+    assert!(json.get("module_sha256").is_none());
     assert_eq!(json["key_id"], k.key_id().to_string());
     assert_eq!(json["source"], "embedded");
     let d = sign_detached(MODULE, &k, &claims()).unwrap().envelope;
