@@ -13,7 +13,7 @@ import { WebSocketServer } from 'ws';
 import { bearer, DEFAULT_TOKEN_TTL_MS, REFUSAL_TEXT, Registry, type Refusal } from './enroll.js';
 import { FileStore } from './file-store.js';
 import { ensureStateDir } from './files.js';
-import { CLOSE_REPLACED, Session, type Logger, type SessionHost } from './session.js';
+import { CLOSE_REPLACED, IDLE_TIMEOUT_MS, Session, type Logger, type SessionHost } from './session.js';
 import type { ResultStore, StoredResult } from './store.js';
 import { agentIdOf, identityFromOptions, loadOrCreateIdentity, type TlsOptions } from './tls.js';
 import {
@@ -62,6 +62,12 @@ export interface PlatformOptions {
   hostnames?: string[];
   /** Default lifetime of the tokens {@link Platform.issueToken} mints, in ms (0: no expiry); default 24 h. */
   tokenTtlMs?: number;
+  /**
+   * Nothing heard from an agent (no message, ping or pong) for this long closes its connection
+   * (close code 4001); default 90 s, three of the agent's 30 s heartbeats. Keep it above the
+   * agents' `heartbeat_secs` (docs/configuration.md) times two; at least 1000.
+   */
+  idleTimeoutMs?: number;
   /** Test hooks. */
   hooks?: PlatformHooks;
   /** Where log messages go; default nowhere. */
@@ -332,6 +338,13 @@ export class Platform extends EventEmitter<PlatformEvents> {
     this.log = args.options.log ?? (() => undefined);
     this.tokenTtlMs = args.options.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS;
     this.onRoundTrip = args.options.onRoundTrip;
+    this.sessionHost = {
+      welcomed: (s) => this.onWelcomed(s),
+      message: (s, m) => this.onMessage(s, m),
+      closed: (s, why) => this.onClosed(s, why),
+      log: (level, message, fields) => this.log(level, message, fields),
+      idleTimeoutMs: args.options.idleTimeoutMs ?? IDLE_TIMEOUT_MS,
+    };
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_WS_PAYLOAD, perMessageDeflate: false, clientTracking: false });
     this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       this.onUpgrade(req, socket, head).catch((e: unknown) => {
@@ -349,6 +362,9 @@ export class Platform extends EventEmitter<PlatformEvents> {
     const { host, port } = parseListen(options.listen);
     if (options.tokenTtlMs !== undefined && (!Number.isSafeInteger(options.tokenTtlMs) || options.tokenTtlMs < 0)) {
       throw new PlatformError('invalid', 'tokenTtlMs must be a non-negative integer');
+    }
+    if (options.idleTimeoutMs !== undefined && (!Number.isSafeInteger(options.idleTimeoutMs) || options.idleTimeoutMs < 1000)) {
+      throw new PlatformError('invalid', 'idleTimeoutMs must be an integer of at least 1000');
     }
     await ensureStateDir(options.stateDir);
     const identity = options.tls !== undefined ? identityFromOptions(options.tls) : await loadOrCreateIdentity(options.stateDir, options.hostnames ?? []);
@@ -423,12 +439,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     });
   }
 
-  private readonly sessionHost: SessionHost = {
-    welcomed: (s) => this.onWelcomed(s),
-    message: (s, m) => this.onMessage(s, m),
-    closed: (s, why) => this.onClosed(s, why),
-    log: (level, message, fields) => this.log(level, message, fields),
-  };
+  private readonly sessionHost: SessionHost;
 
   private liveOf(agentId: string): Live {
     let l = this.live.get(agentId);

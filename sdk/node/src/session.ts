@@ -16,13 +16,13 @@ import {
 
 /** No `hello` within this long: close (1008). */
 export const HELLO_TIMEOUT_MS = 10_000;
-/** Nothing heard for this long (3 heartbeat intervals): close (4001). */
+/** Nothing heard for this long (3 of the agent's 30 s heartbeats): close (4001); the default of `idleTimeoutMs`. */
 export const IDLE_TIMEOUT_MS = 90_000;
 /** A write the agent does not take within this long closes the connection. */
 export const SEND_TIMEOUT_MS = 30_000;
 /** Close code: a newer connection of the same agent replaced this one. */
 export const CLOSE_REPLACED = 4000;
-/** Close code: nothing received for {@link IDLE_TIMEOUT_MS}. */
+/** Close code: nothing received for the idle timeout. */
 export const CLOSE_IDLE = 4001;
 /** How many replies to the agent's messages (errors, module uploads) may wait for the writer. */
 export const REPLY_QUEUE = 1024;
@@ -52,6 +52,8 @@ export interface SessionHost {
   /** The connection ended (after `welcomed` or not). */
   closed(session: Session, why: string): void;
   log: Logger;
+  /** Nothing heard from an agent for this long closes its connection (4001). */
+  idleTimeoutMs: number;
 }
 
 /** One agent connection. */
@@ -104,9 +106,10 @@ export class Session {
 
   private check(): void {
     const now = Date.now();
-    if (now - this.lastHeard >= IDLE_TIMEOUT_MS) {
-      this.host.log('warn', 'nothing received for 90 s: closing', { agentId: this.agentId });
-      this.close(CLOSE_IDLE, 'nothing received for 90 s');
+    if (now - this.lastHeard >= this.host.idleTimeoutMs) {
+      const why = `nothing received for ${this.host.idleTimeoutMs / 1000} s`;
+      this.host.log('warn', `${why}: closing`, { agentId: this.agentId });
+      this.close(CLOSE_IDLE, why);
     } else if (this.ws.bufferedAmount > 0 && now - this.lastWrite >= SEND_TIMEOUT_MS) {
       this.host.log('warn', 'the agent does not take what is written: closing', { agentId: this.agentId });
       this.close(1008, 'the agent does not read');

@@ -345,4 +345,33 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     assert.equal((await running)?.code, 'closed');
     await assert.rejects(platform.issueToken(), /closed/);
   });
+
+  it('is closed with 4001 when it goes silent past the idle timeout, and kept while it pings', async () => {
+    const quiet = await Platform.start({ listen: '127.0.0.1:0', stateDir: join(tempDir(), 'platform'), idleTimeoutMs: 1500 });
+    try {
+      const token = await quiet.issueToken();
+      const silent = opened(await Fake.open(quiet.url, fake, token));
+      open.push(silent);
+      silent.hello(fake.id);
+      assert.equal((await silent.next()).type, 'welcome');
+      const started = Date.now();
+      const closed = await within(5000, 'the idle close', silent.closed);
+      assert.equal(closed.code, 4001, JSON.stringify(closed));
+      assert.ok(Date.now() - started >= 1400, `closed after ${Date.now() - started} ms, before the idle timeout`);
+      // The same agent, pinging every 300 ms (as agents heartbeat), stays connected past it.
+      const pinging = opened(await Fake.open(quiet.url, fake));
+      open.push(pinging);
+      pinging.hello(fake.id);
+      assert.equal((await pinging.next()).type, 'welcome');
+      const pings = setInterval(() => pinging.ws.ping(), 300);
+      try {
+        const outcome = await Promise.race([pinging.closed, new Promise((r) => setTimeout(() => r('open'), 3500))]);
+        assert.equal(outcome, 'open', `a pinging agent was closed: ${JSON.stringify(outcome)}`);
+      } finally {
+        clearInterval(pings);
+      }
+    } finally {
+      await quiet.close();
+    }
+  });
 });
