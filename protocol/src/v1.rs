@@ -51,6 +51,14 @@ fn rename(object: &mut Map<String, Value>, from: &str, to: &str) {
     }
 }
 
+/// Applies `f` to each entry of a `handlers` message's list.
+fn each_handler(message: &mut Map<String, Value>, mut f: impl FnMut(&mut Map<String, Value>)) {
+    let list = message.get_mut("handlers").and_then(Value::as_array_mut);
+    for h in list.into_iter().flatten().filter_map(Value::as_object_mut) {
+        f(h);
+    }
+}
+
 fn result_to_v1(result: &mut Map<String, Value>) {
     rename(result, "file_sha256", "module_sha256");
     result.remove("code_sha256");
@@ -82,19 +90,10 @@ impl Versioned for AgentMessage {
         };
         match k.as_deref() {
             Some("need_module") => rename(m, "file_sha256", "sha256"),
-            Some("handlers") => {
-                for h in m
-                    .get_mut("handlers")
-                    .and_then(Value::as_array_mut)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(h) = h.as_object_mut() {
-                        rename(h, "file_sha256", "module_sha256");
-                        h.remove("code_sha256");
-                    }
-                }
-            }
+            Some("handlers") => each_handler(m, |h| {
+                rename(h, "file_sha256", "module_sha256");
+                h.remove("code_sha256");
+            }),
             Some("result") => {
                 if let Some(r) = m.get_mut("result").and_then(Value::as_object_mut) {
                     result_to_v1(r);
@@ -111,18 +110,7 @@ impl Versioned for AgentMessage {
         };
         match k.as_deref() {
             Some("need_module") => rename(m, "sha256", "file_sha256"),
-            Some("handlers") => {
-                for h in m
-                    .get_mut("handlers")
-                    .and_then(Value::as_array_mut)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(h) = h.as_object_mut() {
-                        rename(h, "module_sha256", "file_sha256");
-                    }
-                }
-            }
+            Some("handlers") => each_handler(m, |h| rename(h, "module_sha256", "file_sha256")),
             Some("result") => {
                 if let Some(r) = m.get_mut("result").and_then(Value::as_object_mut) {
                     result_from_v1(r);

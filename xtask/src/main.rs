@@ -521,18 +521,7 @@ fn test(rest: &[String]) -> Result<()> {
 /// The platform benchmark: the Node SDK against `bridgectl serve`, release builds.
 fn bench_node() -> Result<()> {
     let wasm = build_examples()?;
-    let mut bins = cargo();
-    bins.args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "bridge-host",
-        "-p",
-        "bridge-platform",
-        "--bins",
-    ]);
-    run(bins)?;
+    build_release_bins()?;
     node::bench(&root(), &wasm)
 }
 
@@ -551,9 +540,8 @@ fn test_node() -> Result<()> {
     node::test(&root(), &wasm)
 }
 
-fn bench(rest: &[String]) -> Result<()> {
-    build_examples()?;
-    // The link and throughput benchmarks drive release builds of both binaries.
+/// Release builds of `bridge-daemon` and `bridgectl`, which the benchmarks drive.
+fn build_release_bins() -> Result<()> {
     let mut bins = cargo();
     bins.args([
         "build",
@@ -565,7 +553,13 @@ fn bench(rest: &[String]) -> Result<()> {
         "bridge-platform",
         "--bins",
     ]);
-    run(bins)?;
+    run(bins)
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    build_examples()?;
+    // The link and throughput benchmarks drive release builds of both binaries.
+    build_release_bins()?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "bridge-host"]).args(rest);
     run(cmd)

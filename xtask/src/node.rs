@@ -36,6 +36,13 @@ pub fn check_node() -> Result<()> {
     }
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, else `target/` in the workspace).
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
 /// `npm ci` when the SDK's packages are missing or older than its lockfile.
 pub fn install(root: &Path) -> Result<()> {
     npm_ci(&sdk_dir(root))
@@ -70,9 +77,7 @@ fn npm_ci(dir: &Path) -> Result<()> {
 pub fn test(root: &Path, wasm_dir: &Path) -> Result<()> {
     check_node()?;
     install(root)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir(root);
     let bins = target.join("debug");
     for name in ["bridge-daemon", "bridgectl"] {
         if !bins.join(name).exists() {
@@ -116,9 +121,7 @@ pub fn build(root: &Path) -> Result<()> {
 /// on the first CPU, the platforms and the benchmark on the second (when there are two).
 pub fn bench(root: &Path, wasm_dir: &Path) -> Result<()> {
     build(root)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir(root);
     let bins = target.join("release");
     let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     let mut cmd = if two_cpus && Command::new("taskset").arg("-V").output().is_ok() {
@@ -148,9 +151,7 @@ pub fn demo(root: &Path, wasm_dir: &Path) -> Result<()> {
     build(root)?;
     let example = root.join("examples/node-platform");
     npm_ci(&example)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir(root);
     let status = Command::new("node")
         .arg("demo.mjs")
         .current_dir(&example)

@@ -4,56 +4,23 @@
 
 import assert from 'node:assert/strict';
 import { existsSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 
 import pg from 'pg';
 
 import { startPg, type PgServer } from './pg.js';
-import { Child, publisher, signed, startAgent, tempDir, waitUntil, type Agent } from './support.js';
+import { PlatformProcess } from './platform-process.js';
+import { publisher, signed, startAgent, tempDir, waitUntil, type Agent } from './support.js';
 
-const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'platform-child.js');
 const TABLE = 'platform_results';
 
-/** A platform process (platform-child.ts) keeping its results in the test's PostgreSQL. */
-class PgPlatform extends Child {
-  private seq = 0;
-
-  constructor(stateDir: string, listen: string, server: PgServer, killAfterStore?: string) {
-    super('platform', process.execPath, [CHILD], {
-      env: {
-        CHILD_STATE: stateDir,
-        CHILD_LISTEN: listen,
-        CHILD_KILL_AFTER_STORE: killAfterStore ?? '',
-        CHILD_PG_CONFIG: JSON.stringify(server.config()),
-        CHILD_PG_TABLE: TABLE,
-      },
-      stdin: true,
-      lines: true,
-    });
-  }
-
-  async started(): Promise<{ url: string; pin: string; port: number }> {
-    const line = await this.line(20_000, 'the start line', (l) => l.includes('"started":true'));
-    return JSON.parse(line) as { url: string; pin: string; port: number };
-  }
-
-  send(request: Record<string, unknown>): number {
-    const seq = ++this.seq;
-    this.writeLine(JSON.stringify({ seq, ...request }));
-    return seq;
-  }
-
-  async request(request: Record<string, unknown>, ms = 30_000): Promise<Record<string, unknown>> {
-    const seq = this.send(request);
-    const line = await this.line(ms, `the answer to request ${seq}`, (l) => (JSON.parse(l) as { seq: number }).seq === seq);
-    const body = JSON.parse(line) as Record<string, unknown>;
-    if (body['error'] !== undefined) {
-      throw new Error(`platform: ${String(body['error'])}\n${this.log()}`);
-    }
-    return body;
-  }
+/** A platform process keeping its results in the test's PostgreSQL. */
+function pgPlatform(stateDir: string, listen: string, server: PgServer, killAfterStore?: string): PlatformProcess {
+  return new PlatformProcess(stateDir, listen, killAfterStore, {
+    CHILD_PG_CONFIG: JSON.stringify(server.config()),
+    CHILD_PG_TABLE: TABLE,
+  });
 }
 
 describe('exactly once across a platform restart (PgStore)', { timeout: 180_000 }, () => {
@@ -91,7 +58,7 @@ describe('exactly once across a platform restart (PgStore)', { timeout: 180_000 
     const module = join(tempDir(), 'hello.signed.wasm');
     writeFileSync(module, signed(pub, 'hello'));
 
-    const first = new PgPlatform(stateDir, '127.0.0.1:0', server, taskId);
+    const first = pgPlatform(stateDir, '127.0.0.1:0', server, taskId);
     cleanup.push(() => first.kill());
     const { url, pin, port } = await first.started();
     const { token } = (await first.request({ cmd: 'token' })) as { token: string };
@@ -106,7 +73,7 @@ describe('exactly once across a platform restart (PgStore)', { timeout: 180_000 
     assert.deepEqual(await rows(taskId), [{ agent_id: agentId, deliveries: 1, status: 'ok' }], 'committed before the kill');
     assert.equal(existsSync(join(stateDir, 'results.jsonl')), false, 'the results went to PostgreSQL, not the file store');
 
-    const second = new PgPlatform(stateDir, `127.0.0.1:${port}`, server);
+    const second = pgPlatform(stateDir, `127.0.0.1:${port}`, server);
     cleanup.push(() => second.kill());
     const again = await second.started();
     assert.equal(again.pin, pin);
