@@ -3,15 +3,15 @@
 // database, it gets the result again from the agent, and the table holds exactly one row for it.
 
 import assert from 'node:assert/strict';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 
 import pg from 'pg';
 
 import { startPg, type PgServer } from './pg.js';
-import { PlatformProcess } from './platform-process.js';
-import { publisher, signed, startAgent, tempDir, waitUntil, type Agent } from './support.js';
+import { crashAfterStoring, PlatformProcess, storedTwice } from './platform-process.js';
+import { startAgent, tempDir, waitUntil } from './support.js';
 
 const TABLE = 'platform_results';
 
@@ -54,22 +54,7 @@ describe('exactly once across a platform restart (PgStore)', { timeout: 180_000 
   it('keeps one row when the platform dies between committing a result and acknowledging it', async () => {
     const stateDir = join(tempDir(), 'platform');
     const taskId = `once-pg-${Date.now()}`;
-    const pub = publisher();
-    const module = join(tempDir(), 'hello.signed.wasm');
-    writeFileSync(module, signed(pub, 'hello'));
-
-    const first = pgPlatform(stateDir, '127.0.0.1:0', server, taskId);
-    cleanup.push(() => first.kill());
-    const { url, pin, port } = await first.started();
-    const { token } = (await first.request({ cmd: 'token' })) as { token: string };
-    const agent: Agent = startAgent({ url, pin }, { token, trustedKey: pub.publicKey });
-    cleanup.push(() => agent.kill());
-    const agentId = await agent.id();
-    await first.request({ cmd: 'waitAgent', id: agentId });
-
-    first.send({ cmd: 'run', agentId, module, taskId, input: { name: 'Ada' } });
-    await first.waitExit(30_000);
-    assert.equal(first.exit().signal, 'SIGKILL', `the platform killed itself after storing; its log:\n${first.log()}`);
+    const { url, pin, port, agent, agentId, pub, module } = await crashAfterStoring((listen, kill) => pgPlatform(stateDir, listen, server, kill), taskId, cleanup);
     assert.deepEqual(await rows(taskId), [{ agent_id: agentId, deliveries: 1, status: 'ok' }], 'committed before the kill');
     assert.equal(existsSync(join(stateDir, 'results.jsonl')), false, 'the results went to PostgreSQL, not the file store');
 
@@ -77,10 +62,7 @@ describe('exactly once across a platform restart (PgStore)', { timeout: 180_000 
     cleanup.push(() => second.kill());
     const again = await second.started();
     assert.equal(again.pin, pin);
-    const { stored } = (await second.request({ cmd: 'result', taskId, deliveries: 2, waitMs: 30_000 }, 40_000)) as {
-      stored: { agentId: string; deliveries: number; result: { status: string; output: unknown } } | null;
-    };
-    assert.ok(stored, 'result() returns the stored result');
+    const stored = await storedTwice(second, taskId);
     assert.equal(stored.deliveries, 2, `the agent sent the result again; agent log:\n${agent.log()}`);
     assert.equal(stored.agentId, agentId);
     assert.deepEqual(stored.result.output, { greeting: 'Hello, Ada!' });

@@ -2,12 +2,12 @@
 // result and before acknowledging it; restarted on the same state, it gets the result again and keeps one.
 
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 
-import { PlatformProcess } from './platform-process.js';
-import { publisher, signed, startAgent, tempDir, waitUntil, type Agent } from './support.js';
+import { crashAfterStoring, PlatformProcess, storedTwice } from './platform-process.js';
+import { startAgent, tempDir, waitUntil } from './support.js';
 
 interface LogLine {
   stored?: { task_id: string; agent: string; result: Record<string, unknown>; deliveries: number };
@@ -30,22 +30,7 @@ describe('exactly once across a platform restart (FileStore)', { timeout: 120_00
   it('keeps one result when the platform dies between storing it and acknowledging it', async () => {
     const stateDir = join(tempDir(), 'platform');
     const taskId = `once-${Date.now()}`;
-    const pub = publisher();
-    const module = join(tempDir(), 'hello.signed.wasm');
-    writeFileSync(module, signed(pub, 'hello'));
-
-    const first = new PlatformProcess(stateDir, '127.0.0.1:0', taskId);
-    cleanup.push(() => first.kill());
-    const { url, pin, port } = await first.started();
-    const { token } = (await first.request({ cmd: 'token' })) as { token: string };
-    const agent: Agent = startAgent({ url, pin }, { token, trustedKey: pub.publicKey });
-    cleanup.push(() => agent.kill());
-    const agentId = await agent.id();
-    await first.request({ cmd: 'waitAgent', id: agentId });
-
-    first.send({ cmd: 'run', agentId, module, taskId, input: { name: 'Ada' } });
-    await first.waitExit(30_000);
-    assert.equal(first.exit().signal, 'SIGKILL', `the platform killed itself after storing; its log:\n${first.log()}`);
+    const { url, pin, port, agent, agentId, pub, module } = await crashAfterStoring((listen, kill) => new PlatformProcess(stateDir, listen, kill), taskId, cleanup);
     const before = logLines(stateDir);
     assert.equal(before.filter((l) => l.stored?.task_id === taskId).length, 1, 'stored before the kill');
     assert.equal(before.filter((l) => l.delivered === taskId).length, 0);
@@ -57,10 +42,7 @@ describe('exactly once across a platform restart (FileStore)', { timeout: 120_00
     const again = await second.started();
     assert.equal(again.pin, pin);
     assert.equal(again.url, url);
-    const { stored } = (await second.request({ cmd: 'result', taskId, deliveries: 2, waitMs: 30_000 }, 40_000)) as {
-      stored: { agentId: string; deliveries: number; result: { status: string; output: unknown } } | null;
-    };
-    assert.ok(stored, 'result() returns the stored result');
+    const stored = await storedTwice(second, taskId);
     assert.equal(stored.deliveries, 2, `the agent sent the result again; agent log:\n${agent.log()}`);
     assert.equal(stored.agentId, agentId);
     assert.equal(stored.result.status, 'ok');
