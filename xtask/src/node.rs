@@ -6,6 +6,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::run;
+
 /// The oldest Node.js major version the SDK supports.
 const NODE_MAJOR: u32 = 20;
 
@@ -62,23 +64,16 @@ fn npm_ci(dir: &Path) -> Result<()> {
     if fresh {
         return Ok(());
     }
-    let status = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .status()
-        .with_context(|| format!("running `npm ci` in {}", dir.display()))?;
-    if !status.success() {
-        bail!("`npm ci` in {} failed ({status})", dir.display());
-    }
-    Ok(())
+    let mut ci = Command::new("npm");
+    ci.args(["ci", "--no-audit", "--no-fund"]).current_dir(dir);
+    run(ci)
 }
 
 /// Runs `npm test` in the SDK with the binaries of `target/debug` and the built handlers.
 pub fn test(root: &Path, wasm_dir: &Path) -> Result<()> {
     check_node()?;
     install(root)?;
-    let target = target_dir(root);
-    let bins = target.join("debug");
+    let bins = target_dir(root).join("debug");
     for name in ["bridge-daemon", "bridgectl"] {
         if !bins.join(name).exists() {
             bail!(
@@ -87,33 +82,23 @@ pub fn test(root: &Path, wasm_dir: &Path) -> Result<()> {
             );
         }
     }
-    let status = Command::new("npm")
-        .arg("test")
+    let mut npm = Command::new("npm");
+    npm.arg("test")
         .current_dir(sdk_dir(root))
         .env("BRIDGE_DAEMON", bins.join("bridge-daemon"))
         .env("BRIDGECTL", bins.join("bridgectl"))
-        .env("BRIDGE_WASM_DIR", wasm_dir)
-        .status()
-        .context("running `npm test` in sdk/node")?;
-    if !status.success() {
-        bail!("the Node SDK's tests failed ({status})");
-    }
-    Ok(())
+        .env("BRIDGE_WASM_DIR", wasm_dir);
+    run(npm)
 }
 
 /// Builds the SDK (`npm run build`).
 pub fn build(root: &Path) -> Result<()> {
     check_node()?;
     install(root)?;
-    let status = Command::new("npm")
-        .args(["run", "--silent", "build"])
-        .current_dir(sdk_dir(root))
-        .status()
-        .context("running `npm run build` in sdk/node")?;
-    if !status.success() {
-        bail!("building the Node SDK failed ({status})");
-    }
-    Ok(())
+    let mut npm = Command::new("npm");
+    npm.args(["run", "--silent", "build"])
+        .current_dir(sdk_dir(root));
+    run(npm)
 }
 
 /// The platform benchmark (`sdk/node/bench/platform.mjs`): the Node SDK against
@@ -121,8 +106,7 @@ pub fn build(root: &Path) -> Result<()> {
 /// on the first CPU, the platforms and the benchmark on the second (when there are two).
 pub fn bench(root: &Path, wasm_dir: &Path) -> Result<()> {
     build(root)?;
-    let target = target_dir(root);
-    let bins = target.join("release");
+    let bins = target_dir(root).join("release");
     let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     let mut cmd = if two_cpus && Command::new("taskset").arg("-V").output().is_ok() {
         let mut c = Command::new("taskset");
@@ -131,18 +115,12 @@ pub fn bench(root: &Path, wasm_dir: &Path) -> Result<()> {
     } else {
         Command::new("node")
     };
-    let status = cmd
-        .arg("bench/platform.mjs")
+    cmd.arg("bench/platform.mjs")
         .current_dir(sdk_dir(root))
         .env("BRIDGE_DAEMON", bins.join("bridge-daemon"))
         .env("BRIDGECTL", bins.join("bridgectl"))
-        .env("BRIDGE_WASM_DIR", wasm_dir)
-        .status()
-        .context("running the platform benchmark")?;
-    if !status.success() {
-        bail!("the platform benchmark failed ({status})");
-    }
-    Ok(())
+        .env("BRIDGE_WASM_DIR", wasm_dir);
+    run(cmd)
 }
 
 /// The Node quick start (`examples/node-platform/demo.mjs`): the example platform, a real
@@ -151,16 +129,13 @@ pub fn demo(root: &Path, wasm_dir: &Path) -> Result<()> {
     build(root)?;
     let example = root.join("examples/node-platform");
     npm_ci(&example)?;
-    let target = target_dir(root);
-    let status = Command::new("node")
-        .arg("demo.mjs")
+    let mut node = Command::new("node");
+    node.arg("demo.mjs")
         .current_dir(&example)
-        .env("BRIDGE_DAEMON", target.join("debug/bridge-daemon"))
-        .env("BRIDGE_WASM_DIR", wasm_dir)
-        .status()
-        .context("running examples/node-platform/demo.mjs")?;
-    if !status.success() {
-        bail!("the Node demo failed ({status})");
-    }
-    Ok(())
+        .env(
+            "BRIDGE_DAEMON",
+            target_dir(root).join("debug/bridge-daemon"),
+        )
+        .env("BRIDGE_WASM_DIR", wasm_dir);
+    run(node)
 }
