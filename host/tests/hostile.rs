@@ -420,6 +420,32 @@ fn setup(journal_max_mib: u64) -> (tempfile::TempDir, Server, Agent, Conn) {
     (dir, server, agent, conn)
 }
 
+/// A fake platform and an agent trusting a fresh publisher, with `agent_toml` in its `[agent]`
+/// table; the connection is accepted, not yet welcomed.
+fn setup_with_publisher(
+    agent_toml: &str,
+) -> (
+    tempfile::TempDir,
+    Server,
+    bridge_testkit::Publisher,
+    Agent,
+    Conn,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let publisher = bridge_testkit::Publisher::new();
+    let trusted = ["--trusted-key".to_string(), publisher.public()];
+    let agent = Agent::start_with(&server, dir.path(), 256, &trusted, agent_toml);
+    let conn = server.accept();
+    (dir, server, publisher, agent, conn)
+}
+
+/// The SHA-256 of a module file, hex: what `run` and `install_handler` name it by.
+fn file_sha256(module: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(module))
+}
+
 fn run(id: &str, command: &str, args: &[&str]) -> Value {
     json!({"type": "run", "id": format!("run-{id}"), "task_id": id, "command": command, "args": args})
 }
@@ -469,18 +495,10 @@ fn two_runs_of_one_task_id_in_one_write_run_the_first_once() {
 
 #[test]
 fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start();
-    let publisher = bridge_testkit::Publisher::new();
-    let trusted = ["--trusted-key".to_string(), publisher.public()];
-    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, "");
-    let mut conn = server.accept();
+    let (_dir, _server, publisher, mut agent, mut conn) = setup_with_publisher("");
     conn.open();
     let module = publisher.signed("hello");
-    let sha = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&module))
-    };
+    let sha = file_sha256(&module);
     let mut bytes = text(
         &json!({"type": "install_handler", "id": "install-1", "name": "hello", "file_sha256": sha}),
     );
@@ -515,19 +533,11 @@ fn a_run_right_behind_the_install_of_its_handler_runs_that_handler() {
 #[test]
 fn runs_waiting_behind_an_install_are_bounded() {
     // Two tasks in progress at most: beyond that, runs waiting for the install are `busy`.
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start();
-    let publisher = bridge_testkit::Publisher::new();
-    let trusted = ["--trusted-key".to_string(), publisher.public()];
     let limits = "max_concurrent_tasks = 1\nqueue_capacity = 1";
-    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, limits);
-    let mut conn = server.accept();
+    let (_dir, _server, publisher, mut agent, mut conn) = setup_with_publisher(limits);
     conn.open();
     let module = publisher.signed("hello");
-    let sha = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&module))
-    };
+    let sha = file_sha256(&module);
     let mut bytes = text(
         &json!({"type": "install_handler", "id": "install-1", "name": "hello", "file_sha256": sha}),
     );
@@ -813,20 +823,14 @@ fn hash_names(version: u32) -> (&'static str, &'static str) {
 /// module asked for after `accepted`), a handler install, a task past its deadline and a
 /// module whose signature expired, each in that version's names.
 fn speaks_the_version_welcome_chooses(version: u32) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start();
-    let publisher = bridge_testkit::Publisher::new();
-    let trusted = ["--trusted-key".to_string(), publisher.public()];
-    let mut agent = Agent::start_with(&server, dir.path(), 256, &trusted, "");
-    let mut conn = server.accept();
+    let (_dir, _server, publisher, mut agent, mut conn) = setup_with_publisher("");
     let hello = conn.expect("hello", Duration::from_secs(30));
     assert_eq!(hello["versions"], json!([2, 1]), "{hello}");
     let id = hello["agent_id"].as_str().unwrap().to_string();
     conn.send(&json!({"type": "welcome", "version": version, "agent_id": id, "enrolled": false}));
     let (file_name, need_name) = hash_names(version);
     let hashes = |module: &[u8]| {
-        use sha2::Digest;
-        let file = hex::encode(sha2::Sha256::digest(module));
+        let file = file_sha256(module);
         let code = hex::encode(bridge_signing::inspect(module, None).unwrap().module_sha256);
         assert_ne!(file, code, "a signed file is not its code");
         (file, code)
