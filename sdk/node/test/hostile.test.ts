@@ -244,6 +244,41 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     assert.equal(await platform.result('fake-task-3'), undefined);
   });
 
+  it('acknowledges a flood of 4500 results sent before any ack, each task id once, in gathered acks within their bounds', async () => {
+    const me = await identity();
+    const f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
+    open.push(f);
+    f.hello(me.id);
+    await f.next();
+    const result = {
+      status: 'ok', exit_code: 0, output: null, stdout: '', stderr: '',
+      truncated: { stdout: false, stderr: false, stdout_total_bytes: 0, stderr_total_bytes: 0 },
+      fuel_consumed: 1, memory_peak_bytes: 0, duration_ms: 0.1, limits: null, error: null,
+    };
+    // 3000 short ids, then 1500 of 200 bytes. (The acks gather what arrives while results are
+    // stored, about a hundred here: the 1000-id and 128 KiB bounds are checked, not reached.)
+    const ids = [
+      ...Array.from({ length: 3000 }, (_, i) => `flood-${i}`),
+      ...Array.from({ length: 1500 }, (_, i) => `flood-long-${i}-`.padEnd(200, 'x')),
+    ];
+    for (const id of ids) f.send({ type: 'result', id: 'run-flood', task_id: id, result });
+    const acked = new Map<string, number>();
+    let largest = 0;
+    while (acked.size < ids.length) {
+      const m = await f.next(30_000);
+      assert.equal(m.type, 'ack', JSON.stringify(m).slice(0, 200));
+      const taskIds = m.task_ids as string[];
+      const bytes = taskIds.reduce((n, t) => n + Buffer.byteLength(t), 0);
+      assert.ok(taskIds.length <= 1000, `an ack of ${taskIds.length} task ids`);
+      assert.ok(bytes <= 128 * 1024, `an ack of ${bytes} bytes of task ids`);
+      largest = Math.max(largest, taskIds.length);
+      for (const t of taskIds) acked.set(t, (acked.get(t) ?? 0) + 1);
+    }
+    assert.deepEqual([...acked.values()].filter((n) => n !== 1), [], 'each task id acknowledged once');
+    assert.ok(largest > 1, 'the acks were gathered (one ack per result would not test the bounds)');
+    assert.equal((await platform.result(ids[ids.length - 1] as string))?.deliveries, 1);
+  });
+
   it('uploads modules on need_module, resends runs not accepted after a reconnect, and ends runs on errors and timeouts', async () => {
     const me = await identity();
     let f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
