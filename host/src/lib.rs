@@ -54,3 +54,4 @@ pub mod sandbox;
 pub mod shell;
 pub mod stream;
 pub mod trust;
+pub mod update;

@@ -22,7 +22,7 @@ pub mod v1;
 pub use limits::{AppliedLimits, LimitRequest, Limits};
 pub use messages::{
     AgentMessage, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, HostFacts, PlatformMessage,
-    RunRequest, StatusReport, StreamName, TaskState,
+    RunRequest, StatusReport, StreamName, TaskState, UpdateReason, UpdateState, UpdateStatus,
 };
 pub use result::{RunResult, Status, Truncation, REASONS, UNRECORDED_REASONS};
 

@@ -291,8 +291,95 @@ pub enum AgentMessage {
         /// What happened.
         result: RunResult,
     },
+    /// "Send me these bytes of the release being updated to" (answered with one binary frame
+    /// holding exactly `length` bytes of the binary from `offset`).
+    NeedRelease {
+        /// The `update` this is for.
+        id: String,
+        /// Where the bytes start in the release binary.
+        offset: u64,
+        /// How many bytes (at most [`crate::MAX_BINARY_BYTES`], and never past the manifest's `size`).
+        #[schemars(range(min = 1))]
+        length: u64,
+    },
+    /// Where an update stands: `refused` and `staged` answer an `update`; `succeeded` and
+    /// `failed` are its verdict, kept by the agent and sent after every reconnect until the
+    /// platform answers `update_ack`.
+    UpdateStatus(UpdateStatus),
     /// Something the agent could not accept.
     Error(ErrorBody),
+}
+
+/// Where an update stands (the body of `update_status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateStatus {
+    /// The `update` message's id.
+    pub id: String,
+    /// Where it stands.
+    pub state: UpdateState,
+    /// The version the update is to (from its manifest; empty when the manifest did not parse).
+    pub version: String,
+    /// The version of the agent sending this.
+    pub agent_version: String,
+    /// Why, for `refused` and `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<UpdateReason>,
+    /// What happened, for people (at most 1024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The states an update reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    /// Not carried out; nothing changed on the agent's machine.
+    Refused,
+    /// Verified and handed to the launcher: the agent drains its tasks and restarts into it.
+    Staged,
+    /// The new version started, connected and stayed up for the health window (sent by it).
+    Succeeded,
+    /// The new version did not confirm; the previous one runs again (sent by it).
+    Failed,
+}
+
+/// Why an update was refused or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateReason {
+    /// Refused: the manifest does not parse (format, field order, size).
+    MalformedManifest,
+    /// Refused: the manifest's signature does not verify under the key it names.
+    BadSignature,
+    /// Refused: the manifest is signed by a key that is not one of the agent's release keys.
+    UnknownKey,
+    /// Refused: the release is for another OS or architecture.
+    WrongPlatform,
+    /// Refused: the release is not newer than the running version (and a downgrade was not
+    /// both asked for and allowed by the agent's config).
+    Downgrade,
+    /// Refused: the release is larger than the agent's `update.max_binary_bytes`.
+    TooLarge,
+    /// Refused: the bytes received do not match the manifest's size or SHA-256.
+    Mismatch,
+    /// Refused: the platform did not send the bytes asked for in time.
+    Unavailable,
+    /// Refused: this agent cannot update itself (it was not started by the launcher, or has
+    /// no release keys configured).
+    Unsupported,
+    /// Refused: another update is in progress.
+    InProgress,
+    /// Refused: the release could not be written to the agent's state directory.
+    Storage,
+    /// Failed: the new version exited before confirming.
+    Exited,
+    /// Failed: the new version did not confirm within the launcher's confirm timeout.
+    NotConfirmed,
+    /// Failed: the new version could not be started (not an executable, wrong format…).
+    NotStarted,
+    /// Failed: the launcher's own check of the staged release refused it, or switching failed.
+    SwitchFailed,
 }
 
 /// Messages the platform sends.
@@ -354,6 +441,29 @@ pub enum PlatformMessage {
         #[schemars(length(max = 256))]
         id: String,
     },
+    /// Update the agent to the release this signed manifest describes; the agent fetches the
+    /// binary with `need_release` and answers `update_status`.
+    Update {
+        /// Correlates `need_release` and `update_status`.
+        #[schemars(length(max = 256))]
+        id: String,
+        /// The signed release manifest, as `bridgectl release sign` wrote it (at most 4096 bytes).
+        #[schemars(length(max = 4096))]
+        manifest: String,
+        /// Allow a release older than the running version (the agent's config must allow it too).
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_downgrade: bool,
+        /// How long running tasks may take to finish before the agent restarts (default: the
+        /// agent's `update.drain_timeout_secs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drain_timeout_ms: Option<u64>,
+    },
+    /// "I have recorded this update's verdict": the agent stops sending its `update_status`.
+    UpdateAck {
+        /// The update's id.
+        #[schemars(length(max = 256))]
+        id: String,
+    },
     /// Something the platform could not accept.
     Error(ErrorBody),
 }
@@ -369,6 +479,8 @@ impl AgentMessage {
         "cancel_reply",
         "handlers",
         "result",
+        "need_release",
+        "update_status",
         "error",
     ];
 }
@@ -406,7 +518,9 @@ impl PlatformMessage {
                 check("id", id)?;
                 check("name", name)
             }
-            PlatformMessage::ListHandlers { id } => check("id", id),
+            PlatformMessage::ListHandlers { id }
+            | PlatformMessage::Update { id, .. }
+            | PlatformMessage::UpdateAck { id } => check("id", id),
             PlatformMessage::Error(e) => e.id.as_deref().map_or(Ok(()), |id| check("id", id)),
         }
     }
@@ -418,7 +532,9 @@ impl PlatformMessage {
             PlatformMessage::Cancel { id, .. }
             | PlatformMessage::InstallHandler { id, .. }
             | PlatformMessage::RemoveHandler { id, .. }
-            | PlatformMessage::ListHandlers { id } => id,
+            | PlatformMessage::ListHandlers { id }
+            | PlatformMessage::Update { id, .. }
+            | PlatformMessage::UpdateAck { id } => id,
             PlatformMessage::Error(e) => e.id.as_deref()?,
             PlatformMessage::Welcome { .. } | PlatformMessage::Ack { .. } => return None,
         };
@@ -434,6 +550,8 @@ impl PlatformMessage {
         "install_handler",
         "remove_handler",
         "list_handlers",
+        "update",
+        "update_ack",
         "error",
     ];
 }

@@ -205,6 +205,8 @@ impl crate::link::Peer for Agent {
             } => self.install_handler(id, name, file_sha256, signature),
             PlatformMessage::RemoveHandler { id, name } => self.remove_handler(id, name),
             PlatformMessage::ListHandlers { id } => self.list_handlers(id),
+            // Self-update lands with host/src/update.
+            PlatformMessage::Update { .. } | PlatformMessage::UpdateAck { .. } => {}
             // The link's own business (answered there).
             PlatformMessage::Welcome { .. } | PlatformMessage::Error(_) => {}
         }

@@ -205,6 +205,8 @@ fn kind_of(msg: &PlatformMessage) -> &'static str {
         PlatformMessage::InstallHandler { .. } => "install_handler",
         PlatformMessage::RemoveHandler { .. } => "remove_handler",
         PlatformMessage::ListHandlers { .. } => "list_handlers",
+        PlatformMessage::Update { .. } => "update",
+        PlatformMessage::UpdateAck { .. } => "update_ack",
         PlatformMessage::Error(_) => "error",
     }
 }

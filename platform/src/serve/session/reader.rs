@@ -86,6 +86,8 @@ fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str, version: u32) 
         }
     };
     match message {
+        // Self-update lands with the platform's update support.
+        AgentMessage::NeedRelease { .. } | AgentMessage::UpdateStatus(_) => Ok(()),
         AgentMessage::Hello { .. } => {
             let again = error_message(
                 None,
