@@ -41,6 +41,7 @@ mod envelope;
 mod inspect;
 mod keys;
 mod policy;
+pub mod release;
 mod sign;
 pub mod timefmt;
 mod verify;
