@@ -24,7 +24,13 @@
 //! between the agent, the launcher and the root step; each is written whole (temporary file,
 //! fsync, rename):
 
+pub mod dir;
 pub mod files;
+pub mod launcher;
+pub mod layout;
+pub mod prepare;
+pub mod settings;
+pub mod state;
 
 /// `STATE/update/`: everything below.
 pub const UPDATE_DIR: &str = "update";
