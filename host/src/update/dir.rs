@@ -114,8 +114,23 @@ impl Dir {
     /// The subdirectory `name`, `None` when it does not exist; a symbolic link or anything
     /// but a directory is an error.
     pub fn subdir(&self, name: &str) -> io::Result<Option<Dir>> {
-        let file = optional(self.openat(name, libc::O_RDONLY | libc::O_DIRECTORY, 0))?;
-        Ok(file.map(|file| Dir { file }))
+        let opened = self.openat(name, libc::O_RDONLY | libc::O_DIRECTORY, 0);
+        let opened = opened.map_err(|e| {
+            if e.raw_os_error() != Some(libc::ENOTDIR) {
+                return e;
+            }
+            // `O_NOFOLLOW | O_DIRECTORY` says ENOTDIR for a link too: say which.
+            let what = if self.is_symlink(name) {
+                "a symbolic link"
+            } else {
+                "not a directory"
+            };
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{name} is {what} (refused)"),
+            )
+        });
+        Ok(optional(opened)?.map(|file| Dir { file }))
     }
 
     /// The subdirectory `name`, created (mode 0700, handed to `owner`) when missing.
@@ -140,8 +155,7 @@ impl Dir {
         Ok(dir)
     }
 
-    /// Whether `name` exists (as anything; symbolic links are not followed).
-    pub fn exists(&self, name: &str) -> io::Result<bool> {
+    fn lstat(&self, name: &str) -> io::Result<Option<libc::stat>> {
         let c = cname(name)?;
         // SAFETY: an all-zero `stat` is a valid value to be overwritten.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -154,7 +168,16 @@ impl Dir {
                 libc::AT_SYMLINK_NOFOLLOW,
             )
         });
-        Ok(optional(r)?.is_some())
+        Ok(optional(r)?.map(|_| st))
+    }
+
+    fn is_symlink(&self, name: &str) -> bool {
+        matches!(self.lstat(name), Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+    }
+
+    /// Whether `name` exists (as anything; symbolic links are not followed).
+    pub fn exists(&self, name: &str) -> io::Result<bool> {
+        Ok(self.lstat(name)?.is_some())
     }
 
     /// Opens the regular file `name` for reading, `None` when it does not exist. Anything but a
