@@ -6,7 +6,7 @@
 //! step of a switch and of a rollback, each followed by the next `prepare`.
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -147,6 +147,15 @@ impl Env {
             .arg(&self.config)
             .env_remove("BRIDGE_FAILPOINT")
             .stdout(Stdio::null());
+        // The installer's unit sets UMask=0077: what root installs must still be the
+        // service user's to run.
+        // SAFETY: umask(2) is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
         cmd
     }
 
@@ -343,6 +352,19 @@ fn a_release_that_confirms_stays_and_older_releases_are_pruned() {
     assert_eq!(env.current().as_deref(), Some("0.2.0"));
     assert_eq!(env.previous().as_deref(), Some("0.1.0"));
     assert!(!env.staged().exists());
+    let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let release = env.layout.join(RELEASES_DIR).join("0.2.0");
+    assert_eq!(mode(release.clone()), 0o755, "anyone may enter a release");
+    assert_eq!(
+        mode(release.join(STAGED_BINARY)),
+        0o755,
+        "anyone may run it"
+    );
+    assert_eq!(
+        mode(env.layout.join(LAYOUT_STATE)),
+        0o644,
+        "anyone may read the state"
+    );
     let (status, log) = env.run();
     assert!(status.success(), "{status}; log:\n{log}");
     env.prepare();

@@ -307,7 +307,8 @@ fn check_and_install(
     let newer = compare_versions(&version, from)
         .map(|o| o.is_gt())
         .map_err(|e| refuse(&refusal, e.to_string()))?;
-    if !newer && !(request.allow_downgrade && settings.allow_downgrade) {
+    let downgrade_allowed = request.allow_downgrade && settings.allow_downgrade;
+    if !newer && !downgrade_allowed {
         return Err(refuse(
             &refusal,
             format!(
@@ -328,13 +329,17 @@ fn install(layout: &Layout, staged: &Dir, version: &str, size: u64, sha256: &str
         .recursive(true)
         .mode(0o755)
         .create(&releases)
+        .and_then(|()| std::fs::set_permissions(&releases, std::fs::Permissions::from_mode(0o755)))
         .with_context(|| format!("creating {}", releases.display()))?;
     let tmp_name = format!("{version}.tmp");
     layout.remove_release(&tmp_name)?;
     let tmp = releases.join(&tmp_name);
+    // Exactly 0755 whatever the umask (the unit's is 0077): the service user runs what is
+    // installed here.
     std::fs::DirBuilder::new()
         .mode(0o755)
         .create(&tmp)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
         .with_context(|| format!("creating {}", tmp.display()))?;
     let copied = copy_checked(staged, &tmp.join(STAGED_BINARY), size, sha256);
     if let Err(e) = copied {
