@@ -367,6 +367,19 @@ fn every_error_code_status_outcome_state_and_update_reason_is_documented() {
     // Every reason a `rejected` result can carry (the trust policy's, the agent's, the shell
     // rules').
     missing.extend(missing_rows(&doc, bridge_protocol::REASONS));
+    // The ones the agent does not record are exactly those the table says are not.
+    let unrecorded: Vec<&str> = section(&doc, "### `result`")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once("` | "))
+        .filter(|(_, rest)| rest.starts_with("no |") || rest.starts_with("no ("))
+        .map(|(reason, _)| reason)
+        .collect();
+    assert_eq!(
+        unrecorded,
+        bridge_protocol::UNRECORDED_REASONS,
+        "the reasons docs/protocol.md says are not recorded"
+    );
     assert!(
         missing.is_empty(),
         "docs/protocol.md has no table row for {missing:?}"
