@@ -405,7 +405,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
         // This platform sends no `update`, so it has no release to serve; the error is an answer
         // the agent waits for (in order with module uploads): it must not be dropped.
         this.log('warn', 'the agent asked for a release (this platform serves none)', { agentId, id: m.id });
-        if (!session.reply(encodeError({ id: m.id, code: 'unexpected', message: `the platform serves no release (update ${m.id.slice(0, 64)})` }))) {
+        if (!session.reply(encodeError({ id: m.id, code: 'not_found', message: `the platform serves no release (update ${m.id.slice(0, 64)})` }))) {
           session.close(1008, 'too many requests without reading the answers');
         }
         return;

@@ -280,7 +280,7 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
 
       // The SDK serves no release: the request is answered with an error naming it.
       const e = await f.errorFor({ type: 'need_release', id, offset: 0, length: 8388608 });
-      assert.deepEqual([e.id, e.code], [id, 'unexpected']);
+      assert.deepEqual([e.id, e.code], [id, 'not_found']);
 
       // Each field is checked: nothing is announced or acknowledged for a bad one.
       const count = seen.length;
