@@ -43,17 +43,19 @@ enum Command {
     /// Print this agent's id (the SHA-256 of its public key) from its state directory.
     Identity(IdentityArgs),
 
-    /// The service's launcher (`LAYOUT/bridge-launcher`, a copy of this binary an update never
-    /// replaces): installs a staged release and rolls back one that does not confirm.
+    /// The service's launcher: installs a staged release, rolls back one that does not confirm.
     ///
-    /// See docs/updates.md. The systemd unit runs `launcher prepare` as root before each start
+    /// The launcher is LAYOUT/bridge-launcher, a copy of this binary an update never replaces
+    /// (docs/updates.md). The systemd unit runs `launcher prepare` as root before each start
     /// (ExecStartPre=+) and `launcher run` as the service user.
     #[command(subcommand)]
     Launcher(LauncherCommand),
 
-    /// Roll back to the previous release (as root): point LAYOUT/current at the release
-    /// LAYOUT/previous names, remove the previous link, clear a pending update. Restart the
-    /// service afterwards (systemctl restart bridge-daemon).
+    /// Roll back to the previous release (as root; once).
+    ///
+    /// Points LAYOUT/current at the release LAYOUT/previous names, removes the previous link
+    /// and clears a pending update. Restart the service afterwards (systemctl restart
+    /// bridge-daemon). Exit status 1 when there is no previous release.
     Rollback(RollbackArgs),
 }
 
