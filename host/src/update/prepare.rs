@@ -828,6 +828,33 @@ mod tests {
     }
 
     #[test]
+    fn what_root_writes_into_the_state_directory_is_its_owners() {
+        use std::os::unix::fs::MetadataExt;
+        if crate::owner::euid() != 0 {
+            eprintln!("skipped: only root can write files for another user");
+            return;
+        }
+        let nobody = 65534;
+        let f = Fixture::new();
+        f.stage("0.2.0");
+        f.prepare();
+        // The agent's directory, without update/ (the rollback creates it).
+        std::fs::remove_dir_all(f.update()).unwrap();
+        std::os::unix::fs::chown(&f.state, Some(nobody), Some(nobody)).unwrap();
+        assert!(matches!(&f.prepare()[..], [Done::RolledBack { .. }, ..]));
+        for path in [f.update(), f.update().join(OUTCOME)] {
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.gid()),
+                (nobody, nobody),
+                "{}",
+                path.display()
+            );
+            assert_eq!(meta.mode() & 0o077, 0, "{}", path.display());
+        }
+    }
+
+    #[test]
     fn the_manual_rollback_goes_back_to_the_previous_release_once() {
         let f = Fixture::new();
         assert!(rollback_manual(&f.layout)
