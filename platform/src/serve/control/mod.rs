@@ -67,7 +67,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use self::client::{request, request_with_events};
-pub use self::requests::{ControlRequest, InstallCommand, RunCommand};
+pub use self::requests::{
+    ControlRequest, InstallCommand, RolloutCommand, RunCommand, UpdateCommand,
+};
 use self::respond::{failure, respond};
 use super::hub::Hub;
 
@@ -83,6 +85,9 @@ pub const MAX_LINE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_RUN_WAIT_MS: u64 = 60_000;
 /// How long the other requests to an agent wait for its reply unless `wait_ms` says otherwise.
 pub const DEFAULT_REQUEST_WAIT_MS: u64 = 30_000;
+/// How long `update` waits for the verdict (and a rollout for each agent's) unless told
+/// otherwise.
+pub const DEFAULT_UPDATE_WAIT_MS: u64 = 600_000;
 /// How long `send` waits for the agent's error unless `wait_ms` says otherwise.
 pub const DEFAULT_SEND_WAIT_MS: u64 = 2_000;
 /// How many chunks of a streaming `run` may wait for the client.

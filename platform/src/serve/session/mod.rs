@@ -110,7 +110,7 @@ async fn serve_tls(
     else {
         return Ok(());
     };
-    let mut reg = hub.register(&agent_id);
+    let mut reg = hub.register(&agent_id, version, &agent_version);
     hub.registry.touch(&agent_id, true);
     tracing::info!(agent_id = %agent_id, agent_version = %agent_version, version, conn = reg.conn_id, "session started");
     let welcome = PlatformMessage::Welcome {
