@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context as _, Result};
 use bridge_signing::release::{Manifest, SignedManifest, MAX_MANIFEST_BYTES};
 
-pub use crate::serve::downloads::MAX_BINARY;
+/// The largest agent binary read (for a release, and served as a download).
+pub const MAX_BINARY: u64 = 1 << 30;
 
 /// The suffix `bridgectl release sign` adds to the binary's path by default.
 pub const MANIFEST_SUFFIX: &str = ".manifest";

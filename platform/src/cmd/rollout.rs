@@ -108,7 +108,7 @@ pub fn run(socket: &Path, args: RolloutArgs) -> Result<ExitCode> {
         status
     };
     crate::print_json(&status);
-    Ok(if wait && status["state"] == Value::from("halted") {
+    Ok(if wait && status["state"] == "halted" {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -143,7 +143,7 @@ fn status(socket: &Path, wait: Duration) -> Result<Value> {
 
 /// Whether a status says the rollout is over.
 fn is_over(status: &Value) -> bool {
-    status["state"] != Value::from("running")
+    status["state"] != "running"
         && status["in_flight"].as_array().is_some_and(Vec::is_empty)
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::release::default_binary;
 use crate::serve::control;
@@ -96,7 +96,7 @@ pub fn run(socket: &Path, args: UpdateArgs) -> Result<ExitCode> {
     let response = control::request(socket, &request, wait)?;
     let update = &response["update"];
     crate::print_json(update);
-    Ok(if update["state"] == Value::from("succeeded") {
+    Ok(if update["state"] == "succeeded" {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

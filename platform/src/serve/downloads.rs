@@ -46,7 +46,7 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(600);
 /// Downloads served at once; more are answered 503.
 pub const MAX_CONCURRENT: usize = 16;
 /// The largest agent binary served.
-pub const MAX_BINARY: u64 = 1 << 30;
+pub use crate::release::MAX_BINARY;
 /// The file name prefix of agent binaries: `bridge-daemon-linux-ARCH`.
 pub const BINARY_PREFIX: &str = "bridge-daemon-linux-";
 /// Architectures accepted in `--agent-binary ARCH=PATH` (as `uname -m` prints them).

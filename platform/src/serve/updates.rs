@@ -104,7 +104,12 @@ pub enum Recorded {
 
 /// A fresh update id: `update-` and 16 lowercase hex.
 pub fn new_id() -> String {
-    format!("{ID_PREFIX}{}", super::hub::random_hex(8))
+    use ring::rand::{SecureRandom as _, SystemRandom};
+    let mut bytes = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system random generator works");
+    format!("{ID_PREFIX}{}", hex::encode(bytes))
 }
 
 /// Whether `id` has the form of the ids [`new_id`] makes (the only ones that name a file).
