@@ -288,6 +288,24 @@ async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_se
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("protocol version 1"));
         expect_silence(&mut ws, Duration::from_millis(300)).await;
+        // Nor does it carry the agent's side: an error, nothing stored, nothing acknowledged.
+        match need_release(&mut ws, &id, 0, 1).await {
+            Message::Text(text) => assert!(text.contains("\"error\""), "{text}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        send(
+            &mut ws,
+            update_status(&id, "failed", "0.0.9", Some("exited")),
+        )
+        .await;
+        let error = recv(&mut ws).await;
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["id"], id.as_str(), "{error}");
+        assert!(
+            error["message"].as_str().unwrap().contains("version 2"),
+            "{error}"
+        );
+        assert_eq!(record(&serve, &id)["outcome"], Value::Null);
     })
     .await;
 }

@@ -143,8 +143,7 @@ fn status(socket: &Path, wait: Duration) -> Result<Value> {
 
 /// Whether a status says the rollout is over.
 fn is_over(status: &Value) -> bool {
-    status["state"] != "running"
-        && status["in_flight"].as_array().is_some_and(Vec::is_empty)
+    status["state"] != "running" && status["in_flight"].as_array().is_some_and(Vec::is_empty)
 }
 
 /// Asks for the status until the rollout is over.

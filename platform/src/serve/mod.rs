@@ -72,7 +72,8 @@ pub struct ServeOptions {
     /// Agent binaries to serve, `(arch, path)`; empty: the `bridge-daemon` next to this
     /// executable, if there is one, for this machine's architecture.
     pub agent_binaries: Vec<(String, PathBuf)>,
-    /// A `bridgectl keygen` private key that signs the served agent binaries.
+    /// A `bridgectl keygen` private key that signs the served agent binaries' release
+    /// manifests.
     pub release_key: Option<PathBuf>,
 }
 
@@ -92,7 +93,7 @@ pub struct StartInfo {
     /// The one-line command that installs an agent from this platform (see
     /// [`downloads::install_command`]).
     pub install_command: String,
-    /// The release key the served binaries are signed with (`ed25519:…`), if any.
+    /// The release key the served release manifests are signed with (`ed25519:…`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release_key: Option<String>,
 }

@@ -245,6 +245,9 @@ impl Hub {
         };
         match ended {
             Ok(Some(status)) => {
+                // A verdict comes from a release that was staged, even when `staged` and the
+                // verdict came too close together to be seen apart here.
+                outcome.staged |= is_verdict(status.state);
                 outcome.state = match status.state {
                     UpdateState::Succeeded => Ending::Succeeded,
                     UpdateState::Failed => Ending::Failed,
