@@ -119,16 +119,16 @@ async fn an_update_is_fetched_by_ranges_and_its_verdict_stored_before_it_is_ackn
             }
         }
         // A range past the end, an empty one, an update id that is not this one: errors.
-        for (which, offset, length) in [
-            (id.as_str(), 99_999, 2),
-            (id.as_str(), 0, 0),
-            ("update-0000000000000000", 0, 1),
+        for (which, offset, length, code) in [
+            (id.as_str(), 99_999, 2, "unexpected"),
+            (id.as_str(), 0, 0, "unexpected"),
+            ("update-0000000000000000", 0, 1, "not_found"),
         ] {
             match need_release(&mut ws, which, offset, length).await {
                 Message::Text(text) => {
                     let error: Value = serde_json::from_str(&text).unwrap();
                     assert_eq!(error["type"], "error", "{error}");
-                    assert_eq!(error["code"], "unexpected", "{error}");
+                    assert_eq!(error["code"], code, "{error}");
                     assert_eq!(error["id"], which, "{error}");
                 }
                 other => panic!("expected an error, got {other:?}"),
@@ -141,7 +141,7 @@ async fn an_update_is_fetched_by_ranges_and_its_verdict_stored_before_it_is_ackn
         let (mut ws, _) = session(&serve, &agent, None).await;
         // Once staged, the release is no longer handed out.
         match need_release(&mut ws, &id, 0, 1).await {
-            Message::Text(text) => assert!(text.contains("unexpected"), "{text}"),
+            Message::Text(text) => assert!(text.contains("not_found"), "{text}"),
             other => panic!("expected an error, got {other:?}"),
         }
         send(&mut ws, update_status(&id, "succeeded", "0.2.0", None)).await;
@@ -264,7 +264,7 @@ async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_se
         assert_eq!(stdout_json(&out)["state"], "timeout");
         // The update is over for the platform: its release is no longer handed out.
         match need_release(&mut ws, &id, 0, 1).await {
-            Message::Text(text) => assert!(text.contains("unexpected"), "{text}"),
+            Message::Text(text) => assert!(text.contains("not_found"), "{text}"),
             other => panic!("expected an error, got {other:?}"),
         }
         drop(ws);
@@ -301,10 +301,6 @@ async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_se
         let error = recv(&mut ws).await;
         assert_eq!(error["type"], "error", "{error}");
         assert_eq!(error["id"], id.as_str(), "{error}");
-        assert!(
-            error["message"].as_str().unwrap().contains("version 2"),
-            "{error}"
-        );
         assert_eq!(record(&serve, &id)["outcome"], Value::Null);
     })
     .await;

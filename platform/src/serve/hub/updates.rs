@@ -10,8 +10,9 @@
 //! * `update` goes to version-2 connections only, one update per agent at a time; its record
 //!   is on disk ([`UpdateStore`](crate::serve::updates::UpdateStore)) before it is sent.
 //! * A `need_release` is answered with one binary frame of exactly the bytes asked for, or an
-//!   `error` (code `unexpected`, with the update's id) for an update id this agent is not fetching or a range
-//!   that is empty, larger than [`MAX_BINARY_BYTES`] or past the end of the binary.
+//!   `error` with the update's id: `not_found` for an update id this agent is not fetching,
+//!   `unexpected` for a range that is empty, larger than [`MAX_BINARY_BYTES`] or past the end
+//!   of the binary.
 //! * A verdict is stored before it is acknowledged ([`Hub::on_update_status`] says when to send
 //!   `update_ack`); a verdict the platform cannot store is not acknowledged (the agent sends it
 //!   again on its next connection).
@@ -292,7 +293,7 @@ impl Hub {
         };
         let Some(release) = release else {
             return Err((
-                ErrorCode::Unexpected,
+                ErrorCode::NotFound,
                 format!("no update {id} of this agent is fetching a release"),
             ));
         };

@@ -19,8 +19,9 @@
 //!   the number of distinct task ids, and both sides never end up blocked writing). Replies to
 //!   the agent's own messages (errors, module uploads, release pieces, `update_ack`) wait in a
 //!   bounded queue, in the order asked.
-//! * `need_release` and `update_status` are handled on version-2 connections only; a verdict
-//!   is stored before its `update_ack` is queued (see the hub's `updates`).
+//! * A verdict (`update_status`) is stored before its `update_ack` is queued (see the hub's
+//!   `updates`); a version-1 connection carries no self-update messages (the codec refuses
+//!   them).
 //! * A write that takes longer than [`SEND_TIMEOUT`] (an agent that stopped reading) closes
 //!   the connection.
 //! * The connection is closed when the agent was silent for [`IDLE_TIMEOUT`], when a newer

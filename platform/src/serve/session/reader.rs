@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, Result};
 use bridge_protocol::codec::{decode_version, encode};
-use bridge_protocol::{AgentMessage, ErrorCode, PlatformMessage, UpdateStatus};
+use bridge_protocol::{AgentMessage, ErrorCode, PlatformMessage};
 use futures_util::StreamExt as _;
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, Instant};
@@ -86,19 +86,6 @@ fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str, version: u32) 
         }
     };
     match message {
-        // Self-update is version 2 only: a version-1 connection never carries it.
-        AgentMessage::NeedRelease { id, .. }
-        | AgentMessage::UpdateStatus(UpdateStatus { id, .. })
-            if version < 2 =>
-        {
-            let refused = error_message(
-                Some(id),
-                ErrorCode::Unexpected,
-                "self-update needs protocol version 2",
-            );
-            out.error(agent_id, &refused);
-            Ok(())
-        }
         AgentMessage::NeedRelease { id, offset, length } => {
             let answer = match hub.release_range(agent_id, &id, offset, length) {
                 Ok(bytes) => {
