@@ -268,6 +268,16 @@ fn an_install_clears_a_pending_self_update() {
     fs::write(staged.join("bridge-daemon"), b"\x7fELF").unwrap();
     fs::write(update.join("outcome.json"), "{}").unwrap();
 
+    // A dry run says what it would do, and does not.
+    let before = snapshot(&root);
+    let out = install_version(&fake, &root, Some("1.0.0"), &["--dry-run"]);
+    assert!(
+        out.contains("a pending self-update would be cleared")
+            && out.contains("a self-update the agent staged would be discarded"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&root), before);
+
     // The installer's version wins: the pending switch is forgotten, the staged release
     // discarded, and it says so; the self-updated release stays as previous.
     let out = install_version(&fake, &root, Some("1.0.0"), &[]);
@@ -302,6 +312,34 @@ fn an_install_clears_a_pending_self_update() {
     let before = snapshot(&root);
     let out = install_version(&fake, &root, Some("1.0.0"), &[]);
     assert!(out.contains("nothing to change"), "{out}");
+    assert_eq!(snapshot(&root), before);
+
+    // The state directory is the service user's: root follows no link it planted there.
+    let elsewhere = w.join("elsewhere");
+    fs::create_dir_all(elsewhere.join("staged")).unwrap();
+    fs::rename(&update, w.join("update.moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &update).unwrap();
+    let before = snapshot(&root);
+    let out = install(
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--url",
+            &fake.url,
+            "--server-pin",
+            &fake.pin,
+            "--version",
+            "1.0.0",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("/var/lib/bridge/update is not a directory (a link?)"),
+        "{}",
+        text(&out)
+    );
+    assert!(elsewhere.join("staged").is_dir());
     assert_eq!(snapshot(&root), before);
 }
 
