@@ -563,12 +563,14 @@ for pin in $PIN_LIST; do
     CURL_PIN="${CURL_PIN:+$CURL_PIN;}sha256//$(hex_to_base64 "$pin")"
 done
 
-# fetch URL OUT: downloads over https only, checking the platform by pin and/or CA.
+# fetch URL OUT MAX: downloads over https only, checking the platform by pin and/or CA; at
+# most MAX bytes (curl refuses a larger announced length; curl 8.4 and later also stops a
+# transfer that grows past it).
 fetch() {
-    _url=$1 _out=$2
+    _url=$1 _out=$2 _max=$3
     if [ "$DOWNLOADER" = curl ]; then
         set -- -fsS --proto =https --proto-redir =https --connect-timeout 15 --max-time 900 \
-            --retry 2 -o "$_out"
+            --retry 2 --max-filesize "$_max" -o "$_out"
         [ -z "$CA_FILE" ] || set -- "$@" --cacert "$CA_FILE"
         if [ -n "$CURL_PIN" ]; then
             set -- "$@" --pinnedpubkey "$CURL_PIN"
@@ -581,6 +583,7 @@ fetch() {
         curl "$@" "$_url" || _rc=$?
         case $_rc in
             0) return 0 ;;
+            63) die "$_url is larger than $_max bytes; nothing was installed" ;;
             90) die "the platform's TLS key does not match --server-pin (curl: $_url)" ;;
             60 | 35 | 58 | 77) die "TLS with the platform failed (curl exit $_rc): check --ca-file / --server-pin ($_url)" ;;
             6 | 7 | 28) die "the platform is unreachable (curl exit $_rc): $_url - check --url, the network and the proxy" ;;
@@ -665,10 +668,13 @@ if [ -n "$RELEASE_KEY" ]; then
     RELEASE_KEY_ID=$(sha256_of "$WORK/release.raw" | cut -c 1-32)
 fi
 
+# The largest binary downloaded without a manifest giving its size (the agent's own limit for
+# a self-update, [update] max_binary_bytes, by default).
+MAX_BINARY=536870912
 NAME=bridge-daemon-linux-$ARCH
 DL=$BASE_URL/downloads/${VERSION:+$VERSION/}$NAME
 
-# verify_manifest FILE: the signed release manifest (docs/updates.md): its format, its signature
+# verify_manifest FILE: the signed release manifest (installers/README.md): its format, its signature
 # under --release-key (over "bridge.release.v1\0" and every line before "signature "), then
 # what it says: os, arch and, with --version, the version. Sets MF_VERSION, MF_SIZE, MF_SHA256.
 verify_manifest() {
@@ -722,9 +728,9 @@ verify_manifest() {
 say "downloading $DL"
 if [ -n "$RELEASE_PEM" ]; then
     # The signed manifest says what the binary must be; no unsigned checksum is needed.
-    fetch "$DL.manifest" "$WORK/$NAME.manifest"
+    fetch "$DL.manifest" "$WORK/$NAME.manifest" 4096
     verify_manifest "$WORK/$NAME.manifest"
-    fetch "$DL" "$WORK/$NAME"
+    fetch "$DL" "$WORK/$NAME" "$MF_SIZE"
     size=$(wc -c <"$WORK/$NAME" | tr -d ' ')
     if [ "$size" != "$MF_SIZE" ]; then
         die "size mismatch for $NAME: the release manifest says $MF_SIZE bytes, downloaded $size; nothing was installed"
@@ -735,8 +741,8 @@ if [ -n "$RELEASE_PEM" ]; then
     fi
     say "sha256 $actual and size verified against the release manifest (version $MF_VERSION)"
 else
-    fetch "$DL.sha256" "$WORK/$NAME.sha256"
-    fetch "$DL" "$WORK/$NAME"
+    fetch "$DL.sha256" "$WORK/$NAME.sha256" 4096
+    fetch "$DL" "$WORK/$NAME" "$MAX_BINARY"
     expected=$(cut -d ' ' -f 1 <"$WORK/$NAME.sha256" | head -n 1 | tr 'A-F' 'a-f')
     case $expected in
         *[!0-9a-f]*) die "the published checksum $DL.sha256 is malformed; nothing was installed" ;;
