@@ -86,6 +86,19 @@ fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
     assert_eq!(owner(&etc.join("agent.toml")), (0, 4343, 0o640));
     assert_eq!(owner(&etc.join("platform-ca.pem")), (0, 4343, 0o640));
     assert_eq!(owner(&root.join("var/lib/bridge")), (4242, 4343, 0o700));
+    // What the agent runs is root's: the service user cannot change it.
+    let lay = layout(&root);
+    let version = env!("CARGO_PKG_VERSION");
+    for path in [
+        lay.clone(),
+        lay.join("releases"),
+        lay.join("releases").join(version),
+        lay.join("releases").join(version).join("bridge-daemon"),
+        lay.join("bridge-launcher"),
+    ] {
+        assert_eq!(owner(&path), (0, 0, 0o755), "{}", path.display());
+    }
+    assert_eq!(owner(&lay.join("state.json")), (0, 0, 0o644));
     // The agent enrolled: the token is gone, and the config no longer names it.
     assert!(marker.exists());
     assert!(
