@@ -362,13 +362,59 @@ set_link() {
     mv -fT "$_tmp" "$_l"
 }
 
-# A release version (it names a directory of the layout): semantic versioning's characters,
-# starting with a digit, at most 64 bytes.
+# A release version (it names a directory of the layout, which the launcher reads back): a
+# semantic version (MAJOR.MINOR.PATCH, optional -PRERELEASE and +BUILD), at most 64 bytes.
 valid_version() {
-    case $1 in
-        '' | *[!A-Za-z0-9.+-]* | *..* | [!0-9]*) return 1 ;;
+    _vv=$1
+    if [ -z "$_vv" ] || [ "${#_vv}" -gt 64 ]; then
+        return 1
+    fi
+    _vv_core=${_vv%%[-+]*}
+    _vv_rest=${_vv#"$_vv_core"}
+    _vv_ids "$_vv_core" core || return 1
+    case $_vv_rest in
+        '') ;;
+        +*) _vv_ids "${_vv_rest#+}" build || return 1 ;;
+        *)
+            _vv_pre=${_vv_rest#-}
+            case $_vv_pre in
+                *+*)
+                    _vv_ids "${_vv_pre#*+}" build || return 1
+                    _vv_pre=${_vv_pre%%+*}
+                    ;;
+            esac
+            _vv_ids "$_vv_pre" pre || return 1
+            ;;
     esac
-    [ "${#1}" -le 64 ]
+}
+
+# _vv_ids IDS KIND: IDS is dot-separated identifiers of semantic versioning's KIND: core (three
+# numbers without leading zeros), pre (letters, digits, -; numbers without leading zeros) or
+# build (letters, digits, -).
+_vv_ids() {
+    _vv_s=$1.
+    _vv_n=0
+    while [ -n "$_vv_s" ]; do
+        _vv_id=${_vv_s%%.*}
+        _vv_s=${_vv_s#*.}
+        _vv_n=$((_vv_n + 1))
+        case $_vv_id in
+            '' | *[!0-9A-Za-z-]*) return 1 ;;
+        esac
+        case $2 in
+            core)
+                case $_vv_id in
+                    *[!0-9]* | 0?*) return 1 ;;
+                esac
+                ;;
+            pre)
+                case $_vv_id in
+                    0?*) case $_vv_id in *[!0-9]*) ;; *) return 1 ;; esac ;;
+                esac
+                ;;
+        esac
+    done
+    [ "$2" != core ] || [ "$_vv_n" = 3 ]
 }
 
 # Under --root: removes the now empty directories from DIR up to the root.
@@ -477,7 +523,7 @@ for key in $TRUSTED_KEYS; do
 done
 
 if [ -n "$VERSION" ] && ! valid_version "$VERSION"; then
-    usage_error "--version must be a version such as 1.2.0 (digits first; letters, digits and . + -)"
+    usage_error "--version must be a semantic version such as 1.2.0 or 1.3.0-rc.1"
 fi
 
 if [ -z "$ARCH" ]; then

@@ -389,7 +389,9 @@ fn the_version_comes_from_the_binary_or_is_refused() {
     assert!(snapshot(&root).is_empty());
 
     // A --version that could not name a directory: a usage error.
-    for bad in ["../1.0.0", "1.0.0/x", "v1", "1..0"] {
+    for bad in [
+        "../1.0.0", "1.0.0/x", "v1", "1..0", "1.0", "01.0.0", "1.0.0-01", "1.0.0+", "1.0.0_1",
+    ] {
         let out = install(
             &[
                 "--root",
@@ -402,6 +404,21 @@ fn the_version_comes_from_the_binary_or_is_refused() {
             "",
         );
         assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+        assert!(
+            text(&out).contains("--version must be a semantic version"),
+            "{}",
+            text(&out)
+        );
     }
     assert!(snapshot(&root).is_empty());
+
+    // Any semantic version names a release.
+    let v = "2.0.0-rc.1+build.5";
+    fake.publish_at(Some(v), &v1, &sha(&v1));
+    let root = w.join("prerelease");
+    install_version(&fake, &root, Some(v), &[]);
+    assert_eq!(
+        link(&layout(&root).join("current")),
+        Some(format!("releases/{v}"))
+    );
 }
