@@ -392,14 +392,16 @@ impl Updater {
                 .await;
             let part = match tokio::time::timeout(self.options.chunk_timeout, rx).await {
                 Ok(Ok(part)) => part,
-                _ => return Err(refused(
-                    UpdateReason::Unavailable,
-                    format!(
+                _ => {
+                    return Err(refused(
+                        UpdateReason::Unavailable,
+                        format!(
                         "the platform did not send bytes {offset}..{} of the release within {} s",
                         offset + length,
                         self.options.chunk_timeout.as_secs()
                     ),
-                )),
+                    ))
+                }
             };
             if part.len() as u64 != length {
                 return Err(refused(
