@@ -1,5 +1,6 @@
 //! `bridge-daemon run`: the agent service. Loads the identity, builds the settings from the
-//! config file and flags, assembles sandbox, trust, agent and link, and runs until SIGINT or SIGTERM.
+//! config file and flags, assembles sandbox, trust, agent and link, and runs until SIGINT or SIGTERM
+//! (or until it has drained for a staged release: see [`crate::update::agent`]).
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
@@ -8,7 +9,7 @@ use crate::agent::Agent;
 use crate::config::{AgentConfig, Settings};
 use crate::sandbox::Sandbox;
 
-/// Runs the agent until SIGINT/SIGTERM, with `config` (layer 1: the file and the flags).
+/// Runs the agent until SIGINT/SIGTERM (or a staged release's restart), with `config` (layer 1: the file and the flags).
 pub async fn run(config: AgentConfig) -> Result<()> {
     let state = config.state_dir()?;
     create_state_dir(&state)?;
@@ -22,6 +23,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         agent: mut options,
         trust,
     } = config.settings(&state, &identity)?;
+    // Cancelled by SIGINT/SIGTERM, or by the agent once it has drained for a staged release.
+    let shutdown = CancellationToken::new();
+    options.update.shutdown = shutdown.clone();
     let sandbox = tokio::task::spawn_blocking(move || Sandbox::new(sandbox)).await??;
     if !options.shell.is_empty() {
         // Orphans of a shell run whose supervisor died come to the agent, not to init.
@@ -52,7 +56,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     tokio::spawn(async move { recovering.recover(recovery).await });
     agent.keep_trimmed();
 
-    let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
         let mut term =

@@ -31,6 +31,8 @@
 //! - [`stream`]: a running task's output sent as ordered, bounded `chunk` messages.
 //! - [`memory`]: memory given back while idle (free heap, clean code pages).
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
+//! - [`update`]: self-update: a signed release staged by the agent, switched to by the launcher.
+//! - [`version`]: the version this agent reports (set once by the binary).
 //!
 //! - [`daemon`]: `bridge-daemon run`, the service that ties it all together.
 //!
@@ -55,3 +57,4 @@ pub mod shell;
 pub mod stream;
 pub mod trust;
 pub mod update;
+pub mod version;

@@ -11,9 +11,17 @@ use bridge_host::daemon;
 use bridge_host::limits::LimitRequest;
 use bridge_host::update::{self, layout::Layout};
 
+/// The version this build reports (`--version`, `hello`, `status`, update checks): the
+/// `BRIDGE_VERSION_OVERRIDE` build variable when set, else the crate's version. Read here, in
+/// the binary crate, so that a build with another version recompiles only this crate.
+const VERSION: &str = match option_env!("BRIDGE_VERSION_OVERRIDE") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// The bridge agent: runs signed WASI command handlers for a management platform.
 #[derive(Parser)]
-#[command(name = "bridge-daemon", version, about, long_about = None)]
+#[command(name = "bridge-daemon", version = VERSION, about, long_about = None)]
 struct Cli {
     /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -206,6 +214,7 @@ fn main() -> ExitCode {
     bridge_host::shell::supervise::dispatch();
     // Before any thread starts: see `bridge_host::memory::limit_arenas`.
     bridge_host::memory::limit_arenas();
+    bridge_host::version::set(VERSION);
     let cli = Cli::parse();
     init_logging(
         cli.verbose,

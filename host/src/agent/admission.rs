@@ -113,6 +113,10 @@ impl Agent {
         if self.answer_seen(&req).await {
             return None;
         }
+        if self.update.draining() {
+            self.refuse(&req, Refusal::Updating).await;
+            return None;
+        }
         let Some(place) = self.activity.admit() else {
             let limit = self.activity.limit();
             tracing::warn!(task_id = %req.task_id, "refusing a task: {limit} already in progress");

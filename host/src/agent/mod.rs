@@ -46,6 +46,7 @@ use crate::outbox::{self, Outbox};
 use crate::sandbox::Sandbox;
 use crate::shell::Allowlist;
 use crate::trust::Trust;
+use crate::update::agent::{UpdateOptions, UpdateRequest, Updater};
 use activity::Activity;
 use live::LiveTasks;
 use modules::ModuleStore;
@@ -70,6 +71,8 @@ pub struct AgentOptions {
     pub cgroup_root: Option<PathBuf>,
     /// The journal's settings; `path` is set from the state directory.
     pub journal: JournalConfig,
+    /// Self-update (the config's `[update]`, and the daemon's shutdown token).
+    pub update: UpdateOptions,
 }
 
 impl AgentOptions {
@@ -81,6 +84,7 @@ impl AgentOptions {
             shell: Allowlist::default(),
             cgroup_root: None,
             journal: JournalConfig::new(state.join("journal.redb")),
+            update: UpdateOptions::default(),
         }
     }
 }
@@ -107,6 +111,8 @@ pub struct Agent {
     activity: Arc<Activity>,
     /// Runs waiting for an earlier message about their task id or command (see [`order`]).
     waiting_runs: AtomicUsize,
+    /// Self-update: staging a release, draining, confirming, reporting the verdict.
+    update: Arc<Updater>,
     started: Instant,
 }
 
@@ -136,6 +142,14 @@ impl Agent {
             .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
         let (sender, outbox) = outbox::channel(journal.clone());
         let slots = options.max_concurrent_tasks.max(1);
+        let semaphore = Arc::new(Semaphore::new(slots));
+        let update = Arc::new(Updater::new(
+            options.update,
+            state,
+            sender.clone(),
+            semaphore.clone(),
+            slots,
+        ));
         let agent = Arc::new(Agent {
             agent_id,
             sandbox,
@@ -147,10 +161,11 @@ impl Agent {
             outbox: sender,
             live: Mutex::new(LiveTasks::default()),
             turns: Arc::new(Mutex::new(Turns::default())),
-            slots: Arc::new(Semaphore::new(slots)),
+            slots: semaphore,
             installs: Arc::new(Semaphore::new(MAX_INSTALLS)),
             activity: Activity::new(slots + options.queue_capacity),
             waiting_runs: AtomicUsize::new(0),
+            update,
             started: Instant::now(),
         });
         Ok((agent, outbox, recovery))
@@ -170,7 +185,7 @@ impl Agent {
     pub fn status_report(&self) -> StatusReport {
         StatusReport {
             agent_id: self.agent_id.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: crate::version::get().to_string(),
             host: crate::facts::collect(),
             running: lock(&self.live).running(),
             agent_uptime_secs: self.started.elapsed().as_secs(),
@@ -205,14 +220,32 @@ impl crate::link::Peer for Agent {
             } => self.install_handler(id, name, file_sha256, signature),
             PlatformMessage::RemoveHandler { id, name } => self.remove_handler(id, name),
             PlatformMessage::ListHandlers { id } => self.list_handlers(id),
-            // Self-update lands with host/src/update.
-            PlatformMessage::Update { .. } | PlatformMessage::UpdateAck { .. } => {}
+            PlatformMessage::Update {
+                id,
+                manifest,
+                allow_downgrade,
+                drain_timeout_ms,
+            } => self.update.start(UpdateRequest {
+                id,
+                manifest,
+                allow_downgrade,
+                drain_timeout_ms,
+            }),
+            PlatformMessage::UpdateAck { id } => self.update.acked(&id),
             // The link's own business (answered there).
             PlatformMessage::Welcome { .. } | PlatformMessage::Error(_) => {}
         }
     }
 
+    fn welcomed(self: &Arc<Self>, version: u32) {
+        self.update.welcomed(version);
+    }
+
     fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), ErrorBody> {
+        // While a release is fetched, binary frames are its parts.
+        let Some(bytes) = self.update.take_part(bytes)? else {
+            return Ok(());
+        };
         self.modules
             .arrived(bytes, self.sandbox.config().max_module_bytes)
     }

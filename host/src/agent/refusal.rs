@@ -19,6 +19,8 @@ pub enum Refusal {
     BusyWaiting { limit: usize },
     /// Handler installations in progress at once.
     BusyInstalling { limit: usize },
+    /// The agent is draining for a staged release: it takes no new task until it restarts.
+    Updating,
     /// The task's `not_after` passed before it could start.
     DeadlinePassed(time::OffsetDateTime),
     /// The command names neither an installed handler nor a shell rule.
@@ -77,6 +79,7 @@ impl Refusal {
             Refusal::Busy { .. } | Refusal::BusyWaiting { .. } | Refusal::BusyInstalling { .. } => {
                 "busy"
             }
+            Refusal::Updating => "updating",
             Refusal::DeadlinePassed(_) => "deadline_passed",
             Refusal::UnknownCommand(_) => "unknown_command",
             Refusal::NotRecorded(JournalError::StorageFull(_)) => "storage_full",
@@ -112,6 +115,9 @@ impl Refusal {
             Refusal::BusyInstalling { limit } => {
                 format!("{limit} handler installations are already in progress")
             }
+            Refusal::Updating => "the agent is restarting into a new release and takes no new \
+                 task now; nothing was run or recorded: send it again once the agent reconnects"
+                .into(),
             Refusal::DeadlinePassed(t) => format!(
                 "the task's not_after ({}) passed before it could start; it was not run",
                 t.format(&time::format_description::well_known::Rfc3339)
@@ -207,6 +213,11 @@ mod tests {
         assert_eq!(r.reason.as_deref(), Some("storage_full"));
         let r = Refusal::CancelledQueued.into_result();
         assert_eq!((r.status, r.reason), (Status::Cancelled, None));
+        let r = Refusal::Updating.into_result();
+        assert_eq!(
+            (r.status, r.reason.as_deref()),
+            (Status::Rejected, Some("updating"))
+        );
         let AgentMessage::Error(e) = Refusal::Unsigned.into_error("req-1") else {
             panic!("an error")
         };

@@ -164,6 +164,13 @@ impl Queued {
             _ = cancel.cancelled() => None,
             permit = agent.slots.clone().acquire_owned() => permit.ok(),
         };
+        if slot.is_some() && agent.update.draining() {
+            // Draining for a staged release: it stays queued (in the journal too) and runs
+            // after the restart.
+            drop(slot);
+            tracing::info!(task_id = %req.task_id, "staying queued: the agent restarts into a new release");
+            return std::future::pending().await;
+        }
         let Some(slot) = slot else {
             let mut result = Refusal::CancelledQueued.into_result();
             result.file_sha256 = req.file_sha256.clone();

@@ -44,7 +44,13 @@ pub trait Peer: Send + Sync + 'static {
     /// A message from the platform, decoded and checked, in the order they arrive: `run`,
     /// `cancel`, `ack` and the handler requests (the link answers `welcome` and `error` itself).
     fn deliver(self: &Arc<Self>, msg: bridge_protocol::PlatformMessage);
-    /// A binary frame: module bytes some run asked for, or an error to answer with.
+    /// The platform welcomed a session of protocol `version` (called before anything is read
+    /// on it).
+    fn welcomed(self: &Arc<Self>, version: u32) {
+        let _ = version;
+    }
+    /// A binary frame: module bytes some run asked for (or a part of a release being
+    /// fetched), or an error to answer with.
     fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), bridge_protocol::ErrorBody>;
     /// The link failed and waits to reconnect.
     fn waiting_to_reconnect(self: &Arc<Self>);

@@ -116,7 +116,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
     let hello = AgentMessage::Hello {
         versions: VERSIONS.to_vec(),
         agent_id: expected.to_string(),
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: crate::version::get().to_string(),
     };
     send_text(ws, encode(&hello)).await.map_err(End::Error)?;
     let deadline = Instant::now() + WELCOME_TIMEOUT;
@@ -314,6 +314,7 @@ pub async fn run<P: Peer>(
     let mut status = tokio::time::interval(config.status_interval);
     let mut ping_seq: u64 = 0;
     outbox.start_session(version);
+    peer.welcomed(version);
 
     let (mut sink, stream) = ws.split();
     let last_rx = Arc::new(AtomicU64::new(0));

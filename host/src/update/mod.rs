@@ -24,6 +24,7 @@
 //! between the agent, the launcher and the root step; each is written whole (temporary file,
 //! fsync, rename):
 
+pub mod agent;
 pub mod dir;
 pub mod files;
 pub mod launcher;

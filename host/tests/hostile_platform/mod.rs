@@ -369,6 +369,18 @@ impl Agent {
         extra: &[String],
         agent: &str,
     ) -> Agent {
+        Agent::start_env(server, dir, journal_max_mib, extra, agent, &[])
+    }
+
+    /// As [`Agent::start_with`], with `env` set on the agent's process.
+    pub fn start_env(
+        server: &Server,
+        dir: &Path,
+        journal_max_mib: u64,
+        extra: &[String],
+        agent: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Agent {
         let config = config(dir, journal_max_mib, agent);
         let mut cmd = bridge_testkit::bins::daemon();
         cmd.arg("run")
@@ -380,8 +392,15 @@ impl Agent {
             .args(["--reconnect-max-secs", "1"])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null());
         Agent(Proc::spawn("bridge-daemon run", cmd))
+    }
+
+    /// Waits (at most `timeout`) for the agent to exit by itself.
+    #[allow(dead_code)] // not every test file that shares this module uses it
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.0.wait_exit(timeout)
     }
 
     pub fn alive(&mut self) -> bool {

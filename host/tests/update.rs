@@ -1,0 +1,668 @@
+//! Self-update, the agent's side, against the real agent over real TLS: the platform is the
+//! hand-written one of the hostile tests (`hostile_platform/`), so each test chooses every
+//! byte of the release the agent receives. Refusals leave nothing on disk; a good release is
+//! staged whole, then the agent drains and stops; a new version confirms after its health
+//! window; a verdict is reported after every reconnect until the platform acknowledges it.
+
+#[allow(dead_code)] // the hostile tests use the rest of it
+mod hostile_platform;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bridge_signing::release::sign_manifest;
+use bridge_signing::KeyPair;
+use hostile_platform::*;
+use serde_json::{json, Value};
+
+/// The version the agent under test reports (`bridge-daemon --version`).
+fn own_version() -> String {
+    let out = bridge_testkit::bins::daemon()
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.trim()
+        .strip_prefix("bridge-daemon ")
+        .expect("`bridge-daemon VERSION`")
+        .to_string()
+}
+
+/// A version newer than `v` (its major version plus one).
+fn newer(v: &str) -> String {
+    let major: u64 = v.split('.').next().unwrap().parse().unwrap();
+    format!("{}.0.0", major + 1)
+}
+
+/// `len` bytes that are not all alike.
+fn binary(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 * 2654435761 % 251) as u8 ^ seed)
+        .collect()
+}
+
+fn manifest(version: &str, arch: &str, binary: &[u8], key: &KeyPair) -> String {
+    sign_manifest(version, std::env::consts::OS, arch, binary, key).unwrap()
+}
+
+/// An agent trusting `key` for releases, `update` lines in its `[update]` table, and the
+/// launcher's environment when `layout` is given.
+fn start(
+    server: &Server,
+    dir: &Path,
+    key: Option<&KeyPair>,
+    update: &str,
+    agent: &str,
+    layout: Option<&Path>,
+) -> Agent {
+    let keys = key.map_or(String::new(), |k| {
+        format!("release_keys = [\"{}\"]", k.public_key())
+    });
+    let toml = format!("{agent}\n[update]\n{keys}\n{update}\n");
+    let env: Vec<(&str, &OsStr)> = layout
+        .map(|l| vec![("BRIDGE_LAUNCHER_LAYOUT", l.as_os_str())])
+        .unwrap_or_default();
+    Agent::start_env(server, dir, 256, &[], &toml, &env)
+}
+
+fn update_msg(id: &str, manifest: &str, extra: Value) -> Value {
+    let mut m = json!({"type": "update", "id": id, "manifest": manifest});
+    m.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    m
+}
+
+/// How the platform answers `need_release`.
+#[derive(Clone, Copy)]
+enum Answer<'a> {
+    /// With these bytes (the range asked for, cut at their end).
+    Bytes(&'a [u8]),
+    /// Not at all.
+    Never,
+}
+
+/// Answers `need_release`s for update `id` until its `update_status`; returns the status and
+/// the ranges asked for.
+fn serve(conn: &mut Conn, id: &str, answer: Answer) -> (Value, Vec<(u64, u64)>) {
+    let mut asked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = match conn.recv(left) {
+            Some(Got::Text(m)) => m,
+            other => panic!("waiting for update_status of {id}: got {other:?}"),
+        };
+        match msg["type"].as_str() {
+            Some("need_release") => {
+                assert_eq!(msg["id"], id, "{msg}");
+                let (offset, length) = (
+                    msg["offset"].as_u64().unwrap(),
+                    msg["length"].as_u64().unwrap(),
+                );
+                assert!((1..=8 << 20).contains(&length), "{msg}");
+                asked.push((offset, length));
+                if let Answer::Bytes(bytes) = answer {
+                    let start = (offset as usize).min(bytes.len());
+                    let end = (offset as usize + length as usize).min(bytes.len());
+                    conn.write(&frame(2, &bytes[start..end]));
+                }
+            }
+            Some("update_status") if msg["id"] == id => return (msg, asked),
+            _ => {}
+        }
+    }
+}
+
+/// Nothing of an update is on disk: `STATE/update` is absent or empty.
+fn nothing_staged(dir: &Path) {
+    let update = dir.join("state/update");
+    if let Ok(entries) = std::fs::read_dir(&update) {
+        let left: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+fn assert_refused(status: &Value, reason: &str, version: &str) {
+    assert_eq!(status["state"], "refused", "{status}");
+    assert_eq!(status["reason"], reason, "{status}");
+    assert_eq!(status["version"], version, "{status}");
+    assert_eq!(status["agent_version"], own_version(), "{status}");
+    assert!(
+        !status["detail"].as_str().unwrap_or_default().is_empty(),
+        "{status}"
+    );
+}
+
+#[test]
+fn every_refusal_says_why_and_leaves_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let key = KeyPair::from_seed(&[41; 32]);
+    let other = KeyPair::from_seed(&[42; 32]);
+    let layout = dir.path().join("layout");
+    let mut agent = start(
+        &server,
+        dir.path(),
+        Some(&key),
+        "max_binary_bytes = 2000000\nchunk_timeout_secs = 2",
+        "",
+        Some(&layout),
+    );
+    let mut conn = server.accept();
+    conn.open();
+    let own = own_version();
+    let next = newer(&own);
+    let arch = std::env::consts::ARCH;
+    let bin = binary(300_000, 1);
+    let good = manifest(&next, arch, &bin, &key);
+
+    let refuse = |conn: &mut Conn, id: &str, msg: Value, answer: Answer| {
+        conn.send(&msg);
+        let (status, asked) = serve(conn, id, answer);
+        nothing_staged(dir.path());
+        (status, asked)
+    };
+
+    // The signature of another manifest by the same key.
+    let sig = |m: &str| m.lines().last().unwrap().to_string();
+    let other_sig = sig(&manifest(&next, arch, &binary(10, 9), &key));
+    let forged = good.replace(&sig(&good), &other_sig);
+    let (s, asked) = refuse(
+        &mut conn,
+        "u-sig",
+        update_msg("u-sig", &forged, json!({})),
+        Answer::Bytes(&bin),
+    );
+    assert_refused(&s, "bad_signature", &next);
+    assert!(
+        asked.is_empty(),
+        "nothing is fetched for a refused manifest"
+    );
+
+    let by_other = manifest(&next, arch, &bin, &other);
+    let (s, _) = refuse(
+        &mut conn,
+        "u-key",
+        update_msg("u-key", &by_other, json!({})),
+        Answer::Never,
+    );
+    assert_refused(&s, "unknown_key", &next);
+
+    for (i, bad) in [
+        "bridge-release 1\nversion 2.0.0\n".to_string(),
+        good.replace("bridge-release 1", "bridge-release 2"),
+        good.replace("\nos ", "\nos  "),
+        format!("{good}extra line\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id = format!("u-malformed-{i}");
+        let (s, _) = refuse(
+            &mut conn,
+            &id,
+            update_msg(&id, bad, json!({})),
+            Answer::Never,
+        );
+        assert_refused(&s, "malformed_manifest", "");
+    }
+
+    let foreign = if arch == "aarch64" {
+        "x86_64"
+    } else {
+        "aarch64"
+    };
+    let elsewhere = manifest(&next, foreign, &bin, &key);
+    let (s, _) = refuse(
+        &mut conn,
+        "u-arch",
+        update_msg("u-arch", &elsewhere, json!({})),
+        Answer::Never,
+    );
+    assert_refused(&s, "wrong_platform", &next);
+
+    let huge = binary(2_000_001, 2);
+    let too_large = manifest(&next, arch, &huge, &key);
+    let (s, asked) = refuse(
+        &mut conn,
+        "u-big",
+        update_msg("u-big", &too_large, json!({})),
+        Answer::Bytes(&huge),
+    );
+    assert_refused(&s, "too_large", &next);
+    assert!(asked.is_empty());
+
+    for (id, version, extra) in [
+        ("u-older", "0.0.1".to_string(), json!({})),
+        ("u-same", own.clone(), json!({})),
+        // The platform asks, but the config does not allow it.
+        (
+            "u-asked",
+            "0.0.1".to_string(),
+            json!({"allow_downgrade": true}),
+        ),
+    ] {
+        let m = manifest(&version, arch, &bin, &key);
+        let (s, _) = refuse(&mut conn, id, update_msg(id, &m, extra), Answer::Never);
+        assert_refused(&s, "downgrade", &version);
+    }
+
+    // The bytes sent are one short of what was asked.
+    let (s, asked) = refuse(
+        &mut conn,
+        "u-short",
+        update_msg("u-short", &good, json!({})),
+        Answer::Bytes(&bin[..bin.len() - 1]),
+    );
+    assert_refused(&s, "mismatch", &next);
+    assert_eq!(asked, [(0, bin.len() as u64)]);
+    // As many bytes as the manifest says, but not the binary it describes.
+    let mut altered = bin.clone();
+    altered[150_000] ^= 1;
+    let (s, _) = refuse(
+        &mut conn,
+        "u-altered",
+        update_msg("u-altered", &good, json!({})),
+        Answer::Bytes(&altered),
+    );
+    assert_refused(&s, "mismatch", &next);
+
+    // The bytes never come; meanwhile another update is refused as in progress.
+    conn.send(&update_msg("u-slow", &good, json!({})));
+    let asked = conn.expect("need_release", Duration::from_secs(10));
+    assert_eq!(asked["id"], "u-slow");
+    assert!(dir.path().join("state/update/staging").is_dir());
+    conn.send(&update_msg("u-second", &good, json!({})));
+    let (s, _) = serve(&mut conn, "u-second", Answer::Never);
+    assert_refused(&s, "in_progress", &next);
+    let started = Instant::now();
+    let (s, _) = serve(&mut conn, "u-slow", Answer::Never);
+    assert_refused(&s, "unavailable", &next);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    nothing_staged(dir.path());
+    // A frame that comes too late is no release's part.
+    conn.write(&frame(2, &bin));
+    let e = conn.expect("error", Duration::from_secs(10));
+    assert_eq!(e["code"], "unexpected", "{e}");
+
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates() {
+    let own = own_version();
+    let next = newer(&own);
+    let key = KeyPair::from_seed(&[43; 32]);
+    let bin = binary(1000, 3);
+    let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
+    for (with_key, layout) in [(true, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start();
+        let layout_dir = dir.path().join("layout");
+        let mut agent = start(
+            &server,
+            dir.path(),
+            with_key.then_some(&key),
+            "",
+            "",
+            layout.then_some(layout_dir.as_path()),
+        );
+        let mut conn = server.accept();
+        conn.open();
+        conn.send(&update_msg("u-1", &m, json!({})));
+        let (s, asked) = serve(&mut conn, "u-1", Answer::Bytes(&bin));
+        assert_refused(&s, "unsupported", &next);
+        assert!(asked.is_empty());
+        nothing_staged(dir.path());
+        conn.healthy(&mut agent);
+    }
+}
+
+/// Every `result` for `task_id` seen on `conn` (noting the rest), within `wait`.
+fn results_of(conn: &mut Conn, task_id: &str, wait: Duration) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.recv(left) {
+            Some(Got::Text(m)) if m["type"] == "result" && m["task_id"] == task_id => {
+                seen.push(m["result"].clone())
+            }
+            Some(Got::Text(_)) => {}
+            _ => return seen,
+        }
+    }
+}
+
+#[test]
+fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let key = KeyPair::from_seed(&[44; 32]);
+    let layout = dir.path().join("layout");
+    let mut agent = start(
+        &server,
+        dir.path(),
+        Some(&key),
+        "",
+        "max_concurrent_tasks = 1",
+        Some(&layout),
+    );
+    let mut conn = server.accept();
+    conn.open();
+    let own = own_version();
+    let next = newer(&own);
+    // Two parts: 8 MiB, then the rest.
+    let bin = binary((8 << 20) + 12_345, 4);
+    let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
+
+    // One task running (ends within the drain), one queued behind it (one slot).
+    conn.send(&run("during", "sleep", &["5"]));
+    conn.send(&run("queued", "echo", &["queued"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while conn.accepted.len() < 2 {
+        assert!(Instant::now() < deadline, "both accepted");
+        conn.recv(Duration::from_secs(1));
+    }
+    conn.send(&update_msg(
+        "u-good",
+        &m,
+        json!({"drain_timeout_ms": 20000}),
+    ));
+    let (s, asked) = serve(&mut conn, "u-good", Answer::Bytes(&bin));
+    assert_eq!(asked, [(0, 8 << 20), (8 << 20, 12_345)]);
+    assert_eq!(s["state"], "staged", "{s}");
+    assert_eq!(s["version"], next.as_str());
+    assert_eq!(s["agent_version"], own.as_str());
+
+    let staged = dir.path().join("state/update/staged");
+    assert!(std::fs::read(staged.join("bridge-daemon")).unwrap() == bin);
+    assert_eq!(std::fs::read_to_string(staged.join("manifest")).unwrap(), m);
+    let request: Value =
+        serde_json::from_slice(&std::fs::read(staged.join("request.json")).unwrap()).unwrap();
+    assert_eq!(
+        request,
+        json!({"update_id": "u-good", "version": next, "from_version": own, "allow_downgrade": false})
+    );
+    assert!(!dir.path().join("state/update/staging").exists());
+
+    // Draining: a new task is refused, and not recorded.
+    conn.send(&run("late", "echo", &["late"]));
+    let r = conn.result("late", Duration::from_secs(10));
+    assert_eq!(r["status"], "rejected", "{r}");
+    assert_eq!(r["reason"], "updating", "{r}");
+    // The running task finishes; the queued one does not start.
+    let r = conn.result("during", Duration::from_secs(20));
+    assert_eq!(r["status"], "ok", "{r}");
+    let status = agent.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+    assert!(!conn.results.contains_key("queued"));
+    assert!(agent.log().contains("staying queued"), "{}", agent.log());
+    // Staged files stay for the launcher.
+    assert!(staged.join("bridge-daemon").exists());
+
+    // The next start (here without the launcher: the same agent) runs the queued task, and the
+    // refused one when it is sent again: it was not recorded.
+    drop(conn);
+    let mut agent = start(
+        &server,
+        dir.path(),
+        Some(&key),
+        "",
+        "max_concurrent_tasks = 1",
+        None,
+    );
+    let mut conn = server.accept();
+    conn.open();
+    let r = conn.result("queued", Duration::from_secs(20));
+    assert_eq!(
+        (r["status"].as_str(), r["stdout"].as_str()),
+        (Some("ok"), Some("queued\n")),
+        "{r}"
+    );
+    conn.send(&run("late", "echo", &["late"]));
+    let r = conn.result("late", Duration::from_secs(20));
+    assert_eq!(
+        (r["status"].as_str(), r["stdout"].as_str()),
+        (Some("ok"), Some("late\n")),
+        "{r}"
+    );
+    if let Some(again) = conn.results.get("during") {
+        assert_eq!(
+            again["result"]["status"], "ok",
+            "one result for `during`: {again}"
+        );
+    }
+    conn.healthy(&mut agent);
+}
+
+#[test]
+fn a_task_running_past_the_drain_timeout_ends_interrupted_once_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let key = KeyPair::from_seed(&[45; 32]);
+    let layout = dir.path().join("layout");
+    let mut agent = start(&server, dir.path(), Some(&key), "", "", Some(&layout));
+    let mut conn = server.accept();
+    conn.open();
+    let next = newer(&own_version());
+    let bin = binary(5000, 5);
+    let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
+    conn.send(&run("long", "sleep", &["30"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !conn.accepted.contains("long") {
+        assert!(Instant::now() < deadline, "accepted");
+        conn.recv(Duration::from_secs(1));
+    }
+    conn.send(&update_msg("u-long", &m, json!({"drain_timeout_ms": 500})));
+    let (s, _) = serve(&mut conn, "u-long", Answer::Bytes(&bin));
+    assert_eq!(s["state"], "staged", "{s}");
+    let stopping = Instant::now();
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+    assert!(results_of(&mut conn, "long", Duration::from_millis(200)).is_empty());
+    assert!(
+        !conn.results.contains_key("long"),
+        "no result before the restart"
+    );
+    drop(conn);
+
+    let mut agent = start(&server, dir.path(), Some(&key), "", "", None);
+    let mut conn = server.accept();
+    conn.open();
+    let r = conn.result("long", Duration::from_secs(20));
+    assert_eq!(r["status"], "interrupted", "{r}");
+    // Acknowledged: it is not sent again, and the same task id is answered with it.
+    conn.send(&run("long", "sleep", &["30"]));
+    let again = results_of(&mut conn, "long", Duration::from_secs(3));
+    assert!(
+        again.iter().all(|r| r["status"] == "interrupted"),
+        "{again:?}"
+    );
+    assert!(
+        !again.is_empty(),
+        "a repeated task id is answered with its one result"
+    );
+    conn.healthy(&mut agent);
+}
+
+fn write_outcome(dir: &Path, outcome: &Value) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir.join("state/update"))
+        .unwrap();
+    std::fs::write(
+        dir.join("state/update/outcome.json"),
+        serde_json::to_vec(outcome).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_verdict_is_reported_after_every_reconnect_until_the_platform_acknowledges_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = own_version();
+    write_outcome(
+        dir.path(),
+        &json!({"update_id": "u-7", "state": "failed", "version": "9.9.9", "from_version": own,
+                "reason": "exited", "detail": "exited with status 3 before confirming"}),
+    );
+    let outcome = dir.path().join("state/update/outcome.json");
+    let server = Server::start();
+    let mut agent = start(&server, dir.path(), None, "", "", None);
+    for _ in 0..2 {
+        let mut conn = server.accept();
+        conn.open();
+        let s = conn.expect("update_status", Duration::from_secs(10));
+        assert_eq!(
+            s,
+            json!({"type": "update_status", "id": "u-7", "state": "failed", "version": "9.9.9",
+                   "agent_version": own, "reason": "exited",
+                   "detail": "exited with status 3 before confirming"})
+        );
+        // Another update's ack changes nothing.
+        conn.send(&json!({"type": "update_ack", "id": "u-other"}));
+        conn.healthy(&mut agent);
+        assert!(outcome.exists());
+    }
+    let mut conn = server.accept();
+    conn.open();
+    conn.expect("update_status", Duration::from_secs(10));
+    conn.send(&json!({"type": "update_ack", "id": "u-7"}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outcome.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "outcome.json removed after update_ack"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(conn);
+    let mut conn = server.accept();
+    conn.open();
+    // The welcome's report would come before this task's result.
+    conn.healthy(&mut agent);
+    let mut seen = Vec::new();
+    while let Some(Got::Text(m)) = conn.recv(Duration::from_millis(500)) {
+        seen.push(m);
+    }
+    assert!(
+        seen.iter().all(|m| m["type"] != "update_status"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = own_version();
+    let layout = dir.path().join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    let pending = |version: &str| {
+        json!({"pending": {"update_id": "u-9", "version": version, "from_version": "0.0.1",
+                           "phase": "switched", "confirm_timeout_secs": 300}})
+    };
+    let confirmed = dir.path().join("state/update/confirmed");
+    let outcome = dir.path().join("state/update/outcome.json");
+
+    // A pending switch to another version, or one still switching: nothing to confirm.
+    for state in [
+        pending("7.7.7"),
+        json!({"pending": {"update_id": "u-9", "version": own, "from_version": "0.0.1",
+                           "phase": "switching", "confirm_timeout_secs": 300}}),
+    ] {
+        let other = tempfile::tempdir().unwrap();
+        let layout = other.path().join("layout");
+        std::fs::create_dir_all(&layout).unwrap();
+        std::fs::write(layout.join("state.json"), state.to_string()).unwrap();
+        let server = Server::start();
+        let mut agent = start(
+            &server,
+            other.path(),
+            None,
+            "health_window_secs = 1\nconfirm_timeout_secs = 30",
+            "",
+            Some(&layout),
+        );
+        let mut conn = server.accept();
+        conn.open();
+        std::thread::sleep(Duration::from_secs(2));
+        conn.healthy(&mut agent);
+        let update = other.path().join("state/update");
+        assert!(!update.join("confirmed").exists() && !update.join("outcome.json").exists());
+    }
+
+    std::fs::write(layout.join("state.json"), pending(&own).to_string()).unwrap();
+    let server = Server::start();
+    let mut agent = start(
+        &server,
+        dir.path(),
+        None,
+        "health_window_secs = 2\nconfirm_timeout_secs = 30",
+        "",
+        Some(&layout),
+    );
+    let mut conn = server.accept();
+    conn.open();
+    let welcomed = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!confirmed.exists(), "not before the health window");
+    let s = conn.expect("update_status", Duration::from_secs(20));
+    assert!(welcomed.elapsed() >= Duration::from_secs(2));
+    assert_eq!(
+        s,
+        json!({"type": "update_status", "id": "u-9", "state": "succeeded", "version": own,
+               "agent_version": own})
+    );
+    assert_eq!(
+        std::fs::read_to_string(&confirmed).unwrap(),
+        format!("{own}\n")
+    );
+    let kept: Value = serde_json::from_slice(&std::fs::read(&outcome).unwrap()).unwrap();
+    assert_eq!(
+        kept,
+        json!({"update_id": "u-9", "state": "succeeded", "version": own, "from_version": "0.0.1"})
+    );
+    conn.send(&json!({"type": "update_ack", "id": "u-9"}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outcome.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "outcome.json removed after update_ack"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    conn.healthy(&mut agent);
+    drop((conn, agent));
+
+    // Confirmed already (the launcher has not cleared its state yet): not again.
+    let server = Server::start();
+    let mut agent = start(
+        &server,
+        dir.path(),
+        None,
+        "health_window_secs = 1\nconfirm_timeout_secs = 30",
+        "",
+        Some(&layout),
+    );
+    let mut conn = server.accept();
+    conn.open();
+    std::thread::sleep(Duration::from_secs(2));
+    conn.send(&run("after", "echo", &["after"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !conn.results.contains_key("after") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.recv(left) {
+            Some(Got::Text(m)) => assert_ne!(m["type"], "update_status", "no second verdict: {m}"),
+            other => panic!("waiting for a result: {other:?}"),
+        }
+    }
+    assert_eq!(conn.results["after"]["result"]["status"], "ok");
+    assert!(!outcome.exists(), "no second verdict");
+    assert!(agent.alive());
+}
