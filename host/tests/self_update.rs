@@ -64,10 +64,11 @@ impl World {
     /// Installs an agent (`target/debug/bridge-daemon` as this version) named `name`, starts it
     /// under a supervisor, and waits until it is connected.
     fn install(&self, name: &str) -> Installed {
-        self.install_with(name, "")
+        self.install_with(name, None)
     }
 
-    fn install_with(&self, name: &str, extra_config: &str) -> Installed {
+    /// [`World::install`], with `failpoint` armed from the first process the supervisor starts.
+    fn install_with(&self, name: &str, failpoint: Option<&str>) -> Installed {
         let root = self.dir.path().join(name);
         let (layout, state) = (root.join("lib/bridge"), root.join("state"));
         supervisor::install(&layout, &bins::bin("bridge-daemon"), VERSION);
@@ -93,16 +94,16 @@ release_keys = ["{key}"]
 health_window_secs = {HEALTH_WINDOW_SECS}
 confirm_timeout_secs = {CONFIRM_TIMEOUT_SECS}
 drain_timeout_secs = {DRAIN_TIMEOUT_SECS}
-{extra_config}"#,
+"#,
                 state = state.display(),
                 url = self.platform.url(),
                 pin = self.platform.pin(),
-                token = self.platform.token(),
+                token = self.control().token(),
                 key = self.release_pub,
             ),
         )
         .unwrap();
-        let sup = Supervisor::start(&layout, &config);
+        let sup = Supervisor::start_with_failpoint(&layout, &config, failpoint);
         let id = bridge_testkit::agent::identity_within(&state, Duration::from_secs(30), &sup.log);
         self.control().wait_connected(&id);
         Installed {
@@ -407,7 +408,8 @@ fn tasks_in_flight_during_an_update_each_get_exactly_one_result() {
     // One ends within the drain timeout, one outlasts it (and the agent's restart).
     let short = run("short", "1");
     let long = run("long", "60");
-    control.wait_running(&agent.id, "long");
+    control.wait_task_state("long", "running");
+    control.wait_task_state("short", "running");
     let (ok, verdict) = world.update(&agent.id, &manifest, &next);
     assert!(ok, "{verdict}\n{}", agent.sup.log.text());
     let short = short.join().unwrap();
@@ -486,11 +488,16 @@ fn a_rollout_halts_at_the_failure_count_and_leaves_the_rest_untouched() {
 /// the version `current` points at, same id, running tasks, the update's verdict reported.
 fn killed_at(step: &str, make: impl Fn(&World) -> PathBuf) {
     let world = World::new();
-    let agent = world.install("a");
+    // The agent's own steps need the failpoint in the environment it starts with; the
+    // launcher's are read by each `launcher prepare`, so they are armed once it runs.
+    let agent_step = step.starts_with("agent_");
+    let agent = world.install_with("a", agent_step.then_some(step));
     let control = world.control();
     let release = make(&world);
     let manifest = world.release(&release, &next_version(), &[]);
-    agent.sup.arm(step);
+    if !agent_step {
+        agent.sup.arm(step);
+    }
     let (_, verdict) = world.update(&agent.id, &manifest, &release);
     assert!(
         agent.sup.fired(step),
