@@ -3,10 +3,12 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+mod common;
 
 /// One type `() -> ()`, one function with body `end`.
 const MODULE: &[u8] = &[
@@ -39,31 +41,13 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_bridgectl"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
+        common::bridgectl_in(self.dir.path(), args)
     }
 
-    /// Runs and expects exit status `code`; returns stdout parsed as JSON (or Null if empty).
+    /// Runs and expects exit status `code`; returns stdout as JSON (Null if empty) and stderr.
     #[track_caller]
     fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
-        let out = self.run(args);
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
-        );
-        let json = if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
-            serde_json::from_str(&stdout).unwrap()
-        };
-        (json, stderr)
+        common::bridgectl_code(self.dir.path(), args, code)
     }
 
     #[track_caller]

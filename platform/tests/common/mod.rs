@@ -5,6 +5,8 @@
 // Each test file uses its own subset.
 #![allow(dead_code)]
 
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +29,36 @@ use tokio_tungstenite::WebSocketStream;
 
 pub const STEP: Duration = Duration::from_secs(10);
 pub const BIN: &str = env!("CARGO_BIN_EXE_bridgectl");
+
+/// Runs `bridgectl ARGS` in `dir`.
+pub fn bridgectl_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// Runs `bridgectl ARGS` in `dir` and expects exit status `code`; returns stdout parsed as
+/// one line of JSON (Null if empty), and stderr.
+#[track_caller]
+pub fn bridgectl_code(dir: &Path, args: &[&str], code: i32) -> (Value, String) {
+    let out = bridgectl_in(dir, args);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    let json = if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    (json, stderr)
+}
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
