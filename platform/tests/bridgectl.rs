@@ -2,13 +2,14 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod common;
+
+use common::Workdir;
 
 /// One type `() -> ()`, one function with body `end`.
 const MODULE: &[u8] = &[
@@ -23,31 +24,22 @@ fn file_sha256(bytes: &[u8]) -> String {
 
 const MODULE_SHA256: &str = "aaceec3bbac74451e6dcefcead4220538e643fcb1df8009a7c5c3a5afffc5495";
 
-struct Env {
-    dir: tempfile::TempDir,
+/// A [`Workdir`] with the module `hello.wasm`.
+struct Env(Workdir);
+
+impl std::ops::Deref for Env {
+    type Target = Workdir;
+
+    fn deref(&self) -> &Workdir {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Env(Workdir::new());
         fs::write(env.path("hello.wasm"), MODULE).unwrap();
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        common::bridgectl_in(self.dir.path(), args)
-    }
-
-    /// Runs and expects exit status `code`; returns stdout as JSON (Null if empty) and stderr.
-    #[track_caller]
-    fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
-        common::bridgectl_code(self.dir.path(), args, code)
     }
 
     #[track_caller]

@@ -4,7 +4,6 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::Command;
 
 use bridge_signing::release::SignedManifest;
@@ -12,31 +11,28 @@ use bridge_testkit::Platform;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-struct Env {
-    dir: tempfile::TempDir,
+use common::Workdir;
+
+/// A [`Workdir`] with release keys and a binary.
+struct Env(Workdir);
+
+impl std::ops::Deref for Env {
+    type Target = Workdir;
+
+    fn deref(&self) -> &Workdir {
+        &self.0
+    }
 }
 
 impl Env {
     /// A directory with two release keys (`release.key`, `other.key`) and a binary.
     fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Env(Workdir::new());
         for key in ["release.key", "other.key"] {
             env.run_code(&["keygen", "-o", key], 0);
         }
         fs::write(env.path("bridge-daemon"), binary()).unwrap();
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Runs and expects exit status `code`; returns stdout as JSON (Null if empty) and stderr.
-    #[track_caller]
-    fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
-        common::bridgectl_code(self.dir.path(), args, code)
     }
 
     fn public_key(&self, key: &str) -> String {

@@ -39,28 +39,15 @@ fn release(dir: &Path, version: &str) -> Release {
     }
 }
 
-/// A platform in a new directory, an agent connected to it, and release 0.2.0 in the directory.
-struct OneAgent {
-    dir: tempfile::TempDir,
-    serve: Platform,
-    agent: Identity,
-    ws: Ws,
-    release: Release,
-}
-
-async fn one_agent() -> OneAgent {
+/// A platform in a new directory (keep it to the end), an agent connected to it, and release 0.2.0
+/// in the directory.
+async fn one_agent() -> (tempfile::TempDir, Platform, Identity, Ws, Release) {
     let dir = tempfile::tempdir().unwrap();
     let serve = Platform::start(&dir.path().join("state"));
     let agent = Identity::new();
     let (ws, _) = session(&serve, &agent, Some(&serve.token())).await;
     let release = release(dir.path(), "0.2.0");
-    OneAgent {
-        dir,
-        serve,
-        agent,
-        ws,
-        release,
-    }
+    (dir, serve, agent, ws, release)
 }
 
 /// `bridgectl update --agent AGENT --release MANIFEST`, then `extra`.
@@ -126,13 +113,7 @@ fn stdout_json(out: &std::process::Output) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_is_fetched_by_ranges_and_its_verdict_stored_before_it_is_acknowledged() {
     within(60, async {
-        let OneAgent {
-            dir: _dir,
-            serve,
-            agent,
-            mut ws,
-            release,
-        } = one_agent().await;
+        let (_dir, serve, agent, mut ws, release) = one_agent().await;
         let cli = bridgectl(
             &serve,
             &update_args(&agent, &release.manifest, &["--drain-timeout", "5s"]),
@@ -217,13 +198,7 @@ async fn an_update_is_fetched_by_ranges_and_its_verdict_stored_before_it_is_ackn
 #[tokio::test(flavor = "multi_thread")]
 async fn the_platform_refuses_a_binary_that_is_not_the_manifests_before_sending_anything() {
     within(60, async {
-        let OneAgent {
-            dir,
-            serve,
-            agent,
-            mut ws,
-            release,
-        } = one_agent().await;
+        let (dir, serve, agent, mut ws, release) = one_agent().await;
         let mut changed = release.bytes.clone();
         changed[1234] ^= 1;
         let truncated = &release.bytes[..release.bytes.len() - 1];
@@ -256,13 +231,7 @@ async fn the_platform_refuses_a_binary_that_is_not_the_manifests_before_sending_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_sent_an_update() {
     within(60, async {
-        let OneAgent {
-            dir: _dir,
-            serve,
-            agent,
-            mut ws,
-            release,
-        } = one_agent().await;
+        let (_dir, serve, agent, mut ws, release) = one_agent().await;
         let args = update_args(&agent, &release.manifest, &[]);
 
         let cli = bridgectl(&serve, &args);

@@ -5,7 +5,7 @@
 // Each test file uses its own subset.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,34 +30,52 @@ use tokio_tungstenite::WebSocketStream;
 pub const STEP: Duration = Duration::from_secs(10);
 pub const BIN: &str = env!("CARGO_BIN_EXE_bridgectl");
 
-/// Runs `bridgectl ARGS` in `dir`.
-pub fn bridgectl_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
+/// A temporary directory to run `bridgectl` in.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
 }
 
-/// Runs `bridgectl ARGS` in `dir` and expects exit status `code`; returns stdout parsed as
-/// one line of JSON (Null if empty), and stderr.
-#[track_caller]
-pub fn bridgectl_code(dir: &Path, args: &[&str], code: i32) -> (Value, String) {
-    let out = bridgectl_in(dir, args);
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    let json = if stdout.trim().is_empty() {
-        Value::Null
-    } else {
-        assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
-        serde_json::from_str(&stdout).unwrap()
-    };
-    (json, stderr)
+impl Workdir {
+    pub fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `name` in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `bridgectl ARGS` in the directory.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects exit status `code`; returns stdout parsed as one line of JSON (Null if
+    /// empty), and stderr.
+    #[track_caller]
+    pub fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
+        let out = self.run(args);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        let json = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+            serde_json::from_str(&stdout).unwrap()
+        };
+        (json, stderr)
+    }
 }
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
