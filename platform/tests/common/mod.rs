@@ -76,6 +76,17 @@ impl Workdir {
         };
         (json, stderr)
     }
+
+    /// Runs and expects success; returns stdout as JSON.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> Value {
+        self.run_code(args, 0).0
+    }
+
+    /// Creates key `name` (and `name.pub`); returns the keygen output.
+    pub fn keygen(&self, name: &str) -> Value {
+        self.ok(&["keygen", "--out", name])
+    }
 }
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;

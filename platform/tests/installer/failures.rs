@@ -21,7 +21,7 @@ fn a_checksum_mismatch_or_a_wrong_pin_changes_nothing() {
     assert!(snapshot(&root).is_empty());
 
     // A good install, then an upgrade whose checksum does not match: the old one stays.
-    fake.publish(&v1, &sha(&v1));
+    fake.publish_binary(None, &v1);
     ok(install_from(&fake.pin));
     let before = snapshot(&root);
     fake.publish(&v2, &sha(&v1));
@@ -31,7 +31,7 @@ fn a_checksum_mismatch_or_a_wrong_pin_changes_nothing() {
     assert_eq!(snapshot(&root), before);
 
     // A platform whose key is not the pinned one.
-    fake.publish(&v2, &sha(&v2));
+    fake.publish_binary(None, &v2);
     let out = install_from(&"cd".repeat(32));
     assert!(!out.status.success());
     assert!(

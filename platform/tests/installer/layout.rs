@@ -31,9 +31,9 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     let lay = layout(&root);
     let v2 = fs::read(release(w, "v2", b"\n# 1.1.0\n")).unwrap();
     let v3 = fs::read(release(w, "v3", b"\n# 1.2.0\n")).unwrap();
-    fake.publish_at(Some("1.0.0"), &v1, &sha(&v1));
-    fake.publish_at(Some("1.1.0"), &v2, &sha(&v2));
-    fake.publish_at(Some("1.2.0"), &v3, &sha(&v3));
+    fake.publish_binary(Some("1.0.0"), &v1);
+    fake.publish_binary(Some("1.1.0"), &v2);
+    fake.publish_binary(Some("1.2.0"), &v3);
 
     // An older installer's layout: a plain binary in bin/ and the old unit.
     let bin = root.join("usr/local/bin/bridge-daemon");
@@ -182,7 +182,7 @@ fn an_install_clears_a_pending_self_update() {
     let (root, fake, v1) = fake_staging(w);
     let lay = layout(&root);
     let v2 = fs::read(release(w, "v2", b"\n# 2.0.0\n")).unwrap();
-    fake.publish_at(Some("1.0.0"), &v1, &sha(&v1));
+    fake.publish_binary(Some("1.0.0"), &v1);
     install_version(&fake, &root, Some("1.0.0"), &[]);
 
     // What a self-update to 2.0.0 leaves: the launcher switched to it and awaits its
@@ -274,7 +274,7 @@ fn the_version_comes_from_the_binary_or_is_refused() {
 
     // Without --version: what the downloaded binary prints (`bridge-daemon X`).
     let v1 = fs::read(release(w, "v1", b"")).unwrap();
-    fake.publish(&v1, &sha(&v1));
+    fake.publish_binary(None, &v1);
     let root = w.join("root");
     let out = install_version(&fake, &root, None, &[]);
     let version = env!("CARGO_PKG_VERSION");
@@ -286,7 +286,7 @@ fn the_version_comes_from_the_binary_or_is_refused() {
 
     // An executable that prints no version: refused, nothing installed.
     let other = fs::read("/bin/true").unwrap();
-    fake.publish(&other, &sha(&other));
+    fake.publish_binary(None, &other);
     let root = w.join("other");
     let out = install(&target(&root, &fake.url, &fake.pin, &[]), "");
     assert_eq!(out.status.code(), Some(1));
@@ -324,7 +324,7 @@ fn the_version_comes_from_the_binary_or_is_refused() {
 
     // Any semantic version names a release.
     let v = "2.0.0-rc.1+build.5";
-    fake.publish_at(Some(v), &v1, &sha(&v1));
+    fake.publish_binary(Some(v), &v1);
     let root = w.join("prerelease");
     install_version(&fake, &root, Some(v), &[]);
     assert_current(&layout(&root), v);

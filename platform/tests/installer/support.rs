@@ -354,10 +354,15 @@ impl FakePlatform {
         );
     }
 
+    /// Serves `binary` with its right checksum, at the paths of `version` (or unversioned).
+    pub fn publish_binary(&self, version: Option<&str>, binary: &[u8]) {
+        self.publish_at(version, binary, &sha(binary));
+    }
+
     /// Serves `binary` with `manifest` beside it (`….manifest`), at the unversioned paths.
     pub fn publish_release(&self, binary: &[u8], manifest: &str) {
         let name = format!("bridge-daemon-linux-{ARCH}");
-        self.publish(binary, &hex::encode(Sha256::digest(binary)));
+        self.publish_binary(None, binary);
         self.files.lock().unwrap().insert(
             format!("/downloads/{name}.manifest"),
             manifest.as_bytes().to_vec(),
