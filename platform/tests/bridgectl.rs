@@ -2,11 +2,14 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+mod common;
+
+use common::Workdir;
 
 /// One type `() -> ()`, one function with body `end`.
 const MODULE: &[u8] = &[
@@ -21,60 +24,11 @@ fn file_sha256(bytes: &[u8]) -> String {
 
 const MODULE_SHA256: &str = "aaceec3bbac74451e6dcefcead4220538e643fcb1df8009a7c5c3a5afffc5495";
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        fs::write(env.path("hello.wasm"), MODULE).unwrap();
-        env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_bridgectl"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    /// Runs and expects exit status `code`; returns stdout parsed as JSON (or Null if empty).
-    #[track_caller]
-    fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
-        let out = self.run(args);
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
-        );
-        let json = if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
-            serde_json::from_str(&stdout).unwrap()
-        };
-        (json, stderr)
-    }
-
-    #[track_caller]
-    fn ok(&self, args: &[&str]) -> Value {
-        self.run_code(args, 0).0
-    }
-
-    /// Creates key `name` (and `name.pub`); returns the keygen output.
-    fn keygen(&self, name: &str) -> Value {
-        self.ok(&["keygen", "--out", name])
-    }
+/// A [`Workdir`] with the module `hello.wasm`.
+fn env() -> Workdir {
+    let env = Workdir::new();
+    fs::write(env.path("hello.wasm"), MODULE).unwrap();
+    env
 }
 
 fn mode(p: &Path) -> u32 {
@@ -83,7 +37,7 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn keygen_writes_0600_private_key_and_public_key_file() {
-    let env = Env::new();
+    let env = env();
     let out = env.keygen("release.key");
     assert_eq!(out["private_key"], "release.key");
     assert_eq!(out["public_key_file"], "release.key.pub");
@@ -127,7 +81,7 @@ fn keygen_writes_0600_private_key_and_public_key_file() {
 
 #[test]
 fn sign_then_verify() {
-    let env = Env::new();
+    let env = env();
     let key = env.keygen("k");
     let out = env.ok(&[
         "sign",
@@ -218,7 +172,7 @@ fn sign_then_verify() {
 
 #[test]
 fn verify_rejections() {
-    let env = Env::new();
+    let env = env();
     let key = env.keygen("k");
     env.keygen("other");
     env.ok(&["sign", "hello.wasm", "-k", "k", "--name", "hello"]);
@@ -340,7 +294,7 @@ fn verify_rejections() {
 
 #[test]
 fn inspect_trusts_nothing() {
-    let env = Env::new();
+    let env = env();
     let key = env.keygen("k");
     let i = env.ok(&["inspect", "hello.wasm"]);
     assert_eq!(i["signed"], false);
@@ -382,7 +336,7 @@ fn inspect_trusts_nothing() {
 
 #[test]
 fn resigning_replaces_the_signature() {
-    let env = Env::new();
+    let env = env();
     let a = env.keygen("a");
     let b = env.keygen("b");
     env.ok(&["sign", "hello.wasm", "-k", "a", "--name", "hello"]);
@@ -425,7 +379,7 @@ fn resigning_replaces_the_signature() {
 
 #[test]
 fn detached_flow() {
-    let env = Env::new();
+    let env = env();
     let key = env.keygen("k");
     let out = env.ok(&[
         "sign",
@@ -514,7 +468,7 @@ fn detached_flow() {
 
 #[test]
 fn loose_key_permissions_warn() {
-    let env = Env::new();
+    let env = env();
     env.keygen("k");
     fs::set_permissions(env.path("k"), fs::Permissions::from_mode(0o644)).unwrap();
     let (_, stderr) = env.run_code(&["sign", "hello.wasm", "-k", "k", "--name", "hello"], 0);
@@ -523,7 +477,7 @@ fn loose_key_permissions_warn() {
 
 #[test]
 fn sign_errors() {
-    let env = Env::new();
+    let env = env();
     env.keygen("k");
     for (args, needle) in [
         (
@@ -577,7 +531,7 @@ fn sign_errors() {
 
 #[test]
 fn help_for_every_command() {
-    let env = Env::new();
+    let env = env();
     for cmd in [
         &["--help"][..],
         &["keygen", "--help"],
@@ -615,7 +569,7 @@ fn help_for_every_command() {
 
 #[test]
 fn run_takes_exactly_one_of_module_and_command() {
-    let env = Env::new();
+    let env = env();
     // Usage errors come before any connection: the control socket is never contacted.
     let control = ["--control", "/nonexistent/control.sock"];
     for (args, expected) in [

@@ -4,25 +4,30 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use bridge_signing::release::SignedManifest;
 use bridge_testkit::Platform;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use common::BIN;
+use common::Workdir;
 
-struct Env {
-    dir: tempfile::TempDir,
+/// A [`Workdir`] with release keys and a binary.
+struct Env(Workdir);
+
+impl std::ops::Deref for Env {
+    type Target = Workdir;
+
+    fn deref(&self) -> &Workdir {
+        &self.0
+    }
 }
 
 impl Env {
     /// A directory with two release keys (`release.key`, `other.key`) and a binary.
     fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Env(Workdir::new());
         for key in ["release.key", "other.key"] {
             env.run_code(&["keygen", "-o", key], 0);
         }
@@ -30,42 +35,27 @@ impl Env {
         env
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    /// Runs and expects exit status `code`; returns stdout as JSON (Null if empty) and stderr.
-    #[track_caller]
-    fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
-        let out = self.run(args);
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
-        );
-        let json = if stdout.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&stdout).unwrap()
-        };
-        (json, stderr)
-    }
-
     fn public_key(&self, key: &str) -> String {
         fs::read_to_string(self.path(&format!("{key}.pub")))
             .unwrap()
             .trim()
             .to_string()
+    }
+
+    /// `release sign bridge-daemon --key KEY --version VERSION EXTRA...`, expecting `code`.
+    #[track_caller]
+    fn sign(&self, key: &str, version: &str, extra: &[&str], code: i32) -> (Value, String) {
+        let mut args = vec![
+            "release",
+            "sign",
+            "bridge-daemon",
+            "--key",
+            key,
+            "--version",
+            version,
+        ];
+        args.extend_from_slice(extra);
+        self.run_code(&args, code)
     }
 
     /// `release verify MANIFEST --key KEY.pub --binary bridge-daemon`, expecting `code`.
@@ -100,18 +90,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 #[test]
 fn a_signed_release_verifies_under_its_key_with_its_binary() {
     let env = Env::new();
-    let (signed, _) = env.run_code(
-        &[
-            "release",
-            "sign",
-            "bridge-daemon",
-            "--key",
-            "release.key",
-            "--version",
-            "0.2.0",
-        ],
-        0,
-    );
+    let (signed, _) = env.sign("release.key", "0.2.0", &[], 0);
     assert_eq!(
         signed["output"], "bridge-daemon.manifest",
         "default output: BINARY.manifest"
@@ -121,21 +100,19 @@ fn a_signed_release_verifies_under_its_key_with_its_binary() {
     assert_eq!(signed["arch"], std::env::consts::ARCH);
     assert_eq!(signed["size"], 100_000);
     assert_eq!(signed["sha256"], sha256_hex(&binary()));
+    // The file is a manifest as the agents read it (docs/updates.md), saying what was printed.
     let text = fs::read_to_string(env.path("bridge-daemon.manifest")).unwrap();
-    let lines: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    let names: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
     assert_eq!(
-        lines,
-        [
-            "bridge-release",
-            "version",
-            "os",
-            "arch",
-            "size",
-            "sha256",
-            "key",
-            "signature"
-        ]
+        names.join(" "),
+        "bridge-release version os arch size sha256 key signature"
     );
+    let parsed = SignedManifest::parse(&text).unwrap();
+    let m = parsed.manifest();
+    assert_eq!(m.version, "0.2.0");
+    assert_eq!(m.size, 100_000);
+    assert_eq!(m.sha256, signed["sha256"]);
+    assert_eq!(m.key.to_string(), signed["key_id"]);
 
     let valid = env.verify("bridge-daemon.manifest", "release.key", 0);
     assert_eq!(valid["valid"], true);
@@ -185,18 +162,7 @@ fn a_signed_release_verifies_under_its_key_with_its_binary() {
 #[test]
 fn verify_refuses_another_key_a_tampered_manifest_and_another_binary() {
     let env = Env::new();
-    env.run_code(
-        &[
-            "release",
-            "sign",
-            "bridge-daemon",
-            "--key",
-            "release.key",
-            "--version",
-            "0.2.0",
-        ],
-        0,
-    );
+    env.sign("release.key", "0.2.0", &[], 0);
     let text = fs::read_to_string(env.path("bridge-daemon.manifest")).unwrap();
 
     // Signed by a key that is not the one given.
@@ -252,35 +218,11 @@ fn verify_refuses_another_key_a_tampered_manifest_and_another_binary() {
 fn sign_refuses_what_a_manifest_cannot_say() {
     let env = Env::new();
     for (version, arch) in [("two", "x86_64"), ("0.2.0", "x86 64"), ("0.2.0", "")] {
-        let (_, stderr) = env.run_code(
-            &[
-                "release",
-                "sign",
-                "bridge-daemon",
-                "--key",
-                "release.key",
-                "--version",
-                version,
-                "--arch",
-                arch,
-            ],
-            2,
-        );
+        let (_, stderr) = env.sign("release.key", version, &["--arch", arch], 2);
         assert!(stderr.contains("bridgectl: error:"), "{stderr}");
     }
     // A public key cannot sign.
-    env.run_code(
-        &[
-            "release",
-            "sign",
-            "bridge-daemon",
-            "--key",
-            "release.key.pub",
-            "--version",
-            "0.2.0",
-        ],
-        2,
-    );
+    env.sign("release.key.pub", "0.2.0", &[], 2);
     assert!(!env.path("bridge-daemon.manifest").exists());
 }
 

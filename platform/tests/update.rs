@@ -39,6 +39,30 @@ fn release(dir: &Path, version: &str) -> Release {
     }
 }
 
+/// A platform in a new directory (keep it to the end), an agent connected to it, and release 0.2.0
+/// in the directory.
+async fn one_agent() -> (tempfile::TempDir, Platform, Identity, Ws, Release) {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Platform::start(&dir.path().join("state"));
+    let agent = Identity::new();
+    let (ws, _) = session(&serve, &agent, Some(&serve.token())).await;
+    let release = release(dir.path(), "0.2.0");
+    (dir, serve, agent, ws, release)
+}
+
+/// `bridgectl update --agent AGENT --release MANIFEST`, then `extra`.
+fn update_args<'a>(agent: &'a Identity, manifest: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "update",
+        "--agent",
+        &agent.id,
+        "--release",
+        manifest.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// The `update` message the agent receives.
 async fn expect_update(ws: &mut Ws, release: &Release) -> String {
     let update = recv(ws).await;
@@ -89,22 +113,10 @@ fn stdout_json(out: &std::process::Output) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_is_fetched_by_ranges_and_its_verdict_stored_before_it_is_acknowledged() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
-        let release = release(dir.path(), "0.2.0");
+        let (_dir, serve, agent, mut ws, release) = one_agent().await;
         let cli = bridgectl(
             &serve,
-            &[
-                "update",
-                "--agent",
-                &agent.id,
-                "--release",
-                release.manifest.to_str().unwrap(),
-                "--drain-timeout",
-                "5s",
-            ],
+            &update_args(&agent, &release.manifest, &["--drain-timeout", "5s"]),
         );
         let id = expect_update(&mut ws, &release).await;
 
@@ -186,28 +198,17 @@ async fn an_update_is_fetched_by_ranges_and_its_verdict_stored_before_it_is_ackn
 #[tokio::test(flavor = "multi_thread")]
 async fn the_platform_refuses_a_binary_that_is_not_the_manifests_before_sending_anything() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
-        let release = release(dir.path(), "0.2.0");
+        let (dir, serve, agent, mut ws, release) = one_agent().await;
         let mut changed = release.bytes.clone();
         changed[1234] ^= 1;
         let truncated = &release.bytes[..release.bytes.len() - 1];
         for (name, bytes) in [("changed", &changed[..]), ("truncated", truncated)] {
             let other = dir.path().join(name);
             fs::write(&other, bytes).unwrap();
+            let args = ["--binary", other.to_str().unwrap()];
             let out = output_of(bridgectl(
                 &serve,
-                &[
-                    "update",
-                    "--agent",
-                    &agent.id,
-                    "--release",
-                    release.manifest.to_str().unwrap(),
-                    "--binary",
-                    other.to_str().unwrap(),
-                ],
+                &update_args(&agent, &release.manifest, &args),
             ))
             .await;
             let stderr = String::from_utf8_lossy(&out.stderr);
@@ -230,13 +231,8 @@ async fn the_platform_refuses_a_binary_that_is_not_the_manifests_before_sending_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_sent_an_update() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let agent = Identity::new();
-        let (mut ws, _) = session(&serve, &agent, Some(&serve.token())).await;
-        let release = release(dir.path(), "0.2.0");
-        let manifest = release.manifest.to_str().unwrap();
-        let args = ["update", "--agent", &agent.id, "--release", manifest];
+        let (_dir, serve, agent, mut ws, release) = one_agent().await;
+        let args = update_args(&agent, &release.manifest, &[]);
 
         let cli = bridgectl(&serve, &args);
         let id = expect_update(&mut ws, &release).await;
@@ -282,7 +278,7 @@ async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_se
         assert_eq!(recv(&mut ws).await["version"], 1);
         let out = output_of(bridgectl(
             &serve,
-            &["update", "--agent", &old.id, "--release", manifest],
+            &update_args(&old, &release.manifest, &[]),
         ))
         .await;
         assert_eq!(out.status.code(), Some(2), "{out:?}");

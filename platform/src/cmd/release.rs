@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use bridge_signing::release::{sign_manifest, ReleaseError};
+use bridge_signing::release::{sign_manifest, Manifest, ReleaseError};
 use bridge_signing::{KeyPair, PublicKey};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -81,9 +81,9 @@ pub struct ReleaseVerifyArgs {
     pub binary: Option<PathBuf>,
 }
 
+/// What a manifest says of its binary, as `sign` and `verify` print it.
 #[derive(Serialize)]
-struct Signed {
-    output: PathBuf,
+struct Described {
     version: String,
     os: String,
     arch: String,
@@ -92,15 +92,31 @@ struct Signed {
     key_id: String,
 }
 
+impl Described {
+    fn of(m: &Manifest) -> Described {
+        Described {
+            version: m.version.clone(),
+            os: m.os.clone(),
+            arch: m.arch.clone(),
+            size: m.size,
+            sha256: m.sha256.clone(),
+            key_id: m.key.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Signed {
+    output: PathBuf,
+    #[serde(flatten)]
+    manifest: Described,
+}
+
 #[derive(Serialize)]
 struct Valid {
     valid: bool,
-    version: String,
-    os: String,
-    arch: String,
-    size: u64,
-    sha256: String,
-    key_id: String,
+    #[serde(flatten)]
+    manifest: Described,
     binary: Option<PathBuf>,
 }
 
@@ -135,15 +151,9 @@ fn sign(args: ReleaseSignArgs) -> Result<ExitCode> {
     });
     write_atomic(&out, manifest.as_bytes(), Some(OUTPUT_MODE))?;
     let parsed = bridge_signing::release::SignedManifest::parse(&manifest)?;
-    let m = parsed.manifest();
     crate::print_json(&Signed {
         output: out,
-        version: m.version.clone(),
-        os: m.os.clone(),
-        arch: m.arch.clone(),
-        size: m.size,
-        sha256: m.sha256.clone(),
-        key_id: m.key.to_string(),
+        manifest: Described::of(parsed.manifest()),
     });
     Ok(ExitCode::SUCCESS)
 }
@@ -191,12 +201,7 @@ fn verify(args: ReleaseVerifyArgs) -> Result<ExitCode> {
     }
     crate::print_json(&Valid {
         valid: true,
-        version: manifest.version.clone(),
-        os: manifest.os.clone(),
-        arch: manifest.arch.clone(),
-        size: manifest.size,
-        sha256: manifest.sha256.clone(),
-        key_id: manifest.key.to_string(),
+        manifest: Described::of(manifest),
         binary: args.binary,
     });
     Ok(ExitCode::SUCCESS)

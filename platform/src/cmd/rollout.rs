@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use crate::cmd::update::{millis, release_paths, CLIENT_MARGIN};
+use crate::cmd::update::{millis, ReleaseOptions, CLIENT_MARGIN};
 use crate::serve::control;
 use crate::timearg::parse_duration;
 
@@ -46,9 +46,9 @@ pub struct RolloutArgs {
     /// The signed release manifest.
     #[arg(long, value_name = "MANIFEST", required = true)]
     pub release: Option<PathBuf>,
-    /// The agent binary the manifest describes (default: MANIFEST without ".manifest").
-    #[arg(long, value_name = "FILE")]
-    pub binary: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: ReleaseOptions,
     /// How many agents are updated first, before any batch.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub canary: usize,
@@ -59,13 +59,6 @@ pub struct RolloutArgs {
     /// The rollout halts once this many agents failed.
     #[arg(long, value_name = "F", default_value_t = 1)]
     pub max_failures: usize,
-    /// Allow a release older than the agents' versions (their configs must allow it too).
-    #[arg(long)]
-    pub allow_downgrade: bool,
-    /// How long each agent lets running tasks finish before it restarts (default: its
-    /// config's).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub drain_timeout: Option<Duration>,
     /// How long to wait for each agent's verdict; no verdict in time counts as a failure.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10m")]
     pub timeout: Duration,
@@ -116,20 +109,11 @@ pub fn run(socket: &Path, args: RolloutArgs) -> Result<ExitCode> {
 }
 
 fn start(socket: &Path, release: &Path, args: &RolloutArgs) -> Result<Value> {
-    let (manifest, binary) = release_paths(release, args.binary.as_deref())?;
-    let mut request = json!({
-        "cmd": "rollout",
-        "manifest": manifest,
-        "binary": binary,
-        "canary": args.canary,
-        "batch_percent": args.batch,
-        "max_failures": args.max_failures,
-        "allow_downgrade": args.allow_downgrade,
-        "agent_wait_ms": millis(args.timeout),
-    });
-    if let Some(drain) = args.drain_timeout {
-        request["drain_timeout_ms"] = json!(millis(drain));
-    }
+    let mut request = args.options.request("rollout", release)?;
+    request["canary"] = json!(args.canary);
+    request["batch_percent"] = json!(args.batch);
+    request["max_failures"] = json!(args.max_failures);
+    request["agent_wait_ms"] = json!(millis(args.timeout));
     let response = control::request(socket, &request, CLIENT_MARGIN)?;
     Ok(response["rollout"].clone())
 }

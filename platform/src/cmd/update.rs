@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::release::default_binary;
 use crate::serve::control;
@@ -44,24 +44,49 @@ pub struct UpdateArgs {
     /// The signed release manifest.
     #[arg(long, value_name = "MANIFEST")]
     pub release: PathBuf,
-    /// The agent binary the manifest describes (default: MANIFEST without ".manifest").
-    #[arg(long, value_name = "FILE")]
-    pub binary: Option<PathBuf>,
-    /// Allow a release older than the agent's version (the agent's config must allow
-    /// downgrades too).
-    #[arg(long)]
-    pub allow_downgrade: bool,
-    /// How long the agent lets running tasks finish before it restarts (e.g. 30s, 5m;
-    /// default: the agent's `update.drain_timeout_secs`).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    pub drain_timeout: Option<Duration>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: ReleaseOptions,
     /// How long to wait for the verdict (e.g. 90s, 10m).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10m")]
     pub timeout: Duration,
 }
 
+/// What `update` and `rollout` say of the release besides its manifest.
+#[derive(Debug, Args)]
+pub struct ReleaseOptions {
+    /// The agent binary the manifest describes (default: MANIFEST without ".manifest").
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
+    /// Allow a release older than an agent's version (its config must allow downgrades too).
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// How long an agent lets running tasks finish before it restarts (e.g. 30s, 5m;
+    /// default: its config's `update.drain_timeout_secs`).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+impl ReleaseOptions {
+    /// The control request `cmd` for the release `manifest`: the absolute paths of the
+    /// manifest and the binary (the server reads them) and these options.
+    pub fn request(&self, cmd: &str, manifest: &Path) -> Result<Value> {
+        let (manifest, binary) = release_paths(manifest, self.binary.as_deref())?;
+        let mut request = json!({
+            "cmd": cmd,
+            "manifest": manifest,
+            "binary": binary,
+            "allow_downgrade": self.allow_downgrade,
+        });
+        if let Some(drain) = self.drain_timeout {
+            request["drain_timeout_ms"] = json!(millis(drain));
+        }
+        Ok(request)
+    }
+}
+
 /// The absolute paths of a release's manifest and binary (the server reads them).
-pub fn release_paths(manifest: &Path, binary: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+fn release_paths(manifest: &Path, binary: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let binary = match binary {
         Some(b) => b.to_path_buf(),
         None => default_binary(manifest)?,
@@ -80,18 +105,9 @@ pub fn millis(d: Duration) -> u64 {
 
 /// Runs `update` against the control socket at `socket`.
 pub fn run(socket: &Path, args: UpdateArgs) -> Result<ExitCode> {
-    let (manifest, binary) = release_paths(&args.release, args.binary.as_deref())?;
-    let mut request = json!({
-        "cmd": "update",
-        "agent": args.agent,
-        "manifest": manifest,
-        "binary": binary,
-        "allow_downgrade": args.allow_downgrade,
-        "wait_ms": millis(args.timeout),
-    });
-    if let Some(drain) = args.drain_timeout {
-        request["drain_timeout_ms"] = json!(millis(drain));
-    }
+    let mut request = args.options.request("update", &args.release)?;
+    request["agent"] = json!(args.agent);
+    request["wait_ms"] = json!(millis(args.timeout));
     let wait = args.timeout.saturating_add(CLIENT_MARGIN);
     let response = control::request(socket, &request, wait)?;
     let update = &response["update"];

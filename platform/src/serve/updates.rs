@@ -250,6 +250,15 @@ mod tests {
         }
     }
 
+    /// A store in a new directory, holding one update sent to agent-a (no verdict yet).
+    fn store_with_one_update() -> (tempfile::TempDir, UpdateStore, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = UpdateStore::open(dir.path()).unwrap();
+        let id = new_id();
+        store.create(&record(&id)).unwrap();
+        (dir, store, id)
+    }
+
     fn record(id: &str) -> UpdateRecord {
         UpdateRecord {
             id: id.to_string(),
@@ -278,10 +287,7 @@ mod tests {
 
     #[test]
     fn a_verdict_is_stored_once_and_only_for_the_agent_updated() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = UpdateStore::open(dir.path()).unwrap();
-        let id = new_id();
-        store.create(&record(&id)).unwrap();
+        let (dir, store, id) = store_with_one_update();
         assert_eq!(
             store
                 .record("agent-b", &status(&id, UpdateState::Succeeded))
@@ -329,10 +335,7 @@ mod tests {
 
     #[test]
     fn a_refusal_gives_way_to_a_verdict_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = UpdateStore::open(dir.path()).unwrap();
-        let id = new_id();
-        store.create(&record(&id)).unwrap();
+        let (_dir, store, id) = store_with_one_update();
         let refused = store
             .record("agent-a", &status(&id, UpdateState::Refused))
             .unwrap();

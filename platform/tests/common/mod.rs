@@ -5,6 +5,8 @@
 // Each test file uses its own subset.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +29,65 @@ use tokio_tungstenite::WebSocketStream;
 
 pub const STEP: Duration = Duration::from_secs(10);
 pub const BIN: &str = env!("CARGO_BIN_EXE_bridgectl");
+
+/// A temporary directory to run `bridgectl` in.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `name` in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `bridgectl ARGS` in the directory.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects exit status `code`; returns stdout parsed as one line of JSON (Null if
+    /// empty), and stderr.
+    #[track_caller]
+    pub fn run_code(&self, args: &[&str], code: i32) -> (Value, String) {
+        let out = self.run(args);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "bridgectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        let json = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+            serde_json::from_str(&stdout).unwrap()
+        };
+        (json, stderr)
+    }
+
+    /// Runs and expects success; returns stdout as JSON.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> Value {
+        self.run_code(args, 0).0
+    }
+
+    /// Creates key `name` (and `name.pub`); returns the keygen output.
+    pub fn keygen(&self, name: &str) -> Value {
+        self.ok(&["keygen", "--out", name])
+    }
+}
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 

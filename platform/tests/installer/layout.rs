@@ -7,8 +7,6 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
-
 use crate::support::*;
 
 /// Installs from `fake` into `root` (`--version` when given) with `extra` options; its output.
@@ -18,44 +16,24 @@ fn install_version(
     version: Option<&str>,
     extra: &[&str],
 ) -> String {
-    let mut args = vec![
-        "--root",
-        root.to_str().unwrap(),
-        "--url",
-        &fake.url,
-        "--server-pin",
-        &fake.pin,
-    ];
+    let mut args = target(root, &fake.url, &fake.pin, extra);
     if let Some(v) = version {
         args.extend(["--version", v]);
     }
-    args.extend(extra);
     ok(install(&args, ""))
-}
-
-fn sha(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// Owner and mode of `path` (not following a link).
-fn owner_mode(path: &Path) -> (u32, u32, u32) {
-    let m = fs::symlink_metadata(path).unwrap();
-    (m.uid(), m.gid(), m.mode() & 0o7777)
 }
 
 #[test]
 fn releases_current_previous_and_the_launcher_across_upgrades() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let root = w.join("root");
+    let (root, fake, v1) = fake_staging(w);
     let lay = layout(&root);
-    let fake = FakePlatform::start();
-    let v1 = fs::read(release(w, "v1", b"")).unwrap();
     let v2 = fs::read(release(w, "v2", b"\n# 1.1.0\n")).unwrap();
     let v3 = fs::read(release(w, "v3", b"\n# 1.2.0\n")).unwrap();
-    fake.publish_at(Some("1.0.0"), &v1, &sha(&v1));
-    fake.publish_at(Some("1.1.0"), &v2, &sha(&v2));
-    fake.publish_at(Some("1.2.0"), &v3, &sha(&v3));
+    fake.publish_binary(Some("1.0.0"), &v1);
+    fake.publish_binary(Some("1.1.0"), &v2);
+    fake.publish_binary(Some("1.2.0"), &v3);
 
     // An older installer's layout: a plain binary in bin/ and the old unit.
     let bin = root.join("usr/local/bin/bridge-daemon");
@@ -63,8 +41,9 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     fs::write(&bin, &v1).unwrap();
 
     // A dry run changes nothing and says what it would do.
-    let before = snapshot(&root);
-    let out = install_version(&fake, &root, Some("1.0.0"), &["--dry-run"]);
+    let out = unchanged(&root, || {
+        install_version(&fake, &root, Some("1.0.0"), &["--dry-run"])
+    });
     assert!(
         out.contains(&format!(
             "would link {} -> releases/1.0.0",
@@ -72,7 +51,6 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
         )),
         "{out}"
     );
-    assert_eq!(snapshot(&root), before);
 
     // First install: the release, the launcher (the same bytes), the links, an empty state.
     let out = install_version(&fake, &root, Some("1.0.0"), &[]);
@@ -82,10 +60,7 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
         v1
     );
     assert_eq!(fs::read(lay.join("bridge-launcher")).unwrap(), v1);
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.0.0")
-    );
+    assert_current(&lay, "1.0.0");
     assert_eq!(link(&lay.join("previous")), None);
     assert!(!lay.join("previous").exists());
     assert_eq!(fs::read_to_string(lay.join("state.json")).unwrap(), "{}");
@@ -114,17 +89,13 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     }
     assert_eq!(owner_mode(&lay.join("state.json")), (uid, gid, 0o644));
     let unit = fs::read_to_string(root.join("etc/systemd/system/bridge-daemon.service")).unwrap();
-    for want in [
-        "ExecStartPre=+/usr/local/lib/bridge/bridge-launcher launcher prepare \
-         --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
-        "ExecStart=/usr/local/lib/bridge/bridge-launcher launcher run \
-         --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
+    for want in LAUNCHER_LINES.into_iter().chain([
         "User=bridge\n",
         "ProtectSystem=strict\n",
         "ReadWritePaths=/var/lib/bridge\n",
         "Restart=always\n",
         "RestartSec=5s\n",
-    ] {
+    ]) {
         assert!(unit.contains(want), "unit lacks {want}:\n{unit}");
     }
     assert_eq!(unit.matches("ExecStart").count(), 2, "{unit}");
@@ -134,23 +105,13 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     assert!(!config.contains("[update]"), "{config}");
 
     // The same settings again: nothing changes.
-    let before = snapshot(&root);
-    let out = install_version(&fake, &root, Some("1.0.0"), &[]);
-    assert!(out.contains("nothing to change"), "{out}");
-    assert_eq!(snapshot(&root), before);
+    nothing_to_change(&root, || install_version(&fake, &root, Some("1.0.0"), &[]));
 
     // A new version: current moves, previous keeps the one before, the launcher is the new
     // installer's binary, the service is restarted.
     let out = install_version(&fake, &root, Some("1.1.0"), &[]);
     assert!(out.contains("not run (--root): systemctl restart"), "{out}");
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.1.0")
-    );
-    assert_eq!(
-        link(&lay.join("previous")).as_deref(),
-        Some("releases/1.0.0")
-    );
+    assert_links(&lay, "1.1.0", "1.0.0");
     assert_eq!(
         fs::read(lay.join("releases/1.0.0/bridge-daemon")).unwrap(),
         v1
@@ -161,21 +122,11 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     );
     assert_eq!(fs::read(lay.join("bridge-launcher")).unwrap(), v2);
     assert_eq!(fs::read(&bin).unwrap(), v2);
-    let before = snapshot(&root);
-    let out = install_version(&fake, &root, Some("1.1.0"), &[]);
-    assert!(out.contains("nothing to change"), "{out}");
-    assert_eq!(snapshot(&root), before);
+    nothing_to_change(&root, || install_version(&fake, &root, Some("1.1.0"), &[]));
 
     // One more: previous moves along, the oldest release is pruned.
     install_version(&fake, &root, Some("1.2.0"), &[]);
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.2.0")
-    );
-    assert_eq!(
-        link(&lay.join("previous")).as_deref(),
-        Some("releases/1.1.0")
-    );
+    assert_links(&lay, "1.2.0", "1.1.0");
     let mut releases: Vec<String> = fs::read_dir(lay.join("releases"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -186,14 +137,7 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     // Back to an older version by the installer: it becomes current, the one it replaces
     // previous.
     install_version(&fake, &root, Some("1.1.0"), &[]);
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.1.0")
-    );
-    assert_eq!(
-        link(&lay.join("previous")).as_deref(),
-        Some("releases/1.2.0")
-    );
+    assert_links(&lay, "1.1.0", "1.2.0");
     assert_eq!(fs::read(&bin).unwrap(), v2);
     // No temporary names left behind anywhere in the layout or bin/.
     for dir in [
@@ -212,16 +156,16 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     }
 
     // Uninstall removes the layout and the link; a dry run first changes nothing.
-    let before = snapshot(&root);
-    let out = ok(install(
-        &["--root", root.to_str().unwrap(), "--uninstall", "--dry-run"],
-        "",
-    ));
+    let out = unchanged(&root, || {
+        ok(install(
+            &["--root", root.to_str().unwrap(), "--uninstall", "--dry-run"],
+            "",
+        ))
+    });
     assert!(
         out.contains(&format!("would run: rm -rf {}", lay.display())),
         "{out}"
     );
-    assert_eq!(snapshot(&root), before);
     ok(install(
         &["--root", root.to_str().unwrap(), "--uninstall"],
         "",
@@ -235,12 +179,10 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
 fn an_install_clears_a_pending_self_update() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let root = w.join("root");
+    let (root, fake, v1) = fake_staging(w);
     let lay = layout(&root);
-    let fake = FakePlatform::start();
-    let v1 = fs::read(release(w, "v1", b"")).unwrap();
     let v2 = fs::read(release(w, "v2", b"\n# 2.0.0\n")).unwrap();
-    fake.publish_at(Some("1.0.0"), &v1, &sha(&v1));
+    fake.publish_binary(Some("1.0.0"), &v1);
     install_version(&fake, &root, Some("1.0.0"), &[]);
 
     // What a self-update to 2.0.0 leaves: the launcher switched to it and awaits its
@@ -269,14 +211,14 @@ fn an_install_clears_a_pending_self_update() {
     fs::write(update.join("outcome.json"), "{}").unwrap();
 
     // A dry run says what it would do, and does not.
-    let before = snapshot(&root);
-    let out = install_version(&fake, &root, Some("1.0.0"), &["--dry-run"]);
+    let out = unchanged(&root, || {
+        install_version(&fake, &root, Some("1.0.0"), &["--dry-run"])
+    });
     assert!(
         out.contains("a pending self-update would be cleared")
             && out.contains("a self-update the agent staged would be discarded"),
         "{out}"
     );
-    assert_eq!(snapshot(&root), before);
 
     // The installer's version wins: the pending switch is forgotten, the staged release
     // discarded, and it says so; the self-updated release stays as previous.
@@ -294,14 +236,7 @@ fn an_install_clears_a_pending_self_update() {
     assert!(!staged.exists());
     // The agent's report of the last update is its own, kept for the platform.
     assert!(update.join("outcome.json").exists());
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.0.0")
-    );
-    assert_eq!(
-        link(&lay.join("previous")).as_deref(),
-        Some("releases/2.0.0")
-    );
+    assert_links(&lay, "1.0.0", "2.0.0");
     assert_eq!(
         fs::read(lay.join("releases/2.0.0/bridge-daemon")).unwrap(),
         v2
@@ -309,10 +244,7 @@ fn an_install_clears_a_pending_self_update() {
 
     // A launcher's state without a pending switch is left as it is.
     fs::write(lay.join("state.json"), "{ }").unwrap();
-    let before = snapshot(&root);
-    let out = install_version(&fake, &root, Some("1.0.0"), &[]);
-    assert!(out.contains("nothing to change"), "{out}");
-    assert_eq!(snapshot(&root), before);
+    nothing_to_change(&root, || install_version(&fake, &root, Some("1.0.0"), &[]));
 
     // The state directory is the service user's: root follows no link it planted there.
     let elsewhere = w.join("elsewhere");
@@ -321,16 +253,7 @@ fn an_install_clears_a_pending_self_update() {
     std::os::unix::fs::symlink(&elsewhere, &update).unwrap();
     let before = snapshot(&root);
     let out = install(
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--url",
-            &fake.url,
-            "--server-pin",
-            &fake.pin,
-            "--version",
-            "1.0.0",
-        ],
+        &target(&root, &fake.url, &fake.pin, &["--version", "1.0.0"]),
         "",
     );
     assert_eq!(out.status.code(), Some(1));
@@ -351,7 +274,7 @@ fn the_version_comes_from_the_binary_or_is_refused() {
 
     // Without --version: what the downloaded binary prints (`bridge-daemon X`).
     let v1 = fs::read(release(w, "v1", b"")).unwrap();
-    fake.publish(&v1, &sha(&v1));
+    fake.publish_binary(None, &v1);
     let root = w.join("root");
     let out = install_version(&fake, &root, None, &[]);
     let version = env!("CARGO_PKG_VERSION");
@@ -359,26 +282,13 @@ fn the_version_comes_from_the_binary_or_is_refused() {
         out.contains(&format!("releases/{version}/bridge-daemon")),
         "{out}"
     );
-    assert_eq!(
-        link(&layout(&root).join("current")),
-        Some(format!("releases/{version}"))
-    );
+    assert_current(&layout(&root), version);
 
     // An executable that prints no version: refused, nothing installed.
     let other = fs::read("/bin/true").unwrap();
-    fake.publish(&other, &sha(&other));
+    fake.publish_binary(None, &other);
     let root = w.join("other");
-    let out = install(
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--url",
-            &fake.url,
-            "--server-pin",
-            &fake.pin,
-        ],
-        "",
-    );
+    let out = install(&target(&root, &fake.url, &fake.pin, &[]), "");
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out).contains("cannot tell the version of the downloaded")
@@ -414,11 +324,8 @@ fn the_version_comes_from_the_binary_or_is_refused() {
 
     // Any semantic version names a release.
     let v = "2.0.0-rc.1+build.5";
-    fake.publish_at(Some(v), &v1, &sha(&v1));
+    fake.publish_binary(Some(v), &v1);
     let root = w.join("prerelease");
     install_version(&fake, &root, Some(v), &[]);
-    assert_eq!(
-        link(&layout(&root).join("current")),
-        Some(format!("releases/{v}"))
-    );
+    assert_current(&layout(&root), v);
 }

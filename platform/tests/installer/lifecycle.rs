@@ -53,21 +53,9 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
 
     // A dry run changes nothing.
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--root",
-            root_s,
-            "--url",
-            &url,
-            "--server-pin",
-            &pin,
-            "--trusted-key",
-            &trusted,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
+        let mut v = target(&root, &url, &pin, &["--trusted-key", &trusted]);
+        v.extend(extra);
+        v.into_iter().map(String::from).collect()
     };
     let run = |a: &[String], stdin: &str| {
         install(&a.iter().map(String::as_str).collect::<Vec<_>>(), stdin)
@@ -111,11 +99,7 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     }
     let unit = fs::read_to_string(&unit_path).unwrap();
     assert!(!config.contains(&token) && !unit.contains(&token));
-    for want in [
-        "ExecStartPre=+/usr/local/lib/bridge/bridge-launcher launcher prepare \
-         --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
-        "ExecStart=/usr/local/lib/bridge/bridge-launcher launcher run \
-         --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
+    for want in LAUNCHER_LINES.into_iter().chain([
         "User=bridge",
         "Restart=always",
         "RestartSec=",
@@ -128,7 +112,7 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
         "CapabilityBoundingSet=\n",
         "Delegate=yes",
         "WantedBy=multi-user.target",
-    ] {
+    ]) {
         assert!(unit.contains(want), "unit lacks {want}:\n{unit}");
     }
     // systemd 252 cannot delegate a cgroup under ProtectControlGroups=yes.
@@ -140,9 +124,9 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
 
     // The same settings again: nothing changes, not even a modification time.
     let before = snapshot(&root);
-    let out = ok(run(&args(&["--token-file", token_file_s]), ""));
-    assert!(out.contains("nothing to change"), "{out}");
-    assert_eq!(snapshot(&root), before);
+    nothing_to_change(&root, || {
+        ok(run(&args(&["--token-file", token_file_s]), ""))
+    });
 
     // New settings: a dry run shows them and changes nothing; the real run applies them.
     let next_pin = "ab".repeat(32);
@@ -229,13 +213,13 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     assert!(out.contains("nothing to remove"), "{out}");
 
     // Purge: nothing left behind.
-    let before = snapshot(&root);
-    let out = ok(install(
-        &["--root", root_s, "--uninstall", "--purge", "--dry-run"],
-        "",
-    ));
+    let out = unchanged(&root, || {
+        ok(install(
+            &["--root", root_s, "--uninstall", "--purge", "--dry-run"],
+            "",
+        ))
+    });
     assert!(out.contains("would run: rm -rf"), "{out}");
-    assert_eq!(snapshot(&root), before);
     ok(install(&["--root", root_s, "--uninstall", "--purge"], ""));
     let left: Vec<_> = fs::read_dir(&root).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
@@ -278,11 +262,7 @@ fn run_installed_agent(serve: &Platform, root: &Path) -> String {
 fn the_one_line_install_runs_from_a_private_directory_and_leaves_nothing() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let v1 = release(w, "v1", b"");
-    let serve = start_serve(
-        &w.join("platform"),
-        &["--agent-binary", v1.to_str().unwrap()],
-    );
+    let (v1, serve) = serve_release(w);
     let root = w.join("root");
     let command = get(&serve, "install_command");
     assert!(

@@ -1,7 +1,7 @@
 //! File ownership (needs root) and the enrollment token's removal once the agent enrolled.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use crate::support::*;
@@ -10,11 +10,7 @@ use crate::support::*;
 fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let v1 = release(w, "v1", b"");
-    let serve = start_serve(
-        &w.join("platform"),
-        &["--agent-binary", v1.to_str().unwrap()],
-    );
+    let (_, serve) = serve_release(w);
     let (url, pin, token) = (
         base_url(&serve),
         get(&serve, "server_pin"),
@@ -24,7 +20,6 @@ fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
     let fake = fake_systemctl(w);
     let log = w.join("systemctl.log");
     let root = w.join("root");
-    let root_s = root.to_str().unwrap().to_string();
     // The service user exists on the target system: files are chowned to it.
     fs::create_dir_all(root.join("etc")).unwrap();
     fs::write(
@@ -34,20 +29,10 @@ fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
     .unwrap();
     let marker = root.join("var/lib/bridge/enrolled");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--root",
-            &root_s,
-            "--url",
-            &url,
-            "--server-pin",
-            &pin,
-            "--ca-file",
-            &ca,
-            "--token-stdin",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut v: Vec<String> = target(&root, &url, &pin, &["--ca-file", &ca, "--token-stdin"])
+            .into_iter()
+            .map(String::from)
+            .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -78,10 +63,7 @@ fn policy_files_are_root_owned_and_the_token_goes_once_the_agent_enrolled() {
     assert!(!t.contains("not run (--root): systemctl"), "{t}");
     // The agent's policy: readable through its group, changeable by root only.
     let etc = root.join("etc/bridge");
-    let owner = |p: &Path| {
-        let m = fs::metadata(p).unwrap();
-        (m.uid(), m.gid(), m.mode() & 0o7777)
-    };
+    let owner = owner_mode;
     assert_eq!(owner(&etc), (0, 4343, 0o750));
     assert_eq!(owner(&etc.join("agent.toml")), (0, 4343, 0o640));
     assert_eq!(owner(&etc.join("platform-ca.pem")), (0, 4343, 0o640));

@@ -6,9 +6,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 
-use base64::Engine as _;
-use sha2::{Digest as _, Sha256};
-
 use crate::support::*;
 
 #[test]
@@ -40,19 +37,7 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
     let other = bridge_signing::KeyPair::from_seed(&[10; 32])
         .public_key()
         .to_string();
-    let out = install(
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--url",
-            &url,
-            "--server-pin",
-            &pin,
-            "--release-key",
-            &other,
-        ],
-        "",
-    );
+    let out = install(&target(&root, &url, &pin, &["--release-key", &other]), "");
     assert!(!out.status.success());
     assert!(
         text(&out).contains(&format!(
@@ -67,29 +52,19 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
     // The right one, as ed25519:… and as a PEM file; and --run-as-root.
     let root = w.join("root");
     let out = ok(install(
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--url",
+        &target(
+            &root,
             &url,
-            "--server-pin",
             &pin,
-            "--release-key",
-            &public,
-            "--run-as-root",
-            "--token",
-            "abc",
-        ],
+            &["--release-key", &public, "--run-as-root", "--token", "abc"],
+        ),
         "",
     ));
     assert!(out.contains("release manifest signature verified"), "{out}");
     // The manifest's version (the platform's) names the release; the key lets the agent
     // update itself.
     let version = env!("CARGO_PKG_VERSION");
-    assert_eq!(
-        link(&layout(&root).join("current")),
-        Some(format!("releases/{version}"))
-    );
+    assert_current(&layout(&root), version);
     let config = fs::read_to_string(root.join("etc/bridge/agent.toml")).unwrap();
     assert!(
         config.contains(&format!("[update]\n# Self-update: releases whose manifest this key signed (see docs/configuration.md).\nrelease_keys = [\"{public}\"]\n")),
@@ -106,28 +81,14 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
     assert_eq!(mode(&root.join("etc/bridge")), 0o700);
     verify_unit(&root, w, EXPOSURE_ROOT);
     let pem = w.join("release.pub.pem");
-    let mut der = hex::decode("302a300506032b6570032100").unwrap();
-    der.extend_from_slice(key.public_key().as_bytes());
-    fs::write(
-        &pem,
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            base64::engine::general_purpose::STANDARD.encode(&der)
-        ),
-    )
-    .unwrap();
+    write_public_pem(&pem, key);
     let out = ok(install(
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--url",
+        &target(
+            &root,
             &url,
-            "--server-pin",
             &pin,
-            "--release-key",
-            pem.to_str().unwrap(),
-            "--run-as-root",
-        ],
+            &["--release-key", pem.to_str().unwrap(), "--run-as-root"],
+        ),
         "",
     ));
     assert!(out.contains("nothing to change"), "{out}");
@@ -160,7 +121,7 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
     assert_eq!(code, "200");
     let want = format!(
         "{}  bridge-daemon-linux-{ARCH}\n",
-        hex::encode(Sha256::digest(fs::read(&v1).unwrap()))
+        sha(&fs::read(&v1).unwrap())
     );
     assert_eq!(String::from_utf8_lossy(&sum), want);
     let (code, _) = get(&format!(
@@ -205,23 +166,12 @@ fn other_arch() -> &'static str {
 fn a_manifest_that_does_not_match_installs_nothing() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let root = w.join("root");
-    let fake = FakePlatform::start();
+    let (root, fake, v1) = fake_staging(w);
     let key = release_key();
     let public = key.public_key().to_string();
-    let v1 = fs::read(release(w, "v1", b"")).unwrap();
     let good = manifest("1.2.3", ARCH, &v1, key);
     let install_with = |extra: &[&str]| {
-        let mut args = vec![
-            "--root",
-            root.to_str().unwrap(),
-            "--url",
-            &fake.url,
-            "--server-pin",
-            &fake.pin,
-            "--release-key",
-            &public,
-        ];
+        let mut args = target(&root, &fake.url, &fake.pin, &["--release-key", &public]);
         args.extend(extra);
         install(&args, "")
     };
@@ -313,10 +263,7 @@ fn a_manifest_that_does_not_match_installs_nothing() {
         fs::read(lay.join("releases/1.2.3/bridge-daemon")).unwrap(),
         v1
     );
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.2.3")
-    );
+    assert_current(&lay, "1.2.3");
     let config = fs::read_to_string(root.join("etc/bridge/agent.toml")).unwrap();
     assert!(
         config.contains(&format!("release_keys = [\"{public}\"]")),
@@ -324,49 +271,28 @@ fn a_manifest_that_does_not_match_installs_nothing() {
     );
     // The same key as a PEM file is the same setting: nothing changes.
     let pem = w.join("release.pub.pem");
-    let mut der = hex::decode("302a300506032b6570032100").unwrap();
-    der.extend_from_slice(key.public_key().as_bytes());
-    fs::write(
-        &pem,
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            base64::engine::general_purpose::STANDARD.encode(&der)
-        ),
-    )
-    .unwrap();
-    let before = snapshot(&root);
-    let mut args: Vec<&str> = vec![
-        "--root",
-        root.to_str().unwrap(),
-        "--url",
+    write_public_pem(&pem, key);
+    let mut args = target(
+        &root,
         &fake.url,
-        "--server-pin",
         &fake.pin,
-        "--release-key",
-        pem.to_str().unwrap(),
-    ];
-    let out = ok(install(&args, ""));
-    assert!(out.contains("nothing to change"), "{out}");
-    assert_eq!(snapshot(&root), before);
+        &["--release-key", pem.to_str().unwrap()],
+    );
+    nothing_to_change(&root, || ok(install(&args, "")));
 
     // An upgrade whose manifest does not verify changes nothing.
     let v2 = fs::read(release(w, "v2", b"\n# 1.3.0\n")).unwrap();
     let next = manifest("1.3.0", ARCH, &v2, key);
     fake.publish_release(&v2, &next.replace("version 1.3.0", "version 1.3.1"));
-    let out = install(&args, "");
-    assert!(text(&out).contains("does not verify"), "{}", text(&out));
-    assert_eq!(snapshot(&root), before);
+    unchanged(&root, || {
+        let out = text(&install(&args, ""));
+        assert!(out.contains("does not verify"), "{out}");
+        out
+    });
     // A verified one moves current, keeps previous.
     fake.publish_release(&v2, &next);
     ok(install(&args, ""));
-    assert_eq!(
-        link(&lay.join("current")).as_deref(),
-        Some("releases/1.3.0")
-    );
-    assert_eq!(
-        link(&lay.join("previous")).as_deref(),
-        Some("releases/1.2.3")
-    );
+    assert_links(&lay, "1.3.0", "1.2.3");
 
     // A key that is not Ed25519 is refused before any download.
     let rsa = w.join("rsa.pem");
@@ -398,8 +324,4 @@ fn a_manifest_that_does_not_match_installs_nothing() {
         "{}",
         text(&out)
     );
-}
-
-fn sha(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }

@@ -354,10 +354,15 @@ impl FakePlatform {
         );
     }
 
+    /// Serves `binary` with its right checksum, at the paths of `version` (or unversioned).
+    pub fn publish_binary(&self, version: Option<&str>, binary: &[u8]) {
+        self.publish_at(version, binary, &sha(binary));
+    }
+
     /// Serves `binary` with `manifest` beside it (`….manifest`), at the unversioned paths.
     pub fn publish_release(&self, binary: &[u8], manifest: &str) {
         let name = format!("bridge-daemon-linux-{ARCH}");
-        self.publish(binary, &hex::encode(Sha256::digest(binary)));
+        self.publish_binary(None, binary);
         self.files.lock().unwrap().insert(
             format!("/downloads/{name}.manifest"),
             manifest.as_bytes().to_vec(),
@@ -393,4 +398,107 @@ esac
     .unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// The hex SHA-256 of `bytes`.
+pub fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The installer's options for staging under `root` from the platform at `url` pinned by
+/// `pin`, then `extra`.
+pub fn target<'a>(root: &'a Path, url: &'a str, pin: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--root",
+        root.to_str().unwrap(),
+        "--url",
+        url,
+        "--server-pin",
+        pin,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A release binary (`v1`) in `dir`, and `bridgectl serve` (state in `dir/platform`) serving
+/// it.
+pub fn serve_release(dir: &Path) -> (PathBuf, Platform) {
+    let v1 = release(dir, "v1", b"");
+    let serve = start_serve(
+        &dir.join("platform"),
+        &["--agent-binary", v1.to_str().unwrap()],
+    );
+    (v1, serve)
+}
+
+/// Writes `key`'s public key to `path` as a PEM file (SubjectPublicKeyInfo), as
+/// `--release-key` also takes it.
+pub fn write_public_pem(path: &Path, key: &bridge_signing::KeyPair) {
+    use base64::Engine as _;
+    let mut der = hex::decode("302a300506032b6570032100").unwrap();
+    der.extend_from_slice(key.public_key().as_bytes());
+    fs::write(
+        path,
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        ),
+    )
+    .unwrap();
+}
+
+/// Owner and mode of `path` (not following a link).
+pub fn owner_mode(path: &Path) -> (u32, u32, u32) {
+    let m = fs::symlink_metadata(path).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// Asserts that the layout `lay`'s `current` links to release `version`.
+#[track_caller]
+pub fn assert_current(lay: &Path, version: &str) {
+    assert_eq!(
+        link(&lay.join("current")),
+        Some(format!("releases/{version}"))
+    );
+}
+
+/// Asserts that `current` links to release `current` and `previous` to `previous`.
+#[track_caller]
+pub fn assert_links(lay: &Path, current: &str, previous: &str) {
+    assert_current(lay, current);
+    assert_eq!(
+        link(&lay.join("previous")),
+        Some(format!("releases/{previous}"))
+    );
+}
+
+/// Runs `install` (an installer run; its output) and asserts nothing under `root` changed;
+/// the output.
+#[track_caller]
+pub fn unchanged(root: &Path, install: impl FnOnce() -> String) -> String {
+    let before = snapshot(root);
+    let out = install();
+    assert_eq!(snapshot(root), before, "{out}");
+    out
+}
+
+/// [`unchanged`], the installer saying so.
+#[track_caller]
+pub fn nothing_to_change(root: &Path, install: impl FnOnce() -> String) {
+    let out = unchanged(root, install);
+    assert!(out.contains("nothing to change"), "{out}");
+}
+
+/// The unit's lines that start the agent through the launcher.
+pub const LAUNCHER_LINES: [&str; 2] = [
+    "ExecStartPre=+/usr/local/lib/bridge/bridge-launcher launcher prepare \
+     --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
+    "ExecStart=/usr/local/lib/bridge/bridge-launcher launcher run \
+     --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
+];
+
+/// A staging root (`DIR/root`), a fake platform, and the bytes of a release binary (`DIR/v1`).
+pub fn fake_staging(dir: &Path) -> (PathBuf, FakePlatform, Vec<u8>) {
+    let v1 = fs::read(release(dir, "v1", b"")).unwrap();
+    (dir.join("root"), FakePlatform::start(), v1)
 }

@@ -201,9 +201,13 @@ async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Res
 }
 
 /// Reads a release (manifest and binary, checked against each other) off the runtime's
-/// threads, sharing the copy in memory if the release is already there.
-async fn load_release(hub: &Hub, paths: (PathBuf, PathBuf)) -> Result<Arc<Release>, String> {
-    let (manifest, binary) = paths;
+/// threads, sharing the copy in memory if the release is already there; `paths` are the
+/// request's, or what is wrong with them.
+async fn load_release(
+    hub: &Hub,
+    paths: Result<(PathBuf, PathBuf), String>,
+) -> Result<Arc<Release>, String> {
+    let (manifest, binary) = paths?;
     let loaded = tokio::task::spawn_blocking(move || Release::load(&manifest, &binary))
         .await
         .map_err(|e| format!("reading the release failed: {e}"))?;
@@ -214,11 +218,7 @@ async fn load_release(hub: &Hub, paths: (PathBuf, PathBuf)) -> Result<Arc<Releas
 
 /// `update`: the release read and checked, then sent, then the verdict.
 async fn update_agent(hub: &Hub, update: UpdateCommand) -> Value {
-    let paths = match update.paths() {
-        Ok(paths) => paths,
-        Err(why) => return failure(why),
-    };
-    let release = match load_release(hub, paths).await {
+    let release = match load_release(hub, update.paths()).await {
         Ok(release) => release,
         Err(why) => return failure(why),
     };
@@ -241,11 +241,7 @@ async fn start_rollout(hub: &Arc<Hub>, rollout: RolloutCommand) -> Value {
         Ok(plan) => plan,
         Err(why) => return failure(format!("bad request: {why}")),
     };
-    let paths = match rollout.paths() {
-        Ok(paths) => paths,
-        Err(why) => return failure(why),
-    };
-    let release = match load_release(hub, paths).await {
+    let release = match load_release(hub, rollout.paths()).await {
         Ok(release) => release,
         Err(why) => return failure(why),
     };
