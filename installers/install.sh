@@ -16,14 +16,17 @@ Usage: sh install.sh --url https://PLATFORM:PORT (--server-pin HEX... | --ca-fil
        sh install.sh --uninstall [--purge] [--prefix DIR] [--root DIR] [--dry-run]
 
 Installs the bridge agent from its platform: downloads bridge-daemon for this machine's OS and
-architecture, checks it against the SHA-256 published beside it (and the release signature
-with --release-key) before anything is installed, then installs atomically the binary
-(PREFIX/bin/bridge-daemon), its config (/etc/bridge/agent.toml, root:bridge 0640), the
-enrollment token (/etc/bridge/token, root:bridge 0640, removed once the agent has enrolled),
-the state directory (/var/lib/bridge, 0700) and a hardened systemd unit (bridge-daemon.service)
-that runs as the system user "bridge". Running it again with the same settings changes nothing;
-new settings are applied; a new binary replaces the old one and keeps the agent's identity and
-installed handlers (the state directory is never touched).
+architecture, checks it against the SHA-256 published beside it (with --release-key: against
+the signed release manifest instead) before anything is installed, then installs atomically
+the release (PREFIX/lib/bridge/releases/VERSION/bridge-daemon, the launcher
+PREFIX/lib/bridge/bridge-launcher, the link "current" to the release and PREFIX/bin/bridge-daemon
+to it), its config (/etc/bridge/agent.toml, root:bridge 0640), the enrollment token
+(/etc/bridge/token, root:bridge 0640, removed once the agent has enrolled), the state directory
+(/var/lib/bridge, 0700) and a hardened systemd unit (bridge-daemon.service) that runs as the
+system user "bridge". Running it again with the same settings changes nothing; new settings
+are applied; a new version becomes "current" (the one before is kept as "previous") and keeps
+the agent's identity and installed handlers (the state directory is never touched, but for a
+pending self-update, which an install replaces).
 
 Platform:
   --url URL            the platform, https://HOST:PORT (wss://HOST:PORT/agent also accepted)
@@ -37,8 +40,9 @@ Platform:
   --token TOKEN        the token itself (discouraged: visible in the process list and history)
                        Without a token, an existing /etc/bridge/token is kept
   --version V          install agent version V (default: the platform's current one)
-  --release-key KEY    the release public key: a PEM file or ed25519:... ; makes the release
-                       signature check mandatory (needs OpenSSL 3)
+  --release-key KEY    the release public key: a PEM file or ed25519:... ; the signed release
+                       manifest must then verify (needs OpenSSL 3), and the agent may update
+                       itself to releases this key signed
   --trusted-key PUB    a publisher key (ed25519:...) whose signed handlers may run;
                        repeatable. Unsigned handlers are never allowed
   --proxy URL          download through this HTTPS proxy (default: the https_proxy environment)
@@ -46,7 +50,7 @@ Platform:
   --arch ARCH          download for ARCH (default: uname -m) - for packagers
 
 Installation:
-  --prefix DIR         where bin/bridge-daemon goes (default /usr/local)
+  --prefix DIR         where bin/bridge-daemon and lib/bridge go (default /usr/local)
   --root DIR           install into a staging root (paths under DIR, no systemctl, no useradd:
                        they are printed instead); config paths stay those of the target system
   --user NAME          the service's system user (default bridge; created if missing)
@@ -57,7 +61,7 @@ Installation:
   --enroll-wait SECS   after starting the service, wait up to SECS (default 30) for the agent
                        to record its enrollment, then remove the token file; 0: do not wait
   --dry-run            print every action, change nothing
-  --uninstall          stop and remove the service and the binary (config and state kept)
+  --uninstall          stop and remove the service and the binaries (config and state kept)
   --purge              with --uninstall: also remove /etc/bridge and /var/lib/bridge (the
                        agent's identity: it will have to enroll again)
   -h, --help           this help
@@ -180,7 +184,14 @@ if [ "$RUN_AS_ROOT" = 1 ]; then
 fi
 
 # The target system's paths, and where they are on this machine (under --root).
+# The layout (root's): releases/VERSION/bridge-daemon, "current" and "previous" links to
+# releases, the launcher the unit runs (never replaced by a self-update) and its state.json.
+LAYOUT_PATH=$PREFIX/lib/bridge
+LAUNCHER_PATH=$LAYOUT_PATH/bridge-launcher
+LAYOUT_STATE_PATH=$LAYOUT_PATH/state.json
+# A link into the layout: always the current release.
 BIN_PATH=$PREFIX/bin/bridge-daemon
+BIN_TARGET=../lib/bridge/current/bridge-daemon
 ETC_PATH=/etc/bridge
 CONF_PATH=$ETC_PATH/agent.toml
 TOKEN_PATH=$ETC_PATH/token
@@ -189,6 +200,8 @@ STATE_PATH=/var/lib/bridge
 # Written by the agent (0600) once the platform has accepted its enrollment; from then on the
 # agent never reads or sends the token again.
 ENROLLED_PATH=$STATE_PATH/enrolled
+# A release the agent received and verified, waiting for the launcher's root step to install it.
+STAGED_PATH=$STATE_PATH/update/staged
 UNIT_PATH=/etc/systemd/system/$SERVICE
 
 R=$ROOT
@@ -330,6 +343,80 @@ remove() {
     fi
 }
 
+# set_link PATH TARGET: makes PATH a symbolic link to TARGET unless it is one already; whatever
+# was there (an older link, a regular file) is replaced atomically (a new link renamed over it).
+set_link() {
+    _l=$1 _t=$2
+    if [ -L "$_l" ] && [ "$(readlink "$_l")" = "$_t" ]; then
+        return 0
+    fi
+    CHANGES=$((CHANGES + 1))
+    if [ "$DRY_RUN" = 1 ]; then
+        say "would link $_l -> $_t"
+        return 0
+    fi
+    say "linking $_l -> $_t"
+    _tmp=$(dirname "$_l")/.$(basename "$_l").new.$$
+    rm -f "$_tmp"
+    ln -s "$_t" "$_tmp"
+    mv -fT "$_tmp" "$_l"
+}
+
+# A release version (it names a directory of the layout, which the launcher reads back): a
+# semantic version (MAJOR.MINOR.PATCH, optional -PRERELEASE and +BUILD), at most 64 bytes.
+valid_version() {
+    _vv=$1
+    if [ -z "$_vv" ] || [ "${#_vv}" -gt 64 ]; then
+        return 1
+    fi
+    _vv_core=${_vv%%[-+]*}
+    _vv_rest=${_vv#"$_vv_core"}
+    _vv_ids "$_vv_core" core || return 1
+    case $_vv_rest in
+        '') ;;
+        +*) _vv_ids "${_vv_rest#+}" build || return 1 ;;
+        *)
+            _vv_pre=${_vv_rest#-}
+            case $_vv_pre in
+                *+*)
+                    _vv_ids "${_vv_pre#*+}" build || return 1
+                    _vv_pre=${_vv_pre%%+*}
+                    ;;
+            esac
+            _vv_ids "$_vv_pre" pre || return 1
+            ;;
+    esac
+}
+
+# _vv_ids IDS KIND: IDS is dot-separated identifiers of semantic versioning's KIND: core (three
+# numbers without leading zeros), pre (letters, digits, -; numbers without leading zeros) or
+# build (letters, digits, -).
+_vv_ids() {
+    _vv_s=$1.
+    _vv_n=0
+    while [ -n "$_vv_s" ]; do
+        _vv_id=${_vv_s%%.*}
+        _vv_s=${_vv_s#*.}
+        _vv_n=$((_vv_n + 1))
+        case $_vv_id in
+            '' | *[!0-9A-Za-z-]*) return 1 ;;
+        esac
+        case $2 in
+            core)
+                case $_vv_id in
+                    *[!0-9]* | 0?*) return 1 ;;
+                esac
+                ;;
+            pre)
+                case $_vv_id in
+                    0?*) case $_vv_id in *[!0-9]*) ;; *) return 1 ;; esac ;;
+                esac
+                ;;
+        esac
+    done
+    [ "$2" != core ] || [ "$_vv_n" = 3 ]
+}
+
 # Under --root: removes the now empty directories from DIR up to the root.
 prune_dirs() {
     [ -n "$ROOT" ] || return 0
@@ -360,6 +447,7 @@ if [ "$UNINSTALL" = 1 ]; then
         sysctl_run daemon-reload || true
     fi
     remove "$R$BIN_PATH"
+    remove -r "$R$LAYOUT_PATH"
     if [ "$PURGE" = 1 ]; then
         remove -r "$R$ETC_PATH"
         remove -r "$R$STATE_PATH"
@@ -372,6 +460,7 @@ if [ "$UNINSTALL" = 1 ]; then
         fi
     fi
     prune_dirs "$R$(dirname "$BIN_PATH")"
+    prune_dirs "$R$(dirname "$LAYOUT_PATH")"
     prune_dirs "$R$(dirname "$UNIT_PATH")"
     if [ "$PURGE" = 1 ]; then
         prune_dirs "$R$(dirname "$STATE_PATH")"
@@ -433,9 +522,9 @@ for key in $TRUSTED_KEYS; do
     [ "${#body}" = 43 ] || usage_error "--trusted-key $key is not a 32-byte key"
 done
 
-case $VERSION in
-    *[!A-Za-z0-9._+-]*) usage_error "--version may only contain letters, digits and . _ + -" ;;
-esac
+if [ -n "$VERSION" ] && ! valid_version "$VERSION"; then
+    usage_error "--version must be a semantic version such as 1.2.0 or 1.3.0-rc.1"
+fi
 
 if [ -z "$ARCH" ]; then
     os=$(uname -s)
@@ -520,12 +609,14 @@ for pin in $PIN_LIST; do
     CURL_PIN="${CURL_PIN:+$CURL_PIN;}sha256//$(hex_to_base64 "$pin")"
 done
 
-# fetch URL OUT: downloads over https only, checking the platform by pin and/or CA.
+# fetch URL OUT MAX: downloads over https only, checking the platform by pin and/or CA; at
+# most MAX bytes (curl refuses a larger announced length; curl 8.4 and later also stops a
+# transfer that grows past it).
 fetch() {
-    _url=$1 _out=$2
+    _url=$1 _out=$2 _max=$3
     if [ "$DOWNLOADER" = curl ]; then
         set -- -fsS --proto =https --proto-redir =https --connect-timeout 15 --max-time 900 \
-            --retry 2 -o "$_out"
+            --retry 2 --max-filesize "$_max" -o "$_out"
         [ -z "$CA_FILE" ] || set -- "$@" --cacert "$CA_FILE"
         if [ -n "$CURL_PIN" ]; then
             set -- "$@" --pinnedpubkey "$CURL_PIN"
@@ -538,6 +629,7 @@ fetch() {
         curl "$@" "$_url" || _rc=$?
         case $_rc in
             0) return 0 ;;
+            63) die "$_url is larger than $_max bytes; nothing was installed" ;;
             90) die "the platform's TLS key does not match --server-pin (curl: $_url)" ;;
             60 | 35 | 58 | 77) die "TLS with the platform failed (curl exit $_rc): check --ca-file / --server-pin ($_url)" ;;
             6 | 7 | 28) die "the platform is unreachable (curl exit $_rc): $_url - check --url, the network and the proxy" ;;
@@ -576,10 +668,15 @@ sha256_of() {
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/bridge-install.XXXXXX")
 chmod 700 "$WORK"
 
-# The release key as a PEM file for openssl (an ed25519:... key is wrapped in its SPKI).
+# The release key: as a PEM file for openssl (an ed25519:... key is wrapped in its SPKI), in
+# the config's form (ed25519:BASE64URL) and its key id (the first half of the SHA-256 of its
+# 32 bytes, as a manifest names it).
 RELEASE_PEM=
+RELEASE_KEY_CONF=
+RELEASE_KEY_ID=
+SPKI_ED25519=302a300506032b6570032100
 if [ -n "$RELEASE_KEY" ]; then
-    have openssl || die "--release-key needs openssl (3.0 or later) to check the signature"
+    have openssl || die "--release-key needs openssl (3.0 or later) to check the release manifest"
     case $RELEASE_KEY in
         ed25519:*)
             body=$(printf '%s' "${RELEASE_KEY#ed25519:}" | tr '_-' '/+')
@@ -606,38 +703,127 @@ if [ -n "$RELEASE_KEY" ]; then
             RELEASE_PEM=$RELEASE_KEY
             ;;
     esac
-    openssl pkey -pubin -in "$RELEASE_PEM" -noout 2>/dev/null ||
+    openssl pkey -pubin -in "$RELEASE_PEM" -outform DER -out "$WORK/release.der" 2>/dev/null ||
         die "--release-key is not a usable public key"
+    if [ "$(wc -c <"$WORK/release.der" | tr -d ' ')" != 44 ] ||
+        [ "$(head -c 12 "$WORK/release.der" | od -An -tx1 | tr -d ' \n')" != "$SPKI_ED25519" ]; then
+        die "--release-key is not an Ed25519 public key"
+    fi
+    tail -c 32 "$WORK/release.der" >"$WORK/release.raw"
+    RELEASE_KEY_CONF=ed25519:$(openssl base64 -A <"$WORK/release.raw" | tr '+/' '-_' | tr -d '=')
+    RELEASE_KEY_ID=$(sha256_of "$WORK/release.raw" | cut -c 1-32)
 fi
 
+# The largest binary downloaded without a manifest giving its size (the agent's own limit for
+# a self-update, [update] max_binary_bytes, by default).
+MAX_BINARY=536870912
 NAME=bridge-daemon-linux-$ARCH
 DL=$BASE_URL/downloads/${VERSION:+$VERSION/}$NAME
-say "downloading $DL"
-fetch "$DL.sha256" "$WORK/$NAME.sha256"
-fetch "$DL" "$WORK/$NAME"
-expected=$(cut -d ' ' -f 1 <"$WORK/$NAME.sha256" | head -n 1 | tr 'A-F' 'a-f')
-case $expected in
-    *[!0-9a-f]*) die "the published checksum $DL.sha256 is malformed; nothing was installed" ;;
-esac
-[ "${#expected}" = 64 ] || die "the published checksum $DL.sha256 is malformed; nothing was installed"
-actual=$(sha256_of "$WORK/$NAME")
-if [ "$actual" != "$expected" ]; then
-    die "checksum mismatch for $NAME: published $expected, downloaded $actual; nothing was installed"
-fi
-say "sha256 $actual verified"
-if [ -n "$RELEASE_PEM" ]; then
-    fetch "$DL.sig" "$WORK/$NAME.sig"
-    if ! openssl pkeyutl -verify -pubin -inkey "$RELEASE_PEM" -rawin -in "$WORK/$NAME" \
-        -sigfile "$WORK/$NAME.sig" >/dev/null 2>&1; then
-        die "the release signature of $NAME does not verify under --release-key; nothing was installed"
+
+# verify_manifest FILE: the signed release manifest (installers/README.md): its format, its signature
+# under --release-key (over "bridge.release.v1\0" and every line before "signature "), then
+# what it says: os, arch and, with --version, the version. Sets MF_VERSION, MF_SIZE, MF_SHA256.
+verify_manifest() {
+    _m=$1
+    _bad="the release manifest $DL.manifest"
+    [ "$(wc -c <"$_m" | tr -d ' ')" -le 4096 ] || die "$_bad is larger than 4096 bytes; nothing was installed"
+    if LC_ALL=C grep -q '[^ -~]' "$_m" || [ "$(tail -c 1 "$_m" | od -An -tx1 | tr -d ' \n')" != 0a ]; then
+        die "$_bad is malformed (not lines of printable ASCII); nothing was installed"
     fi
-    say "release signature verified"
+    if [ "$(cut -d ' ' -f 1 "$_m" | tr '\n' ' ')" != "bridge-release version os arch size sha256 key signature " ] ||
+        [ "$(sed -n 1p "$_m")" != "bridge-release 1" ]; then
+        die "$_bad is malformed (a manifest is the lines bridge-release 1, version, os, arch, size, sha256, key, signature); nothing was installed"
+    fi
+    _key=$(sed -n 's/^key //p' "$_m")
+    [ "$_key" = "$RELEASE_KEY_ID" ] ||
+        die "$_bad is signed by key $_key, not by --release-key (key $RELEASE_KEY_ID); nothing was installed"
+    {
+        printf 'bridge.release.v1\000'
+        sed '/^signature /,$d' "$_m"
+    } >"$WORK/manifest.signed"
+    sed -n 's/^signature //p' "$_m" | openssl base64 -d -A >"$WORK/manifest.sig" 2>/dev/null || true
+    [ "$(wc -c <"$WORK/manifest.sig" | tr -d ' ')" = 64 ] ||
+        die "$_bad is malformed (the signature is not 64 bytes of base64); nothing was installed"
+    if ! openssl pkeyutl -verify -pubin -inkey "$RELEASE_PEM" -rawin -in "$WORK/manifest.signed" \
+        -sigfile "$WORK/manifest.sig" >/dev/null 2>&1; then
+        die "the signature of the release manifest $DL.manifest does not verify under --release-key; nothing was installed"
+    fi
+    say "release manifest signature verified (key $RELEASE_KEY_ID)"
+    _os=$(sed -n 's/^os //p' "$_m")
+    [ "$_os" = linux ] || die "the release manifest is for the OS $_os, not linux; nothing was installed"
+    _arch=$(sed -n 's/^arch //p' "$_m")
+    [ "$_arch" = "$ARCH" ] ||
+        die "the release manifest is for the architecture $_arch, not $ARCH; nothing was installed"
+    MF_VERSION=$(sed -n 's/^version //p' "$_m")
+    valid_version "$MF_VERSION" || die "$_bad has an invalid version $MF_VERSION; nothing was installed"
+    if [ -n "$VERSION" ] && [ "$MF_VERSION" != "$VERSION" ]; then
+        die "the release manifest is for version $MF_VERSION, not --version $VERSION; nothing was installed"
+    fi
+    MF_SIZE=$(sed -n 's/^size //p' "$_m")
+    case $MF_SIZE in
+        '' | *[!0-9]*) die "$_bad is malformed (size); nothing was installed" ;;
+    esac
+    [ "${#MF_SIZE}" -le 18 ] || die "$_bad is malformed (size); nothing was installed"
+    MF_SHA256=$(sed -n 's/^sha256 //p' "$_m")
+    case $MF_SHA256 in
+        *[!0-9a-f]*) die "$_bad is malformed (sha256); nothing was installed" ;;
+    esac
+    [ "${#MF_SHA256}" = 64 ] || die "$_bad is malformed (sha256); nothing was installed"
+}
+
+say "downloading $DL"
+if [ -n "$RELEASE_PEM" ]; then
+    # The signed manifest says what the binary must be; no unsigned checksum is needed.
+    fetch "$DL.manifest" "$WORK/$NAME.manifest" 4096
+    verify_manifest "$WORK/$NAME.manifest"
+    fetch "$DL" "$WORK/$NAME" "$MF_SIZE"
+    size=$(wc -c <"$WORK/$NAME" | tr -d ' ')
+    if [ "$size" != "$MF_SIZE" ]; then
+        die "size mismatch for $NAME: the release manifest says $MF_SIZE bytes, downloaded $size; nothing was installed"
+    fi
+    actual=$(sha256_of "$WORK/$NAME")
+    if [ "$actual" != "$MF_SHA256" ]; then
+        die "checksum mismatch for $NAME: the release manifest says $MF_SHA256, downloaded $actual; nothing was installed"
+    fi
+    say "sha256 $actual and size verified against the release manifest (version $MF_VERSION)"
+else
+    fetch "$DL.sha256" "$WORK/$NAME.sha256" 4096
+    fetch "$DL" "$WORK/$NAME" "$MAX_BINARY"
+    expected=$(cut -d ' ' -f 1 <"$WORK/$NAME.sha256" | head -n 1 | tr 'A-F' 'a-f')
+    case $expected in
+        *[!0-9a-f]*) die "the published checksum $DL.sha256 is malformed; nothing was installed" ;;
+    esac
+    [ "${#expected}" = 64 ] || die "the published checksum $DL.sha256 is malformed; nothing was installed"
+    actual=$(sha256_of "$WORK/$NAME")
+    if [ "$actual" != "$expected" ]; then
+        die "checksum mismatch for $NAME: published $expected, downloaded $actual; nothing was installed"
+    fi
+    say "sha256 $actual verified"
 fi
 case $(head -c 4 "$WORK/$NAME" | od -An -c | tr -d ' ') in
     '177ELF') ;;
     *) die "the download is not a Linux executable; nothing was installed" ;;
 esac
 chmod 755 "$WORK/$NAME"
+
+# The release's version names its directory: the signed manifest's; else --version, or what
+# the (checksum-verified) binary prints for --version ("bridge-daemon X").
+if [ -n "$RELEASE_PEM" ]; then
+    VERSION=$MF_VERSION
+elif [ -z "$VERSION" ]; then
+    printed=
+    if have timeout; then
+        printed=$(timeout 10 "$WORK/$NAME" --version </dev/null 2>/dev/null) || printed=
+    else
+        printed=$("$WORK/$NAME" --version </dev/null 2>/dev/null) || printed=
+    fi
+    printed=$(printf '%s\n' "$printed" | head -n 1)
+    VERSION=${printed#bridge-daemon }
+    if [ "$VERSION" = "$printed" ] || ! valid_version "$VERSION"; then
+        die "cannot tell the version of the downloaded $NAME (it printed \"$printed\" for --version): give --version; nothing was installed"
+    fi
+fi
+RELEASE_DIR=releases/$VERSION
 
 # ---------------------------------------------------------------------------- install: files
 resolve_owner
@@ -712,6 +898,12 @@ write_config() {
         echo "]"
     fi
     echo "allow_unsigned_override = false"
+    if [ -n "$RELEASE_KEY_CONF" ]; then
+        echo
+        echo "[update]"
+        echo "# Self-update: releases whose manifest this key signed (see docs/configuration.md)."
+        echo "release_keys = [\"$RELEASE_KEY_CONF\"]"
+    fi
     if [ "$WITH_UNIT" = 1 ]; then
         echo
         echo "[shell]"
@@ -738,7 +930,10 @@ StartLimitIntervalSec=0
 
 [Service]
 Type=simple
-ExecStart=$BIN_PATH run --config $CONF_PATH
+# The launcher (root's copy of the agent, never replaced by a self-update): as root, installs
+# a staged self-update or rolls back one that did not confirm; then runs the current release.
+ExecStartPre=+$LAUNCHER_PATH launcher prepare --layout $LAYOUT_PATH --config $CONF_PATH
+ExecStart=$LAUNCHER_PATH launcher run --layout $LAYOUT_PATH --config $CONF_PATH
 Restart=always
 RestartSec=5s
 TimeoutStopSec=20s
@@ -800,6 +995,32 @@ if [ -n "$TOKEN" ]; then
     (umask 077 && printf '%s\n' "$TOKEN" >"$WORK/token")
 fi
 
+# A release the agent staged gives way to this install (removed below). The state directory is
+# the service user's, so root must not follow links it may have planted there: on a real
+# system the removal runs with the service user's rights (setpriv); otherwise "update" must be
+# a directory, not a link. Checked before anything is installed.
+STAGED_AS_OWNER=0
+DISCARD_STAGED=0
+if [ -e "$R$STAGED_PATH" ] || [ -L "$R$STAGED_PATH" ]; then
+    DISCARD_STAGED=1
+    if [ -z "$ROOT" ] && [ -n "$OWNER" ] && [ "$OWNER" != 0:0 ] && have setpriv; then
+        STAGED_AS_OWNER=1
+    elif [ -L "$R$STATE_PATH/update" ] || [ ! -d "$R$STATE_PATH/update" ]; then
+        die "$STATE_PATH/update is not a directory (a link?): remove it by hand, then run this installer again; nothing was installed"
+    fi
+fi
+remove_staged() {
+    CHANGES=$((CHANGES + 1))
+    if [ "$STAGED_AS_OWNER" = 1 ]; then
+        act setpriv --reuid="${OWNER%%:*}" --regid="${OWNER#*:}" --clear-groups rm -rf -- "$STAGED_PATH"
+    else
+        act rm -rf -- "$R$STAGED_PATH"
+    fi
+}
+# What the messages say happens ("is") or would happen ("would be", --dry-run).
+IS=is
+[ "$DRY_RUN" = 0 ] || IS="would be"
+
 # ---------------------------------------------------------------------------- install: apply
 BIN_CHANGED=0
 before=$CHANGES
@@ -809,8 +1030,58 @@ else
     ETC_MODE=0750
 fi
 [ -n "$ROOT" ] && [ "$DRY_RUN" = 0 ] && [ ! -d "$ROOT" ] && mkdir -p "$ROOT"
+# The layout is root's (0755 directories, 0755 binaries): the service user can run the
+# releases, not change them. (Staging as an ordinary user: the caller's.)
+ROOT_OWNER=
+[ "$(id -u)" != 0 ] || ROOT_OWNER=0:0
+ensure_dir "$R$LAYOUT_PATH" 0755 "$ROOT_OWNER"
+ensure_dir "$R$LAYOUT_PATH/releases" 0755 "$ROOT_OWNER"
+ensure_dir "$R$LAYOUT_PATH/$RELEASE_DIR" 0755 "$ROOT_OWNER"
+put_file "$WORK/$NAME" "$R$LAYOUT_PATH/$RELEASE_DIR/bridge-daemon" 0755 "$ROOT_OWNER"
+put_file "$WORK/$NAME" "$R$LAUNCHER_PATH" 0755 "$ROOT_OWNER"
+# current -> the new release; previous -> the one it replaces (kept for one manual rollback).
+CURRENT_BEFORE=
+PREVIOUS_NOW=
+if [ -L "$R$LAYOUT_PATH/current" ]; then
+    CURRENT_BEFORE=$(readlink "$R$LAYOUT_PATH/current")
+fi
+if [ -L "$R$LAYOUT_PATH/previous" ]; then
+    PREVIOUS_NOW=$(readlink "$R$LAYOUT_PATH/previous")
+fi
+if [ -n "$CURRENT_BEFORE" ] && [ "$CURRENT_BEFORE" != "$RELEASE_DIR" ] &&
+    valid_version "${CURRENT_BEFORE#releases/}" && [ -d "$R$LAYOUT_PATH/$CURRENT_BEFORE" ]; then
+    set_link "$R$LAYOUT_PATH/previous" "$CURRENT_BEFORE"
+    PREVIOUS_NOW=$CURRENT_BEFORE
+fi
+set_link "$R$LAYOUT_PATH/current" "$RELEASE_DIR"
+# A pending self-update (a switch awaiting confirmation, or a release the agent staged) gives
+# way to this install: the launcher must neither roll it back nor install the staged one.
+printf '{}' >"$WORK/state.json"
+if [ -f "$R$LAYOUT_STATE_PATH" ] && ! grep -q '"pending"' "$R$LAYOUT_STATE_PATH"; then
+    # No switch pending: kept as it is, with root's owner and mode.
+    put_file "$R$LAYOUT_STATE_PATH" "$R$LAYOUT_STATE_PATH" 0644 "$ROOT_OWNER"
+else
+    if [ -f "$R$LAYOUT_STATE_PATH" ]; then
+        say "a pending self-update $IS cleared: this install decides the version ($VERSION)"
+    fi
+    put_file "$WORK/state.json" "$R$LAYOUT_STATE_PATH" 0644 "$ROOT_OWNER"
+fi
+if [ "$DISCARD_STAGED" = 1 ]; then
+    say "a self-update the agent staged $IS discarded: this install decides the version ($VERSION)"
+    remove_staged
+fi
+# Releases other than current and previous are pruned.
+for dir in "$R$LAYOUT_PATH"/releases/* "$R$LAYOUT_PATH"/releases/.[!.]*; do
+    [ -e "$dir" ] || [ -L "$dir" ] || continue
+    case releases/${dir##*/} in
+        "$RELEASE_DIR" | "$PREVIOUS_NOW") ;;
+        *) remove -r "$dir" ;;
+    esac
+done
+# PREFIX/bin/bridge-daemon: the current release, whichever it is (an older installer's copy
+# of the binary is replaced by the link).
 make_dir "$R$(dirname "$BIN_PATH")"
-put_file "$WORK/$NAME" "$R$BIN_PATH" 0755 "${OWNER:+0:0}"
+set_link "$R$BIN_PATH" "$BIN_TARGET"
 [ "$CHANGES" = "$before" ] || BIN_CHANGED=1
 
 before=$CHANGES
@@ -884,11 +1155,13 @@ if [ -n "$ROOT" ] || has_systemd; then
         [ "$DRY_RUN" = 1 ] || say "status: systemctl status $SERVICE; logs: journalctl -u $SERVICE"
     fi
 else
-    say "systemd is not running here: no service was installed. Run the agent by hand (or from your init system) with:"
+    say "systemd is not running here: no service was installed. Run the agent by hand (or from your init system), restarting it when it exits, with, as root before each start:"
+    say "  $LAUNCHER_PATH launcher prepare --layout $LAYOUT_PATH --config $CONF_PATH"
+    say "then:"
     if [ "$SVC_USER" = root ]; then
-        say "  $BIN_PATH run --config $CONF_PATH"
+        say "  $LAUNCHER_PATH launcher run --layout $LAYOUT_PATH --config $CONF_PATH"
     else
-        say "  setpriv --reuid=$SVC_USER --regid=$SVC_USER --init-groups $BIN_PATH run --config $CONF_PATH"
+        say "  setpriv --reuid=$SVC_USER --regid=$SVC_USER --init-groups $LAUNCHER_PATH launcher run --layout $LAYOUT_PATH --config $CONF_PATH"
     fi
 fi
 

@@ -9,6 +9,7 @@ use bridge_host::call::{self, CallRequest, UsageError};
 use bridge_host::config::{AgentConfig, RunFlags};
 use bridge_host::daemon;
 use bridge_host::limits::LimitRequest;
+use bridge_host::update::{self, layout::Layout};
 
 /// The version this build reports (`--version`, `hello`, `status`, update checks): the
 /// `BRIDGE_VERSION_OVERRIDE` build variable when set, else the crate's version. Read here, in
@@ -49,6 +50,68 @@ enum Command {
 
     /// Print this agent's id (the SHA-256 of its public key) from its state directory.
     Identity(IdentityArgs),
+
+    /// The service's launcher: installs a staged release, rolls back one that does not confirm.
+    ///
+    /// The launcher is LAYOUT/bridge-launcher, a copy of this binary an update never replaces
+    /// (docs/updates.md). The systemd unit runs `launcher prepare` as root before each start
+    /// (ExecStartPre=+) and `launcher run` as the service user.
+    #[command(subcommand)]
+    Launcher(LauncherCommand),
+
+    /// Roll back to the previous release (as root; once).
+    ///
+    /// Points LAYOUT/current at the release LAYOUT/previous names, removes the previous link
+    /// and clears a pending update. Restart the service afterwards (systemctl restart
+    /// bridge-daemon). Exit status 1 when there is no previous release.
+    Rollback(RollbackArgs),
+}
+
+#[derive(Subcommand)]
+enum LauncherCommand {
+    /// Root step before each start: finish an interrupted switch, judge a switched version
+    /// (confirmed: keep it and prune older releases; not confirmed: roll back), verify and
+    /// install a release the agent staged and switch to it.
+    ///
+    /// Exit status 0 whatever happened to an update (a problem is logged and reported to the
+    /// platform through the agent), so the service always starts; 2 for a usage error.
+    Prepare(LayoutArgs),
+
+    /// The service's main process: start LAYOUT/current/bridge-daemon run --config FILE [ARGS].
+    ///
+    /// With nothing pending it becomes the agent (exec). A switched version that has not
+    /// confirmed yet is watched: if it cannot start, exits, or does not confirm within
+    /// `[update] confirm_timeout_secs`, a verdict is recorded and the launcher exits 1, so the
+    /// next `launcher prepare` rolls back.
+    Run(LauncherRunArgs),
+}
+
+#[derive(Args)]
+struct LayoutArgs {
+    /// The release layout. Default: the directory of this executable.
+    #[arg(long, value_name = "DIR")]
+    layout: Option<PathBuf>,
+
+    /// The agent's config file (read for [agent] state_dir and the [update] keys only).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct LauncherRunArgs {
+    #[command(flatten)]
+    layout: LayoutArgs,
+
+    /// Extra arguments for `bridge-daemon run`, after `--`.
+    #[arg(last = true, value_name = "ARGS")]
+    extra: Vec<std::ffi::OsString>,
+}
+
+#[derive(Args)]
+struct RollbackArgs {
+    /// The release layout. Default: the layout this executable is installed in.
+    #[arg(long, value_name = "DIR")]
+    layout: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -153,7 +216,17 @@ fn main() -> ExitCode {
     bridge_host::memory::limit_arenas();
     bridge_host::version::set(VERSION);
     let cli = Cli::parse();
-    init_logging(cli.verbose, matches!(cli.command, Command::Run(_)));
+    init_logging(
+        cli.verbose,
+        matches!(cli.command, Command::Run(_) | Command::Launcher(_)),
+    );
+    // Before any runtime: `launcher run` may become the agent (exec).
+    let command = match cli.command {
+        Command::Launcher(LauncherCommand::Prepare(args)) => return launcher_prepare(args),
+        Command::Launcher(LauncherCommand::Run(args)) => return launcher_run(args),
+        Command::Rollback(args) => return rollback(args),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -164,7 +237,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
+    match command {
         Command::Call(args) => runtime.block_on(run_call(args)),
         // On a worker thread, not the main thread `block_on` parks: the link's session is woken
         // by tasks on the workers for every message, and a wake that crosses to a parked
@@ -188,6 +261,89 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Launcher(_) | Command::Rollback(_) => unreachable!("handled above"),
+    }
+}
+
+/// The layout this executable belongs to: its directory (`LAYOUT/bridge-launcher`), or
+/// `LAYOUT` for a release binary (`LAYOUT/releases/VERSION/bridge-daemon`).
+fn default_layout() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this executable (pass --layout): {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or("this executable has no directory (pass --layout)")?;
+    match dir.parent() {
+        Some(releases)
+            if releases.file_name() == Some(std::ffi::OsStr::new(update::RELEASES_DIR)) =>
+        {
+            Ok(releases.parent().unwrap_or(releases).to_path_buf())
+        }
+        _ => Ok(dir.to_path_buf()),
+    }
+}
+
+fn layout_of(arg: Option<PathBuf>) -> Result<Layout, ExitCode> {
+    match arg.map(Ok).unwrap_or_else(default_layout) {
+        Ok(dir) => Ok(Layout::new(dir)),
+        Err(e) => {
+            eprintln!("bridge-daemon: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn launcher_prepare(args: LayoutArgs) -> ExitCode {
+    let layout = match layout_of(args.layout) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    // Never fails the start: what runs is whatever `current` names.
+    let result = update::settings::LauncherSettings::load(&args.config)
+        .and_then(|settings| update::prepare::prepare(&layout, &settings));
+    match result {
+        Ok(done) => {
+            for step in done {
+                tracing::info!(?step, "launcher prepare");
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %format!("{e:#}"),
+            layout = %layout.root().display(),
+            "launcher prepare: the update step failed; starting the current release"
+        ),
+    }
+    ExitCode::SUCCESS
+}
+
+fn launcher_run(args: LauncherRunArgs) -> ExitCode {
+    let layout = match layout_of(args.layout.layout) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    match update::launcher::run(&layout, &args.layout.config, &args.extra) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("bridge-daemon: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn rollback(args: RollbackArgs) -> ExitCode {
+    let layout = match layout_of(args.layout) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    match update::prepare::rollback_manual(&layout) {
+        Ok(said) => {
+            println!("{said}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bridge-daemon: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -13,16 +13,19 @@ use crate::cmd;
 /// in its trust policy; the signature (Ed25519, over the module's SHA-256 and the signed
 /// claims) lives in a `bridge.signature` custom section or in a detached `.sig` file.
 ///
+/// `release` signs and verifies agent release manifests.
+///
 /// `serve` runs a development platform that agents connect to; `agents`, `token`, `run`,
-/// `result`, `cancel`, `install-handler`, `handlers` and `remove-handler` talk to a running
-/// `serve` through its control socket: give the server's state directory (--state DIR or
-/// BRIDGE_STATE; the socket is DIR/control.sock) or the socket itself (--control PATH or
-/// BRIDGE_CONTROL, as `serve` prints it in `control`), before the subcommand. Only the user
-/// who runs `serve` (and root) may use it.
+/// `result`, `cancel`, `install-handler`, `handlers`, `remove-handler`, `update` and `rollout`
+/// talk to a running `serve` through its control socket: give the server's state directory
+/// (--state DIR or BRIDGE_STATE; the socket is DIR/control.sock) or the socket itself
+/// (--control PATH or BRIDGE_CONTROL, as `serve` prints it in `control`), before the
+/// subcommand. Only the user who runs `serve` (and root) may use it.
 ///
 /// Commands print JSON on stdout (`token` prints the bare token). Exit status: 0 success,
-/// 1 `verify` found the module invalid or `run`/`result` got a result whose status is not
-/// "ok", 2 usage, I/O or connection error, or the agent's refusal (one line on stderr).
+/// 1 `verify`/`release verify` found the module or manifest invalid, `run`/`result` got a
+/// result whose status is not "ok", `update` did not succeed, or `rollout --wait` halted,
+/// 2 usage, I/O or connection error, or the agent's refusal (one line on stderr).
 #[derive(Debug, Parser)]
 #[command(name = "bridgectl", version, about, long_about)]
 pub struct Cli {
@@ -59,6 +62,9 @@ pub enum Command {
     Handlers(cmd::handlers::HandlersArgs),
     RemoveHandler(cmd::handlers::RemoveHandlerArgs),
     Token(cmd::token::TokenArgs),
+    Release(cmd::release::ReleaseArgs),
+    Update(cmd::update::UpdateArgs),
+    Rollout(cmd::rollout::RolloutArgs),
 }
 
 #[cfg(test)]

@@ -20,6 +20,21 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// Reads a whole file of at most `max` bytes, naming it in the error (a larger file is an
+/// error, and no more than `max + 1` bytes of it are read).
+pub fn read_at_most(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{} is larger than {max} bytes", path.display());
+    }
+    Ok(bytes)
+}
+
 /// Reads a whole text file, naming it in the error.
 pub fn read_text(path: &Path) -> Result<String> {
     fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))

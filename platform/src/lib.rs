@@ -4,10 +4,12 @@
 //! Each subcommand is a module of [`cmd`] with its clap arguments and a `run` function;
 //! [`cli::Cli`] ties them together and [`run`] maps the outcome to an exit status:
 //!
-//! * 0: success (for `verify`: the module is valid; for `run` and `result`: the result's
-//!   status is `ok`);
-//! * 1: `verify` found the module invalid (the verdict is printed as JSON on stdout), or `run`
-//!   or `result` got a result whose status is not `ok` (the result is printed);
+//! * 0: success (for `verify` and `release verify`: the module or manifest is valid; for `run`
+//!   and `result`: the result's status is `ok`; for `update`: the update succeeded; for
+//!   `rollout --wait`: the rollout completed);
+//! * 1: `verify` or `release verify` found the module or manifest invalid (the verdict is
+//!   printed as JSON on stdout), `run` or `result` got a result whose status is not `ok` (the
+//!   result is printed), `update` ended refused, failed or timed out, `rollout --wait` halted;
 //! * 2: usage, I/O or connection error, one line on stderr (`bridgectl: error: ...`).
 
 #![warn(missing_docs)]
@@ -15,6 +17,7 @@
 pub mod cli;
 pub mod cmd;
 pub mod files;
+pub mod release;
 pub mod serve;
 pub mod timearg;
 
@@ -42,6 +45,9 @@ pub fn run(cli: cli::Cli) -> ExitCode {
             control().and_then(|c| cmd::handlers::remove(&c, args))
         }
         cli::Command::Token(args) => control().and_then(|c| cmd::token::run(&c, args)),
+        cli::Command::Release(args) => cmd::release::run(args),
+        cli::Command::Update(args) => control().and_then(|c| cmd::update::run(&c, args)),
+        cli::Command::Rollout(args) => control().and_then(|c| cmd::rollout::run(&c, args)),
     };
     match result {
         Ok(code) => code,

@@ -185,9 +185,24 @@ fn missing_rows<T: serde::Serialize>(doc: &str, values: &[T]) -> Vec<String> {
         .collect()
 }
 
+/// The part of `doc` under the heading line `heading`, up to the next heading (`## ` or
+/// `### `); empty when there is no such heading.
+fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
+    let Some(start) = doc.find(&format!("\n{heading}\n")) else {
+        return "";
+    };
+    let body = &doc[start + heading.len() + 2..];
+    let end = body
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .find(|&i| body[i..].starts_with("## ") || body[i..].starts_with("### "))
+        .unwrap_or(body.len());
+    &body[..end]
+}
+
 #[test]
-fn every_error_code_status_outcome_and_state_is_documented() {
-    use bridge_protocol::{CancelOutcome, ErrorCode, Status, TaskState};
+fn every_error_code_status_outcome_state_and_update_reason_is_documented() {
+    use bridge_protocol::{CancelOutcome, ErrorCode, Status, TaskState, UpdateReason, UpdateState};
     // Exhaustive matches: a new variant fails to compile here until it is listed (and then
     // documented).
     fn _codes(c: ErrorCode) {
@@ -230,6 +245,33 @@ fn every_error_code_status_outcome_and_state_is_documented() {
     fn _states(s: TaskState) {
         match s {
             TaskState::Queued | TaskState::Running | TaskState::Finished => {}
+        }
+    }
+    fn _update_states(s: UpdateState) {
+        match s {
+            UpdateState::Refused
+            | UpdateState::Staged
+            | UpdateState::Succeeded
+            | UpdateState::Failed => {}
+        }
+    }
+    fn _update_reasons(r: UpdateReason) {
+        match r {
+            UpdateReason::MalformedManifest
+            | UpdateReason::BadSignature
+            | UpdateReason::UnknownKey
+            | UpdateReason::WrongPlatform
+            | UpdateReason::Downgrade
+            | UpdateReason::TooLarge
+            | UpdateReason::Mismatch
+            | UpdateReason::Unavailable
+            | UpdateReason::Unsupported
+            | UpdateReason::InProgress
+            | UpdateReason::Storage
+            | UpdateReason::Exited
+            | UpdateReason::NotConfirmed
+            | UpdateReason::NotStarted
+            | UpdateReason::SwitchFailed => {}
         }
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md");
@@ -275,6 +317,45 @@ fn every_error_code_status_outcome_and_state_is_documented() {
             CancelOutcome::Unknown,
         ],
     ));
+    // The update states and reasons in their own tables (some of their names are also
+    // another table's: `refused`, `failed`, `bad_signature`…).
+    missing.extend(
+        missing_rows(
+            section(&doc, "### `update_status`"),
+            &[
+                UpdateState::Refused,
+                UpdateState::Staged,
+                UpdateState::Succeeded,
+                UpdateState::Failed,
+            ],
+        )
+        .into_iter()
+        .map(|s| format!("{s} (update state, under `update_status`)")),
+    );
+    missing.extend(
+        missing_rows(
+            section(&doc, "### Update reasons"),
+            &[
+                UpdateReason::MalformedManifest,
+                UpdateReason::BadSignature,
+                UpdateReason::UnknownKey,
+                UpdateReason::WrongPlatform,
+                UpdateReason::Downgrade,
+                UpdateReason::TooLarge,
+                UpdateReason::Mismatch,
+                UpdateReason::Unavailable,
+                UpdateReason::Unsupported,
+                UpdateReason::InProgress,
+                UpdateReason::Storage,
+                UpdateReason::Exited,
+                UpdateReason::NotConfirmed,
+                UpdateReason::NotStarted,
+                UpdateReason::SwitchFailed,
+            ],
+        )
+        .into_iter()
+        .map(|r| format!("{r} (update reason, under \"Update reasons\")")),
+    );
     // The task states are documented in a sentence, not a table.
     for state in [TaskState::Queued, TaskState::Running, TaskState::Finished] {
         let name = serde_json::to_value(state).unwrap();
@@ -286,6 +367,19 @@ fn every_error_code_status_outcome_and_state_is_documented() {
     // Every reason a `rejected` result can carry (the trust policy's, the agent's, the shell
     // rules').
     missing.extend(missing_rows(&doc, bridge_protocol::REASONS));
+    // The ones the agent does not record are exactly those the table says are not.
+    let unrecorded: Vec<&str> = section(&doc, "### `result`")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once("` | "))
+        .filter(|(_, rest)| rest.starts_with("no |") || rest.starts_with("no ("))
+        .map(|(reason, _)| reason)
+        .collect();
+    assert_eq!(
+        unrecorded,
+        bridge_protocol::UNRECORDED_REASONS,
+        "the reasons docs/protocol.md says are not recorded"
+    );
     assert!(
         missing.is_empty(),
         "docs/protocol.md has no table row for {missing:?}"

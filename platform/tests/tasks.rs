@@ -844,6 +844,7 @@ async fn refusals_the_agent_does_not_record_end_the_run_but_are_not_the_tasks_re
         // Every refusal the agent does not record is treated so; one it records (the trust
         // policy's) is the task's result.
         for reason in [
+            "updating",
             "storage_full",
             "storage_error",
             "unknown_command",

@@ -208,7 +208,13 @@ pub fn decode_version<M: DeserializeOwned + Versioned>(
     let mut value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| fail(None, ErrorCode::Malformed, format!("not JSON: {e}")))?;
     M::from_v1(&mut value);
-    decode_value(value, types)
+    // Version 1 has no self-update messages: they are unknown types there.
+    let types: Vec<&str> = types
+        .iter()
+        .copied()
+        .filter(|t| crate::v1::carries(1, t))
+        .collect();
+    decode_value(value, &types)
 }
 
 /// Decodes a parsed message, saying precisely what is wrong with it.

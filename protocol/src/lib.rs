@@ -1,8 +1,8 @@
 //! # bridge-protocol: what the agent and its platform say to each other
 //!
 //! One WebSocket over TLS, opened by the agent. Text frames carry one JSON message each, tagged
-//! by `type`; binary frames carry module bytes, and only when the agent asked for them
-//! (`need_module`). The full specification, with an example of every message, is
+//! by `type`; binary frames carry module bytes or pieces of an agent release, and only when
+//! the agent asked for them (`need_module`, `need_release`). The full specification, with an example of every message, is
 //! `docs/protocol.md`; its examples are checked against these types by this crate's tests.
 //!
 //! - [`AgentMessage`] / [`PlatformMessage`]: the two directions.

@@ -298,8 +298,8 @@ pub enum AgentMessage {
         id: String,
         /// Where the bytes start in the release binary.
         offset: u64,
-        /// How many bytes (at most [`crate::MAX_BINARY_BYTES`], and never past the manifest's `size`).
-        #[schemars(range(min = 1))]
+        /// How many bytes (at most `MAX_BINARY_BYTES`, 32 MiB, and never past the manifest's `size`).
+        #[schemars(range(min = 1, max = 33554432))]
         length: u64,
     },
     /// Where an update stands: `refused` and `staged` answer an `update`; `succeeded` and
@@ -315,10 +315,12 @@ pub enum AgentMessage {
 #[serde(deny_unknown_fields)]
 pub struct UpdateStatus {
     /// The `update` message's id.
+    #[schemars(length(max = 256))]
     pub id: String,
     /// Where it stands.
     pub state: UpdateState,
     /// The version the update is to (from its manifest; empty when the manifest did not parse).
+    #[schemars(length(max = 64))]
     pub version: String,
     /// The version of the agent sending this.
     pub agent_version: String,
@@ -327,6 +329,7 @@ pub struct UpdateStatus {
     pub reason: Option<UpdateReason>,
     /// What happened, for people (at most 1024 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub detail: Option<String>,
 }
 

@@ -80,6 +80,7 @@ pub struct Truncation {
 pub const REASONS: &[&str] = &[
     // The agent could not take the task (not recorded).
     "busy",
+    "updating",
     "storage_full",
     "storage_error",
     "unknown_command",
@@ -104,6 +105,7 @@ pub const REASONS: &[&str] = &[
 /// later and run then.
 pub const UNRECORDED_REASONS: &[&str] = &[
     "busy",
+    "updating",
     "storage_full",
     "storage_error",
     "unknown_command",

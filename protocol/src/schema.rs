@@ -22,6 +22,7 @@ const NAMED_BODIES: &[(&str, &str)] = &[
     ("status", "StatusReport"),
     ("run", "RunRequest"),
     ("error", "ErrorBody"),
+    ("update_status", "UpdateStatus"),
 ];
 
 fn generate<T: JsonSchema>(id: &str) -> String {

@@ -13,6 +13,9 @@
 //! | `reason` of a task whose `not_after` passed | `expired` | `deadline_passed` |
 //!
 //! Version 1 has no `code_sha256`: it is dropped going to version 1 and absent coming from it.
+//! Nor has it the self-update messages ([`V2_ONLY_TYPES`]): a version-1 connection never
+//! carries them ([`carries`]), and decoding one on version 1 is `unknown_type`. Nor the
+//! refusal reason `updating`: version 1 says `busy` (both are not recorded; retry later).
 
 use serde_json::{Map, Value};
 
@@ -25,6 +28,21 @@ pub const V1_DEADLINE_TEXT: &str = "the task's not_after";
 /// The version-1 name of a module's file hash, which the types also read (as an alias, for
 /// journals written before version 2) where version 2 says `file_sha256`.
 pub const V1_ONLY_NAME: &str = "module_sha256";
+
+/// The message types only version 2 has (self-update): a version-1 connection never carries
+/// them, in either direction.
+pub const V2_ONLY_TYPES: &[&str] = &["update", "update_ack", "need_release", "update_status"];
+
+/// Whether protocol `version` has messages of type `kind` (an end checks this before sending
+/// one: the platform does not offer an update to a version-1 agent connection, an agent keeps
+/// its `update_status` until a version-2 connection).
+pub fn carries(version: u32, kind: &str) -> bool {
+    version != 1 || !V2_ONLY_TYPES.contains(&kind)
+}
+
+/// The refusal reason version 1 does not have (a `run` arriving while the agent drains for an
+/// update), and the one version 1 says instead: both mean "not recorded, retry later".
+const V2_ONLY_REASON: (&str, &str) = ("updating", "busy");
 
 /// A message type both versions carry, with the rewrites between their JSON shapes.
 pub trait Versioned {
@@ -65,6 +83,8 @@ fn result_to_v1(result: &mut Map<String, Value>) {
     if let Some(reason) = result.get_mut("reason") {
         if reason == "deadline_passed" {
             *reason = Value::from("expired");
+        } else if reason == V2_ONLY_REASON.0 {
+            *reason = Value::from(V2_ONLY_REASON.1);
         }
     }
 }
@@ -314,6 +334,82 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn version_1_has_no_self_update_messages() {
+        // Each version-2-only type is one of the messages, and only those are not carried.
+        for kind in V2_ONLY_TYPES {
+            assert!(
+                AgentMessage::TYPES.contains(kind) || PlatformMessage::TYPES.contains(kind),
+                "{kind}"
+            );
+            assert!(!carries(1, kind) && carries(2, kind), "{kind}");
+        }
+        for kind in AgentMessage::TYPES.iter().chain(PlatformMessage::TYPES) {
+            assert_eq!(carries(1, kind), !V2_ONLY_TYPES.contains(kind), "{kind}");
+        }
+        let platform = [
+            json!({"type": "update", "id": "update-1", "manifest": "bridge-release 1\n"}),
+            json!({"type": "update_ack", "id": "update-1"}),
+        ];
+        let agent = [
+            json!({"type": "need_release", "id": "update-1", "offset": 0, "length": 4096}),
+            json!({"type": "update_status", "id": "update-1", "state": "failed", "version": "0.2.0",
+                   "agent_version": "0.1.0", "reason": "exited", "detail": "exited with status 1"}),
+        ];
+        let check = |e: crate::codec::DecodeError, kind: &str| {
+            assert_eq!(
+                (e.code, e.id.as_deref(), e.kind.as_deref()),
+                (ErrorCode::UnknownType, Some("update-1"), Some(kind))
+            );
+            // The types it lists are version 1's.
+            let (_, listed) = e.message.split_once("understands").unwrap();
+            assert!(
+                !listed.contains("update") && !listed.contains("release"),
+                "{e}"
+            );
+        };
+        for m in &platform {
+            let (text, kind) = (m.to_string(), m["type"].as_str().unwrap());
+            // Version 2 has them; on version 1 they are unknown types, answered with the id.
+            let decoded =
+                decode_version::<PlatformMessage>(&text, PlatformMessage::TYPES, 2).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(&encode_version(&decoded, 2)).unwrap(),
+                *m
+            );
+            check(
+                decode_version::<PlatformMessage>(&text, PlatformMessage::TYPES, 1).unwrap_err(),
+                kind,
+            );
+        }
+        for m in &agent {
+            let (text, kind) = (m.to_string(), m["type"].as_str().unwrap());
+            let decoded = decode_version::<AgentMessage>(&text, AgentMessage::TYPES, 2).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(&encode_version(&decoded, 2)).unwrap(),
+                *m
+            );
+            check(
+                decode_version::<AgentMessage>(&text, AgentMessage::TYPES, 1).unwrap_err(),
+                kind,
+            );
+        }
+        // The drain's refusal is `busy` in version 1: not recorded either, retry later.
+        let mut updating = RunResult::refused(Status::Rejected, "the agent is updating");
+        updating.reason = Some("updating".into());
+        let message = AgentMessage::Result {
+            id: "r".into(),
+            task_id: "t".into(),
+            result: updating,
+        };
+        let v1: Value = serde_json::from_str(&encode_version(&message, 1)).unwrap();
+        assert_eq!(v1["result"]["reason"], "busy");
+        let v2: Value = serde_json::from_str(&encode_version(&message, 2)).unwrap();
+        assert_eq!(v2["result"]["reason"], "updating");
+        assert!(crate::UNRECORDED_REASONS.contains(&"busy"));
+        assert!(crate::UNRECORDED_REASONS.contains(&"updating"));
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub fn agent_id(state: &Path) -> String {
     identity_within(state, Duration::from_secs(20), &Log::default())
 }
 
-fn identity_within(state: &Path, timeout: Duration, log: &Log) -> String {
+/// The agent id in `state`, waiting at most `timeout` for the agent to create it; a failure
+/// shows `log`.
+pub fn identity_within(state: &Path, timeout: Duration, log: &Log) -> String {
     let start = Instant::now();
     loop {
         let out = bins::daemon()

@@ -127,3 +127,49 @@ pub fn wat_fixture(name: &str, dir: &Path) -> PathBuf {
     std::fs::write(&out, bytes).unwrap();
     out
 }
+
+/// The file name, in `target/debug`, of the agent rebuilt as [`next_version`]: what the
+/// self-update tests update to (`cargo xtask next-daemon` builds it; `cargo xtask test` runs
+/// that first).
+pub const NEXT_DAEMON: &str = "bridge-daemon-next";
+
+/// The version the next-version agent reports: this workspace's, one patch release later, with
+/// the pre-release tag `next` (0.1.0 → 0.1.1-next).
+pub fn next_version() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut parts = version.splitn(3, '.');
+    let (major, minor, patch) = (
+        parts.next().unwrap_or("0"),
+        parts.next().unwrap_or("0"),
+        parts.next().unwrap_or("0"),
+    );
+    let patch: u64 = patch
+        .split(['-', '+'])
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the workspace version is major.minor.patch");
+    format!("{major}.{minor}.{}-next", patch + 1)
+}
+
+/// The next-version agent binary (see [`NEXT_DAEMON`]); panics with what to run when it is
+/// missing or reports another version.
+pub fn next_daemon() -> PathBuf {
+    let path = bin("bridge-daemon").with_file_name(NEXT_DAEMON);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo xtask next-daemon` (`cargo xtask test` does)",
+        path.display()
+    );
+    let out = Command::new(&path)
+        .arg("--version")
+        .output()
+        .expect("running the next-version agent");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.trim().ends_with(&next_version()),
+        "{} reports {printed:?}, not {}: rebuild it with `cargo xtask next-daemon`",
+        path.display(),
+        next_version()
+    );
+    path
+}

@@ -30,6 +30,7 @@
 //! * [`Setup`]: the usual fixture, a platform and one connected agent trusting a publisher.
 //! * [`Proxy`]: a TCP proxy that cuts or freezes an agent's connection.
 //! * [`call`]: one `bridge-daemon call`, decoded.
+//! * [`supervisor`]: an installed agent under a supervisor that restarts it as systemd would.
 
 pub mod agent;
 pub mod bins;
@@ -40,6 +41,7 @@ pub mod process;
 pub mod proxy;
 pub mod publisher;
 pub mod setup;
+pub mod supervisor;
 pub mod wait;
 
 pub use agent::Agent;

@@ -9,6 +9,7 @@
 //! - `bench`: the benchmarks, printing medians.
 //! - `node-demo`: the Node quick start (`examples/node-platform`, a real agent).
 //! - `bench-node`: the Node SDK's platform against `bridgectl serve`, side by side.
+//! - `next-daemon`: the agent rebuilt as its next version, for the self-update tests.
 //! - `deps`: the `use` edges between each crate's modules; fails on an import cycle.
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ fn main() -> Result<()> {
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
         "schema" => schema(),
+        "next-daemon" => next_daemon(),
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask <task>\n\n\
@@ -51,7 +53,8 @@ fn main() -> Result<()> {
                  bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
                  sign-examples   --key KEY [--out DIR]: sign every example with the capabilities it needs\n  \
-                 schema          write the protocol's JSON Schema files (protocol/schema/*.schema.json)"
+                 schema          write the protocol's JSON Schema files (protocol/schema/*.schema.json)\n  \
+                 next-daemon     build target/debug/bridge-daemon-next: the agent as its next version (update tests)"
             );
             Ok(())
         }
@@ -509,6 +512,7 @@ fn test(rest: &[String]) -> Result<()> {
     node::check_node()?;
     node::install(&root())?;
     let wasm = build_examples()?;
+    next_daemon()?;
     // One invocation builds everything first, `bridgectl` included (the platform's own tests
     // need it), before any test runs; the host's link tests then drive it.
     let mut cmd = cargo();
@@ -516,6 +520,40 @@ fn test(rest: &[String]) -> Result<()> {
     run(cmd)?;
     // The Node SDK's suite drives the binaries that run built.
     node::test(&root(), &wasm)
+}
+
+/// Builds `target/debug/bridge-daemon-next`: the agent with `BRIDGE_VERSION_OVERRIDE` set to
+/// the next version, which the self-update tests push to an agent. Only the binary crate
+/// recompiles (the override is read in `host/src/main.rs`), twice: with the variable, then
+/// without it, so that `target/debug/bridge-daemon` is the ordinary build again.
+fn next_daemon() -> Result<()> {
+    let version = bridge_testkit::bins::next_version();
+    let debug = root().join("target/debug");
+    let next = debug.join(bridge_testkit::bins::NEXT_DAEMON);
+    let build = |over: Option<&str>| -> Result<()> {
+        let mut cmd = cargo();
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "bridge-host",
+            "--bin",
+            "bridge-daemon",
+        ]);
+        match over {
+            Some(v) => cmd.env("BRIDGE_VERSION_OVERRIDE", v),
+            None => cmd.env_remove("BRIDGE_VERSION_OVERRIDE"),
+        };
+        run(cmd)
+    };
+    build(Some(&version))?;
+    let tmp = next.with_extension("tmp");
+    std::fs::copy(debug.join("bridge-daemon"), &tmp)
+        .with_context(|| format!("copying the agent to {}", tmp.display()))?;
+    std::fs::rename(&tmp, &next)?;
+    build(None)?;
+    println!("{} (version {version})", next.display());
+    Ok(())
 }
 
 /// The platform benchmark: the Node SDK against `bridgectl serve`, release builds.

@@ -25,7 +25,13 @@
 //! fsync, rename):
 
 pub mod agent;
+pub mod dir;
 pub mod files;
+pub mod launcher;
+pub mod layout;
+pub mod prepare;
+pub mod settings;
+pub mod state;
 
 /// `STATE/update/`: everything below.
 pub const UPDATE_DIR: &str = "update";

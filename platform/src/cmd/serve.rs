@@ -16,22 +16,25 @@ use crate::serve::{ServeOptions, Server};
 ///
 /// Agents connect to wss://LISTEN/agent with mutual TLS; new agents enroll with a one-time
 /// token. On the same port, clients without a certificate get https://LISTEN/install.sh and
-/// the agent binaries with their checksums (/downloads/bridge-daemon-linux-ARCH[.sha256|.sig]).
+/// the agent binaries with their checksums and, with --release-key, their signed release
+/// manifests (/downloads/bridge-daemon-linux-ARCH[.sha256|.manifest]).
 /// On first start, the state directory receives the server key (server.key, 0600) and
 /// a self-signed certificate (server.crt); later starts reuse them, so the server pin does not
 /// change. Enrolled agents (agents.json) and token hashes (tokens.json) are kept there too.
 ///
 /// The control interface (newline-delimited JSON, used by `bridgectl agents`, `token`, `run`,
-/// `result`, `cancel`, `install-handler`, `handlers`, `remove-handler`) is the Unix socket
-/// STATE/control.sock (0600). Only this user and root may use it: other users are refused
-/// (SO_PEERCRED). The state directory must belong to this user; it is kept at mode 0700.
+/// `result`, `cancel`, `install-handler`, `handlers`, `remove-handler`, `update`, `rollout`)
+/// is the Unix socket STATE/control.sock (0600). Only this user and root may use it: other
+/// users are refused (SO_PEERCRED). The state directory must belong to this user; it is kept
+/// at mode 0700.
 ///
 /// Each start issues a fresh enrollment token. The first line on stdout is one JSON object:
 /// {"url", "server_pin", "token", "control", "ca_file", "install_command", "release_key"?},
 /// where control is the socket's absolute path; logs go to stderr (filter with RUST_LOG,
 /// default info). Runs until SIGINT or SIGTERM, then closes every connection, removes the
 /// socket and exits 0. Task results are stored in the state directory (results.jsonl,
-/// append-only) and survive restarts.
+/// append-only) and survive restarts; so do the updates sent and their verdicts (updates/,
+/// one file per update).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address agents connect to, IP:PORT (port 0 picks a free port).
@@ -52,8 +55,9 @@ pub struct ServeArgs {
     /// repeatable. Default: the bridge-daemon next to this executable, if any.
     #[arg(long = "agent-binary", value_name = "[ARCH=]PATH")]
     pub agent_binaries: Vec<String>,
-    /// A release key (a `bridgectl keygen` private key): every served binary gets an Ed25519
-    /// signature at .sig, and the install command carries the public key.
+    /// A release key (a `bridgectl keygen` private key): every served binary gets a signed
+    /// release manifest at .manifest (version: this build's), and the install command carries
+    /// the public key.
     #[arg(long, value_name = "FILE")]
     pub release_key: Option<PathBuf>,
 }

@@ -10,13 +10,13 @@
 //! | `/install.sh` | `installers/install.sh`, embedded in this binary |
 //! | `/downloads/bridge-daemon-linux-ARCH` | the agent binary for `ARCH` (as `uname -m` prints it) |
 //! | `/downloads/bridge-daemon-linux-ARCH.sha256` | `HEX  bridge-daemon-linux-ARCH\n`, as `sha256sum` prints it |
-//! | `/downloads/bridge-daemon-linux-ARCH.sig` | with `--release-key`: the raw 64-byte Ed25519 signature of the binary's bytes |
+//! | `/downloads/bridge-daemon-linux-ARCH.manifest` | with `--release-key`: the binary's signed release manifest (`bridgectl release sign`'s format, version [`AGENT_VERSION`], OS `linux`) |
 //! | `/downloads/VERSION/…` | the same three, when `VERSION` is this build's version |
 //!
 //! Guarantees: read-only (nothing a client sends changes any state); bounded (request heads
 //! of at most [`MAX_HEAD`] bytes read within [`HEAD_TIMEOUT`], at most [`MAX_CONCURRENT`]
 //! downloads at once, binaries of at most [`MAX_BINARY`] bytes, a whole response within
-//! [`SEND_TIMEOUT`]); a binary's checksum and signature are computed from the same bytes that
+//! [`SEND_TIMEOUT`]); a binary's checksum and manifest are computed from the same bytes that
 //! are served, and recomputed when the file changes (size or modification time).
 
 use std::collections::HashMap;
@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use bridge_signing::release::sign_manifest;
 use bridge_signing::KeyPair;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
@@ -33,7 +34,8 @@ use tokio::time::timeout;
 
 /// The installer script served at `/install.sh`.
 pub const INSTALL_SCRIPT: &str = include_str!("../../../installers/install.sh");
-/// The version in versioned download paths (`/downloads/VERSION/…`).
+/// The version in versioned download paths (`/downloads/VERSION/…`) and in the served
+/// manifests.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The largest request head read.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -44,7 +46,7 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(600);
 /// Downloads served at once; more are answered 503.
 pub const MAX_CONCURRENT: usize = 16;
 /// The largest agent binary served.
-pub const MAX_BINARY: u64 = 1 << 30;
+pub use crate::release::MAX_BINARY;
 /// The file name prefix of agent binaries: `bridge-daemon-linux-ARCH`.
 pub const BINARY_PREFIX: &str = "bridge-daemon-linux-";
 /// Architectures accepted in `--agent-binary ARCH=PATH` (as `uname -m` prints them).
@@ -57,7 +59,8 @@ struct Artifact {
     modified: Option<SystemTime>,
     bytes: Arc<Vec<u8>>,
     sha256_line: String,
-    signature: Option<Vec<u8>>,
+    /// The signed release manifest, with a release key.
+    manifest: Option<Arc<Vec<u8>>>,
 }
 
 /// The installer and the agent binaries this server hands out.
@@ -106,7 +109,7 @@ pub fn default_agent_binary() -> Option<PathBuf> {
 
 impl Downloads {
     /// `binaries`: (arch, path) pairs, each path checked now; `release_key`: a `bridgectl
-    /// keygen` private key that signs every binary served.
+    /// keygen` private key that signs a release manifest of every binary served.
     pub fn new(binaries: Vec<(String, PathBuf)>, release_key: Option<&Path>) -> Result<Downloads> {
         let mut map = HashMap::new();
         for (arch, path) in binaries {
@@ -137,7 +140,7 @@ impl Downloads {
         })
     }
 
-    /// The release public key (`ed25519:…`), when binaries are signed.
+    /// The release public key (`ed25519:…`), when manifests are served.
     pub fn release_public_key(&self) -> Option<String> {
         self.release_key
             .as_ref()
@@ -178,18 +181,23 @@ impl Downloads {
         }
         let key = self.release_key.clone();
         let name = format!("{BINARY_PREFIX}{arch}");
+        let arch_name = arch.to_string();
         let artifact = tokio::task::spawn_blocking(move || -> Result<Artifact> {
             let bytes = std::fs::read(&path)
                 .with_context(|| format!("cannot read the agent binary {}", path.display()))?;
             let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
             let sha256_line = format!("{}  {name}\n", hex::encode(digest.as_ref()));
-            let signature = key.map(|k| k.sign(&bytes).to_vec());
+            let manifest = key
+                .map(|k| sign_manifest(AGENT_VERSION, "linux", &arch_name, &bytes, &k))
+                .transpose()
+                .context("cannot sign the agent binary's release manifest")?
+                .map(|text| Arc::new(text.into_bytes()));
             Ok(Artifact {
                 len: bytes.len() as u64,
                 modified,
                 bytes: Arc::new(bytes),
                 sha256_line,
-                signature,
+                manifest,
             })
         })
         .await
@@ -270,7 +278,7 @@ impl Downloads {
 
     async fn download(&self, file: &str) -> Response {
         let (stem, suffix) = match file.rsplit_once('.') {
-            Some((stem, s @ ("sha256" | "sig"))) => (stem, Some(s)),
+            Some((stem, s @ ("sha256" | "manifest"))) => (stem, Some(s)),
             _ => (file, None),
         };
         let Some(arch) = stem.strip_prefix(BINARY_PREFIX) else {
@@ -295,9 +303,12 @@ impl Downloads {
         match suffix {
             None => Response::bytes("application/octet-stream", artifact.bytes.clone()),
             Some("sha256") => Response::text(200, artifact.sha256_line.trim_end()),
-            Some(_) => match &artifact.signature {
-                Some(sig) => Response::bytes("application/octet-stream", Arc::new(sig.clone())),
-                None => Response::text(404, "binaries are not signed here (no --release-key)"),
+            Some(_) => match &artifact.manifest {
+                Some(text) => Response::bytes("text/plain; charset=utf-8", text.clone()),
+                None => Response::text(
+                    404,
+                    "no release manifests here (the platform has no --release-key)",
+                ),
             },
         }
     }

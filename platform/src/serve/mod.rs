@@ -12,9 +12,12 @@
 //! * [`hub`]: live connections, statuses, the module store, and everyone waiting for a task's
 //!   result or an agent's reply; runs not yet acknowledged by the agent, resent on reconnect.
 //! * [`results`]: task results by task id, persisted in the state directory.
+//! * [`updates`]: the updates sent to agents and their verdicts, persisted in the state
+//!   directory.
+//! * [`rollout`]: a staged rollout of a release across the connected agents (one at a time).
 //! * [`session`]: one agent connection.
 //! * [`control`]: the control interface and its client.
-//! * [`downloads`]: the installer, the agent binaries, their checksums and signatures.
+//! * [`downloads`]: the installer, the agent binaries, their checksums and release manifests.
 //!
 //! Guarantees: [`Server::bind`] binds the control socket before it reads or writes anything else
 //! in the state directory (so a second server on the same directory stops there; a socket left
@@ -29,8 +32,10 @@ pub mod downloads;
 pub mod hub;
 pub mod registry;
 pub mod results;
+pub mod rollout;
 pub mod session;
 pub mod tls;
+pub mod updates;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,6 +55,7 @@ use self::hub::Hub;
 use self::registry::Registry;
 use self::results::ResultStore;
 use self::tls::ServerIdentity;
+use self::updates::UpdateStore;
 
 /// How the server is set up.
 #[derive(Debug, Clone)]
@@ -66,7 +72,8 @@ pub struct ServeOptions {
     /// Agent binaries to serve, `(arch, path)`; empty: the `bridge-daemon` next to this
     /// executable, if there is one, for this machine's architecture.
     pub agent_binaries: Vec<(String, PathBuf)>,
-    /// A `bridgectl keygen` private key that signs the served agent binaries.
+    /// A `bridgectl keygen` private key that signs the served agent binaries' release
+    /// manifests.
     pub release_key: Option<PathBuf>,
 }
 
@@ -86,7 +93,7 @@ pub struct StartInfo {
     /// The one-line command that installs an agent from this platform (see
     /// [`downloads::install_command`]).
     pub install_command: String,
-    /// The release key the served binaries are signed with (`ed25519:…`), if any.
+    /// The release key the served release manifests are signed with (`ed25519:…`), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release_key: Option<String>,
 }
@@ -124,7 +131,8 @@ impl Server {
         let config = identity.server_config()?;
         let registry = Registry::open(&options.state_dir)?;
         let results = ResultStore::open(&options.state_dir)?;
-        let hub = Arc::new(Hub::new(registry, results, options.token_ttl_secs));
+        let updates = UpdateStore::open(&options.state_dir)?;
+        let hub = Arc::new(Hub::new(registry, results, updates, options.token_ttl_secs));
         let binaries = if options.agent_binaries.is_empty() {
             downloads::default_agent_binary()
                 .map(|p| vec![(std::env::consts::ARCH.to_string(), p)])

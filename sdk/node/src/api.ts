@@ -5,7 +5,7 @@ import type { Refusal } from './enroll.js';
 import type { Logger } from './session.js';
 import type { ResultStore } from './store.js';
 import type { TlsOptions } from './tls.js';
-import type { ErrorBody, StatusReport } from './wire.js';
+import type { ErrorBody, StatusReport, UpdateStatus } from './wire.js';
 
 /** Hooks for tests. */
 export interface PlatformHooks {
@@ -158,6 +158,14 @@ export interface PlatformEvents {
   agentDisconnected: [agentId: string, why: string];
   /** An agent sent `status`. */
   status: [agentId: string, status: StatusReport];
+  /**
+   * An agent sent `update_status`: where an update of it stands (`refused`, `staged`) or its
+   * verdict (`succeeded`, `failed`), which the SDK acknowledges (`update_ack`) once the listeners
+   * have returned (not when one throws). The agent sends a verdict again after every reconnect
+   * until it is acknowledged, so the same verdict may come more than once. The SDK does not
+   * send updates (nor serve releases: a `need_release` is answered with an `error`).
+   */
+  update: [agentId: string, status: UpdateStatus];
   /** An upgrade was refused (HTTP 401 and `X-Bridge-Refusal: reason`). */
   refused: [refusal: { agentId: string; reason: Refusal; peer: string }];
 }

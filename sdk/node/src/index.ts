@@ -9,7 +9,7 @@ export type { TlsOptions } from './tls.js';
 export { FileStore } from './file-store.js';
 export type { PutOutcome, ResultStore, StoredResult } from './store.js';
 export { MAX_BINARY_BYTES, MAX_DEPTH, MAX_ID_BYTES, MAX_TEXT_BYTES, PROTOCOL_VERSION } from './wire.js';
-export type { AppliedLimits, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, HostFacts, RunResult, StatusReport, TaskState } from './wire.js';
+export type { AppliedLimits, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, HostFacts, RunResult, StatusReport, TaskState, UpdateReason, UpdateState, UpdateStatus } from './wire.js';
 export { PgStore } from './pg-store.js';
 export type { PgStoreOptions } from './pg-store.js';
 export { SignError, claimsToJson, codeSha256, fileSha256, keyId, keyPairFromSeed, keygen, publicKeyOf, sign, signWithDetails, stripSignatures } from './sign.js';

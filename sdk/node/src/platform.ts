@@ -25,6 +25,7 @@ import {
   encodeListHandlers,
   encodeRemoveHandler,
   encodeRun,
+  encodeUpdateAck,
   MAX_BINARY_BYTES,
   MAX_ID_BYTES,
   MAX_WS_PAYLOAD,
@@ -38,6 +39,7 @@ import {
   type RunResult,
   type StatusReport,
   type TaskState,
+  type UpdateStatus,
 } from './wire.js';
 
 export { PlatformError } from './api.js';
@@ -399,10 +401,43 @@ export class Platform extends EventEmitter<PlatformEvents> {
         void p.finally(() => this.storing.delete(p));
         return;
       }
+      case 'need_release':
+        // This platform sends no `update`, so it has no release to serve; the error is an answer
+        // the agent waits for (in order with module uploads): it must not be dropped.
+        this.log('warn', 'the agent asked for a release (this platform serves none)', { agentId, id: m.id });
+        if (!session.reply(encodeError({ id: m.id, code: 'not_found', message: `the platform serves no release (update ${m.id.slice(0, 64)})` }))) {
+          session.close(1008, 'too many requests without reading the answers');
+        }
+        return;
+      case 'update_status':
+        return this.onUpdateStatus(session, m.status);
       case 'error':
         return this.onAgentError(agentId, m.error);
       case 'hello':
         return;
+    }
+  }
+
+  /** Announces an update's status; acknowledges a verdict once every listener has returned. */
+  private onUpdateStatus(session: Session, status: UpdateStatus): void {
+    const agentId = session.agentId;
+    this.log(status.state === 'failed' || status.state === 'refused' ? 'warn' : 'info', `update ${status.state}`, {
+      agentId,
+      id: status.id,
+      version: status.version,
+      agentVersion: status.agent_version,
+      reason: status.reason ?? undefined,
+    });
+    try {
+      this.emit('update', agentId, status);
+    } catch (e) {
+      // Not acknowledged: the agent sends the verdict again after its next reconnect.
+      this.log('error', `an update listener threw (the verdict is not acknowledged): ${(e as Error).message}`, { agentId, id: status.id });
+      return;
+    }
+    if (status.state === 'succeeded' || status.state === 'failed') {
+      // Dropped when the agent does not read its replies: it sends the verdict again later.
+      if (!session.reply(encodeUpdateAck(status.id))) this.log('warn', 'the reply queue is full: an update_ack is dropped', { agentId, id: status.id });
     }
   }
 
@@ -537,7 +572,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
    * stored before it is acknowledged; a task id whose result is already stored (from this agent)
    * is answered from the store without sending anything. A `run` of a task id already in flight to
    * this agent waits for that task's result (its own options are not sent). A refusal that is
-   * not the task's result (`rejected` with reason `busy`, `storage_full`, `storage_error`,
+   * not the task's result (`rejected` with reason `busy`, `updating`, `storage_full`, `storage_error`,
    * `unknown_command`, `deadline_passed`) resolves the run but is not stored.
    *
    * Rejects with a {@link PlatformError}: `unknown_agent`, `not_connected` (when it must be sent),

@@ -112,9 +112,46 @@ export type AgentMessage =
       task_id: string;
       type: 'result';
     }
+  | {
+      /**
+       * The `update` this is for.
+       */
+      id: string;
+      /**
+       * How many bytes (at most `MAX_BINARY_BYTES`, 32 MiB, and never past the manifest's `size`).
+       */
+      length: number;
+      /**
+       * Where the bytes start in the release binary.
+       */
+      offset: number;
+      type: 'need_release';
+    }
+  | (UpdateStatus & {
+      type: 'update_status';
+    })
   | (ErrorBody & {
       type: 'error';
     });
+/**
+ * Why an update was refused or failed.
+ */
+export type UpdateReason =
+  | 'malformed_manifest'
+  | 'bad_signature'
+  | 'unknown_key'
+  | 'wrong_platform'
+  | 'downgrade'
+  | 'too_large'
+  | 'mismatch'
+  | 'unavailable'
+  | 'unsupported'
+  | 'in_progress'
+  | 'storage'
+  | 'exited'
+  | 'not_confirmed'
+  | 'not_started'
+  | 'switch_failed';
 
 /**
  * Periodic status (also right after `welcome`).
@@ -257,6 +294,7 @@ export interface RunResult {
    */
   reason?:
     | 'busy'
+    | 'updating'
     | 'storage_full'
     | 'storage_error'
     | 'unknown_command'
@@ -345,6 +383,37 @@ export interface Truncation {
    * Everything the handler wrote to stdout, kept or not.
    */
   stdout_total_bytes: number;
+}
+/**
+ * Where an update stands: `refused` and `staged` answer an `update`; `succeeded` and
+ * `failed` are its verdict, kept by the agent and sent after every reconnect until the
+ * platform answers `update_ack`.
+ */
+export interface UpdateStatus {
+  /**
+   * The version of the agent sending this.
+   */
+  agent_version: string;
+  /**
+   * What happened, for people (at most 1024 bytes).
+   */
+  detail?: string | null;
+  /**
+   * The `update` message's id.
+   */
+  id: string;
+  /**
+   * Why, for `refused` and `failed`.
+   */
+  reason?: UpdateReason | null;
+  /**
+   * Where it stands.
+   */
+  state: 'refused' | 'staged' | 'succeeded' | 'failed';
+  /**
+   * The version the update is to (from its manifest; empty when the manifest did not parse).
+   */
+  version: string;
 }
 /**
  * Something the agent could not accept.
@@ -450,6 +519,33 @@ export type PlatformMessage =
        */
       id: string;
       type: 'list_handlers';
+    }
+  | {
+      /**
+       * Allow a release older than the running version (the agent's config must allow it too).
+       */
+      allow_downgrade?: boolean;
+      /**
+       * How long running tasks may take to finish before the agent restarts (default: the
+       * agent's `update.drain_timeout_secs`).
+       */
+      drain_timeout_ms?: number | null;
+      /**
+       * Correlates `need_release` and `update_status`.
+       */
+      id: string;
+      /**
+       * The signed release manifest, as `bridgectl release sign` wrote it (at most 4096 bytes).
+       */
+      manifest: string;
+      type: 'update';
+    }
+  | {
+      /**
+       * The update's id.
+       */
+      id: string;
+      type: 'update_ack';
     }
   | (ErrorBody & {
       type: 'error';

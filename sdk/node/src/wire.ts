@@ -11,9 +11,11 @@ import type {
   RunResult,
   StatusReport,
   Truncation,
+  UpdateReason,
+  UpdateStatus,
 } from './protocol.js';
 
-export type { AppliedLimits, HandlerInfo, HostFacts, LimitRequest, RunResult, StatusReport, Truncation };
+export type { AppliedLimits, HandlerInfo, HostFacts, LimitRequest, RunResult, StatusReport, Truncation, UpdateReason, UpdateStatus };
 
 /** The protocol version this SDK speaks (only this one: an agent offering only older ones is told `unsupported_version`). */
 export const PROTOCOL_VERSION = 2;
@@ -38,6 +40,7 @@ export const MAX_WS_PAYLOAD = MAX_BINARY_BYTES + 64 * 1024;
  */
 export const UNRECORDED_REASONS: ReadonlySet<string> = new Set([
   'busy',
+  'updating',
   'storage_full',
   'storage_error',
   'unknown_command',
@@ -70,6 +73,32 @@ export interface ErrorBody {
   message: string;
 }
 
+/** Longest `version` in an `update_status` (a release manifest's limit), in bytes. */
+export const MAX_VERSION_BYTES = 64;
+/** Longest `detail` in an `update_status`, in bytes. */
+export const MAX_DETAIL_BYTES = 1024;
+
+/** Where an update stands, as `update_status` says. */
+export type UpdateState = UpdateStatus['state'];
+const UPDATE_STATES: readonly UpdateState[] = ['refused', 'staged', 'succeeded', 'failed'];
+const UPDATE_REASONS: readonly UpdateReason[] = [
+  'malformed_manifest',
+  'bad_signature',
+  'unknown_key',
+  'wrong_platform',
+  'downgrade',
+  'too_large',
+  'mismatch',
+  'unavailable',
+  'unsupported',
+  'in_progress',
+  'storage',
+  'exited',
+  'not_confirmed',
+  'not_started',
+  'switch_failed',
+];
+
 /** Where an accepted task is. */
 export type TaskState = 'queued' | 'running' | 'finished';
 /** What the agent found for a `cancel`. */
@@ -85,6 +114,8 @@ export type AgentMessage =
   | { type: 'cancel_reply'; id: string; taskId: string; outcome: CancelOutcome }
   | { type: 'handlers'; id: string; handlers: HandlerInfo[] }
   | { type: 'result'; id: string; taskId: string; result: RunResult }
+  | { type: 'need_release'; id: string; offset: number; length: number }
+  | { type: 'update_status'; status: UpdateStatus }
   | { type: 'error'; error: ErrorBody };
 
 /** Why a frame was not accepted: the `error` to answer with (unless `wasError`). */
@@ -291,6 +322,25 @@ function decodeResult(r: unknown): RunResult {
   return r as unknown as RunResult;
 }
 
+function decodeUpdateStatus(o: Obj): UpdateStatus {
+  const what = 'update_status';
+  only(o, what, ['type', 'id', 'state', 'version', 'agent_version', 'reason', 'detail']);
+  need(o, what, ['id', 'state', 'version', 'agent_version']);
+  const status: UpdateStatus = {
+    id: ident(o, 'id', what),
+    state: oneOf(o, 'state', what, UPDATE_STATES),
+    version: str(o, 'version', what),
+    agent_version: str(o, 'agent_version', what),
+  };
+  if (utf8Bytes(status.version) > MAX_VERSION_BYTES) throw new Malformed(`${what}: \`version\` is longer than ${MAX_VERSION_BYTES} bytes`);
+  if (o.reason !== undefined && o.reason !== null) status.reason = oneOf(o, 'reason', what, UPDATE_REASONS);
+  if (o.detail !== undefined && o.detail !== null) {
+    status.detail = str(o, 'detail', what);
+    if (utf8Bytes(status.detail) > MAX_DETAIL_BYTES) throw new Malformed(`${what}: \`detail\` is longer than ${MAX_DETAIL_BYTES} bytes`);
+  }
+  return status;
+}
+
 function decodeFields(type: string, o: Obj): AgentMessage {
   switch (type) {
     case 'hello': {
@@ -344,6 +394,15 @@ function decodeFields(type: string, o: Obj): AgentMessage {
       only(o, type, ['type', 'id', 'task_id', 'result']);
       need(o, type, ['result']);
       return { type, id: ident(o, 'id', type), taskId: ident(o, 'task_id', type), result: decodeResult(o.result) };
+    case 'need_release': {
+      only(o, type, ['type', 'id', 'offset', 'length']);
+      need(o, type, ['offset', 'length']);
+      const length = uint(o, 'length', type);
+      if (length < 1 || length > MAX_BINARY_BYTES) throw new Malformed(`need_release: \`length\` must be 1 to ${MAX_BINARY_BYTES}`);
+      return { type, id: ident(o, 'id', type), offset: uint(o, 'offset', type), length };
+    }
+    case 'update_status':
+      return { type, status: decodeUpdateStatus(o) };
     case 'error': {
       only(o, type, ['type', 'id', 'code', 'message']);
       const code = str(o, 'code', type);
@@ -366,6 +425,8 @@ const AGENT_TYPES: ReadonlySet<string> = new Set([
   'cancel_reply',
   'handlers',
   'result',
+  'need_release',
+  'update_status',
   'error',
 ]);
 
@@ -461,6 +522,12 @@ export function encodeInstallHandler(id: string, name: string, fileSha256: strin
 /** `remove_handler`. */
 export function encodeRemoveHandler(id: string, name: string): string {
   const m: Out<'remove_handler'> = { type: 'remove_handler', id, name };
+  return encode(m);
+}
+
+/** `update_ack`: the verdict of the update `id` is recorded. */
+export function encodeUpdateAck(id: string): string {
+  const m: Out<'update_ack'> = { type: 'update_ack', id };
   return encode(m);
 }
 

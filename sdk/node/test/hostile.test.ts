@@ -234,14 +234,87 @@ describe('a hostile agent', { timeout: 60_000 }, () => {
     assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-1'] });
     assert.deepEqual([(await platform.result('fake-task-1'))?.deliveries, (await platform.result('fake-task-1'))?.result.status], [2, 'ok']);
 
-    const busy = { ...result, status: 'rejected', exit_code: null, output: null, stdout: '', limits: null, error: 'busy', reason: 'busy' };
-    f.send({ type: 'result', id: 'run-z', task_id: 'fake-task-2', result: busy });
-    assert.deepEqual(await f.next(), { type: 'ack', task_ids: ['fake-task-2'] });
-    assert.equal(await platform.result('fake-task-2'), undefined);
+    for (const reason of ['busy', 'updating']) {
+      const refusal = { ...result, status: 'rejected', exit_code: null, output: null, stdout: '', limits: null, error: reason, reason };
+      f.send({ type: 'result', id: 'run-z', task_id: `fake-task-2-${reason}`, result: refusal });
+      assert.deepEqual(await f.next(), { type: 'ack', task_ids: [`fake-task-2-${reason}`] });
+      assert.equal(await platform.result(`fake-task-2-${reason}`), undefined, `a ${reason} refusal is not stored`);
+    }
 
     const bad = await f.errorFor({ type: 'result', id: 'run-w', task_id: 'fake-task-3', result: { ...result, truncated: null } });
     assert.deepEqual([bad.code, bad.id], ['malformed', 'run-w']);
     assert.equal(await platform.result('fake-task-3'), undefined);
+  });
+
+  it('announces update_status as an update event, acknowledges verdicts only, and answers need_release with an error', async () => {
+    const me = await identity();
+    const f = opened(await Fake.open(platform.url, me, await platform.issueToken()));
+    open.push(f);
+    f.hello(me.id);
+    await f.next();
+    const seen: Array<[string, unknown]> = [];
+    const listener = (agentId: string, status: unknown) => seen.push([agentId, status]);
+    platform.on('update', listener);
+    try {
+      const id = 'update-6d2a8f4c1e9b3057';
+      // `refused` and `staged` answer the update: announced, not acknowledged (the first
+      // message back is the verdict's ack).
+      const refused = { type: 'update_status', id: 'update-refused', state: 'refused', version: '0.0.9', agent_version: '0.1.0', reason: 'downgrade', detail: 'not newer' };
+      const staged = { type: 'update_status', id: 'update-staged', state: 'staged', version: '0.2.0', agent_version: '0.1.0' };
+      f.send(refused);
+      f.send(staged);
+      // A verdict is announced and acknowledged, every time it comes.
+      const failed = { type: 'update_status', id, state: 'failed', version: '0.2.0', agent_version: '0.1.0', reason: 'exited', detail: 'x'.repeat(1024) };
+      f.send(failed);
+      assert.deepEqual(await f.next(), { type: 'update_ack', id });
+      const succeeded = { type: 'update_status', id: 'update-2', state: 'succeeded', version: '0.2.0', agent_version: '0.2.0', reason: null, detail: null };
+      f.send(succeeded);
+      assert.deepEqual(await f.next(), { type: 'update_ack', id: 'update-2' });
+      f.send(succeeded);
+      assert.deepEqual(await f.next(), { type: 'update_ack', id: 'update-2' });
+      const body = (m: Record<string, unknown>) => {
+        const { type: _type, ...rest } = m;
+        return Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== null));
+      };
+      assert.deepEqual(seen, [refused, staged, failed, succeeded, succeeded].map((m) => [me.id, body(m)]));
+
+      // The SDK serves no release: the request is answered with an error naming it.
+      const e = await f.errorFor({ type: 'need_release', id, offset: 0, length: 8388608 });
+      assert.deepEqual([e.id, e.code], [id, 'not_found']);
+
+      // Each field is checked: nothing is announced or acknowledged for a bad one.
+      const count = seen.length;
+      for (const [bad, why] of [
+        [{ ...failed, state: 'done' }, 'an unknown state'],
+        [{ ...failed, reason: 'gremlins' }, 'an unknown reason'],
+        [{ ...failed, detail: 'x'.repeat(1025) }, 'a detail over 1024 bytes'],
+        [{ ...failed, version: '1'.repeat(65) }, 'a version over 64 bytes'],
+        [{ ...failed, extra: 1 }, 'an unknown field'],
+        [{ type: 'update_status', id, state: 'failed', version: '0.2.0' }, 'no agent_version'],
+        [{ type: 'need_release', id, offset: 0, length: 0 }, 'an empty piece'],
+        [{ type: 'need_release', id, offset: 0, length: 32 * 1024 * 1024 + 1 }, 'a piece over MAX_BINARY_BYTES'],
+        [{ type: 'need_release', id, offset: -1, length: 1 }, 'a negative offset'],
+      ] as const) {
+        const reply = await f.errorFor(bad);
+        assert.deepEqual([reply.code, reply.id], ['malformed', id], why);
+      }
+      assert.equal(seen.length, count);
+
+      // A listener that throws: the verdict is not acknowledged (the agent sends it again later).
+      const throwing = () => {
+        throw new Error('no room for the verdict');
+      };
+      platform.on('update', throwing);
+      try {
+        f.send(failed);
+        f.send({ type: 'teleport', id: 'after-the-throw' });
+        assert.equal((await f.next()).id, 'after-the-throw');
+      } finally {
+        platform.off('update', throwing);
+      }
+    } finally {
+      platform.off('update', listener);
+    }
   });
 
   it('acknowledges a flood of 4500 results sent before any ack, each task id once, in gathered acks within their bounds', async () => {

@@ -1,6 +1,7 @@
 // The protocol's JSON Schema against its two other copies: the generated TypeScript types
 // (src/protocol.ts must be what the schema generates) and the examples in docs/protocol.md
-// (each must validate against the schema of its direction).
+// (each must validate against the schema of its direction); and the SDK's hand-kept list of
+// refusals the agent does not record against the document's.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -8,6 +9,8 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { Ajv2020 } from 'ajv/dist/2020.js';
+
+import { UNRECORDED_REASONS } from '../dist/wire.js';
 
 const repo = (p: string) => fileURLToPath(new URL(`../../../${p}`, import.meta.url));
 /** Ajv with the numeric formats the Rust generator writes (`uint64`, `uint32`, `double`…). */
@@ -58,6 +61,14 @@ test('every example in docs/protocol.md validates against the schema', () => {
       if (t) assert.ok(types[dir].has(t), `docs/protocol.md has no ${dir}:${t} example`);
     }
   }
+});
+
+test("the SDK's unrecorded refusals are those docs/protocol.md says the agent does not record", () => {
+  const doc = readFileSync(repo('docs/protocol.md'), 'utf8');
+  const table = doc.split('| `reason` (with `rejected`) | recorded | meaning |')[1]?.split('\n\n')[0] ?? '';
+  const unrecorded = [...table.matchAll(/^\| `(\w+)` \| no[ |]/gm)].map((m) => m[1]);
+  assert.ok(unrecorded.includes('busy'), `the table was not found: ${unrecorded.join(', ')}`);
+  assert.deepEqual([...UNRECORDED_REASONS], unrecorded);
 });
 
 test('the schema refuses what the agent refuses', () => {

@@ -42,11 +42,17 @@
 //! | `{"cmd":"remove_handler","agent","name","wait_ms"?}` | `{"ok":true,"handlers":[…]}` |
 //! | `{"cmd":"handlers","agent","wait_ms"?}` | `{"ok":true,"handlers":[…]}` |
 //! | `{"cmd":"send","agent","text","wait_ms"?}` | `{"ok":true,"reply":{ErrorBody}\|null}`: a raw frame to the agent, and its `error` answer (testing aid) |
+//! | `{"cmd":"update","agent","manifest","binary"?,"allow_downgrade"?,"drain_timeout_ms"?,"wait_ms"?}` | `{"ok":true,"update":{"id","agent","version","state":"succeeded"\|"failed"\|"refused"\|"timeout","staged","reason"?,"detail"?,"agent_version"?}}` |
+//! | `{"cmd":"rollout","manifest","binary"?,"canary","batch_percent","max_failures","allow_downgrade"?,"drain_timeout_ms"?,"agent_wait_ms"?}` | `{"ok":true,"rollout":{RolloutStatus}}`: started |
+//! | `{"cmd":"rollout_status","wait_ms"?}` | `{"ok":true,"rollout":{RolloutStatus}\|null}` (waiting up to `wait_ms`, default 0, for it to be over) |
 //!
 //! `run` waits `wait_ms` (default [`DEFAULT_RUN_WAIT_MS`]; `timeout_ms` is an older name of the
 //! same field) for the result, across reconnections of the agent; the other requests to an agent
 //! wait [`DEFAULT_REQUEST_WAIT_MS`] for its reply (a module upload included) and fail if the
 //! connection ends first.
+//! `update` and `rollout` name files the server reads (absolute paths: a manifest, and the
+//! binary, by default the manifest's path without `.manifest`); `update` waits `wait_ms`
+//! (default [`DEFAULT_UPDATE_WAIT_MS`]) for the verdict, across the agent's restart.
 
 mod client;
 mod requests;
@@ -67,7 +73,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use self::client::{request, request_with_events};
-pub use self::requests::{ControlRequest, InstallCommand, RunCommand};
+pub use self::requests::{
+    ControlRequest, InstallCommand, RolloutCommand, RunCommand, UpdateCommand,
+};
 use self::respond::{failure, respond};
 use super::hub::Hub;
 
@@ -83,6 +91,9 @@ pub const MAX_LINE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_RUN_WAIT_MS: u64 = 60_000;
 /// How long the other requests to an agent wait for its reply unless `wait_ms` says otherwise.
 pub const DEFAULT_REQUEST_WAIT_MS: u64 = 30_000;
+/// How long `update` waits for the verdict (and a rollout for each agent's) unless told
+/// otherwise.
+pub const DEFAULT_UPDATE_WAIT_MS: u64 = 600_000;
 /// How long `send` waits for the agent's error unless `wait_ms` says otherwise.
 pub const DEFAULT_SEND_WAIT_MS: u64 = 2_000;
 /// How many chunks of a streaming `run` may wait for the client.

@@ -1,6 +1,7 @@
 //! The control requests as parsed from a line (unknown commands and fields are errors), and a
 //! `run` request checked and turned into the hub's [`RunOrder`].
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -66,6 +67,17 @@ pub enum ControlRequest {
         agent: String,
         /// How long to wait for the reply (default
         /// [`DEFAULT_REQUEST_WAIT_MS`](super::DEFAULT_REQUEST_WAIT_MS)).
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Update an agent to a release and wait for the verdict.
+    Update(Box<UpdateCommand>),
+    /// Start a staged rollout of a release across the connected agents.
+    Rollout(Box<RolloutCommand>),
+    /// The rollout's status (null if none was started), waiting up to `wait_ms` (default 0)
+    /// for it to be over.
+    RolloutStatus {
+        /// How long to wait for the rollout to be over.
         #[serde(default)]
         wait_ms: Option<u64>,
     },
@@ -151,6 +163,91 @@ pub struct InstallCommand {
     /// [`DEFAULT_REQUEST_WAIT_MS`](super::DEFAULT_REQUEST_WAIT_MS)).
     #[serde(default)]
     pub wait_ms: Option<u64>,
+}
+
+/// The manifest's and the binary's paths of an `update` or `rollout` request (the binary
+/// defaults to the manifest's path without `.manifest`); `Err` says what is wrong with them.
+fn release_paths(manifest: &Path, binary: Option<&Path>) -> Result<(PathBuf, PathBuf), String> {
+    let binary = match binary {
+        Some(b) => b.to_path_buf(),
+        None => {
+            crate::release::default_binary(manifest).map_err(|e| format!("bad request: {e}"))?
+        }
+    };
+    for (field, path) in [("manifest", manifest), ("binary", &binary)] {
+        if !path.is_absolute() {
+            return Err(format!(
+                "bad request: `{field}` must be an absolute path (the server reads it), not {}",
+                path.display()
+            ));
+        }
+    }
+    Ok((manifest.to_path_buf(), binary))
+}
+
+/// The fields of an `update` request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateCommand {
+    /// The agent id.
+    pub agent: String,
+    /// The release manifest file (absolute path).
+    pub manifest: PathBuf,
+    /// The binary (absolute path; default: `manifest` without `.manifest`).
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// Allow a release older than the agent's version (its config must allow it too).
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// How long the agent lets running tasks finish (default: its config's).
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
+    /// How long to wait for the verdict (default
+    /// [`DEFAULT_UPDATE_WAIT_MS`](super::DEFAULT_UPDATE_WAIT_MS)).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// The fields of a `rollout` request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutCommand {
+    /// The release manifest file (absolute path).
+    pub manifest: PathBuf,
+    /// The binary (absolute path; default: `manifest` without `.manifest`).
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// How many agents are updated first.
+    pub canary: usize,
+    /// Each later batch, in percent of the targets (1 to 100).
+    pub batch_percent: u32,
+    /// The failure count that halts the rollout (at least 1).
+    pub max_failures: usize,
+    /// Allow a release older than the agents' versions (their configs must allow it too).
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// How long each agent lets running tasks finish (default: its config's).
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
+    /// How long to wait for each agent's verdict (default
+    /// [`DEFAULT_UPDATE_WAIT_MS`](super::DEFAULT_UPDATE_WAIT_MS)); no
+    /// verdict in that time is a failure.
+    #[serde(default)]
+    pub agent_wait_ms: Option<u64>,
+}
+
+impl UpdateCommand {
+    /// The manifest's and the binary's paths; `Err` says what is wrong with them.
+    pub(super) fn paths(&self) -> Result<(PathBuf, PathBuf), String> {
+        release_paths(&self.manifest, self.binary.as_deref())
+    }
+}
+
+impl RolloutCommand {
+    /// The manifest's and the binary's paths; `Err` says what is wrong with them.
+    pub(super) fn paths(&self) -> Result<(PathBuf, PathBuf), String> {
+        release_paths(&self.manifest, self.binary.as_deref())
+    }
 }
 
 /// Checks a `run` request and turns it into an order; `Err` says what is wrong with it.

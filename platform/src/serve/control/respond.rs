@@ -1,14 +1,22 @@
 //! What each control request does: the hub call it makes and the response line it gives (a
 //! streaming `run` writes its chunk event lines first).
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use bridge_protocol::RunResult;
 use serde_json::{json, Value};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
-use super::requests::{decode_b64, run_order, wait, ControlRequest};
-use super::{write_line, CHUNK_QUEUE, DEFAULT_REQUEST_WAIT_MS, DEFAULT_SEND_WAIT_MS};
-use crate::serve::hub::{ChunkEvent, Hub, HubError, RunOrder};
+use super::requests::{decode_b64, run_order, wait, ControlRequest, RolloutCommand, UpdateCommand};
+use super::{
+    write_line, CHUNK_QUEUE, DEFAULT_REQUEST_WAIT_MS, DEFAULT_SEND_WAIT_MS, DEFAULT_UPDATE_WAIT_MS,
+};
+use crate::serve::hub::{ChunkEvent, Ending, Hub, HubError, Release, RunOrder, UpdateOrder};
+use crate::serve::rollout::{AgentOutcome, RolloutPlan, Updater};
 
 /// A response: a `run`'s, serialized straight from its result (the hot path of a busy
 /// platform), or any other as a JSON value.
@@ -37,7 +45,7 @@ pub(super) struct RunResponse {
 
 /// Answers one request; a streaming `run` writes its event lines to `write` first.
 pub(super) async fn respond(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     request: ControlRequest,
     write: &mut OwnedWriteHalf,
 ) -> Response {
@@ -113,6 +121,12 @@ pub(super) async fn respond(
             let wait = wait(wait_ms, DEFAULT_REQUEST_WAIT_MS);
             handlers_response(hub.handlers(&agent, wait).await)
         }
+        ControlRequest::Update(update) => update_agent(hub, *update).await,
+        ControlRequest::Rollout(rollout) => start_rollout(hub, *rollout).await,
+        ControlRequest::RolloutStatus { wait_ms } => {
+            let status = hub.rollout.status(wait(wait_ms, 0)).await;
+            json!({"ok": true, "rollout": status})
+        }
         ControlRequest::Send {
             agent,
             text,
@@ -183,6 +197,119 @@ async fn run_task(hub: &Hub, order: RunOrder, write: &mut OwnedWriteHalf) -> Res
             stored: outcome.stored,
         })),
         Err(e) => failure(e).into(),
+    }
+}
+
+/// Reads a release (manifest and binary, checked against each other) off the runtime's
+/// threads, sharing the copy in memory if the release is already there.
+async fn load_release(hub: &Hub, paths: (PathBuf, PathBuf)) -> Result<Arc<Release>, String> {
+    let (manifest, binary) = paths;
+    let loaded = tokio::task::spawn_blocking(move || Release::load(&manifest, &binary))
+        .await
+        .map_err(|e| format!("reading the release failed: {e}"))?;
+    loaded
+        .map(|release| hub.share_release(release))
+        .map_err(|e| format!("refused: {e:#}"))
+}
+
+/// `update`: the release read and checked, then sent, then the verdict.
+async fn update_agent(hub: &Hub, update: UpdateCommand) -> Value {
+    let paths = match update.paths() {
+        Ok(paths) => paths,
+        Err(why) => return failure(why),
+    };
+    let release = match load_release(hub, paths).await {
+        Ok(release) => release,
+        Err(why) => return failure(why),
+    };
+    let order = UpdateOrder {
+        agent: update.agent,
+        release,
+        allow_downgrade: update.allow_downgrade,
+        drain_timeout_ms: update.drain_timeout_ms,
+        wait: wait(update.wait_ms, DEFAULT_UPDATE_WAIT_MS),
+    };
+    match hub.update(order).await {
+        Ok(outcome) => json!({"ok": true, "update": outcome}),
+        Err(e) => failure(e),
+    }
+}
+
+/// `rollout`: the release read and checked, the targets chosen, the rollout started.
+async fn start_rollout(hub: &Arc<Hub>, rollout: RolloutCommand) -> Value {
+    let plan = match RolloutPlan::new(rollout.canary, rollout.batch_percent, rollout.max_failures) {
+        Ok(plan) => plan,
+        Err(why) => return failure(format!("bad request: {why}")),
+    };
+    let paths = match rollout.paths() {
+        Ok(paths) => paths,
+        Err(why) => return failure(why),
+    };
+    let release = match load_release(hub, paths).await {
+        Ok(release) => release,
+        Err(why) => return failure(why),
+    };
+    let version = release.version().to_string();
+    let targets: Vec<String> = hub
+        .live_agents()
+        .into_iter()
+        .filter(|a| !same_version(&a.agent_version, &version))
+        .map(|a| a.id)
+        .collect();
+    let updater: Updater = {
+        let hub = hub.clone();
+        let wait = wait(rollout.agent_wait_ms, DEFAULT_UPDATE_WAIT_MS);
+        let (allow_downgrade, drain_timeout_ms) =
+            (rollout.allow_downgrade, rollout.drain_timeout_ms);
+        Arc::new(move |agent: String| {
+            let order = UpdateOrder {
+                agent,
+                release: release.clone(),
+                allow_downgrade,
+                drain_timeout_ms,
+                wait,
+            };
+            let hub = hub.clone();
+            Box::pin(async move { agent_outcome(hub.update(order).await) })
+                as Pin<Box<dyn Future<Output = AgentOutcome> + Send>>
+        })
+    };
+    match hub.rollout.start(plan, &version, targets, updater) {
+        Ok(status) => json!({"ok": true, "rollout": status}),
+        Err(why) => failure(format!("refused: {why}")),
+    }
+}
+
+/// Whether an agent reporting `agent_version` already runs `version`.
+fn same_version(agent_version: &str, version: &str) -> bool {
+    match bridge_signing::release::compare_versions(agent_version, version) {
+        Ok(order) => order.is_eq(),
+        Err(_) => agent_version == version,
+    }
+}
+
+/// An update's ending as a rollout counts it.
+fn agent_outcome(update: Result<crate::serve::hub::UpdateOutcome, HubError>) -> AgentOutcome {
+    let update = match update {
+        Ok(update) => update,
+        Err(e) => {
+            return AgentOutcome::Failed {
+                reason: "not_sent".into(),
+                detail: e.to_string(),
+            }
+        }
+    };
+    let reason = match update.state {
+        Ending::Succeeded => return AgentOutcome::Succeeded,
+        Ending::Timeout => "timeout".to_string(),
+        Ending::Refused | Ending::Failed => match update.reason {
+            Some(reason) => json!(reason).as_str().unwrap_or_default().to_string(),
+            None => json!(update.state).as_str().unwrap_or_default().to_string(),
+        },
+    };
+    AgentOutcome::Failed {
+        reason,
+        detail: update.detail.unwrap_or_default(),
     }
 }
 

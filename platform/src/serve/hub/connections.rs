@@ -27,6 +27,21 @@ struct Conn {
     conn_id: u64,
     outbox: mpsc::Sender<Outbound>,
     kick: Arc<Notify>,
+    /// The protocol version the connection speaks.
+    version: u32,
+    /// The version the agent reported in its `hello`.
+    agent_version: String,
+}
+
+/// An agent connected now, as a rollout chooses its targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveAgent {
+    /// The agent id.
+    pub id: String,
+    /// The protocol version of its connection.
+    pub version: u32,
+    /// The version it reported in its `hello`.
+    pub agent_version: String,
 }
 
 /// What a session holds for its own registration.
@@ -82,6 +97,8 @@ impl Connections {
     fn register(
         &self,
         agent_id: &str,
+        version: u32,
+        agent_version: &str,
         resend: impl FnOnce() -> Vec<String>,
     ) -> (Registration, Option<u64>) {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -98,6 +115,8 @@ impl Connections {
                     conn_id,
                     outbox: tx,
                     kick: kick.clone(),
+                    version,
+                    agent_version: agent_version.to_string(),
                 },
             );
             (old, resend())
@@ -152,6 +171,25 @@ impl Connections {
         Ok((conn.outbox.clone(), conn.conn_id, recorded))
     }
 
+    /// The protocol version of `agent_id`'s live connection.
+    pub(super) fn version(&self, agent_id: &str) -> Option<u32> {
+        lock(&self.live).get(agent_id).map(|c| c.version)
+    }
+
+    /// The agents connected now, by id.
+    pub(super) fn live(&self) -> Vec<LiveAgent> {
+        let mut live: Vec<LiveAgent> = lock(&self.live)
+            .iter()
+            .map(|(id, c)| LiveAgent {
+                id: id.clone(),
+                version: c.version,
+                agent_version: c.agent_version.clone(),
+            })
+            .collect();
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        live
+    }
+
     /// The enrolled agents `records` with their connection state and latest status.
     pub(super) fn views(&self, records: Vec<AgentRecord>) -> Vec<AgentView> {
         let live = lock(&self.live);
@@ -170,12 +208,14 @@ impl Connections {
 }
 
 impl Hub {
-    /// Registers a live connection for `agent_id`, kicking any previous one (whose requests
-    /// fail).
-    pub fn register(&self, agent_id: &str) -> Registration {
-        let (registration, replaced) = self
-            .connections
-            .register(agent_id, || self.sent_runs.unacknowledged(agent_id));
+    /// Registers a live connection for `agent_id` speaking protocol `version`, kicking any
+    /// previous one (whose requests fail); `agent_version` is what its `hello` said.
+    pub fn register(&self, agent_id: &str, version: u32, agent_version: &str) -> Registration {
+        let (registration, replaced) =
+            self.connections
+                .register(agent_id, version, agent_version, || {
+                    self.sent_runs.unacknowledged(agent_id)
+                });
         if let Some(old) = replaced {
             self.requests
                 .fail_connection(old, "replaced by a newer connection");
@@ -193,6 +233,11 @@ impl Hub {
     /// Stores the agent's latest status.
     pub fn set_status(&self, agent_id: &str, status: StatusReport) {
         lock(&self.connections.statuses).insert(agent_id.to_string(), status);
+    }
+
+    /// The agents connected now, sorted by id.
+    pub fn live_agents(&self) -> Vec<LiveAgent> {
+        self.connections.live()
     }
 
     /// Every enrolled agent with its connection state and latest status.

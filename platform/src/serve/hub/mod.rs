@@ -14,6 +14,9 @@
 //!   ([`Hub::on_reply`]).
 //! * `modules`: the module store ([`Hub::module`]).
 //! * `raw`: a raw frame to an agent and its `error` answer ([`Hub::send_raw`]).
+//! * `updates`: an agent's self-update, from `update` to its verdict ([`Hub::update`],
+//!   [`Hub::release_range`], [`Hub::on_update_status`]); the verdicts are stored in
+//!   [`UpdateStore`].
 //! * `error`: [`HubError`], why a request or a wait produced no answer.
 //!
 //! Guarantees:
@@ -55,6 +58,7 @@ mod requests;
 mod sent_runs;
 mod streams;
 mod tasks;
+mod updates;
 mod waiters;
 
 use std::collections::HashMap;
@@ -66,12 +70,15 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 
 use super::registry::Registry;
 use super::results::ResultStore;
+use super::rollout::RolloutSlot;
+use super::updates::UpdateStore;
 
-pub use self::connections::{AgentView, Outbound, Registration};
+pub use self::connections::{AgentView, LiveAgent, Outbound, Registration};
 pub use self::error::HubError;
 pub use self::requests::Reply;
 pub use self::streams::ChunkEvent;
 pub use self::tasks::{RunOrder, RunOutcome, TaskView};
+pub use self::updates::{Ending, Release, UpdateOrder, UpdateOutcome};
 
 /// The shared state; see the module documentation.
 #[derive(Debug)]
@@ -82,6 +89,10 @@ pub struct Hub {
     pub results: ResultStore,
     /// Lifetime of enrollment tokens issued by this server (`None`: no expiry).
     pub token_ttl_secs: Option<u64>,
+    /// The updates sent and their verdicts.
+    pub update_store: UpdateStore,
+    /// The rollout of this server, if one was started.
+    pub rollout: RolloutSlot,
     connections: connections::Connections,
     modules: modules::ModuleStore,
     waiters: waiters::TaskWaiters,
@@ -89,17 +100,25 @@ pub struct Hub {
     streams: streams::ChunkStreams,
     requests: requests::PendingRequests,
     error_waiters: raw::ErrorWaiters,
+    updates: updates::ActiveUpdates,
     /// Keys of waiters (unique per hub); also the dispatch order of runs.
     next_key: AtomicU64,
 }
 
 impl Hub {
-    /// A hub over `registry` and `results`.
-    pub fn new(registry: Registry, results: ResultStore, token_ttl_secs: Option<u64>) -> Hub {
+    /// A hub over `registry`, `results` and `update_store`.
+    pub fn new(
+        registry: Registry,
+        results: ResultStore,
+        update_store: UpdateStore,
+        token_ttl_secs: Option<u64>,
+    ) -> Hub {
         Hub {
             registry,
             results,
             token_ttl_secs,
+            update_store,
+            rollout: RolloutSlot::default(),
             connections: connections::Connections::new(),
             modules: Default::default(),
             waiters: Default::default(),
@@ -107,6 +126,7 @@ impl Hub {
             streams: Default::default(),
             requests: Default::default(),
             error_waiters: Default::default(),
+            updates: Default::default(),
             next_key: AtomicU64::new(1),
         }
     }

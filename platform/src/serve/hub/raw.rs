@@ -77,9 +77,10 @@ mod tests {
         let hub = Hub::new(
             Registry::open(dir.path()).unwrap(),
             ResultStore::open(dir.path()).unwrap(),
+            crate::serve::updates::UpdateStore::open(dir.path()).unwrap(),
             None,
         );
-        let mut reg = hub.register("agent-a");
+        let mut reg = hub.register("agent-a", 2, "0.1.0");
         for _ in 0..3 {
             let reply = hub
                 .send_raw("agent-a", "{}".into(), Duration::from_millis(10))

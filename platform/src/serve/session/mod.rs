@@ -17,7 +17,11 @@
 //!   coalesced: a set of task ids the writer drains into `ack {task_ids: […]}` frames, so an
 //!   agent that sends thousands of results before it reads anything costs memory bounded by
 //!   the number of distinct task ids, and both sides never end up blocked writing). Replies to
-//!   the agent's own messages (errors, module uploads) wait in a bounded queue.
+//!   the agent's own messages (errors, module uploads, release pieces, `update_ack`) wait in a
+//!   bounded queue, in the order asked.
+//! * A verdict (`update_status`) is stored before its `update_ack` is queued (see the hub's
+//!   `updates`); a version-1 connection carries no self-update messages (the codec refuses
+//!   them).
 //! * A write that takes longer than [`SEND_TIMEOUT`] (an agent that stopped reading) closes
 //!   the connection.
 //! * The connection is closed when the agent was silent for [`IDLE_TIMEOUT`], when a newer
@@ -110,7 +114,7 @@ async fn serve_tls(
     else {
         return Ok(());
     };
-    let mut reg = hub.register(&agent_id);
+    let mut reg = hub.register(&agent_id, version, &agent_version);
     hub.registry.touch(&agent_id, true);
     tracing::info!(agent_id = %agent_id, agent_version = %agent_version, version, conn = reg.conn_id, "session started");
     let welcome = PlatformMessage::Welcome {

@@ -86,8 +86,38 @@ fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str, version: u32) 
         }
     };
     match message {
-        // Self-update lands with the platform's update support.
-        AgentMessage::NeedRelease { .. } | AgentMessage::UpdateStatus(_) => Ok(()),
+        AgentMessage::NeedRelease { id, offset, length } => {
+            let answer = match hub.release_range(agent_id, &id, offset, length) {
+                Ok(bytes) => {
+                    tracing::debug!(agent_id, update = %id, offset, length, "sending release bytes");
+                    Message::Binary(bytes)
+                }
+                Err((code, why)) => {
+                    tracing::warn!(agent_id, update = %id, offset, length, "need_release refused: {why}");
+                    Message::Text(encode(&error_message(Some(id), code, why)).into())
+                }
+            };
+            // The agent waits for this answer, error or bytes: it must not be dropped.
+            if out.reply(answer) {
+                Ok(())
+            } else {
+                Err(anyhow!(
+                    "the agent asked for more than {REPLY_QUEUE} ranges without reading the answers"
+                ))
+            }
+        }
+        AgentMessage::UpdateStatus(status) => {
+            let id = status.id.clone();
+            if hub.on_update_status(agent_id, status) {
+                let ack = PlatformMessage::UpdateAck { id };
+                if !out.reply(Message::Text(encode(&ack).into())) {
+                    return Err(anyhow!(
+                        "the agent sent more than {REPLY_QUEUE} messages without reading the answers"
+                    ));
+                }
+            }
+            Ok(())
+        }
         AgentMessage::Hello { .. } => {
             let again = error_message(
                 None,
