@@ -59,7 +59,10 @@ fn start(
     let keys = key.map_or(String::new(), |k| {
         format!("release_keys = [\"{}\"]", k.public_key())
     });
-    let toml = format!("{agent}\n[update]\n{keys}\n{update}\n");
+    let toml = match (keys.is_empty(), update.is_empty()) {
+        (true, true) => agent.to_string(),
+        _ => format!("{agent}\n[update]\n{keys}\n{update}\n"),
+    };
     let env: Vec<(&str, &OsStr)> = layout
         .map(|l| vec![("BRIDGE_LAUNCHER_LAYOUT", l.as_os_str())])
         .unwrap_or_default();

@@ -255,6 +255,7 @@ mod tests {
         };
         for (refusal, recorded) in [
             (Refusal::Busy { limit: 1 }, false),
+            (Refusal::Updating, false),
             (Refusal::BusyWaiting { limit: 1 }, false),
             (Refusal::DeadlinePassed(now), false),
             (Refusal::UnknownCommand("x".into()), false),

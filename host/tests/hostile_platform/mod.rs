@@ -86,9 +86,21 @@ impl Server {
     }
 
     /// The next agent connection, upgraded to WebSocket, before `hello`.
+    /// Panics after 60 s without one (an agent that exited never connects).
     pub fn accept(&self) -> Conn {
-        self.listener.set_nonblocking(false).unwrap();
-        let (tcp, _) = self.listener.accept().unwrap();
+        self.listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let tcp = loop {
+            match self.listener.accept() {
+                Ok((tcp, _)) => break tcp,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no agent connected within 60 s");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accepting an agent: {e}"),
+            }
+        };
+        tcp.set_nonblocking(false).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let tls = rustls::ServerConnection::new(self.tls.clone()).unwrap();
         let mut stream = rustls::StreamOwned::new(tls, tcp);
