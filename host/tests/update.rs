@@ -69,6 +69,21 @@ fn start(
     Agent::start_env(server, dir, 256, &[], &toml, &env)
 }
 
+/// [`start`], then the agent's connection accepted and past the handshake.
+fn connected(
+    server: &Server,
+    dir: &Path,
+    key: Option<&KeyPair>,
+    update: &str,
+    agent: &str,
+    layout: Option<&Path>,
+) -> (Agent, Conn) {
+    let agent = start(server, dir, key, update, agent, layout);
+    let mut conn = server.accept();
+    conn.open();
+    (agent, conn)
+}
+
 fn update_msg(id: &str, manifest: &str, extra: Value) -> Value {
     let mut m = json!({"type": "update", "id": id, "manifest": manifest});
     m.as_object_mut()
@@ -145,7 +160,7 @@ fn every_refusal_says_why_and_leaves_nothing_on_disk() {
     let key = KeyPair::from_seed(&[41; 32]);
     let other = KeyPair::from_seed(&[42; 32]);
     let layout = dir.path().join("layout");
-    let mut agent = start(
+    let (mut agent, mut conn) = connected(
         &server,
         dir.path(),
         Some(&key),
@@ -153,8 +168,6 @@ fn every_refusal_says_why_and_leaves_nothing_on_disk() {
         "",
         Some(&layout),
     );
-    let mut conn = server.accept();
-    conn.open();
     let own = own_version();
     let next = newer(&own);
     let arch = std::env::consts::ARCH;
@@ -304,7 +317,7 @@ fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates()
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start();
         let layout_dir = dir.path().join("layout");
-        let mut agent = start(
+        let (mut agent, mut conn) = connected(
             &server,
             dir.path(),
             with_key.then_some(&key),
@@ -312,8 +325,6 @@ fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates()
             "",
             layout.then_some(layout_dir.as_path()),
         );
-        let mut conn = server.accept();
-        conn.open();
         conn.send(&update_msg("u-1", &m, json!({})));
         let (s, asked) = serve(&mut conn, "u-1", Answer::Bytes(&bin));
         assert_refused(&s, "unsupported", &next);
@@ -345,7 +356,7 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
     let server = Server::start();
     let key = KeyPair::from_seed(&[44; 32]);
     let layout = dir.path().join("layout");
-    let mut agent = start(
+    let (mut agent, mut conn) = connected(
         &server,
         dir.path(),
         Some(&key),
@@ -353,8 +364,6 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
         "max_concurrent_tasks = 1",
         Some(&layout),
     );
-    let mut conn = server.accept();
-    conn.open();
     let own = own_version();
     let next = newer(&own);
     // Two parts: 8 MiB, then the rest.
@@ -409,7 +418,7 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
     // The next start (here without the launcher: the same agent) runs the queued task, and the
     // refused one when it is sent again: it was not recorded.
     drop(conn);
-    let mut agent = start(
+    let (mut agent, mut conn) = connected(
         &server,
         dir.path(),
         Some(&key),
@@ -417,8 +426,6 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
         "max_concurrent_tasks = 1",
         None,
     );
-    let mut conn = server.accept();
-    conn.open();
     let r = conn.result("queued", Duration::from_secs(20));
     assert_eq!(
         (r["status"].as_str(), r["stdout"].as_str()),
@@ -447,9 +454,7 @@ fn a_task_running_past_the_drain_timeout_ends_interrupted_once_after_the_restart
     let server = Server::start();
     let key = KeyPair::from_seed(&[45; 32]);
     let layout = dir.path().join("layout");
-    let mut agent = start(&server, dir.path(), Some(&key), "", "", Some(&layout));
-    let mut conn = server.accept();
-    conn.open();
+    let (mut agent, mut conn) = connected(&server, dir.path(), Some(&key), "", "", Some(&layout));
     let next = newer(&own_version());
     let bin = binary(5000, 5);
     let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
@@ -473,9 +478,7 @@ fn a_task_running_past_the_drain_timeout_ends_interrupted_once_after_the_restart
     );
     drop(conn);
 
-    let mut agent = start(&server, dir.path(), Some(&key), "", "", None);
-    let mut conn = server.accept();
-    conn.open();
+    let (mut agent, mut conn) = connected(&server, dir.path(), Some(&key), "", "", None);
     let r = conn.result("long", Duration::from_secs(20));
     assert_eq!(r["status"], "interrupted", "{r}");
     // Acknowledged: it is not sent again, and the same task id is answered with it.
@@ -584,7 +587,7 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
         std::fs::create_dir_all(&layout).unwrap();
         std::fs::write(layout.join("state.json"), state.to_string()).unwrap();
         let server = Server::start();
-        let mut agent = start(
+        let (mut agent, mut conn) = connected(
             &server,
             other.path(),
             None,
@@ -592,8 +595,6 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
             "",
             Some(&layout),
         );
-        let mut conn = server.accept();
-        conn.open();
         std::thread::sleep(Duration::from_secs(2));
         conn.healthy(&mut agent);
         let update = other.path().join("state/update");
@@ -602,7 +603,7 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
 
     std::fs::write(layout.join("state.json"), pending(&own).to_string()).unwrap();
     let server = Server::start();
-    let mut agent = start(
+    let (mut agent, mut conn) = connected(
         &server,
         dir.path(),
         None,
@@ -610,8 +611,6 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
         "",
         Some(&layout),
     );
-    let mut conn = server.accept();
-    conn.open();
     let welcomed = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     assert!(!confirmed.exists(), "not before the health window");
@@ -645,7 +644,7 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
 
     // Confirmed already (the launcher has not cleared its state yet): not again.
     let server = Server::start();
-    let mut agent = start(
+    let (mut agent, mut conn) = connected(
         &server,
         dir.path(),
         None,
@@ -653,8 +652,6 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
         "",
         Some(&layout),
     );
-    let mut conn = server.accept();
-    conn.open();
     std::thread::sleep(Duration::from_secs(2));
     conn.send(&run("after", "echo", &["after"]));
     let deadline = Instant::now() + Duration::from_secs(20);
