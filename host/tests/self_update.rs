@@ -14,7 +14,7 @@ use std::time::Duration;
 use bridge_signing::KeyPair;
 use bridge_testkit::bins::{self, next_daemon, next_version};
 use bridge_testkit::supervisor::{self, current_version, Impostor, Supervisor};
-use bridge_testkit::{wait_until, Control, Platform};
+use bridge_testkit::{wait_until, Control, Platform, Publisher};
 use serde_json::{json, Value};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -29,6 +29,7 @@ const VERDICT: Duration = Duration::from_secs(90);
 /// A platform, a release key, and the agents installed for it.
 struct World {
     platform: Platform,
+    publisher: Publisher,
     release_key: PathBuf,
     release_pub: String,
     dir: tempfile::TempDir,
@@ -53,6 +54,7 @@ impl World {
             platform,
             release_key,
             release_pub: key.public_key().to_string(),
+            publisher: Publisher::new(),
             dir,
         }
     }
@@ -86,6 +88,9 @@ token = "{token}"
 reconnect_base_ms = 100
 reconnect_max_secs = 1
 
+[trust]
+keys = [{{ key = "{publisher}" }}]
+
 [shell]
 rules = [{{ name = "sleep", program = "/bin/sleep", extra_args = {{ max = 1, patterns = ["[0-9]+"] }} }}]
 
@@ -100,6 +105,7 @@ drain_timeout_secs = {DRAIN_TIMEOUT_SECS}
                 pin = self.platform.pin(),
                 token = self.control().token(),
                 key = self.release_pub,
+                publisher = self.publisher.public(),
             ),
         )
         .unwrap();
@@ -216,11 +222,32 @@ impl Installed {
     }
 }
 
+/// Installs the publisher's `hello` as the handler `hello` on agent `id`.
+fn install_hello(world: &World, id: &str) {
+    use base64::Engine as _;
+    let module = base64::engine::general_purpose::STANDARD.encode(world.publisher.signed("hello"));
+    let r = world.control().request(
+        &json!({"cmd": "install_handler", "agent": id, "name": "hello", "module": module}),
+    );
+    assert!(r.to_string().contains("\"hello\""), "{r}");
+}
+
+/// The handler `hello` installed before the update is still there and runs.
+fn hello_survived(world: &World, id: &str, task_id: &str) {
+    let r = world.control().run_command(
+        id,
+        "hello",
+        json!({"input": {"name": "Ada"}, "task_id": task_id}),
+    );
+    assert_eq!(r["result"]["output"]["greeting"], "Hello, Ada!", "{r}");
+}
+
 #[test]
 fn an_update_to_the_next_version_is_confirmed_and_the_agent_runs_tasks_on_it() {
     let world = World::new();
     let agent = world.install("a");
     let control = world.control();
+    install_hello(&world, &agent.id);
     let next = next_daemon();
     let manifest = world.release(&next, &next_version(), &[]);
     let (ok, verdict) = world.update(&agent.id, &manifest, &next);
@@ -229,6 +256,7 @@ fn an_update_to_the_next_version_is_confirmed_and_the_agent_runs_tasks_on_it() {
     wait_version(&control, &agent.id, &next_version());
     agent.assert_runs(&next_version());
     runs_a_task(&control, &agent.id, "after-update");
+    hello_survived(&world, &agent.id, "hello-after-update");
     // Same identity; the previous release kept for one manual rollback.
     assert_eq!(
         bridge_testkit::agent::agent_id(&agent.state),
@@ -248,6 +276,7 @@ fn rolled_back(
     let world = World::new();
     let agent = world.install("a");
     let control = world.control();
+    install_hello(&world, &agent.id);
     let release = make(&world);
     let manifest = world.release(&release, &next_version(), &[]);
     let (ok, verdict) = std::thread::scope(|s| {
@@ -268,6 +297,7 @@ fn rolled_back(
     wait_version(&control, &agent.id, VERSION);
     agent.assert_runs(VERSION);
     runs_a_task(&control, &agent.id, "after-rollback");
+    hello_survived(&world, &agent.id, "hello-after-rollback");
 }
 
 #[test]
