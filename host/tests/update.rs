@@ -69,19 +69,6 @@ fn start(
     Agent::start_env(server, dir, 256, &[], &toml, &env)
 }
 
-/// [`start`], then the agent's connection accepted and past the handshake.
-fn connected(
-    server: &Server,
-    dir: &Path,
-    key: Option<&KeyPair>,
-    update: &str,
-    agent: &str,
-    layout: Option<&Path>,
-) -> (Agent, Conn) {
-    let agent = start(server, dir, key, update, agent, layout);
-    (agent, accept(server))
-}
-
 /// The agent's next connection, accepted and past the handshake.
 fn accept(server: &Server) -> Conn {
     let mut conn = server.accept();
@@ -109,7 +96,7 @@ impl Setup {
         let server = Server::start();
         let key = KeyPair::from_seed(&[seed; 32]);
         let layout = dir.path().join("layout");
-        let (agent, conn) = connected(
+        let agent = start(
             &server,
             dir.path(),
             Some(&key),
@@ -117,6 +104,7 @@ impl Setup {
             agent,
             Some(&layout),
         );
+        let conn = accept(&server);
         let own = own_version();
         let next = newer(&own);
         Setup {
@@ -139,10 +127,18 @@ impl Setup {
         manifest(&self.next, std::env::consts::ARCH, bin, &self.key)
     }
 
+    /// Update `id` to `bin` as version `next`, with a drain timeout of `drain_ms`, offered
+    /// and served whole; returns the status and the ranges asked for.
+    fn offer_next(&mut self, id: &str, bin: &[u8], drain_ms: u64) -> (Value, Vec<(u64, u64)>) {
+        let manifest = self.manifest(bin);
+        let extra = json!({ "drain_timeout_ms": drain_ms });
+        offer(&mut self.conn, id, &manifest, extra, Answer::Bytes(bin))
+    }
+
     /// After the agent exited: the same agent started again on the same directory (without
     /// the launcher), with `agent` in its configuration, and connected.
     fn restart(&mut self, agent: &str) {
-        let (agent, conn) = connected(
+        let agent = start(
             &self.server,
             self.dir.path(),
             Some(&self.key),
@@ -150,6 +146,7 @@ impl Setup {
             agent,
             None,
         );
+        let conn = accept(&self.server);
         // The old connection closes as the old agent's did.
         self.conn = conn;
         self.agent = agent;
@@ -391,7 +388,7 @@ fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates()
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start();
         let layout_dir = dir.path().join("layout");
-        let (mut agent, mut conn) = connected(
+        let mut agent = start(
             &server,
             dir.path(),
             with_key.then_some(&key),
@@ -399,6 +396,7 @@ fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates()
             "",
             layout.then_some(layout_dir.as_path()),
         );
+        let mut conn = accept(&server);
         let (s, asked) = offer(&mut conn, "u-1", &m, json!({}), Answer::Bytes(&bin));
         assert_refused(&s, "unsupported", &next);
         assert!(asked.is_empty());
@@ -435,13 +433,7 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
     t.conn.send(&run("during", "sleep", &["5"]));
     t.conn.send(&run("queued", "echo", &["queued"]));
     wait_accepted(&mut t.conn, &["during", "queued"]);
-    let (s, asked) = offer(
-        &mut t.conn,
-        "u-good",
-        &m,
-        json!({"drain_timeout_ms": 20000}),
-        Answer::Bytes(&bin),
-    );
+    let (s, asked) = t.offer_next("u-good", &bin, 20000);
     assert_eq!(asked, [(0, 8 << 20), (8 << 20, 12_345)]);
     assert_eq!(s["state"], "staged", "{s}");
     assert_eq!(s["version"], next.as_str());
@@ -498,16 +490,9 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
 fn a_task_running_past_the_drain_timeout_ends_interrupted_once_after_the_restart() {
     let mut t = Setup::new(45, "", "");
     let bin = binary(5000, 5);
-    let m = t.manifest(&bin);
     t.conn.send(&run("long", "sleep", &["30"]));
     wait_accepted(&mut t.conn, &["long"]);
-    let (s, _) = offer(
-        &mut t.conn,
-        "u-long",
-        &m,
-        json!({"drain_timeout_ms": 500}),
-        Answer::Bytes(&bin),
-    );
+    let (s, _) = t.offer_next("u-long", &bin, 500);
     assert_eq!(s["state"], "staged", "{s}");
     let stopping = Instant::now();
     let status = t.agent.wait_exit(Duration::from_secs(15));
@@ -611,7 +596,8 @@ fn launched(dir: &Path, window_secs: u64) -> (Server, Agent, Conn) {
     let server = Server::start();
     let update = format!("health_window_secs = {window_secs}\nconfirm_timeout_secs = 30");
     let layout = dir.join("layout");
-    let (agent, conn) = connected(&server, dir, None, &update, "", Some(&layout));
+    let agent = start(&server, dir, None, &update, "", Some(&layout));
+    let conn = accept(&server);
     (server, agent, conn)
 }
 
