@@ -412,22 +412,20 @@ fn a_release_that_confirms_stays_and_older_releases_are_pruned() {
     );
 }
 
+/// A release 0.2.0 running `body` exits before confirming and is rolled back, with `detail`.
+fn exits_then_rolled_back(body: &str, detail: &str) {
+    Env::new().assert_rolled_back(&script("0.2.0", body), UpdateReason::Exited, detail);
+}
+
 #[test]
 fn a_release_that_exits_at_start_is_rolled_back() {
-    let env = Env::new();
-    env.assert_rolled_back(
-        &script("0.2.0", "exit 3"),
-        UpdateReason::Exited,
-        "exited with status 3 before confirming",
-    );
+    exits_then_rolled_back("exit 3", "exited with status 3 before confirming");
 }
 
 #[test]
 fn a_release_killed_before_confirming_is_rolled_back() {
-    let env = Env::new();
-    env.assert_rolled_back(
-        &script("0.2.0", "sleep 0.3\nkill -9 $$"),
-        UpdateReason::Exited,
+    exits_then_rolled_back(
+        "sleep 0.3\nkill -9 $$",
         "exited with signal 9 before confirming",
     );
 }

@@ -120,6 +120,14 @@ drain_timeout_secs = {DRAIN_TIMEOUT_SECS}
         }
     }
 
+    /// The agent's next version (`cargo xtask next-daemon`) and its manifest, signed as
+    /// [`next_version`].
+    fn next_signed(&self) -> (PathBuf, PathBuf) {
+        let next = next_daemon();
+        let manifest = self.release(&next, &next_version(), &[]);
+        (next, manifest)
+    }
+
     /// `bridgectl release sign BINARY` as `version` with the world's release key (or `key`).
     fn release(&self, binary: &Path, version: &str, extra: &[&str]) -> PathBuf {
         let manifest = self
@@ -246,13 +254,12 @@ fn hello_survived(world: &World, id: &str, task_id: &str) {
 fn an_update_to_the_next_version_is_confirmed_and_the_agent_runs_tasks_on_it() {
     let world = World::new();
     let agent = world.install("a");
-    let control = world.control();
     install_hello(&world, &agent.id);
-    let next = next_daemon();
-    let manifest = world.release(&next, &next_version(), &[]);
+    let (next, manifest) = world.next_signed();
     let (ok, verdict) = world.update(&agent.id, &manifest, &next);
     assert!(ok, "{verdict}\n{}", agent.sup.log.text());
     assert_eq!(verdict["state"], "succeeded", "{verdict}");
+    let control = world.control();
     wait_version(&control, &agent.id, &next_version());
     agent.assert_runs(&next_version());
     runs_a_task(&control, &agent.id, "after-update");
@@ -426,8 +433,7 @@ fn tasks_in_flight_during_an_update_each_get_exactly_one_result() {
     let world = World::new();
     let agent = world.install("a");
     let control = world.control();
-    let next = next_daemon();
-    let manifest = world.release(&next, &next_version(), &[]);
+    let (next, manifest) = world.next_signed();
     let run = |task_id: &'static str, secs: &'static str| {
         let control = world.control();
         let id = agent.id.clone();

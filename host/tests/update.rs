@@ -69,19 +69,88 @@ fn start(
     Agent::start_env(server, dir, 256, &[], &toml, &env)
 }
 
-/// [`start`], then the agent's connection accepted and past the handshake.
-fn connected(
-    server: &Server,
-    dir: &Path,
-    key: Option<&KeyPair>,
-    update: &str,
-    agent: &str,
-    layout: Option<&Path>,
-) -> (Agent, Conn) {
-    let agent = start(server, dir, key, update, agent, layout);
+/// The agent's next connection, accepted and past the handshake.
+fn accept(server: &Server) -> Conn {
     let mut conn = server.accept();
     conn.open();
-    (agent, conn)
+    conn
+}
+
+/// The prologue of most tests: an agent in a temporary directory, trusting `key` for releases,
+/// started by the launcher (its layout is `DIR/layout`) and connected.
+struct Setup {
+    dir: tempfile::TempDir,
+    server: Server,
+    key: KeyPair,
+    agent: Agent,
+    conn: Conn,
+    /// The agent's version, and one newer.
+    own: String,
+    next: String,
+}
+
+impl Setup {
+    /// `seed` makes the release key; `update` and `agent` as for [`start`].
+    fn new(seed: u8, update: &str, agent: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start();
+        let key = KeyPair::from_seed(&[seed; 32]);
+        let layout = dir.path().join("layout");
+        let agent = start(
+            &server,
+            dir.path(),
+            Some(&key),
+            update,
+            agent,
+            Some(&layout),
+        );
+        let conn = accept(&server);
+        let own = own_version();
+        let next = newer(&own);
+        Setup {
+            dir,
+            server,
+            key,
+            agent,
+            conn,
+            own,
+            next,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A manifest of `bin` as version `next` for this machine, signed by `key`.
+    fn manifest(&self, bin: &[u8]) -> String {
+        manifest(&self.next, std::env::consts::ARCH, bin, &self.key)
+    }
+
+    /// Update `id` to `bin` as version `next`, with a drain timeout of `drain_ms`, offered
+    /// and served whole; returns the status and the ranges asked for.
+    fn offer_next(&mut self, id: &str, bin: &[u8], drain_ms: u64) -> (Value, Vec<(u64, u64)>) {
+        let manifest = self.manifest(bin);
+        let extra = json!({ "drain_timeout_ms": drain_ms });
+        offer(&mut self.conn, id, &manifest, extra, Answer::Bytes(bin))
+    }
+
+    /// After the agent exited: the same agent started again on the same directory (without
+    /// the launcher), with `agent` in its configuration, and connected.
+    fn restart(&mut self, agent: &str) {
+        let agent = start(
+            &self.server,
+            self.dir.path(),
+            Some(&self.key),
+            "",
+            agent,
+            None,
+        );
+        let conn = accept(&self.server);
+        // The old connection closes as the old agent's did.
+        self.conn = conn;
+        self.agent = agent;
+    }
 }
 
 fn update_msg(id: &str, manifest: &str, extra: Value) -> Value {
@@ -99,6 +168,49 @@ enum Answer<'a> {
     Bytes(&'a [u8]),
     /// Not at all.
     Never,
+}
+
+/// Sends update `id` of `manifest` (with `extra` fields) and [`serve`]s it.
+fn offer(
+    conn: &mut Conn,
+    id: &str,
+    manifest: &str,
+    extra: Value,
+    answer: Answer,
+) -> (Value, Vec<(u64, u64)>) {
+    conn.send(&update_msg(id, manifest, extra));
+    serve(conn, id, answer)
+}
+
+/// Waits until the agent accepted every task of `ids` (noting everything else).
+fn wait_accepted(conn: &mut Conn, ids: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ids.iter().all(|id| conn.accepted.contains(*id)) {
+        assert!(Instant::now() < deadline, "accepted: {ids:?}");
+        conn.recv(Duration::from_secs(1));
+    }
+}
+
+/// Waits until `path` is gone, which `what` should have done.
+fn wait_removed(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} removed after {what}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The task's result `r` is a success that printed `stdout`.
+fn assert_ran(r: &Value, stdout: &str) {
+    assert_eq!(
+        (r["status"].as_str(), r["stdout"].as_str()),
+        (Some("ok"), Some(stdout)),
+        "{r}"
+    );
 }
 
 /// Answers `need_release`s for update `id` until its `update_status`; returns the status and
@@ -155,56 +267,35 @@ fn assert_refused(status: &Value, reason: &str, version: &str) {
 
 #[test]
 fn every_refusal_says_why_and_leaves_nothing_on_disk() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start();
-    let key = KeyPair::from_seed(&[41; 32]);
+    let mut t = Setup::new(41, "max_binary_bytes = 2000000\nchunk_timeout_secs = 2", "");
     let other = KeyPair::from_seed(&[42; 32]);
-    let layout = dir.path().join("layout");
-    let (mut agent, mut conn) = connected(
-        &server,
-        dir.path(),
-        Some(&key),
-        "max_binary_bytes = 2000000\nchunk_timeout_secs = 2",
-        "",
-        Some(&layout),
-    );
-    let own = own_version();
-    let next = newer(&own);
+    let (key, own, next) = (&t.key, &t.own, &t.next);
     let arch = std::env::consts::ARCH;
     let bin = binary(300_000, 1);
-    let good = manifest(&next, arch, &bin, &key);
+    let good = t.manifest(&bin);
+    let dir = t.dir.path();
+    let conn = &mut t.conn;
 
-    let refuse = |conn: &mut Conn, id: &str, msg: Value, answer: Answer| {
-        conn.send(&msg);
-        let (status, asked) = serve(conn, id, answer);
-        nothing_staged(dir.path());
+    let refuse = |conn: &mut Conn, id: &str, manifest: &str, extra: Value, answer: Answer| {
+        let (status, asked) = offer(conn, id, manifest, extra, answer);
+        nothing_staged(dir);
         (status, asked)
     };
 
     // The signature of another manifest by the same key.
     let sig = |m: &str| m.lines().last().unwrap().to_string();
-    let other_sig = sig(&manifest(&next, arch, &binary(10, 9), &key));
+    let other_sig = sig(&manifest(next, arch, &binary(10, 9), key));
     let forged = good.replace(&sig(&good), &other_sig);
-    let (s, asked) = refuse(
-        &mut conn,
-        "u-sig",
-        update_msg("u-sig", &forged, json!({})),
-        Answer::Bytes(&bin),
-    );
-    assert_refused(&s, "bad_signature", &next);
+    let (s, asked) = refuse(conn, "u-sig", &forged, json!({}), Answer::Bytes(&bin));
+    assert_refused(&s, "bad_signature", next);
     assert!(
         asked.is_empty(),
         "nothing is fetched for a refused manifest"
     );
 
-    let by_other = manifest(&next, arch, &bin, &other);
-    let (s, _) = refuse(
-        &mut conn,
-        "u-key",
-        update_msg("u-key", &by_other, json!({})),
-        Answer::Never,
-    );
-    assert_refused(&s, "unknown_key", &next);
+    let by_other = manifest(next, arch, &bin, &other);
+    let (s, _) = refuse(conn, "u-key", &by_other, json!({}), Answer::Never);
+    assert_refused(&s, "unknown_key", next);
 
     for (i, bad) in [
         "bridge-release 1\nversion 2.0.0\n".to_string(),
@@ -216,12 +307,7 @@ fn every_refusal_says_why_and_leaves_nothing_on_disk() {
     .enumerate()
     {
         let id = format!("u-malformed-{i}");
-        let (s, _) = refuse(
-            &mut conn,
-            &id,
-            update_msg(&id, bad, json!({})),
-            Answer::Never,
-        );
+        let (s, _) = refuse(conn, &id, bad, json!({}), Answer::Never);
         assert_refused(&s, "malformed_manifest", "");
     }
 
@@ -230,24 +316,14 @@ fn every_refusal_says_why_and_leaves_nothing_on_disk() {
     } else {
         "aarch64"
     };
-    let elsewhere = manifest(&next, foreign, &bin, &key);
-    let (s, _) = refuse(
-        &mut conn,
-        "u-arch",
-        update_msg("u-arch", &elsewhere, json!({})),
-        Answer::Never,
-    );
-    assert_refused(&s, "wrong_platform", &next);
+    let elsewhere = manifest(next, foreign, &bin, key);
+    let (s, _) = refuse(conn, "u-arch", &elsewhere, json!({}), Answer::Never);
+    assert_refused(&s, "wrong_platform", next);
 
     let huge = binary(2_000_001, 2);
-    let too_large = manifest(&next, arch, &huge, &key);
-    let (s, asked) = refuse(
-        &mut conn,
-        "u-big",
-        update_msg("u-big", &too_large, json!({})),
-        Answer::Bytes(&huge),
-    );
-    assert_refused(&s, "too_large", &next);
+    let too_large = manifest(next, arch, &huge, key);
+    let (s, asked) = refuse(conn, "u-big", &too_large, json!({}), Answer::Bytes(&huge));
+    assert_refused(&s, "too_large", next);
     assert!(asked.is_empty());
 
     for (id, version, extra) in [
@@ -260,56 +336,51 @@ fn every_refusal_says_why_and_leaves_nothing_on_disk() {
             json!({"allow_downgrade": true}),
         ),
     ] {
-        let m = manifest(&version, arch, &bin, &key);
-        let (s, _) = refuse(&mut conn, id, update_msg(id, &m, extra), Answer::Never);
+        let m = manifest(&version, arch, &bin, key);
+        let (s, _) = refuse(conn, id, &m, extra, Answer::Never);
         assert_refused(&s, "downgrade", &version);
     }
 
     // The bytes sent are one short of what was asked.
     let (s, asked) = refuse(
-        &mut conn,
+        conn,
         "u-short",
-        update_msg("u-short", &good, json!({})),
+        &good,
+        json!({}),
         Answer::Bytes(&bin[..bin.len() - 1]),
     );
-    assert_refused(&s, "mismatch", &next);
+    assert_refused(&s, "mismatch", next);
     assert_eq!(asked, [(0, bin.len() as u64)]);
     // As many bytes as the manifest says, but not the binary it describes.
     let mut altered = bin.clone();
     altered[150_000] ^= 1;
-    let (s, _) = refuse(
-        &mut conn,
-        "u-altered",
-        update_msg("u-altered", &good, json!({})),
-        Answer::Bytes(&altered),
-    );
-    assert_refused(&s, "mismatch", &next);
+    let (s, _) = refuse(conn, "u-altered", &good, json!({}), Answer::Bytes(&altered));
+    assert_refused(&s, "mismatch", next);
 
     // The bytes never come; meanwhile another update is refused as in progress.
     conn.send(&update_msg("u-slow", &good, json!({})));
     let asked = conn.expect("need_release", Duration::from_secs(10));
     assert_eq!(asked["id"], "u-slow");
-    assert!(dir.path().join("state/update/staging").is_dir());
+    assert!(dir.join("state/update/staging").is_dir());
     conn.send(&update_msg("u-second", &good, json!({})));
-    let (s, _) = serve(&mut conn, "u-second", Answer::Never);
-    assert_refused(&s, "in_progress", &next);
+    let (s, _) = serve(conn, "u-second", Answer::Never);
+    assert_refused(&s, "in_progress", next);
     let started = Instant::now();
-    let (s, _) = serve(&mut conn, "u-slow", Answer::Never);
-    assert_refused(&s, "unavailable", &next);
+    let (s, _) = serve(conn, "u-slow", Answer::Never);
+    assert_refused(&s, "unavailable", next);
     assert!(started.elapsed() < Duration::from_secs(10));
-    nothing_staged(dir.path());
+    nothing_staged(dir);
     // A frame that comes too late is no release's part.
     conn.write(&frame(2, &bin));
     let e = conn.expect("error", Duration::from_secs(10));
     assert_eq!(e["code"], "unexpected", "{e}");
 
-    conn.healthy(&mut agent);
+    conn.healthy(&mut t.agent);
 }
 
 #[test]
 fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates() {
-    let own = own_version();
-    let next = newer(&own);
+    let next = newer(&own_version());
     let key = KeyPair::from_seed(&[43; 32]);
     let bin = binary(1000, 3);
     let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
@@ -317,7 +388,7 @@ fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates()
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start();
         let layout_dir = dir.path().join("layout");
-        let (mut agent, mut conn) = connected(
+        let mut agent = start(
             &server,
             dir.path(),
             with_key.then_some(&key),
@@ -325,8 +396,8 @@ fn an_agent_the_launcher_did_not_start_or_without_release_keys_refuses_updates()
             "",
             layout.then_some(layout_dir.as_path()),
         );
-        conn.send(&update_msg("u-1", &m, json!({})));
-        let (s, asked) = serve(&mut conn, "u-1", Answer::Bytes(&bin));
+        let mut conn = accept(&server);
+        let (s, asked) = offer(&mut conn, "u-1", &m, json!({}), Answer::Bytes(&bin));
         assert_refused(&s, "unsupported", &next);
         assert!(asked.is_empty());
         nothing_staged(dir.path());
@@ -352,44 +423,23 @@ fn results_of(conn: &mut Conn, task_id: &str, wait: Duration) -> Vec<Value> {
 
 #[test]
 fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start();
-    let key = KeyPair::from_seed(&[44; 32]);
-    let layout = dir.path().join("layout");
-    let (mut agent, mut conn) = connected(
-        &server,
-        dir.path(),
-        Some(&key),
-        "",
-        "max_concurrent_tasks = 1",
-        Some(&layout),
-    );
-    let own = own_version();
-    let next = newer(&own);
+    let mut t = Setup::new(44, "", "max_concurrent_tasks = 1");
+    let (own, next) = (t.own.clone(), t.next.clone());
     // Two parts: 8 MiB, then the rest.
     let bin = binary((8 << 20) + 12_345, 4);
-    let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
+    let m = t.manifest(&bin);
 
     // One task running (ends within the drain), one queued behind it (one slot).
-    conn.send(&run("during", "sleep", &["5"]));
-    conn.send(&run("queued", "echo", &["queued"]));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while conn.accepted.len() < 2 {
-        assert!(Instant::now() < deadline, "both accepted");
-        conn.recv(Duration::from_secs(1));
-    }
-    conn.send(&update_msg(
-        "u-good",
-        &m,
-        json!({"drain_timeout_ms": 20000}),
-    ));
-    let (s, asked) = serve(&mut conn, "u-good", Answer::Bytes(&bin));
+    t.conn.send(&run("during", "sleep", &["5"]));
+    t.conn.send(&run("queued", "echo", &["queued"]));
+    wait_accepted(&mut t.conn, &["during", "queued"]);
+    let (s, asked) = t.offer_next("u-good", &bin, 20000);
     assert_eq!(asked, [(0, 8 << 20), (8 << 20, 12_345)]);
     assert_eq!(s["state"], "staged", "{s}");
     assert_eq!(s["version"], next.as_str());
     assert_eq!(s["agent_version"], own.as_str());
 
-    let staged = dir.path().join("state/update/staged");
+    let staged = t.dir().join("state/update/staged");
     assert!(std::fs::read(staged.join("bridge-daemon")).unwrap() == bin);
     assert_eq!(std::fs::read_to_string(staged.join("manifest")).unwrap(), m);
     let request: Value =
@@ -398,92 +448,68 @@ fn a_good_release_is_staged_whole_then_the_agent_drains_and_stops() {
         request,
         json!({"update_id": "u-good", "version": next, "from_version": own, "allow_downgrade": false})
     );
-    assert!(!dir.path().join("state/update/staging").exists());
+    assert!(!t.dir().join("state/update/staging").exists());
 
     // Draining: a new task is refused, and not recorded.
-    conn.send(&run("late", "echo", &["late"]));
-    let r = conn.result("late", Duration::from_secs(10));
+    t.conn.send(&run("late", "echo", &["late"]));
+    let r = t.conn.result("late", Duration::from_secs(10));
     assert_eq!(r["status"], "rejected", "{r}");
     assert_eq!(r["reason"], "updating", "{r}");
     // The running task finishes; the queued one does not start.
-    let r = conn.result("during", Duration::from_secs(20));
+    let r = t.conn.result("during", Duration::from_secs(20));
     assert_eq!(r["status"], "ok", "{r}");
-    let status = agent.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
-    assert!(!conn.results.contains_key("queued"));
-    assert!(agent.log().contains("staying queued"), "{}", agent.log());
+    let status = t.agent.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}; log:\n{}", t.agent.log());
+    assert!(!t.conn.results.contains_key("queued"));
+    assert!(
+        t.agent.log().contains("staying queued"),
+        "{}",
+        t.agent.log()
+    );
     // Staged files stay for the launcher.
     assert!(staged.join("bridge-daemon").exists());
 
     // The next start (here without the launcher: the same agent) runs the queued task, and the
     // refused one when it is sent again: it was not recorded.
-    drop(conn);
-    let (mut agent, mut conn) = connected(
-        &server,
-        dir.path(),
-        Some(&key),
-        "",
-        "max_concurrent_tasks = 1",
-        None,
-    );
-    let r = conn.result("queued", Duration::from_secs(20));
-    assert_eq!(
-        (r["status"].as_str(), r["stdout"].as_str()),
-        (Some("ok"), Some("queued\n")),
-        "{r}"
-    );
-    conn.send(&run("late", "echo", &["late"]));
-    let r = conn.result("late", Duration::from_secs(20));
-    assert_eq!(
-        (r["status"].as_str(), r["stdout"].as_str()),
-        (Some("ok"), Some("late\n")),
-        "{r}"
-    );
-    if let Some(again) = conn.results.get("during") {
+    t.restart("max_concurrent_tasks = 1");
+    let r = t.conn.result("queued", Duration::from_secs(20));
+    assert_ran(&r, "queued\n");
+    t.conn.send(&run("late", "echo", &["late"]));
+    let r = t.conn.result("late", Duration::from_secs(20));
+    assert_ran(&r, "late\n");
+    if let Some(again) = t.conn.results.get("during") {
         assert_eq!(
             again["result"]["status"], "ok",
             "one result for `during`: {again}"
         );
     }
-    conn.healthy(&mut agent);
+    t.conn.healthy(&mut t.agent);
 }
 
 #[test]
 fn a_task_running_past_the_drain_timeout_ends_interrupted_once_after_the_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start();
-    let key = KeyPair::from_seed(&[45; 32]);
-    let layout = dir.path().join("layout");
-    let (mut agent, mut conn) = connected(&server, dir.path(), Some(&key), "", "", Some(&layout));
-    let next = newer(&own_version());
+    let mut t = Setup::new(45, "", "");
     let bin = binary(5000, 5);
-    let m = manifest(&next, std::env::consts::ARCH, &bin, &key);
-    conn.send(&run("long", "sleep", &["30"]));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !conn.accepted.contains("long") {
-        assert!(Instant::now() < deadline, "accepted");
-        conn.recv(Duration::from_secs(1));
-    }
-    conn.send(&update_msg("u-long", &m, json!({"drain_timeout_ms": 500})));
-    let (s, _) = serve(&mut conn, "u-long", Answer::Bytes(&bin));
+    t.conn.send(&run("long", "sleep", &["30"]));
+    wait_accepted(&mut t.conn, &["long"]);
+    let (s, _) = t.offer_next("u-long", &bin, 500);
     assert_eq!(s["state"], "staged", "{s}");
     let stopping = Instant::now();
-    let status = agent.wait_exit(Duration::from_secs(15));
-    assert!(status.success(), "{status:?}; log:\n{}", agent.log());
+    let status = t.agent.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}; log:\n{}", t.agent.log());
     assert!(stopping.elapsed() < Duration::from_secs(10));
-    assert!(results_of(&mut conn, "long", Duration::from_millis(200)).is_empty());
+    assert!(results_of(&mut t.conn, "long", Duration::from_millis(200)).is_empty());
     assert!(
-        !conn.results.contains_key("long"),
+        !t.conn.results.contains_key("long"),
         "no result before the restart"
     );
-    drop(conn);
 
-    let (mut agent, mut conn) = connected(&server, dir.path(), Some(&key), "", "", None);
-    let r = conn.result("long", Duration::from_secs(20));
+    t.restart("");
+    let r = t.conn.result("long", Duration::from_secs(20));
     assert_eq!(r["status"], "interrupted", "{r}");
     // Acknowledged: it is not sent again, and the same task id is answered with it.
-    conn.send(&run("long", "sleep", &["30"]));
-    let again = results_of(&mut conn, "long", Duration::from_secs(3));
+    t.conn.send(&run("long", "sleep", &["30"]));
+    let again = results_of(&mut t.conn, "long", Duration::from_secs(3));
     assert!(
         again.iter().all(|r| r["status"] == "interrupted"),
         "{again:?}"
@@ -492,7 +518,7 @@ fn a_task_running_past_the_drain_timeout_ends_interrupted_once_after_the_restart
         !again.is_empty(),
         "a repeated task id is answered with its one result"
     );
-    conn.healthy(&mut agent);
+    t.conn.healthy(&mut t.agent);
 }
 
 fn write_outcome(dir: &Path, outcome: &Value) {
@@ -522,8 +548,7 @@ fn a_verdict_is_reported_after_every_reconnect_until_the_platform_acknowledges_i
     let server = Server::start();
     let mut agent = start(&server, dir.path(), None, "", "", None);
     for _ in 0..2 {
-        let mut conn = server.accept();
-        conn.open();
+        let mut conn = accept(&server);
         let s = conn.expect("update_status", Duration::from_secs(10));
         assert_eq!(
             s,
@@ -536,21 +561,12 @@ fn a_verdict_is_reported_after_every_reconnect_until_the_platform_acknowledges_i
         conn.healthy(&mut agent);
         assert!(outcome.exists());
     }
-    let mut conn = server.accept();
-    conn.open();
+    let mut conn = accept(&server);
     conn.expect("update_status", Duration::from_secs(10));
     conn.send(&json!({"type": "update_ack", "id": "u-7"}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while outcome.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "outcome.json removed after update_ack"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_removed(&outcome, "update_ack");
     drop(conn);
-    let mut conn = server.accept();
-    conn.open();
+    let mut conn = accept(&server);
     // The welcome's report would come before this task's result.
     conn.healthy(&mut agent);
     let mut seen = Vec::new();
@@ -563,54 +579,48 @@ fn a_verdict_is_reported_after_every_reconnect_until_the_platform_acknowledges_i
     );
 }
 
+/// The launcher's `state.json` in `DIR/layout`: update `u-9` from `0.0.1` to `version`, in
+/// `phase`.
+fn write_pending(dir: &Path, version: &str, phase: &str) {
+    let layout = dir.join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    let state = json!({"pending": {"update_id": "u-9", "version": version,
+                                   "from_version": "0.0.1", "phase": phase,
+                                   "confirm_timeout_secs": 300}});
+    std::fs::write(layout.join("state.json"), state.to_string()).unwrap();
+}
+
+/// An agent on `dir` started by the launcher (its layout `DIR/layout`), with a health window
+/// of `window_secs`, connected to a server of its own.
+fn launched(dir: &Path, window_secs: u64) -> (Server, Agent, Conn) {
+    let server = Server::start();
+    let update = format!("health_window_secs = {window_secs}\nconfirm_timeout_secs = 30");
+    let layout = dir.join("layout");
+    let agent = start(&server, dir, None, &update, "", Some(&layout));
+    let conn = accept(&server);
+    (server, agent, conn)
+}
+
 #[test]
 fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
     let dir = tempfile::tempdir().unwrap();
     let own = own_version();
-    let layout = dir.path().join("layout");
-    std::fs::create_dir_all(&layout).unwrap();
-    let pending = |version: &str| {
-        json!({"pending": {"update_id": "u-9", "version": version, "from_version": "0.0.1",
-                           "phase": "switched", "confirm_timeout_secs": 300}})
-    };
     let confirmed = dir.path().join("state/update/confirmed");
     let outcome = dir.path().join("state/update/outcome.json");
 
     // A pending switch to another version, or one still switching: nothing to confirm.
-    for state in [
-        pending("7.7.7"),
-        json!({"pending": {"update_id": "u-9", "version": own, "from_version": "0.0.1",
-                           "phase": "switching", "confirm_timeout_secs": 300}}),
-    ] {
+    for (version, phase) in [("7.7.7", "switched"), (own.as_str(), "switching")] {
         let other = tempfile::tempdir().unwrap();
-        let layout = other.path().join("layout");
-        std::fs::create_dir_all(&layout).unwrap();
-        std::fs::write(layout.join("state.json"), state.to_string()).unwrap();
-        let server = Server::start();
-        let (mut agent, mut conn) = connected(
-            &server,
-            other.path(),
-            None,
-            "health_window_secs = 1\nconfirm_timeout_secs = 30",
-            "",
-            Some(&layout),
-        );
+        write_pending(other.path(), version, phase);
+        let (_server, mut agent, mut conn) = launched(other.path(), 1);
         std::thread::sleep(Duration::from_secs(2));
         conn.healthy(&mut agent);
         let update = other.path().join("state/update");
         assert!(!update.join("confirmed").exists() && !update.join("outcome.json").exists());
     }
 
-    std::fs::write(layout.join("state.json"), pending(&own).to_string()).unwrap();
-    let server = Server::start();
-    let (mut agent, mut conn) = connected(
-        &server,
-        dir.path(),
-        None,
-        "health_window_secs = 2\nconfirm_timeout_secs = 30",
-        "",
-        Some(&layout),
-    );
+    write_pending(dir.path(), &own, "switched");
+    let (_server, mut agent, mut conn) = launched(dir.path(), 2);
     let welcomed = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     assert!(!confirmed.exists(), "not before the health window");
@@ -631,27 +641,12 @@ fn a_new_version_confirms_once_it_stayed_up_for_the_health_window() {
         json!({"update_id": "u-9", "state": "succeeded", "version": own, "from_version": "0.0.1"})
     );
     conn.send(&json!({"type": "update_ack", "id": "u-9"}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while outcome.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "outcome.json removed after update_ack"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_removed(&outcome, "update_ack");
     conn.healthy(&mut agent);
     drop((conn, agent));
 
     // Confirmed already (the launcher has not cleared its state yet): not again.
-    let server = Server::start();
-    let (mut agent, mut conn) = connected(
-        &server,
-        dir.path(),
-        None,
-        "health_window_secs = 1\nconfirm_timeout_secs = 30",
-        "",
-        Some(&layout),
-    );
+    let (_server, mut agent, mut conn) = launched(dir.path(), 1);
     std::thread::sleep(Duration::from_secs(2));
     conn.send(&run("after", "echo", &["after"]));
     let deadline = Instant::now() + Duration::from_secs(20);
