@@ -375,6 +375,24 @@ fn every_refusal_says_why_and_leaves_nothing_on_disk() {
     let e = conn.expect("error", Duration::from_secs(10));
     assert_eq!(e["code"], "unexpected", "{e}");
 
+    // A platform that cannot serve a part answers with an `error`: the update ends on it,
+    // with the platform's word, not after the part's timeout.
+    conn.send(&update_msg("u-error", &good, json!({})));
+    let asked = conn.expect("need_release", Duration::from_secs(10));
+    assert_eq!(asked["id"], "u-error");
+    conn.send(
+        &json!({"type": "error", "id": "u-error", "code": "not_found",
+        "message": "no release is being fetched under this id"}),
+    );
+    let (s, _) = serve(conn, "u-error", Answer::Never);
+    assert_refused(&s, "unavailable", next);
+    let detail = s["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("not_found: no release is being fetched"),
+        "{s}"
+    );
+    nothing_staged(dir);
+
     conn.healthy(&mut t.agent);
 }
 

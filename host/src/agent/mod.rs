@@ -232,8 +232,10 @@ impl crate::link::Peer for Agent {
                 drain_timeout_ms,
             }),
             PlatformMessage::UpdateAck { id } => self.update.acked(&id),
+            // An `error` may answer a part of a release the update waits for.
+            PlatformMessage::Error(e) => self.update.platform_error(&e),
             // The link's own business (answered there).
-            PlatformMessage::Welcome { .. } | PlatformMessage::Error(_) => {}
+            PlatformMessage::Welcome { .. } => {}
         }
     }
 

@@ -438,6 +438,8 @@ async fn read_loop<P: Peer>(
                 match decoded {
                     Ok(PlatformMessage::Error(e)) => {
                         throttled_warn!(throttle, code = e.code.as_str(), id = ?e.id, "the platform reports an error: {}", e.message);
+                        // The agent may be waiting for what this error answers.
+                        peer.deliver(PlatformMessage::Error(e));
                         None
                     }
                     Ok(PlatformMessage::Welcome { .. }) => Some(ErrorBody {

@@ -125,11 +125,16 @@ pub struct Updater {
     draining: AtomicBool,
     /// A release is being fetched: binary frames are its parts.
     fetching: AtomicBool,
-    /// Where the part asked for goes when it arrives.
-    part: Mutex<Option<oneshot::Sender<Vec<u8>>>>,
+    /// The update whose part is asked for, and where the part (or the platform's `error`
+    /// instead of it) goes when it arrives.
+    part: Mutex<Option<Part>>,
     /// A switch to this version awaiting its confirmation (taken at the first `welcome`).
     confirm: Mutex<Option<Pending>>,
 }
+
+/// A part of the release asked for: the update's id, and where its bytes (or the message of
+/// the platform's `error` instead) go.
+type Part = (String, oneshot::Sender<Result<Vec<u8>, String>>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -382,7 +387,7 @@ impl Updater {
         while offset < m.size {
             let length = (m.size - offset).min(CHUNK_BYTES);
             let (tx, rx) = oneshot::channel();
-            *lock(&self.part) = Some(tx);
+            *lock(&self.part) = Some((id.to_string(), tx));
             self.outbox
                 .send(AgentMessage::NeedRelease {
                     id: id.to_string(),
@@ -391,7 +396,16 @@ impl Updater {
                 })
                 .await;
             let part = match tokio::time::timeout(self.options.chunk_timeout, rx).await {
-                Ok(Ok(part)) => part,
+                Ok(Ok(Ok(part))) => part,
+                Ok(Ok(Err(message))) => {
+                    return Err(refused(
+                        UpdateReason::Unavailable,
+                        format!(
+                            "the platform answered the request for bytes {offset}..{} of the release with an error: {message}",
+                            offset + length
+                        ),
+                    ))
+                }
                 _ => {
                     return Err(refused(
                         UpdateReason::Unavailable,
@@ -445,7 +459,7 @@ impl Updater {
         if !self.fetching.load(Ordering::SeqCst) {
             return Ok(Some(bytes));
         }
-        let Some(tx) = lock(&self.part).take() else {
+        let Some((_, tx)) = lock(&self.part).take() else {
             return Err(ErrorBody {
                 id: None,
                 code: ErrorCode::Unexpected,
@@ -455,8 +469,23 @@ impl Updater {
                 ),
             });
         };
-        let _ = tx.send(bytes);
+        let _ = tx.send(Ok(bytes));
         Ok(None)
+    }
+
+    /// An `error` from the platform: when it answers the part of the release asked for (it
+    /// names the update), the update ends at once (`unavailable`, with the platform's message)
+    /// instead of after the part's timeout.
+    pub fn platform_error(&self, error: &ErrorBody) {
+        let mut part = lock(&self.part);
+        if part
+            .as_ref()
+            .is_some_and(|(id, _)| error.id.as_deref() == Some(id.as_str()))
+        {
+            if let Some((_, tx)) = part.take() {
+                let _ = tx.send(Err(format!("{}: {}", error.code.as_str(), error.message)));
+            }
+        }
     }
 
     /// New tasks are refused and queued ones wait; running ones get up to `timeout` to end;
