@@ -206,14 +206,37 @@ fn note_exit(shared: &Shared, what: &str, status: ExitStatus, log: &Log) {
     )));
 }
 
+/// The launcher's command line for `step` (`prepare`, `run`), as the installer's unit has it.
+fn launcher_command(layout: &Path, config: &Path, step: &str) -> Vec<String> {
+    let layout = layout.display().to_string();
+    vec![
+        format!("{layout}/bridge-launcher"),
+        "launcher".into(),
+        step.into(),
+        "--layout".into(),
+        layout,
+        "--config".into(),
+        config.display().to_string(),
+    ]
+}
+
+/// The unit lines that run what this supervisor runs (`ExecStartPre=+…prepare…`, then
+/// `ExecStart=…run…`), for a layout and config at these paths: the installer's tests check
+/// that the unit `install.sh` writes has exactly these.
+pub fn unit_lines(layout: &str, config: &str) -> [String; 2] {
+    let line = |step| launcher_command(Path::new(layout), Path::new(config), step).join(" ");
+    [
+        format!("ExecStartPre=+{}\n", line("prepare")),
+        format!("ExecStart={}\n", line("run")),
+    ]
+}
+
 fn supervise(layout: &Path, config: &Path, shared: &Shared, log: &Log) {
     let launcher = layout.join("bridge-launcher");
     let common = |step: &str| {
-        let mut cmd = Command::new(&launcher);
-        cmd.args(["launcher", step, "--layout"])
-            .arg(layout)
-            .arg("--config")
-            .arg(config);
+        let argv = launcher_command(layout, config, step);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd
     };
     while !shared.stop.load(Ordering::SeqCst) {

@@ -89,7 +89,7 @@ fn releases_current_previous_and_the_launcher_across_upgrades() {
     }
     assert_eq!(owner_mode(&lay.join("state.json")), (uid, gid, 0o644));
     let unit = fs::read_to_string(root.join("etc/systemd/system/bridge-daemon.service")).unwrap();
-    for want in LAUNCHER_LINES.into_iter().chain([
+    for want in launcher_lines().iter().map(String::as_str).chain([
         "User=bridge\n",
         "ProtectSystem=strict\n",
         "ReadWritePaths=/var/lib/bridge\n",

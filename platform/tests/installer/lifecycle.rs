@@ -99,7 +99,7 @@ fn install_rerun_update_run_upgrade_uninstall_purge() {
     }
     let unit = fs::read_to_string(&unit_path).unwrap();
     assert!(!config.contains(&token) && !unit.contains(&token));
-    for want in LAUNCHER_LINES.into_iter().chain([
+    for want in launcher_lines().iter().map(String::as_str).chain([
         "User=bridge",
         "Restart=always",
         "RestartSec=",

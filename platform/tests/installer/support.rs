@@ -488,13 +488,12 @@ pub fn nothing_to_change(root: &Path, install: impl FnOnce() -> String) {
     assert!(out.contains("nothing to change"), "{out}");
 }
 
-/// The unit's lines that start the agent through the launcher.
-pub const LAUNCHER_LINES: [&str; 2] = [
-    "ExecStartPre=+/usr/local/lib/bridge/bridge-launcher launcher prepare \
-     --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
-    "ExecStart=/usr/local/lib/bridge/bridge-launcher launcher run \
-     --layout /usr/local/lib/bridge --config /etc/bridge/agent.toml\n",
-];
+/// The unit's lines that start the agent through the launcher: the commands the self-update
+/// tests' supervisor runs (`bridge_testkit::supervisor`), so the unit installed is the one
+/// those tests exercise.
+pub fn launcher_lines() -> [String; 2] {
+    bridge_testkit::supervisor::unit_lines("/usr/local/lib/bridge", "/etc/bridge/agent.toml")
+}
 
 /// A staging root (`DIR/root`), a fake platform, and the bytes of a release binary (`DIR/v1`).
 pub fn fake_staging(dir: &Path) -> (PathBuf, FakePlatform, Vec<u8>) {
