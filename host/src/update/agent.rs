@@ -26,18 +26,16 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::files::{LayoutState, Outcome, Pending, Phase, StagedRequest};
+use super::files::{Outcome, Pending, Phase, StagedRequest};
+use super::layout::Layout;
+use super::state::AgentState;
 use super::{
-    CONFIRMED, LAYOUT_STATE, OUTCOME, STAGED_BINARY, STAGED_DIR, STAGED_MANIFEST, STAGED_REQUEST,
-    STAGING_DIR, UPDATE_DIR,
+    OUTCOME, STAGED_BINARY, STAGED_DIR, STAGED_MANIFEST, STAGED_REQUEST, STAGING_DIR, UPDATE_DIR,
 };
 use crate::outbox;
 
 /// The most bytes one `need_release` asks for.
 pub const CHUNK_BYTES: u64 = 8 << 20;
-
-/// The largest update file read from disk (`outcome.json`, `state.json`, `confirmed`).
-const MAX_FILE_BYTES: u64 = 64 << 10;
 
 /// The longest `detail` sent in an `update_status`.
 const MAX_DETAIL_BYTES: usize = 1024;
@@ -115,6 +113,8 @@ pub struct Updater {
     options: UpdateOptions,
     /// `STATE/update`.
     dir: PathBuf,
+    /// `STATE`.
+    state: PathBuf,
     outbox: outbox::Sender,
     /// The agent's execution slots, and how many there are: the drain waits until all are free.
     slots: Arc<Semaphore>,
@@ -160,7 +160,7 @@ impl Updater {
         let confirm = options
             .layout
             .as_deref()
-            .and_then(|layout| to_confirm(layout, &dir));
+            .and_then(|layout| to_confirm(layout, state));
         if let Some(p) = &confirm {
             tracing::info!(
                 version = %p.version,
@@ -172,6 +172,7 @@ impl Updater {
         Updater {
             options,
             dir,
+            state: state.to_path_buf(),
             outbox,
             slots,
             slot_count,
@@ -548,26 +549,22 @@ impl Updater {
     }
 
     /// Writes the verdict (succeeded), then the confirmation the launcher waits for.
-    fn confirm_now(&self, pending: &Pending) -> std::io::Result<()> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
-        let outcome = Outcome {
+    fn confirm_now(&self, pending: &Pending) -> anyhow::Result<()> {
+        let state = self.agent_state()?;
+        state.write_outcome(&Outcome {
             update_id: pending.update_id.clone(),
             state: UpdateState::Succeeded,
             version: pending.version.clone(),
             from_version: pending.from_version.clone(),
             reason: None,
             detail: None,
-        };
-        let outcome = serde_json::to_vec_pretty(&outcome).expect("an outcome serializes");
-        write_whole(&self.dir, OUTCOME, &outcome)?;
-        write_whole(
-            &self.dir,
-            CONFIRMED,
-            format!("{}\n", crate::version::get()).as_bytes(),
-        )
+        })?;
+        state.write_confirmed(crate::version::get())
+    }
+
+    /// The state directory's update files.
+    fn agent_state(&self) -> anyhow::Result<AgentState> {
+        AgentState::open(&self.state)
     }
 
     /// Sends the kept verdict, if there is one.
@@ -587,20 +584,19 @@ impl Updater {
             .await;
     }
 
+    /// The kept verdict; one that does not parse is removed (it could never be reported).
     fn outcome(&self) -> Option<Outcome> {
-        let bytes = match read_bounded(&self.dir.join(OUTCOME)) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the update outcome");
-                return None;
-            }
-        };
-        match serde_json::from_slice(&bytes) {
+        let state = self
+            .agent_state()
+            .map_err(
+                |e| tracing::warn!(error = %format!("{e:#}"), "cannot open the state directory"),
+            )
+            .ok()?;
+        match state.outcome()? {
             Ok(outcome) => Some(outcome),
             Err(e) => {
                 tracing::warn!(error = %e, "the update outcome does not parse; removing it");
-                let _ = std::fs::remove_file(self.dir.join(OUTCOME));
+                let _ = state.remove(OUTCOME);
                 None
             }
         }
@@ -609,13 +605,16 @@ impl Updater {
     /// `update_ack {id}`: the platform recorded the verdict of update `id`.
     pub fn acked(&self, id: &str) {
         match self.outcome() {
-            Some(o) if o.update_id == id => match std::fs::remove_file(self.dir.join(OUTCOME)) {
-                Ok(()) => {
-                    let _ = sync_dir(&self.dir);
-                    tracing::info!(update_id = %id, "the platform recorded the update's verdict");
+            Some(o) if o.update_id == id => {
+                match self.agent_state().and_then(|s| s.remove(OUTCOME)) {
+                    Ok(()) => {
+                        tracing::info!(update_id = %id, "the platform recorded the update's verdict")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot remove the update outcome")
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot remove the update outcome"),
-            },
+            }
             _ => tracing::debug!(update_id = %id, "an update_ack for no kept verdict"),
         }
     }
@@ -623,48 +622,17 @@ impl Updater {
 
 /// The switch to this version awaiting confirmation, if the layout records one and it is not
 /// confirmed yet.
-fn to_confirm(layout: &Path, dir: &Path) -> Option<Pending> {
-    let bytes = match read_bounded(&layout.join(LAYOUT_STATE)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the launcher's state");
-            return None;
-        }
-    };
-    let state: LayoutState = match serde_json::from_slice(&bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "the launcher's state does not parse");
-            return None;
-        }
-    };
+fn to_confirm(layout: &Path, state: &Path) -> Option<Pending> {
+    let recorded = Layout::new(layout)
+        .read_state()
+        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot read the launcher's state"))
+        .ok()?;
     let own = crate::version::get();
-    let pending = state
+    let pending = recorded
         .pending
         .filter(|p| p.phase == Phase::Switched && p.version == own)?;
-    let confirmed = read_bounded(&dir.join(CONFIRMED)).unwrap_or_default();
-    (String::from_utf8_lossy(&confirmed).trim() != own).then_some(pending)
-}
-
-/// Reads a small file without following a symlink, at most [`MAX_FILE_BYTES`].
-fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MAX_FILE_BYTES + 1),
-        &mut bytes,
-    )?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(std::io::Error::other(format!(
-            "{} is larger than {MAX_FILE_BYTES} bytes",
-            path.display()
-        )));
-    }
-    Ok(bytes)
+    let confirmed = AgentState::open(state).is_ok_and(|s| s.is_confirmed(own));
+    (!confirmed).then_some(pending)
 }
 
 /// Creates `path` with `bytes`, synced.
@@ -676,16 +644,6 @@ fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
-}
-
-/// Replaces `dir/name` with `bytes` whole: a temporary file, synced, renamed, the directory
-/// synced.
-fn write_whole(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    write_new(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

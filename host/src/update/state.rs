@@ -65,18 +65,32 @@ impl AgentState {
         }
     }
 
-    /// The version in `STATE/update/confirmed`, if any (an unreadable file counts as none).
-    pub fn confirmed(&self) -> Option<String> {
-        let read = self
-            .update()
+    /// `STATE/update/NAME`, read up to `max` bytes; `None` when it is missing or cannot be
+    /// read (logged).
+    fn read(&self, name: &str, max: u64) -> Option<Vec<u8>> {
+        self.update()
             .and_then(|u| match u {
-                Some(u) => u.read(CONFIRMED, MAX_CONFIRMED_BYTES),
+                Some(u) => u.read(name, max),
                 None => Ok(None),
             })
-            .map_err(|e| tracing::warn!(error = %e, "cannot read {UPDATE_DIR}/{CONFIRMED}"))
+            .map_err(|e| tracing::warn!(error = %e, "cannot read {UPDATE_DIR}/{name}"))
             .ok()
-            .flatten()?;
-        let text = String::from_utf8(read).ok()?;
+            .flatten()
+    }
+
+    /// `STATE/update/NAME` parsed as JSON; `None` when it is missing or cannot be read
+    /// (logged).
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Option<serde_json::Result<T>> {
+        let bytes = self.read(name, MAX_JSON_BYTES)?;
+        Some(serde_json::from_slice(&bytes))
+    }
+
+    /// The version in `STATE/update/confirmed`, if any (an unreadable file counts as none).
+    pub fn confirmed(&self) -> Option<String> {
+        let text = String::from_utf8(self.read(CONFIRMED, MAX_CONFIRMED_BYTES)?).ok()?;
         Some(text.trim_end_matches('\n').to_string())
     }
 
@@ -85,20 +99,33 @@ impl AgentState {
         self.confirmed().as_deref() == Some(version)
     }
 
+    /// Writes `STATE/update/confirmed` whole: `version` confirmed.
+    pub fn write_confirmed(&self, version: &str) -> Result<()> {
+        self.update_or_create()
+            .and_then(|u| {
+                u.write(
+                    CONFIRMED,
+                    format!("{version}\n").as_bytes(),
+                    0o600,
+                    self.owner,
+                )
+            })
+            .with_context(|| {
+                format!("writing {UPDATE_DIR}/{CONFIRMED} in the agent's state directory")
+            })
+    }
+
     /// The verdict `launcher run` recorded, if any (an unreadable one counts as none).
     pub fn verdict(&self) -> Option<Verdict> {
-        let bytes = self
-            .update()
-            .and_then(|u| match u {
-                Some(u) => u.read(VERDICT, MAX_JSON_BYTES),
-                None => Ok(None),
-            })
-            .map_err(|e| tracing::warn!(error = %e, "cannot read {UPDATE_DIR}/{VERDICT}"))
-            .ok()
-            .flatten()?;
-        serde_json::from_slice(&bytes)
+        self.read_json(VERDICT)?
             .map_err(|e| tracing::warn!(error = %e, "cannot parse {UPDATE_DIR}/{VERDICT}"))
             .ok()
+    }
+
+    /// The update's verdict the agent reports until the platform acknowledges it: `None` when
+    /// there is none (an unreadable one counts as none), `Some(Err)` when it does not parse.
+    pub fn outcome(&self) -> Option<serde_json::Result<Outcome>> {
+        self.read_json(OUTCOME)
     }
 
     /// Writes `STATE/update/verdict` whole.
