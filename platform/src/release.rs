@@ -117,4 +117,26 @@ mod tests {
             assert!(default_binary(Path::new(bad)).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn a_manifest_file_is_read_up_to_its_bound_and_a_binary_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.manifest");
+        std::fs::write(&big, vec![b'a'; MAX_MANIFEST_BYTES + 1]).unwrap();
+        let why = try_read_manifest(&big).unwrap().unwrap_err();
+        assert!(why.contains("larger than 4096 bytes"), "{why}");
+        let key = bridge_signing::KeyPair::from_seed(&[9; 32]);
+        let text = bridge_signing::release::sign_manifest("1.0.0", "linux", "x86_64", b"bin", &key)
+            .unwrap();
+        let mut manifest = SignedManifest::parse(&text).unwrap().manifest().clone();
+        manifest.size = MAX_BINARY + 1;
+        let binary = dir.path().join("bin");
+        std::fs::write(&binary, b"bin").unwrap();
+        let err = try_read_binary(&manifest, &binary).unwrap_err().to_string();
+        assert!(err.contains("the limit is 1073741824"), "{err}");
+        // One byte more than the manifest says is a mismatch, read no further.
+        manifest.size = 2;
+        let why = try_read_binary(&manifest, &binary).unwrap().unwrap_err();
+        assert!(why.contains("it is 3 bytes, the manifest says 2"), "{why}");
+    }
 }

@@ -661,3 +661,20 @@ fn cut(mut detail: String) -> String {
     }
     detail
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detail_is_cut_to_its_bound_at_a_character_boundary() {
+        assert_eq!(cut("short".into()), "short");
+        let exact = "x".repeat(MAX_DETAIL_BYTES);
+        assert_eq!(cut(exact.clone()), exact);
+        // 1023 one-byte characters, then two-byte ones: the cut falls inside the first é.
+        let long = format!("{}{}", "x".repeat(MAX_DETAIL_BYTES - 1), "é".repeat(10));
+        let cut_ = cut(long);
+        assert_eq!(cut_.len(), MAX_DETAIL_BYTES - 1);
+        assert!(cut_.chars().all(|c| c == 'x'));
+    }
+}
