@@ -558,6 +558,7 @@ impl AgentConfig {
                     .filter(|l| !l.is_empty())
                     .map(PathBuf::from),
             )?,
+            observer: std::sync::Arc::new(crate::observe::Observer::new(None)),
         })
     }
 }

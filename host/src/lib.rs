@@ -30,6 +30,8 @@
 //! - [`capture`]: bounded head-and-tail output capture, shared by handlers and shell commands.
 //! - [`stream`]: a running task's output sent as ordered, bounded `chunk` messages.
 //! - [`memory`]: memory given back while idle (free heap, clean code pages).
+//! - [`observe`]: what the agent observes about itself (link, tasks, journal, caches), for
+//!   `status` and the Prometheus metrics.
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //! - [`update`]: self-update: a signed release staged by the agent, switched to by the launcher.
 //! - [`version`]: the version this agent reports (set once by the binary).
@@ -49,6 +51,7 @@ pub mod journal;
 pub mod limits;
 pub mod link;
 pub mod memory;
+pub mod observe;
 pub mod outbox;
 pub mod outcome;
 pub mod owner;

@@ -17,14 +17,19 @@ pub mod limits;
 pub mod messages;
 pub mod result;
 pub mod schema;
+pub mod status;
 pub mod v1;
 
 pub use limits::{AppliedLimits, LimitRequest, Limits};
 pub use messages::{
-    AgentMessage, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, HostFacts, PlatformMessage,
-    RunRequest, StatusReport, StreamName, TaskState, UpdateReason, UpdateState, UpdateStatus,
+    AgentMessage, CancelOutcome, ErrorBody, ErrorCode, HandlerInfo, PlatformMessage, RunRequest,
+    StreamName, TaskState, UpdateReason, UpdateState, UpdateStatus,
 };
 pub use result::{RunResult, Status, Truncation, REASONS, UNRECORDED_REASONS};
+pub use status::{
+    AgentStats, AuditAt, AuditHead, HostFacts, JournalStats, LinkStats, StatusReport, StoreStats,
+    TaskStats,
+};
 
 /// The protocol version of this crate's types: the newest version either end speaks.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::LimitRequest;
 use crate::result::RunResult;
+use crate::status::StatusReport;
 
 /// Machine-readable error codes carried by `error` messages (both directions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -63,38 +64,6 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// A human-readable explanation.
     pub message: String,
-}
-
-/// Facts about the agent's host, sent in `status`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct HostFacts {
-    /// The host name.
-    pub hostname: String,
-    /// Operating system (`linux`…).
-    pub os: String,
-    /// CPU architecture (`x86_64`, `aarch64`…).
-    pub arch: String,
-    /// Seconds since the host booted.
-    pub uptime_secs: u64,
-    /// The 1, 5 and 15 minute load averages.
-    pub load: [f64; 3],
-}
-
-/// The agent's periodic report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct StatusReport {
-    /// The agent's id (hex SHA-256 of its public key).
-    pub agent_id: String,
-    /// The agent's version.
-    pub agent_version: String,
-    /// Facts about its host.
-    pub host: HostFacts,
-    /// Task ids running now.
-    pub running: Vec<String>,
-    /// Seconds since the agent started.
-    pub agent_uptime_secs: u64,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -397,6 +366,12 @@ pub enum PlatformMessage {
         agent_id: String,
         /// Whether this connection enrolled the agent (first contact with a token).
         enrolled: bool,
+        /// The sequence number of the newest audit record whose hash the platform has stored
+        /// for this agent (from an earlier `status`). The agent answers with that record's hash
+        /// as its chain now holds it (`status.audit.at`), so a rewritten chain shows. Absent
+        /// when the platform has stored none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit_seq: Option<u64>,
     },
     /// Run a task.
     Run(RunRequest),

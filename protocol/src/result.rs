@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::limits::AppliedLimits;
 
 /// Every way a handler run can end. Serialized in `snake_case` (`"fuel_exhausted"`…).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// The handler exited 0.

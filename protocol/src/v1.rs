@@ -119,6 +119,11 @@ impl Versioned for AgentMessage {
                     result_to_v1(r);
                 }
             }
+            // Version 1 has no stats or audit head in `status`.
+            Some("status") => {
+                m.remove("stats");
+                m.remove("audit");
+            }
             _ => {}
         }
     }
@@ -151,10 +156,17 @@ impl Versioned for AgentMessage {
 
 impl Versioned for PlatformMessage {
     fn to_v1(message: &mut Value) {
-        if matches!(kind(message), Some("run" | "install_handler")) {
-            if let Some(m) = message.as_object_mut() {
-                rename(m, "file_sha256", "module_sha256");
+        let k = kind(message).map(str::to_string);
+        let Some(m) = message.as_object_mut() else {
+            return;
+        };
+        match k.as_deref() {
+            Some("run" | "install_handler") => rename(m, "file_sha256", "module_sha256"),
+            // Version 1 has no audit chain.
+            Some("welcome") => {
+                m.remove("audit_seq");
             }
+            _ => {}
         }
     }
 
@@ -334,6 +346,43 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn version_1_has_no_stats_audit_head_or_audit_seq() {
+        let status = AgentMessage::Status(crate::StatusReport {
+            agent_id: sha('c'),
+            agent_version: "0.1.0".into(),
+            host: crate::HostFacts::default(),
+            running: vec![],
+            agent_uptime_secs: 5,
+            stats: Some(crate::AgentStats::default()),
+            audit: Some(crate::AuditHead {
+                seq: 3,
+                hash: sha('d'),
+                at: None,
+            }),
+        });
+        let v1: Value = serde_json::from_str(&encode_version(&status, 1)).unwrap();
+        assert!(
+            v1.get("stats").is_none() && v1.get("audit").is_none(),
+            "{v1}"
+        );
+        assert_eq!(v1["agent_uptime_secs"], 5);
+        let v2: Value = serde_json::from_str(&encode_version(&status, 2)).unwrap();
+        assert_eq!(v2["audit"]["seq"], 3);
+        assert!(v2["stats"]["link"].is_object(), "{v2}");
+
+        let welcome = PlatformMessage::Welcome {
+            version: 1,
+            agent_id: sha('c'),
+            enrolled: false,
+            audit_seq: Some(7),
+        };
+        let v1: Value = serde_json::from_str(&encode_version(&welcome, 1)).unwrap();
+        assert!(v1.get("audit_seq").is_none(), "{v1}");
+        let v2: Value = serde_json::from_str(&encode_version(&welcome, 2)).unwrap();
+        assert_eq!(v2["audit_seq"], 7);
     }
 
     #[test]

@@ -42,6 +42,7 @@ use bridge_protocol::{ErrorBody, PlatformMessage, StatusReport};
 use tokio::sync::Semaphore;
 
 use crate::journal::{Journal, JournalConfig, Recovery};
+use crate::observe::Observer;
 use crate::outbox::{self, Outbox};
 use crate::sandbox::Sandbox;
 use crate::shell::Allowlist;
@@ -73,6 +74,8 @@ pub struct AgentOptions {
     pub journal: JournalConfig,
     /// Self-update (the config's `[update]`, and the daemon's shutdown token).
     pub update: UpdateOptions,
+    /// What the agent observes about itself (for `status` and the metrics).
+    pub observer: Arc<Observer>,
 }
 
 impl AgentOptions {
@@ -85,6 +88,7 @@ impl AgentOptions {
             cgroup_root: None,
             journal: JournalConfig::new(state.join("journal.redb")),
             update: UpdateOptions::default(),
+            observer: Arc::new(Observer::new(None)),
         }
     }
 }
@@ -113,6 +117,7 @@ pub struct Agent {
     waiting_runs: AtomicUsize,
     /// Self-update: staging a release, draining, confirming, reporting the verdict.
     update: Arc<Updater>,
+    observer: Arc<Observer>,
     started: Instant,
 }
 
@@ -166,6 +171,7 @@ impl Agent {
             activity: Activity::new(slots + options.queue_capacity),
             waiting_runs: AtomicUsize::new(0),
             update,
+            observer: options.observer,
             started: Instant::now(),
         });
         Ok((agent, outbox, recovery))
@@ -181,6 +187,11 @@ impl Agent {
         &self.journal
     }
 
+    /// What the agent observes about itself.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
+    }
+
     /// The status report sent to the platform.
     pub fn status_report(&self) -> StatusReport {
         StatusReport {
@@ -189,6 +200,8 @@ impl Agent {
             host: crate::facts::collect(),
             running: lock(&self.live).running(),
             agent_uptime_secs: self.started.elapsed().as_secs(),
+            stats: None,
+            audit: None,
         }
     }
 

@@ -132,6 +132,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
                         version,
                         agent_id,
                         enrolled,
+                        ..
                     }) => {
                         if !VERSIONS.contains(&version) {
                             return Err(End::Handshake(format!(

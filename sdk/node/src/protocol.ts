@@ -169,11 +169,53 @@ export interface StatusReport {
    * The agent's version.
    */
   agent_version: string;
+  /**
+   * The head of the agent's audit chain (absent from agents older than this field).
+   */
+  audit?: AuditHead | null;
   host: HostFacts;
   /**
    * Task ids running now.
    */
   running: string[];
+  /**
+   * What the agent is doing, has done since it started, and holds (absent from agents
+   * older than this field).
+   */
+  stats?: AgentStats | null;
+}
+/**
+ * The head of the agent's audit chain: the last record made durable.
+ */
+export interface AuditHead {
+  /**
+   * The agent's answer to the `audit_seq` of this connection's `welcome`: the hash of its
+   * record of that sequence number as the chain now holds it. Absent when the `welcome`
+   * named none.
+   */
+  at?: AuditAt | null;
+  /**
+   * SHA-256 (hex) of the last record's line (64 zeros when there is none).
+   */
+  hash: string;
+  /**
+   * The last record's sequence number (the first record is 1; 0: none yet).
+   */
+  seq: number;
+}
+/**
+ * The hash of one record of the audit chain, as the agent now holds it.
+ */
+export interface AuditAt {
+  /**
+   * SHA-256 (hex) of that record's line; `null` when the agent no longer has it (its file
+   * was rotated away) or never had it.
+   */
+  hash?: string | null;
+  /**
+   * The record's sequence number (the `welcome`'s `audit_seq`).
+   */
+  seq: number;
 }
 /**
  * Facts about its host.
@@ -202,6 +244,104 @@ export interface HostFacts {
    * Seconds since the host booted.
    */
   uptime_secs: number;
+}
+/**
+ * What the agent is doing, has done since it started, and holds.
+ */
+export interface AgentStats {
+  journal: JournalStats;
+  link: LinkStats;
+  /**
+   * The agent process's resident memory, in bytes.
+   */
+  rss_bytes: number;
+  store: StoreStats;
+  tasks: TaskStats;
+}
+/**
+ * The task journal.
+ */
+export interface JournalStats {
+  /**
+   * The journal file's size, in bytes.
+   */
+  bytes: number;
+  /**
+   * Task records it holds.
+   */
+  records: number;
+}
+/**
+ * The platform connection.
+ */
+export interface LinkStats {
+  /**
+   * Whether the agent is connected (handshake done) now.
+   */
+  connected: boolean;
+  /**
+   * The round trip of the last answered heartbeat (WebSocket ping to pong), in
+   * milliseconds; `null` before the first.
+   */
+  heartbeat_rtt_ms?: number | null;
+  /**
+   * Why the last connection or attempt ended (at most 1024 bytes); `null` if none has.
+   */
+  last_error?: string | null;
+  /**
+   * Connections established since the agent started, after the first.
+   */
+  reconnects: number;
+  /**
+   * Since when (Unix time, milliseconds) it has been connected, or disconnected; `null`
+   * before the first attempt ended.
+   */
+  since_unix_ms?: number | null;
+}
+/**
+ * The module store and the compiled-module cache.
+ */
+export interface StoreStats {
+  /**
+   * Compiled artifacts kept on disk.
+   */
+  compiled: number;
+  /**
+   * Their size, in bytes.
+   */
+  compiled_bytes: number;
+  /**
+   * Their size, in bytes.
+   */
+  module_bytes: number;
+  /**
+   * Module files kept in the store.
+   */
+  modules: number;
+}
+/**
+ * Tasks now and since the agent started.
+ */
+export interface TaskStats {
+  /**
+   * Tasks that ended since the agent started, by final status (statuses with none are
+   * absent). Refusals the agent does not record count under `rejected` too.
+   */
+  finished: {
+    [k: string]: number;
+  };
+  /**
+   * Tasks accepted and waiting for a slot.
+   */
+  queued: number;
+  /**
+   * Tasks running now.
+   */
+  running: number;
+  /**
+   * Results recorded and not yet acknowledged by the platform.
+   */
+  unacked: number;
 }
 /**
  * One installed handler, as `handlers` lists it.
@@ -313,7 +453,7 @@ export interface RunResult {
     | 'rule_unavailable'
     | null;
   /**
-   * How the run ended.
+   * Every way a handler run can end. Serialized in `snake_case` (`"fuel_exhausted"`…).
    */
   status:
     | 'ok'
@@ -452,6 +592,13 @@ export type PlatformMessage =
        * The agent id the platform derived from the agent's TLS client certificate.
        */
       agent_id: string;
+      /**
+       * The sequence number of the newest audit record whose hash the platform has stored
+       * for this agent (from an earlier `status`). The agent answers with that record's hash
+       * as its chain now holds it (`status.audit.at`), so a rewritten chain shows. Absent
+       * when the platform has stored none.
+       */
+      audit_seq?: number | null;
       /**
        * Whether this connection enrolled the agent (first contact with a token).
        */

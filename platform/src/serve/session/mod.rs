@@ -121,6 +121,7 @@ async fn serve_tls(
         version,
         agent_id: agent_id.clone(),
         enrolled,
+        audit_seq: None,
     };
     let ended = match send(&mut sink, &welcome).await {
         Ok(()) => {
