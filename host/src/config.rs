@@ -24,7 +24,9 @@ use crate::sandbox::cache::CacheDir;
 use crate::sandbox::SandboxConfig;
 use crate::trust::{Trust, TrustSection};
 
+mod metrics;
 mod update;
+pub use metrics::MetricsSection;
 pub use update::UpdateSection;
 
 /// The flags of `bridge-daemon run`: each overrides the file's value when given.
@@ -106,6 +108,9 @@ pub struct AgentConfig {
     /// `[update]`: self-update (release keys, health window, drain).
     #[serde(default)]
     pub update: UpdateSection,
+    /// `[metrics]`: the opt-in Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// The file this configuration was read from; `None` when there is no file (all defaults).
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -433,6 +438,7 @@ impl AgentConfig {
         config.shell.allowlist()?;
         config.agent.validate()?;
         config.update.validate()?;
+        config.metrics.listen_addr()?;
         Ok(config)
     }
 
@@ -558,7 +564,11 @@ impl AgentConfig {
                     .filter(|l| !l.is_empty())
                     .map(PathBuf::from),
             )?,
-            observer: std::sync::Arc::new(crate::observe::Observer::new(None)),
+            observer: std::sync::Arc::new(crate::observe::Observer::new(
+                self.metrics
+                    .listen_addr()?
+                    .map(|_| crate::observe::Metrics::new()),
+            )),
         })
     }
 }

@@ -51,6 +51,24 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         interrupted = recovery.running.len(),
         "journal opened"
     );
+    if let Some(addr) = config.metrics.listen_addr()? {
+        let listener = crate::observe::endpoint::bind(addr).await?;
+        let bound = listener
+            .local_addr()
+            .context("the metrics endpoint's address")?;
+        let observer = agent.observer().clone();
+        if let Some(m) = observer.metrics() {
+            m.set_listening(bound);
+        }
+        tracing::info!(listen = %bound, "metrics endpoint listening (GET /metrics)");
+        let source = agent.clone();
+        tokio::spawn(crate::observe::endpoint::serve(
+            listener,
+            observer,
+            std::sync::Arc::new(move || source.stats()),
+            shutdown.clone(),
+        ));
+    }
     // In the background: results it produces wait in the outbox for the link.
     let recovering = agent.clone();
     tokio::spawn(async move { recovering.recover(recovery).await });

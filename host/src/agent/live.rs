@@ -77,6 +77,12 @@ impl LiveTasks {
     }
 
     /// The running tasks' ids, sorted (for the status report).
+    /// `(queued, running)` tasks.
+    pub(super) fn counts(&self) -> (u64, u64) {
+        let count = |s| self.tasks.values().filter(|l| l.state == s).count() as u64;
+        (count(LiveState::Queued), count(LiveState::Running))
+    }
+
     pub(super) fn running(&self) -> Vec<String> {
         let mut running: Vec<String> = self
             .tasks

@@ -145,6 +145,9 @@ impl Agent {
         let (journal, recovery) = Journal::open(options.journal.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
+        // The journal's commits and the compiled-module cache's lookups, for the metrics.
+        journal.observe(options.observer.clone());
+        sandbox.observe(options.observer.clone());
         let (sender, outbox) = outbox::channel(journal.clone());
         let slots = options.max_concurrent_tasks.max(1);
         let semaphore = Arc::new(Semaphore::new(slots));
@@ -190,6 +193,29 @@ impl Agent {
     /// What the agent observes about itself.
     pub fn observer(&self) -> &Arc<Observer> {
         &self.observer
+    }
+
+    /// The states the metrics read at each scrape: tasks queued and running, unacknowledged
+    /// results, the journal's size and records, resident memory.
+    pub fn stats(&self) -> bridge_protocol::AgentStats {
+        let (queued, running) = lock(&self.live).counts();
+        let (records, unacked) = self.journal.counts();
+        let journal_bytes = std::fs::metadata(&self.journal.config().path).map_or(0, |m| m.len());
+        bridge_protocol::AgentStats {
+            link: self.observer.link(),
+            tasks: bridge_protocol::TaskStats {
+                running,
+                queued,
+                unacked: unacked as u64,
+                finished: self.observer.finished(),
+            },
+            journal: bridge_protocol::JournalStats {
+                bytes: journal_bytes,
+                records: records as u64,
+            },
+            store: Default::default(),
+            rss_bytes: crate::memory::resident_kib().saturating_mul(1024),
+        }
     }
 
     /// The status report sent to the platform.

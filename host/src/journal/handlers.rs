@@ -52,6 +52,7 @@ pub(super) fn put_handler_in(
 ) -> Result<(), Fail> {
     let bytes = encode("handler", &handler.name, &handler).map_err(Fail::Alone)?;
     t.handlers.insert(handler.name.as_str(), bytes.as_slice())?;
+    t.written += bytes.len() as u64;
     changes.push(Change::PutHandler(handler));
     Ok(())
 }

@@ -108,6 +108,8 @@ struct Shared {
     index: Mutex<Index>,
     /// Write transactions committed since open (see [`Journal::commits`]).
     commits: AtomicU64,
+    /// Told of each commit's latency and bytes, once set ([`Journal::observe`]).
+    observer: std::sync::OnceLock<Arc<crate::observe::Observer>>,
 }
 
 /// Owned by every clone of a [`Journal`]: the queue to the writer and its thread. Dropping the
@@ -198,6 +200,7 @@ impl Journal {
             db: RwLock::new(Some(db)),
             index: Mutex::new(index),
             commits: AtomicU64::new(0),
+            observer: std::sync::OnceLock::new(),
         });
         match retention::prune_now(&shared) {
             Ok(0) => {}
@@ -223,6 +226,12 @@ impl Journal {
             }),
         };
         Ok((journal, recovery))
+    }
+
+    /// Tells `observer` of every commit from now on (its latency and the bytes it wrote). Only
+    /// the first observer set is kept.
+    pub fn observe(&self, observer: Arc<crate::observe::Observer>) {
+        let _ = self.inner.shared.observer.set(observer);
     }
 
     fn send(&self, op: Op) -> Res<()> {

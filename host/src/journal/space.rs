@@ -64,12 +64,14 @@ impl Tables<'_> {
         stub.request.signature = None;
         let r = encode("task", id, &stub).map_err(Fail::Alone)?;
         self.records.insert(summary.seq, r.as_slice())?;
+        self.written += r.len() as u64;
         let mut bytes = stored_size(r.len()) + id.len() as u64 + ENTRY_BYTES;
         if let Some(result) = result {
             let finished_at = summary.finished_at_ms.unwrap_or_default();
             let f =
                 encode_result(id, finished_at, &result.without_output()).map_err(Fail::Alone)?;
             self.results.insert(summary.seq, f.as_slice())?;
+            self.written += f.len() as u64;
             bytes += stored_size(f.len());
         }
         self.count_change(summary.bytes, bytes);

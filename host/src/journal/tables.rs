@@ -30,6 +30,9 @@ pub(super) struct Tables<'t> {
     pub(super) freed: u64,
     /// Tasks evicted in this transaction (the index still lists them as evictable).
     pub(super) evicted: std::collections::HashSet<u64>,
+    /// Bytes of values this transaction wrote (records, results, entries, handlers), for the
+    /// metrics.
+    pub(super) written: u64,
 }
 
 impl<'t> Tables<'t> {
@@ -47,6 +50,7 @@ impl<'t> Tables<'t> {
             added: 0,
             freed: 0,
             evicted: Default::default(),
+            written: 0,
         })
     }
 
@@ -112,6 +116,7 @@ impl<'t> Tables<'t> {
         summary: &mut Summary,
     ) -> Result<(), Fail> {
         self.records.insert(summary.seq, record)?;
+        self.written += record.len() as u64;
         summary.bytes = stored_size(record.len()) + id.len() as u64 + ENTRY_BYTES;
         self.added += summary.bytes;
         self.store_entry(id, summary)
@@ -128,6 +133,7 @@ impl<'t> Tables<'t> {
         summary: &mut Summary,
     ) -> Result<(), Fail> {
         self.results.insert(summary.seq, finished)?;
+        self.written += finished.len() as u64;
         summary.bytes += stored_size(finished.len());
         self.added += stored_size(finished.len());
         self.store_entry(id, summary)
@@ -146,6 +152,7 @@ impl<'t> Tables<'t> {
     pub(super) fn store_entry(&mut self, id: &str, summary: &Summary) -> Result<(), Fail> {
         let e = encode("index entry", id, &Entry::of(id, summary)).map_err(Fail::Alone)?;
         self.entries.insert(summary.seq, e.as_slice())?;
+        self.written += e.len() as u64;
         Ok(())
     }
 

@@ -129,12 +129,14 @@ impl Writer {
             self.unflushed = false;
             return;
         };
+        let started = Instant::now();
         let committed = db
             .begin_write()
             .map_err(redb::Error::from)
             .and_then(|t| t.commit().map_err(redb::Error::from));
         match committed {
             Ok(()) => {
+                self.observe_commit(started, 0);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = false;
             }
@@ -202,6 +204,7 @@ impl Writer {
             && ops
                 .iter()
                 .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }));
+        let started = Instant::now();
         let txn = match db.begin_write() {
             Ok(mut txn) => {
                 if lazy {
@@ -221,6 +224,7 @@ impl Writer {
         let mut answers = Vec::with_capacity(ops.len());
         let mut changes = Vec::new();
         let mut failure: Option<redb::Error> = None;
+        let mut written = 0;
         let mut ops = ops.into_iter();
         match Tables::open(&txn, &shared.index) {
             Ok(mut t) => {
@@ -239,6 +243,7 @@ impl Writer {
                         Err(Fail::Alone(e)) => tracing::warn!("pruning the journal: {e}"),
                     }
                 }
+                written = t.written;
             }
             Err(e) => failure = Some(e.into()),
         }
@@ -253,6 +258,7 @@ impl Writer {
         drop(guard);
         match outcome {
             Ok(()) => {
+                self.observe_commit(started, written);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = lazy;
                 self.apply_changes(changes);
@@ -273,6 +279,13 @@ impl Writer {
 
     /// Applies one operation (what each kind does is in `ops`, `handlers`, `retention`);
     /// returns its answer, and the storage error that fails the whole transaction, if any.
+    /// Tells the observer, if any, of a commit begun at `started` that wrote `bytes`.
+    fn observe_commit(&self, started: Instant, bytes: u64) {
+        if let Some(observer) = self.shared.observer.get() {
+            observer.journal_commit(started.elapsed(), bytes);
+        }
+    }
+
     fn apply(
         &mut self,
         t: &mut Tables<'_>,

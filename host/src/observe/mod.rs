@@ -6,6 +6,7 @@
 //! allocated); histograms and the Prometheus registry exist only when `[metrics] listen` is set
 //! ([`metrics`]).
 
+pub mod endpoint;
 pub mod metrics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,14 +24,17 @@ pub enum TaskKind {
     Wasm,
     /// An allowlisted shell command.
     Shell,
+    /// Refused before its command resolved to either (e.g. an unknown command).
+    Unresolved,
 }
 
 impl TaskKind {
-    /// `wasm` or `shell`.
+    /// `wasm`, `shell` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Wasm => "wasm",
             TaskKind::Shell => "shell",
+            TaskKind::Unresolved => "none",
         }
     }
 }
@@ -44,6 +48,17 @@ pub enum CacheEvent {
     Miss,
     /// Compiled (after a miss).
     Compile,
+}
+
+impl CacheEvent {
+    /// `hit`, `miss` or `compile`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheEvent::Hit => "hit",
+            CacheEvent::Miss => "miss",
+            CacheEvent::Compile => "compile",
+        }
+    }
 }
 
 /// Every status a task can end with, in the order of the counters.

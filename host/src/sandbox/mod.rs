@@ -156,6 +156,8 @@ struct Inner {
     slots: Semaphore,
     config: SandboxConfig,
     ticker: EpochTicker,
+    /// Told of each compiled-module lookup, once set ([`Sandbox::observe`]).
+    observer: std::sync::OnceLock<Arc<crate::observe::Observer>>,
 }
 
 impl Sandbox {
@@ -206,6 +208,7 @@ impl Sandbox {
                 disk,
                 config,
                 ticker,
+                observer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -218,6 +221,12 @@ impl Sandbox {
     /// The wasmtime engine (shared by every run).
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// Tells `observer` of every compiled-module lookup from now on (hit, miss, compile). Only
+    /// the first observer set is kept.
+    pub fn observe(&self, observer: Arc<crate::observe::Observer>) {
+        let _ = self.inner.observer.set(observer);
     }
 
     /// The disk cache, when one is configured.

@@ -13,6 +13,7 @@ use super::engine::compile;
 use super::run::RunState;
 use super::stack::ShadowStack;
 use super::{Sandbox, WASI_MODULE};
+use crate::observe::CacheEvent;
 use crate::outcome::{RunResult, Status};
 
 /// A module checked and compiled (a handler's code), ready to instantiate cheaply.
@@ -55,9 +56,20 @@ impl Sandbox {
         self.inner.modules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The compiled module for a module hash, if it is in the in-memory cache.
+    /// The compiled module for a module hash, if it is in the in-memory cache (a hit counted;
+    /// not finding it is not a miss: [`load`](Self::load) decides that).
     pub fn cached(&self, sha256: &[u8; 32]) -> Option<Arc<CompiledModule>> {
-        self.lock_modules().get(sha256).cloned()
+        let found = self.lock_modules().get(sha256).cloned();
+        if found.is_some() {
+            self.cache_event(CacheEvent::Hit);
+        }
+        found
+    }
+
+    fn cache_event(&self, event: CacheEvent) {
+        if let Some(observer) = self.inner.observer.get() {
+            observer.module_cache(event);
+        }
     }
 
     /// Returns the compiled module for `bytes`: from memory, from the disk cache, or compiled
@@ -97,21 +109,25 @@ impl Sandbox {
         sha256: [u8; 32],
     ) -> Result<Arc<CompiledModule>, Box<RunResult>> {
         if let Some(h) = self.lock_modules().get(&sha256) {
+            self.cache_event(CacheEvent::Hit);
             return Ok(h.clone());
         }
         let invalid = |msg: String| Box::new(RunResult::refused(Status::InvalidModule, msg));
         check_header(bytes).map_err(invalid)?;
         let _loading = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = self.lock_modules().get(&sha256) {
+            self.cache_event(CacheEvent::Hit);
             return Ok(h.clone()); // loaded by whoever held the lock before us
         }
         let engine = &self.inner.engine;
         let (module, source) = match self.inner.disk.as_ref().map(|d| d.load(engine, &sha256)) {
             Some(Lookup::Hit(m)) => {
+                self.cache_event(CacheEvent::Hit);
                 tracing::debug!(sha256 = %hex::encode(sha256), "loaded module from the disk cache");
                 (m, CodeSource::Disk)
             }
             _ => {
+                self.cache_event(CacheEvent::Miss);
                 let started = Instant::now();
                 let module = compile(engine, &self.inner.config, bytes).map_err(|e| {
                     invalid(format!(
@@ -123,6 +139,7 @@ impl Sandbox {
                 // Compiling frees a lot of small allocations; hand them back to the OS so an idle
                 // agent stays small. SAFETY: malloc_trim only releases free heap memory.
                 unsafe { libc::malloc_trim(0) };
+                self.cache_event(CacheEvent::Compile);
                 (module, CodeSource::Compiled)
             }
         };
