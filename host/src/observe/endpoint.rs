@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{Metrics, CONTENT_TYPE};
+use super::metrics::{Format, Metrics};
 use super::Observer;
 
 /// The largest request head read, in bytes.
@@ -81,7 +81,7 @@ pub async fn serve(
 /// What a request head asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Ask {
-    Metrics,
+    Metrics(Format),
     NotFound,
     WrongMethod,
     Bad,
@@ -100,8 +100,12 @@ async fn answer(
             std::io::Error::new(std::io::ErrorKind::TimedOut, "no request head in time")
         })??;
     let (status, content_type, body) = match (ask, metrics) {
-        (Ask::Metrics, Some(m)) => ("200 OK", CONTENT_TYPE, m.encode(&stats())),
-        (Ask::Metrics | Ask::NotFound, _) => ("404 Not Found", "text/plain", "not found\n".into()),
+        (Ask::Metrics(format), Some(m)) => {
+            ("200 OK", format.content_type(), m.encode(&stats(), format))
+        }
+        (Ask::Metrics(_) | Ask::NotFound, _) => {
+            ("404 Not Found", "text/plain", "not found\n".into())
+        }
         (Ask::WrongMethod, _) => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
         (Ask::Bad, _) => ("400 Bad Request", "text/plain", "bad request\n".into()),
         (Ask::TooLarge, _) => (
@@ -161,8 +165,13 @@ fn parse_head(bytes: &[u8]) -> Option<Ask> {
         Ok(httparse::Status::Complete(_)) => {
             let path = request.path.unwrap_or("");
             let path = path.split_once('?').map_or(path, |(p, _)| p);
+            let accept = request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("accept"))
+                .and_then(|h| std::str::from_utf8(h.value).ok());
             Some(match (request.method, path) {
-                (Some("GET"), "/metrics") => Ask::Metrics,
+                (Some("GET"), "/metrics") => Ask::Metrics(Format::from_accept(accept)),
                 (Some("GET"), _) => Ask::NotFound,
                 _ => Ask::WrongMethod,
             })
@@ -180,11 +189,11 @@ mod tests {
         assert_eq!(ask("GET /metrics HTTP/1.1\r\n"), None, "incomplete");
         assert_eq!(
             ask("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Some(Ask::Metrics)
+            Some(Ask::Metrics(Format::Text))
         );
         assert_eq!(
-            ask("GET /metrics?name[]=x HTTP/1.0\r\n\r\n"),
-            Some(Ask::Metrics)
+            ask("GET /metrics?name[]=x HTTP/1.0\r\nACCEPT: application/openmetrics-text\r\n\r\n"),
+            Some(Ask::Metrics(Format::OpenMetrics))
         );
         assert_eq!(ask("GET / HTTP/1.1\r\n\r\n"), Some(Ask::NotFound));
         assert_eq!(ask("GET /metricsx HTTP/1.1\r\n\r\n"), Some(Ask::NotFound));

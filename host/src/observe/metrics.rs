@@ -22,8 +22,34 @@ use prometheus_client::registry::Registry;
 
 use super::{CacheEvent, TaskKind};
 
-/// The `Content-Type` of [`Metrics::encode`]'s text.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The two exposition formats a scrape may ask for (by its `Accept` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text, what Prometheus asks for: `prometheus-client`'s own encoding.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4, for any other client (`curl`, `promtool check
+    /// metrics`): the same text with a counter's `HELP` and `TYPE` naming its `_total` series
+    /// and no `# EOF`.
+    Text,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it names it, else text.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    /// The answer's `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
@@ -48,8 +74,8 @@ struct VersionLabel {
 
 /// The task duration histogram's buckets, in seconds: 1 ms to an hour.
 const TASK_SECONDS: [f64; 18] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-    900.0, 3600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
 ];
 
 /// The journal commit histogram's buckets, in seconds: 50 µs to 2.5 s.
@@ -243,8 +269,16 @@ impl Metrics {
         let _ = self.listening.set(addr);
     }
 
-    /// The OpenMetrics text of every series, the state gauges set from `stats` first.
-    pub fn encode(&self, stats: &AgentStats) -> String {
+    /// Every series in `format`, the state gauges set from `stats` first.
+    pub fn encode(&self, stats: &AgentStats, format: Format) -> String {
+        let text = self.encode_openmetrics(stats);
+        match format {
+            Format::OpenMetrics => text,
+            Format::Text => to_text_format(&text),
+        }
+    }
+
+    fn encode_openmetrics(&self, stats: &AgentStats) -> String {
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         self.tasks_queued.set(gauge_value(stats.tasks.queued));
         self.tasks_running.set(gauge_value(stats.tasks.running));
@@ -307,6 +341,45 @@ impl Metrics {
     }
 }
 
+/// The Prometheus text format 0.0.4 of `openmetrics` (the encoder's output for this registry:
+/// counters, gauges and histograms, no units, no exemplars): a counter family's `HELP` and
+/// `TYPE` lines name its `_total` samples, and the `# EOF` line goes.
+fn to_text_format(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            // Written once its TYPE line says whether it names a counter.
+            if let Some(h) = help.replace(line) {
+                out.push_str(h);
+                out.push('\n');
+            }
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|t| t.strip_suffix(" counter"))
+        {
+            if let Some(h) = help.take() {
+                let text = h.strip_prefix(&format!("# HELP {name} ")).unwrap_or("");
+                out.push_str(&format!("# HELP {name}_total {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}_total counter\n"));
+            continue;
+        }
+        if let Some(h) = help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,7 +396,12 @@ mod tests {
     fn every_series_is_encoded_with_help_and_type() {
         let o = Observer::new(Some(Metrics::new()));
         o.task_ended(TaskKind::Shell, &RunResult::refused(Status::Ok, ""));
-        let text = format!("\n{}", o.metrics().unwrap().encode(&AgentStats::default()));
+        let text = format!(
+            "\n{}",
+            o.metrics()
+                .unwrap()
+                .encode(&AgentStats::default(), Format::OpenMetrics)
+        );
         for name in [
             "bridge_build_info",
             "bridge_tasks",
@@ -368,6 +446,42 @@ mod tests {
     }
 
     #[test]
+    fn the_text_format_names_counters_by_their_total_series() {
+        let o = Observer::new(Some(Metrics::new()));
+        o.module_cache(CacheEvent::Hit);
+        let open = o
+            .metrics()
+            .unwrap()
+            .encode(&AgentStats::default(), Format::OpenMetrics);
+        let text = o
+            .metrics()
+            .unwrap()
+            .encode(&AgentStats::default(), Format::Text);
+        assert!(open.contains("\n# TYPE bridge_module_cache_events counter\n"));
+        assert!(text.contains(
+            "# HELP bridge_module_cache_events_total Compiled-module cache lookups by event"
+        ));
+        assert!(text.contains("\n# TYPE bridge_module_cache_events_total counter\n"));
+        assert!(text.contains("\nbridge_module_cache_events_total{event=\"hit\"} 1\n"));
+        assert!(text.contains("\n# TYPE bridge_journal_commit_seconds histogram\n"));
+        assert!(!text.contains("# EOF") && open.ends_with("# EOF\n"));
+        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples(&open), samples(&text), "the same samples");
+        assert_eq!(
+            open.lines().filter(|l| l.starts_with("# HELP")).count(),
+            text.lines().filter(|l| l.starts_with("# HELP")).count(),
+        );
+        assert_eq!(Format::from_accept(None), Format::Text);
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Text);
+    }
+
+    #[test]
     fn events_and_states_are_counted() {
         let o = Observer::new(Some(Metrics::new()));
         let mut ok = RunResult::refused(Status::Ok, "");
@@ -398,7 +512,7 @@ mod tests {
         stats.tasks.running = 2;
         stats.journal.bytes = 1 << 20;
         stats.rss_bytes = 42 << 20;
-        let text = o.metrics().unwrap().encode(&stats);
+        let text = o.metrics().unwrap().encode(&stats, Format::OpenMetrics);
         let at = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name}:\n{text}"));
         assert_eq!(at("bridge_tasks_total{kind=\"wasm\",status=\"ok\"}"), 2.0);
         assert_eq!(
@@ -435,7 +549,10 @@ mod tests {
         assert_eq!(at("bridge_journal_bytes"), 1048576.0);
         assert_eq!(at("process_resident_memory_bytes"), (42 << 20) as f64);
         o.link_ended("gone");
-        let text = o.metrics().unwrap().encode(&AgentStats::default());
+        let text = o
+            .metrics()
+            .unwrap()
+            .encode(&AgentStats::default(), Format::OpenMetrics);
         assert_eq!(sample(&text, "bridge_link_connected"), Some(0.0));
         assert_eq!(
             sample(&text, "bridge_tasks_queued"),
