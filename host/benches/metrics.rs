@@ -1,0 +1,267 @@
+//! The metrics benchmark: what collecting Prometheus metrics costs the agent, per warm WASM
+//! task. `cargo xtask bench` (or `cargo bench -p bridge-host --bench metrics` after `cargo
+//! build --release -p bridge-host -p bridge-platform` and `cargo xtask build-examples`).
+//!
+//! One real `bridgectl serve` and two real `bridge-daemon run` agents (release builds) on
+//! 127.0.0.1, alike but for `[metrics] listen`: one off, one on (and scraped every second while
+//! measured, fifteen times as often as Prometheus's default interval). Each has the signed
+//! `hello` handler installed and warm. Runs alternate between the two (off then on, then on then
+//! off, …) so both see the same machine; each run keeps 32 tasks in flight for a fixed window
+//! and takes the agent's CPU time (`/proc/<pid>/stat`, user + system) over the tasks that ended
+//! in it. Prints every run side by side, the medians, the difference and the verdict against
+//! the target (under 2 % of the agent's CPU per task).
+//!
+//! The agents run on the first half of the CPUs, the platform and the clients on the other half
+//! (one core each on two), as in the throughput benchmark. `BRIDGE_BENCH_QUICK=1` runs 4 runs of
+//! 3 s per side instead of 8 of 5 s.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bridge_testkit::{wait_until, Agent, Platform, Publisher, CONNECT};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+
+const IN_FLIGHT: usize = 32;
+
+/// CPU time (seconds) a process used: user and system, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11..13]
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The CPUs the calling thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `cpu_set_t` is plain old data; the pointer is valid for the call.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Restricts the calling thread, and what it starts from now on, to `cpus`.
+fn pin(cpus: &[usize]) {
+    // SAFETY: as above.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// One scrape of `GET /metrics`; the body's length.
+fn scrape(addr: SocketAddr) -> usize {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).unwrap();
+    assert!(
+        body.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    body.len()
+}
+
+/// Where an agent's endpoint listens: the address it logs once bound.
+fn endpoint(agent: &Agent) -> SocketAddr {
+    wait_until("the metrics endpoint's address in the log", CONNECT, || {
+        let log = agent.log.text();
+        log.lines()
+            .find(|l| l.contains("metrics endpoint listening"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .ok_or(log)
+    })
+}
+
+/// Keeps [`IN_FLIGHT`] warm `hello` tasks running on agent `id` for `secs` (scraping
+/// `metrics` every second if given); returns the agent's CPU microseconds per task.
+fn measure(socket: &Path, id: &str, pid: u32, secs: f64, metrics: Option<SocketAddr>) -> f64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let req = json!({"cmd": "run", "agent": id, "command": "hello", "input": {"name": "bench"}});
+    let line: Arc<str> = format!("{req}\n").into();
+    let socket = socket.to_path_buf();
+    runtime.block_on(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let clients: Vec<_> = (0..IN_FLIGHT)
+            .map(|_| {
+                let (socket, line) = (socket.clone(), line.clone());
+                let (stop, done) = (stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+                    let (read, mut write) = conn.into_split();
+                    let mut read = tokio::io::BufReader::new(read);
+                    let mut response = String::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        write.write_all(line.as_bytes()).await.unwrap();
+                        response.clear();
+                        let n = tokio::time::timeout(
+                            Duration::from_secs(60),
+                            read.read_line(&mut response),
+                        )
+                        .await
+                        .expect("no response within 60 s")
+                        .unwrap();
+                        assert!(n > 0, "the platform closed the control connection");
+                        assert!(response.contains("\"status\":\"ok\""), "{response}");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let scraper = metrics.map(|addr| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    scrape(addr);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        });
+        // Warm the connections up, then count over the window.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (n0, c0) = (done.load(Ordering::SeqCst), cpu_secs(pid));
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let (n1, c1) = (done.load(Ordering::SeqCst), cpu_secs(pid));
+        stop.store(true, Ordering::SeqCst);
+        for client in clients {
+            client.await.unwrap();
+        }
+        if let Some(s) = scraper {
+            s.join().unwrap();
+        }
+        let tasks = (n1 - n0) as f64;
+        assert!(tasks > 0.0, "no task finished in {secs} s");
+        (c1 - c0) / tasks * 1e6
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let quick = std::env::var_os("BRIDGE_BENCH_QUICK").is_some();
+    let (runs, secs) = if quick { (4, 3.0) } else { (8, 5.0) };
+    let cpus = allowed_cpus();
+    let (agent_cpus, rest) = if cpus.len() >= 2 {
+        let (a, r) = cpus.split_at(cpus.len() / 2);
+        (a.to_vec(), r.to_vec())
+    } else {
+        (cpus.clone(), cpus.clone())
+    };
+    pin(&rest);
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::builder(&tmp.path().join("platform"))
+        .log_level("warn")
+        .start();
+    let publisher = Publisher::new();
+    let control = platform.control();
+    let start = |name: &str, metrics: bool| {
+        let config = tmp.path().join(format!("{name}.toml"));
+        let table = if metrics {
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &config,
+            format!("{table}[agent]\nmax_concurrent_tasks = {IN_FLIGHT}\n"),
+        )
+        .unwrap();
+        let mut args = platform.agent_args(Some(&publisher));
+        args.extend(["--config".into(), config.display().to_string()]);
+        pin(&agent_cpus);
+        let agent = Agent::start_with(&tmp.path().join(name), &args, |cmd| {
+            cmd.env("RUST_LOG", "warn,bridge_host::daemon=info");
+        });
+        pin(&rest);
+        let id = agent.id();
+        control.wait_connected(&id);
+        let installed = control.request(&json!({"cmd": "install_handler", "agent": id,
+            "name": "hello", "module": STANDARD.encode(publisher.signed("hello"))}));
+        assert_eq!(installed["ok"], true, "{installed}");
+        let r = control.request(&json!({"cmd": "run", "agent": id, "command": "hello"}));
+        assert_eq!(r["result"]["status"], "ok", "{r}");
+        (agent, id)
+    };
+    let (off, off_id) = start("off", false);
+    let (on, on_id) = start("on", true);
+    let addr = endpoint(&on);
+    println!(
+        "bridge metrics benchmark ({} mode): agent CPU per warm hello task, metrics off vs on \
+         (scraped every second), {IN_FLIGHT} in flight, {runs} runs of {secs} s per side, alternating",
+        if quick { "quick" } else { "full" }
+    );
+    println!("the agents on CPUs {agent_cpus:?}; the platform and the clients on CPUs {rest:?}");
+    let socket = platform.control_socket().to_path_buf();
+    let (mut offs, mut ons) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for run in 0..runs {
+        let mut pair = [0.0; 2];
+        // Off first in even runs, on first in odd ones: neither always follows the other.
+        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            pair[side] = if side == 0 {
+                measure(&socket, &off_id, off.pid(), secs, None)
+            } else {
+                measure(&socket, &on_id, on.pid(), secs, Some(addr))
+            };
+        }
+        println!(
+            "  run {}: off {:6.1} µs  on {:6.1} µs  ({:+.1} %)",
+            run + 1,
+            pair[0],
+            pair[1],
+            (pair[1] / pair[0] - 1.0) * 100.0
+        );
+        offs.push(pair[0]);
+        ons.push(pair[1]);
+    }
+    let (off_med, on_med) = (median(offs), median(ons));
+    let cost = (on_med / off_med - 1.0) * 100.0;
+    println!();
+    println!("medians: off {off_med:.1} µs  on {on_med:.1} µs per task: {cost:+.1} % (target: under 2 %)");
+    println!(
+        "verdict: {} ({:.0} s; a scrape is {} bytes)",
+        if cost < 2.0 { "met" } else { "NOT met" },
+        started.elapsed().as_secs_f64(),
+        scrape(addr)
+    );
+}
