@@ -392,6 +392,32 @@ mod tests {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// `promtool check metrics` on `text` (required: Debian's `prometheus` package, installed
+    /// by `.ci/run`).
+    fn promtool_check(text: &str) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is required (Debian's prometheus package; .ci/run installs it)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn every_series_is_encoded_with_help_and_type() {
         let o = Observer::new(Some(Metrics::new()));
@@ -548,6 +574,7 @@ mod tests {
         assert_eq!(at("bridge_tasks_running"), 2.0);
         assert_eq!(at("bridge_journal_bytes"), 1048576.0);
         assert_eq!(at("process_resident_memory_bytes"), (42 << 20) as f64);
+        promtool_check(&o.metrics().unwrap().encode(&stats, Format::Text));
         o.link_ended("gone");
         let text = o
             .metrics()
