@@ -2,16 +2,16 @@
 //! task. `cargo xtask bench` (or `cargo bench -p bridge-host --bench metrics` after `cargo
 //! build --release -p bridge-host -p bridge-platform` and `cargo xtask build-examples`).
 //!
-//! One real `bridgectl serve` and two real `bridge-daemon run` agents (release builds) on
-//! 127.0.0.1, alike but for `[metrics] listen`: one off, one on (and scraped every second while
-//! measured, fifteen times as often as Prometheus's default interval). Each has the signed
-//! `hello` handler installed and warm. Runs alternate between the two (off then on, then on then
-//! off, …) so both see the same machine; each run keeps 32 tasks in flight for a fixed window
-//! and takes the agent's CPU time (`/proc/<pid>/stat`, user + system) over the tasks that ended
-//! in it. Prints every run side by side, the medians, the difference and the verdict against
+//! A real `bridgectl serve` and a real `bridge-daemon run` (release builds) on 127.0.0.1, the
+//! signed `hello` handler installed. The agent is restarted for each run, on the same state
+//! directory, with `[metrics] listen` off or on (and then scraped every second while measured,
+//! fifteen times as often as Prometheus's default interval): nothing else differs. Runs
+//! alternate (off then on, then on then off, …) so both sides see the same machine; each run
+//! warms the handler, keeps 32 tasks in flight for a fixed window and takes the agent's CPU
+//! time (`/proc/<pid>/stat`, user + system) over the tasks that ended in it. Prints every run side by side, the medians, the difference and the verdict against
 //! the target (under 2 % of the agent's CPU per task).
 //!
-//! The agents run on the first half of the CPUs, the platform and the clients on the other half
+//! The agent runs on the first half of the CPUs, the platform and the clients on the other half
 //! (one core each on two), as in the throughput benchmark. `BRIDGE_BENCH_QUICK=1` runs 4 runs of
 //! 3 s per side instead of 8 of 5 s.
 
@@ -167,6 +167,25 @@ fn measure(socket: &Path, id: &str, pid: u32, secs: f64, metrics: Option<SocketA
     })
 }
 
+/// The observer's work for one warm WASM task (a cache hit, two journal commits, the task's
+/// end), timed directly over many tasks: nanoseconds per task with metrics `on` or not.
+fn observer_ns_per_task(on: bool) -> f64 {
+    use bridge_host::observe::{CacheEvent, Observer, TaskKind};
+    let observer = Observer::new(on.then(bridge_host::observe::Metrics::new));
+    let mut result = bridge_protocol::RunResult::refused(bridge_protocol::Status::Ok, "");
+    result.duration_ms = 0.4;
+    result.fuel_consumed = Some(120_000);
+    const TASKS: u32 = 200_000;
+    let started = Instant::now();
+    for _ in 0..TASKS {
+        observer.module_cache(CacheEvent::Hit);
+        observer.journal_commit(Duration::from_micros(300), 400);
+        observer.journal_commit(Duration::from_micros(80), 200);
+        observer.task_ended(TaskKind::Wasm, std::hint::black_box(&result));
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(TASKS)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -194,8 +213,16 @@ fn main() {
         .start();
     let publisher = Publisher::new();
     let control = platform.control();
-    let start = |name: &str, metrics: bool| {
-        let config = tmp.path().join(format!("{name}.toml"));
+    let config = tmp.path().join("agent.toml");
+    let state = tmp.path().join("agent");
+    let args = {
+        let mut a = platform.agent_args(Some(&publisher));
+        a.extend(["--config".into(), config.display().to_string()]);
+        a
+    };
+    // One agent, one state directory, restarted for each run with metrics off or on: nothing
+    // but the `[metrics]` table differs between the two sides.
+    let start = |metrics: bool| {
         let table = if metrics {
             "[metrics]\nlisten = \"127.0.0.1:0\"\n"
         } else {
@@ -206,43 +233,48 @@ fn main() {
             format!("{table}[agent]\nmax_concurrent_tasks = {IN_FLIGHT}\n"),
         )
         .unwrap();
-        let mut args = platform.agent_args(Some(&publisher));
-        args.extend(["--config".into(), config.display().to_string()]);
         pin(&agent_cpus);
-        let agent = Agent::start_with(&tmp.path().join(name), &args, |cmd| {
+        let agent = Agent::start_with(&state, &args, |cmd| {
             cmd.env("RUST_LOG", "warn,bridge_host::daemon=info");
         });
         pin(&rest);
         let id = agent.id();
         control.wait_connected(&id);
+        (agent, id)
+    };
+    {
+        let (_agent, id) = start(false);
         let installed = control.request(&json!({"cmd": "install_handler", "agent": id,
             "name": "hello", "module": STANDARD.encode(publisher.signed("hello"))}));
         assert_eq!(installed["ok"], true, "{installed}");
-        let r = control.request(&json!({"cmd": "run", "agent": id, "command": "hello"}));
-        assert_eq!(r["result"]["status"], "ok", "{r}");
-        (agent, id)
-    };
-    let (off, off_id) = start("off", false);
-    let (on, on_id) = start("on", true);
-    let addr = endpoint(&on);
+    }
     println!(
         "bridge metrics benchmark ({} mode): agent CPU per warm hello task, metrics off vs on \
-         (scraped every second), {IN_FLIGHT} in flight, {runs} runs of {secs} s per side, alternating",
+         (scraped every second), {IN_FLIGHT} in flight, {runs} runs of {secs} s per side, \
+         alternating, the agent restarted for each",
         if quick { "quick" } else { "full" }
     );
-    println!("the agents on CPUs {agent_cpus:?}; the platform and the clients on CPUs {rest:?}");
+    println!("the agent on CPUs {agent_cpus:?}; the platform and the clients on CPUs {rest:?}");
     let socket = platform.control_socket().to_path_buf();
     let (mut offs, mut ons) = (Vec::new(), Vec::new());
+    let mut scrape_bytes = 0;
     let started = Instant::now();
     for run in 0..runs {
         let mut pair = [0.0; 2];
         // Off first in even runs, on first in odd ones: neither always follows the other.
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            pair[side] = if side == 0 {
-                measure(&socket, &off_id, off.pid(), secs, None)
-            } else {
-                measure(&socket, &on_id, on.pid(), secs, Some(addr))
-            };
+            let metrics = side == 1;
+            let (mut agent, id) = start(metrics);
+            let addr = metrics.then(|| endpoint(&agent));
+            // Warm: the handler compiled (or loaded from the disk cache) before the window.
+            let r = control.request(&json!({"cmd": "run", "agent": id, "command": "hello"}));
+            assert_eq!(r["result"]["status"], "ok", "{r}");
+            pair[side] = measure(&socket, &id, agent.pid(), secs, addr);
+            if let Some(addr) = addr {
+                scrape_bytes = scrape(addr);
+            }
+            agent.terminate();
+            control.wait_disconnected(&id);
         }
         println!(
             "  run {}: off {:6.1} µs  on {:6.1} µs  ({:+.1} %)",
@@ -258,10 +290,20 @@ fn main() {
     let cost = (on_med / off_med - 1.0) * 100.0;
     println!();
     println!("medians: off {off_med:.1} µs  on {on_med:.1} µs per task: {cost:+.1} % (target: under 2 %)");
+    let direct: Vec<(f64, f64)> = (0..5)
+        .map(|_| (observer_ns_per_task(false), observer_ns_per_task(true)))
+        .collect();
+    let direct_off = median(direct.iter().map(|d| d.0).collect());
+    let direct_on = median(direct.iter().map(|d| d.1).collect());
+    println!(
+        "the observer's own work per task, timed directly: {direct_off:.0} ns off, {direct_on:.0} ns on: \
+         {:.2} % of the {off_med:.1} µs the agent spends per task",
+        (direct_on - direct_off) / 1000.0 / off_med * 100.0
+    );
     println!(
         "verdict: {} ({:.0} s; a scrape is {} bytes)",
         if cost < 2.0 { "met" } else { "NOT met" },
         started.elapsed().as_secs_f64(),
-        scrape(addr)
+        scrape_bytes
     );
 }
