@@ -24,7 +24,9 @@ use crate::sandbox::cache::CacheDir;
 use crate::sandbox::SandboxConfig;
 use crate::trust::{Trust, TrustSection};
 
+mod audit;
 mod update;
+pub use audit::AuditSection;
 pub use update::UpdateSection;
 
 /// The flags of `bridge-daemon run`: each overrides the file's value when given.
@@ -106,6 +108,9 @@ pub struct AgentConfig {
     /// `[update]`: self-update (release keys, health window, drain).
     #[serde(default)]
     pub update: UpdateSection,
+    /// `[audit]`: the audit files' rotation and logging.
+    #[serde(default)]
+    pub audit: AuditSection,
     /// The file this configuration was read from; `None` when there is no file (all defaults).
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -559,6 +564,7 @@ impl AgentConfig {
                     .map(PathBuf::from),
             )?,
             observer: std::sync::Arc::new(crate::observe::Observer::new(None)),
+            audit: self.audit.config()?,
         })
     }
 }

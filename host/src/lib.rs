@@ -41,6 +41,7 @@
 //! The binary (`bridge-daemon`, `src/main.rs`) is thin glue over these modules.
 
 pub mod agent;
+pub mod audit;
 pub mod call;
 pub mod capture;
 pub mod config;

@@ -65,6 +65,10 @@ enum Command {
     /// and clears a pending update. Restart the service afterwards (systemctl restart
     /// bridge-daemon). Exit status 1 when there is no previous release.
     Rollback(RollbackArgs),
+
+    /// The audit log: check its chain, show its last records (read-only).
+    #[command(subcommand)]
+    Audit(bridge_host::audit::cli::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -225,6 +229,7 @@ fn main() -> ExitCode {
         Command::Launcher(LauncherCommand::Prepare(args)) => return launcher_prepare(args),
         Command::Launcher(LauncherCommand::Run(args)) => return launcher_run(args),
         Command::Rollback(args) => return rollback(args),
+        Command::Audit(command) => return bridge_host::audit::cli::run(command),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -261,7 +266,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Launcher(_) | Command::Rollback(_) => unreachable!("handled above"),
+        Command::Launcher(_) | Command::Rollback(_) | Command::Audit(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -153,6 +153,8 @@ impl Agent {
     async fn refuse(&self, req: &RunRequest, refusal: Refusal) {
         let result = refusal.into_result();
         tracing::info!(task_id = %req.task_id, reason = ?result.reason, "task refused");
+        let facts = crate::audit::Facts::of_request(req);
+        self.journal.audit_refusal(&req.task_id, facts, &result);
         self.outbox
             .send(AgentMessage::Result {
                 id: req.id.clone(),

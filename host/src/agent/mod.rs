@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use bridge_protocol::{ErrorBody, PlatformMessage, StatusReport};
+use bridge_protocol::{AuditAt, AuditHead, ErrorBody, PlatformMessage, StatusReport};
 use tokio::sync::Semaphore;
 
 use crate::journal::{Journal, JournalConfig, Recovery};
@@ -76,6 +76,8 @@ pub struct AgentOptions {
     pub update: UpdateOptions,
     /// What the agent observes about itself (for `status` and the metrics).
     pub observer: Arc<Observer>,
+    /// `[audit]`: the audit files under `state/audit`.
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl AgentOptions {
@@ -89,6 +91,7 @@ impl AgentOptions {
             journal: JournalConfig::new(state.join("journal.redb")),
             update: UpdateOptions::default(),
             observer: Arc::new(Observer::new(None)),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -119,6 +122,10 @@ pub struct Agent {
     update: Arc<Updater>,
     observer: Arc<Observer>,
     started: Instant,
+    /// The audit files' directory (`state/audit`).
+    audit_dir: PathBuf,
+    /// This connection's answer to `welcome.audit_seq`.
+    audit_at: Mutex<Option<AuditAt>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,6 +152,8 @@ impl Agent {
         let (journal, recovery) = Journal::open(options.journal.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
+        crate::audit::start(state.join("audit"), options.audit.clone(), &journal)
+            .context("starting the audit log")?;
         let (sender, outbox) = outbox::channel(journal.clone());
         let slots = options.max_concurrent_tasks.max(1);
         let semaphore = Arc::new(Semaphore::new(slots));
@@ -173,6 +182,8 @@ impl Agent {
             update,
             observer: options.observer,
             started: Instant::now(),
+            audit_dir: state.join("audit"),
+            audit_at: Mutex::new(None),
         });
         Ok((agent, outbox, recovery))
     }
@@ -201,8 +212,36 @@ impl Agent {
             running: lock(&self.live).running(),
             agent_uptime_secs: self.started.elapsed().as_secs(),
             stats: None,
-            audit: None,
+            audit: Some(self.audit_head()),
         }
+    }
+
+    /// The audit chain's head for the platform: its last durable record, and the answer to
+    /// this connection's `welcome.audit_seq`.
+    pub fn audit_head(&self) -> AuditHead {
+        let head = self.journal.audit_head();
+        AuditHead {
+            seq: head.seq,
+            hash: head.hash,
+            at: lock(&self.audit_at).clone(),
+        }
+    }
+
+    /// The hash of audit record `seq` as the chain holds it now: in the journal (not yet
+    /// exported, or the head), else in the audit files; `None` when neither has it.
+    fn audit_hash_of(&self, seq: u64) -> Option<String> {
+        if seq == 0 || seq > self.journal.audit_head().seq {
+            return None;
+        }
+        let in_journal = || {
+            self.journal
+                .audit_line(seq)
+                .map(|l| crate::audit::hash_line(&l))
+        };
+        // Checked again after the files: the exporter may move it between the two reads.
+        in_journal()
+            .or_else(|| crate::audit::hash_of(&self.audit_dir, seq))
+            .or_else(in_journal)
     }
 
     /// Gives memory back shortly after start and then regularly while idle (see [`activity`]).
@@ -252,7 +291,11 @@ impl crate::link::Peer for Agent {
         }
     }
 
-    fn welcomed(self: &Arc<Self>, version: u32) {
+    fn welcomed(self: &Arc<Self>, version: u32, audit_seq: Option<u64>) {
+        *lock(&self.audit_at) = audit_seq.map(|seq| AuditAt {
+            seq,
+            hash: self.audit_hash_of(seq),
+        });
         self.update.welcomed(version);
     }
 

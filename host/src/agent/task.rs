@@ -20,6 +20,7 @@ use super::live::LiveState;
 use super::order::Turn;
 use super::refusal::Refusal;
 use super::{lock, Agent};
+use crate::audit::Facts;
 use crate::journal::{Accept, EarlyResult, Recovery};
 use crate::outbox::fit_to_frame;
 use crate::stream::StreamTap;
@@ -55,6 +56,8 @@ pub(super) struct Running {
 pub(super) struct Finished {
     req: RunRequest,
     result: RunResult,
+    /// What it ran, for its audit record.
+    facts: Facts,
     ending: Ending,
     place: InProgress,
 }
@@ -187,7 +190,8 @@ impl Queued {
         let Some(target) = agent.resolve_again_at_start(&req) else {
             let name = req.command.clone().unwrap_or_default();
             let result = Refusal::UnknownCommand(name).into_result();
-            return Err(Finished::ran(req, result, place));
+            let facts = Facts::of_request(&req);
+            return Err(Finished::ran(req, result, facts, place));
         };
         Ok(Running {
             req,
@@ -216,20 +220,23 @@ impl Running {
             tokio::spawn(tap.clone().flusher());
             tap
         });
+        let resolved = target.clone();
         let result = agent.execute(&req, target, cancel, tap.clone()).await;
         if let Some(tap) = tap {
             tap.finish();
         }
         drop(slot);
-        Finished::ran(req, result, place)
+        let facts = agent.audit_facts(&req, &resolved);
+        Finished::ran(req, result, facts, place)
     }
 }
 
 impl Finished {
-    fn ran(req: RunRequest, result: RunResult, place: InProgress) -> Finished {
+    fn ran(req: RunRequest, result: RunResult, facts: Facts, place: InProgress) -> Finished {
         Finished {
             req,
             result,
+            facts,
             ending: Ending::Ran,
             place,
         }
@@ -237,6 +244,7 @@ impl Finished {
 
     fn never_ran(req: RunRequest, result: RunResult, place: InProgress) -> Finished {
         Finished {
+            facts: Facts::of_request(&req),
             req,
             result,
             ending: Ending::NeverRan,
@@ -250,6 +258,7 @@ impl Finished {
         let Finished {
             req,
             result,
+            facts,
             ending,
             place,
         } = self;
@@ -271,7 +280,7 @@ impl Finished {
                 let ran = matches!(ending, Ending::Ran);
                 let recorded = agent
                     .outbox
-                    .record_and_send(&req.id, &req.task_id, result, ran)
+                    .record_and_send(&req.id, &req.task_id, result, facts, ran)
                     .await;
                 if let Err(e) = recorded {
                     tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted or run it if it never started): {e}");
@@ -300,11 +309,12 @@ async fn run_while_accepting(
     turn: Turn,
 ) {
     let mut turn = Some(turn);
+    let facts = agent.audit_facts(&req, &target);
     let (result, ending) = {
         let stop = CancellationToken::new();
         let run = agent.execute(&req, target, stop.clone(), None);
         tokio::pin!(run);
-        let offered = EarlyResult::default();
+        let offered = EarlyResult::audited(facts.clone());
         let accept = agent.journal.accept_running_with(&req, offered.clone());
         tokio::pin!(accept);
         // The run is over (its result offered to the journal, or kept here if it came late).
@@ -382,6 +392,7 @@ async fn run_while_accepting(
     Finished {
         req,
         result,
+        facts,
         ending,
         place,
     }

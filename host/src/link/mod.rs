@@ -44,10 +44,10 @@ pub trait Peer: Send + Sync + 'static {
     /// A message from the platform, decoded and checked, in the order they arrive: `run`,
     /// `cancel`, `ack` and the handler requests (the link answers `welcome` and `error` itself).
     fn deliver(self: &Arc<Self>, msg: bridge_protocol::PlatformMessage);
-    /// The platform welcomed a session of protocol `version` (called before anything is read
-    /// on it).
-    fn welcomed(self: &Arc<Self>, version: u32) {
-        let _ = version;
+    /// The platform welcomed a session of protocol `version`, naming the audit sequence
+    /// number it stored (`audit_seq`; called before anything is read on it).
+    fn welcomed(self: &Arc<Self>, version: u32, audit_seq: Option<u64>) {
+        let _ = (version, audit_seq);
     }
     /// A binary frame: module bytes some run asked for (or a part of a release being
     /// fetched), or an error to answer with.

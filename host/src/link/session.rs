@@ -111,8 +111,9 @@ where
     .await
 }
 
-/// Sends `hello` and waits for `welcome`; returns the protocol version the platform chose.
-async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
+/// Sends `hello` and waits for `welcome`; returns the protocol version the platform chose, and
+/// the audit sequence number it names (`audit_seq`).
+async fn handshake(ws: &mut Socket, expected: &str) -> Result<(u32, Option<u64>), End> {
     let hello = AgentMessage::Hello {
         versions: VERSIONS.to_vec(),
         agent_id: expected.to_string(),
@@ -132,6 +133,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
                         version,
                         agent_id,
                         enrolled,
+                        audit_seq,
                         ..
                     }) => {
                         if !VERSIONS.contains(&version) {
@@ -145,7 +147,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
                         if enrolled {
                             tracing::info!(agent_id = %agent_id, "enrolled with the platform");
                         }
-                        return Ok(version);
+                        return Ok((version, audit_seq));
                     }
                     Ok(PlatformMessage::Error(e)) => {
                         return Err(End::Handshake(format!(
@@ -303,8 +305,8 @@ pub async fn run<P: Peer>(
     outbox: &mut Outbox,
     shutdown: &CancellationToken,
 ) -> End {
-    let version = match handshake(&mut ws, peer.agent_id()).await {
-        Ok(version) => version,
+    let (version, audit_seq) = match handshake(&mut ws, peer.agent_id()).await {
+        Ok(welcome) => welcome,
         Err(end) => return end,
     };
     tracing::info!(version, "the platform welcomed the agent: session open");
@@ -315,7 +317,7 @@ pub async fn run<P: Peer>(
     let mut status = tokio::time::interval(config.status_interval);
     let mut ping_seq: u64 = 0;
     outbox.start_session(version);
-    peer.welcomed(version);
+    peer.welcomed(version, audit_seq);
 
     let (mut sink, stream) = ws.split();
     let last_rx = Arc::new(AtomicU64::new(0));
