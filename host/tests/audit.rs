@@ -60,7 +60,9 @@ fn audit(state: &Path, args: &[&str]) -> (i32, String) {
 fn records(state: &Path) -> Vec<Value> {
     let (code, out) = audit(state, &["tail", "-n", "100000", "--json"]);
     assert_eq!(code, 0, "{out}");
-    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Waits until the files hold `n` records; returns them.
@@ -118,8 +120,10 @@ fn a_chain_of_tasks_verifies_with_the_facts_and_names_edits_deletions_and_swaps(
     assert_eq!(r["result"]["status"], "ok", "{r}");
     // Accepted, then refused by the trust policy: a recorded refusal.
     let unsigned = std::fs::read(bins::wasm("hello")).unwrap();
-    let r = s.request(json!({"cmd": "run", "agent": s.id, "module": b64(&unsigned),
-                             "task_id": "unsigned-1", "timeout_ms": 60000}));
+    let r = s.request(
+        json!({"cmd": "run", "agent": s.id, "module": b64(&unsigned),
+                             "task_id": "unsigned-1", "timeout_ms": 60000}),
+    );
     assert_eq!(r["result"]["status"], "rejected", "{r}");
     // Refused before it is recorded.
     let r = s.run_command("no-such-command", json!({"task_id": "unknown-1"}));
@@ -127,7 +131,10 @@ fn a_chain_of_tasks_verifies_with_the_facts_and_names_edits_deletions_and_swaps(
 
     let st = state(&s);
     let recs = wait_records(&st, 4);
-    let ids: Vec<&str> = recs.iter().map(|r| r["task_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = recs
+        .iter()
+        .map(|r| r["task_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["wasm-1", "shell-1", "unsigned-1", "unknown-1"]);
     let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
@@ -139,7 +146,10 @@ fn a_chain_of_tasks_verifies_with_the_facts_and_names_edits_deletions_and_swaps(
     let signed_hash = sha256_hex(&hello);
     assert_eq!(wasm["file_sha256"], signed_hash.as_str(), "{wasm}");
     assert!(wasm["code_sha256"].is_string(), "{wasm}");
-    assert_eq!(wasm["handler"], json!({"name": "hello", "version": "1.0.0"}));
+    assert_eq!(
+        wasm["handler"],
+        json!({"name": "hello", "version": "1.0.0"})
+    );
     let key_id = s.publisher.key.public_key().key_id().to_string();
     assert_eq!(wasm["signer"], key_id.as_str());
     assert!(wasm["fuel"].as_u64().unwrap() > 0, "{wasm}");
@@ -181,7 +191,9 @@ fn a_chain_of_tasks_verifies_with_the_facts_and_names_edits_deletions_and_swaps(
 
     let file = "audit-00000000000000000001.jsonl";
     // An edited record (its hash no longer what the next one names).
-    let copy = tampered(&st, |l| l[1] = l[1].replace("\"exit_code\":0", "\"exit_code\":1"));
+    let copy = tampered(&st, |l| {
+        l[1] = l[1].replace("\"exit_code\":0", "\"exit_code\":1")
+    });
     let (code, out) = audit(copy.path(), &["verify"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("{file}:3 (seq 3): prev")), "{out}");
@@ -192,14 +204,19 @@ fn a_chain_of_tasks_verifies_with_the_facts_and_names_edits_deletions_and_swaps(
     });
     let (code, out) = audit(copy.path(), &["verify"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains(&format!("{file}:2 (seq 3): expected seq 2")), "{out}");
+    assert!(
+        out.contains(&format!("{file}:2 (seq 3): expected seq 2")),
+        "{out}"
+    );
     // Two records swapped.
     let copy = tampered(&st, |l| l.swap(1, 2));
     let (code, out) = audit(copy.path(), &["verify"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("{file}:2 (seq 3)")), "{out}");
     // A line that is not a record.
-    let copy = tampered(&st, |l| l[0] = l[0].replacen("{\"seq\":1,", "{\"seq\": 1,", 1));
+    let copy = tampered(&st, |l| {
+        l[0] = l[0].replacen("{\"seq\":1,", "{\"seq\": 1,", 1)
+    });
     let (code, out) = audit(copy.path(), &["verify"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("{file}:1: ")), "{out}");
@@ -239,7 +256,10 @@ fn killed_right_after_its_results_every_result_has_its_record() {
     }
     let (code, out) = audit(&st, &["verify"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with(&format!("{n} records, seq 1..{n}")), "{out}");
+    assert!(
+        out.starts_with(&format!("{n} records, seq 1..{n}")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -259,7 +279,12 @@ fn a_torn_last_line_is_reported_by_verify_and_repaired_at_the_next_start() {
     let text = std::fs::read(&file).unwrap();
     let cut = text.len() - 41;
     std::fs::write(&file, &text[..cut]).unwrap();
-    let torn = cut - (text[..text.len() - 1].iter().rposition(|&b| b == b'\n').unwrap() + 1);
+    let torn = cut
+        - (text[..text.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap()
+            + 1);
     let (code, out) = audit(&st, &["verify"]);
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -284,7 +309,10 @@ fn a_torn_last_line_is_reported_by_verify_and_repaired_at_the_next_start() {
     assert_eq!(&kept[..torn], &text[cut - torn..cut]);
     let (code, out) = audit(&st, &["verify"]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("2 records, seq 1..2") && !out.contains("torn"), "{out}");
+    assert!(
+        out.starts_with("2 records, seq 1..2") && !out.contains("torn"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -320,7 +348,11 @@ fn rotation_keeps_the_chain_across_files_and_at_most_max_files() {
     }
     let dir_mode = {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(st.join("audit")).unwrap().permissions().mode() & 0o777
+        std::fs::metadata(st.join("audit"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
     };
     assert_eq!(dir_mode, 0o700);
     // The head is the last record's; the platform has it.

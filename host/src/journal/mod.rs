@@ -79,6 +79,9 @@ pub struct JournalConfig {
     /// What the journal may hold, in bytes (default 256 MiB): beyond it, acknowledged results
     /// lose their output, oldest first, and with none left to evict new tasks are refused.
     pub max_bytes: u64,
+    /// Whether results get audit records (default `true`; off only to measure what they
+    /// cost: the agent always audits).
+    pub audit: bool,
 }
 
 impl JournalConfig {
@@ -91,6 +94,7 @@ impl JournalConfig {
             max_records: 20_000,
             min_free_bytes: 64 << 20,
             max_bytes: 256 << 20,
+            audit: true,
         }
     }
 }

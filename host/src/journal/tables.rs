@@ -26,6 +26,10 @@ pub(super) struct Tables<'t> {
     pub(super) audit: Table<'t, u64, &'static [u8]>,
     /// The audit chain's head with this transaction's records.
     pub(super) chain: Head,
+    /// Whether results get audit records ([`JournalConfig::audit`]).
+    ///
+    /// [`JournalConfig::audit`]: super::JournalConfig::audit
+    pub(super) auditing: bool,
     /// Bytes this transaction's audit records added and freed (also in `added`, `freed`).
     pub(super) audit_added: u64,
     pub(super) audit_freed: u64,
@@ -53,6 +57,7 @@ impl<'t> Tables<'t> {
             handlers: txn.open_table(HANDLERS)?,
             audit: txn.open_table(AUDIT)?,
             chain,
+            auditing: true,
             audit_added: 0,
             audit_freed: 0,
             index,
@@ -171,6 +176,9 @@ impl<'t> Tables<'t> {
         result: &RunResult,
         now: u64,
     ) -> Result<(), Fail> {
+        if !self.auditing {
+            return Ok(());
+        }
         let record = Record::of(&self.chain, now, id, facts, result);
         let line = record.line();
         self.audit.insert(record.seq, line.as_slice())?;

@@ -243,6 +243,7 @@ impl Writer {
         let mut chain = None;
         match Tables::open(&txn, &shared.index, self.chain.clone()) {
             Ok(mut t) => {
+                t.auditing = shared.config.audit;
                 for op in ops.by_ref() {
                     let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
                     answers.push(answer);
