@@ -229,7 +229,10 @@ fn main() -> ExitCode {
         Command::Launcher(LauncherCommand::Prepare(args)) => return launcher_prepare(args),
         Command::Launcher(LauncherCommand::Run(args)) => return launcher_run(args),
         Command::Rollback(args) => return rollback(args),
-        Command::Audit(command) => return bridge_host::audit::cli::run(command),
+        Command::Audit(command) => {
+            let state_of = |file: &std::path::Path| AgentConfig::load(file)?.state_dir();
+            return bridge_host::audit::cli::run(command, &state_of);
+        }
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -152,8 +152,14 @@ impl Agent {
         let (journal, recovery) = Journal::open(options.journal.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
-        crate::audit::start(state.join("audit"), options.audit.clone(), &journal)
+        let feed = journal
+            .audit_feed()
+            .map_err(|e| anyhow::anyhow!("{e}"))
             .context("starting the audit log")?;
+        crate::audit::start(state.join("audit"), options.audit.clone(), feed, |t| {
+            journal.attach_exporter(t)
+        })
+        .context("starting the audit log")?;
         let (sender, outbox) = outbox::channel(journal.clone());
         let slots = options.max_concurrent_tasks.max(1);
         let semaphore = Arc::new(Semaphore::new(slots));

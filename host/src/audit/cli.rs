@@ -43,23 +43,26 @@ pub struct TailArgs {
     pub at: Where,
 }
 
+/// Reads a config file's state directory (`[agent] state_dir`).
+pub type StateOf<'a> = &'a dyn Fn(&std::path::Path) -> anyhow::Result<PathBuf>;
+
 impl Where {
     /// The audit directory: `STATE/audit`.
-    pub fn audit_dir(&self) -> anyhow::Result<PathBuf> {
+    pub fn audit_dir(&self, state_of: StateOf<'_>) -> anyhow::Result<PathBuf> {
         let state = match (&self.state, &self.config) {
             (Some(state), _) => state.clone(),
-            (None, Some(file)) => crate::config::AgentConfig::load(file)?.state_dir()?,
+            (None, Some(file)) => state_of(file)?,
             (None, None) => anyhow::bail!("pass --state DIR or --config FILE"),
         };
         Ok(state.join("audit"))
     }
 }
 
-/// Runs an `audit` command.
-pub fn run(command: AuditCommand) -> ExitCode {
+/// Runs an `audit` command; `state_of` reads a config file's state directory.
+pub fn run(command: AuditCommand, state_of: StateOf<'_>) -> ExitCode {
     match command {
         AuditCommand::Verify(at) => {
-            let dir = match at.audit_dir() {
+            let dir = match at.audit_dir(state_of) {
                 Ok(d) => d,
                 Err(e) => return usage(e),
             };
@@ -75,7 +78,7 @@ pub fn run(command: AuditCommand) -> ExitCode {
             }
         }
         AuditCommand::Tail(args) => {
-            let dir = match args.at.audit_dir() {
+            let dir = match args.at.audit_dir(state_of) {
                 Ok(d) => d,
                 Err(e) => return usage(e),
             };

@@ -10,8 +10,21 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::files::{file_name, list, read};
-use super::record::Record;
-use crate::journal::{AuditFeed, Journal};
+use super::record::{Head, Record};
+
+/// Where the exporter gets the records: the journal's audit table (`crate::journal::AuditFeed`).
+pub trait AuditSource: Send + 'static {
+    /// Waits at most `timeout` for a durable head past `seq`.
+    fn wait(&self, seq: u64, timeout: Duration);
+    /// The durable records after `after`, in order, at most `max` of them.
+    fn lines(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, String>;
+    /// The records through `through` are in the files.
+    fn exported(&self, through: u64);
+    /// The source is closing: the exporter stops.
+    fn closed(&self) -> bool;
+    /// The last durable record.
+    fn head(&self) -> Head;
+}
 
 /// `[audit]`: the audit files' rotation and logging.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,12 +69,16 @@ struct Exporter {
     current: Option<Current>,
 }
 
-/// Prepares `dir` (0700), sets a torn last line aside, exports what the journal holds that
-/// the files do not, and starts the exporter's thread (attached to `journal`, which stops it
-/// when it closes).
-pub fn start(dir: PathBuf, config: AuditConfig, journal: &Journal) -> Result<()> {
+/// Prepares `dir` (0700), sets a torn last line aside, exports what `feed` holds that the
+/// files do not, and starts the exporter's thread, handed to `attach` (the journal, which
+/// stops it when it closes).
+pub fn start(
+    dir: PathBuf,
+    config: AuditConfig,
+    feed: impl AuditSource,
+    attach: impl FnOnce(std::thread::JoinHandle<()>),
+) -> Result<()> {
     let mut exporter = Exporter::open(dir, config)?;
-    let feed = journal.audit_feed().map_err(|e| anyhow::anyhow!("{e}"))?;
     if feed.head().seq < exporter.last {
         tracing::warn!(
             files = exporter.last,
@@ -76,7 +93,7 @@ pub fn start(dir: PathBuf, config: AuditConfig, journal: &Journal) -> Result<()>
         .name("bridge-audit".into())
         .spawn(move || exporter.run(feed))
         .context("starting the audit exporter thread")?;
-    journal.attach_exporter(thread);
+    attach(thread);
     Ok(())
 }
 
@@ -101,24 +118,22 @@ impl Exporter {
         Ok(exporter)
     }
 
-    fn run(mut self, feed: AuditFeed) {
+    fn run(mut self, feed: impl AuditSource) {
         while !feed.closed() {
-            feed.wait_audit(self.last, Duration::from_millis(500));
+            feed.wait(self.last, Duration::from_millis(500));
             if let Err(e) = self.export(&feed) {
                 tracing::warn!("writing audit records to {}: {e:#}", self.dir.display());
                 // Tried again later; meanwhile the records wait in the journal (counted in
                 // its byte limit).
-                let _ = feed.wait_audit(u64::MAX, RETRY);
+                feed.wait(u64::MAX, RETRY);
             }
         }
     }
 
     /// Writes the journal's durable records the files miss, then tells the journal.
-    fn export(&mut self, feed: &AuditFeed) -> Result<()> {
+    fn export(&mut self, feed: &impl AuditSource) -> Result<()> {
         loop {
-            let lines = feed
-                .audit_lines(self.last, BATCH)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let lines = feed.lines(self.last, BATCH).map_err(anyhow::Error::msg)?;
             if lines.is_empty() {
                 return Ok(());
             }
@@ -148,7 +163,7 @@ impl Exporter {
                 }
             }
             let through = lines.last().map_or(0, |(s, _)| *s);
-            feed.audit_exported(through);
+            feed.exported(through);
             if lines.len() < BATCH {
                 return Ok(());
             }

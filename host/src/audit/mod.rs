@@ -12,7 +12,7 @@ mod files;
 mod record;
 mod verify;
 
-pub use export::{start, AuditConfig};
+pub use export::{start, AuditConfig, AuditSource};
 pub use files::{file_name, list, MAX_FILE_BYTES_LIMIT};
 pub use record::{format_time, hash_line, head_after, Facts, HandlerId, Head, Record, GENESIS};
 pub use verify::{hash_of, tail, verify, Broken, Valid};

@@ -84,6 +84,28 @@ pub struct AuditFeed {
     tx: mpsc::Sender<Op>,
 }
 
+impl crate::audit::AuditSource for AuditFeed {
+    fn wait(&self, seq: u64, timeout: Duration) {
+        self.wait_audit(seq, timeout);
+    }
+
+    fn lines(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        self.audit_lines(after, max).map_err(|e| e.to_string())
+    }
+
+    fn exported(&self, through: u64) {
+        self.audit_exported(through)
+    }
+
+    fn closed(&self) -> bool {
+        AuditFeed::closed(self)
+    }
+
+    fn head(&self) -> Head {
+        AuditFeed::head(self)
+    }
+}
+
 impl AuditFeed {
     /// Waits at most `timeout` for a durable head past `seq`; returns the durable head.
     pub fn wait_audit(&self, seq: u64, timeout: Duration) -> Head {

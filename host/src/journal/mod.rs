@@ -11,7 +11,8 @@
 //! `records` and `error` (what is handed out, what goes wrong), `early`; `schema` (the file, its
 //! tables, encodings, sizes) and `migration` (format versions, at open); `index` (in memory);
 //! `tables` (one write transaction's view); what each write does in it: `space` (making room),
-//! `ops` (a task's acceptance, start, finish, ack), then `queue` (the writes sent to the writer),
+//! `ops` (a task's acceptance, start, finish, ack, and its audit record), then `queue` (the
+//! writes sent to the writer), `audit` (the audit chain's head, what the exporter reads),
 //! `handlers`, `retention`; `reopen` (after an I/O failure); `writer` (group commit, which applies
 //! them); and the facade: this file (open, accept, start, finish, ack), `read`, `recovery`.
 
