@@ -362,3 +362,74 @@ fn rotation_keeps_the_chain_across_files_and_at_most_max_files() {
         a["status"]["audit"]["seq"] == n && a["status"]["audit"]["hash"] == head.as_str()
     });
 }
+
+#[allow(dead_code)]
+mod hostile_platform;
+
+/// The next `status` on `conn` (noting everything else).
+fn next_status(conn: &mut hostile_platform::Conn) -> Value {
+    conn.expect("status", WITHIN)
+}
+
+#[test]
+fn welcome_audit_seq_is_answered_with_that_records_hash_in_every_status_of_the_connection() {
+    use hostile_platform::{run, Agent, Server};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    // Status every second (the `[platform]` table after the `[agent]` lines).
+    let _agent = Agent::start_with(
+        &server,
+        dir.path(),
+        256,
+        &[],
+        "\n[platform]\nstatus_secs = 1\n",
+    );
+    let mut conn = server.accept();
+    conn.open();
+    let status = next_status(&mut conn);
+    assert_eq!(status["audit"]["seq"], 0, "{status}");
+    assert_eq!(status["audit"]["hash"], "0".repeat(64));
+    for t in ["a", "b", "c"] {
+        conn.send(&run(t, "echo", &[t]));
+        assert_eq!(conn.result(t, WITHIN)["status"], "ok");
+    }
+    let st = dir.path().join("state");
+    let recs = wait_records(&st, 3);
+    assert_eq!(recs[2]["task_id"], "c");
+    let lines = std::fs::read_to_string(&audit_files(&st)[0]).unwrap();
+    let hashes: Vec<String> = lines.lines().map(|l| sha256_hex(l.as_bytes())).collect();
+    let status = wait_until("a status with the head at seq 3", WITHIN, || {
+        let s = next_status(&mut conn);
+        if s["audit"]["seq"] == 3 {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert_eq!(status["audit"]["hash"], hashes[2].as_str(), "{status}");
+    assert!(status["audit"].get("at").is_none(), "{status}");
+
+    // Each connection: the welcome's audit_seq, answered in every status of that connection.
+    for (audit_seq, want) in [
+        (Some(2), json!({"seq": 2, "hash": hashes[1]})),
+        (Some(3), json!({"seq": 3, "hash": hashes[2]})),
+        (Some(99), json!({"seq": 99, "hash": null})),
+        (None, Value::Null),
+    ] {
+        drop(conn);
+        conn = server.accept();
+        let hello = conn.expect("hello", WITHIN);
+        let mut welcome = json!({"type": "welcome", "version": 2,
+                                 "agent_id": hello["agent_id"], "enrolled": false});
+        if let Some(seq) = audit_seq {
+            welcome["audit_seq"] = json!(seq);
+        }
+        conn.send(&welcome);
+        for _ in 0..2 {
+            let status = next_status(&mut conn);
+            let at = status["audit"].get("at").cloned().unwrap_or(Value::Null);
+            assert_eq!(at, want, "{status}");
+            assert_eq!(status["audit"]["seq"], 3, "{status}");
+        }
+    }
+}
