@@ -6,7 +6,9 @@
 //! exists for this measurement). Rounds alternate between them; each round accepts a task and
 //! records its result (`finish`, a durable commit: the record is written in that commit). The
 //! latencies of the finish commits are compared (median, p99), and of the whole task's two
-//! commits. `BRIDGE_BENCH_QUICK=1`: 200 rounds instead of 2000.
+//! commits. Then the CPU cost of one record alone (made, serialized, hashed: what the writer
+//! adds to a commit), over 100 000 records. `BRIDGE_BENCH_QUICK=1`: 200 rounds and 10 000
+//! records.
 
 use std::time::{Duration, Instant};
 
@@ -101,4 +103,23 @@ fn main() {
             );
         }
     });
+    // The record alone: what the writer does in the transaction besides the table insert.
+    let n = if quick { 10_000 } else { 100_000 };
+    let facts = bridge_host::audit::Facts {
+        kind: Some("wasm"),
+        command: Some("hello".into()),
+        file_sha256: Some("ab".repeat(32)),
+        ..Default::default()
+    };
+    let r = result();
+    let mut head = bridge_host::audit::Head::default();
+    let start = Instant::now();
+    for i in 0..n {
+        let record =
+            bridge_host::audit::Record::of(&head, 1_764_800_000_000 + i, "task", &facts, &r);
+        let line = record.line();
+        head = bridge_host::audit::head_after(record.seq, &line);
+    }
+    let per = start.elapsed().as_secs_f64() * 1e9 / n as f64;
+    println!("one record (made, serialized, hashed): {per:.0} ns, {n} records");
 }
