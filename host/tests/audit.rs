@@ -433,3 +433,24 @@ fn welcome_audit_seq_is_answered_with_that_records_hash_in_every_status_of_the_c
         }
     }
 }
+
+#[test]
+fn a_new_journal_beside_the_files_goes_on_with_their_chain() {
+    let mut s = setup("");
+    let control = s.control();
+    let hello = s.publisher.signed("hello");
+    let r = control.run_module(&s.id, &hello, json!({}), Some("before"));
+    assert_eq!(r["result"]["status"], "ok", "{r}");
+    let st = state(&s);
+    wait_records(&st, 1);
+    s.agent.terminate();
+    std::fs::remove_file(st.join("journal.redb")).unwrap();
+    s.restart_agent(false);
+    let r = control.run_module(&s.id, &hello, json!({}), Some("after"));
+    assert_eq!(r["result"]["status"], "ok", "{r}");
+    let recs = wait_records(&st, 2);
+    assert_eq!(recs[1]["task_id"], "after");
+    let (code, out) = audit(&st, &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("2 records, seq 1..2"), "{out}");
+}

@@ -24,6 +24,8 @@ pub trait AuditSource: Send + 'static {
     fn closed(&self) -> bool;
     /// The last durable record.
     fn head(&self) -> Head;
+    /// The source holds no record yet: its chain goes on from `head` (the files' last).
+    fn seed(&self, head: Head);
 }
 
 /// `[audit]`: the audit files' rotation and logging.
@@ -79,7 +81,17 @@ pub fn start(
     attach: impl FnOnce(std::thread::JoinHandle<()>),
 ) -> Result<()> {
     let mut exporter = Exporter::open(dir, config)?;
-    if feed.head().seq < exporter.last {
+    if feed.head().seq == 0 && exporter.last > 0 {
+        // A journal with no chain (new, or replaced) beside the files: the chain goes on from
+        // the files' last record, so that its records are not taken for ones already written.
+        if let Some(head) = exporter.files_head()? {
+            tracing::info!(
+                seq = head.seq,
+                "the journal's audit chain goes on from the audit files' last record"
+            );
+            feed.seed(head);
+        }
+    } else if feed.head().seq < exporter.last {
         tracing::warn!(
             files = exporter.last,
             journal = feed.head().seq,
@@ -116,6 +128,18 @@ impl Exporter {
             exporter.last = repair(&path, first)?;
         }
         Ok(exporter)
+    }
+
+    /// The files' last record, as a head.
+    fn files_head(&self) -> Result<Option<Head>> {
+        let Some((_, path)) = list(&self.dir)?.pop() else {
+            return Ok(None);
+        };
+        let contents = read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(contents.lines.last().and_then(|line| {
+            let record = Record::parse(line).ok()?;
+            Some(super::record::head_after(record.seq, line))
+        }))
     }
 
     fn run(mut self, feed: impl AuditSource) {

@@ -4,9 +4,14 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// The most bytes of one file read back: a file is rotated at `max_file_bytes` (at most
-/// [`MAX_FILE_BYTES_LIMIT`]), plus the one record that passed it.
+use super::record::MAX_LINE_BYTES;
+
+/// The largest `max_file_bytes` allowed.
 pub const MAX_FILE_BYTES_LIMIT: u64 = 1 << 30;
+
+/// The most bytes of one file read back: a file takes records until it holds `max_file_bytes`
+/// (at most [`MAX_FILE_BYTES_LIMIT`]), so it may pass that by one record.
+const MAX_READ_BYTES: u64 = MAX_FILE_BYTES_LIMIT + MAX_LINE_BYTES as u64 + 1;
 
 /// The file whose first record is `first`.
 pub fn file_name(first: u64) -> String {
@@ -49,7 +54,7 @@ pub struct Contents {
     pub whole_bytes: u64,
 }
 
-/// Reads a file (no link followed), at most [`MAX_FILE_BYTES_LIMIT`] bytes.
+/// Reads a file (no link followed), at most `MAX_READ_BYTES`.
 pub fn read(path: &Path) -> std::io::Result<Contents> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -57,11 +62,10 @@ pub fn read(path: &Path) -> std::io::Result<Contents> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES_LIMIT + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES_LIMIT {
+    file.take(MAX_READ_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_READ_BYTES {
         return Err(std::io::Error::other(format!(
-            "{} is larger than {MAX_FILE_BYTES_LIMIT} bytes",
+            "{} is larger than {MAX_READ_BYTES} bytes",
             path.display()
         )));
     }

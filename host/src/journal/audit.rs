@@ -104,6 +104,12 @@ impl crate::audit::AuditSource for AuditFeed {
     fn head(&self) -> Head {
         AuditFeed::head(self)
     }
+
+    fn seed(&self, head: Head) {
+        if let Err(e) = self.tx.send(Op::AuditSeed { head }) {
+            tracing::warn!("continuing the audit chain: {e}");
+        }
+    }
 }
 
 impl AuditFeed {

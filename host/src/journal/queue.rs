@@ -50,6 +50,10 @@ pub(super) enum Op {
     AuditExported {
         through: u64,
     },
+    /// The journal holds no audit record: its chain goes on from this head (the audit files').
+    AuditSeed {
+        head: crate::audit::Head,
+    },
     PutHandler {
         handler: HandlerRecord,
         reply: oneshot::Sender<Res<()>>,
@@ -85,7 +89,9 @@ impl Answer {
             }
             Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
             Op::Prune { reply } => Answer::Count(reply, e()),
-            Op::Ack { .. } | Op::Audit { .. } | Op::AuditExported { .. } => Answer::Nothing,
+            Op::Ack { .. } | Op::Audit { .. } | Op::AuditExported { .. } | Op::AuditSeed { .. } => {
+                Answer::Nothing
+            }
         }
     }
 

@@ -381,6 +381,12 @@ impl Writer {
                 }
                 (Answer::Nothing, e)
             }
+            Op::AuditSeed { head } => {
+                if t.chain.seq == 0 {
+                    t.chain = head;
+                }
+                (Answer::Nothing, None)
+            }
             Op::AuditExported { through } => {
                 let (r, e) = split(t.audit_exported(through));
                 if let Err(err) = r {
