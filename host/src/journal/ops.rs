@@ -126,7 +126,6 @@ pub(super) fn start_in(
 
 /// Stores a task's result (the first one wins), without its output if no room can be made,
 /// and its audit record (with `facts`, or what its request tells).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn finish_in(
     t: &mut Tables<'_>,
     id: &str,
