@@ -196,13 +196,16 @@ impl Agent {
 
     /// The status report sent to the platform.
     pub fn status_report(&self) -> StatusReport {
+        // Apart: a lock taken inside a struct literal is held to its end.
+        let stats = self.stats();
+        let running = lock(&self.live).running();
         StatusReport {
             agent_id: self.agent_id.clone(),
             agent_version: crate::version::get().to_string(),
             host: crate::facts::collect(),
-            running: lock(&self.live).running(),
+            running,
             agent_uptime_secs: self.started.elapsed().as_secs(),
-            stats: Some(self.stats()),
+            stats: Some(stats),
             audit: None,
         }
     }
@@ -397,7 +400,10 @@ mod tests {
         assert_eq!(again[0]["task_id"], "bad-hash");
         assert_eq!(agent.observer().finished(), counted);
 
-        let stats = agent.stats();
+        let stats = agent
+            .status_report()
+            .stats
+            .expect("a status carries the stats");
         assert_eq!(stats.tasks.finished, counted);
         assert_eq!((stats.tasks.running, stats.tasks.queued), (0, 0));
         assert_eq!(
