@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The most directory entries one count examines (a few milliseconds of `lstat`s). Past it the
 /// count stops: the figures are then a lower bound, and [`Usage::complete`] says so.
-pub const MAX_ENTRIES: usize = 10_000;
+pub const MAX_ENTRIES: usize = 4096;
 
 /// Files of a kind in a directory, and their size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
