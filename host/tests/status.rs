@@ -262,6 +262,26 @@ fn status_while_disconnected_reconnected_and_stopped() {
     assert!(text.starts_with("○ bridge-daemon: not running\n"), "{text}");
     assert!(text.contains(&format!("       Agent: {id}\n")), "{text}");
 
+    // With --config: the state directory and the platform as the config file names them.
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\n[platform]\nserver = \"wss://configured.example/agent\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let out = bins::daemon()
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["platform"], "wss://configured.example/agent");
+    assert_eq!(st["agent_id"], id.as_str());
+
     // Killed, it leaves its socket behind: still "not running", and the next start replaces it.
     let mut agent = Agent::start(&state, &args);
     platform.control().wait_connected(&id);
