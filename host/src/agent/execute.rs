@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use super::modules::{decode_signature, parse_sha};
 use super::refusal::Refusal;
 use super::Agent;
+use crate::observe::TaskKind;
 use crate::shell::ShellRule;
 use crate::stream::StreamTap;
 use crate::trust::{grant, Prepared};
@@ -22,6 +23,17 @@ pub(super) enum Target {
     Ready { sha256: String, prepared: Prepared },
     /// A shell rule.
     Shell(ShellRule),
+}
+
+impl Target {
+    /// How a task resolved to this runs: a module (by hash or as a handler) in the sandbox, or
+    /// a shell rule.
+    pub(super) fn kind(&self) -> TaskKind {
+        match self {
+            Target::Module { .. } | Target::Ready { .. } => TaskKind::Wasm,
+            Target::Shell(_) => TaskKind::Shell,
+        }
+    }
 }
 
 impl Agent {
