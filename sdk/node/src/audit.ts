@@ -24,7 +24,7 @@
 // * Reads and writes of one agent's state are serialized.
 
 import { constants } from 'node:fs';
-import { mkdir, chmod, open } from 'node:fs/promises';
+import { chmod, lstat, mkdir, open } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { writeFileAtomic } from './files.js';
@@ -256,12 +256,14 @@ export class AuditStore {
   private constructor(private readonly dir: string) {}
 
   /**
-   * Opens (creating if needed, mode 0700) `stateDir/audit` and reads the state of each of
+   * Opens (creating if needed, mode 0700; a symbolic link is refused) `stateDir/audit` and reads the state of each of
    * `agents`; a state that cannot be read is remembered as an error (the platform starts anyway).
    */
   static async open(stateDir: string, agents: readonly string[]): Promise<AuditStore> {
     const dir = join(stateDir, AUDIT_DIR);
     await mkdir(dir, { recursive: true, mode: 0o700 });
+    const st = await lstat(dir);
+    if (st.isSymbolicLink() || !st.isDirectory()) throw new Error(`${dir} is not a directory (or is a symbolic link)`);
     await chmod(dir, 0o700);
     const store = new AuditStore(dir);
     for (const id of agents) await store.load(id);

@@ -5,7 +5,7 @@
 // nothing; a corrupt or oversized state file is an error, not a crash, and is left alone.
 
 import assert from 'node:assert/strict';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 
@@ -336,6 +336,13 @@ describe('audit chains', { timeout: 120_000 }, () => {
     const b = await bench(stateDir);
     assert.deepEqual(b.audit(me.id).audit, { seq: HISTORY, hash: h(HISTORY, 0), flag: { kind: 'fork', detail: full.flag.detail, seq: Number.MAX_SAFE_INTEGER, flaggedAt: full.flag.flagged_at } });
     assert.deepEqual(parseState(fullText), full);
+  });
+
+  it('refuses to start when STATE/audit is a symbolic link', async () => {
+    const stateDir = join(tempDir(), 'platform');
+    mkdirSync(stateDir, { mode: 0o700 });
+    symlinkSync(tempDir(), join(stateDir, 'audit'));
+    await assert.rejects(Platform.start({ listen: '127.0.0.1:0', stateDir }), /symbolic link/);
   });
 
   it('judges as bridgectl serve does: the history follows the chain reported now', () => {
