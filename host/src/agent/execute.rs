@@ -8,6 +8,7 @@ use super::modules::{decode_signature, parse_sha};
 use super::refusal::Refusal;
 use super::Agent;
 use crate::audit::{Facts, HandlerId};
+use crate::observe::TaskKind;
 use crate::shell::ShellRule;
 use crate::stream::StreamTap;
 use crate::trust::{grant, Prepared};
@@ -24,6 +25,17 @@ pub(super) enum Target {
     Ready { sha256: String, prepared: Prepared },
     /// A shell rule.
     Shell(ShellRule),
+}
+
+impl Target {
+    /// How a task resolved to this runs: a module (by hash or as a handler) in the sandbox, or
+    /// a shell rule.
+    pub(super) fn kind(&self) -> TaskKind {
+        match self {
+            Target::Module { .. } | Target::Ready { .. } => TaskKind::Wasm,
+            Target::Shell(_) => TaskKind::Shell,
+        }
+    }
 }
 
 impl Agent {

@@ -76,6 +76,17 @@ impl LiveTasks {
         self.tasks.remove(task_id);
     }
 
+    /// How many tasks run and how many wait for a slot.
+    pub(super) fn counts(&self) -> (u64, u64) {
+        self.tasks
+            .values()
+            .fold((0, 0), |(running, queued), l| match l.state {
+                LiveState::Running => (running + 1, queued),
+                LiveState::Queued => (running, queued + 1),
+                LiveState::Finished => (running, queued),
+            })
+    }
+
     /// The running tasks' ids, sorted (for the status report).
     pub(super) fn running(&self) -> Vec<String> {
         let mut running: Vec<String> = self

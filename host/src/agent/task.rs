@@ -22,6 +22,7 @@ use super::refusal::Refusal;
 use super::{lock, Agent};
 use crate::audit::Facts;
 use crate::journal::{Accept, EarlyResult, Recovery};
+use crate::observe::TaskKind;
 use crate::outbox::fit_to_frame;
 use crate::stream::StreamTap;
 
@@ -38,6 +39,8 @@ pub(super) struct Admitted {
 /// Recorded in the journal as queued and answered `accepted`; waits for a slot.
 pub(super) struct Queued {
     req: RunRequest,
+    /// What its command resolved to when it was accepted (resolved again when it starts).
+    kind: TaskKind,
     not_after: Option<time::OffsetDateTime>,
     place: InProgress,
     cancel: CancellationToken,
@@ -55,6 +58,7 @@ pub(super) struct Running {
 /// Has its result; [`Finished::deliver`] records it and hands it to the outbox.
 pub(super) struct Finished {
     req: RunRequest,
+    kind: TaskKind,
     result: RunResult,
     /// What it ran, for its audit record.
     facts: Facts,
@@ -86,6 +90,7 @@ impl Admitted {
             place,
             turn,
         } = self;
+        let kind = target.kind();
         // A free slot now: the task is recorded as running in the same commit that accepts it.
         let (slot, target) = match agent.slots.clone().try_acquire_owned().ok() {
             Some(slot) => match agent.ready_now(&req, &target) {
@@ -108,7 +113,7 @@ impl Admitted {
             }
             Err(e) => {
                 drop(place);
-                return agent.refuse_unrecorded(&req, e).await;
+                return agent.refuse_unrecorded(&req, kind, e).await;
             }
         }
         let state = match slot {
@@ -138,6 +143,7 @@ impl Admitted {
             None => {
                 let queued = Queued {
                     req,
+                    kind,
                     not_after,
                     place,
                     cancel,
@@ -158,6 +164,7 @@ impl Queued {
     async fn start(self, agent: &Arc<Agent>) -> Result<Running, Finished> {
         let Queued {
             req,
+            kind,
             not_after,
             place,
             cancel,
@@ -177,21 +184,27 @@ impl Queued {
         let Some(slot) = slot else {
             let mut result = Refusal::CancelledQueued.into_result();
             result.file_sha256 = req.file_sha256.clone();
-            return Err(Finished::never_ran(req, result, place));
+            return Err(Finished::never_ran(req, kind, result, place));
         };
         if let Some(refusal) = expired(not_after) {
-            return Err(Finished::never_ran(req, refusal.into_result(), place));
+            return Err(Finished::never_ran(req, kind, refusal.into_result(), place));
         }
         if let Err(e) = agent.journal.start(&req.task_id).await {
             tracing::error!(task_id = %req.task_id, "could not record the task's start: {e}");
             let result = Refusal::StartNotRecorded(e).into_result();
-            return Err(Finished::never_ran(req, result, place));
+            return Err(Finished::never_ran(req, kind, result, place));
         }
         let Some(target) = agent.resolve_again_at_start(&req) else {
             let name = req.command.clone().unwrap_or_default();
             let result = Refusal::UnknownCommand(name).into_result();
             let facts = Facts::of_request(&req);
-            return Err(Finished::ran(req, result, facts, place));
+            return Err(Finished::ran(
+                req,
+                TaskKind::Unresolved,
+                result,
+                facts,
+                place,
+            ));
         };
         Ok(Running {
             req,
@@ -214,6 +227,7 @@ impl Running {
             target,
         } = self;
         lock(&agent.live).set(&req.task_id, LiveState::Running);
+        let kind = target.kind();
         tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.file_sha256, "task started");
         let tap = req.stream.then(|| {
             let tap = StreamTap::new(&req.task_id, agent.outbox.channel());
@@ -227,14 +241,21 @@ impl Running {
         }
         drop(slot);
         let facts = agent.audit_facts(&req, &resolved);
-        Finished::ran(req, result, facts, place)
+        Finished::ran(req, kind, result, facts, place)
     }
 }
 
 impl Finished {
-    fn ran(req: RunRequest, result: RunResult, facts: Facts, place: InProgress) -> Finished {
+    fn ran(
+        req: RunRequest,
+        kind: TaskKind,
+        result: RunResult,
+        facts: Facts,
+        place: InProgress,
+    ) -> Finished {
         Finished {
             req,
+            kind,
             result,
             facts,
             ending: Ending::Ran,
@@ -242,26 +263,36 @@ impl Finished {
         }
     }
 
-    fn never_ran(req: RunRequest, result: RunResult, place: InProgress) -> Finished {
+    fn never_ran(
+        req: RunRequest,
+        kind: TaskKind,
+        result: RunResult,
+        place: InProgress,
+    ) -> Finished {
         Finished {
             facts: Facts::of_request(&req),
             req,
+            kind,
             result,
             ending: Ending::NeverRan,
             place,
         }
     }
 
-    /// The end of an accepted task: its result recorded and queued for the platform (see
-    /// [`crate::outbox::Sender::record_and_send`]), the task forgotten, its place given back.
+    /// The end of an accepted task: counted, its result recorded and queued for the platform
+    /// (see [`crate::outbox::Sender::record_and_send`]), the task forgotten, its place given
+    /// back.
     async fn deliver(self, agent: &Arc<Agent>) {
         let Finished {
             req,
+            kind,
             result,
             facts,
             ending,
             place,
         } = self;
+        // Before the result goes out: whoever sees the result sees it counted.
+        agent.observer.task_ended(kind, &result);
         match ending {
             Ending::RecordedWithAcceptance(turn) => {
                 tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished (recorded with its acceptance)");
@@ -345,7 +376,7 @@ async fn run_while_accepting(
             drop((slot, place));
             return match refused {
                 Err(record) => agent.answer_record(&req, record).await,
-                Ok(e) => agent.refuse_unrecorded(&req, e).await,
+                Ok(e) => agent.refuse_unrecorded(&req, TaskKind::Wasm, e).await,
             };
         }
         tracing::info!(task_id = %req.task_id, "task accepted");
@@ -391,6 +422,7 @@ async fn run_while_accepting(
     drop(slot);
     Finished {
         req,
+        kind: TaskKind::Wasm,
         result,
         facts,
         ending,
@@ -432,7 +464,8 @@ impl Agent {
             tracing::warn!(task_id = %req.task_id, "the agent stopped while this task ran; reporting it as interrupted");
             let mut result = Refusal::Interrupted.into_result();
             result.file_sha256 = req.file_sha256.clone();
-            Finished::never_ran(req, result, self.activity.resume())
+            let kind = self.kind_now(&req);
+            Finished::never_ran(req, kind, result, self.activity.resume())
                 .deliver(self)
                 .await;
         }
@@ -449,6 +482,7 @@ impl Agent {
         let cancel = lock(&self.live).register(&req.task_id, LiveState::Queued);
         let not_after = not_after(&req).ok().flatten().filter(|_| check_expiry);
         let queued = Queued {
+            kind: self.kind_now(&req),
             req,
             not_after,
             place,
@@ -467,5 +501,11 @@ impl Agent {
     /// waited changes what runs.
     fn resolve_again_at_start(&self, req: &RunRequest) -> Option<Target> {
         self.resolve(req)
+    }
+
+    /// What `req` would run as now, for a task taken from the journal at start (its command
+    /// resolved before the agent stopped; it resolves again if it starts).
+    fn kind_now(&self, req: &RunRequest) -> TaskKind {
+        self.resolve(req).map_or(TaskKind::Unresolved, |t| t.kind())
     }
 }

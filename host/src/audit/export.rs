@@ -84,7 +84,7 @@ pub fn start(
     if feed.head().seq == 0 && exporter.last > 0 {
         // A journal with no chain (new, or replaced) beside the files: the chain goes on from
         // the files' last record, so that its records are not taken for ones already written.
-        if let Some(head) = exporter.files_head()? {
+        if let Some(head) = super::verify::files_head(&exporter.dir) {
             tracing::info!(
                 seq = head.seq,
                 "the journal's audit chain goes on from the audit files' last record"
@@ -130,18 +130,6 @@ impl Exporter {
         Ok(exporter)
     }
 
-    /// The files' last record, as a head.
-    fn files_head(&self) -> Result<Option<Head>> {
-        let Some((_, path)) = list(&self.dir)?.pop() else {
-            return Ok(None);
-        };
-        let contents = read(&path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(contents.lines.last().and_then(|line| {
-            let record = Record::parse(line).ok()?;
-            Some(super::record::head_after(record.seq, line))
-        }))
-    }
-
     fn run(mut self, feed: impl AuditSource) {
         while !feed.closed() {
             feed.wait(self.last, Duration::from_millis(500));
@@ -151,6 +139,10 @@ impl Exporter {
                 // its byte limit).
                 feed.wait(u64::MAX, RETRY);
             }
+        }
+        // The journal closes: what is durable by now goes to the files too.
+        if let Err(e) = self.export(&feed) {
+            tracing::warn!("writing audit records to {}: {e:#}", self.dir.display());
         }
     }
 

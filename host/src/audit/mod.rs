@@ -15,4 +15,4 @@ mod verify;
 pub use export::{start, AuditConfig, AuditSource};
 pub use files::{file_name, list, MAX_FILE_BYTES_LIMIT};
 pub use record::{format_time, hash_line, head_after, Facts, HandlerId, Head, Record, GENESIS};
-pub use verify::{hash_of, tail, verify, Broken, Valid};
+pub use verify::{files_head, hash_of, tail, verify, Broken, Valid};

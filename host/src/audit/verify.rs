@@ -176,6 +176,13 @@ pub fn tail(dir: &Path, n: usize) -> std::io::Result<Vec<Vec<u8>>> {
     Ok(lines)
 }
 
+/// The files' last record as a head (`None`: no record), read from the newest file alone.
+pub fn files_head(dir: &Path) -> Option<super::record::Head> {
+    let line = tail(dir, 1).ok()?.pop()?;
+    let record = Record::parse(&line).ok()?;
+    Some(super::record::head_after(record.seq, &line))
+}
+
 /// The hash of record `seq` as the files hold it (`None`: not there).
 pub fn hash_of(dir: &Path, seq: u64) -> Option<String> {
     let files = list(dir).ok()?;

@@ -54,6 +54,9 @@ pub trait Peer: Send + Sync + 'static {
     fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), bridge_protocol::ErrorBody>;
     /// The link failed and waits to reconnect.
     fn waiting_to_reconnect(self: &Arc<Self>);
+    /// What the agent observes about itself: the link reports its connections, their ends and
+    /// heartbeat round trips there.
+    fn observer(&self) -> &crate::observe::Observer;
 }
 
 /// Everything the link needs to know (the config's `[platform]` section, resolved).
@@ -320,23 +323,35 @@ pub async fn run<P: Peer>(
                 match &end {
                     session::End::Shutdown => break,
                     other => {
-                        tracing::warn!(after_secs = lasted.as_secs_f64(), "link lost: {other}")
+                        tracing::warn!(after_secs = lasted.as_secs_f64(), "link lost: {other}");
+                        peer.observer().link_ended(&other.to_string());
                     }
                 }
             }
-            Ok(Err(ConnectError::Refused { status, reason })) => {
-                tracing::error!(status, reason = %reason, "the platform refused this agent");
-            }
-            Ok(Err(ConnectError::Other(e))) => match tls::pin_mismatch(e.as_ref()) {
-                Some(m) => {
-                    tracing::error!(presented = %m.presented, expected = ?m.expected, "server pin mismatch: not connecting")
+            Ok(Err(e)) => {
+                match &e {
+                    ConnectError::Refused { status, reason } => {
+                        tracing::error!(status, reason = %reason, "the platform refused this agent")
+                    }
+                    ConnectError::Other(e) => match tls::pin_mismatch(e.as_ref()) {
+                        Some(m) => {
+                            tracing::error!(presented = %m.presented, expected = ?m.expected, "server pin mismatch: not connecting")
+                        }
+                        None => tracing::warn!("cannot reach the platform: {e:#}"),
+                    },
                 }
-                None => tracing::warn!("cannot reach the platform: {e:#}"),
-            },
-            Err(_) => tracing::warn!(
-                timeout_secs = config.connect_timeout.as_secs(),
-                "connecting to the platform timed out"
-            ),
+                peer.observer().link_ended(&format!("{e:#}"));
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_secs = config.connect_timeout.as_secs(),
+                    "connecting to the platform timed out"
+                );
+                peer.observer().link_ended(&format!(
+                    "connecting to the platform timed out after {} s",
+                    config.connect_timeout.as_secs()
+                ));
+            }
         }
         let delay = backoff.next_delay();
         tracing::info!(

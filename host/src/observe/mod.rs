@@ -6,6 +6,7 @@
 //! allocated); histograms and the Prometheus registry exist only when `[metrics] listen` is set
 //! ([`metrics`]).
 
+pub mod disk;
 pub mod metrics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,14 +24,17 @@ pub enum TaskKind {
     Wasm,
     /// An allowlisted shell command.
     Shell,
+    /// Refused before its command resolved to either (busy, updating, an unknown command…).
+    Unresolved,
 }
 
 impl TaskKind {
-    /// `wasm` or `shell`.
+    /// `wasm`, `shell` or `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Wasm => "wasm",
             TaskKind::Shell => "shell",
+            TaskKind::Unresolved => "none",
         }
     }
 }
