@@ -361,6 +361,21 @@ fn rotation_keeps_the_chain_across_files_and_at_most_max_files() {
     control.wait_agent(&s.id, "the audit head in a status", WITHIN, |a| {
         a["status"]["audit"]["seq"] == n && a["status"]["audit"]["hash"] == head.as_str()
     });
+    // Stopped, `bridge-daemon status` reads the same head from the files.
+    let mut s = s;
+    s.agent.terminate();
+    let out = bins::daemon()
+        .args(["status", "--json", "--state"])
+        .arg(&st)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let offline: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        offline["audit"],
+        json!({"seq": n, "hash": head}),
+        "{offline}"
+    );
 }
 
 #[allow(dead_code)]
