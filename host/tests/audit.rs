@@ -451,7 +451,7 @@ fn welcome_audit_seq_is_answered_with_that_records_hash_in_every_status_of_the_c
 
 #[test]
 fn a_new_journal_beside_the_files_goes_on_with_their_chain() {
-    let mut s = setup("");
+    let mut s = setup("[audit]\nlog = true\n");
     let control = s.control();
     let hello = s.publisher.signed("hello");
     let r = control.run_module(&s.id, &hello, json!({}), Some("before"));
@@ -468,4 +468,8 @@ fn a_new_journal_beside_the_files_goes_on_with_their_chain() {
     let (code, out) = audit(&st, &["verify"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("2 records, seq 1..2"), "{out}");
+    // `[audit] log = true`: each record is in the log too, as written.
+    let last = std::fs::read_to_string(audit_files(&st).pop().unwrap()).unwrap();
+    let line = last.lines().last().unwrap().to_string();
+    s.agent.log.wait_for(&line, WITHIN);
 }
