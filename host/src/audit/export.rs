@@ -31,7 +31,7 @@ pub trait AuditSource: Send + 'static {
 /// `[audit]`: the audit files' rotation and logging.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
-    /// A file is rotated once it holds this many bytes (default 8 MiB).
+    /// A record that would take a file past this many bytes starts a new one (default 8 MiB).
     pub max_file_bytes: u64,
     /// The most files kept, the oldest removed (default 8).
     pub max_files: usize,

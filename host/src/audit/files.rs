@@ -9,8 +9,8 @@ use super::record::MAX_LINE_BYTES;
 /// The largest `max_file_bytes` allowed.
 pub const MAX_FILE_BYTES_LIMIT: u64 = 1 << 30;
 
-/// The most bytes of one file read back: a file takes records until it holds `max_file_bytes`
-/// (at most [`MAX_FILE_BYTES_LIMIT`]), so it may pass that by one record.
+/// The most bytes of one file read back: a file stays within `max_file_bytes` (at most
+/// [`MAX_FILE_BYTES_LIMIT`]) unless it holds one record larger than that.
 const MAX_READ_BYTES: u64 = MAX_FILE_BYTES_LIMIT + MAX_LINE_BYTES as u64 + 1;
 
 /// The file whose first record is `first`.

@@ -12,7 +12,7 @@ pub const MIN_FILE_BYTES: u64 = 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
-    /// A file is rotated once it holds this many bytes (default 8 MiB).
+    /// A record that would take a file past this many bytes starts a new one (default 8 MiB).
     #[serde(default = "default_max_file_bytes")]
     pub max_file_bytes: u64,
     /// The most files kept (default 8), the oldest removed.
@@ -60,5 +60,33 @@ impl AuditSection {
             max_files: self.max_files,
             log: self.log,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::AgentConfig;
+
+    #[test]
+    fn audit_settings_are_checked_at_their_bounds() {
+        let c = AgentConfig::parse("").unwrap();
+        assert_eq!(
+            c.audit.config().unwrap(),
+            crate::audit::AuditConfig::default()
+        );
+        let c = AgentConfig::parse("[audit]\nmax_file_bytes = 1024\nmax_files = 1\nlog = true\n")
+            .unwrap();
+        let a = c.audit.config().unwrap();
+        assert_eq!((a.max_file_bytes, a.max_files, a.log), (1024, 1, true));
+        for bad in [
+            "max_file_bytes = 1023",
+            "max_file_bytes = 1073741825",
+            "max_files = 0",
+            "max_files = 1025",
+        ] {
+            let c = AgentConfig::parse(&format!("[audit]\n{bad}\n")).unwrap();
+            assert!(c.audit.config().is_err(), "{bad}");
+        }
+        assert!(AgentConfig::parse("[audit]\nmax_bytes = 1\n").is_err());
     }
 }
