@@ -24,8 +24,10 @@ use crate::sandbox::cache::CacheDir;
 use crate::sandbox::SandboxConfig;
 use crate::trust::{Trust, TrustSection};
 
+mod audit;
 mod metrics;
 mod update;
+pub use audit::AuditSection;
 pub use metrics::MetricsSection;
 pub use update::UpdateSection;
 
@@ -111,6 +113,9 @@ pub struct AgentConfig {
     /// `[metrics]`: the opt-in Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[audit]`: the audit files' rotation and logging.
+    #[serde(default)]
+    pub audit: AuditSection,
     /// The file this configuration was read from; `None` when there is no file (all defaults).
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -569,6 +574,7 @@ impl AgentConfig {
                     .listen_addr()?
                     .map(|_| crate::observe::Metrics::new()),
             )),
+            audit: self.audit.config()?,
         })
     }
 }

@@ -2,12 +2,15 @@
 //! config file and flags, assembles sandbox, trust, agent and link, and runs until SIGINT or SIGTERM
 //! (or until it has drained for a staged release: see [`crate::update::agent`]).
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::config::{AgentConfig, Settings};
 use crate::sandbox::Sandbox;
+use crate::status::{self, server::StatusSource};
 
 /// Runs the agent until SIGINT/SIGTERM (or a staged release's restart), with `config` (layer 1: the file and the flags).
 pub async fn run(config: AgentConfig) -> Result<()> {
@@ -43,6 +46,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let (agent, outbox, recovery) =
         Agent::new(identity.agent_id.clone(), sandbox, trust, &state, options)?;
+    // After the journal opened: a second daemon on this state directory stopped there, and
+    // never replaces the first one's socket. Removed when this function returns.
+    let status = Arc::new(StatusSource::new(
+        agent.clone(),
+        link.server.clone(),
+        state.clone(),
+    ));
+    let _status_socket = status::server::start(&status::socket_path(&state), status.clone())?;
     let (records, unacked) = agent.journal().counts();
     tracing::info!(
         records,
@@ -60,6 +71,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         if let Some(m) = observer.metrics() {
             m.set_listening(bound);
         }
+        status.set_metrics_listen(Some(bound.to_string()));
         tracing::info!(listen = %bound, "metrics endpoint listening (GET /metrics)");
         let source = agent.clone();
         tokio::spawn(crate::observe::endpoint::serve(

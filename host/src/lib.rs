@@ -32,6 +32,8 @@
 //! - [`memory`]: memory given back while idle (free heap, clean code pages).
 //! - [`observe`]: what the agent observes about itself (link, tasks, journal, caches), for
 //!   `status` and the Prometheus metrics.
+//! - [`status`]: `bridge-daemon status`: the daemon's status socket, and what a stopped
+//!   agent's state directory tells.
 //! - [`call`]: `bridge-daemon call`, the handler author's entry point: one module, one run.
 //! - [`update`]: self-update: a signed release staged by the agent, switched to by the launcher.
 //! - [`version`]: the version this agent reports (set once by the binary).
@@ -41,6 +43,7 @@
 //! The binary (`bridge-daemon`, `src/main.rs`) is thin glue over these modules.
 
 pub mod agent;
+pub mod audit;
 pub mod call;
 pub mod capture;
 pub mod config;
@@ -57,6 +60,7 @@ pub mod outcome;
 pub mod owner;
 pub mod sandbox;
 pub mod shell;
+pub mod status;
 pub mod stream;
 pub mod trust;
 pub mod update;

@@ -51,6 +51,13 @@ enum Command {
     /// Print this agent's id (the SHA-256 of its public key) from its state directory.
     Identity(IdentityArgs),
 
+    /// Show what the agent is doing: connected or not, tasks, journal, stores, memory.
+    ///
+    /// Asks the running daemon over STATE/status.sock (its own user and root only); when
+    /// nothing answers there, prints what the state directory tells. Exit status: 0 running,
+    /// 3 not running, 1 error (e.g. permission denied).
+    Status(StatusArgs),
+
     /// The service's launcher: installs a staged release, rolls back one that does not confirm.
     ///
     /// The launcher is LAYOUT/bridge-launcher, a copy of this binary an update never replaces
@@ -65,6 +72,10 @@ enum Command {
     /// and clears a pending update. Restart the service afterwards (systemctl restart
     /// bridge-daemon). Exit status 1 when there is no previous release.
     Rollback(RollbackArgs),
+
+    /// The audit log: check its chain, show its last records (read-only).
+    #[command(subcommand)]
+    Audit(bridge_host::audit::cli::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -112,6 +123,22 @@ struct RollbackArgs {
     /// The release layout. Default: the layout this executable is installed in.
     #[arg(long, value_name = "DIR")]
     layout: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The agent's state directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    state: Option<PathBuf>,
+
+    /// The agent's config file (its state directory, platform and cache directory). Default,
+    /// without --state: /etc/bridge/agent.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -225,6 +252,11 @@ fn main() -> ExitCode {
         Command::Launcher(LauncherCommand::Prepare(args)) => return launcher_prepare(args),
         Command::Launcher(LauncherCommand::Run(args)) => return launcher_run(args),
         Command::Rollback(args) => return rollback(args),
+        Command::Audit(command) => {
+            let state_of = |file: &std::path::Path| AgentConfig::load(file)?.state_dir();
+            return bridge_host::audit::cli::run(command, &state_of);
+        }
+        Command::Status(args) => return status(args),
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -261,7 +293,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Launcher(_) | Command::Rollback(_) => unreachable!("handled above"),
+        Command::Launcher(_) | Command::Rollback(_) | Command::Status(_) | Command::Audit(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -291,6 +325,40 @@ fn layout_of(arg: Option<PathBuf>) -> Result<Layout, ExitCode> {
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// The config file `status` reads when given neither --state nor --config (the installer's).
+const DEFAULT_CONFIG: &str = "/etc/bridge/agent.toml";
+
+fn status(args: StatusArgs) -> ExitCode {
+    use bridge_host::status::{client, render, Location};
+    let location = match (&args.state, &args.config) {
+        (Some(state), _) => Ok(Location::of_state(state)),
+        (None, Some(config)) => Location::of_config(config),
+        (None, None) => Location::of_config(std::path::Path::new(DEFAULT_CONFIG))
+            .map_err(|e| e.context("pass --state DIR or --config FILE")),
+    };
+    let answer = location.and_then(|l| client::ask(&l));
+    let (status, why, code) = match answer {
+        Ok(client::Answer::Running(status)) => (status, None, ExitCode::SUCCESS),
+        Ok(client::Answer::NotRunning { why, status }) => (status, Some(why), ExitCode::from(3)),
+        Err(e) => {
+            eprintln!("bridge-daemon: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    if args.json {
+        match serde_json::to_string(&status) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("bridge-daemon: cannot encode the status: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        print!("{}", render::text(&status, why.as_deref()));
+    }
+    code
 }
 
 fn launcher_prepare(args: LayoutArgs) -> ExitCode {

@@ -186,6 +186,19 @@ fn a_scrape_shows_the_module_cache_and_journal_and_passes_promtool() {
     let s = setup();
     let addr = endpoint(&s.agent);
     assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    // `bridge-daemon status` names the address bound.
+    let out = bins::daemon()
+        .args(["status", "--json", "--state"])
+        .arg(&s.agent.state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(local["metrics_listen"], addr.to_string(), "{local}");
     let control = s.control();
     let hello = s.publisher.signed("hello");
     for name in ["a", "b", "c"] {
@@ -251,9 +264,8 @@ fn a_scrape_shows_the_module_cache_and_journal_and_passes_promtool() {
 }
 
 /// The task and link series: filled by the observer's task and link events, which the agent
-/// and the link report (`status18`).
+/// and the link report.
 #[test]
-#[ignore = "needs the observer wired to the agent's tasks and the link (branch status18)"]
 fn tasks_by_kind_and_status_and_the_link_state_match_what_ran() {
     let s = setup();
     let addr = endpoint(&s.agent);

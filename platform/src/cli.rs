@@ -65,6 +65,7 @@ pub enum Command {
     Release(cmd::release::ReleaseArgs),
     Update(cmd::update::UpdateArgs),
     Rollout(cmd::rollout::RolloutArgs),
+    Audit(cmd::audit::AuditArgs),
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ pub fn run(cli: cli::Cli) -> ExitCode {
         cli::Command::Release(args) => cmd::release::run(args),
         cli::Command::Update(args) => control().and_then(|c| cmd::update::run(&c, args)),
         cli::Command::Rollout(args) => control().and_then(|c| cmd::rollout::run(&c, args)),
+        cli::Command::Audit(args) => control().and_then(|c| cmd::audit::run(&c, args)),
     };
     match result {
         Ok(code) => code,

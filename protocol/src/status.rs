@@ -52,6 +52,43 @@ pub struct StatusReport {
     pub audit: Option<AuditHead>,
 }
 
+impl StatusReport {
+    /// Checks what the types cannot: `stats.link.last_error` is at most
+    /// [`MAX_LAST_ERROR_BYTES`], and the audit head's hashes (`audit.hash`, `audit.at.hash`)
+    /// are 64 lowercase hex. The error names the field. Run after decoding: a platform stores
+    /// and compares these.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(error) = self
+            .stats
+            .as_ref()
+            .and_then(|s| s.link.last_error.as_deref())
+        {
+            if error.len() > MAX_LAST_ERROR_BYTES {
+                return Err(format!(
+                    "`stats.link.last_error` is {} bytes; the limit is {MAX_LAST_ERROR_BYTES} bytes",
+                    error.len()
+                ));
+            }
+        }
+        if let Some(audit) = &self.audit {
+            if !is_sha256_hex(&audit.hash) {
+                return Err("`audit.hash` is not 64 lowercase hex".into());
+            }
+            if let Some(hash) = audit.at.as_ref().and_then(|at| at.hash.as_deref()) {
+                if !is_sha256_hex(hash) {
+                    return Err("`audit.at.hash` is not 64 lowercase hex".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `text` is a SHA-256 as the protocol writes it: exactly 64 lowercase hex digits.
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// What the agent is doing, has done since it started, and holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -163,4 +200,63 @@ pub struct AuditAt {
     /// was rotated away) or never had it.
     #[schemars(length(min = 64, max = 64))]
     pub hash: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(last_error: Option<String>, audit: Option<AuditHead>) -> StatusReport {
+        let mut stats = AgentStats::default();
+        stats.link.last_error = last_error;
+        StatusReport {
+            agent_id: "a".into(),
+            agent_version: "0.1.0".into(),
+            host: HostFacts::default(),
+            running: vec![],
+            agent_uptime_secs: 1,
+            stats: Some(stats),
+            audit,
+        }
+    }
+
+    fn head(hash: &str, at: Option<Option<&str>>) -> Option<AuditHead> {
+        Some(AuditHead {
+            seq: 3,
+            hash: hash.into(),
+            at: at.map(|hash| AuditAt {
+                seq: 2,
+                hash: hash.map(str::to_string),
+            }),
+        })
+    }
+
+    #[test]
+    fn last_error_is_checked_up_to_its_limit() {
+        let at_limit = "é".repeat(MAX_LAST_ERROR_BYTES / 2);
+        assert_eq!(report(Some(at_limit), None).check(), Ok(()));
+        let over = "x".repeat(MAX_LAST_ERROR_BYTES + 1);
+        let err = report(Some(over), None).check().unwrap_err();
+        assert!(err.contains("last_error"), "{err}");
+    }
+
+    #[test]
+    fn audit_hashes_are_64_lowercase_hex() {
+        let good = "0a".repeat(32);
+        assert_eq!(report(None, head(&good, Some(Some(&good)))).check(), Ok(()));
+        assert_eq!(report(None, head(&good, Some(None))).check(), Ok(()));
+        for bad in [
+            "0A".repeat(32),
+            "0a".repeat(31),
+            "0a".repeat(33),
+            "zz".repeat(32),
+        ] {
+            let err = report(None, head(&bad, None)).check().unwrap_err();
+            assert!(err.contains("`audit.hash`"), "{err}");
+            let err = report(None, head(&good, Some(Some(&bad))))
+                .check()
+                .unwrap_err();
+            assert!(err.contains("`audit.at.hash`"), "{err}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ use super::refusal::Refusal;
 use super::task::{expired, not_after, Admitted};
 use super::{lock, Agent, MAX_TASK_ID_BYTES};
 use crate::journal::{JournalError, TaskPhase, TaskRecord};
+use crate::observe::TaskKind;
 
 /// Checks a `run` before anything else; the message explains what is wrong.
 pub(super) fn check_request(req: &RunRequest) -> Result<Option<time::OffsetDateTime>, String> {
@@ -101,7 +102,8 @@ impl Agent {
             // Waiting runs hold their requests: as many as may be in progress, then `busy`.
             let limit = self.activity.limit();
             let Some(waiting) = Waiting::enter(&self.waiting_runs, limit) else {
-                self.refuse(&req, Refusal::BusyWaiting { limit }).await;
+                self.refuse(&req, TaskKind::Unresolved, Refusal::BusyWaiting { limit })
+                    .await;
                 return None;
             };
             turn.wait().await;
@@ -114,24 +116,27 @@ impl Agent {
             return None;
         }
         if self.update.draining() {
-            self.refuse(&req, Refusal::Updating).await;
+            self.refuse(&req, TaskKind::Unresolved, Refusal::Updating)
+                .await;
             return None;
         }
         let Some(place) = self.activity.admit() else {
             let limit = self.activity.limit();
             tracing::warn!(task_id = %req.task_id, "refusing a task: {limit} already in progress");
-            self.refuse(&req, Refusal::Busy { limit }).await;
+            self.refuse(&req, TaskKind::Unresolved, Refusal::Busy { limit })
+                .await;
             return None;
         };
         if let Some(refusal) = expired(not_after) {
             drop(place);
-            self.refuse(&req, refusal).await;
+            self.refuse(&req, TaskKind::Unresolved, refusal).await;
             return None;
         }
         let Some(target) = self.resolve(&req) else {
             drop(place);
             let name = req.command.clone().unwrap_or_default();
-            self.refuse(&req, Refusal::UnknownCommand(name)).await;
+            self.refuse(&req, TaskKind::Unresolved, Refusal::UnknownCommand(name))
+                .await;
             return None;
         };
         Some(Admitted {
@@ -143,16 +148,26 @@ impl Agent {
         })
     }
 
-    /// The journal could not record the task: `storage_full` or `storage_error`, nothing ran.
-    pub(super) async fn refuse_unrecorded(&self, req: &RunRequest, e: JournalError) {
+    /// The journal could not record the task (resolved to `kind`): `storage_full` or
+    /// `storage_error`, nothing ran.
+    pub(super) async fn refuse_unrecorded(
+        &self,
+        req: &RunRequest,
+        kind: TaskKind,
+        e: JournalError,
+    ) {
         tracing::error!(task_id = %req.task_id, "refusing a task: {e}");
-        self.refuse(req, Refusal::NotRecorded(e)).await
+        self.refuse(req, kind, Refusal::NotRecorded(e)).await
     }
 
-    /// A refusal that is not recorded: the same task id may be sent again later.
-    async fn refuse(&self, req: &RunRequest, refusal: Refusal) {
+    /// A refusal that is not recorded (the same task id may be sent again later), counted as
+    /// a task of `kind` that ended.
+    async fn refuse(&self, req: &RunRequest, kind: TaskKind, refusal: Refusal) {
         let result = refusal.into_result();
+        self.observer.task_ended(kind, &result);
         tracing::info!(task_id = %req.task_id, reason = ?result.reason, "task refused");
+        let facts = crate::audit::Facts::of_request(req);
+        self.journal.audit_refusal(&req.task_id, facts, &result);
         self.outbox
             .send(AgentMessage::Result {
                 id: req.id.clone(),

@@ -7,11 +7,14 @@ use tokio_util::sync::CancellationToken;
 use super::modules::{decode_signature, parse_sha};
 use super::refusal::Refusal;
 use super::Agent;
+use crate::audit::{Facts, HandlerId};
+use crate::observe::TaskKind;
 use crate::shell::ShellRule;
 use crate::stream::StreamTap;
 use crate::trust::{grant, Prepared};
 
 /// Where a task resolved.
+#[derive(Clone)]
 pub(super) enum Target {
     /// A module, by hash, with the signature to check it against.
     Module {
@@ -22,6 +25,17 @@ pub(super) enum Target {
     Ready { sha256: String, prepared: Prepared },
     /// A shell rule.
     Shell(ShellRule),
+}
+
+impl Target {
+    /// How a task resolved to this runs: a module (by hash or as a handler) in the sandbox, or
+    /// a shell rule.
+    pub(super) fn kind(&self) -> TaskKind {
+        match self {
+            Target::Module { .. } | Target::Ready { .. } => TaskKind::Wasm,
+            Target::Shell(_) => TaskKind::Shell,
+        }
+    }
 }
 
 impl Agent {
@@ -69,6 +83,48 @@ impl Agent {
             sha256: sha256.clone(),
             prepared,
         })
+    }
+
+    /// What a task that resolved to `target` runs, for its audit record: a shell command's
+    /// program, argv and environment's names; a module's hash, handler and signer (known once
+    /// it was verified: before its run if it was ready, after it otherwise, from the trust
+    /// cache).
+    pub(super) fn audit_facts(&self, req: &RunRequest, target: &Target) -> Facts {
+        let mut facts = Facts {
+            command: req.command.clone(),
+            ..Facts::default()
+        };
+        let (sha256, prepared) = match target {
+            Target::Shell(rule) => {
+                let program = rule.program.display().to_string();
+                let mut argv = vec![program.clone()];
+                argv.extend(rule.args.iter().cloned());
+                argv.extend(req.args.iter().cloned());
+                facts.kind = Some("shell");
+                facts.program = Some(program);
+                facts.argv = Some(argv);
+                facts.env = rule.env.keys().cloned().collect();
+                return facts;
+            }
+            Target::Ready { sha256, prepared } => (sha256, Some(prepared.clone())),
+            Target::Module { sha256, signature } => {
+                let cached = parse_sha(sha256).and_then(|sha| {
+                    let detached = decode_signature(signature.as_deref()).ok()?;
+                    self.trust.cached(&self.sandbox, &sha, detached.as_deref())
+                });
+                (sha256, cached)
+            }
+        };
+        facts.kind = Some("wasm");
+        facts.file_sha256 = Some(sha256.clone());
+        if let Some(verified) = prepared.as_ref().and_then(|p| p.verified.as_deref()) {
+            facts.handler = Some(HandlerId {
+                name: verified.claims.name.clone(),
+                version: verified.claims.version.clone(),
+            });
+            facts.signer = Some(verified.key_id.to_string());
+        }
+        facts
     }
 
     /// Runs `target` for `req` until it ends or `cancel` (a handler still being fetched or

@@ -76,13 +76,18 @@ impl LiveTasks {
         self.tasks.remove(task_id);
     }
 
-    /// The running tasks' ids, sorted (for the status report).
-    /// `(queued, running)` tasks.
+    /// How many tasks run and how many wait for a slot.
     pub(super) fn counts(&self) -> (u64, u64) {
-        let count = |s| self.tasks.values().filter(|l| l.state == s).count() as u64;
-        (count(LiveState::Queued), count(LiveState::Running))
+        self.tasks
+            .values()
+            .fold((0, 0), |(running, queued), l| match l.state {
+                LiveState::Running => (running + 1, queued),
+                LiveState::Queued => (running, queued + 1),
+                LiveState::Finished => (running, queued),
+            })
     }
 
+    /// The running tasks' ids, sorted (for the status report).
     pub(super) fn running(&self) -> Vec<String> {
         let mut running: Vec<String> = self
             .tasks

@@ -38,11 +38,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use bridge_protocol::{ErrorBody, PlatformMessage, StatusReport};
+use bridge_protocol::{
+    AgentStats, AuditAt, AuditHead, ErrorBody, JournalStats, PlatformMessage, StatusReport,
+    StoreStats, TaskStats,
+};
 use tokio::sync::Semaphore;
 
 use crate::journal::{Journal, JournalConfig, Recovery};
-use crate::observe::Observer;
+use crate::observe::{disk, Observer};
 use crate::outbox::{self, Outbox};
 use crate::sandbox::Sandbox;
 use crate::shell::Allowlist;
@@ -76,6 +79,8 @@ pub struct AgentOptions {
     pub update: UpdateOptions,
     /// What the agent observes about itself (for `status` and the metrics).
     pub observer: Arc<Observer>,
+    /// `[audit]`: the audit files under `state/audit`.
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl AgentOptions {
@@ -89,6 +94,7 @@ impl AgentOptions {
             journal: JournalConfig::new(state.join("journal.redb")),
             update: UpdateOptions::default(),
             observer: Arc::new(Observer::new(None)),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -119,6 +125,10 @@ pub struct Agent {
     update: Arc<Updater>,
     observer: Arc<Observer>,
     started: Instant,
+    /// The audit files' directory (`state/audit`).
+    audit_dir: PathBuf,
+    /// This connection's answer to `welcome.audit_seq`.
+    audit_at: Mutex<Option<AuditAt>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -148,6 +158,14 @@ impl Agent {
         // The journal's commits and the compiled-module cache's lookups, for the metrics.
         journal.observe(options.observer.clone());
         sandbox.observe(options.observer.clone());
+        let feed = journal
+            .audit_feed()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("starting the audit log")?;
+        crate::audit::start(state.join("audit"), options.audit.clone(), feed, |t| {
+            journal.attach_exporter(t)
+        })
+        .context("starting the audit log")?;
         let (sender, outbox) = outbox::channel(journal.clone());
         let slots = options.max_concurrent_tasks.max(1);
         let semaphore = Arc::new(Semaphore::new(slots));
@@ -176,6 +194,8 @@ impl Agent {
             update,
             observer: options.observer,
             started: Instant::now(),
+            audit_dir: state.join("audit"),
+            audit_at: Mutex::new(None),
         });
         Ok((agent, outbox, recovery))
     }
@@ -195,39 +215,83 @@ impl Agent {
         &self.observer
     }
 
-    /// The states the metrics read at each scrape: tasks queued and running, unacknowledged
-    /// results, the journal's size and records, resident memory.
-    pub fn stats(&self) -> bridge_protocol::AgentStats {
-        let (queued, running) = lock(&self.live).counts();
+    /// The status report sent to the platform.
+    pub fn status_report(&self) -> StatusReport {
+        // Apart: a lock taken inside a struct literal is held to its end.
+        let stats = self.stats();
+        let running = lock(&self.live).running();
+        StatusReport {
+            agent_id: self.agent_id.clone(),
+            agent_version: crate::version::get().to_string(),
+            host: crate::facts::collect(),
+            running,
+            agent_uptime_secs: self.started.elapsed().as_secs(),
+            stats: Some(stats),
+            audit: Some(self.audit_head()),
+        }
+    }
+
+    /// The audit chain's head for the platform: its last durable record, and the answer to
+    /// this connection's `welcome.audit_seq`.
+    pub fn audit_head(&self) -> AuditHead {
+        let head = self.journal.audit_head();
+        AuditHead {
+            seq: head.seq,
+            hash: head.hash,
+            at: lock(&self.audit_at).clone(),
+        }
+    }
+
+    /// The hash of audit record `seq` as the chain holds it now: in the journal (not yet
+    /// exported, or the head), else in the audit files; `None` when neither has it.
+    fn audit_hash_of(&self, seq: u64) -> Option<String> {
+        if seq == 0 || seq > self.journal.audit_head().seq {
+            return None;
+        }
+        let in_journal = || {
+            self.journal
+                .audit_line(seq)
+                .map(|l| crate::audit::hash_line(&l))
+        };
+        // Checked again after the files: the exporter may move it between the two reads.
+        in_journal()
+            .or_else(|| crate::audit::hash_of(&self.audit_dir, seq))
+            .or_else(in_journal)
+    }
+
+    /// What the agent is doing, has done since it started, and holds. Cheap enough for every
+    /// status: counters, the journal's in-memory index, two bounded directory counts
+    /// ([`crate::observe::disk`]) and one read of `/proc/self/status`.
+    pub fn stats(&self) -> AgentStats {
+        let (running, queued) = lock(&self.live).counts();
         let (records, unacked) = self.journal.counts();
-        let journal_bytes = std::fs::metadata(&self.journal.config().path).map_or(0, |m| m.len());
-        bridge_protocol::AgentStats {
+        let modules = disk::usage(self.modules.dir(), "wasm", 1);
+        // Every engine's artifacts: what is on disk, whichever build compiled it.
+        let compiled = self
+            .sandbox
+            .disk_cache()
+            .and_then(|c| c.dir().parent())
+            .map(|root| disk::usage(root, "cwasm", 2))
+            .unwrap_or_default();
+        AgentStats {
             link: self.observer.link(),
-            tasks: bridge_protocol::TaskStats {
+            tasks: TaskStats {
                 running,
                 queued,
                 unacked: unacked as u64,
                 finished: self.observer.finished(),
             },
-            journal: bridge_protocol::JournalStats {
-                bytes: journal_bytes,
+            journal: JournalStats {
+                bytes: std::fs::metadata(&self.journal.config().path).map_or(0, |m| m.len()),
                 records: records as u64,
             },
-            store: Default::default(),
+            store: StoreStats {
+                modules: modules.files,
+                module_bytes: modules.bytes,
+                compiled: compiled.files,
+                compiled_bytes: compiled.bytes,
+            },
             rss_bytes: crate::memory::resident_kib().saturating_mul(1024),
-        }
-    }
-
-    /// The status report sent to the platform.
-    pub fn status_report(&self) -> StatusReport {
-        StatusReport {
-            agent_id: self.agent_id.clone(),
-            agent_version: crate::version::get().to_string(),
-            host: crate::facts::collect(),
-            running: lock(&self.live).running(),
-            agent_uptime_secs: self.started.elapsed().as_secs(),
-            stats: None,
-            audit: None,
         }
     }
 
@@ -278,7 +342,11 @@ impl crate::link::Peer for Agent {
         }
     }
 
-    fn welcomed(self: &Arc<Self>, version: u32) {
+    fn welcomed(self: &Arc<Self>, version: u32, audit_seq: Option<u64>) {
+        *lock(&self.audit_at) = audit_seq.map(|seq| AuditAt {
+            seq,
+            hash: self.audit_hash_of(seq),
+        });
         self.update.welcomed(version);
     }
 
@@ -291,9 +359,111 @@ impl crate::link::Peer for Agent {
             .arrived(bytes, self.sandbox.config().max_module_bytes)
     }
 
+    fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
     fn waiting_to_reconnect(self: &Arc<Self>) {
         // Give back what the attempt touched (connecting, TLS, logging), so an agent cut off
         // from its platform for hours stays as small as an idle connected one.
         self.activity.trim_soon("waiting to reconnect");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use bridge_protocol::{RunRequest, Status};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::link::Peer;
+    use crate::sandbox::SandboxConfig;
+
+    /// The messages of `kinds` the agent sends, read from the link's end of its outbox until
+    /// `n` came.
+    async fn sent(outbox: &mut Outbox, kinds: &[&str], n: usize) -> Vec<Value> {
+        let mut results = Vec::new();
+        let read = async {
+            while results.len() < n {
+                assert!(outbox.ready().await, "the agent is gone");
+                let mut batch = outbox.next_batch().await;
+                for text in batch.take_texts() {
+                    let msg: Value = serde_json::from_str(&text).unwrap();
+                    if kinds.contains(&msg["type"].as_str().unwrap()) {
+                        results.push(msg);
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the results within 30 s");
+        results
+    }
+
+    fn run(task_id: &str, fill: impl FnOnce(&mut RunRequest)) -> PlatformMessage {
+        let mut req = RunRequest {
+            id: format!("req-{task_id}"),
+            task_id: task_id.into(),
+            ..RunRequest::default()
+        };
+        fill(&mut req);
+        PlatformMessage::Run(req)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_ending_is_counted_once_and_a_repeat_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
+        let trust = Trust::new(bridge_signing::TrustPolicy::new(), false);
+        let options = AgentOptions::new(tmp.path());
+        let (agent, mut outbox, _) =
+            Agent::new("agent".into(), sandbox, trust, tmp.path(), options).unwrap();
+        outbox.start_session(bridge_protocol::PROTOCOL_VERSION);
+
+        // Refused before anything resolved: not recorded, counted.
+        agent.deliver(run("unknown", |r| r.command = Some("nothing-here".into())));
+        agent.deliver(run("late", |r| {
+            r.command = Some("nothing-here".into());
+            r.not_after = Some("2001-01-01T00:00:00Z".into());
+        }));
+        // Accepted, recorded, and ended by its run (the hash is not one): counted.
+        agent.deliver(run("bad-hash", |r| r.file_sha256 = Some("zz".into())));
+        let got = sent(&mut outbox, &["result"], 3).await;
+        let reasons: BTreeMap<String, Value> = got
+            .iter()
+            .map(|m| {
+                (
+                    m["task_id"].as_str().unwrap().to_string(),
+                    m["result"]["reason"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(reasons["unknown"], "unknown_command");
+        assert_eq!(reasons["late"], "deadline_passed");
+        let counted = BTreeMap::from([(Status::Rejected, 2), (Status::InvalidModule, 1)]);
+        assert_eq!(agent.observer().finished(), counted);
+
+        // A repeat is answered from memory or the journal: the task ended once, it counts once.
+        agent.deliver(run("bad-hash", |r| r.file_sha256 = Some("zz".into())));
+        let again = sent(&mut outbox, &["result", "accepted"], 1).await;
+        assert_eq!(again[0]["task_id"], "bad-hash");
+        assert_eq!(agent.observer().finished(), counted);
+
+        let stats = agent
+            .status_report()
+            .stats
+            .expect("a status carries the stats");
+        assert_eq!(stats.tasks.finished, counted);
+        assert_eq!((stats.tasks.running, stats.tasks.queued), (0, 0));
+        assert_eq!(
+            stats.journal.records, 1,
+            "only the accepted task is recorded"
+        );
+        assert!(stats.journal.bytes > 0);
+        assert!(stats.rss_bytes > 0);
     }
 }

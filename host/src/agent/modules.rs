@@ -34,6 +34,11 @@ impl ModuleStore {
         }
     }
 
+    /// The store's directory.
+    pub(super) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     fn path(&self, sha_hex: &str) -> PathBuf {
         self.dir.join(format!("{sha_hex}.wasm"))
     }

@@ -20,7 +20,9 @@ use super::live::LiveState;
 use super::order::Turn;
 use super::refusal::Refusal;
 use super::{lock, Agent};
+use crate::audit::Facts;
 use crate::journal::{Accept, EarlyResult, Recovery};
+use crate::observe::TaskKind;
 use crate::outbox::fit_to_frame;
 use crate::stream::StreamTap;
 
@@ -37,6 +39,8 @@ pub(super) struct Admitted {
 /// Recorded in the journal as queued and answered `accepted`; waits for a slot.
 pub(super) struct Queued {
     req: RunRequest,
+    /// What its command resolved to when it was accepted (resolved again when it starts).
+    kind: TaskKind,
     not_after: Option<time::OffsetDateTime>,
     place: InProgress,
     cancel: CancellationToken,
@@ -54,7 +58,10 @@ pub(super) struct Running {
 /// Has its result; [`Finished::deliver`] records it and hands it to the outbox.
 pub(super) struct Finished {
     req: RunRequest,
+    kind: TaskKind,
     result: RunResult,
+    /// What it ran, for its audit record.
+    facts: Facts,
     ending: Ending,
     place: InProgress,
 }
@@ -83,6 +90,7 @@ impl Admitted {
             place,
             turn,
         } = self;
+        let kind = target.kind();
         // A free slot now: the task is recorded as running in the same commit that accepts it.
         let (slot, target) = match agent.slots.clone().try_acquire_owned().ok() {
             Some(slot) => match agent.ready_now(&req, &target) {
@@ -105,7 +113,7 @@ impl Admitted {
             }
             Err(e) => {
                 drop(place);
-                return agent.refuse_unrecorded(&req, e).await;
+                return agent.refuse_unrecorded(&req, kind, e).await;
             }
         }
         let state = match slot {
@@ -135,6 +143,7 @@ impl Admitted {
             None => {
                 let queued = Queued {
                     req,
+                    kind,
                     not_after,
                     place,
                     cancel,
@@ -155,6 +164,7 @@ impl Queued {
     async fn start(self, agent: &Arc<Agent>) -> Result<Running, Finished> {
         let Queued {
             req,
+            kind,
             not_after,
             place,
             cancel,
@@ -174,20 +184,27 @@ impl Queued {
         let Some(slot) = slot else {
             let mut result = Refusal::CancelledQueued.into_result();
             result.file_sha256 = req.file_sha256.clone();
-            return Err(Finished::never_ran(req, result, place));
+            return Err(Finished::never_ran(req, kind, result, place));
         };
         if let Some(refusal) = expired(not_after) {
-            return Err(Finished::never_ran(req, refusal.into_result(), place));
+            return Err(Finished::never_ran(req, kind, refusal.into_result(), place));
         }
         if let Err(e) = agent.journal.start(&req.task_id).await {
             tracing::error!(task_id = %req.task_id, "could not record the task's start: {e}");
             let result = Refusal::StartNotRecorded(e).into_result();
-            return Err(Finished::never_ran(req, result, place));
+            return Err(Finished::never_ran(req, kind, result, place));
         }
         let Some(target) = agent.resolve_again_at_start(&req) else {
             let name = req.command.clone().unwrap_or_default();
             let result = Refusal::UnknownCommand(name).into_result();
-            return Err(Finished::ran(req, result, place));
+            let facts = Facts::of_request(&req);
+            return Err(Finished::ran(
+                req,
+                TaskKind::Unresolved,
+                result,
+                facts,
+                place,
+            ));
         };
         Ok(Running {
             req,
@@ -210,49 +227,72 @@ impl Running {
             target,
         } = self;
         lock(&agent.live).set(&req.task_id, LiveState::Running);
+        let kind = target.kind();
         tracing::info!(task_id = %req.task_id, command = ?req.command, module = ?req.file_sha256, "task started");
         let tap = req.stream.then(|| {
             let tap = StreamTap::new(&req.task_id, agent.outbox.channel());
             tokio::spawn(tap.clone().flusher());
             tap
         });
+        let resolved = target.clone();
         let result = agent.execute(&req, target, cancel, tap.clone()).await;
         if let Some(tap) = tap {
             tap.finish();
         }
         drop(slot);
-        Finished::ran(req, result, place)
+        let facts = agent.audit_facts(&req, &resolved);
+        Finished::ran(req, kind, result, facts, place)
     }
 }
 
 impl Finished {
-    fn ran(req: RunRequest, result: RunResult, place: InProgress) -> Finished {
+    fn ran(
+        req: RunRequest,
+        kind: TaskKind,
+        result: RunResult,
+        facts: Facts,
+        place: InProgress,
+    ) -> Finished {
         Finished {
             req,
+            kind,
             result,
+            facts,
             ending: Ending::Ran,
             place,
         }
     }
 
-    fn never_ran(req: RunRequest, result: RunResult, place: InProgress) -> Finished {
+    fn never_ran(
+        req: RunRequest,
+        kind: TaskKind,
+        result: RunResult,
+        place: InProgress,
+    ) -> Finished {
         Finished {
+            facts: Facts::of_request(&req),
             req,
+            kind,
             result,
             ending: Ending::NeverRan,
             place,
         }
     }
 
-    /// The end of an accepted task: its result recorded and queued for the platform (see
-    /// [`crate::outbox::Sender::record_and_send`]), the task forgotten, its place given back.
+    /// The end of an accepted task: counted, its result recorded and queued for the platform
+    /// (see [`crate::outbox::Sender::record_and_send`]), the task forgotten, its place given
+    /// back.
     async fn deliver(self, agent: &Arc<Agent>) {
         let Finished {
             req,
+            kind,
             result,
+            facts,
             ending,
             place,
         } = self;
+        // Before the result goes out: whoever sees the result sees it counted.
+        agent.observer.task_ended(kind, &result);
         match ending {
             Ending::RecordedWithAcceptance(turn) => {
                 tracing::info!(task_id = %req.task_id, status = %result.status, reason = ?result.reason, "task finished (recorded with its acceptance)");
@@ -271,7 +311,7 @@ impl Finished {
                 let ran = matches!(ending, Ending::Ran);
                 let recorded = agent
                     .outbox
-                    .record_and_send(&req.id, &req.task_id, result, ran)
+                    .record_and_send(&req.id, &req.task_id, result, facts, ran)
                     .await;
                 if let Err(e) = recorded {
                     tracing::error!(task_id = %req.task_id, "could not record the task's result (it was sent; a restart now would report the task interrupted or run it if it never started): {e}");
@@ -300,11 +340,12 @@ async fn run_while_accepting(
     turn: Turn,
 ) {
     let mut turn = Some(turn);
+    let facts = agent.audit_facts(&req, &target);
     let (result, ending) = {
         let stop = CancellationToken::new();
         let run = agent.execute(&req, target, stop.clone(), None);
         tokio::pin!(run);
-        let offered = EarlyResult::default();
+        let offered = EarlyResult::audited(facts.clone());
         let accept = agent.journal.accept_running_with(&req, offered.clone());
         tokio::pin!(accept);
         // The run is over (its result offered to the journal, or kept here if it came late).
@@ -335,7 +376,7 @@ async fn run_while_accepting(
             drop((slot, place));
             return match refused {
                 Err(record) => agent.answer_record(&req, record).await,
-                Ok(e) => agent.refuse_unrecorded(&req, e).await,
+                Ok(e) => agent.refuse_unrecorded(&req, TaskKind::Wasm, e).await,
             };
         }
         tracing::info!(task_id = %req.task_id, "task accepted");
@@ -381,7 +422,9 @@ async fn run_while_accepting(
     drop(slot);
     Finished {
         req,
+        kind: TaskKind::Wasm,
         result,
+        facts,
         ending,
         place,
     }
@@ -421,7 +464,8 @@ impl Agent {
             tracing::warn!(task_id = %req.task_id, "the agent stopped while this task ran; reporting it as interrupted");
             let mut result = Refusal::Interrupted.into_result();
             result.file_sha256 = req.file_sha256.clone();
-            Finished::never_ran(req, result, self.activity.resume())
+            let kind = self.kind_now(&req);
+            Finished::never_ran(req, kind, result, self.activity.resume())
                 .deliver(self)
                 .await;
         }
@@ -438,6 +482,7 @@ impl Agent {
         let cancel = lock(&self.live).register(&req.task_id, LiveState::Queued);
         let not_after = not_after(&req).ok().flatten().filter(|_| check_expiry);
         let queued = Queued {
+            kind: self.kind_now(&req),
             req,
             not_after,
             place,
@@ -456,5 +501,11 @@ impl Agent {
     /// waited changes what runs.
     fn resolve_again_at_start(&self, req: &RunRequest) -> Option<Target> {
         self.resolve(req)
+    }
+
+    /// What `req` would run as now, for a task taken from the journal at start (its command
+    /// resolved before the agent stopped; it resolves again if it starts).
+    fn kind_now(&self, req: &RunRequest) -> TaskKind {
+        self.resolve(req).map_or(TaskKind::Unresolved, |t| t.kind())
     }
 }

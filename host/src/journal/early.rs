@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::audit::Facts;
 use crate::outcome::RunResult;
 
 use super::lock;
@@ -22,9 +23,18 @@ pub(super) struct Early {
     pub(super) looked: bool,
     /// The writer wrote `result` with the acceptance.
     pub(super) written: bool,
+    /// What the task runs, for its audit record (`None`: what the request tells).
+    pub(super) facts: Option<Facts>,
 }
 
 impl EarlyResult {
+    /// A slot whose result, if written with the acceptance, is audited with `facts`.
+    pub fn audited(facts: Facts) -> EarlyResult {
+        let early = EarlyResult::default();
+        lock(&early.0).facts = Some(facts);
+        early
+    }
+
     /// Offers the finished run's result, to be written with the acceptance. Gives it back
     /// (`Some`) if the writer already recorded the acceptance without it: it is then stored
     /// as usual.

@@ -65,6 +65,9 @@ impl Index {
                 Change::RemoveHandler(name) => {
                     self.handlers.remove(&name);
                 }
+                Change::AuditBytes { added, freed } => {
+                    self.bytes = (self.bytes + added).saturating_sub(freed);
+                }
             }
         }
     }
@@ -122,4 +125,9 @@ pub(super) enum Change {
     Remove(Arc<str>),
     PutHandler(HandlerRecord),
     RemoveHandler(String),
+    /// Audit records written and exported: the bytes they add to and free from the file.
+    AuditBytes {
+        added: u64,
+        freed: u64,
+    },
 }

@@ -11,13 +11,14 @@
 //! `records` and `error` (what is handed out, what goes wrong), `early`; `schema` (the file, its
 //! tables, encodings, sizes) and `migration` (format versions, at open); `index` (in memory);
 //! `tables` (one write transaction's view); what each write does in it: `space` (making room),
-//! `ops` (a task's acceptance, start, finish, ack), then `queue` (the writes sent to the writer),
+//! `ops` (a task's acceptance, start, finish, ack, and its audit record), then `queue` (the
+//! writes sent to the writer), `audit` (the audit chain's head, what the exporter reads),
 //! `handlers`, `retention`; `reopen` (after an I/O failure); `writer` (group commit, which applies
 //! them); and the facade: this file (open, accept, start, finish, ack), `read`, `recovery`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,8 +26,10 @@ use bridge_protocol::RunRequest;
 use redb::Database;
 use tokio::sync::oneshot;
 
+use crate::audit::{Facts, Head};
 use crate::outcome::RunResult;
 
+mod audit;
 mod early;
 mod error;
 mod handlers;
@@ -46,6 +49,7 @@ mod tables;
 mod testkit;
 mod writer;
 
+pub use audit::AuditFeed;
 pub use early::EarlyResult;
 pub use error::JournalError;
 pub use records::{Accept, HandlerRecord, TaskPhase, TaskRecord};
@@ -76,6 +80,9 @@ pub struct JournalConfig {
     /// What the journal may hold, in bytes (default 256 MiB): beyond it, acknowledged results
     /// lose their output, oldest first, and with none left to evict new tasks are refused.
     pub max_bytes: u64,
+    /// Whether results get audit records (default `true`; off only to measure what they
+    /// cost: the agent always audits).
+    pub audit: bool,
 }
 
 impl JournalConfig {
@@ -88,6 +95,7 @@ impl JournalConfig {
             max_records: 20_000,
             min_free_bytes: 64 << 20,
             max_bytes: 256 << 20,
+            audit: true,
         }
     }
 }
@@ -110,6 +118,31 @@ struct Shared {
     commits: AtomicU64,
     /// Told of each commit's latency and bytes, once set ([`Journal::observe`]).
     observer: std::sync::OnceLock<Arc<crate::observe::Observer>>,
+    /// The audit chain's heads, and its waiters (the exporter).
+    audit: Mutex<AuditHeads>,
+    audit_changed: Condvar,
+}
+
+/// The audit chain's head as committed, and as made durable.
+#[derive(Default)]
+struct AuditHeads {
+    /// The last record committed (perhaps without fsync: a crash may lose it).
+    written: Head,
+    /// The last record a durable commit holds.
+    durable: Head,
+    /// The journal is closing: the exporter stops.
+    closed: bool,
+}
+
+impl Shared {
+    /// A durable commit succeeded: every record written is durable.
+    fn audit_durable(&self) {
+        let mut heads = lock(&self.audit);
+        if heads.durable != heads.written {
+            heads.durable = heads.written.clone();
+            self.audit_changed.notify_all();
+        }
+    }
 }
 
 /// Owned by every clone of a [`Journal`]: the queue to the writer and its thread. Dropping the
@@ -118,10 +151,19 @@ struct Inner {
     shared: Arc<Shared>,
     tx: Option<mpsc::Sender<Op>>,
     thread: Option<JoinHandle<()>>,
+    /// The audit exporter's thread, stopped before the writer.
+    exporter: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        lock(&self.shared.audit).closed = true;
+        self.shared.audit_changed.notify_all();
+        if let Some(exporter) = lock(&self.exporter).take() {
+            if exporter.join().is_err() {
+                tracing::error!("the audit exporter thread panicked");
+            }
+        }
         // Closing the channel lets the writer finish what is queued, then return.
         self.tx.take();
         if let Some(thread) = self.thread.take() {
@@ -194,13 +236,21 @@ impl Journal {
         prepare_path(&config.path)?;
         let db = open_db(&config.path)?;
         init_schema(&db, &config.path)?;
-        let (index, next_seq) = Index::load(&db)?;
+        let (mut index, next_seq) = Index::load(&db)?;
+        let (head, audit_bytes) = audit::load(&db)?;
+        index.bytes += audit_bytes;
         let shared = Arc::new(Shared {
             config,
             db: RwLock::new(Some(db)),
             index: Mutex::new(index),
             commits: AtomicU64::new(0),
             observer: std::sync::OnceLock::new(),
+            audit: Mutex::new(AuditHeads {
+                written: head.clone(),
+                durable: head,
+                closed: false,
+            }),
+            audit_changed: Condvar::new(),
         });
         match retention::prune_now(&shared) {
             Ok(0) => {}
@@ -223,6 +273,7 @@ impl Journal {
                 shared,
                 tx: Some(tx),
                 thread: Some(thread),
+                exporter: Mutex::new(None),
             }),
         };
         Ok((journal, recovery))
@@ -312,7 +363,7 @@ impl Journal {
     /// this returns. A task already done keeps its first result (and this returns `Ok`). An
     /// unknown task id is an error.
     pub async fn finish(&self, task_id: &str, result: &RunResult) -> Result<(), JournalError> {
-        self.finish_as(task_id, result, true).await
+        self.finish_as(task_id, result, None, true).await
     }
 
     /// Stores a task's result like [`Journal::finish`], but without fsync: it is written with
@@ -326,13 +377,27 @@ impl Journal {
         task_id: &str,
         result: &RunResult,
     ) -> Result<(), JournalError> {
-        self.finish_as(task_id, result, false).await
+        self.finish_as(task_id, result, None, false).await
+    }
+
+    /// [`Journal::finish`] (`durable`) or [`Journal::finish_lazily`], with what the task ran
+    /// for its audit record (the others audit what the task's request tells).
+    pub async fn finish_audited(
+        &self,
+        task_id: &str,
+        result: &RunResult,
+        facts: Facts,
+        durable: bool,
+    ) -> Result<(), JournalError> {
+        self.finish_as(task_id, result, Some(Box::new(facts)), durable)
+            .await
     }
 
     async fn finish_as(
         &self,
         task_id: &str,
         result: &RunResult,
+        facts: Option<Box<Facts>>,
         durable: bool,
     ) -> Result<(), JournalError> {
         let (reply, rx) = oneshot::channel();
@@ -340,6 +405,7 @@ impl Journal {
             task_id: task_id.to_string(),
             result: Box::new(result.clone()),
             durable,
+            facts,
             reply,
         };
         self.call(op, rx).await

@@ -15,6 +15,7 @@ use super::schema::{encode, encode_result, stored_size, Summary, ENTRY_BYTES};
 use super::space::make_room;
 use super::tables::Tables;
 use super::JournalConfig;
+use crate::audit::Facts;
 
 /// Records a new task under sequence number `seq` (the writer's next one, taken only if this
 /// returns [`Accept::New`]), with its result if `early` holds one that fits; a task id already
@@ -85,6 +86,13 @@ pub(super) fn accept_in(
                 summary.finished_at_ms = Some(now);
                 t.store_result(id, &f, &mut summary)?;
                 slot.written = true;
+                let facts = slot
+                    .facts
+                    .take()
+                    .unwrap_or_else(|| Facts::of_request(request));
+                if let Some(result) = &slot.result {
+                    t.audit(id, &facts, result, now)?;
+                }
             }
         }
         None => t.store(id, &encoded, &mut summary)?,
@@ -116,11 +124,13 @@ pub(super) fn start_in(
     Ok(())
 }
 
-/// Stores a task's result (the first one wins), without its output if no room can be made.
+/// Stores a task's result (the first one wins), without its output if no room can be made,
+/// and its audit record (with `facts`, or what its request tells).
 pub(super) fn finish_in(
     t: &mut Tables<'_>,
     id: &str,
     result: RunResult,
+    facts: Option<&Facts>,
     now: u64,
     max_bytes: u64,
     changes: &mut Vec<Change>,
@@ -149,8 +159,38 @@ pub(super) fn finish_in(
         summary.evicted = true;
     }
     t.store_result(id, &f, &mut summary)?;
+    let request_facts;
+    let facts = match facts {
+        Some(facts) => facts,
+        None => {
+            request_facts = match t.load(id)? {
+                Some((record, _)) => Facts::of_request(&record.request),
+                None => Facts::default(),
+            };
+            &request_facts
+        }
+    };
+    t.audit(id, facts, &result, now)?;
     changes.push(Change::Set(Arc::from(id), summary));
     Ok(())
+}
+
+/// The audit record of a refusal the journal does not record otherwise (busy, updating, storage
+/// full…). Dropped, with a warning, when the journal is past its byte limit already: refusals
+/// must not fill it when the audit files cannot take its records.
+pub(super) fn audit_in(
+    t: &mut Tables<'_>,
+    id: &str,
+    facts: &Facts,
+    result: &RunResult,
+    now: u64,
+    max_bytes: u64,
+) -> Result<(), Fail> {
+    if t.bytes_held() >= max_bytes {
+        tracing::warn!(task_id = %id, "the journal is full (the audit files are not being written?): this refusal is not audited");
+        return Ok(());
+    }
+    t.audit(id, facts, result, now)
 }
 
 /// Marks finished tasks acknowledged (entry alone); unknown ones and those not in the outbox

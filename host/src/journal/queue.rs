@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use bridge_protocol::RunRequest;
 use tokio::sync::oneshot;
 
+use crate::audit::Facts;
 use crate::outcome::RunResult;
 
 use super::early::EarlyResult;
@@ -31,10 +32,27 @@ pub(super) enum Op {
         result: Box<RunResult>,
         /// Commit with fsync before answering (otherwise with the next durable commit).
         durable: bool,
+        /// What the task ran, for its audit record (`None`: what its request tells).
+        facts: Option<Box<Facts>>,
         reply: oneshot::Sender<Res<()>>,
     },
     Ack {
         task_ids: Vec<String>,
+    },
+    /// The audit record of a refusal that is not otherwise recorded (no one waits).
+    Audit {
+        task_id: String,
+        facts: Box<Facts>,
+        result: Box<RunResult>,
+    },
+    /// The audit records through this sequence number are in the audit files: removed from
+    /// the journal (but the chain's last one).
+    AuditExported {
+        through: u64,
+    },
+    /// The journal holds no audit record: its chain goes on from this head (the audit files').
+    AuditSeed {
+        head: crate::audit::Head,
     },
     PutHandler {
         handler: HandlerRecord,
@@ -71,7 +89,9 @@ impl Answer {
             }
             Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
             Op::Prune { reply } => Answer::Count(reply, e()),
-            Op::Ack { .. } => Answer::Nothing,
+            Op::Ack { .. } | Op::Audit { .. } | Op::AuditExported { .. } | Op::AuditSeed { .. } => {
+                Answer::Nothing
+            }
         }
     }
 

@@ -28,7 +28,8 @@ pub(super) fn reopen(shared: &Shared) -> Res<u64> {
     let reconciled = (|| -> Result<(), Fail> {
         let txn = db.begin_write()?;
         {
-            let mut t = Tables::open(&txn, &shared.index)?;
+            let chain = lock(&shared.audit).written.clone();
+            let mut t = Tables::open(&txn, &shared.index, chain)?;
             let mut on_disk = Vec::new();
             for item in t.entries.iter()? {
                 let (k, v) = item?;
@@ -58,8 +59,15 @@ pub(super) fn reopen(shared: &Shared) -> Res<u64> {
     })();
     let result = match reconciled {
         Ok(()) => match Index::load(&db) {
-            Ok((index, next_seq)) => {
+            Ok((mut index, next_seq)) => {
+                // The audit chain as the file holds it (what was committed without fsync
+                // may be gone).
+                let (head, bytes) = super::audit::load(&db)?;
+                index.bytes += bytes;
                 *lock(&shared.index) = index;
+                let mut heads = lock(&shared.audit);
+                heads.written = head.clone();
+                heads.durable = head;
                 tracing::info!("the journal was reopened after an I/O failure");
                 Ok(next_seq)
             }

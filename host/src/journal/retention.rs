@@ -64,7 +64,8 @@ pub(super) fn prune_now(shared: &Shared) -> Res<usize> {
     let txn = db.begin_write().map_err(db_error)?;
     let mut changes = Vec::new();
     let n = {
-        let mut t = Tables::open(&txn, &shared.index).map_err(db_error)?;
+        let chain = lock(&shared.audit).written.clone();
+        let mut t = Tables::open(&txn, &shared.index, chain).map_err(db_error)?;
         match prune_in(&mut t, &shared.config, now_ms(), &mut changes) {
             Ok(n) => n,
             Err(Fail::Alone(e)) => return Err(e),

@@ -32,6 +32,9 @@ pub(super) const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("re
 pub(super) const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 pub(super) const HANDLERS: TableDefinition<&str, &[u8]> = TableDefinition::new("handlers");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Audit sequence number → the record's line: the audit chain's records not yet exported to
+/// the audit files, and always the last one (the chain's head). A table older agents ignore.
+pub(super) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// Creates the task and handler tables of this format version, those not there yet.
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), TableError> {
@@ -39,6 +42,7 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), TableError> {
     txn.open_table(RESULTS)?;
     txn.open_table(ENTRIES)?;
     txn.open_table(HANDLERS)?;
+    txn.open_table(AUDIT)?;
     Ok(())
 }
 

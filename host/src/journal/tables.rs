@@ -11,9 +11,11 @@ use super::index::Index;
 use super::lock;
 use super::records::TaskRecord;
 use super::schema::{
-    assemble, decode, encode, stored_size, Entry, Summary, ENTRIES, ENTRY_BYTES, HANDLERS, RECORDS,
-    RESULTS,
+    assemble, decode, encode, stored_size, Entry, Summary, AUDIT, ENTRIES, ENTRY_BYTES, HANDLERS,
+    RECORDS, RESULTS,
 };
+use crate::audit::{head_after, Facts, Head, Record};
+use crate::outcome::RunResult;
 
 /// The journal file's tables, open in a write transaction.
 pub(super) struct Tables<'t> {
@@ -21,6 +23,16 @@ pub(super) struct Tables<'t> {
     pub(super) results: Table<'t, u64, &'static [u8]>,
     pub(super) entries: Table<'t, u64, &'static [u8]>,
     pub(super) handlers: Table<'t, &'static str, &'static [u8]>,
+    pub(super) audit: Table<'t, u64, &'static [u8]>,
+    /// The audit chain's head with this transaction's records.
+    pub(super) chain: Head,
+    /// Whether results get audit records ([`JournalConfig::audit`]).
+    ///
+    /// [`JournalConfig::audit`]: super::JournalConfig::audit
+    pub(super) auditing: bool,
+    /// Bytes this transaction's audit records added and freed (also in `added`, `freed`).
+    pub(super) audit_added: u64,
+    pub(super) audit_freed: u64,
     /// The index: the tasks committed before this transaction.
     pub(super) index: &'t Mutex<Index>,
     /// The sequence numbers of tasks accepted in this transaction.
@@ -39,12 +51,18 @@ impl<'t> Tables<'t> {
     pub(super) fn open(
         txn: &'t WriteTransaction,
         index: &'t Mutex<Index>,
+        chain: Head,
     ) -> Result<Tables<'t>, TableError> {
         Ok(Tables {
             records: txn.open_table(RECORDS)?,
             results: txn.open_table(RESULTS)?,
             entries: txn.open_table(ENTRIES)?,
             handlers: txn.open_table(HANDLERS)?,
+            audit: txn.open_table(AUDIT)?,
+            chain,
+            auditing: true,
+            audit_added: 0,
+            audit_freed: 0,
             index,
             fresh: HashMap::new(),
             added: 0,
@@ -153,6 +171,43 @@ impl<'t> Tables<'t> {
         let e = encode("index entry", id, &Entry::of(id, summary)).map_err(Fail::Alone)?;
         self.entries.insert(summary.seq, e.as_slice())?;
         self.written += e.len() as u64;
+        Ok(())
+    }
+
+    /// Appends the audit record of task `id`'s result to the chain (counted in the bytes the
+    /// journal holds until it is exported).
+    pub(super) fn audit(
+        &mut self,
+        id: &str,
+        facts: &Facts,
+        result: &RunResult,
+        now: u64,
+    ) -> Result<(), Fail> {
+        if !self.auditing {
+            return Ok(());
+        }
+        let record = Record::of(&self.chain, now, id, facts, result);
+        let line = record.line();
+        self.audit.insert(record.seq, line.as_slice())?;
+        self.added += stored_size(line.len());
+        self.audit_added += stored_size(line.len());
+        self.chain = head_after(record.seq, &line);
+        Ok(())
+    }
+
+    /// Removes the audit records through `through` (exported), but the chain's last one.
+    pub(super) fn audit_exported(&mut self, through: u64) -> Result<(), Fail> {
+        let through = through.min(self.chain.seq.saturating_sub(1));
+        let mut gone = Vec::new();
+        for item in self.audit.range(..=through)? {
+            let (k, v) = item?;
+            gone.push((k.value(), stored_size(v.value().len())));
+        }
+        for (seq, bytes) in gone {
+            self.audit.remove(seq)?;
+            self.freed += bytes;
+            self.audit_freed += bytes;
+        }
         Ok(())
     }
 

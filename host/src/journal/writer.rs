@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::error::{classify, split, Fail, JournalError};
 use super::handlers::{put_handler_in, remove_handler_in};
 use super::index::Change;
-use super::ops::{accept_in, ack_in, finish_in, start_in};
+use super::ops::{accept_in, ack_in, audit_in, finish_in, start_in};
 use super::queue::{Answer, Op};
 use super::records::Accept;
 use super::reopen::reopen;
@@ -16,6 +16,7 @@ use super::retention::{prune_in, prune_now, PRUNE_EVERY};
 use super::space::SpaceCheck;
 use super::tables::Tables;
 use super::{lock, now_ms, read_lock, Shared};
+use crate::audit::Head;
 
 /// The most operations the writer applies in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -46,12 +47,16 @@ pub(super) struct Writer {
     held: Vec<Op>,
     /// When the oldest held write arrived.
     held_since: Option<Instant>,
+    /// The audit chain's head, as committed.
+    chain: Head,
 }
 
 impl Writer {
     /// A writer for a database just opened, whose next task gets `next_seq`.
     pub(super) fn new(shared: Arc<Shared>, next_seq: u64) -> Writer {
+        let chain = lock(&shared.audit).written.clone();
         Writer {
+            chain,
             shared,
             next_seq,
             accepts_since_prune: 0,
@@ -102,10 +107,15 @@ impl Writer {
             // Writes that need no fsync, alone, wait for the next batch, at most [`HOLD`]: a
             // transaction of their own would copy the same B-tree pages the next task's
             // transaction copies again.
-            if ops
-                .iter()
-                .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }))
-            {
+            if ops.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::Ack { .. }
+                        | Op::Finish { durable: false, .. }
+                        | Op::Audit { .. }
+                        | Op::AuditExported { .. }
+                )
+            }) {
                 self.held.extend(ops);
                 self.held_since.get_or_insert_with(Instant::now);
                 continue;
@@ -139,6 +149,7 @@ impl Writer {
                 self.observe_commit(started, 0);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = false;
+                self.shared.audit_durable();
             }
             Err(e) => tracing::warn!("the journal's flush commit failed: {e}"),
         }
@@ -157,6 +168,7 @@ impl Writer {
             match reopen(&self.shared) {
                 Ok(next_seq) => {
                     self.next_seq = self.next_seq.max(next_seq);
+                    self.chain = lock(&self.shared.audit).written.clone();
                     self.needs_reopen = false;
                 }
                 Err(e) => {
@@ -201,9 +213,15 @@ impl Writer {
         //   agent reports `interrupted`; the result itself was sent as it was written, and the
         //   platform keeps the first result it gets for a task.
         let lazy = !durable
-            && ops
-                .iter()
-                .all(|op| matches!(op, Op::Ack { .. } | Op::Finish { durable: false, .. }));
+            && ops.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::Ack { .. }
+                        | Op::Finish { durable: false, .. }
+                        | Op::Audit { .. }
+                        | Op::AuditExported { .. }
+                )
+            });
         let started = Instant::now();
         let txn = match db.begin_write() {
             Ok(mut txn) => {
@@ -226,8 +244,10 @@ impl Writer {
         let mut failure: Option<redb::Error> = None;
         let mut written = 0;
         let mut ops = ops.into_iter();
-        match Tables::open(&txn, &shared.index) {
+        let mut chain = None;
+        match Tables::open(&txn, &shared.index, self.chain.clone()) {
             Ok(mut t) => {
+                t.auditing = shared.config.audit;
                 for op in ops.by_ref() {
                     let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
                     answers.push(answer);
@@ -244,6 +264,13 @@ impl Writer {
                     }
                 }
                 written = t.written;
+                chain = Some(t.chain.clone());
+                if t.audit_added > 0 || t.audit_freed > 0 {
+                    changes.push(Change::AuditBytes {
+                        added: t.audit_added,
+                        freed: t.audit_freed,
+                    });
+                }
             }
             Err(e) => failure = Some(e.into()),
         }
@@ -262,6 +289,13 @@ impl Writer {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = lazy;
                 self.apply_changes(changes);
+                if let Some(chain) = chain {
+                    self.chain = chain.clone();
+                    lock(&self.shared.audit).written = chain;
+                }
+                if !lazy {
+                    self.shared.audit_durable();
+                }
                 for answer in answers {
                     answer.send(None);
                 }
@@ -326,6 +360,7 @@ impl Writer {
             Op::Finish {
                 task_id,
                 result,
+                facts,
                 reply,
                 ..
             } => {
@@ -333,6 +368,7 @@ impl Writer {
                     t,
                     &task_id,
                     *result,
+                    facts.as_deref(),
                     now,
                     self.shared.config.max_bytes,
                     changes,
@@ -343,6 +379,31 @@ impl Writer {
                 let (r, e) = split(ack_in(t, &task_ids, changes));
                 if let Err(err) = r {
                     tracing::warn!("recording acknowledgements: {err}");
+                }
+                (Answer::Nothing, e)
+            }
+            Op::Audit {
+                task_id,
+                facts,
+                result,
+            } => {
+                let max_bytes = self.shared.config.max_bytes;
+                let (r, e) = split(audit_in(t, &task_id, &facts, &result, now, max_bytes));
+                if let Err(err) = r {
+                    tracing::warn!(task_id = %task_id, "auditing a refusal: {err}");
+                }
+                (Answer::Nothing, e)
+            }
+            Op::AuditSeed { head } => {
+                if t.chain.seq == 0 {
+                    t.chain = head;
+                }
+                (Answer::Nothing, None)
+            }
+            Op::AuditExported { through } => {
+                let (r, e) = split(t.audit_exported(through));
+                if let Err(err) = r {
+                    tracing::warn!("removing exported audit records: {err}");
                 }
                 (Answer::Nothing, e)
             }

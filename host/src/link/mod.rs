@@ -44,16 +44,19 @@ pub trait Peer: Send + Sync + 'static {
     /// A message from the platform, decoded and checked, in the order they arrive: `run`,
     /// `cancel`, `ack` and the handler requests (the link answers `welcome` and `error` itself).
     fn deliver(self: &Arc<Self>, msg: bridge_protocol::PlatformMessage);
-    /// The platform welcomed a session of protocol `version` (called before anything is read
-    /// on it).
-    fn welcomed(self: &Arc<Self>, version: u32) {
-        let _ = version;
+    /// The platform welcomed a session of protocol `version`, naming the audit sequence
+    /// number it stored (`audit_seq`; called before anything is read on it).
+    fn welcomed(self: &Arc<Self>, version: u32, audit_seq: Option<u64>) {
+        let _ = (version, audit_seq);
     }
     /// A binary frame: module bytes some run asked for (or a part of a release being
     /// fetched), or an error to answer with.
     fn module_arrived(&self, bytes: Vec<u8>) -> Result<(), bridge_protocol::ErrorBody>;
     /// The link failed and waits to reconnect.
     fn waiting_to_reconnect(self: &Arc<Self>);
+    /// What the agent observes about itself: the link reports its connections, their ends and
+    /// heartbeat round trips there.
+    fn observer(&self) -> &crate::observe::Observer;
 }
 
 /// Everything the link needs to know (the config's `[platform]` section, resolved).
@@ -320,23 +323,35 @@ pub async fn run<P: Peer>(
                 match &end {
                     session::End::Shutdown => break,
                     other => {
-                        tracing::warn!(after_secs = lasted.as_secs_f64(), "link lost: {other}")
+                        tracing::warn!(after_secs = lasted.as_secs_f64(), "link lost: {other}");
+                        peer.observer().link_ended(&other.to_string());
                     }
                 }
             }
-            Ok(Err(ConnectError::Refused { status, reason })) => {
-                tracing::error!(status, reason = %reason, "the platform refused this agent");
-            }
-            Ok(Err(ConnectError::Other(e))) => match tls::pin_mismatch(e.as_ref()) {
-                Some(m) => {
-                    tracing::error!(presented = %m.presented, expected = ?m.expected, "server pin mismatch: not connecting")
+            Ok(Err(e)) => {
+                match &e {
+                    ConnectError::Refused { status, reason } => {
+                        tracing::error!(status, reason = %reason, "the platform refused this agent")
+                    }
+                    ConnectError::Other(e) => match tls::pin_mismatch(e.as_ref()) {
+                        Some(m) => {
+                            tracing::error!(presented = %m.presented, expected = ?m.expected, "server pin mismatch: not connecting")
+                        }
+                        None => tracing::warn!("cannot reach the platform: {e:#}"),
+                    },
                 }
-                None => tracing::warn!("cannot reach the platform: {e:#}"),
-            },
-            Err(_) => tracing::warn!(
-                timeout_secs = config.connect_timeout.as_secs(),
-                "connecting to the platform timed out"
-            ),
+                peer.observer().link_ended(&format!("{e:#}"));
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_secs = config.connect_timeout.as_secs(),
+                    "connecting to the platform timed out"
+                );
+                peer.observer().link_ended(&format!(
+                    "connecting to the platform timed out after {} s",
+                    config.connect_timeout.as_secs()
+                ));
+            }
         }
         let delay = backoff.next_delay();
         tracing::info!(

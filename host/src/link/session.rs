@@ -9,7 +9,7 @@
 //!   answered with an `error` message and the session goes on.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bridge_protocol::codec::{decode, decode_version, encode, encode_version};
@@ -111,8 +111,9 @@ where
     .await
 }
 
-/// Sends `hello` and waits for `welcome`; returns the protocol version the platform chose.
-async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
+/// Sends `hello` and waits for `welcome`; returns the protocol version the platform chose, and
+/// the audit sequence number it names (`audit_seq`).
+async fn handshake(ws: &mut Socket, expected: &str) -> Result<(u32, Option<u64>), End> {
     let hello = AgentMessage::Hello {
         versions: VERSIONS.to_vec(),
         agent_id: expected.to_string(),
@@ -132,6 +133,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
                         version,
                         agent_id,
                         enrolled,
+                        audit_seq,
                         ..
                     }) => {
                         if !VERSIONS.contains(&version) {
@@ -145,7 +147,7 @@ async fn handshake(ws: &mut Socket, expected: &str) -> Result<u32, End> {
                         if enrolled {
                             tracing::info!(agent_id = %agent_id, "enrolled with the platform");
                         }
-                        return Ok(version);
+                        return Ok((version, audit_seq));
                     }
                     Ok(PlatformMessage::Error(e)) => {
                         return Err(End::Handshake(format!(
@@ -303,11 +305,12 @@ pub async fn run<P: Peer>(
     outbox: &mut Outbox,
     shutdown: &CancellationToken,
 ) -> End {
-    let version = match handshake(&mut ws, peer.agent_id()).await {
-        Ok(version) => version,
+    let (version, audit_seq) = match handshake(&mut ws, peer.agent_id()).await {
+        Ok(welcome) => welcome,
         Err(end) => return end,
     };
     tracing::info!(version, "the platform welcomed the agent: session open");
+    peer.observer().link_connected();
     super::welcomed(config, peer.agent_id());
     let started = Instant::now();
     let mut ping = tokio::time::interval(config.heartbeat);
@@ -315,10 +318,11 @@ pub async fn run<P: Peer>(
     let mut status = tokio::time::interval(config.status_interval);
     let mut ping_seq: u64 = 0;
     outbox.start_session(version);
-    peer.welcomed(version);
+    peer.welcomed(version, audit_seq);
 
     let (mut sink, stream) = ws.split();
     let last_rx = Arc::new(AtomicU64::new(0));
+    let last_ping = Arc::new(LastPing::default());
     let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
     let reader = AbortOnDrop(tokio::spawn(read_loop(
         stream,
@@ -326,6 +330,7 @@ pub async fn run<P: Peer>(
         outbox.replies(),
         started,
         last_rx.clone(),
+        last_ping.clone(),
         ended_tx,
         version,
     )));
@@ -365,6 +370,7 @@ pub async fn run<P: Peer>(
             _ = ping.tick() => {
                 ping_seq += 1;
                 let frame = Message::Ping(ping_seq.to_be_bytes().to_vec().into());
+                last_ping.sent(ping_seq);
                 if let Err(e) = send_frame(&mut sink, frame).await {
                     break End::Error(e);
                 }
@@ -403,13 +409,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The last heartbeat sent (its sequence number, the ping's payload, and when), to time the
+/// pong that answers it. A pong for an older ping, or one the agent never sent, times nothing.
+#[derive(Default)]
+struct LastPing(Mutex<Option<(u64, Instant)>>);
+
+impl LastPing {
+    /// Ping `seq` is being sent now.
+    fn sent(&self, seq: u64) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((seq, Instant::now()));
+    }
+
+    /// A pong with `payload` arrived: the round trip, if it answers the last ping (each is
+    /// timed once).
+    fn answered(&self, payload: &[u8]) -> Option<Duration> {
+        let seq = u64::from_be_bytes(payload.try_into().ok()?);
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some((sent, at)) if sent == seq => {
+                *last = None;
+                Some(at.elapsed())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Reads frames until the link ends, handing each to the agent; reports how it ended.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<P: Peer>(
     mut stream: futures_util::stream::SplitStream<Socket>,
     peer: Arc<P>,
     replies: Replies,
     started: Instant,
     last_rx: Arc<AtomicU64>,
+    last_ping: Arc<LastPing>,
     ended: tokio::sync::oneshot::Sender<End>,
     version: u32,
 ) {
@@ -475,7 +509,13 @@ async fn read_loop<P: Peer>(
                 r
             }
             Some(Ok(Message::Close(frame))) => break End::Closed(format!("{frame:?}")),
-            Some(Ok(_)) => None, // ping (answered by tungstenite), pong, raw frame
+            Some(Ok(Message::Pong(payload))) => {
+                if let Some(rtt) = last_ping.answered(&payload) {
+                    peer.observer().heartbeat(rtt);
+                }
+                None
+            }
+            Some(Ok(_)) => None, // ping (answered by tungstenite), raw frame
             Some(Err(e)) => break violation(&e).unwrap_or_else(|| End::Error(e.to_string())),
             None => break End::Closed("end of stream".into()),
         };
@@ -489,4 +529,21 @@ async fn read_loop<P: Peer>(
         }
     };
     let _ = ended.send(end);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_pong_of_the_last_ping_is_timed_once() {
+        let last = LastPing::default();
+        assert_eq!(last.answered(&1u64.to_be_bytes()), None, "no ping sent");
+        last.sent(1);
+        last.sent(2);
+        assert_eq!(last.answered(&1u64.to_be_bytes()), None, "an older ping");
+        assert_eq!(last.answered(b"junk"), None, "not a sequence number");
+        assert!(last.answered(&2u64.to_be_bytes()).is_some());
+        assert_eq!(last.answered(&2u64.to_be_bytes()), None, "timed once");
+    }
 }

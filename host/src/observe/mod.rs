@@ -6,6 +6,7 @@
 //! allocated); histograms and the Prometheus registry exist only when `[metrics] listen` is set
 //! ([`metrics`]).
 
+pub mod disk;
 pub mod endpoint;
 pub mod metrics;
 
@@ -24,7 +25,7 @@ pub enum TaskKind {
     Wasm,
     /// An allowlisted shell command.
     Shell,
-    /// Refused before its command resolved to either (e.g. an unknown command).
+    /// Refused before its command resolved to either (busy, updating, an unknown command…).
     Unresolved,
 }
 

@@ -270,7 +270,7 @@ mod tests {
         sender.send(accepted).await;
         let result = RunResult::refused(Status::Cancelled, "cancelled while queued");
         sender
-            .record_and_send("r1", "a", result, false)
+            .record_and_send("r1", "a", result, Default::default(), false)
             .await
             .unwrap();
 

@@ -84,12 +84,13 @@ impl Sender {
         id: &str,
         task_id: &str,
         mut run: RunResult,
+        facts: crate::audit::Facts,
         ran: bool,
     ) -> Result<(), JournalError> {
         let bytes = fit_to_frame(&mut run, id, task_id);
         match self.budget.try_charge(bytes) {
             Some(charge) if ran => {
-                let record = self.journal.finish_lazily(task_id, &run);
+                let record = self.journal.finish_audited(task_id, &run, facts, false);
                 let msg = result(id, task_id, run.clone());
                 let send = self.tx.send(Outgoing::Message(msg, Some(charge)));
                 let (recorded, _) = tokio::join!(record, send);
@@ -99,7 +100,10 @@ impl Sender {
                 // Not sent before it is recorded: a task that never ran (see above), or a
                 // result that does not fit in memory, which then waits in the journal (and is
                 // not copied meanwhile). Either way the journal's is the only copy: durably.
-                let recorded = self.journal.finish(task_id, &run).await;
+                let recorded = self
+                    .journal
+                    .finish_audited(task_id, &run, facts, true)
+                    .await;
                 let queued = match (charge, &recorded) {
                     (Some(charge), _) => Outgoing::Message(result(id, task_id, run), Some(charge)),
                     (None, Ok(())) => Outgoing::Stored(task_id.to_string()),

@@ -1,6 +1,7 @@
 //! One module per subcommand (or family of subcommands): clap arguments and `run` functions.
 
 pub mod agents;
+pub mod audit;
 pub mod cancel;
 pub mod handlers;
 pub mod inspect;

@@ -8,6 +8,8 @@
 //! and the agent binaries ([`downloads`]).
 //!
 //! * [`tls`]: the server identity (key, certificate, pin) and client-certificate verification.
+//! * [`audit`]: what the platform saw of each agent's audit chain, and its flags, persisted in
+//!   the state directory.
 //! * [`registry`]: enrolled agents and enrollment tokens, persisted in the state directory.
 //! * [`hub`]: live connections, statuses, the module store, and everyone waiting for a task's
 //!   result or an agent's reply; runs not yet acknowledged by the agent, resent on reconnect.
@@ -27,6 +29,7 @@
 //! (WebSocket close 1001), fails the runs still waiting, removes the control socket and returns
 //! within a few seconds.
 
+pub mod audit;
 pub mod control;
 pub mod downloads;
 pub mod hub;
@@ -50,6 +53,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use self::audit::AuditStore;
 use self::downloads::Downloads;
 use self::hub::Hub;
 use self::registry::Registry;
@@ -132,7 +136,14 @@ impl Server {
         let registry = Registry::open(&options.state_dir)?;
         let results = ResultStore::open(&options.state_dir)?;
         let updates = UpdateStore::open(&options.state_dir)?;
-        let hub = Arc::new(Hub::new(registry, results, updates, options.token_ttl_secs));
+        let audit = AuditStore::open(&options.state_dir)?;
+        let hub = Arc::new(Hub::new(
+            registry,
+            results,
+            updates,
+            audit,
+            options.token_ttl_secs,
+        ));
         let binaries = if options.agent_binaries.is_empty() {
             downloads::default_agent_binary()
                 .map(|p| vec![(std::env::consts::ARCH.to_string(), p)])

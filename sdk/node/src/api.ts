@@ -1,6 +1,7 @@
 // The Platform's public types: its options, what it reports (agents, chunks, events) and the
 // error its calls reject with.
 
+import type { AuditFlag, AuditView } from './audit.js';
 import type { Refusal } from './enroll.js';
 import type { Logger } from './session.js';
 import type { ResultStore } from './store.js';
@@ -61,6 +62,14 @@ export interface AgentInfo {
   status: StatusReport | null;
   /** The software version its latest `hello` named, or `null`. */
   agentVersion: string | null;
+  /**
+   * Its audit chain as the platform stored it from its statuses (`{ seq, hash, flag }`; `flag`
+   * is `null` while nothing was seen), or `null` when no status with an audit head came from it
+   * (or its stored state cannot be read: see `auditError`). Kept across restarts.
+   */
+  audit: AuditView | null;
+  /** Why its stored audit state cannot be read (absent when it can). */
+  auditError?: string;
 }
 
 /** A chunk of a streaming task's output. */
@@ -156,8 +165,14 @@ export interface PlatformEvents {
   agentConnected: [agent: AgentInfo, enrolled: boolean];
   /** An agent's connection ended. */
   agentDisconnected: [agentId: string, why: string];
-  /** An agent sent `status`. */
+  /** An agent sent `status` (announced once the audit head it carries is judged and stored). */
   status: [agentId: string, status: StatusReport];
+  /**
+   * A status showed that the agent's audit chain was rewritten (`backwards`, `fork`) or can no
+   * longer be checked (`unverifiable`): the flag is stored, and stays until
+   * {@link Platform.clearAuditFlag}. Raised once; later statuses do not raise another.
+   */
+  auditFlagged: [agentId: string, flag: AuditFlag];
   /**
    * An agent sent `update_status`: where an update of it stands (`refused`, `staged`) or its
    * verdict (`succeeded`, `failed`), which the SDK acknowledges (`update_ack`) once the listeners

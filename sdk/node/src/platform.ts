@@ -10,6 +10,7 @@ import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { WebSocketServer } from 'ws';
 
+import { AuditStore, isAgentId, type AuditFlag } from './audit.js';
 import { bearer, DEFAULT_TOKEN_TTL_MS, REFUSAL_TEXT, Registry } from './enroll.js';
 import { FileStore } from './file-store.js';
 import { ensureStateDir } from './files.js';
@@ -153,6 +154,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
   private readonly wss: WebSocketServer;
   private readonly registry: Registry;
   private readonly store: ResultStore;
+  private readonly audit: AuditStore;
   private readonly hooks: PlatformHooks;
   private readonly log: Logger;
   private readonly tokenTtlMs: number;
@@ -165,6 +167,8 @@ export class Platform extends EventEmitter<PlatformEvents> {
   private readonly modules = new Map<string, { bytes: Uint8Array; refs: number }>();
   private readonly agentWaiters = new Set<{ id: string | undefined; resolve: (a: AgentInfo) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   private readonly storing = new Set<Promise<void>>();
+  /** Per agent, the last of its statuses being judged: its statuses are taken in order. */
+  private readonly statusQueues = new Map<string, Promise<void>>();
   private closed = false;
   private closing: Promise<void> | undefined;
 
@@ -172,6 +176,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     server: Server;
     registry: Registry;
     store: ResultStore;
+    audit: AuditStore;
     pin: string;
     host: string;
     port: number;
@@ -181,6 +186,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     this.server = args.server;
     this.registry = args.registry;
     this.store = args.store;
+    this.audit = args.audit;
     this.pin = args.pin;
     this.port = args.port;
     const host = args.host.includes(':') ? `[${args.host}]` : args.host;
@@ -195,6 +201,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
       closed: (s, why) => this.onClosed(s, why),
       log: (level, message, fields) => this.log(level, message, fields),
       idleTimeoutMs: args.options.idleTimeoutMs ?? IDLE_TIMEOUT_MS,
+      auditSeq: (agentId) => this.audit.auditSeq(agentId),
     };
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_WS_PAYLOAD, perMessageDeflate: false, clientTracking: false });
     this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
@@ -220,6 +227,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     await ensureStateDir(options.stateDir);
     const identity = options.tls !== undefined ? identityFromOptions(options.tls) : await loadOrCreateIdentity(options.stateDir, options.hostnames ?? []);
     const registry = await Registry.open(options.stateDir);
+    const audit = await AuditStore.open(options.stateDir, registry.list().map((r) => r.id));
     const store = options.store ?? FileStore.inDir(options.stateDir);
     await store.open();
     const server = createServer({
@@ -253,7 +261,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
       throw e;
     }
     const bound = (server.address() as AddressInfo).port;
-    return new Platform({ server, registry, store, pin: identity.pin, host, port: bound, options });
+    return new Platform({ server, registry, store, audit, pin: identity.pin, host, port: bound, options });
   }
 
   // ---- connections ---------------------------------------------------------------------------
@@ -282,6 +290,8 @@ export class Platform extends EventEmitter<PlatformEvents> {
       return;
     }
     if (admission.kind === 'enrolled') this.log('info', 'enrolled a new agent', { agentId, peer });
+    // The `welcome` names the audit seq stored for the agent: its state must be in memory.
+    if (!this.audit.isLoaded(agentId)) await this.audit.load(agentId);
     if (this.closed || socket.destroyed) return void socket.destroy();
     this.wss.handleUpgrade(req, socket, head, (ws) => {
       const session = new Session(ws, agentId, admission.kind === 'enrolled', this.sessionHost);
@@ -353,10 +363,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     live.lastSeen = stamp();
     switch (m.type) {
       case 'status':
-        if (m.status.agent_id !== agentId) this.log('warn', 'status names another agent id', { agentId });
-        live.status = m.status;
-        this.emit('status', agentId, m.status);
-        return;
+        return this.onStatus(session, m.status);
       case 'need_module': {
         const module = this.modules.get(m.fileSha256);
         const answer =
@@ -415,6 +422,51 @@ export class Platform extends EventEmitter<PlatformEvents> {
         return this.onAgentError(agentId, m.error);
       case 'hello':
         return;
+    }
+  }
+
+  /**
+   * Takes a status (checked when decoded) after the agent's earlier ones: judges and stores the
+   * audit head it carries (written before the status is announced), then keeps and announces it.
+   * Reading pauses while too many results and statuses are being stored.
+   */
+  private onStatus(session: Session, status: StatusReport): void {
+    const agentId = session.agentId;
+    if (status.agent_id !== agentId) this.log('warn', 'status names another agent id', { agentId });
+    session.storingStarted();
+    const before = this.statusQueues.get(agentId) ?? Promise.resolve();
+    const p = before.then(() => this.takeStatus(agentId, status)).finally(() => session.storingEnded());
+    this.statusQueues.set(agentId, p);
+    this.storing.add(p);
+    void p.finally(() => {
+      this.storing.delete(p);
+      if (this.statusQueues.get(agentId) === p) this.statusQueues.delete(agentId);
+    });
+  }
+
+  private async takeStatus(agentId: string, status: StatusReport): Promise<void> {
+    let raised: AuditFlag | undefined;
+    if (status.audit !== undefined && status.audit !== null) {
+      try {
+        raised = await this.audit.observe(agentId, status.audit);
+      } catch (e) {
+        this.log('error', `cannot store the audit head: ${(e as Error).message}`, { agentId });
+      }
+    }
+    this.liveOf(agentId).status = status;
+    if (raised !== undefined) {
+      this.log('warn', `audit chain flagged ${raised.kind}: ${raised.detail}`, { agentId, kind: raised.kind, seq: raised.seq });
+      this.emitSafely('auditFlagged', agentId, raised);
+    }
+    this.emitSafely('status', agentId, status);
+  }
+
+  /** Emits an event whose listeners' exceptions are logged, not thrown. */
+  private emitSafely<K extends 'auditFlagged' | 'status'>(event: K, ...args: PlatformEvents[K]): void {
+    try {
+      (this.emit as (e: K, ...a: PlatformEvents[K]) => boolean)(event, ...args);
+    } catch (e) {
+      this.log('error', `a ${event} listener threw: ${(e as Error).message}`, { agentId: args[0] });
     }
   }
 
@@ -746,6 +798,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     const record = this.registry.get(id);
     if (record === undefined) return undefined;
     const live = this.live.get(id);
+    const audit = this.audit.view(id);
     return {
       id,
       connected: live?.session !== undefined,
@@ -753,7 +806,24 @@ export class Platform extends EventEmitter<PlatformEvents> {
       lastSeen: live?.lastSeen ?? null,
       status: live?.status ?? null,
       agentVersion: live?.agentVersion ?? null,
+      audit: audit.audit,
+      ...(audit.error !== undefined ? { auditError: audit.error } : {}),
     };
+  }
+
+  /**
+   * Clears the audit flag of an enrolled agent once its cause is understood; resolves with the
+   * flag cleared (`null` if there was none). From then on its chain is judged from the head it
+   * reports now. Rejects with `unknown_agent`, `closed`, or the error that keeps its stored state
+   * from being read or written (the file is left as it is).
+   */
+  async clearAuditFlag(agentId: string): Promise<AuditFlag | null> {
+    this.ensureOpen();
+    this.enrolled(agentId);
+    if (!isAgentId(agentId)) throw new PlatformError('unknown_agent', `no enrolled agent has the id ${String(agentId).slice(0, 80)}`);
+    const cleared = await this.audit.clear(agentId);
+    if (cleared !== null) this.log('info', 'audit flag cleared', { agentId, kind: cleared.kind, seq: cleared.seq });
+    return cleared;
   }
 
   /** Every enrolled agent. */
@@ -814,6 +884,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
     this.wss.close();
     await serverClosed;
     await Promise.allSettled([...this.storing]);
+    await this.audit.settle();
     await this.registry.settle();
     await this.store.close();
   }

@@ -54,6 +54,8 @@ export interface SessionHost {
   log: Logger;
   /** Nothing heard from an agent for this long closes its connection (4001). */
   idleTimeoutMs: number;
+  /** The latest audit seq stored for the agent, which its `welcome` names (`audit_seq`); none: left out. */
+  auditSeq(agentId: string): number | undefined;
 }
 
 /** One agent connection. */
@@ -174,7 +176,7 @@ export class Session {
     }
     this.agentVersion = m.agentVersion.slice(0, 256);
     this.welcomed = true;
-    this.write(encodeWelcome(this.agentId, this.enrolled));
+    this.write(encodeWelcome(this.agentId, this.enrolled, this.host.auditSeq(this.agentId)));
     this.host.welcomed(this);
   }
 

@@ -2,7 +2,10 @@
 // Agent frames are decoded here with every check docs/protocol.md lists; platform frames are encoded here.
 
 import type {
+  AgentStats,
   AppliedLimits,
+  AuditAt,
+  AuditHead,
   ErrorBody as WireErrorBody,
   HandlerInfo,
   HostFacts,
@@ -15,7 +18,7 @@ import type {
   UpdateStatus,
 } from './protocol.js';
 
-export type { AppliedLimits, HandlerInfo, HostFacts, LimitRequest, RunResult, StatusReport, Truncation, UpdateReason, UpdateStatus };
+export type { AgentStats, AppliedLimits, AuditAt, AuditHead, HandlerInfo, HostFacts, LimitRequest, RunResult, StatusReport, Truncation, UpdateReason, UpdateStatus };
 
 /** The protocol version this SDK speaks (only this one: an agent offering only older ones is told `unsupported_version`). */
 export const PROTOCOL_VERSION = 2;
@@ -77,6 +80,14 @@ export interface ErrorBody {
 export const MAX_VERSION_BYTES = 64;
 /** Longest `detail` in an `update_status`, in bytes. */
 export const MAX_DETAIL_BYTES = 1024;
+
+/** Longest `stats.link.last_error` in a `status`, in bytes. */
+export const MAX_LAST_ERROR_BYTES = 1024;
+
+/** Whether `text` is a SHA-256 as the protocol writes it: exactly 64 lowercase hex digits. */
+export function isSha256Hex(text: unknown): text is string {
+  return typeof text === 'string' && /^[0-9a-f]{64}$/.test(text);
+}
 
 /** Where an update stands, as `update_status` says. */
 export type UpdateState = UpdateStatus['state'];
@@ -233,7 +244,7 @@ function need(o: Obj, what: string, keys: readonly string[]): void {
 
 function decodeStatus(o: Obj): StatusReport {
   const what = 'status';
-  only(o, what, ['type', 'agent_id', 'agent_version', 'host', 'running', 'agent_uptime_secs']);
+  only(o, what, ['type', 'agent_id', 'agent_version', 'host', 'running', 'agent_uptime_secs', 'stats', 'audit']);
   need(o, what, ['agent_id', 'agent_version', 'host', 'running', 'agent_uptime_secs']);
   const h = o.host;
   if (!isObj(h)) throw new Malformed('status: `host` must be an object');
@@ -246,7 +257,7 @@ function decodeStatus(o: Obj): StatusReport {
   for (const r of running) {
     if (utf8Bytes(r) > MAX_ID_BYTES) throw new Malformed(`status: a running task id is longer than ${MAX_ID_BYTES} bytes`);
   }
-  return {
+  const status: StatusReport = {
     agent_id: str(o, 'agent_id', what),
     agent_version: str(o, 'agent_version', what),
     host: {
@@ -259,6 +270,110 @@ function decodeStatus(o: Obj): StatusReport {
     running,
     agent_uptime_secs: uint(o, 'agent_uptime_secs', what),
   };
+  if (o.stats !== undefined && o.stats !== null) status.stats = decodeStats(o.stats);
+  if (o.audit !== undefined && o.audit !== null) status.audit = decodeAudit(o.audit);
+  return status;
+}
+
+/** Every final status of a run (`tasks.finished` keys). */
+const RUN_STATUSES: Readonly<Record<RunResult['status'], true>> = {
+  ok: true,
+  error: true,
+  fuel_exhausted: true,
+  memory_limit: true,
+  timeout: true,
+  stack_overflow: true,
+  trap: true,
+  invalid_module: true,
+  rejected: true,
+  cancelled: true,
+  interrupted: true,
+};
+
+function obj(o: Obj, k: string, what: string): Obj {
+  const v = o[k];
+  if (!isObj(v)) throw new Malformed(`${what}: \`${k}\` must be an object`);
+  return v;
+}
+
+/** `stats`: every field as the schema says, unknown fields refused, `last_error` within its bound. */
+function decodeStats(v: unknown): AgentStats {
+  const what = 'status.stats';
+  if (!isObj(v)) throw new Malformed(`status: \`stats\` must be an object or null`);
+  only(v, what, ['link', 'tasks', 'journal', 'store', 'rss_bytes']);
+  need(v, what, ['link', 'tasks', 'journal', 'store', 'rss_bytes']);
+  const l = obj(v, 'link', what);
+  only(l, `${what}.link`, ['connected', 'since_unix_ms', 'heartbeat_rtt_ms', 'reconnects', 'last_error']);
+  const link: AgentStats['link'] = {
+    connected: bool(l, 'connected', `${what}.link`),
+    since_unix_ms: l.since_unix_ms === undefined || l.since_unix_ms === null ? null : uint(l, 'since_unix_ms', `${what}.link`),
+    heartbeat_rtt_ms: l.heartbeat_rtt_ms === undefined || l.heartbeat_rtt_ms === null ? null : num(l, 'heartbeat_rtt_ms', `${what}.link`),
+    reconnects: uint(l, 'reconnects', `${what}.link`),
+    last_error: l.last_error === undefined || l.last_error === null ? null : str(l, 'last_error', `${what}.link`),
+  };
+  if (link.last_error !== null && link.last_error !== undefined && utf8Bytes(link.last_error) > MAX_LAST_ERROR_BYTES) {
+    throw new Malformed(`${what}.link: \`last_error\` is ${utf8Bytes(link.last_error)} bytes; the limit is ${MAX_LAST_ERROR_BYTES} bytes`);
+  }
+  const t = obj(v, 'tasks', what);
+  only(t, `${what}.tasks`, ['running', 'queued', 'unacked', 'finished']);
+  const f = obj(t, 'finished', `${what}.tasks`);
+  const finished: Record<string, number> = {};
+  for (const k of Object.keys(f)) {
+    if (!Object.hasOwn(RUN_STATUSES, k)) throw new Malformed(`${what}.tasks.finished: \`${k.slice(0, 64)}\` is not a run status`);
+    finished[k] = uint(f, k, `${what}.tasks.finished`);
+  }
+  const j = obj(v, 'journal', what);
+  only(j, `${what}.journal`, ['bytes', 'records']);
+  const s = obj(v, 'store', what);
+  only(s, `${what}.store`, ['modules', 'module_bytes', 'compiled', 'compiled_bytes']);
+  return {
+    link,
+    tasks: {
+      running: uint(t, 'running', `${what}.tasks`),
+      queued: uint(t, 'queued', `${what}.tasks`),
+      unacked: uint(t, 'unacked', `${what}.tasks`),
+      finished,
+    },
+    journal: { bytes: uint(j, 'bytes', `${what}.journal`), records: uint(j, 'records', `${what}.journal`) },
+    store: {
+      modules: uint(s, 'modules', `${what}.store`),
+      module_bytes: uint(s, 'module_bytes', `${what}.store`),
+      compiled: uint(s, 'compiled', `${what}.store`),
+      compiled_bytes: uint(s, 'compiled_bytes', `${what}.store`),
+    },
+    rss_bytes: uint(v, 'rss_bytes', what),
+  };
+}
+
+/** A sequence number the platform compares: an integer from 0 to 2^53 − 1 (exact in JavaScript). */
+function seqOf(o: Obj, k: string, what: string): number {
+  const v = o[k];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+    throw new Malformed(`${what}: \`${k}\` must be an integer from 0 to 2^53 - 1`);
+  }
+  return v;
+}
+
+/** `audit`: the head, its hashes 64 lowercase hex, and `at` (the answer to `welcome.audit_seq`). */
+function decodeAudit(v: unknown): AuditHead {
+  const what = 'status.audit';
+  if (!isObj(v)) throw new Malformed('status: `audit` must be an object or null');
+  only(v, what, ['seq', 'hash', 'at']);
+  need(v, what, ['seq', 'hash']);
+  const head: AuditHead = { seq: seqOf(v, 'seq', what), hash: str(v, 'hash', what) };
+  if (!isSha256Hex(head.hash)) throw new Malformed('status: `audit.hash` is not 64 lowercase hex');
+  if (v.at !== undefined && v.at !== null) {
+    const a = obj(v, 'at', what);
+    only(a, `${what}.at`, ['seq', 'hash']);
+    need(a, `${what}.at`, ['seq']);
+    const at: AuditAt = { seq: seqOf(a, 'seq', `${what}.at`), hash: null };
+    if (a.hash !== undefined && a.hash !== null) {
+      if (!isSha256Hex(a.hash)) throw new Malformed('status: `audit.at.hash` is not 64 lowercase hex');
+      at.hash = a.hash;
+    }
+    head.at = at;
+  }
+  return head;
 }
 
 function decodeHandler(h: unknown): HandlerInfo {
@@ -472,9 +587,10 @@ function encode(m: PlatformMessage): string {
   return JSON.stringify(m);
 }
 
-/** `welcome`. */
-export function encodeWelcome(agentId: string, enrolled: boolean): string {
+/** `welcome`; `auditSeq` (the latest audit seq stored for the agent) is left out when none or 0. */
+export function encodeWelcome(agentId: string, enrolled: boolean, auditSeq?: number): string {
   const m: Out<'welcome'> = { type: 'welcome', version: PROTOCOL_VERSION, agent_id: agentId, enrolled };
+  if (auditSeq !== undefined && auditSeq > 0) m.audit_seq = auditSeq;
   return encode(m);
 }
 

@@ -33,7 +33,8 @@
 //!
 //! | request | response |
 //! | --- | --- |
-//! | `{"cmd":"agents"}` | `{"ok":true,"agents":[{"id","connected","enrolled_at","last_seen","status"}]}` |
+//! | `{"cmd":"agents"}` | `{"ok":true,"agents":[{"id","connected","enrolled_at","last_seen","status","audit":{"seq","hash","flag"}\|null,"audit_error"?}]}` (`flag`: null or `{"kind":"backwards"\|"fork"\|"unverifiable","detail","seq","flagged_at"}`) |
+//! | `{"cmd":"audit_clear","agent"}` | `{"ok":true,"agent","cleared":{flag}\|null}`: the agent's audit flag cleared ([`crate::serve::audit`]) |
 //! | `{"cmd":"token"}` | `{"ok":true,"token":"…"}` (a new enrollment token) |
 //! | `{"cmd":"run","agent", one of "module"(base64) / "file_sha256" (or its old name "module_sha256") / "command", "input"?,"args"?,"task_id"?,"limits"?,"signature"?(base64),"not_after"?(RFC 3339),"idempotent"?,"stream"?,"wait_ms"?}` | `{"ok":true,"task_id":"…","result":{RunResult},"round_trip_us":…,"stored":false}` (send → result, measured here; `"stored":true` and no round trip: the task id's result was already stored, from this agent, and nothing was sent to it; a task id with another agent's result is refused); with `stream`, preceded by `{"event":"chunk","task_id","seq","stream","data","dropped_bytes"}` lines |
 //! | `{"cmd":"result","task_id","wait_ms"?}` | `{"ok":true,"task_id","agent","result":{RunResult},"received_at","deliveries"}`: the stored result (waiting up to `wait_ms`, default 0, for it) |

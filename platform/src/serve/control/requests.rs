@@ -81,6 +81,11 @@ pub enum ControlRequest {
         #[serde(default)]
         wait_ms: Option<u64>,
     },
+    /// Clear the audit flag of an agent (the operator has looked into it).
+    AuditClear {
+        /// The agent id.
+        agent: String,
+    },
     /// Development and test aid: send one raw text frame to an agent and report the `error` it
     /// answers with, if any (within `wait_ms`, default
     /// [`DEFAULT_SEND_WAIT_MS`](super::DEFAULT_SEND_WAIT_MS)).

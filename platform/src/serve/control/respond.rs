@@ -123,6 +123,10 @@ pub(super) async fn respond(
         }
         ControlRequest::Update(update) => update_agent(hub, *update).await,
         ControlRequest::Rollout(rollout) => start_rollout(hub, *rollout).await,
+        ControlRequest::AuditClear { agent } => match hub.clear_audit_flag(&agent) {
+            Ok(cleared) => json!({"ok": true, "agent": agent, "cleared": cleared}),
+            Err(e) => failure(format!("{e:#}")),
+        },
         ControlRequest::RolloutStatus { wait_ms } => {
             let status = hub.rollout.status(wait(wait_ms, 0)).await;
             json!({"ok": true, "rollout": status})

@@ -1,5 +1,6 @@
 //! Agents connected now: at most one live connection per agent id (its outbox and the signal
-//! that replaces it), and the latest status each agent reported since the server started.
+//! that replaces it), and the latest status each agent reported since the server started (the
+//! audit head a status carries is kept across restarts, in [`AuditStore`](crate::serve::audit::AuditStore)).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use bridge_protocol::StatusReport;
 use tokio::sync::{mpsc, Notify};
 
 use super::{lock, Hub, HubError};
+use crate::serve::audit::{AuditView, Flag};
 use crate::serve::registry::AgentRecord;
 
 /// How many outgoing messages may queue for one connection.
@@ -72,6 +74,12 @@ pub struct AgentView {
     pub last_seen: String,
     /// Its latest status report since this server started, if any.
     pub status: Option<StatusReport>,
+    /// Its audit chain as the platform stored it (`{seq, hash, flag}`), `null` when no status
+    /// carried one.
+    pub audit: Option<AuditView>,
+    /// Why its stored audit state cannot be read (absent when it can).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_error: Option<String>,
 }
 
 /// The live connections by agent id, and the agents' latest statuses.
@@ -199,6 +207,8 @@ impl Connections {
             .map(|r| AgentView {
                 connected: live.contains_key(&r.id),
                 status: statuses.get(&r.id).cloned(),
+                audit: None,
+                audit_error: None,
                 id: r.id,
                 enrolled_at: r.enrolled_at,
                 last_seen: r.last_seen,
@@ -230,8 +240,24 @@ impl Hub {
         self.requests.fail_connection(conn_id, why);
     }
 
-    /// Stores the agent's latest status.
+    /// Stores the agent's latest status (checked by the caller), and judges and stores the
+    /// audit head it carries ([`AuditStore::observe`](crate::serve::audit::AuditStore::observe)): a flag raised now is logged as a
+    /// warning naming the agent and the kind.
     pub fn set_status(&self, agent_id: &str, status: StatusReport) {
+        if let Some(head) = &status.audit {
+            match self.audit.observe(agent_id, head) {
+                Ok(Some(flag)) => tracing::warn!(
+                    agent_id,
+                    kind = flag.kind.as_str(),
+                    seq = flag.seq,
+                    "audit chain flagged {}: {}",
+                    flag.kind.as_str(),
+                    flag.detail
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(agent_id, "cannot store the audit head: {e:#}"),
+            }
+        }
         lock(&self.connections.statuses).insert(agent_id.to_string(), status);
     }
 
@@ -240,9 +266,33 @@ impl Hub {
         self.connections.live()
     }
 
-    /// Every enrolled agent with its connection state and latest status.
+    /// Every enrolled agent with its connection state, latest status and audit chain.
     pub fn agents(&self) -> Vec<AgentView> {
-        self.connections.views(self.registry.agents())
+        let mut views = self.connections.views(self.registry.agents());
+        for view in &mut views {
+            match self.audit.view(&view.id) {
+                Ok(audit) => view.audit = audit,
+                Err(e) => view.audit_error = Some(format!("{e:#}")),
+            }
+        }
+        views
+    }
+
+    /// Clears the audit flag of `agent`, an enrolled agent; returns the flag cleared (none if
+    /// there was none).
+    pub fn clear_audit_flag(&self, agent: &str) -> anyhow::Result<Option<Flag>> {
+        if !self.registry.is_enrolled(agent) {
+            return Err(HubError::UnknownAgent(agent.to_string()).into());
+        }
+        let cleared = self.audit.clear(agent)?;
+        if let Some(flag) = &cleared {
+            tracing::info!(
+                agent_id = agent,
+                kind = flag.kind.as_str(),
+                "audit flag cleared by an operator"
+            );
+        }
+        Ok(cleared)
     }
 
     /// The outbox and id of the live connection of `agent`, an enrolled agent.

@@ -4,7 +4,8 @@
 //! `Hub` holds one part per concept, each in its own file:
 //!
 //! * `connections`: the live connection of each agent and its latest status
-//!   ([`Hub::register`], [`Hub::agents`]).
+//!   ([`Hub::register`], [`Hub::agents`]); the audit head a status carries is judged and
+//!   stored in [`AuditStore`] ([`Hub::set_status`]).
 //! * `tasks`: a `run` from the control interface to its result ([`Hub::run`],
 //!   [`Hub::wait_result`]) and what the agent says of it ([`Hub::on_result`],
 //!   [`Hub::on_accepted`]); with `waiters` (who waits for a task's result) and `sent_runs`
@@ -68,6 +69,7 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom as _, SystemRandom};
 
+use super::audit::AuditStore;
 use super::registry::Registry;
 use super::results::ResultStore;
 use super::rollout::RolloutSlot;
@@ -93,6 +95,8 @@ pub struct Hub {
     pub update_store: UpdateStore,
     /// The rollout of this server, if one was started.
     pub rollout: RolloutSlot,
+    /// What the platform saw of each agent's audit chain, and its flags.
+    pub audit: AuditStore,
     connections: connections::Connections,
     modules: modules::ModuleStore,
     waiters: waiters::TaskWaiters,
@@ -106,11 +110,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub over `registry`, `results` and `update_store`.
+    /// A hub over `registry`, `results`, `update_store` and `audit`.
     pub fn new(
         registry: Registry,
         results: ResultStore,
         update_store: UpdateStore,
+        audit: AuditStore,
         token_ttl_secs: Option<u64>,
     ) -> Hub {
         Hub {
@@ -118,6 +123,7 @@ impl Hub {
             results,
             token_ttl_secs,
             update_store,
+            audit,
             rollout: RolloutSlot::default(),
             connections: connections::Connections::new(),
             modules: Default::default(),

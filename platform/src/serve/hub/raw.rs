@@ -78,6 +78,7 @@ mod tests {
             Registry::open(dir.path()).unwrap(),
             ResultStore::open(dir.path()).unwrap(),
             crate::serve::updates::UpdateStore::open(dir.path()).unwrap(),
+            crate::serve::audit::AuditStore::open(dir.path()).unwrap(),
             None,
         );
         let mut reg = hub.register("agent-a", 2, "0.1.0");

@@ -12,6 +12,10 @@
 //! * A frame that fails to decode is answered with an `error` and the connection goes on.
 //! * Right after `welcome`, the runs the agent has not acknowledged yet are sent again.
 //! * Every `result` is stored before it is acknowledged (`ack`).
+//! * A `status` is checked ([`StatusReport::check`](bridge_protocol::StatusReport::check): the
+//!   audit hashes, the size of `last_error`) before anything of it is stored; one that fails is
+//!   answered with a `malformed` error, like a message that does not decode. The `welcome`
+//!   names the latest audit seq stored for the agent (`audit_seq`).
 //! * Reading never waits for writing. After `welcome` the connection has one reader and one
 //!   writer: the reader hands what it must send to the writer without waiting (acks are
 //!   coalesced: a set of task ids the writer drains into `ack {task_ids: […]}` frames, so an
@@ -121,7 +125,7 @@ async fn serve_tls(
         version,
         agent_id: agent_id.clone(),
         enrolled,
-        audit_seq: None,
+        audit_seq: hub.audit.audit_seq(&agent_id),
     };
     let ended = match send(&mut sink, &welcome).await {
         Ok(()) => {

@@ -128,6 +128,16 @@ fn on_text(hub: &Hub, agent_id: &str, out: &Outgoing, text: &str, version: u32) 
             Ok(())
         }
         AgentMessage::Status(status) => {
+            if let Err(why) = status.check() {
+                tracing::warn!(agent_id, code = "malformed", "invalid status: {why}");
+                let bad = error_message(
+                    None,
+                    ErrorCode::Malformed,
+                    format!("bad `status` message: {why}"),
+                );
+                out.error(agent_id, &bad);
+                return Ok(());
+            }
             if status.agent_id != agent_id {
                 tracing::warn!(agent_id, claimed = %status.agent_id, "status names another agent id");
             }
