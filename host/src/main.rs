@@ -327,16 +327,15 @@ fn layout_of(arg: Option<PathBuf>) -> Result<Layout, ExitCode> {
     }
 }
 
-/// The config file `status` reads when given neither --state nor --config (the installer's).
-const DEFAULT_CONFIG: &str = "/etc/bridge/agent.toml";
-
 fn status(args: StatusArgs) -> ExitCode {
     use bridge_host::status::{client, render, Location};
     let location = match (&args.state, &args.config) {
         (Some(state), _) => Ok(Location::of_state(state)),
         (None, Some(config)) => Location::of_config(config),
-        (None, None) => Location::of_config(std::path::Path::new(DEFAULT_CONFIG))
-            .map_err(|e| e.context("pass --state DIR or --config FILE")),
+        (None, None) => Location::of_config(std::path::Path::new(
+            bridge_host::config::DEFAULT_CONFIG_PATH,
+        ))
+        .map_err(|e| e.context("pass --state DIR or --config FILE")),
     };
     let answer = location.and_then(|l| client::ask(&l));
     let (status, why, code) = match answer {

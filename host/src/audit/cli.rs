@@ -26,7 +26,8 @@ pub struct Where {
     /// The agent's state directory.
     #[arg(long, value_name = "DIR", conflicts_with = "config")]
     pub state: Option<PathBuf>,
-    /// The agent's config file (its [agent] state_dir).
+    /// The agent's config file (its [agent] state_dir). Default, without --state:
+    /// /etc/bridge/agent.toml.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -52,7 +53,8 @@ impl Where {
         let state = match (&self.state, &self.config) {
             (Some(state), _) => state.clone(),
             (None, Some(file)) => state_of(file)?,
-            (None, None) => anyhow::bail!("pass --state DIR or --config FILE"),
+            (None, None) => state_of(std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH))
+                .map_err(|e| e.context("pass --state DIR or --config FILE"))?,
         };
         Ok(state.join("audit"))
     }
