@@ -253,7 +253,10 @@ fn main() -> ExitCode {
         Command::Launcher(LauncherCommand::Run(args)) => return launcher_run(args),
         Command::Rollback(args) => return rollback(args),
         Command::Audit(command) => {
-            let state_of = |file: &std::path::Path| AgentConfig::load(file)?.state_dir();
+            let state_of = |file: Option<&std::path::Path>| {
+                let default = std::path::Path::new(bridge_host::config::DEFAULT_CONFIG_PATH);
+                AgentConfig::load(file.unwrap_or(default))?.state_dir()
+            };
             return bridge_host::audit::cli::run(command, &state_of);
         }
         Command::Status(args) => return status(args),

@@ -44,17 +44,19 @@ pub struct TailArgs {
     pub at: Where,
 }
 
-/// Reads a config file's state directory (`[agent] state_dir`).
-pub type StateOf<'a> = &'a dyn Fn(&std::path::Path) -> anyhow::Result<PathBuf>;
+/// Reads a config file's state directory (`[agent] state_dir`); `None`: the default config
+/// file's (the installer's, `/etc/bridge/agent.toml`).
+pub type StateOf<'a> = &'a dyn Fn(Option<&std::path::Path>) -> anyhow::Result<PathBuf>;
 
 impl Where {
     /// The audit directory: `STATE/audit`.
     pub fn audit_dir(&self, state_of: StateOf<'_>) -> anyhow::Result<PathBuf> {
         let state = match (&self.state, &self.config) {
             (Some(state), _) => state.clone(),
-            (None, Some(file)) => state_of(file)?,
-            (None, None) => state_of(std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH))
-                .map_err(|e| e.context("pass --state DIR or --config FILE"))?,
+            (None, Some(file)) => state_of(Some(file))?,
+            (None, None) => {
+                state_of(None).map_err(|e| e.context("pass --state DIR or --config FILE"))?
+            }
         };
         Ok(state.join("audit"))
     }
