@@ -31,8 +31,10 @@
 //! * [`Proxy`]: a TCP proxy that cuts or freezes an agent's connection.
 //! * [`call`]: one `bridge-daemon call`, decoded.
 //! * [`supervisor`]: an installed agent under a supervisor that restarts it as systemd would.
+//! * [`audit`]: the agent's audit files, in sequence order.
 
 pub mod agent;
+pub mod audit;
 pub mod bins;
 pub mod call;
 pub mod control;
