@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use bridge_testkit::{wait_until, Agent, Platform, Publisher, CONNECT};
+use bridge_testkit::metrics::endpoint;
+use bridge_testkit::{Agent, Platform, Publisher};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
@@ -86,19 +87,6 @@ fn scrape(addr: SocketAddr) -> usize {
         String::from_utf8_lossy(&body)
     );
     body.len()
-}
-
-/// Where an agent's endpoint listens: the address it logs once bound.
-fn endpoint(agent: &Agent) -> SocketAddr {
-    wait_until("the metrics endpoint's address in the log", CONNECT, || {
-        let log = agent.log.text();
-        log.lines()
-            .find(|l| l.contains("metrics endpoint listening"))
-            .and_then(|l| l.split("listen=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .ok_or(log)
-    })
 }
 
 /// Keeps [`IN_FLIGHT`] warm `hello` tasks running on agent `id` for `secs` (scraping
