@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use bridge_testkit::cpus::{allowed_cpus, pin};
 use bridge_testkit::metrics::endpoint;
 use bridge_testkit::{Agent, Platform, Publisher};
 use serde_json::json;
@@ -41,38 +42,6 @@ fn cpu_secs(pid: u32) -> f64 {
         .sum();
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// The CPUs the calling thread may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `cpu_set_t` is plain old data; the pointer is valid for the call.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-/// Restricts the calling thread, and what it starts from now on, to `cpus`.
-fn pin(cpus: &[usize]) {
-    // SAFETY: as above.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// One scrape of `GET /metrics`; the body's length.
