@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use bridge_testkit::{wait_until, Agent, Platform, Publisher, CONNECT};
+use bridge_testkit::cpus::{allowed_cpus, pin};
+use bridge_testkit::metrics::endpoint;
+use bridge_testkit::{Agent, Platform, Publisher};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
@@ -42,38 +44,6 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// The CPUs the calling thread may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `cpu_set_t` is plain old data; the pointer is valid for the call.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-/// Restricts the calling thread, and what it starts from now on, to `cpus`.
-fn pin(cpus: &[usize]) {
-    // SAFETY: as above.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// One scrape of `GET /metrics`; the body's length.
 fn scrape(addr: SocketAddr) -> usize {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -86,19 +56,6 @@ fn scrape(addr: SocketAddr) -> usize {
         String::from_utf8_lossy(&body)
     );
     body.len()
-}
-
-/// Where an agent's endpoint listens: the address it logs once bound.
-fn endpoint(agent: &Agent) -> SocketAddr {
-    wait_until("the metrics endpoint's address in the log", CONNECT, || {
-        let log = agent.log.text();
-        log.lines()
-            .find(|l| l.contains("metrics endpoint listening"))
-            .and_then(|l| l.split("listen=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .ok_or(log)
-    })
 }
 
 /// Keeps [`IN_FLIGHT`] warm `hello` tasks running on agent `id` for `secs` (scraping

@@ -42,6 +42,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use bridge_testkit::cpus::{allowed_cpus, pin};
 use bridge_testkit::{Agent, Platform, Publisher};
 use serde_json::json;
 
@@ -165,39 +166,6 @@ impl Round {
             self.clients_us,
             self.steal * 100.0
         )
-    }
-}
-
-/// The CPUs the calling thread may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `cpu_set_t` is plain old data; the pointer is valid for the call.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
-/// Restricts the calling thread, and the processes and threads it starts from now on, to
-/// `cpus`.
-fn pin(cpus: &[usize]) {
-    // SAFETY: as above.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
 

@@ -11,18 +11,7 @@ mod tests {
 
     #[test]
     fn statuses_serialize_in_snake_case() {
-        for s in [
-            Status::Ok,
-            Status::Error,
-            Status::FuelExhausted,
-            Status::MemoryLimit,
-            Status::Timeout,
-            Status::StackOverflow,
-            Status::Trap,
-            Status::InvalidModule,
-            Status::Rejected,
-            Status::Cancelled,
-        ] {
+        for s in Status::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
+use bridge_testkit::audit::audit_files;
 use bridge_testkit::{bins, wait_until, Setup};
 use serde_json::{json, Value};
 
@@ -80,16 +81,6 @@ fn wait_records(state: &Path, n: usize) -> Vec<Value> {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
-}
-
-fn audit_files(state: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(state.join("audit"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    files
 }
 
 /// A copy of the agent's audit directory, as a state directory of its own, its first file's

@@ -4,8 +4,9 @@
 //! it stored when the agent connects again. Real binaries on 127.0.0.1, real tasks; every wait
 //! is bounded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use bridge_testkit::audit::audit_files;
 use bridge_testkit::{bins, wait_until, Setup, CONNECT};
 use redb::ReadableTable;
 use serde_json::{json, Value};
@@ -15,17 +16,6 @@ const CONFIG: &str = "[platform]\nstatus_secs = 1\n";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The agent's audit files, in sequence order (their names carry the first seq, zero-padded).
-fn audit_files(state: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(state.join("audit"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    files
 }
 
 /// Rewrites the chain the way an intruder with the agent's privileges could: `edit` changes

@@ -8,10 +8,11 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bridge_testkit::{bins, wait_until, Agent, Setup, CONNECT};
+use bridge_testkit::metrics::{endpoint, promtool_check, samples};
+use bridge_testkit::{bins, Setup};
 use serde_json::{json, Value};
 
 /// An agent with metrics on (port 0) and a shell rule `say`.
@@ -19,19 +20,6 @@ fn setup() -> Setup {
     Setup::with_config(
         "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[[shell.rules]]\nname = \"say\"\nprogram = \"/bin/echo\"\nargs = [\"said\"]\n",
     )
-}
-
-/// Where the agent's endpoint listens: the address it logs once bound.
-fn endpoint(agent: &Agent) -> SocketAddr {
-    wait_until("the metrics endpoint's address in the log", CONNECT, || {
-        let log = agent.log.text();
-        log.lines()
-            .find(|l| l.contains("metrics endpoint listening"))
-            .and_then(|l| l.split("listen=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .ok_or(log)
-    })
 }
 
 /// An HTTP answer: status code, headers (names lowercased), body.
@@ -108,41 +96,6 @@ fn scrape_openmetrics(addr: SocketAddr) -> BTreeMap<String, f64> {
     );
     assert!(a.body.ends_with("# EOF\n"), "{}", a.body);
     samples(&a.body)
-}
-
-/// `name{labels}` → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap();
-            (name.to_string(), value.parse().unwrap())
-        })
-        .collect()
-}
-
-/// `promtool check metrics` on `text`; promtool is required.
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is required (Debian's prometheus package; .ci/run installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\non:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn value(m: &BTreeMap<String, f64>, name: &str) -> f64 {

@@ -108,6 +108,42 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: Option<u32>) -> Result<(
     Ok(())
 }
 
+/// Replaces the state file `DIR/NAME.json` whole with `value` as pretty JSON and a newline:
+/// writes `DIR/.NAME.tmp` (mode 0600), syncs it, renames it over the file and syncs `dir`, so
+/// a crash leaves the old state or the new one, never a mix. The temporary file is removed
+/// when a step fails.
+pub fn write_state_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<()> {
+    let path = dir.join(format!("{name}.json"));
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut text = serde_json::to_vec_pretty(value).expect("states serialize");
+    text.push(b'\n');
+    let written = (|| -> std::io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&text)?;
+        file.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary).
+pub fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
 /// The public key file beside private key `key`: `KEY.pub`.
 pub fn public_key_path(key: &Path) -> PathBuf {
     let mut s = key.as_os_str().to_os_string();

@@ -104,6 +104,15 @@ async fn enrolled(serve: &Platform) -> (Identity, Ws) {
     (agent, ws)
 }
 
+/// A platform of its own (its state in the returned directory) and an enrolled agent's first
+/// session.
+async fn started() -> (tempfile::TempDir, Platform, Identity, Ws) {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Platform::start(&dir.path().join("state"));
+    let (agent, ws) = enrolled(&serve).await;
+    (dir, serve, agent, ws)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_growing_chain_is_never_flagged_and_welcome_names_the_stored_seq() {
     within(60, async {
@@ -167,9 +176,7 @@ async fn a_growing_chain_is_never_flagged_and_welcome_names_the_stored_seq() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_head_that_goes_back_is_flagged_backwards_and_the_flag_sticks() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let (agent, mut ws) = enrolled(&serve).await;
+        let (_dir, serve, agent, mut ws) = started().await;
         report(&mut ws, &agent, head(5, 0)).await;
         report(&mut ws, &agent, head(3, 1)).await;
         let flag = expect_flag(&serve, &agent, "backwards", 3);
@@ -187,9 +194,7 @@ async fn a_head_that_goes_back_is_flagged_backwards_and_the_flag_sticks() {
 #[tokio::test(flavor = "multi_thread")]
 async fn another_hash_at_the_same_seq_is_flagged_fork() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let (agent, mut ws) = enrolled(&serve).await;
+        let (_dir, serve, agent, mut ws) = started().await;
         report(&mut ws, &agent, head(5, 0)).await;
         report(&mut ws, &agent, head(5, 0)).await;
         assert_eq!(audit_of(&serve, &agent)["flag"], Value::Null);
@@ -207,9 +212,7 @@ async fn another_hash_at_the_same_seq_is_flagged_fork() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_to_audit_seq_with_another_hash_is_flagged_fork() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let (agent, mut ws) = enrolled(&serve).await;
+        let (_dir, serve, agent, mut ws) = started().await;
         report(&mut ws, &agent, head(5, 0)).await;
         // Rewritten from record 5 on, every hash recomputed, and grown since: only the answer
         // about record 5 shows it.
@@ -224,9 +227,7 @@ async fn an_answer_to_audit_seq_with_another_hash_is_flagged_fork() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_the_agent_no_longer_has_is_flagged_unverifiable() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let (agent, mut ws) = enrolled(&serve).await;
+        let (_dir, serve, agent, mut ws) = started().await;
         report(&mut ws, &agent, head(5, 0)).await;
         let (mut ws, welcome) = reconnect(&serve, &agent).await;
         assert_eq!(welcome["audit_seq"], 5);
@@ -305,9 +306,7 @@ async fn a_flag_survives_a_restart_until_audit_clear_clears_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_status_is_refused_and_not_stored() {
     within(60, async {
-        let dir = tempfile::tempdir().unwrap();
-        let serve = Platform::start(&dir.path().join("state"));
-        let (agent, mut ws) = enrolled(&serve).await;
+        let (dir, serve, agent, mut ws) = started().await;
         let good = h(5, 0);
         let fine = "no frame from the platform within 45 s";
         let over = "é".repeat(MAX_LAST_ERROR_BYTES / 2) + "x";

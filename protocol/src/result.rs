@@ -38,6 +38,21 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, in declaration order (the order of the agent's per-status counters).
+    pub const ALL: [Status; 11] = [
+        Status::Ok,
+        Status::Error,
+        Status::FuelExhausted,
+        Status::MemoryLimit,
+        Status::Timeout,
+        Status::StackOverflow,
+        Status::Trap,
+        Status::InvalidModule,
+        Status::Rejected,
+        Status::Cancelled,
+        Status::Interrupted,
+    ];
+
     /// The `snake_case` name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -220,5 +235,32 @@ impl RunResult {
     /// Whether the run succeeded.
     pub fn is_ok(&self) -> bool {
         self.status == Status::Ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`Status::ALL`] holds every status once, in declaration order: the match below stops
+    /// compiling when a status is added, until it (and so `ALL`) names it.
+    #[test]
+    fn all_lists_every_status_once_in_order() {
+        let position = |s: Status| match s {
+            Status::Ok => 0,
+            Status::Error => 1,
+            Status::FuelExhausted => 2,
+            Status::MemoryLimit => 3,
+            Status::Timeout => 4,
+            Status::StackOverflow => 5,
+            Status::Trap => 6,
+            Status::InvalidModule => 7,
+            Status::Rejected => 8,
+            Status::Cancelled => 9,
+            Status::Interrupted => 10,
+        };
+        for (i, s) in Status::ALL.into_iter().enumerate() {
+            assert_eq!(position(s), i, "{s}");
+        }
     }
 }

@@ -31,11 +31,17 @@
 //! * [`Proxy`]: a TCP proxy that cuts or freezes an agent's connection.
 //! * [`call`]: one `bridge-daemon call`, decoded.
 //! * [`supervisor`]: an installed agent under a supervisor that restarts it as systemd would.
+//! * [`audit`]: the agent's audit files, in sequence order.
+//! * [`cpus`]: the benchmarks' CPU affinity (which CPUs, pinning to some).
+//! * [`metrics`]: the agent's Prometheus endpoint, `promtool check metrics`, a scrape's samples.
 
 pub mod agent;
+pub mod audit;
 pub mod bins;
 pub mod call;
 pub mod control;
+pub mod cpus;
+pub mod metrics;
 pub mod platform;
 pub mod process;
 pub mod proxy;

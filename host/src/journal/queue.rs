@@ -67,6 +67,23 @@ pub(super) enum Op {
     },
 }
 
+impl Op {
+    /// Whether this write may wait for the next durable commit rather than reach the disk at
+    /// once (no fsync of its own): an acknowledgement, a result not asked to be durable, an
+    /// audit record of a refusal, the removal of exported audit records. The writer holds such
+    /// writes for the next batch and commits a batch of them alone without fsync (why a crash
+    /// may lose them: `Writer::commit_batch`).
+    pub(super) fn needs_no_sync(&self) -> bool {
+        matches!(
+            self,
+            Op::Ack { .. }
+                | Op::Finish { durable: false, .. }
+                | Op::Audit { .. }
+                | Op::AuditExported { .. }
+        )
+    }
+}
+
 /// An operation's reply channel with the answer it gets if its batch commits.
 pub(super) enum Answer {
     Accept(oneshot::Sender<Res<Accept>>, Box<Res<Accept>>),

@@ -107,15 +107,7 @@ impl Writer {
             // Writes that need no fsync, alone, wait for the next batch, at most [`HOLD`]: a
             // transaction of their own would copy the same B-tree pages the next task's
             // transaction copies again.
-            if ops.iter().all(|op| {
-                matches!(
-                    op,
-                    Op::Ack { .. }
-                        | Op::Finish { durable: false, .. }
-                        | Op::Audit { .. }
-                        | Op::AuditExported { .. }
-                )
-            }) {
+            if ops.iter().all(Op::needs_no_sync) {
                 self.held.extend(ops);
                 self.held_since.get_or_insert_with(Instant::now);
                 continue;
@@ -212,16 +204,7 @@ impl Writer {
         // - a result lost in a crash leaves its task recorded as running, which the restarted
         //   agent reports `interrupted`; the result itself was sent as it was written, and the
         //   platform keeps the first result it gets for a task.
-        let lazy = !durable
-            && ops.iter().all(|op| {
-                matches!(
-                    op,
-                    Op::Ack { .. }
-                        | Op::Finish { durable: false, .. }
-                        | Op::Audit { .. }
-                        | Op::AuditExported { .. }
-                )
-            });
+        let lazy = !durable && ops.iter().all(Op::needs_no_sync);
         let started = Instant::now();
         let txn = match db.begin_write() {
             Ok(mut txn) => {

@@ -385,37 +385,11 @@ mod tests {
     use super::*;
     use crate::observe::Observer;
     use bridge_protocol::Status;
+    use bridge_testkit::metrics::{promtool_check, samples};
 
     /// The value of the sample `name` (with its labels, as encoded), if present.
     fn sample(text: &str, name: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-
-    /// `promtool check metrics` on `text` (required: Debian's `prometheus` package, installed
-    /// by `.ci/run`).
-    fn promtool_check(text: &str) {
-        use std::io::Write;
-        let mut child = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool is required (Debian's prometheus package; .ci/run installs it)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}{}\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        samples(text).get(name).copied()
     }
 
     #[test]

@@ -62,23 +62,8 @@ impl CacheEvent {
     }
 }
 
-/// Every status a task can end with, in the order of the counters.
-const STATUSES: [Status; 11] = [
-    Status::Ok,
-    Status::Error,
-    Status::FuelExhausted,
-    Status::MemoryLimit,
-    Status::Timeout,
-    Status::StackOverflow,
-    Status::Trap,
-    Status::InvalidModule,
-    Status::Rejected,
-    Status::Cancelled,
-    Status::Interrupted,
-];
-
 fn status_index(status: Status) -> usize {
-    STATUSES
+    Status::ALL
         .iter()
         .position(|s| *s == status)
         .expect("every status is listed")
@@ -89,7 +74,7 @@ pub struct Observer {
     link: Mutex<LinkStats>,
     /// Whether a connection was ever established (the next one is a reconnect).
     connected_once: std::sync::atomic::AtomicBool,
-    finished: [AtomicU64; STATUSES.len()],
+    finished: [AtomicU64; Status::ALL.len()],
     metrics: Option<Metrics>,
 }
 
@@ -192,7 +177,7 @@ impl Observer {
 
     /// Tasks ended since start, by status (statuses with none left out).
     pub fn finished(&self) -> std::collections::BTreeMap<Status, u64> {
-        STATUSES
+        Status::ALL
             .iter()
             .zip(&self.finished)
             .map(|(s, n)| (*s, n.load(Ordering::Relaxed)))

@@ -24,8 +24,7 @@
 //! What this cannot see: records rewritten between two statuses, before the platform saw them.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -35,6 +34,7 @@ use bridge_protocol::AuditHead;
 use bridge_signing::timefmt::format_rfc3339;
 use serde::{Deserialize, Serialize};
 
+use crate::files::{cut, write_state_json};
 use crate::timearg::now_unix;
 
 /// The directory, inside the state directory, of the audit states.
@@ -308,7 +308,7 @@ impl AuditStore {
         }
         state.take(head);
         if state != before {
-            self.write(agent, &state)?;
+            write_state_json(&self.dir, agent, &state)?;
         }
         Ok(raised)
     }
@@ -319,7 +319,7 @@ impl AuditStore {
         let mut state = self.get(agent)?;
         let cleared = state.flag.take();
         if cleared.is_some() {
-            self.write(agent, &state)?;
+            write_state_json(&self.dir, agent, &state)?;
         }
         Ok(cleared)
     }
@@ -333,39 +333,6 @@ impl AuditStore {
             flag: state.flag,
         }))
     }
-
-    /// Replaces the state's file whole: temporary file, sync, rename, sync the directory.
-    fn write(&self, agent: &str, state: &AuditState) -> Result<()> {
-        let path = self.path(agent);
-        let tmp = self.dir.join(format!(".{agent}.tmp"));
-        let mut text = serde_json::to_vec_pretty(state).expect("states serialize");
-        text.push(b'\n');
-        let written = (|| -> std::io::Result<()> {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written.with_context(|| format!("cannot write {}", path.display()))
-    }
-}
-
-/// `text` cut to at most `max` bytes (at a character boundary).
-fn cut(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
 }
 
 #[cfg(test)]

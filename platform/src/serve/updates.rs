@@ -18,8 +18,7 @@
 //!   stored.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -28,6 +27,7 @@ use bridge_protocol::{UpdateReason, UpdateState, UpdateStatus};
 use bridge_signing::timefmt::format_rfc3339;
 use serde::{Deserialize, Serialize};
 
+use crate::files::{cut, write_state_json};
 use crate::timearg::now_unix;
 
 /// The directory, inside the state directory, of the update records.
@@ -148,7 +148,7 @@ impl UpdateStore {
     pub fn create(&self, record: &UpdateRecord) -> Result<()> {
         anyhow::ensure!(is_id(&record.id), "not an update id: {:?}", record.id);
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.write(record)
+        write_state_json(&self.dir, &record.id, record)
     }
 
     /// The record of update `id`, if there is one.
@@ -197,42 +197,9 @@ impl UpdateStore {
             detail: status.detail.as_deref().map(|d| cut(d, MAX_DETAIL_BYTES)),
             received_at: format_rfc3339(now_unix()),
         });
-        self.write(&record)?;
+        write_state_json(&self.dir, &record.id, &record)?;
         Ok(Recorded::Stored(record))
     }
-
-    /// Replaces the record's file whole: temporary file, sync, rename, sync the directory.
-    fn write(&self, record: &UpdateRecord) -> Result<()> {
-        let path = self.path(&record.id);
-        let tmp = self.dir.join(format!(".{}.tmp", record.id));
-        let mut text = serde_json::to_vec_pretty(record).expect("records serialize");
-        text.push(b'\n');
-        let written = (|| -> std::io::Result<()> {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written.with_context(|| format!("cannot write {}", path.display()))
-    }
-}
-
-/// `text` cut to at most `max` bytes (at a character boundary).
-fn cut(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
 }
 
 #[cfg(test)]
