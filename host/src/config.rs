@@ -31,12 +31,11 @@ pub use audit::AuditSection;
 pub use metrics::MetricsSection;
 pub use update::UpdateSection;
 
-/// The flags of `bridge-daemon run`: each overrides the file's value when given.
-
 /// The config file the installer writes, read by `status` and `audit` when given neither
 /// `--state` nor `--config`.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bridge/agent.toml";
 
+/// The flags of `bridge-daemon run`: each overrides the file's value when given.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunFlags {
     /// Agent config file (TOML); see docs/configuration.md.
