@@ -1,7 +1,8 @@
 // The Platform: the server agents connect to (mutual TLS, enrollment, the version handshake), and what a
 // platform does with them: run tasks and wait for their results, stored exactly once before they are acknowledged.
+// The agents and their connections are here; the tasks (tasks.ts), the requests (requests.ts), the
+// statuses (status.ts) and the module bytes they serve (modules.ts) are in their own modules.
 
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { createServer, type Server } from 'node:https';
 import { STATUS_CODES, type IncomingMessage } from 'node:http';
@@ -11,73 +12,22 @@ import type { TLSSocket } from 'node:tls';
 import { WebSocketServer } from 'ws';
 
 import { AuditStore, isAgentId, type AuditFlag } from './audit.js';
+import { positive, stamp } from './checks.js';
 import { bearer, DEFAULT_TOKEN_TTL_MS, REFUSAL_TEXT, Registry } from './enroll.js';
 import { FileStore } from './file-store.js';
 import { ensureStateDir } from './files.js';
+import { Modules } from './modules.js';
+import { Requests } from './requests.js';
 import { CLOSE_REPLACED, IDLE_TIMEOUT_MS, Session, type Logger, type SessionHost } from './session.js';
+import { Statuses } from './status.js';
 import type { ResultStore, StoredResult } from './store.js';
+import { Tasks } from './tasks.js';
 import { agentIdOf, identityFromOptions, loadOrCreateIdentity } from './tls.js';
-import { PlatformError, type AgentInfo, type Chunk, type PlatformEvents, type PlatformHooks, type PlatformOptions, type RequestOptions, type RunOptions } from './api.js';
-import {
-  AGENT_PATH,
-  encodeCancel,
-  encodeError,
-  encodeInstallHandler,
-  encodeListHandlers,
-  encodeRemoveHandler,
-  encodeRun,
-  encodeUpdateAck,
-  MAX_BINARY_BYTES,
-  MAX_ID_BYTES,
-  MAX_WS_PAYLOAD,
-  UNRECORDED_REASONS,
-  utf8Bytes,
-  type AgentMessage,
-  type CancelOutcome,
-  type ErrorBody,
-  type HandlerInfo,
-  type LimitRequest,
-  type RunResult,
-  type StatusReport,
-  type TaskState,
-  type UpdateStatus,
-} from './wire.js';
+import { PlatformError, type AgentInfo, type PlatformEvents, type PlatformOptions, type RequestOptions, type RunOptions } from './api.js';
+import { AGENT_PATH, encodeError, MAX_WS_PAYLOAD, type AgentMessage, type CancelOutcome, type ErrorBody, type HandlerInfo, type RunResult, type StatusReport } from './wire.js';
 
 export { PlatformError } from './api.js';
 export type { AgentInfo, Chunk, PlatformErrorCode, PlatformEvents, PlatformHooks, PlatformOptions, RequestOptions, RunOptions } from './api.js';
-
-interface Waiter {
-  resolve: (r: RunResult) => void;
-  reject: (e: Error) => void;
-  timer: NodeJS.Timeout;
-  onChunk: ((c: Chunk) => void) | undefined;
-  nextSeq: number;
-}
-
-interface Task {
-  taskId: string;
-  agentId: string;
-  runId: string;
-  wire: string;
-  fileSha256: string | undefined;
-  accepted: boolean;
-  state: TaskState | undefined;
-  waiters: Set<Waiter>;
-  /** When the `run` was last sent (`process.hrtime.bigint()`). */
-  sentAt: bigint;
-}
-
-type Reply = { kind: 'cancel'; outcome: CancelOutcome } | { kind: 'handlers'; handlers: HandlerInfo[] };
-
-interface PendingRequest {
-  agentId: string;
-  session: Session;
-  expects: Reply['kind'];
-  fileSha256: string | undefined;
-  resolve: (r: Reply) => void;
-  reject: (e: Error) => void;
-  timer: NodeJS.Timeout;
-}
 
 interface Live {
   session: Session | undefined;
@@ -86,35 +36,13 @@ interface Live {
   agentVersion: string | null;
 }
 
-const DEFAULT_WAIT_MS = 60_000;
-const DEFAULT_REQUEST_WAIT_MS = 30_000;
 const HTTP_TIMEOUT_MS = 10_000;
-
-function stamp(d = new Date()): string {
-  return d.toISOString().replace(/\.\d{3}Z$/, 'Z');
-}
-
-function requestId(prefix: string): string {
-  return `${prefix}-${randomBytes(8).toString('hex')}`;
-}
 
 function parseListen(listen: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(listen);
   const port = m === null ? NaN : Number(m[3]);
   if (m === null || port > 65535) throw new PlatformError('invalid', `listen must be HOST:PORT, not ${JSON.stringify(listen)}`);
   return { host: (m[1] ?? m[2]) as string, port };
-}
-
-function positive(name: string, v: number | undefined): number | undefined {
-  if (v === undefined) return undefined;
-  if (!Number.isSafeInteger(v) || v < 1) throw new PlatformError('invalid', `${name} must be a positive integer`);
-  return v;
-}
-
-function checkId(name: string, v: string): void {
-  if (typeof v !== 'string' || v === '' || utf8Bytes(v) > MAX_ID_BYTES) {
-    throw new PlatformError('invalid', `${name} must be a non-empty string of at most ${MAX_ID_BYTES} bytes`);
-  }
 }
 
 function refuseUpgrade(socket: Duplex, status: number, body: string, refusal?: string): void {
@@ -155,20 +83,17 @@ export class Platform extends EventEmitter<PlatformEvents> {
   private readonly registry: Registry;
   private readonly store: ResultStore;
   private readonly audit: AuditStore;
-  private readonly hooks: PlatformHooks;
   private readonly log: Logger;
   private readonly tokenTtlMs: number;
-  private readonly onRoundTrip: ((us: number, taskId: string) => void) | undefined;
   private readonly live = new Map<string, Live>();
   private readonly sessions = new Set<Session>();
-  private readonly tasks = new Map<string, Task>();
-  private readonly runIds = new Map<string, string>();
-  private readonly requests = new Map<string, PendingRequest>();
-  private readonly modules = new Map<string, { bytes: Uint8Array; refs: number }>();
+  private readonly tasks: Tasks;
+  private readonly requests: Requests;
+  private readonly statuses: Statuses;
   private readonly agentWaiters = new Set<{ id: string | undefined; resolve: (a: AgentInfo) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  /** Results and statuses being stored: close waits for them. */
   private readonly storing = new Set<Promise<void>>();
-  /** Per agent, the last of its statuses being judged: its statuses are taken in order. */
-  private readonly statusQueues = new Map<string, Promise<void>>();
+  private readonly modules = new Modules();
   private closed = false;
   private closing: Promise<void> | undefined;
 
@@ -191,10 +116,31 @@ export class Platform extends EventEmitter<PlatformEvents> {
     this.port = args.port;
     const host = args.host.includes(':') ? `[${args.host}]` : args.host;
     this.url = `wss://${host}:${args.port}${AGENT_PATH}`;
-    this.hooks = args.options.hooks ?? {};
     this.log = args.options.log ?? (() => undefined);
     this.tokenTtlMs = args.options.tokenTtlMs ?? DEFAULT_TOKEN_TTL_MS;
-    this.onRoundTrip = args.options.onRoundTrip;
+    const log = this.log;
+    const ensureOpen = () => this.ensureOpen();
+    const connected = (agentId: string) => this.connected(agentId);
+    this.tasks = new Tasks({
+      store: this.store,
+      modules: this.modules,
+      log,
+      hooks: args.options.hooks ?? {},
+      onRoundTrip: args.options.onRoundTrip,
+      ensureOpen,
+      enrolled: (agentId) => this.enrolled(agentId),
+      connected,
+    });
+    this.requests = new Requests({ modules: this.modules, log, ensureOpen, connected });
+    this.statuses = new Statuses({
+      audit: this.audit,
+      log,
+      emit: <K extends keyof PlatformEvents>(event: K, ...a: PlatformEvents[K]) => void (this.emit as (e: K, ...x: PlatformEvents[K]) => boolean)(event, ...a),
+      keep: (agentId, status) => {
+        this.liveOf(agentId).status = status;
+      },
+      track: (p) => this.track(p),
+    });
     this.sessionHost = {
       welcomed: (s) => this.onWelcomed(s),
       message: (s, m) => this.onMessage(s, m),
@@ -320,13 +266,11 @@ export class Platform extends EventEmitter<PlatformEvents> {
     live.agentVersion = session.agentVersion;
     if (older !== undefined && older !== session) {
       this.log('info', 'a newer connection replaces this one', { agentId: session.agentId });
-      this.failRequests(older, 'replaced by a newer connection of the agent');
+      this.requests.failSession(older, 'replaced by a newer connection of the agent');
       older.close(CLOSE_REPLACED, 'replaced by a newer connection');
     }
     // Runs the agent has not answered may never have arrived: send them again.
-    for (const task of this.tasks.values()) {
-      if (task.agentId === session.agentId && !task.accepted && session.send(task.wire)) task.sentAt = process.hrtime.bigint();
-    }
+    this.tasks.resend(session);
     const info = this.info(session.agentId);
     if (info !== undefined) {
       this.emit('agentConnected', info, session.enrolled);
@@ -343,7 +287,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
   private onClosed(session: Session, why: string): void {
     this.sessions.delete(session);
     const live = this.live.get(session.agentId);
-    this.failRequests(session, `the agent's connection ended: ${why}`);
+    this.requests.failSession(session, `the agent's connection ended: ${why}`);
     if (live?.session === session) {
       live.session = undefined;
       this.log('info', `agent disconnected: ${why}`, { agentId: session.agentId });
@@ -351,10 +295,10 @@ export class Platform extends EventEmitter<PlatformEvents> {
     }
   }
 
-  private failRequests(session: Session, why: string): void {
-    for (const [id, r] of this.requests) {
-      if (r.session === session) this.endRequest(id, r, new PlatformError('disconnected', why));
-    }
+  /** Keeps `p` (a result or status being stored) until it settles: close waits for it. */
+  private track(p: Promise<void>): void {
+    this.storing.add(p);
+    void p.finally(() => this.storing.delete(p));
   }
 
   private onMessage(session: Session, m: AgentMessage): void {
@@ -363,51 +307,28 @@ export class Platform extends EventEmitter<PlatformEvents> {
     live.lastSeen = stamp();
     switch (m.type) {
       case 'status':
-        return this.onStatus(session, m.status);
+        return this.statuses.onStatus(session, m.status);
       case 'need_module': {
         const module = this.modules.get(m.fileSha256);
         const answer =
           module !== undefined
-            ? module.bytes
+            ? module
             : encodeError({ id: m.id, code: 'unexpected', message: `the platform has no module with SHA-256 ${m.fileSha256.slice(0, 64)}` });
         if (module === undefined) this.log('warn', 'the agent asked for an unknown module', { agentId, id: m.id });
         // Even the error is one the agent waits for: it must not be dropped.
         if (!session.reply(answer)) session.close(1008, 'too many module requests without reading the answers');
         return;
       }
-      case 'accepted': {
-        const task = this.tasks.get(m.taskId);
-        if (task !== undefined && task.agentId === agentId) {
-          task.accepted = true;
-          task.state = m.state;
-        }
-        return;
-      }
-      case 'chunk': {
-        const task = this.tasks.get(m.taskId);
-        if (task === undefined || task.agentId !== agentId) return;
-        const chunk: Chunk = { taskId: m.taskId, seq: m.seq, stream: m.stream, data: m.data, droppedBytes: m.droppedBytes };
-        for (const w of task.waiters) {
-          if (w.onChunk === undefined || m.seq < w.nextSeq) continue;
-          w.nextSeq = m.seq + 1;
-          try {
-            w.onChunk(chunk);
-          } catch (e) {
-            this.log('error', `onChunk threw: ${(e as Error).message}`, { taskId: m.taskId });
-          }
-        }
-        return;
-      }
+      case 'accepted':
+        return this.tasks.accepted(agentId, m.taskId, m.state);
+      case 'chunk':
+        return this.tasks.chunk(agentId, m);
       case 'cancel_reply':
-        return this.onReply(agentId, m.id, { kind: 'cancel', outcome: m.outcome });
+        return this.requests.onReply(agentId, m.id, { kind: 'cancel', outcome: m.outcome });
       case 'handlers':
-        return this.onReply(agentId, m.id, { kind: 'handlers', handlers: m.handlers });
-      case 'result': {
-        const p = this.onResult(session, m.id, m.taskId, m.result);
-        this.storing.add(p);
-        void p.finally(() => this.storing.delete(p));
-        return;
-      }
+        return this.requests.onReply(agentId, m.id, { kind: 'handlers', handlers: m.handlers });
+      case 'result':
+        return this.track(this.tasks.onResult(session, m.id, m.taskId, m.result));
       case 'need_release':
         // This platform sends no `update`, so it has no release to serve; the error is an answer
         // the agent waits for (in order with module uploads): it must not be dropped.
@@ -417,7 +338,7 @@ export class Platform extends EventEmitter<PlatformEvents> {
         }
         return;
       case 'update_status':
-        return this.onUpdateStatus(session, m.status);
+        return this.statuses.onUpdateStatus(session, m.status);
       case 'error':
         return this.onAgentError(agentId, m.error);
       case 'hello':
@@ -425,182 +346,13 @@ export class Platform extends EventEmitter<PlatformEvents> {
     }
   }
 
-  /**
-   * Takes a status (checked when decoded) after the agent's earlier ones: judges and stores the
-   * audit head it carries (written before the status is announced), then keeps and announces it.
-   * Reading pauses while too many results and statuses are being stored.
-   */
-  private onStatus(session: Session, status: StatusReport): void {
-    const agentId = session.agentId;
-    if (status.agent_id !== agentId) this.log('warn', 'status names another agent id', { agentId });
-    session.storingStarted();
-    const before = this.statusQueues.get(agentId) ?? Promise.resolve();
-    const p = before.then(() => this.takeStatus(agentId, status)).finally(() => session.storingEnded());
-    this.statusQueues.set(agentId, p);
-    this.storing.add(p);
-    void p.finally(() => {
-      this.storing.delete(p);
-      if (this.statusQueues.get(agentId) === p) this.statusQueues.delete(agentId);
-    });
-  }
-
-  private async takeStatus(agentId: string, status: StatusReport): Promise<void> {
-    let raised: AuditFlag | undefined;
-    if (status.audit !== undefined && status.audit !== null) {
-      try {
-        raised = await this.audit.observe(agentId, status.audit);
-      } catch (e) {
-        this.log('error', `cannot store the audit head: ${(e as Error).message}`, { agentId });
-      }
-    }
-    this.liveOf(agentId).status = status;
-    if (raised !== undefined) {
-      this.log('warn', `audit chain flagged ${raised.kind}: ${raised.detail}`, { agentId, kind: raised.kind, seq: raised.seq });
-      this.emitSafely('auditFlagged', agentId, raised);
-    }
-    this.emitSafely('status', agentId, status);
-  }
-
-  /** Emits an event whose listeners' exceptions are logged, not thrown. */
-  private emitSafely<K extends 'auditFlagged' | 'status'>(event: K, ...args: PlatformEvents[K]): void {
-    try {
-      (this.emit as (e: K, ...a: PlatformEvents[K]) => boolean)(event, ...args);
-    } catch (e) {
-      this.log('error', `a ${event} listener threw: ${(e as Error).message}`, { agentId: args[0] });
-    }
-  }
-
-  /** Announces an update's status; acknowledges a verdict once every listener has returned. */
-  private onUpdateStatus(session: Session, status: UpdateStatus): void {
-    const agentId = session.agentId;
-    this.log(status.state === 'failed' || status.state === 'refused' ? 'warn' : 'info', `update ${status.state}`, {
-      agentId,
-      id: status.id,
-      version: status.version,
-      agentVersion: status.agent_version,
-      reason: status.reason ?? undefined,
-    });
-    try {
-      this.emit('update', agentId, status);
-    } catch (e) {
-      // Not acknowledged: the agent sends the verdict again after its next reconnect.
-      this.log('error', `an update listener threw (the verdict is not acknowledged): ${(e as Error).message}`, { agentId, id: status.id });
-      return;
-    }
-    if (status.state === 'succeeded' || status.state === 'failed') {
-      // Dropped when the agent does not read its replies: it sends the verdict again later.
-      if (!session.reply(encodeUpdateAck(status.id))) this.log('warn', 'the reply queue is full: an update_ack is dropped', { agentId, id: status.id });
-    }
-  }
-
-  private onReply(agentId: string, id: string, reply: Reply): void {
-    const r = this.requests.get(id);
-    if (r === undefined || r.agentId !== agentId || r.expects !== reply.kind) {
-      this.log('warn', `${reply.kind === 'cancel' ? 'cancel_reply' : 'handlers'} for no waiting request (ignored)`, { agentId, id });
-      return;
-    }
-    this.requests.delete(id);
-    clearTimeout(r.timer);
-    this.release(r.fileSha256);
-    r.resolve(reply);
-  }
-
+  /** An agent's `error`: ends the run or the request it answers, else it is logged. */
   private onAgentError(agentId: string, body: ErrorBody): void {
-    const why = `${body.code}: ${body.message}`;
-    if (body.id !== undefined) {
-      const taskId = this.runIds.get(body.id);
-      const task = taskId === undefined ? undefined : this.tasks.get(taskId);
-      if (task !== undefined && task.agentId === agentId) {
-        this.log('warn', `the agent refused a run: ${why}`, { agentId, taskId });
-        this.endTask(task, (w) => w.reject(new PlatformError('agent_error', `the agent answered the run with an error: ${why}`, body)));
-        return;
-      }
-      const r = this.requests.get(body.id);
-      if (r !== undefined && r.agentId === agentId) {
-        this.endRequest(body.id, r, new PlatformError('agent_error', `the agent refused: ${why}`, body));
-        return;
-      }
-    }
-    this.log('warn', `the agent reported an error: ${why}`, { agentId, id: body.id });
-  }
-
-  /** Stores a result, then acknowledges it (a refusal the agent does not record is acknowledged, not stored). */
-  private async onResult(session: Session, runId: string, taskId: string, result: RunResult): Promise<void> {
-    const agentId = session.agentId;
-    session.storingStarted();
-    try {
-      if (result.status === 'rejected' && typeof result.reason === 'string' && UNRECORDED_REASONS.has(result.reason)) {
-        session.ack(taskId);
-        const task = this.tasks.get(taskId);
-        if (task !== undefined && task.agentId === agentId && task.runId === runId) this.finish(task, result);
-        return;
-      }
-      const outcome = await this.store.put(taskId, agentId, result as unknown as Record<string, unknown>);
-      await this.hooks.afterStore?.(taskId);
-      session.ack(taskId);
-      const task = this.tasks.get(taskId);
-      if (outcome.kind === 'conflict') {
-        this.log('warn', 'a result for a task id whose stored result came from another agent (acknowledged, not stored)', { agentId, taskId, storedFrom: outcome.stored.agentId });
-        if (task !== undefined && task.agentId === agentId) {
-          this.endTask(task, (w) => w.reject(new PlatformError('conflict', `task ${taskId}: the stored result came from agent ${outcome.stored.agentId}`)));
-        }
-        return;
-      }
-      if (task !== undefined && task.agentId === agentId) this.finish(task, outcome.stored.result as unknown as RunResult);
-    } catch (e) {
-      this.log('error', `cannot store a result (not acknowledged; the agent will send it again): ${(e as Error).message}`, { agentId, taskId });
-    } finally {
-      session.storingEnded();
-    }
+    if (body.id !== undefined && (this.tasks.refused(agentId, body.id, body) || this.requests.refused(agentId, body.id, body))) return;
+    this.log('warn', `the agent reported an error: ${body.code}: ${body.message}`, { agentId, id: body.id });
   }
 
   // ---- tasks and requests --------------------------------------------------------------------
-
-  private retain(sha: string, bytes: Uint8Array): void {
-    const m = this.modules.get(sha);
-    if (m === undefined) this.modules.set(sha, { bytes, refs: 1 });
-    else m.refs++;
-  }
-
-  private release(sha: string | undefined): void {
-    if (sha === undefined) return;
-    const m = this.modules.get(sha);
-    if (m !== undefined && --m.refs === 0) this.modules.delete(sha);
-  }
-
-  /** Ends a task with its result. */
-  private finish(task: Task, result: RunResult): void {
-    if (this.onRoundTrip !== undefined && this.tasks.get(task.taskId) === task) {
-      const us = Number((process.hrtime.bigint() - task.sentAt) / 1000n);
-      try {
-        this.onRoundTrip(us, task.taskId);
-      } catch (e) {
-        this.log('error', `onRoundTrip threw: ${(e as Error).message}`);
-      }
-    }
-    this.endTask(task, (w) => w.resolve(result));
-  }
-
-  private endTask(task: Task, settle: (w: Waiter) => void): void {
-    if (this.tasks.get(task.taskId) === task) {
-      this.tasks.delete(task.taskId);
-      this.runIds.delete(task.runId);
-      this.release(task.fileSha256);
-    }
-    for (const w of task.waiters) {
-      clearTimeout(w.timer);
-      settle(w);
-    }
-    task.waiters.clear();
-  }
-
-  private endRequest(id: string, r: PendingRequest, error: Error): void {
-    if (this.requests.get(id) !== r) return;
-    this.requests.delete(id);
-    clearTimeout(r.timer);
-    this.release(r.fileSha256);
-    r.reject(error);
-  }
 
   private ensureOpen(): void {
     if (this.closed) throw new PlatformError('closed', 'the platform is closed');
@@ -632,120 +384,12 @@ export class Platform extends EventEmitter<PlatformEvents> {
    * answered the `run` with an `error`), `conflict`, `invalid`, `closed`.
    */
   async run(agentId: string, options: RunOptions): Promise<RunResult> {
-    this.ensureOpen();
-    const o = options;
-    if ((o.command === undefined) === (o.module === undefined)) throw new PlatformError('invalid', 'give exactly one of command and module');
-    if (o.command !== undefined) checkId('command', o.command);
-    if (o.module !== undefined) {
-      if (!(o.module instanceof Uint8Array)) throw new PlatformError('invalid', 'module must be a Uint8Array');
-      if (o.module.length > MAX_BINARY_BYTES) throw new PlatformError('invalid', `module is larger than ${MAX_BINARY_BYTES} bytes`);
-    }
-    if (o.signature !== undefined && o.module === undefined) throw new PlatformError('invalid', 'signature goes with module');
-    if (o.args !== undefined && (!Array.isArray(o.args) || !o.args.every((a) => typeof a === 'string'))) {
-      throw new PlatformError('invalid', 'args must be an array of strings');
-    }
-    const taskId = o.taskId ?? randomUUID();
-    checkId('taskId', taskId);
-    const limits: LimitRequest = {};
-    const fuel = positive('fuel', o.fuel);
-    const memoryMiB = positive('memoryMiB', o.memoryMiB);
-    const timeoutMs = positive('timeoutMs', o.timeoutMs);
-    const outputBytes = positive('outputBytes', o.outputBytes);
-    if (fuel !== undefined) limits.fuel = fuel;
-    if (memoryMiB !== undefined) limits.memory_bytes = memoryMiB * 1024 * 1024;
-    if (timeoutMs !== undefined) limits.timeout_ms = timeoutMs;
-    if (outputBytes !== undefined) limits.output_bytes = outputBytes;
-    let notAfter: string | undefined;
-    if (o.notAfter !== undefined) {
-      const d = o.notAfter instanceof Date ? o.notAfter : new Date(o.notAfter);
-      if (Number.isNaN(d.getTime())) throw new PlatformError('invalid', 'notAfter is not a date');
-      notAfter = stamp(d);
-    }
-    const waitMs = positive('waitMs', o.waitMs) ?? Math.max(DEFAULT_WAIT_MS, (timeoutMs ?? 0) + 30_000);
-    let input: unknown = o.input ?? null;
-    if (input !== null) {
-      const text = JSON.stringify(input);
-      if (text === undefined) throw new PlatformError('invalid', 'input is not JSON');
-      input = JSON.parse(text) as unknown;
-    }
-    this.enrolled(agentId);
-
-    const stored = await this.store.get(taskId);
-    if (stored !== undefined) {
-      if (stored.agentId === agentId) return stored.result as unknown as RunResult;
-      throw new PlatformError('conflict', `task ${taskId}: its stored result came from agent ${stored.agentId} (task ids are global)`);
-    }
-    this.ensureOpen();
-    let task = this.tasks.get(taskId);
-    if (task !== undefined && task.agentId !== agentId) throw new PlatformError('conflict', `task ${taskId} is in flight on agent ${task.agentId}`);
-    if (task === undefined) {
-      const session = this.connected(agentId);
-      const runId = requestId('run');
-      const fileSha256 = o.module === undefined ? undefined : createHash('sha256').update(o.module).digest('hex');
-      const wire = encodeRun({
-        id: runId,
-        taskId,
-        ...(o.command !== undefined ? { command: o.command } : {}),
-        ...(fileSha256 !== undefined ? { fileSha256 } : {}),
-        ...(o.signature !== undefined ? { signature: Buffer.from(o.signature).toString('base64') } : {}),
-        input,
-        ...(o.args !== undefined ? { args: o.args } : {}),
-        limits,
-        ...(notAfter !== undefined ? { notAfter } : {}),
-        idempotent: o.idempotent === true,
-        stream: o.onChunk !== undefined,
-      });
-      if (utf8Bytes(wire) > 1024 * 1024) throw new PlatformError('invalid', 'the run message is larger than 1 MiB (input too large?)');
-      if (fileSha256 !== undefined && o.module !== undefined) this.retain(fileSha256, o.module);
-      task = { taskId, agentId, runId, wire, fileSha256, accepted: false, state: undefined, waiters: new Set(), sentAt: process.hrtime.bigint() };
-      this.tasks.set(taskId, task);
-      this.runIds.set(runId, taskId);
-      session.send(wire);
-    }
-    const t = task;
-    return new Promise<RunResult>((resolve, reject) => {
-      const w: Waiter = {
-        resolve,
-        reject,
-        onChunk: o.onChunk,
-        nextSeq: 0,
-        timer: setTimeout(() => {
-          t.waiters.delete(w);
-          if (t.waiters.size === 0) this.endTask(t, () => undefined);
-          reject(new PlatformError('timeout', `no result for task ${taskId} within ${waitMs} ms`));
-        }, waitMs),
-      };
-      t.waiters.add(w);
-    });
-  }
-
-  private request(agentId: string, expects: Reply['kind'], prefix: string, encode: (id: string) => string, waitMs: number | undefined, module?: { sha: string; bytes: Uint8Array }): Promise<Reply> {
-    this.ensureOpen();
-    const wait = positive('waitMs', waitMs) ?? DEFAULT_REQUEST_WAIT_MS;
-    const session = this.connected(agentId);
-    const id = requestId(prefix);
-    return new Promise<Reply>((resolve, reject) => {
-      const r: PendingRequest = {
-        agentId,
-        session,
-        expects,
-        fileSha256: module?.sha,
-        resolve,
-        reject,
-        timer: setTimeout(() => this.endRequest(id, r, new PlatformError('timeout', `no reply from agent ${agentId} within ${wait} ms`)), wait),
-      };
-      if (module !== undefined) this.retain(module.sha, module.bytes);
-      this.requests.set(id, r);
-      session.send(encode(id));
-    });
+    return this.tasks.run(agentId, options);
   }
 
   /** Cancels a task (queued or running); resolves with the agent's outcome: `cancelling`, `dequeued`, `finished` or `unknown`. */
   async cancel(agentId: string, taskId: string, options: RequestOptions = {}): Promise<CancelOutcome> {
-    checkId('taskId', taskId);
-    const r = await this.request(agentId, 'cancel', 'cancel', (id) => encodeCancel(id, taskId), options.waitMs);
-    if (r.kind !== 'cancel') throw new Error('unreachable');
-    return r.outcome;
+    return this.requests.cancel(agentId, taskId, options.waitMs);
   }
 
   /**
@@ -754,30 +398,17 @@ export class Platform extends EventEmitter<PlatformEvents> {
    * `reason`, e.g. `out_of_scope`) when the agent refuses it.
    */
   async installHandler(agentId: string, name: string, signedBytes: Uint8Array, options: RequestOptions & { signature?: Uint8Array } = {}): Promise<HandlerInfo[]> {
-    checkId('name', name);
-    if (!(signedBytes instanceof Uint8Array) || signedBytes.length > MAX_BINARY_BYTES) {
-      throw new PlatformError('invalid', `signedBytes must be a Uint8Array of at most ${MAX_BINARY_BYTES} bytes`);
-    }
-    const sha = createHash('sha256').update(signedBytes).digest('hex');
-    const signature = options.signature === undefined ? undefined : Buffer.from(options.signature).toString('base64');
-    const r = await this.request(agentId, 'handlers', 'install', (id) => encodeInstallHandler(id, name, sha, signature), options.waitMs, { sha, bytes: signedBytes });
-    if (r.kind !== 'handlers') throw new Error('unreachable');
-    return r.handlers;
+    return this.requests.installHandler(agentId, name, signedBytes, options.signature, options.waitMs);
   }
 
   /** Removes the handler for a command name; resolves with the handlers after the change (`agent_error` `not_found` when none). */
   async removeHandler(agentId: string, name: string, options: RequestOptions = {}): Promise<HandlerInfo[]> {
-    checkId('name', name);
-    const r = await this.request(agentId, 'handlers', 'remove', (id) => encodeRemoveHandler(id, name), options.waitMs);
-    if (r.kind !== 'handlers') throw new Error('unreachable');
-    return r.handlers;
+    return this.requests.removeHandler(agentId, name, options.waitMs);
   }
 
   /** The agent's installed handlers. */
   async handlers(agentId: string, options: RequestOptions = {}): Promise<HandlerInfo[]> {
-    const r = await this.request(agentId, 'handlers', 'handlers', (id) => encodeListHandlers(id), options.waitMs);
-    if (r.kind !== 'handlers') throw new Error('unreachable');
-    return r.handlers;
+    return this.requests.handlers(agentId, options.waitMs);
   }
 
   /** The stored result of a task id (from the store), or `undefined`. */
@@ -871,8 +502,8 @@ export class Platform extends EventEmitter<PlatformEvents> {
     this.server.closeAllConnections();
     await Promise.allSettled([...this.storing]);
     const closedError = () => new PlatformError('closed', 'the platform was closed');
-    for (const task of [...this.tasks.values()]) this.endTask(task, (w) => w.reject(closedError()));
-    for (const [id, r] of [...this.requests]) this.endRequest(id, r, closedError());
+    this.tasks.failAll(closedError);
+    this.requests.failAll(closedError);
     for (const w of this.agentWaiters) {
       clearTimeout(w.timer);
       w.reject(closedError());
