@@ -24,6 +24,9 @@ pub fn cargo() -> Command {
     c
 }
 
+/// The environment variable naming a directory of prebuilt binaries to use instead (see [`bin`]).
+pub const BIN_DIR_ENV: &str = "BRIDGE_BENCH_BIN_DIR";
+
 /// The package that builds binary `name`.
 fn package_of(name: &str) -> &'static str {
     match name {
@@ -38,7 +41,16 @@ fn package_of(name: &str) -> &'static str {
 /// benchmarks), built there first when missing. Cargo builds a package's own binaries before
 /// its tests; the other package's is as fresh as the last build (`cargo xtask test` builds
 /// everything first).
+///
+/// `BRIDGE_BENCH_BIN_DIR`, when set, names another directory holding both binaries (a baseline
+/// build the benchmarks compare against): they are taken from there and never built.
 pub fn bin(name: &str) -> PathBuf {
+    package_of(name);
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        let path = Path::new(&dir).join(name);
+        assert!(path.is_file(), "{} is missing ({BIN_DIR_ENV})", path.display());
+        return path;
+    }
     let exe = std::env::current_exe().expect("the path of the running program");
     // target/<profile>/deps/<test> -> target/<profile>
     let dir = exe

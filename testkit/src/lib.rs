@@ -33,6 +33,7 @@
 //! * [`supervisor`]: an installed agent under a supervisor that restarts it as systemd would.
 //! * [`audit`]: the agent's audit files, in sequence order.
 //! * [`cpus`]: the benchmarks' CPU affinity (which CPUs, pinning to some).
+//! * [`figures`]: the headline figures of a benchmark, for `cargo xtask bench`'s summary.
 //! * [`metrics`]: the agent's Prometheus endpoint, `promtool check metrics`, a scrape's samples.
 
 pub mod agent;
@@ -41,6 +42,7 @@ pub mod bins;
 pub mod call;
 pub mod control;
 pub mod cpus;
+pub mod figures;
 pub mod metrics;
 pub mod platform;
 pub mod process;
