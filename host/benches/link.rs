@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use bridge_testkit::{Agent, Platform, Publisher};
+use bridge_testkit::{figures, Agent, Platform, Publisher};
 use serde_json::json;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -85,8 +85,12 @@ fn main() {
         percentile(&rtts, 0.99)
     );
 
+    figures::record("link.round_trip_median_ms", percentile(&rtts, 0.5), "ms");
+    figures::record("link.round_trip_p99_ms", percentile(&rtts, 0.99), "ms");
+
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(pid);
+    figures::record("link.idle_rss_mib", idle as f64 / 1024.0, "MiB");
     println!(
         "agent resident memory, idle and connected: {:.1} MiB   (target: under 10 MiB)",
         idle as f64 / 1024.0
@@ -102,6 +106,12 @@ fn main() {
     let (min, max) = (
         *samples.iter().min().unwrap(),
         *samples.iter().max().unwrap(),
+    );
+    figures::record("link.outage_rss_max_mib", max as f64 / 1024.0, "MiB");
+    figures::record(
+        "link.outage_rss_spread_mib",
+        (max - min) as f64 / 1024.0,
+        "MiB",
     );
     println!(
         "agent resident memory across {outage_secs} s of failed reconnects (1 s ceiling): min {:.1} MiB, max {:.1} MiB, first {:.1}, last {:.1}, spread {:.2} MiB   (target: flat within ±1 MiB)",

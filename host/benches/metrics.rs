@@ -18,31 +18,19 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bridge_testkit::cpus::{allowed_cpus, pin};
+use bridge_testkit::load::{cpu_secs, keep_in_flight};
 use bridge_testkit::metrics::endpoint;
 use bridge_testkit::{Agent, Platform, Publisher};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 const IN_FLIGHT: usize = 32;
-
-/// CPU time (seconds) a process used: user and system, from `/proc/<pid>/stat`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: f64 = fields[11..13]
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
 
 /// One scrape of `GET /metrics`; the body's length.
 fn scrape(addr: SocketAddr) -> usize {
@@ -61,67 +49,23 @@ fn scrape(addr: SocketAddr) -> usize {
 /// Keeps [`IN_FLIGHT`] warm `hello` tasks running on agent `id` for `secs` (scraping
 /// `metrics` every second if given); returns the agent's CPU microseconds per task.
 fn measure(socket: &Path, id: &str, pid: u32, secs: f64, metrics: Option<SocketAddr>) -> f64 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let req = json!({"cmd": "run", "agent": id, "command": "hello", "input": {"name": "bench"}});
-    let line: Arc<str> = format!("{req}\n").into();
-    let socket = socket.to_path_buf();
-    runtime.block_on(async move {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let clients: Vec<_> = (0..IN_FLIGHT)
-            .map(|_| {
-                let (socket, line) = (socket.clone(), line.clone());
-                let (stop, done) = (stop.clone(), done.clone());
-                tokio::spawn(async move {
-                    let conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                    let (read, mut write) = conn.into_split();
-                    let mut read = tokio::io::BufReader::new(read);
-                    let mut response = String::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        write.write_all(line.as_bytes()).await.unwrap();
-                        response.clear();
-                        let n = tokio::time::timeout(
-                            Duration::from_secs(60),
-                            read.read_line(&mut response),
-                        )
-                        .await
-                        .expect("no response within 60 s")
-                        .unwrap();
-                        assert!(n > 0, "the platform closed the control connection");
-                        assert!(response.contains("\"status\":\"ok\""), "{response}");
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        let scraper = metrics.map(|addr| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    scrape(addr);
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            })
-        });
-        // Warm the connections up, then count over the window.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (n0, c0) = (done.load(Ordering::SeqCst), cpu_secs(pid));
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let (n1, c1) = (done.load(Ordering::SeqCst), cpu_secs(pid));
-        stop.store(true, Ordering::SeqCst);
-        for client in clients {
-            client.await.unwrap();
-        }
-        if let Some(s) = scraper {
-            s.join().unwrap();
-        }
-        let tasks = (n1 - n0) as f64;
-        assert!(tasks > 0.0, "no task finished in {secs} s");
-        (c1 - c0) / tasks * 1e6
-    })
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = metrics.map(|addr| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                scrape(addr);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    });
+    let w = keep_in_flight(socket, &req, IN_FLIGHT, secs, || cpu_secs(pid));
+    stop.store(true, Ordering::SeqCst);
+    if let Some(s) = scraper {
+        s.join().unwrap();
+    }
+    (w.after - w.before) / w.tasks as f64 * 1e6
 }
 
 /// The observer's work for one warm WASM task (a cache hit, two journal commits, the task's

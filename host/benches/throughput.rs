@@ -35,52 +35,13 @@
 //! rounds of 2 s instead of 5 of 5 s.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bridge_testkit::cpus::{allowed_cpus, pin};
-use bridge_testkit::{Agent, Platform, Publisher};
+use bridge_testkit::load::{cpu_secs, keep_in_flight};
+use bridge_testkit::{figures, Agent, Platform, Publisher};
 use serde_json::json;
-
-/// Whether a `run` response reports a successful result. Only the status is decoded (into
-/// borrowed fields, the rest skipped): a JSON tree of every response (the whole result) was
-/// most of the load generator's own work, on CPUs it shares with the platform.
-fn succeeded(response: &str) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Response<'a> {
-        #[serde(borrow)]
-        result: Option<Outcome<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Outcome<'a> {
-        #[serde(borrow)]
-        status: std::borrow::Cow<'a, str>,
-    }
-    serde_json::from_str::<Response<'_>>(response)
-        .ok()
-        .and_then(|r| r.result)
-        .is_some_and(|o| o.status == "ok")
-}
-
-/// CPU time (seconds) a process used, from `/proc/<pid>/stat`: user and system time, its own
-/// and that of the children it waited for (the shell fallback's `/bin/true` processes count
-/// for the agent).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    // utime, stime, cutime, cstime are fields 14-17 of the line, 12-15 after the name.
-    let ticks: f64 = fields[11..15]
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
 
 /// Busy and stolen time (seconds) of `cpus` from `/proc/stat`'s per-CPU lines. Busy counts
 /// whatever ran there (processes, kernel threads such as writeback, interrupts); stolen is
@@ -171,9 +132,6 @@ impl Round {
 
 /// Runs `command` from `concurrency` connections for `secs`; returns tasks per second and the
 /// CPU each process spent per task over the same window.
-///
-/// The clients share one thread (an async runtime): a thread per connection would spend a
-/// context switch per response on the CPUs the platform needs (all of them, co-located).
 fn measure(
     socket: &Path,
     setup: &Setup,
@@ -182,78 +140,33 @@ fn measure(
     concurrency: usize,
     secs: f64,
 ) -> Round {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let socket = socket.to_path_buf();
-    // The same request every time, encoded once.
     let req = json!({"cmd": "run", "agent": id, "command": command, "input": {"name": "bench"}});
-    let line: Arc<str> = format!("{req}\n").into();
-    runtime.block_on(async move {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let clients: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (socket, line) = (socket.clone(), line.clone());
-                let (stop, done) = (stop.clone(), done.clone());
-                tokio::spawn(async move {
-                    let conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                    let (read, mut write) = conn.into_split();
-                    let mut read = tokio::io::BufReader::new(read);
-                    let mut response = String::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        write.write_all(line.as_bytes()).await.unwrap();
-                        response.clear();
-                        let n = tokio::time::timeout(
-                            Duration::from_secs(60),
-                            read.read_line(&mut response),
-                        )
-                        .await
-                        .expect("no response within 60 s")
-                        .unwrap();
-                        assert!(n > 0, "the platform closed the control connection");
-                        assert!(succeeded(&response), "{response}");
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        // Warm up the connections, then count over the window.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let all_cpus = setup.all_cpus();
-        let cpu = || {
-            (
-                [
-                    cpu_secs(setup.agent),
-                    cpu_secs(setup.platform),
-                    cpu_secs(std::process::id()),
-                ],
-                [cpu_busy(&setup.agent_cpus), cpu_busy(&setup.other_cpus)],
-                cpu_busy(&all_cpus),
-            )
-        };
-        let (n0, t0, c0) = (done.load(Ordering::SeqCst), Instant::now(), cpu());
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let (n1, t1, c1) = (done.load(Ordering::SeqCst), Instant::now(), cpu());
-        stop.store(true, Ordering::SeqCst);
-        for client in clients {
-            client.await.unwrap();
-        }
-        let (tasks, elapsed) = ((n1 - n0) as f64, (t1 - t0).as_secs_f64());
-        assert!(tasks > 0.0, "no {command} task finished in {secs} s");
-        let per_task = |i: usize| (c1.0[i] - c0.0[i]) / tasks * 1e6;
-        let share = |i: usize, n: usize| (c1.1[i].0 - c0.1[i].0) / (elapsed * n as f64);
-        Round {
-            rate: tasks / elapsed,
-            agent_us: per_task(0),
-            platform_us: per_task(1),
-            clients_us: per_task(2),
-            agent_busy: share(0, setup.agent_cpus.len()),
-            other_busy: share(1, setup.other_cpus.len()),
-            steal: (c1.2 .1 - c0.2 .1) / (elapsed * all_cpus.len() as f64),
-        }
-    })
+    let all_cpus = setup.all_cpus();
+    let cpu = || {
+        (
+            [
+                cpu_secs(setup.agent),
+                cpu_secs(setup.platform),
+                cpu_secs(std::process::id()),
+            ],
+            [cpu_busy(&setup.agent_cpus), cpu_busy(&setup.other_cpus)],
+            cpu_busy(&all_cpus),
+        )
+    };
+    let w = keep_in_flight(socket, &req, concurrency, secs, cpu);
+    let (c0, c1, elapsed) = (&w.before, &w.after, w.elapsed.as_secs_f64());
+    let tasks = w.tasks as f64;
+    let per_task = |i: usize| (c1.0[i] - c0.0[i]) / tasks * 1e6;
+    let share = |i: usize, n: usize| (c1.1[i].0 - c0.1[i].0) / (elapsed * n as f64);
+    Round {
+        rate: w.rate(),
+        agent_us: per_task(0),
+        platform_us: per_task(1),
+        clients_us: per_task(2),
+        agent_busy: share(0, setup.agent_cpus.len()),
+        other_busy: share(1, setup.other_cpus.len()),
+        steal: (c1.2 .1 - c0.2 .1) / (elapsed * all_cpus.len() as f64),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -412,6 +325,23 @@ fn main() {
         println!(
             "the agent's own CPU time per task there, shell / hello: {:.1}x",
             s.agent_us / w.agent_us
+        );
+        figures::record("throughput.ratio", w.rate / s.rate, "x");
+        figures::record("throughput.cpu_ratio", s.agent_us / w.agent_us, "x");
+    }
+    // The figures at the largest level, for `cargo xtask bench`'s summary.
+    let l = levels.len() - 1;
+    for (c, (command, _)) in commands.iter().enumerate() {
+        let m = medians[l][c];
+        figures::record(
+            &format!("throughput.{command}_tasks_per_s"),
+            m.rate,
+            "tasks/s",
+        );
+        figures::record(
+            &format!("throughput.{command}_agent_cpu_us"),
+            m.agent_us,
+            "us",
         );
     }
     if let Ok(bytes) = std::fs::metadata(state.join("journal.redb")).map(|m| m.len()) {

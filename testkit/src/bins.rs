@@ -48,7 +48,11 @@ pub fn bin(name: &str) -> PathBuf {
     package_of(name);
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         let path = Path::new(&dir).join(name);
-        assert!(path.is_file(), "{} is missing ({BIN_DIR_ENV})", path.display());
+        assert!(
+            path.is_file(),
+            "{} is missing ({BIN_DIR_ENV})",
+            path.display()
+        );
         return path;
     }
     let exe = std::env::current_exe().expect("the path of the running program");

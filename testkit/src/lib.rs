@@ -33,6 +33,8 @@
 //! * [`supervisor`]: an installed agent under a supervisor that restarts it as systemd would.
 //! * [`audit`]: the agent's audit files, in sequence order.
 //! * [`cpus`]: the benchmarks' CPU affinity (which CPUs, pinning to some).
+//! * [`load`] (feature `tokio`): tasks kept in flight on the control socket, and a process's CPU
+//!   time, for the benchmarks.
 //! * [`figures`]: the headline figures of a benchmark, for `cargo xtask bench`'s summary.
 //! * [`metrics`]: the agent's Prometheus endpoint, `promtool check metrics`, a scrape's samples.
 
@@ -43,6 +45,8 @@ pub mod call;
 pub mod control;
 pub mod cpus;
 pub mod figures;
+#[cfg(feature = "tokio")]
+pub mod load;
 pub mod metrics;
 pub mod platform;
 pub mod process;

@@ -6,7 +6,8 @@
 //! - `test`: the whole test suite (what CI runs after fmt and clippy): the Rust workspace's,
 //!   then the Node SDK's (`sdk/node`, against the binaries just built).
 //! - `test-node`: the Node SDK's suite alone.
-//! - `bench`: the benchmarks, printing medians.
+//! - `bench`: the benchmarks, then a summary of each headline figure beside its target (and
+//!   a baseline build's, with `--baseline DIR`).
 //! - `node-demo`: the Node quick start (`examples/node-platform`, a real agent).
 //! - `bench-node`: the Node SDK's platform against `bridgectl serve`, side by side.
 //! - `next-daemon`: the agent rebuilt as its next version, for the self-update tests.
@@ -19,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use bridge_testkit::bins::WASM_TARGET;
 use bridge_testkit::{Control, Proc};
 
+mod bench;
 mod deps;
 mod node;
 
@@ -48,7 +50,7 @@ fn main() -> Result<()> {
                  demo            run the end-to-end demo (same as `cargo demo`)\n  \
                  test            run the whole test suite (Rust, then the Node SDK's)\n  \
                  test-node       run the Node SDK's tests alone (against target/debug's binaries)\n  \
-                 bench           run the benchmarks and print medians\n  \
+                 bench           [--baseline DIR] [--only NAMES]: the benchmarks, then each figure beside its target\n  \
                  node-demo       the Node quick start: examples/node-platform with a real agent\n  \
                  bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
@@ -594,11 +596,10 @@ fn build_release_bins() -> Result<()> {
     run(bins)
 }
 
+/// Every benchmark and the summary of its figures against the targets (see `bench.rs`).
 fn bench(rest: &[String]) -> Result<()> {
     build_examples()?;
-    // The link and throughput benchmarks drive release builds of both binaries.
+    // The link, throughput and cold-start benchmarks drive release builds of both binaries.
     build_release_bins()?;
-    let mut cmd = cargo();
-    cmd.args(["bench", "-p", "bridge-host"]).args(rest);
-    run(cmd)
+    bench::run(&root(), rest, |_dir| Ok(()))
 }
