@@ -218,6 +218,20 @@ struct CallArgs {
     allow_unsigned: bool,
 }
 
+/// The log filter: `RUST_LOG` (`LEVEL` or `TARGET=LEVEL` directives, comma-separated; no span or
+/// field filters, which would need a regular-expression engine in the binary), else `default`; a
+/// `RUST_LOG` that does not parse is reported on stderr and ignored.
+fn log_filter(default: &str) -> tracing_subscriber::filter::Targets {
+    let fallback = || default.parse().expect("a level is a valid filter");
+    match std::env::var("RUST_LOG") {
+        Ok(directives) => directives.parse().unwrap_or_else(|e| {
+            eprintln!("RUST_LOG={directives:?} ignored ({e}); logging at {default}");
+            fallback()
+        }),
+        Err(_) => fallback(),
+    }
+}
+
 fn init_logging(verbose: u8, service: bool) {
     let default = match verbose {
         0 if service => "info",
@@ -225,13 +239,14 @@ fn init_logging(verbose: u8, service: bool) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        .finish()
+        .with(log_filter(default))
         .init();
 }
 

@@ -8,6 +8,7 @@
 //! - `test-node`: the Node SDK's suite alone.
 //! - `bench`: the benchmarks, then a summary of each headline figure beside its target (and
 //!   a baseline build's, with `--baseline DIR`).
+//! - `size`: the agent binary's size, stripped, gzipped and by ELF section.
 //! - `node-demo`: the Node quick start (`examples/node-platform`, a real agent).
 //! - `bench-node`: the Node SDK's platform against `bridgectl serve`, side by side.
 //! - `next-daemon`: the agent rebuilt as its next version, for the self-update tests.
@@ -23,6 +24,7 @@ use bridge_testkit::{Control, Proc};
 mod bench;
 mod deps;
 mod node;
+mod size;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +40,7 @@ fn main() -> Result<()> {
         "bench-node" => bench_node(),
         "node-demo" => node_demo(),
         "bench" => bench(rest),
+        "size" => size::command(&root(), rest, build_release_bins),
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
         "schema" => schema(),
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
                  test            run the whole test suite (Rust, then the Node SDK's)\n  \
                  test-node       run the Node SDK's tests alone (against target/debug's binaries)\n  \
                  bench           [--baseline DIR] [--only NAMES]: the benchmarks, then each figure beside its target\n  \
+                 size            [--bin-dir DIR]: the agent binary's size, stripped, gzipped and by section\n  \
                  node-demo       the Node quick start: examples/node-platform with a real agent\n  \
                  bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
                  deps [ROOT]     list the modules' use edges; fail on an import cycle\n  \
@@ -601,5 +605,5 @@ fn bench(rest: &[String]) -> Result<()> {
     build_examples()?;
     // The link, throughput and cold-start benchmarks drive release builds of both binaries.
     build_release_bins()?;
-    bench::run(&root(), rest, |_dir| Ok(()))
+    bench::run(&root(), rest, size::report)
 }

@@ -142,10 +142,10 @@ pub fn engine_config(config: &SandboxConfig) -> Config {
         .coredump_on_trap(true)
         // The fiber a run executes on also hosts WASI calls; give them room beyond wasm's share.
         .async_stack_size(config.max_wasm_stack + (1 << 20))
-        .cranelift_opt_level(OptLevel::Speed)
-        // Handlers are small and compile off the async threads already; compiling on one thread
-        // spares the agent a rayon pool whose malloc arenas keep megabytes resident afterwards.
-        .parallel_compilation(false);
+        // Handlers are small and compile off the async threads already, on one thread: wasmtime
+        // is built without `parallel-compilation`, which spares the binary rayon and the agent a
+        // thread pool whose malloc arenas keep megabytes resident afterwards.
+        .cranelift_opt_level(OptLevel::Speed);
     let slots = config.max_concurrent_runs.max(1);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_core_instances(slots)

@@ -63,13 +63,27 @@ pub struct ServeArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(log_filter("info"))
         .try_init();
+}
+
+/// The log filter: `RUST_LOG` (`LEVEL` or `TARGET=LEVEL` directives, comma-separated), else
+/// `default`; a `RUST_LOG` that does not parse is reported on stderr and ignored.
+fn log_filter(default: &str) -> tracing_subscriber::filter::Targets {
+    let fallback = || default.parse().expect("a level is a valid filter");
+    match std::env::var("RUST_LOG") {
+        Ok(directives) => directives.parse().unwrap_or_else(|e| {
+            eprintln!("RUST_LOG={directives:?} ignored ({e}); logging at {default}");
+            fallback()
+        }),
+        Err(_) => fallback(),
+    }
 }
 
 /// Runs `serve`.
