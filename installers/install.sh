@@ -720,9 +720,11 @@ MAX_BINARY=536870912
 NAME=bridge-daemon-linux-$ARCH
 DL=$BASE_URL/downloads/${VERSION:+$VERSION/}$NAME
 
-# verify_manifest FILE: the signed release manifest (installers/README.md): its format, its signature
-# under --release-key (over "bridge.release.v1\0" and every line before "signature "), then
-# what it says: os, arch and, with --version, the version. Sets MF_VERSION, MF_SIZE, MF_SHA256.
+# verify_manifest FILE: the signed release manifest (installers/README.md), format 1 or 2: its
+# format, its signature under --release-key (over "bridge.release.v1\0" and every line before
+# "signature "), then what it says: os, arch and, with --version, the version. Sets MF_FORMAT,
+# MF_VERSION, MF_SIZE, MF_SHA256 and, for format 2 (the binary served as a gzip archive),
+# MF_ARCHIVE_SIZE and MF_ARCHIVE_SHA256.
 verify_manifest() {
     _m=$1
     _bad="the release manifest $DL.manifest"
@@ -730,10 +732,25 @@ verify_manifest() {
     if LC_ALL=C grep -q '[^ -~]' "$_m" || [ "$(tail -c 1 "$_m" | od -An -tx1 | tr -d ' \n')" != 0a ]; then
         die "$_bad is malformed (not lines of printable ASCII); nothing was installed"
     fi
-    if [ "$(cut -d ' ' -f 1 "$_m" | tr '\n' ' ')" != "bridge-release version os arch size sha256 key signature " ] ||
-        [ "$(sed -n 1p "$_m")" != "bridge-release 1" ]; then
-        die "$_bad is malformed (a manifest is the lines bridge-release 1, version, os, arch, size, sha256, key, signature); nothing was installed"
-    fi
+    _fields=$(cut -d ' ' -f 1 "$_m" | tr '\n' ' ')
+    case $(sed -n 1p "$_m") in
+        'bridge-release 1')
+            MF_FORMAT=1
+            [ "$_fields" = "bridge-release version os arch size sha256 key signature " ] ||
+                die "$_bad is malformed (a format-1 manifest is the lines bridge-release 1, version, os, arch, size, sha256, key, signature); nothing was installed"
+            ;;
+        'bridge-release 2')
+            MF_FORMAT=2
+            [ "$_fields" = "bridge-release version os arch size sha256 archive archive_size archive_sha256 key binary_signature signature " ] ||
+                die "$_bad is malformed (a format-2 manifest is the lines bridge-release 2, version, os, arch, size, sha256, archive, archive_size, archive_sha256, key, binary_signature, signature); nothing was installed"
+            ;;
+        'bridge-release '*)
+            die "$_bad is of an unknown format ($(sed -n 1p "$_m")); this installer reads formats 1 and 2; nothing was installed"
+            ;;
+        *)
+            die "$_bad is malformed (its first line must be bridge-release 1 or bridge-release 2); nothing was installed"
+            ;;
+    esac
     _key=$(sed -n 's/^key //p' "$_m")
     [ "$_key" = "$RELEASE_KEY_ID" ] ||
         die "$_bad is signed by key $_key, not by --release-key (key $RELEASE_KEY_ID); nothing was installed"
@@ -769,6 +786,58 @@ verify_manifest() {
         *[!0-9a-f]*) die "$_bad is malformed (sha256); nothing was installed" ;;
     esac
     [ "${#MF_SHA256}" = 64 ] || die "$_bad is malformed (sha256); nothing was installed"
+    if [ "$MF_FORMAT" = 2 ]; then
+        [ "$(sed -n 's/^archive //p' "$_m")" = gzip ] ||
+            die "$_bad is malformed (archive: gzip is the one archive format); nothing was installed"
+        MF_ARCHIVE_SIZE=$(sed -n 's/^archive_size //p' "$_m")
+        case $MF_ARCHIVE_SIZE in
+            '' | *[!0-9]*) die "$_bad is malformed (archive_size); nothing was installed" ;;
+        esac
+        [ "${#MF_ARCHIVE_SIZE}" -le 18 ] || die "$_bad is malformed (archive_size); nothing was installed"
+        # No gzip of the binary needs more (the bound every reader of a manifest applies).
+        [ "$MF_ARCHIVE_SIZE" -le $((MF_SIZE + MF_SIZE / 256 + 1024)) ] ||
+            die "$_bad is malformed (archive_size $MF_ARCHIVE_SIZE is larger than any gzip archive of $MF_SIZE bytes needs); nothing was installed"
+        MF_ARCHIVE_SHA256=$(sed -n 's/^archive_sha256 //p' "$_m")
+        case $MF_ARCHIVE_SHA256 in
+            *[!0-9a-f]*) die "$_bad is malformed (archive_sha256); nothing was installed" ;;
+        esac
+        [ "${#MF_ARCHIVE_SHA256}" = 64 ] || die "$_bad is malformed (archive_sha256); nothing was installed"
+    fi
+}
+
+# unpack_archive: the format-2 download: the archive's size and SHA-256 checked against the
+# signed manifest before it is unpacked, then unpacked no further than one byte past the
+# binary's size (a larger output is refused, never written whole).
+unpack_archive() {
+    have gzip || die "the release is a gzip archive and gzip is not installed; nothing was installed"
+    fetch "$DL.gz" "$WORK/$NAME.gz" "$MF_ARCHIVE_SIZE"
+    _size=$(wc -c <"$WORK/$NAME.gz" | tr -d ' ')
+    if [ "$_size" != "$MF_ARCHIVE_SIZE" ]; then
+        die "size mismatch for $NAME.gz: the release manifest says $MF_ARCHIVE_SIZE bytes, downloaded $_size; nothing was installed"
+    fi
+    _actual=$(sha256_of "$WORK/$NAME.gz")
+    if [ "$_actual" != "$MF_ARCHIVE_SHA256" ]; then
+        die "checksum mismatch for $NAME.gz: the release manifest says $MF_ARCHIVE_SHA256, downloaded $_actual; nothing was installed"
+    fi
+    say "archive sha256 $_actual and size verified against the release manifest"
+    # gzip's status is kept aside: in a pipe only head's counts. head closing the pipe early
+    # (the output is too large) also fails gzip, so the size is looked at first.
+    rm -f "$WORK/gzip.status"
+    {
+        if gzip -dc <"$WORK/$NAME.gz" 2>/dev/null; then
+            echo 0 >"$WORK/gzip.status"
+        else
+            echo 1 >"$WORK/gzip.status"
+        fi
+    } | head -c $((MF_SIZE + 1)) >"$WORK/$NAME"
+    rm -f "$WORK/$NAME.gz"
+    _size=$(wc -c <"$WORK/$NAME" | tr -d ' ')
+    if [ "$_size" -gt "$MF_SIZE" ]; then
+        die "$NAME.gz unpacks to more than the $MF_SIZE bytes the release manifest says; nothing was installed"
+    fi
+    if [ "$(cat "$WORK/gzip.status" 2>/dev/null)" != 0 ]; then
+        die "$NAME.gz is not a whole gzip archive (corrupt or cut short); nothing was installed"
+    fi
 }
 
 say "downloading $DL"
@@ -776,7 +845,11 @@ if [ -n "$RELEASE_PEM" ]; then
     # The signed manifest says what the binary must be; no unsigned checksum is needed.
     fetch "$DL.manifest" "$WORK/$NAME.manifest" 4096
     verify_manifest "$WORK/$NAME.manifest"
-    fetch "$DL" "$WORK/$NAME" "$MF_SIZE"
+    if [ "$MF_FORMAT" = 2 ]; then
+        unpack_archive
+    else
+        fetch "$DL" "$WORK/$NAME" "$MF_SIZE"
+    fi
     size=$(wc -c <"$WORK/$NAME" | tr -d ' ')
     if [ "$size" != "$MF_SIZE" ]; then
         die "size mismatch for $NAME: the release manifest says $MF_SIZE bytes, downloaded $size; nothing was installed"

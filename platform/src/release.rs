@@ -1,10 +1,13 @@
 //! Release files as `bridgectl` reads them: a signed manifest (`bridgectl release sign`'s
-//! output) and the agent binary it describes, each read with a size bound.
+//! output), the agent binary it describes and, for a format-2 manifest, the binary's gzip
+//! archive (`BINARY.gz`), each read with a size bound.
 //!
 //! Guarantees: a manifest file is read only up to [`MAX_MANIFEST_BYTES`] (plus one byte to see
 //! that it is longer); a binary only up to the size its manifest names, which is at most
-//! [`MAX_BINARY`] (the bound the downloads use too); [`read_binary`] returns the bytes only if
-//! their size and SHA-256 are the manifest's.
+//! [`MAX_BINARY`] (the bound the downloads use too), an archive only up to the size its
+//! manifest names; [`read_binary`] and [`read_archive`] return the bytes only if their size and
+//! SHA-256 are the manifest's, and [`gunzip_matches`] unpacks an archive no further than one
+//! byte past the binary's size.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +19,72 @@ pub const MAX_BINARY: u64 = 1 << 30;
 
 /// The suffix `bridgectl release sign` adds to the binary's path by default.
 pub const MANIFEST_SUFFIX: &str = ".manifest";
+/// The suffix of the binary's gzip archive, beside it (format 2).
+pub const ARCHIVE_SUFFIX: &str = ".gz";
+
+/// The gzip archive of `binary`, as `bridgectl release sign` writes it: `BINARY.gz`.
+pub fn archive_path(binary: &Path) -> PathBuf {
+    let mut s = binary.as_os_str().to_os_string();
+    s.push(ARCHIVE_SUFFIX);
+    PathBuf::from(s)
+}
+
+/// `binary` gzip-compressed at the best compression (what a format-2 release serves).
+pub fn gzip(binary: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(
+        Vec::with_capacity(binary.len() / 2),
+        flate2::Compression::best(),
+    );
+    e.write_all(binary).expect("writing to memory");
+    e.finish().expect("writing to memory")
+}
+
+/// Whether the gzip `archive` unpacks to the binary `manifest` describes (size and SHA-256),
+/// decompressing at most one byte more than its size.
+pub fn gunzip_matches(manifest: &Manifest, archive: &[u8]) -> bool {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    let mut decoder = flate2::read::GzDecoder::new(archive).take(manifest.size.saturating_add(1));
+    decoder.read_to_end(&mut out).is_ok() && manifest.matches(&out)
+}
+
+/// Reads the gzip archive at `path` if it is the one `manifest` names (size, then SHA-256),
+/// reading no more than its size plus one byte: `Err` when it cannot be read or the manifest
+/// names no archive (format 1), `Ok(Err(why))` when it does not match.
+pub fn try_read_archive(manifest: &Manifest, path: &Path) -> Result<Result<Vec<u8>, String>> {
+    let Some(archive) = &manifest.archive else {
+        bail!("the manifest is of format 1: it names no archive");
+    };
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() != archive.size {
+        return Ok(Err(format!(
+            "{} does not match the manifest: it is {} bytes, the manifest's archive_size is {}",
+            path.display(),
+            meta.len(),
+            archive.size
+        )));
+    }
+    let bytes = crate::files::read_at_most(path, archive.size.saturating_add(1))?;
+    if !manifest.archive_matches(&bytes) {
+        return Ok(Err(format!(
+            "{} does not match the manifest: its size or SHA-256 is not the manifest's archive ({} bytes, SHA-256 {})",
+            path.display(),
+            archive.size,
+            archive.sha256
+        )));
+    }
+    Ok(Ok(bytes))
+}
+
+/// Like [`try_read_archive`], with either failure as the error.
+pub fn read_archive(manifest: &Manifest, path: &Path) -> Result<Vec<u8>> {
+    try_read_archive(manifest, path)?.map_err(|why| anyhow!(why))
+}
 
 /// Reads and parses (format only, no signature check) the manifest file at `path`: `Err` when
 /// it cannot be read, `Ok(Err(why))` when it is not a manifest.
@@ -116,6 +185,48 @@ mod tests {
         for bad in ["dist/bridge-daemon", ".manifest", "dist/.manifest"] {
             assert!(default_binary(Path::new(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_archive_is_read_when_it_is_the_manifests_and_unpacks_to_the_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = bridge_signing::KeyPair::from_seed(&[9; 32]);
+        let binary = b"the agent binary, the agent binary, the agent binary".to_vec();
+        let archive = gzip(&binary);
+        let text = bridge_signing::release::sign_manifest_gzip(
+            "1.0.0", "linux", "x86_64", &binary, &archive, &key,
+        )
+        .unwrap();
+        let manifest = SignedManifest::parse(&text).unwrap().manifest().clone();
+        let bin_path = dir.path().join("bridge-daemon");
+        let gz = archive_path(&bin_path);
+        assert_eq!(gz, dir.path().join("bridge-daemon.gz"));
+        std::fs::write(&gz, &archive).unwrap();
+        assert_eq!(read_archive(&manifest, &gz).unwrap(), archive);
+        assert!(gunzip_matches(&manifest, &archive));
+        // One byte changed, one byte more: refused with the reason.
+        let mut flipped = archive.clone();
+        flipped[12] ^= 1;
+        std::fs::write(&gz, &flipped).unwrap();
+        let why = try_read_archive(&manifest, &gz).unwrap().unwrap_err();
+        assert!(
+            why.contains("SHA-256 is not the manifest's archive"),
+            "{why}"
+        );
+        std::fs::write(&gz, [&archive[..], b"x"].concat()).unwrap();
+        let why = try_read_archive(&manifest, &gz).unwrap().unwrap_err();
+        assert!(why.contains("archive_size is"), "{why}");
+        // An archive of more than the binary, of another binary, or not gzip.
+        let mut longer = binary.clone();
+        longer.push(b'!');
+        assert!(!gunzip_matches(&manifest, &gzip(&longer)));
+        assert!(!gunzip_matches(&manifest, &gzip(b"another binary")));
+        assert!(!gunzip_matches(&manifest, &archive[..archive.len() - 3]));
+        // A format-1 manifest names no archive.
+        let v1 = bridge_signing::release::sign_manifest("1.0.0", "linux", "x86_64", &binary, &key)
+            .unwrap();
+        let v1 = SignedManifest::parse(&v1).unwrap().manifest().clone();
+        assert!(read_archive(&v1, &gz).is_err());
     }
 
     #[test]

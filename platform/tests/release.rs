@@ -1,5 +1,6 @@
 //! Release manifests with the real `bridgectl`: `release sign` and `release verify` (round trip
-//! and every refusal), and the manifest `serve --release-key` serves beside the agent binary.
+//! and every refusal, formats 1 and 2 with the gzip archive), and the manifest `serve
+//! --release-key` serves beside the agent binary.
 
 mod common;
 
@@ -105,14 +106,60 @@ fn a_signed_release_verifies_under_its_key_with_its_binary() {
     let names: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
     assert_eq!(
         names.join(" "),
-        "bridge-release version os arch size sha256 key signature"
+        "bridge-release version os arch size sha256 archive archive_size archive_sha256 key binary_signature signature"
     );
+    assert_eq!(text.lines().next(), Some("bridge-release 2"));
     let parsed = SignedManifest::parse(&text).unwrap();
     let m = parsed.manifest();
     assert_eq!(m.version, "0.2.0");
     assert_eq!(m.size, 100_000);
     assert_eq!(m.sha256, signed["sha256"]);
     assert_eq!(m.key.to_string(), signed["key_id"]);
+    // Format 2, the default: the gzip archive beside the binary, named by the manifest.
+    assert_eq!(signed["format"], 2);
+    assert_eq!(signed["archive"], "bridge-daemon.gz");
+    let archive = fs::read(env.path("bridge-daemon.gz")).unwrap();
+    assert_eq!(&archive[..2], [0x1f, 0x8b], "a gzip stream");
+    assert!(archive.len() < 100_000 / 10, "{} bytes", archive.len());
+    assert_eq!(signed["archive_size"], archive.len());
+    assert_eq!(signed["archive_sha256"], sha256_hex(&archive));
+    assert!(m.archive_matches(&archive));
+    let (valid, _) = env.run_code(
+        &[
+            "release",
+            "verify",
+            "bridge-daemon.manifest",
+            "--key",
+            "@release.key.pub",
+            "--binary",
+            "bridge-daemon",
+            "--archive",
+            "bridge-daemon.gz",
+        ],
+        0,
+    );
+    assert_eq!(valid["valid"], true, "{valid}");
+    assert_eq!(valid["archive"], "bridge-daemon.gz");
+    assert_eq!(valid["archive_size"], archive.len());
+
+    // Format 1: the binary only, no archive written.
+    let (v1, _) = env.sign(
+        "release.key",
+        "0.2.0",
+        &["--format", "1", "-o", "v1.manifest"],
+        0,
+    );
+    assert_eq!(v1["format"], 1);
+    assert_eq!(v1["archive"], Value::Null);
+    assert_eq!(v1["archive_size"], Value::Null);
+    let text = fs::read_to_string(env.path("v1.manifest")).unwrap();
+    let names: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(
+        names.join(" "),
+        "bridge-release version os arch size sha256 key signature"
+    );
+    assert_eq!(env.verify("v1.manifest", "release.key", 0)["format"], 1);
+    env.sign("release.key", "0.2.0", &["--format", "3"], 2);
 
     let valid = env.verify("bridge-daemon.manifest", "release.key", 0);
     assert_eq!(valid["valid"], true);
@@ -212,6 +259,96 @@ fn verify_refuses_another_key_a_tampered_manifest_and_another_binary() {
     // A missing binary is an error, not a verdict.
     fs::remove_file(env.path("bridge-daemon")).unwrap();
     env.verify("bridge-daemon.manifest", "release.key", 2);
+}
+
+/// `release verify MANIFEST --key release.key.pub --archive ARCHIVE`, expecting `code`.
+#[track_caller]
+fn verify_archive(env: &Env, manifest: &str, archive: &str, code: i32) -> Value {
+    env.run_code(
+        &[
+            "release",
+            "verify",
+            manifest,
+            "--key",
+            "@release.key.pub",
+            "--archive",
+            archive,
+        ],
+        code,
+    )
+    .0
+}
+
+/// `bytes`, gzip-compressed.
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn verify_refuses_a_corrupt_truncated_or_oversized_archive() {
+    let env = Env::new();
+    env.sign("release.key", "0.2.0", &[], 0);
+    let archive = fs::read(env.path("bridge-daemon.gz")).unwrap();
+    assert_eq!(
+        verify_archive(&env, "bridge-daemon.manifest", "bridge-daemon.gz", 0)["valid"],
+        true
+    );
+    let mismatch = |bytes: &[u8], why: &str| {
+        fs::write(env.path("bad.gz"), bytes).unwrap();
+        let refused = verify_archive(&env, "bridge-daemon.manifest", "bad.gz", 1);
+        assert_eq!(refused["reason"], "mismatch", "{refused}");
+        let message = refused["message"].as_str().unwrap();
+        assert!(message.contains(why), "{why}: {message}");
+    };
+    let mut flipped = archive.clone();
+    flipped[archive.len() / 2] ^= 0x40;
+    mismatch(&flipped, "SHA-256 is not the manifest's archive");
+    mismatch(&archive[..archive.len() - 1], "archive_size is");
+
+    // Signed over archives that do not unpack to the binary: cut short, or a bomb relative to
+    // the manifest (more than the binary's size), each signed as the binary's by the release
+    // key (format 2 signs whatever archive it is given, so these are written by hand).
+    let key =
+        bridge_signing::KeyPair::from_pem(&fs::read_to_string(env.path("release.key")).unwrap())
+            .unwrap();
+    let mut longer = binary();
+    longer.extend(std::iter::repeat_n(0u8, 4 << 20));
+    for (name, bad) in [
+        ("truncated", archive[..archive.len() / 2].to_vec()),
+        ("bomb", gzip(&longer)),
+    ] {
+        let text = bridge_signing::release::sign_manifest_gzip(
+            "0.2.0",
+            "linux",
+            std::env::consts::ARCH,
+            &binary(),
+            &bad,
+            &key,
+        )
+        .unwrap();
+        fs::write(env.path(&format!("{name}.manifest")), text).unwrap();
+        fs::write(env.path(&format!("{name}.gz")), &bad).unwrap();
+        let refused = verify_archive(&env, &format!("{name}.manifest"), &format!("{name}.gz"), 1);
+        assert_eq!(refused["reason"], "mismatch", "{name}: {refused}");
+        let message = refused["message"].as_str().unwrap();
+        assert!(
+            message.contains("does not unpack to the binary"),
+            "{name}: {message}"
+        );
+    }
+
+    // An archive for a format-1 manifest is a mismatch.
+    env.sign(
+        "release.key",
+        "0.2.0",
+        &["--format", "1", "-o", "v1.manifest"],
+        0,
+    );
+    let refused = verify_archive(&env, "v1.manifest", "bridge-daemon.gz", 1);
+    assert_eq!(refused["reason"], "mismatch", "{refused}");
 }
 
 #[test]

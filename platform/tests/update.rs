@@ -228,6 +228,104 @@ async fn the_platform_refuses_a_binary_that_is_not_the_manifests_before_sending_
     .await;
 }
 
+/// `bytes`, gzip-compressed.
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_format_2_release_is_served_as_its_archive_and_a_bad_archive_is_refused_before_sending() {
+    within(60, async {
+        let (dir, serve, agent, mut ws, v1) = one_agent().await;
+        // Release 0.2.0 in format 2: the manifest names BINARY.gz beside the binary.
+        let key = KeyPair::from_seed(&[9; 32]);
+        let archive = gzip(&v1.bytes);
+        let text = bridge_signing::release::sign_manifest_gzip(
+            "0.2.0",
+            "linux",
+            std::env::consts::ARCH,
+            &v1.bytes,
+            &archive,
+            &key,
+        )
+        .unwrap();
+        let binary = dir.path().join("v2/bridge-daemon");
+        fs::create_dir(dir.path().join("v2")).unwrap();
+        fs::write(&binary, &v1.bytes).unwrap();
+        let gz = dir.path().join("v2/bridge-daemon.gz");
+        let manifest = dir.path().join("v2/bridge-daemon.manifest");
+        fs::write(&manifest, &text).unwrap();
+
+        // The archive missing, changed, cut short, or not unpacking to the binary: refused
+        // before anything is sent.
+        let mut changed = archive.clone();
+        changed[archive.len() / 2] ^= 1;
+        for (name, bytes) in [
+            ("missing", None),
+            ("changed", Some(changed)),
+            ("truncated", Some(archive[..archive.len() - 1].to_vec())),
+        ] {
+            match &bytes {
+                Some(b) => fs::write(&gz, b).unwrap(),
+                None => {
+                    let _ = fs::remove_file(&gz);
+                }
+            }
+            let out = output_of(bridgectl(&serve, &update_args(&agent, &manifest, &[]))).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+            assert!(stderr.contains("bridge-daemon.gz"), "{name}: {stderr}");
+        }
+        // Signed over an archive of another binary: it matches the manifest but does not
+        // unpack to the binary given.
+        let other = gzip(&[7u8; 100_000]);
+        let text_other = bridge_signing::release::sign_manifest_gzip(
+            "0.2.0",
+            "linux",
+            std::env::consts::ARCH,
+            &v1.bytes,
+            &other,
+            &key,
+        )
+        .unwrap();
+        fs::write(&manifest, &text_other).unwrap();
+        fs::write(&gz, &other).unwrap();
+        let out = output_of(bridgectl(&serve, &update_args(&agent, &manifest, &[]))).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("does not unpack to"), "{stderr}");
+        expect_silence(&mut ws, Duration::from_millis(300)).await;
+
+        // The good archive: the ranges the agent asks for are the archive's.
+        fs::write(&manifest, &text).unwrap();
+        fs::write(&gz, &archive).unwrap();
+        let cli = bridgectl(&serve, &update_args(&agent, &manifest, &[]));
+        let update = recv(&mut ws).await;
+        assert_eq!(update["manifest"], text.as_str());
+        let id = update["id"].as_str().unwrap().to_string();
+        let len = archive.len() as u64;
+        match need_release(&mut ws, &id, 0, len).await {
+            Message::Binary(bytes) => assert!(bytes[..] == archive[..]),
+            other => panic!("expected the archive, got {other:?}"),
+        }
+        match need_release(&mut ws, &id, len, 1).await {
+            Message::Text(text) => assert!(text.contains("past the end"), "{text}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        send(
+            &mut ws,
+            update_status(&id, "refused", "0.1.0-test", Some("mismatch")),
+        )
+        .await;
+        let out = output_of(cli).await;
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refusal_or_no_verdict_in_time_exits_1_and_a_version_1_agent_is_not_sent_an_update() {
     within(60, async {

@@ -4,7 +4,7 @@
 //! it installs the binary, and `install.sh` (with OpenSSL) before it installs anything.
 //!
 //! The format (`docs/updates.md`): ASCII text, `\n` line ends, at most [`MAX_MANIFEST_BYTES`],
-//! these fields in this order and no others:
+//! the fields of its format in this order and no others. Format 1 describes the binary:
 //!
 //! ```text
 //! bridge-release 1
@@ -17,9 +17,32 @@
 //! signature <standard base64 of the 64-byte Ed25519 signature>
 //! ```
 //!
-//! The signature covers [`RELEASE_SIGNED_PREFIX`] followed by every byte before the
+//! Format 2 describes the binary and the gzip archive it is served as:
+//!
+//! ```text
+//! bridge-release 2
+//! version 0.2.0
+//! os linux
+//! arch x86_64
+//! size 60000000
+//! sha256 <the binary's SHA-256>
+//! archive gzip
+//! archive_size 21000000
+//! archive_sha256 <the archive's SHA-256>
+//! key <the id of the signing key>
+//! binary_signature <the signature of the format-1 manifest of the same binary>
+//! signature <the signature of this manifest>
+//! ```
+//!
+//! A signature covers [`RELEASE_SIGNED_PREFIX`] followed by every byte before the
 //! `signature ` line. The prefix differs from a handler signature's, so neither can be
-//! passed off as the other.
+//! passed off as the other; the first line differs between the formats, so neither format's
+//! signature passes as the other's. `binary_signature` lets whoever unpacked the archive hand
+//! a format-1 manifest of the binary ([`SignedManifest::format1_text`]) to code that reads
+//! only format 1 (an older launcher).
+//!
+//! An archive is bounded by its binary: `archive_size` is at most [`max_archive_size`] of
+//! `size`, so a download is never larger than the binary it unpacks to, plus gzip's overhead.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -31,8 +54,12 @@ use crate::keys::{KeyId, KeyPair, PublicKey};
 
 /// What a release signature covers, before the manifest's signed lines.
 pub const RELEASE_SIGNED_PREFIX: &[u8] = b"bridge.release.v1\0";
-/// The first line of a manifest.
+/// The first line of a format-1 manifest (the binary only).
 pub const MANIFEST_HEADER: &str = "bridge-release 1";
+/// The first line of a format-2 manifest (the binary and its gzip archive).
+pub const MANIFEST_HEADER_V2: &str = "bridge-release 2";
+/// The archive formats a format-2 manifest may name.
+pub const ARCHIVE_GZIP: &str = "gzip";
 /// The largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 4096;
 /// The longest version accepted, in bytes.
@@ -53,6 +80,24 @@ pub struct Manifest {
     pub sha256: String,
     /// The id of the key that signed it.
     pub key: KeyId,
+    /// The gzip archive the binary is served as (format 2), or `None` (format 1: the binary
+    /// itself is served).
+    pub archive: Option<Archive>,
+}
+
+/// The gzip archive of a release binary, as a format-2 manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archive {
+    /// The archive's size in bytes (at most [`max_archive_size`] of the binary's).
+    pub size: u64,
+    /// The archive's SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+/// The largest gzip archive accepted for a binary of `size` bytes: the binary stored without
+/// compression (5 bytes per 64 KiB block) plus the gzip header and trailer fits well within it.
+pub fn max_archive_size(size: u64) -> u64 {
+    size.saturating_add(size / 256).saturating_add(1024)
 }
 
 /// Why a manifest was not accepted.
@@ -76,6 +121,8 @@ pub struct SignedManifest {
     text: String,
     signed_len: usize,
     signature: [u8; 64],
+    /// Format 2: the signature of the format-1 manifest of the same binary.
+    binary_signature: Option<[u8; 64]>,
 }
 
 impl fmt::Debug for SignedManifest {
@@ -120,11 +167,28 @@ pub fn compare_versions(a: &str, b: &str) -> Result<Ordering, ReleaseError> {
     Ok(parse_version(a)?.cmp_precedence(&parse_version(b)?))
 }
 
-/// The signed lines of a manifest (everything before `signature `).
+/// The signed lines of the format-1 manifest of `m`'s binary (everything before
+/// `signature `).
 fn signed_lines(m: &Manifest) -> String {
     format!(
         "{MANIFEST_HEADER}\nversion {}\nos {}\narch {}\nsize {}\nsha256 {}\nkey {}\n",
         m.version, m.os, m.arch, m.size, m.sha256, m.key
+    )
+}
+
+/// The signed lines of a format-2 manifest (everything before `signature `).
+fn signed_lines_v2(m: &Manifest, archive: &Archive, binary_signature: &[u8; 64]) -> String {
+    format!(
+        "{MANIFEST_HEADER_V2}\nversion {}\nos {}\narch {}\nsize {}\nsha256 {}\narchive {ARCHIVE_GZIP}\narchive_size {}\narchive_sha256 {}\nkey {}\nbinary_signature {}\n",
+        m.version,
+        m.os,
+        m.arch,
+        m.size,
+        m.sha256,
+        archive.size,
+        archive.sha256,
+        m.key,
+        STANDARD.encode(binary_signature)
     )
 }
 
@@ -136,7 +200,29 @@ fn signed_message(signed: &[u8]) -> Vec<u8> {
     message
 }
 
-/// Signs a manifest for `binary`: the text of the manifest file.
+/// The fields of a manifest for `binary`, checked.
+fn describe(
+    version: &str,
+    os: &str,
+    arch: &str,
+    binary: &[u8],
+    key: &KeyPair,
+) -> Result<Manifest, ReleaseError> {
+    parse_version(version)?;
+    check_word("os", os, 32)?;
+    check_word("arch", arch, 32)?;
+    Ok(Manifest {
+        version: version.to_string(),
+        os: os.to_string(),
+        arch: arch.to_string(),
+        size: binary.len() as u64,
+        sha256: sha256_hex(binary),
+        key: key.key_id(),
+        archive: None,
+    })
+}
+
+/// Signs a format-1 manifest for `binary`: the text of the manifest file.
 pub fn sign_manifest(
     version: &str,
     os: &str,
@@ -144,17 +230,7 @@ pub fn sign_manifest(
     binary: &[u8],
     key: &KeyPair,
 ) -> Result<String, ReleaseError> {
-    parse_version(version)?;
-    check_word("os", os, 32)?;
-    check_word("arch", arch, 32)?;
-    let manifest = Manifest {
-        version: version.to_string(),
-        os: os.to_string(),
-        arch: arch.to_string(),
-        size: binary.len() as u64,
-        sha256: sha256_hex(binary),
-        key: key.key_id(),
-    };
+    let manifest = describe(version, os, arch, binary, key)?;
     let signed = signed_lines(&manifest);
     let signature = key.sign(&signed_message(signed.as_bytes()));
     Ok(format!(
@@ -163,8 +239,106 @@ pub fn sign_manifest(
     ))
 }
 
+/// Signs a format-2 manifest for `binary` served as the gzip `archive`: the text of the
+/// manifest file. That `archive` unpacks to `binary` is the caller's to know (the signer made
+/// it); every reader checks it again as it unpacks.
+pub fn sign_manifest_gzip(
+    version: &str,
+    os: &str,
+    arch: &str,
+    binary: &[u8],
+    archive: &[u8],
+    key: &KeyPair,
+) -> Result<String, ReleaseError> {
+    let manifest = describe(version, os, arch, binary, key)?;
+    let archive = Archive {
+        size: archive.len() as u64,
+        sha256: sha256_hex(archive),
+    };
+    if archive.size > max_archive_size(manifest.size) {
+        return Err(ReleaseError::Malformed(format!(
+            "an archive of {} bytes for a binary of {}: the limit is {}",
+            archive.size,
+            manifest.size,
+            max_archive_size(manifest.size)
+        )));
+    }
+    let binary_signature: [u8; 64] = key.sign(&signed_message(signed_lines(&manifest).as_bytes()));
+    let signed = signed_lines_v2(&manifest, &archive, &binary_signature);
+    let signature = key.sign(&signed_message(signed.as_bytes()));
+    Ok(format!(
+        "{signed}signature {}\n",
+        STANDARD.encode(signature)
+    ))
+}
+
+/// A decimal number of bytes, as `size` and `archive_size` are written.
+fn parse_size(field: &str, value: &str) -> Result<u64, ReleaseError> {
+    let ok = !value.is_empty()
+        && value.len() <= 20
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && (value == "0" || !value.starts_with('0'));
+    value.parse().ok().filter(|_| ok).ok_or_else(|| {
+        ReleaseError::Malformed(format!("`{field}` must be a decimal number of bytes"))
+    })
+}
+
+/// A SHA-256 as 64 lowercase hex characters.
+fn check_sha256(field: &str, value: &str) -> Result<(), ReleaseError> {
+    if value.len() == 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(ReleaseError::Malformed(format!(
+            "`{field}` must be 64 lowercase hex characters"
+        )))
+    }
+}
+
+/// A 64-byte Ed25519 signature in canonical standard base64.
+fn parse_signature(field: &str, value: &str) -> Result<[u8; 64], ReleaseError> {
+    let malformed = |why: &str| ReleaseError::Malformed(format!("`{field}` {why}"));
+    let raw = STANDARD
+        .decode(value)
+        .map_err(|_| malformed("is not base64"))?;
+    let signature: [u8; 64] = raw.try_into().map_err(|_| malformed("is not 64 bytes"))?;
+    if STANDARD.encode(signature) != value {
+        return Err(malformed("is not in canonical base64"));
+    }
+    Ok(signature)
+}
+
+/// The fields of a format-1 manifest, in order, after its first line.
+const FIELDS_V1: &[&str] = &[
+    "version",
+    "os",
+    "arch",
+    "size",
+    "sha256",
+    "key",
+    "signature",
+];
+/// The fields of a format-2 manifest, in order, after its first line.
+const FIELDS_V2: &[&str] = &[
+    "version",
+    "os",
+    "arch",
+    "size",
+    "sha256",
+    "archive",
+    "archive_size",
+    "archive_sha256",
+    "key",
+    "binary_signature",
+    "signature",
+];
+
 impl SignedManifest {
-    /// Reads a manifest's text; checks its format only (see [`SignedManifest::verify`]).
+    /// Reads a manifest's text (format 1 or 2); checks its format only (see
+    /// [`SignedManifest::verify`]).
     pub fn parse(text: &str) -> Result<SignedManifest, ReleaseError> {
         let malformed = |m: &str| ReleaseError::Malformed(m.to_string());
         if text.len() > MAX_MANIFEST_BYTES {
@@ -180,57 +354,64 @@ impl SignedManifest {
             return Err(malformed("the last line does not end with a newline"));
         }
         let lines: Vec<&str> = text[..text.len() - 1].split('\n').collect();
-        const FIELDS: [&str; 7] = [
-            "version",
-            "os",
-            "arch",
-            "size",
-            "sha256",
-            "key",
-            "signature",
-        ];
-        if lines.len() != 1 + FIELDS.len() {
-            return Err(ReleaseError::Malformed(format!(
-                "{} lines; a manifest has {}",
-                lines.len(),
-                1 + FIELDS.len()
-            )));
-        }
-        if lines[0] != MANIFEST_HEADER {
-            return Err(ReleaseError::Malformed(format!(
-                "the first line must be {MANIFEST_HEADER:?}"
-            )));
-        }
-        let mut values = [""; 7];
-        for (i, field) in FIELDS.iter().enumerate() {
-            let line = lines[i + 1];
-            values[i] = line
+        let fields = match lines[0] {
+            MANIFEST_HEADER => FIELDS_V1,
+            MANIFEST_HEADER_V2 => FIELDS_V2,
+            other if other.starts_with("bridge-release ") => {
+                return Err(ReleaseError::Malformed(format!(
+                    "the first line names an unknown manifest format ({other:?}); this reader knows {MANIFEST_HEADER:?} and {MANIFEST_HEADER_V2:?}"
+                )))
+            }
+            _ => {
+                return Err(ReleaseError::Malformed(format!(
+                    "the first line must be {MANIFEST_HEADER:?} or {MANIFEST_HEADER_V2:?}"
+                )))
+            }
+        };
+        let mut values = Vec::with_capacity(fields.len());
+        for (i, field) in fields.iter().enumerate() {
+            let Some(line) = lines.get(i + 1) else {
+                return Err(ReleaseError::Malformed(format!(
+                    "{} lines; a manifest of this format has {} (`{field}` is missing)",
+                    lines.len(),
+                    1 + fields.len()
+                )));
+            };
+            let value = line
                 .strip_prefix(field)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .ok_or_else(|| {
-                    ReleaseError::Malformed(format!("line {} must be `{field} …`", i + 2))
-                })?;
+                .and_then(|rest| rest.strip_prefix(' '));
+            match value {
+                Some(value) => values.push(value),
+                None => {
+                    let name = line.split(' ').next().unwrap_or_default();
+                    let why = if fields.contains(&name) {
+                        format!("line {} must be `{field} …`, not `{name} …`", i + 2)
+                    } else {
+                        format!(
+                            "line {} must be `{field} …`; `{name}` is not a field of this format",
+                            i + 2
+                        )
+                    };
+                    return Err(ReleaseError::Malformed(why));
+                }
+            }
         }
-        let [version, os, arch, size, sha256, key, signature] = values;
+        if lines.len() != 1 + fields.len() {
+            return Err(ReleaseError::Malformed(format!(
+                "{} lines; a manifest of this format has {}",
+                lines.len(),
+                1 + fields.len()
+            )));
+        }
+        let field = |name: &str| values[fields.iter().position(|f| *f == name).unwrap()];
+        let (version, os, arch) = (field("version"), field("os"), field("arch"));
         parse_version(version)?;
         check_word("os", os, 32)?;
         check_word("arch", arch, 32)?;
-        let size_ok = !size.is_empty()
-            && size.len() <= 20
-            && size.bytes().all(|b| b.is_ascii_digit())
-            && (size == "0" || !size.starts_with('0'));
-        let size: u64 = size
-            .parse()
-            .ok()
-            .filter(|_| size_ok)
-            .ok_or_else(|| malformed("`size` must be a decimal number of bytes"))?;
-        if sha256.len() != 64
-            || !sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(malformed("`sha256` must be 64 lowercase hex characters"));
-        }
+        let size = parse_size("size", field("size"))?;
+        let sha256 = field("sha256");
+        check_sha256("sha256", sha256)?;
+        let key = field("key");
         let key_ok = key.len() == 32
             && key
                 .bytes()
@@ -240,12 +421,33 @@ impl SignedManifest {
             .ok()
             .filter(|_| key_ok)
             .ok_or_else(|| malformed("`key` must be a key id: 32 lowercase hex characters"))?;
-        let raw = STANDARD
-            .decode(signature)
-            .map_err(|_| malformed("`signature` is not base64"))?;
-        let signature: [u8; 64] = raw
-            .try_into()
-            .map_err(|_| malformed("`signature` is not 64 bytes"))?;
+        let signature = parse_signature("signature", field("signature"))?;
+        let (archive, binary_signature) = if fields == FIELDS_V2 {
+            if field("archive") != ARCHIVE_GZIP {
+                return Err(ReleaseError::Malformed(format!(
+                    "`archive` must be {ARCHIVE_GZIP:?}, the one archive format"
+                )));
+            }
+            let archive_size = parse_size("archive_size", field("archive_size"))?;
+            if archive_size > max_archive_size(size) {
+                return Err(ReleaseError::Malformed(format!(
+                    "`archive_size` {archive_size} is larger than any gzip archive of {size} bytes needs ({})",
+                    max_archive_size(size)
+                )));
+            }
+            let archive_sha256 = field("archive_sha256");
+            check_sha256("archive_sha256", archive_sha256)?;
+            let binary_signature = parse_signature("binary_signature", field("binary_signature"))?;
+            (
+                Some(Archive {
+                    size: archive_size,
+                    sha256: archive_sha256.to_string(),
+                }),
+                Some(binary_signature),
+            )
+        } else {
+            (None, None)
+        };
         let manifest = Manifest {
             version: version.to_string(),
             os: os.to_string(),
@@ -253,17 +455,40 @@ impl SignedManifest {
             size,
             sha256: sha256.to_string(),
             key,
+            archive,
         };
-        let signed_len = text.len() - lines[FIELDS.len()].len() - 1;
-        if STANDARD.encode(signature) != *lines[FIELDS.len()].trim_start_matches("signature ") {
-            return Err(malformed("`signature` is not in canonical base64"));
-        }
+        let signed_len = text.len() - lines[fields.len()].len() - 1;
         Ok(SignedManifest {
             manifest,
             text: text.to_string(),
             signed_len,
             signature,
+            binary_signature,
         })
+    }
+
+    /// The manifest's format: 1 (the binary) or 2 (the binary and its gzip archive).
+    pub fn format(&self) -> u8 {
+        if self.binary_signature.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The format-1 manifest of the same binary: the text itself for format 1; for format 2,
+    /// the version, OS, architecture, size, SHA-256 and key with `binary_signature` as its
+    /// signature. It verifies when this manifest does ([`SignedManifest::verify`] checks both
+    /// signatures), for code that reads only format 1.
+    pub fn format1_text(&self) -> String {
+        match &self.binary_signature {
+            None => self.text.clone(),
+            Some(sig) => format!(
+                "{}signature {}\n",
+                signed_lines(&self.manifest),
+                STANDARD.encode(sig)
+            ),
+        }
     }
 
     /// What the manifest says (not yet verified: see [`SignedManifest::verify`]).
@@ -276,18 +501,24 @@ impl SignedManifest {
         &self.text
     }
 
-    /// Checks the signature under the one of `keys` the manifest names.
+    /// Checks the signature under the one of `keys` the manifest names (format 2: both the
+    /// manifest's and the binary's).
     pub fn verify(&self, keys: &[PublicKey]) -> Result<&Manifest, ReleaseError> {
         let key = keys
             .iter()
             .find(|k| k.key_id() == self.manifest.key)
             .ok_or_else(|| ReleaseError::UnknownKey(self.manifest.key.to_string()))?;
         let message = signed_message(&self.text.as_bytes()[..self.signed_len]);
-        if key.verify(&message, &self.signature) {
-            Ok(&self.manifest)
-        } else {
-            Err(ReleaseError::BadSignature)
+        if !key.verify(&message, &self.signature) {
+            return Err(ReleaseError::BadSignature);
         }
+        if let Some(binary_signature) = &self.binary_signature {
+            let format1 = signed_message(signed_lines(&self.manifest).as_bytes());
+            if !key.verify(&format1, binary_signature) {
+                return Err(ReleaseError::BadSignature);
+            }
+        }
+        Ok(&self.manifest)
     }
 }
 
@@ -295,6 +526,14 @@ impl Manifest {
     /// Whether `binary` is the release this manifest describes (size and SHA-256).
     pub fn matches(&self, binary: &[u8]) -> bool {
         binary.len() as u64 == self.size && sha256_hex(binary) == self.sha256
+    }
+
+    /// Whether `archive` is the gzip archive this manifest names (size and SHA-256); `false`
+    /// for a format-1 manifest, which names none.
+    pub fn archive_matches(&self, archive: &[u8]) -> bool {
+        self.archive
+            .as_ref()
+            .is_some_and(|a| archive.len() as u64 == a.size && sha256_hex(archive) == a.sha256)
     }
 }
 
@@ -369,11 +608,27 @@ mod tests {
         let good = sign_manifest("1.2.3", "linux", "x86_64", b"binary", &key(1)).unwrap();
         let cases: Vec<(String, &str)> = vec![
             (
-                good.replace("bridge-release 1", "bridge-release 2"),
+                good.replace("bridge-release 1", "bridge-release 3"),
+                "unknown manifest format",
+            ),
+            (
+                good.replace("bridge-release 1", "bridge-manifest 1"),
                 "first line",
             ),
+            // A format-1 body under the format-2 header.
+            (
+                good.replace("bridge-release 1", "bridge-release 2"),
+                "must be `archive …`, not `key …`",
+            ),
             (good.trim_end().to_string(), "newline"),
-            (good.replace("os linux\n", ""), "lines"),
+            (
+                good.replace("os linux\n", ""),
+                "must be `os …`, not `arch …`",
+            ),
+            (
+                good.replace("\nsize ", "\nbytes "),
+                "`bytes` is not a field",
+            ),
             (
                 good.replace("os linux\narch x86_64", "arch x86_64\nos linux"),
                 "line 3",
@@ -395,6 +650,151 @@ mod tests {
                 other => panic!("{why}: {other:?}"),
             }
         }
+    }
+
+    fn gzip_manifest(archive: &[u8]) -> String {
+        sign_manifest_gzip("1.2.3", "linux", "x86_64", b"binary", archive, &key(1)).unwrap()
+    }
+
+    #[test]
+    fn a_format_2_manifest_names_the_archive_and_carries_the_format_1_signature() {
+        let text = gzip_manifest(b"gzipped");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 12);
+        assert_eq!(lines[0], "bridge-release 2");
+        assert_eq!(lines[6], "archive gzip");
+        assert_eq!(lines[7], "archive_size 7");
+        let parsed = SignedManifest::parse(&text).unwrap();
+        assert_eq!(parsed.format(), 2);
+        let m = parsed.verify(&[key(1).public_key()]).unwrap();
+        assert!(m.matches(b"binary"));
+        assert!(m.archive_matches(b"gzipped"));
+        assert!(!m.archive_matches(b"gzippeD"));
+        assert!(!m.archive_matches(b"gzippe"));
+        // The format-1 manifest rebuilt from it is the one `sign_manifest` writes (Ed25519 is
+        // deterministic), and verifies on its own.
+        let v1 = parsed.format1_text();
+        assert_eq!(
+            v1,
+            sign_manifest("1.2.3", "linux", "x86_64", b"binary", &key(1)).unwrap()
+        );
+        let v1 = SignedManifest::parse(&v1).unwrap();
+        assert_eq!(v1.format(), 1);
+        assert!(v1.manifest().archive.is_none());
+        assert!(!v1.manifest().archive_matches(b"gzipped"));
+        v1.verify(&[key(1).public_key()]).unwrap();
+        assert_eq!(v1.format1_text(), v1.text());
+    }
+
+    #[test]
+    fn a_format_2_manifest_with_a_changed_field_or_either_signature_changed_does_not_verify() {
+        let text = gzip_manifest(b"gzipped");
+        for (from, to) in [
+            ("version 1.2.3", "version 9.2.3"),
+            ("size 6", "size 7"),
+            ("archive_size 7", "archive_size 8"),
+            ("archive_sha256 ", "archive_sha256 0"),
+        ] {
+            let tampered = text.replacen(from, to, 1);
+            // archive_sha256 with one more character is malformed; cut it back to 64.
+            let tampered = if from.starts_with("archive_sha256") {
+                let start = tampered.find("archive_sha256 ").unwrap() + 15;
+                let mut t = tampered.clone();
+                t.remove(start + 64);
+                t
+            } else {
+                tampered
+            };
+            let parsed = SignedManifest::parse(&tampered).unwrap();
+            assert_eq!(
+                parsed.verify(&[key(1).public_key()]),
+                Err(ReleaseError::BadSignature),
+                "{to}"
+            );
+        }
+        // A binary_signature of another binary, the manifest signed again over it: the
+        // manifest's own signature verifies, the binary's does not.
+        let other = sign_manifest("1.2.3", "linux", "x86_64", b"binarz", &key(1)).unwrap();
+        let other_sig = other
+            .lines()
+            .last()
+            .unwrap()
+            .trim_start_matches("signature ");
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines[10] = format!("binary_signature {other_sig}");
+        let signed = format!("{}\n", lines[..11].join("\n"));
+        let sig = key(1).sign(&signed_message(signed.as_bytes()));
+        let resigned = format!("{signed}signature {}\n", STANDARD.encode(sig));
+        let parsed = SignedManifest::parse(&resigned).unwrap();
+        assert_eq!(
+            parsed.verify(&[key(1).public_key()]),
+            Err(ReleaseError::BadSignature)
+        );
+        // Signed by another key under this key's id.
+        let foreign = sign_manifest_gzip("1.2.3", "linux", "x86_64", b"binary", b"gz", &key(2))
+            .unwrap()
+            .replace(&key(2).key_id().to_string(), &key(1).key_id().to_string());
+        let parsed = SignedManifest::parse(&foreign).unwrap();
+        assert_eq!(
+            parsed.verify(&[key(1).public_key()]),
+            Err(ReleaseError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn malformed_format_2_manifests_are_refused_with_the_reason() {
+        let good = gzip_manifest(b"gzipped");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                good.replace("archive gzip", "archive zstd"),
+                "`archive` must be",
+            ),
+            (good.replace("archive gzip\n", ""), "must be `archive …`"),
+            (
+                good.replace("archive_size 7\n", ""),
+                "must be `archive_size …`",
+            ),
+            (
+                good.replace("\nbinary_signature ", "\nbinary_sig "),
+                "`binary_sig` is not a field",
+            ),
+            (
+                good.replace("\nbinary_signature ", "\nbinary_signature !"),
+                "`binary_signature` is not base64",
+            ),
+            (
+                good.replace("archive_size 7", "archive_size 07"),
+                "archive_size",
+            ),
+            (
+                good.replace("archive_size 7", "archive_size 99999"),
+                "larger than any gzip archive",
+            ),
+            (
+                good.replace("archive_sha256 ", "archive_sha256 A"),
+                "archive_sha256",
+            ),
+            (
+                good.replace("\nkey ", "\ncomment x\nkey "),
+                "`comment` is not a field",
+            ),
+            (format!("{good}extra 1\n"), "lines"),
+            // Cut after the binary's fields: every later one is missing.
+            (
+                format!("{}\n", good.lines().take(6).collect::<Vec<_>>().join("\n")),
+                "`archive` is missing",
+            ),
+        ];
+        for (text, why) in cases {
+            match SignedManifest::parse(&text) {
+                Err(ReleaseError::Malformed(m)) => assert!(m.contains(why), "{why}: {m}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        // The signer refuses an archive no gzip of the binary needs.
+        let err =
+            sign_manifest_gzip("1.2.3", "linux", "x86_64", b"b", &[0; 2000], &key(1)).unwrap_err();
+        assert!(err.to_string().contains("the limit is 1025"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! OS or architecture, is larger than `max_binary_bytes` or not newer than this version (unless
 //! both the platform and the config allow a downgrade), or when the bytes received do not come
 //! in time or do not match the manifest.
+//!
+//! A format-2 manifest names a gzip archive: the agent fetches the archive, checks its size and
+//! SHA-256 against the manifest *before* unpacking it, unpacks it off the async threads with
+//! the output capped at the binary's size ([`super::unpack`]), then checks the binary as for
+//! format 1. It stages the format-1 manifest of the binary, which any launcher reads. Nothing
+//! reaches `staged/` unless every check passed.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -30,7 +36,8 @@ use super::files::{Outcome, Pending, Phase, StagedRequest};
 use super::layout::Layout;
 use super::state::AgentState;
 use super::{
-    OUTCOME, STAGED_BINARY, STAGED_DIR, STAGED_MANIFEST, STAGED_REQUEST, STAGING_DIR, UPDATE_DIR,
+    OUTCOME, STAGED_BINARY, STAGED_DIR, STAGED_MANIFEST, STAGED_REQUEST, STAGING_ARCHIVE,
+    STAGING_DIR, UPDATE_DIR,
 };
 use crate::outbox;
 
@@ -339,17 +346,57 @@ impl Updater {
             .mode(0o700)
             .create(&staging)
             .map_err(|e| storage("creating the update staging directory", e))?;
-        let binary = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(staging.join(STAGED_BINARY))
-            .map_err(|e| storage("creating the staged binary", e))?;
-        let binary = self.fetch(&req.id, &m, binary).await?;
-        binary
-            .sync_all()
-            .map_err(|e| storage("writing the staged binary", e))?;
-        drop(binary);
+        let create = |name: &str, what: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(staging.join(name))
+                .map_err(|e| storage(&format!("creating the {what}"), e))
+        };
+        match &m.archive {
+            None => {
+                let binary = create(STAGED_BINARY, "staged binary")?;
+                let binary = self.fetch(&req.id, m.size, &m.sha256, binary).await?;
+                binary
+                    .sync_all()
+                    .map_err(|e| storage("writing the staged binary", e))?;
+            }
+            Some(archive) => {
+                let file = create(STAGING_ARCHIVE, "release archive")?;
+                // Size and SHA-256 of the archive are checked here, before it is unpacked.
+                let file = self
+                    .fetch(&req.id, archive.size, &archive.sha256, file)
+                    .await?;
+                let binary = create(STAGED_BINARY, "staged binary")?;
+                let (size, sha256) = (m.size, m.sha256.clone());
+                tokio::task::spawn_blocking(move || {
+                    use std::io::Seek as _;
+                    let mut file = file;
+                    file.rewind()?;
+                    let mut out = std::io::BufWriter::new(binary);
+                    let unpacked = super::unpack::gunzip_capped(file, &mut out, size, &sha256);
+                    let binary = out.into_inner().map_err(|e| e.into_error())?;
+                    Ok::<_, std::io::Error>(unpacked.map(|()| binary))
+                })
+                .await
+                .map_err(|e| refused(UpdateReason::Storage, e.to_string()))?
+                .map_err(|e| storage("unpacking the release archive", e))?
+                .map_err(|e| match e {
+                    super::unpack::UnpackError::Invalid(why) => {
+                        refused(UpdateReason::Mismatch, why)
+                    }
+                    super::unpack::UnpackError::Storage(e) => {
+                        storage("unpacking the release archive", e)
+                    }
+                })?
+                .sync_all()
+                .map_err(|e| storage("writing the staged binary", e))?;
+                std::fs::remove_file(staging.join(STAGING_ARCHIVE))
+                    .map_err(|e| storage("removing the unpacked release archive", e))?;
+            }
+        }
         let request = StagedRequest {
             update_id: req.id.clone(),
             version: m.version.clone(),
@@ -357,8 +404,12 @@ impl Updater {
             allow_downgrade: req.allow_downgrade,
         };
         let request = serde_json::to_vec_pretty(&request).expect("a request serializes");
-        write_new(&staging.join(STAGED_MANIFEST), signed.text().as_bytes())
-            .map_err(|e| storage("writing the staged manifest", e))?;
+        // The format-1 manifest of the binary: what a launcher of any version verifies.
+        write_new(
+            &staging.join(STAGED_MANIFEST),
+            signed.format1_text().as_bytes(),
+        )
+        .map_err(|e| storage("writing the staged manifest", e))?;
         write_new(&staging.join(STAGED_REQUEST), &request)
             .map_err(|e| storage("writing the staged request", e))?;
         sync_dir(&staging).map_err(|e| storage("syncing the staging directory", e))?;
@@ -373,20 +424,21 @@ impl Updater {
         Ok(())
     }
 
-    /// Asks for the release `m` describes, one part at a time, writing it to `file` and
-    /// checking its size and SHA-256.
+    /// Asks for the `size` bytes of the release (the binary, or its archive), one part at a
+    /// time, writing them to `file` and checking that they hash to `sha256`.
     async fn fetch(
         &self,
         id: &str,
-        m: &bridge_signing::release::Manifest,
+        size: u64,
+        sha256: &str,
         file: std::fs::File,
     ) -> Result<std::fs::File, Refused> {
         self.fetching.store(true, Ordering::SeqCst);
         let mut file = Some(file);
         let mut hasher = Some(Sha256::new());
         let mut offset = 0u64;
-        while offset < m.size {
-            let length = (m.size - offset).min(CHUNK_BYTES);
+        while offset < size {
+            let length = (size - offset).min(CHUNK_BYTES);
             let (tx, rx) = oneshot::channel();
             *lock(&self.part) = Some((id.to_string(), tx));
             self.outbox
@@ -441,13 +493,10 @@ impl Updater {
         }
         self.fetching.store(false, Ordering::SeqCst);
         let sha = hex::encode(hasher.take().unwrap().finalize());
-        if sha != m.sha256 {
+        if sha != sha256 {
             return Err(refused(
                 UpdateReason::Mismatch,
-                format!(
-                    "the release received hashes to {sha}; the manifest says {}",
-                    m.sha256
-                ),
+                format!("the release received hashes to {sha}; the manifest says {sha256}"),
             ));
         }
         Ok(file.take().unwrap())

@@ -4,8 +4,10 @@
 //! Who does what (`docs/updates.md` tells it end to end):
 //!
 //! - The agent (unprivileged) verifies an `update` (manifest signature against its release keys,
-//!   OS, arch, version), fetches the binary over the link (`need_release`), checks its size and
-//!   SHA-256, writes it to `STATE/update/staged/`, drains its tasks and exits.
+//!   OS, arch, version), fetches the binary over the link (`need_release`; for a format-2
+//!   manifest its gzip archive, checked before it is unpacked with its output capped at the
+//!   binary's size: [`unpack`]), checks its size and SHA-256, writes it to
+//!   `STATE/update/staged/`, drains its tasks and exits.
 //! - `bridge-daemon launcher prepare` (root, before every start: systemd's
 //!   `ExecStartPre=+`): verifies the staged release again itself, installs it into the
 //!   root-owned layout (`LAYOUT/releases/VERSION/bridge-daemon`), switches `current`, and
@@ -32,6 +34,7 @@ pub mod layout;
 pub mod prepare;
 pub mod settings;
 pub mod state;
+pub mod unpack;
 
 /// `STATE/update/`: everything below.
 pub const UPDATE_DIR: &str = "update";
@@ -40,10 +43,14 @@ pub const UPDATE_DIR: &str = "update";
 pub const STAGED_DIR: &str = "staged";
 /// The agent's work directory while it receives a release; removed at start.
 pub const STAGING_DIR: &str = "staging";
-/// In `staged/`: the signed manifest, byte for byte as received.
+/// In `staged/`: the signed manifest in format 1 (as received, or for a format-2 release the
+/// format-1 manifest of its binary, which a launcher of any version reads).
 pub const STAGED_MANIFEST: &str = "manifest";
 /// In `staged/`: the release binary.
 pub const STAGED_BINARY: &str = "bridge-daemon";
+/// In `staging/`: the gzip archive of a format-2 release while it is received; removed once
+/// it is unpacked into [`STAGED_BINARY`].
+pub const STAGING_ARCHIVE: &str = "bridge-daemon.gz";
 /// In `staged/`: a [`files::StagedRequest`] (JSON).
 pub const STAGED_REQUEST: &str = "request.json";
 /// `STATE/update/confirmed`: the version that confirmed, one line (written by the new version).

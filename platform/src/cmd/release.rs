@@ -4,13 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use bridge_signing::release::{sign_manifest, Manifest, ReleaseError};
+use bridge_signing::release::{sign_manifest, sign_manifest_gzip, Manifest, ReleaseError};
 use bridge_signing::{KeyPair, PublicKey};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::files::{loose_key_permissions, read_at_most, read_text, write_atomic, OUTPUT_MODE};
-use crate::release::{try_read_binary, try_read_manifest, MANIFEST_SUFFIX, MAX_BINARY};
+use crate::release::{
+    archive_path, gunzip_matches, gzip, try_read_archive, try_read_binary, try_read_manifest,
+    MANIFEST_SUFFIX, MAX_BINARY,
+};
 
 /// Sign and verify release manifests: what an agent binary is (version, OS, architecture,
 /// size, SHA-256), signed by a release key, as agents and install.sh check it before they
@@ -30,13 +33,17 @@ pub enum ReleaseCommand {
     Verify(ReleaseVerifyArgs),
 }
 
-/// Write the signed release manifest of an agent binary.
+/// Write the signed release manifest of an agent binary, and its gzip archive.
 ///
 /// The manifest (docs/updates.md) names the version, OS, architecture, size and SHA-256 of
 /// BINARY and the id of the release key, and is signed with that key (a `bridgectl keygen`
 /// key, the one the agents list in `update.release_keys` and install.sh is given with
-/// --release-key). It is written to OUT (default BINARY.manifest), replaced atomically.
-/// Prints `{"output", "version", "os", "arch", "size", "sha256", "key_id"}`.
+/// --release-key). Format 2 (the default) also writes BINARY's gzip archive (best compression)
+/// to ARCHIVE (default BINARY.gz) and names its size and SHA-256: agents and install.sh fetch
+/// the archive. Format 1 names the binary only (what agents and installers older than format 2
+/// read). The manifest is written to OUT (default BINARY.manifest); each file is replaced
+/// atomically. Prints `{"output", "format", "archive", "version", "os", "arch", "size",
+/// "sha256", "archive_size", "archive_sha256", "key_id"}` (`archive…`: null in format 1).
 #[derive(Debug, Args)]
 pub struct ReleaseSignArgs {
     /// The agent binary (`bridge-daemon`).
@@ -58,6 +65,13 @@ pub struct ReleaseSignArgs {
     /// Where to write the manifest (default: BINARY.manifest).
     #[arg(long, short = 'o', value_name = "OUT")]
     pub out: Option<PathBuf>,
+    /// The manifest format: 2, the binary served as a gzip archive; 1, the binary itself.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub format: u8,
+    /// Where to write the gzip archive, format 2 (default: BINARY.gz; `update` and `rollout`
+    /// read it there).
+    #[arg(long, value_name = "ARCHIVE")]
+    pub archive: Option<PathBuf>,
 }
 
 /// Check a release manifest's signature, and that a binary is the one it describes.
@@ -66,7 +80,8 @@ pub struct ReleaseSignArgs {
 /// "binary"}` (`binary`: the file checked against the manifest's size and SHA-256, or null)
 /// and exits 0. Invalid: prints `{"valid": false, "reason", "message"}` and exits 1; reason is
 /// malformed_manifest, unknown_key (no --key has the manifest's key id), bad_signature or
-/// mismatch (the binary's size or SHA-256 is not the manifest's).
+/// mismatch (the binary's or the archive's size or SHA-256 is not the manifest's, or the
+/// archive does not unpack to the binary it names).
 #[derive(Debug, Args)]
 pub struct ReleaseVerifyArgs {
     /// The manifest file.
@@ -79,27 +94,37 @@ pub struct ReleaseVerifyArgs {
     /// The binary to check against the manifest (size and SHA-256).
     #[arg(long, value_name = "FILE")]
     pub binary: Option<PathBuf>,
+    /// The gzip archive to check against a format-2 manifest: its size and SHA-256, then what
+    /// it unpacks to (no further than one byte past the binary's size) against the binary's.
+    #[arg(long, value_name = "FILE")]
+    pub archive: Option<PathBuf>,
 }
 
 /// What a manifest says of its binary, as `sign` and `verify` print it.
 #[derive(Serialize)]
 struct Described {
+    format: u8,
     version: String,
     os: String,
     arch: String,
     size: u64,
     sha256: String,
+    archive_size: Option<u64>,
+    archive_sha256: Option<String>,
     key_id: String,
 }
 
 impl Described {
     fn of(m: &Manifest) -> Described {
         Described {
+            format: if m.archive.is_some() { 2 } else { 1 },
             version: m.version.clone(),
             os: m.os.clone(),
             arch: m.arch.clone(),
             size: m.size,
             sha256: m.sha256.clone(),
+            archive_size: m.archive.as_ref().map(|a| a.size),
+            archive_sha256: m.archive.as_ref().map(|a| a.sha256.clone()),
             key_id: m.key.to_string(),
         }
     }
@@ -108,6 +133,7 @@ impl Described {
 #[derive(Serialize)]
 struct Signed {
     output: PathBuf,
+    archive: Option<PathBuf>,
     #[serde(flatten)]
     manifest: Described,
 }
@@ -118,6 +144,7 @@ struct Valid {
     #[serde(flatten)]
     manifest: Described,
     binary: Option<PathBuf>,
+    archive: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -143,16 +170,28 @@ fn sign(args: ReleaseSignArgs) -> Result<ExitCode> {
     let key = KeyPair::from_pem(&text)
         .with_context(|| format!("{} is not a usable private key", args.key.display()))?;
     let binary = read_at_most(&args.binary, MAX_BINARY)?;
-    let manifest = sign_manifest(&args.version, &args.os, &args.arch, &binary, &key)?;
     let out = args.out.unwrap_or_else(|| {
         let mut s = args.binary.clone().into_os_string();
         s.push(MANIFEST_SUFFIX);
         PathBuf::from(s)
     });
+    let (manifest, archive) = if args.format == 1 {
+        let manifest = sign_manifest(&args.version, &args.os, &args.arch, &binary, &key)?;
+        (manifest, None)
+    } else {
+        let archive = gzip(&binary);
+        let manifest =
+            sign_manifest_gzip(&args.version, &args.os, &args.arch, &binary, &archive, &key)?;
+        let path = args.archive.unwrap_or_else(|| archive_path(&args.binary));
+        // The archive first: a manifest is never there without the archive it names.
+        write_atomic(&path, &archive, Some(OUTPUT_MODE))?;
+        (manifest, Some(path))
+    };
     write_atomic(&out, manifest.as_bytes(), Some(OUTPUT_MODE))?;
     let parsed = bridge_signing::release::SignedManifest::parse(&manifest)?;
     crate::print_json(&Signed {
         output: out,
+        archive,
         manifest: Described::of(parsed.manifest()),
     });
     Ok(ExitCode::SUCCESS)
@@ -199,10 +238,37 @@ fn verify(args: ReleaseVerifyArgs) -> Result<ExitCode> {
             return invalid("mismatch", why);
         }
     }
+    if let Some(archive) = &args.archive {
+        if manifest.archive.is_none() {
+            return invalid(
+                "mismatch",
+                format!(
+                    "{} is a format-1 manifest: it names no archive",
+                    args.manifest.display()
+                ),
+            );
+        }
+        let bytes = match try_read_archive(manifest, archive)? {
+            Ok(bytes) => bytes,
+            Err(why) => return invalid("mismatch", why),
+        };
+        if !gunzip_matches(manifest, &bytes) {
+            return invalid(
+                "mismatch",
+                format!(
+                    "{} does not unpack to the binary the manifest describes ({} bytes, SHA-256 {})",
+                    archive.display(),
+                    manifest.size,
+                    manifest.sha256
+                ),
+            );
+        }
+    }
     crate::print_json(&Valid {
         valid: true,
         manifest: Described::of(manifest),
         binary: args.binary,
+        archive: args.archive,
     });
     Ok(ExitCode::SUCCESS)
 }

@@ -19,10 +19,12 @@ pub const CLIENT_MARGIN: Duration = Duration::from_secs(60);
 /// Update a connected agent to a release, through a running `bridgectl serve`, and wait for
 /// the verdict.
 ///
-/// The server reads the manifest (`bridgectl release sign`'s output) and the binary, and
-/// refuses a binary whose size or SHA-256 is not the manifest's before sending anything. It
-/// sends the agent `update`; the agent checks the manifest against its release keys (and OS,
-/// architecture, downgrade), fetches the binary from the server, lets its running tasks finish
+/// The server reads the manifest (`bridgectl release sign`'s output) and the binary (for a
+/// format-2 manifest also its gzip archive, BINARY.gz), and refuses a binary or archive whose
+/// size or SHA-256 is not the manifest's before sending anything. It sends the agent `update`;
+/// the agent checks the manifest against its release keys (and OS, architecture, downgrade),
+/// fetches the binary (format 2: the archive, checked, then unpacked no further than the
+/// binary's size) from the server, lets its running tasks finish
 /// (--drain-timeout, default its config's) and restarts into the new version through its
 /// launcher. The new version confirms after its health window and reports `succeeded`; one
 /// that does not confirm is rolled back, and the previous version reports `failed`. The server
@@ -35,7 +37,7 @@ pub const CLIENT_MARGIN: Duration = Duration::from_secs(60);
 ///
 /// Exit status: 0 succeeded; 1 refused, failed or timeout; 2 not sent (usage error, server
 /// unreachable, agent unknown, not connected or speaking protocol version 1, an update of it
-/// already in progress, the binary does not match the manifest).
+/// already in progress, the binary or archive does not match the manifest).
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
     /// The agent id (see `bridgectl agents`).

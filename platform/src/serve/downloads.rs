@@ -10,14 +10,18 @@
 //! | `/install.sh` | `installers/install.sh`, embedded in this binary |
 //! | `/downloads/bridge-daemon-linux-ARCH` | the agent binary for `ARCH` (as `uname -m` prints it) |
 //! | `/downloads/bridge-daemon-linux-ARCH.sha256` | `HEX  bridge-daemon-linux-ARCH\n`, as `sha256sum` prints it |
-//! | `/downloads/bridge-daemon-linux-ARCH.manifest` | with `--release-key`: the binary's signed release manifest (`bridgectl release sign`'s format, version [`AGENT_VERSION`], OS `linux`) |
-//! | `/downloads/VERSION/…` | the same three, when `VERSION` is this build's version |
+//! | `/downloads/bridge-daemon-linux-ARCH.manifest` | with `--release-key`: the binary's signed release manifest (`bridgectl release sign`'s format 2, version [`AGENT_VERSION`], OS `linux`) |
+//! | `/downloads/bridge-daemon-linux-ARCH.gz` | with `--release-key`: the binary's gzip archive the manifest names |
+//! | `/downloads/VERSION/…` | the same four, when `VERSION` is this build's version |
 //!
 //! Guarantees: read-only (nothing a client sends changes any state); bounded (request heads
 //! of at most [`MAX_HEAD`] bytes read within [`HEAD_TIMEOUT`], at most [`MAX_CONCURRENT`]
 //! downloads at once, binaries of at most [`MAX_BINARY`] bytes, a whole response within
-//! [`SEND_TIMEOUT`]); a binary's checksum and manifest are computed from the same bytes that
-//! are served, and recomputed when the file changes (size or modification time).
+//! [`SEND_TIMEOUT`]); a binary's checksum, archive and manifest are computed from the same
+//! bytes that are served, and recomputed when the file changes (size or modification time).
+//! The archive is compressed at gzip's fastest level (this is the development platform: it
+//! compresses at the first request, and a debug binary is large); `bridgectl release sign`
+//! compresses at the best.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use bridge_signing::release::sign_manifest;
+use bridge_signing::release::sign_manifest_gzip;
 use bridge_signing::KeyPair;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
@@ -59,8 +63,10 @@ struct Artifact {
     modified: Option<SystemTime>,
     bytes: Arc<Vec<u8>>,
     sha256_line: String,
-    /// The signed release manifest, with a release key.
+    /// The signed release manifest (format 2), with a release key.
     manifest: Option<Arc<Vec<u8>>>,
+    /// The binary's gzip archive the manifest names, with a release key.
+    archive: Option<Arc<Vec<u8>>>,
 }
 
 /// The installer and the agent binaries this server hands out.
@@ -187,17 +193,29 @@ impl Downloads {
                 .with_context(|| format!("cannot read the agent binary {}", path.display()))?;
             let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
             let sha256_line = format!("{}  {name}\n", hex::encode(digest.as_ref()));
-            let manifest = key
-                .map(|k| sign_manifest(AGENT_VERSION, "linux", &arch_name, &bytes, &k))
-                .transpose()
-                .context("cannot sign the agent binary's release manifest")?
-                .map(|text| Arc::new(text.into_bytes()));
+            let (manifest, archive) = match key {
+                None => (None, None),
+                Some(k) => {
+                    let archive = gzip_fast(&bytes);
+                    let text = sign_manifest_gzip(
+                        AGENT_VERSION,
+                        "linux",
+                        &arch_name,
+                        &bytes,
+                        &archive,
+                        &k,
+                    )
+                    .context("cannot sign the agent binary's release manifest")?;
+                    (Some(Arc::new(text.into_bytes())), Some(Arc::new(archive)))
+                }
+            };
             Ok(Artifact {
                 len: bytes.len() as u64,
                 modified,
                 bytes: Arc::new(bytes),
                 sha256_line,
                 manifest,
+                archive,
             })
         })
         .await
@@ -278,7 +296,7 @@ impl Downloads {
 
     async fn download(&self, file: &str) -> Response {
         let (stem, suffix) = match file.rsplit_once('.') {
-            Some((stem, s @ ("sha256" | "manifest"))) => (stem, Some(s)),
+            Some((stem, s @ ("sha256" | "manifest" | "gz"))) => (stem, Some(s)),
             _ => (file, None),
         };
         let Some(arch) = stem.strip_prefix(BINARY_PREFIX) else {
@@ -303,6 +321,13 @@ impl Downloads {
         match suffix {
             None => Response::bytes("application/octet-stream", artifact.bytes.clone()),
             Some("sha256") => Response::text(200, artifact.sha256_line.trim_end()),
+            Some("gz") => match &artifact.archive {
+                Some(archive) => Response::bytes("application/gzip", archive.clone()),
+                None => Response::text(
+                    404,
+                    "no release archives here (the platform has no --release-key)",
+                ),
+            },
             Some(_) => match &artifact.manifest {
                 Some(text) => Response::bytes("text/plain; charset=utf-8", text.clone()),
                 None => Response::text(
@@ -312,6 +337,17 @@ impl Downloads {
             },
         }
     }
+}
+
+/// `binary` gzip-compressed at the fastest level.
+fn gzip_fast(binary: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(
+        Vec::with_capacity(binary.len() / 2),
+        flate2::Compression::fast(),
+    );
+    e.write_all(binary).expect("writing to memory");
+    e.finish().expect("writing to memory")
 }
 
 /// The file name of a download path, `/downloads/NAME` or `/downloads/VERSION/NAME`.

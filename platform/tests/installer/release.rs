@@ -1,6 +1,7 @@
 //! Release manifests (`--release-key`): what the platform serves, the installer accepting a
-//! manifest the release key signed, and refusing every mismatch with nothing installed; the
-//! root agent (`--run-as-root`).
+//! manifest the release key signed, and refusing every mismatch with nothing installed (format
+//! 1, and format 2 with the binary as a gzip archive: corrupt, truncated and oversized archives);
+//! the root agent (`--run-as-root`).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
@@ -61,6 +62,11 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
         "",
     ));
     assert!(out.contains("release manifest signature verified"), "{out}");
+    // The platform serves format 2: the archive is checked, then unpacked.
+    assert!(
+        out.contains("archive sha256") && out.contains("verified against the release manifest"),
+        "{out}"
+    );
     // The manifest's version (the platform's) names the release; the key lets the agent
     // update itself.
     let version = env!("CARGO_PKG_VERSION");
@@ -135,6 +141,9 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
         bridge_signing::release::SignedManifest::parse(&String::from_utf8(body).unwrap()).unwrap();
     let m = signed.verify(&[key.public_key()]).unwrap();
     assert!(m.matches(&fs::read(&v1).unwrap()));
+    let (code, archive) = get(&format!("/downloads/bridge-daemon-linux-{ARCH}.gz"));
+    assert_eq!(code, "200");
+    assert!(m.archive_matches(&archive));
     assert_eq!(
         (m.version.as_str(), m.os.as_str(), m.arch.as_str()),
         (version, "linux", ARCH)
@@ -151,6 +160,76 @@ fn the_platform_serves_a_signed_manifest_and_run_as_root_says_so() {
     assert_eq!(get("/downloads/bridge-daemon-linux-sparc").0, "404");
     assert_eq!(get("/downloads/../server.key").0, "404");
     assert_eq!(get("/").0, "404");
+}
+
+#[test]
+fn a_gzip_release_is_checked_before_it_is_unpacked_and_a_bad_one_installs_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (root, fake, v1) = fake_staging(w);
+    let key = release_key();
+    let public = key.public_key().to_string();
+    let archive = gzip(&v1);
+    let good = manifest_gzip("1.2.3", ARCH, &v1, &archive, key);
+    let args = target(&root, &fake.url, &fake.pin, &["--release-key", &public]);
+    let refused = |why: &str| {
+        let out = install(&args, "");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let t = text(&out);
+        assert!(t.contains(why), "expected {why:?}: {t}");
+        assert!(t.contains("nothing was installed"), "{t}");
+        assert!(snapshot(&root).is_empty(), "{why}: files were installed");
+    };
+
+    // Corrupt: bytes changed after signing; the archive's SHA-256 is checked before unpacking.
+    let mut flipped = archive.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x20;
+    fake.publish_archive(&flipped, &good);
+    refused(&format!(
+        "checksum mismatch for bridge-daemon-linux-{ARCH}.gz"
+    ));
+    // Served one byte short.
+    fake.publish_archive(&archive[..archive.len() - 1], &good);
+    refused("size mismatch for");
+    // Truncated: an archive cut in half, signed as it is (its hash matches; gzip fails).
+    let cut = &archive[..archive.len() / 2];
+    fake.publish_archive(cut, &manifest_gzip("1.2.3", ARCH, &v1, cut, key));
+    refused("is not a whole gzip archive");
+    // Oversized: the binary and 64 MiB of zeros, signed as the binary alone (a gzip bomb
+    // relative to the manifest): unpacking stops one byte past the binary's size.
+    let mut bomb = v1.clone();
+    bomb.extend(std::iter::repeat_n(0u8, 64 << 20));
+    let bomb = gzip(&bomb);
+    fake.publish_archive(&bomb, &manifest_gzip("1.2.3", ARCH, &v1, &bomb, key));
+    refused("unpacks to more than");
+    // The archive of another binary of the same size, signed as this one's.
+    let mut other = v1.clone();
+    *other.last_mut().unwrap() ^= 1;
+    let other = gzip(&other);
+    fake.publish_archive(&other, &manifest_gzip("1.2.3", ARCH, &v1, &other, key));
+    refused("checksum mismatch for bridge-daemon-linux-");
+    // A manifest of a format this installer does not know.
+    fake.publish_archive(
+        &archive,
+        &good.replace("bridge-release 2", "bridge-release 3"),
+    );
+    refused("is of an unknown format");
+
+    // The good archive installs the binary it unpacks to.
+    fake.publish_archive(&archive, &good);
+    let out = ok(install(&args, ""));
+    assert!(out.contains("archive sha256"), "{out}");
+    assert!(
+        out.contains("and size verified against the release manifest (version 1.2.3)"),
+        "{out}"
+    );
+    let lay = layout(&root);
+    assert_eq!(
+        fs::read(lay.join("releases/1.2.3/bridge-daemon")).unwrap(),
+        v1
+    );
+    assert_current(&lay, "1.2.3");
 }
 
 /// Another architecture than this machine's.

@@ -269,6 +269,26 @@ pub fn manifest(version: &str, arch: &str, binary: &[u8], key: &bridge_signing::
     bridge_signing::release::sign_manifest(version, "linux", arch, binary, key).unwrap()
 }
 
+/// The format-2 manifest `key` signs for `binary` served as the gzip `archive`, as version
+/// `version` for linux/`arch`.
+pub fn manifest_gzip(
+    version: &str,
+    arch: &str,
+    binary: &[u8],
+    archive: &[u8],
+    key: &bridge_signing::KeyPair,
+) -> String {
+    bridge_signing::release::sign_manifest_gzip(version, "linux", arch, binary, archive, key)
+        .unwrap()
+}
+
+/// `bytes` gzip-compressed at the fastest level (the test binaries are debug builds, large).
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
 /// A tiny HTTPS server with a self-signed certificate serving fixed bodies: wrong checksums,
 /// manifests that do not match, versions `bridgectl serve` does not serve.
 pub struct FakePlatform {
@@ -356,6 +376,19 @@ impl FakePlatform {
     /// Serves `binary` with its right checksum, at the paths of `version` (or unversioned).
     pub fn publish_binary(&self, version: Option<&str>, binary: &[u8]) {
         self.publish_at(version, binary, &sha(binary));
+    }
+
+    /// Serves the gzip `archive` (`….gz`) with `manifest` beside it, at the unversioned paths
+    /// (and no binary: a format-2 release is fetched as its archive).
+    pub fn publish_archive(&self, archive: &[u8], manifest: &str) {
+        let name = format!("bridge-daemon-linux-{ARCH}");
+        let mut files = self.files.lock().unwrap();
+        files.remove(&format!("/downloads/{name}"));
+        files.insert(format!("/downloads/{name}.gz"), archive.to_vec());
+        files.insert(
+            format!("/downloads/{name}.manifest"),
+            manifest.as_bytes().to_vec(),
+        );
     }
 
     /// Serves `binary` with `manifest` beside it (`….manifest`), at the unversioned paths.

@@ -39,21 +39,39 @@ use super::{lock, Hub, HubError, Outbound};
 use crate::serve::updates::{is_verdict, new_id, Recorded, UpdateRecord};
 use crate::timearg::now_unix;
 
-/// A release: its signed manifest and the binary it describes (checked against it).
+/// A release: its signed manifest and what the agent fetches (checked against it): the
+/// binary (format 1) or its gzip archive (format 2).
 #[derive(Debug)]
 pub struct Release {
     /// The manifest, as read (not verified here: the agent does that).
     pub manifest: SignedManifest,
-    /// The binary's bytes.
+    /// The bytes `need_release` ranges are answered from: the binary's, or the archive's.
     pub bytes: Bytes,
 }
 
 impl Release {
     /// Reads the manifest at `manifest` and the binary at `binary`, which must be the one it
-    /// describes (size and SHA-256). Blocking file I/O.
+    /// describes (size and SHA-256); for a format-2 manifest, also the archive beside the
+    /// binary (`BINARY.gz`), which must be the manifest's and unpack to the binary: that is
+    /// what the agent fetches. Blocking file I/O.
     pub fn load(manifest: &Path, binary: &Path) -> Result<Release> {
         let signed = crate::release::read_manifest(manifest)?;
-        let bytes = crate::release::read_binary(signed.manifest(), binary)?;
+        let m = signed.manifest();
+        let bytes = crate::release::read_binary(m, binary)?;
+        let bytes = if m.archive.is_some() {
+            let path = crate::release::archive_path(binary);
+            let archive = crate::release::read_archive(m, &path)?;
+            if !crate::release::gunzip_matches(m, &archive) {
+                anyhow::bail!(
+                    "{} does not unpack to {}, the binary the manifest describes",
+                    path.display(),
+                    binary.display()
+                );
+            }
+            archive
+        } else {
+            bytes
+        };
         Ok(Release {
             manifest: signed,
             bytes: Bytes::from(bytes),
