@@ -671,6 +671,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_left_without_its_journal_is_not_replayed_into_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = logged(&dir.path().join("live"));
+        let (j, _) = open(&cfg);
+        accept_some(&j, &["old"]).await;
+        let crashed = crash_copy(&cfg, &dir.path().join("crashed"));
+        drop(j);
+        // The redb file moved aside, its log left behind.
+        std::fs::remove_file(&crashed.path).unwrap();
+        let (j, recovery) = open(&crashed);
+        assert!(recovery.queued.is_empty());
+        assert!(j.get("old").is_none());
+    }
+
+    #[tokio::test]
     async fn settling_leaves_the_redb_file_whole_for_an_older_version() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = logged(&dir.path().join("live"));

@@ -281,6 +281,15 @@ impl Journal {
     /// nothing at `config.path` to refuse at the next start.
     pub fn open(config: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
         if !config.path.exists() {
+            // A log without its redb file belongs to no journal this one continues.
+            let log = log::log_path(&config.path);
+            match std::fs::remove_file(&log) {
+                Ok(()) => {
+                    tracing::warn!(log = %log.display(), "removed a journal log left without its journal")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::Io(format!("removing {}: {e}", log.display()))),
+            }
             create(&config.path)?;
         }
         prepare_path(&config.path)?;
