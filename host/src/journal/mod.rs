@@ -9,7 +9,8 @@
 //! The files are layered (`cargo xtask deps` lists the edges): each uses only those before it in
 //! this list, and this file's shared state and locks, so they read bottom-up.
 //! `records` and `error` (what is handed out, what goes wrong), `early`; `schema` (the file, its
-//! tables, encodings, sizes) and `migration` (format versions, at open); `index` (in memory);
+//! tables, encodings, sizes) and `migration` (format versions, at open); `log` (the write-ahead
+//! log: frames, replay, settling); `index` (in memory);
 //! `tables` (one write transaction's view); what each write does in it: `space` (making room),
 //! `ops` (a task's acceptance, start, finish, ack, and its audit record), then `queue` (the
 //! writes sent to the writer), `audit` (the audit chain's head, what the exporter reads),
