@@ -123,6 +123,16 @@ struct RollbackArgs {
     /// The release layout. Default: the layout this executable is installed in.
     #[arg(long, value_name = "DIR")]
     layout: Option<PathBuf>,
+
+    /// The agent's state directory, whose journal is settled first (its write-ahead log
+    /// replayed into the redb file, which the previous release reads alone).
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    state: Option<PathBuf>,
+
+    /// The agent's config file (for its state directory). Default, without --state:
+    /// /etc/bridge/agent.toml, when it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -420,6 +430,54 @@ fn rollback(args: RollbackArgs) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
+    // The previous release may know nothing of the journal's write-ahead log: what the log
+    // holds goes into the redb file first, with this version.
+    let state = match (&args.state, &args.config) {
+        (Some(state), _) => Some(state.clone()),
+        (None, Some(config)) => match bridge_host::status::Location::of_config(config) {
+            Ok(l) => Some(l.state),
+            Err(e) => {
+                eprintln!("bridge-daemon: {e:#}");
+                return ExitCode::from(1);
+            }
+        },
+        (None, None) => {
+            let default = std::path::Path::new(bridge_host::config::DEFAULT_CONFIG_PATH);
+            match default.exists() {
+                true => match bridge_host::status::Location::of_config(default) {
+                    Ok(l) => Some(l.state),
+                    Err(e) => {
+                        eprintln!("bridge-daemon: {e:#} (pass --state DIR)");
+                        return ExitCode::from(1);
+                    }
+                },
+                false => None,
+            }
+        }
+    };
+    match state {
+        Some(state) => {
+            let journal = state.join("journal.redb");
+            match bridge_host::journal::settle(&journal) {
+                Ok(0) => {}
+                Ok(n) => println!(
+                    "settled the journal {}: {n} batches from its log written into it",
+                    journal.display()
+                ),
+                Err(e) => {
+                    eprintln!(
+                        "bridge-daemon: cannot settle the journal {} before rolling back (stop the agent first): {e}",
+                        journal.display()
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => eprintln!(
+            "bridge-daemon: no --state or --config given and no {}: the journal's log, if any, is not settled",
+            bridge_host::config::DEFAULT_CONFIG_PATH
+        ),
+    }
     match update::prepare::rollback_manual(&layout) {
         Ok(said) => {
             println!("{said}");

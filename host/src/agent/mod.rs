@@ -176,6 +176,12 @@ impl Agent {
             semaphore.clone(),
             slots,
         ));
+        // The journal's write-ahead log: only once this version is confirmed (an older one,
+        // rolled back to, does not read it).
+        update.when_confirmed({
+            let journal = journal.clone();
+            move || journal.use_log()
+        });
         let agent = Arc::new(Agent {
             agent_id,
             sandbox,

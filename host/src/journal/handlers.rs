@@ -51,7 +51,7 @@ pub(super) fn put_handler_in(
     changes: &mut Vec<Change>,
 ) -> Result<(), Fail> {
     let bytes = encode("handler", &handler.name, &handler).map_err(Fail::Alone)?;
-    t.handlers.insert(handler.name.as_str(), bytes.as_slice())?;
+    t.put_handler(handler.name.as_str(), bytes.as_slice())?;
     t.written += bytes.len() as u64;
     changes.push(Change::PutHandler(handler));
     Ok(())
@@ -63,7 +63,7 @@ pub(super) fn remove_handler_in(
     name: String,
     changes: &mut Vec<Change>,
 ) -> Result<bool, Fail> {
-    let removed = t.handlers.remove(name.as_str())?.is_some();
+    let removed = t.del_handler(name.as_str())?;
     changes.push(Change::RemoveHandler(name));
     Ok(removed)
 }

@@ -9,7 +9,8 @@
 //! The files are layered (`cargo xtask deps` lists the edges): each uses only those before it in
 //! this list, and this file's shared state and locks, so they read bottom-up.
 //! `records` and `error` (what is handed out, what goes wrong), `early`; `schema` (the file, its
-//! tables, encodings, sizes) and `migration` (format versions, at open); `index` (in memory);
+//! tables, encodings, sizes) and `migration` (format versions, at open); `log` (the write-ahead
+//! log: frames, replay, settling); `index` (in memory);
 //! `tables` (one write transaction's view); what each write does in it: `space` (making room),
 //! `ops` (a task's acceptance, start, finish, ack, and its audit record), then `queue` (the
 //! writes sent to the writer), `audit` (the audit chain's head, what the exporter reads),
@@ -34,6 +35,7 @@ mod early;
 mod error;
 mod handlers;
 mod index;
+mod log;
 mod migration;
 mod ops;
 mod queue;
@@ -52,6 +54,7 @@ mod writer;
 pub use audit::AuditFeed;
 pub use early::EarlyResult;
 pub use error::JournalError;
+pub use log::{log_path, settle};
 pub use records::{Accept, HandlerRecord, TaskPhase, TaskRecord};
 pub use recovery::Recovery;
 pub use retention::PRUNE_EVERY;
@@ -83,6 +86,11 @@ pub struct JournalConfig {
     /// Whether results get audit records (default `true`; off only to measure what they
     /// cost: the agent always audits).
     pub audit: bool,
+    /// Whether batches are committed through the write-ahead log `<path>.log` from the start
+    /// (default `false`: the agent turns it on with [`Journal::use_log`] once its version is
+    /// confirmed, since an older version does not read the log). Its capacity counts against
+    /// `max_bytes` either way.
+    pub log: bool,
 }
 
 impl JournalConfig {
@@ -96,6 +104,7 @@ impl JournalConfig {
             min_free_bytes: 64 << 20,
             max_bytes: 256 << 20,
             audit: true,
+            log: false,
         }
     }
 }
@@ -121,6 +130,21 @@ struct Shared {
     /// The audit chain's heads, and its waiters (the exporter).
     audit: Mutex<AuditHeads>,
     audit_changed: Condvar,
+    /// Whether batches go through the write-ahead log ([`Journal::use_log`]).
+    use_log: std::sync::atomic::AtomicBool,
+    /// The write-ahead log (open once in use) and its generation.
+    log: Mutex<LogState>,
+}
+
+/// The write-ahead log's state (see `log`).
+#[derive(Default)]
+struct LogState {
+    /// Open once the log is in use.
+    file: Option<log::Log>,
+    /// Opening it failed: batches commit durably in redb.
+    failed: bool,
+    /// The generation the redb file holds all frames before (frames are written with it).
+    generation: u64,
 }
 
 /// The audit chain's head as committed, and as made durable.
@@ -135,6 +159,33 @@ struct AuditHeads {
 }
 
 impl Shared {
+    /// For a durable redb commit about to be made in `txn`: when the log holds frames, moves it
+    /// to the next generation in the same transaction (the commit holds them all), returned to
+    /// pass to [`Shared::checkpointed`] once committed. Every durable commit goes through here,
+    /// so that no frame is ever applied over writes that came after it.
+    fn stamp(&self, txn: &redb::WriteTransaction) -> Result<Option<u64>, error::Fail> {
+        let state = lock(&self.log);
+        match &state.file {
+            Some(f) if f.has_frames() => {
+                let next = state.generation + 1;
+                log::set_generation(txn, next)?;
+                Ok(Some(next))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A durable commit stamped with `generation` succeeded: the log starts over.
+    fn checkpointed(&self, generation: Option<u64>) {
+        if let Some(generation) = generation {
+            let mut state = lock(&self.log);
+            state.generation = generation;
+            if let Some(f) = state.file.as_mut() {
+                f.restart();
+            }
+        }
+    }
+
     /// A durable commit succeeded: every record written is durable.
     fn audit_durable(&self) {
         let mut heads = lock(&self.audit);
@@ -231,14 +282,26 @@ impl Journal {
     /// nothing at `config.path` to refuse at the next start.
     pub fn open(config: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
         if !config.path.exists() {
+            // A log without its redb file belongs to no journal this one continues.
+            let log = log::log_path(&config.path);
+            match std::fs::remove_file(&log) {
+                Ok(()) => {
+                    tracing::warn!(log = %log.display(), "removed a journal log left without its journal")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(JournalError::Io(format!("removing {}: {e}", log.display()))),
+            }
             create(&config.path)?;
         }
         prepare_path(&config.path)?;
         let db = open_db(&config.path)?;
         init_schema(&db, &config.path)?;
+        // Whatever the log holds goes into the redb file first (durably), log in use or not.
+        let (generation, _) = log::replay(&db, &config.path)?;
         let (mut index, next_seq) = Index::load(&db)?;
         let (head, audit_bytes) = audit::load(&db)?;
         index.bytes += audit_bytes;
+        let config_log = config.log;
         let shared = Arc::new(Shared {
             config,
             db: RwLock::new(Some(db)),
@@ -251,6 +314,11 @@ impl Journal {
                 closed: false,
             }),
             audit_changed: Condvar::new(),
+            use_log: std::sync::atomic::AtomicBool::new(config_log),
+            log: Mutex::new(LogState {
+                generation,
+                ..LogState::default()
+            }),
         });
         match retention::prune_now(&shared) {
             Ok(0) => {}
@@ -447,6 +515,16 @@ impl Journal {
     /// one fsync): with group commit, far fewer than the writes asked for under load.
     pub fn commits(&self) -> u64 {
         self.inner.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// From now on, batches are committed through the write-ahead log (one sequential write and
+    /// one `fdatasync` each, checkpointed into the redb file in the background): called once
+    /// the running version is confirmed, since an older version does not read the log (a
+    /// manual rollback [settles](settle) it first).
+    pub fn use_log(&self) {
+        if !self.inner.shared.use_log.swap(true, Ordering::SeqCst) {
+            tracing::info!("the journal commits through its write-ahead log from now on");
+        }
     }
 
     /// The configuration the journal was opened with.

@@ -57,7 +57,7 @@ pub(super) fn accept_in(
     let need = stored_size(encoded.len()) + id.len() as u64 + ENTRY_BYTES;
     // New work is taken up to 7/8 of the limit: the rest is for the results of the tasks
     // already accepted (one that still does not fit is kept without its output).
-    let max_bytes = config.max_bytes;
+    let max_bytes = super::log::db_limit(config.max_bytes);
     let max_bytes = max_bytes - max_bytes / 8;
     if !make_room(t, max_bytes, need, changes)? {
         return Err(Fail::Alone(JournalError::StorageFull(format!(

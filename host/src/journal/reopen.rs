@@ -24,6 +24,15 @@ pub(super) fn reopen(shared: &Shared) -> Res<u64> {
         drop(old);
     }
     let db = open_db(&shared.config.path)?;
+    // What commits without fsync left only in the log goes back in first.
+    let (generation, _) = super::log::replay(&db, &shared.config.path)?;
+    {
+        let mut state = lock(&shared.log);
+        state.generation = generation;
+        if let Some(f) = state.file.as_mut() {
+            f.restart();
+        }
+    }
     let known: HashMap<Arc<str>, Summary> = lock(&shared.index).tasks.clone();
     let reconciled = (|| -> Result<(), Fail> {
         let txn = db.begin_write()?;

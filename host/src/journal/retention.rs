@@ -76,7 +76,13 @@ pub(super) fn prune_now(shared: &Shared) -> Res<usize> {
         let _ = txn.abort();
         return Ok(0);
     }
+    let stamp = match shared.stamp(&txn) {
+        Ok(stamp) => stamp,
+        Err(Fail::Alone(e)) => return Err(e),
+        Err(Fail::Transaction(e)) => return Err(db_error(e)),
+    };
     txn.commit().map_err(db_error)?;
+    shared.checkpointed(stamp);
     drop(guard);
     shared.commits.fetch_add(1, Ordering::Relaxed);
     lock(&shared.index).apply(changes);

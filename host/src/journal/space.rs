@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::error::{Fail, Res};
 use super::index::Change;
+use super::log::{db_limit, SeqTable};
 use super::schema::{encode, encode_result, stored_size, Summary, ENTRY_BYTES};
 use super::tables::Tables;
 use super::{lock, write_lock, Shared};
@@ -63,14 +64,14 @@ impl Tables<'_> {
         stub.request.args.clear();
         stub.request.signature = None;
         let r = encode("task", id, &stub).map_err(Fail::Alone)?;
-        self.records.insert(summary.seq, r.as_slice())?;
+        self.put(SeqTable::Records, summary.seq, r.as_slice())?;
         self.written += r.len() as u64;
         let mut bytes = stored_size(r.len()) + id.len() as u64 + ENTRY_BYTES;
         if let Some(result) = result {
             let finished_at = summary.finished_at_ms.unwrap_or_default();
             let f =
                 encode_result(id, finished_at, &result.without_output()).map_err(Fail::Alone)?;
-            self.results.insert(summary.seq, f.as_slice())?;
+            self.put(SeqTable::Results, summary.seq, f.as_slice())?;
             self.written += f.len() as u64;
             bytes += stored_size(f.len());
         }
@@ -138,7 +139,7 @@ impl SpaceCheck {
         // file itself keeps the pages it once needed. Past the limit, it is compacted now and
         // then (redb reuses freed pages meanwhile), never a reason to refuse work.
         let len = file_len(&config.path);
-        if len <= config.max_bytes.saturating_mul(2) {
+        if len <= db_limit(config.max_bytes).saturating_mul(2) {
             self.size_verdict = None;
             return Ok(());
         }
@@ -176,13 +177,13 @@ fn prune_and_compact(shared: &Shared, prune: impl FnOnce() -> Res<usize>) -> Res
     }
     let config = &shared.config;
     let len = file_len(&config.path);
-    if len <= config.max_bytes {
+    if len <= db_limit(config.max_bytes) {
         Ok(())
     } else {
         Err(format!(
             "the journal {} is {len} bytes after pruning, above its limit of {} bytes",
             config.path.display(),
-            config.max_bytes
+            db_limit(config.max_bytes)
         ))
     }
 }

@@ -9,6 +9,7 @@ use redb::{ReadableTable, Table, TableError, WriteTransaction};
 use super::error::{Fail, JournalError};
 use super::index::Index;
 use super::lock;
+use super::log::{Redo, SeqTable};
 use super::records::TaskRecord;
 use super::schema::{
     assemble, decode, encode, stored_size, Entry, Summary, AUDIT, ENTRIES, ENTRY_BYTES, HANDLERS,
@@ -45,6 +46,8 @@ pub(super) struct Tables<'t> {
     /// Bytes of values this transaction wrote (records, results, entries, handlers), for the
     /// metrics.
     pub(super) written: u64,
+    /// The writes, as the log's frame (recorded while the log is in use).
+    pub(super) redo: Redo,
 }
 
 impl<'t> Tables<'t> {
@@ -69,7 +72,45 @@ impl<'t> Tables<'t> {
             freed: 0,
             evicted: Default::default(),
             written: 0,
+            redo: Redo::default(),
         })
+    }
+
+    /// The table written as `which`.
+    fn table(&mut self, which: SeqTable) -> &mut Table<'t, u64, &'static [u8]> {
+        match which {
+            SeqTable::Records => &mut self.records,
+            SeqTable::Results => &mut self.results,
+            SeqTable::Entries => &mut self.entries,
+            SeqTable::Audit => &mut self.audit,
+        }
+    }
+
+    /// Every write to a table keyed by sequence number goes through here (and into the redo
+    /// record).
+    pub(super) fn put(&mut self, which: SeqTable, key: u64, value: &[u8]) -> Result<(), Fail> {
+        self.table(which).insert(key, value)?;
+        self.redo.put(which, key, value);
+        Ok(())
+    }
+
+    pub(super) fn del(&mut self, which: SeqTable, key: u64) -> Result<(), Fail> {
+        self.table(which).remove(key)?;
+        self.redo.del(which, key);
+        Ok(())
+    }
+
+    pub(super) fn put_handler(&mut self, name: &str, value: &[u8]) -> Result<(), Fail> {
+        self.handlers.insert(name, value)?;
+        self.redo.put_name(name, value);
+        Ok(())
+    }
+
+    /// Whether there was one.
+    pub(super) fn del_handler(&mut self, name: &str) -> Result<bool, Fail> {
+        let removed = self.handlers.remove(name)?.is_some();
+        self.redo.del_name(name);
+        Ok(removed)
     }
 
     /// What the journal holds with this transaction's writes.
@@ -133,7 +174,7 @@ impl<'t> Tables<'t> {
         record: &[u8],
         summary: &mut Summary,
     ) -> Result<(), Fail> {
-        self.records.insert(summary.seq, record)?;
+        self.put(SeqTable::Records, summary.seq, record)?;
         self.written += record.len() as u64;
         summary.bytes = stored_size(record.len()) + id.len() as u64 + ENTRY_BYTES;
         self.added += summary.bytes;
@@ -150,7 +191,7 @@ impl<'t> Tables<'t> {
         finished: &[u8],
         summary: &mut Summary,
     ) -> Result<(), Fail> {
-        self.results.insert(summary.seq, finished)?;
+        self.put(SeqTable::Results, summary.seq, finished)?;
         self.written += finished.len() as u64;
         summary.bytes += stored_size(finished.len());
         self.added += stored_size(finished.len());
@@ -169,7 +210,7 @@ impl<'t> Tables<'t> {
     /// Writes a task's entry alone (a start, an acknowledgement).
     pub(super) fn store_entry(&mut self, id: &str, summary: &Summary) -> Result<(), Fail> {
         let e = encode("index entry", id, &Entry::of(id, summary)).map_err(Fail::Alone)?;
-        self.entries.insert(summary.seq, e.as_slice())?;
+        self.put(SeqTable::Entries, summary.seq, e.as_slice())?;
         self.written += e.len() as u64;
         Ok(())
     }
@@ -188,7 +229,7 @@ impl<'t> Tables<'t> {
         }
         let record = Record::of(&self.chain, now, id, facts, result);
         let line = record.line();
-        self.audit.insert(record.seq, line.as_slice())?;
+        self.put(SeqTable::Audit, record.seq, line.as_slice())?;
         self.added += stored_size(line.len());
         self.audit_added += stored_size(line.len());
         self.chain = head_after(record.seq, &line);
@@ -204,7 +245,7 @@ impl<'t> Tables<'t> {
             gone.push((k.value(), stored_size(v.value().len())));
         }
         for (seq, bytes) in gone {
-            self.audit.remove(seq)?;
+            self.del(SeqTable::Audit, seq)?;
             self.freed += bytes;
             self.audit_freed += bytes;
         }
@@ -213,9 +254,9 @@ impl<'t> Tables<'t> {
 
     pub(super) fn remove(&mut self, seq: u64, bytes: u64) -> Result<(), Fail> {
         self.freed += bytes;
-        self.records.remove(seq)?;
-        self.results.remove(seq)?;
-        self.entries.remove(seq)?;
+        self.del(SeqTable::Records, seq)?;
+        self.del(SeqTable::Results, seq)?;
+        self.del(SeqTable::Entries, seq)?;
         Ok(())
     }
 }

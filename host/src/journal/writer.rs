@@ -15,7 +15,7 @@ use super::reopen::reopen;
 use super::retention::{prune_in, prune_now, PRUNE_EVERY};
 use super::space::SpaceCheck;
 use super::tables::Tables;
-use super::{lock, now_ms, read_lock, Shared};
+use super::{lock, log, now_ms, read_lock, Shared};
 use crate::audit::Head;
 
 /// The most operations the writer applies in one transaction.
@@ -28,6 +28,10 @@ pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
 /// How long writes that need no fsync (acknowledgements, results of tasks that ran) may wait
 /// for a batch that commits anyway before they are committed on their own.
 pub const HOLD: Duration = Duration::from_millis(2);
+
+/// How long the writer waits, idle, before checkpointing the write-ahead log's frames into the
+/// redb file.
+pub const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
 /// The writer thread's state.
 pub(super) struct Writer {
@@ -76,7 +80,8 @@ impl Writer {
             // `recv` fails only once every sender is gone and the queue is empty.
             let wait = match self.held_since {
                 Some(since) => Some(HOLD.saturating_sub(since.elapsed())),
-                None => self.unflushed.then_some(FLUSH_AFTER),
+                None if self.unflushed => Some(FLUSH_AFTER),
+                None => self.log_has_frames().then_some(CHECKPOINT_IDLE),
             };
             let first = if let Some(wait) = wait {
                 match rx.recv_timeout(wait) {
@@ -84,8 +89,10 @@ impl Writer {
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         if self.held_since.is_some() {
                             self.commit_batch(Vec::new(), false);
-                        } else {
+                        } else if self.unflushed {
                             self.flush();
+                        } else if let Err(e) = self.checkpoint() {
+                            tracing::warn!("checkpointing the journal log: {e}");
                         }
                         continue;
                     }
@@ -115,8 +122,117 @@ impl Writer {
             self.commit_batch(ops, false);
         }
         // Writes committed without fsync become durable with the next durable commit: make one
-        // before the database closes.
+        // before the database closes; and the log's frames go into the redb file.
         self.flush();
+        if self.log_has_frames() {
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(
+                    "checkpointing the journal log at close: {e} (replayed at the next open)"
+                );
+            }
+        }
+    }
+
+    /// Whether the log holds frames not yet checkpointed.
+    fn log_has_frames(&self) -> bool {
+        lock(&self.shared.log)
+            .file
+            .as_ref()
+            .is_some_and(|f| f.has_frames())
+    }
+
+    /// Whether this batch goes through the log: in use, and open (opened here the first
+    /// time).
+    fn log_ready(&self) -> bool {
+        if !self.shared.use_log.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut state = lock(&self.shared.log);
+        if state.file.is_some() {
+            return true;
+        }
+        if state.failed {
+            return false;
+        }
+        let capacity = log::capacity(self.shared.config.max_bytes);
+        match log::Log::open(&self.shared.config.path, capacity) {
+            Ok(f) => {
+                tracing::info!(log = %f.path().display(), capacity, "the journal log is open");
+                state.file = Some(f);
+                true
+            }
+            Err(e) => {
+                tracing::error!("opening the journal log: {e}; commits stay in the redb file");
+                state.failed = true;
+                false
+            }
+        }
+    }
+
+    /// Writes a committed batch's frame to the log (synced if `sync`); a frame that does not
+    /// fit, or a write that fails, is made durable by a checkpoint instead.
+    fn log_batch(&mut self, payload: &[u8], sync: bool) -> Result<(), JournalError> {
+        let written = {
+            let mut state = lock(&self.shared.log);
+            let generation = state.generation;
+            match state.file.as_mut() {
+                None => Err("the log is not open".to_string()),
+                Some(f) if payload.is_empty() => {
+                    if sync {
+                        f.sync().map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    }
+                }
+                Some(f) if f.fits(payload.len()) => f
+                    .append(generation, payload, sync)
+                    .map_err(|e| e.to_string()),
+                Some(_) => Err(String::new()),
+            }
+        };
+        match written {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                if !why.is_empty() {
+                    tracing::warn!("writing the journal log: {why}; checkpointing instead");
+                }
+                self.checkpoint()
+            }
+        }
+    }
+
+    /// A checkpoint: a durable redb commit that moves the log to its next generation (every
+    /// write so far is then in the redb file, durably).
+    fn checkpoint(&mut self) -> Result<(), JournalError> {
+        let guard = read_lock(&self.shared.db);
+        let db = guard
+            .as_ref()
+            .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+        let started = Instant::now();
+        let next = lock(&self.shared.log).generation + 1;
+        let committed = db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+            match log::set_generation(&txn, next) {
+                Ok(()) => txn.commit().map_err(redb::Error::from),
+                Err(Fail::Transaction(e)) => Err(e),
+                Err(Fail::Alone(e)) => Err(redb::Error::Corrupted(e.to_string())),
+            }
+        });
+        drop(guard);
+        match committed {
+            Ok(()) => {
+                self.observe_commit(started, 0);
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.checkpointed(Some(next));
+                self.unflushed = false;
+                self.shared.audit_durable();
+                Ok(())
+            }
+            Err(e) => {
+                let (e, fatal) = classify(e);
+                self.needs_reopen |= fatal;
+                Err(e)
+            }
+        }
     }
 
     /// A durable commit of the held acknowledgements, or an empty one: what earlier commits
@@ -125,6 +241,28 @@ impl Writer {
         if !self.held.is_empty() {
             return self.commit_batch(Vec::new(), true);
         }
+        let synced = {
+            let mut state = lock(&self.shared.log);
+            match state.file.as_mut() {
+                Some(f) if f.unsynced() => Some(f.sync()),
+                _ => None,
+            }
+        };
+        match synced {
+            Some(Ok(())) => {
+                self.unflushed = false;
+                self.shared.audit_durable();
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::warn!("syncing the journal log: {e}; checkpointing instead");
+                if let Err(e) = self.checkpoint() {
+                    tracing::warn!("the journal's flush checkpoint failed: {e}");
+                }
+                return;
+            }
+            None => {}
+        }
         let guard = read_lock(&self.shared.db);
         let Some(db) = guard.as_ref() else {
             // Closed after an I/O failure: nothing left to flush; the next batch reopens it.
@@ -132,12 +270,18 @@ impl Writer {
             return;
         };
         let started = Instant::now();
-        let committed = db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|t| t.commit().map_err(redb::Error::from));
+        let committed = db.begin_write().map_err(redb::Error::from).and_then(|t| {
+            let stamp = match self.shared.stamp(&t) {
+                Ok(stamp) => stamp,
+                Err(Fail::Transaction(e)) => return Err(e),
+                Err(Fail::Alone(e)) => return Err(redb::Error::Corrupted(e.to_string())),
+            };
+            t.commit().map_err(redb::Error::from)?;
+            Ok(stamp)
+        });
         match committed {
-            Ok(()) => {
+            Ok(stamp) => {
+                self.shared.checkpointed(stamp);
                 self.observe_commit(started, 0);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = false;
@@ -205,10 +349,12 @@ impl Writer {
         //   agent reports `interrupted`; the result itself was sent as it was written, and the
         //   platform keeps the first result it gets for a task.
         let lazy = !durable && ops.iter().all(Op::needs_no_sync);
+        // Through the log: redb commits without fsync, the log's frame is what is durable.
+        let via_log = self.log_ready();
         let started = Instant::now();
         let txn = match db.begin_write() {
             Ok(mut txn) => {
-                if lazy {
+                if lazy || via_log {
                     let _ = txn.set_durability(redb::Durability::None);
                 }
                 txn
@@ -228,9 +374,12 @@ impl Writer {
         let mut written = 0;
         let mut ops = ops.into_iter();
         let mut chain = None;
+        let mut redo = Vec::new();
+        let mut pruned = false;
         match Tables::open(&txn, &shared.index, self.chain.clone()) {
             Ok(mut t) => {
                 t.auditing = shared.config.audit;
+                t.redo.on = via_log;
                 for op in ops.by_ref() {
                     let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
                     answers.push(answer);
@@ -241,12 +390,16 @@ impl Writer {
                 }
                 if failure.is_none() && self.accepts_since_prune >= PRUNE_EVERY {
                     match prune_in(&mut t, &shared.config, now, &mut changes) {
-                        Ok(_) => self.accepts_since_prune = 0,
+                        Ok(_) => {
+                            self.accepts_since_prune = 0;
+                            pruned = true;
+                        }
                         Err(Fail::Transaction(e)) => failure = Some(e),
                         Err(Fail::Alone(e)) => tracing::warn!("pruning the journal: {e}"),
                     }
                 }
                 written = t.written;
+                redo = std::mem::take(&mut t.redo.bytes);
                 chain = Some(t.chain.clone());
                 if t.audit_added > 0 || t.audit_freed > 0 {
                     changes.push(Change::AuditBytes {
@@ -258,6 +411,22 @@ impl Writer {
             Err(e) => failure = Some(e.into()),
         }
         answers.extend(ops.map(Answer::unapplied));
+        pruned |= answers.iter().any(|a| matches!(a, Answer::Count(..)));
+        // A durable commit without the log holds the log's frames too: it is a checkpoint.
+        let stamp = match (&failure, lazy || via_log) {
+            (None, false) => match shared.stamp(&txn) {
+                Ok(stamp) => stamp,
+                Err(Fail::Transaction(e)) => {
+                    failure = Some(e);
+                    None
+                }
+                Err(Fail::Alone(e)) => {
+                    failure = Some(redb::Error::Corrupted(e.to_string()));
+                    None
+                }
+            },
+            _ => None,
+        };
         let outcome = match failure {
             Some(e) => {
                 let _ = txn.abort();
@@ -266,6 +435,25 @@ impl Writer {
             None => txn.commit().map_err(redb::Error::from),
         };
         drop(guard);
+        let outcome = match outcome {
+            Ok(()) if via_log => {
+                // The batch is durable once its frame is, or once checkpointed (after a prune,
+                // rather than a frame of every removal).
+                let logged = if pruned {
+                    self.checkpoint()
+                } else {
+                    self.log_batch(&redo, !lazy)
+                };
+                // redb holds the batch, the index does not: reopening reconciles them.
+                self.needs_reopen |= logged.is_err();
+                logged.map_err(|e| redb::Error::Corrupted(e.to_string()))
+            }
+            Ok(()) => {
+                self.shared.checkpointed(stamp);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(()) => {
                 self.observe_commit(started, written);

@@ -137,6 +137,8 @@ pub struct Updater {
     part: Mutex<Option<Part>>,
     /// A switch to this version awaiting its confirmation (taken at the first `welcome`).
     confirm: Mutex<Option<Pending>>,
+    /// What runs once this version is confirmed ([`Updater::when_confirmed`]).
+    on_confirmed: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// A part of the release asked for: the update's id, and where its bytes (or the message of
@@ -188,6 +190,17 @@ impl Updater {
             fetching: AtomicBool::new(false),
             part: Mutex::new(None),
             confirm: Mutex::new(confirm),
+            on_confirmed: Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` once this version is confirmed: at once if it is (or needs no confirmation),
+    /// else when it confirms after its health window (never, if it is rolled back).
+    pub fn when_confirmed(&self, f: impl FnOnce() + Send + 'static) {
+        if lock(&self.confirm).is_none() {
+            f();
+        } else {
+            *lock(&self.on_confirmed) = Some(Box::new(f));
         }
     }
 
@@ -585,6 +598,9 @@ impl Updater {
                 match this.confirm_now(&pending) {
                     Ok(()) => {
                         tracing::info!(version = %pending.version, "update confirmed: stayed up for the health window");
+                        if let Some(f) = lock(&this.on_confirmed).take() {
+                            f();
+                        }
                         this.report_outcome().await;
                     }
                     Err(e) => {
