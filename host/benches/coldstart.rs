@@ -204,7 +204,7 @@ struct Run {
     platform: f64,
     agent_cpu: f64,
     /// Agent-log phases, from the process start: journal opened, link starting, connected
-    /// (TLS and WebSocket up), session open (`welcome` received).
+    /// (TLS and WebSocket up), `welcome` received.
     journal: f64,
     link: f64,
     upgraded: f64,
@@ -290,20 +290,20 @@ fn main() {
         assert_eq!(r["result"]["status"], "ok", "{r}");
         let first_task = r["round_trip_us"].as_f64().expect("round_trip_us") / 1000.0;
         let events = relay.take();
-        // `welcome`: the platform's first bytes after it logged the session (sent before the
+        // `welcome`: the platform's first bytes after it logged `session started` (sent before the
         // benchmark's run request, which comes after that log line).
-        let session = platform
+        let greeted = platform
             .log()
             .lines_with("session started")
             .get(seen)
             .and_then(|l| stamp(l))
             .expect("a timestamped `session started` line");
-        let session_at = start + session.duration_since(wall).unwrap_or_default();
+        let greeted_at = start + greeted.duration_since(wall).unwrap_or_default();
         let welcome = events
             .iter()
-            .find(|(t, d)| *d == Dir::Down && *t >= session_at && *t < sent_at)
+            .find(|(t, d)| *d == Dir::Down && *t >= greeted_at && *t < sent_at)
             .map(|(t, _)| *t)
-            .unwrap_or(session_at);
+            .unwrap_or(greeted_at);
         let log = agent.log.clone();
         let records = log
             .lines_with("journal opened")
@@ -361,7 +361,7 @@ fn main() {
         ("journal opened", col(|r| r.journal)),
         ("starting the platform link", col(|r| r.link)),
         ("connected (TLS + WebSocket up)", col(|r| r.upgraded)),
-        ("session open (welcome received)", col(|r| r.welcomed)),
+        ("welcome received", col(|r| r.welcomed)),
     ] {
         println!("  {name:<40} {:>7.1}", median(&v));
     }
