@@ -29,7 +29,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Cancelled by SIGINT/SIGTERM, or by the agent once it has drained for a staged release.
     let shutdown = CancellationToken::new();
     options.update.shutdown = shutdown.clone();
-    let sandbox = tokio::task::spawn_blocking(move || Sandbox::new(sandbox)).await??;
+    // The sandbox's engine and the journal are independent: built and opened side by side. A
+    // journal another daemon holds still stops this one here, before the link starts.
+    let building = tokio::task::spawn_blocking(move || Sandbox::new(sandbox));
+    let journal_config = options.journal.clone();
+    let opening = tokio::task::spawn_blocking(move || Agent::open_journal(journal_config));
+    let (sandbox, journal) = (building.await?, opening.await?);
+    let journal = journal?;
+    let sandbox = sandbox?;
     if !options.shell.is_empty() {
         // Orphans of a shell run whose supervisor died come to the agent, not to init.
         if let Err(e) = crate::shell::supervise::become_subreaper() {
@@ -44,8 +51,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             "agent.max_concurrent_tasks exceeds sandbox.max_concurrent_runs: WASM tasks beyond it wait for a sandbox slot while recorded as running"
         );
     }
-    let (agent, outbox, recovery) =
-        Agent::new(identity.agent_id.clone(), sandbox, trust, &state, options)?;
+    let (agent, outbox, recovery) = Agent::with_journal(
+        identity.agent_id.clone(),
+        sandbox,
+        trust,
+        &state,
+        options,
+        journal,
+    )?;
     // After the journal opened: a second daemon on this state directory stopped there, and
     // never replaces the first one's socket. Removed when this function returns.
     let status = Arc::new(StatusSource::new(

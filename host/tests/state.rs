@@ -225,3 +225,42 @@ fn once_enrolled_the_token_is_never_sent_or_read_again() {
     assert!(!cache.join("cache.key").exists() && !state.join("cache.key").exists());
     assert_eq!(mode(&cache), 0o700);
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_stops_before_connecting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let platform = Platform::start(&tmp.path().join("platform"));
+    let publisher = Publisher::new();
+    let state = tmp.path().join("agent");
+    let first = Agent::start(&state, &platform.agent_args(Some(&publisher)));
+    let id = first.id();
+    let control = platform.control();
+    control.wait_connected(&id);
+    let connections = platform.log().count("agent connected");
+
+    // The journal's lock stops it; nothing of the link has started.
+    let mut second = Agent::start(
+        &state,
+        &platform.agent_args_with(None, Some(&publisher.public())),
+    );
+    let status = second.wait_exit(Duration::from_secs(20));
+    let log = second.log.text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("opening the journal"), "{log}");
+    assert!(!log.contains("starting the platform link"), "{log}");
+    assert_eq!(
+        platform.log().count("agent connected"),
+        connections,
+        "the second daemon reached the platform: {}",
+        platform.log().text()
+    );
+
+    // The first one still runs tasks.
+    let r = control.run_module(
+        &id,
+        &publisher.signed("hello"),
+        json!({"name": "first"}),
+        None,
+    );
+    assert_eq!(r["result"]["status"], "ok", "{r}");
+}

@@ -146,15 +146,34 @@ impl Agent {
         state: &std::path::Path,
         options: AgentOptions,
     ) -> Result<(Arc<Agent>, Outbox, Recovery)> {
+        let opened = Agent::open_journal(options.journal.clone())?;
+        Agent::with_journal(agent_id, sandbox, trust, state, options, opened)
+    }
+
+    /// Opens the journal (what [`Agent::new`] does first): independent of the sandbox, so a
+    /// caller may open it while the sandbox's engine is built.
+    pub fn open_journal(config: JournalConfig) -> Result<(Journal, Recovery)> {
+        let path = config.path.clone();
+        Journal::open(config)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("opening the journal {}", path.display()))
+    }
+
+    /// [`Agent::new`] with the journal already opened by [`Agent::open_journal`].
+    pub fn with_journal(
+        agent_id: String,
+        sandbox: Sandbox,
+        trust: Trust,
+        state: &std::path::Path,
+        options: AgentOptions,
+        (journal, recovery): (Journal, Recovery),
+    ) -> Result<(Arc<Agent>, Outbox, Recovery)> {
         let modules_dir = state.join("modules");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&modules_dir)
             .with_context(|| format!("creating the module store {}", modules_dir.display()))?;
-        let (journal, recovery) = Journal::open(options.journal.clone())
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("opening the journal {}", options.journal.path.display()))?;
         // The journal's commits and the compiled-module cache's lookups, for the metrics.
         journal.observe(options.observer.clone());
         sandbox.observe(options.observer.clone());
