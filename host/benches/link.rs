@@ -56,9 +56,11 @@ fn main() {
     // The first run uploads and compiles; the rest are warm.
     let first = control.run_module(&id, &signed, json!({"name": "bench"}), None);
     assert_eq!(first["result"]["status"], "ok", "{first}");
-    let sha = first["result"]["module_sha256"]
-        .as_str()
-        .unwrap()
+    // `file_sha256` (protocol version 2) or `module_sha256` (a baseline build before it).
+    let sha = ["file_sha256", "module_sha256"]
+        .iter()
+        .find_map(|k| first["result"][k].as_str())
+        .unwrap_or_else(|| panic!("no module SHA-256 in {first}"))
         .to_string();
     let mut rtts = Vec::with_capacity(runs);
     for _ in 0..runs {
