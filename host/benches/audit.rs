@@ -13,32 +13,14 @@
 use std::time::{Duration, Instant};
 
 use bridge_host::journal::{Journal, JournalConfig};
-use bridge_host::outcome::{RunResult, Status};
-use bridge_protocol::RunRequest;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-fn request(task_id: &str) -> RunRequest {
-    RunRequest {
-        id: format!("msg-{task_id}"),
-        task_id: task_id.to_string(),
-        command: Some("hello".into()),
-        input: serde_json::json!({"name": "bench"}),
-        ..Default::default()
-    }
-}
-
-fn result() -> RunResult {
-    let mut r = RunResult::refused(Status::Ok, "");
-    r.error = None;
-    r.exit_code = Some(0);
-    r.output = serde_json::json!({"greeting": "hello, bench"});
-    r.duration_ms = 1.2;
-    r.fuel_consumed = Some(123_456);
-    r
-}
+#[path = "common/task.rs"]
+mod task;
+use task::{request, result};
 
 fn open(dir: &std::path::Path, audit: bool) -> Journal {
     let mut config = JournalConfig::new(dir.join("journal.redb"));

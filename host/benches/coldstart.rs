@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bridge_testkit::load::keep_in_flight;
-use bridge_testkit::{figures, Agent, Log, Platform, Publisher};
+use bridge_testkit::{figures, Agent, Control, Log, Platform, Publisher};
 use serde_json::json;
 
 /// Which way bytes went through the relay.
@@ -245,12 +245,7 @@ fn main() {
     let id = control.wait_any_connected(bridge_testkit::CONNECT);
     let first = control.run_module(&id, &signed, json!({"name": "bench"}), None);
     assert_eq!(first["result"]["status"], "ok", "{first}");
-    // `file_sha256` (protocol version 2) or `module_sha256` (older builds).
-    let sha = ["file_sha256", "module_sha256"]
-        .iter()
-        .find_map(|k| first["result"][k].as_str())
-        .unwrap_or_else(|| panic!("no module SHA-256 in {first}"))
-        .to_string();
+    let sha = Control::module_sha256(&first);
     let run = json!({"cmd": "run", "agent": id, "module_sha256": sha, "input": {"name": "bench"}});
     let mut filled = 1;
     while filled < prefill {

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use bridge_testkit::{figures, Agent, Platform, Publisher};
+use bridge_testkit::{figures, Agent, Control, Platform, Publisher};
 use serde_json::json;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -56,12 +56,7 @@ fn main() {
     // The first run uploads and compiles; the rest are warm.
     let first = control.run_module(&id, &signed, json!({"name": "bench"}), None);
     assert_eq!(first["result"]["status"], "ok", "{first}");
-    // `file_sha256` (protocol version 2) or `module_sha256` (a baseline build before it).
-    let sha = ["file_sha256", "module_sha256"]
-        .iter()
-        .find_map(|k| first["result"][k].as_str())
-        .unwrap_or_else(|| panic!("no module SHA-256 in {first}"))
-        .to_string();
+    let sha = Control::module_sha256(&first);
     let mut rtts = Vec::with_capacity(runs);
     for _ in 0..runs {
         let r = control.request(

@@ -195,6 +195,16 @@ impl Control {
         self.request(&req)
     }
 
+    /// The SHA-256 of the module a `run` answer ran: its result's `file_sha256`, or
+    /// `module_sha256` from an agent before protocol version 2 (a benchmark's baseline build).
+    pub fn module_sha256(answer: &Value) -> String {
+        ["file_sha256", "module_sha256"]
+            .iter()
+            .find_map(|k| answer["result"][k].as_str())
+            .unwrap_or_else(|| panic!("no module SHA-256 in {answer}"))
+            .to_string()
+    }
+
     /// `run` of the named `command` on agent `id`, with `extra` fields (`args`, `task_id`,
     /// `input`…).
     pub fn run_command(&self, id: &str, command: &str, extra: Value) -> Value {
