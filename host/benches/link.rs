@@ -77,7 +77,7 @@ fn main() {
     );
     println!();
     println!(
-        "warm hello task round trip over loopback TLS (platform send → result): median {:.3} ms   p99 {:.3} ms   (n={runs}; target: median under 1 ms)",
+        "warm hello task round trip over loopback TLS (platform send → result): median {:.3} ms   p99 {:.3} ms   (n={runs}; target: median under 0.5 ms)",
         percentile(&rtts, 0.5),
         percentile(&rtts, 0.99)
     );
