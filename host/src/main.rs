@@ -253,6 +253,8 @@ fn init_logging(verbose: u8, service: bool) {
     use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // The builder alone stops at INFO; the filter below decides.
+        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .finish()

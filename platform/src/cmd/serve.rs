@@ -67,6 +67,8 @@ fn init_logging() {
     use tracing_subscriber::util::SubscriberInitExt;
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // The builder alone stops at INFO; the filter below decides.
+        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
         .with_ansi(std::io::stderr().is_terminal())
         .finish()
         .with(log_filter("info"))
