@@ -125,9 +125,10 @@ fn status(socket: &Path, wait: Duration) -> Result<Value> {
     Ok(response["rollout"].clone())
 }
 
-/// Whether a status says the rollout is over.
+/// Whether a status says the rollout is over: the server records its end last
+/// (`RolloutStatus::is_over`).
 fn is_over(status: &Value) -> bool {
-    status["state"] != "running" && status["in_flight"].as_array().is_some_and(Vec::is_empty)
+    status["finished_at"].is_string()
 }
 
 /// Asks for the status until the rollout is over.

@@ -136,9 +136,11 @@ pub struct RolloutStatus {
 }
 
 impl RolloutStatus {
-    /// Whether the rollout is over: halted or completed, and no update in flight.
+    /// Whether the rollout is over: halted or completed, no update in flight, and its end
+    /// recorded. `run` publishes all three in one change, so a status read while a halted
+    /// rollout's last update is being counted is not mistaken for the final one.
     pub fn is_over(&self) -> bool {
-        self.state != RolloutState::Running && self.in_flight.is_empty()
+        self.finished_at.is_some()
     }
 }
 
@@ -383,6 +385,29 @@ mod tests {
         assert!(status.is_over(), "{status:?}");
         assert!(status.finished_at.is_some());
         status
+    }
+
+    #[test]
+    fn a_halted_rollout_is_over_only_once_its_end_is_recorded() {
+        // What `run` publishes when the failure that halts it is counted: halted, nothing in
+        // flight, but the loop has not ended yet.
+        let mut status = RolloutStatus {
+            state: RolloutState::Halted,
+            version: "0.2.0".into(),
+            targets: 2,
+            succeeded: Vec::new(),
+            failed: Vec::new(),
+            in_flight: Vec::new(),
+            untouched: 1,
+            canary: 1,
+            batch_percent: 100,
+            max_failures: 1,
+            started_at: format_rfc3339(0),
+            finished_at: None,
+        };
+        assert!(!status.is_over());
+        status.finished_at = Some(format_rfc3339(1));
+        assert!(status.is_over());
     }
 
     #[tokio::test]
