@@ -63,12 +63,17 @@ const T_AUDIT: u8 = 5;
 const PUT: u8 = 1;
 const DEL: u8 = 2;
 
-/// The writes of one transaction, as a frame's payload (recorded only while the log is in
-/// use).
+/// The writes of one transaction, as a frame (recorded only while the log is in use): room
+/// for the frame's header, then the payload. A batch whose payload outgrows `limit` (what one
+/// frame of the log can hold) stops recording and drops what it had: it is made durable by a
+/// checkpoint instead, so a batch of large results is never held twice in memory.
 #[derive(Default)]
 pub(super) struct Redo {
-    pub(super) on: bool,
-    pub(super) bytes: Vec<u8>,
+    on: bool,
+    frame: Vec<u8>,
+    limit: usize,
+    /// The payload outgrew `limit`: nothing was kept.
+    pub(super) overflowed: bool,
 }
 
 /// A table keyed by sequence number.
@@ -91,39 +96,84 @@ impl SeqTable {
     }
 }
 
+/// Frame buffers up to this capacity are kept for the next batch; larger ones are freed.
+const KEEP_BUFFER: usize = 64 << 10;
+
 impl Redo {
+    /// Recording into `buffer` (a previous frame's, reused), a payload of at most `limit`
+    /// bytes.
+    pub(super) fn start(mut buffer: Vec<u8>, limit: usize) -> Redo {
+        buffer.clear();
+        buffer.resize(HEADER as usize, 0);
+        Redo {
+            on: true,
+            frame: buffer,
+            limit,
+            overflowed: false,
+        }
+    }
+
+    /// The payload recorded so far.
+    pub(super) fn payload(&self) -> &[u8] {
+        self.frame.get(HEADER as usize..).unwrap_or_default()
+    }
+
+    /// The buffer, to start the next batch's frame in, if it is small enough to keep.
+    pub(super) fn into_buffer(self) -> Vec<u8> {
+        if self.frame.capacity() <= KEEP_BUFFER {
+            self.frame
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Whether `n` more payload bytes are to be recorded: no once the payload would outgrow
+    /// the limit (what was recorded is dropped then).
+    fn room(&mut self, n: usize) -> bool {
+        if !self.on {
+            return false;
+        }
+        if self.frame.len() - HEADER as usize + n > self.limit {
+            self.on = false;
+            self.overflowed = true;
+            self.frame = Vec::new();
+            return false;
+        }
+        true
+    }
+
     fn value(&mut self, v: &[u8]) {
-        self.bytes
+        self.frame
             .extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes());
-        self.bytes.extend_from_slice(v);
+        self.frame.extend_from_slice(v);
     }
 
     pub(super) fn put(&mut self, table: SeqTable, key: u64, value: &[u8]) {
-        if self.on {
-            self.bytes.extend_from_slice(&[table.tag(), PUT]);
-            self.bytes.extend_from_slice(&key.to_le_bytes());
+        if self.room(2 + 8 + 4 + value.len()) {
+            self.frame.extend_from_slice(&[table.tag(), PUT]);
+            self.frame.extend_from_slice(&key.to_le_bytes());
             self.value(value);
         }
     }
 
     pub(super) fn del(&mut self, table: SeqTable, key: u64) {
-        if self.on {
-            self.bytes.extend_from_slice(&[table.tag(), DEL]);
-            self.bytes.extend_from_slice(&key.to_le_bytes());
+        if self.room(2 + 8) {
+            self.frame.extend_from_slice(&[table.tag(), DEL]);
+            self.frame.extend_from_slice(&key.to_le_bytes());
         }
     }
 
     pub(super) fn put_name(&mut self, name: &str, value: &[u8]) {
-        if self.on {
-            self.bytes.extend_from_slice(&[T_HANDLERS, PUT]);
+        if self.room(2 + 4 + name.len() + 4 + value.len()) {
+            self.frame.extend_from_slice(&[T_HANDLERS, PUT]);
             self.value(name.as_bytes());
             self.value(value);
         }
     }
 
     pub(super) fn del_name(&mut self, name: &str) {
-        if self.on {
-            self.bytes.extend_from_slice(&[T_HANDLERS, DEL]);
+        if self.room(2 + 4 + name.len()) {
+            self.frame.extend_from_slice(&[T_HANDLERS, DEL]);
             self.value(name.as_bytes());
         }
     }
@@ -428,23 +478,33 @@ impl Log {
         self.unsynced
     }
 
-    /// Appends a frame of `generation` (one `pwrite`, the caller checked that it
+    /// The most payload one frame can hold.
+    pub(super) fn max_payload(&self) -> usize {
+        usize::try_from(self.capacity.saturating_sub(HEADER)).unwrap_or(usize::MAX)
+    }
+
+    /// Appends `redo`'s frame of `generation` (one `pwrite`; the caller checked that it
     /// [fits](Log::fits)); synced if `sync`.
     pub(super) fn append(
         &mut self,
         generation: u64,
-        payload: &[u8],
+        redo: &mut Redo,
         sync: bool,
     ) -> std::io::Result<()> {
-        let len = u32::try_from(payload.len())
+        let len = u32::try_from(redo.payload().len())
             .map_err(|_| std::io::Error::other("a journal log frame over 4 GiB"))?;
-        let mut frame = Vec::with_capacity(HEADER as usize + payload.len());
-        frame.extend_from_slice(MAGIC);
-        frame.extend_from_slice(&generation.to_le_bytes());
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&frame_crc(generation, payload).to_le_bytes());
-        frame.extend_from_slice(payload);
-        self.file.write_all_at(&frame, self.at)?;
+        let crc = frame_crc(generation, redo.payload());
+        let frame = &mut redo.frame;
+        if frame.len() < HEADER as usize {
+            return Err(std::io::Error::other(
+                "a journal log frame without its header",
+            ));
+        }
+        frame[..4].copy_from_slice(MAGIC);
+        frame[4..12].copy_from_slice(&generation.to_le_bytes());
+        frame[12..16].copy_from_slice(&len.to_le_bytes());
+        frame[16..20].copy_from_slice(&crc.to_le_bytes());
+        self.file.write_all_at(frame, self.at)?;
         self.at += frame.len() as u64;
         self.unsynced = true;
         if sync {
@@ -620,13 +680,10 @@ mod tests {
         drop(j);
         // Well-formed frames, of generations before and after the file's.
         let mut log = Log::open(&cfg.path, capacity(cfg.max_bytes)).unwrap();
-        let mut redo = Redo {
-            on: true,
-            bytes: Vec::new(),
-        };
+        let mut redo = Redo::start(Vec::new(), log.max_payload());
         redo.del(SeqTable::Entries, 0);
-        log.append(7, &redo.bytes, true).unwrap();
-        log.append(1, &redo.bytes, true).unwrap();
+        log.append(7, &mut redo, true).unwrap();
+        log.append(1, &mut redo, true).unwrap();
         drop(log);
         let (j, _) = open(&cfg);
         assert_eq!(j.get("a").unwrap().phase, TaskPhase::Queued);
@@ -638,12 +695,51 @@ mod tests {
         let cfg = config(dir.path());
         drop(open(&cfg));
         let mut log = Log::open(&cfg.path, capacity(cfg.max_bytes)).unwrap();
-        log.append(0, b"\x09\x01garbage", true).unwrap();
+        let mut redo = Redo::start(Vec::new(), log.max_payload());
+        redo.frame.extend_from_slice(b"\x09\x01garbage");
+        log.append(0, &mut redo, true).unwrap();
         drop(log);
         let before = std::fs::read(log_path(&cfg.path)).unwrap();
         let err = Journal::open(cfg.clone()).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("does not decode"), "{err}");
         assert_eq!(std::fs::read(log_path(&cfg.path)).unwrap(), before);
+    }
+
+    #[test]
+    fn a_batch_larger_than_a_frame_stops_recording_and_keeps_nothing() {
+        let mut redo = Redo::start(Vec::with_capacity(64), 100);
+        redo.put(SeqTable::Records, 1, &[7; 50]);
+        assert_eq!(redo.payload().len(), 2 + 8 + 4 + 50);
+        assert!(!redo.overflowed);
+        redo.put(SeqTable::Results, 1, &[7; 50]);
+        assert!(redo.overflowed);
+        assert!(redo.payload().is_empty());
+        assert_eq!(redo.frame.capacity(), 0, "what was recorded is freed");
+        // Nothing is recorded after that, however small.
+        redo.del(SeqTable::Entries, 2);
+        assert!(redo.payload().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_task_larger_than_the_log_is_checkpointed_and_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = logged(&dir.path().join("live"));
+        cfg.max_bytes = 1 << 20;
+        let (j, _) = open(&cfg);
+        accept_some(&j, &["small"]).await;
+        let before = j.commits();
+        // 200 KiB of input through a log of 128 KiB: one checkpoint, no frame.
+        let mut r = request("large");
+        r.input = serde_json::json!("x".repeat(200 << 10));
+        assert_eq!(j.accept(&r).await.unwrap(), Accept::New);
+        assert_eq!(
+            j.commits(),
+            before + 2,
+            "the batch's commit and a checkpoint"
+        );
+        let crashed = crash_copy(&cfg, &dir.path().join("crashed"));
+        let (_, recovery) = open(&crashed);
+        assert_eq!(ids(&recovery.queued), ["small", "large"]);
     }
 
     #[tokio::test]

@@ -53,6 +53,8 @@ pub(super) struct Writer {
     held_since: Option<Instant>,
     /// The audit chain's head, as committed.
     chain: Head,
+    /// The last log frame's buffer, reused for the next batch's.
+    frame_buffer: Vec<u8>,
 }
 
 impl Writer {
@@ -69,6 +71,7 @@ impl Writer {
             unflushed: false,
             held: Vec::new(),
             held_since: None,
+            frame_buffer: Vec::new(),
         }
     }
 
@@ -142,51 +145,54 @@ impl Writer {
     }
 
     /// Whether this batch goes through the log: in use, and open (opened here the first
-    /// time).
-    fn log_ready(&self) -> bool {
+    /// time). If so, the most payload a frame holds.
+    fn log_ready(&self) -> Option<usize> {
         if !self.shared.use_log.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         let mut state = lock(&self.shared.log);
-        if state.file.is_some() {
-            return true;
+        if let Some(f) = &state.file {
+            return Some(f.max_payload());
         }
         if state.failed {
-            return false;
+            return None;
         }
         let capacity = log::capacity(self.shared.config.max_bytes);
         match log::Log::open(&self.shared.config.path, capacity) {
             Ok(f) => {
                 tracing::info!(log = %f.path().display(), capacity, "the journal log is open");
+                let max = f.max_payload();
                 state.file = Some(f);
-                true
+                Some(max)
             }
             Err(e) => {
                 tracing::error!("opening the journal log: {e}; commits stay in the redb file");
                 state.failed = true;
-                false
+                None
             }
         }
     }
 
     /// Writes a committed batch's frame to the log (synced if `sync`); a frame that does not
-    /// fit, or a write that fails, is made durable by a checkpoint instead.
-    fn log_batch(&mut self, payload: &[u8], sync: bool) -> Result<(), JournalError> {
+    /// fit (or was not kept, being larger than the log), or a write that fails, is made
+    /// durable by a checkpoint instead.
+    fn log_batch(&mut self, redo: &mut log::Redo, sync: bool) -> Result<(), JournalError> {
         let written = {
             let mut state = lock(&self.shared.log);
             let generation = state.generation;
             match state.file.as_mut() {
                 None => Err("the log is not open".to_string()),
-                Some(f) if payload.is_empty() => {
+                Some(_) if redo.overflowed => Err(String::new()),
+                Some(f) if redo.payload().is_empty() => {
                     if sync {
                         f.sync().map_err(|e| e.to_string())
                     } else {
                         Ok(())
                     }
                 }
-                Some(f) if f.fits(payload.len()) => f
-                    .append(generation, payload, sync)
-                    .map_err(|e| e.to_string()),
+                Some(f) if f.fits(redo.payload().len()) => {
+                    f.append(generation, redo, sync).map_err(|e| e.to_string())
+                }
                 Some(_) => Err(String::new()),
             }
         };
@@ -350,7 +356,8 @@ impl Writer {
         //   platform keeps the first result it gets for a task.
         let lazy = !durable && ops.iter().all(Op::needs_no_sync);
         // Through the log: redb commits without fsync, the log's frame is what is durable.
-        let via_log = self.log_ready();
+        let frame_limit = self.log_ready();
+        let via_log = frame_limit.is_some();
         let started = Instant::now();
         let txn = match db.begin_write() {
             Ok(mut txn) => {
@@ -374,12 +381,14 @@ impl Writer {
         let mut written = 0;
         let mut ops = ops.into_iter();
         let mut chain = None;
-        let mut redo = Vec::new();
+        let mut redo = log::Redo::default();
         let mut pruned = false;
         match Tables::open(&txn, &shared.index, self.chain.clone()) {
             Ok(mut t) => {
                 t.auditing = shared.config.audit;
-                t.redo.on = via_log;
+                if let Some(limit) = frame_limit {
+                    t.redo = log::Redo::start(std::mem::take(&mut self.frame_buffer), limit);
+                }
                 for op in ops.by_ref() {
                     let (answer, storage) = self.apply(&mut t, op, now, &space, &mut changes);
                     answers.push(answer);
@@ -399,7 +408,7 @@ impl Writer {
                     }
                 }
                 written = t.written;
-                redo = std::mem::take(&mut t.redo.bytes);
+                redo = std::mem::take(&mut t.redo);
                 chain = Some(t.chain.clone());
                 if t.audit_added > 0 || t.audit_freed > 0 {
                     changes.push(Change::AuditBytes {
@@ -442,8 +451,9 @@ impl Writer {
                 let logged = if pruned {
                     self.checkpoint()
                 } else {
-                    self.log_batch(&redo, !lazy)
+                    self.log_batch(&mut redo, !lazy)
                 };
+                self.frame_buffer = redo.into_buffer();
                 // redb holds the batch, the index does not: reopening reconciles them.
                 self.needs_reopen |= logged.is_err();
                 logged.map_err(|e| redb::Error::Corrupted(e.to_string()))
