@@ -5,6 +5,8 @@
 //! and prints:
 //! - the round trip of a warm `hello` task over loopback TLS, measured by the platform from
 //!   sending `run` to receiving `result` (median, p99);
+//! - the same for a task the agent refuses before its journal (an unknown command): the link's
+//!   own share of the round trip, without a commit or a run;
 //! - the agent's resident memory when idle and connected;
 //! - its resident memory sampled across an outage of failed reconnects (platform gone, 1 s
 //!   backoff ceiling, so the agent tries as often as it ever will): minimum, maximum, spread.
@@ -71,6 +73,21 @@ fn main() {
         );
     }
     rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // The link's own share: a task the agent refuses before its journal (an unknown command)
+    // goes the same way (TLS, WebSocket, JSON, the platform, the agent's admission) without a
+    // commit or a run.
+    let mut refused = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let r = control.request(&json!({"cmd": "run", "agent": id, "command": "no-such-command"}));
+        assert_eq!(r["result"]["reason"], "unknown_command", "{r}");
+        refused.push(
+            r["round_trip_us"]
+                .as_f64()
+                .expect("round_trip_us in the control response")
+                / 1000.0,
+        );
+    }
+    refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "bridge link benchmark ({} mode)",
         if quick { "quick" } else { "full" }
@@ -81,9 +98,19 @@ fn main() {
         percentile(&rtts, 0.5),
         percentile(&rtts, 0.99)
     );
+    println!(
+        "the link alone, a task refused before the journal (unknown command): median {:.3} ms   p99 {:.3} ms   (n={runs})",
+        percentile(&refused, 0.5),
+        percentile(&refused, 0.99)
+    );
 
     figures::record("link.round_trip_median_ms", percentile(&rtts, 0.5), "ms");
     figures::record("link.round_trip_p99_ms", percentile(&rtts, 0.99), "ms");
+    figures::record(
+        "link.refused_round_trip_median_ms",
+        percentile(&refused, 0.5),
+        "ms",
+    );
 
     std::thread::sleep(Duration::from_secs(3));
     let idle = rss_kib(pid);

@@ -3,13 +3,16 @@
 //!
 //! ```text
 //! cargo xtask bench [--baseline DIR] [--only NAME,NAME…] [-- ARGS for cargo bench]
+//! cargo xtask bench --summary
 //! ```
 //!
 //! `--baseline DIR` names a directory holding release binaries of another build
 //! (`bridge-daemon`, `bridgectl`; a file `COMMIT` there names it): each benchmark that drives
 //! the binaries runs twice in a row, the baseline first, then the current build, so both are
 //! measured in the same sitting. The figures come from the benchmarks themselves
-//! (`bridge_testkit::figures`), through `target/bench/figures.jsonl`.
+//! (`bridge_testkit::figures`), through `target/bench/figures.jsonl`. `--summary` prints the
+//! summary of the figures already there (benchmarks run one by one, with `BRIDGE_BENCH_BUILD`
+//! naming the build each measured) and runs nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -213,6 +216,32 @@ fn read_figures(path: &Path) -> Result<Vec<Figure>> {
             })
         })
         .collect()
+}
+
+/// Whether the arguments ask for the summary alone.
+pub fn summary_only(rest: &[String]) -> Result<bool> {
+    match rest {
+        [one] if one == "--summary" => Ok(true),
+        _ if rest.iter().any(|a| a == "--summary") => {
+            bail!("cargo xtask bench --summary takes no other argument")
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Prints the summary of the figures recorded so far; the baseline is the build other than
+/// `current` that recorded figures, if any.
+pub fn summarize(root: &Path) -> Result<()> {
+    let figures = read_figures(&root.join("target/bench/figures.jsonl"))?;
+    if figures.is_empty() {
+        bail!("no figures in target/bench/figures.jsonl: run the benchmarks first");
+    }
+    let baseline = figures
+        .iter()
+        .map(|f| f.build.as_str())
+        .find(|b| *b != "current");
+    summary(&figures, baseline);
+    Ok(())
 }
 
 /// Runs the benchmarks and prints the summary.

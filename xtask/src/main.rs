@@ -54,6 +54,7 @@ fn main() -> Result<()> {
                  test            run the whole test suite (Rust, then the Node SDK's)\n  \
                  test-node       run the Node SDK's tests alone (against target/debug's binaries)\n  \
                  bench           [--baseline DIR] [--only NAMES]: the benchmarks, then each figure beside its target\n  \
+                 bench --summary the summary of the figures recorded so far (benchmarks run one by one)\n  \
                  size            [--bin-dir DIR]: the agent binary's size, stripped, gzipped and by section\n  \
                  node-demo       the Node quick start: examples/node-platform with a real agent\n  \
                  bench-node      the Node SDK's platform against bridgectl serve (round trip, tasks/s)\n  \
@@ -602,6 +603,9 @@ fn build_release_bins() -> Result<()> {
 
 /// Every benchmark and the summary of its figures against the targets (see `bench.rs`).
 fn bench(rest: &[String]) -> Result<()> {
+    if bench::summary_only(rest)? {
+        return bench::summarize(&root());
+    }
     build_examples()?;
     // The link, throughput and cold-start benchmarks drive release builds of both binaries.
     build_release_bins()?;
