@@ -28,6 +28,14 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The round trip the platform measured for a `run` answer, in milliseconds.
+fn round_trip_ms(answer: &serde_json::Value) -> f64 {
+    answer["round_trip_us"]
+        .as_f64()
+        .expect("round_trip_us in the control response")
+        / 1000.0
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
@@ -65,12 +73,7 @@ fn main() {
             &json!({"cmd": "run", "agent": id, "module_sha256": sha, "input": {"name": "bench"}}),
         );
         assert_eq!(r["result"]["status"], "ok", "{r}");
-        rtts.push(
-            r["round_trip_us"]
-                .as_f64()
-                .expect("round_trip_us in the control response")
-                / 1000.0,
-        );
+        rtts.push(round_trip_ms(&r));
     }
     rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
     // The link's own share: a task the agent refuses before its journal (an unknown command)
@@ -80,12 +83,7 @@ fn main() {
     for _ in 0..runs {
         let r = control.request(&json!({"cmd": "run", "agent": id, "command": "no-such-command"}));
         assert_eq!(r["result"]["reason"], "unknown_command", "{r}");
-        refused.push(
-            r["round_trip_us"]
-                .as_f64()
-                .expect("round_trip_us in the control response")
-                / 1000.0,
-        );
+        refused.push(round_trip_ms(&r));
     }
     refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
