@@ -234,6 +234,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_frame_buffer_is_kept_for_the_next_batch_only_up_to_its_bound() {
+        let mut small = Redo::start(Vec::new(), usize::MAX);
+        small.put(SeqTable::Records, 1, &[1; 1000]);
+        assert!(small.into_buffer().capacity() >= 1000, "kept");
+        let mut large = Redo::start(Vec::new(), usize::MAX);
+        large.put(SeqTable::Records, 1, &vec![1; KEEP_BUFFER + 1]);
+        assert_eq!(large.into_buffer().capacity(), 0, "freed past KEEP_BUFFER");
+    }
+
+    #[test]
     fn a_batch_larger_than_a_frame_stops_recording_and_keeps_nothing() {
         let mut redo = Redo::start(Vec::with_capacity(64), 100);
         redo.put(SeqTable::Records, 1, &[7; 50]);
