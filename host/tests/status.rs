@@ -98,7 +98,14 @@ fn status_while_connected_counts_the_tasks_run() {
     );
     // Four tasks accepted and recorded; the unknown command was refused unrecorded.
     assert_eq!(stats["journal"]["records"], 4);
-    assert!(stats["journal"]["bytes"].as_u64().unwrap() > 0, "{stats}");
+    // The journal's size on disk counts its write-ahead log, in use since the first task.
+    let log_file = std::fs::metadata(state.join("journal.redb.log"))
+        .unwrap()
+        .len();
+    assert!(
+        stats["journal"]["bytes"].as_u64().unwrap() > log_file && log_file > 0,
+        "{stats}"
+    );
     let store = &stats["store"];
     assert_eq!(store["modules"], 1, "the hello module is stored: {store}");
     let module_file = std::fs::read_dir(state.join("modules"))
@@ -255,8 +262,10 @@ fn status_while_disconnected_reconnected_and_stopped() {
         "from the enrollment record"
     );
     assert!(st["pid"].is_null() && st["stats"].is_null(), "{st}");
+    // The journal's two files: the redb file and its write-ahead log (preallocated).
     let journal_file = std::fs::metadata(state.join("journal.redb")).unwrap().len();
-    assert_eq!(st["on_disk"]["journal_bytes"], journal_file);
+    let log_file = std::fs::metadata(state.join("journal.redb.log")).map_or(0, |m| m.len());
+    assert_eq!(st["on_disk"]["journal_bytes"], journal_file + log_file);
     let (code, text, _) = status_command(&state, false);
     assert_eq!(code, 3);
     assert!(text.starts_with("○ bridge-daemon: not running\n"), "{text}");

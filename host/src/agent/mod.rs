@@ -307,7 +307,7 @@ impl Agent {
                 finished: self.observer.finished(),
             },
             journal: JournalStats {
-                bytes: std::fs::metadata(&self.journal.config().path).map_or(0, |m| m.len()),
+                bytes: crate::journal::disk_bytes(&self.journal.config().path),
                 records: records as u64,
             },
             store: StoreStats {

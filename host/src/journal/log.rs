@@ -44,6 +44,13 @@ pub fn log_path(journal: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// What the journal at `journal` takes on disk: its redb file and its log, as far as each
+/// exists (symbolic links are not followed: the journal never makes one).
+pub fn disk_bytes(journal: &Path) -> u64 {
+    let size = |p: &Path| std::fs::symlink_metadata(p).map_or(0, |m| m.len());
+    size(journal) + size(&log_path(journal))
+}
+
 /// The log's capacity for a journal of `max_bytes`: 1/8 of it, within 64 KiB–4 MiB (and 1/8
 /// of it whatever that is for a journal under 512 KiB, which the log must not take whole).
 pub(super) fn capacity(max_bytes: u64) -> u64 {

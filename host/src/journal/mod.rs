@@ -54,7 +54,7 @@ mod writer;
 pub use audit::AuditFeed;
 pub use early::EarlyResult;
 pub use error::JournalError;
-pub use log::{log_path, settle};
+pub use log::{disk_bytes, log_path, settle};
 pub use records::{Accept, HandlerRecord, TaskPhase, TaskRecord};
 pub use recovery::Recovery;
 pub use retention::PRUNE_EVERY;

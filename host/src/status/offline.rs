@@ -31,8 +31,7 @@ pub fn read(location: &Location) -> LocalStatus {
         uptime_secs: None,
         stats: None,
         on_disk: Some(OnDisk {
-            journal_bytes: std::fs::symlink_metadata(state.join("journal.redb"))
-                .map_or(0, |m| m.len()),
+            journal_bytes: crate::journal::disk_bytes(&state.join("journal.redb")),
             store: StoreStats {
                 modules: modules.files,
                 module_bytes: modules.bytes,
