@@ -252,7 +252,7 @@ fn main() {
     let run = json!({"cmd": "run", "agent": id, "module_sha256": sha, "input": {"name": "bench"}});
     let mut filled = 1;
     while filled < prefill {
-        let w = keep_in_flight(control.socket(), &run, 32, 1.0, || ());
+        let w = keep_in_flight(control.socket(), &run, "ok", 32, 1.0, || ());
         // The warm-up's tasks finish too: the count is a lower bound.
         filled += w.tasks;
     }

@@ -60,7 +60,7 @@ fn measure(socket: &Path, id: &str, pid: u32, secs: f64, metrics: Option<SocketA
             }
         })
     });
-    let w = keep_in_flight(socket, &req, IN_FLIGHT, secs, || cpu_secs(pid));
+    let w = keep_in_flight(socket, &req, "ok", IN_FLIGHT, secs, || cpu_secs(pid));
     stop.store(true, Ordering::SeqCst);
     if let Some(s) = scraper {
         s.join().unwrap();

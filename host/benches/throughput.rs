@@ -14,6 +14,11 @@
 //! - `hello`: the installed, signed `hello` handler (warm: compiled once, then cached);
 //! - `true`: the shell fallback running `/bin/true` (a process spawned per task).
 //!
+//! And, at the largest level only, a command the agent does not know, refused before the
+//! journal (`rejected`, `unknown_command`): the link's own share of a task (TLS, the messages'
+//! JSON, admission, the result's way back), with no journal and no run. Its agent CPU per task
+//! is the floor under a `hello` task's in this design.
+//!
 //! **Where things run.** The agent gets the first half of the CPUs, the platform and the
 //! clients the other half, as when the platform runs on another host (it always does in
 //! production): the agent's rate is then what its own CPUs afford, not what is left after the
@@ -130,13 +135,14 @@ impl Round {
     }
 }
 
-/// Runs `command` from `concurrency` connections for `secs`; returns tasks per second and the
-/// CPU each process spent per task over the same window.
+/// Runs `command` from `concurrency` connections for `secs`, each result ending as `status`;
+/// returns tasks per second and the CPU each process spent per task over the same window.
 fn measure(
     socket: &Path,
     setup: &Setup,
     id: &str,
     command: &str,
+    status: &str,
     concurrency: usize,
     secs: f64,
 ) -> Round {
@@ -153,7 +159,7 @@ fn measure(
             cpu_busy(&all_cpus),
         )
     };
-    let w = keep_in_flight(socket, &req, concurrency, secs, cpu);
+    let w = keep_in_flight(socket, &req, status, concurrency, secs, cpu);
     let (c0, c1, elapsed) = (&w.before, &w.after, w.elapsed.as_secs_f64());
     let tasks = w.tasks as f64;
     let per_task = |i: usize| (c1.0[i] - c0.0[i]) / tasks * 1e6;
@@ -168,6 +174,9 @@ fn measure(
         steal: (c1.2 .1 - c0.2 .1) / (elapsed * all_cpus.len() as f64),
     }
 }
+
+/// A command the agent does not know: refused before the journal.
+const REFUSED: &str = "no-such-command";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -265,16 +274,41 @@ fn main() {
         .into_iter()
         .filter(|(c, _)| only.as_deref().is_none_or(|o| o == *c))
         .collect();
-    // seen[level][command]: one `Round` per round.
+    // seen[level][command]: one `Round` per round; `refused`: the unknown command's.
     let mut seen = vec![vec![Vec::new(); commands.len()]; levels.len()];
+    let mut refused = Vec::new();
     for round in 1..=rounds {
         println!("round {round}:");
         for (l, &level) in levels.iter().enumerate() {
             for (c, (command, label)) in commands.iter().enumerate() {
-                let r = measure(platform.control_socket(), &setup, &id, command, level, secs);
+                let r = measure(
+                    platform.control_socket(),
+                    &setup,
+                    &id,
+                    command,
+                    "ok",
+                    level,
+                    secs,
+                );
                 println!("  {level:3} in flight  {label} {}", r.show(colocated));
                 seen[l][c].push(r);
             }
+        }
+        if only.is_none() {
+            let r = measure(
+                platform.control_socket(),
+                &setup,
+                &id,
+                REFUSED,
+                "rejected",
+                most,
+                secs,
+            );
+            println!(
+                "  {most:3} in flight  refused         {}",
+                r.show(colocated)
+            );
+            refused.push(r);
         }
     }
     // Each figure's median on its own (the rounds are noisy, each in its own way).
@@ -303,6 +337,13 @@ fn main() {
                 medians[l][c].show(colocated)
             );
         }
+    }
+    if !refused.is_empty() {
+        let m = summary(&refused);
+        println!(
+            "  {most:3} in flight  refused         {}",
+            m.show(colocated)
+        );
     }
     println!();
     if commands.len() == 2 {
@@ -344,10 +385,18 @@ fn main() {
             "us",
         );
     }
-    if let Ok(bytes) = std::fs::metadata(state.join("journal.redb")).map(|m| m.len()) {
+    if !refused.is_empty() {
+        let m = summary(&refused);
         println!(
-            "journal size after the run: {:.1} MiB",
-            bytes as f64 / (1 << 20) as f64
+            "the link alone (a task refused before the journal), {most} in flight: {:.0} tasks/s, agent CPU per task {:.0} µs: the floor under a hello task's",
+            m.rate, m.agent_us
         );
+        figures::record("throughput.refused_tasks_per_s", m.rate, "tasks/s");
+        figures::record("throughput.refused_agent_cpu_us", m.agent_us, "us");
     }
+    let bytes = bridge_host::journal::disk_bytes(&state.join("journal.redb"));
+    println!(
+        "journal size after the run (the redb file and its log): {:.1} MiB",
+        bytes as f64 / (1 << 20) as f64
+    );
 }

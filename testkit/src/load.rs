@@ -28,14 +28,16 @@ impl<T> Window<T> {
 /// Sends `request` (a control request, e.g. a `run`) from `concurrency` connections to the
 /// platform's control socket, each sending it again as soon as its response comes, and counts
 /// the responses over a window of `secs` after 300 ms of warm-up; `sample` is called at the
-/// window's start and end (CPU counters). Every response must report a result with status `ok`
-/// within 60 s; panics otherwise, or when no task ended in the window.
+/// window's start and end (CPU counters). Every response must report a result with `status`
+/// (`ok` for a task that runs, `rejected` for one the agent refuses) within 60 s; panics
+/// otherwise, or when no task ended in the window.
 ///
 /// The clients share one thread (an async runtime): a thread per connection would spend a
 /// context switch per response on the CPUs the platform needs.
 pub fn keep_in_flight<T>(
     socket: &Path,
     request: &Value,
+    status: &str,
     concurrency: usize,
     secs: f64,
     sample: impl Fn() -> T,
@@ -47,12 +49,13 @@ pub fn keep_in_flight<T>(
     let socket = socket.to_path_buf();
     // The same request every time, encoded once.
     let line: Arc<str> = format!("{request}\n").into();
+    let status: Arc<str> = status.into();
     runtime.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
         let clients: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (socket, line) = (socket.clone(), line.clone());
+                let (socket, line, status) = (socket.clone(), line.clone(), status.clone());
                 let (stop, done) = (stop.clone(), done.clone());
                 tokio::spawn(async move {
                     let conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -70,7 +73,7 @@ pub fn keep_in_flight<T>(
                         .expect("no response within 60 s")
                         .unwrap();
                         assert!(n > 0, "the platform closed the control connection");
-                        assert!(succeeded(&response), "{response}");
+                        assert!(ended_as(&response, &status), "{response}");
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                 })
@@ -95,10 +98,10 @@ pub fn keep_in_flight<T>(
     })
 }
 
-/// Whether a `run` response reports a successful result. Only the status is decoded (into
+/// Whether a `run` response reports a result with `status`. Only the status is decoded (into
 /// borrowed fields, the rest skipped): a JSON tree of every response (the whole result) was
 /// most of the load generator's own work, on CPUs it shares with the platform.
-pub fn succeeded(response: &str) -> bool {
+pub fn ended_as(response: &str, status: &str) -> bool {
     #[derive(serde::Deserialize)]
     struct Response<'a> {
         #[serde(borrow)]
@@ -112,7 +115,7 @@ pub fn succeeded(response: &str) -> bool {
     serde_json::from_str::<Response<'_>>(response)
         .ok()
         .and_then(|r| r.result)
-        .is_some_and(|o| o.status == "ok")
+        .is_some_and(|o| o.status == status)
 }
 
 /// CPU time (seconds) process `pid` used, from `/proc/<pid>/stat`: user and system time, its
