@@ -8,9 +8,9 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::error::{db_error, Res};
-use super::queue::Op;
+use super::queue::{Op, Read};
 use super::schema::{stored_size, AUDIT};
-use super::{lock, read_lock, Journal, Shared};
+use super::{lock, Journal, Shared};
 use crate::audit::{head_after, Facts, Head};
 use crate::outcome::RunResult;
 
@@ -67,13 +67,29 @@ impl Journal {
 
     /// The line of audit record `seq` if the journal still holds it (durable or not).
     pub fn audit_line(&self, seq: u64) -> Option<Vec<u8>> {
-        let guard = read_lock(&self.inner.shared.db);
-        let db = guard.as_ref()?;
-        let txn = db.begin_read().ok()?;
-        let table = txn.open_table(AUDIT).ok()?;
-        let v = table.get(seq).ok()??;
-        Some(v.value().to_vec())
+        let tx = self.inner.tx.as_ref()?;
+        let lines = read_audit(tx, seq.checked_sub(1)?, seq, 1).ok()?;
+        lines.into_iter().next().map(|(_, line)| line)
     }
+}
+
+/// The audit records after `after` through `through`, at most `max`, read by the writer (see
+/// [`Read`]).
+fn read_audit(
+    tx: &mpsc::Sender<Op>,
+    after: u64,
+    through: u64,
+    max: usize,
+) -> Res<Vec<(u64, Vec<u8>)>> {
+    let (reply, rx) = mpsc::channel();
+    tx.send(Op::Read(Read::Audit {
+        after,
+        through,
+        max,
+        reply,
+    }))
+    .map_err(|_| super::stopped())?;
+    rx.recv().map_err(|_| super::stopped())?
 }
 
 /// What the audit exporter's thread holds: the durable records, and the writer's queue to say
@@ -130,21 +146,7 @@ impl AuditFeed {
         if through <= after {
             return Ok(Vec::new());
         }
-        let guard = read_lock(&self.shared.db);
-        let Some(db) = guard.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let txn = db.begin_read().map_err(db_error)?;
-        let table = txn.open_table(AUDIT).map_err(db_error)?;
-        let mut lines = Vec::new();
-        for item in table.range(after + 1..=through).map_err(db_error)? {
-            let (k, v) = item.map_err(db_error)?;
-            lines.push((k.value(), v.value().to_vec()));
-            if lines.len() >= max {
-                break;
-            }
-        }
-        Ok(lines)
+        read_audit(&self.tx, after, through, max)
     }
 
     /// The audit records through `through` are in the audit files: the writer removes them

@@ -119,11 +119,11 @@ pub struct Journal {
 struct Shared {
     config: JournalConfig,
     /// `None` only while the writer reopens the database after an I/O failure (or if that
-    /// failed). Readers hold the read lock for the whole of their read transaction, so that
-    /// the writer, holding the write lock, knows none is alive (compaction, reopening).
+    /// failed). Used by `Journal::open` and then by the writer thread alone, which serves every
+    /// read; compaction and reopening take the write lock.
     db: RwLock<Option<Database>>,
     index: Mutex<Index>,
-    /// Write transactions committed since open (see [`Journal::commits`]).
+    /// Batches and checkpoints committed since open (see [`Journal::commits`]).
     commits: AtomicU64,
     /// Told of each commit's latency and bytes, once set ([`Journal::observe`]).
     observer: std::sync::OnceLock<Arc<crate::observe::Observer>>,
@@ -134,6 +134,9 @@ struct Shared {
     use_log: std::sync::atomic::AtomicBool,
     /// The write-ahead log (open once in use) and its generation.
     log: Mutex<LogState>,
+    /// Tests: the next batch fails as a storage error would, after its writes are applied.
+    #[cfg(test)]
+    fail_next_batch: std::sync::atomic::AtomicBool,
 }
 
 /// The write-ahead log's state (see `log`).
@@ -319,6 +322,8 @@ impl Journal {
                 generation,
                 ..LogState::default()
             }),
+            #[cfg(test)]
+            fail_next_batch: Default::default(),
         });
         match retention::prune_now(&shared) {
             Ok(0) => {}
@@ -511,8 +516,9 @@ impl Journal {
         }
     }
 
-    /// How many write transactions the writer has committed since [`Journal::open`] (each
-    /// one fsync): with group commit, far fewer than the writes asked for under load.
+    /// How many batches the writer has committed since [`Journal::open`] (each at most one
+    /// fsync: of the log's frame, or of a redb commit), and checkpoints: with group commit, far
+    /// fewer than the writes asked for under load.
     pub fn commits(&self) -> u64 {
         self.inner.shared.commits.load(Ordering::Relaxed)
     }

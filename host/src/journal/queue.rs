@@ -1,7 +1,8 @@
 //! The writes queued to the writer thread (`Op`), each with the channel its caller waits on,
-//! and the answer each gets once its batch commits or fails (`Answer`).
+//! and the answer each gets once its batch commits or fails (`Answer`); and the reads it serves
+//! (`Read`): between checkpoints only its open transaction holds what it wrote.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use bridge_protocol::RunRequest;
 use tokio::sync::oneshot;
@@ -11,7 +12,8 @@ use crate::outcome::RunResult;
 
 use super::early::EarlyResult;
 use super::error::{JournalError, Res};
-use super::records::{Accept, HandlerRecord};
+use super::records::{Accept, HandlerRecord, TaskRecord};
+use super::schema::Summary;
 
 /// A write queued to the writer, with the channel its answer goes to (an acknowledgement has
 /// none: no one waits for it).
@@ -65,6 +67,29 @@ pub(super) enum Op {
     Prune {
         reply: mpsc::Sender<Res<usize>>,
     },
+    /// Not a write: served once the writes queued before it are applied.
+    Read(Read),
+}
+
+/// An audit record's sequence number and line.
+pub(super) type AuditLine = (u64, Vec<u8>);
+
+/// A read the writer serves, in its open transaction if it has one (the writes logged since
+/// the last checkpoint are there and nowhere else in redb), else in a read transaction.
+pub(super) enum Read {
+    /// The records of these tasks, brought up to date with their entries (`None` for a missing
+    /// or unreadable one).
+    Tasks {
+        wanted: Vec<(Arc<str>, Summary)>,
+        reply: mpsc::Sender<Vec<Option<TaskRecord>>>,
+    },
+    /// The audit records after `after` through `through`, in order, at most `max`.
+    Audit {
+        after: u64,
+        through: u64,
+        max: usize,
+        reply: mpsc::Sender<Res<Vec<AuditLine>>>,
+    },
 }
 
 impl Op {
@@ -106,9 +131,11 @@ impl Answer {
             }
             Op::RemoveHandler { reply, .. } => Answer::Bool(reply, e()),
             Op::Prune { reply } => Answer::Count(reply, e()),
-            Op::Ack { .. } | Op::Audit { .. } | Op::AuditExported { .. } | Op::AuditSeed { .. } => {
-                Answer::Nothing
-            }
+            Op::Ack { .. }
+            | Op::Audit { .. }
+            | Op::AuditExported { .. }
+            | Op::AuditSeed { .. }
+            | Op::Read(_) => Answer::Nothing,
         }
     }
 

@@ -1,14 +1,16 @@
-//! Reading: lookups answered from the in-memory index, records read in redb read transactions
-//! alongside the writer (one task, the unacknowledged results, a batch of them, counts).
+//! Reading: lookups answered from the in-memory index, records read by the writer (one task,
+//! the unacknowledged results, a batch of them, counts): between checkpoints, what it wrote is
+//! in its open transaction only.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
-use redb::ReadableDatabase;
+use redb::ReadableTable;
 
-use super::error::{db_error, JournalError, Res};
+use super::error::{db_error, Res};
+use super::queue::{Op, Read};
 use super::records::{TaskPhase, TaskRecord};
-use super::schema::{assemble, Summary, RECORDS, RESULTS};
-use super::{lock, read_lock, Journal};
+use super::schema::{assemble, Summary};
+use super::{lock, Journal};
 
 impl Journal {
     /// Every finished and unacknowledged record, in accept order: the results to send again
@@ -74,51 +76,19 @@ impl Journal {
         self.read_tasks(&wanted).into_iter().next().flatten()
     }
 
-    /// The records of `wanted`, read in one transaction and brought up to date with their
-    /// entries (`None` for a missing or unreadable one).
+    /// The records of `wanted`, read by the writer (see [`Read`]) and brought up to date with
+    /// their entries (`None` for a missing or unreadable one). Blocks until the writer gets to
+    /// it (after the writes queued before).
     fn read_tasks(&self, wanted: &[(Arc<str>, Summary)]) -> Vec<Option<TaskRecord>> {
-        let read = || -> Res<Vec<Option<TaskRecord>>> {
-            let guard = read_lock(&self.inner.shared.db);
-            let db = guard
-                .as_ref()
-                .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
-            let txn = db.begin_read().map_err(db_error)?;
-            let records = txn.open_table(RECORDS).map_err(db_error)?;
-            let results = txn.open_table(RESULTS).map_err(db_error)?;
-            let mut out = Vec::with_capacity(wanted.len());
-            for (id, summary) in wanted {
-                let record = match records.get(summary.seq).map_err(db_error)? {
-                    Some(v) => match assemble(
-                        id,
-                        summary,
-                        v.value(),
-                        results
-                            .get(summary.seq)
-                            .map_err(db_error)?
-                            .as_ref()
-                            .map(|f| f.value()),
-                    ) {
-                        // The index may lag a commit for a moment, never lead to another task.
-                        Ok(r) if r.request.task_id == **id => Some(r),
-                        Ok(_) => None,
-                        Err(e) => {
-                            tracing::error!("{e}");
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                out.push(record);
-            }
-            Ok(out)
+        let (reply, rx) = mpsc::channel();
+        let read = Read::Tasks {
+            wanted: wanted.to_vec(),
+            reply,
         };
-        match read() {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::error!("reading the journal: {e}");
-                vec![None; wanted.len()]
-            }
+        if self.send(Op::Read(read)).is_err() {
+            return vec![None; wanted.len()];
         }
+        rx.recv().unwrap_or_else(|_| vec![None; wanted.len()])
     }
 
     /// `(records, unacknowledged results)`, for logs and status.
@@ -126,4 +96,66 @@ impl Journal {
         let index = lock(&self.inner.shared.index);
         (index.tasks.len(), index.outbox.len())
     }
+}
+
+/// The records of `wanted` in these tables (an open transaction's or a read transaction's),
+/// brought up to date with their entries (`None` for a missing or unreadable one).
+pub(super) fn tasks_in<R>(
+    records: &R,
+    results: &R,
+    wanted: &[(Arc<str>, Summary)],
+) -> Res<Vec<Option<TaskRecord>>>
+where
+    R: ReadableTable<u64, &'static [u8]>,
+{
+    let mut out = Vec::with_capacity(wanted.len());
+    for (id, summary) in wanted {
+        let record = match records.get(summary.seq).map_err(db_error)? {
+            Some(v) => match assemble(
+                id,
+                summary,
+                v.value(),
+                results
+                    .get(summary.seq)
+                    .map_err(db_error)?
+                    .as_ref()
+                    .map(|f| f.value()),
+            ) {
+                // The index may lag a commit for a moment, never lead to another task.
+                Ok(r) if r.request.task_id == **id => Some(r),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        out.push(record);
+    }
+    Ok(out)
+}
+
+/// The audit records after `after` through `through` in this table, in order, at most `max`.
+pub(super) fn audit_lines_in<R>(
+    audit: &R,
+    after: u64,
+    through: u64,
+    max: usize,
+) -> Res<Vec<(u64, Vec<u8>)>>
+where
+    R: ReadableTable<u64, &'static [u8]>,
+{
+    let mut lines = Vec::new();
+    if through <= after {
+        return Ok(lines);
+    }
+    for item in audit.range(after + 1..=through).map_err(db_error)? {
+        let (k, v) = item.map_err(db_error)?;
+        lines.push((k.value(), v.value().to_vec()));
+        if lines.len() >= max {
+            break;
+        }
+    }
+    Ok(lines)
 }

@@ -1,19 +1,30 @@
 //! The writer thread and its group commit: it takes every write waiting, applies them in one
-//! transaction, commits once (with fsync unless none needs it) and only then answers each caller.
+//! transaction, makes them durable once (with fsync unless none needs it) and only then answers
+//! each caller.
+//!
+//! With the write-ahead log, a batch is durable once its frame is: its writes go into a redb
+//! transaction the writer keeps open from one checkpoint to the next, committed (with fsync)
+//! only at the checkpoint. The B-tree pages a batch changes are then copied once per
+//! checkpoint, not once per batch, and only the writer sees its writes before the checkpoint:
+//! it serves the reads ([`Read`]). Without the log, each batch commits on its own.
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::error::{classify, split, Fail, JournalError};
+use super::error::{classify, db_error, split, Fail, JournalError};
 use super::handlers::{put_handler_in, remove_handler_in};
 use super::index::Change;
 use super::ops::{accept_in, ack_in, audit_in, finish_in, start_in};
-use super::queue::{Answer, Op};
+use super::queue::{Answer, Op, Read};
+use super::read::{audit_lines_in, tasks_in};
 use super::records::Accept;
 use super::reopen::reopen;
 use super::retention::{prune_in, prune_now, PRUNE_EVERY};
 use super::space::SpaceCheck;
+use redb::ReadableDatabase;
+
+use super::schema::{AUDIT, RECORDS, RESULTS};
 use super::tables::Tables;
 use super::{lock, log, now_ms, read_lock, Shared};
 use crate::audit::Head;
@@ -55,6 +66,9 @@ pub(super) struct Writer {
     chain: Head,
     /// The last log frame's buffer, reused for the next batch's.
     frame_buffer: Vec<u8>,
+    /// With the log: the transaction holding every batch logged since the last checkpoint,
+    /// committed by the next one.
+    open: Option<redb::WriteTransaction>,
 }
 
 impl Writer {
@@ -72,6 +86,7 @@ impl Writer {
             held: Vec::new(),
             held_since: None,
             frame_buffer: Vec::new(),
+            open: None,
         }
     }
 
@@ -84,7 +99,7 @@ impl Writer {
             let wait = match self.held_since {
                 Some(since) => Some(HOLD.saturating_sub(since.elapsed())),
                 None if self.unflushed => Some(FLUSH_AFTER),
-                None => self.log_has_frames().then_some(CHECKPOINT_IDLE),
+                None => (self.log_has_frames() || self.open.is_some()).then_some(CHECKPOINT_IDLE),
             };
             let first = if let Some(wait) = wait {
                 match rx.recv_timeout(wait) {
@@ -114,24 +129,99 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // Writes that need no fsync, alone, wait for the next batch, at most [`HOLD`]: a
-            // transaction of their own would copy the same B-tree pages the next task's
-            // transaction copies again.
-            if ops.iter().all(Op::needs_no_sync) {
+            // Reads are served once the writes that came before them are applied.
+            let (reads, ops): (Vec<Op>, Vec<Op>) =
+                ops.into_iter().partition(|op| matches!(op, Op::Read(_)));
+            let ops = self.write(ops);
+            for read in reads {
+                if let Op::Read(read) = read {
+                    self.serve(read);
+                }
+            }
+            if let Some(ops) = ops {
                 self.held.extend(ops);
                 self.held_since.get_or_insert_with(Instant::now);
-                continue;
             }
-            self.commit_batch(ops, false);
         }
         // Writes committed without fsync become durable with the next durable commit: make one
         // before the database closes; and the log's frames go into the redb file.
         self.flush();
-        if self.log_has_frames() {
+        if self.log_has_frames() || self.open.is_some() {
             if let Err(e) = self.checkpoint() {
                 tracing::warn!(
                     "checkpointing the journal log at close: {e} (replayed at the next open)"
                 );
+            }
+        }
+    }
+
+    /// Commits `ops` as a batch; or, when every one of them may wait for the next durable
+    /// commit, gives them back to be held (at most [`HOLD`]): a batch of their own would write
+    /// the same B-tree pages the next task's batch writes again.
+    fn write(&mut self, ops: Vec<Op>) -> Option<Vec<Op>> {
+        if ops.is_empty() {
+            return None;
+        }
+        if ops.iter().all(Op::needs_no_sync) {
+            return Some(ops);
+        }
+        self.commit_batch(ops, false);
+        None
+    }
+
+    /// Serves a read in the open transaction, or else in a read transaction of its own.
+    fn serve(&mut self, read: Read) {
+        let guard = read_lock(&self.shared.db);
+        let db = guard
+            .as_ref()
+            .ok_or_else(|| JournalError::Io("the journal database is closed".into()));
+        match read {
+            Read::Tasks { wanted, reply } => {
+                let read = db.and_then(|db| match &self.open {
+                    Some(txn) => tasks_in(
+                        &txn.open_table(RECORDS).map_err(db_error)?,
+                        &txn.open_table(RESULTS).map_err(db_error)?,
+                        &wanted,
+                    ),
+                    None => {
+                        let txn = db.begin_read().map_err(db_error)?;
+                        tasks_in(
+                            &txn.open_table(RECORDS).map_err(db_error)?,
+                            &txn.open_table(RESULTS).map_err(db_error)?,
+                            &wanted,
+                        )
+                    }
+                });
+                let records = read.unwrap_or_else(|e| {
+                    tracing::error!("reading the journal: {e}");
+                    vec![None; wanted.len()]
+                });
+                let _ = reply.send(records);
+            }
+            Read::Audit {
+                after,
+                through,
+                max,
+                reply,
+            } => {
+                let read = db.and_then(|db| match &self.open {
+                    Some(txn) => audit_lines_in(
+                        &txn.open_table(AUDIT).map_err(db_error)?,
+                        after,
+                        through,
+                        max,
+                    ),
+                    None => {
+                        let txn = db.begin_read().map_err(db_error)?;
+                        audit_lines_in(
+                            &txn.open_table(AUDIT).map_err(db_error)?,
+                            after,
+                            through,
+                            max,
+                        )
+                    }
+                });
+                let _ = reply.send(read);
             }
         }
     }
@@ -207,21 +297,28 @@ impl Writer {
         }
     }
 
-    /// A checkpoint: a durable redb commit that moves the log to its next generation (every
-    /// write so far is then in the redb file, durably).
+    /// A checkpoint: a durable redb commit (of the open transaction, if there is one) that
+    /// moves the log to its next generation (every write so far is then in the redb file,
+    /// durably). If it fails, what the open transaction held is in the log alone: the next
+    /// batch reopens the file, which replays the log.
     fn checkpoint(&mut self) -> Result<(), JournalError> {
+        let open = self.open.take();
+        let held_batches = open.is_some();
         let guard = read_lock(&self.shared.db);
-        let db = guard
-            .as_ref()
-            .ok_or_else(|| JournalError::Io("the journal database is closed".into()))?;
+        let Some(db) = guard.as_ref() else {
+            self.needs_reopen |= held_batches;
+            return Err(JournalError::Io("the journal database is closed".into()));
+        };
         let started = Instant::now();
         let next = lock(&self.shared.log).generation + 1;
-        let committed = db.begin_write().map_err(redb::Error::from).and_then(|txn| {
-            match log::set_generation(&txn, next) {
-                Ok(()) => txn.commit().map_err(redb::Error::from),
-                Err(Fail::Transaction(e)) => Err(e),
-                Err(Fail::Alone(e)) => Err(redb::Error::Corrupted(e.to_string())),
-            }
+        let txn = match open {
+            Some(txn) => Ok(txn),
+            None => db.begin_write().map_err(redb::Error::from),
+        };
+        let committed = txn.and_then(|txn| match log::set_generation(&txn, next) {
+            Ok(()) => txn.commit().map_err(redb::Error::from),
+            Err(Fail::Transaction(e)) => Err(e),
+            Err(Fail::Alone(e)) => Err(redb::Error::Corrupted(e.to_string())),
         });
         drop(guard);
         match committed {
@@ -235,7 +332,7 @@ impl Writer {
             }
             Err(e) => {
                 let (e, fatal) = classify(e);
-                self.needs_reopen |= fatal;
+                self.needs_reopen |= fatal || held_batches;
                 Err(e)
             }
         }
@@ -268,6 +365,12 @@ impl Writer {
                 return;
             }
             None => {}
+        }
+        if self.open.is_some() {
+            // Every batch in the open transaction is in the log, which is synced.
+            self.unflushed = false;
+            self.shared.audit_durable();
+            return;
         }
         let guard = read_lock(&self.shared.db);
         let Some(db) = guard.as_ref() else {
@@ -307,6 +410,8 @@ impl Writer {
             ops = held;
         }
         if self.needs_reopen {
+            // What the open transaction held is in the log, which the reopening replays.
+            self.open = None;
             match reopen(&self.shared) {
                 Ok(next_seq) => {
                     self.next_seq = self.next_seq.max(next_seq);
@@ -323,19 +428,36 @@ impl Writer {
             }
         }
         let space = if ops.iter().any(|op| matches!(op, Op::Accept { .. })) {
-            // Past twice its size limit, the file is pruned and compacted; a prune restarts the
-            // count towards the next periodic one.
-            let (shared, accepts_since_prune) = (&self.shared, &mut self.accepts_since_prune);
-            self.space.check(shared, || {
-                let n = prune_now(shared)?;
+            // Past twice its size limit, the file is pruned and compacted (after a checkpoint:
+            // both need the open transaction committed); a prune restarts the count towards
+            // the next periodic one.
+            let mut space = std::mem::take(&mut self.space);
+            let shared = self.shared.clone();
+            let verdict = space.check(&shared, || {
+                if self.open.is_some() {
+                    self.checkpoint()?;
+                }
+                let n = prune_now(&shared)?;
                 if n > 0 {
-                    *accepts_since_prune = 0;
+                    self.accepts_since_prune = 0;
                 }
                 Ok(n)
-            })
+            });
+            self.space = space;
+            verdict
         } else {
             Ok(())
         };
+        // Through the log: the batch goes into the open transaction, its frame is what is
+        // durable.
+        let frame_limit = self.log_ready();
+        let via_log = frame_limit.is_some();
+        if !via_log && self.open.is_some() {
+            // The log stopped being usable: what the open transaction holds is committed first.
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!("checkpointing the journal log: {e}");
+            }
+        }
         let now = now_ms();
         let shared = self.shared.clone();
         let guard = read_lock(&shared.db);
@@ -355,13 +477,12 @@ impl Writer {
         //   agent reports `interrupted`; the result itself was sent as it was written, and the
         //   platform keeps the first result it gets for a task.
         let lazy = !durable && ops.iter().all(Op::needs_no_sync);
-        // Through the log: redb commits without fsync, the log's frame is what is durable.
-        let frame_limit = self.log_ready();
-        let via_log = frame_limit.is_some();
         let started = Instant::now();
-        let txn = match db.begin_write() {
+        let open = if via_log { self.open.take() } else { None };
+        let held_batches = open.is_some();
+        let txn = match open.map_or_else(|| db.begin_write(), Ok) {
             Ok(mut txn) => {
-                if lazy || via_log {
+                if lazy && !via_log {
                     let _ = txn.set_durability(redb::Durability::None);
                 }
                 txn
@@ -419,6 +540,12 @@ impl Writer {
             }
             Err(e) => failure = Some(e.into()),
         }
+        #[cfg(test)]
+        if failure.is_none() && shared.fail_next_batch.swap(false, Ordering::SeqCst) {
+            failure = Some(redb::Error::Corrupted(
+                "a failure injected by a test".into(),
+            ));
+        }
         answers.extend(ops.map(Answer::unapplied));
         pruned |= answers.iter().any(|a| matches!(a, Answer::Count(..)));
         // A durable commit without the log holds the log's frames too: it is a checkpoint.
@@ -439,7 +566,13 @@ impl Writer {
         let outcome = match failure {
             Some(e) => {
                 let _ = txn.abort();
+                // The batches logged before this one went with it: the log has them.
+                self.needs_reopen |= held_batches;
                 Err(e)
+            }
+            None if via_log => {
+                self.open = Some(txn);
+                Ok(())
             }
             None => txn.commit().map_err(redb::Error::from),
         };
@@ -454,7 +587,8 @@ impl Writer {
                     self.log_batch(&mut redo, !lazy)
                 };
                 self.frame_buffer = redo.into_buffer();
-                // redb holds the batch, the index does not: reopening reconciles them.
+                // Neither logged nor checkpointed: reopening replays the log and reconciles the
+                // file with the index.
                 self.needs_reopen |= logged.is_err();
                 logged.map_err(|e| redb::Error::Corrupted(e.to_string()))
             }
@@ -600,6 +734,24 @@ impl Writer {
                 let (r, e) = split(prune_in(t, &self.shared.config, now, changes));
                 (Answer::Count(reply, r), e)
             }
+            // `run` serves reads after the batch; one that came here sees it as it stands.
+            Op::Read(Read::Tasks { wanted, reply }) => {
+                let records = tasks_in(&t.records, &t.results, &wanted).unwrap_or_else(|e| {
+                    tracing::error!("reading the journal: {e}");
+                    vec![None; wanted.len()]
+                });
+                let _ = reply.send(records);
+                (Answer::Nothing, None)
+            }
+            Op::Read(Read::Audit {
+                after,
+                through,
+                max,
+                reply,
+            }) => {
+                let _ = reply.send(audit_lines_in(&t.audit, after, through, max));
+                (Answer::Nothing, None)
+            }
         }
     }
 
@@ -675,6 +827,39 @@ mod tests {
         let (j, _) = open(&cfg);
         assert!(j.get("b").unwrap().acked);
         assert_eq!(j.unacked_ids(), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_loses_none_of_the_batches_logged_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.log = true;
+        let (j, _) = open(&cfg);
+        // Logged, in the transaction the writer keeps open until the next checkpoint.
+        for id in ["a", "b"] {
+            assert_eq!(j.accept(&request(id)).await.unwrap(), Accept::New);
+        }
+        j.start("b").await.unwrap();
+        j.finish("b", &result("b")).await.unwrap();
+        // A batch that fails takes that transaction with it…
+        j.inner.shared.fail_next_batch.store(true, Ordering::SeqCst);
+        assert!(j.accept(&request("c")).await.is_err());
+        // …and the next one reopens the file, which replays the log: nothing logged is lost,
+        // nothing of the failed batch is there.
+        assert_eq!(j.accept(&request("d")).await.unwrap(), Accept::New);
+        assert_eq!(j.get("a").unwrap().phase, TaskPhase::Queued);
+        assert_eq!(j.get("b").unwrap().result, Some(result("b")));
+        assert!(j.get("c").is_none());
+        assert_eq!(j.counts(), (3, 1));
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        let queued: Vec<&str> = recovery
+            .queued
+            .iter()
+            .map(|r| r.request.task_id.as_str())
+            .collect();
+        assert_eq!(queued, ["a", "d"]);
+        assert_eq!(j.unacked_ids(), ["b"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
