@@ -541,6 +541,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_open_transaction_is_checkpointed_once_it_holds_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = logged(&dir.path().join("live"));
+        assert!(capacity(cfg.max_bytes) > 4 * crate::journal::writer::CHECKPOINT_BYTES);
+        let (j, _) = open(&cfg);
+        // Tasks of 16 KiB each, in a log with room for far more: the open transaction passes
+        // `CHECKPOINT_BYTES` after about 16 of them, long before the log fills or the writer
+        // idles for a second.
+        let started = std::time::Instant::now();
+        for i in 0..24 {
+            let mut r = request(&format!("t{i}"));
+            r.input = serde_json::json!("x".repeat(16 << 10));
+            assert_eq!(j.accept(&r).await.unwrap(), Accept::New);
+        }
+        let crashed = crash_copy(&cfg, &dir.path().join("crashed"));
+        assert!(started.elapsed() < crate::journal::writer::CHECKPOINT_IDLE);
+        // The redb file alone holds those checkpointed; the log, the rest.
+        let alone = redb_alone(&crashed.path).len();
+        assert!((14..24).contains(&alone), "{alone} tasks checkpointed");
+        let (_, recovery) = open(&crashed);
+        assert_eq!(recovery.queued.len(), 24);
+    }
+
+    #[tokio::test]
     async fn a_log_left_without_its_journal_is_not_replayed_into_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = logged(&dir.path().join("live"));

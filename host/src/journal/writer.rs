@@ -44,6 +44,11 @@ pub const HOLD: Duration = Duration::from_millis(2);
 /// redb file.
 pub const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
+/// The values written into the open transaction after which the writer checkpoints (once the
+/// batch is answered): past redb's write buffer (half its page cache), every batch would write
+/// out and read back pages of a transaction that keeps growing.
+pub const CHECKPOINT_BYTES: u64 = 256 << 10;
+
 /// The writer thread's state.
 pub(super) struct Writer {
     shared: Arc<Shared>,
@@ -69,6 +74,8 @@ pub(super) struct Writer {
     /// With the log: the transaction holding every batch logged since the last checkpoint,
     /// committed by the next one.
     open: Option<redb::WriteTransaction>,
+    /// Bytes of values written into it.
+    open_bytes: u64,
 }
 
 impl Writer {
@@ -87,6 +94,7 @@ impl Writer {
             held_since: None,
             frame_buffer: Vec::new(),
             open: None,
+            open_bytes: 0,
         }
     }
 
@@ -303,6 +311,7 @@ impl Writer {
     /// batch reopens the file, which replays the log.
     fn checkpoint(&mut self) -> Result<(), JournalError> {
         let open = self.open.take();
+        self.open_bytes = 0;
         let held_batches = open.is_some();
         let guard = read_lock(&self.shared.db);
         let Some(db) = guard.as_ref() else {
@@ -412,6 +421,7 @@ impl Writer {
         if self.needs_reopen {
             // What the open transaction held is in the log, which the reopening replays.
             self.open = None;
+            self.open_bytes = 0;
             match reopen(&self.shared) {
                 Ok(next_seq) => {
                     self.next_seq = self.next_seq.max(next_seq);
@@ -568,6 +578,7 @@ impl Writer {
                 let _ = txn.abort();
                 // The batches logged before this one went with it: the log has them.
                 self.needs_reopen |= held_batches;
+                self.open_bytes = 0;
                 Err(e)
             }
             None if via_log => {
@@ -603,6 +614,9 @@ impl Writer {
                 self.observe_commit(started, written);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = lazy;
+                if self.open.is_some() {
+                    self.open_bytes += written;
+                }
                 self.apply_changes(changes);
                 if let Some(chain) = chain {
                     self.chain = chain.clone();
@@ -613,6 +627,11 @@ impl Writer {
                 }
                 for answer in answers {
                     answer.send(None);
+                }
+                if self.open_bytes >= CHECKPOINT_BYTES {
+                    if let Err(e) = self.checkpoint() {
+                        tracing::warn!("checkpointing the journal log: {e}");
+                    }
                 }
             }
             Err(e) => {
