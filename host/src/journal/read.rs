@@ -4,12 +4,12 @@
 
 use std::sync::{mpsc, Arc};
 
-use redb::ReadableTable;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use super::error::{db_error, Res};
+use super::error::{db_error, JournalError, Res};
 use super::queue::{Op, Read};
 use super::records::{TaskPhase, TaskRecord};
-use super::schema::{assemble, Summary};
+use super::schema::{assemble, Summary, AUDIT, RECORDS, RESULTS};
 use super::{lock, Journal};
 
 impl Journal {
@@ -100,7 +100,7 @@ impl Journal {
 
 /// The records of `wanted` in these tables (an open transaction's or a read transaction's),
 /// brought up to date with their entries (`None` for a missing or unreadable one).
-pub(super) fn tasks_in<R>(
+fn tasks_in<R>(
     records: &R,
     results: &R,
     wanted: &[(Arc<str>, Summary)],
@@ -137,12 +137,7 @@ where
 }
 
 /// The audit records after `after` through `through` in this table, in order, at most `max`.
-pub(super) fn audit_lines_in<R>(
-    audit: &R,
-    after: u64,
-    through: u64,
-    max: usize,
-) -> Res<Vec<(u64, Vec<u8>)>>
+fn audit_lines_in<R>(audit: &R, after: u64, through: u64, max: usize) -> Res<Vec<(u64, Vec<u8>)>>
 where
     R: ReadableTable<u64, &'static [u8]>,
 {
@@ -158,4 +153,77 @@ where
         }
     }
     Ok(lines)
+}
+
+impl Read {
+    /// Answers from these tables (an open write transaction's or a read transaction's).
+    pub(super) fn answer<R>(self, records: &R, results: &R, audit: &R)
+    where
+        R: ReadableTable<u64, &'static [u8]>,
+    {
+        match self {
+            Read::Tasks { wanted, reply } => {
+                let records = tasks_in(records, results, &wanted).unwrap_or_else(|e| {
+                    tracing::error!("reading the journal: {e}");
+                    vec![None; wanted.len()]
+                });
+                let _ = reply.send(records);
+            }
+            Read::Audit {
+                after,
+                through,
+                max,
+                reply,
+            } => {
+                let _ = reply.send(audit_lines_in(audit, after, through, max));
+            }
+        }
+    }
+
+    /// Answers that the read failed.
+    fn fail(self, e: JournalError) {
+        match self {
+            Read::Tasks { wanted, reply } => {
+                tracing::error!("reading the journal: {e}");
+                let _ = reply.send(vec![None; wanted.len()]);
+            }
+            Read::Audit { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Answers in `open` (the writer's open transaction) if there is one, else in a read
+    /// transaction of `db`.
+    pub(super) fn serve(self, open: Option<&redb::WriteTransaction>, db: Option<&Database>) {
+        match (open, db) {
+            (Some(txn), _) => self.answer_in(tables(|d| txn.open_table(d))),
+            (None, Some(db)) => match db.begin_read() {
+                Ok(txn) => self.answer_in(tables(|d| txn.open_table(d))),
+                Err(e) => self.fail(db_error(e)),
+            },
+            (None, None) => self.fail(JournalError::Io("the journal database is closed".into())),
+        }
+    }
+
+    fn answer_in<R>(self, tables: Res<[R; 3]>)
+    where
+        R: ReadableTable<u64, &'static [u8]>,
+    {
+        match tables {
+            Ok([records, results, audit]) => self.answer(&records, &results, &audit),
+            Err(e) => self.fail(e),
+        }
+    }
+}
+
+/// The tables a [`Read`] reads (records, results, audit), opened with `open`.
+fn tables<T>(
+    open: impl Fn(TableDefinition<'static, u64, &'static [u8]>) -> Result<T, TableError>,
+) -> Res<[T; 3]> {
+    Ok([
+        open(RECORDS).map_err(db_error)?,
+        open(RESULTS).map_err(db_error)?,
+        open(AUDIT).map_err(db_error)?,
+    ])
 }

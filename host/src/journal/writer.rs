@@ -12,19 +12,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::error::{classify, db_error, split, Fail, JournalError};
+use super::error::{classify, split, Fail, JournalError};
 use super::handlers::{put_handler_in, remove_handler_in};
 use super::index::Change;
 use super::ops::{accept_in, ack_in, audit_in, finish_in, start_in};
 use super::queue::{Answer, Op, Read};
-use super::read::{audit_lines_in, tasks_in};
 use super::records::Accept;
 use super::reopen::reopen;
 use super::retention::{prune_in, prune_now, PRUNE_EVERY};
 use super::space::SpaceCheck;
-use redb::ReadableDatabase;
-
-use super::schema::{AUDIT, RECORDS, RESULTS};
 use super::tables::Tables;
 use super::{lock, log, now_ms, read_lock, Shared};
 use crate::audit::Head;
@@ -73,9 +69,13 @@ pub(super) struct Writer {
     frame_buffer: Vec<u8>,
     /// With the log: the transaction holding every batch logged since the last checkpoint,
     /// committed by the next one.
-    open: Option<redb::WriteTransaction>,
-    /// Bytes of values written into it.
-    open_bytes: u64,
+    open: Option<Open>,
+}
+
+/// The transaction kept open between checkpoints, and the bytes of values written into it.
+struct Open {
+    txn: redb::WriteTransaction,
+    bytes: u64,
 }
 
 impl Writer {
@@ -94,7 +94,6 @@ impl Writer {
             held_since: None,
             frame_buffer: Vec::new(),
             open: None,
-            open_bytes: 0,
         }
     }
 
@@ -137,18 +136,27 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // Reads are served once the writes that came before them are applied.
-            let (reads, ops): (Vec<Op>, Vec<Op>) =
-                ops.into_iter().partition(|op| matches!(op, Op::Read(_)));
-            let ops = self.write(ops);
-            for read in reads {
-                if let Op::Read(read) = read {
-                    self.serve(read);
+            let mut writes = Vec::with_capacity(ops.len());
+            let mut reads = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Read(read) => reads.push(read),
+                    write => writes.push(write),
                 }
             }
-            if let Some(ops) = ops {
-                self.held.extend(ops);
-                self.held_since.get_or_insert_with(Instant::now);
+            // Writes that need no fsync, alone, wait for the next batch, at most [`HOLD`]: a
+            // batch of their own would write the same B-tree pages the next task's writes again.
+            if writes.iter().all(Op::needs_no_sync) {
+                if !writes.is_empty() {
+                    self.held.extend(writes);
+                    self.held_since.get_or_insert_with(Instant::now);
+                }
+            } else {
+                self.commit_batch(writes, false);
+            }
+            // Reads are served once the writes that came before them are applied.
+            for read in reads {
+                self.serve(read);
             }
         }
         // Writes committed without fsync become durable with the next durable commit: make one
@@ -163,75 +171,10 @@ impl Writer {
         }
     }
 
-    /// Commits `ops` as a batch; or, when every one of them may wait for the next durable
-    /// commit, gives them back to be held (at most [`HOLD`]): a batch of their own would write
-    /// the same B-tree pages the next task's batch writes again.
-    fn write(&mut self, ops: Vec<Op>) -> Option<Vec<Op>> {
-        if ops.is_empty() {
-            return None;
-        }
-        if ops.iter().all(Op::needs_no_sync) {
-            return Some(ops);
-        }
-        self.commit_batch(ops, false);
-        None
-    }
-
     /// Serves a read in the open transaction, or else in a read transaction of its own.
-    fn serve(&mut self, read: Read) {
+    fn serve(&self, read: Read) {
         let guard = read_lock(&self.shared.db);
-        let db = guard
-            .as_ref()
-            .ok_or_else(|| JournalError::Io("the journal database is closed".into()));
-        match read {
-            Read::Tasks { wanted, reply } => {
-                let read = db.and_then(|db| match &self.open {
-                    Some(txn) => tasks_in(
-                        &txn.open_table(RECORDS).map_err(db_error)?,
-                        &txn.open_table(RESULTS).map_err(db_error)?,
-                        &wanted,
-                    ),
-                    None => {
-                        let txn = db.begin_read().map_err(db_error)?;
-                        tasks_in(
-                            &txn.open_table(RECORDS).map_err(db_error)?,
-                            &txn.open_table(RESULTS).map_err(db_error)?,
-                            &wanted,
-                        )
-                    }
-                });
-                let records = read.unwrap_or_else(|e| {
-                    tracing::error!("reading the journal: {e}");
-                    vec![None; wanted.len()]
-                });
-                let _ = reply.send(records);
-            }
-            Read::Audit {
-                after,
-                through,
-                max,
-                reply,
-            } => {
-                let read = db.and_then(|db| match &self.open {
-                    Some(txn) => audit_lines_in(
-                        &txn.open_table(AUDIT).map_err(db_error)?,
-                        after,
-                        through,
-                        max,
-                    ),
-                    None => {
-                        let txn = db.begin_read().map_err(db_error)?;
-                        audit_lines_in(
-                            &txn.open_table(AUDIT).map_err(db_error)?,
-                            after,
-                            through,
-                            max,
-                        )
-                    }
-                });
-                let _ = reply.send(read);
-            }
-        }
+        read.serve(self.open.as_ref().map(|o| &o.txn), guard.as_ref());
     }
 
     /// Whether the log holds frames not yet checkpointed.
@@ -311,7 +254,6 @@ impl Writer {
     /// batch reopens the file, which replays the log.
     fn checkpoint(&mut self) -> Result<(), JournalError> {
         let open = self.open.take();
-        self.open_bytes = 0;
         let held_batches = open.is_some();
         let guard = read_lock(&self.shared.db);
         let Some(db) = guard.as_ref() else {
@@ -321,7 +263,7 @@ impl Writer {
         let started = Instant::now();
         let next = lock(&self.shared.log).generation + 1;
         let txn = match open {
-            Some(txn) => Ok(txn),
+            Some(open) => Ok(open.txn),
             None => db.begin_write().map_err(redb::Error::from),
         };
         let committed = txn.and_then(|txn| match log::set_generation(&txn, next) {
@@ -421,7 +363,6 @@ impl Writer {
         if self.needs_reopen {
             // What the open transaction held is in the log, which the reopening replays.
             self.open = None;
-            self.open_bytes = 0;
             match reopen(&self.shared) {
                 Ok(next_seq) => {
                     self.next_seq = self.next_seq.max(next_seq);
@@ -489,8 +430,8 @@ impl Writer {
         let lazy = !durable && ops.iter().all(Op::needs_no_sync);
         let started = Instant::now();
         let open = if via_log { self.open.take() } else { None };
-        let held_batches = open.is_some();
-        let txn = match open.map_or_else(|| db.begin_write(), Ok) {
+        let (held_batches, held_bytes) = (open.is_some(), open.as_ref().map_or(0, |o| o.bytes));
+        let txn = match open.map_or_else(|| db.begin_write(), |o| Ok(o.txn)) {
             Ok(mut txn) => {
                 if lazy && !via_log {
                     let _ = txn.set_durability(redb::Durability::None);
@@ -578,11 +519,13 @@ impl Writer {
                 let _ = txn.abort();
                 // The batches logged before this one went with it: the log has them.
                 self.needs_reopen |= held_batches;
-                self.open_bytes = 0;
                 Err(e)
             }
             None if via_log => {
-                self.open = Some(txn);
+                self.open = Some(Open {
+                    txn,
+                    bytes: held_bytes + written,
+                });
                 Ok(())
             }
             None => txn.commit().map_err(redb::Error::from),
@@ -614,9 +557,6 @@ impl Writer {
                 self.observe_commit(started, written);
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.unflushed = lazy;
-                if self.open.is_some() {
-                    self.open_bytes += written;
-                }
                 self.apply_changes(changes);
                 if let Some(chain) = chain {
                     self.chain = chain.clone();
@@ -628,7 +568,11 @@ impl Writer {
                 for answer in answers {
                     answer.send(None);
                 }
-                if self.open_bytes >= CHECKPOINT_BYTES {
+                if self
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.bytes >= CHECKPOINT_BYTES)
+                {
                     if let Err(e) = self.checkpoint() {
                         tracing::warn!("checkpointing the journal log: {e}");
                     }
@@ -754,21 +698,8 @@ impl Writer {
                 (Answer::Count(reply, r), e)
             }
             // `run` serves reads after the batch; one that came here sees it as it stands.
-            Op::Read(Read::Tasks { wanted, reply }) => {
-                let records = tasks_in(&t.records, &t.results, &wanted).unwrap_or_else(|e| {
-                    tracing::error!("reading the journal: {e}");
-                    vec![None; wanted.len()]
-                });
-                let _ = reply.send(records);
-                (Answer::Nothing, None)
-            }
-            Op::Read(Read::Audit {
-                after,
-                through,
-                max,
-                reply,
-            }) => {
-                let _ = reply.send(audit_lines_in(&t.audit, after, through, max));
+            Op::Read(read) => {
+                read.answer(&t.records, &t.results, &t.audit);
                 (Answer::Nothing, None)
             }
         }
@@ -783,128 +714,4 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::journal::testkit::*;
-    use crate::journal::{Accept, TaskPhase};
-
-    #[tokio::test]
-    async fn a_lazy_result_is_visible_at_once_and_flushed_soon_after() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path());
-        let (j, _) = open(&cfg);
-        j.accept_running(&request("t")).await.unwrap();
-        let before = j.commits();
-        j.finish_lazily("t", &result("done")).await.unwrap();
-        // Committed (without fsync, after waiting `HOLD` for company): readers see it at once.
-        assert_eq!(j.commits(), before + 1);
-        assert_eq!(j.get("t").unwrap().result, Some(result("done")));
-        assert_eq!(j.get("t").unwrap().phase, TaskPhase::Done);
-        // With nothing else to write, the writer makes a durable commit of its own.
-        let deadline = std::time::Instant::now() + FLUSH_AFTER * 20;
-        while j.commits() < before + 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no flush within {:?}",
-                FLUSH_AFTER * 20
-            );
-            tokio::time::sleep(FLUSH_AFTER / 4).await;
-        }
-        // And no more: an idle writer does not commit again.
-        tokio::time::sleep(FLUSH_AFTER * 3).await;
-        assert_eq!(j.commits(), before + 2);
-        drop(j);
-        let (j, recovery) = open(&cfg);
-        assert_eq!(j.get("t").unwrap().result, Some(result("done")));
-        assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
-    }
-
-    #[tokio::test]
-    async fn a_lazy_result_rides_the_next_acceptance_in_one_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path());
-        let (j, _) = open(&cfg);
-        j.accept_running(&request("a")).await.unwrap();
-        let before = j.commits();
-        let (ra, rb, qb) = (result("a"), result("b"), request("b"));
-        let (finished, accepted) = tokio::join!(j.finish_lazily("a", &ra), j.accept_running(&qb));
-        finished.unwrap();
-        assert_eq!(accepted.unwrap(), Accept::New);
-        assert_eq!(j.commits(), before + 1, "one commit for both");
-        assert_eq!(j.get("a").unwrap().phase, TaskPhase::Done);
-        // That commit was durable: no flush follows.
-        tokio::time::sleep(FLUSH_AFTER * 3).await;
-        assert_eq!(j.commits(), before + 1);
-        // An acknowledgement sent after the result is applied after it, even while both wait.
-        let (finished, ()) = tokio::join!(j.finish_lazily("b", &rb), async {
-            j.ack(&["b".to_string()])
-        });
-        finished.unwrap();
-        assert!(j.get("b").unwrap().acked);
-        assert_eq!(j.counts(), (2, 1));
-        drop(j);
-        let (j, _) = open(&cfg);
-        assert!(j.get("b").unwrap().acked);
-        assert_eq!(j.unacked_ids(), ["a"]);
-    }
-
-    #[tokio::test]
-    async fn a_failed_batch_loses_none_of_the_batches_logged_before_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.log = true;
-        let (j, _) = open(&cfg);
-        // Logged, in the transaction the writer keeps open until the next checkpoint.
-        for id in ["a", "b"] {
-            assert_eq!(j.accept(&request(id)).await.unwrap(), Accept::New);
-        }
-        j.start("b").await.unwrap();
-        j.finish("b", &result("b")).await.unwrap();
-        // A batch that fails takes that transaction with it…
-        j.inner.shared.fail_next_batch.store(true, Ordering::SeqCst);
-        assert!(j.accept(&request("c")).await.is_err());
-        // …and the next one reopens the file, which replays the log: nothing logged is lost,
-        // nothing of the failed batch is there.
-        assert_eq!(j.accept(&request("d")).await.unwrap(), Accept::New);
-        assert_eq!(j.get("a").unwrap().phase, TaskPhase::Queued);
-        assert_eq!(j.get("b").unwrap().result, Some(result("b")));
-        assert!(j.get("c").is_none());
-        assert_eq!(j.counts(), (3, 1));
-        drop(j);
-        let (j, recovery) = open(&cfg);
-        let queued: Vec<&str> = recovery
-            .queued
-            .iter()
-            .map(|r| r.request.task_id.as_str())
-            .collect();
-        assert_eq!(queued, ["a", "d"]);
-        assert_eq!(j.unacked_ids(), ["b"]);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_accepts_share_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path());
-        let (j, _) = open(&cfg);
-        let before = j.commits();
-        let mut tasks = Vec::new();
-        for worker in 0..100 {
-            let j = j.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..20 {
-                    let id = format!("w{worker}-{i}");
-                    assert_eq!(j.accept(&request(&id)).await.unwrap(), Accept::New);
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let commits = j.commits() - before;
-        assert_eq!(j.counts(), (2000, 0));
-        assert!(commits < 2000, "{commits} commits for 2000 accepts");
-        drop(j);
-        let (_, recovery) = open(&cfg);
-        assert_eq!(recovery.queued.len(), 2000);
-    }
-}
+mod tests;
