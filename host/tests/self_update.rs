@@ -7,8 +7,10 @@
 //! (`cargo xtask next-daemon`); the releases that must be rolled back never run our code: a
 //! script that exits at start, one that hangs, bytes that are not an executable.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bridge_signing::KeyPair;
@@ -26,13 +28,83 @@ const DRAIN_TIMEOUT_SECS: u64 = 3;
 /// Long enough for any update's verdict here (transfer, drain, restart, window or timeout).
 const VERDICT: Duration = Duration::from_secs(90);
 
-/// A platform, a release key, and the agents installed for it.
+/// A platform, a publisher, and the agents installed for it; releases are signed with the
+/// tests' shared release key ([`Releases`]).
 struct World {
     platform: Platform,
     publisher: Publisher,
-    release_key: PathBuf,
-    release_pub: String,
     dir: tempfile::TempDir,
+}
+
+/// The release key the tests share, and the releases signed with it, each once per run:
+/// signing a debug build of the agent gzips ~64 MB at the best compression, seconds of CPU
+/// each, and most tests update to the same release. The key and manifests live in
+/// `CARGO_TARGET_TMPDIR/self_update`, emptied when the first test signs.
+struct Releases {
+    dir: PathBuf,
+    key: PathBuf,
+    public: String,
+    /// The manifest signed for each release.
+    signed: Mutex<HashMap<Release, Arc<OnceLock<PathBuf>>>>,
+}
+
+/// A release as `bridgectl release sign` is asked for it: binary, version, extra arguments.
+type Release = (PathBuf, String, Vec<String>);
+
+impl Releases {
+    fn get() -> &'static Releases {
+        static RELEASES: OnceLock<Releases> = OnceLock::new();
+        RELEASES.get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("self_update");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let pair = KeyPair::generate().unwrap();
+            let key = dir.join("release.key");
+            std::fs::write(&key, pair.to_pem()).unwrap();
+            Releases {
+                dir,
+                key,
+                public: pair.public_key().to_string(),
+                signed: Mutex::default(),
+            }
+        })
+    }
+
+    /// `bridgectl release sign BINARY` as `version`, with `extra` arguments: the manifest's
+    /// path (the archive is `BINARY.gz`, as the updates read it), signed the first time only.
+    fn sign(&self, binary: &Path, version: &str, extra: &[&str]) -> PathBuf {
+        let wanted = (
+            binary.to_path_buf(),
+            version.to_string(),
+            extra.iter().map(|a| a.to_string()).collect(),
+        );
+        let slot = self
+            .signed
+            .lock()
+            .unwrap()
+            .entry(wanted)
+            .or_default()
+            .clone();
+        slot.get_or_init(|| {
+            let manifest = self
+                .dir
+                .join(format!("{version}-{}.manifest", rand_suffix()));
+            let out = bins::bridgectl()
+                .args(["release", "sign"])
+                .arg(binary)
+                .arg("--key")
+                .arg(&self.key)
+                .args(["--version", version])
+                .args(extra)
+                .arg("-o")
+                .arg(&manifest)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "release sign: {}", text(&out));
+            manifest
+        })
+        .clone()
+    }
 }
 
 /// One installed, supervised agent.
@@ -47,13 +119,8 @@ impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
         let platform = Platform::start(&dir.path().join("platform"));
-        let key = KeyPair::generate().unwrap();
-        let release_key = dir.path().join("release.key");
-        std::fs::write(&release_key, key.to_pem()).unwrap();
         World {
             platform,
-            release_key,
-            release_pub: key.public_key().to_string(),
             publisher: Publisher::new(),
             dir,
         }
@@ -104,7 +171,7 @@ drain_timeout_secs = {DRAIN_TIMEOUT_SECS}
                 url = self.platform.url(),
                 pin = self.platform.pin(),
                 token = self.control().token(),
-                key = self.release_pub,
+                key = Releases::get().public,
                 publisher = self.publisher.public(),
             ),
         )
@@ -128,25 +195,10 @@ drain_timeout_secs = {DRAIN_TIMEOUT_SECS}
         (next, manifest)
     }
 
-    /// `bridgectl release sign BINARY` as `version` with the world's release key (or `key`).
+    /// The manifest of `binary` released as `version` (with `extra` arguments to `bridgectl
+    /// release sign`), signed with the shared release key.
     fn release(&self, binary: &Path, version: &str, extra: &[&str]) -> PathBuf {
-        let manifest = self
-            .dir
-            .path()
-            .join(format!("{version}-{}.manifest", rand_suffix()));
-        let out = bins::bridgectl()
-            .args(["release", "sign"])
-            .arg(binary)
-            .arg("--key")
-            .arg(&self.release_key)
-            .args(["--version", version])
-            .args(extra)
-            .arg("-o")
-            .arg(&manifest)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "release sign: {}", text(&out));
-        manifest
+        Releases::get().sign(binary, version, extra)
     }
 
     /// `bridgectl update` of agent `id`; its exit status and the verdict it printed.
