@@ -15,9 +15,16 @@
 //! - `log_prototype`: a preallocated file, one `pwrite` of a frame of the same bytes and one
 //!   `fdatasync` per commit (what an append-only log costs, without the journal around it);
 //! - `fdatasync_floor`: one 64-byte `pwrite` and one `fdatasync` of a preallocated file;
-//! - `wal`: the journal with its write-ahead log in use (`JournalConfig::log`), as the agent runs.
+//! - `wal`: the journal with its write-ahead log in use (`JournalConfig::log`), as the agent runs;
+//! - `fdatasync_paced`, `wal_paced`: `fdatasync_floor` and `wal` with a pause of [`PACE`]
+//!   before each commit (not timed): the cadence of the link benchmark's round trips, one task
+//!   after the other, with the disk and the CPUs idle between commits. On a virtual machine a
+//!   sync after an idle pause takes longer than one right behind the previous sync (the host's
+//!   side of the disk and the idle vCPUs have to wake up), so these are the floor and the
+//!   journal's share of a sequential round trip.
 //!
-//! `BRIDGE_BENCH_QUICK=1`: 300 commits per variant instead of 3000.
+//! `BRIDGE_BENCH_QUICK=1`: 300 commits per variant instead of 3000 (the paced ones: 1000 and
+//! 300).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -68,7 +75,16 @@ fn figures(mut times: Vec<Duration>) -> Figures {
     }
 }
 
-fn journal_variant(dir: &Path, n: usize, audit: bool, log: bool) -> Vec<Duration> {
+/// The pause before each commit of the paced variants: about one sequential round trip.
+const PACE: Duration = Duration::from_millis(1);
+
+fn journal_variant(
+    dir: &Path,
+    n: usize,
+    audit: bool,
+    log: bool,
+    pace: Option<Duration>,
+) -> Vec<Duration> {
     let mut config = JournalConfig::new(dir.join("journal.redb"));
     config.audit = audit;
     config.log = log;
@@ -85,6 +101,9 @@ fn journal_variant(dir: &Path, n: usize, audit: bool, log: bool) -> Vec<Duration
             let id = format!("t{i}");
             let early = EarlyResult::audited(facts());
             assert!(early.offer(r.clone()).is_none());
+            if let Some(pace) = pace {
+                std::thread::sleep(pace);
+            }
             let start = Instant::now();
             let accepted = journal.accept_running_with(&request(&id), early).await;
             let took = start.elapsed();
@@ -160,10 +179,13 @@ fn log_variant(dir: &Path, n: usize) -> Vec<Duration> {
     times
 }
 
-fn floor_variant(dir: &Path, n: usize) -> Vec<Duration> {
+fn floor_variant(dir: &Path, n: usize, pace: Option<Duration>) -> Vec<Duration> {
     let f = prealloc(&dir.join("floor"), 1 << 20);
     let mut times = Vec::with_capacity(n);
     for i in 0..n + 50 {
+        if let Some(pace) = pace {
+            std::thread::sleep(pace);
+        }
         let start = Instant::now();
         f.write_all_at(&[i as u8; 64], ((i % 256) * 4096) as u64)
             .unwrap();
@@ -178,6 +200,7 @@ fn floor_variant(dir: &Path, n: usize) -> Vec<Duration> {
 fn main() {
     let quick = std::env::var_os("BRIDGE_BENCH_QUICK").is_some();
     let n = if quick { 300 } else { 3000 };
+    let paced = if quick { 300 } else { 1000 };
     let base = std::env::var_os("BRIDGE_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -191,18 +214,26 @@ fn main() {
         d
     };
     let variants: Vec<(&str, Vec<Duration>)> = vec![
-        ("redb", journal_variant(&sub("redb"), n, true, false)),
+        ("redb", journal_variant(&sub("redb"), n, true, false, None)),
         (
             "redb_no_audit",
-            journal_variant(&sub("no-audit"), n, false, false),
+            journal_variant(&sub("no-audit"), n, false, false, None),
         ),
         ("btree_one_table", btree_variant(&sub("btree"), n)),
         ("log_prototype", log_variant(&sub("log"), n)),
-        ("fdatasync_floor", floor_variant(&sub("floor"), n)),
-        ("wal", journal_variant(&sub("wal"), n, true, true)),
+        ("fdatasync_floor", floor_variant(&sub("floor"), n, None)),
+        ("wal", journal_variant(&sub("wal"), n, true, true, None)),
+        (
+            "fdatasync_paced",
+            floor_variant(&sub("floor-paced"), paced, Some(PACE)),
+        ),
+        (
+            "wal_paced",
+            journal_variant(&sub("wal-paced"), paced, true, true, Some(PACE)),
+        ),
     ];
     println!(
-        "journal commit latency: {n} commits per variant, files in {}",
+        "journal commit latency: {n} commits per variant ({paced} for the paced ones), files in {}",
         base.display()
     );
     println!("{:<18} {:>12} {:>12}", "variant", "median µs", "p99 µs");
