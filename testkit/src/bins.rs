@@ -17,11 +17,36 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `cargo` (the one running us, if any) in the workspace root.
+/// `cargo` (the one running us, if any) in the workspace root, in the environment a shell would
+/// give it: without the variables Cargo sets for the program it runs (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`…). Cargo tracks some of them for build scripts (ring's, for one, is rerun
+/// when `CARGO_MANIFEST_DIR` changes), so a build started from `cargo xtask` or from a test
+/// would otherwise rebuild what a build from the shell made, and the other way round.
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_its_program) {
+            c.env_remove(name);
+        }
+    }
     c
+}
+
+/// Whether Cargo sets the variable `name` for a program it runs (`cargo run`, `cargo test`).
+fn set_by_cargo_for_its_program(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 /// The environment variable naming a directory of prebuilt binaries to use instead (see [`bin`]).

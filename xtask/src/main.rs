@@ -87,10 +87,9 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo` in the workspace root, in a shell's environment ([`bridge_testkit::bins::cargo`]).
 fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
-    c
+    bridge_testkit::bins::cargo()
 }
 
 fn run(mut cmd: Command) -> Result<()> {
