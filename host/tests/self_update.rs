@@ -39,7 +39,7 @@ struct World {
 /// The release key the tests share, and the releases signed with it, each once per run:
 /// signing a debug build of the agent gzips ~64 MB at the best compression, seconds of CPU
 /// each, and most tests update to the same release. The key and manifests live in
-/// `CARGO_TARGET_TMPDIR/self_update`, emptied when the first test signs.
+/// `CARGO_TARGET_TMPDIR/self_update`, emptied the first time a test of this run asks for them.
 struct Releases {
     dir: PathBuf,
     key: PathBuf,
