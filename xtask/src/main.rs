@@ -44,7 +44,7 @@ fn main() -> Result<()> {
         "deps" => deps::check(&rest.first().map_or_else(root, PathBuf::from)),
         "sign-examples" => sign_examples(rest),
         "schema" => schema(),
-        "next-daemon" => next_daemon(),
+        "next-daemon" => next_daemon().map(|_| ()),
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask <task>\n\n\
@@ -518,9 +518,22 @@ fn test(rest: &[String]) -> Result<()> {
     node::check_node()?;
     node::install(&root())?;
     let wasm = build_examples()?;
-    next_daemon()?;
+    let agents = next_daemon()?;
     // One invocation builds everything first, `bridgectl` included (the platform's own tests
     // need it), before any test runs; the host's link tests then drive it.
+    let mut build = cargo();
+    build.args(["test", "--workspace", "--no-run"]);
+    let tests = host_library(&mut build)?;
+    // The tests' build reuses the agent's own, wasmtime and Cranelift included. A
+    // dev-dependency that turns on other features of a crate the agent uses would make it
+    // compile that crate, and everything above it, a second time (minutes on two cores).
+    if tests != agents {
+        bail!(
+            "the tests' build made {} where the agent's own build made {}: a dev-dependency turns on other features of a crate the agent uses, so the agent's library and what it depends on are compiled twice. Compare `cargo tree -p bridge-host -e normal,build -f '{{p}} {{f}}'` with `cargo tree --workspace -f '{{p}} {{f}}'`, and ask for the same features in host/Cargo.toml (as it does for memchr)",
+            tests.display(),
+            agents.display()
+        );
+    }
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(rest);
     run(cmd)?;
@@ -531,12 +544,13 @@ fn test(rest: &[String]) -> Result<()> {
 /// Builds `target/debug/bridge-daemon-next`: the agent with `BRIDGE_VERSION_OVERRIDE` set to
 /// the next version, which the self-update tests push to an agent. Only the binary crate
 /// recompiles (the override is read in `host/src/main.rs`), twice: with the variable, then
-/// without it, so that `target/debug/bridge-daemon` is the ordinary build again.
-fn next_daemon() -> Result<()> {
+/// without it, so that `target/debug/bridge-daemon` is the ordinary build again. Returns the
+/// agent's library as that build made it.
+fn next_daemon() -> Result<PathBuf> {
     let version = bridge_testkit::bins::next_version();
     let debug = root().join("target/debug");
     let next = debug.join(bridge_testkit::bins::NEXT_DAEMON);
-    let build = |over: Option<&str>| -> Result<()> {
+    let build = |over: Option<&str>| -> Result<PathBuf> {
         let mut cmd = cargo();
         cmd.args([
             "build",
@@ -550,16 +564,46 @@ fn next_daemon() -> Result<()> {
             Some(v) => cmd.env("BRIDGE_VERSION_OVERRIDE", v),
             None => cmd.env_remove("BRIDGE_VERSION_OVERRIDE"),
         };
-        run(cmd)
+        host_library(&mut cmd)
     };
     build(Some(&version))?;
     let tmp = next.with_extension("tmp");
     std::fs::copy(debug.join("bridge-daemon"), &tmp)
         .with_context(|| format!("copying the agent to {}", tmp.display()))?;
     std::fs::rename(&tmp, &next)?;
-    build(None)?;
+    let library = build(None)?;
     println!("{} (version {version})", next.display());
-    Ok(())
+    Ok(library)
+}
+
+/// Runs the cargo build `cmd` and returns the path of the agent's library (`bridge_host`, as
+/// the binaries and the tests link it) that it made, from its JSON messages.
+fn host_library(cmd: &mut Command) -> Result<PathBuf> {
+    cmd.arg("--message-format=json-render-diagnostics")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed with {}", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["target"]["name"] == "bridge_host"
+                && m["profile"]["test"] == false
+        })
+        .find_map(|m| {
+            m["filenames"]
+                .as_array()?
+                .iter()
+                .filter_map(|f| f.as_str())
+                .find(|f| f.ends_with(".rlib"))
+                .map(PathBuf::from)
+        })
+        .with_context(|| format!("{shown} reported no library of bridge-host"))
 }
 
 /// The platform benchmark: the Node SDK against `bridgectl serve`, release builds.
