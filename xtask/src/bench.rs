@@ -9,7 +9,9 @@
 //! `--baseline DIR` names a directory holding release binaries of another build
 //! (`bridge-daemon`, `bridgectl`; a file `COMMIT` there names it): each benchmark that drives
 //! the binaries runs twice in a row, the baseline first, then the current build, so both are
-//! measured in the same sitting. The figures come from the benchmarks themselves
+//! measured in the same sitting. The current build is always the release binaries in
+//! `target/release`, built first, whatever profile the harnesses are built in (`-- --profile
+//! dev` builds them quicker; they only drive the binaries). The figures come from the benchmarks themselves
 //! (`bridge_testkit::figures`), through `target/bench/figures.jsonl`. `--summary` prints the
 //! summary of the figures already there (benchmarks run one by one, with `BRIDGE_BENCH_BUILD`
 //! naming the build each measured) and runs nothing.
@@ -290,9 +292,9 @@ pub fn run(root: &Path, rest: &[String], size: impl Fn(&Path) -> Result<()>) -> 
                 .args(&o.cargo_args)
                 .env(FIGURES_ENV, &figures)
                 .env(BUILD_ENV, &label);
-            if let Some(dir) = dir {
-                cmd.env(bridge_testkit::bins::BIN_DIR_ENV, dir);
-            }
+            // Always named: a harness built in another profile (`-- --profile dev`) would
+            // otherwise drive the binaries of its own profile directory (`target/debug`).
+            cmd.env(bridge_testkit::bins::BIN_DIR_ENV, dir.unwrap_or(&release));
             super::run(cmd)?;
         }
     }
