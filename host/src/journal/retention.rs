@@ -45,10 +45,17 @@ pub(super) fn prune_in(
         let excess = kept.len() - config.max_records;
         doomed.extend(kept.drain(..excess));
     }
-    for (seq, id) in &doomed {
-        let bytes = lock(t.index).tasks.get(id).map_or(0, |m| m.bytes);
-        t.remove(*seq, bytes)?;
-    }
+    let bytes = {
+        let index = lock(t.index);
+        doomed
+            .iter()
+            .map(|(_, id)| index.tasks.get(id).map_or(0, |m| m.bytes))
+            .sum()
+    };
+    let mut seqs: Vec<u64> = doomed.iter().map(|(seq, _)| *seq).collect();
+    // Expired tasks first, then the oldest kept ones past `max_records`: not one ascending run.
+    seqs.sort_unstable();
+    t.remove_sorted(&seqs, bytes)?;
     let n = doomed.len();
     changes.extend(doomed.into_iter().map(|(_, id)| Change::Remove(id)));
     Ok(n)
@@ -154,6 +161,50 @@ mod tests {
         assert_eq!(j.counts(), (6, 3));
         assert_eq!(recovery.queued.len(), 2);
         assert_eq!(recovery.running.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_tasks_between_the_ones_it_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.retention = Duration::ZERO;
+        let (j, _) = open(&cfg);
+        // Accepted in this order: each unacked or unfinished task sits between two pruned ones.
+        for (i, id) in ["a0", "u0", "a1", "q", "a2", "r", "a3"]
+            .into_iter()
+            .enumerate()
+        {
+            j.accept(&request(id)).await.unwrap();
+            if id.starts_with('r') {
+                j.start(id).await.unwrap();
+            }
+            if id.starts_with(['a', 'u']) {
+                j.finish(id, &result(id)).await.unwrap();
+            }
+            if id.starts_with('a') {
+                j.ack(&[id.to_string()]);
+            }
+            assert_eq!(j.counts().0, i + 1);
+        }
+        assert_eq!(j.prune().unwrap(), 4);
+        for (id, kept) in [
+            ("u0", true),
+            ("q", true),
+            ("r", true),
+            ("a0", false),
+            ("a3", false),
+        ] {
+            assert_eq!(j.get(id).is_some(), kept, "{id}");
+        }
+        drop(j);
+        let (j, recovery) = open(&cfg);
+        assert_eq!(j.counts(), (3, 1));
+        assert_eq!(j.get("u0").unwrap().result.unwrap(), result("u0"));
+        assert_eq!(recovery.queued.len(), 1);
+        assert_eq!(recovery.running.len(), 1);
+        for id in ["a0", "a1", "a2", "a3"] {
+            assert!(j.get(id).is_none(), "{id} came back after a reopen");
+        }
     }
 
     #[tokio::test]

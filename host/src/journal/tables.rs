@@ -259,4 +259,24 @@ impl<'t> Tables<'t> {
         self.del(SeqTable::Entries, seq)?;
         Ok(())
     }
+
+    /// Removes many tasks as [`Tables::remove`] does, `seqs` sorted ascending and `bytes` their
+    /// stored size together: one pass over each table's range from the first to the last
+    /// instead of a descent from the root and a rebuilt path for every key (pruning removes the
+    /// oldest tasks, a thousand at a time, and they sit side by side).
+    pub(super) fn remove_sorted(&mut self, seqs: &[u64], bytes: u64) -> Result<(), Fail> {
+        debug_assert!(seqs.is_sorted());
+        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+            return Ok(());
+        };
+        self.freed += bytes;
+        for which in [SeqTable::Records, SeqTable::Results, SeqTable::Entries] {
+            self.table(which)
+                .retain_in(first..=last, |seq, _| seqs.binary_search(&seq).is_err())?;
+            for &seq in seqs {
+                self.redo.del(which, seq);
+            }
+        }
+        Ok(())
+    }
 }
