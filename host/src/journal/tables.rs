@@ -239,13 +239,14 @@ impl<'t> Tables<'t> {
     /// Removes the audit records through `through` (exported), but the chain's last one.
     pub(super) fn audit_exported(&mut self, through: u64) -> Result<(), Fail> {
         let through = through.min(self.chain.seq.saturating_sub(1));
+        // One pass over the range, every record in it removed ([`Tables::remove_sorted`]).
         let mut gone = Vec::new();
-        for item in self.audit.range(..=through)? {
-            let (k, v) = item?;
-            gone.push((k.value(), stored_size(v.value().len())));
-        }
+        self.audit.retain_in(..=through, |seq, line| {
+            gone.push((seq, stored_size(line.len())));
+            false
+        })?;
         for (seq, bytes) in gone {
-            self.del(SeqTable::Audit, seq)?;
+            self.redo.del(SeqTable::Audit, seq);
             self.freed += bytes;
             self.audit_freed += bytes;
         }
