@@ -129,13 +129,15 @@ impl crate::audit::AuditSource for AuditFeed {
 }
 
 impl AuditFeed {
-    /// Waits at most `timeout` for a durable head past `seq`; returns the durable head.
+    /// Waits at most `timeout` for a durable head past `seq` (with `u64::MAX`: for the
+    /// timeout, or until the journal closes; commits do not wake such a wait); returns the
+    /// durable head.
     pub fn wait_audit(&self, seq: u64, timeout: Duration) -> Head {
         let shared = &self.shared;
         let heads = lock(&shared.audit);
         let (heads, _) = shared
             .audit_changed
-            .wait_timeout_while(heads, timeout, |h| h.durable.seq <= seq && !h.closed)
+            .wait_timeout_while(heads, timeout, |h| h.wait_past(seq))
             .unwrap_or_else(|e| e.into_inner());
         heads.durable.clone()
     }
@@ -175,6 +177,43 @@ mod tests {
     use crate::audit::{hash_line, Facts, Record, GENESIS};
     use crate::journal::testkit::*;
     use crate::journal::{EarlyResult, JournalError};
+
+    /// A head at `seq`.
+    fn at(seq: u64) -> crate::audit::Head {
+        crate::audit::Head {
+            seq,
+            hash: format!("{seq}"),
+        }
+    }
+
+    #[test]
+    fn a_durable_commit_wakes_only_a_waiter_whose_wait_it_ends() {
+        let mut heads = crate::journal::AuditHeads {
+            written: at(2),
+            ..Default::default()
+        };
+        // Nobody waits: no wake-up, though the head moves.
+        assert!(!heads.make_durable());
+        assert_eq!(heads.durable.seq, 2);
+        // Lingering until a timeout registers nothing.
+        assert!(heads.wait_past(u64::MAX));
+        assert_eq!(heads.waiting_past, None);
+        // Two waiters: the lowest is what a commit must pass.
+        assert!(heads.wait_past(5));
+        assert!(heads.wait_past(3));
+        assert!(!heads.wait_past(1), "past 1 already: no wait");
+        assert_eq!(heads.waiting_past, Some(3));
+        heads.written = at(3);
+        assert!(!heads.make_durable(), "3 is not past 3");
+        heads.written = at(4);
+        assert!(heads.make_durable());
+        assert_eq!(heads.waiting_past, None);
+        // The waiter past 5 waits on and registers again; nothing new: no wake-up.
+        assert!(heads.wait_past(5));
+        assert!(!heads.make_durable());
+        heads.closed = true;
+        assert!(!heads.wait_past(5), "a closing journal ends every wait");
+    }
 
     /// The lines the journal's audit table holds from `after` on (durable ones).
     fn lines(j: &crate::journal::Journal, after: u64) -> Vec<Record> {

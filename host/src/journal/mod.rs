@@ -159,6 +159,37 @@ struct AuditHeads {
     durable: Head,
     /// The journal is closing: the exporter stops.
     closed: bool,
+    /// The lowest sequence number a waiter (`AuditFeed::wait_audit`) waits for the durable
+    /// head to pass, if any waits for one: durable commits wake waiters only when one passes
+    /// it, so a waiter lingering until a timeout (or the close) costs the commits nothing.
+    waiting_past: Option<u64>,
+}
+
+impl AuditHeads {
+    /// Every record written is durable; returns whether a waiter's wait is over (and clears
+    /// the wait: the waiters still waiting register again).
+    fn make_durable(&mut self) -> bool {
+        if self.durable == self.written {
+            return false;
+        }
+        self.durable = self.written.clone();
+        match self.waiting_past {
+            Some(seq) if self.durable.seq > seq => {
+                self.waiting_past = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a waiter for a durable head past `seq` waits on; registers it if so.
+    fn wait_past(&mut self, seq: u64) -> bool {
+        let waits = self.durable.seq <= seq && !self.closed;
+        if waits && seq < u64::MAX {
+            self.waiting_past = Some(self.waiting_past.map_or(seq, |w| w.min(seq)));
+        }
+        waits
+    }
 }
 
 impl Shared {
@@ -191,9 +222,10 @@ impl Shared {
 
     /// A durable commit succeeded: every record written is durable.
     fn audit_durable(&self) {
-        let mut heads = lock(&self.audit);
-        if heads.durable != heads.written {
-            heads.durable = heads.written.clone();
+        // Notified after the lock is released: a waiter woken while the writer holds it would
+        // block on it at once, and the writer would then have to wake it a second time.
+        let wake = lock(&self.audit).make_durable();
+        if wake {
             self.audit_changed.notify_all();
         }
     }
@@ -315,6 +347,7 @@ impl Journal {
                 written: head.clone(),
                 durable: head,
                 closed: false,
+                waiting_past: None,
             }),
             audit_changed: Condvar::new(),
             use_log: std::sync::atomic::AtomicBool::new(config_log),
