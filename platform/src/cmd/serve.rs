@@ -91,7 +91,12 @@ fn log_filter(default: &str) -> tracing_subscriber::filter::Targets {
 /// Runs `serve`.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     init_logging();
+    // One worker thread: a run's way out (the control request, the agent's session writer)
+    // and its result's way back (the session reader, the waiting request) then never cross
+    // between threads, each crossing a wake-up of another core (docs/performance.md, where
+    // the round trip goes). Slow work goes to the blocking pool (artifacts, releases).
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
