@@ -331,10 +331,19 @@ fn a_platform_that_stops_reading_costs_bounded_memory() {
         bytes.extend(text(&run(&format!("unread-{i}"), "big", &[])));
     }
     conn.write(&bytes);
+    // Watched while the tasks run and a second after the last one ends (nothing more is
+    // produced then: ~5 s on a debug build), at most 20 s.
     let mut peak = baseline;
     let start = Instant::now();
+    let mut all_ended = None;
     while start.elapsed() < Duration::from_secs(20) {
         peak = peak.max(agent.rss_kib());
+        if all_ended.is_none() && agent.log().matches("task finished").count() >= 200 {
+            all_ended = Some(Instant::now());
+        }
+        if all_ended.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     // What may grow: the 32 running tasks' captures and results being recorded (about 3 MiB
