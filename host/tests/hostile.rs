@@ -338,7 +338,7 @@ fn a_platform_that_stops_reading_costs_bounded_memory() {
     let mut all_ended = None;
     while start.elapsed() < Duration::from_secs(20) {
         peak = peak.max(agent.rss_kib());
-        if all_ended.is_none() && agent.log().matches("task finished").count() >= 200 {
+        if all_ended.is_none() && agent.log_count("task finished") >= 200 {
             all_ended = Some(Instant::now());
         }
         if all_ended.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {

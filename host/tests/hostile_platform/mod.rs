@@ -427,6 +427,11 @@ impl Agent {
         self.0.log.len()
     }
 
+    /// How many lines of its log so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.0.log.count(needle)
+    }
+
     /// Resident memory, from /proc.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.pid())).unwrap();
