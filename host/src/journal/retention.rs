@@ -120,6 +120,14 @@ mod tests {
     use crate::journal::Accept;
     use std::time::Duration;
 
+    /// A journal's configuration in `dir` under which a prune removes every finished,
+    /// acknowledged record, however recent.
+    fn no_retention(dir: &std::path::Path) -> crate::journal::JournalConfig {
+        let mut cfg = config(dir);
+        cfg.retention = Duration::ZERO;
+        cfg
+    }
+
     /// Records in every state: q (queued), r (running), u0..u2 (done, unacked), a0..a4 (done,
     /// acked, oldest first).
     async fn populate(j: &Journal) {
@@ -142,8 +150,7 @@ mod tests {
     #[tokio::test]
     async fn prune_removes_only_finished_acked_records_past_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.retention = Duration::ZERO;
+        let cfg = no_retention(dir.path());
         let (j, _) = open(&cfg);
         populate(&j).await;
         assert_eq!(j.counts(), (10, 3));
@@ -166,8 +173,7 @@ mod tests {
     #[tokio::test]
     async fn prune_keeps_the_tasks_between_the_ones_it_removes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.retention = Duration::ZERO;
+        let cfg = no_retention(dir.path());
         let (j, _) = open(&cfg);
         // Accepted in this order: each unacked or unfinished task sits between two pruned ones.
         for (i, id) in ["a0", "u0", "a1", "q", "a2", "r", "a3"]
