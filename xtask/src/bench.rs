@@ -12,9 +12,9 @@
 //! measured in the same sitting. The current build is always the release binaries in
 //! `target/release`, built first, whatever profile the harnesses are built in (`-- --profile
 //! dev` builds them quicker; they only drive the binaries). The figures come from the
-//! benchmarks themselves (`bridge_testkit::figures`), through `target/bench/figures.jsonl`. `--summary` prints the
-//! summary of the figures already there (benchmarks run one by one, with `BRIDGE_BENCH_BUILD`
-//! naming the build each measured) and runs nothing.
+//! benchmarks themselves (`bridge_testkit::figures`), through `target/bench/figures.jsonl`.
+//! `--summary` prints the summary of the figures already there (benchmarks run one by one,
+//! with `BRIDGE_BENCH_BUILD` naming the build each measured) and runs nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
