@@ -16,8 +16,9 @@
 //!
 //! And, at the largest level only, a command the agent does not know, refused before the
 //! journal (`rejected`, `unknown_command`): the link's own share of a task (TLS, the messages'
-//! JSON, admission, the result's way back), with no journal and no run. Its agent CPU per task
-//! is the floor under a `hello` task's in this design.
+//! JSON, admission, the result's way back), with no task record and no run (the refusal's
+//! audit record is still journalled). Its agent CPU per task is the floor under a `hello`
+//! task's in this design.
 //!
 //! **Where things run.** The agent gets the first half of the CPUs, the platform and the
 //! clients the other half, as when the platform runs on another host (it always does in
@@ -36,8 +37,8 @@
 //! Prints each measurement (tasks per second, the CPU time each process spent per task, how
 //! busy the agent's CPUs and the others were, the share the hypervisor stole), the medians,
 //! the ratio at each level, and the verdict at the largest. `BRIDGE_BENCH_ONLY=hello` (or
-//! `true`) measures one of the two alone, e.g. to profile it; `BRIDGE_BENCH_QUICK=1` runs 3
-//! rounds of 2 s instead of 5 of 5 s.
+//! `true`, or `refused`) measures one of the three alone, e.g. to profile it;
+//! `BRIDGE_BENCH_QUICK=1` runs 3 rounds of 2 s instead of 5 of 5 s.
 
 use std::path::Path;
 
@@ -262,12 +263,13 @@ fn main() {
         other_cpus: rest,
     };
     let colocated = setup.colocated();
-    // `BRIDGE_BENCH_ONLY=hello` (or `true`) measures one command alone, e.g. under a profiler.
+    // `BRIDGE_BENCH_ONLY=hello` (or `true`, or `refused`) measures one alone, e.g. under a
+    // profiler.
     let only = std::env::var("BRIDGE_BENCH_ONLY").ok();
     if let Some(o) = &only {
         assert!(
-            o == "hello" || o == "true",
-            "BRIDGE_BENCH_ONLY: {o:?} is neither \"hello\" nor \"true\""
+            ["hello", "true", "refused"].contains(&o.as_str()),
+            "BRIDGE_BENCH_ONLY: {o:?} is none of \"hello\", \"true\" and \"refused\""
         );
     }
     let commands: Vec<(&str, &str)> = [("hello", "hello handler  "), ("true", "shell /bin/true")]
@@ -294,7 +296,7 @@ fn main() {
                 seen[l][c].push(r);
             }
         }
-        if only.is_none() {
+        if only.as_deref().is_none_or(|o| o == "refused") {
             let r = measure(
                 platform.control_socket(),
                 &setup,
