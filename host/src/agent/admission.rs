@@ -190,7 +190,7 @@ impl Agent {
                 .await;
             return true;
         }
-        match self.journal.get(&req.task_id) {
+        match self.journal.get(&req.task_id).await {
             Some(record) => {
                 self.answer_record(req, record).await;
                 true

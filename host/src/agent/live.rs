@@ -137,7 +137,10 @@ impl Agent {
                         CancelOutcome::Dequeued
                     }
                 }
-                None => match self.journal.get(&task_id).map(|r| r.phase) {
+                // Read under the lock, blocking this worker until the writer answers: a task
+                // not yet registered must not be registered between this read and the
+                // `early_cancels` entry. A cancel of an unregistered task is rare.
+                None => match self.journal.get_blocking(&task_id).map(|r| r.phase) {
                     Some(TaskPhase::Done) => CancelOutcome::Finished,
                     Some(phase) => {
                         // Recorded and about to be registered (or to start again at recovery).

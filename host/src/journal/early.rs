@@ -83,7 +83,7 @@ mod tests {
         // One commit for the acceptance and the result, and the result handed back to send.
         assert_eq!(j.commits(), before + 1);
         assert_eq!(early.take(), Some((result("early"), true)));
-        let record = j.get("t").unwrap();
+        let record = j.get_blocking("t").unwrap();
         assert_eq!(record.phase, TaskPhase::Done);
         assert_eq!(record.result, Some(result("early")));
         assert!(record.finished_at_ms.is_some());
@@ -92,7 +92,7 @@ mod tests {
         assert_eq!(ids(&j.unacked()), ["t"]);
         drop(j);
         let (j, recovery) = open(&cfg);
-        assert_eq!(j.get("t").unwrap().result, Some(result("early")));
+        assert_eq!(j.get_blocking("t").unwrap().result, Some(result("early")));
         assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
         assert_eq!(ids(&j.unacked()), ["t"]);
         // A second delivery of the task is answered from the record, and nothing is written.
@@ -113,11 +113,11 @@ mod tests {
         let early = EarlyResult::default();
         let accepted = j.accept_running_with(&request("t"), early.clone()).await;
         assert_eq!(accepted.unwrap(), Accept::New);
-        assert_eq!(j.get("t").unwrap().phase, TaskPhase::Running);
+        assert_eq!(j.get_blocking("t").unwrap().phase, TaskPhase::Running);
         // Too late to ride the acceptance: given back, to be stored with `finish`.
         assert_eq!(early.offer(result("late")), Some(result("late")));
         assert_eq!(early.take(), None);
         j.finish_lazily("t", &result("late")).await.unwrap();
-        assert_eq!(j.get("t").unwrap().result, Some(result("late")));
+        assert_eq!(j.get_blocking("t").unwrap().result, Some(result("late")));
     }
 }

@@ -417,7 +417,7 @@ mod tests {
         let (j2, recovery) = open(&crashed);
         assert_eq!(ids(&recovery.queued), ["a", "c"]);
         assert_eq!(j2.unacked_ids(), ["b"]);
-        assert_eq!(j2.get("b").unwrap().result, Some(result("b")));
+        assert_eq!(j2.get_blocking("b").unwrap().result, Some(result("b")));
         // Deduplicated after the crash.
         assert!(matches!(
             j2.accept(&request("a")).await.unwrap(),
@@ -456,7 +456,7 @@ mod tests {
             std::fs::write(&log, &bytes).unwrap();
             let (j2, recovery) = open(&crashed);
             assert_eq!(ids(&recovery.queued), ["a", "b"], "{damage}");
-            assert!(j2.get("c").is_none(), "{damage}");
+            assert!(j2.get_blocking("c").is_none(), "{damage}");
         }
     }
 
@@ -475,7 +475,7 @@ mod tests {
         log.append(1, &mut redo, true).unwrap();
         drop(log);
         let (j, _) = open(&cfg);
-        assert_eq!(j.get("a").unwrap().phase, TaskPhase::Queued);
+        assert_eq!(j.get_blocking("a").unwrap().phase, TaskPhase::Queued);
     }
 
     #[tokio::test]
@@ -576,7 +576,7 @@ mod tests {
         std::fs::remove_file(&crashed.path).unwrap();
         let (j, recovery) = open(&crashed);
         assert!(recovery.queued.is_empty());
-        assert!(j.get("old").is_none());
+        assert!(j.get_blocking("old").is_none());
     }
 
     #[tokio::test]

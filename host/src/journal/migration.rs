@@ -162,7 +162,7 @@ mod tests {
         assert_eq!(ids(&recovery.running), ["mm-running"]);
         // In accept order, not id order.
         assert_eq!(ids(&j.unacked()), ["yy-unacked", "aa-unacked"]);
-        let acked = j.get("zz-acked").unwrap();
+        let acked = j.get_blocking("zz-acked").unwrap();
         assert!(acked.acked && acked.phase == TaskPhase::Done);
         assert_eq!(acked.result, Some(result("zz-acked")));
         assert!(acked.accepted_at_ms > now_ms() - 60_000);

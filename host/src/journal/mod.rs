@@ -440,7 +440,7 @@ impl Journal {
     ) -> Result<Accept, JournalError> {
         // Fast path: a known id needs no writer (and must not write). An unreadable record
         // falls through to the writer, which decides from the file itself.
-        if let Some(record) = self.get(&request.task_id) {
+        if let Some(record) = self.get(&request.task_id).await {
             return Ok(Accept::Seen(record));
         }
         let (reply, rx) = oneshot::channel();

@@ -243,7 +243,7 @@ mod tests {
             Accept::New => panic!("a known task id was accepted again"),
         }
         assert_eq!(j.commits(), commits, "a known task id must not write");
-        assert_eq!(j.get("queued").unwrap().request, request("queued"));
+        assert_eq!(j.get_blocking("queued").unwrap().request, request("queued"));
 
         j.start("running").await.unwrap();
         for id in ["done", "acked"] {
@@ -269,17 +269,37 @@ mod tests {
         assert_eq!(unacked[0].result, Some(result("done")));
         assert!(!unacked[0].acked);
         assert!(unacked[0].finished_at_ms.is_some());
-        let acked = j.get("acked").unwrap();
+        let acked = j.get_blocking("acked").unwrap();
         assert!(acked.acked);
         assert_eq!(acked.phase, TaskPhase::Done);
-        assert_eq!(j.get("queued").unwrap().phase, TaskPhase::Queued);
-        assert!(j.get("unknown").is_none());
+        assert_eq!(j.get_blocking("queued").unwrap().phase, TaskPhase::Queued);
+        assert!(j.get_blocking("unknown").is_none());
         assert_eq!(j.counts(), (4, 1));
         // Still deduplicated after the restart.
         assert!(matches!(
             j.accept(&request("done")).await.unwrap(),
             Accept::Seen(r) if r.result == Some(result("done"))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_awaited_read_answers_as_a_blocking_one_after_the_writes_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (j, _) = open(&cfg);
+        j.accept(&request("queued")).await.unwrap();
+        j.accept(&request("done")).await.unwrap();
+        j.finish("done", &result("done")).await.unwrap();
+        // Not awaited: the read is queued behind it and sees it.
+        j.ack(&["done".to_string()]);
+        let done = j.get("done").await.unwrap();
+        assert_eq!(done.result, Some(result("done")));
+        assert!(done.acked);
+        for id in ["queued", "done", "unknown"] {
+            assert_eq!(j.get(id).await, j.get_blocking(id), "{id}");
+        }
+        assert!(j.get("unknown").await.is_none());
+        assert_eq!(j.get("queued").await.unwrap().phase, TaskPhase::Queued);
     }
 
     #[tokio::test]
@@ -293,12 +313,12 @@ mod tests {
         j.finish("t", &result("second")).await.unwrap();
         // A late start does not move it back either.
         j.start("t").await.unwrap();
-        let record = j.get("t").unwrap();
+        let record = j.get_blocking("t").unwrap();
         assert_eq!(record.result, Some(result("first")));
         assert_eq!(record.phase, TaskPhase::Done);
         drop(j);
         let (j, _) = open(&cfg);
-        assert_eq!(j.get("t").unwrap().result, Some(result("first")));
+        assert_eq!(j.get_blocking("t").unwrap().result, Some(result("first")));
     }
 
     #[tokio::test]
@@ -316,7 +336,7 @@ mod tests {
         j.ack(&ids);
         assert!(j.unacked().is_empty());
         assert_eq!(j.counts(), (5, 0));
-        assert!(j.get("t0").unwrap().acked);
+        assert!(j.get_blocking("t0").unwrap().acked);
         // Dropped right away: the pending acknowledgement is written before the writer stops.
         drop(j);
         let (j, _) = open(&cfg);

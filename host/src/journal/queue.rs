@@ -81,7 +81,7 @@ pub(super) enum Read {
     /// or unreadable one).
     Tasks {
         wanted: Vec<(Arc<str>, Summary)>,
-        reply: mpsc::Sender<Vec<Option<TaskRecord>>>,
+        reply: Reply<Vec<Option<TaskRecord>>>,
     },
     /// The audit records after `after` through `through`, in order, at most `max`.
     Audit {
@@ -90,6 +90,28 @@ pub(super) enum Read {
         max: usize,
         reply: mpsc::Sender<Res<Vec<AuditLine>>>,
     },
+}
+
+/// Where a read's answer goes: to a thread that blocks on it, or to a task that awaits it
+/// (which then leaves its async worker free while the writer finishes a commit or a
+/// checkpoint before it gets to the read).
+pub(super) enum Reply<T> {
+    Blocking(mpsc::Sender<T>),
+    Awaited(oneshot::Sender<T>),
+}
+
+impl<T> Reply<T> {
+    /// Answers; nothing happens if the asker has gone.
+    pub(super) fn send(self, answer: T) {
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(answer);
+            }
+            Reply::Awaited(tx) => {
+                let _ = tx.send(answer);
+            }
+        }
+    }
 }
 
 impl Op {

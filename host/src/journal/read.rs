@@ -4,10 +4,12 @@
 
 use std::sync::{mpsc, Arc};
 
+use tokio::sync::oneshot;
+
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::error::{db_error, JournalError, Res};
-use super::queue::{Op, Read};
+use super::queue::{Op, Read, Reply};
 use super::records::{TaskPhase, TaskRecord};
 use super::schema::{assemble, Summary, AUDIT, RECORDS, RESULTS};
 use super::{lock, Journal};
@@ -46,7 +48,8 @@ impl Journal {
         n
     }
 
-    /// The records of `ids` that are still finished and unacknowledged, in order.
+    /// The records of `ids` that are still finished and unacknowledged, in order. Blocks until
+    /// the writer gets to it (see [`Journal::get`]).
     pub fn unacked_of(&self, ids: &[String]) -> Vec<TaskRecord> {
         if ids.is_empty() {
             return Vec::new();
@@ -59,36 +62,56 @@ impl Journal {
                 .map(|(id, m)| (id.clone(), *m))
                 .collect()
         };
-        self.read_tasks(&wanted)
+        self.read_tasks_blocking(wanted)
             .into_iter()
             .flatten()
             .filter(|r| r.phase == TaskPhase::Done && !r.acked)
             .collect()
     }
 
-    /// One task's record.
-    pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
-        let wanted = {
-            let index = lock(&self.inner.shared.index);
-            let (id, summary) = index.tasks.get_key_value(task_id)?;
-            [(id.clone(), *summary)]
-        };
-        self.read_tasks(&wanted).into_iter().next().flatten()
+    /// One task's record. An id the journal does not have is answered at once from its index;
+    /// a record is read by the writer, after the writes queued before it, so this waits for
+    /// the commit or checkpoint it is in the middle of.
+    pub async fn get(&self, task_id: &str) -> Option<TaskRecord> {
+        let wanted = self.wanted(task_id)?;
+        let (reply, rx) = oneshot::channel();
+        self.ask(wanted, Reply::Awaited(reply))?;
+        rx.await.ok()?.pop().flatten()
+    }
+
+    /// [`Journal::get`] for a caller that is not async (or holds a lock it cannot await
+    /// under): blocks the thread until the writer answers.
+    pub fn get_blocking(&self, task_id: &str) -> Option<TaskRecord> {
+        let wanted = self.wanted(task_id)?;
+        self.read_tasks_blocking(wanted).pop().flatten()
+    }
+
+    /// The index entry of `task_id`, as the writer's read asks for it.
+    fn wanted(&self, task_id: &str) -> Option<Vec<(Arc<str>, Summary)>> {
+        let index = lock(&self.inner.shared.index);
+        let (id, summary) = index.tasks.get_key_value(task_id)?;
+        Some(vec![(id.clone(), *summary)])
     }
 
     /// The records of `wanted`, read by the writer (see [`Read`]) and brought up to date with
     /// their entries (`None` for a missing or unreadable one). Blocks until the writer gets to
     /// it (after the writes queued before).
-    fn read_tasks(&self, wanted: &[(Arc<str>, Summary)]) -> Vec<Option<TaskRecord>> {
+    fn read_tasks_blocking(&self, wanted: Vec<(Arc<str>, Summary)>) -> Vec<Option<TaskRecord>> {
+        let n = wanted.len();
         let (reply, rx) = mpsc::channel();
-        let read = Read::Tasks {
-            wanted: wanted.to_vec(),
-            reply,
-        };
-        if self.send(Op::Read(read)).is_err() {
-            return vec![None; wanted.len()];
+        if self.ask(wanted, Reply::Blocking(reply)).is_none() {
+            return vec![None; n];
         }
-        rx.recv().unwrap_or_else(|_| vec![None; wanted.len()])
+        rx.recv().unwrap_or_else(|_| vec![None; n])
+    }
+
+    /// Queues the read of `wanted` for the writer; `None` if it has stopped.
+    fn ask(
+        &self,
+        wanted: Vec<(Arc<str>, Summary)>,
+        reply: Reply<Vec<Option<TaskRecord>>>,
+    ) -> Option<()> {
+        self.send(Op::Read(Read::Tasks { wanted, reply })).ok()
     }
 
     /// `(records, unacknowledged results)`, for logs and status.
@@ -167,7 +190,7 @@ impl Read {
                     tracing::error!("reading the journal: {e}");
                     vec![None; wanted.len()]
                 });
-                let _ = reply.send(records);
+                reply.send(records);
             }
             Read::Audit {
                 after,
@@ -185,7 +208,7 @@ impl Read {
         match self {
             Read::Tasks { wanted, reply } => {
                 tracing::error!("reading the journal: {e}");
-                let _ = reply.send(vec![None; wanted.len()]);
+                reply.send(vec![None; wanted.len()]);
             }
             Read::Audit { reply, .. } => {
                 let _ = reply.send(Err(e));

@@ -157,9 +157,9 @@ mod tests {
         assert_eq!(j.prune().unwrap(), 5);
         assert_eq!(j.counts(), (5, 3));
         for id in ["q", "r", "u0", "u1", "u2"] {
-            assert!(j.get(id).is_some(), "{id} was pruned");
+            assert!(j.get_blocking(id).is_some(), "{id} was pruned");
         }
-        assert!(j.get("a0").is_none());
+        assert!(j.get_blocking("a0").is_none());
         assert_eq!(j.prune().unwrap(), 0);
         // A pruned id is forgotten.
         assert_eq!(j.accept(&request("a0")).await.unwrap(), Accept::New);
@@ -200,16 +200,19 @@ mod tests {
             ("a0", false),
             ("a3", false),
         ] {
-            assert_eq!(j.get(id).is_some(), kept, "{id}");
+            assert_eq!(j.get_blocking(id).is_some(), kept, "{id}");
         }
         drop(j);
         let (j, recovery) = open(&cfg);
         assert_eq!(j.counts(), (3, 1));
-        assert_eq!(j.get("u0").unwrap().result.unwrap(), result("u0"));
+        assert_eq!(j.get_blocking("u0").unwrap().result.unwrap(), result("u0"));
         assert_eq!(recovery.queued.len(), 1);
         assert_eq!(recovery.running.len(), 1);
         for id in ["a0", "a1", "a2", "a3"] {
-            assert!(j.get(id).is_none(), "{id} came back after a reopen");
+            assert!(
+                j.get_blocking(id).is_none(),
+                "{id} came back after a reopen"
+            );
         }
     }
 
@@ -223,7 +226,7 @@ mod tests {
         assert_eq!(j.prune().unwrap(), 3);
         let mut left: Vec<String> = ["q", "r", "u0", "u1", "u2", "a0", "a1", "a2", "a3", "a4"]
             .into_iter()
-            .filter(|id| j.get(id).is_some())
+            .filter(|id| j.get_blocking(id).is_some())
             .map(String::from)
             .collect();
         left.sort();

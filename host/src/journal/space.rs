@@ -264,21 +264,21 @@ mod tests {
         ));
         j.start("queued").await.unwrap();
         j.finish("queued", &result("queued")).await.unwrap();
-        assert!(j.get("new").is_none());
+        assert!(j.get_blocking("new").is_none());
         assert_eq!(j.unacked().len(), 2);
-        assert_eq!(j.get("kept").unwrap().result, Some(result("kept")));
+        assert_eq!(j.get_blocking("kept").unwrap().result, Some(result("kept")));
         drop(j);
 
         // Back to normal limits: nothing was lost, and the refused id can come again.
         let (j, _) = open(&cfg);
         assert_eq!(j.counts(), (2, 2));
-        assert_eq!(j.get("kept").unwrap().result, Some(result("kept")));
+        assert_eq!(j.get_blocking("kept").unwrap().result, Some(result("kept")));
         let queued = if output_kept {
             result("queued")
         } else {
             result("queued").without_output()
         };
-        assert_eq!(j.get("queued").unwrap().result, Some(queued));
+        assert_eq!(j.get_blocking("queued").unwrap().result, Some(queued));
         assert_eq!(j.accept(&request("new")).await.unwrap(), Accept::New);
     }
 
@@ -324,7 +324,7 @@ mod tests {
         let held = lock(&j.inner.shared.index).bytes;
         assert!(held <= cfg.max_bytes, "the journal holds {held} bytes");
         // The oldest lost their output, and only that; the newest are whole.
-        let old = j.get("t0").unwrap();
+        let old = j.get_blocking("t0").unwrap();
         let r = old.result.unwrap();
         assert!(r.evicted);
         assert_eq!(
@@ -334,7 +334,7 @@ mod tests {
         assert!(r.stdout.is_empty() && r.output.is_null());
         assert!(old.request.input.is_null());
         assert_eq!(
-            j.get("t159").unwrap().result,
+            j.get_blocking("t159").unwrap().result,
             Some(big_result("t159", 64 << 10))
         );
         // Every id is still known: none runs twice.
@@ -347,7 +347,7 @@ mod tests {
         drop(j);
         // The evictions are durable, and the sizes are known again after a restart.
         let (j, _) = open(&cfg);
-        assert!(j.get("t0").unwrap().result.unwrap().evicted);
+        assert!(j.get_blocking("t0").unwrap().result.unwrap().evicted);
         let reopened = lock(&j.inner.shared.index).bytes;
         assert_eq!(reopened, held);
         fill(&j, "u", 40, 64 << 10, true).await;
@@ -379,9 +379,9 @@ mod tests {
             }
         }
         let refused_at = refused_at.expect("the journal filled up");
-        assert!(j.get("acked0").unwrap().result.unwrap().evicted);
+        assert!(j.get_blocking("acked0").unwrap().result.unwrap().evicted);
         for i in 0..refused_at {
-            let r = j.get(&format!("owed{i}")).unwrap().result.unwrap();
+            let r = j.get_blocking(&format!("owed{i}")).unwrap().result.unwrap();
             assert!(!r.evicted, "owed{i} lost its output");
         }
         assert_eq!(j.unacked().len(), refused_at);

@@ -12,8 +12,8 @@ async fn a_lazy_result_is_visible_at_once_and_flushed_soon_after() {
     j.finish_lazily("t", &result("done")).await.unwrap();
     // Committed (without fsync, after waiting `HOLD` for company): readers see it at once.
     assert_eq!(j.commits(), before + 1);
-    assert_eq!(j.get("t").unwrap().result, Some(result("done")));
-    assert_eq!(j.get("t").unwrap().phase, TaskPhase::Done);
+    assert_eq!(j.get_blocking("t").unwrap().result, Some(result("done")));
+    assert_eq!(j.get_blocking("t").unwrap().phase, TaskPhase::Done);
     // With nothing else to write, the writer makes a durable commit of its own.
     let deadline = std::time::Instant::now() + FLUSH_AFTER * 20;
     while j.commits() < before + 2 {
@@ -29,7 +29,7 @@ async fn a_lazy_result_is_visible_at_once_and_flushed_soon_after() {
     assert_eq!(j.commits(), before + 2);
     drop(j);
     let (j, recovery) = open(&cfg);
-    assert_eq!(j.get("t").unwrap().result, Some(result("done")));
+    assert_eq!(j.get_blocking("t").unwrap().result, Some(result("done")));
     assert!(recovery.running.is_empty(), "{:?}", recovery.running.len());
 }
 
@@ -45,7 +45,7 @@ async fn a_lazy_result_rides_the_next_acceptance_in_one_commit() {
     finished.unwrap();
     assert_eq!(accepted.unwrap(), Accept::New);
     assert_eq!(j.commits(), before + 1, "one commit for both");
-    assert_eq!(j.get("a").unwrap().phase, TaskPhase::Done);
+    assert_eq!(j.get_blocking("a").unwrap().phase, TaskPhase::Done);
     // That commit was durable: no flush follows.
     tokio::time::sleep(FLUSH_AFTER * 3).await;
     assert_eq!(j.commits(), before + 1);
@@ -54,11 +54,11 @@ async fn a_lazy_result_rides_the_next_acceptance_in_one_commit() {
         j.ack(&["b".to_string()])
     });
     finished.unwrap();
-    assert!(j.get("b").unwrap().acked);
+    assert!(j.get_blocking("b").unwrap().acked);
     assert_eq!(j.counts(), (2, 1));
     drop(j);
     let (j, _) = open(&cfg);
-    assert!(j.get("b").unwrap().acked);
+    assert!(j.get_blocking("b").unwrap().acked);
     assert_eq!(j.unacked_ids(), ["a"]);
 }
 
@@ -80,9 +80,9 @@ async fn a_failed_batch_loses_none_of_the_batches_logged_before_it() {
     // …and the next one reopens the file, which replays the log: nothing logged is lost,
     // nothing of the failed batch is there.
     assert_eq!(j.accept(&request("d")).await.unwrap(), Accept::New);
-    assert_eq!(j.get("a").unwrap().phase, TaskPhase::Queued);
-    assert_eq!(j.get("b").unwrap().result, Some(result("b")));
-    assert!(j.get("c").is_none());
+    assert_eq!(j.get_blocking("a").unwrap().phase, TaskPhase::Queued);
+    assert_eq!(j.get_blocking("b").unwrap().result, Some(result("b")));
+    assert!(j.get_blocking("c").is_none());
     assert_eq!(j.counts(), (3, 1));
     drop(j);
     let (j, recovery) = open(&cfg);
