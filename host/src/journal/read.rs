@@ -4,9 +4,8 @@
 
 use std::sync::{mpsc, Arc};
 
-use tokio::sync::oneshot;
-
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use tokio::sync::oneshot;
 
 use super::error::{db_error, JournalError, Res};
 use super::queue::{Op, Read, Reply};
